@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up .venv (CPU torch), then runs a job.
+#   scripts/dev.sh demo        the main job: a demo on the built-in tiny model
+#   scripts/dev.sh test        ruff + import-linter + the whole test suite
+#   scripts/dev.sh setup       only create/refresh .venv
+#   scripts/dev.sh meshinfer … any meshinfer command inside the venv
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+
+setup() {
+  if [ ! -x "$venv/bin/python" ]; then
+    "$py" -m venv "$venv"
+  fi
+  # Re-install only when the dependency list changed (stamp = hash of pyproject.toml).
+  local stamp="$venv/.meshinfer-stamp" want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    # CPU torch first and as a constraint: the pinned release resolves to the local +cpu wheel
+    # where the machine has one, so nothing pulls CUDA packages.
+    echo "torch==2.13.0" > "$venv/constraints.txt"
+    "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" "torch==2.13.0"
+    "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e ".[dev]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    export PATH="$venv/bin:$PATH"
+    echo "== ruff"; ruff check src tests
+    echo "== import-linter"; lint-imports
+    echo "== pytest"
+    set +e
+    pytest "$@"
+    rc=$?
+    set -e
+    # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.
+    exit $rc
+    ;;
+  demo)
+    setup
+    exec "$venv/bin/meshinfer" demo "$@"
+    ;;
+  meshinfer)
+    setup
+    exec "$venv/bin/meshinfer" "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh {demo|test|setup|meshinfer ARGS...}" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``meshinfer bench``. Each kind is one module; see ``meshinfer.cli.bench``."""

@@ -1,0 +1,9 @@
+"""``meshinfer demo``: placeholder until its issue lands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("demo", help="(not built yet)").set_defaults(func=lambda args: 1)

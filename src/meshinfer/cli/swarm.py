@@ -1,0 +1,9 @@
+"""``meshinfer swarm``: placeholder until its issue lands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("swarm", help="(not built yet)").set_defaults(func=lambda args: 1)

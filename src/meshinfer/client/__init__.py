@@ -1,0 +1,1 @@
+"""meshinfer.client: not built yet (see docs/architecture.md)."""

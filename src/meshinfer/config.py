@@ -1,0 +1,66 @@
+"""Configuration classes: typed, validated, and self-documenting.
+
+Contract: plain dataclasses whose field docs (``help`` metadata) become CLI help. Values are only
+ever read from arguments given explicitly (CLI flags, Python calls); nothing here reads the
+environment or files at import time. Imports only leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshinfer.errors import ConfigError
+
+
+def doc(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and help text (shown by ``--help``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of config field ``name`` of dataclass ``cls``."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.metadata.get("help", ""))
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits."""
+
+    temperature: float = doc(0.0, "sampling temperature; 0 means greedy (argmax)")
+    top_k: int = doc(0, "keep only the K most likely tokens before sampling; 0 disables")
+    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with mass >= P; 1 disables")
+    repetition_penalty: float = doc(1.0, "divide (multiply if negative) logits of seen tokens; 1 disables")
+    seed: int | None = doc(None, "random seed for sampling (same seed, same tokens)")
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ConfigError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    """How a process joins the swarm."""
+
+    host: str = doc("127.0.0.1", "address to listen on for peer connections")
+    port: int = doc(0, "TCP port to listen on; 0 picks a free port")
+    identity: str | None = doc(None, "path of this peer's private key file (created with mode 0600 if absent)")
+    initial_peers: tuple[str, ...] = doc((), "multiaddrs of peers to join through; none starts a new swarm")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")

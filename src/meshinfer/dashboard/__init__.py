@@ -1,0 +1,1 @@
+"""meshinfer.dashboard: not built yet (see docs/architecture.md)."""

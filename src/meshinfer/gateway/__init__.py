@@ -1,0 +1,1 @@
+"""meshinfer.gateway: not built yet (see docs/architecture.md)."""

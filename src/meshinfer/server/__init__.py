@@ -1,0 +1,1 @@
+"""meshinfer.server: not built yet (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""meshinfer.weights: not built yet (see docs/architecture.md)."""
