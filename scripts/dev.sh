@@ -10,6 +10,16 @@ cd "$root"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
 
+pip_install() {
+  # pip prints one warning per missing local index entry; keep real errors, drop that noise.
+  local rc
+  set +e
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location"
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+
 setup() {
   if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
@@ -18,12 +28,11 @@ setup() {
   local stamp="$venv/.meshinfer-stamp" want
   want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$venv/bin/python" -m pip install -q --upgrade pip
     # CPU torch first and as a constraint: the pinned release resolves to the local +cpu wheel
     # where the machine has one, so nothing pulls CUDA packages.
     echo "torch==2.13.0" > "$venv/constraints.txt"
-    "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" "torch==2.13.0"
-    "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e ".[dev]"
+    pip_install -c "$venv/constraints.txt" "torch==2.13.0"
+    pip_install -c "$venv/constraints.txt" -e ".[dev]"
     echo "$want" > "$stamp"
   fi
 }

@@ -14,7 +14,7 @@ from typing import Any
 from meshinfer.errors import ConfigError
 
 
-def doc(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+def doc(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with a default and help text (shown by ``--help``)."""
     return field(default=default, metadata={"help": help, **extra})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_KINDS: tuple[str, ...] = ("local", "transport")
+BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_runner(kind))
 
 
-def _runner(kind: str):  # noqa: ANN202
+def _runner(kind: str):
     def run(args: argparse.Namespace) -> int:
         from meshinfer.bench.report import emit
 

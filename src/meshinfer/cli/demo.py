@@ -1,9 +1,225 @@
-"""``meshinfer demo``: placeholder until its issue lands."""
+"""``meshinfer demo``: a real swarm on this machine splitting the demo model, generating text through it.
+
+Contract: the guided tour of the project on a fresh machine. Builds (or reuses) the demo checkpoint
+(``meshinfer.testing.checkpoints.demo_checkpoint``), starts a bootstrap peer and ``--servers`` block
+servers as separate processes on 127.0.0.1 (``testing.swarm.LocalSwarm``, blocks split evenly with
+``bench.swarm.even_spans``: 8 blocks -> 0:3, 3:6, 6:8), prints the swarm table (``cli.swarm``'s
+``swarm_doc``/``print_tables``) and the route the client plans, streams a greedy generation of a fixed
+prompt through the swarm (``DistributedModel``), runs the same prompt on the local engine
+(``LocalModel``) and says "identical to local engine: yes/no" (exit 1 when not), prints timings,
+and stops everything. Every process it started, p2p daemons included, is stopped by PID and checked
+gone, on success, on error, on Ctrl-C (SIGINT; exit 130) and on SIGTERM. ``--json`` prints one JSON
+object instead of the tour. This process and each server use one torch thread (a fair comparison,
+and no oversubscription of a small machine). Imports torch and the network only inside ``main``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import ConfigError
+
+DEMO_PROMPT = "The lighthouse keeper climbed the tower and"
+DEMO_THREADS = 1
+"""torch threads of the demo process and of each server."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("demo", help="(not built yet)").set_defaults(func=lambda args: 1)
+    parser = sub.add_parser(
+        "demo", help="run the built-in demo: a local swarm of 3 servers generating text",
+        description="Start a bootstrap peer and block servers on 127.0.0.1 that split the built-in demo model, "
+                    "generate through them, check the tokens against the local engine, and shut down.",
+    )
+    parser.add_argument("--prompt", default=DEMO_PROMPT, help=f"the text to continue (default: {DEMO_PROMPT!r})")
+    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                        help="how many tokens to generate (default: 48)")
+    parser.add_argument("--servers", type=int, default=3, metavar="N",
+                        help="block servers splitting the model's 8 blocks (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the guided tour")
+    parser.set_defaults(func=main)
+
+
+class Tour:
+    """Prints the numbered steps of the tour (nothing in ``--json`` mode)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.step = 0
+
+    def say(self, text: str = "", *, numbered: bool = False) -> None:
+        if self.quiet:
+            return
+        if numbered:
+            self.step += 1
+            text = f"{self.step}. {text}"
+        print(text if numbered or not text else f"   {text}", flush=True)
+
+
+def _short(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 14 else f"{peer_id[:6]}…{peer_id[-6:]}"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (so cleanup runs) while the demo runs."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while shutting down, so a second Ctrl-C cannot leave orphans behind."""
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.servers < 1:
+        raise ConfigError(f"--servers must be >= 1, got {args.servers}")
+    if not args.prompt.strip():
+        raise ConfigError("--prompt must not be empty")
+
+
+def main(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from meshinfer.bench.swarm import even_spans
+    from meshinfer.testing.checkpoints import demo_config
+
+    cfg = demo_config()
+    spans = even_spans(cfg["num_hidden_layers"], args.servers)  # ConfigError for more servers than blocks
+    with _sigterm_as_interrupt():
+        return _run(args, cfg, spans, Tour(args.json))
+
+
+def _run(args: argparse.Namespace, cfg: dict[str, Any], spans: list[Any], tour: Tour) -> int:
+    import torch
+
+    from meshinfer.testing.checkpoints import demo_checkpoint, parameter_count
+    from meshinfer.testing.procs import descendants_of, wait_gone
+    from meshinfer.testing.swarm import LocalSwarm
+
+    torch.set_num_threads(DEMO_THREADS)
+    doc: dict[str, Any] = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+                           "blocks": [str(s) for s in spans]}
+    tour.say(f"demo model: Llama-style, {cfg['num_hidden_layers']} blocks, hidden size {cfg['hidden_size']}, "
+             f"{parameter_count(cfg) / 1e6:.1f}M parameters, random weights (its text is gibberish by design)",
+             numbered=True)
+    t0 = time.perf_counter()
+    path = demo_checkpoint()
+    tour.say(f"checkpoint ready in {time.perf_counter() - t0:.2f} s: {path}")
+
+    tour.say(f"starting a bootstrap peer and {len(spans)} block server(s) (blocks "
+             f"{', '.join(map(str, spans))}), each a separate process on 127.0.0.1...", numbered=True)
+    swarm = LocalSwarm(path, spans, torch_threads=DEMO_THREADS)
+    held: dict[str, Any] = {}  # the client, once joined (closed in the finally clause)
+    try:
+        _generate(args, path, swarm, tour, doc, held)
+        return int(doc["exit_code"])
+    finally:
+        with _uninterruptible():
+            tour.say("shutting down: client, servers, bootstrap peer...", numbered=True)
+            started = descendants_of(os.getpid())  # servers, bootstrap, p2p daemons (ours and theirs)
+            if "client" in held:
+                held["client"].close()
+            swarm.stop()
+            left = wait_gone(started, timeout=10.0)
+            tour.say(f"stopped {len(started)} process(es) (p2p daemons included); "
+                     + (f"STILL RUNNING: {left}" if left else "none left running"))
+            doc["processes_stopped"], doc["processes_left"] = len(started), left
+            if args.json and "exit_code" in doc:
+                print(json.dumps(doc, ensure_ascii=False), flush=True)
+
+
+def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc: dict[str, Any],
+              held: dict[str, Any]) -> None:
+    """Steps 2 (rest) to 6 of the tour; fills ``doc`` (``exit_code`` last)."""
+    import asyncio
+
+    from meshinfer.cli.generate import run_generation
+    from meshinfer.cli.swarm import print_tables, read_doc
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.config import P2PConfig, SamplingConfig
+    from meshinfer.models.engine import LocalModel
+
+    t0 = time.perf_counter()
+    swarm.start()
+    swarm_s = time.perf_counter() - t0
+    tour.say(f"swarm ready in {swarm_s:.1f} s; others could join it with --initial-peers {swarm.initial_peers[0]}")
+    for server in swarm.servers:
+        tour.say(f"  pid {server.pid}: blocks {server.span}, peer {_short(server.peer_id)}, "
+                 f"{server.info.get('throughput', 0):.0f} tokens/s measured at start-up")
+
+    table = asyncio.run(read_doc(P2PConfig(initial_peers=tuple(swarm.initial_peers)), 5.0))
+    doc["swarm"] = table
+    if not tour.quiet:
+        from rich.console import Console
+
+        tour.say("the swarm, as `meshinfer swarm --initial-peers ...` shows it (read from the DHT):", numbered=True)
+        print_tables(table, Console() if sys.stdout.isatty() else Console(width=120))
+
+    t1 = time.perf_counter()
+    remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32")
+    join_s = time.perf_counter() - t1
+    remote.tokenizer  # noqa: B018 - load it now, so that the generation below streams from its first token
+    route = remote.plan()
+    doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
+    tour.say("route planned by the client (embeddings, final norm and LM head stay on this machine):",
+             numbered=True)
+    tour.say("this machine -> " + " -> ".join(f"{hop.span} on {_short(hop.peer_id)}" for hop in route)
+             + " -> this machine (each server pushes its output straight to the next one)")
+
+    sampling = SamplingConfig()
+    tour.say(f"greedy generation of up to {args.max_new_tokens} tokens through the swarm, streamed as it comes:",
+             numbered=True)
+    if not tour.quiet:
+        sys.stdout.write("\n" + args.prompt)
+        sys.stdout.flush()
+    got = run_generation(remote, args.prompt, args.max_new_tokens, sampling, out=None if tour.quiet else sys.stdout)
+    if not tour.quiet:
+        print("\n", flush=True)
+
+    t2 = time.perf_counter()
+    local = LocalModel.from_pretrained(path, dtype="float32")
+    local_load_s = time.perf_counter() - t2
+    run_generation(local, args.prompt, args.max_new_tokens, sampling, out=None)  # warm-up
+    ref = run_generation(local, args.prompt, args.max_new_tokens, sampling, out=None)
+    identical = got.generated_token_ids == ref.generated_token_ids
+    tour.say(f"the same prompt on the local engine (all {remote.spec.num_blocks} blocks in this process):",
+             numbered=True)
+    tour.say(f"identical to local engine: {'yes' if identical else 'no'} "
+             f"({len(got.generated_token_ids)} tokens through the swarm, {len(ref.generated_token_ids)} locally)")
+
+    timings = {"swarm_startup_s": swarm_s, "client_join_s": join_s, "local_load_s": local_load_s,
+               "swarm": got.timings, "local": ref.timings}
+    doc.update(text=got.text, generated_token_ids=got.generated_token_ids,
+               local_token_ids=ref.generated_token_ids, identical_to_local=identical, timings=timings)
+    tour.say("timings:", numbered=True)
+    tour.say(f"start-up: swarm {swarm_s:.1f} s, client join {join_s:.2f} s, local engine load {local_load_s:.2f} s")
+    tour.say("time to first token: " + _versus(got.timings, ref.timings, "time_to_first_token_s", 1000, "ms"))
+    tour.say("decode: " + _versus(got.timings, ref.timings, "decode_tokens_per_s", 1, "tokens/s")
+             + " (a model this small is all network hops; `meshinfer bench swarm` compares a bigger one)")
+    doc["exit_code"] = 0 if identical else 1
+
+
+def _versus(swarm: dict[str, float], local: dict[str, float], key: str, scale: float, unit: str) -> str:
+    if key not in swarm or key not in local:
+        return "n/a (too few tokens)"
+    return f"swarm {swarm[key] * scale:.1f} {unit}, local {local[key] * scale:.1f} {unit}"

@@ -1,9 +1,48 @@
-"""``meshinfer dht``: placeholder until its issue lands."""
+"""``meshinfer dht``: run a bootstrap peer that only routes and stores DHT records.
+
+Contract: parses ``P2PConfig`` flags, starts a ``PeerNode`` (full DHT member, no model), prints the
+multiaddrs to reach it on stdout, one per line, flushed in one write (scripts and tests read them),
+then runs until SIGINT/SIGTERM and shuts down cleanly (exit 0). Start-up failures (bad flags, a key
+already in use, unreachable initial peers) are ``MeshinferError``s: one line, exit 2. Network code is
+imported only when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.config import P2PConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("dht", help="(not built yet)").set_defaults(func=lambda args: 1)
+    parser = sub.add_parser(
+        "dht", help="run a bootstrap peer (routes and stores DHT records; serves no model)",
+        description="Run a bootstrap peer: it joins (or starts) a swarm, stores and routes DHT records, and "
+                    "prints the multiaddrs other peers pass to --initial-peers. Stop it with Ctrl-C.",
+    )
+    add_config_flags(parser, P2PConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(P2PConfig, args)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: P2PConfig) -> int:
+    from meshinfer.p2p.node import PeerNode
+    from meshinfer.p2p.runner import wait_for_exit_signal
+
+    node = await PeerNode.start(config)
+    try:
+        sys.stdout.write("".join(f"{m}\n" for m in node.maddrs))
+        sys.stdout.flush()
+        print(f"bootstrap peer {node.peer_id} running; join with --initial-peers {node.maddrs[0]}",
+              file=sys.stderr, flush=True)
+        await wait_for_exit_signal(watch_stdin=False)
+    finally:
+        await node.close()
+    return 0

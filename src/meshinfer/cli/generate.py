@@ -1,9 +1,243 @@
-"""``meshinfer generate``: placeholder until its issue lands."""
+"""``meshinfer generate``: run a prompt through a model and stream the continuation to stdout.
+
+Contract: parses and validates every flag (one-line ``ConfigError`` for bad values) before importing
+torch; ``--model demo`` means the built-in demo checkpoint. The model is opened by
+``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
+swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
+is closed (leaves the swarm) at the end; both give the same greedy tokens. Text is streamed through
+``IncrementalDetokenizer``, which never splits a multi-byte character; ``--json`` prints one JSON
+object instead (prompt, prompt_token_ids, generated_token_ids, text, timings; ``route`` via a
+swarm). Errors from the engine (unsupported architecture, missing tensors, corrupt files, context
+overflow) and from the swarm (no route, unreachable peers, server errors) are ``MeshinferError``s
+that ``cli.main`` prints as one line. Knows nothing of block code or of the network itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError
+from meshinfer.types import canonical_dtype
+
+DEMO_MODEL = "demo"
+
+
+class TextGenerator(Protocol):
+    """What generation needs from a model: ``LocalModel`` today, the swarm client later."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def stream(self, input_ids: Sequence[int], max_new_tokens: int,
+               sampling: SamplingConfig | None = None) -> Iterator[int]: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Incremental detokenisation
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas without ever emitting half a character.
+
+    Decodes a small window (``prefix_offset:``) against its already-printed part
+    (``prefix_offset:read_offset``) so that tokenizers which drop a leading space when decoding a
+    suffix still print it, and holds text back while it ends in U+FFFD (an incomplete UTF-8 byte
+    sequence, typical of byte-level BPE). The deltas concatenate to ``decode(all ids)``.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now complete (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self.ids[self._prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back at the end of a generation (invalid bytes become U+FFFD)."""
+        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self.ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return text[len(prefix):]
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``ids -> text`` with special tokens skipped and no space clean-up (exact concatenation)."""
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    return decode
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a generation
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_token_ids: list[int]
+    generated_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """``demo`` -> the built-in demo checkpoint (built on first use); otherwise an existing directory."""
+    if model == DEMO_MODEL:
+        from meshinfer.testing.checkpoints import demo_checkpoint
+
+        return demo_checkpoint()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model directory {model!r} does not exist (give a checkpoint directory or 'demo')")
+    if not path.is_dir():
+        raise ConfigError(f"--model {model!r} is not a directory (give a checkpoint directory or 'demo')")
+    return path
+
+
+def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = ()) -> TextGenerator:
+    """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
+    given (close it when done), else a ``LocalModel``. The rest of this module only uses ``TextGenerator``."""
+    if initial_peers:
+        from meshinfer.client.model import DistributedModel
+
+        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype)
+    from meshinfer.models.engine import LocalModel
+
+    return LocalModel.from_pretrained(model_dir, dtype=dtype)
+
+
+def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
+                   out: TextIO | None) -> GenerationResult:
+    """Tokenise ``prompt``, generate, and (when ``out`` is given) stream the text to it as it comes."""
+    tokenizer = generator.tokenizer
+    prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
+    result = GenerationResult(prompt=prompt, prompt_token_ids=prompt_ids)
+    detok = IncrementalDetokenizer(text_decoder(tokenizer))
+    pieces: list[str] = []
+    start = time.perf_counter()
+    first = start
+    for token in generator.stream(prompt_ids, max_new_tokens, sampling):
+        if not result.generated_token_ids:
+            first = time.perf_counter()
+        result.generated_token_ids.append(int(token))
+        piece = detok.push(int(token))
+        if piece:
+            pieces.append(piece)
+            if out is not None:
+                out.write(piece)
+                out.flush()
+    end = time.perf_counter()
+    tail = detok.flush()
+    pieces.append(tail)
+    if out is not None and tail:
+        out.write(tail)
+        out.flush()
+    result.text = "".join(pieces)
+    n = len(result.generated_token_ids)
+    result.timings = {"total_s": end - start, "time_to_first_token_s": (first - start) if n else 0.0}
+    if n:
+        result.timings["prefill_tokens_per_s"] = len(prompt_ids) / max(first - start, 1e-9)
+    if n > 1:
+        result.timings["decode_tokens_per_s"] = (n - 1) / max(end - first, 1e-9)
+    return result
+
+
+def describe_timings(result: GenerationResult, load_s: float) -> str:
+    t = result.timings
+    parts = [f"{len(result.prompt_token_ids)} prompt + {len(result.generated_token_ids)} new tokens",
+             f"load {load_s:.2f} s", f"first token {t.get('time_to_first_token_s', 0.0) * 1000:.0f} ms"]
+    if "decode_tokens_per_s" in t:
+        parts.append(f"decode {t['decode_tokens_per_s']:.1f} tokens/s")
+    return "[" + ", ".join(parts) + "]"
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
+    kwargs: dict[str, Any] = {"required": True} if model_required else {"default": DEMO_MODEL}
+    parser.add_argument("--model", metavar="DIR", help="checkpoint directory in Hugging Face format, or "
+                        "'demo' for the built-in demo model", **kwargs)
+    parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+
+
+def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                        help="multiaddrs of any peers of a swarm: run the model's blocks on its servers "
+                             "(default: run the whole model on this machine)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("generate", help="(not built yet)").set_defaults(func=lambda args: 1)
+    parser = sub.add_parser(
+        "generate", help="generate text from a prompt (on this machine, or through a swarm)",
+        description="Generate a continuation of --prompt and stream it to stdout (temperature 0: greedy). "
+                    "With --initial-peers the transformer blocks run on the swarm's servers.",
+    )
+    add_model_flags(parser, model_required=True)
+    add_swarm_flags(parser)
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                        help="how many tokens to generate at most (default: 32)")
+    add_config_flags(parser, SamplingConfig)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (token ids, text, timings) instead of streaming text")
+    parser.set_defaults(func=main)
+
+
+def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
+    """The sampling config and canonical dtype, or a one-line ConfigError (nothing heavy imported)."""
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    return config_from_args(SamplingConfig, args), canonical_dtype(args.dtype)
+
+
+def main(args: argparse.Namespace) -> int:
+    sampling, dtype = validated(args)
+    model_dir = resolve_model_dir(args.model)
+    t0 = time.perf_counter()
+    generator = open_generator(model_dir, dtype, args.initial_peers)
+    load_s = time.perf_counter() - t0
+    closing = getattr(generator, "close", None)
+    try:
+        return _generate(args, generator, sampling, dtype, model_dir, load_s)
+    finally:
+        if closing is not None:
+            closing()
+
+
+def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: SamplingConfig, dtype: str,
+              model_dir: Path, load_s: float) -> int:
+    if args.json:
+        result = run_generation(generator, args.prompt, args.max_new_tokens, sampling, out=None)
+        doc = asdict(result)
+        doc["timings"]["load_s"] = load_s
+        doc.update(model=str(model_dir), dtype=dtype, sampling=asdict(sampling))
+        route = getattr(generator, "last_route", None)
+        if args.initial_peers and route:
+            doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
+        print(json.dumps(doc, ensure_ascii=False))
+    else:
+        result = run_generation(generator, args.prompt, args.max_new_tokens, sampling, out=sys.stdout)
+        print()
+        print(describe_timings(result, load_s), file=sys.stderr)
+    return 0

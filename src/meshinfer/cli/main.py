@@ -19,7 +19,9 @@ from meshinfer.errors import MeshinferError
 # Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.demo",
+    "meshinfer.cli.serve",
     "meshinfer.cli.generate",
+    "meshinfer.cli.chat",
     "meshinfer.cli.dht",
     "meshinfer.cli.swarm",
     "meshinfer.cli.bench",

@@ -1,9 +1,121 @@
-"""``meshinfer swarm``: placeholder until its issue lands."""
+"""``meshinfer swarm``: show what a swarm serves: models, block coverage and servers.
+
+Contract: joins through ``--initial-peers`` as a client-only DHT peer (stores nothing for others),
+reads the swarm in two DHT calls bounded by ``--timeout``, prints rich tables (or one JSON document
+with ``--json``) and leaves. An empty swarm prints "no models are being served" and exits 0;
+unreachable initial peers are a one-line error, exit 2. Network code is imported only when the
+command runs; this module only formats what ``meshinfer.p2p.read_swarm`` returns (``read_doc``, ``swarm_doc``
+and ``print_tables`` are reused by ``meshinfer demo``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+from typing import Any
+
+from meshinfer.cli.common import add_config_flags, config_from_args, require
+from meshinfer.config import P2PConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("swarm", help="(not built yet)").set_defaults(func=lambda args: 1)
+    parser = sub.add_parser(
+        "swarm", help="show the models, block coverage and servers of a swarm",
+        description="Join a swarm as a read-only client and print what it serves.",
+    )
+    add_config_flags(parser, P2PConfig)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds each DHT read may take (default: 5)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(P2PConfig, args)
+    require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require(args.timeout > 0, f"--timeout must be > 0, got {args.timeout}")
+    doc = asyncio.run(read_doc(config, args.timeout))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_tables(doc)
+    return 0
+
+
+async def read_doc(config: P2PConfig, timeout: float) -> dict[str, Any]:
+    """Join as a client-only peer, read the swarm (``swarm_doc``), leave."""
+    from meshinfer.p2p.node import NodeSettings, PeerNode
+
+    node = await PeerNode.start(config, NodeSettings(client_mode=True))
+    try:
+        return await swarm_doc(node, timeout)
+    finally:
+        await node.close()
+
+
+async def swarm_doc(node: Any, timeout: float) -> dict[str, Any]:
+    """What ``meshinfer swarm --json`` prints, read through an already started ``PeerNode``."""
+    from meshinfer.p2p.announce import read_swarm
+
+    snapshot = await read_swarm(node, timeout=timeout)
+    models = []
+    for entry in snapshot.models:
+        card = entry.card
+        cov = snapshot.coverage[card.model_id]
+        models.append({
+            "model_id": card.model_id, "name": card.name, "family": card.family,
+            "num_blocks": card.num_blocks, "hidden_size": card.hidden_size, "dtype": card.dtype,
+            "manifest_hash": card.manifest_hash, "announced_by": entry.announced_by,
+            "block_servers": cov.counts(), "missing_blocks": cov.missing(), "complete": cov.complete,
+            "servers": [
+                {"peer_id": r.peer_id, "span": str(r.span), "state": r.state, "throughput": r.throughput,
+                 "cache_tokens_left": r.cache_tokens_left, "software_version": r.software_version,
+                 "public_name": r.public_name, "addresses": r.addresses}
+                for r in sorted(cov.servers.values(), key=lambda r: (r.span.start, r.span.end, r.peer_id))
+            ],
+        })
+    return {"models": models, "complete": snapshot.complete}
+
+
+def _coverage_text(counts: list[int]) -> str:
+    """Runs of equal server counts: ``0:8 x2, 8:12 x0``."""
+    runs: list[str] = []
+    start = 0
+    for i in range(1, len(counts) + 1):
+        if i == len(counts) or counts[i] != counts[start]:
+            runs.append(f"{start}:{i} ×{counts[start]}")
+            start = i
+    return ", ".join(runs)
+
+
+def print_tables(doc: dict[str, Any], console: Any = None) -> None:
+    """Print a ``swarm_doc`` as rich tables (models, then servers) on ``console`` (default: stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not doc["models"]:
+        console.print("no models are being served in this swarm")
+        if not doc["complete"]:
+            console.print("(the swarm did not answer in time; try a longer --timeout)")
+        return
+    models = Table(title="models")
+    for col in ("model", "name", "family", "blocks", "hidden", "dtype", "servers",
+                "coverage (blocks ×servers)"):
+        models.add_column(col)
+    servers = Table(title="servers")
+    for col in ("peer id", "model", "span", "state", "tokens/s", "cache left", "version", "name"):
+        servers.add_column(col)
+    for m in doc["models"]:
+        missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
+        models.add_row(m["model_id"][:16], m["name"], m["family"], str(m["num_blocks"]),
+                       str(m["hidden_size"]), m["dtype"], str(len(m["servers"])),
+                       _coverage_text(m["block_servers"]) + missing)
+        for s in m["servers"]:
+            servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], f"{s['throughput']:.1f}",
+                            str(s["cache_tokens_left"]), s["software_version"], s["public_name"] or "")
+    console.print(models)
+    console.print(servers)
+    if not doc["complete"]:
+        console.print("[yellow]some DHT reads timed out: the view may be incomplete[/yellow]")

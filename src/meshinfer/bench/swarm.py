@@ -1,0 +1,204 @@
+"""``meshinfer bench swarm``: greedy decoding through a local swarm vs the local engine, same run, same threads.
+
+Contract: starts a ``LocalSwarm`` (a bootstrap peer and ``--servers`` ``meshinfer serve`` processes on
+127.0.0.1, the model's blocks split evenly, see ``even_spans``) of one checkpoint (default: the bench
+checkpoint from ``meshinfer.testing``), joins it with a ``DistributedModel`` (push route) and loads
+the same checkpoint as a ``LocalModel`` in this process. Fairness: each server gets
+``--torch-threads`` compute threads and so does this process (which runs the client's embeddings and
+LM head, and the whole local engine): a token's blocks run one server after the other, so the local
+engine gets the threads that one token gets in the swarm. After one warm-up each, runs alternate
+between the two; per run: time to first token (prefill + first sample; in the swarm it also opens
+the session on every hop) and decode tokens/s = (N - 1) / (total - time to first token); figures are
+medians. Reported: both engines' figures, swarm/local ratios, whether the greedy tokens are identical,
+and the per-hop overhead in ms per token = (swarm ms/token - local ms/token) / hops (hops = servers;
+each hop adds one transfer and one server turn). Every process started is stopped by PID whatever
+happens. Imports torch and the network only inside ``run``; never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import ConfigError
+from meshinfer.types import BlockRange
+
+DESCRIPTION = "decode tokens/s and time to first token through a local swarm vs the local engine"
+
+TARGET_RATIO = 0.95
+"""What we aim for on the bench checkpoint over loopback: swarm decode tokens/s >= 95% of local."""
+
+
+def even_spans(num_blocks: int, servers: int) -> list[BlockRange]:
+    """``num_blocks`` split into ``servers`` consecutive spans, sizes differing by at most one
+    (the larger ones first): 8 blocks over 3 servers -> 0:3, 3:6, 6:8."""
+    if servers < 1:
+        raise ConfigError(f"need at least one server, got {servers}")
+    if servers > num_blocks:
+        raise ConfigError(f"cannot split {num_blocks} blocks over {servers} servers (at most one server per block)")
+    base, extra = divmod(num_blocks, servers)
+    spans, start = [], 0
+    for i in range(servers):
+        end = start + base + (1 if i < extra else 0)
+        spans.append(BlockRange(start, end))
+        start = end
+    return spans
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="checkpoint directory (default: the bench checkpoint, built on first use)")
+    parser.add_argument("--servers", type=int, default=3, help="server processes splitting the blocks (default: 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per engine (default: 3)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="compute threads of each server and of the local engine (default: 1)")
+    parser.add_argument("--no-push", action="store_true",
+                        help="the client drives every hop itself instead of servers pushing to the next hop")
+
+
+def _prompt_ids(tokenizer: Any, n: int) -> list[int]:
+    """``n`` token ids of plain English (the shipped corpus, repeated if needed)."""
+    from meshinfer.testing.tokenizer import corpus_text
+
+    ids = [int(i) for i in tokenizer(corpus_text())["input_ids"]]
+    while len(ids) < n:
+        ids += ids
+    return ids[:n]
+
+
+Sample = tuple[float, float, list[int]]
+"""(time to first token s, total s, tokens) of one generation."""
+
+
+def time_stream(tokens: Iterable[int]) -> Sample:
+    """Consume a token stream, stamping the first token and the end."""
+    out: list[int] = []
+    start = time.perf_counter()
+    first = start
+    for token in tokens:
+        if not out:
+            first = time.perf_counter()
+        out.append(int(token))
+    return first - start, time.perf_counter() - start, out
+
+
+def summarise(samples: list[Sample], n: int) -> dict[str, float]:
+    """Median figures of several runs of ``n`` new tokens each."""
+    decode = [(n - 1) / max(total - ttft, 1e-9) for ttft, total, _ in samples]
+    return {
+        "decode_tokens_per_s": statistics.median(decode),
+        "decode_tokens_per_s_best": max(decode),
+        "decode_ms_per_token": 1000 / statistics.median(decode),
+        "time_to_first_token_ms": statistics.median(s[0] for s in samples) * 1000,
+        "total_ms": statistics.median(s[1] for s in samples) * 1000,
+    }
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.runs < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
+        raise ConfigError("need --runs >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
+    if args.servers < 1:
+        raise ConfigError(f"--servers must be >= 1, got {args.servers}")
+    if args.torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+
+
+def _model_dir(model: str | None) -> Path:
+    if model is None:
+        from meshinfer.testing.checkpoints import bench_checkpoint
+
+        print("preparing the bench checkpoint (built once, then cached)...", file=sys.stderr, flush=True)
+        return bench_checkpoint()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model directory {model!r} does not exist")
+    return path
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from meshinfer.types import canonical_dtype
+
+    _check(args)
+    dtype = canonical_dtype(args.dtype)
+    path = _model_dir(args.model)
+
+    import torch
+
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.models.engine import LocalModel
+    from meshinfer.testing.swarm import LocalSwarm
+
+    torch.set_num_threads(args.torch_threads)
+    local = LocalModel.from_pretrained(path, dtype=dtype)
+    spec = local.spec
+    if spec.max_position_embeddings < args.prompt_tokens + args.new_tokens:
+        raise ConfigError(f"--prompt-tokens + --new-tokens exceeds the model's context of "
+                          f"{spec.max_position_embeddings}")
+    spans = even_spans(spec.num_blocks, args.servers)
+    prompt = _prompt_ids(local.tokenizer, args.prompt_tokens)
+    n = args.new_tokens
+
+    _note(f"starting a swarm of {args.servers} servers ({', '.join(map(str, spans))}), "
+          f"{args.torch_threads} torch thread(s) each...")
+    t0 = time.perf_counter()
+    with LocalSwarm(path, spans, dtype=dtype, torch_threads=args.torch_threads) as swarm:
+        swarm_up_s = time.perf_counter() - t0
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=not args.no_push)
+        try:
+            join_s = time.perf_counter() - t0 - swarm_up_s
+            _note(f"swarm ready in {swarm_up_s:.1f} s; timing {args.runs} run(s) of {n} tokens each way...")
+            time_stream(remote.stream(prompt, n, stop_token_ids=()))  # warm-up
+            time_stream(local.stream(prompt, n, stop_token_ids=()))
+            swarm_s: list[Sample] = []
+            local_s: list[Sample] = []
+            for _ in range(args.runs):
+                swarm_s.append(time_stream(remote.stream(prompt, n, stop_token_ids=())))
+                local_s.append(time_stream(local.stream(prompt, n, stop_token_ids=())))
+            route = [f"{hop.span}" for hop in remote.last_route]
+        finally:
+            remote.close()
+        servers = [{"blocks": str(s.span), "announced_tokens_per_s": s.info.get("throughput"),
+                    "torch_threads": s.info.get("torch_threads")} for s in swarm.servers]
+
+    a, b = swarm_s[0][2], local_s[0][2]
+    same_prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    mine, base = summarise(swarm_s, n), summarise(local_s, n)
+    hops = len(route)
+    return {
+        "model": str(path),
+        "params_millions": round(spec.param_count() / 1e6, 1),
+        "dtype": dtype,
+        "torch_threads_per_process": args.torch_threads,
+        "runs": args.runs,
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "push": not args.no_push,
+        "route": route,
+        "hops": hops,
+        "swarm": mine,
+        "local": base,
+        "ratio_swarm_over_local": {
+            "decode_tokens_per_s": mine["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+            "decode_tokens_per_s_best": mine["decode_tokens_per_s_best"] / base["decode_tokens_per_s_best"],
+            "time_to_first_token": mine["time_to_first_token_ms"] / base["time_to_first_token_ms"],
+        },
+        "target_decode_ratio": TARGET_RATIO,
+        "per_hop_overhead_ms_per_token": (mine["decode_ms_per_token"] - base["decode_ms_per_token"]) / hops,
+        "greedy_tokens_identical": all(s[2] == b for s in swarm_s + local_s),
+        "greedy_tokens_matching_prefix": same_prefix,
+        "startup": {"swarm_ready_s": swarm_up_s, "client_join_s": join_s},
+        "servers": servers,
+        "versions": {"torch": torch.__version__},
+    }

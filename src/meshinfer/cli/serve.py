@@ -1,0 +1,97 @@
+"""``meshinfer serve``: run a block server for one span of one model.
+
+Contract: parses ``ServerConfig`` and ``P2PConfig`` flags (bad values: one-line ``ConfigError``,
+exit 2, before any network or torch import), resolves ``--model demo`` to the built-in demo
+checkpoint, then runs ``server.app.serve_until_signal``. Once the server is announced online it
+prints, in one flushed write on stdout, its multiaddrs one per line and then the ready line::
+
+    ready {"peer_id": ..., "maddrs": [...], "model_id": ..., "blocks": "0:4", "throughput": ..., ...}
+
+(``parse_ready_line`` reads it back), so launchers and tests can wait for it. Logs go to stderr.
+SIGINT/SIGTERM stop it cleanly (exit 0); ``--stop-on-stdin-eof`` also stops it when its parent closes
+its stdin (for launchers: no orphaned servers). Once stopped it exits without the slow interpreter
+teardown when nothing it started is left (``_exit_now_if_clean``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.config import P2PConfig
+
+READY_PREFIX = "ready "
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from meshinfer.server.config import ServerConfig
+
+    parser = sub.add_parser(
+        "serve", help="serve a span of a model's blocks to the swarm",
+        description="Serve blocks START:END of a model to the swarm: join through --initial-peers, announce "
+                    "the span in the DHT, and run inference sessions for clients. --blocks 0:N is a full node. "
+                    "Stop it with Ctrl-C.",
+    )
+    add_config_flags(parser, ServerConfig)
+    add_config_flags(parser, P2PConfig)
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="also stop when stdin closes (for launchers that own this process)")
+    parser.set_defaults(func=run)
+
+
+def parse_ready_line(line: str) -> dict[str, Any] | None:
+    """The JSON of a ``ready`` line printed by ``meshinfer serve``, or None for any other line."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    try:
+        info = json.loads(line[len(READY_PREFIX):])
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _print_ready(server: Any) -> None:
+    info = server.info()
+    sys.stdout.write("".join(f"{m}\n" for m in info["maddrs"]) + READY_PREFIX + json.dumps(info) + "\n")
+    sys.stdout.flush()
+    print(f"serving {info['model_name']} blocks {info['blocks']} as {info['peer_id']}; "
+          f"join clients with --initial-peers {info['maddrs'][0] if info['maddrs'] else '?'}",
+          file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshinfer.cli.generate import resolve_model_dir
+    from meshinfer.server.config import ServerConfig
+
+    config = config_from_args(ServerConfig, args)
+    p2p = config_from_args(P2PConfig, args)
+    model_dir = resolve_model_dir(config.model)
+    from meshinfer.server.app import serve_until_signal
+
+    code = asyncio.run(serve_until_signal(config, p2p, model_dir=model_dir, on_ready=_print_ready,
+                                          stop_on_stdin_eof=args.stop_on_stdin_eof))
+    _exit_now_if_clean(code)
+    return code
+
+
+def _exit_now_if_clean(code: int) -> None:
+    """Exit at once once the server has stopped everything it started: interpreter teardown with torch
+    loaded takes about a second (more on a busy machine), which launchers stopping several servers feel.
+    Only when no child process and no other non-daemon thread is left; otherwise return normally."""
+    import logging
+    import multiprocessing
+    import os
+    import threading
+
+    if multiprocessing.active_children():
+        return
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

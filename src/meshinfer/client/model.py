@@ -1,0 +1,196 @@
+"""``DistributedModel``: generate with a model whose transformer blocks run on servers of a swarm.
+
+Contract: loads ONLY the client's share of a checkpoint directory (embeddings, final norm and LM head,
+as a ``ClientHead``) plus its tokenizer; the model id is ``checkpoint_fingerprint(dir)``, which servers
+of the same bytes announce. A client-mode peer (``SwarmView``) joins through ``initial_peers`` on a
+private ``LoopThread`` and keeps the model's coverage fresh in the background. Each ``stream`` /
+``generate`` call plans a route, opens an ``InferenceSession`` sized for prompt + new tokens, and runs
+the very same generation loop as ``LocalModel`` (``meshinfer.models.engine.generate_tokens``: same
+prompt checks, ``ContextOverflowError``, eos handling, sampling), with the blocks' forward pass done
+by the swarm; the session is closed when the generation ends or is abandoned. Greedy tokens therefore
+equal ``LocalModel``'s on the same directory. Any number of threads may generate at once (one session
+each). ``close()`` (or the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route
+("no online servers cover blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError``
+with the server's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meshinfer.client.routing import RouteHop
+from meshinfer.client.session import InferenceSession, SyncInferenceSession
+from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError
+from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
+from meshinfer.models.engine import check_prompt, generate_tokens
+from meshinfer.models.fingerprint import checkpoint_fingerprint
+from meshinfer.models.head import ClientHead
+from meshinfer.models.kv_cache import torch_dtype
+from meshinfer.models.spec import ModelSpec
+from meshinfer.p2p.runner import LoopThread
+from meshinfer.types import canonical_dtype
+
+
+class DistributedModel:
+    """The head of a model on this machine, its blocks in the swarm."""
+
+    def __init__(self, spec: ModelSpec, head: ClientHead, *, model: ModelRef, runner: LoopThread, view: SwarmView,
+                 path: Path | None = None, push: bool = True, step_timeout: float = 60.0,
+                 route_wait: float = 3.0) -> None:
+        self.spec = spec
+        self.head = head
+        self.model = model
+        self.path = path
+        self.push = push
+        self.step_timeout = step_timeout
+        self.route_wait = route_wait
+        self._runner = runner
+        self._view = view
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.last_route: list[RouteHop] = []
+        """The route the most recent session used (for display)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        initial_peers: Sequence[str],
+        dtype: str | torch.dtype = "float32",
+        *,
+        device: torch.device | str = "cpu",
+        host: str = "127.0.0.1",
+        model_name: str | None = None,
+        dht_timeout: float = 5.0,
+        route_wait: float = 3.0,
+        step_timeout: float = 60.0,
+        push: bool = True,
+    ) -> DistributedModel:
+        """Load the head of checkpoint ``path`` and join the swarm through ``initial_peers``."""
+        dt = torch_dtype(dtype)
+        peers = check_initial_peers(initial_peers)
+        ckpt = Checkpoint(path)
+        head = ckpt.load_head(dt, device)
+        model = ModelRef(checkpoint_fingerprint(path), ckpt.spec.num_blocks, model_name or Path(path).name)
+        runner = LoopThread("meshinfer-client").start()
+        try:
+            view = runner.run(SwarmView.join(peers, host=host, dht_timeout=dht_timeout), timeout=60.0)
+        except BaseException:
+            runner.stop()
+            raise
+        runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
+        return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=Path(path), push=push,
+                   step_timeout=step_timeout, route_wait=route_wait)
+
+    # ---- properties ----------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def view(self) -> SwarmView:
+        return self._view
+
+    # ---- swarm ---------------------------------------------------------------------------------
+
+    def plan(self, exclude: Collection[str] = ()) -> list[RouteHop]:
+        """The route a session would take now (NoRouteError when the swarm does not cover the model)."""
+        self._check_open()
+        return self._runner.run(self._view.plan(self.model, exclude=exclude, wait=self.route_wait))
+
+    def open_session(self, max_length: int) -> SyncInferenceSession:
+        """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
+        route = self.plan()
+        self.last_route = route
+        session = self._runner.run(InferenceSession.open(
+            self._view.node, route, model_id=self.model.model_id, max_length=max_length,
+            dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
+            step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
+        ))
+        return SyncInferenceSession(self._runner, session)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def stream(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield each new token id as soon as it is produced (same semantics as ``LocalModel.stream``)."""
+        ids = check_prompt(self.spec, input_ids, max_new_tokens)
+        if max_new_tokens == 0:
+            return
+        session = self.open_session(len(ids) + max_new_tokens)
+        try:
+            def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+                if position != session.position:
+                    raise ConfigError(f"generation at position {position}, the session is at {session.position}")
+                with torch.inference_mode():
+                    hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
+                out = session.forward(hidden)  # [T, H]
+                with torch.inference_mode():
+                    return self.head.logits(out[-1])  # [V] float32
+
+            yield from generate_tokens(forward, ids, max_new_tokens, sampling, self._stops(stop_token_ids))
+        finally:
+            session.close()
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (prompt excluded); see ``stream``."""
+        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
+
+    def _stops(self, stop_token_ids: Collection[int] | None) -> frozenset[int]:
+        return frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this DistributedModel is closed")
+
+    def close(self) -> None:
+        """Leave the swarm and stop the client's event loop (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self._runner.run(self._view.close(), timeout=15.0)
+        self._runner.stop()
+
+    def __enter__(self) -> DistributedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

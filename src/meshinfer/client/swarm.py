@@ -1,0 +1,202 @@
+"""``SwarmView``: what a client knows of the swarm: who serves which blocks, and how far away they are.
+
+Contract: owns one client-mode ``PeerNode`` (it reads and writes DHT records but stores nothing for
+others) joined through ``initial_peers``. ``coverage(model)`` reads every block key of a model in ONE
+bounded DHT call (``meshinfer.p2p.read_coverage``) and caches the result; a cached view younger than
+``max_age`` is reused, ``refresh=True`` forces a read, and ``start_refresh`` keeps it fresh in the
+background. ``plan(model)`` turns the view into a route with the pure planner (``client.routing``),
+re-reading for a short while when the swarm does not cover the model yet (records take a moment to
+appear), and raises ``NoRouteError`` naming the model and the missing blocks. Round trips measured by
+sessions are fed back with ``record_rtt`` (smoothed) and used by the planner. All methods run on the
+event loop the view was started on. Knows nothing of tensors or models beyond ids and block counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from meshinfer.client.routing import NoRouteError, RouteHop, plan_route
+from meshinfer.config import P2PConfig
+from meshinfer.errors import ConfigError
+from meshinfer.p2p.announce import Coverage, read_coverage
+from meshinfer.p2p.node import NodeSettings, PeerNode
+from meshinfer.types import BlockRange, PeerIdStr
+
+log = logging.getLogger(__name__)
+
+RTT_SMOOTHING = 0.3
+"""Weight of a new round-trip sample in the smoothed estimate (exponential moving average)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the view needs to know about a model: its id (fingerprint), a name for messages, its size."""
+
+    model_id: str
+    num_blocks: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_blocks <= 0:
+            raise ConfigError(f"a model needs at least one block, got {self.num_blocks}")
+
+    def describe(self) -> str:
+        short = self.model_id[:12]
+        return f"{self.name} ({short})" if self.name and self.name != self.model_id else short
+
+
+def check_initial_peers(initial_peers: Sequence[str]) -> tuple[str, ...]:
+    """The peers as a tuple, or a ConfigError for an empty list or something that is not a multiaddr."""
+    peers = tuple(str(p).strip() for p in initial_peers)
+    if not peers:
+        raise ConfigError("initial_peers is required to use a swarm: give the multiaddr of any of its peers")
+    bad = [p for p in peers if not p.startswith("/") or "/p2p/" not in p]
+    if bad:
+        raise ConfigError(f"invalid initial peer {bad[0]!r}: expected a multiaddr like "
+                          "/ip4/1.2.3.4/tcp/31337/p2p/Qm...")
+    return peers
+
+
+@dataclass
+class _Cached:
+    coverage: Coverage
+    read_at: float
+
+
+class SwarmView:
+    """A client's cached view of the swarm, backed by a client-mode peer."""
+
+    def __init__(self, node: PeerNode, *, dht_timeout: float = 5.0, max_age: float = 10.0) -> None:
+        if dht_timeout <= 0 or max_age < 0:
+            raise ConfigError("dht_timeout must be > 0 and max_age >= 0")
+        self.node = node
+        self.dht_timeout = dht_timeout
+        self.max_age = max_age
+        self._cache: dict[str, _Cached] = {}
+        self._rtt: dict[PeerIdStr, float] = {}
+        self._refreshers: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+
+    @classmethod
+    async def join(cls, initial_peers: Sequence[str], *, host: str = "127.0.0.1", identity: str | None = None,
+                   dht_timeout: float = 5.0, max_age: float = 10.0,
+                   startup_timeout: float = 30.0) -> SwarmView:
+        """Start a client-mode peer joined through ``initial_peers`` (TransportError if none answers)."""
+        peers = check_initial_peers(initial_peers)
+        config = P2PConfig(host=host, port=0, identity=identity, initial_peers=peers)
+        node = await PeerNode.start(config, NodeSettings(client_mode=True, startup_timeout=startup_timeout))
+        return cls(node, dht_timeout=dht_timeout, max_age=max_age)
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    # ---- coverage ------------------------------------------------------------------------------
+
+    async def coverage(self, model: ModelRef, *, refresh: bool = False) -> Coverage:
+        """The servers of every block of ``model``: cached unless older than ``max_age`` or ``refresh``."""
+        cached = self._cache.get(model.model_id)
+        if not refresh and cached is not None and time.monotonic() - cached.read_at <= self.max_age:
+            return cached.coverage
+        cov = await read_coverage(self.node, model.model_id, model.num_blocks, timeout=self.dht_timeout)
+        self._cache[model.model_id] = _Cached(cov, time.monotonic())
+        log.debug("coverage of %s: %d servers, blocks %s", model.describe(), len(cov.servers), cov.counts())
+        return cov
+
+    def age(self, model_id: str) -> float | None:
+        """Seconds since ``model_id``'s coverage was last read (None if never)."""
+        entry = self._cache.get(model_id)
+        return None if entry is None else time.monotonic() - entry.read_at
+
+    def cached(self, model_id: str) -> Coverage | None:
+        """The last coverage read for ``model_id`` (None if never read)."""
+        entry = self._cache.get(model_id)
+        return entry.coverage if entry else None
+
+    def start_refresh(self, model: ModelRef, interval: float = 10.0) -> None:
+        """Re-read ``model``'s coverage every ``interval`` s in the background until ``close``."""
+        if interval <= 0:
+            raise ConfigError(f"refresh interval must be > 0, got {interval}")
+        if model.model_id in self._refreshers:
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.coverage(model, refresh=True)
+                except Exception as err:  # a failed refresh keeps the old view
+                    log.debug("background refresh of %s failed: %s", model.describe(), err)
+
+        self._refreshers[model.model_id] = asyncio.create_task(loop(), name=f"refresh:{model.model_id[:12]}")
+
+    # ---- round trips ---------------------------------------------------------------------------
+
+    def record_rtt(self, peer_id: PeerIdStr, seconds: float) -> None:
+        """Feed one measured round trip to ``peer_id`` into its smoothed estimate."""
+        if seconds < 0:
+            return
+        old = self._rtt.get(peer_id)
+        self._rtt[peer_id] = seconds if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * seconds
+
+    @property
+    def rtt(self) -> dict[PeerIdStr, float]:
+        """Smoothed round trips (seconds) of the peers measured so far."""
+        return dict(self._rtt)
+
+    # ---- routes --------------------------------------------------------------------------------
+
+    async def plan(self, model: ModelRef, *, blocks: BlockRange | None = None, exclude: Iterable[PeerIdStr] = (),
+                   wait: float = 3.0) -> list[RouteHop]:
+        """A route over ``blocks`` (default: the whole model); retries for ``wait`` s while none exists."""
+        wanted = blocks or BlockRange(0, model.num_blocks)
+        excluded = set(exclude)
+        deadline = time.monotonic() + wait
+        refresh = False
+        while True:
+            cov = await self.coverage(model, refresh=refresh)
+            try:
+                return plan_route(cov.servers.values(), wanted, rtt_s=self._rtt, exclude=excluded)
+            except NoRouteError as err:
+                if time.monotonic() >= deadline:
+                    raise NoRouteError(_no_route_message(err, model, cov)) from None
+            refresh = True
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop background refreshes and leave the swarm (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._refreshers.values():
+            task.cancel()
+        for task in self._refreshers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._refreshers.clear()
+        await self.node.close()
+
+    async def __aenter__(self) -> SwarmView:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _no_route_message(err: NoRouteError, model: ModelRef, cov: Coverage) -> str:
+    """``no online servers cover blocks 4:8 of model NAME (ID)`` plus a hint on what to do."""
+    text = re.sub(r" of the requested (\S+)", lambda m: f" of model {model.describe()}"
+                  + ("" if m.group(1) == f"0:{model.num_blocks}" else f" (requested {m.group(1)})"), str(err), count=1)
+    if not cov.servers:
+        text += "; no server of this model was found in the swarm (start one with `meshinfer serve`)"
+    if not cov.complete:
+        text += "; some DHT reads timed out, so the view may be incomplete"
+    return text

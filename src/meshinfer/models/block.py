@@ -1,0 +1,173 @@
+"""One transformer block (pre-norm attention + SwiGLU MLP) for llama, mistral, qwen2 and qwen3.
+
+Contract: pure torch; the math of transformers' LlamaDecoderLayer and its Mistral/Qwen2/Qwen3
+variants (grouped-query attention, optional q/k/v biases, optional per-head q/k RMSNorm, sliding
+window through the ``AttentionPlan`` it is given), written for speed: q/k/v and gate/up are fused
+into single matmuls at load time and keys/values are written in place into a ``KVCache``. Takes
+tensors by their Hugging Face names (``from_hf``); knows nothing of files, embeddings, the LM head
+or the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshinfer.errors import CheckpointError
+from meshinfer.models.kv_cache import KVCache
+from meshinfer.models.ops import linear, rms_norm
+from meshinfer.models.rope import apply_rope
+from meshinfer.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which cached slots a step's queries see: keys [lo, end) and a mask (None: all, or causal)."""
+
+    lo: int
+    end: int
+    mask: torch.Tensor | None  # [T, end - lo] bool, True = attend
+    is_causal: bool
+
+    @staticmethod
+    def make(start: int, new_tokens: int, window: int | None, device: torch.device) -> AttentionPlan:
+        """The plan for ``new_tokens`` queries at slots [start, start+T) over a cache filled up to ``start``."""
+        t, end = new_tokens, start + new_tokens
+        if window is None:
+            lo = 0
+        else:
+            lo = max(0, start - window + 1)  # the first slot the first query may still see
+        if t == 1:
+            return AttentionPlan(lo, end, None, False)
+        if start == 0 and (window is None or window >= t):
+            return AttentionPlan(0, end, None, True)
+        q_slot = torch.arange(start, end, device=device)[:, None]  # [T, 1]
+        k_slot = torch.arange(lo, end, device=device)[None, :]  # [1, S]
+        mask = k_slot <= q_slot
+        if window is not None:
+            mask = mask & (k_slot > q_slot - window)
+        return AttentionPlan(lo, end, mask, False)
+
+
+class TransformerBlock(nn.Module):
+    """A decoder layer with fused weights. ``forward`` runs prefill (T > 1) or decode (T == 1)."""
+
+    def __init__(self, spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.index = index
+        self.window = spec.window_of(index)
+        self.eps = spec.rms_norm_eps
+        self.nh, self.kvh, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.split = (spec.q_size, spec.kv_size, spec.kv_size)
+        h, i, qkv = spec.hidden_size, spec.intermediate_size, spec.q_size + 2 * spec.kv_size
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.input_norm = param(h)
+        self.w_qkv = param(qkv, h)
+        self.b_qkv = param(qkv) if spec.attention_bias else None
+        self.q_norm = param(self.d) if spec.qk_norm else None
+        self.k_norm = param(self.d) if spec.qk_norm else None
+        self.w_o = param(h, spec.q_size)
+        self.b_o = param(h) if spec.o_proj_bias else None
+        self.post_norm = param(h)
+        self.w_gate_up = param(2 * i, h)
+        self.b_gate_up = param(2 * i) if spec.mlp_bias else None
+        self.w_down = param(h, i)
+        self.b_down = param(h) if spec.mlp_bias else None
+
+    @classmethod
+    def from_hf(
+        cls,
+        spec: ModelSpec,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> TransformerBlock:
+        """Build block ``index`` from its Hugging Face tensors (names as in ``spec.block_tensors``)."""
+        block = cls(spec, index, dtype, device)
+        p = f"model.layers.{index}."
+
+        def get(name: str) -> torch.Tensor:
+            try:
+                return tensors[p + name]
+            except KeyError:
+                raise CheckpointError(f"missing tensor {p + name}") from None
+
+        def cat(*names: str) -> torch.Tensor:
+            return torch.cat([get(n) for n in names], dim=0)
+
+        with torch.no_grad():
+            block.input_norm.copy_(get("input_layernorm.weight"))
+            block.w_qkv.copy_(cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"))
+            if block.b_qkv is not None:
+                block.b_qkv.copy_(cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
+            if block.q_norm is not None and block.k_norm is not None:
+                block.q_norm.copy_(get("self_attn.q_norm.weight"))
+                block.k_norm.copy_(get("self_attn.k_norm.weight"))
+            block.w_o.copy_(get("self_attn.o_proj.weight"))
+            if block.b_o is not None:
+                block.b_o.copy_(get("self_attn.o_proj.bias"))
+            block.post_norm.copy_(get("post_attention_layernorm.weight"))
+            block.w_gate_up.copy_(cat("mlp.gate_proj.weight", "mlp.up_proj.weight"))
+            if block.b_gate_up is not None and block.b_down is not None:
+                block.b_gate_up.copy_(cat("mlp.gate_proj.bias", "mlp.up_proj.bias"))
+                block.b_down.copy_(get("mlp.down_proj.bias"))
+            block.w_down.copy_(get("mlp.down_proj.weight"))
+        return block
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        cache: KVCache,
+        slot: int,  # this block's index inside the cache's span
+        cos: torch.Tensor,  # [B|1, T, 1, D]
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:  # [B, T, H]
+        x = x + self._attention(rms_norm(x, self.input_norm, self.eps), cache, slot, cos, sin, plan)
+        return x + self._mlp(rms_norm(x, self.post_norm, self.eps))
+
+    def _attention(
+        self,
+        h: torch.Tensor,  # [B, T, H]
+        cache: KVCache,
+        slot: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:  # [B, T, H]
+        b, t, _ = h.shape
+        q, k, v = linear(h, self.w_qkv, self.b_qkv).split(self.split, dim=-1)
+        q = q.view(b, t, self.nh, self.d)  # [B, T, nh, D]
+        k = k.view(b, t, self.kvh, self.d)  # [B, T, kvh, D]
+        v = v.view(b, t, self.kvh, self.d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, nh, T, D]
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # [B, kvh, T, D]
+        cache.write(slot, k, v.transpose(1, 2))
+        keys = cache.keys(slot)[:, :, plan.lo : plan.end]  # [B, kvh, S, D]
+        values = cache.values(slot)[:, :, plan.lo : plan.end]
+        if t == 1 and plan.mask is None:
+            # decode: every query head of a group sees the same keys, so fold the group into the
+            # query-length axis instead of repeating K/V: [B, kvh, n_rep, D]
+            qg = q.reshape(b, self.kvh, self.nh // self.kvh, self.d)
+            out = F.scaled_dot_product_attention(qg, keys, values)  # [B, kvh, n_rep, D]
+            out = out.reshape(b, 1, self.nh * self.d)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal, enable_gqa=self.nh != self.kvh
+            )  # [B, nh, T, D]
+            out = out.transpose(1, 2).reshape(b, t, self.nh * self.d)
+        return linear(out, self.w_o, self.b_o)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+        gate, up = linear(h, self.w_gate_up, self.b_gate_up).chunk(2, dim=-1)  # [B, T, I] each
+        return linear(F.silu(gate) * up, self.w_down, self.b_down)

@@ -1,0 +1,193 @@
+"""Open a Hugging Face checkpoint directory and load only the tensors a span (or the head) needs.
+
+Contract: reads ``config.json`` (through ``ModelSpec``), ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` with its shards, memory-mapped through safetensors' ``safe_open``;
+``load_span`` reads only the tensors of the requested blocks, ``load_head`` only embeddings, final
+norm and LM head. Names, shapes and dtypes are checked against the spec before any tensor is read.
+Every problem (missing directory/file/shard/tensor, wrong shape, truncated or corrupt file) is a
+one-line ``CheckpointError``. The tokenizer comes from ``transformers.AutoTokenizer`` on the same
+directory (local files only). Knows nothing of the network or of how spans are chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from meshinfer.errors import CheckpointError
+from meshinfer.models.block import TransformerBlock
+from meshinfer.models.head import ClientHead
+from meshinfer.models.kv_cache import torch_dtype
+from meshinfer.models.span import BlockSpan
+from meshinfer.models.spec import ModelSpec
+from meshinfer.types import BlockRange
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+_MAX_NAMES_SHOWN = 3
+
+
+def _brief(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _list_names(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+    more = len(names) - _MAX_NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+class Checkpoint:
+    """A checkpoint directory whose safetensors headers have been read (no tensor data yet)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.spec = ModelSpec.from_dir(self.path)
+        self._headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        self.weight_map = self._weight_map()  # tensor name -> file name
+
+    # ---- discovery ----------------------------------------------------------------------------
+
+    def _weight_map(self) -> dict[str, str]:
+        single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
+        if single.is_file():
+            return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)}
+        if index.is_file():
+            return self._read_index(index)
+        found = sorted(p.name for p in self.path.glob("*.bin"))
+        hint = f" (found {found[0]}: only safetensors checkpoints are supported)" if found else ""
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.path)!r}{hint}")
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read {index}: {_brief(err)}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index} has no valid 'weight_map' (tensor name -> shard file)")
+        for shard in sorted(set(weight_map.values())):
+            parts = PurePosixPath(shard).parts
+            if PurePosixPath(shard).is_absolute() or ".." in parts or not parts:
+                raise CheckpointError(f"{index} names an invalid shard path {shard!r}")
+            if not (self.path / shard).is_file():
+                raise CheckpointError(f"{INDEX_FILE} refers to shard {shard!r}, which is missing from {self.path}")
+        return dict(weight_map)
+
+    def _header(self, file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{name: (dtype, shape)} of one safetensors file, read from its header only."""
+        if file not in self._headers:
+            out: dict[str, tuple[str, tuple[int, ...]]] = {}
+            try:
+                with safe_open(str(self.path / file), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        out[name] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+            except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+                raise CheckpointError(
+                    f"cannot read {self.path / file}: {_brief(err)} (truncated or corrupt safetensors file?)"
+                ) from None
+            self._headers[file] = out
+        return self._headers[file]
+
+    # ---- verification and reading -------------------------------------------------------------
+
+    def missing(self, expected: Iterable[str]) -> list[str]:
+        """Names in ``expected`` that no file of the checkpoint holds."""
+        return [name for name in expected if name not in self.weight_map]
+
+    def check(self, expected: dict[str, tuple[int, ...]], what: str) -> None:
+        """Raise CheckpointError unless every expected tensor exists with its shape and a float dtype."""
+        missing = self.missing(expected)
+        if missing:
+            raise CheckpointError(
+                f"{self.path} lacks {len(missing)} tensor(s) of {what}: {_list_names(missing)}"
+            )
+        for name, shape in expected.items():
+            file = self.weight_map[name]
+            header = self._header(file)
+            if name not in header:
+                raise CheckpointError(f"{INDEX_FILE} places {name} in {file!r}, but that file lacks it")
+            dtype, actual = header[name]
+            if actual != shape:
+                raise CheckpointError(
+                    f"tensor {name} has shape {list(actual)}, expected {list(shape)} from config.json"
+                )
+            if dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {name} has dtype {dtype}; expected a float type")
+
+    def check_all(self) -> None:
+        """Check every tensor of every block and of the head (headers only)."""
+        expected: dict[str, tuple[int, ...]] = dict(self.spec.head_tensors())
+        for i in range(self.spec.num_blocks):
+            expected.update(self.spec.block_tensors(i))
+        self.check(expected, "the model")
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors (memory-mapped; grouped by file)."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(str(self.path / file), framework="pt", device="cpu") as f:
+                    for name in file_names:
+                        out[name] = f.get_tensor(name)
+            except Exception as err:
+                raise CheckpointError(f"cannot read tensors from {self.path / file}: {_brief(err)}") from None
+        return out
+
+    # ---- the pieces ---------------------------------------------------------------------------
+
+    def load_span(
+        self, blocks: BlockRange, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu"
+    ) -> BlockSpan:
+        """Load blocks [start, end) only."""
+        try:
+            blocks.check_within(self.spec.num_blocks)
+        except Exception as err:
+            raise CheckpointError(str(err)) from None
+        dt = torch_dtype(dtype)
+        expected: dict[str, tuple[int, ...]] = {}
+        for i in blocks.blocks():
+            expected.update(self.spec.block_tensors(i))
+        self.check(expected, f"blocks {blocks}")
+        layers = []
+        for i in blocks.blocks():  # one block at a time keeps peak memory at one block's tensors
+            tensors = self.read(self.spec.block_tensors(i))
+            layers.append(TransformerBlock.from_hf(self.spec, i, tensors, dt, device))
+        return BlockSpan(self.spec, blocks, layers, dt, device)
+
+    def load_head(self, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu") -> ClientHead:
+        """Load embeddings, final norm and LM head only."""
+        expected = self.spec.head_tensors()
+        self.check(expected, "the head (embeddings, final norm, LM head)")
+        return ClientHead.from_hf(self.spec, self.read(expected), dtype, device)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a Hugging Face checkpoint directory (reads config.json and safetensors headers)."""
+    return Checkpoint(path)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a checkpoint directory, through ``transformers.AutoTokenizer`` (local files only)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"model directory {str(root)!r} does not exist")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot load the tokenizer from {root}: {_brief(err)}") from None

@@ -1,0 +1,193 @@
+"""Local generation: the whole model (head + all blocks) on this machine, as a Python API.
+
+Contract: ``LocalModel`` composes a ``ClientHead`` and one ``BlockSpan`` over [0, n) loaded from a
+checkpoint directory, and generates with a preallocated KV cache: one prefill over the prompt, then
+one decode step per token, the LM head applied to the last position only. Sampling is delegated to
+``meshinfer.models.sampling.Sampler``. Inference mode is entered per step (never held across a
+``yield``). Context limits are checked up front (``ContextOverflowError`` with the numbers). Knows
+nothing of the network. ``check_prompt`` and ``generate_tokens`` (the loop over any
+``forward(ids, position) -> logits`` callable) are shared with the distributed client, so both
+generate with exactly the same semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
+from meshinfer.models.head import ClientHead
+from meshinfer.models.kv_cache import KVCache, torch_dtype
+from meshinfer.models.ops import rms_norm
+from meshinfer.models.span import BlockSpan
+from meshinfer.models.spec import ModelSpec
+from meshinfer.types import BlockRange
+
+
+class LocalModel:
+    """A model run entirely in this process."""
+
+    def __init__(self, spec: ModelSpec, head: ClientHead, span: BlockSpan, path: Path | None = None) -> None:
+        if span.range != BlockRange(0, spec.num_blocks):
+            raise ConfigError(f"a local model needs all blocks 0:{spec.num_blocks}, got {span.range}")
+        self.spec = spec
+        self.head = head
+        self.span = span
+        self.path = path
+        self._tokenizer: Any = None
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu"
+    ) -> LocalModel:
+        """Load a Hugging Face checkpoint directory (safetensors) in ``dtype`` (fp32, fp16 or bf16)."""
+        dt = torch_dtype(dtype)
+        ckpt = Checkpoint(path)
+        ckpt.check_all()
+        head = ckpt.load_head(dt, device)
+        span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, device)
+        return cls(ckpt.spec, head, span, Path(path))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (loaded on first use through ``AutoTokenizer``)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.span.dtype
+
+    # ---- forward passes -----------------------------------------------------------------------
+
+    def _check_prompt(self, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        return check_prompt(self.spec, input_ids, max_new_tokens)
+
+    def prefill_logits(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, vocab] (float32) at every position of one forward pass over ``input_ids``."""
+        ids = self._check_prompt(input_ids, 0)
+        with torch.inference_mode():
+            cache = self.span.new_cache(len(ids))
+            hidden = self.span(self.head.embed(torch.tensor([ids])), cache)  # [1, T, H]
+            return self.head.logits(hidden)[0]  # [T, V]
+
+    def hidden_states(self, input_ids: Sequence[int]) -> list[torch.Tensor]:
+        """Per-layer hidden states like transformers' ``output_hidden_states``: n+1 tensors [T, H].
+
+        Entry 0 is the embeddings, entry i the output of block i-1, and the last one has the final
+        norm applied (as transformers reports it).
+        """
+        ids = self._check_prompt(input_ids, 0)
+        out: list[torch.Tensor] = []
+        with torch.inference_mode():
+            x = self.head.embed(torch.tensor([ids]))  # [1, T, H]
+            self.span(x, self.span.new_cache(len(ids)), collect=out)
+            out.insert(0, x)
+            out[-1] = rms_norm(out[-1], self.head.norm, self.spec.rms_norm_eps)
+        return [h[0] for h in out]
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def stream(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield each new token id as soon as it is produced.
+
+        Generation stops after ``max_new_tokens`` or after yielding a stop token (default: the
+        model's eos ids; pass an empty collection to disable).
+        """
+        ids = self._check_prompt(input_ids, max_new_tokens)
+        if max_new_tokens == 0:
+            return
+        stops = frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        with torch.inference_mode():
+            cache = self.span.new_cache(len(ids) + max_new_tokens)
+
+        def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+            return self._step(torch.tensor([chunk]), cache)
+
+        yield from generate_tokens(forward, ids, max_new_tokens, sampling, stops)
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (prompt excluded); see ``stream``."""
+        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
+
+    def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:  # [1, T] -> logits [V] float32
+        hidden = self.span(self.head.embed(ids), cache)  # [1, T, H]
+        return self.head.logits(hidden[0, -1])  # [V]
+
+
+# ---- the generation loop, shared with the distributed client ---------------------------------------
+
+Forward = Callable[[list[int], int], torch.Tensor]
+"""``forward(ids, position) -> logits[V]``: run ``ids`` (new tokens, placed at ``position`` onward) through
+the model, keeping its cache, and return the float32 logits of the last position."""
+
+
+def check_prompt(spec: ModelSpec, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The prompt as a list of ints, or a ConfigError / ContextOverflowError saying what is wrong."""
+    ids = [int(i) for i in input_ids]
+    if not ids:
+        raise ConfigError("the prompt is empty: give at least one token")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    bad = [i for i in ids if not 0 <= i < spec.vocab_size]
+    if bad:
+        raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    limit = spec.max_position_embeddings
+    if len(ids) > limit:
+        raise ContextOverflowError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+    if len(ids) + max_new_tokens > limit:
+        raise ContextOverflowError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {len(ids) + max_new_tokens}"
+            f" exceeds the model's context of {limit} tokens"
+        )
+    return ids
+
+
+def generate_tokens(
+    forward: Forward,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None,
+    stop_token_ids: Collection[int],
+) -> Iterator[int]:
+    """Prefill ``ids`` at position 0, then one decode step per token; yield each token as produced.
+
+    Stops after ``max_new_tokens`` or after yielding a token of ``stop_token_ids``. ``forward`` and
+    sampling run in inference mode, which is never held across a ``yield``. ``ids`` must already be
+    checked (``check_prompt``).
+    """
+    from meshinfer.models.sampling import Sampler
+
+    if max_new_tokens <= 0:
+        return
+    sampler = Sampler(sampling or SamplingConfig())
+    history = list(ids)
+    with torch.inference_mode():
+        token = sampler.next_token(forward(history, 0), history)
+    for produced in range(1, max_new_tokens + 1):
+        yield token
+        if token in stop_token_ids or produced == max_new_tokens:
+            return
+        history.append(token)
+        with torch.inference_mode():
+            token = sampler.next_token(forward([token], len(history) - 1), history)

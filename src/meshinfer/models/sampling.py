@@ -1,0 +1,93 @@
+"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, seeded sampling.
+
+Contract: ``Sampler(config).next_token(logits[vocab], history) -> int``. Pure torch, no
+``transformers`` and no network. Semantics follow Hugging Face ``generate()`` exactly, in its order:
+repetition penalty over every token of ``history`` (positive logits divided by the penalty, negative
+ones multiplied; ids beyond the vocabulary ignored), then, unless greedy, temperature, top-k (ties
+with the k-th logit kept), top-p (smallest set of most likely tokens whose mass reaches p; at least
+one kept), softmax and one draw from a ``torch.Generator`` seeded with ``config.seed``.
+``temperature == 0`` is greedy (argmax after the penalty). Work is done in float32 whatever the
+logits' dtype. A sampler carries its generator's state, so one sampler per generation: the same seed
+and logits give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError
+
+__all__ = ["Sampler", "apply_repetition_penalty", "top_k_filter", "top_p_filter", "warp_logits"]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    """HF ``RepetitionPenaltyLogitsProcessor`` on one row: returns a new float32 tensor [vocab]."""
+    scores = logits.to(torch.float32).clone()  # [vocab]
+    if penalty == 1.0 or len(history) == 0:
+        return scores
+    ids = torch.as_tensor(list(history), dtype=torch.long)  # [n]
+    if bool((ids < 0).any()):
+        raise ConfigError("token history holds a negative token id")
+    ids = ids[ids < scores.shape[0]]  # like HF: ids beyond the LM head's vocabulary cannot be penalised
+    seen = scores.gather(0, ids)  # [n]
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(0, ids, seen)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest to -inf (HF ``TopKLogitsWarper``); k <= 0 disables."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, k).values[..., -1:]  # [1]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (HF ``TopPLogitsWarper``): keep the top tokens whose mass reaches ``p``."""
+    if p >= 1.0:
+        return scores
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)  # [vocab] ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [vocab]
+    remove_sorted = cumulative <= (1.0 - p)
+    remove_sorted[-1:] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(0, sorted_idx, remove_sorted)
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def warp_logits(scores: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as HF applies its warpers (non-greedy only)."""
+    scores = scores / config.temperature
+    scores = top_k_filter(scores, config.top_k)
+    return top_p_filter(scores, config.top_p)
+
+
+class Sampler:
+    """Turns one row of logits at a time into a token id, following ``SamplingConfig``."""
+
+    def __init__(self, config: SamplingConfig | None = None) -> None:
+        self.config = config if config is not None else SamplingConfig()
+        self.generator = torch.Generator(device="cpu")
+        if self.config.seed is not None:
+            self.generator.manual_seed(int(self.config.seed))
+        else:
+            self.generator.seed()
+
+    def processed_logits(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The float32 scores a token is drawn from (after penalty and, unless greedy, warpers)."""
+        if logits.dim() != 1:
+            raise ConfigError(f"Sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
+        scores = apply_repetition_penalty(logits.detach().cpu(), history, self.config.repetition_penalty)
+        if self.config.greedy:
+            return scores
+        return warp_logits(scores, self.config)
+
+    def next_token(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """Choose the next token from ``logits`` [vocab] given the ids seen so far (prompt included)."""
+        scores = self.processed_logits(logits, history)  # [vocab] float32
+        if self.config.greedy:
+            return int(torch.argmax(scores).item())
+        probs = torch.softmax(scores, dim=-1)  # [vocab]
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())

@@ -1,0 +1,180 @@
+"""The libp2p daemon (hivemind's ``P2P`` around the go ``p2pd``): start it so it never outlives us.
+
+Contract: ``start_p2p`` launches ``p2pd`` for one ``Identity`` listening on host:port and joins
+through ``initial_peers``; it maps hivemind's failures to meshinfer errors (``PeerIdentityError``
+when the identity is live elsewhere, ``TransportError`` when the daemon cannot start or listen,
+``ConfigError`` for bad multiaddrs). No orphans: every ``p2pd`` this process starts gets
+``PR_SET_PDEATHSIG`` (SIGTERM when its parent dies, even by SIGKILL), on top of p2pd's own exit when
+its control connection drops; it runs in its own session, so terminal signals reach only us and we
+stop it in order. That is done by giving hivemind's daemon module a view of ``asyncio``
+whose ``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is
+touched. Only ``meshinfer.p2p`` uses this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import hivemind.p2p.p2p_daemon as _hm_daemon
+from hivemind.p2p import P2P, P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
+
+from meshinfer.errors import ConfigError, PeerIdentityError, TransportError
+from meshinfer.p2p.identity import Identity, write_identity
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec: keep it minimal
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class _SubprocessView:
+    """``asyncio.subprocess`` as hivemind's daemon module sees it: children die with their parent."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio.subprocess, name)
+
+    async def create_subprocess_exec(self, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _die_with_parent(os.getpid()))
+        # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us,
+        # and we stop the daemon in order instead of racing it.
+        kwargs.setdefault("start_new_session", True)
+        return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
+
+
+class _AsyncioView(types.ModuleType):
+    subprocess = _SubprocessView()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+def install_parent_death_signal() -> None:
+    """Make every p2pd started through hivemind from now on die with this process (idempotent)."""
+    if not isinstance(_hm_daemon.asyncio, _AsyncioView):
+        _hm_daemon.asyncio = _AsyncioView("asyncio")
+
+
+def parse_maddrs(maddrs: Sequence[str], *, what: str = "initial peer") -> list[str]:
+    """Validate multiaddrs of peers (each must end in /p2p/<peer id>); return them normalised."""
+    out = []
+    for text in maddrs:
+        try:
+            ma = Multiaddr(text)
+            ma["p2p"]
+        except Exception:
+            raise ConfigError(
+                f"invalid {what} multiaddr {text!r}; expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm..."
+            ) from None
+        out.append(str(ma))
+    return out
+
+
+def host_maddr(host: str, port: int) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"--host must be an IP address, got {host!r}") from None
+    return f"/ip{ip.version}/{host}/tcp/{port}"
+
+
+async def start_p2p(
+    identity: Identity,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    initial_peers: Sequence[str] = (),
+    client_mode: bool = False,
+    check_identity: bool = True,
+    startup_timeout: float = 20.0,
+) -> P2P:
+    """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there."""
+    install_parent_death_signal()
+    peers = parse_maddrs(initial_peers)
+    listen = host_maddr(host, port)
+    loopback = ipaddress.ip_address(host).is_loopback
+    tmpdir: str | None = None
+    if identity.path is not None:
+        key_path = str(identity.path)
+    else:  # p2pd reads its key from a file: a private temporary one, removed once it started
+        tmpdir = tempfile.mkdtemp(prefix="meshinfer-key-")
+        key_path = str(Path(tmpdir) / "identity.key")
+        write_identity(identity, key_path)
+        check_identity = False
+    try:
+        return await P2P.create(
+            initial_peers=peers or None,
+            host_maddrs=[listen],
+            identity_path=key_path,
+            check_if_identity_free=check_identity and bool(peers),
+            dht_mode="client" if client_mode else "server",
+            nat_port_map=not loopback,
+            auto_nat=not loopback,
+            startup_timeout=startup_timeout,
+        )
+    except P2PDaemonError as err:
+        text = str(err)
+        if "bootstrap" in text:
+            raise TransportError(f"cannot reach any initial peer ({', '.join(peers)})") from None
+        if "already taken" in text:
+            raise PeerIdentityError(
+                f"identity {identity.peer_id} is already in use by a live peer of this swarm"
+            ) from None
+        raise TransportError(f"cannot start the p2p daemon on {listen}: {text[:300]}") from None
+    finally:
+        if tmpdir is not None:
+            with contextlib.suppress(OSError):
+                os.remove(key_path)
+            with contextlib.suppress(OSError):
+                os.rmdir(tmpdir)
+
+
+async def stop_p2p(p2p: P2P, timeout: float = 5.0) -> None:
+    """Shut the daemon down; kill it if it does not exit within ``timeout`` seconds."""
+    child = getattr(p2p, "_child", None)
+    try:
+        await asyncio.wait_for(p2p.shutdown(), timeout)
+    except TimeoutError:
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+    except Exception:
+        log.debug("p2p shutdown failed", exc_info=True)
+
+
+def daemon_pid(p2p: P2P) -> int | None:
+    child = getattr(p2p, "_child", None)
+    return None if child is None else child.pid

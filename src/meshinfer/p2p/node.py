@@ -1,0 +1,302 @@
+"""``PeerNode``: one process's presence in the swarm: identity, libp2p daemon, DHT and streams.
+
+Contract: the only public face of the substrate (hivemind) to the rest of meshinfer; no hivemind type
+appears in a public signature. ``PeerNode.start(P2PConfig)`` loads or creates the identity (locking
+its key file), starts ``p2pd`` (dies with this process), joins the DHT in-process on the same asyncio
+loop with the owner-signed record validator, and returns a node with ``peer_id`` and ``maddrs``.
+Then:
+
+- ``handle(protocol, handler)``: serve incoming streams; each runs ``handler(MessageStream)`` under
+  ``run_handler`` (typed ``Error`` reply on bad input, always closed), any number concurrently;
+- ``open_stream(peer_id, protocol, maddrs=...)``: a ``MessageStream`` to a peer (e.g. the next server
+  of a route), connecting through the given multiaddrs first when known;
+- ``dht_put_records``/``dht_put_record``: store signed records under subkey ``<peer id>`` (or
+  ``<peer id>/<tag>`` to keep several records of one peer under one key);
+- ``dht_get_records``/``get_many``: read all validated records under one or many keys in ONE bounded
+  call, as ``FoundRecord`` lists; keys not answered in time are left out of the result;
+- ``close()``: stop serving, leave the DHT, stop the daemon (idempotent).
+
+Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``. All methods run on the loop the
+node was started on (see ``meshinfer.p2p.runner`` for sync callers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from meshinfer.config import P2PConfig
+from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
+from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
+from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
+from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
+from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
+from meshinfer.wire.records import DhtRecord, ServerRecord, decode_record, encode_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """How a node behaves beyond where it listens (that is ``P2PConfig``)."""
+
+    client_mode: bool = False
+    """Join the DHT only as a reader/writer: store nothing for others, serve no DHT requests."""
+    dht_wait_timeout: float = 3.0
+    """Seconds one DHT request to one peer may take."""
+    startup_timeout: float = 20.0
+    stream: StreamSettings = DEFAULT_SETTINGS
+    max_record_ttl: float = DEFAULT_MAX_TTL
+    """Records expiring further ahead than this are rejected by this node."""
+
+
+@dataclass(frozen=True)
+class FoundRecord:
+    """One validated DHT record: who wrote it, what it says, when it expires (unix time)."""
+
+    peer_id: str
+    record: DhtRecord
+    expiration_time: float
+    subkey: str
+
+
+@dataclass(frozen=True)
+class Put:
+    """One record to store under ``key``; ``tag`` makes the subkey ``<peer id>/<tag>``."""
+
+    key: str
+    record: DhtRecord
+    tag: str | None = None
+
+
+@dataclass
+class PeerNode:
+    identity: Identity
+    maddrs: list[str]
+    settings: NodeSettings
+    _p2p: object = field(repr=False)
+    _dht: DHTNode = field(repr=False)
+    _lock: IdentityLock | None = field(repr=False, default=None)
+    _streams: set[MessageStream] = field(default_factory=set, repr=False)
+    _closed: bool = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """PID of this node's p2pd (for diagnostics and orphan tests)."""
+        return daemon_pid(self._p2p)  # type: ignore[arg-type]
+
+    @classmethod
+    async def start(cls, config: P2PConfig, settings: NodeSettings | None = None, *,
+                    identity: Identity | None = None) -> PeerNode:
+        """Start a node per ``config``; with no initial peers it starts a new swarm."""
+        settings = settings or NodeSettings()
+        lock: IdentityLock | None = None
+        if identity is None:
+            identity = load_or_create_identity(config.identity) if config.identity else Identity.generate()
+        if identity.path is not None:
+            lock = IdentityLock(identity.path)
+            lock.acquire(identity.peer_id)
+        p2p = None
+        try:
+            p2p = await start_p2p(
+                identity, host=config.host, port=config.port, initial_peers=config.initial_peers,
+                client_mode=settings.client_mode, check_identity=not identity.created,
+                startup_timeout=settings.startup_timeout,
+            )
+            validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
+            try:
+                dht = await DHTNode.create(
+                    p2p=p2p, initial_peers=list(config.initial_peers) or None, record_validator=validator,
+                    client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
+                )
+            except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
+                raise TransportError(f"cannot join the swarm: no initial peer answered ({err})") from None
+            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        except BaseException as err:
+            await _abort(p2p, lock)
+            if isinstance(err, Exception) and not isinstance(err, MeshinferError):  # unforeseen: one line
+                raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
+            raise
+        node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock)
+        log.debug("peer %s listening on %s", node.peer_id, ", ".join(maddrs))
+        return node
+
+    # --- streams ------------------------------------------------------------------------------
+
+    async def handle(self, protocol: str, handler: StreamHandler,
+                     settings: StreamSettings | None = None) -> None:
+        """Serve streams of ``protocol``: each runs ``handler(stream)`` concurrently with the others."""
+        stream_settings = settings or self.settings.stream
+
+        async def on_stream(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            stream = MessageStream(reader, writer, peer_id=info.peer_id.to_base58(), protocol=protocol,
+                                   settings=stream_settings)
+            self._streams.add(stream)
+            try:
+                await run_handler(stream, handler)
+            finally:
+                self._streams.discard(stream)
+
+        await self._p2p.add_binary_stream_handler(protocol, on_stream)  # type: ignore[attr-defined]
+
+    async def open_stream(self, peer_id: str, protocol: str, *, maddrs: Sequence[str] = (),
+                          timeout: float = 10.0, settings: StreamSettings | None = None) -> MessageStream:
+        """Open a stream to ``peer_id`` speaking ``protocol`` (dialling ``maddrs`` first if given)."""
+        try:
+            pid = PeerID.from_base58(peer_id)
+        except ValueError:
+            raise ConfigError(f"invalid peer id {peer_id!r}") from None
+        try:
+            async with asyncio.timeout(timeout):
+                if maddrs:
+                    await self._dial(pid, maddrs)
+                _info, reader, writer = await self._p2p.call_binary_stream_handler(pid, protocol)  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise TransportError(
+                f"cannot open a {protocol} stream to {peer_id}: timed out after {timeout:g}s"
+            ) from None
+        except Exception as err:
+            raise TransportError(f"cannot open a {protocol} stream to {peer_id}: {str(err)[:200]}") from None
+        stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol,
+                               settings=settings or self.settings.stream)
+        return stream
+
+    async def _dial(self, pid: PeerID, maddrs: Sequence[str]) -> None:
+        """Connect to ``pid`` at ``maddrs`` (best effort: the daemon may still find it by routing)."""
+        addrs = []
+        for text in maddrs:
+            with contextlib.suppress(Exception):
+                ma = Multiaddr(text)
+                if "p2p" in [p.name for p in ma.protocols()]:  # the daemon wants transport addresses
+                    ma = ma.decapsulate(Multiaddr(f"/p2p/{ma['p2p']}"))
+                addrs.append(ma)
+        if not addrs:
+            return
+        try:
+            await self._p2p._client.connect(pid, addrs)  # type: ignore[attr-defined]
+        except Exception as err:
+            log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
+
+    # --- DHT ----------------------------------------------------------------------------------
+
+    async def dht_put_records(self, items: Sequence[Put], expiration_time: float,
+                              *, timeout: float = 10.0) -> list[bool]:
+        """Store each record, signed, until ``expiration_time``; per item: stored by some node.
+
+        A write with an earlier expiration than the one already stored under the same key and
+        subkey is refused (the DHT keeps the newest), so refresh with a later expiration.
+        """
+        if not items:
+            return []
+        keys = [p.key for p in items]
+        values = [encode_record(p.record) for p in items]
+        subkeys = [make_subkey(self.peer_id, p.tag) for p in items]
+        if len(set(zip(keys, subkeys, strict=True))) != len(items):
+            raise ConfigError("two records for the same key and tag in one write")
+        try:
+            async with asyncio.timeout(timeout):
+                ok = await self._dht.store_many(keys, values, expiration_time, subkeys=subkeys)
+        except TimeoutError:
+            log.warning("DHT store of %d records timed out after %gs", len(items), timeout)
+            return [False] * len(items)
+        return [bool(ok.get((k, s), False)) for k, s in zip(keys, subkeys, strict=True)]
+
+    async def dht_put_record(self, key: str, record: DhtRecord, expiration_time: float,
+                             tag: str | None = None) -> bool:
+        return (await self.dht_put_records([Put(key, record, tag)], expiration_time))[0]
+
+    async def get_many(self, keys: Iterable[str], *, timeout: float = 5.0,
+                       latest: bool = True) -> dict[str, list[FoundRecord]]:
+        """All valid records under each key (sorted by subkey), in one call bounded by ``timeout``.
+
+        ``latest`` asks every replica the search meets (complete); otherwise the first non-expired
+        answer per key wins (faster). A key whose search did not finish in time is absent.
+        """
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        futures = await self._dht.get_many(
+            keys, sufficient_expiration_time=math.inf if latest else None, return_futures=True,
+        )
+        done, pending = await asyncio.wait(set(futures.values()), timeout=timeout)
+        for fut in pending:
+            fut.cancel()
+        now = time.time()
+        out: dict[str, list[FoundRecord]] = {}
+        for key, fut in futures.items():
+            if fut not in done or fut.cancelled() or fut.exception() is not None:
+                continue
+            out[key] = _decode_entries(fut.result(), now)
+        return out
+
+    async def dht_get_records(self, key: str, *, timeout: float = 5.0) -> list[FoundRecord]:
+        """All valid records under ``key``; empty when none or timed out."""
+        return (await self.get_many([key], timeout=timeout)).get(key, [])
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop serving, leave the DHT and stop the daemon (idempotent, never raises)."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams):
+            await stream.close(timeout=0.5)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await self._dht.shutdown()
+        await stop_p2p(self._p2p)  # type: ignore[arg-type]
+        if self._lock is not None:
+            self._lock.release()
+
+    async def __aenter__(self) -> PeerNode:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _abort(p2p: object, lock: IdentityLock | None) -> None:
+    if p2p is not None:
+        await stop_p2p(p2p)  # type: ignore[arg-type]
+    if lock is not None:
+        lock.release()
+
+
+def _decode_entries(found: object, now: float) -> list[FoundRecord]:
+    """Turn hivemind's ``ValueWithExpiration({subkey: ValueWithExpiration(bytes)})`` into records."""
+    out: list[FoundRecord] = []
+    value = getattr(found, "value", None)
+    if not isinstance(value, dict):
+        return out
+    for subkey, item in value.items():
+        payload = getattr(item, "value", None)
+        expiration = getattr(item, "expiration_time", None)
+        if not isinstance(subkey, str) or not isinstance(payload, bytes):
+            continue
+        if not isinstance(expiration, int | float):
+            continue
+        if expiration <= now:
+            continue
+        try:
+            record = decode_record(payload)
+        except WireError:
+            continue
+        owner = owner_of(subkey)
+        if isinstance(record, ServerRecord) and record.peer_id != owner:
+            continue
+        out.append(FoundRecord(owner, record, float(expiration), subkey))
+    return sorted(out, key=lambda f: f.subkey)

@@ -1,0 +1,377 @@
+"""The session service: ``meshinfer/session/1`` and ``meshinfer/push/1`` handlers over the step loop.
+
+Contract (docs/architecture.md section 10, server side): a session stream starts with ``Open``
+(checked: model id, span inside the served span, max length within the model's context, route tail
+continuing at the span's end, KV budget via ``MemoryBudget``) answered by ``Opened``; then ``Step``s
+(checked by ``session.check_step``, queued on the ``StepLoop``), ``Ping`` (answered ``Pong``) and
+``Close``. Results leave on the session stream in step order (one delivery chain per session): with a
+next hop the output is first pushed (``PushPool``; straight into the local service when the next hop
+is this server), then ``StepResult`` goes to the client, then ``Error(next_hop_failed)`` if the push
+failed. Pushed steps arrive on push streams and are treated exactly like the client's. Every bad
+input gets a typed ``Error`` (with the session and step id when known) and affects only its session;
+undecodable bytes inside a frame are answered and skipped, a broken frame ends the stream. The
+session's dtype (``Open.dtype``) may differ from the compute dtype: hidden states are converted on
+the way in and out, and each ``Step`` must carry the session's dtype. A session
+ends on ``Close``, when its stream breaks (client vanished), on idle timeout and at shutdown (the
+client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Knows
+nothing of the DHT or of how the span was loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from meshinfer.errors import MeshinferError, TransportError, WireError
+from meshinfer.p2p.stream import MessageStream, StreamClosed
+from meshinfer.server.memory import MemoryBudget, Overloaded
+from meshinfer.server.push import PushPool
+from meshinfer.server.runtime import StepLoop
+from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
+from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.messages import (
+    Close,
+    Error,
+    ErrorCode,
+    Hop,
+    Message,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Step,
+    StepResult,
+    decode_message,
+    error_message,
+)
+from meshinfer.wire.tensor import Tensor
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 30.0
+"""Seconds a new session stream may take to send its ``Open``."""
+MAX_QUEUED_STEPS = 64
+"""Most steps one session may have waiting; more is refused (bounds what a client can pile up)."""
+
+
+class SessionService:
+    """All sessions of one server: admission, step intake, delivery, expiry."""
+
+    def __init__(self, *, model_id: str, peer_id: str, loop: StepLoop, budget: MemoryBudget,
+                 limits: WireLimits, max_step_tokens: int, idle_timeout: float,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.model_id = model_id
+        self.peer_id = peer_id
+        self.loop = loop
+        self.budget = budget
+        self.limits = limits
+        self.max_step_tokens = max_step_tokens
+        self.idle_timeout = idle_timeout
+        self.on_change = on_change
+        self.pool: PushPool | None = None
+        self.accepting = True
+        self.sessions: dict[str, Session] = {}
+        self._streams: dict[Session, MessageStream] = {}
+        self._origins: dict[str, Session] = {}  # next hop's session id -> our session pushing to it
+        self._janitor: asyncio.Task[None] | None = None
+
+    @property
+    def spec_hidden_size(self) -> int:
+        return self.loop.span.spec.hidden_size
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._janitor = asyncio.create_task(self._expire_idle(), name="session-janitor")
+
+    async def shutdown(self, message: str = "server is shutting down; open a session elsewhere") -> None:
+        """Refuse new sessions, let steps in progress finish briefly, then end every session."""
+        self.accepting = False
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        deadline = time.monotonic() + 2.0
+        while any(not s.idle for s in self.sessions.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions.values()):
+            await self.terminate(session, ErrorCode.OVERLOADED, message, reason="shutdown")
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    async def open(self, msg: Open, stream: MessageStream) -> Session:
+        """Admit the session ``msg`` asks for, or raise ``SessionError``."""
+        served = self.loop.span.range
+        spec = self.loop.span.spec
+        if not self.accepting:
+            raise SessionError(ErrorCode.OVERLOADED, "server is shutting down; open a session elsewhere")
+        if msg.model != self.model_id:
+            raise SessionError(ErrorCode.UNKNOWN_MODEL,
+                               f"this server serves model {self.model_id}, not {msg.model[:80]}")
+        if not (served.start <= msg.span.start and msg.span.end <= served.end):
+            raise SessionError(ErrorCode.SPAN_NOT_SERVED,
+                               f"this server serves blocks {served}; span {msg.span} is not inside it")
+        if msg.max_length > spec.max_position_embeddings:
+            raise SessionError(ErrorCode.LIMIT_EXCEEDED,
+                               f"max_length {msg.max_length} exceeds the model's context of "
+                               f"{spec.max_position_embeddings} tokens")
+        next_hop = msg.route_tail[0] if msg.route_tail else None
+        if next_hop is not None and (next_hop.span.start != msg.span.end or next_hop.span.end > spec.num_blocks):
+            raise SessionError(ErrorCode.BAD_REQUEST,
+                               f"route tail must continue at block {msg.span.end} within the model's "
+                               f"{spec.num_blocks} blocks, got next hop span {next_hop.span}")
+        if msg.session_id in self.sessions or self.budget.holds(msg.session_id):
+            raise SessionError(ErrorCode.BAD_REQUEST, f"session id {msg.session_id!r} is already in use")
+        try:
+            self.budget.reserve(msg.session_id, msg.max_length)
+        except Overloaded as err:
+            raise SessionError(ErrorCode.OVERLOADED, str(err)) from None
+        try:
+            cache = await self.loop.new_cache(msg.span, msg.max_length)
+        except Exception as err:
+            self.budget.release(msg.session_id)
+            log.warning("cannot allocate a KV cache for session %s: %s", msg.session_id, err)
+            raise SessionError(ErrorCode.OVERLOADED, f"cannot allocate the KV cache: {err}") from None
+        if not self.accepting:
+            self.budget.release(msg.session_id)
+            raise SessionError(ErrorCode.OVERLOADED, "server is shutting down; open a session elsewhere")
+        session = Session(msg.session_id, msg.span, msg.max_length, msg.dtype, stream, next_hop=next_hop,
+                          cache=cache, last_activity=time.monotonic())
+        self.sessions[session.session_id] = session
+        self._streams[session] = stream
+        if next_hop is not None:
+            self._origins[next_hop.session_id] = session
+        log.info("session %s opened by %s: blocks %s, max length %d, dtype %s%s; %d open, %d tokens left",
+                 session.session_id, stream.peer_id[:12], msg.span, msg.max_length, msg.dtype,
+                 f", pushes to {next_hop.peer_id[:12]}" if next_hop else "", len(self.sessions),
+                 self.budget.tokens_left)
+        self.on_change()
+        return session
+
+    def end(self, session: Session, reason: str) -> None:
+        """Forget ``session`` and release its memory (idempotent)."""
+        if session.ended:
+            return
+        session.ended, session.end_reason = True, reason
+        self.loop.drop(session)
+        self.sessions.pop(session.session_id, None)
+        self._streams.pop(session, None)
+        if session.next_hop is not None and self._origins.get(session.next_hop.session_id) is session:
+            del self._origins[session.next_hop.session_id]
+        freed = self.budget.release(session.session_id)
+        session.cache = None
+        log.info("session %s ended (%s): %d tokens freed; %d open, %d tokens left", session.session_id,
+                 reason, freed, len(self.sessions), self.budget.tokens_left)
+        self.on_change()
+
+    async def terminate(self, session: Session, code: str, message: str, *, reason: str) -> None:
+        """End ``session`` from the server side: tell its client, then close its stream."""
+        stream = self._streams.get(session)
+        self.end(session, reason)
+        if stream is not None:
+            with contextlib.suppress(MeshinferError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await stream.send(Error(code=code, message=message, session_id=session.session_id))
+            await stream.close(timeout=0.5)
+
+    async def _expire_idle(self) -> None:
+        interval = min(1.0, self.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if session.idle_for(now) > self.idle_timeout:
+                    await self.terminate(session, ErrorCode.TIMEOUT,
+                                         f"session idle for more than {self.idle_timeout:g}s; closed",
+                                         reason="idle")
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def step(self, session: Session, msg: Step, *, pushed: bool = False) -> None:
+        """Take one step for ``session`` (from its client or pushed); raises ``SessionError``."""
+        kind = check_step(session, msg, hidden_size=self.spec_hidden_size, max_step_tokens=self.max_step_tokens)
+        now = time.monotonic()
+        session.last_activity = now
+        if kind is StepKind.NEW:
+            if len(session.pending) >= MAX_QUEUED_STEPS:
+                raise SessionError(ErrorCode.LIMIT_EXCEEDED,
+                                   f"session already has {MAX_QUEUED_STEPS} steps waiting; wait for their results")
+            self.loop.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed))
+        elif kind is StepKind.REPEAT:
+            assert session.last_output is not None
+            self.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,
+                                           hidden=session.last_output))
+
+    def reply(self, session: Session, msg: Message) -> None:
+        """Send ``msg`` to ``session``'s client after everything queued for it before."""
+        async def send() -> None:
+            await self._send(session, msg)
+
+        self._chain(session, send)
+
+    def _chain(self, session: Session, work: Callable[[], Awaitable[None]]) -> None:
+        previous = session.delivery
+
+        async def run() -> None:
+            if previous is not None and not previous.done():  # the usual case (one step at a time) skips this
+                await asyncio.wait([previous])
+            try:
+                await work()
+            except Exception:
+                log.exception("delivery for session %s failed", session.session_id)
+
+        session.delivery = asyncio.create_task(run(), name=f"deliver:{session.session_id[:16]}")
+
+    async def _send(self, session: Session, msg: Message) -> None:
+        if session.ended:
+            return
+        with contextlib.suppress(MeshinferError):
+            await session.outbox.send(msg)
+
+    def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None) -> None:
+        """The step loop's deliver callback (non-blocking)."""
+        session = job.session
+        if error is not None:
+            self.reply(session, Error(code=error.code, message=str(error)[:4096], session_id=session.session_id,
+                                      step_id=job.step_id))
+            return
+        assert output is not None
+
+        async def deliver() -> None:
+            push_error: MeshinferError | None = None
+            hop = session.next_hop
+            if hop is not None:
+                step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output)
+                try:
+                    await self._push(hop, step)
+                except MeshinferError as err:
+                    push_error = err
+            await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output))
+            if push_error is not None and hop is not None:
+                log.info("session %s: push of step %d to %s failed: %s", session.session_id, job.step_id,
+                         hop.peer_id[:12], push_error)
+                await self._send(session, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=session.session_id,
+                                                step_id=job.step_id,
+                                                message=f"push to next hop {hop.peer_id} failed: {push_error}"[:4096]))
+
+        self._chain(session, deliver)
+
+    async def _push(self, hop: Hop, step: Step) -> None:
+        if hop.peer_id == self.peer_id:  # the next hop is this very server: no network
+            target = self.sessions.get(hop.session_id)
+            if target is None:
+                raise TransportError(f"this server has no session {hop.session_id!r}")
+            try:
+                self.step(target, step, pushed=True)
+            except SessionError as err:
+                self.reply(target, Error(code=err.code, message=str(err), session_id=target.session_id,
+                                         step_id=step.step_id))
+            return
+        if self.pool is None:
+            raise TransportError("this server cannot push (no push pool)")
+        await self.pool.push(hop, step)
+
+    def on_push_error(self, err: Error) -> None:
+        """A next hop refused a step we pushed: tell the client of the session that pushed it."""
+        origin = self._origins.get(err.session_id or "")
+        if origin is None or origin.ended or origin.next_hop is None:
+            return
+        self.reply(origin, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=origin.session_id, step_id=err.step_id,
+                                 message=f"next hop {origin.next_hop.peer_id} refused the pushed step: "
+                                         f"{err.code}: {err.message}"[:4096]))
+
+    # ---- stream handlers ---------------------------------------------------------------------
+
+    async def _next(self, stream: MessageStream, timeout: float | None,
+                    session: Session | None) -> Message | None:
+        """The next decodable message; None when undecodable (already answered)."""
+        payload = await stream.recv_bytes(timeout)
+        try:
+            return decode_message(payload, self.limits)
+        except WireError as err:
+            sid = session.session_id if session is not None else None
+            reply = error_message(err, session_id=sid)
+            if session is not None:
+                self.reply(session, reply)
+            else:
+                await stream.send(reply)
+            return None
+
+    async def handle_session(self, stream: MessageStream) -> None:
+        """Serve one ``meshinfer/session/1`` stream: at most one session, for as long as it lives."""
+        session: Session | None = None
+        reason = "client closed the stream"
+        try:
+            while True:
+                try:
+                    msg = await self._next(stream, OPEN_TIMEOUT if session is None else None, session)
+                except StreamClosed:
+                    return
+                except MeshinferError as err:  # broken frames, a reset stream, a read timeout
+                    reason = f"stream failed: {err}"
+                    raise
+                if msg is None:
+                    continue
+                if session is not None and session.ended:
+                    return
+                if isinstance(msg, Open):
+                    if session is not None:
+                        self.reply(session, Error(code=ErrorCode.BAD_REQUEST, session_id=session.session_id,
+                                                  message="this stream already carries a session; open another stream"))
+                        continue
+                    try:
+                        session = await self.open(msg, stream)
+                    except SessionError as err:
+                        await stream.send(Error(code=err.code, message=str(err), session_id=msg.session_id))
+                        continue
+                    await stream.send(Opened(session_id=msg.session_id, span=msg.span, max_length=msg.max_length))
+                elif isinstance(msg, Step):
+                    if session is None:
+                        await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id,
+                                                step_id=msg.step_id, message="send Open before the first Step"))
+                        continue
+                    try:
+                        self.step(session, msg)
+                    except SessionError as err:
+                        self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
+                                                  step_id=msg.step_id))
+                elif isinstance(msg, Close):
+                    reason = "closed by client"
+                    if session is not None and session.delivery is not None:
+                        await asyncio.wait([session.delivery], timeout=5.0)  # let queued replies leave
+                    return
+                elif isinstance(msg, Ping):
+                    await stream.send(Pong(seq=msg.seq, payload=msg.payload))
+                else:
+                    error = Error(code=ErrorCode.BAD_REQUEST, message=f"unexpected {type(msg).__name__} message",
+                                  session_id=session.session_id if session else None)
+                    await stream.send(error)
+        finally:
+            if session is not None:
+                self.end(session, reason)
+
+    async def handle_push(self, stream: MessageStream) -> None:
+        """Serve one ``meshinfer/push/1`` stream from a previous hop: steps for our sessions."""
+        while True:
+            try:
+                msg = await self._next(stream, None, None)
+            except StreamClosed:
+                return
+            if msg is None:
+                continue
+            if not isinstance(msg, Step):
+                await stream.send(Error(code=ErrorCode.BAD_REQUEST, message="push streams carry only Step messages"))
+                continue
+            session = self.sessions.get(msg.session_id)
+            if session is None:
+                await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id,
+                                        step_id=msg.step_id, message=f"no open session {msg.session_id!r} here"))
+                continue
+            try:
+                self.step(session, msg, pushed=True)
+            except SessionError as err:
+                self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
+                                          step_id=msg.step_id))

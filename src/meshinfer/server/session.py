@@ -1,0 +1,134 @@
+"""One inference session on a server, and the checks every step meets before it is queued.
+
+Contract: ``Session`` is the state of one client session (docs/architecture.md section 10): its
+sub-span, max length, wire dtype, next hop, KV cache (opaque here: allocated and used only by the
+runtime's worker thread), step queue, last computed step (for duplicate step ids) and last activity.
+``check_step`` validates a ``Step`` against the session using only the wire tensor's metadata (no
+decoding, no torch) and classifies it: ``NEW`` (queue it), ``REPEAT`` (answer again from the last
+result) or ``IN_FLIGHT`` (already queued: its result is on its way). Anything wrong raises
+``SessionError`` carrying the wire ``ErrorCode``. The ``Outbox`` protocol is how results reach the
+session's client; this module never touches streams, peers or the clock itself (callers pass ``now``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from meshinfer.errors import MeshinferError
+from meshinfer.types import BlockRange
+from meshinfer.wire.messages import ErrorCode, Hop, Message, Step
+from meshinfer.wire.tensor import Tensor
+
+
+class SessionError(MeshinferError):
+    """A request a session refuses; ``code`` is the ``Error.code`` sent back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Outbox(Protocol):
+    """Where a session's replies go (its client's stream)."""
+
+    async def send(self, msg: Message) -> None: ...
+
+
+class StepKind(enum.Enum):
+    NEW = "new"
+    REPEAT = "repeat"
+    IN_FLIGHT = "in_flight"
+
+
+@dataclass
+class StepJob:
+    """A validated step waiting for (or in) the runtime; ``hidden`` is still the wire tensor."""
+
+    session: Session
+    step_id: int
+    position: int
+    hidden: Tensor  # [T, H] on the wire, in the session's dtype
+    arrived: float
+    pushed: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    span: BlockRange
+    max_length: int
+    dtype: str
+    outbox: Outbox
+    next_hop: Hop | None = None
+    cache: Any = None
+    """The KV cache of ``span`` (a ``models.kv_cache.KVCache``); touched only by the worker thread."""
+    last_activity: float = 0.0
+    pending: deque[StepJob] = field(default_factory=deque)
+    queued_ids: set[int] = field(default_factory=set)
+    """Step ids queued or being computed."""
+    busy: bool = False
+    """A step of this session is being computed right now."""
+    last_step_id: int | None = None
+    last_output: Tensor | None = None
+    ended: bool = False
+    end_reason: str = ""
+    delivery: asyncio.Task[None] | None = None
+    """The latest delivery task; each one awaits the previous, so replies leave in step order."""
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.busy
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_activity if self.idle else 0.0
+
+
+def check_step(session: Session, step: Step, *, hidden_size: int, max_step_tokens: int) -> StepKind:
+    """Validate ``step`` for ``session`` (metadata only) and say what to do with it."""
+    sid, t = step.session_id, step.hidden
+    if sid != session.session_id:
+        raise SessionError(ErrorCode.UNKNOWN_SESSION,
+                           f"this stream carries session {session.session_id!r}, not {sid!r}")
+    if step.step_id in session.queued_ids:
+        return StepKind.IN_FLIGHT
+    if step.step_id == session.last_step_id and session.last_output is not None:
+        return StepKind.REPEAT
+    if session.last_step_id is not None and step.step_id < session.last_step_id:
+        raise SessionError(
+            ErrorCode.BAD_REQUEST,
+            f"step id {step.step_id} is older than the last computed step {session.last_step_id}; "
+            "step ids must increase (only the last result is kept)",
+        )
+    if t.dtype != session.dtype:
+        raise SessionError(ErrorCode.BAD_REQUEST,
+                           f"hidden states are {t.dtype} but the session was opened with dtype {session.dtype}")
+    if len(t.shape) != 2:
+        raise SessionError(ErrorCode.BAD_REQUEST,
+                           f"hidden states must have shape [tokens, {hidden_size}], got {list(t.shape)}")
+    tokens, hidden = t.shape
+    if hidden != hidden_size:
+        raise SessionError(ErrorCode.BAD_REQUEST,
+                           f"hidden size {hidden} does not match the model's {hidden_size}")
+    if tokens == 0:
+        raise SessionError(ErrorCode.BAD_REQUEST, "a step must carry at least one token")
+    if tokens > max_step_tokens:
+        raise SessionError(ErrorCode.LIMIT_EXCEEDED,
+                           f"step of {tokens} tokens exceeds this server's limit of {max_step_tokens} per step; "
+                           "send the prefill in chunks")
+    if step.position + tokens > session.max_length:
+        raise SessionError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"position {step.position} + {tokens} tokens exceeds the session's max length {session.max_length}",
+        )
+    return StepKind.NEW

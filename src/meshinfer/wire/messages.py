@@ -1,0 +1,214 @@
+"""Typed, versioned messages of a session stream (DESIGN.md section 4).
+
+Contract: every message is a frozen msgspec Struct in the tagged union ``Message`` (tag field
+``type``) and carries ``v`` = ``PROTOCOL_VERSION``. ``encode_message`` gives msgpack bytes;
+``decode_message`` turns arbitrary bytes into a ``Message`` or raises ``WireError`` (subclasses:
+``LimitExceededError``, ``VersionMismatchError``) and nothing else; it also checks every tensor the
+message carries against ``WireLimits`` (no allocation beyond the bytes already received).
+``error_code_for`` maps such an exception to the ``Error.code`` to send back. This module knows
+nothing about streams, peers or models; it never pickles.
+
+A session, as seen by a server::
+
+    client -> Open(session_id, model, span, max_length, dtype, route_tail)   server -> Opened
+    client -> Step(session_id, step_id, position, hidden[tokens, hidden])   server -> StepResult
+        (with a route tail, the server pushes its StepResult to route_tail[0] instead)
+    client -> Close(session_id)
+    anything wrong -> Error(code, message, session_id?, step_id?)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+
+from meshinfer.errors import LimitExceededError, MeshinferError, WireError
+from meshinfer.types import DTYPES, BlockRange
+from meshinfer.wire.limits import DEFAULT_LIMITS, WireLimits
+from meshinfer.wire.tensor import Tensor, check_tensor
+
+PROTOCOL_VERSION: Final = 1
+
+
+class VersionMismatchError(WireError):
+    """The peer speaks another protocol version."""
+
+
+class ErrorCode:
+    """The closed set of ``Error.code`` values (plain strings on the wire)."""
+
+    BAD_REQUEST: Final = "bad_request"
+    UNKNOWN_MODEL: Final = "unknown_model"
+    SPAN_NOT_SERVED: Final = "span_not_served"
+    UNKNOWN_SESSION: Final = "unknown_session"
+    LIMIT_EXCEEDED: Final = "limit_exceeded"
+    OVERLOADED: Final = "overloaded"
+    VERSION_MISMATCH: Final = "version_mismatch"
+    TIMEOUT: Final = "timeout"
+    NEXT_HOP_FAILED: Final = "next_hop_failed"
+    INTERNAL: Final = "internal"
+
+    ALL: Final = frozenset({
+        "bad_request", "unknown_model", "span_not_served", "unknown_session", "limit_exceeded",
+        "overloaded", "version_mismatch", "timeout", "next_hop_failed", "internal",
+    })
+
+
+SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+PeerIdText = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+Maddr = Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class _Base(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=False):
+    pass
+
+
+class Hop(msgspec.Struct, frozen=True):
+    """One next server of a route: who it is, which blocks it runs, where to reach it (optional)."""
+
+    peer_id: PeerIdText
+    span: BlockRange
+    session_id: SessionId
+    """The session the client opened on that server; pushed steps are addressed to it."""
+    maddrs: Annotated[list[Maddr], msgspec.Meta(max_length=16)] = []
+
+
+class Open(_Base, tag="open"):
+    session_id: SessionId
+    model: Name
+    span: BlockRange
+    max_length: Positive
+    dtype: str
+    route_tail: Annotated[list[Hop], msgspec.Meta(max_length=256)] = []
+    v: int = PROTOCOL_VERSION
+
+
+class Opened(_Base, tag="opened"):
+    session_id: SessionId
+    span: BlockRange
+    max_length: Positive
+    v: int = PROTOCOL_VERSION
+
+
+class Step(_Base, tag="step"):
+    session_id: SessionId
+    step_id: NonNegative
+    position: NonNegative
+    hidden: Tensor
+    v: int = PROTOCOL_VERSION
+
+
+class StepResult(_Base, tag="step_result"):
+    session_id: SessionId
+    step_id: NonNegative
+    hidden: Tensor
+    v: int = PROTOCOL_VERSION
+
+
+class Close(_Base, tag="close"):
+    session_id: SessionId
+    v: int = PROTOCOL_VERSION
+
+
+class Error(_Base, tag="error"):
+    code: Annotated[str, msgspec.Meta(max_length=64)]
+    message: Annotated[str, msgspec.Meta(max_length=4096)]
+    session_id: SessionId | None = None
+    step_id: NonNegative | None = None
+    v: int = PROTOCOL_VERSION
+
+
+class Ping(_Base, tag="ping"):
+    seq: NonNegative
+    payload: bytes = b""
+    v: int = PROTOCOL_VERSION
+
+
+class Pong(_Base, tag="pong"):
+    seq: NonNegative
+    payload: bytes = b""
+    v: int = PROTOCOL_VERSION
+
+
+Message = Open | Opened | Step | StepResult | Close | Error | Ping | Pong
+MESSAGE_TYPES: Final = (Open, Opened, Step, StepResult, Close, Error, Ping, Pong)
+
+
+class _VersionProbe(msgspec.Struct):
+    v: int = PROTOCOL_VERSION
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+_probe = msgspec.msgpack.Decoder(_VersionProbe)
+
+
+def encode_message(msg: Message) -> bytes:
+    """msgpack bytes of ``msg`` (a member of ``Message``)."""
+    if not isinstance(msg, MESSAGE_TYPES):
+        raise WireError(f"not a wire message: {type(msg).__name__}")
+    return _encoder.encode(msg)
+
+
+def _peer_version(data: bytes | memoryview) -> int | None:
+    try:
+        return _probe.decode(data).v
+    except Exception:
+        return None
+
+
+def decode_message(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Decode and validate one message; raise WireError (or a subclass) for anything malformed."""
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, MeshinferError, ValueError, TypeError,
+            OverflowError, RecursionError) as err:
+        version = _peer_version(data)
+        if version is not None and version != PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"peer speaks protocol version {version}, this peer speaks {PROTOCOL_VERSION}"
+            ) from None
+        raise WireError(f"malformed message: {str(err)[:200]}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise VersionMismatchError(
+            f"peer speaks protocol version {msg.v}, this peer speaks {PROTOCOL_VERSION}"
+        )
+    _check(msg, limits)
+    return msg
+
+
+def _check(msg: Message, limits: WireLimits) -> None:
+    if isinstance(msg, Step | StepResult):
+        check_tensor(msg.hidden, limits)
+    elif isinstance(msg, Open):
+        if msg.dtype not in DTYPES:
+            raise WireError(f"unsupported dtype {msg.dtype[:32]!r}; expected one of {', '.join(DTYPES)}")
+        if len(msg.route_tail) > limits.max_route_hops:
+            raise LimitExceededError(
+                f"route tail of {len(msg.route_tail)} hops exceeds {limits.max_route_hops}"
+            )
+    elif isinstance(msg, Ping | Pong) and len(msg.payload) > limits.max_tensor_bytes:
+        raise LimitExceededError(
+            f"ping payload of {len(msg.payload)} bytes exceeds {limits.max_tensor_bytes}"
+        )
+
+
+def error_code_for(err: BaseException) -> str:
+    """The ``Error.code`` that reports ``err`` to the peer that caused it."""
+    if isinstance(err, VersionMismatchError):
+        return ErrorCode.VERSION_MISMATCH
+    if isinstance(err, LimitExceededError):
+        return ErrorCode.LIMIT_EXCEEDED
+    if isinstance(err, WireError):
+        return ErrorCode.BAD_REQUEST
+    return ErrorCode.INTERNAL
+
+
+def error_message(err: BaseException, *, session_id: str | None = None, step_id: int | None = None) -> Error:
+    """An ``Error`` message reporting ``err`` (message text clipped to the wire limit)."""
+    text = str(err) or type(err).__name__
+    return Error(code=error_code_for(err), message=text[:4096], session_id=session_id, step_id=step_id)

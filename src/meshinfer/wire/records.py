@@ -1,0 +1,107 @@
+"""DHT record schemas and keys (DESIGN.md section 5).
+
+Contract: the payloads peers publish in the DHT, as frozen msgspec Structs in one tagged union
+(``DhtRecord``), plus the key helpers. Every record lives under a key below with a subkey owned by
+the writing peer (its peer id, or ``<peer id>/<tag>``); signing and validation are
+``meshinfer.p2p``'s job, this module only defines and checks the schema. ``decode_record`` raises
+only ``WireError``. Pure: no I/O, no torch, no network.
+
+Keys::
+
+    model:<model_id>      subkey peer id -> ModelCard     (who announces this model)
+    block:<model_id>:<i>  subkey peer id -> ServerRecord  (servers covering block i)
+    models                subkey <peer id>/<model_id> -> ModelCard  (directory: lets ``swarm`` list models)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from meshinfer.errors import ConfigError, MeshinferError, WireError
+from meshinfer.types import DTYPES, BlockRange, ModelId
+
+RECORD_VERSION: Final = 1
+MODELS_KEY: Final = "models"
+
+ServerState = Literal["joining", "online", "draining"]
+SERVER_STATES: Final = ("joining", "online", "draining")
+
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+IdText = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
+
+
+class ModelCard(msgspec.Struct, frozen=True, tag_field="type", tag="model_card"):
+    """What a model is: enough for a client to plan routes and check compatibility."""
+
+    model_id: IdText
+    name: IdText
+    family: Text
+    num_blocks: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    hidden_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    dtype: str
+    manifest_hash: Text | None = None
+    v: int = RECORD_VERSION
+
+
+class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
+    """One server of one model: what it serves and how well (``span`` = blocks [start, end))."""
+
+    peer_id: IdText
+    model_id: IdText
+    span: BlockRange
+    state: ServerState
+    throughput: Rate
+    """Tokens per second this server can process for one session (compute and network)."""
+    cache_tokens_left: Count
+    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)]
+    software_version: Text
+    public_name: Text | None = None
+    protocol_version: Annotated[int, msgspec.Meta(ge=0)] = 1
+    v: int = RECORD_VERSION
+
+
+DhtRecord = ModelCard | ServerRecord
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(DhtRecord)
+
+
+def model_key(model_id: ModelId) -> str:
+    return f"model:{model_id}"
+
+
+def block_key(model_id: ModelId, block: int) -> str:
+    return f"block:{model_id}:{block}"
+
+
+def encode_record(record: DhtRecord) -> bytes:
+    if not isinstance(record, ModelCard | ServerRecord):
+        raise WireError(f"not a DHT record: {type(record).__name__}")
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes | memoryview) -> DhtRecord:
+    """Decode and validate a record payload; raise WireError for anything malformed or inconsistent."""
+    try:
+        record = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, MeshinferError, ValueError, TypeError,
+            OverflowError, RecursionError) as err:
+        raise WireError(f"malformed DHT record: {str(err)[:200]}") from None
+    if record.v != RECORD_VERSION:
+        raise WireError(f"DHT record version {record.v}, this peer reads version {RECORD_VERSION}")
+    if isinstance(record, ModelCard) and record.dtype not in DTYPES:
+        raise WireError(f"model card dtype {record.dtype[:32]!r} is not one of {', '.join(DTYPES)}")
+    return record
+
+
+def check_server_record(record: ServerRecord, num_blocks: int | None = None) -> None:
+    """Raise WireError unless the record's span fits a model of ``num_blocks`` blocks (when known)."""
+    if num_blocks is not None:
+        try:
+            record.span.check_within(num_blocks)
+        except ConfigError as err:
+            raise WireError(str(err)) from None

@@ -1,0 +1,34 @@
+"""Shared fixtures: one checkpoint cache per test session, so tests never touch ~/.cache.
+
+The cache is exported as MESHINFER_CACHE_DIR, so subprocesses started by tests (``meshinfer ...``)
+reuse the checkpoints the session already built. A cache given in the environment is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def meshinfer_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's meshinfer cache root (checkpoints live under ``<root>/checkpoints``)."""
+    existing = os.environ.get("MESHINFER_CACHE_DIR")
+    if existing:
+        yield Path(existing)
+        return
+    root = tmp_path_factory.mktemp("meshinfer-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MESHINFER_CACHE_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(meshinfer_cache_dir: Path) -> dict[tuple[str, str], Path]:
+    """Every tiny (family, variant) checkpoint with seed 0, built once per session."""
+    from meshinfer.testing.checkpoints import list_tiny_checkpoints, tiny_checkpoint
+
+    return {(f, v): tiny_checkpoint(f, variant=v) for f, v in list_tiny_checkpoints()}

@@ -1,0 +1,131 @@
+"""``meshinfer demo`` and ``meshinfer bench swarm`` as real runs: a bootstrap peer and block servers on 127.0.0.1.
+
+The demo runs as a subprocess; while it runs, a watcher thread records every process below it (servers,
+bootstrap, p2p daemons), so that after it exits we can check that none of them outlived it, also when it
+is interrupted with SIGINT mid-generation. The bench runs in-process on the tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from meshinfer.bench.swarm import even_spans
+from meshinfer.cli.main import main
+from meshinfer.testing.procs import ManagedProcess, command_line, descendants_of, meshinfer_argv, wait_gone
+from meshinfer.types import BlockRange
+
+IDENTICAL = "identical to local engine: yes"
+
+
+class Watched:
+    """A ``meshinfer`` subprocess whose process tree is sampled every 50 ms until it exits."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = ManagedProcess(meshinfer_argv(*args), name="meshinfer " + " ".join(args))
+        self.seen: dict[int, str] = {}
+        self.lines: list[str] = []
+        self._watch = threading.Thread(target=self._sample, daemon=True)
+        self._watch.start()
+
+    def _sample(self) -> None:
+        while self.proc.proc.poll() is None:
+            for pid in descendants_of(self.proc.pid):
+                if pid not in self.seen:
+                    self.seen[pid] = command_line(pid)
+            time.sleep(0.05)
+
+    def read_until(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.proc.read_line(max(0.1, deadline - time.monotonic()))
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float) -> int:
+        """Wait for exit (reading the rest of stdout); returns the exit code."""
+        deadline = time.monotonic() + timeout
+        while (line := self.proc.poll_line(max(0.1, deadline - time.monotonic()))) is not None:
+            self.lines.append(line)
+            if time.monotonic() > deadline:
+                break
+        code = self.proc.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        self._watch.join(timeout=5)
+        return code
+
+    def leftovers(self) -> dict[int, str]:
+        """Processes that ran below the demo and are still alive (give them a moment to exit)."""
+        alive = wait_gone(self.seen, timeout=10)
+        return {pid: self.seen[pid] for pid in alive}
+
+    def servers_seen(self) -> int:
+        return sum(" serve " in cmd for cmd in self.seen.values())
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=20)
+
+
+def test_demo_generates_identically_through_three_servers_and_leaves_nothing() -> None:
+    demo = Watched("demo", "--max-new-tokens", "8")
+    try:
+        code = demo.finish(timeout=240)
+    finally:
+        demo.stop()
+    out = "\n".join(demo.lines)
+    assert code == 0, f"{out}\n{demo.proc.stderr_tail()}"
+    assert IDENTICAL in out, out
+    assert "0:3 on" in out and "3:6 on" in out and "6:8 on" in out, out  # the planned route was shown
+    assert "none left running" in out, out
+    assert demo.servers_seen() == 3, demo.seen
+    assert not demo.leftovers(), demo.leftovers()
+
+
+def test_demo_interrupted_mid_generation_stops_everything() -> None:
+    demo = Watched("demo", "--max-new-tokens", "900")
+    try:
+        demo.read_until("5. ", timeout=180)  # the generation through the swarm has started
+        time.sleep(0.5)
+        assert demo.servers_seen() == 3, demo.seen
+        demo.proc.kill(signal.SIGINT)
+        code = demo.finish(timeout=60)
+    finally:
+        demo.stop()
+    assert code == 130, f"{demo.lines}\n{demo.proc.stderr_tail()}"
+    assert "interrupted" in demo.proc.stderr_tail()
+    assert any("none left running" in line for line in demo.lines), demo.lines
+    assert not demo.leftovers(), demo.leftovers()
+
+
+def test_even_spans_and_bad_demo_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert even_spans(8, 3) == [BlockRange(0, 3), BlockRange(3, 6), BlockRange(6, 8)]
+    assert even_spans(12, 3) == [BlockRange(0, 4), BlockRange(4, 8), BlockRange(8, 12)]
+    assert even_spans(4, 1) == [BlockRange(0, 4)]
+    for flags, text in [(["--servers", "9"], "cannot split 8 blocks over 9 servers"),
+                        (["--servers", "0"], "--servers must be >= 1"),
+                        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")]:
+        assert main(["demo", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and text in err and "\n" not in err, err
+
+
+def test_bench_swarm_compares_against_the_local_engine(meshinfer_cache_dir: Path) -> None:
+    from meshinfer.bench import swarm as bench
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    args = argparse.Namespace(model=str(tiny_checkpoint("llama")), servers=2, runs=1, prompt_tokens=5,
+                              new_tokens=6, dtype="fp32", torch_threads=1, no_push=False)
+    figures = bench.run(args)
+    assert figures["route"] == ["0:2", "2:4"] and figures["hops"] == 2
+    assert figures["greedy_tokens_identical"] is True
+    assert figures["greedy_tokens_matching_prefix"] == 6
+    for engine in ("swarm", "local"):
+        assert figures[engine]["decode_tokens_per_s"] > 0 and figures[engine]["time_to_first_token_ms"] > 0
+    ratio = figures["ratio_swarm_over_local"]["decode_tokens_per_s"]
+    assert ratio == pytest.approx(figures["swarm"]["decode_tokens_per_s"] / figures["local"]["decode_tokens_per_s"])
+    assert [s["torch_threads"] for s in figures["servers"]] == [1, 1]

@@ -1,0 +1,112 @@
+"""The session service in-process: idle expiry, shutdown and delivery order (real step loop and span,
+an in-memory stand-in for the client's stream; the real streams are covered by the process tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.span import BlockSpan
+from meshinfer.server.handler import SessionService
+from meshinfer.server.memory import MemoryBudget
+from meshinfer.server.runtime import StepLoop
+from meshinfer.types import BlockRange
+from meshinfer.wire.limits import DEFAULT_LIMITS
+from meshinfer.wire.messages import Error, ErrorCode, Hop, Message, Open, Step, StepResult
+from meshinfer.wire.tensor import encode_tensor
+
+
+class MemoryStream:
+    """Collects what the service sends to one client."""
+
+    def __init__(self) -> None:
+        self.peer_id = "client-peer-id"
+        self.sent: list[Message] = []
+        self.closed = False
+
+    async def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def span(meshinfer_cache_dir: Path) -> BlockSpan:
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    return Checkpoint(tiny_checkpoint("llama")).load_span(BlockRange(0, 4))
+
+
+def _service(span: BlockSpan, idle_timeout: float = 60.0) -> tuple[SessionService, list[int]]:
+    changes: list[int] = []
+    holder: dict[str, SessionService] = {}
+    loop = StepLoop(span, lambda job, out, err: holder["s"].on_result(job, out, err))
+    service = SessionService(model_id="m", peer_id="me", loop=loop, budget=MemoryBudget(100, 4),
+                             limits=DEFAULT_LIMITS, max_step_tokens=16, idle_timeout=idle_timeout,
+                             on_change=lambda: changes.append(service.budget.tokens_left))
+    holder["s"] = service
+    return service, changes
+
+
+def _open(sid: str, max_length: int = 40, span: BlockRange = BlockRange(0, 4), tail: list[Hop] | None = None) -> Open:
+    return Open(session_id=sid, model="m", span=span, max_length=max_length, dtype="float32", route_tail=tail or [])
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def test_idle_sessions_expire_and_free_memory(span: BlockSpan) -> None:
+    async def main() -> None:
+        service, changes = _service(span, idle_timeout=0.3)
+        service.loop.start()
+        service.start()
+        stream = MemoryStream()
+        session = await service.open(_open("a"), stream)  # type: ignore[arg-type]
+        assert service.budget.tokens_left == 60
+        await _until(lambda: session.ended)
+        assert session.end_reason == "idle" and service.budget.tokens_left == 100 and not service.sessions
+        assert stream.closed and isinstance(stream.sent[-1], Error) and stream.sent[-1].code == ErrorCode.TIMEOUT
+        assert changes == [60, 100]
+        await service.shutdown()
+        await service.loop.stop()
+
+    asyncio.run(main())
+
+
+def test_results_leave_in_order_and_local_push_and_shutdown(span: BlockSpan) -> None:
+    async def main() -> None:
+        service, _ = _service(span)
+        service.loop.start()
+        service.start()
+        s2, s1 = MemoryStream(), MemoryStream()
+        await service.open(_open("second", span=BlockRange(2, 4)), s2)  # type: ignore[arg-type]
+        hop = Hop(peer_id="me", span=BlockRange(2, 4), session_id="second")
+        first = await service.open(_open("first", span=BlockRange(0, 2), tail=[hop]), s1)  # type: ignore[arg-type]
+        gen = torch.Generator().manual_seed(0)
+        position = 0
+        for step_id, tokens in enumerate([5, 1, 1, 1]):
+            x = torch.randn(tokens, 64, generator=gen)
+            service.step(first, Step(session_id="first", step_id=step_id, position=position, hidden=encode_tensor(x)))
+            position += tokens
+        await _until(lambda: len(s2.sent) == 4)
+        for stream in (s1, s2):
+            assert [(type(m), m.step_id) for m in stream.sent] == [(StepResult, i) for i in range(4)]  # type: ignore[union-attr]
+        await service.shutdown()
+        assert not service.sessions and service.budget.tokens_left == 100 and not service.accepting
+        for stream in (s1, s2):
+            assert isinstance(stream.sent[-1], Error) and stream.sent[-1].code == ErrorCode.OVERLOADED
+        with pytest.raises(Exception, match="shutting down"):
+            await service.open(_open("late"), MemoryStream())  # type: ignore[arg-type]
+        await service.loop.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,99 @@
+"""DHT record schemas: round trips, keys, validation, fuzzing (only WireError escapes)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshinfer.errors import WireError
+from meshinfer.types import BlockRange
+from meshinfer.wire.records import (
+    MODELS_KEY,
+    RECORD_VERSION,
+    ModelCard,
+    ServerRecord,
+    block_key,
+    check_server_record,
+    decode_record,
+    encode_record,
+    model_key,
+)
+
+CARD = ModelCard(model_id="abc123", name="tiny/llama", family="llama", num_blocks=4, hidden_size=64,
+                 dtype="bfloat16", manifest_hash="abc123")
+SERVER = ServerRecord(peer_id="QmPeer", model_id="abc123", span=BlockRange(0, 2), state="online",
+                      throughput=123.5, cache_tokens_left=8192, addresses=["/ip4/127.0.0.1/tcp/5/p2p/QmPeer"],
+                      software_version="0.1.0", public_name="alice")
+
+
+def test_keys() -> None:
+    assert model_key("abc") == "model:abc"
+    assert block_key("abc", 7) == "block:abc:7"
+    assert MODELS_KEY == "models"
+
+
+@pytest.mark.parametrize("record", [CARD, SERVER])
+def test_round_trip(record: object) -> None:
+    assert decode_record(encode_record(record)) == record  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"state": "sleeping"}, "state"),
+    ({"throughput": -1.0}, "throughput"),
+    ({"cache_tokens_left": -5}, "cache_tokens_left"),
+    ({"span": {"start": 3, "end": 3}}, "invalid block range"),
+    ({"peer_id": ""}, "peer_id"),
+    ({"v": RECORD_VERSION + 1}, "version"),
+    ({"addresses": ["x"] * 17}, "addresses"),
+])
+def test_invalid_server_records(changes: dict[str, object], error: str) -> None:
+    fields = msgspec.to_builtins(SERVER)
+    fields.update(changes)
+    with pytest.raises(WireError, match=error):
+        decode_record(msgspec.msgpack.encode(fields))
+
+
+def test_invalid_model_card() -> None:
+    fields = msgspec.to_builtins(CARD)
+    fields["dtype"] = "int4"
+    with pytest.raises(WireError, match="dtype"):
+        decode_record(msgspec.msgpack.encode(fields))
+    fields = msgspec.to_builtins(CARD)
+    fields["num_blocks"] = 0
+    with pytest.raises(WireError, match="num_blocks"):
+        decode_record(msgspec.msgpack.encode(fields))
+
+
+def test_span_must_fit_the_model() -> None:
+    check_server_record(SERVER, num_blocks=2)
+    with pytest.raises(WireError, match="exceeds"):
+        check_server_record(SERVER, num_blocks=1)
+
+
+def test_encode_refuses_other_types() -> None:
+    with pytest.raises(WireError):
+        encode_record("nope")  # type: ignore[arg-type]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=1024))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    try:
+        decode_record(data)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([CARD, SERVER]), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                   min_size=1, max_size=6))
+def test_fuzz_mutated_records(record: object, edits: list[tuple[int, int]]) -> None:
+    raw = bytearray(encode_record(record))  # type: ignore[arg-type]
+    for pos, value in edits:
+        raw[pos % len(raw)] = value
+    try:
+        decode_record(bytes(raw))
+    except WireError:
+        pass
