@@ -9,7 +9,9 @@ LM head, and the whole local engine): a token's blocks run one server after the 
 engine gets the threads that one token gets in the swarm. After one warm-up each, runs alternate
 between the two; per run: time to first token (prefill + first sample; in the swarm it also opens
 the session on every hop) and decode tokens/s = (N - 1) / (total - time to first token); figures are
-medians. Reported: both engines' figures, swarm/local ratios, whether the greedy tokens are identical,
+medians. Reported: both engines' figures, swarm/local ratios (of the medians, of the best runs, and
+the median of each swarm run over the local run right after it, the figure least disturbed by other
+load on the machine, whose 1-minute load average is recorded), whether the greedy tokens are identical,
 and the per-hop overhead in ms per token = (swarm ms/token - local ms/token) / hops (hops = servers;
 each hop adds one transfer and one server turn). Every process started is stopped by PID whatever
 happens. Imports torch and the network only inside ``run``; never asserts a timing.
@@ -18,6 +20,7 @@ happens. Imports torch and the network only inside ``run``; never asserts a timi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -90,10 +93,16 @@ def time_stream(tokens: Iterable[int]) -> Sample:
     return first - start, time.perf_counter() - start, out
 
 
+def _decode_rate(sample: Sample, n: int) -> float:
+    ttft, total, _ = sample
+    return (n - 1) / max(total - ttft, 1e-9)
+
+
 def summarise(samples: list[Sample], n: int) -> dict[str, float]:
     """Median figures of several runs of ``n`` new tokens each."""
-    decode = [(n - 1) / max(total - ttft, 1e-9) for ttft, total, _ in samples]
+    decode = [_decode_rate(s, n) for s in samples]
     return {
+        "decode_tokens_per_s_runs": [round(d, 2) for d in decode],
         "decode_tokens_per_s": statistics.median(decode),
         "decode_tokens_per_s_best": max(decode),
         "decode_ms_per_token": 1000 / statistics.median(decode),
@@ -141,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.testing.swarm import LocalSwarm
 
     torch.set_num_threads(args.torch_threads)
+    load_before = os.getloadavg()[0]
     local = LocalModel.from_pretrained(path, dtype=dtype)
     spec = local.spec
     if spec.max_position_embeddings < args.prompt_tokens + args.new_tokens:
@@ -172,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers = [{"blocks": str(s.span), "announced_tokens_per_s": s.info.get("throughput"),
                     "torch_threads": s.info.get("torch_threads")} for s in swarm.servers]
 
+    paired = [_decode_rate(sw, n) / _decode_rate(lo, n) for sw, lo in zip(swarm_s, local_s, strict=True)]
     a, b = swarm_s[0][2], local_s[0][2]
     same_prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     mine, base = summarise(swarm_s, n), summarise(local_s, n)
@@ -192,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_swarm_over_local": {
             "decode_tokens_per_s": mine["decode_tokens_per_s"] / base["decode_tokens_per_s"],
             "decode_tokens_per_s_best": mine["decode_tokens_per_s_best"] / base["decode_tokens_per_s_best"],
+            "decode_paired_median": statistics.median(paired),
             "time_to_first_token": mine["time_to_first_token_ms"] / base["time_to_first_token_ms"],
         },
         "target_decode_ratio": TARGET_RATIO,
@@ -199,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "greedy_tokens_identical": all(s[2] == b for s in swarm_s + local_s),
         "greedy_tokens_matching_prefix": same_prefix,
         "startup": {"swarm_ready_s": swarm_up_s, "client_join_s": join_s},
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "servers": servers,
         "versions": {"torch": torch.__version__},
     }

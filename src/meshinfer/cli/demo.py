@@ -54,10 +54,14 @@ class Tour:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.step = 0
+        self.midline = False
 
     def say(self, text: str = "", *, numbered: bool = False) -> None:
         if self.quiet:
             return
+        if self.midline:  # streamed text was cut short (Ctrl-C): start on a fresh line
+            print(flush=True)
+            self.midline = False
         if numbered:
             self.step += 1
             text = f"{self.step}. {text}"
@@ -87,6 +91,22 @@ def _uninterruptible() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while joining the swarm (a second or so), then act on them: a peer
+    interrupted half way through its start-up can leave its daemon behind until this process exits."""
+    received: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -141,7 +161,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], spans: list[Any], tour: 
                 held["client"].close()
             swarm.stop()
             left = wait_gone(started, timeout=10.0)
-            tour.say(f"stopped {len(started)} process(es) (p2p daemons included); "
+            tour.say((f"stopped {len(started)} process(es) (p2p daemons included); " if started else "")
                      + (f"STILL RUNNING: {left}" if left else "none left running"))
             doc["processes_stopped"], doc["processes_left"] = len(started), left
             if args.json and "exit_code" in doc:
@@ -167,7 +187,8 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
         tour.say(f"  pid {server.pid}: blocks {server.span}, peer {_short(server.peer_id)}, "
                  f"{server.info.get('throughput', 0):.0f} tokens/s measured at start-up")
 
-    table = asyncio.run(read_doc(P2PConfig(initial_peers=tuple(swarm.initial_peers)), 5.0))
+    with _deferred_interrupts():
+        table = asyncio.run(read_doc(P2PConfig(initial_peers=tuple(swarm.initial_peers)), 5.0))
     doc["swarm"] = table
     if not tour.quiet:
         from rich.console import Console
@@ -176,11 +197,11 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
         print_tables(table, Console() if sys.stdout.isatty() else Console(width=120))
 
     t1 = time.perf_counter()
-    remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32")
+    with _deferred_interrupts():
+        remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32")
     join_s = time.perf_counter() - t1
     remote.tokenizer  # noqa: B018 - load it now, so that the generation below streams from its first token
     route = remote.plan()
-    doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
     tour.say("route planned by the client (embeddings, final norm and LM head stay on this machine):",
              numbered=True)
     tour.say("this machine -> " + " -> ".join(f"{hop.span} on {_short(hop.peer_id)}" for hop in route)
@@ -192,7 +213,11 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
     if not tour.quiet:
         sys.stdout.write("\n" + args.prompt)
         sys.stdout.flush()
+        tour.midline = True
     got = run_generation(remote, args.prompt, args.max_new_tokens, sampling, out=None if tour.quiet else sys.stdout)
+    tour.midline = False
+    route = remote.last_route or route  # the route the generation took
+    doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
     if not tour.quiet:
         print("\n", flush=True)
 

@@ -135,11 +135,13 @@ async def start_p2p(
         write_identity(identity, key_path)
         check_identity = False
     try:
+        if check_identity and peers:
+            await _refuse_taken_identity(identity, key_path, peers)
         return await P2P.create(
             initial_peers=peers or None,
             host_maddrs=[listen],
             identity_path=key_path,
-            check_if_identity_free=check_identity and bool(peers),
+            check_if_identity_free=False,  # checked above, with retries
             dht_mode="client" if client_mode else "server",
             nat_port_map=not loopback,
             auto_nat=not loopback,
@@ -160,6 +162,27 @@ async def start_p2p(
                 os.remove(key_path)
             with contextlib.suppress(OSError):
                 os.rmdir(tmpdir)
+
+
+IDENTITY_CHECK_ATTEMPTS = 3
+"""A lookup through freshly joined libp2p routing can miss a live peer; a few tries make misses rare."""
+
+
+async def _refuse_taken_identity(identity: Identity, key_path: str, peers: Sequence[Any]) -> None:
+    """Raise PeerIdentityError if a live peer of the swarm already uses ``identity`` (best effort)."""
+    for attempt in range(IDENTITY_CHECK_ATTEMPTS):
+        try:
+            taken = await P2P.is_identity_taken(
+                key_path, initial_peers=peers, tls=True, use_auto_relay=False, use_ipfs=False, use_relay=True,
+            )
+        except P2PDaemonError as err:
+            if "bootstrap" in str(err):
+                raise TransportError(f"cannot reach any initial peer ({', '.join(map(str, peers))})") from None
+            raise TransportError(f"cannot check identity {identity.peer_id}: {str(err)[:300]}") from None
+        if taken:
+            raise PeerIdentityError(f"identity {identity.peer_id} is already in use by a live peer of this swarm")
+        if attempt + 1 < IDENTITY_CHECK_ATTEMPTS:
+            await asyncio.sleep(0.5)
 
 
 async def stop_p2p(p2p: P2P, timeout: float = 5.0) -> None:

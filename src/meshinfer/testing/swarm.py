@@ -177,12 +177,14 @@ class LocalSwarm:
 
     def stop(self) -> None:
         """Stop every process this swarm started, by PID: servers first, then the bootstrap."""
-        for server in self.servers:
-            server.proc.kill(signal.SIGTERM)  # SIGTERM all first so they shut down in parallel
-        for server in self.servers:
-            server.proc.stop(timeout=10.0)
-        if self.dht is not None:
-            self.dht.stop(timeout=10.0)
+        try:
+            for server in self.servers:
+                server.proc.kill(signal.SIGTERM)  # SIGTERM all first so they shut down in parallel
+            for server in self.servers:
+                server.proc.stop(timeout=10.0)
+        finally:  # even when interrupted (Ctrl-C) while waiting: the bootstrap does not stop by itself
+            if self.dht is not None:
+                self.dht.stop(timeout=10.0)
 
     @property
     def pids(self) -> list[int]:
