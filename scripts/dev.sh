@@ -45,7 +45,7 @@ case "$cmd" in
     setup
     export PATH="$venv/bin:$PATH"
     echo "== ruff"; ruff check src tests
-    echo "== import-linter"; lint-imports
+    echo "== import-linter"; lint-imports --no-cache
     echo "== pytest"
     set +e
     pytest "$@"

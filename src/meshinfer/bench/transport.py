@@ -87,11 +87,12 @@ async def _measure(args: argparse.Namespace, peer_id: str, maddrs: list[str]) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
-    from meshinfer.cli.common import require
+    from meshinfer.errors import ConfigError
     from meshinfer.testing.procs import ManagedProcess, python_argv
 
     for name in ("small_rounds", "medium_rounds", "bulk_mib", "bulk_rounds"):
-        require(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     echo = ManagedProcess(python_argv("meshinfer.p2p.echo", "--host", args.host), name="echo peer")
     try:
         info = echo.read_json(timeout=60)
