@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads for both engines (default: torch's choice)")
 
 
-def _prompt_ids(tokenizer: Any, n: int) -> list[int]:
+def prompt_ids(tokenizer: Any, n: int) -> list[int]:
     """``n`` token ids of plain English (the shipped corpus, repeated if needed)."""
     from meshinfer.testing.tokenizer import corpus_text
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = {"dtype" if major >= 5 else "torch_dtype": getattr(torch, dtype)}
     hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **dtype_kw).eval()
-    prompt = _prompt_ids(ours.tokenizer, args.prompt_tokens)
+    prompt = prompt_ids(ours.tokenizer, args.prompt_tokens)
     pad_id = ours.tokenizer.pad_token_id if ours.tokenizer.pad_token_id is not None else 0
     n = args.new_tokens
 

@@ -67,16 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the client drives every hop itself instead of servers pushing to the next hop")
 
 
-def _prompt_ids(tokenizer: Any, n: int) -> list[int]:
-    """``n`` token ids of plain English (the shipped corpus, repeated if needed)."""
-    from meshinfer.testing.tokenizer import corpus_text
-
-    ids = [int(i) for i in tokenizer(corpus_text())["input_ids"]]
-    while len(ids) < n:
-        ids += ids
-    return ids[:n]
-
-
 Sample = tuple[float, float, list[int]]
 """(time to first token s, total s, tokens) of one generation."""
 
@@ -145,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from meshinfer.bench.local import prompt_ids
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
@@ -157,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--prompt-tokens + --new-tokens exceeds the model's context of "
                           f"{spec.max_position_embeddings}")
     spans = even_spans(spec.num_blocks, args.servers)
-    prompt = _prompt_ids(local.tokenizer, args.prompt_tokens)
+    prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
     n = args.new_tokens
 
     _note(f"starting a swarm of {args.servers} servers ({', '.join(map(str, spans))}), "
