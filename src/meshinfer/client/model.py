@@ -20,7 +20,6 @@ import contextlib
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,8 +28,8 @@ from meshinfer.client.session import InferenceSession, SyncInferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
-from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
-from meshinfer.models.engine import check_prompt, generate_tokens
+from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.engine import TextGenerator, check_prompt, generate_tokens
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
@@ -39,7 +38,7 @@ from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import canonical_dtype
 
 
-class DistributedModel:
+class DistributedModel(TextGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, model: ModelRef, runner: LoopThread, view: SwarmView,
@@ -54,7 +53,6 @@ class DistributedModel:
         self.route_wait = route_wait
         self._runner = runner
         self._view = view
-        self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._closed = False
         self.last_route: list[RouteHop] = []
@@ -92,15 +90,6 @@ class DistributedModel:
                    step_timeout=step_timeout, route_wait=route_wait)
 
     # ---- properties ----------------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        """The checkpoint's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            if self.path is None:
-                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
-            self._tokenizer = load_tokenizer(self.path)
-        return self._tokenizer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,22 +145,9 @@ class DistributedModel:
                 with torch.inference_mode():
                     return self.head.logits(out[-1])  # [V] float32
 
-            yield from generate_tokens(forward, ids, max_new_tokens, sampling, self._stops(stop_token_ids))
+            yield from generate_tokens(forward, ids, max_new_tokens, sampling, self.stop_tokens(stop_token_ids))
         finally:
             session.close()
-
-    def generate(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> list[int]:
-        """The new token ids (prompt excluded); see ``stream``."""
-        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
-
-    def _stops(self, stop_token_ids: Collection[int] | None) -> frozenset[int]:
-        return frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

@@ -29,7 +29,51 @@ from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
 
 
-class LocalModel:
+class TextGenerator:
+    """What every way of running a model shares (local here, distributed in ``meshinfer.client``).
+
+    Subclasses set ``spec`` and ``path`` and implement ``stream``; this gives them the lazily loaded
+    tokenizer, the default stop tokens and ``generate``.
+    """
+
+    spec: ModelSpec
+    path: Path | None
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (loaded on first use through ``AutoTokenizer``)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    def stop_tokens(self, stop_token_ids: Collection[int] | None) -> frozenset[int]:
+        """``stop_token_ids``, or the model's eos ids when it is None."""
+        return frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
+
+    def stream(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> Iterator[int]:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (prompt excluded); see ``stream``."""
+        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
+
+
+class LocalModel(TextGenerator):
     """A model run entirely in this process."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, span: BlockSpan, path: Path | None = None) -> None:
@@ -39,7 +83,6 @@ class LocalModel:
         self.head = head
         self.span = span
         self.path = path
-        self._tokenizer: Any = None
 
     @classmethod
     def from_pretrained(
@@ -52,15 +95,6 @@ class LocalModel:
         head = ckpt.load_head(dt, device)
         span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, device)
         return cls(ckpt.spec, head, span, Path(path))
-
-    @property
-    def tokenizer(self) -> Any:
-        """The checkpoint's tokenizer (loaded on first use through ``AutoTokenizer``)."""
-        if self._tokenizer is None:
-            if self.path is None:
-                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
-            self._tokenizer = load_tokenizer(self.path)
-        return self._tokenizer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,7 +145,7 @@ class LocalModel:
         ids = self._check_prompt(input_ids, max_new_tokens)
         if max_new_tokens == 0:
             return
-        stops = frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stops = self.stop_tokens(stop_token_ids)
         with torch.inference_mode():
             cache = self.span.new_cache(len(ids) + max_new_tokens)
 
@@ -119,16 +153,6 @@ class LocalModel:
             return self._step(torch.tensor([chunk]), cache)
 
         yield from generate_tokens(forward, ids, max_new_tokens, sampling, stops)
-
-    def generate(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> list[int]:
-        """The new token ids (prompt excluded); see ``stream``."""
-        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
 
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:  # [1, T] -> logits [V] float32
         hidden = self.span(self.head.embed(ids), cache)  # [1, T, H]
