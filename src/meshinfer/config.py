@@ -60,7 +60,13 @@ class P2PConfig:
     port: int = doc(0, "TCP port to listen on; 0 picks a free port")
     identity: str | None = doc(None, "path of this peer's private key file (created with mode 0600 if absent)")
     initial_peers: tuple[str, ...] = doc((), "multiaddrs of peers to join through; none starts a new swarm")
+    direct: bool = doc(True, "also carry session streams over the direct data plane (TLS 1.3 over TCP, both ends "
+                             "authenticated by their peer keys), much faster than libp2p streams; libp2p stays "
+                             "the fallback")
+    direct_port: int = doc(0, "TCP port of the direct data plane (servers listen there); 0 picks a free port")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if not 0 <= self.direct_port <= 65535:
+            raise ConfigError(f"--direct-port must be in 0..65535, got {self.direct_port}")

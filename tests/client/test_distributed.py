@@ -38,6 +38,8 @@ CASES = {
     "qwen2": ("qwen2", "default", TWO),
     "qwen3": ("qwen3", "default", TWO),
 }
+LIBP2P_ONLY = {"qwen3"}
+"""Cases whose servers run with ``--no-direct``: sessions and pushes then go over libp2p streams."""
 
 
 class FamilySwarm:
@@ -53,7 +55,8 @@ def fam(request: pytest.FixtureRequest, bootstrap: list[str]) -> Iterator[Family
     """The family's swarm, its local reference model and two independent clients (two peers)."""
     family, variant, spans = CASES[request.param]
     model_dir = tiny_checkpoint(family, variant=variant)
-    swarm = start_swarm(model_dir, spans, bootstrap)
+    swarm = start_swarm(model_dir, spans, bootstrap,
+                        server_args=("--no-direct",) if request.param in LIBP2P_ONLY else ())
     try:
         local = LocalModel.from_pretrained(model_dir)
         with contextlib.ExitStack() as stack:
@@ -70,6 +73,9 @@ def test_greedy_tokens_equal_local(fam: FamilySwarm) -> None:
     # the route went through every server of the swarm, in block order
     assert [h.span for h in fam.client.last_route] == [s.span for s in fam.swarm.servers]
     assert [h.peer_id for h in fam.client.last_route] == [s.peer_id for s in fam.swarm.servers]
+    # servers announce a direct-plane address unless started with --no-direct (then libp2p carries it all)
+    direct = [bool(h.record.direct_addresses) for h in fam.client.last_route]
+    assert direct == [fam.name not in LIBP2P_ONLY] * len(direct)
 
 
 def test_two_clients_at_once(fam: FamilySwarm) -> None:

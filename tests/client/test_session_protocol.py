@@ -63,7 +63,8 @@ class FakeSwarm:
         self.tcp: asyncio.Server | None = None
         self.tasks: set[asyncio.Task] = set()
 
-    async def open_stream(self, peer_id: str, protocol: str, *, maddrs=(), timeout: float = 10.0) -> MessageStream:
+    async def open_stream(self, peer_id: str, protocol: str, *, maddrs=(), direct=(),
+                          timeout: float = 10.0) -> MessageStream:
         assert self.tcp is not None
         port = self.tcp.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

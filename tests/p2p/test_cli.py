@@ -119,8 +119,10 @@ def test_bench_transport_writes_json(tmp_path: Path) -> None:
                   "--bulk-rounds", "2", "--out", str(out_path))
     assert out.returncode == 0, out.stderr
     doc = json.loads(out_path.read_text())
-    res = doc["results"]
-    assert res["rtt_8KiB"]["n"] == 20 and res["rtt_256KiB"]["n"] == 5 and res["bulk_2MiB"]["n"] == 2
-    for key in ("rtt_8KiB", "rtt_256KiB", "bulk_2MiB"):
-        assert 0 < res[key]["min_ms"] <= res[key]["median_ms"] <= res[key]["p99_ms"]
-    assert res["bulk_2MiB"]["mb_per_s"] > 0
+    for plane in ("libp2p", "direct"):  # both transports measured, each over a real stream
+        res = doc["results"][plane]
+        assert res["rtt_8KiB"]["n"] == 20 and res["rtt_256KiB"]["n"] == 5 and res["bulk_2MiB"]["n"] == 2
+        for key in ("rtt_8KiB", "rtt_256KiB", "bulk_2MiB"):
+            assert 0 < res[key]["min_ms"] <= res[key]["median_ms"] <= res[key]["p99_ms"]
+        assert res["bulk_2MiB"]["mb_per_s"] > 0
+    assert "direct plane" in doc["results"]["direct"]["setup"]

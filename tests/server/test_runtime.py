@@ -1,4 +1,4 @@
-"""The step loop in-process (no network): scheduling order, exact execution, sub-spans, positions."""
+"""The step loop in-process (no network): batching policy, exact execution, chunked prefill, sub-spans."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.span import BlockSpan
-from meshinfer.server.runtime import StepLoop
+from meshinfer.server.runtime import Piece, StepLoop
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import ErrorCode
@@ -44,13 +44,24 @@ def _job(session: Session, step_id: int, position: int, x: torch.Tensor, arrived
 
 
 def _run(loop: StepLoop, job: StepJob) -> torch.Tensor:
-    ((out, err),) = loop.execute([job])
+    (result,) = loop.execute([Piece(job, 0, job.tokens)])
+    assert result is not None
+    out, err = result
     assert err is None, err
     assert out is not None
     return decode_tensor(out)
 
 
-def test_schedule_runs_decode_first_and_keeps_each_session_in_order(served: BlockSpan) -> None:
+def _turns(loop: StepLoop) -> list[list[tuple[str, int, int]]]:
+    """Run turns until nothing is waiting; each turn as (session, step id, tokens computed)."""
+    turns = []
+    while pieces := loop.schedule():
+        turns.append([(p.job.session.session_id, p.job.step_id, p.count) for p in pieces])
+        loop.deliver(pieces, loop.execute(pieces))
+    return turns
+
+
+def test_schedule_batches_decode_first_and_keeps_each_session_in_order(served: BlockSpan) -> None:
     loop = StepLoop(served, lambda *a: None)
     a, b, c = (_session(loop, BlockRange(0, 4), sid) for sid in "abc")
     x1, x5 = torch.zeros(1, 64), torch.zeros(5, 64)
@@ -58,11 +69,63 @@ def test_schedule_runs_decode_first_and_keeps_each_session_in_order(served: Bloc
     loop.submit(_job(a, 1, 5, x1, arrived=2.0))  # decode, but behind a's prefill
     loop.submit(_job(b, 0, 0, x1, arrived=3.0))  # decode
     loop.submit(_job(c, 0, 0, x1, arrived=4.0))  # decode, newer
-    order = []
-    while jobs := loop.schedule():
-        (job,) = jobs
-        order.append((job.session.session_id, job.step_id))
-    assert order == [("b", 0), ("c", 0), ("a", 0), ("a", 1)]
+    assert _turns(loop) == [[("b", 0, 1), ("c", 0, 1), ("a", 0, 5)], [("a", 1, 1)]]
+    assert [s.cache.length for s in (a, b, c)] == [6, 1, 1] and not loop.queued_steps
+
+
+def test_long_prefill_is_chunked_and_never_stalls_decode(served: BlockSpan, ckpt: Checkpoint) -> None:
+    loop = StepLoop(served, lambda *a: None, max_batch_tokens=4)
+    gen = torch.Generator().manual_seed(1)
+    long_prompt, short = torch.randn(10, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    a, b = _session(loop, BlockRange(0, 4), "a"), _session(loop, BlockRange(0, 4), "b")
+    assert torch.allclose(_run(loop, _job(b, 0, 0, short)), _reference(ckpt, [short])[0], atol=1e-5)
+    loop.submit(_job(a, 0, 0, long_prompt, arrived=1.0))
+    xs = [torch.randn(1, 64, generator=gen) for _ in range(3)]
+    loop.submit(_job(b, 1, 3, xs[0], arrived=2.0))
+    turn = loop.schedule()  # b's decode and the first 3-token chunk of a's prefill
+    assert [(p.job.session.session_id, p.start, p.count) for p in turn] == [("b", 0, 1), ("a", 0, 3)]
+    results = loop.execute(turn)
+    assert results[1] is None  # a's step is not finished: nothing delivered for it yet
+    loop.deliver(turn, results)
+    for i, x in enumerate(xs[1:], start=2):  # b keeps decoding while a's chunks go through
+        loop.submit(_job(b, i, 2 + i, x, arrived=2.0 + i))
+        turn = loop.schedule()
+        assert turn[0].job.session is b and turn[0].count == 1
+        assert turn[1].job.session is a and turn[1].count == 3
+        loop.deliver(turn, loop.execute(turn))
+    assert _turns(loop) == [[("a", 0, 1)]]  # the last chunk
+    assert a.last_output is not None and a.cache.length == 10
+    chunked = decode_tensor(a.last_output)
+    assert torch.allclose(chunked, _reference(ckpt, [long_prompt])[0], atol=1e-4)
+    assert b.cache.length == 6
+
+
+def _reference(ckpt: Checkpoint, xs: list[torch.Tensor], blocks: BlockRange = BlockRange(0, 4)) -> list[torch.Tensor]:
+    local = ckpt.load_span(blocks)
+    cache = local.new_cache(32)
+    with torch.inference_mode():
+        return [local(x.unsqueeze(0), cache)[0] for x in xs]
+
+
+def test_batched_turn_equals_each_session_alone(served: BlockSpan, ckpt: Checkpoint) -> None:
+    loop = StepLoop(served, lambda *a: None)
+    gen = torch.Generator().manual_seed(2)
+    sessions = [_session(loop, BlockRange(0, 4), f"s{i}") for i in range(5)]
+    prompts = [torch.randn(n, 64, generator=gen) for n in (1, 3, 4, 7, 2)]
+    steps = [[torch.randn(1, 64, generator=gen) for _ in range(4)] for _ in sessions]
+    want = [_reference(ckpt, [p, *st]) for p, st in zip(prompts, steps, strict=True)]
+    for i, (session, prompt) in enumerate(zip(sessions, prompts, strict=True)):
+        loop.submit(_job(session, 0, 0, prompt, arrived=float(i)))
+    turns = _turns(loop)
+    assert len(turns) == 1 and len(turns[0]) == 5  # all prefills in one turn
+    for k in range(4):
+        for i, session in enumerate(sessions):
+            loop.submit(_job(session, k + 1, prompts[i].shape[0] + k, steps[i][k], arrived=10.0 + k))
+        (turn,) = _turns(loop)
+        assert len(turn) == 5  # every session's decode step in one batched turn
+        for i, session in enumerate(sessions):
+            assert session.last_output is not None
+            assert torch.allclose(decode_tensor(session.last_output), want[i][k + 1], atol=1e-4)
 
 
 def test_execute_matches_local_span_and_rewinds(served: BlockSpan, ckpt: Checkpoint) -> None:
@@ -88,9 +151,13 @@ def test_execute_matches_local_span_and_rewinds(served: BlockSpan, ckpt: Checkpo
 def test_execute_refuses_a_gap_and_reports_per_step(served: BlockSpan) -> None:
     loop = StepLoop(served, lambda *a: None)
     session = _session(loop, BlockRange(0, 2))
-    ok, gap = loop.execute([_job(session, 0, 0, torch.zeros(2, 64)), _job(session, 1, 5, torch.zeros(1, 64))])
-    assert ok[1] is None and ok[0] is not None
-    assert gap[0] is None and isinstance(gap[1], SessionError)
+    other = _session(loop, BlockRange(0, 4), "other")
+    _run(loop, _job(session, 0, 0, torch.zeros(2, 64)))
+    bad, fine = loop.execute([Piece(_job(session, 1, 5, torch.zeros(1, 64)), 0, 1),
+                              Piece(_job(other, 0, 0, torch.zeros(1, 64)), 0, 1)])
+    assert fine is not None and fine[0] is not None and fine[1] is None  # the other session is unaffected
+    assert bad is not None
+    gap = bad
     assert gap[1].code == ErrorCode.BAD_REQUEST and "holds only 2 tokens" in str(gap[1])
     assert session.cache.length == 2  # the refused step changed nothing
 

@@ -3,9 +3,11 @@
 Contract: starts an echo peer (``python -m meshinfer.p2p.echo``) as a separate process on the given
 host, opens ONE stream to it from this process and measures, after a warm-up: median/p99/mean round
 trip of ``Ping`` messages with an 8 KiB and a 256 KiB payload, and the round trip and throughput of a
-16 MiB payload (sent as 1 MiB chunks both ways; MB/s counts bytes sent plus received). Returns the
-figures as a dict (``meshinfer.cli.bench`` prints and writes them). The echo peer is stopped by its
-PID whatever happens. Imports the network only inside ``run``.
+16 MiB payload (sent as 1 MiB chunks both ways; MB/s counts bytes sent plus received), once per
+plane: ``libp2p`` (streams through the two p2pd daemons) and ``direct`` (the direct data plane: TLS 1.3
+over TCP, ``meshinfer.p2p.direct``), as chosen by ``--plane``. Returns the figures as a dict
+(``meshinfer.cli.bench`` prints and writes them). The echo peer is stopped by its PID whatever happens.
+Imports the network only inside ``run``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medium-rounds", type=int, default=50, help="256 KiB round trips (default: 50)")
     parser.add_argument("--bulk-mib", type=int, default=16, help="bulk payload size in MiB (default: 16)")
     parser.add_argument("--bulk-rounds", type=int, default=5, help="bulk round trips (default: 5)")
+    parser.add_argument("--plane", choices=("both", "libp2p", "direct"), default="both",
+                        help="which transport to measure (default: both)")
 
 
 def _summary(samples: list[float]) -> dict[str, Any]:
@@ -36,16 +40,19 @@ def _summary(samples: list[float]) -> dict[str, Any]:
             "min_ms": ms[0]}
 
 
-async def _measure(args: argparse.Namespace, peer_id: str, maddrs: list[str]) -> dict[str, Any]:
+async def _measure(args: argparse.Namespace, peer_id: str, maddrs: list[str], direct: list[str],
+                   plane: str) -> dict[str, Any]:
     from meshinfer.config import P2PConfig
     from meshinfer.errors import TransportError
     from meshinfer.p2p.echo import ECHO_PROTOCOL
     from meshinfer.p2p.node import PeerNode
     from meshinfer.wire.messages import Ping, Pong
 
-    node = await PeerNode.start(P2PConfig(host=args.host))
+    node = await PeerNode.start(P2PConfig(host=args.host, direct=plane == "direct"))
     try:
-        stream = await node.open_stream(peer_id, ECHO_PROTOCOL, maddrs=maddrs)
+        if plane == "direct" and not direct:
+            raise TransportError("the echo peer announced no direct address")
+        stream = await node.open_stream(peer_id, ECHO_PROTOCOL, maddrs=maddrs, direct=direct)
         seq = 0
 
         async def round_trips(size: int, rounds: int) -> list[float]:
@@ -75,7 +82,8 @@ async def _measure(args: argparse.Namespace, peer_id: str, maddrs: list[str]) ->
     bulk_summary["mb_per_s"] = 2 * bulk_bytes / (bulk_summary["median_ms"] / 1e3) / 1e6
     small_summary = _summary(small)
     return {
-        "setup": f"2 processes on {args.host}, one open stream, libp2p (noise/tls) via p2pd",
+        "setup": f"2 processes on {args.host}, one open stream, "
+                 + ("libp2p (noise/tls) via p2pd" if plane == "libp2p" else "direct plane (TLS 1.3 over TCP)"),
         "rtt_8KiB": small_summary,
         "rtt_256KiB": _summary(medium),
         f"bulk_{args.bulk_mib}MiB": bulk_summary,
@@ -96,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     echo = ManagedProcess(python_argv("meshinfer.p2p.echo", "--host", args.host), name="echo peer")
     try:
         info = echo.read_json(timeout=60)
-        return asyncio.run(_measure(args, info["peer_id"], info["maddrs"]))
+        planes = ("libp2p", "direct") if args.plane == "both" else (args.plane,)
+        return {plane: asyncio.run(_measure(args, info["peer_id"], info["maddrs"], info.get("direct_addresses", []),
+                                            plane)) for plane in planes}
     finally:
         echo.stop()

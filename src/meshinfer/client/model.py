@@ -8,17 +8,22 @@ private ``LoopThread`` and keeps the model's coverage fresh in the background. E
 the very same generation loop as ``LocalModel`` (``meshinfer.models.engine.generate_tokens``: same
 prompt checks, ``ContextOverflowError``, eos handling, sampling), with the blocks' forward pass done
 by the swarm; the session is closed when the generation ends or is abandoned. Greedy tokens therefore
-equal ``LocalModel``'s on the same directory. Any number of threads may generate at once (one session
-each). ``close()`` (or the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route
-("no online servers cover blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError``
-with the server's code.
+equal ``LocalModel``'s on the same directory. The generation loop itself runs on the client's event
+loop (``astream``, an async generator: embeddings, network steps, LM head and sampling with no thread
+switch per token); ``stream`` hands its tokens to the calling thread through a queue, off the critical
+path. Any number of threads may generate at once, and any number of ``astream`` generations may run
+concurrently on the loop (one session each, no thread per session). ``close()`` (or the context
+manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover blocks
+... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import queue
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -29,7 +34,7 @@ from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.engine import TextGenerator, check_prompt, generate_tokens
+from meshinfer.models.engine import TextGenerator, agenerate_tokens, check_prompt
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
@@ -112,14 +117,23 @@ class DistributedModel(TextGenerator):
 
     def open_session(self, max_length: int) -> SyncInferenceSession:
         """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
-        route = self.plan()
+        self._check_open()
+        return SyncInferenceSession(self._runner, self._runner.run(self.aopen_session(max_length)))
+
+    async def aopen_session(self, max_length: int) -> InferenceSession:
+        """``open_session`` as a coroutine on the client's loop (``loop``)."""
+        route = await self._view.plan(self.model, wait=self.route_wait)
         self.last_route = route
-        session = self._runner.run(InferenceSession.open(
+        return await InferenceSession.open(
             self._view.node, route, model_id=self.model.model_id, max_length=max_length,
             dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
             step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
-        ))
-        return SyncInferenceSession(self._runner, session)
+        )
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop ``astream`` and ``aopen_session`` must run on."""
+        return self._runner.loop
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -130,24 +144,70 @@ class DistributedModel(TextGenerator):
         sampling: SamplingConfig | None = None,
         stop_token_ids: Collection[int] | None = None,
     ) -> Iterator[int]:
-        """Yield each new token id as soon as it is produced (same semantics as ``LocalModel.stream``)."""
+        """Yield each new token id as soon as it is produced (same semantics as ``LocalModel.stream``).
+
+        The generation runs on the client's loop (``astream``); tokens reach this thread through a queue.
+        Abandoning the iterator cancels the generation and closes its session.
+        """
         ids = check_prompt(self.spec, input_ids, max_new_tokens)
+        self._check_open()
         if max_new_tokens == 0:
             return
-        session = self.open_session(len(ids) + max_new_tokens)
+        tokens: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
+
+        async def produce() -> None:
+            try:
+                async for token in self.astream(ids, max_new_tokens, sampling, stop_token_ids):
+                    tokens.put(token)
+                tokens.put(None)
+            except BaseException as err:  # handed to the consuming thread
+                tokens.put(err)
+                if isinstance(err, asyncio.CancelledError):
+                    raise
+
+        future = self._runner.submit(produce())
         try:
-            def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+            while True:
+                item = tokens.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not future.done():
+                self._runner.loop.call_soon_threadsafe(future.cancel)
+            with contextlib.suppress(BaseException):
+                future.result(timeout=10.0)  # the session is closed before we return
+
+    async def astream(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+    ) -> AsyncIterator[int]:
+        """``stream`` as an async generator; iterate it on the client's loop (``loop``)."""
+        ids = check_prompt(self.spec, input_ids, max_new_tokens)
+        self._check_open()
+        if max_new_tokens == 0:
+            return
+        session = await self.aopen_session(len(ids) + max_new_tokens)
+        try:
+            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
                 with torch.inference_mode():
                     hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
-                out = session.forward(hidden)  # [T, H]
+                out = await session.forward(hidden)  # [T, H]
                 with torch.inference_mode():
                     return self.head.logits(out[-1])  # [V] float32
 
-            yield from generate_tokens(forward, ids, max_new_tokens, sampling, self.stop_tokens(stop_token_ids))
+            stops = self.stop_tokens(stop_token_ids)
+            async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):
+                yield token
         finally:
-            session.close()
+            await asyncio.shield(session.close())
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

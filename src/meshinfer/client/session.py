@@ -37,7 +37,18 @@ from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import canonical_dtype
-from meshinfer.wire.messages import Close, Error, ErrorCode, Hop, Message, Open, Opened, Step, StepResult
+from meshinfer.wire.messages import (
+    Close,
+    Error,
+    ErrorCode,
+    Hop,
+    Message,
+    Open,
+    Opened,
+    Step,
+    StepResult,
+    encode_message,
+)
 from meshinfer.wire.tensor import ITEMSIZE, decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -129,12 +140,14 @@ class InferenceSession:
         if not self.push:
             return []
         return [Hop(peer_id=h.hop.peer_id, span=h.hop.span, session_id=h.session_id,
-                    maddrs=list(h.hop.record.addresses)[:16]) for h in self.hops[i + 1:]]
+                    maddrs=list(h.hop.record.addresses)[:16], direct=list(h.hop.record.direct_addresses)[:8])
+                for h in self.hops[i + 1:]]
 
     async def _open_hop(self, i: int, timeout: float, on_rtt: RttCallback | None) -> None:
         hs = self.hops[i]
         hs.stream = await self.node.open_stream(hs.hop.peer_id, SESSION_PROTOCOL,
-                                                maddrs=hs.hop.record.addresses, timeout=timeout)
+                                                maddrs=hs.hop.record.addresses,
+                                                direct=hs.hop.record.direct_addresses, timeout=timeout)
         msg = Open(session_id=hs.session_id, model=self.model_id, span=hs.hop.span, max_length=self.max_length,
                    dtype=self.dtype, route_tail=self._route_tail(i))
         started = time.perf_counter()
@@ -224,7 +237,9 @@ class InferenceSession:
         assert hs.stream is not None
         msg = Step(session_id=hs.session_id, step_id=step_id, position=self.position, hidden=encode_tensor(x))
         try:
-            await hs.stream.send(msg)
+            payload = encode_message(msg)
+            if not hs.stream.send_nowait(payload):
+                await hs.stream.send_bytes(payload)
         except TransportError as err:
             raise TransportError(f"cannot send a step to {hs.where()}: {err}") from None
 

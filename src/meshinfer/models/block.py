@@ -3,13 +3,15 @@
 Contract: pure torch; the math of transformers' LlamaDecoderLayer and its Mistral/Qwen2/Qwen3
 variants (grouped-query attention, optional q/k/v biases, optional per-head q/k RMSNorm, sliding
 window through the ``AttentionPlan`` it is given), written for speed: q/k/v and gate/up are fused
-into single matmuls at load time and keys/values are written in place into a ``KVCache``. Takes
-tensors by their Hugging Face names (``from_hf``); knows nothing of files, embeddings, the LM head
-or the network.
+into single matmuls at load time and keys/values are written in place into a ``KVCache``. ``forward_batch``
+runs a ragged batch (many sequences, each with its own cache and length) with every per-token part
+done once over all tokens and only attention per sequence. Takes tensors by their Hugging Face names
+(``from_hf``); knows nothing of files, embeddings, the LM head, sessions or the network.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +144,16 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         plan: AttentionPlan,
     ) -> torch.Tensor:  # [B, T, H]
+        q, k, v = self._qkv(h, cos, sin)  # [B, nh, T, D], [B, kvh, T, D], [B, kvh, T, D]
+        return linear(self._attend(q, k, v, cache, slot, plan), self.w_o, self.b_o)
+
+    def _qkv(
+        self,
+        h: torch.Tensor,  # [B, T, H]
+        cos: torch.Tensor,  # [B|1, T, 1, D]
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [B, nh, T, D], [B, kvh, T, D], [B, kvh, T, D]
+        """Project, per-head normalise and rotate the queries and keys of every token (row-independent)."""
         b, t, _ = h.shape
         q, k, v = linear(h, self.w_qkv, self.b_qkv).split(self.split, dim=-1)
         q = q.view(b, t, self.nh, self.d)  # [B, T, nh, D]
@@ -152,7 +164,20 @@ class TransformerBlock(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, nh, T, D]
         k = apply_rope(k, cos, sin).transpose(1, 2)  # [B, kvh, T, D]
-        cache.write(slot, k, v.transpose(1, 2))
+        return q, k, v.transpose(1, 2)  # v: [B, kvh, T, D]
+
+    def _attend(
+        self,
+        q: torch.Tensor,  # [B, nh, T, D] (rotated)
+        k: torch.Tensor,  # [B, kvh, T, D] (rotated)
+        v: torch.Tensor,  # [B, kvh, T, D]
+        cache: KVCache,
+        slot: int,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:  # [B, T, nh * D], before o_proj
+        """Write k/v at the cache's next slots, then attend q to the slots the plan allows."""
+        b, _, t, _ = q.shape
+        cache.write(slot, k, v)
         keys = cache.keys(slot)[:, :, plan.lo : plan.end]  # [B, kvh, S, D]
         values = cache.values(slot)[:, :, plan.lo : plan.end]
         if t == 1 and plan.mask is None:
@@ -160,13 +185,38 @@ class TransformerBlock(nn.Module):
             # query-length axis instead of repeating K/V: [B, kvh, n_rep, D]
             qg = q.reshape(b, self.kvh, self.nh // self.kvh, self.d)
             out = F.scaled_dot_product_attention(qg, keys, values)  # [B, kvh, n_rep, D]
-            out = out.reshape(b, 1, self.nh * self.d)
+            return out.reshape(b, 1, self.nh * self.d)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal, enable_gqa=self.nh != self.kvh
+        )  # [B, nh, T, D]
+        return out.transpose(1, 2).reshape(b, t, self.nh * self.d)
+
+    def forward_batch(
+        self,
+        x: torch.Tensor,  # [1, N, H]: the tokens of every item, concatenated (N = sum T_i)
+        caches: Sequence[KVCache],  # one batch-1 cache per item
+        bounds: Sequence[tuple[int, int]],  # per item: (offset of its first token in x, T_i)
+        slot: int,
+        cos: torch.Tensor,  # [1, N, 1, D]: each token's own position
+        sin: torch.Tensor,
+        plans: Sequence[AttentionPlan],  # per item, for this block's window
+    ) -> torch.Tensor:  # [1, N, H]
+        """Ragged batch: norms, projections, rope and MLP run once over all N tokens; attention per item.
+
+        Item i's tokens x[:, off_i : off_i + T_i] attend to ``caches[i]`` exactly as ``forward`` would
+        run them alone (keys/values written at that cache's next slots; caches are not advanced here).
+        """
+        q, k, v = self._qkv(rms_norm(x, self.input_norm, self.eps), cos, sin)  # [1, nh|kvh, N, D]
+        if len(caches) == 1:
+            attn = self._attend(q, k, v, caches[0], slot, plans[0])  # [1, N, nh * D]
         else:
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal, enable_gqa=self.nh != self.kvh
-            )  # [B, nh, T, D]
-            out = out.transpose(1, 2).reshape(b, t, self.nh * self.d)
-        return linear(out, self.w_o, self.b_o)
+            parts = [
+                self._attend(q[:, :, o : o + t], k[:, :, o : o + t], v[:, :, o : o + t], cache, slot, plan)
+                for cache, (o, t), plan in zip(caches, bounds, plans, strict=True)
+            ]  # each [1, T_i, nh * D]
+            attn = torch.cat(parts, dim=1)  # [1, N, nh * D]
+        x = x + linear(attn, self.w_o, self.b_o)
+        return x + self._mlp(rms_norm(x, self.post_norm, self.eps))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         gate, up = linear(h, self.w_gate_up, self.b_gate_up).chunk(2, dim=-1)  # [B, T, I] each

@@ -6,13 +6,13 @@ one decode step per token, the LM head applied to the last position only. Sampli
 ``meshinfer.models.sampling.Sampler``. Inference mode is entered per step (never held across a
 ``yield``). Context limits are checked up front (``ContextOverflowError`` with the numbers). Knows
 nothing of the network. ``check_prompt`` and ``generate_tokens`` (the loop over any
-``forward(ids, position) -> logits`` callable) are shared with the distributed client, so both
-generate with exactly the same semantics.
+``forward(ids, position) -> logits`` callable; ``agenerate_tokens`` is the same loop over an async
+``forward``) are shared with the distributed client, so both generate with exactly the same semantics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,8 @@ class LocalModel(TextGenerator):
 Forward = Callable[[list[int], int], torch.Tensor]
 """``forward(ids, position) -> logits[V]``: run ``ids`` (new tokens, placed at ``position`` onward) through
 the model, keeping its cache, and return the float32 logits of the last position."""
+AsyncForward = Callable[[list[int], int], Awaitable[torch.Tensor]]
+"""The same as ``Forward``, as a coroutine function (the distributed client's forward goes over the network)."""
 
 
 def check_prompt(spec: ModelSpec, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -215,3 +217,30 @@ def generate_tokens(
         history.append(token)
         with torch.inference_mode():
             token = sampler.next_token(forward([token], len(history) - 1), history)
+
+
+async def agenerate_tokens(
+    forward: AsyncForward,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None,
+    stop_token_ids: Collection[int],
+) -> AsyncIterator[int]:
+    """``generate_tokens`` over an async ``forward``: the same prefill, decode, sampling and stop rules."""
+    from meshinfer.models.sampling import Sampler
+
+    if max_new_tokens <= 0:
+        return
+    sampler = Sampler(sampling or SamplingConfig())
+    history = list(ids)
+    logits = await forward(history, 0)
+    with torch.inference_mode():
+        token = sampler.next_token(logits, history)
+    for produced in range(1, max_new_tokens + 1):
+        yield token
+        if token in stop_token_ids or produced == max_new_tokens:
+            return
+        history.append(token)
+        logits = await forward([token], len(history) - 1)
+        with torch.inference_mode():
+            token = sampler.next_token(logits, history)

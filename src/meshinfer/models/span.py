@@ -2,11 +2,16 @@
 
 Contract: owns the blocks of one ``BlockRange`` and a cached rotary table; ``forward`` takes hidden
 states [B, T, H] and a ``KVCache`` of this span, runs prefill (T > 1) or decode (T == 1), writes the
-new keys/values in place and advances the cache. It never needs embeddings, the LM head, files or the
-network. Bad inputs (wrong hidden size, a cache of another span, overflow) raise ``MeshinferError``s.
+new keys/values in place and advances the cache. ``forward_batch`` runs many sequences at once, each
+with its own batch-1 cache at its own length (a ragged batch: decode steps and prefill chunks mixed),
+with the same results as one ``forward`` per sequence. It never needs embeddings, the LM head, files,
+sessions or the network. Bad inputs (wrong hidden size, a cache of another span, overflow) raise
+``MeshinferError``s before any cache is touched.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -115,3 +120,74 @@ class BlockSpan(nn.Module):
                 collect.append(x)
         cache.advance(t)
         return x
+
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence[tuple[torch.Tensor, KVCache]]) -> list[torch.Tensor]:
+        """Run many sequences through the span together; one output [T_i, H] per item, in order.
+
+        Each item is (hidden [T_i, H], cache_i), cache_i a batch-1 cache of this span (``new_cache``),
+        each at its own length; item i runs at positions cache_i.length + arange(T_i) and its cache
+        advances by T_i, exactly as ``self.forward(hidden_i[None], cache_i)[0]`` would (up to float
+        rounding of the larger matmuls). Every weight is read once per block for all N = sum T_i tokens;
+        only attention runs per item. Outputs may be views of one [N, H] tensor. All checks (shapes,
+        caches, room for every item) pass before any cache is written.
+        """
+        self._check_batch(items)
+        live = [i for i, (hidden, _) in enumerate(items) if hidden.shape[0] > 0]
+        outputs = [hidden for hidden, _ in items]  # T_i == 0: nothing to run, like forward
+        if len(live) == 1:  # one sequence: the single path, bit-equal to forward
+            hidden, cache = items[live[0]]
+            outputs[live[0]] = self.forward(hidden.to(self.device)[None], cache)[0]
+            return outputs
+        if not live:
+            return outputs
+        caches = [items[i][1] for i in live]
+        starts = [cache.length for cache in caches]  # each item's first slot (and position)
+        bounds: list[tuple[int, int]] = []  # per live item: (offset in the concatenation, T_i)
+        offset = 0
+        for i in live:
+            bounds.append((offset, items[i][0].shape[0]))
+            offset += bounds[-1][1]
+        positions = torch.cat([torch.arange(s, s + t) for s, (_, t) in zip(starts, bounds, strict=True)])  # [N]
+        cos, sin = self.rope.gather(positions[None])  # [1, N, 1, D]
+        plans = {
+            w: [AttentionPlan.make(s, t, w, self.device) for s, (_, t) in zip(starts, bounds, strict=True)]
+            for w in self._windows
+        }
+        x = torch.cat([items[i][0].to(self.device, self.dtype) for i in live])[None]  # [1, N, H]
+        for slot, layer in enumerate(self._layers):
+            x = layer.forward_batch(x, caches, bounds, slot, cos, sin, plans[layer.window])
+        for i, cache, (o, t) in zip(live, caches, bounds, strict=True):
+            cache.advance(t)
+            outputs[i] = x[0, o : o + t]  # [T_i, H]
+        return outputs
+
+    def _check_batch(self, items: Sequence[tuple[torch.Tensor, KVCache]]) -> None:
+        """Raise ConfigError / ContextOverflowError for the first bad item; touches no cache."""
+        h = self.spec.hidden_size
+        kv_shape = (self.spec.num_kv_heads, self.spec.head_dim)
+        seen: set[int] = set()
+        for n, (hidden, cache) in enumerate(items):
+            if hidden.dim() != 2 or hidden.shape[-1] != h:
+                raise ConfigError(
+                    f"batch item {n}: hidden states must have shape [tokens, {h}], got {tuple(hidden.shape)}"
+                )
+            keys = cache.keys(0)  # [B, kvh, M, D]
+            if cache.num_blocks != len(self) or cache.batch != 1 or (keys.shape[1], keys.shape[3]) != kv_shape:
+                raise ConfigError(
+                    f"batch item {n}: a cache of {cache.num_blocks} blocks x batch {cache.batch} x "
+                    f"{keys.shape[1]} kv heads x {keys.shape[3]} dims does not fit span {self.range} "
+                    f"(needs {len(self)} blocks x batch 1 x {kv_shape[0]} kv heads x {kv_shape[1]} dims)"
+                )
+            if keys.dtype != self.dtype or keys.device.type != self.device.type:
+                raise ConfigError(
+                    f"batch item {n}: cache is {keys.dtype} on {keys.device}, the span {self.dtype} on {self.device}"
+                )
+            if id(cache) in seen:
+                raise ConfigError(f"batch item {n}: the same cache appears twice in one batch")
+            seen.add(id(cache))
+        for n, (hidden, cache) in enumerate(items):
+            try:
+                cache.check_room(hidden.shape[0])
+            except ContextOverflowError as err:
+                raise ContextOverflowError(f"batch item {n}: {err}") from None

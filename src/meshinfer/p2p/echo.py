@@ -48,7 +48,8 @@ async def _main(args: argparse.Namespace) -> None:
     node = await PeerNode.start(config, settings)
     try:
         await node.handle(ECHO_PROTOCOL, echo_handler)
-        print(json.dumps({"peer_id": node.peer_id, "maddrs": node.maddrs, "pid": os.getpid(),
+        print(json.dumps({"peer_id": node.peer_id, "maddrs": node.maddrs,
+                          "direct_addresses": node.direct_addresses, "pid": os.getpid(),
                           "daemon_pid": node.daemon_pid}), flush=True)
         await wait_for_exit_signal()
     finally:

@@ -8,8 +8,11 @@ Then:
 
 - ``handle(protocol, handler)``: serve incoming streams; each runs ``handler(MessageStream)`` under
   ``run_handler`` (typed ``Error`` reply on bad input, always closed), any number concurrently;
-- ``open_stream(peer_id, protocol, maddrs=...)``: a ``MessageStream`` to a peer (e.g. the next server
-  of a route), connecting through the given multiaddrs first when known;
+- ``open_stream(peer_id, protocol, maddrs=..., direct=...)``: a ``MessageStream`` to a peer (e.g. the
+  next server of a route): over the direct data plane (``meshinfer.p2p.direct``) when the peer gave
+  direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first;
+- a node started with ``P2PConfig.direct`` and not in client mode also listens on the direct plane
+  (``direct_addresses``); ``handle`` serves a protocol on both planes;
 - ``dht_put_records``/``dht_put_record``: store signed records under subkey ``<peer id>`` (or
   ``<peer id>/<tag>`` to keep several records of one peer under one key);
 - ``dht_get_records``/``get_many``: read all validated records under one or many keys in ONE bounded
@@ -37,6 +40,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
+from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
@@ -86,6 +90,9 @@ class PeerNode:
     _p2p: object = field(repr=False)
     _dht: DHTNode = field(repr=False)
     _lock: IdentityLock | None = field(repr=False, default=None)
+    _direct: DirectPlane | None = field(repr=False, default=None)
+    direct_addresses: list[str] = field(default_factory=list)
+    """Where this node accepts direct-plane connections (``/ip4/H/tcp/P``); empty when it does not listen."""
     _streams: set[MessageStream] = field(default_factory=set, repr=False)
     _closed: bool = False
 
@@ -131,7 +138,17 @@ class PeerNode:
                 raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
             raise
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock)
-        log.debug("peer %s listening on %s", node.peer_id, ", ".join(maddrs))
+        if config.direct:
+            node._direct = DirectPlane(identity)
+            if not settings.client_mode:
+                try:
+                    await node._direct.listen(config.host, config.direct_port)
+                except BaseException:
+                    await node.close()
+                    raise
+                node.direct_addresses = node._direct.addresses(_visible_hosts(config.host, maddrs))
+        log.debug("peer %s listening on %s%s", node.peer_id, ", ".join(maddrs),
+                  f"; direct plane on {', '.join(node.direct_addresses)}" if node.direct_addresses else "")
         return node
 
     # --- streams ------------------------------------------------------------------------------
@@ -151,10 +168,20 @@ class PeerNode:
                 self._streams.discard(stream)
 
         await self._p2p.add_binary_stream_handler(protocol, on_stream)  # type: ignore[attr-defined]
+        if self._direct is not None:
+            self._direct.handle(protocol, handler, stream_settings)
 
     async def open_stream(self, peer_id: str, protocol: str, *, maddrs: Sequence[str] = (),
-                          timeout: float = 10.0, settings: StreamSettings | None = None) -> MessageStream:
-        """Open a stream to ``peer_id`` speaking ``protocol`` (dialling ``maddrs`` first if given)."""
+                          direct: Sequence[str] = (), timeout: float = 10.0,
+                          settings: StreamSettings | None = None) -> MessageStream:
+        """Open a stream to ``peer_id`` speaking ``protocol``: over the direct plane at ``direct`` when
+        given (and enabled), else or on failure over libp2p (dialling ``maddrs`` first if given)."""
+        if direct and self._direct is not None:
+            try:
+                return await self._direct.dial_any(peer_id, direct, protocol, settings=settings or self.settings.stream,
+                                                   timeout=min(timeout, 5.0))
+            except TransportError as err:
+                log.info("direct connection to %s failed (%s); falling back to libp2p", peer_id[:16], err)
         try:
             pid = PeerID.from_base58(peer_id)
         except ValueError:
@@ -255,6 +282,8 @@ class PeerNode:
         self._closed = True
         for stream in list(self._streams):
             await stream.close(timeout=0.5)
+        if self._direct is not None:
+            await self._direct.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5.0):
                 await self._dht.shutdown()
@@ -267,6 +296,19 @@ class PeerNode:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _visible_hosts(host: str, maddrs: Sequence[str]) -> list[str]:
+    """Where a TLS listener on ``host`` can be reached: that host, or for a wildcard host the IP addresses
+    libp2p found visible (deduplicated, at most 7)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return [host]
+    hosts: list[str] = []
+    for text in maddrs:
+        parts = text.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
+            hosts.append(parts[2])
+    return hosts[:7]
 
 
 async def _abort(p2p: object, lock: IdentityLock | None) -> None:

@@ -3,7 +3,9 @@
 Contract: wraps an asyncio reader/writer pair (what the p2p daemon hands out per stream) with the
 frame format of ``meshinfer.wire.framing``. ``send`` encodes a message, splits payloads over
 ``CHUNK_BYTES`` into frames and awaits ``drain`` after each frame (backpressure; a write that cannot
-drain within ``write_timeout`` raises ``TransportError``). ``recv`` reads one message: every frame
+drain within ``write_timeout`` raises ``TransportError``); ``send_nowait`` is the synchronous fast path
+for a small message when nothing is waiting to be written (returns False when the caller must use
+``send``, so message order is always kept). ``recv`` reads one message: every frame
 read is bounded by a timeout (``idle_timeout`` for the next message to start, ``read_timeout``
 once it has), every header is checked against ``WireLimits`` before its body is read,
 reassembly refuses oversize messages, and malformed bytes raise ``WireError``. A clean end of stream
@@ -95,6 +97,20 @@ class MessageStream:
         async with self._send_lock:
             for frame in frames_of(payload, CHUNK_BYTES):
                 await self._write(frame)
+
+    def send_nowait(self, payload: bytes) -> bool:
+        """Write an encoded message payload now, without yielding to the event loop, if that is safe:
+        one frame, no send in progress and nothing left in the transport's buffer. False: nothing was
+        written, use ``send_bytes``. A broken connection raises ``TransportError``."""
+        if (self._closed or self._send_lock.locked() or len(payload) > CHUNK_BYTES
+                or self._writer.is_closing() or self._writer.transport.get_write_buffer_size() > 0):
+            return False
+        try:
+            for frame in frames_of(payload, CHUNK_BYTES):
+                self._writer.write(frame)
+        except (ConnectionError, OSError, RuntimeError) as err:
+            raise TransportError(f"stream to {self.peer_id} broke while sending: {err}") from None
+        return True
 
     async def write_raw(self, data: bytes) -> None:
         """Write bytes with no framing at all (diagnostics and fuzz tests only)."""

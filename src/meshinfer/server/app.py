@@ -106,6 +106,7 @@ class BlockServer:
         return ServerRecord(
             peer_id=self.peer_id, model_id=self.model_id, span=self.span_range, state=self.state,
             throughput=self.throughput, cache_tokens_left=left, addresses=self.maddrs[:16],
+            direct_addresses=self.node.direct_addresses[:8],
             software_version=__version__, public_name=self.config.public_name, protocol_version=PROTOCOL_VERSION,
         )
 

@@ -45,6 +45,7 @@ from meshinfer.wire.messages import (
     Step,
     StepResult,
     decode_message,
+    encode_message,
     error_message,
 )
 from meshinfer.wire.tensor import Tensor
@@ -239,6 +240,8 @@ class SessionService:
                                       step_id=job.step_id))
             return
         assert output is not None
+        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output):
+            return
 
         async def deliver() -> None:
             push_error: MeshinferError | None = None
@@ -258,6 +261,26 @@ class SessionService:
                                                 message=f"push to next hop {hop.peer_id} failed: {push_error}"[:4096]))
 
         self._chain(session, deliver)
+
+    def _deliver_now(self, session: Session, job: StepJob, output: Tensor) -> bool:
+        """The fast path of ``on_result``: push and answer synchronously over idle streams (no task, no
+        yield). False when it did nothing, so the caller takes the ordered async path."""
+        hop = session.next_hop
+        if hop is not None:
+            if hop.peer_id == self.peer_id or self.pool is None:
+                return False
+            step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output)
+            if not self.pool.push_nowait(hop, step):
+                return False
+        result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output)
+        send_nowait = getattr(session.outbox, "send_nowait", None)
+        try:
+            sent = send_nowait is not None and not session.ended and send_nowait(encode_message(result))
+        except MeshinferError:
+            sent = True  # the client's stream is broken: the session ends when its reader notices
+        if not sent:
+            self.reply(session, result)
+        return True
 
     async def _push(self, hop: Hop, step: Step) -> None:
         if hop.peer_id == self.peer_id:  # the next hop is this very server: no network

@@ -54,7 +54,7 @@ class PushPool:
                 return stream
             if self._closed:
                 raise TransportError("push pool is closed")
-            stream = await self._node.open_stream(hop.peer_id, PUSH_PROTOCOL, maddrs=hop.maddrs,
+            stream = await self._node.open_stream(hop.peer_id, PUSH_PROTOCOL, maddrs=hop.maddrs, direct=hop.direct,
                                                   timeout=self._open_timeout, settings=self._settings)
             self._streams[hop.peer_id] = stream
             task = asyncio.create_task(self._read(hop.peer_id, stream), name=f"push-reader:{hop.peer_id[:12]}")
@@ -86,6 +86,16 @@ class PushPool:
                 log.info("push to %s failed (attempt %d): %s", hop.peer_id, attempt + 1, err)
                 await self._drop(hop.peer_id, stream)
         raise TransportError(f"cannot push to next hop {hop.peer_id}: {last}")
+
+    def push_nowait(self, hop: Hop, step: Step) -> bool:
+        """Send ``step`` at once over an open, idle stream to ``hop``; False: nothing sent, use ``push``."""
+        stream = self._streams.get(hop.peer_id)
+        if stream is None or stream.closed:
+            return False
+        try:
+            return stream.send_nowait(encode_message(step))
+        except MeshinferError:
+            return False
 
     async def _read(self, peer_id: str, stream: MessageStream) -> None:
         """Pass the next hop's ``Error`` replies on; drop the stream when it ends."""

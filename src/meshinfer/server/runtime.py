@@ -1,23 +1,30 @@
-"""The step loop: ONE per server, schedule -> execute -> deliver, with compute on one worker thread.
+"""The step loop: ONE per server, schedule -> execute -> deliver, batching the steps of all sessions.
 
-Contract: ``StepLoop`` owns the served ``BlockSpan`` and a single-thread executor; every torch call
-(KV cache allocation, span forward, tensor decode/encode) runs on that thread under
-``torch.inference_mode``, so the asyncio event loop only moves messages and stays responsive.
-Sessions' steps are queued with ``submit`` (already validated by ``session.check_step``); each turn
-the loop
+Contract: ``StepLoop`` owns the served ``BlockSpan`` and a single compute thread; every torch call
+(KV cache allocation, span forward, tensor decode/encode) runs under ``torch.inference_mode`` either
+on that thread or, for a turn predicted to be short, inline on the event loop (see below). Sessions'
+steps are queued with ``submit`` (already validated by ``session.check_step``); each turn the loop
 
-- schedules: picks the next step among the heads of the sessions' queues (a session's steps run in
-  order, one at a time), decode steps (1 token) before prefill chunks, oldest first;
-- executes: truncates the session's cache to the step's position when it holds more (replay or
-  rewind), refuses a position beyond the cache, runs the session's sub-span, encodes the output in the
-  session's dtype; a failing step becomes a ``SessionError`` for that step only;
-- delivers: records the session's last step id and output (for duplicate step ids) and hands the
-  result to the ``deliver`` callback, which must not block (it schedules the network sends).
+- schedules (``schedule``, pure bookkeeping): at most one step per session (a session's steps run in
+  order), every waiting decode step (1 token) first, oldest first, up to ``max_batch_sessions``; then
+  prefill steps, oldest first, while the turn's token budget (``max_batch_tokens``) lasts. A prefill
+  longer than what is left of the budget runs as a chunk this turn and continues next turn (chunked
+  prefill), so a long prompt never stalls the others' decode steps, and a turn always makes progress
+  (the oldest waiting work is never skipped forever: decode steps are always taken, and the oldest
+  prefill gets at least one chunk per turn when nothing else fits);
+- executes (``execute``): per session, truncates its cache to the step's position when it holds more
+  (replay or rewind) and refuses a position beyond the cache; then runs all pieces of the turn through
+  the span TOGETHER (``BlockSpan.forward_batch``: one matmul per weight for all tokens, attention per
+  session), grouped by the sub-span each session uses. If a batched call fails, each piece is rerun
+  alone so an error only reaches its own session. A failing step becomes a ``SessionError``;
+- delivers (``deliver``): for each step whose last chunk ran, records the last step id and output (for
+  duplicate step ids) and hands the result to the ``deliver`` callback, which must not block.
 
-A session may use a sub-range of the served span: ``sub_span(range)`` builds (once) a ``BlockSpan``
-sharing the served blocks, and its cache covers only those blocks. For this issue a turn runs one
-step; the schedule/execute/deliver split is where batching plugs in. Knows nothing of streams,
-peers or the DHT.
+Inline compute: a decode-only turn runs directly on the event loop (no thread hand-off, which costs
+about as much as a network hop on a small machine) when the previous decode-only turn of no more
+sessions took less than ``inline_budget_s``; everything else runs on the compute thread so the loop
+stays responsive. Throughput figures (tokens computed, busy seconds, batch sizes) are kept for the
+announcement. Knows nothing of streams, peers or the DHT.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +55,13 @@ T = TypeVar("T")
 Result = tuple[Tensor | None, SessionError | None]
 DeliverFn = Callable[[StepJob, Tensor | None, SessionError | None], None]
 
+MAX_BATCH_TOKENS = 512
+"""Tokens one turn may compute (decode steps count one each); longer prefills are chunked."""
+MAX_BATCH_SESSIONS = 64
+"""Sessions one turn may serve."""
+INLINE_BUDGET_S = 0.02
+"""A decode-only turn predicted to take less than this runs inline on the event loop."""
+
 
 def _as_session_error(err: BaseException) -> SessionError:
     if isinstance(err, SessionError):
@@ -60,20 +75,53 @@ def _as_session_error(err: BaseException) -> SessionError:
     return SessionError(ErrorCode.INTERNAL, "internal error while computing the step")
 
 
-class StepLoop:
-    """Runs every session's steps through the served span, one turn at a time."""
+@dataclass
+class Piece:
+    """Part of one step computed in one turn: tokens [start, start + count) of ``job``."""
 
-    def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    job: StepJob
+    start: int
+    count: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.count >= self.job.tokens
+
+
+@dataclass
+class _Progress:
+    """What a step being computed in chunks has so far (kept on the job between turns)."""
+
+    hidden: torch.Tensor  # [T, H] decoded input
+    outputs: list[torch.Tensor]
+
+
+class StepLoop:
+    """Runs every session's steps through the served span, batching what is waiting each turn."""
+
+    def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
+                 inline_budget_s: float = INLINE_BUDGET_S) -> None:
+        if max_batch_tokens <= 0 or max_batch_sessions <= 0:
+            raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
         self.span = span
         self._deliver = deliver
         self._limits = limits
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_sessions = max_batch_sessions
+        self.inline_budget_s = inline_budget_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-compute")
         self._queued: dict[Session, None] = {}  # sessions with pending steps, in arrival order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sub_spans: dict[BlockRange, BlockSpan] = {span.range: span}
+        self._progress: dict[int, _Progress] = {}  # id(job) -> chunked-prefill state
+        self._decode_turn_s: dict[int, float] = {}  # sessions in a decode-only turn -> its last duration
         self.steps_done = 0
         self.tokens_done = 0
+        self.turns = 0
+        self.busy_s = 0.0
+        self.last_batch_sessions = 0
 
     # ---- compute-thread helpers --------------------------------------------------------------
 
@@ -107,13 +155,14 @@ class StepLoop:
             self._task = asyncio.create_task(self._run(), name="step-loop")
 
     async def stop(self) -> None:
-        """Stop taking turns (a step being computed finishes on its thread), then stop the thread."""
+        """Stop taking turns (a turn being computed finishes on its thread), then stop the thread."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self._queued.clear()
+        self._progress.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
 
     # ---- queueing ----------------------------------------------------------------------------
@@ -130,6 +179,8 @@ class StepLoop:
 
     def drop(self, session: Session) -> None:
         """Forget a session's queued steps (it ended); a step in progress is discarded when done."""
+        for job in session.pending:
+            self._progress.pop(id(job), None)
         session.pending.clear()
         session.queued_ids.clear()
         self._queued.pop(session, None)
@@ -138,65 +189,145 @@ class StepLoop:
     def queued_steps(self) -> int:
         return sum(len(s.pending) for s in self._queued)
 
+    @property
+    def queued_sessions(self) -> int:
+        return len(self._queued)
+
     # ---- the loop ----------------------------------------------------------------------------
 
-    def schedule(self) -> list[StepJob]:
-        """The steps of the next turn: one step, decode before prefill, oldest first."""
+    def schedule(self) -> list[Piece]:
+        """The pieces of the next turn (see the module docstring for the policy)."""
         ready = [s for s in self._queued if s.pending and not s.busy]
         if not ready:
             return []
-        decode = [s for s in ready if s.pending[0].tokens == 1]
-        session = min(decode or ready, key=lambda s: s.pending[0].arrived)
-        job = session.pending.popleft()
-        if not session.pending:
-            self._queued.pop(session, None)
-        return [job]
+        ready.sort(key=lambda s: s.pending[0].arrived)
+        pieces: list[Piece] = []
+        budget = self.max_batch_tokens
+        for session in ready:  # decode steps first: latency-critical, one token each
+            job = session.pending[0]
+            if job.tokens == 1 and len(pieces) < self.max_batch_sessions:
+                pieces.append(Piece(job, 0, 1))
+                budget -= 1
+        for session in ready:  # then prefill (or its next chunk), oldest first
+            job = session.pending[0]
+            if job.tokens == 1 or len(pieces) >= self.max_batch_sessions:
+                continue
+            progress = self._progress.get(id(job))
+            done = sum(o.shape[0] for o in progress.outputs) if progress is not None else 0
+            left = job.tokens - done
+            take = min(left, budget)
+            if take <= 0:
+                if pieces:
+                    break
+                take = min(left, self.max_batch_tokens)  # nothing else fits: the oldest still progresses
+            pieces.append(Piece(job, done, take))
+            budget -= take
+        for piece in pieces:
+            piece.job.session.busy = True
+        return pieces
 
-    def execute(self, jobs: list[StepJob]) -> list[Result]:
-        """Run ``jobs`` through their spans (on the compute thread); one result per job."""
-        results: list[Result] = []
+    def execute(self, pieces: list[Piece]) -> list[Result | None]:
+        """Compute ``pieces`` (compute thread or inline); one entry per piece: its step's result when
+        this was the step's last piece, else None."""
+        started = time.perf_counter()
+        out: list[Result | None] = [None] * len(pieces)
+        runnable: list[tuple[int, Piece, torch.Tensor]] = []
         with torch.inference_mode():
-            for job in jobs:
+            for i, piece in enumerate(pieces):
                 try:
-                    results.append((self._run_one(job), None))
+                    runnable.append((i, piece, self._prepare(piece)))
                 except Exception as err:
-                    if not isinstance(err, MeshinferError):
-                        log.exception("step %d of session %s failed", job.step_id, job.session.session_id)
-                    results.append((None, _as_session_error(err)))
-        return results
+                    out[i] = self._failed(piece, err)
+            groups: dict[BlockRange, list[tuple[int, Piece, torch.Tensor]]] = {}
+            for item in runnable:
+                groups.setdefault(item[1].job.session.span, []).append(item)
+            for blocks, items in groups.items():
+                outputs = self._forward_group(self._sub_spans[blocks], items, out)
+                for (i, piece, _), output in zip(items, outputs, strict=True):
+                    if output is not None:
+                        out[i] = self._finish(piece, output)
+        elapsed = time.perf_counter() - started
+        self.turns += 1
+        self.busy_s += elapsed
+        self.last_batch_sessions = len(pieces)
+        if all(p.job.tokens == 1 for p in pieces):
+            self._decode_turn_s[len(pieces)] = elapsed
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("turn %d: %d piece(s), %d token(s) in %.2f ms", self.turns, len(pieces),
+                      sum(p.count for p in pieces), elapsed * 1000)
+        return out
 
-    def _run_one(self, job: StepJob) -> Tensor:
-        session = job.session
+    def _prepare(self, piece: Piece) -> torch.Tensor:  # -> [count, H], the piece's input
+        job, session = piece.job, piece.job.session
         cache: KVCache | None = session.cache
         if cache is None or session.ended:
             raise SessionError(ErrorCode.UNKNOWN_SESSION, f"session {session.session_id!r} has ended")
-        if job.position > cache.length:
-            raise SessionError(
-                ErrorCode.BAD_REQUEST,
-                f"step {job.step_id} starts at position {job.position} but the session holds only "
-                f"{cache.length} tokens (send the missing tokens first)",
-            )
-        if job.position < cache.length:
-            cache.truncate(job.position)  # replay or rewind: forget what follows
-        started = time.monotonic()
-        hidden = decode_tensor(job.hidden, self._limits)  # [T, H]
-        out = self._sub_spans[session.span](hidden.unsqueeze(0), cache)  # [1, T, H]
-        result = encode_tensor(out[0].to(torch_dtype(session.dtype)))  # [T, H]
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("step %d of session %s: %d token(s) at position %d, queued %.2f ms, computed in %.2f ms",
-                      job.step_id, session.session_id, job.tokens, job.position,
-                      (started - job.arrived) * 1000, (time.monotonic() - started) * 1000)
-        return result
+        progress = self._progress.get(id(job))
+        if progress is None:  # the step's first piece: place the cache at the step's position
+            if job.position > cache.length:
+                raise SessionError(
+                    ErrorCode.BAD_REQUEST,
+                    f"step {job.step_id} starts at position {job.position} but the session holds only "
+                    f"{cache.length} tokens (send the missing tokens first)",
+                )
+            if job.position < cache.length:
+                cache.truncate(job.position)  # replay or rewind: forget what follows
+            hidden = decode_tensor(job.hidden, self._limits).to(self.span.dtype)  # [T, H]
+            progress = self._progress[id(job)] = _Progress(hidden, [])
+        return progress.hidden[piece.start:piece.start + piece.count]
 
-    def deliver(self, jobs: list[StepJob], results: list[Result]) -> None:
-        """Record each result on its session and hand it to the deliver callback (non-blocking)."""
+    def _forward_group(self, sub: BlockSpan, items: list[tuple[int, Piece, torch.Tensor]],
+                       out: list[Result | None]) -> list[torch.Tensor | None]:
+        caches = [piece.job.session.cache for _, piece, _ in items]
+        try:
+            return list(sub.forward_batch([(x, c) for (_, _, x), c in zip(items, caches, strict=True)]))
+        except Exception as err:
+            if len(items) == 1:
+                i, piece, _ = items[0]
+                out[i] = self._failed(piece, err)
+                return [None]
+        results: list[torch.Tensor | None] = []  # isolate the failing piece(s): rerun each alone
+        for (i, piece, x), cache in zip(items, caches, strict=True):
+            try:
+                results.append(sub(x.unsqueeze(0), cache)[0])
+            except Exception as err:
+                out[i] = self._failed(piece, err)
+                results.append(None)
+        return results
+
+    def _finish(self, piece: Piece, output: torch.Tensor) -> Result | None:
+        job = piece.job
+        progress = self._progress[id(job)]
+        progress.outputs.append(output)
+        if not piece.last:
+            return None
+        del self._progress[id(job)]
+        full = progress.outputs[0] if len(progress.outputs) == 1 else torch.cat(progress.outputs, dim=0)
+        return encode_tensor(full.to(torch_dtype(job.session.dtype)).contiguous()), None
+
+    def _failed(self, piece: Piece, err: BaseException) -> Result:
+        if not isinstance(err, MeshinferError):
+            log.error("step %d of session %s failed: %r", piece.job.step_id, piece.job.session.session_id, err,
+                      exc_info=err)
+        self._progress.pop(id(piece.job), None)
+        return None, _as_session_error(err)
+
+    def deliver(self, pieces: list[Piece], results: list[Result | None]) -> None:
+        """Record each finished step on its session and hand it to the deliver callback (non-blocking)."""
         now = time.monotonic()
-        for job, (output, error) in zip(jobs, results, strict=True):
-            session = job.session
+        for piece, result in zip(pieces, results, strict=True):
+            job, session = piece.job, piece.job.session
             session.busy = False
+            if result is None:  # more chunks to go: the step stays at the head of its session's queue
+                continue
+            if session.pending and session.pending[0] is job:
+                session.pending.popleft()
+            if not session.pending:
+                self._queued.pop(session, None)
             session.queued_ids.discard(job.step_id)
             if session.ended:
                 continue
+            output, error = result
             session.last_activity = now
             if output is not None:
                 session.last_step_id, session.last_output = job.step_id, output
@@ -207,21 +338,30 @@ class StepLoop:
             except Exception:
                 log.exception("delivering step %d of session %s failed", job.step_id, session.session_id)
 
+    def _inline(self, pieces: list[Piece]) -> bool:
+        if any(p.job.tokens != 1 for p in pieces):
+            return False
+        known = [s for n, s in self._decode_turn_s.items() if n >= len(pieces)]
+        return bool(known) and min(known) < self.inline_budget_s
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = self.schedule()
-            if not jobs:
+            pieces = self.schedule()
+            if not pieces:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for job in jobs:
-                job.session.busy = True
             try:
-                results = await loop.run_in_executor(self._executor, self.execute, jobs)
+                if self._inline(pieces):
+                    results = self.execute(pieces)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.execute, pieces)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the executor itself failed: report, keep serving
                 log.exception("step loop turn failed")
-                results = [(None, _as_session_error(err))] * len(jobs)
-            self.deliver(jobs, results)
+                results = [self._failed(p, err) for p in pieces]
+            self.deliver(pieces, results)
+            if self._inline(pieces):
+                await asyncio.sleep(0)  # let the network in between inline turns

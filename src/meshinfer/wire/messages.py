@@ -75,6 +75,8 @@ class Hop(msgspec.Struct, frozen=True):
     session_id: SessionId
     """The session the client opened on that server; pushed steps are addressed to it."""
     maddrs: Annotated[list[Maddr], msgspec.Meta(max_length=16)] = []
+    direct: Annotated[list[Maddr], msgspec.Meta(max_length=8)] = []
+    """The server's direct-plane addresses (faster than libp2p; ``maddrs`` stay the fallback)."""
 
 
 class Open(_Base, tag="open"):

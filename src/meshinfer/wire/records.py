@@ -60,6 +60,8 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)]
     software_version: Text
     public_name: Text | None = None
+    direct_addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=8)] = []
+    """Where the server takes direct-plane session streams (``/ip4/H/tcp/P``; see ``meshinfer.p2p.direct``)."""
     protocol_version: Annotated[int, msgspec.Meta(ge=0)] = 1
     v: int = RECORD_VERSION
 

@@ -1,0 +1,131 @@
+"""The client's ban list: exponential backoff, forgiveness, expiry and bounded memory, with time passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshinfer.client.bans import DEFAULT_MAX_PEERS, BanList
+from meshinfer.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, [1, 2, 4, 8, 16, 32, 60, 60, 60]),
+        ({"base_s": 0.5, "max_s": 5.0, "factor": 3.0}, [0.5, 1.5, 4.5, 5.0, 5.0]),
+        ({"base_s": 2.0, "max_s": 2.0}, [2.0, 2.0, 2.0]),
+        ({"base_s": 1.0, "max_s": 10.0, "factor": 1.0}, [1.0, 1.0, 1.0]),
+    ],
+)
+def test_backoff_sequence_and_cap(kwargs: dict, expected: list[float]) -> None:
+    bans = BanList(**kwargs)
+    lengths = [bans.fail("A", now=0.0) for _ in expected]
+    assert lengths == pytest.approx(expected)
+    assert bans.failures("A") == len(expected)
+
+
+def test_many_failures_stay_at_the_cap_without_overflow() -> None:
+    bans = BanList(base_s=1.0, max_s=60.0, factor=10.0)
+    for _ in range(5000):
+        length = bans.fail("A", now=0.0)
+    assert length == 60.0
+    assert bans.until("A") == 60.0
+
+
+def test_ban_window_and_expiry() -> None:
+    bans = BanList(base_s=1.0, max_s=60.0)
+    assert bans.fail("A", now=100.0) == 1.0
+    assert bans.until("A") == 101.0
+    assert bans.is_banned("A", 100.0) and bans.is_banned("A", 100.999)
+    assert not bans.is_banned("A", 101.0)  # the ban ends at `until`
+    assert bans.banned(100.5) == {"A"}
+    assert bans.banned(101.5) == set()
+    assert not bans.is_banned("B", 100.0) and bans.until("B") is None
+
+
+def test_consecutive_failures_count_after_the_ban_ends_and_never_shorten_a_ban() -> None:
+    bans = BanList(base_s=1.0, max_s=60.0)
+    bans.fail("A", now=0.0)  # until 1
+    assert bans.fail("A", now=5.0) == 2.0  # the ban had ended, but the peer is not forgiven yet
+    assert bans.until("A") == 7.0
+    bans = BanList(base_s=10.0, max_s=60.0, factor=1.0)
+    bans.fail("A", now=0.0)  # until 10
+    bans.fail("A", now=-5.0)  # a late report of an older failure must not shorten the ban
+    assert bans.until("A") == 10.0
+
+
+def test_succeed_forgives() -> None:
+    bans = BanList(base_s=1.0, max_s=60.0)
+    for _ in range(3):
+        bans.fail("A", now=0.0)
+    bans.fail("B", now=0.0)
+    assert bans.is_banned("A", 1.0)
+    bans.succeed("A")
+    assert bans.failures("A") == 0 and bans.until("A") is None
+    assert not bans.is_banned("A", 1.0)
+    assert bans.banned(0.5) == {"B"}
+    assert bans.fail("A", now=2.0) == 1.0  # backoff starts again from the base
+    bans.succeed("never-seen")  # harmless
+    assert len(bans) == 2
+
+
+def test_stale_entries_are_forgotten() -> None:
+    bans = BanList(base_s=1.0, max_s=4.0, forget_s=10.0)
+    bans.fail("A", now=0.0)  # until 1
+    bans.fail("B", now=5.0)  # until 6
+    assert bans.banned(10.0) == set()
+    assert len(bans) == 2  # ended, but not long ago: the counts are kept
+    assert bans.banned(12.0) == set()
+    assert bans.until("A") is None and bans.until("B") == 6.0  # A ended 11 s ago, B 6 s ago
+    assert bans.fail("C", now=100.0) == 1.0  # failing also drops stale entries (from the oldest end)
+    assert len(bans) == 1 and bans.until("B") is None
+    assert bans.fail("A", now=100.0) == 1.0  # A's count started afresh
+
+
+def test_default_forget_is_ten_max_bans() -> None:
+    bans = BanList(base_s=1.0, max_s=3.0)
+    assert bans.forget_s == 30.0
+    bans.fail("A", now=0.0)
+    bans.banned(30.9)
+    assert bans.failures("A") == 1
+    bans.banned(31.1)
+    assert bans.failures("A") == 0
+
+
+def test_size_is_bounded_dropping_the_least_recently_failed() -> None:
+    bans = BanList(max_peers=3)
+    for peer in ("p0", "p1", "p2"):
+        bans.fail(peer, now=0.0)
+    bans.fail("p0", now=0.0)  # p0 failed again: now the most recent
+    bans.fail("p3", now=0.0)
+    assert len(bans) == 3
+    assert bans.until("p1") is None
+    assert bans.banned(0.5) == {"p0", "p2", "p3"}
+    assert bans.failures("p0") == 2
+
+
+def test_default_bound() -> None:
+    bans = BanList()
+    for i in range(DEFAULT_MAX_PEERS + 50):
+        bans.fail(f"peer{i}", now=float(i) * 1e-3)
+    assert len(bans) == DEFAULT_MAX_PEERS == 10_000
+    assert bans.until("peer0") is None and bans.until(f"peer{DEFAULT_MAX_PEERS + 49}") is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"base_s": 0.0}, "base_s"),
+        ({"base_s": -1.0}, "base_s"),
+        ({"base_s": float("nan")}, "base_s"),
+        ({"max_s": float("inf")}, "max_s"),
+        ({"base_s": 10.0, "max_s": 5.0}, "max_s"),
+        ({"factor": 0.5}, "factor"),
+        ({"factor": 0.0}, "factor"),
+        ({"forget_s": -1.0}, "forget_s"),
+        ({"max_peers": 0}, "max_peers"),
+    ],
+)
+def test_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BanList(**kwargs)
