@@ -110,3 +110,39 @@ def test_results_leave_in_order_and_local_push_and_shutdown(span: BlockSpan) -> 
         await service.loop.stop()
 
     asyncio.run(main())
+
+
+def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) -> None:
+    async def main() -> None:
+        from meshinfer.server.session import SessionError
+        from meshinfer.wire.messages import Retarget
+
+        service, _ = _service(span)
+        service.loop.start()
+        service.start()
+        s_old, s_new, s1 = MemoryStream(), MemoryStream(), MemoryStream()
+        await service.open(_open("old", 20, span=BlockRange(2, 4)), s_old)  # type: ignore[arg-type]
+        await service.open(_open("new", 20, span=BlockRange(2, 4)), s_new)  # type: ignore[arg-type]
+        old = Hop(peer_id="me", span=BlockRange(2, 4), session_id="old")
+        first = await service.open(_open("first", 20, span=BlockRange(0, 2), tail=[old]), s1)  # type: ignore[arg-type]
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+        service.step(first, Step(session_id="first", step_id=0, position=0, hidden=encode_tensor(x)))
+        await _until(lambda: len(s_old.sent) == 1)
+        new = Hop(peer_id="me", span=BlockRange(2, 4), session_id="new")
+        service.retarget(first, Retarget(session_id="first", route_tail=[new]))
+        service.step(first, Step(session_id="first", step_id=1, position=3, hidden=encode_tensor(x[:1])))
+        await _until(lambda: len(s_new.sent) == 1)
+        assert len(s_old.sent) == 1  # the old next hop gets nothing more
+        gap = Hop(peer_id="me", span=BlockRange(3, 4), session_id="new")  # does not continue at block 2
+        for bad, code in [(Retarget(session_id="first", route_tail=[gap]), ErrorCode.BAD_REQUEST),
+                          (Retarget(session_id="other"), ErrorCode.UNKNOWN_SESSION)]:
+            with pytest.raises(SessionError) as err:
+                service.retarget(first, bad)
+            assert err.value.code == code
+        assert first.next_hop == new  # a refused retarget changes nothing
+        service.retarget(first, Retarget(session_id="first"))  # empty tail: push nowhere
+        assert first.next_hop is None
+        await service.shutdown()
+        await service.loop.stop()
+
+    asyncio.run(main())

@@ -40,7 +40,7 @@ from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
-from meshinfer.types import canonical_dtype
+from meshinfer.types import BlockRange, canonical_dtype
 
 
 class DistributedModel(TextGenerator):
@@ -48,7 +48,7 @@ class DistributedModel(TextGenerator):
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, model: ModelRef, runner: LoopThread, view: SwarmView,
                  path: Path | None = None, push: bool = True, step_timeout: float = 60.0,
-                 route_wait: float = 3.0) -> None:
+                 route_wait: float = 3.0, failover: bool = True) -> None:
         self.spec = spec
         self.head = head
         self.model = model
@@ -56,6 +56,10 @@ class DistributedModel(TextGenerator):
         self.push = push
         self.step_timeout = step_timeout
         self.route_wait = route_wait
+        self.failover = failover
+        """Replace failed servers mid-generation (replaying their history) instead of failing."""
+        self.last_session: InferenceSession | None = None
+        """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
         self._view = view
         self._lock = threading.Lock()
@@ -77,6 +81,7 @@ class DistributedModel(TextGenerator):
         route_wait: float = 3.0,
         step_timeout: float = 60.0,
         push: bool = True,
+        failover: bool = True,
     ) -> DistributedModel:
         """Load the head of checkpoint ``path`` and join the swarm through ``initial_peers``."""
         dt = torch_dtype(dtype)
@@ -92,7 +97,7 @@ class DistributedModel(TextGenerator):
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
         return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=Path(path), push=push,
-                   step_timeout=step_timeout, route_wait=route_wait)
+                   step_timeout=step_timeout, route_wait=route_wait, failover=failover)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -124,11 +129,18 @@ class DistributedModel(TextGenerator):
         """``open_session`` as a coroutine on the client's loop (``loop``)."""
         route = await self._view.plan(self.model, wait=self.route_wait)
         self.last_route = route
-        return await InferenceSession.open(
+
+        async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+            return await self._view.plan(self.model, blocks=blocks, exclude=exclude, wait=self.route_wait)
+
+        session = await InferenceSession.open(
             self._view.node, route, model_id=self.model.model_id, max_length=max_length,
             dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
             step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
+            replan=replan if self.failover else None, bans=self._view.bans,
         )
+        self.last_session = session
+        return session
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

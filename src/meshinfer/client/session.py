@@ -1,17 +1,30 @@
-"""An inference session over a planned route: one server session per hop, steps pushed along the chain.
+"""An inference session over a planned route: one server session per hop, steps pushed along the chain,
+failed hops replaced mid-generation with their history replayed.
 
 Contract (docs/architecture.md section 10): ``InferenceSession.open`` opens one ``meshinfer/session/1``
 stream per hop and sends ``Open(session_id_i, model, span_i, max_length, dtype, route_tail=[hops after
 i])``, all hops concurrently, each answered by ``Opened`` (the Open round trip is reported as that
 peer's RTT). ``step(hidden[T, H])`` sends ``Step(position, hidden)`` to the FIRST hop only; every hop
 returns its ``StepResult`` to the client while pushing its output to the next hop. The client keeps
-each hop's input (the previous hop's output) as that span's history (``span_inputs``) for failover
-replay, and returns the last hop's output. ``Error(next_hop_failed)`` from hop i makes the client
-drive hop i+1 itself with hop i's output (so does ``push=False`` for every hop). Any other ``Error``
-becomes a ``RemoteError`` naming the server and its blocks; a broken stream or a step that takes
-longer than ``step_timeout`` is a ``TransportError``; after either the session is unusable. ``close``
-sends ``Close`` on every hop and ends all streams (idempotent, never raises). Step results of earlier
-step ids (pushes and client fallback may overlap) are ignored.
+each hop's input (the previous hop's output) as that span's history (``span_inputs``) and returns the
+last hop's output. ``Error(next_hop_failed)`` from hop i makes the client drive hop i+1 itself with
+hop i's output (so does ``push=False`` for every hop).
+
+Failover (given a ``replan`` function): a hop FAILS when its stream breaks (server killed, network),
+when it answers with an error that says it cannot go on (``FAILOVER_CODES``: shutting down, unknown
+session, internal error...), when opening it fails, or when it stalls: no progress for
+``stall_timeout`` (adaptive: many times the usual time per token, at least ``min_stall_s``; a hung
+server is found in seconds, not at the step deadline). The failed peer is banned (``BanList``, with
+exponential backoff, shared by the client's sessions); ``replan`` gives a chain of other servers for
+the lost blocks (possibly several); sessions are opened there and the span's history is replayed
+through them in chunks (rebuilding their KV caches; the outputs of the last one are dropped: the next
+hop already has them); ``Retarget`` points the previous hop's pushes at the replacement and the
+replacement's at the next hop; then the interrupted step is sent again from the first hop without
+its output (with a new step id; hops after it recompute the same position identically). The output
+is the same as if nothing had failed. ``failovers`` records each one (peer, reason, seconds, tokens
+replayed). Errors that a replacement would repeat (bad request, limits) are raised as
+``RemoteError``; after ``max_failovers`` in one step, or with no ``replan``, a failure is final and the
+session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises).
 
 Async core, run on the ``PeerNode``'s loop; ``SyncInferenceSession`` wraps it for threads through a
 ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
@@ -26,16 +39,17 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from meshinfer.client.bans import BanList
+from meshinfer.client.hops import FAILOVER_CODES, Failover, HopFailure, HopSession, replaceable
+from meshinfer.client.recovery import Recovery, Replanner
 from meshinfer.client.routing import RouteHop
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError, WireError
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.runner import LoopThread
-from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import canonical_dtype
 from meshinfer.wire.messages import (
     Close,
@@ -55,36 +69,17 @@ log = logging.getLogger(__name__)
 
 IDLE_READ_S = 1e6
 """Per-message read timeout of the background readers: a session may sit idle between steps; every
-step has its own deadline (``step_timeout``)."""
+step has its own deadline (``step_timeout``) and stall detection."""
 
 RttCallback = Callable[[str, float], None]
 
-
-def short_peer(peer_id: str) -> str:
-    return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
-
-
-@dataclass
-class HopSession:
-    """The client's end of one server's session: the hop, its session id, stream and input history."""
-
-    hop: RouteHop
-    session_id: str
-    stream: MessageStream | None = None
-    inputs: list[torch.Tensor] = field(default_factory=list)
-    """Every hidden-state input this span received, step by step ([T_k, H] each)."""
-    reader: asyncio.Task[None] | None = None
-
-    def where(self) -> str:
-        return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"
-
-
-class InferenceSession:
+class InferenceSession(Recovery):
     """Hidden states through a chain of servers, keeping each server's KV cache alive between steps."""
 
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                  dtype: str = "float32", push: bool = True, step_timeout: float = 60.0,
-                 max_chunk_tokens: int = 2048) -> None:
+                 max_chunk_tokens: int = 2048, replan: Replanner | None = None, bans: BanList | None = None,
+                 max_failovers: int = 8, min_stall_s: float = 3.0, open_timeout: float = 15.0) -> None:
         if not route:
             raise ConfigError("a session needs a route of at least one hop")
         for a, b in itertools.pairwise(route):
@@ -101,13 +96,21 @@ class InferenceSession:
         self.push = push
         self.step_timeout = step_timeout
         self.max_chunk_tokens = max_chunk_tokens
+        self.replan = replan
+        self.bans = bans if bans is not None else BanList()
+        self.max_failovers = max_failovers
+        self.min_stall_s = min_stall_s
+        self.open_timeout = open_timeout
         self.hops = [HopSession(h, secrets.token_hex(12)) for h in route]
         self.position = 0
+        self.failovers: list[Failover] = []
         self._next_step_id = 0
-        self._events: asyncio.Queue[tuple[int, Message | MeshinferError]] = asyncio.Queue()
+        self._events: asyncio.Queue[tuple[HopSession, Message | MeshinferError]] = asyncio.Queue()
         self._broken: MeshinferError | None = None
         self._closed = False
         self._answered: dict[int, torch.Tensor] = {}
+        self._s_per_token: float | None = None  # smoothed seconds per token of a whole step
+        self._on_rtt: RttCallback | None = None
 
     @property
     def route(self) -> list[RouteHop]:
@@ -119,21 +122,32 @@ class InferenceSession:
     async def open(cls, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                    dtype: str = "float32", push: bool = True, open_timeout: float = 15.0,
                    step_timeout: float = 60.0, max_chunk_tokens: int = 2048,
-                   on_rtt: RttCallback | None = None) -> InferenceSession:
-        """Open a session on every hop of ``route`` (all or nothing: a failure closes what was opened)."""
+                   on_rtt: RttCallback | None = None, replan: Replanner | None = None,
+                   bans: BanList | None = None, max_failovers: int = 8,
+                   min_stall_s: float = 3.0) -> InferenceSession:
+        """Open a session on every hop of ``route``. A hop that cannot be opened is replaced (with
+        ``replan``); without ``replan`` it is all or nothing (a failure closes what was opened)."""
         session = cls(node, route, model_id=model_id, max_length=max_length, dtype=dtype, push=push,
-                      step_timeout=step_timeout, max_chunk_tokens=max_chunk_tokens)
-        tasks = [asyncio.create_task(session._open_hop(i, open_timeout, on_rtt)) for i in range(len(route))]
+                      step_timeout=step_timeout, max_chunk_tokens=max_chunk_tokens, replan=replan, bans=bans,
+                      max_failovers=max_failovers, min_stall_s=min_stall_s, open_timeout=open_timeout)
+        session._on_rtt = on_rtt
         try:
-            await asyncio.gather(*tasks)
+            results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i))
+                                             for i, hs in enumerate(session.hops)), return_exceptions=True)
+            failed = [(hs, r) for hs, r in zip(session.hops, results, strict=True) if isinstance(r, BaseException)]
+            for _, err in failed:
+                if not isinstance(err, Exception):
+                    raise err  # cancelled
+            if failed and (replan is None or any(not replaceable(err) for _, err in failed)):
+                raise next(err for _, err in failed if replan is None or not replaceable(err))
+            for hs, err in failed:
+                await session._replace(hs, f"cannot open a session: {err}")
+            await session._fix_tails()
         except BaseException:
-            for task in tasks:  # stop the other opens before closing what they opened
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
             raise
-        for i, hs in enumerate(session.hops):
-            hs.reader = asyncio.create_task(session._read(i), name=f"session-read:{hs.session_id[:8]}")
+        for hs in session.hops:
+            session._start_reader(hs)
         return session
 
     def _route_tail(self, i: int) -> list[Hop]:
@@ -143,13 +157,12 @@ class InferenceSession:
                     maddrs=list(h.hop.record.addresses)[:16], direct=list(h.hop.record.direct_addresses)[:8])
                 for h in self.hops[i + 1:]]
 
-    async def _open_hop(self, i: int, timeout: float, on_rtt: RttCallback | None) -> None:
-        hs = self.hops[i]
-        hs.stream = await self.node.open_stream(hs.hop.peer_id, SESSION_PROTOCOL,
-                                                maddrs=hs.hop.record.addresses,
+    async def _open_hop(self, hs: HopSession, route_tail: list[Hop]) -> None:
+        timeout = self.open_timeout
+        hs.stream = await self.node.open_stream(hs.hop.peer_id, SESSION_PROTOCOL, maddrs=hs.hop.record.addresses,
                                                 direct=hs.hop.record.direct_addresses, timeout=timeout)
         msg = Open(session_id=hs.session_id, model=self.model_id, span=hs.hop.span, max_length=self.max_length,
-                   dtype=self.dtype, route_tail=self._route_tail(i))
+                   dtype=self.dtype, route_tail=route_tail)
         started = time.perf_counter()
         try:
             reply = await hs.stream.request(msg, timeout=timeout)
@@ -157,25 +170,30 @@ class InferenceSession:
             raise RemoteError(err.code, f"{err.remote_message} ({hs.where()})") from None
         except TransportError as err:
             raise TransportError(f"cannot open a session on {hs.where()}: {err}") from None
-        if on_rtt is not None:
-            on_rtt(hs.hop.peer_id, time.perf_counter() - started)
+        if self._on_rtt is not None:
+            self._on_rtt(hs.hop.peer_id, time.perf_counter() - started)
         if not isinstance(reply, Opened) or reply.session_id != hs.session_id:
             raise WireError(f"{hs.where()} answered Open with an unexpected {type(reply).__name__}")
         if reply.span != hs.hop.span or reply.max_length < self.max_length:
             raise WireError(f"{hs.where()} opened span {reply.span} for {reply.max_length} tokens; "
                             f"asked for {hs.hop.span} and {self.max_length}")
+        hs.tail = route_tail[0].session_id if route_tail else None
 
-    async def _read(self, i: int) -> None:
-        """Background reader of hop ``i``: every message (or the error that ended the stream) -> events."""
-        stream = self.hops[i].stream
+    def _start_reader(self, hs: HopSession) -> None:
+        if hs.reader is None:
+            hs.reader = asyncio.create_task(self._read(hs), name=f"session-read:{hs.session_id[:8]}")
+
+    async def _read(self, hs: HopSession) -> None:
+        """Background reader of one hop: every message (or the error that ended the stream) -> events."""
+        stream = hs.stream
         assert stream is not None
         while True:
             try:
                 msg = await stream.recv(timeout=IDLE_READ_S)
             except MeshinferError as err:
-                self._events.put_nowait((i, err))
+                self._events.put_nowait((hs, err))
                 return
-            self._events.put_nowait((i, msg))
+            self._events.put_nowait((hs, msg))
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -186,14 +204,15 @@ class InferenceSession:
             raise ConfigError("this session has not run any step yet")
         return torch.cat(inputs, dim=0)
 
+    def _per_step(self, hidden_size: int) -> int:
+        return max(1, min(self.max_chunk_tokens,
+                          self.node.settings.stream.limits.max_tensor_bytes // (hidden_size * ITEMSIZE[self.dtype])))
+
     async def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         """Run ``hidden`` through the route as one or more steps of at most ``max_chunk_tokens``."""
         if hidden.dim() != 2 or hidden.shape[0] == 0:
             raise ConfigError(f"expected hidden states [tokens, hidden], got {tuple(hidden.shape)}")
-        per_step = max(1, min(self.max_chunk_tokens,
-                              self.node.settings.stream.limits.max_tensor_bytes
-                              // (hidden.shape[1] * ITEMSIZE[self.dtype])))
-        outs = [await self.step(chunk) for chunk in torch.split(hidden, per_step, dim=0)]
+        outs = [await self.step(chunk) for chunk in torch.split(hidden, self._per_step(hidden.shape[1]), dim=0)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
@@ -209,11 +228,10 @@ class InferenceSession:
             raise ContextOverflowError(f"this session holds {self.position} tokens; {tokens} more exceed "
                                        f"its max_length of {self.max_length}")
         x = hidden.detach().to(getattr(torch, self.dtype)).contiguous()  # [T, H]
-        step_id = self._next_step_id
-        self._next_step_id += 1
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.step_timeout):
-                outputs = await self._run_step(step_id, x)
+                outputs = await self._step_with_failover(x)
         except TimeoutError:
             err = TransportError(f"a step of {tokens} token(s) got no answer from "
                                  f"{self._laggards_text()} within {self.step_timeout:g}s")
@@ -222,18 +240,41 @@ class InferenceSession:
         except MeshinferError as err:
             self._broken = err
             raise
-        self.hops[0].inputs.append(x)
-        for i in range(1, len(self.hops)):
-            self.hops[i].inputs.append(outputs[i - 1])
+        for i, hs in enumerate(self.hops):
+            hs.inputs.append(x if i == 0 else outputs[i - 1])
         self.position += tokens
+        per_token = (time.monotonic() - started) / tokens
+        self._s_per_token = per_token if self._s_per_token is None else 0.8 * self._s_per_token + 0.2 * per_token
         return outputs[len(self.hops) - 1]
+
+    async def _step_with_failover(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        outputs: dict[int, torch.Tensor] = {}
+        start, failures = 0, 0
+        while True:
+            try:
+                await self._fix_tails()
+                await self._run_from(start, x if start == 0 else outputs[start - 1], outputs, x.shape[0])
+                return outputs
+            except HopFailure as failure:
+                failures += 1
+                if self.replan is None or failures > self.max_failovers:
+                    raise TransportError(f"lost the session on {failure}") from None
+                index = self.hops.index(failure.hs)
+                await self._replace(failure.hs, failure.reason)
+                start = min([index] + [j for j in range(index) if j not in outputs])
+                outputs = {j: out for j, out in outputs.items() if j < start}
 
     def _laggards_text(self) -> str:
         waiting = [h.where() for i, h in enumerate(self.hops) if i not in self._answered]
         return ", ".join(waiting) or "the route"
 
-    async def _send_step(self, i: int, step_id: int, x: torch.Tensor) -> None:
-        hs = self.hops[i]
+    def _stall_timeout(self, tokens: int) -> float:
+        """Seconds without any progress after which the first unanswered hop counts as hung."""
+        if self._s_per_token is None:
+            return self.step_timeout
+        return max(self.min_stall_s, 20.0 * self._s_per_token * tokens)
+
+    async def _send_step(self, hs: HopSession, step_id: int, x: torch.Tensor) -> None:
         assert hs.stream is not None
         msg = Step(session_id=hs.session_id, step_id=step_id, position=self.position, hidden=encode_tensor(x))
         try:
@@ -241,30 +282,41 @@ class InferenceSession:
             if not hs.stream.send_nowait(payload):
                 await hs.stream.send_bytes(payload)
         except TransportError as err:
-            raise TransportError(f"cannot send a step to {hs.where()}: {err}") from None
+            raise HopFailure(hs, f"cannot send a step: {err}") from None
 
-    async def _run_step(self, step_id: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    async def _run_from(self, start: int, first_input: torch.Tensor, outputs: dict[int, torch.Tensor],
+                        tokens: int) -> None:
+        """Send the step to hop ``start`` and collect every hop's output from there on into ``outputs``."""
         n = len(self.hops)
-        outputs: dict[int, torch.Tensor] = {}
+        step_id = self._next_step_id
+        self._next_step_id += 1
         self._answered = outputs  # for the timeout message: who has not answered yet
-        drive = set(range(1, n)) if not self.push else set()  # hops the client sends to itself
-        sent = {0}
-        await self._send_step(0, step_id, x)
+        drive = set(range(start + 1, n)) if not self.push else set()  # hops the client sends to itself
+        sent = {start}
+        await self._send_step(self.hops[start], step_id, first_input)
         while len(outputs) < n:
-            i, msg = await self._events.get()
-            hs = self.hops[i]
+            try:
+                hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
+            except TimeoutError:
+                lag = self.hops[min(j for j in range(start, n) if j not in outputs)]
+                raise HopFailure(lag, f"no answer for {self._stall_timeout(tokens):.1f}s (hung?)") from None
+            if hs not in self.hops:
+                continue  # from a hop that was replaced
+            i = self.hops.index(hs)
             if isinstance(msg, MeshinferError):
-                raise TransportError(f"lost the session on {hs.where()}: {msg}")
+                raise HopFailure(hs, f"stream lost: {msg}")
             if isinstance(msg, StepResult):
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
-                    continue  # an answer to an earlier step (push and fallback overlapped)
-                outputs[i] = self._check_output(hs, msg, x)
+                    continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
+                outputs[i] = self._check_output(hs, msg, first_input)
             elif isinstance(msg, Error):
                 if msg.step_id is not None and msg.step_id < step_id:
-                    continue  # about an earlier step that has completed anyway
+                    continue  # about an earlier step that has completed (or been retried) anyway
                 if msg.code == ErrorCode.NEXT_HOP_FAILED and i + 1 < n:
                     log.info("%s could not push to the next hop (%s); driving it directly", hs.where(), msg.message)
                     drive.add(i + 1)
+                elif msg.code in FAILOVER_CODES:
+                    raise HopFailure(hs, f"{msg.code}: {msg.message}")
                 else:
                     raise RemoteError(msg.code, f"{msg.message} ({hs.where()})")
             else:
@@ -272,8 +324,7 @@ class InferenceSession:
             for j in sorted(drive - sent):
                 if j - 1 in outputs:
                     sent.add(j)
-                    await self._send_step(j, step_id, outputs[j - 1])
-        return outputs
+                    await self._send_step(self.hops[j], step_id, outputs[j - 1])
 
     def _check_output(self, hs: HopSession, msg: StepResult, x: torch.Tensor) -> torch.Tensor:
         out = decode_tensor(msg.hidden, self.node.settings.stream.limits)
@@ -303,6 +354,9 @@ class InferenceSession:
             if hs.reader is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await hs.reader
+        if self._broken is None:
+            for hs in self.hops:
+                self.bans.succeed(hs.hop.peer_id)
 
     async def __aenter__(self) -> InferenceSession:
         return self
@@ -325,6 +379,10 @@ class SyncInferenceSession:
     @property
     def route(self) -> list[RouteHop]:
         return self.session.route
+
+    @property
+    def failovers(self) -> list[Failover]:
+        return self.session.failovers
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         return self._runner.run(self.session.forward(hidden))

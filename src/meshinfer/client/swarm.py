@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from meshinfer.client.bans import BanList
 from meshinfer.client.routing import NoRouteError, RouteHop, plan_route
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError
@@ -78,6 +79,8 @@ class SwarmView:
         self.node = node
         self.dht_timeout = dht_timeout
         self.max_age = max_age
+        self.bans = BanList()
+        """Peers that failed this client recently (sessions ban them; routes avoid them until the ban ends)."""
         self._cache: dict[str, _Cached] = {}
         self._rtt: dict[PeerIdStr, float] = {}
         self._refreshers: dict[str, asyncio.Task[None]] = {}
@@ -154,9 +157,10 @@ class SwarmView:
 
     async def plan(self, model: ModelRef, *, blocks: BlockRange | None = None, exclude: Iterable[PeerIdStr] = (),
                    wait: float = 3.0) -> list[RouteHop]:
-        """A route over ``blocks`` (default: the whole model); retries for ``wait`` s while none exists."""
+        """A route over ``blocks`` (default: the whole model) avoiding ``exclude`` and banned peers; retries
+        for ``wait`` s while none exists."""
         wanted = blocks or BlockRange(0, model.num_blocks)
-        excluded = set(exclude)
+        excluded = set(exclude) | self.bans.banned(time.monotonic())
         deadline = time.monotonic() + wait
         refresh = False
         while True:

@@ -31,6 +31,7 @@ from meshinfer.server.memory import MemoryBudget, Overloaded
 from meshinfer.server.push import PushPool
 from meshinfer.server.runtime import StepLoop
 from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
+from meshinfer.types import BlockRange
 from meshinfer.wire.limits import WireLimits
 from meshinfer.wire.messages import (
     Close,
@@ -42,6 +43,7 @@ from meshinfer.wire.messages import (
     Opened,
     Ping,
     Pong,
+    Retarget,
     Step,
     StepResult,
     decode_message,
@@ -119,11 +121,7 @@ class SessionService:
             raise SessionError(ErrorCode.LIMIT_EXCEEDED,
                                f"max_length {msg.max_length} exceeds the model's context of "
                                f"{spec.max_position_embeddings} tokens")
-        next_hop = msg.route_tail[0] if msg.route_tail else None
-        if next_hop is not None and (next_hop.span.start != msg.span.end or next_hop.span.end > spec.num_blocks):
-            raise SessionError(ErrorCode.BAD_REQUEST,
-                               f"route tail must continue at block {msg.span.end} within the model's "
-                               f"{spec.num_blocks} blocks, got next hop span {next_hop.span}")
+        next_hop = self._next_hop(msg.span, msg.route_tail)
         if msg.session_id in self.sessions or self.budget.holds(msg.session_id):
             raise SessionError(ErrorCode.BAD_REQUEST, f"session id {msg.session_id!r} is already in use")
         try:
@@ -151,6 +149,31 @@ class SessionService:
                  self.budget.tokens_left)
         self.on_change()
         return session
+
+    def _next_hop(self, span: BlockRange, route_tail: list[Hop]) -> Hop | None:
+        """The first hop of ``route_tail`` after checking it continues ``span`` (``SessionError`` if not)."""
+        next_hop = route_tail[0] if route_tail else None
+        num_blocks = self.loop.span.spec.num_blocks
+        if next_hop is not None and (next_hop.span.start != span.end or next_hop.span.end > num_blocks):
+            raise SessionError(ErrorCode.BAD_REQUEST,
+                               f"route tail must continue at block {span.end} within the model's "
+                               f"{num_blocks} blocks, got next hop span {next_hop.span}")
+        return next_hop
+
+    def retarget(self, session: Session, msg: Retarget) -> None:
+        """Push ``session``'s next outputs to ``msg.route_tail[0]`` (or nowhere); ``SessionError`` if invalid."""
+        if msg.session_id != session.session_id:
+            raise SessionError(ErrorCode.UNKNOWN_SESSION,
+                               f"this stream carries session {session.session_id!r}, not {msg.session_id!r}")
+        next_hop = self._next_hop(session.span, msg.route_tail)
+        old = session.next_hop
+        if old is not None and self._origins.get(old.session_id) is session:
+            del self._origins[old.session_id]
+        session.next_hop = next_hop
+        if next_hop is not None:
+            self._origins[next_hop.session_id] = session
+        log.info("session %s now pushes to %s", session.session_id,
+                 f"{next_hop.peer_id[:12]} (blocks {next_hop.span})" if next_hop else "nobody")
 
     def end(self, session: Session, reason: str) -> None:
         """Forget ``session`` and release its memory (idempotent)."""
@@ -361,6 +384,15 @@ class SessionService:
                     except SessionError as err:
                         self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
                                                   step_id=msg.step_id))
+                elif isinstance(msg, Retarget):
+                    if session is None:
+                        await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id,
+                                                message="send Open before Retarget"))
+                        continue
+                    try:
+                        self.retarget(session, msg)
+                    except SessionError as err:
+                        self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id))
                 elif isinstance(msg, Close):
                     reason = "closed by client"
                     if session is not None and session.delivery is not None:

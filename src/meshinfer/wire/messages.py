@@ -111,6 +111,15 @@ class StepResult(_Base, tag="step_result"):
     v: int = PROTOCOL_VERSION
 
 
+class Retarget(_Base, tag="retarget"):
+    """Point a session's pushes at another next hop (``route_tail``; empty: push nowhere). A client sends
+    it after replacing a failed server of its route; the session's later outputs go to the new hop."""
+
+    session_id: SessionId
+    route_tail: Annotated[list[Hop], msgspec.Meta(max_length=256)] = []
+    v: int = PROTOCOL_VERSION
+
+
 class Close(_Base, tag="close"):
     session_id: SessionId
     v: int = PROTOCOL_VERSION
@@ -136,8 +145,8 @@ class Pong(_Base, tag="pong"):
     v: int = PROTOCOL_VERSION
 
 
-Message = Open | Opened | Step | StepResult | Close | Error | Ping | Pong
-MESSAGE_TYPES: Final = (Open, Opened, Step, StepResult, Close, Error, Ping, Pong)
+Message = Open | Opened | Step | StepResult | Retarget | Close | Error | Ping | Pong
+MESSAGE_TYPES: Final = (Open, Opened, Step, StepResult, Retarget, Close, Error, Ping, Pong)
 
 
 class _VersionProbe(msgspec.Struct):
@@ -186,8 +195,8 @@ def decode_message(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS
 def _check(msg: Message, limits: WireLimits) -> None:
     if isinstance(msg, Step | StepResult):
         check_tensor(msg.hidden, limits)
-    elif isinstance(msg, Open):
-        if msg.dtype not in DTYPES:
+    elif isinstance(msg, Open | Retarget):
+        if isinstance(msg, Open) and msg.dtype not in DTYPES:
             raise WireError(f"unsupported dtype {msg.dtype[:32]!r}; expected one of {', '.join(DTYPES)}")
         if len(msg.route_tail) > limits.max_route_hops:
             raise LimitExceededError(
