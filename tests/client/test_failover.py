@@ -111,5 +111,5 @@ def test_without_failover_a_dead_server_ends_the_generation_with_a_clear_error(
     from meshinfer.errors import MeshinferError
 
     with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, failover=False) as client:
-        with pytest.raises(MeshinferError, match="lost the session|cannot|stream"):
+        with pytest.raises(MeshinferError, match=r"lost the session|cannot|stream"):
             _generate_and_hit(client, swarm, 1, signal.SIGKILL)

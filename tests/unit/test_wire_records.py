@@ -97,3 +97,73 @@ def test_fuzz_mutated_records(record: object, edits: list[tuple[int, int]]) -> N
         decode_record(bytes(raw))
     except WireError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load fields (issue 6): optional, so records written before they existed stay valid, and back again.
+
+
+class _ServerRecordBeforeLoad(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
+    """``ServerRecord`` as it was before the load fields: what an older peer reads with."""
+
+    peer_id: str
+    model_id: str
+    span: BlockRange
+    state: str
+    throughput: float
+    cache_tokens_left: int
+    addresses: list[str]
+    software_version: str
+    public_name: str | None = None
+    direct_addresses: list[str] = []
+    protocol_version: int = 1
+    v: int = RECORD_VERSION
+
+
+LOADED = msgspec.structs.replace(SERVER, sessions=9, queued_steps=3, batch_throughput=812.25, batch_size=8)
+
+
+def test_load_fields_default_to_zero() -> None:
+    assert (SERVER.sessions, SERVER.queued_steps, SERVER.batch_throughput, SERVER.batch_size) == (0, 0, 0.0, 0)
+
+
+def test_load_fields_round_trip() -> None:
+    back = decode_record(encode_record(LOADED))
+    assert isinstance(back, ServerRecord) and back == LOADED
+    assert (back.sessions, back.queued_steps, back.batch_throughput, back.batch_size) == (9, 3, 812.25, 8)
+
+
+def test_a_record_without_load_fields_still_decodes() -> None:
+    fields = msgspec.to_builtins(LOADED)
+    for name in ("sessions", "queued_steps", "batch_throughput", "batch_size"):
+        del fields[name]
+    back = decode_record(msgspec.msgpack.encode(fields))
+    assert back == SERVER
+
+
+def test_an_older_reader_ignores_load_fields() -> None:
+    old = msgspec.msgpack.decode(encode_record(LOADED), type=_ServerRecordBeforeLoad)
+    assert old.peer_id == LOADED.peer_id and old.span == LOADED.span
+    assert old.cache_tokens_left == LOADED.cache_tokens_left and old.throughput == LOADED.throughput
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"sessions": -1}, "sessions"),
+    ({"queued_steps": -2}, "queued_steps"),
+    ({"batch_throughput": -0.5}, "batch_throughput"),
+    ({"batch_throughput": 1e13}, "batch_throughput"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"batch_size": 4097}, "batch_size"),
+    ({"sessions": "many"}, "sessions"),
+])
+def test_invalid_load_fields(changes: dict[str, object], error: str) -> None:
+    fields = msgspec.to_builtins(LOADED)
+    fields.update(changes)
+    with pytest.raises(WireError, match=error):
+        decode_record(msgspec.msgpack.encode(fields))
+
+
+@pytest.mark.parametrize("batch_size", [0, 1, 4096])
+def test_batch_size_bounds_accepted(batch_size: int) -> None:
+    record = msgspec.structs.replace(LOADED, batch_size=batch_size)
+    assert decode_record(encode_record(record)) == record

@@ -6,6 +6,10 @@ the writing peer (its peer id, or ``<peer id>/<tag>``); signing and validation a
 ``meshinfer.p2p``'s job, this module only defines and checks the schema. ``decode_record`` raises
 only ``WireError``. Pure: no I/O, no torch, no network.
 
+Compatibility within one ``RECORD_VERSION``: fields are only ever added, with defaults, so a record
+written before a field existed still decodes (the field takes its default), and unknown fields are
+ignored, so older readers still decode newer records.
+
 Keys::
 
     model:<model_id>      subkey peer id -> ModelCard     (who announces this model)
@@ -63,6 +67,14 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     direct_addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=8)] = []
     """Where the server takes direct-plane session streams (``/ip4/H/tcp/P``; see ``meshinfer.p2p.direct``)."""
     protocol_version: Annotated[int, msgspec.Meta(ge=0)] = 1
+    sessions: Count = 0
+    """Inference sessions open on this server now (its load)."""
+    queued_steps: Count = 0
+    """Steps waiting in the server's step loop now (0 when it keeps up)."""
+    batch_throughput: Rate = 0.0
+    """Aggregate decode tokens per second with ``batch_size`` sessions decoding together (0: not measured)."""
+    batch_size: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    """The batch ``batch_throughput`` was measured at (0: not measured)."""
     v: int = RECORD_VERSION
 
 
