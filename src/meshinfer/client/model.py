@@ -12,7 +12,8 @@ equal ``LocalModel``'s on the same directory. The generation loop itself runs on
 loop (``astream``, an async generator: embeddings, network steps, LM head and sampling with no thread
 switch per token); ``stream`` hands its tokens to the calling thread through a queue, off the critical
 path. Any number of threads may generate at once, and any number of ``astream`` generations may run
-concurrently on the loop (one session each, no thread per session). ``close()`` (or the context
+concurrently on the loop (one session each, no thread per session); their LM-head calls of one loop
+iteration are batched into one matmul (``HeadBatcher``). ``close()`` (or the context
 manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover blocks
 ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
@@ -43,6 +44,43 @@ from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
 
 
+class HeadBatcher:
+    """The LM head for every generation on the client's loop, batched: the last hidden states that
+    sessions hand in during one loop iteration go through the head as ONE matmul (the head's weights are
+    read once per batch instead of once per session: at 16 sessions this is most of the client's work)."""
+
+    def __init__(self, head: ClientHead) -> None:
+        self.head = head
+        self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
+        self.batches = 0
+        self.rows = 0
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [H] -> [V] float32
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending.append((hidden, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._run)  # after the other sessions' results of this iteration are in
+        return await future
+
+    def _run(self) -> None:
+        batch, self._pending = self._pending, []
+        live = [(h, f) for h, f in batch if not f.cancelled()]
+        if not live:
+            return
+        try:
+            with torch.inference_mode():
+                out = self.head.logits(torch.stack([h for h, _ in live]))  # [B, V]
+        except Exception as err:
+            for _, future in live:
+                future.set_exception(err)
+            return
+        self.batches += 1
+        self.rows += len(live)
+        for (_, future), row in zip(live, out, strict=True):
+            future.set_result(row)
+
+
 class DistributedModel(TextGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
@@ -62,6 +100,7 @@ class DistributedModel(TextGenerator):
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
         self._view = view
+        self._heads = HeadBatcher(head)
         self._lock = threading.Lock()
         self._closed = False
         self.last_route: list[RouteHop] = []
@@ -212,8 +251,7 @@ class DistributedModel(TextGenerator):
                 with torch.inference_mode():
                     hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
                 out = await session.forward(hidden)  # [T, H]
-                with torch.inference_mode():
-                    return self.head.logits(out[-1])  # [V] float32
+                return await self._heads.logits(out[-1])  # [V] float32
 
             stops = self.stop_tokens(stop_token_ids)
             async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):
