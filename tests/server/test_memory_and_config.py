@@ -95,7 +95,7 @@ def test_server_config_validation() -> None:
     assert cfg.dtype == "bfloat16" and cfg.span == BlockRange(0, 2)
     for kwargs, text in [
         (dict(blocks="0:2"), "--model is required"),
-        (dict(model="m"), "--blocks is required"),
+        (dict(model="m", blocks="0:2", num_blocks=2), "exclude each other"),
         (dict(model="m", blocks="2:1"), "invalid block range"),
         (dict(model="m", blocks="x"), "expected START:END"),
         (dict(model="m", blocks="0:2", dtype="int8"), "unknown dtype"),

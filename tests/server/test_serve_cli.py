@@ -42,7 +42,7 @@ def test_bad_flags_exit_2_as_a_process(tiny_llama: Path) -> None:
 
 def test_sigterm_drains_and_exits_cleanly(swarm: Swarm, client: Client) -> None:
     proc = launch_server(str(swarm.model_dir), "0:4", swarm.bootstrap, "--public-name", "short-lived",
-                         "--torch-threads", "2")
+                         "--torch-threads", "2", "--drain-timeout", "1")
     try:
         server = wait_ready(proc)
         assert server.info["torch_threads"] == 2  # the flag reached torch.set_num_threads

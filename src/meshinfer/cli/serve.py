@@ -1,16 +1,19 @@
 """``meshinfer serve``: run a block server for one span of one model.
 
-Contract: parses ``ServerConfig`` and ``P2PConfig`` flags (bad values: one-line ``ConfigError``,
-exit 2, before any network or torch import), resolves ``--model demo`` to the built-in demo
-checkpoint, then runs ``server.app.serve_until_signal``. Once the server is announced online it
+Contract: parses ``ServerConfig`` and ``P2PConfig`` flags (bad values, e.g. ``--blocks`` together
+with ``--num-blocks``: one-line ``ConfigError``, exit 2, before any network or torch import), resolves
+``--model demo`` to the built-in demo checkpoint, then runs ``server.app.serve_until_signal``.
+Without ``--blocks`` the server places itself where the swarm is weakest and moves when that helps;
+the ready line's ``blocks`` is where it started. Once the server is announced online it
 prints, in one flushed write on stdout, its multiaddrs one per line and then the ready line::
 
     ready {"peer_id": ..., "maddrs": [...], "model_id": ..., "blocks": "0:4", "throughput": ..., ...}
 
 (``parse_ready_line`` reads it back), so launchers and tests can wait for it. Logs go to stderr.
-SIGINT/SIGTERM stop it cleanly (exit 0); ``--stop-on-stdin-eof`` also stops it when its parent closes
-its stdin (for launchers: no orphaned servers). Once stopped it exits without the slow interpreter
-teardown when nothing it started is left (``_exit_now_if_clean``).
+SIGINT/SIGTERM stop it cleanly after draining (exit 0; exit 1 if it could no longer serve);
+``--stop-on-stdin-eof`` also stops it when its parent closes its stdin (for launchers: no orphaned
+servers). Once stopped it exits without the slow interpreter teardown when nothing it started is
+left (``_exit_now_if_clean``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve", help="serve a span of a model's blocks to the swarm",
         description="Serve blocks START:END of a model to the swarm: join through --initial-peers, announce "
-                    "the span in the DHT, and run inference sessions for clients. --blocks 0:N is a full node. "
-                    "Stop it with Ctrl-C.",
+                    "the span in the DHT, and run inference sessions for clients. --blocks 0:N is a full node; "
+                    "without --blocks the server chooses its blocks (--num-blocks of them, or as many as memory "
+                    "allows) where the swarm is weakest, and moves when that speeds the swarm up. "
+                    "Stop it with Ctrl-C: it drains open sessions for up to --drain-timeout seconds (Ctrl-C "
+                    "again to end them now).",
     )
     add_config_flags(parser, ServerConfig)
     add_config_flags(parser, P2PConfig)

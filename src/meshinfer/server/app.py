@@ -2,14 +2,20 @@
 
 Contract: ``BlockServer.start(config, p2p)`` checks the checkpoint and the span before touching the
 network (bad input: one-line ``MeshinferError``), computes the model id
-(``models.fingerprint.checkpoint_fingerprint``), starts a ``PeerNode``, announces the server as
-``joining``, loads only its span's tensors, measures throughput, serves ``meshinfer/session/1`` and
-``meshinfer/push/1``, and announces ``online`` (``ModelCard`` + ``ServerRecord`` through
-``p2p.Announcer``). While it runs, ``cache_tokens_left`` is re-announced (debounced) whenever a
-session opens or ends. ``stop()`` announces ``draining``, stops refreshing, ends every session
-(clients get an ``Error``), stops the step loop and leaves the swarm; it is idempotent.
+(``models.fingerprint.checkpoint_fingerprint``), starts a ``PeerNode``, and, without ``--blocks``,
+chooses its span from the swarm it reads (``server.rebalance``: length from ``--num-blocks`` or
+memory, start where the swarm is weakest). It then announces the server as ``joining``, loads only
+its span's tensors, measures throughput, serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and
+announces ``online`` (``ModelCard`` + ``ServerRecord`` through ``p2p.Announcer``). While it runs,
+``cache_tokens_left`` is re-announced (debounced) whenever a session opens or ends, and an
+automatically placed server re-checks its place every ``--rebalance-interval`` s; to move it drains
+(announces ``draining``, refuses new sessions, lets open ones finish for up to ``--drain-timeout`` s,
+ends the rest with an ``Error``), loads the new span, re-measures and announces ``online`` there.
+The announced record always names the span being served (or, while ``joining``, about to be).
+``stop()`` drains the same way, then stops the step loop and leaves the swarm; it is idempotent.
 ``serve_until_signal`` wraps all of it for the CLI: SIGTERM/SIGINT (and optionally stdin EOF), even
-during start-up, lead to a clean stop. Printing is the caller's job (``on_ready``); this module logs.
+during start-up, lead to a clean stop; a second signal cuts the drain short. Printing is the
+caller's job (``on_ready``); this module logs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -32,16 +39,24 @@ from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.fingerprint import checkpoint_fingerprint
+from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p import SESSION_PROTOCOL
-from meshinfer.p2p.announce import Announcer
+from meshinfer.p2p.announce import Announcer, read_coverage
 from meshinfer.p2p.node import NodeSettings, PeerNode
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
+from meshinfer.server.rebalance import (
+    Rebalancer,
+    Snapshot,
+    auto_span_length,
+    available_memory,
+    choose_start_span,
+)
 from meshinfer.server.runtime import StepLoop
-from meshinfer.server.throughput import measure_throughput
+from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
 from meshinfer.wire.limits import DEFAULT_LIMITS
 from meshinfer.wire.messages import PROTOCOL_VERSION
@@ -51,6 +66,12 @@ log = logging.getLogger(__name__)
 
 STATUS_DEBOUNCE = 0.25
 """Seconds to gather session changes into one re-announcement."""
+PUBLISH_TIMEOUT = 5.0
+"""Most seconds one state change waits for the DHT (the refresh task retries after that)."""
+DHT_READ_TIMEOUT = 5.0
+"""Most seconds one read of the swarm's coverage may take."""
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+LEAVING_MESSAGE = "server is shutting down (leaving the swarm); open a session elsewhere"
 
 
 def _card_dtype(spec_dtype: str | None, fallback: str) -> str:
@@ -67,6 +88,27 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _span_length(config: ServerConfig, spec: ModelSpec) -> tuple[int, str]:
+    """How many blocks an automatically placed server serves (``--num-blocks``, else what memory holds)."""
+    size = DTYPE_BYTES.get(config.dtype, 4)
+    return auto_span_length(
+        spec.num_blocks, requested=config.num_blocks,
+        free_bytes=available_memory() if config.num_blocks is None else None,
+        weight_bytes=spec.block_param_count() * size,
+        kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens, dtype_bytes=size),
+    )
+
+
+async def _read_snapshot(node: PeerNode, model_id: str, num_blocks: int) -> Snapshot:
+    """The model's servers as the DHT shows them now; a failed read is an empty, incomplete snapshot."""
+    try:
+        coverage = await read_coverage(node, model_id, num_blocks, timeout=DHT_READ_TIMEOUT)
+    except (MeshinferError, TimeoutError) as err:
+        log.warning("could not read the swarm's coverage: %s", str(err) or "timeout")
+        return Snapshot([], complete=False)
+    return Snapshot(list(coverage.servers.values()), coverage.complete)
+
+
 @dataclass
 class BlockServer:
     config: ServerConfig
@@ -75,14 +117,21 @@ class BlockServer:
     model_id: str
     card: ModelCard
     node: PeerNode
+    ckpt: Checkpoint | None = None
     announcer: Announcer | None = None
     loop: StepLoop | None = None
     service: SessionService | None = None
     pool: PushPool | None = None
     throughput: float = 0.0
+    measured: Throughput | None = None
     state: ServerState = "joining"
+    rebalancer: Rebalancer | None = None
+    fatal: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    """Set when the server can no longer serve (a move failed and the old span could not be reloaded)."""
     _status_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _rebalance_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
 
     @property
@@ -99,7 +148,10 @@ class BlockServer:
                 "model_name": self.card.name, "blocks": str(self.span_range),
                 "num_blocks": self.card.num_blocks, "dtype": self.config.dtype,
                 "throughput": round(self.throughput, 2), "cache_tokens": self.config.cache_tokens,
-                "torch_threads": _torch_threads(), "state": self.state}
+                "torch_threads": _torch_threads(), "state": self.state,
+                "auto_placement": self.config.auto_placement,
+                "batch_throughput": round(self.measured.batch, 2) if self.measured else 0.0,
+                "batch_size": self.measured.batch_size if self.measured else 0}
 
     def record(self) -> ServerRecord:
         left = self.service.budget.tokens_left if self.service is not None else self.config.cache_tokens
@@ -107,6 +159,10 @@ class BlockServer:
             peer_id=self.peer_id, model_id=self.model_id, span=self.span_range, state=self.state,
             throughput=self.throughput, cache_tokens_left=left, addresses=self.maddrs[:16],
             direct_addresses=self.node.direct_addresses[:8],
+            sessions=len(self.service.sessions) if self.service is not None else 0,
+            queued_steps=self.loop.queued_steps if self.loop is not None else 0,
+            batch_throughput=self.measured.batch if self.measured is not None else 0.0,
+            batch_size=self.measured.batch_size if self.measured is not None else 0,
             software_version=__version__, public_name=self.config.public_name, protocol_version=PROTOCOL_VERSION,
         )
 
@@ -114,9 +170,9 @@ class BlockServer:
 
     @classmethod
     async def start(cls, config: ServerConfig, p2p: P2PConfig, model_dir: str | Path | None = None) -> BlockServer:
-        """Check, join the swarm, load, measure, serve and announce; see the module docstring."""
+        """Check, join the swarm, place, load, measure, serve and announce; see the module docstring."""
         model_dir = Path(model_dir or config.model).expanduser()
-        span_range = config.span
+        fixed = config.span
         if config.torch_threads is not None:
             import torch
 
@@ -124,13 +180,15 @@ class BlockServer:
             log.info("torch uses %d compute threads", torch.get_num_threads())
         ckpt = await asyncio.to_thread(Checkpoint, model_dir)
         spec = ckpt.spec
-        if span_range.end > spec.num_blocks:
-            raise ConfigError(f"--blocks {span_range} lies outside the model: {model_dir.name} has "
+        if fixed is not None and fixed.end > spec.num_blocks:
+            raise ConfigError(f"--blocks {fixed} lies outside the model: {model_dir.name} has "
                               f"{spec.num_blocks} blocks (valid: 0:{spec.num_blocks} or any part of it)")
+        needed = fixed or BlockRange(0, spec.num_blocks)  # a self-placing server may move to any block
         expected: dict[str, tuple[int, ...]] = {}
-        for i in span_range.blocks():
+        for i in needed.blocks():
             expected.update(spec.block_tensors(i))
-        ckpt.check(expected, f"blocks {span_range}")
+        ckpt.check(expected, f"blocks {needed}")
+        length, why_length = _span_length(config, spec) if fixed is None else (len(fixed), "--blocks")
         model_id = await asyncio.to_thread(checkpoint_fingerprint, model_dir)
         card = ModelCard(model_id=model_id, name=(config.model_name or model_dir.resolve().name)[:256],
                          family=spec.family, num_blocks=spec.num_blocks, hidden_size=spec.hidden_size,
@@ -138,50 +196,88 @@ class BlockServer:
         read_timeout = max(3600.0, 2 * config.session_idle_timeout)  # idle sessions are expired by the service
         settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
         node = await PeerNode.start(p2p, settings)
-        server = cls(config, model_dir, span_range, model_id, card, node)
         try:
-            await server._serve(ckpt)
+            if fixed is None:
+                fixed, why = await choose_start_span(
+                    lambda: _read_snapshot(node, model_id, spec.num_blocks), num_blocks=spec.num_blocks,
+                    length=length, peer_id=node.peer_id, rng=random.Random())
+                log.info("automatic placement: blocks %s of %d; length: %s; place: %s", fixed, spec.num_blocks,
+                         why_length, why)
+        except BaseException:
+            await node.close()
+            raise
+        server = cls(config, model_dir, fixed, model_id, card, node, ckpt=ckpt)
+        try:
+            await server._serve()
         except BaseException:
             await server.stop()
             raise
         return server
 
-    async def _serve(self, ckpt: Checkpoint) -> None:
+    async def _serve(self) -> None:
         cfg = self.config
         log.info("peer %s joined the swarm at %s", self.peer_id, ", ".join(self.maddrs))
         self.announcer = Announcer(self.node, self.card, self.record(), ttl=cfg.announce_ttl,
                                    refresh=cfg.announce_refresh)
         await self.announcer.start()
         log.info("announced model %s (%s) blocks %s as joining", self.card.name, self.model_id, self.span_range)
+        await self._load_and_serve()
+        self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")
+        if cfg.auto_placement and cfg.rebalance_interval > 0:
+            self.rebalancer = Rebalancer(
+                read=lambda: _read_snapshot(self.node, self.model_id, self.card.num_blocks), move=self.move,
+                me=self.record, num_blocks=self.card.num_blocks, interval=cfg.rebalance_interval,
+                balance_quality=cfg.balance_quality)
+            self._rebalance_task = asyncio.create_task(self.rebalancer.run(), name="rebalance")
+            log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
+
+    async def _load_and_serve(self) -> None:
+        """Load ``span_range``, measure it, (re)start serving it and announce ``online``."""
+        cfg = self.config
+        assert self.ckpt is not None
         t0 = time.perf_counter()
-        span = await asyncio.to_thread(ckpt.load_span, self.span_range, cfg.dtype)
+        span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype)
         log.info("loaded blocks %s (%s) in %.2f s", self.span_range, cfg.dtype, time.perf_counter() - t0)
-        self.loop = StepLoop(span, lambda job, out, err: self._on_result(job, out, err), limits=DEFAULT_LIMITS)
-        self.throughput = await self.loop.call(measure_throughput, span)
-        log.info("measured %.1f decode tokens/s for blocks %s", self.throughput, self.span_range)
-        self.service = SessionService(
-            model_id=self.model_id, peer_id=self.peer_id, loop=self.loop,
-            budget=MemoryBudget(cfg.cache_tokens, cfg.max_sessions), limits=DEFAULT_LIMITS,
-            max_step_tokens=cfg.max_step_tokens, idle_timeout=cfg.session_idle_timeout,
-            on_change=self._status_dirty.set,
-        )
-        self.pool = PushPool(self.node, self.service.on_push_error, settings=self.node.settings.stream)
-        self.service.pool = self.pool
-        self.loop.start()
-        self.service.start()
-        await self.node.handle(SESSION_PROTOCOL, self.service.handle_session)
-        await self.node.handle(PUSH_PROTOCOL, self.service.handle_push)
+        loop = StepLoop(span, lambda job, out, err: self._on_result(job, out, err), limits=DEFAULT_LIMITS)
+        self.loop = loop
+        measured = await loop.call(measure_throughputs, span, TYPICAL_BATCH)
+        self.measured, self.throughput = measured, measured.single
+        log.info("measured %.1f decode tokens/s for blocks %s (%.1f aggregate at %d sessions)",
+                 measured.single, self.span_range, measured.batch, measured.batch_size)
+        if self.service is None:
+            self.service = SessionService(
+                model_id=self.model_id, peer_id=self.peer_id, loop=loop,
+                budget=MemoryBudget(cfg.cache_tokens, cfg.max_sessions), limits=DEFAULT_LIMITS,
+                max_step_tokens=cfg.max_step_tokens, idle_timeout=cfg.session_idle_timeout,
+                on_change=self._status_dirty.set,
+            )
+            self.pool = PushPool(self.node, self.service.on_push_error, settings=self.node.settings.stream)
+            self.service.pool = self.pool
+            loop.start()
+            self.service.start()
+            await self.node.handle(SESSION_PROTOCOL, self.service.handle_session)
+            await self.node.handle(PUSH_PROTOCOL, self.service.handle_push)
+        else:  # after a move: the same service (its handlers and push streams stay) on the new span's loop
+            self.service.loop = loop
+            self.service.accepting = True
+            loop.start()
+            self.service.start()
         self.state = "online"
         await self._publish_now()
-        self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")
         log.info("online: serving blocks %s of %s to sessions (%d tokens of KV cache, at most %d sessions)",
                  self.span_range, self.card.name, cfg.cache_tokens, cfg.max_sessions)
 
     async def _publish_now(self) -> None:
-        """Publish the current record at once (not through the refresh task: no racing duplicate)."""
+        """Publish the current record at once (not through the refresh task: no racing duplicate); a DHT
+        that does not answer in time is logged and left to the refresh task."""
         assert self.announcer is not None
         self.announcer.record = self.record()
-        await self.announcer.publish()
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await self.announcer.publish()
+        except (TimeoutError, MeshinferError) as err:
+            log.warning("could not announce %s blocks %s now (%s); the refresh will retry",
+                        self.state, self.span_range, str(err) or "timeout")
 
     def _on_result(self, job: Any, out: Any, err: Any) -> None:
         assert self.service is not None
@@ -197,26 +293,79 @@ class BlockServer:
             if self.state == "online":
                 self.announcer.update(self.record())
 
+    # ---- drain and move ------------------------------------------------------------------------
+
+    def hurry(self) -> None:
+        """End a drain in progress now (e.g. on a second Ctrl-C) instead of waiting for sessions."""
+        self._hurry.set()
+
+    async def _drain(self, message: str) -> None:
+        """Announce ``draining``, refuse new sessions, wait up to ``--drain-timeout`` s for open ones to
+        end, then end the rest with ``Error(overloaded, message)`` so their clients fail over."""
+        self.state = "draining"
+        if self.service is not None:
+            self.service.accepting = False
+        if self.announcer is not None:
+            await self._publish_now()
+        if self.service is None:
+            return
+        open_now = len(self.service.sessions)
+        if open_now:
+            log.info("draining blocks %s: waiting up to %g s for %d open sessions to end", self.span_range,
+                     self.config.drain_timeout, open_now)
+            deadline = time.monotonic() + self.config.drain_timeout
+            while self.service.sessions and not self._hurry.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(0.1, max(0.0, deadline - time.monotonic()))):
+                        await self._hurry.wait()
+            if self.service.sessions:
+                log.info("draining blocks %s: ending %d sessions that did not finish in time", self.span_range,
+                         len(self.service.sessions))
+            else:
+                log.info("draining blocks %s: every session ended", self.span_range)
+        await self.service.shutdown(message)
+
+    async def move(self, target: BlockRange) -> None:
+        """Drain, then serve ``target`` instead (back to the old span if that fails; ``fatal`` if both do)."""
+        old = self.span_range
+        log.info("moving from blocks %s to %s", old, target)
+        await self._drain(f"server is moving from blocks {old} to {target}; open a session elsewhere")
+        if self.loop is not None:
+            await self.loop.stop()
+        for span in (target, old):
+            self.span_range, self.state = span, "joining"
+            await self._publish_now()
+            try:
+                await self._load_and_serve()
+            except Exception:
+                log.exception("could not serve blocks %s", span)
+                if self.loop is not None:
+                    await self.loop.stop()
+                continue
+            if span == target:
+                log.info("moved from blocks %s to %s", old, span)
+            return
+        log.error("cannot serve any blocks any more; stopping")
+        self.fatal.set()
+
     # ---- stop --------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Drain and leave: announce draining, end sessions, stop serving (idempotent, never raises)."""
+        """Drain and leave: stop rebalancing, drain (see ``_drain``), stop serving (idempotent, never raises)."""
         if self._stopped:
             return
         self._stopped = True
         log.info("stopping: draining blocks %s", self.span_range)
-        if self._status_task is not None:
-            self._status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._status_task
-        if self.announcer is not None:
-            await self.announcer.stop()
-            if self.state == "online":
-                self.state = "draining"
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(3.0):
-                        await self._publish_now()
-        for step in (self.service.shutdown if self.service else None,
+        for task in (self._rebalance_task, self._status_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            await self._drain(LEAVING_MESSAGE)
+        except Exception:
+            log.warning("error while draining", exc_info=True)
+        for step in (self.announcer.stop if self.announcer else None,
                      self.loop.stop if self.loop else None,
                      self.pool.close if self.pool else None,
                      self.node.close):
@@ -259,11 +408,20 @@ def _watch_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
 async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir: str | Path | None = None,
                              on_ready: Callable[[BlockServer], None] = lambda s: None,
                              stop_on_stdin_eof: bool = False) -> int:
-    """Run a server until SIGTERM/SIGINT (or stdin EOF when asked); returns the exit code (0)."""
+    """Run a server until SIGTERM/SIGINT (or stdin EOF when asked); returns the exit code (0, or 1 when
+    the server could no longer serve). A second signal ends the drain at once."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    running: list[BlockServer] = []
+
+    def on_signal() -> None:
+        if stop.is_set() and running:
+            log.info("second stop signal: ending open sessions now")
+            running[0].hurry()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     if stop_on_stdin_eof:
         _watch_stdin_eof(loop, stop)
     starting = asyncio.create_task(BlockServer.start(config, p2p, model_dir))
@@ -277,9 +435,14 @@ async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir:
         return 0
     stopping.cancel()
     server = starting.result()  # raises the start-up error, if any
+    running.append(server)
     try:
         on_ready(server)
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        failing = asyncio.create_task(server.fatal.wait())
+        await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, failing):
+            task.cancel()
     finally:
         await server.stop()
-    return 0
+    return 1 if server.fatal.is_set() else 0

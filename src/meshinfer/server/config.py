@@ -4,10 +4,13 @@ Contract: a frozen, validated dataclass whose field ``help`` becomes ``meshinfer
 (through ``cli.common.add_config_flags``). Values come only from explicit arguments; nothing here
 reads files, the environment or the model (checks that need the checkpoint, such as the span fitting
 the model, happen when the server opens it). Where to listen and whom to join is ``P2PConfig``.
+``--blocks`` fixes the span (the server never moves); without it the span is placed automatically
+(``--num-blocks`` long, or as long as memory allows) and re-checked every ``--rebalance-interval`` s.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from meshinfer.config import doc
@@ -20,7 +23,10 @@ class ServerConfig:
     """A block server: one span of one model, its KV memory budget and how it announces itself."""
 
     model: str | None = doc(None, "checkpoint directory to serve (or 'demo' for the built-in demo model)")
-    blocks: str | None = doc(None, "blocks to serve as START:END (half-open); 0:N serves the whole model")
+    blocks: str | None = doc(None, "blocks to serve as START:END (half-open); 0:N serves the whole model. "
+                                   "Unset: the server chooses where the swarm is weakest and moves when that helps")
+    num_blocks: int | None = doc(None, "without --blocks: how many consecutive blocks to serve "
+                                       "(default: as many as the available memory allows)")
     dtype: str = doc("float32", "compute dtype of the blocks and their KV cache: fp32, fp16 or bf16")
     max_sessions: int = doc(32, "most inference sessions open at once")
     cache_tokens: int = doc(16384, "KV cache budget in tokens across all sessions (each reserves its max length)")
@@ -32,13 +38,23 @@ class ServerConfig:
     announce_refresh: float = doc(20.0, "seconds between refreshes of this server's DHT records")
     torch_threads: int | None = doc(None, "CPU threads torch may use for compute (default: torch's own choice); "
                                           "use 1-2 when several servers share one machine")
+    rebalance_interval: float = doc(30.0, "without --blocks: seconds between checks whether moving to other blocks "
+                                          "would speed up the swarm (jittered by up to 20 percent; 0: never move)")
+    balance_quality: float = doc(0.75, "move only when the swarm's slowest block is now below this fraction of "
+                                       "what it would be after the move (0 < q <= 1)")
+    drain_timeout: float = doc(30.0, "seconds open sessions may take to finish when the server leaves or moves; "
+                                     "after that they are ended with an error so their clients fail over")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("--model is required (a checkpoint directory, or 'demo')")
-        if not self.blocks:
-            raise ConfigError("--blocks is required (START:END, e.g. 0:4)")
-        BlockRange.parse(self.blocks)
+        if self.blocks is not None:
+            if self.num_blocks is not None:
+                raise ConfigError("--blocks and --num-blocks exclude each other: --blocks fixes the span, "
+                                  "--num-blocks sizes an automatically placed one")
+            BlockRange.parse(self.blocks)
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"--num-blocks must be > 0, got {self.num_blocks}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         if self.max_sessions <= 0:
             raise ConfigError(f"--max-sessions must be > 0, got {self.max_sessions}")
@@ -55,11 +71,25 @@ class ServerConfig:
             )
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ConfigError(f"--torch-threads must be > 0, got {self.torch_threads}")
+        if not math.isfinite(self.rebalance_interval) or not (
+                self.rebalance_interval == 0 or self.rebalance_interval >= 1):
+            raise ConfigError(f"--rebalance-interval must be 0 (never move) or at least 1 second, "
+                              f"got {self.rebalance_interval:g}")
+        if not 0 < self.balance_quality <= 1:  # also refuses nan
+            raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality:g}")
+        if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
+            raise ConfigError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout:g}")
         for name in ("public_name", "model_name"):
             value = getattr(self, name)
             if value is not None and not 0 < len(value) <= 256:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 1..256 characters")
 
     @property
-    def span(self) -> BlockRange:
-        return BlockRange.parse(self.blocks or "")
+    def span(self) -> BlockRange | None:
+        """The fixed span given with ``--blocks``; None when the server places itself."""
+        return None if self.blocks is None else BlockRange.parse(self.blocks)
+
+    @property
+    def auto_placement(self) -> bool:
+        """True when the server chooses (and may change) its span itself."""
+        return self.blocks is None

@@ -8,8 +8,10 @@ announced in the DHT), collecting the multiaddrs it printed. It exposes ``initia
 clients pass to join), ``servers`` (``ServerProcess``: pid, peer id, span, multiaddrs) and
 ``model_id``. ``stop()`` stops every process it started, by PID only (SIGTERM, then SIGKILL), servers
 first; it is idempotent and also runs when start-up fails half way. ``add_server``/``stop_server``
-change the swarm while it runs (for failover tests and demos). Used by tests, the demo and
-benchmarks; knows nothing of what clients do with the swarm.
+change the swarm while it runs (for failover tests and demos). ``auto_servers=N`` (or
+``add_server(None)``) adds servers started without ``--blocks``, which place themselves; their
+``span`` is where they started (from the ready line) and may change later. Used by tests, the demo
+and benchmarks; knows nothing of what clients do with the swarm.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ class ServerProcess:
     """One ``meshinfer serve`` child of a ``LocalSwarm``."""
 
     proc: ManagedProcess
-    span: BlockRange
+    span: BlockRange | None
+    """The span it was started with; for a self-placing server, where it started (None until ready)."""
     maddrs: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     """What the server's ready line said (peer_id, maddrs, model_id, blocks, throughput...)."""
+    auto: bool = False
+    """Started without ``--blocks``: it chose its span and may move (rebalancing)."""
 
     @property
     def pid(self) -> int:
@@ -73,8 +78,9 @@ class LocalSwarm:
     def __init__(
         self,
         model_dir: str | Path,
-        spans: Sequence[BlockRange | tuple[int, int] | str] = ((0, 2), (2, 4)),
+        spans: Sequence[BlockRange | tuple[int, int] | str] | None = ((0, 2), (2, 4)),
         *,
+        auto_servers: int = 0,
         initial_peers: Sequence[str] = (),
         dtype: str = "fp32",
         server_args: Sequence[str] = (),
@@ -82,11 +88,15 @@ class LocalSwarm:
         torch_threads: int | str | None = "auto",
     ) -> None:
         self.model_dir = Path(model_dir)
-        self.spans = [_as_range(s) for s in spans]
+        self.spans = [_as_range(s) for s in spans or ()]
+        if auto_servers < 0:
+            raise ConfigError(f"auto_servers must be >= 0, got {auto_servers}")
+        self.auto_servers = auto_servers
+        """How many servers ``start`` launches without ``--blocks`` (after those of ``spans``)."""
         self.dtype = dtype
         self.server_args = list(server_args)
         if torch_threads == "auto":  # several servers on one machine: one compute thread each
-            torch_threads = 1 if len(self.spans) > 1 else None
+            torch_threads = 1 if len(self.spans) + auto_servers > 1 else None
         if torch_threads is not None and not isinstance(torch_threads, int):
             raise ConfigError(f"torch_threads must be an int, None or 'auto', got {torch_threads!r}")
         self.torch_threads: int | None = torch_threads
@@ -116,18 +126,20 @@ class LocalSwarm:
                 self.dht, self.initial_peers = start_dht(timeout=self.startup_timeout)
                 if not self.initial_peers:
                     raise RuntimeError("the bootstrap peer printed no multiaddrs")
-            self._start_servers(self.spans)
+            self._start_servers([*self.spans, *[None] * self.auto_servers])
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _launch(self, span: BlockRange) -> ServerProcess:
-        argv = meshinfer_argv("serve", "--model", str(self.model_dir), "--blocks", str(span),
+    def _launch(self, span: BlockRange | None, extra_args: Sequence[str] = ()) -> ServerProcess:
+        blocks = [] if span is None else ["--blocks", str(span)]
+        argv = meshinfer_argv("serve", "--model", str(self.model_dir), *blocks,
                               "--dtype", self.dtype, "--host", "127.0.0.1",
                               "--stop-on-stdin-eof", *self._thread_args(), "--initial-peers", *self.initial_peers,
-                              *self.server_args)
-        server = ServerProcess(ManagedProcess(argv, name=f"meshinfer serve {span}"), span)
+                              *self.server_args, *extra_args)
+        name = f"meshinfer serve {span if span is not None else '(auto)'}"
+        server = ServerProcess(ManagedProcess(argv, name=name), span, auto=span is None)
         self.servers.append(server)
         return server
 
@@ -148,21 +160,26 @@ class LocalSwarm:
                 server.info = info if isinstance(info, dict) else {}
                 if not server.maddrs and isinstance(server.info.get("maddrs"), list):
                     server.maddrs = [str(m) for m in server.info["maddrs"]]
+                if server.span is None and isinstance(server.info.get("blocks"), str):
+                    server.span = BlockRange.parse(server.info["blocks"])
                 return
 
-    def _start_servers(self, spans: Sequence[BlockRange]) -> list[ServerProcess]:
-        launched = [self._launch(span) for span in spans]
+    def _start_servers(self, spans: Sequence[BlockRange | None],
+                       extra_args: Sequence[str] = ()) -> list[ServerProcess]:
+        launched = [self._launch(span, extra_args) for span in spans]
         deadline = time.monotonic() + self.startup_timeout
         for server in launched:
             self._wait_ready(server, deadline)
         return launched
 
-    def add_server(self, span: BlockRange | tuple[int, int] | str) -> ServerProcess:
-        """Start one more server (after ``start``) and wait until it is ready."""
+    def add_server(self, span: BlockRange | tuple[int, int] | str | None = None, *,
+                   extra_args: Sequence[str] = ()) -> ServerProcess:
+        """Start one more server (after ``start``; ``span`` None: it places itself) with ``extra_args``
+        after the swarm's ``server_args``, and wait until it is ready."""
         if not self.initial_peers:
             raise ConfigError("start the swarm before adding servers")
         try:
-            return self._start_servers([_as_range(span)])[0]
+            return self._start_servers([None if span is None else _as_range(span)], extra_args)[0]
         except BaseException:
             self.servers[-1].proc.stop()
             raise
