@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (CPU torch), then runs a job.
 #   scripts/dev.sh demo        the main job: a demo on the built-in tiny model
-#   scripts/dev.sh test        ruff + import-linter + the whole test suite
+#   scripts/dev.sh test        ruff + import-linter + the whole test suite (installs chromium for browser tests)
 #   scripts/dev.sh setup       only create/refresh .venv
 #   scripts/dev.sh meshinfer … any meshinfer command inside the venv
 set -euo pipefail
@@ -37,12 +37,29 @@ setup() {
   fi
 }
 
+browser_setup() {
+  # The browser tests (tests/dashboard) drive Debian's chromium through Playwright. Install it when it is
+  # missing and we can (root, apt-get); never fail the run: without it those tests skip, saying why.
+  [ -x /usr/bin/chromium ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium for the browser tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "note: /usr/bin/chromium is missing (installing it needs root and apt-get); the browser tests will be skipped" >&2
+  fi
+  return 0
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup) setup ;;
   test)
     setup
+    browser_setup
     export PATH="$venv/bin:$PATH"
     echo "== ruff"; ruff check src tests
     echo "== import-linter"; lint-imports --no-cache

@@ -17,7 +17,7 @@ def test_bench_chaos_generations_survive_kills_unchanged(tmp_path: Path, meshinf
     out = tmp_path / "chaos.json"
     run = subprocess.run(
         meshinfer_argv("bench", "chaos", "--model", str(model), "--servers", "4", "--generations", "8",
-                       "--new-tokens", "120", "--interval", "0.6", "--max-kills", "3", "--seed", "5",
+                       "--new-tokens", "120", "--kill-every", "200", "--max-kills", "3", "--seed", "5",
                        "--time-limit", "240", "--out", str(out)),
         capture_output=True, text=True, timeout=420,
     )

@@ -3,8 +3,9 @@
 Contract: starts a ``LocalSwarm`` of ``--servers`` ``meshinfer serve`` processes on 127.0.0.1 (the model's
 blocks split into ``servers // 2`` spans, two servers each, so every span survives one loss), and runs
 ``--generations`` greedy generations one after another from one ``DistributedModel`` (failover on), each
-with its own prompt. Meanwhile a chaos thread, every ``--interval`` seconds (randomised, seeded by
-``--seed``), picks a live server whose span still has another live server (mostly one on the route the
+with its own prompt. Meanwhile a chaos thread, every ``--kill-every`` generated tokens on average (the
+exact points drawn at random, seeded by ``--seed``, so kills land mid-generation whatever the machine's
+speed), picks a live server whose span still has another live server (mostly one on the route the
 client is using right now, so kills hit live sessions) and SIGKILLs or SIGTERMs it,
 then starts a replacement for that span (``LocalSwarm.add_server``); at most ``--max-kills`` times, and
 never once the generations are done. Every generation is compared with the local engine's greedy
@@ -43,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", type=int, default=6, help="server processes, two per span (default: 6)")
     parser.add_argument("--generations", type=int, default=30, help="generations to run (default: 30)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (default: 64)")
-    parser.add_argument("--interval", type=float, default=3.0,
-                        help="mean seconds between kills (default: 3)")
+    parser.add_argument("--kill-every", type=int, default=150,
+                        help="mean number of generated tokens between kills (default: 150)")
     parser.add_argument("--max-kills", type=int, default=10, help="most servers killed (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts and chaos (default: 0)")
     parser.add_argument("--time-limit", type=float, default=600.0,
@@ -56,18 +57,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--servers must be an even number >= 2 (two per span), got {args.servers}")
     if args.generations < 1 or args.new_tokens < 2 or args.max_kills < 0:
         raise ConfigError("need --generations >= 1, --new-tokens >= 2 and --max-kills >= 0")
-    if not args.interval > 0 or not args.time_limit > 0:
-        raise ConfigError("--interval and --time-limit must be > 0")
+    if args.kill_every < 1 or not args.time_limit > 0:
+        raise ConfigError("--kill-every must be >= 1 and --time-limit > 0")
 
 
 class Chaos:
     """Kills a random redundant server now and then and starts a replacement, until stopped."""
 
-    def __init__(self, swarm: Any, *, interval: float, max_kills: int, seed: int,
+    def __init__(self, swarm: Any, *, kill_every: int, max_kills: int, seed: int,
                  in_use: Callable[[], set[str]] = set) -> None:
         self.swarm = swarm
         self.in_use = in_use
-        self.interval = interval
+        self.kill_every = kill_every
+        self.tokens = 0
+        """Tokens generated so far (the generating thread counts them; kills are placed by this count)."""
         self.max_kills = max_kills
         self.rng = random.Random(seed)
         self.kills: list[dict[str, Any]] = []
@@ -87,9 +90,12 @@ class Chaos:
         return [s for s in live if sum(1 for o in live if o.span == s.span) >= 2]
 
     def _run(self) -> None:
+        target = 0
         while len(self.kills) < self.max_kills:
-            if self._stop.wait(self.rng.uniform(0.5, 1.5) * self.interval):
-                return
+            target += max(1, round(self.rng.uniform(0.5, 1.5) * self.kill_every))
+            while self.tokens < target:
+                if self._stop.wait(0.005):
+                    return
             victims = self._victims()
             if not victims:
                 continue
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 session = client.last_session
                 return {hop.peer_id for hop in session.route} if session is not None else set()
 
-            chaos = Chaos(swarm, interval=args.interval, max_kills=args.max_kills, seed=args.seed + 1,
+            chaos = Chaos(swarm, kill_every=args.kill_every, max_kills=args.max_kills, seed=args.seed + 1,
                           in_use=in_use)
             client.generate(prompts[0][:4], 4, stop_token_ids=())  # warm-up, before any chaos
             chaos.start()
@@ -148,8 +154,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         break
                     started = time.monotonic()
+                    tokens = []
                     try:
-                        tokens = client.generate(prompt, args.new_tokens, stop_token_ids=())
+                        for token in client.stream(prompt, args.new_tokens, stop_token_ids=()):
+                            tokens.append(token)
+                            chaos.tokens += 1
                         error = None
                     except Exception as err:
                         tokens, error = [], f"{type(err).__name__}: {err}"

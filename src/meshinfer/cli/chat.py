@@ -34,9 +34,9 @@ from meshinfer.cli.generate import (
 )
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.models.detokenize import chat_stop_ids
 from meshinfer.types import canonical_dtype
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|endoftext|>")
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
@@ -103,13 +103,7 @@ class Conversation:
 
 def stop_ids(tokenizer: Any, spec: Any) -> frozenset[int]:
     """The ids that end a reply: the model's eos ids, the tokenizer's eos and known end-of-turn tokens."""
-    ids = set(getattr(spec, "eos_token_ids", ()) or ())
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return frozenset(ids)
+    return chat_stop_ids(tokenizer, getattr(spec, "eos_token_ids", ()) or ())
 
 
 def _user_lines(interactive: bool) -> Iterator[str]:

@@ -5,11 +5,12 @@ torch; ``--model demo`` means the built-in demo checkpoint. The model is opened 
 ``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
 swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
 is closed (leaves the swarm) at the end; both give the same greedy tokens. Text is streamed through
-``IncrementalDetokenizer``, which never splits a multi-byte character; ``--json`` prints one JSON
-object instead (prompt, prompt_token_ids, generated_token_ids, text, timings; ``route`` via a
-swarm). Errors from the engine (unsupported architecture, missing tensors, corrupt files, context
-overflow) and from the swarm (no route, unreachable peers, server errors) are ``MeshinferError``s
-that ``cli.main`` prints as one line. Knows nothing of block code or of the network itself.
+``IncrementalDetokenizer`` (from ``meshinfer.models.detokenize``; it and ``text_decoder`` stay importable
+from here), which never splits a multi-byte character; ``--json`` prints one JSON object instead (prompt,
+prompt_token_ids, generated_token_ids, text, timings; ``route`` via a swarm). Errors from the engine
+(unsupported architecture, missing tensors, corrupt files, context overflow) and from the swarm (no route,
+unreachable peers, server errors) are ``MeshinferError``s that ``cli.main`` prints as one line. Knows
+nothing of block code or of the network itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -26,6 +27,7 @@ from typing import Any, Protocol, TextIO
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
+from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
 from meshinfer.types import canonical_dtype
 
 DEMO_MODEL = "demo"
@@ -39,51 +41,6 @@ class TextGenerator(Protocol):
 
     def stream(self, input_ids: Sequence[int], max_new_tokens: int,
                sampling: SamplingConfig | None = None) -> Iterator[int]: ...
-
-
-# ---------------------------------------------------------------------------------------------------
-# Incremental detokenisation
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text deltas without ever emitting half a character.
-
-    Decodes a small window (``prefix_offset:``) against its already-printed part
-    (``prefix_offset:read_offset``) so that tokenizers which drop a leading space when decoding a
-    suffix still print it, and holds text back while it ends in U+FFFD (an incomplete UTF-8 byte
-    sequence, typical of byte-level BPE). The deltas concatenate to ``decode(all ids)``.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self.ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now complete (possibly empty)."""
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        text = self._decode(self.ids[self._prefix_offset:])
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
-
-    def flush(self) -> str:
-        """The text still held back at the end of a generation (invalid bytes become U+FFFD)."""
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        text = self._decode(self.ids[self._prefix_offset:])
-        self._prefix_offset = self._read_offset = len(self.ids)
-        return text[len(prefix):]
-
-
-def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
-    """``ids -> text`` with special tokens skipped and no space clean-up (exact concatenation)."""
-    def decode(ids: list[int]) -> str:
-        return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-    return decode
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +64,12 @@ def resolve_model_dir(model: str) -> Path:
         return demo_checkpoint()
     path = Path(model).expanduser()
     if not path.exists():
-        raise ConfigError(f"model directory {model!r} does not exist (give a checkpoint directory or 'demo')")
+        from meshinfer.weights.manifest import is_model_id
+
+        if is_model_id(model):
+            return Path(model)  # a model id: fetched from the swarm's seeders (needs --initial-peers)
+        raise ConfigError(f"model directory {model!r} does not exist (give a checkpoint directory, a model id "
+                          "or 'demo')")
     if not path.is_dir():
         raise ConfigError(f"--model {model!r} is not a directory (give a checkpoint directory or 'demo')")
     return path
@@ -122,6 +84,8 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
         return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype)
     from meshinfer.models.engine import LocalModel
 
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is a model id: give --initial-peers to fetch it from the swarm")
     return LocalModel.from_pretrained(model_dir, dtype=dtype)
 
 

@@ -22,8 +22,13 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.serve",
     "meshinfer.cli.generate",
     "meshinfer.cli.chat",
+    "meshinfer.cli.api",
     "meshinfer.cli.dht",
     "meshinfer.cli.swarm",
+    "meshinfer.cli.dashboard",
+    "meshinfer.cli.manifest",
+    "meshinfer.cli.seed",
+    "meshinfer.cli.fetch",
     "meshinfer.cli.bench",
 )
 

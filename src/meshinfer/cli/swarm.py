@@ -4,8 +4,9 @@ Contract: joins through ``--initial-peers`` as a client-only DHT peer (stores no
 reads the swarm in two DHT calls bounded by ``--timeout``, prints rich tables (or one JSON document
 with ``--json``) and leaves. An empty swarm prints "no models are being served" and exits 0;
 unreachable initial peers are a one-line error, exit 2. Network code is imported only when the
-command runs; this module only formats what ``meshinfer.p2p.read_swarm`` returns (``read_doc``, ``swarm_doc``
-and ``print_tables`` are reused by ``meshinfer demo``).
+command runs; the JSON document is built by ``meshinfer.dashboard.doc`` (the same one the dashboard's
+``/api/swarm`` serves; ``swarm_doc`` is re-exported here) and this module formats it (``read_doc``,
+``swarm_doc`` and ``print_tables`` are reused by ``meshinfer demo``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args, require
 from meshinfer.config import P2PConfig
+from meshinfer.dashboard.doc import swarm_doc
+
+__all__ = ["print_tables", "read_doc", "register", "run", "swarm_doc"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,30 +56,6 @@ async def read_doc(config: P2PConfig, timeout: float) -> dict[str, Any]:
         return await swarm_doc(node, timeout)
     finally:
         await node.close()
-
-
-async def swarm_doc(node: Any, timeout: float) -> dict[str, Any]:
-    """What ``meshinfer swarm --json`` prints, read through an already started ``PeerNode``."""
-    from meshinfer.p2p.announce import read_swarm
-
-    snapshot = await read_swarm(node, timeout=timeout)
-    models = []
-    for entry in snapshot.models:
-        card = entry.card
-        cov = snapshot.coverage[card.model_id]
-        models.append({
-            "model_id": card.model_id, "name": card.name, "family": card.family,
-            "num_blocks": card.num_blocks, "hidden_size": card.hidden_size, "dtype": card.dtype,
-            "manifest_hash": card.manifest_hash, "announced_by": entry.announced_by,
-            "block_servers": cov.counts(), "missing_blocks": cov.missing(), "complete": cov.complete,
-            "servers": [
-                {"peer_id": r.peer_id, "span": str(r.span), "state": r.state, "throughput": r.throughput,
-                 "cache_tokens_left": r.cache_tokens_left, "software_version": r.software_version,
-                 "public_name": r.public_name, "addresses": r.addresses}
-                for r in sorted(cov.servers.values(), key=lambda r: (r.span.start, r.span.end, r.peer_id))
-            ],
-        })
-    return {"models": models, "complete": snapshot.complete}
 
 
 def _coverage_text(counts: list[int]) -> str:

@@ -42,6 +42,7 @@ from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
+from meshinfer.weights.fetch import ensure_local
 
 
 class HeadBatcher:
@@ -96,6 +97,8 @@ class DistributedModel(TextGenerator):
         self.route_wait = route_wait
         self.failover = failover
         """Replace failed servers mid-generation (replaying their history) instead of failing."""
+        self.failovers_total = 0
+        """Failovers (replaced servers) of every finished session of this model, for metrics."""
         self.last_session: InferenceSession | None = None
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
@@ -122,20 +125,27 @@ class DistributedModel(TextGenerator):
         push: bool = True,
         failover: bool = True,
     ) -> DistributedModel:
-        """Load the head of checkpoint ``path`` and join the swarm through ``initial_peers``."""
+        """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, or
+        a model id (the swarm's seeders send config, tokenizer and the client part, verified piece by piece,
+        into the local cache; see ``meshinfer.weights``), or a hub name ``org/name``."""
         dt = torch_dtype(dtype)
         peers = check_initial_peers(initial_peers)
-        ckpt = Checkpoint(path)
-        head = ckpt.load_head(dt, device)
-        model = ModelRef(checkpoint_fingerprint(path), ckpt.spec.num_blocks, model_name or Path(path).name)
         runner = LoopThread("meshinfer-client").start()
+        view: SwarmView | None = None
         try:
             view = runner.run(SwarmView.join(peers, host=host, dht_timeout=dht_timeout), timeout=60.0)
+            local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True), timeout=3600.0)
+            ckpt = Checkpoint(local)
+            head = ckpt.load_head(dt, device)
+            model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks, model_name or Path(path).name)
         except BaseException:
+            if view is not None:
+                with contextlib.suppress(Exception):
+                    runner.run(view.close(), timeout=15.0)
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
-        return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=Path(path), push=push,
+        return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=local, push=push,
                    step_timeout=step_timeout, route_wait=route_wait, failover=failover)
 
     # ---- properties ----------------------------------------------------------------------------
@@ -257,6 +267,7 @@ class DistributedModel(TextGenerator):
             async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):
                 yield token
         finally:
+            self.failovers_total += len(session.failovers)
             await asyncio.shield(session.close())
 
     # ---- lifecycle -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
-from meshinfer.wire.records import DhtRecord, ServerRecord, decode_record, encode_record
+from meshinfer.wire.records import DhtRecord, SeedRecord, ServerRecord, decode_record, encode_record
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _decode_entries(found: object, now: float) -> list[FoundRecord]:
         except WireError:
             continue
         owner = owner_of(subkey)
-        if isinstance(record, ServerRecord) and record.peer_id != owner:
+        if isinstance(record, ServerRecord | SeedRecord) and record.peer_id != owner:
             continue
         out.append(FoundRecord(owner, record, float(expiration), subkey))
     return sorted(out, key=lambda f: f.subkey)

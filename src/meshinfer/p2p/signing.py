@@ -8,7 +8,7 @@ node's key, and accepts a record only if ALL hold:
 - the subkey is ``<peer id>`` or ``<peer id>/<tag>`` (``owner_of``), and the envelope's public key
   hashes to exactly that peer id (so nobody can write under another peer's subkey);
 - the signature verifies (so tampered values are dropped);
-- the payload decodes as a ``meshinfer.wire.records`` record and a ``ServerRecord`` names the same
+- the payload decodes as a ``meshinfer.wire.records`` record and a ``ServerRecord``/``SeedRecord`` names the same
   peer id as its subkey's owner;
 - the expiration time is at most ``max_ttl`` seconds ahead (no everlasting records).
 
@@ -31,7 +31,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from meshinfer.errors import WireError
 from meshinfer.p2p.identity import Identity, peer_id_of_public_key, verify_signature
-from meshinfer.wire.records import ServerRecord, decode_record
+from meshinfer.wire.records import SeedRecord, ServerRecord, decode_record
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class SignedRecordValidator(RecordValidatorBase):
         except (msgspec.DecodeError, msgspec.ValidationError, WireError):
             log.debug("rejected record under %s: payload does not match the schema", subkey)
             return False
-        if isinstance(decoded, ServerRecord) and decoded.peer_id != owner:
+        if isinstance(decoded, ServerRecord | SeedRecord) and decoded.peer_id != owner:
             log.debug("rejected record under %s: server record names peer %s", subkey, decoded.peer_id)
             return False
         return True

@@ -7,7 +7,8 @@ chooses its span from the swarm it reads (``server.rebalance``: length from ``--
 memory, start where the swarm is weakest). It then announces the server as ``joining``, loads only
 its span's tensors, measures throughput, serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and
 announces ``online`` (``ModelCard`` + ``ServerRecord`` through ``p2p.Announcer``). While it runs,
-``cache_tokens_left`` is re-announced (debounced) whenever a session opens or ends, and an
+``cache_tokens_left`` is re-announced (debounced) whenever a session opens or ends (with ``--metrics-port``,
+Prometheus metrics are served at ``info()["metrics_url"]``: ``server.metrics``), and an
 automatically placed server re-checks its place every ``--rebalance-interval`` s; to move it drains
 (announces ``draining``, refuses new sessions, lets open ones finish for up to ``--drain-timeout`` s,
 ends the rest with an ``Error``), loads the new span, re-measures and announces ``online`` there.
@@ -47,6 +48,7 @@ from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
+from meshinfer.server.metrics import ServerMetrics, ServerSample
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import (
     Rebalancer,
@@ -58,6 +60,8 @@ from meshinfer.server.rebalance import (
 from meshinfer.server.runtime import StepLoop
 from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
+from meshinfer.weights.fetch import ensure_local
+from meshinfer.weights.seed import Seeder, start_seeding
 from meshinfer.wire.limits import DEFAULT_LIMITS
 from meshinfer.wire.messages import PROTOCOL_VERSION
 from meshinfer.wire.records import ModelCard, ServerRecord, ServerState
@@ -126,6 +130,13 @@ class BlockServer:
     measured: Throughput | None = None
     state: ServerState = "joining"
     rebalancer: Rebalancer | None = None
+    metrics: ServerMetrics | None = None
+    """Prometheus metrics, served at ``metrics.url`` when ``--metrics-port`` is set."""
+    metrics_host: str = "127.0.0.1"
+    model_ref: str | None = None
+    """The model id (or hub name) when the weights are fetched from the swarm; None for a local directory."""
+    seeder: Seeder | None = None
+    """Serves the pieces this server has on disk to peers fetching the model (``meshinfer.weights``)."""
     fatal: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     """Set when the server can no longer serve (a move failed and the old span could not be reloaded)."""
     _status_task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -151,7 +162,8 @@ class BlockServer:
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(self.measured.batch, 2) if self.measured else 0.0,
-                "batch_size": self.measured.batch_size if self.measured else 0}
+                "batch_size": self.measured.batch_size if self.measured else 0,
+                "metrics_url": self.metrics.url if self.metrics is not None else None}
 
     def record(self) -> ServerRecord:
         left = self.service.budget.tokens_left if self.service is not None else self.config.cache_tokens
@@ -171,42 +183,65 @@ class BlockServer:
     @classmethod
     async def start(cls, config: ServerConfig, p2p: P2PConfig, model_dir: str | Path | None = None) -> BlockServer:
         """Check, join the swarm, place, load, measure, serve and announce; see the module docstring."""
-        model_dir = Path(model_dir or config.model).expanduser()
+        model_ref = str(model_dir or config.model)
+        model_dir = Path(model_ref).expanduser()
+        fetched = not model_dir.is_dir()  # a model id (or hub name): the weights come from the swarm
         fixed = config.span
         if config.torch_threads is not None:
             import torch
 
             torch.set_num_threads(config.torch_threads)  # process-wide: the step loop's worker thread uses it
             log.info("torch uses %d compute threads", torch.get_num_threads())
-        ckpt = await asyncio.to_thread(Checkpoint, model_dir)
+        read_timeout = max(3600.0, 2 * config.session_idle_timeout)  # idle sessions are expired by the service
+        settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
+        node: PeerNode | None = None
+        if fetched:
+            node = await PeerNode.start(p2p, settings)
+            try:  # config and tokenizer first: the span to fetch is chosen from the config
+                model_dir = await ensure_local(node, model_ref, blocks=None, client_part=False)
+            except BaseException:
+                await node.close()
+                raise
+        try:
+            ckpt = await asyncio.to_thread(Checkpoint, model_dir)
+        except BaseException:
+            if node is not None:
+                await node.close()
+            raise
         spec = ckpt.spec
         if fixed is not None and fixed.end > spec.num_blocks:
             raise ConfigError(f"--blocks {fixed} lies outside the model: {model_dir.name} has "
                               f"{spec.num_blocks} blocks (valid: 0:{spec.num_blocks} or any part of it)")
-        needed = fixed or BlockRange(0, spec.num_blocks)  # a self-placing server may move to any block
-        expected: dict[str, tuple[int, ...]] = {}
-        for i in needed.blocks():
-            expected.update(spec.block_tensors(i))
-        ckpt.check(expected, f"blocks {needed}")
+        if not fetched:
+            needed = fixed or BlockRange(0, spec.num_blocks)  # a self-placing server may move to any block
+            expected: dict[str, tuple[int, ...]] = {}
+            for i in needed.blocks():
+                expected.update(spec.block_tensors(i))
+            ckpt.check(expected, f"blocks {needed}")
         length, why_length = _span_length(config, spec) if fixed is None else (len(fixed), "--blocks")
         model_id = await asyncio.to_thread(checkpoint_fingerprint, model_dir)
-        card = ModelCard(model_id=model_id, name=(config.model_name or model_dir.resolve().name)[:256],
-                         family=spec.family, num_blocks=spec.num_blocks, hidden_size=spec.hidden_size,
-                         dtype=_card_dtype(spec.torch_dtype, config.dtype))
-        read_timeout = max(3600.0, 2 * config.session_idle_timeout)  # idle sessions are expired by the service
-        settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
-        node = await PeerNode.start(p2p, settings)
+        name = config.model_name or (model_dir.resolve().name if not fetched else model_ref)
+        card = ModelCard(model_id=model_id, name=name[:256], family=spec.family, num_blocks=spec.num_blocks,
+                         hidden_size=spec.hidden_size, dtype=_card_dtype(spec.torch_dtype, config.dtype),
+                         manifest_hash=model_id)
+        if node is None:
+            node = await PeerNode.start(p2p, settings)
+        started = node
         try:
             if fixed is None:
                 fixed, why = await choose_start_span(
-                    lambda: _read_snapshot(node, model_id, spec.num_blocks), num_blocks=spec.num_blocks,
-                    length=length, peer_id=node.peer_id, rng=random.Random())
+                    lambda: _read_snapshot(started, model_id, spec.num_blocks), num_blocks=spec.num_blocks,
+                    length=length, peer_id=started.peer_id, rng=random.Random())
                 log.info("automatic placement: blocks %s of %d; length: %s; place: %s", fixed, spec.num_blocks,
                          why_length, why)
+            if fetched:
+                model_dir = await ensure_local(started, model_ref, blocks=fixed, client_part=False)
+                ckpt = await asyncio.to_thread(Checkpoint, model_dir)  # re-read: the span's tensors arrived
         except BaseException:
-            await node.close()
+            await started.close()
             raise
-        server = cls(config, model_dir, fixed, model_id, card, node, ckpt=ckpt)
+        server = cls(config, model_dir, fixed, model_id, card, started, ckpt=ckpt, metrics_host=p2p.host,
+                     model_ref=model_ref if fetched else None)
         try:
             await server._serve()
         except BaseException:
@@ -217,11 +252,20 @@ class BlockServer:
     async def _serve(self) -> None:
         cfg = self.config
         log.info("peer %s joined the swarm at %s", self.peer_id, ", ".join(self.maddrs))
+        if cfg.metrics_port is not None:
+            self.metrics = ServerMetrics()
+            url = self.metrics.serve(self.metrics_host, cfg.metrics_port, asyncio.get_running_loop(),
+                                     self.metrics_sample)
+            log.info("Prometheus metrics at %s", url)
         self.announcer = Announcer(self.node, self.card, self.record(), ttl=cfg.announce_ttl,
                                    refresh=cfg.announce_refresh)
         await self.announcer.start()
         log.info("announced model %s (%s) blocks %s as joining", self.card.name, self.model_id, self.span_range)
         await self._load_and_serve()
+        try:
+            self.seeder = await start_seeding(self.node, self.model_dir)
+        except MeshinferError as err:  # seeding is a service to others: serving goes on without it
+            log.warning("cannot seed the pieces of %s: %s", self.model_dir, err)
         self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")
         if cfg.auto_placement and cfg.rebalance_interval > 0:
             self.rebalancer = Rebalancer(
@@ -239,6 +283,7 @@ class BlockServer:
         span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype)
         log.info("loaded blocks %s (%s) in %.2f s", self.span_range, cfg.dtype, time.perf_counter() - t0)
         loop = StepLoop(span, lambda job, out, err: self._on_result(job, out, err), limits=DEFAULT_LIMITS)
+        loop.on_step = self.metrics.on_step if self.metrics is not None else None
         self.loop = loop
         measured = await loop.call(measure_throughputs, span, TYPICAL_BATCH)
         self.measured, self.throughput = measured, measured.single
@@ -278,6 +323,17 @@ class BlockServer:
         except (TimeoutError, MeshinferError) as err:
             log.warning("could not announce %s blocks %s now (%s); the refresh will retry",
                         self.state, self.span_range, str(err) or "timeout")
+
+    def metrics_sample(self) -> ServerSample:
+        """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
+        service, cfg = self.service, self.config
+        left = service.budget.tokens_left if service is not None else cfg.cache_tokens
+        return ServerSample(
+            sessions_open=len(service.sessions) if service is not None else 0,
+            queued_steps=self.loop.queued_steps if self.loop is not None else 0,
+            kv_tokens_used=cfg.cache_tokens - left, kv_tokens_capacity=cfg.cache_tokens,
+            throughput=self.throughput, state=self.state, peer_id=self.peer_id, model_id=self.model_id,
+            model_name=self.card.name, span=str(self.span_range), version=__version__)
 
     def _on_result(self, job: Any, out: Any, err: Any) -> None:
         assert self.service is not None
@@ -336,6 +392,11 @@ class BlockServer:
             self.span_range, self.state = span, "joining"
             await self._publish_now()
             try:
+                if self.model_ref is not None:  # fetch the new span's pieces first, then seed them too
+                    self.model_dir = await ensure_local(self.node, self.model_ref, blocks=span, client_part=False)
+                    self.ckpt = await asyncio.to_thread(Checkpoint, self.model_dir)
+                    if self.seeder is not None:
+                        await self.seeder.add(self.model_dir)
                 await self._load_and_serve()
             except Exception:
                 log.exception("could not serve blocks %s", span)
@@ -366,6 +427,7 @@ class BlockServer:
         except Exception:
             log.warning("error while draining", exc_info=True)
         for step in (self.announcer.stop if self.announcer else None,
+                     self.seeder.close if self.seeder else None,
                      self.loop.stop if self.loop else None,
                      self.pool.close if self.pool else None,
                      self.node.close):
@@ -375,6 +437,8 @@ class BlockServer:
                 await step()
             except Exception:
                 log.warning("error while stopping", exc_info=True)
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped")
 
 

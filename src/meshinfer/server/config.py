@@ -6,6 +6,7 @@ reads files, the environment or the model (checks that need the checkpoint, such
 the model, happen when the server opens it). Where to listen and whom to join is ``P2PConfig``.
 ``--blocks`` fixes the span (the server never moves); without it the span is placed automatically
 (``--num-blocks`` long, or as long as memory allows) and re-checked every ``--rebalance-interval`` s.
+``--metrics-port`` turns on the Prometheus endpoint (off by default: no extra listening port unless asked).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from meshinfer.types import BlockRange, canonical_dtype
 class ServerConfig:
     """A block server: one span of one model, its KV memory budget and how it announces itself."""
 
-    model: str | None = doc(None, "checkpoint directory to serve (or 'demo' for the built-in demo model)")
+    model: str | None = doc(None, "checkpoint directory to serve, a model id (its pieces are fetched from the "
+                                  "swarm's seeders and verified) or 'demo' (the built-in demo model)")
     blocks: str | None = doc(None, "blocks to serve as START:END (half-open); 0:N serves the whole model. "
                                    "Unset: the server chooses where the swarm is weakest and moves when that helps")
     num_blocks: int | None = doc(None, "without --blocks: how many consecutive blocks to serve "
@@ -44,6 +46,8 @@ class ServerConfig:
                                        "what it would be after the move (0 < q <= 1)")
     drain_timeout: float = doc(30.0, "seconds open sessions may take to finish when the server leaves or moves; "
                                      "after that they are ended with an error so their clients fail over")
+    metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
+                                         "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -79,6 +83,8 @@ class ServerConfig:
             raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality:g}")
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ConfigError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout:g}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         for name in ("public_name", "model_name"):
             value = getattr(self, name)
             if value is not None and not 0 < len(value) <= 256:

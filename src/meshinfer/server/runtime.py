@@ -24,7 +24,7 @@ Inline compute: a decode-only turn runs directly on the event loop (no thread ha
 about as much as a network hop on a small machine) when the previous decode-only turn of no more
 sessions took less than ``inline_budget_s``; everything else runs on the compute thread so the loop
 stays responsive. Throughput figures (tokens computed, busy seconds, batch sizes) are kept for the
-announcement. Knows nothing of streams, peers or the DHT.
+announcement; ``on_step`` (optional) sees every finished step (metrics). Knows nothing of streams, peers or the DHT.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class StepLoop:
         self.turns = 0
         self.busy_s = 0.0
         self.last_batch_sessions = 0
+        self.on_step: Callable[[int, float, bool], None] | None = None
+        """Metrics hook: called per finished step with (tokens, seconds since it arrived, ok)."""
 
     # ---- compute-thread helpers --------------------------------------------------------------
 
@@ -333,6 +335,9 @@ class StepLoop:
                 session.last_step_id, session.last_output = job.step_id, output
                 self.steps_done += 1
                 self.tokens_done += job.tokens
+            if self.on_step is not None:
+                with contextlib.suppress(Exception):
+                    self.on_step(job.tokens, now - job.arrived, output is not None)
             try:
                 self._deliver(job, output, error)
             except Exception:

@@ -15,6 +15,7 @@ Keys::
     model:<model_id>      subkey peer id -> ModelCard     (who announces this model)
     block:<model_id>:<i>  subkey peer id -> ServerRecord  (servers covering block i)
     models                subkey <peer id>/<model_id> -> ModelCard  (directory: lets ``swarm`` list models)
+    seed:<model_id>       subkey peer id -> SeedRecord    (peers serving the model's weight pieces)
 """
 
 from __future__ import annotations
@@ -78,7 +79,27 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     v: int = RECORD_VERSION
 
 
-DhtRecord = ModelCard | ServerRecord
+class SeedRecord(msgspec.Struct, frozen=True, tag_field="type", tag="seed"):
+    """One peer that serves pieces of a model's weights (``meshinfer.weights``): which parts it holds and
+    where to reach it. ``blocks`` are the block ranges it holds whole; ``client_part`` the embeddings, final
+    norm and LM head; ``files`` config and tokenizer files (and the manifest)."""
+
+    peer_id: IdText
+    model_id: IdText
+    num_blocks: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    blocks: Annotated[list[BlockRange], msgspec.Meta(max_length=1024)]
+    client_part: bool
+    files: bool
+    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)]
+    direct_addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=8)] = []
+    software_version: Text = ""
+    v: int = RECORD_VERSION
+
+    def has_block(self, block: int) -> bool:
+        return any(block in r for r in self.blocks)
+
+
+DhtRecord = ModelCard | ServerRecord | SeedRecord
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(DhtRecord)
@@ -92,8 +113,12 @@ def block_key(model_id: ModelId, block: int) -> str:
     return f"block:{model_id}:{block}"
 
 
+def seed_key(model_id: ModelId) -> str:
+    return f"seed:{model_id}"
+
+
 def encode_record(record: DhtRecord) -> bytes:
-    if not isinstance(record, ModelCard | ServerRecord):
+    if not isinstance(record, ModelCard | ServerRecord | SeedRecord):
         raise WireError(f"not a DHT record: {type(record).__name__}")
     return _encoder.encode(record)
 
@@ -109,6 +134,8 @@ def decode_record(data: bytes | memoryview) -> DhtRecord:
         raise WireError(f"DHT record version {record.v}, this peer reads version {RECORD_VERSION}")
     if isinstance(record, ModelCard) and record.dtype not in DTYPES:
         raise WireError(f"model card dtype {record.dtype[:32]!r} is not one of {', '.join(DTYPES)}")
+    if isinstance(record, SeedRecord) and any(r.end > record.num_blocks for r in record.blocks):
+        raise WireError(f"seed record names blocks beyond the model's {record.num_blocks}")
     return record
 
 

@@ -1,0 +1,242 @@
+"""``meshinfer bench api``: requests/s and time to first token through the OpenAI-compatible gateway.
+
+Contract: starts a ``LocalSwarm`` (a bootstrap peer and ``--servers`` ``meshinfer serve`` processes on
+127.0.0.1, the blocks split by ``bench.swarm.even_spans``, ``--torch-threads`` each) of one checkpoint
+(default: the bench checkpoint), or joins an existing swarm given with ``--initial-peers``; joins it with one
+``DistributedModel`` and serves the gateway app in this process (uvicorn in a background thread, a free
+port on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C client threads send
+``--requests`` streaming chat completions in all (stdlib ``http.client``, greedy, ``max_tokens``
+``--max-tokens``, ``stream_options.include_usage``; request i asks about line i of the shipped corpus) and
+stamp each one: time to first token = from sending the request to the first SSE event carrying text (or the
+finish event, for a reply with no text), total time, completion tokens (from the usage chunk). Per level
+(pure ``summarise_level``): requests/s = requests / wall time of the level, completion tokens/s, time to
+first token and request latency median and p95 (nearest rank), failures. One untimed warm-up request
+comes first. The client threads run in the gateway's process, so the figures include their cost. Every
+process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only
+inside ``run``; never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshinfer.errors import ConfigError
+
+DESCRIPTION = "requests/s and time to first token of streaming chat requests through the OpenAI-compatible gateway"
+
+REQUEST_TIMEOUT_S = 300.0
+MODEL_NAME = "bench"
+
+
+def parse_levels(text: str) -> list[int]:
+    """``"1,16"`` -> ``[1, 16]`` (ascending, duplicates dropped); ConfigError for anything else."""
+    levels: set[int] = set()
+    for part in text.split(","):
+        try:
+            value = int(part.strip())
+        except ValueError:
+            raise ConfigError(f"--concurrency takes comma-separated positive integers, got {text!r}") from None
+        if not 1 <= value <= 1024:
+            raise ConfigError(f"each --concurrency level must be in 1..1024, got {value}")
+        levels.add(value)
+    return sorted(levels)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of non-empty ``values``."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 < q <= 100:
+        raise ValueError(f"q must be in (0, 100], got {q}")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """One streamed request: seconds to the first text (or the end), seconds in all, tokens, error if any."""
+
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    error: str | None = None
+
+
+def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency: int) -> dict[str, Any]:
+    """The figures of one concurrency level from its samples and its wall time."""
+    ok = [s for s in samples if s.error is None]
+    out: dict[str, Any] = {"concurrency": concurrency, "requests": len(samples), "failed": len(samples) - len(ok),
+                           "wall_s": wall_s}
+    if not ok:
+        out["errors"] = sorted({str(s.error) for s in samples})[:3]
+        return out
+    ttft = [s.ttft_s * 1000 for s in ok]
+    total = [s.total_s * 1000 for s in ok]
+    tokens = sum(s.completion_tokens for s in ok)
+    out.update({
+        "requests_per_s": len(ok) / max(wall_s, 1e-9),
+        "completion_tokens_per_s": tokens / max(wall_s, 1e-9),
+        "mean_completion_tokens": tokens / len(ok),
+        "time_to_first_token_ms": {"median": statistics.median(ttft), "p95": percentile(ttft, 95)},
+        "latency_ms": {"median": statistics.median(total), "p95": percentile(total, 95)},
+    })
+    if len(ok) < len(samples):
+        out["errors"] = sorted({str(s.error) for s in samples if s.error is not None})[:3]
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="checkpoint directory (default: the bench checkpoint, built on first use)")
+    parser.add_argument("--servers", type=int, default=3, help="server processes splitting the blocks (default: 3)")
+    parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                        help="use this running swarm instead of starting one (it must serve --model)")
+    parser.add_argument("--concurrency", default="1,16", metavar="C1,C2",
+                        help="concurrent client connections per level (default: 1,16)")
+    parser.add_argument("--requests", type=int, default=32,
+                        help="requests per level, at least the level's concurrency (default: 32)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request (default: 32)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="compute threads of each server (default: 1)")
+
+
+# ---- the client side --------------------------------------------------------------------------------
+
+
+def stream_chat(url: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> RequestSample:
+    """Send one streaming chat completion to the gateway at ``url`` and time it (errors are recorded)."""
+    parts = urlsplit(url)
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return RequestSample(0.0, time.perf_counter() - start, 0, f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                return RequestSample(0.0, time.perf_counter() - start, tokens, str(event["error"].get("message")))
+            choices = event.get("choices") or []
+            if first is None and choices and (choices[0]["delta"].get("content") or choices[0]["finish_reason"]):
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        return RequestSample(0.0, time.perf_counter() - start, tokens, f"{type(err).__name__}: {err}")
+    finally:
+        conn.close()
+    end = time.perf_counter()
+    return RequestSample((first or end) - start, end - start, tokens)
+
+
+def _bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
+    from meshinfer.testing.tokenizer import corpus_text
+
+    lines = [line.strip() for line in corpus_text().splitlines() if line.strip()] or ["Tell me a story."]
+    return [{"model": MODEL_NAME, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+             "max_tokens": max_tokens,
+             "messages": [{"role": "user", "content": f"What comes after this? {lines[i % len(lines)][:200]}"}]}
+            for i in range(n)]
+
+
+def run_level(url: str, concurrency: int, bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Send ``bodies`` through ``concurrency`` client threads; the level's figures."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"bench-api-{concurrency}") as pool:
+        samples = list(pool.map(lambda body: stream_chat(url, body), bodies))
+    return summarise_level(samples, time.perf_counter() - start, concurrency)
+
+
+# ---- the whole benchmark ----------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> list[int]:
+    levels = parse_levels(args.concurrency)
+    if args.servers < 1 or args.torch_threads < 1 or args.max_tokens < 1:
+        raise ConfigError("need --servers >= 1, --torch-threads >= 1 and --max-tokens >= 1")
+    if args.requests < max(levels):
+        raise ConfigError(f"--requests ({args.requests}) must be at least the largest --concurrency ({max(levels)})")
+    return levels
+
+
+def _model_dir(model: str | None) -> Path:
+    if model is None:
+        from meshinfer.testing.checkpoints import bench_checkpoint
+
+        print("preparing the bench checkpoint (built once, then cached)...", file=sys.stderr, flush=True)
+        return bench_checkpoint()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model directory {model!r} does not exist")
+    return path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from meshinfer.types import canonical_dtype
+
+    levels = _check(args)
+    dtype = canonical_dtype(args.dtype)
+    path = _model_dir(args.model)
+
+    import contextlib
+
+    from meshinfer.bench.swarm import even_spans
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.gateway.app import create_app
+    from meshinfer.gateway.generation import SwarmGenerator
+    from meshinfer.gateway.serving import ApiServer
+    from meshinfer.models.checkpoint import Checkpoint
+    from meshinfer.testing.swarm import LocalSwarm
+
+    spec = Checkpoint(path).spec
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        peers = list(args.initial_peers)
+        spans: list[str] = []
+        if not peers:
+            ranges = even_spans(spec.num_blocks, args.servers)
+            spans = [str(s) for s in ranges]
+            print(f"starting a swarm of {args.servers} servers ({', '.join(spans)})...", file=sys.stderr, flush=True)
+            swarm = stack.enter_context(LocalSwarm(path, ranges, dtype=dtype, torch_threads=args.torch_threads))
+            peers = swarm.initial_peers
+        swarm_s = time.perf_counter() - t0
+        model = stack.enter_context(DistributedModel.from_pretrained(path, peers, dtype=dtype))
+        server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0))
+        bodies = _bodies(args.requests, args.max_tokens)
+        warm = stream_chat(server.url, bodies[0])
+        if warm.error is not None:
+            raise ConfigError(f"the warm-up request through the gateway failed: {warm.error}")
+        print(f"gateway at {server.url}; timing {args.requests} requests at concurrency "
+              f"{', '.join(map(str, levels))}...", file=sys.stderr, flush=True)
+        results = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
+    return {
+        "model": str(path),
+        "params_millions": round(spec.param_count() / 1e6, 1),
+        "dtype": dtype,
+        "servers": spans or "existing swarm",
+        "torch_threads_per_server": args.torch_threads,
+        "requests_per_level": args.requests,
+        "max_tokens": args.max_tokens,
+        "swarm_ready_s": swarm_s,
+        "levels": results,
+    }

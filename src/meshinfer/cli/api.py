@@ -1,0 +1,130 @@
+"""``meshinfer api``: serve an OpenAI-compatible HTTP API for a model whose blocks run in a swarm.
+
+Contract: parses and validates the flags (``GatewayConfig``; a bad value is a one-line ``ConfigError``,
+exit 2) before importing torch or the network; ``--api-key-file`` reads the key from a file (keeps it out of
+the process list). Then it joins the swarm with ``DistributedModel.from_pretrained(--model,
+--initial-peers)``, builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
+Once listening it prints, in one flushed write on stdout::
+
+    ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}
+
+(and a human line on stderr). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it:
+open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP or of the swarm itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.errors import ConfigError
+from meshinfer.types import canonical_dtype
+
+if TYPE_CHECKING:
+    from meshinfer.gateway.config import GatewayConfig
+    from meshinfer.gateway.serving import ApiServer
+
+READY_PREFIX = "ready "
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from meshinfer.gateway.config import GatewayConfig
+
+    parser = sub.add_parser(
+        "api", help="serve an OpenAI-compatible API (chat, completions, streaming) for a model of a swarm",
+        description="Serve /v1/models, /v1/chat/completions and /v1/completions (streaming or not) for the "
+                    "model in --model, its blocks run by the swarm joined through --initial-peers. Any OpenAI "
+                    "client works: point its base URL at http://HOST:PORT/v1. GET /health reports the swarm.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint directory in Hugging Face format (its tokenizer and chat template are used), "
+                             "or 'demo' for the built-in demo model")
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
+                        help="multiaddrs of any peers of the swarm serving the model's blocks")
+    parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    add_config_flags(parser, GatewayConfig)
+    parser.add_argument("--api-key-file", default=None, metavar="PATH",
+                        help="read the API key from this file (first line) instead of --api-key")
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="also stop when stdin closes (for launchers that own this process)")
+    parser.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    from meshinfer.gateway.config import GatewayConfig
+
+    overrides: dict[str, Any] = {}
+    if args.api_key_file is not None:
+        if getattr(args, "api_key", None) is not None:
+            raise ConfigError("give either --api-key or --api-key-file, not both")
+        try:
+            lines = Path(args.api_key_file).expanduser().read_text().splitlines()
+        except OSError as err:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file!r}: {err.strerror or err}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty")
+        overrides["api_key"] = key
+    return config_from_args(GatewayConfig, args, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshinfer.cli.generate import resolve_model_dir
+
+    config = _config(args)
+    dtype = canonical_dtype(args.dtype)
+    model_dir = resolve_model_dir(args.model)
+    name = config.served_model_name or model_dir.name
+
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.dashboard.app import dashboard_router
+    from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
+    from meshinfer.gateway.app import create_app
+    from meshinfer.gateway.generation import SwarmGenerator
+    from meshinfer.gateway.serving import ApiServer
+
+    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name)
+    poller: SwarmPoller | None = None
+    try:
+        model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request
+        app = create_app(SwarmGenerator(model), name, config)
+
+        async def connect() -> NodeSwarmReader:
+            return NodeSwarmReader(model.view.node)  # shares the gateway's peer; never closes it
+
+        poller = SwarmPoller(connect).start(model.loop)
+        app.include_router(dashboard_router(poller, include_health=False, include_metrics=False))  # the page at /
+        server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning")
+
+        def ready() -> None:
+            info = {"url": server.url, "base_url": f"{server.url}/v1", "model": name, "model_id": model.model_id,
+                    "api_key_required": config.api_key is not None}
+            sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
+            sys.stdout.flush()
+            print(f"serving {name} at {server.url}/v1 (OpenAI-compatible); Ctrl-C to stop", file=sys.stderr,
+                  flush=True)
+            if args.stop_on_stdin_eof:
+                threading.Thread(target=_stop_on_eof, args=(server,), name="stdin-eof", daemon=True).start()
+
+        server.run(on_ready=ready)
+    finally:
+        if poller is not None:
+            poller.stop()
+        model.close()
+    return 0
+
+
+def _stop_on_eof(server: ApiServer) -> None:
+    """Stop ``server`` once stdin reaches EOF. Reads the raw descriptor: a daemon thread blocked in a buffered
+    read would hold the buffer's lock and abort the interpreter's shutdown."""
+    with contextlib.suppress(OSError):
+        while os.read(sys.stdin.fileno(), 65536):
+            pass
+    server.stop(timeout=0)

@@ -1,0 +1,111 @@
+"""``meshinfer dashboard``: a live web page of a swarm, with its JSON and its Prometheus metrics.
+
+Contract: parses and checks the flags (a bad value is a one-line ``ConfigError``, exit 2) and binds the HTTP
+port before joining anything. Then it starts a client-mode peer (stores nothing for others) on a
+background ``LoopThread`` through ``--initial-peers``, refreshed by a ``dashboard.poller.SwarmPoller`` every
+``--interval`` s (round trips to servers measured from that peer unless ``--no-rtt``), and serves
+``dashboard.app.create_app`` with uvicorn in this thread: ``/`` (the page), ``/api/swarm`` (JSON: the
+``meshinfer swarm --json`` document plus round trips, totals and status), ``/health`` and ``/metrics``.
+A swarm that cannot be reached does not stop it: the page shows the error and the poller keeps trying.
+Once listening it prints, in one flushed write on stdout::
+
+    ready {"url": "http://127.0.0.1:8080", "api": ".../api/swarm", "metrics_url": ".../metrics"}
+
+(and a human line on stderr). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it; it
+then leaves the swarm. Imports FastAPI and the network only inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+from meshinfer.cli.common import require
+
+READY_PREFIX = "ready "
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "dashboard", help="serve a live web dashboard of a swarm: coverage, servers, round trips, metrics",
+        description="Join a swarm as a read-only client and serve a web page showing, per model, which blocks "
+                    "are covered and how well, and every server (span, state, throughput, cache left, version, "
+                    "round trip), updated live; /api/swarm serves the same data as JSON, /metrics as Prometheus "
+                    "text.",
+    )
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs of any peers of the swarm (required)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port; 0 picks a free port (default: 8080)")
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between reads of the swarm (default: 2)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds one DHT read may take (default: 5)")
+    parser.add_argument("--no-rtt", action="store_true", help="do not measure round trips to the servers")
+    parser.add_argument("--identity", default=None, metavar="PATH",
+                        help="private key file of the dashboard's peer (default: a fresh identity)")
+    parser.add_argument("--p2p-host", default="127.0.0.1",
+                        help="address the dashboard's peer listens on for libp2p (default: 127.0.0.1)")
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="also stop when stdin closes (for launchers that own this process)")
+    parser.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line ``ConfigError`` for a bad flag (before any network or HTTP import)."""
+    require(bool(args.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
+    require(args.interval > 0, f"--interval must be > 0 seconds, got {args.interval}")
+    require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    from meshinfer.client.swarm import check_initial_peers
+    from meshinfer.config import P2PConfig
+
+    config = P2PConfig(host=args.p2p_host, port=0, identity=args.identity,
+                       initial_peers=check_initial_peers(args.initial_peers))
+
+    from meshinfer.dashboard.app import create_app
+    from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
+    from meshinfer.gateway.serving import ApiServer
+    from meshinfer.p2p.runner import LoopThread
+
+    async def connect() -> Any:
+        return await NodeSwarmReader.join(config, timeout=args.timeout)
+
+    poller = SwarmPoller(connect, interval=args.interval, rtt=not args.no_rtt)
+    server = ApiServer(create_app(poller), args.host, args.port, log_level="info" if args.verbose else "warning")
+    runner = LoopThread("meshinfer-dashboard").start()
+    try:
+        poller.start(runner.loop)
+
+        def ready() -> None:
+            info = {"url": server.url, "api": f"{server.url}/api/swarm", "metrics_url": f"{server.url}/metrics"}
+            sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
+            sys.stdout.flush()
+            print(f"dashboard of the swarm at {server.url} (JSON at /api/swarm); Ctrl-C to stop", file=sys.stderr,
+                  flush=True)
+            if args.stop_on_stdin_eof:
+                threading.Thread(target=_stop_on_eof, args=(server,), name="stdin-eof", daemon=True).start()
+
+        server.run(on_ready=ready)
+    finally:
+        poller.stop()
+        runner.stop()
+    return 0
+
+
+def _stop_on_eof(server: Any) -> None:
+    """Stop ``server`` when stdin ends. Reads the raw fd: a daemon thread blocked in ``sys.stdin``'s buffered
+    reader would hold its lock at interpreter exit and abort it."""
+    fd = sys.stdin.fileno()
+    with contextlib.suppress(OSError):
+        while os.read(fd, 65536):
+            pass
+    server.stop(timeout=0)

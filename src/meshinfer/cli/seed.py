@@ -1,0 +1,84 @@
+"""``meshinfer seed DIR...``: serve the weight pieces of local checkpoints to the swarm until stopped.
+
+Contract: parses ``P2PConfig`` flags, starts a ``PeerNode`` (full DHT member, direct plane listening),
+serves ``/meshinfer/pieces/1`` for every DIR (full or partial copies; their manifests are computed or read
+first) and announces them (``weights.seed``). When serving it prints ONE JSON line on stdout::
+
+    {"peer_id": ..., "maddrs": [...], "direct_addresses": [...], "pid": ..., "models": {id: {...}}}
+
+then runs until SIGINT/SIGTERM (or, with ``--stop-on-stdin-eof``, until its parent closes stdin) and on
+the way out prints one more JSON line ``{"served": {peer: pieces}, "errors": {code: n}}``. The hidden
+``--corrupt-pieces`` flag is a TEST FAULT INJECTOR (flips a byte of every piece served, to test that
+fetchers reject and ban such a peer); it is off by default and not listed in ``--help``. Errors are
+one-line ``MeshinferError``s, exit 2. Network code is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.config import P2PConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "seed", help="serve the weights of local checkpoints to peers that fetch them",
+        description="Serve the pieces of local checkpoint directories (full or partial copies) to peers that "
+                    "fetch them with `meshinfer fetch` or `serve --model MODEL_ID`, and announce them in the DHT. "
+                    "Stop it with Ctrl-C.",
+    )
+    parser.add_argument("directories", metavar="DIR", nargs="+", help="checkpoint directories to seed")
+    add_config_flags(parser, P2PConfig)
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="also stop when stdin closes (for launchers that own this process)")
+    parser.add_argument("--corrupt-pieces", action="store_true", help=argparse.SUPPRESS)  # TEST FAULT INJECTOR
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(P2PConfig, args)
+    code = asyncio.run(_seed(config, args))
+    if args.stop_on_stdin_eof:
+        # A daemon thread is blocked reading stdin; interpreter teardown would abort on its lock. Everything
+        # this command started is stopped by now, so leave at once.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+async def _seed(config: P2PConfig, args: argparse.Namespace) -> int:
+    from meshinfer.p2p.node import PeerNode
+    from meshinfer.p2p.runner import wait_for_exit_signal
+    from meshinfer.weights.seed import start_seeding
+
+    node = await PeerNode.start(config)
+    try:
+        seeder = await start_seeding(node, *args.directories, corrupt_pieces=args.corrupt_pieces)
+        try:
+            models = {}
+            for model_id, model in seeder.models.items():
+                record = model.record(node)
+                models[model_id] = {"path": str(model.path), "blocks": [str(r) for r in record.blocks],
+                                    "client_part": record.client_part, "files": record.files}
+            print(json.dumps({"peer_id": node.peer_id, "maddrs": node.maddrs,
+                              "direct_addresses": node.direct_addresses, "pid": os.getpid(), "models": models}),
+                  flush=True)
+            print(f"seeding {', '.join(models)} as {node.peer_id}"
+                  + (" (CORRUPTING PIECES: test fault injector)" if args.corrupt_pieces else ""),
+                  file=sys.stderr, flush=True)
+            await wait_for_exit_signal(watch_stdin=args.stop_on_stdin_eof)
+        finally:
+            await seeder.close()
+            print(json.dumps({"served": dict(seeder.served), "errors": dict(seeder.errors)}), flush=True)
+    finally:
+        await node.close()
+    return 0

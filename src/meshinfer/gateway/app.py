@@ -1,0 +1,322 @@
+"""The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/health``.
+
+Contract: ``create_app(generator, model_name, config)`` builds the ASGI app around a ``Generator`` (the swarm's
+``SwarmGenerator`` in production, a fake in unit tests); it knows nothing of servers, routes or sessions. Each
+request: parse and validate the JSON body (``gateway.requests``; bad input is a 400 in the OpenAI error
+format, never FastAPI's own), check the key (401) and the model name (404), render the prompt (chat: the
+tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special tokens, as
+``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the given token
+ids), apply the context limit, wait for one of ``max_concurrency`` generation slots (429 when
+``max_waiting`` requests already wait), and wait for the first generated token before answering, so that a
+swarm that cannot serve the model (503 with the reason) or a context error is a proper HTTP error even for
+``stream: true``. Streams are Server-Sent Events ending with ``data: [DONE]``; an error after the stream
+has started is sent as one ``data: {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away
+(a failed send, or ``is_disconnected`` while waiting), the generation is abandoned: its session closes on
+every server. Chat replies end at the model's eos and end-of-turn tokens; completions at the eos ids.
+``/health`` is not key-protected: 200 with the swarm's status when a route exists, else 503 with the reason;
+both carry the gateway's counters (generation requests, active, waiting, completed, failed, cancelled: abandoned
+because the client went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from meshinfer.gateway.config import GatewayConfig
+from meshinfer.gateway.generation import Generator, Outcome, generate_text
+from meshinfer.gateway.requests import (
+    ApiError,
+    GenerationRequest,
+    bad,
+    check_api_key,
+    check_model,
+    error_for,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+    resolve_max_tokens,
+)
+from meshinfer.gateway.responses import SSE_DONE, ResponseBuilder, Usage, model_card, model_list, sse
+from meshinfer.metrics import render
+from meshinfer.models.detokenize import chat_stop_ids
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.25
+"""How often a request waiting for its first token (or a whole non-streaming answer) checks its client."""
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that always runs ``on_close`` when it ends, however it ends (a send that failed
+    because the client went away, a body never started): that abandons the generation at once."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+class _Answer:
+    """One generation being answered: its text pieces and how it ended. ``close`` (idempotent) abandons it if
+    it still runs, frees its slot and counts it: completed, or cancelled (the client went away) unless
+    ``failed`` (an error, counted where it is answered)."""
+
+    def __init__(self, gateway: Gateway, pieces: AsyncIterator[str], outcome: Outcome) -> None:
+        self.gateway = gateway
+        self.pieces = pieces
+        self.outcome = outcome
+        self.failed = False
+        self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.pieces.aclose()  # type: ignore[attr-defined]
+        if self.outcome.finished:
+            self.gateway.stats["completed"] += 1
+        elif not self.failed:
+            self.gateway.stats["cancelled"] += 1
+            log.info("generation abandoned after %d tokens: the client went away", self.outcome.completion_tokens)
+
+
+class Gateway:
+    """The state behind the routes: the generator, the served name, the limits and counters."""
+
+    def __init__(self, generator: Generator, model_name: str, config: GatewayConfig) -> None:
+        self.generator = generator
+        self.model_name = model_name
+        self.config = config
+        self.created = int(time.time())
+        self.slots = asyncio.Semaphore(config.max_concurrency)
+        self.stats = {"requests": 0, "active": 0, "waiting": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        tokenizer = generator.tokenizer
+        self.chat_stop_ids = chat_stop_ids(tokenizer, generator.spec.eos_token_ids)
+        self.eos_ids = frozenset(generator.spec.eos_token_ids)
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        tokenizer = self.generator.tokenizer
+        if req.kind == "completion":
+            if isinstance(req.prompt, tuple):
+                return list(req.prompt)
+            return [int(i) for i in tokenizer(req.prompt)["input_ids"]]
+        if not getattr(tokenizer, "chat_template", None):
+            raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
+                      param="messages")
+        try:
+            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # a template may reject a conversation (e.g. roles that do not alternate)
+            raise bad(f"the chat template rejected these messages: {err}", param="messages") from None
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    async def _in_slot(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``pieces`` run inside a generation slot (waiting for one first; 429 when too many wait)."""
+        async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+            if self.slots.locked() and self.stats["waiting"] >= self.config.max_waiting:
+                raise ApiError(429, f"too many requests: {self.config.max_concurrency} generations are running and "
+                                    f"{self.stats['waiting']} requests wait; retry later", code="rate_limit_exceeded")
+            self.stats["waiting"] += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.stats["waiting"] -= 1
+            self.stats["active"] += 1
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                self.stats["active"] -= 1
+                self.slots.release()
+
+    async def answer(self, request: Request, req: GenerationRequest) -> Response:
+        ids = self.prompt_ids(req)
+        spec = self.generator.spec
+        max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
+                                        self.config.default_max_tokens)
+        stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        outcome = Outcome(prompt_tokens=len(ids))
+        builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage)
+        answer = _Answer(self, self._in_slot(generate_text(self.generator, ids, max_tokens, req.sampling, stops,
+                                                           req.stop, outcome)), outcome)
+        try:
+            first = await _unless_gone(request, anext(answer.pieces, ""))
+            if not req.stream:
+                rest = await _unless_gone(request, _join(answer.pieces))
+                await answer.close()
+                usage = Usage(outcome.prompt_tokens, outcome.completion_tokens)
+                return JSONResponse(builder.full(first + rest, outcome.finish_reason, usage))
+        except BaseException as err:
+            answer.failed = isinstance(err, Exception) and not isinstance(err, ClientGone)
+            await answer.close()
+            raise
+        return _ClosingStream(self._events(builder, first, answer), on_close=answer.close)
+
+    async def _events(self, builder: ResponseBuilder, first: str, answer: _Answer) -> AsyncIterator[str]:
+        outcome = answer.outcome
+        try:
+            head = builder.first_chunk()
+            if head is not None:
+                yield sse(head)
+            if first:
+                yield sse(builder.text_chunk(first))
+            async for piece in answer.pieces:
+                if piece:
+                    yield sse(builder.text_chunk(piece))
+            yield sse(builder.finish_chunk(outcome.finish_reason))
+            if builder.include_usage:
+                yield sse(builder.usage_chunk(Usage(outcome.prompt_tokens, outcome.completion_tokens)))
+        except Exception as err:  # the status line is sent already: report the error in the stream
+            answer.failed = True
+            self.stats["failed"] += 1
+            api = error_for(err)
+            log.warning("generation failed mid-stream: %s", api.message)
+            yield sse(api.body())
+        finally:
+            await answer.close()
+        yield SSE_DONE
+
+
+async def _join(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, checking the client every ``DISCONNECT_POLL_S``; ``ClientGone`` if it left."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def create_app(generator: Generator, model_name: str, config: GatewayConfig | None = None) -> FastAPI:
+    """The ASGI app serving ``generator`` under ``model_name`` (see the module docstring)."""
+    config = config or GatewayConfig()
+    gateway = Gateway(generator, model_name, config)
+    app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error_response(ApiError(exc.status_code, message, code=code))
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(error_for(exc))
+
+    async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        """Run one /v1 handler: key check first, every error in the OpenAI format."""
+        try:
+            check_api_key(request.headers.get("authorization"), config.api_key)
+            return await work()
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        except Exception as err:
+            api = error_for(err)
+            if api.status >= 500:
+                log.warning("%s %s failed: %s", request.method, request.url.path, api.message,
+                            exc_info=api.status == 500)
+            return _error_response(api)
+
+    async def generation(request: Request, parse: Callable[[Any], GenerationRequest]) -> Response:
+        async def work() -> Response:
+            gateway.stats["requests"] += 1
+            try:
+                req = parse(parse_json_body(await request.body()))
+                check_model(req.model, model_name)
+                return await gateway.answer(request, req)
+            except ClientGone:
+                raise
+            except Exception:
+                gateway.stats["failed"] += 1
+                raise
+
+        return await guarded(request, work)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generation(request, parse_chat_request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generation(request, parse_completion_request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(model_list([model_name], gateway.created))
+
+        return await guarded(request, work)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(request: Request, name: str) -> Response:
+        async def work() -> Response:
+            check_model(name, model_name)
+            return JSONResponse(model_card(model_name, gateway.created))
+
+        return await guarded(request, work)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics of this gateway's generations (when the generator keeps them)."""
+        session_metrics = getattr(generator, "metrics", None)
+        if session_metrics is None:
+            return Response(status_code=404)
+        sync = getattr(generator, "sync_metrics", None)
+        if sync is not None:
+            sync()
+        body, content_type = render(session_metrics.registry)
+        return Response(content=body, media_type=content_type)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            swarm = await asyncio.wait_for(generator.health(), timeout=15.0)
+        except Exception as err:
+            swarm = {"ok": False, "reason": f"{type(err).__name__}: {err}"}
+        body = {"status": "ok" if swarm.get("ok") else "unavailable", "model": model_name, "swarm": swarm,
+                "gateway": dict(gateway.stats)}
+        return JSONResponse(body, status_code=200 if swarm.get("ok") else 503)
+
+    return app

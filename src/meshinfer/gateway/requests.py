@@ -1,0 +1,299 @@
+"""OpenAI request bodies in, validated ``GenerationRequest``s out; OpenAI-format errors.
+
+Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP framework, no torch, no
+network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
+check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
+``param``) for anything malformed or unsupported by the engine: ``n`` != 1, non-zero ``presence_penalty`` /
+``frequency_penalty``, ``logprobs``, ``logit_bias``, tools, non-text ``response_format``, ``echo``,
+``best_of`` > 1, ``suffix``, several prompts. Unknown fields are ignored (clients send many). ``temperature``
+defaults to 1 as in the OpenAI API; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
+``resolve_max_tokens`` applies the context limit (400 ``context_length_exceeded``); ``check_api_key``
+(401) and ``check_model`` (404) guard every ``/v1`` route. ``error_for`` maps any exception to the
+``ApiError`` to send: ``ContextOverflowError``/``ConfigError`` 400, ``NoRouteError``, an ``overloaded`` server
+or an unreachable swarm 503 (with the reason), anything else 500. Knows nothing of tokenizers or models.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from meshinfer.client.routing import NoRouteError
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError
+
+MAX_STOP_STRINGS = 4
+"""The OpenAI API accepts up to 4 stop sequences."""
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
+
+
+class ApiError(MeshinferError):
+    """An error answer in the OpenAI format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _default_type(status)
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error" if status != 503 else "service_unavailable_error"
+    return "invalid_request_error"
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 ``invalid_request_error``."""
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated ``/v1/chat/completions`` or ``/v1/completions`` request."""
+
+    kind: Literal["chat", "completion"]
+    model: str
+    messages: tuple[dict[str, str], ...] = ()
+    """Chat: the conversation, each ``{"role", "content"}`` with text content only."""
+    prompt: str | tuple[int, ...] = ""
+    """Completion: the prompt text, or its token ids."""
+    max_tokens: int | None = None
+    """None: the gateway's default (bounded by the context)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ---- checks of the whole request ----------------------------------------------------------------
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The decoded JSON body, or a 400 saying it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad(f"the request body is not valid JSON ({err})") from None
+
+
+def check_api_key(authorization: str | None, api_key: str | None) -> None:
+    """Nothing when no key is configured or ``Authorization: Bearer <key>`` matches; else 401."""
+    if api_key is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def check_model(requested: str, served: str) -> None:
+    """404 ``model_not_found`` unless ``requested`` is the served model's name."""
+    if requested != served:
+        raise ApiError(404, f"the model {requested!r} does not exist; this gateway serves {served!r}",
+                       param="model", code="model_not_found")
+
+
+def resolve_max_tokens(prompt_tokens: int, requested: int | None, context: int, default: int) -> int:
+    """How many tokens to generate at most: ``requested``, or ``default`` bounded by what the context leaves;
+    400 ``context_length_exceeded`` when the prompt plus the requested tokens do not fit."""
+    if prompt_tokens <= 0:
+        raise bad("the prompt is empty: give at least one token", param="prompt")
+    if prompt_tokens >= context:
+        raise bad(f"this model's maximum context length is {context} tokens; however, the prompt has "
+                  f"{prompt_tokens} tokens, leaving none to generate", param="messages", code="context_length_exceeded")
+    if requested is None:
+        return min(default, context - prompt_tokens)
+    if prompt_tokens + requested > context:
+        raise bad(f"this model's maximum context length is {context} tokens; however, you requested "
+                  f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+                  f"completion): reduce the prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def error_for(err: BaseException) -> ApiError:
+    """The OpenAI error answer for any exception raised while serving a request."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ContextOverflowError):
+        return bad(str(err), code="context_length_exceeded")
+    if isinstance(err, NoRouteError):
+        return ApiError(503, f"the swarm cannot serve this model right now: {err}", code="no_route")
+    if isinstance(err, RemoteError) and err.code == "overloaded":
+        return ApiError(503, f"the swarm is overloaded right now: {err}", code="overloaded")
+    if isinstance(err, TransportError):
+        return ApiError(503, f"the swarm cannot be reached right now: {err}", code="swarm_unreachable")
+    if isinstance(err, ConfigError):
+        return bad(str(err))
+    return ApiError(500, f"internal error: {type(err).__name__}: {err}")
+
+
+# ---- field parsers ----------------------------------------------------------------------------------
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, *,
+            low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad(f"{name} must be a number, got {value!r}", param=name)
+    if not (low < value if low_open else low <= value) or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise bad(f"{name} must be in {interval}, got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"{name} must be an integer, got {value!r}", param=name)
+    if low is not None and value < low:
+        raise bad(f"{name} must be >= {low}, got {value}", param=name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad("stop must be a string or a list of strings", param="stop")
+    if len(items) > MAX_STOP_STRINGS:
+        raise bad(f"stop takes at most {MAX_STOP_STRINGS} sequences, got {len(items)}", param="stop")
+    if any(s == "" for s in items):
+        raise bad("stop sequences must not be empty", param="stop")
+    return tuple(dict.fromkeys(items))
+
+
+def _unsupported(body: dict[str, Any]) -> None:
+    """400 for parameters the engine cannot honour (rather than silently ignoring them)."""
+    n = _integer(body, "n", low=1)
+    if n not in (None, 1):
+        raise bad(f"n must be 1 (one choice per request), got {n}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise bad(f"{name} is not supported by this engine (only 0 is accepted); use repetition_penalty",
+                      param=name, code="unsupported_parameter")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise bad("logprobs are not supported by this gateway", param="logprobs", code="unsupported_parameter")
+    if body.get("logit_bias"):
+        raise bad("logit_bias is not supported by this gateway", param="logit_bias", code="unsupported_parameter")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tool and function calling are not supported by this gateway", param="tools",
+                  code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("only response_format {'type': 'text'} is supported", param="response_format",
+                  code="unsupported_parameter")
+
+
+def _common(body: Any) -> dict[str, Any]:
+    """Fields both endpoints share, checked."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("you must provide a model parameter", param="model")
+    _unsupported(body)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad(f"stream must be a boolean, got {stream!r}", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options must be an object", param="stream_options")
+    include_usage = bool(stream and options and options.get("include_usage"))
+    top_k = _integer(body, "top_k", low=-1)
+    try:
+        sampling = SamplingConfig(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            top_k=max(0, top_k or 0),  # -1 (vLLM's "disabled") and 0 both disable it
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+            seed=_integer(body, "seed"),
+        )
+    except ConfigError as err:  # the ranges above should already exclude this
+        raise bad(str(err)) from None
+    return {"model": model, "sampling": sampling, "stop": _stop(body), "stream": stream,
+            "include_usage": include_usage}
+
+
+def _content(message: dict[str, Any], index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{index}].content: only text parts are supported",
+                          param=f"messages[{index}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"messages[{index}].content must be a string or a list of text parts",
+              param=f"messages[{index}].content")
+
+
+def parse_chat_request(body: Any) -> GenerationRequest:
+    """A validated chat completion request (see the module docstring for the rules)."""
+    common = _common(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                      param=f"messages[{i}].role")
+        out.append({"role": CHAT_ROLES[role], "content": _content(message, i)})
+    max_tokens = _integer(body, "max_completion_tokens", low=1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", low=1)
+    return GenerationRequest(kind="chat", messages=tuple(out), max_tokens=max_tokens, **common)
+
+
+def parse_completion_request(body: Any) -> GenerationRequest:
+    """A validated (legacy) completion request with one prompt: text, or token ids."""
+    common = _common(body)
+    if body.get("echo"):
+        raise bad("echo is not supported by this gateway", param="echo", code="unsupported_parameter")
+    best_of = _integer(body, "best_of", low=1)
+    if best_of not in (None, 1):
+        raise bad(f"best_of must be 1, got {best_of}", param="best_of", code="unsupported_parameter")
+    if body.get("suffix"):
+        raise bad("suffix is not supported by this gateway", param="suffix", code="unsupported_parameter")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        parsed: str | tuple[int, ...] = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        parsed = tuple(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise bad("only one prompt per request is supported", param="prompt")
+    else:
+        raise bad("prompt must be a string or a non-empty list of token ids", param="prompt")
+    return GenerationRequest(kind="completion", prompt=parsed, max_tokens=_integer(body, "max_tokens", low=1),
+                             **common)

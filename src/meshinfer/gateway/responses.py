@@ -1,0 +1,154 @@
+"""OpenAI response bodies, Server-Sent Events framing and stop-string handling.
+
+Contract: pure and synchronous: plain strings and dicts in and out, no HTTP framework, no tokenizer, no
+torch. ``StopStringFilter`` turns a stream of text deltas into the text to emit: a stop string is never
+emitted (nor anything after it), and while streaming, text that could be the start of a stop string is
+held back until it is known not to be one. ``sse`` frames one event as ``data: <json>\\n\\n``; ``SSE_DONE``
+ends every stream. ``ResponseBuilder`` makes the bodies of one request, chat (``chat.completion`` /
+``chat.completion.chunk``) or completion (``text_completion``), non-streaming and streaming (a first chunk
+with the assistant role for chat, content chunks, a last chunk with ``finish_reason`` and, when asked, a
+usage chunk with no choices), and the model list of ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SSE_DONE = "data: [DONE]\n\n"
+"""The last event of every stream, as the OpenAI API sends it."""
+
+FinishReason = Literal["stop", "length"]
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One Server-Sent Event carrying ``data`` as compact JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest suffix of ``text`` that is a proper prefix of some stop string
+    (the text that must be held back because the next delta might complete a stop string)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class StopStringFilter:
+    """Emits text deltas minus stop strings: ``push`` returns what is safe to emit now, ``stopped`` turns
+    True once a stop string appeared (the text before it has then been emitted, nothing after it ever is),
+    ``flush`` returns the held-back text at the end of a generation that did not stop."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        self.stops = tuple(stops)
+        self.stopped = False
+        self._held = ""
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return delta
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[:min(hits)]
+        keep = partial_stop_length(text, self.stops)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request (see ``meshinfer.gateway.generation`` for what is counted)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class ResponseBuilder:
+    """The response bodies of one request to ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions``."""
+
+    def __init__(self, kind: Literal["chat", "completion"], model: str, *, include_usage: bool = False,
+                 created: int | None = None, request_id: str | None = None) -> None:
+        self.kind = kind
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time()) if created is None else created
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        self.id = request_id or prefix + secrets.token_hex(12)
+
+    def _base(self, streaming: bool) -> dict[str, Any]:
+        if self.kind == "chat":
+            obj = "chat.completion.chunk" if streaming else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    # ---- non-streaming ---------------------------------------------------------------------------
+
+    def full(self, text: str, finish_reason: FinishReason, usage: Usage) -> dict[str, Any]:
+        """The whole answer of a non-streaming request."""
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base(False), "choices": [choice], "usage": usage.as_dict()}
+
+    # ---- streaming -------------------------------------------------------------------------------
+
+    def _chunk(self, delta: dict[str, Any] | str, finish_reason: FinishReason | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        doc = {**self._base(True), "choices": [choice]}
+        if self.include_usage:
+            doc["usage"] = None  # as the OpenAI API does: every chunk but the last carries "usage": null
+        return doc
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        """The chunk that opens a chat stream (the assistant role, empty content); None for completions."""
+        return self._chunk({"role": "assistant", "content": ""}, None) if self.kind == "chat" else None
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        return self._chunk({"content": text} if self.kind == "chat" else text, None)
+
+    def finish_chunk(self, finish_reason: FinishReason) -> dict[str, Any]:
+        return self._chunk({} if self.kind == "chat" else "", finish_reason)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The extra last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+        return {**self._base(True), "choices": [], "usage": usage.as_dict()}
+
+
+def model_list(names: Sequence[str], created: int, owned_by: str = "meshinfer") -> dict[str, Any]:
+    """The body of ``GET /v1/models``."""
+    return {"object": "list", "data": [model_card(name, created, owned_by) for name in names]}
+
+
+def model_card(name: str, created: int, owned_by: str = "meshinfer") -> dict[str, Any]:
+    """The body of ``GET /v1/models/{name}`` (one entry of the list)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": owned_by}

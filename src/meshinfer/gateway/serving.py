@@ -1,0 +1,111 @@
+"""``ApiServer``: run the gateway's ASGI app with uvicorn, in this thread (the CLI) or in a background thread
+(tests, benchmarks).
+
+Contract: binds its listening socket itself before uvicorn starts (so ``port=0`` gets a free port and ``url``
+is known at once), runs uvicorn on its own asyncio loop (``loop="asyncio"``, access log off), and reports
+readiness only once uvicorn has started. ``start()`` serves from a daemon thread until ``stop()``;
+``run(on_ready)`` serves in the calling thread until ``stop()`` or, in the main thread, SIGINT/SIGTERM (then
+it returns normally). Shutdown gives open streams ``graceful_timeout`` seconds. Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshinfer.errors import ConfigError
+
+
+class ApiServer:
+    """One uvicorn server for one ASGI app on ``host:port``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
+                 graceful_timeout: float = 5.0) -> None:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as err:
+            self._sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        self.host = host
+        self.port = int(self._sock.getsockname()[1])
+        config = uvicorn.Config(app, loop="asyncio", lifespan="off", log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=graceful_timeout)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL of the server (``http://host:port``); the OpenAI base URL is ``url + "/v1"``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def _serve(self, on_ready: Callable[[], None] | None) -> None:
+        task = asyncio.create_task(self.server.serve(sockets=[self._sock]))
+        while not self.server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if self.server.started and on_ready is not None:
+            on_ready()
+        await task
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve in this thread until stopped; ``on_ready`` is called once the server accepts connections.
+        In the main thread SIGINT/SIGTERM stop it (a second SIGINT ends open streams at once) and it then
+        returns normally (uvicorn's own handlers would re-raise the signal after shutting down)."""
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            asyncio.run(self._serve(on_ready))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._sock.close()
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        if self.server.should_exit and sig == signal.SIGINT:
+            self.server.force_exit = True
+        self.server.should_exit = True
+
+    def start(self, timeout: float = 30.0) -> ApiServer:
+        """Serve from a background thread; return once the server accepts connections."""
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as err:  # reported by start()
+                self._error = err
+
+        self._thread = threading.Thread(target=target, name=f"meshinfer-api:{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise ConfigError(f"the API server on {self.url} failed to start: {self._error}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"the API server on {self.url} did not start within {timeout:g} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ask the server to exit (open streams get the graceful timeout) and wait for its thread."""
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,69 @@
+"""``meshinfer bench api``: its pure figures, and one small run on a tiny checkpoint (its own 3-server swarm)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from meshinfer.bench import api
+from meshinfer.errors import ConfigError
+
+
+@pytest.mark.parametrize(("text", "want"), [("1,16", [1, 16]), ("16, 1,1", [1, 16]), ("4", [4])])
+def test_parse_levels(text: str, want: list[int]) -> None:
+    assert api.parse_levels(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,x", "2000", "-1"])
+def test_parse_levels_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="--concurrency"):
+        api.parse_levels(text)
+
+
+@pytest.mark.parametrize(("values", "q", "want"), [
+    ([5.0], 95, 5.0),
+    ([1.0, 2.0, 3.0, 4.0], 50, 2.0),
+    ([4.0, 1.0, 3.0, 2.0], 95, 4.0),
+    (list(map(float, range(1, 101))), 95, 95.0),
+    (list(map(float, range(1, 21))), 95, 19.0),
+])
+def test_percentile_nearest_rank(values: list[float], q: float, want: float) -> None:
+    assert api.percentile(values, q) == want
+
+
+def test_summarise_level() -> None:
+    samples = [api.RequestSample(0.1, 1.0, 10), api.RequestSample(0.3, 2.0, 20), api.RequestSample(0.2, 1.5, 30),
+               api.RequestSample(0.0, 0.1, 0, "HTTP 503: busy")]
+    out = api.summarise_level(samples, wall_s=4.0, concurrency=2)
+    assert (out["requests"], out["failed"], out["concurrency"]) == (4, 1, 2)
+    assert out["requests_per_s"] == pytest.approx(3 / 4.0)
+    assert out["completion_tokens_per_s"] == pytest.approx(60 / 4.0)
+    assert out["mean_completion_tokens"] == pytest.approx(20.0)
+    assert out["time_to_first_token_ms"] == pytest.approx({"median": 200.0, "p95": 300.0})
+    assert out["latency_ms"] == pytest.approx({"median": 1500.0, "p95": 2000.0})
+    assert out["errors"] == ["HTTP 503: busy"]
+
+
+def test_summarise_level_all_failed() -> None:
+    out = api.summarise_level([api.RequestSample(0.0, 0.1, 0, "boom")], wall_s=1.0, concurrency=1)
+    assert out["failed"] == 1 and "requests_per_s" not in out and out["errors"] == ["boom"]
+
+
+def test_bench_api_smoke() -> None:
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    parser = argparse.ArgumentParser()
+    api.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_checkpoint("llama")), "--concurrency", "1,4", "--requests", "4",
+                              "--max-tokens", "4"])
+    with pytest.raises(ConfigError, match="--requests"):
+        api.run(parser.parse_args(["--concurrency", "1,16", "--requests", "4"]))
+    out = api.run(args)
+    assert out["servers"] == ["0:2", "2:3", "3:4"] and out["max_tokens"] == 4
+    assert set(out["levels"]) == {"c1", "c4"}
+    for c, level in ((1, out["levels"]["c1"]), (4, out["levels"]["c4"])):
+        assert (level["concurrency"], level["requests"], level["failed"]) == (c, 4, 0), level
+        assert level["requests_per_s"] > 0 and 0 < level["mean_completion_tokens"] <= 4
+        ttft = level["time_to_first_token_ms"]
+        assert 0 < ttft["median"] <= ttft["p95"] <= level["latency_ms"]["p95"]

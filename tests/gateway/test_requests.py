@@ -1,0 +1,209 @@
+"""Request validation, the context limit, keys, model names and error mapping (pure, no HTTP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshinfer.client.routing import NoRouteError
+from meshinfer.config import SamplingConfig
+from meshinfer.errors import CheckpointError, ConfigError, ContextOverflowError, RemoteError, TransportError
+from meshinfer.gateway.requests import (
+    ApiError,
+    check_api_key,
+    check_model,
+    error_for,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+    resolve_max_tokens,
+)
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": MSG, **fields}
+
+
+def test_chat_defaults_follow_the_openai_api() -> None:
+    req = parse_chat_request(chat())
+    assert req.kind == "chat" and req.model == "m"
+    assert req.messages == ({"role": "user", "content": "hi"},)
+    assert req.sampling == SamplingConfig(temperature=1.0)  # OpenAI's default temperature is 1
+    assert (req.max_tokens, req.stop, req.stream, req.include_usage) == (None, (), False, False)
+
+
+def test_chat_fields_are_carried_over() -> None:
+    req = parse_chat_request(chat(
+        temperature=0.5, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7, stop=["a", "b", "a"], stream=True,
+        stream_options={"include_usage": True}, max_tokens=5, max_completion_tokens=9, n=1, presence_penalty=0,
+        frequency_penalty=0.0, user="u", logprobs=False, response_format={"type": "text"},
+        messages=[{"role": "developer", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                  {"role": "assistant", "content": "c"}],
+    ))
+    assert req.sampling == SamplingConfig(temperature=0.5, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7)
+    assert req.stop == ("a", "b")  # duplicates dropped, order kept
+    assert req.stream and req.include_usage
+    assert req.max_tokens == 9  # max_completion_tokens wins over the deprecated max_tokens
+    assert req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+                            {"role": "assistant", "content": "c"})
+
+
+@pytest.mark.parametrize(("fields", "param", "needle"), [
+    ({"model": None}, "model", "model"),
+    ({"messages": []}, "messages", "non-empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "robot"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content", "text parts"),
+    ({"messages": ["hi"]}, "messages[0]", "object"),
+    ({"temperature": 3}, "temperature", "[0, 2]"),
+    ({"temperature": "hot"}, "temperature", "number"),
+    ({"top_p": 0}, "top_p", "(0, 1]"),
+    ({"top_k": -2}, "top_k", ">= -1"),
+    ({"seed": 1.5}, "seed", "integer"),
+    ({"max_tokens": 0}, "max_tokens", ">= 1"),
+    ({"max_completion_tokens": True}, "max_completion_tokens", "integer"),
+    ({"stop": ["a", ""]}, "stop", "empty"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": 5}, "stop", "string"),
+    ({"n": 2}, "n", "n must be 1"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"frequency_penalty": -1}, "frequency_penalty", "not supported"),
+    ({"frequency_penalty": 5}, "frequency_penalty", "[-2, 2]"),
+    ({"logprobs": True}, "logprobs", "logprobs"),
+    ({"logit_bias": {"1": 5}}, "logit_bias", "logit_bias"),
+    ({"tools": [{"type": "function"}]}, "tools", "tool"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+    ({"stream": "yes"}, "stream", "boolean"),
+])
+def test_bad_chat_requests_are_400_naming_the_param(fields: dict[str, Any], param: str, needle: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(chat(**fields))
+    err = info.value
+    assert (err.status, err.param, err.type) == (400, param, "invalid_request_error")
+    assert needle in err.message
+
+
+def test_non_object_body_is_400() -> None:
+    with pytest.raises(ApiError, match="JSON object"):
+        parse_chat_request(["not", "an", "object"])
+
+
+def test_stream_options_only_count_when_streaming() -> None:
+    assert not parse_chat_request(chat(stream_options={"include_usage": True})).include_usage
+
+
+@pytest.mark.parametrize(("prompt", "want"), [
+    ("hello", "hello"),
+    (["hello"], "hello"),
+    ([5, 6, 7], (5, 6, 7)),
+    ([[5, 6]], (5, 6)),
+])
+def test_completion_prompts(prompt: Any, want: Any) -> None:
+    req = parse_completion_request({"model": "m", "prompt": prompt, "max_tokens": 4})
+    assert (req.kind, req.prompt, req.max_tokens) == ("completion", want, 4)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [[1], [2]]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+])
+def test_bad_completion_requests(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_completion_request({"model": "m", **fields})
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(("raw", "ok"), [(b'{"a": 1}', True), (b"{bad", False), (b"", False), (b"\xff", False)])
+def test_parse_json_body(raw: bytes, ok: bool) -> None:
+    if ok:
+        assert parse_json_body(raw) == {"a": 1}
+    else:
+        with pytest.raises(ApiError, match="not valid JSON"):
+            parse_json_body(raw)
+
+
+@pytest.mark.parametrize(("prompt", "requested", "context", "default", "want"), [
+    (10, None, 100, 512, 90),   # the default is bounded by what the context leaves
+    (10, None, 1000, 512, 512),
+    (10, 90, 100, 512, 90),     # exactly fits
+    (10, 5, 100, 512, 5),
+])
+def test_resolve_max_tokens(prompt: int, requested: int | None, context: int, default: int, want: int) -> None:
+    assert resolve_max_tokens(prompt, requested, context, default) == want
+
+
+@pytest.mark.parametrize(("prompt", "requested", "context", "code"), [
+    (10, 91, 100, None),
+    (100, None, 100, None),
+    (150, 1, 100, None),
+    (0, 5, 100, "empty"),
+])
+def test_resolve_max_tokens_overflow(prompt: int, requested: int | None, context: int, code: str | None) -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_max_tokens(prompt, requested, context, 512)
+    assert info.value.status == 400
+    if code == "empty":
+        assert "empty" in info.value.message
+    else:
+        assert info.value.code == "context_length_exceeded"
+        assert f"{context} tokens" in info.value.message
+
+
+@pytest.mark.parametrize(("header", "key", "ok"), [
+    (None, None, True),
+    ("Bearer anything", None, True),
+    ("Bearer sekrit", "sekrit", True),
+    ("bearer sekrit", "sekrit", True),
+    ("Bearer wrong", "sekrit", False),
+    ("sekrit", "sekrit", False),
+    ("Bearer ", "sekrit", False),
+    (None, "sekrit", False),
+])
+def test_check_api_key(header: str | None, key: str | None, ok: bool) -> None:
+    if ok:
+        check_api_key(header, key)
+    else:
+        with pytest.raises(ApiError) as info:
+            check_api_key(header, key)
+        assert (info.value.status, info.value.code) == (401, "invalid_api_key")
+
+
+def test_check_model() -> None:
+    check_model("tiny", "tiny")
+    with pytest.raises(ApiError) as info:
+        check_model("gpt-4", "tiny")
+    assert (info.value.status, info.value.code, info.value.param) == (404, "model_not_found", "model")
+    assert "'tiny'" in info.value.message
+
+
+@pytest.mark.parametrize(("err", "status", "code"), [
+    (ContextOverflowError("too long"), 400, "context_length_exceeded"),
+    (ConfigError("token id 9999 is outside the vocabulary"), 400, None),
+    (NoRouteError("no online servers cover blocks 0:4"), 503, "no_route"),
+    (RemoteError("overloaded", "KV cache full"), 503, "overloaded"),
+    (TransportError("stream broke"), 503, "swarm_unreachable"),
+    (RemoteError("internal", "boom"), 500, None),
+    (CheckpointError("corrupt"), 500, None),
+    (RuntimeError("bug"), 500, None),
+    (ApiError(429, "slow down"), 429, None),
+])
+def test_error_for(err: BaseException, status: int, code: str | None) -> None:
+    api = error_for(err)
+    assert (api.status, api.code) == (status, code)
+    body = api.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert str(err) in body["message"]
+    assert body["type"] == {400: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                            503: "service_unavailable_error"}[status]
