@@ -47,11 +47,17 @@ from meshinfer.weights.fetch import ensure_local
 
 class HeadBatcher:
     """The LM head for every generation on the client's loop, batched: the last hidden states that
-    sessions hand in during one loop iteration go through the head as ONE matmul (the head's weights are
-    read once per batch instead of once per session: at 16 sessions this is most of the client's work)."""
+    sessions hand in within a short window go through the head as ONE matmul. The head is memory-bound
+    (its weights are read once per call whatever the rows), so at many sessions this halves the client's
+    work. With one generation running there is no window (no latency added); with several, the window
+    (``coalesce_s``) lets a server's batch of results, which arrive over a few loop iterations, stay one
+    batch, and so the sessions keep moving through the pipeline together."""
 
-    def __init__(self, head: ClientHead) -> None:
+    def __init__(self, head: ClientHead, *, coalesce_s: float = 0.008) -> None:
         self.head = head
+        self.coalesce_s = coalesce_s
+        self.active = 0
+        """Generations running now (the window is used only when there are several)."""
         self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
         self.batches = 0
         self.rows = 0
@@ -61,7 +67,10 @@ class HeadBatcher:
         future: asyncio.Future[torch.Tensor] = loop.create_future()
         self._pending.append((hidden, future))
         if len(self._pending) == 1:
-            loop.call_soon(self._run)  # after the other sessions' results of this iteration are in
+            if self.active > 1:
+                loop.call_later(self.coalesce_s, self._run)
+            else:
+                loop.call_soon(self._run)  # after the other sessions' results of this iteration are in
         return await future
 
     def _run(self) -> None:
@@ -254,6 +263,7 @@ class DistributedModel(TextGenerator):
         if max_new_tokens == 0:
             return
         session = await self.aopen_session(len(ids) + max_new_tokens)
+        self._heads.active += 1
         try:
             async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
                 if position != session.position:
@@ -267,6 +277,7 @@ class DistributedModel(TextGenerator):
             async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):
                 yield token
         finally:
+            self._heads.active -= 1
             self.failovers_total += len(session.failovers)
             await asyncio.shield(session.close())
 

@@ -61,6 +61,11 @@ MAX_BATCH_SESSIONS = 64
 """Sessions one turn may serve."""
 INLINE_BUDGET_S = 0.02
 """A decode-only turn predicted to take less than this runs inline on the event loop."""
+BATCH_WINDOW_S = 0.004
+"""How long a decode turn may wait for the steps of other recently active sessions (they travel in cohorts
+through a pipeline of servers; waiting a little keeps a cohort one batch instead of splitting it)."""
+RECENT_S = 1.0
+"""A session that got a result within this many seconds counts as active (expected to send again soon)."""
 
 
 def _as_session_error(err: BaseException) -> SessionError:
@@ -96,12 +101,16 @@ class _Progress:
     outputs: list[torch.Tensor]
 
 
+def session_gone(session: Session) -> bool:
+    return session.ended
+
+
 class StepLoop:
     """Runs every session's steps through the served span, batching what is waiting each turn."""
 
     def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
-                 inline_budget_s: float = INLINE_BUDGET_S) -> None:
+                 inline_budget_s: float = INLINE_BUDGET_S, batch_window_s: float = BATCH_WINDOW_S) -> None:
         if max_batch_tokens <= 0 or max_batch_sessions <= 0:
             raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
         self.span = span
@@ -110,6 +119,8 @@ class StepLoop:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sessions = max_batch_sessions
         self.inline_budget_s = inline_budget_s
+        self.batch_window_s = batch_window_s
+        self._recent: dict[Session, float] = {}  # session -> when it last got a result
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-compute")
         self._queued: dict[Session, None] = {}  # sessions with pending steps, in arrival order
         self._wake = asyncio.Event()
@@ -328,7 +339,9 @@ class StepLoop:
                 self._queued.pop(session, None)
             session.queued_ids.discard(job.step_id)
             if session.ended:
+                self._recent.pop(session, None)
                 continue
+            self._recent[session] = now
             output, error = result
             session.last_activity = now
             if output is not None:
@@ -349,9 +362,27 @@ class StepLoop:
         known = [s for n, s in self._decode_turn_s.items() if n >= len(pieces)]
         return bool(known) and min(known) < self.inline_budget_s
 
+    def _wait_for_cohort(self) -> float:
+        """Seconds to wait before the next turn so more active sessions' decode steps can join (0: none)."""
+        if self.batch_window_s <= 0:
+            return 0.0
+        ready = [s for s in self._queued if s.pending and not s.busy]
+        if not ready or any(s.pending[0].tokens != 1 for s in ready):
+            return 0.0
+        now = time.monotonic()
+        for session in [s for s, t in self._recent.items() if session_gone(s) or now - t > RECENT_S]:
+            del self._recent[session]
+        if len(ready) >= len(self._recent):
+            return 0.0
+        oldest = min(s.pending[0].arrived for s in ready)
+        return max(0.0, oldest + self.batch_window_s - now)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            wait = self._wait_for_cohort()
+            if wait > 0:
+                await asyncio.sleep(wait)
             pieces = self.schedule()
             if not pieces:
                 self._wake.clear()
