@@ -28,10 +28,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshinfer.bench.common import bench_model_dir
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "requests/s and time to first token of streaming chat requests through the OpenAI-compatible gateway"
@@ -179,24 +179,12 @@ def _check(args: argparse.Namespace) -> list[int]:
     return levels
 
 
-def _model_dir(model: str | None) -> Path:
-    if model is None:
-        from meshinfer.testing.checkpoints import bench_checkpoint
-
-        print("preparing the bench checkpoint (built once, then cached)...", file=sys.stderr, flush=True)
-        return bench_checkpoint()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model directory {model!r} does not exist")
-    return path
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.types import canonical_dtype
 
     levels = _check(args)
     dtype = canonical_dtype(args.dtype)
-    path = _model_dir(args.model)
+    path = bench_model_dir(args.model)
 
     import contextlib
 

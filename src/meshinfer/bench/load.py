@@ -35,9 +35,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from meshinfer.bench.common import bench_model_dir
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "aggregate tokens/s, per-token latency and time to first token with many concurrent sessions"
@@ -204,25 +204,13 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _model_dir(model: str | None) -> Path:
-    if model is None:
-        from meshinfer.testing.checkpoints import bench_checkpoint
-
-        _note("preparing the bench checkpoint (built once, then cached)...")
-        return bench_checkpoint()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model directory {model!r} does not exist")
-    return path
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.bench.swarm import even_spans
     from meshinfer.types import canonical_dtype
 
     levels_wanted = _check(args)
     dtype = canonical_dtype(args.dtype)
-    path = _model_dir(args.model)
+    path = bench_model_dir(args.model)
 
     import torch
 

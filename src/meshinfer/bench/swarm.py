@@ -25,9 +25,9 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
+from meshinfer.bench.common import bench_model_dir
 from meshinfer.errors import ConfigError
 from meshinfer.types import BlockRange
 
@@ -110,18 +110,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
 
 
-def _model_dir(model: str | None) -> Path:
-    if model is None:
-        from meshinfer.testing.checkpoints import bench_checkpoint
-
-        print("preparing the bench checkpoint (built once, then cached)...", file=sys.stderr, flush=True)
-        return bench_checkpoint()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model directory {model!r} does not exist")
-    return path
-
-
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -131,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     _check(args)
     dtype = canonical_dtype(args.dtype)
-    path = _model_dir(args.model)
+    path = bench_model_dir(args.model)
 
     import torch
 

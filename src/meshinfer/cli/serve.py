@@ -2,7 +2,7 @@
 
 Contract: parses ``ServerConfig`` and ``P2PConfig`` flags (bad values, e.g. ``--blocks`` together
 with ``--num-blocks``: one-line ``ConfigError``, exit 2, before any network or torch import), resolves
-``--model demo`` to the built-in demo checkpoint, then runs ``server.app.serve_until_signal``.
+``--model demo`` to the built-in demo checkpoint, then runs ``server.run.serve_until_signal``.
 Without ``--blocks`` the server places itself where the swarm is weakest and moves when that helps;
 the ready line's ``blocks`` is where it started. Once the server is announced online it
 prints, in one flushed write on stdout, its multiaddrs one per line and then the ready line::
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(ServerConfig, args)
     p2p = config_from_args(P2PConfig, args)
     model_dir = resolve_model_dir(config.model)
-    from meshinfer.server.app import serve_until_signal
+    from meshinfer.server.run import serve_until_signal
 
     code = asyncio.run(serve_until_signal(config, p2p, model_dir=model_dir, on_ready=_print_ready,
                                           stop_on_stdin_eof=args.stop_on_stdin_eof))

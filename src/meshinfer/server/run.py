@@ -1,0 +1,96 @@
+"""Running a block server as a process: until SIGTERM/SIGINT (or stdin EOF), with a clean stop.
+
+Contract: ``serve_until_signal(config, p2p)`` starts ``server.app.BlockServer`` and returns its exit code:
+SIGTERM/SIGINT (and, when asked, the end of stdin: the launcher went away), even during start-up, lead to a
+clean stop (drain, leave the swarm); a second signal cuts the drain short; 1 when the server could no
+longer serve. Printing is the caller's job (``on_ready``). Knows nothing of models or sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from meshinfer.config import P2PConfig
+from meshinfer.errors import MeshinferError
+from meshinfer.server.app import BlockServer
+from meshinfer.server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def _watch_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when stdin reaches EOF. Reads the raw fd (never ``sys.stdin``'s buffered reader,
+    whose lock a blocked daemon thread would hold at interpreter exit, aborting it)."""
+    fd = sys.stdin.fileno()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            stop.set()
+
+    try:
+        loop.add_reader(fd, on_readable)
+    except (OSError, ValueError, PermissionError):  # e.g. a regular file: epoll cannot watch it
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while os.read(fd, 65536):
+                    pass
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=drain, name="stdin-watch", daemon=True).start()
+
+
+async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir: str | Path | None = None,
+                             on_ready: Callable[[BlockServer], None] = lambda s: None,
+                             stop_on_stdin_eof: bool = False) -> int:
+    """Run a server until SIGTERM/SIGINT (or stdin EOF when asked); returns the exit code (0, or 1 when
+    the server could no longer serve). A second signal ends the drain at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    running: list[BlockServer] = []
+
+    def on_signal() -> None:
+        if stop.is_set() and running:
+            log.info("second stop signal: ending open sessions now")
+            running[0].hurry()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if stop_on_stdin_eof:
+        _watch_stdin_eof(loop, stop)
+    starting = asyncio.create_task(BlockServer.start(config, p2p, model_dir))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # signalled during start-up: BlockServer.start cleans up on cancel
+        log.info("stop requested during start-up")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MeshinferError):
+            await starting
+        return 0
+    stopping.cancel()
+    server = starting.result()  # raises the start-up error, if any
+    running.append(server)
+    try:
+        on_ready(server)
+        stopping = asyncio.create_task(stop.wait())
+        failing = asyncio.create_task(server.fatal.wait())
+        await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, failing):
+            task.cancel()
+    finally:
+        await server.stop()
+    return 1 if server.fatal.is_set() else 0
