@@ -5,8 +5,8 @@ blocks split into ``servers // 2`` spans, two servers each, so every span surviv
 ``--generations`` greedy generations one after another from one ``DistributedModel`` (failover on), each
 with its own prompt. Meanwhile a chaos thread, every ``--kill-every`` generated tokens on average (the
 exact points drawn at random, seeded by ``--seed``, so kills land mid-generation whatever the machine's
-speed), picks a live server whose span still has another live server (mostly one on the route the
-client is using right now, so kills hit live sessions) and SIGKILLs or SIGTERMs it,
+speed), picks a live server whose span still has another live server (one on the route the client is using
+right now when there is one, so kills hit live sessions) and SIGKILLs or SIGTERMs it (``--signals``),
 then starts a replacement for that span (``LocalSwarm.add_server``); at most ``--max-kills`` times, and
 never once the generations are done. Every generation is compared with the local engine's greedy
 tokens for the same prompt (computed in this process after the chaos, so it does not compete for CPU).
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-every", type=int, default=150,
                         help="mean number of generated tokens between kills (default: 150)")
     parser.add_argument("--max-kills", type=int, default=10, help="most servers killed (default: 10)")
+    parser.add_argument("--signals", choices=("mixed", "kill", "term"), default="mixed",
+                        help="how servers are stopped: SIGKILL or SIGTERM at random, only SIGKILL (a crash) or "
+                             "only SIGTERM (a graceful leave: drain, then fail over) (default: mixed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts and chaos (default: 0)")
     parser.add_argument("--time-limit", type=float, default=600.0,
                         help="stop the run after this many seconds (default: 600)")
@@ -65,10 +68,12 @@ class Chaos:
     """Kills a random redundant server now and then and starts a replacement, until stopped."""
 
     def __init__(self, swarm: Any, *, kill_every: int, max_kills: int, seed: int,
-                 in_use: Callable[[], set[str]] = set) -> None:
+                 in_use: Callable[[], set[str]] = set, signals: str = "mixed") -> None:
         self.swarm = swarm
         self.in_use = in_use
         self.kill_every = kill_every
+        self.signals = {"mixed": [signal.SIGKILL, signal.SIGTERM], "kill": [signal.SIGKILL],
+                        "term": [signal.SIGTERM]}[signals]
         self.tokens = 0
         """Tokens generated so far (the generating thread counts them; kills are placed by this count)."""
         self.max_kills = max_kills
@@ -100,8 +105,8 @@ class Chaos:
             if not victims:
                 continue
             busy = [v for v in victims if v.peer_id in self.in_use()]
-            victim = self.rng.choice(busy if busy and self.rng.random() < 0.8 else victims)
-            sig = self.rng.choice([signal.SIGKILL, signal.SIGTERM])
+            victim = self.rng.choice(busy or victims)  # a server the generation is using, when one is spare
+            sig = self.rng.choice(self.signals)
             victim.proc.kill(sig)
             self.kills.append({"peer_id": victim.peer_id, "span": str(victim.span), "signal": sig.name,
                                "at": time.monotonic()})
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return {hop.peer_id for hop in session.route} if session is not None else set()
 
             chaos = Chaos(swarm, kill_every=args.kill_every, max_kills=args.max_kills, seed=args.seed + 1,
-                          in_use=in_use)
+                          in_use=in_use, signals=args.signals)
             client.generate(prompts[0][:4], 4, stop_token_ids=())  # warm-up, before any chaos
             chaos.start()
             try:
