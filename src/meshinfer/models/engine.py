@@ -189,6 +189,41 @@ def check_prompt(spec: ModelSpec, input_ids: Sequence[int], max_new_tokens: int)
     return ids
 
 
+Request = tuple[list[int], int]
+"""``(ids, position)``: the next tokens to run through the model and where they go."""
+
+
+class _Steps:
+    """The rules every generation loop shares: the prefill, then one decode step per sampled token, the
+    sampling itself (in inference mode) and when to stop (``max_new_tokens`` or a stop token)."""
+
+    def __init__(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
+                 stop_token_ids: Collection[int]) -> None:
+        from meshinfer.models.sampling import Sampler
+
+        self.sampler = Sampler(sampling or SamplingConfig())
+        self.history = list(ids)
+        self.left = max_new_tokens
+        self.stops = stop_token_ids
+
+    def first(self) -> Request | None:
+        """The prefill (None when no token is wanted)."""
+        return (self.history, 0) if self.left > 0 else None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        with torch.inference_mode():
+            token = self.sampler.next_token(logits, self.history)
+        self.left -= 1
+        return token
+
+    def after(self, token: int) -> Request | None:
+        """The decode step that follows ``token`` (just yielded), or None when the generation is over."""
+        if token in self.stops or self.left == 0:
+            return None
+        self.history.append(token)
+        return [token], len(self.history) - 1
+
+
 def generate_tokens(
     forward: Forward,
     ids: list[int],
@@ -202,21 +237,13 @@ def generate_tokens(
     sampling run in inference mode, which is never held across a ``yield``. ``ids`` must already be
     checked (``check_prompt``).
     """
-    from meshinfer.models.sampling import Sampler
-
-    if max_new_tokens <= 0:
-        return
-    sampler = Sampler(sampling or SamplingConfig())
-    history = list(ids)
-    with torch.inference_mode():
-        token = sampler.next_token(forward(history, 0), history)
-    for produced in range(1, max_new_tokens + 1):
-        yield token
-        if token in stop_token_ids or produced == max_new_tokens:
-            return
-        history.append(token)
+    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids)
+    request = steps.first()
+    while request is not None:
         with torch.inference_mode():
-            token = sampler.next_token(forward([token], len(history) - 1), history)
+            token = steps.sample(forward(*request))
+        yield token
+        request = steps.after(token)
 
 
 async def agenerate_tokens(
@@ -227,20 +254,9 @@ async def agenerate_tokens(
     stop_token_ids: Collection[int],
 ) -> AsyncIterator[int]:
     """``generate_tokens`` over an async ``forward``: the same prefill, decode, sampling and stop rules."""
-    from meshinfer.models.sampling import Sampler
-
-    if max_new_tokens <= 0:
-        return
-    sampler = Sampler(sampling or SamplingConfig())
-    history = list(ids)
-    logits = await forward(history, 0)
-    with torch.inference_mode():
-        token = sampler.next_token(logits, history)
-    for produced in range(1, max_new_tokens + 1):
+    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids)
+    request = steps.first()
+    while request is not None:
+        token = steps.sample(await forward(*request))
         yield token
-        if token in stop_token_ids or produced == max_new_tokens:
-            return
-        history.append(token)
-        logits = await forward([token], len(history) - 1)
-        with torch.inference_mode():
-            token = sampler.next_token(logits, history)
+        request = steps.after(token)
