@@ -15,11 +15,8 @@ open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +26,6 @@ from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
-    from meshinfer.gateway.serving import ApiServer
 
 READY_PREFIX = "ready "
 
@@ -89,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.gateway.app import create_app
     from meshinfer.gateway.generation import SwarmGenerator
     from meshinfer.gateway.serving import ApiServer
+    from meshinfer.p2p.runner import watch_stdin_eof
 
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name)
     poller: SwarmPoller | None = None
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"serving {name} at {server.url}/v1 (OpenAI-compatible); Ctrl-C to stop", file=sys.stderr,
                   flush=True)
             if args.stop_on_stdin_eof:
-                threading.Thread(target=_stop_on_eof, args=(server,), name="stdin-eof", daemon=True).start()
+                watch_stdin_eof(lambda: server.stop(timeout=0))
 
         server.run(on_ready=ready)
     finally:
@@ -119,12 +116,3 @@ def run(args: argparse.Namespace) -> int:
             poller.stop()
         model.close()
     return 0
-
-
-def _stop_on_eof(server: ApiServer) -> None:
-    """Stop ``server`` once stdin reaches EOF. Reads the raw descriptor: a daemon thread blocked in a buffered
-    read would hold the buffer's lock and abort the interpreter's shutdown."""
-    with contextlib.suppress(OSError):
-        while os.read(sys.stdin.fileno(), 65536):
-            pass
-    server.stop(timeout=0)

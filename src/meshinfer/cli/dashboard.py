@@ -18,11 +18,8 @@ then leaves the swarm. Imports FastAPI and the network only inside ``run``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import threading
 from typing import Any
 
 from meshinfer.cli.common import require
@@ -74,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
     from meshinfer.gateway.serving import ApiServer
-    from meshinfer.p2p.runner import LoopThread
+    from meshinfer.p2p.runner import LoopThread, watch_stdin_eof
 
     async def connect() -> Any:
         return await NodeSwarmReader.join(config, timeout=args.timeout)
@@ -92,20 +89,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"dashboard of the swarm at {server.url} (JSON at /api/swarm); Ctrl-C to stop", file=sys.stderr,
                   flush=True)
             if args.stop_on_stdin_eof:
-                threading.Thread(target=_stop_on_eof, args=(server,), name="stdin-eof", daemon=True).start()
+                watch_stdin_eof(lambda: server.stop(timeout=0))
 
         server.run(on_ready=ready)
     finally:
         poller.stop()
         runner.stop()
     return 0
-
-
-def _stop_on_eof(server: Any) -> None:
-    """Stop ``server`` when stdin ends. Reads the raw fd: a daemon thread blocked in ``sys.stdin``'s buffered
-    reader would hold its lock at interpreter exit and abort it."""
-    fd = sys.stdin.fileno()
-    with contextlib.suppress(OSError):
-        while os.read(fd, 65536):
-            pass
-    server.stop(timeout=0)

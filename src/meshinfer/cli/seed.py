@@ -42,17 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
-    code = asyncio.run(_seed(config, args))
-    if args.stop_on_stdin_eof:
-        # A daemon thread is blocked reading stdin; interpreter teardown would abort on its lock. Everything
-        # this command started is stopped by now, so leave at once.
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return asyncio.run(_seed(config, args))
 
 
 async def _seed(config: P2PConfig, args: argparse.Namespace) -> int:

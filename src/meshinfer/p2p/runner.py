@@ -5,7 +5,8 @@ until the coroutine finishes on that loop (``TransportError`` on timeout); ``sub
 ``concurrent.futures.Future``. Start a ``PeerNode`` through it and call all of that node's methods
 through it (a node belongs to the loop it was started on). ``stop`` cancels what is left and joins
 the thread; a p2pd started from this thread dies when the thread ends. ``wait_for_exit_signal`` is
-how long-running peer processes wait for SIGTERM/SIGINT (or their parent closing stdin). Knows
+how long-running peer processes wait for SIGTERM/SIGINT (or their parent closing stdin);
+``watch_stdin_eof`` is the one way every process here notices its parent closing stdin. Knows
 nothing of the swarm.
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meshinfer.errors import TransportError
@@ -76,6 +78,41 @@ class LoopThread:
         self.stop()
 
 
+def watch_stdin_eof(on_eof: Callable[[], None], loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Call ``on_eof`` once stdin reaches EOF (the parent went away): on ``loop`` when given, else from a
+    daemon thread. Reads the raw descriptor, never ``sys.stdin``'s buffered reader (a daemon thread blocked
+    in it holds its lock at interpreter exit, which aborts the interpreter); with a loop, through the
+    loop's reader (no thread at all) when epoll can watch stdin, else from a daemon thread."""
+    fd = sys.stdin.fileno()
+    if loop is not None:
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                on_eof()
+
+        try:
+            loop.add_reader(fd, on_readable)
+            return
+        except (OSError, ValueError, PermissionError):  # e.g. a regular file: epoll cannot watch it
+            pass
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 65536):
+                pass
+        if loop is None:
+            on_eof()
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_eof)
+
+    threading.Thread(target=drain, name="stdin-watch", daemon=True).start()
+
+
 async def wait_for_exit_signal(*, watch_stdin: bool = True) -> None:
     """Return on SIGTERM/SIGINT, or when stdin reaches EOF (the parent went away)."""
     loop = asyncio.get_running_loop()
@@ -83,11 +120,5 @@ async def wait_for_exit_signal(*, watch_stdin: bool = True) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if watch_stdin and not sys.stdin.isatty():
-        def watch() -> None:  # a daemon thread: never delays interpreter exit
-            with contextlib.suppress(Exception):
-                sys.stdin.buffer.read()
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-
-        threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+        watch_stdin_eof(stop.set, loop)
     await stop.wait()

@@ -11,46 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
+from meshinfer.p2p.runner import watch_stdin_eof
 from meshinfer.server.app import BlockServer
 from meshinfer.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
-
-
-def _watch_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Set ``stop`` when stdin reaches EOF. Reads the raw fd (never ``sys.stdin``'s buffered reader,
-    whose lock a blocked daemon thread would hold at interpreter exit, aborting it)."""
-    fd = sys.stdin.fileno()
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            stop.set()
-
-    try:
-        loop.add_reader(fd, on_readable)
-    except (OSError, ValueError, PermissionError):  # e.g. a regular file: epoll cannot watch it
-        def drain() -> None:
-            with contextlib.suppress(OSError):
-                while os.read(fd, 65536):
-                    pass
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-
-        threading.Thread(target=drain, name="stdin-watch", daemon=True).start()
 
 
 async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir: str | Path | None = None,
@@ -71,7 +42,7 @@ async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     if stop_on_stdin_eof:
-        _watch_stdin_eof(loop, stop)
+        watch_stdin_eof(stop.set, loop)
     starting = asyncio.create_task(BlockServer.start(config, p2p, model_dir))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
