@@ -101,10 +101,6 @@ class _Progress:
     outputs: list[torch.Tensor]
 
 
-def session_gone(session: Session) -> bool:
-    return session.ended
-
-
 class StepLoop:
     """Runs every session's steps through the served span, batching what is waiting each turn."""
 
@@ -370,7 +366,7 @@ class StepLoop:
         if not ready or any(s.pending[0].tokens != 1 for s in ready):
             return 0.0
         now = time.monotonic()
-        for session in [s for s, t in self._recent.items() if session_gone(s) or now - t > RECENT_S]:
+        for session in [s for s, t in self._recent.items() if s.ended or now - t > RECENT_S]:
             del self._recent[session]
         if len(ready) >= len(self._recent):
             return 0.0
@@ -388,8 +384,9 @@ class StepLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            inline = self._inline(pieces)  # decided once per turn: the turn's timing changes the answer
             try:
-                if self._inline(pieces):
+                if inline:
                     results = self.execute(pieces)
                 else:
                     results = await loop.run_in_executor(self._executor, self.execute, pieces)
@@ -399,5 +396,5 @@ class StepLoop:
                 log.exception("step loop turn failed")
                 results = [self._failed(p, err) for p in pieces]
             self.deliver(pieces, results)
-            if self._inline(pieces):
+            if inline:
                 await asyncio.sleep(0)  # let the network in between inline turns
