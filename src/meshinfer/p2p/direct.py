@@ -69,6 +69,10 @@ _CONTEXT = b"meshinfer-direct/2"
 NONCE_BYTES = 32
 
 
+class DirectRefused(TransportError):
+    """The intended peer answered and refused the connection (its reason is in the message)."""
+
+
 class Hello(msgspec.Struct, frozen=True, array_like=True):
     """One handshake message (see the module docstring for who sends what)."""
 
@@ -312,7 +316,7 @@ class DirectPlane:
                                                 nonce=nonce))
                 hello = await _read_hello(reader)
                 if hello.error:
-                    raise TransportError(f"refused: {hello.error}")
+                    raise DirectRefused(f"refused: {hello.error}")
                 if peer_id_of_public_key(hello.public_key) != peer_id:
                     raise TransportError(f"{address} is not peer {peer_id} (another key answered)")
                 if len(hello.nonce) != NONCE_BYTES or not verify_signature(
@@ -326,7 +330,8 @@ class DirectPlane:
             if isinstance(err, TimeoutError):
                 raise TransportError(f"direct connection to {address} timed out after {timeout:g}s") from None
             if isinstance(err, MeshinferError):
-                raise TransportError(f"direct connection to {address}: {err}") from None
+                kind = DirectRefused if isinstance(err, DirectRefused) else TransportError
+                raise kind(f"direct connection to {address}: {err}") from None
             if isinstance(err, Exception):
                 raise TransportError(f"direct connection to {address} failed: {str(err)[:200]}") from None
             raise
@@ -342,7 +347,7 @@ class DirectPlane:
                 return await self.dial(peer_id, address, protocol, settings=settings, timeout=timeout)
             except (TransportError, ConfigError) as err:
                 last = err
-                if isinstance(err, TransportError) and "refused:" in str(err):
+                if isinstance(err, DirectRefused):
                     break  # the right peer said no: another of its addresses will say the same
         raise last if isinstance(last, TransportError) else TransportError(str(last))
 
