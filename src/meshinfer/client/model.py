@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import queue
 import threading
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
@@ -155,8 +154,6 @@ class DistributedModel(TextGenerator):
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
-        gc.collect()
-        gc.freeze()  # the head, tokenizer and DHT state are long-lived: no cyclic-GC pauses re-scanning them
         return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=local, push=push,
                    step_timeout=step_timeout, route_wait=route_wait, failover=failover)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import time
@@ -305,8 +304,6 @@ class BlockServer:
             self.service.start()
         self.state = "online"
         await self._publish_now()
-        gc.collect()
-        gc.freeze()  # what start-up allocated is long-lived: keep the cyclic GC from re-scanning it every pass
         log.info("online: serving blocks %s of %s to sessions (%d tokens of KV cache, at most %d sessions)",
                  self.span_range, self.card.name, cfg.cache_tokens, cfg.max_sessions)
 
