@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from meshinfer.models.span import BlockSpan
 from meshinfer.server.runtime import Piece, StepLoop
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.types import BlockRange
-from meshinfer.wire.messages import ErrorCode
+from meshinfer.wire.messages import Burst, ErrorCode
 from meshinfer.wire.tensor import Tensor, decode_tensor, encode_tensor
 
 
@@ -39,8 +40,10 @@ def _session(loop: StepLoop, span: BlockRange, sid: str = "s", max_length: int =
     return Session(sid, span, max_length, dtype, _NoOutbox(), cache=sub.new_cache(max_length))
 
 
-def _job(session: Session, step_id: int, position: int, x: torch.Tensor, arrived: float = 0.0) -> StepJob:
-    return StepJob(session, step_id, position, encode_tensor(x.to(getattr(torch, session.dtype))), arrived)
+def _job(session: Session, step_id: int, position: int, x: torch.Tensor, arrived: float = 0.0,
+         burst: Burst | None = None) -> StepJob:
+    return StepJob(session, step_id, position, encode_tensor(x.to(getattr(torch, session.dtype))), arrived,
+                   burst=burst)
 
 
 def _run(loop: StepLoop, job: StepJob) -> torch.Tensor:
@@ -173,7 +176,8 @@ def test_loop_delivers_in_order_and_skips_ended_sessions(served: BlockSpan) -> N
     delivered: list[tuple[str, int, Tensor | None, SessionError | None]] = []
 
     async def main() -> None:
-        loop = StepLoop(served, lambda job, out, err: delivered.append((job.session.session_id, job.step_id, out, err)))
+        loop = StepLoop(served, lambda finished: delivered.extend(
+            (job.session.session_id, job.step_id, out, err) for job, out, err in finished))
         a = _session(loop, BlockRange(0, 4), "a")
         gone = _session(loop, BlockRange(0, 4), "gone")
         loop.start()
@@ -200,3 +204,37 @@ def test_sub_span_shares_weights(served: BlockSpan) -> None:
     assert sub.layers[0] is served.layers[1] and loop.sub_span(BlockRange(1, 3)) is sub
     with pytest.raises(Exception, match="not inside the served span"):
         loop.sub_span(BlockRange(2, 5))
+
+
+def test_a_burst_is_held_until_its_last_member_arrives_then_runs_as_one_turn(served: BlockSpan) -> None:
+    loop = StepLoop(served, lambda finished: None, burst_hold_s=60.0)
+    a, b, c = (_session(loop, BlockRange(0, 4), sid) for sid in "abc")
+    x = torch.randn(1, 64)
+    tag = Burst(id=9, size=2)
+    loop.submit(_job(a, 0, 0, x, time.monotonic(), burst=tag))
+    loop.submit(_job(c, 0, 0, x, time.monotonic()))  # untagged: never held
+    assert _turns(loop) == [[("c", 0, 1)]]  # a waits for the rest of its burst; c is not held back meanwhile
+    assert loop.schedule() == [] and loop.queued_steps == 1
+    loop.submit(_job(b, 0, 0, x, time.monotonic(), burst=tag))
+    assert _turns(loop) == [[("a", 0, 1), ("b", 0, 1)]]
+
+
+def test_an_incomplete_burst_runs_once_its_hold_ends(served: BlockSpan) -> None:
+    delivered: list[int] = []
+
+    async def main() -> None:
+        loop = StepLoop(served, lambda finished: delivered.extend(job.step_id for job, _, _ in finished),
+                        burst_hold_s=0.3)
+        a = _session(loop, BlockRange(0, 4), "a")
+        loop.start()
+        loop.submit(_job(a, 0, 0, torch.randn(1, 64), time.monotonic(), burst=Burst(id=1, size=5)))  # 4 never come
+        await asyncio.sleep(0.05)
+        assert delivered == []  # still held
+        for _ in range(250):
+            if delivered:
+                break
+            await asyncio.sleep(0.02)
+        await loop.stop()
+
+    asyncio.run(main())
+    assert delivered == [0]

@@ -45,7 +45,7 @@ def span(meshinfer_cache_dir: Path) -> BlockSpan:
 def _service(span: BlockSpan, idle_timeout: float = 60.0) -> tuple[SessionService, list[int]]:
     changes: list[int] = []
     holder: dict[str, SessionService] = {}
-    loop = StepLoop(span, lambda job, out, err: holder["s"].on_result(job, out, err))
+    loop = StepLoop(span, lambda finished: holder["s"].on_results(finished))
     service = SessionService(model_id="m", peer_id="me", loop=loop, budget=MemoryBudget(100, 4),
                              limits=DEFAULT_LIMITS, max_step_tokens=16, idle_timeout=idle_timeout,
                              on_change=lambda: changes.append(service.budget.tokens_left))
@@ -142,6 +142,34 @@ def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) ->
         assert first.next_hop == new  # a refused retarget changes nothing
         service.retarget(first, Retarget(session_id="first"))  # empty tail: push nowhere
         assert first.next_hop is None
+        await service.shutdown()
+        await service.loop.stop()
+
+    asyncio.run(main())
+
+
+def test_a_turns_outputs_leave_as_one_burst_per_destination(span: BlockSpan) -> None:
+    async def main() -> None:
+        service, _ = _service(span)
+        service.loop.start()
+        service.start()
+        firsts, seconds = [MemoryStream(), MemoryStream()], [MemoryStream(), MemoryStream()]
+        sessions = []
+        for i in range(2):
+            await service.open(_open(f"second{i}", 20, span=BlockRange(2, 4)), seconds[i])  # type: ignore[arg-type]
+            hop = Hop(peer_id="me", span=BlockRange(2, 4), session_id=f"second{i}")
+            sessions.append(await service.open(_open(f"first{i}", 20, span=BlockRange(0, 2), tail=[hop]),
+                                               firsts[i]))  # type: ignore[arg-type]
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+        for i, session in enumerate(sessions):  # queued together: one turn, then one pushed burst, one turn
+            service.step(session, Step(session_id=f"first{i}", step_id=0, position=0, hidden=encode_tensor(x)))
+        await _until(lambda: all(s.sent for s in seconds))
+        finals = [s.sent[0] for s in seconds]
+        assert all(isinstance(m, StepResult) for m in finals)
+        tags = {m.burst for m in finals}  # type: ignore[union-attr]
+        (tag,) = tags  # both final outputs go back to the same client: one burst of 2
+        assert tag is not None and tag.size == 2
+        assert all(isinstance(s.sent[0], StepResult) and s.sent[0].burst is None for s in firsts)  # copies: untagged
         await service.shutdown()
         await service.loop.stop()
 

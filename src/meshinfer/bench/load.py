@@ -148,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="compute threads of each server and of this process (default: 1)")
+    parser.add_argument("--cohorts", type=int, default=None, metavar="K",
+                        help="groups the client's sessions move through the route in (batched LM head, "
+                             "client.head_batch; default: the client's default, 2)")
 
 
 def _check(args: argparse.Namespace) -> list[int]:
@@ -157,6 +160,8 @@ def _check(args: argparse.Namespace) -> list[int]:
         raise ConfigError(f"--servers must be >= 1, got {args.servers}")
     if args.torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if args.cohorts is not None and args.cohorts < 1:
+        raise ConfigError(f"--cohorts must be >= 1, got {args.cohorts}")
     return parse_sessions(args.sessions)
 
 
@@ -215,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from meshinfer.bench.local import prompt_ids
+    from meshinfer.client.head_batch import DEFAULT_COHORTS
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
@@ -237,7 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with LocalSwarm(path, spans, dtype=dtype, torch_threads=args.torch_threads,
                     server_args=_server_args(top, p + n)) as swarm:
         swarm_up_s = time.perf_counter() - t0
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype)
+        cohorts = args.cohorts or DEFAULT_COHORTS
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, cohorts=cohorts)
         try:
             join_s = time.perf_counter() - t0 - swarm_up_s
             _note(f"swarm ready in {swarm_up_s:.1f} s; warm-up with {top} session(s)...")
@@ -266,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params_millions": round(spec.param_count() / 1e6, 1),
         "dtype": dtype,
         "torch_threads_per_process": args.torch_threads,
+        "client_cohorts": cohorts,
         "servers": args.servers,
         "route": route,
         "prompt_tokens": p,

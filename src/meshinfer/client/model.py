@@ -12,8 +12,9 @@ equal ``LocalModel``'s on the same directory. The generation loop itself runs on
 loop (``astream``, an async generator: embeddings, network steps, LM head and sampling with no thread
 switch per token); ``stream`` hands its tokens to the calling thread through a queue, off the critical
 path. Any number of threads may generate at once, and any number of ``astream`` generations may run
-concurrently on the loop (one session each, no thread per session); their LM-head calls of one loop
-iteration are batched into one matmul (``HeadBatcher``). ``close()`` (or the context
+concurrently on the loop (one session each, no thread per session); their LM-head calls are batched
+(``client.head_batch.HeadBatcher``: the sessions move through the route in ``cohorts`` groups, each one
+batch on every server, kept together by burst tags). ``close()`` (or the context
 manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover blocks
 ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from meshinfer.client.head_batch import DEFAULT_COHORTS, HeadBatcher
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession, SyncInferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
@@ -43,52 +45,7 @@ from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
-
-
-class HeadBatcher:
-    """The LM head for every generation on the client's loop, batched: the last hidden states that
-    sessions hand in within a short window go through the head as ONE matmul. The head is memory-bound
-    (its weights are read once per call whatever the rows), so at many sessions this halves the client's
-    work. With one generation running there is no window (no latency added); with several, the window
-    (``coalesce_s``) lets a server's batch of results, which arrive over a few loop iterations, stay one
-    batch, and so the sessions keep moving through the pipeline together."""
-
-    def __init__(self, head: ClientHead, *, coalesce_s: float = 0.008) -> None:
-        self.head = head
-        self.coalesce_s = coalesce_s
-        self.active = 0
-        """Generations running now (the window is used only when there are several)."""
-        self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
-        self.batches = 0
-        self.rows = 0
-
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [H] -> [V] float32
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._pending.append((hidden, future))
-        if len(self._pending) == 1:
-            if self.active > 1:
-                loop.call_later(self.coalesce_s, self._run)
-            else:
-                loop.call_soon(self._run)  # after the other sessions' results of this iteration are in
-        return await future
-
-    def _run(self) -> None:
-        batch, self._pending = self._pending, []
-        live = [(h, f) for h, f in batch if not f.cancelled()]
-        if not live:
-            return
-        try:
-            with torch.inference_mode():
-                out = self.head.logits(torch.stack([h for h, _ in live]))  # [B, V]
-        except Exception as err:
-            for _, future in live:
-                future.set_exception(err)
-            return
-        self.batches += 1
-        self.rows += len(live)
-        for (_, future), row in zip(live, out, strict=True):
-            future.set_result(row)
+from meshinfer.wire.messages import Burst
 
 
 class DistributedModel(TextGenerator):
@@ -96,7 +53,7 @@ class DistributedModel(TextGenerator):
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, model: ModelRef, runner: LoopThread, view: SwarmView,
                  path: Path | None = None, push: bool = True, step_timeout: float = 60.0,
-                 route_wait: float = 3.0, failover: bool = True) -> None:
+                 route_wait: float = 3.0, failover: bool = True, cohorts: int = DEFAULT_COHORTS) -> None:
         self.spec = spec
         self.head = head
         self.model = model
@@ -112,7 +69,7 @@ class DistributedModel(TextGenerator):
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
         self._view = view
-        self._heads = HeadBatcher(head)
+        self._heads = HeadBatcher(head, cohorts=cohorts)
         self._lock = threading.Lock()
         self._closed = False
         self.last_route: list[RouteHop] = []
@@ -133,6 +90,7 @@ class DistributedModel(TextGenerator):
         step_timeout: float = 60.0,
         push: bool = True,
         failover: bool = True,
+        cohorts: int = DEFAULT_COHORTS,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, or
         a model id (the swarm's seeders send config, tokenizer and the client part, verified piece by piece,
@@ -155,7 +113,7 @@ class DistributedModel(TextGenerator):
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
         return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=local, push=push,
-                   step_timeout=step_timeout, route_wait=route_wait, failover=failover)
+                   step_timeout=step_timeout, route_wait=route_wait, failover=failover, cohorts=cohorts)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -265,13 +223,17 @@ class DistributedModel(TextGenerator):
         session = await self.aopen_session(len(ids) + max_new_tokens)
         self._heads.active += 1
         try:
+            burst: Burst | None = None  # the tag of this generation's next step (from the batched head call)
+
             async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+                nonlocal burst
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
                 with torch.inference_mode():
                     hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
-                out = await session.forward(hidden)  # [T, H]
-                return await self._heads.logits(out[-1])  # [V] float32
+                out = await session.forward(hidden, burst if len(chunk) == 1 else None)  # [T, H]
+                logits, burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
+                return logits  # [V] float32
 
             stops = self.stop_tokens(stop_token_ids)
             async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):

@@ -52,6 +52,7 @@ from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import canonical_dtype
 from meshinfer.wire.messages import (
+    Burst,
     Close,
     Error,
     ErrorCode,
@@ -110,6 +111,8 @@ class InferenceSession(Recovery):
         self._closed = False
         self._answered: dict[int, torch.Tensor] = {}
         self._s_per_token: float | None = None  # smoothed seconds per token of a whole step
+        self.last_burst: Burst | None = None
+        """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
         self._on_rtt: RttCallback | None = None
 
     @property
@@ -208,15 +211,18 @@ class InferenceSession(Recovery):
         return max(1, min(self.max_chunk_tokens,
                           self.node.settings.stream.limits.max_tensor_bytes // (hidden_size * ITEMSIZE[self.dtype])))
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        """Run ``hidden`` through the route as one or more steps of at most ``max_chunk_tokens``."""
+    async def forward(self, hidden: torch.Tensor, burst: Burst | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
+        """Run ``hidden`` through the route as one or more steps of at most ``max_chunk_tokens`` (``burst``
+        tags the first)."""
         if hidden.dim() != 2 or hidden.shape[0] == 0:
             raise ConfigError(f"expected hidden states [tokens, hidden], got {tuple(hidden.shape)}")
-        outs = [await self.step(chunk) for chunk in torch.split(hidden, self._per_step(hidden.shape[1]), dim=0)]
+        chunks = torch.split(hidden, self._per_step(hidden.shape[1]), dim=0)
+        outs = [await self.step(chunk, burst if i == 0 else None) for i, chunk in enumerate(chunks)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        """One step through every hop; returns the last hop's output in the session dtype."""
+    async def step(self, hidden: torch.Tensor, burst: Burst | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
+        """One step through every hop; returns the last hop's output in the session dtype. ``burst`` tags
+        the step sent to the first hop (one of several steps sent to it at once; not on a retry)."""
         if self._closed:
             raise ConfigError("this inference session is closed")
         if self._broken is not None:
@@ -231,7 +237,7 @@ class InferenceSession(Recovery):
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.step_timeout):
-                outputs = await self._step_with_failover(x)
+                outputs = await self._step_with_failover(x, burst)
         except TimeoutError:
             err = TransportError(f"a step of {tokens} token(s) got no answer from "
                                  f"{self._laggards_text()} within {self.step_timeout:g}s")
@@ -247,13 +253,14 @@ class InferenceSession(Recovery):
         self._s_per_token = per_token if self._s_per_token is None else 0.8 * self._s_per_token + 0.2 * per_token
         return outputs[len(self.hops) - 1]
 
-    async def _step_with_failover(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    async def _step_with_failover(self, x: torch.Tensor, burst: Burst | None = None) -> dict[int, torch.Tensor]:
         outputs: dict[int, torch.Tensor] = {}
         start, failures = 0, 0
         while True:
             try:
                 await self._fix_tails()
-                await self._run_from(start, x if start == 0 else outputs[start - 1], outputs, x.shape[0])
+                await self._run_from(start, x if start == 0 else outputs[start - 1], outputs, x.shape[0],
+                                     burst if failures == 0 else None)
                 return outputs
             except HopFailure as failure:
                 failures += 1
@@ -274,9 +281,10 @@ class InferenceSession(Recovery):
             return self.step_timeout
         return max(self.min_stall_s, 20.0 * self._s_per_token * tokens)
 
-    async def _send_step(self, hs: HopSession, step_id: int, x: torch.Tensor) -> None:
+    async def _send_step(self, hs: HopSession, step_id: int, x: torch.Tensor, burst: Burst | None = None) -> None:
         assert hs.stream is not None
-        msg = Step(session_id=hs.session_id, step_id=step_id, position=self.position, hidden=encode_tensor(x))
+        msg = Step(session_id=hs.session_id, step_id=step_id, position=self.position, hidden=encode_tensor(x),
+                   burst=burst)
         try:
             payload = encode_message(msg)
             if not hs.stream.send_nowait(payload):
@@ -285,7 +293,7 @@ class InferenceSession(Recovery):
             raise HopFailure(hs, f"cannot send a step: {err}") from None
 
     async def _run_from(self, start: int, first_input: torch.Tensor, outputs: dict[int, torch.Tensor],
-                        tokens: int) -> None:
+                        tokens: int, burst: Burst | None = None) -> None:
         """Send the step to hop ``start`` and collect every hop's output from there on into ``outputs``."""
         n = len(self.hops)
         step_id = self._next_step_id
@@ -293,7 +301,7 @@ class InferenceSession(Recovery):
         self._answered = outputs  # for the timeout message: who has not answered yet
         drive = set(range(start + 1, n)) if not self.push else set()  # hops the client sends to itself
         sent = {start}
-        await self._send_step(self.hops[start], step_id, first_input)
+        await self._send_step(self.hops[start], step_id, first_input, burst)
         while len(outputs) < n:
             try:
                 hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
@@ -309,6 +317,8 @@ class InferenceSession(Recovery):
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
                     continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
                 outputs[i] = self._check_output(hs, msg, first_input)
+                if i == n - 1:
+                    self.last_burst = msg.burst
             elif isinstance(msg, Error):
                 if msg.step_id is not None and msg.step_id < step_id:
                     continue  # about an earlier step that has completed (or been retried) anyway

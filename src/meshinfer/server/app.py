@@ -52,7 +52,7 @@ from meshinfer.server.rebalance import (
     available_memory,
     choose_start_span,
 )
-from meshinfer.server.runtime import StepLoop
+from meshinfer.server.runtime import Finished, StepLoop
 from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
@@ -277,7 +277,7 @@ class BlockServer:
         t0 = time.perf_counter()
         span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype)
         log.info("loaded blocks %s (%s) in %.2f s", self.span_range, cfg.dtype, time.perf_counter() - t0)
-        loop = StepLoop(span, lambda job, out, err: self._on_result(job, out, err), limits=DEFAULT_LIMITS)
+        loop = StepLoop(span, self._on_results, limits=DEFAULT_LIMITS)
         loop.on_step = self.metrics.on_step if self.metrics is not None else None
         self.loop = loop
         measured = await loop.call(measure_throughputs, span, TYPICAL_BATCH)
@@ -330,9 +330,9 @@ class BlockServer:
             throughput=self.throughput, state=self.state, peer_id=self.peer_id, model_id=self.model_id,
             model_name=self.card.name, span=str(self.span_range), version=__version__)
 
-    def _on_result(self, job: Any, out: Any, err: Any) -> None:
+    def _on_results(self, finished: list[Finished]) -> None:
         assert self.service is not None
-        self.service.on_result(job, out, err)
+        self.service.on_results(finished)
 
     async def _announce_status(self) -> None:
         """Re-announce ``cache_tokens_left`` after sessions come and go (at most every debounce)."""

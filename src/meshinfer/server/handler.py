@@ -23,17 +23,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from meshinfer.errors import MeshinferError, TransportError, WireError
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.server.memory import MemoryBudget, Overloaded
 from meshinfer.server.push import PushPool
-from meshinfer.server.runtime import StepLoop
+from meshinfer.server.runtime import Finished, StepLoop
 from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
 from meshinfer.types import BlockRange
+from meshinfer.wire.burst import new_burst
 from meshinfer.wire.limits import WireLimits
 from meshinfer.wire.messages import (
+    Burst,
     Close,
     Error,
     ErrorCode,
@@ -58,6 +61,14 @@ OPEN_TIMEOUT = 30.0
 """Seconds a new session stream may take to send its ``Open``."""
 MAX_QUEUED_STEPS = 64
 """Most steps one session may have waiting; more is refused (bounds what a client can pile up)."""
+
+
+def _destination(session: Session) -> tuple[str, str]:
+    """Where a finished step of ``session`` goes: pushed to the next server, or back to its client as the
+    final output (the copy every hop also sends its client is not part of a burst)."""
+    if session.next_hop is not None:
+        return "push", session.next_hop.peer_id
+    return "client", session.client
 
 
 class SessionService:
@@ -138,7 +149,7 @@ class SessionService:
             self.budget.release(msg.session_id)
             raise SessionError(ErrorCode.OVERLOADED, "server is shutting down; open a session elsewhere")
         session = Session(msg.session_id, msg.span, msg.max_length, msg.dtype, stream, next_hop=next_hop,
-                          cache=cache, last_activity=time.monotonic())
+                          client=stream.peer_id, cache=cache, last_activity=time.monotonic())
         self.sessions[session.session_id] = session
         self._streams[session] = stream
         if next_hop is not None:
@@ -223,7 +234,7 @@ class SessionService:
             if len(session.pending) >= MAX_QUEUED_STEPS:
                 raise SessionError(ErrorCode.LIMIT_EXCEEDED,
                                    f"session already has {MAX_QUEUED_STEPS} steps waiting; wait for their results")
-            self.loop.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed))
+            self.loop.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
         elif kind is StepKind.REPEAT:
             assert session.last_output is not None
             self.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,
@@ -255,27 +266,39 @@ class SessionService:
         with contextlib.suppress(MeshinferError):
             await session.outbox.send(msg)
 
-    def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None) -> None:
-        """The step loop's deliver callback (non-blocking)."""
+    def on_results(self, finished: list[Finished]) -> None:
+        """The step loop's deliver callback: the steps one turn finished (non-blocking). The outputs that go
+        to the same next server, and the final outputs that go back to the same client, leave as one burst
+        (``wire.burst``), so the receiver computes them as one batch again."""
+        counts = Counter(_destination(job.session) for job, output, _ in finished if output is not None)
+        bursts = {dest: new_burst(n) for dest, n in counts.items()}
+        for job, output, error in finished:
+            self.on_result(job, output, error, bursts.get(_destination(job.session)) if output is not None else None)
+
+    def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None,
+                  burst: Burst | None = None) -> None:
+        """Deliver one finished step (non-blocking): push it on and answer the client."""
         session = job.session
         if error is not None:
             self.reply(session, Error(code=error.code, message=str(error)[:4096], session_id=session.session_id,
                                       step_id=job.step_id))
             return
         assert output is not None
-        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output):
+        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output, burst):
             return
 
         async def deliver() -> None:
             push_error: MeshinferError | None = None
             hop = session.next_hop
             if hop is not None:
-                step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output)
+                step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
+                            burst=burst)
                 try:
                     await self._push(hop, step)
                 except MeshinferError as err:
                     push_error = err
-            await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output))
+            await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
+                                                 burst=burst if hop is None else None))
             if push_error is not None and hop is not None:
                 log.info("session %s: push of step %d to %s failed: %s", session.session_id, job.step_id,
                          hop.peer_id[:12], push_error)
@@ -285,17 +308,19 @@ class SessionService:
 
         self._chain(session, deliver)
 
-    def _deliver_now(self, session: Session, job: StepJob, output: Tensor) -> bool:
+    def _deliver_now(self, session: Session, job: StepJob, output: Tensor, burst: Burst | None) -> bool:
         """The fast path of ``on_result``: push and answer synchronously over idle streams (no task, no
         yield). False when it did nothing, so the caller takes the ordered async path."""
         hop = session.next_hop
         if hop is not None:
             if hop.peer_id == self.peer_id or self.pool is None:
                 return False
-            step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output)
+            step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
+                        burst=burst)
             if not self.pool.push_nowait(hop, step):
                 return False
-        result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output)
+        result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
+                            burst=burst if hop is None else None)
         send_nowait = getattr(session.outbox, "send_nowait", None)
         try:
             sent = send_nowait is not None and not session.ended and send_nowait(encode_message(result))

@@ -3,7 +3,10 @@
 Contract: ``StepLoop`` owns the served ``BlockSpan`` and a single compute thread; every torch call
 (KV cache allocation, span forward, tensor decode/encode) runs under ``torch.inference_mode`` either
 on that thread or, for a turn predicted to be short, inline on the event loop (see below). Sessions'
-steps are queued with ``submit`` (already validated by ``session.check_step``); each turn the loop
+steps are queued with ``submit`` (already validated by ``session.check_step``); a step that carries a
+burst tag (``wire.burst``: one of N steps a previous server or the client sent at once) is held until
+the rest of its burst is in, at most ``BURST_HOLD_S``, so a batch that left a server together is
+computed together here (other steps are not held back meanwhile). Each turn the loop
 
 - schedules (``schedule``, pure bookkeeping): at most one step per session (a session's steps run in
   order), every waiting decode step (1 token) first, oldest first, up to ``max_batch_sessions``; then
@@ -18,7 +21,8 @@ steps are queued with ``submit`` (already validated by ``session.check_step``); 
   session), grouped by the sub-span each session uses. If a batched call fails, each piece is rerun
   alone so an error only reaches its own session. A failing step becomes a ``SessionError``;
 - delivers (``deliver``): for each step whose last chunk ran, records the last step id and output (for
-  duplicate step ids) and hands the result to the ``deliver`` callback, which must not block.
+  duplicate step ids), then hands the turn's finished steps, in one list, to the ``deliver`` callback,
+  which must not block.
 
 Inline compute: a decode-only turn runs directly on the event loop (no thread hand-off, which costs
 about as much as a network hop on a small machine) when the previous decode-only turn of no more
@@ -45,6 +49,7 @@ from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.types import BlockRange
+from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker
 from meshinfer.wire.limits import DEFAULT_LIMITS, WireLimits
 from meshinfer.wire.messages import ErrorCode
 from meshinfer.wire.tensor import Tensor, decode_tensor, encode_tensor
@@ -53,7 +58,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Result = tuple[Tensor | None, SessionError | None]
-DeliverFn = Callable[[StepJob, Tensor | None, SessionError | None], None]
+Finished = tuple[StepJob, Tensor | None, SessionError | None]
+"""A finished step: its job and either its output or its error."""
+DeliverFn = Callable[[list[Finished]], None]
 
 MAX_BATCH_TOKENS = 512
 """Tokens one turn may compute (decode steps count one each); longer prefills are chunked."""
@@ -61,11 +68,6 @@ MAX_BATCH_SESSIONS = 64
 """Sessions one turn may serve."""
 INLINE_BUDGET_S = 0.02
 """A decode-only turn predicted to take less than this runs inline on the event loop."""
-BATCH_WINDOW_S = 0.004
-"""How long a decode turn may wait for the steps of other recently active sessions (they travel in cohorts
-through a pipeline of servers; waiting a little keeps a cohort one batch instead of splitting it)."""
-RECENT_S = 1.0
-"""A session that got a result within this many seconds counts as active (expected to send again soon)."""
 
 
 def _as_session_error(err: BaseException) -> SessionError:
@@ -106,7 +108,7 @@ class StepLoop:
 
     def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
-                 inline_budget_s: float = INLINE_BUDGET_S, batch_window_s: float = BATCH_WINDOW_S) -> None:
+                 inline_budget_s: float = INLINE_BUDGET_S, burst_hold_s: float = BURST_HOLD_S) -> None:
         if max_batch_tokens <= 0 or max_batch_sessions <= 0:
             raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
         self.span = span
@@ -115,8 +117,7 @@ class StepLoop:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sessions = max_batch_sessions
         self.inline_budget_s = inline_budget_s
-        self.batch_window_s = batch_window_s
-        self._recent: dict[Session, float] = {}  # session -> when it last got a result
+        self._bursts = BurstTracker(burst_hold_s)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-compute")
         self._queued: dict[Session, None] = {}  # sessions with pending steps, in arrival order
         self._wake = asyncio.Event()
@@ -183,6 +184,7 @@ class StepLoop:
             return
         session.pending.append(job)
         session.queued_ids.add(job.step_id)
+        self._bursts.arrived(job.burst, job.arrived)
         self._queued[session] = None
         self._wake.set()
 
@@ -206,7 +208,9 @@ class StepLoop:
 
     def schedule(self) -> list[Piece]:
         """The pieces of the next turn (see the module docstring for the policy)."""
-        ready = [s for s in self._queued if s.pending and not s.busy]
+        now = time.monotonic()
+        ready = [s for s in self._queued
+                 if s.pending and not s.busy and not self._bursts.held(s.pending[0].burst, now)]
         if not ready:
             return []
         ready.sort(key=lambda s: s.pending[0].arrived)
@@ -324,6 +328,7 @@ class StepLoop:
     def deliver(self, pieces: list[Piece], results: list[Result | None]) -> None:
         """Record each finished step on its session and hand it to the deliver callback (non-blocking)."""
         now = time.monotonic()
+        finished: list[Finished] = []
         for piece, result in zip(pieces, results, strict=True):
             job, session = piece.job, piece.job.session
             session.busy = False
@@ -335,9 +340,7 @@ class StepLoop:
                 self._queued.pop(session, None)
             session.queued_ids.discard(job.step_id)
             if session.ended:
-                self._recent.pop(session, None)
                 continue
-            self._recent[session] = now
             output, error = result
             session.last_activity = now
             if output is not None:
@@ -347,10 +350,12 @@ class StepLoop:
             if self.on_step is not None:
                 with contextlib.suppress(Exception):
                     self.on_step(job.tokens, now - job.arrived, output is not None)
+            finished.append((job, output, error))
+        if finished:
             try:
-                self._deliver(job, output, error)
+                self._deliver(finished)
             except Exception:
-                log.exception("delivering step %d of session %s failed", job.step_id, session.session_id)
+                log.exception("delivering the results of %d step(s) failed", len(finished))
 
     def _inline(self, pieces: list[Piece]) -> bool:
         if any(p.job.tokens != 1 for p in pieces):
@@ -358,31 +363,19 @@ class StepLoop:
         known = [s for n, s in self._decode_turn_s.items() if n >= len(pieces)]
         return bool(known) and min(known) < self.inline_budget_s
 
-    def _wait_for_cohort(self) -> float:
-        """Seconds to wait before the next turn so more active sessions' decode steps can join (0: none)."""
-        if self.batch_window_s <= 0:
-            return 0.0
-        ready = [s for s in self._queued if s.pending and not s.busy]
-        if not ready or any(s.pending[0].tokens != 1 for s in ready):
-            return 0.0
-        now = time.monotonic()
-        for session in [s for s, t in self._recent.items() if s.ended or now - t > RECENT_S]:
-            del self._recent[session]
-        if len(ready) >= len(self._recent):
-            return 0.0
-        oldest = min(s.pending[0].arrived for s in ready)
-        return max(0.0, oldest + self.batch_window_s - now)
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            wait = self._wait_for_cohort()
-            if wait > 0:
-                await asyncio.sleep(wait)
             pieces = self.schedule()
             if not pieces:
                 self._wake.clear()
-                await self._wake.wait()
+                deadline = self._bursts.deadline(time.monotonic()) if self._queued else None
+                if deadline is None:
+                    await self._wake.wait()
+                else:  # steps held for the rest of their burst: until it comes, or the hold ends
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            await self._wake.wait()
                 continue
             inline = self._inline(pieces)  # decided once per turn: the turn's timing changes the answer
             try:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from meshinfer.errors import MeshinferError
 from meshinfer.types import BlockRange
-from meshinfer.wire.messages import ErrorCode, Hop, Message, Step
+from meshinfer.wire.messages import Burst, ErrorCode, Hop, Message, Step
 from meshinfer.wire.tensor import Tensor
 
 
@@ -54,6 +54,8 @@ class StepJob:
     hidden: Tensor  # [T, H] on the wire, in the session's dtype
     arrived: float
     pushed: bool = False
+    burst: Burst | None = None
+    """The step's burst tag (``wire.burst``): the loop holds it until the rest of its burst is in."""
 
     @property
     def tokens(self) -> int:
@@ -68,6 +70,8 @@ class Session:
     dtype: str
     outbox: Outbox
     next_hop: Hop | None = None
+    client: str = ""
+    """The peer id of the client that opened the session (final results to one client leave as a burst)."""
     cache: Any = None
     """The KV cache of ``span`` (a ``models.kv_cache.KVCache``); touched only by the worker thread."""
     last_activity: float = 0.0

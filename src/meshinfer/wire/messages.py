@@ -13,6 +13,7 @@ A session, as seen by a server::
     client -> Open(session_id, model, span, max_length, dtype, route_tail)   server -> Opened
     client -> Step(session_id, step_id, position, hidden[tokens, hidden])   server -> StepResult
         (with a route tail, the server pushes its StepResult to route_tail[0] instead)
+        (Step and StepResult may carry a ``Burst`` hint: one of N messages sent at once; ``wire.burst``)
     client -> Close(session_id)
     anything wrong -> Error(code, message, session_id?, step_id?)
 """
@@ -79,6 +80,21 @@ class Hop(msgspec.Struct, frozen=True):
     """The server's direct-plane addresses (faster than libp2p; ``maddrs`` stay the fallback)."""
 
 
+MAX_BURST: Final = 4096
+"""Largest ``Burst.size`` accepted (a sender's turn never carries more steps than that)."""
+
+
+class Burst(msgspec.Struct, frozen=True):
+    """A hint that this message is one of ``size`` messages one sender sends to one receiver at once (the
+    outputs of one batched turn, or the next steps of one batched LM-head call), all tagged with the same
+    ``id``. A receiver may hold the members that arrived (briefly: ``wire.burst.BURST_HOLD_S``) until the
+    whole burst is in, so they are computed as one batch and move on together. Optional: an absent or
+    wrong hint only costs speed, never correctness."""
+
+    id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    size: Annotated[int, msgspec.Meta(ge=2, le=MAX_BURST)]
+
+
 class Open(_Base, tag="open"):
     session_id: SessionId
     model: Name
@@ -102,6 +118,7 @@ class Step(_Base, tag="step"):
     position: NonNegative
     hidden: Tensor
     v: int = PROTOCOL_VERSION
+    burst: Burst | None = None
 
 
 class StepResult(_Base, tag="step_result"):
@@ -109,6 +126,7 @@ class StepResult(_Base, tag="step_result"):
     step_id: NonNegative
     hidden: Tensor
     v: int = PROTOCOL_VERSION
+    burst: Burst | None = None
 
 
 class Retarget(_Base, tag="retarget"):
