@@ -143,6 +143,27 @@ def test_a_corrupt_seeder_is_banned_and_the_fetch_completes(client, swarm: Swarm
     assert served.get(node.peer_id, 0) >= 1  # it did send (wrong) pieces, and was dropped
 
 
+def test_a_seeder_with_an_upload_cap_serves_a_whole_fetch(client, swarm: Swarm, llama: Path, tmp_path: Path) -> None:
+    runner, node = client
+    (capped,) = start_seeders(llama, swarm.maddrs, 1, "--max-upload", "4")
+    try:
+        capped_id = capped.read_json(timeout=120)["peer_id"]
+        result: FetchResult = runner.run(fetch(node, swarm.model_id, cache_dir=tmp_path, peers={capped_id},
+                                               bans=PeerBans()), timeout=120)
+    finally:
+        capped.stop()
+    assert set(result.stats.pieces_by_peer) == {capped_id}
+    assert checkpoint_fingerprint(result.path) == swarm.model_id
+    assert same_tensors(result.path, llama, sorted(manifest_tensors(result.manifest.doc)))
+
+
+@pytest.mark.parametrize("flag", ["0", "-3", "nan"])
+def test_a_bad_upload_cap_is_a_clear_error(flag: str) -> None:
+    proc = subprocess.run(meshinfer_argv("seed", ".", "--max-upload", flag), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--max-upload must be > 0" in proc.stderr
+
+
 def _verified_on_disk(cache: Path, manifest: Manifest) -> tuple[set[PieceRef], set[PieceRef]]:
     """(pieces of finished groups, verified pieces of partial files) in the cache right now."""
     store = ModelStore(cache, manifest)

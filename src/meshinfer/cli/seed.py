@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("directories", metavar="DIR", nargs="+", help="checkpoint directories to seed")
     add_config_flags(parser, P2PConfig)
+    parser.add_argument("--max-upload", type=float, default=None, metavar="MB_PER_S",
+                        help="cap the piece data sent to all peers together, in MB/s (default: no cap)")
     parser.add_argument("--stop-on-stdin-eof", action="store_true",
                         help="also stop when stdin closes (for launchers that own this process)")
     parser.add_argument("--corrupt-pieces", action="store_true", help=argparse.SUPPRESS)  # TEST FAULT INJECTOR
@@ -41,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshinfer.errors import ConfigError
+
+    if args.max_upload is not None and not args.max_upload > 0:
+        raise ConfigError(f"--max-upload must be > 0 MB/s, got {args.max_upload:g}")
     config = config_from_args(P2PConfig, args)
     return asyncio.run(_seed(config, args))
 
@@ -48,11 +54,14 @@ def run(args: argparse.Namespace) -> int:
 async def _seed(config: P2PConfig, args: argparse.Namespace) -> int:
     from meshinfer.p2p.node import PeerNode
     from meshinfer.p2p.runner import wait_for_exit_signal
+    from meshinfer.weights.rate import MB
     from meshinfer.weights.seed import start_seeding
 
     node = await PeerNode.start(config)
     try:
-        seeder = await start_seeding(node, *args.directories, corrupt_pieces=args.corrupt_pieces)
+        max_upload = args.max_upload * MB if args.max_upload is not None else None
+        seeder = await start_seeding(node, *args.directories, max_upload=max_upload,
+                                     corrupt_pieces=args.corrupt_pieces)
         try:
             models = {}
             for model_id, model in seeder.models.items():

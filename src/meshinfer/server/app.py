@@ -258,7 +258,8 @@ class BlockServer:
         log.info("announced model %s (%s) blocks %s as joining", self.card.name, self.model_id, self.span_range)
         await self._load_and_serve()
         try:
-            self.seeder = await start_seeding(self.node, self.model_dir)
+            max_upload = cfg.max_upload * 1e6 if cfg.max_upload is not None else None
+            self.seeder = await start_seeding(self.node, self.model_dir, max_upload=max_upload)
         except MeshinferError as err:  # seeding is a service to others: serving goes on without it
             log.warning("cannot seed the pieces of %s: %s", self.model_dir, err)
         self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")

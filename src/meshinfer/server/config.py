@@ -46,6 +46,8 @@ class ServerConfig:
                                        "what it would be after the move (0 < q <= 1)")
     drain_timeout: float = doc(30.0, "seconds open sessions may take to finish when the server leaves or moves; "
                                      "after that they are ended with an error so their clients fail over")
+    max_upload: float | None = doc(None, "cap the weight pieces this server sends to peers that fetch them, "
+                                   "in MB/s (default: no cap)")
     metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
                                          "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
 
@@ -73,6 +75,8 @@ class ServerConfig:
                 f"--announce-refresh ({self.announce_refresh:g}) must be > 0 and shorter than "
                 f"--announce-ttl ({self.announce_ttl:g})"
             )
+        if self.max_upload is not None and not self.max_upload > 0:
+            raise ConfigError(f"--max-upload must be > 0 MB/s, got {self.max_upload:g}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ConfigError(f"--torch-threads must be > 0, got {self.torch_threads}")
         if not math.isfinite(self.rebalance_interval) or not (

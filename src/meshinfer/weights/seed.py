@@ -10,8 +10,10 @@ with ``pread`` (the file is never loaded). ``Seeder`` serves ``/meshinfer/pieces
 gets a typed ``PieceError`` and the stream keeps serving; only a broken stream ends it. It announces one
 signed ``SeedRecord`` per model under ``seed:<model_id>`` (subkey = its peer id) with its addresses and
 direct-plane addresses, refreshed every ``refresh`` s with expiry ``ttl`` s, so a seeder that dies
-vanishes by itself. ``corrupt_pieces`` is a TEST FAULT INJECTOR (off by default, only reachable through a
-hidden CLI flag): it flips a byte of every piece served. Knows nothing of servers, clients or torch.
+vanishes by itself. ``max_upload`` (bytes/s, optional) caps the piece data it sends to all peers
+together (``weights.rate``), so seeding never takes a whole uplink. ``corrupt_pieces`` is a TEST FAULT
+INJECTOR (off by default, only reachable through a hidden CLI flag): it flips a byte of every piece
+served. Knows nothing of servers, clients or torch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from meshinfer.p2p.node import PeerNode, Put
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.types import BlockRange
 from meshinfer.weights.manifest import CLIENT_GROUP, Group, Manifest, block_group
+from meshinfer.weights.rate import RateLimiter
 from meshinfer.wire.pieces import (
     PIECES_PROTOCOL,
     GetManifest,
@@ -139,9 +142,10 @@ class Seeder:
     """Serves the pieces of one or more local models on a node and keeps their seed records alive."""
 
     def __init__(self, node: PeerNode, *, ttl: float = DEFAULT_TTL, refresh: float = DEFAULT_REFRESH,
-                 corrupt_pieces: bool = False) -> None:
+                 max_upload: float | None = None, corrupt_pieces: bool = False) -> None:
         if not 0 < refresh < ttl:
             raise ConfigError(f"seed refresh ({refresh:g}s) must be shorter than the ttl ({ttl:g}s)")
+        self.limiter = RateLimiter(max_upload) if max_upload is not None else None
         self.node, self.ttl, self.refresh = node, ttl, refresh
         self.corrupt_pieces = corrupt_pieces  # TEST FAULT INJECTOR: flips a byte of every piece served
         self.models: dict[str, LocalModel] = {}
@@ -221,6 +225,8 @@ class Seeder:
         except (OSError, CheckpointError) as err:
             log.warning("cannot read a piece of %s: %s", model.model_id, err)
             return PieceError(code=PieceErrorCode.INTERNAL, message="cannot read that piece here")
+        if self.limiter is not None:
+            await self.limiter.take(len(data))
         if self.corrupt_pieces and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         self.served[peer_id] += 1
@@ -238,9 +244,11 @@ class Seeder:
 
 
 async def start_seeding(node: PeerNode, *directories: str | os.PathLike[str], ttl: float = DEFAULT_TTL,
-                        refresh: float = DEFAULT_REFRESH, corrupt_pieces: bool = False) -> Seeder:
-    """Serve and announce the pieces of each directory on ``node``; returns the running ``Seeder``."""
-    seeder = Seeder(node, ttl=ttl, refresh=refresh, corrupt_pieces=corrupt_pieces)
+                        refresh: float = DEFAULT_REFRESH, max_upload: float | None = None,
+                        corrupt_pieces: bool = False) -> Seeder:
+    """Serve and announce the pieces of each directory on ``node`` (uploads capped at ``max_upload``
+    bytes/s when given); returns the running ``Seeder``."""
+    seeder = Seeder(node, ttl=ttl, refresh=refresh, max_upload=max_upload, corrupt_pieces=corrupt_pieces)
     try:
         for directory in directories:
             await seeder.add(directory)
