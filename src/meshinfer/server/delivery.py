@@ -1,0 +1,163 @@
+"""Delivery of finished steps: the ordered reply chain of each session, pushes to the next hop, burst tags.
+
+Contract: ``Delivery`` is the half of ``SessionService`` (``server.handler``) that sends: ``on_results``
+is the step loop's deliver callback (one turn's finished steps, never blocks). For each step: with a next
+hop, its output is pushed there first (``PushPool``, or straight into this service when the next hop is
+this very server), then ``StepResult`` goes to the session's client, then ``Error(next_hop_failed)`` if the
+push failed; an error goes to the client as ``Error``. Replies of one session leave in step order (one
+delivery chain per session; a synchronous fast path when its streams are idle). The outputs of one turn
+that go to the same next server, and the final outputs (no next hop) that go back to the same client,
+carry one burst tag (``wire.burst``) so the receiver computes them as one batch again. Knows nothing of
+admission, expiry or stream reading (``server.handler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from meshinfer.errors import MeshinferError, TransportError
+from meshinfer.server.push import PushPool
+from meshinfer.server.runtime import Finished
+from meshinfer.server.session import Session, SessionError, StepJob
+from meshinfer.wire.burst import new_burst
+from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, Message, Step, StepResult, encode_message
+from meshinfer.wire.tensor import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def _destination(session: Session) -> tuple[str, str]:
+    """Where a finished step of ``session`` goes: pushed to the next server, or back to its client as the
+    final output (the copy every hop also sends its client is not part of a burst)."""
+    if session.next_hop is not None:
+        return "push", session.next_hop.peer_id
+    return "client", session.client
+
+
+class Delivery:
+    """Sending finished steps on (a mixin of ``SessionService``; see the module docstring)."""
+
+    peer_id: str
+    pool: PushPool | None
+    sessions: dict[str, Session]
+    _origins: dict[str, Session]
+    step: Callable[..., None]
+    """``SessionService.step``: takes a step (here: one pushed to this very server)."""
+
+    def reply(self, session: Session, msg: Message) -> None:
+        """Send ``msg`` to ``session``'s client after everything queued for it before."""
+        async def send() -> None:
+            await self._send(session, msg)
+
+        self._chain(session, send)
+
+    def _chain(self, session: Session, work: Callable[[], Awaitable[None]]) -> None:
+        previous = session.delivery
+
+        async def run() -> None:
+            if previous is not None and not previous.done():  # the usual case (one step at a time) skips this
+                await asyncio.wait([previous])
+            try:
+                await work()
+            except Exception:
+                log.exception("delivery for session %s failed", session.session_id)
+
+        session.delivery = asyncio.create_task(run(), name=f"deliver:{session.session_id[:16]}")
+
+    async def _send(self, session: Session, msg: Message) -> None:
+        if session.ended:
+            return
+        with contextlib.suppress(MeshinferError):
+            await session.outbox.send(msg)
+
+    def on_results(self, finished: list[Finished]) -> None:
+        """The step loop's deliver callback: the steps one turn finished (non-blocking). The outputs that go
+        to the same next server, and the final outputs that go back to the same client, leave as one burst
+        (``wire.burst``), so the receiver computes them as one batch again."""
+        counts = Counter(_destination(job.session) for job, output, _ in finished if output is not None)
+        bursts = {dest: new_burst(n) for dest, n in counts.items()}
+        for job, output, error in finished:
+            self.on_result(job, output, error, bursts.get(_destination(job.session)) if output is not None else None)
+
+    def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None,
+                  burst: Burst | None = None) -> None:
+        """Deliver one finished step (non-blocking): push it on and answer the client."""
+        session = job.session
+        if error is not None:
+            self.reply(session, Error(code=error.code, message=str(error)[:4096], session_id=session.session_id,
+                                      step_id=job.step_id))
+            return
+        assert output is not None
+        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output, burst):
+            return
+
+        async def deliver() -> None:
+            push_error: MeshinferError | None = None
+            hop = session.next_hop
+            if hop is not None:
+                step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
+                            burst=burst)
+                try:
+                    await self._push(hop, step)
+                except MeshinferError as err:
+                    push_error = err
+            await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
+                                                 burst=burst if hop is None else None))
+            if push_error is not None and hop is not None:
+                log.info("session %s: push of step %d to %s failed: %s", session.session_id, job.step_id,
+                         hop.peer_id[:12], push_error)
+                await self._send(session, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=session.session_id,
+                                                step_id=job.step_id,
+                                                message=f"push to next hop {hop.peer_id} failed: {push_error}"[:4096]))
+
+        self._chain(session, deliver)
+
+    def _deliver_now(self, session: Session, job: StepJob, output: Tensor, burst: Burst | None) -> bool:
+        """The fast path of ``on_result``: push and answer synchronously over idle streams (no task, no
+        yield). False when it did nothing, so the caller takes the ordered async path."""
+        hop = session.next_hop
+        if hop is not None:
+            if hop.peer_id == self.peer_id or self.pool is None:
+                return False
+            step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
+                        burst=burst)
+            if not self.pool.push_nowait(hop, step):
+                return False
+        result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
+                            burst=burst if hop is None else None)
+        send_nowait = getattr(session.outbox, "send_nowait", None)
+        try:
+            sent = send_nowait is not None and not session.ended and send_nowait(encode_message(result))
+        except MeshinferError:
+            sent = True  # the client's stream is broken: the session ends when its reader notices
+        if not sent:
+            self.reply(session, result)
+        return True
+
+    async def _push(self, hop: Hop, step: Step) -> None:
+        if hop.peer_id == self.peer_id:  # the next hop is this very server: no network
+            target = self.sessions.get(hop.session_id)
+            if target is None:
+                raise TransportError(f"this server has no session {hop.session_id!r}")
+            try:
+                self.step(target, step, pushed=True)
+            except SessionError as err:
+                self.reply(target, Error(code=err.code, message=str(err), session_id=target.session_id,
+                                         step_id=step.step_id))
+            return
+        if self.pool is None:
+            raise TransportError("this server cannot push (no push pool)")
+        await self.pool.push(hop, step)
+
+    def on_push_error(self, err: Error) -> None:
+        """A next hop refused a step we pushed: tell the client of the session that pushed it."""
+        origin = self._origins.get(err.session_id or "")
+        if origin is None or origin.ended or origin.next_hop is None:
+            return
+        self.reply(origin, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=origin.session_id, step_id=err.step_id,
+                                 message=f"next hop {origin.next_hop.peer_id} refused the pushed step: "
+                                         f"{err.code}: {err.message}"[:4096]))
