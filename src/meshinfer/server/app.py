@@ -56,6 +56,7 @@ from meshinfer.server.runtime import Finished, StepLoop
 from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
+from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
 from meshinfer.wire.limits import DEFAULT_LIMITS
 from meshinfer.wire.messages import PROTOCOL_VERSION
@@ -258,7 +259,7 @@ class BlockServer:
         log.info("announced model %s (%s) blocks %s as joining", self.card.name, self.model_id, self.span_range)
         await self._load_and_serve()
         try:
-            max_upload = cfg.max_upload * 1e6 if cfg.max_upload is not None else None
+            max_upload = cfg.max_upload * MB if cfg.max_upload is not None else None
             self.seeder = await start_seeding(self.node, self.model_dir, max_upload=max_upload)
         except MeshinferError as err:  # seeding is a service to others: serving goes on without it
             log.warning("cannot seed the pieces of %s: %s", self.model_dir, err)

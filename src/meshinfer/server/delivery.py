@@ -78,10 +78,10 @@ class Delivery:
         """The step loop's deliver callback: the steps one turn finished (non-blocking). The outputs that go
         to the same next server, and the final outputs that go back to the same client, leave as one burst
         (``wire.burst``), so the receiver computes them as one batch again."""
-        counts = Counter(_destination(job.session) for job, output, _ in finished if output is not None)
-        bursts = {dest: new_burst(n) for dest, n in counts.items()}
-        for job, output, error in finished:
-            self.on_result(job, output, error, bursts.get(_destination(job.session)) if output is not None else None)
+        dests = [_destination(job.session) if output is not None else None for job, output, _ in finished]
+        bursts = {dest: new_burst(n) for dest, n in Counter(d for d in dests if d is not None).items()}
+        for (job, output, error), dest in zip(finished, dests, strict=True):
+            self.on_result(job, output, error, bursts.get(dest) if dest is not None else None)
 
     def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None,
                   burst: Burst | None = None) -> None:
