@@ -44,12 +44,14 @@ def test_server_metrics_have_conventional_names_types_and_values() -> None:
     types = {name: fams[name].type for name in (
         "meshinfer_sessions_open", "meshinfer_queued_steps", "meshinfer_kv_tokens_used", "meshinfer_kv_tokens_capacity",
         "meshinfer_throughput_tokens_per_second", "meshinfer_tokens_served", "meshinfer_steps",
-        "meshinfer_step_seconds", "meshinfer_server_state", "meshinfer_server_info")}
+        "meshinfer_step_seconds", "meshinfer_decode_step_seconds", "meshinfer_server_state",
+        "meshinfer_server_info")}
     assert types == {"meshinfer_sessions_open": "gauge", "meshinfer_queued_steps": "gauge",
                      "meshinfer_kv_tokens_used": "gauge", "meshinfer_kv_tokens_capacity": "gauge",
                      "meshinfer_throughput_tokens_per_second": "gauge", "meshinfer_tokens_served": "counter",
                      "meshinfer_steps": "counter", "meshinfer_step_seconds": "histogram",
-                     "meshinfer_server_state": "gauge", "meshinfer_server_info": "gauge"}
+                     "meshinfer_decode_step_seconds": "histogram", "meshinfer_server_state": "gauge",
+                     "meshinfer_server_info": "gauge"}
     assert value(fams, "meshinfer_sessions_open") == 2 and value(fams, "meshinfer_queued_steps") == 3
     assert value(fams, "meshinfer_kv_tokens_used") == 512 and value(fams, "meshinfer_kv_tokens_capacity") == 4096
     assert value(fams, "meshinfer_throughput_tokens_per_second") == 123.5
@@ -60,6 +62,9 @@ def test_server_metrics_have_conventional_names_types_and_values() -> None:
     assert value(fams, "meshinfer_step_seconds", "meshinfer_step_seconds_bucket", le="0.001") == 1
     assert value(fams, "meshinfer_step_seconds", "meshinfer_step_seconds_bucket", le="0.005") == 2
     assert value(fams, "meshinfer_step_seconds", "meshinfer_step_seconds_sum") == pytest.approx(0.2049)
+    # one-token steps that succeeded only: not the 7-token prefill, not the failed step
+    assert value(fams, "meshinfer_decode_step_seconds", "meshinfer_decode_step_seconds_count") == 1
+    assert value(fams, "meshinfer_decode_step_seconds", "meshinfer_decode_step_seconds_sum") == pytest.approx(0.0009)
     states = {s.labels["meshinfer_server_state"]: s.value for s in fams["meshinfer_server_state"].samples}
     assert states == {"joining": 0, "online": 0, "draining": 1}
     (info,) = fams["meshinfer_server_info"].samples

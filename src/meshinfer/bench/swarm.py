@@ -13,8 +13,12 @@ medians. Reported: both engines' figures, swarm/local ratios (of the medians, of
 the median of each swarm run over the local run right after it, the figure least disturbed by other
 load on the machine, whose 1-minute load average is recorded), whether the greedy tokens are identical,
 and the per-hop overhead in ms per token = (swarm ms/token - local ms/token) / hops (hops = servers;
-each hop adds one transfer and one server turn). Every process started is stopped by PID whatever
-happens. Imports torch and the network only inside ``run``; never asserts a timing.
+each hop adds one transfer and one server turn). ``breakdown`` says where that gap goes
+(``bench.swarm_parts``): the servers run with ``--metrics-port 0`` and their decode step times are read
+before and after the timed runs, so the split uses mean ms per token over those runs; the local
+engine's blocks and head are timed apart afterwards, and so is what a pause as long as a stage's wait
+costs one server's blocks. Every process started is stopped
+by PID whatever happens. Imports torch and the network only inside ``run``; never asserts a timing.
 """
 
 from __future__ import annotations
@@ -89,9 +93,10 @@ def _decode_rate(sample: Sample, n: int) -> float:
 
 
 def summarise(samples: list[Sample], n: int) -> dict[str, float]:
-    """Median figures of several runs of ``n`` new tokens each."""
+    """Median figures of several runs of ``n`` new tokens each (and the mean ms per decoded token)."""
     decode = [_decode_rate(s, n) for s in samples]
     return {
+        "decode_ms_per_token_mean": 1000 * sum(s[1] - s[0] for s in samples) / ((n - 1) * len(samples)),
         "decode_tokens_per_s_runs": [round(d, 2) for d in decode],
         "decode_tokens_per_s": statistics.median(decode),
         "decode_tokens_per_s_best": max(decode),
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from meshinfer.bench.local import prompt_ids
+    from meshinfer.bench.swarm_parts import breakdown, local_parts, pause_penalty, per_step_ms, server_decode_seconds
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _note(f"starting a swarm of {args.servers} servers ({', '.join(map(str, spans))}), "
           f"{args.torch_threads} torch thread(s) each...")
     t0 = time.perf_counter()
-    with LocalSwarm(path, spans, dtype=dtype, torch_threads=args.torch_threads) as swarm:
+    with LocalSwarm(path, spans, dtype=dtype, torch_threads=args.torch_threads,
+                    server_args=["--metrics-port", "0"]) as swarm:
         swarm_up_s = time.perf_counter() - t0
         remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=not args.no_push)
         try:
@@ -150,11 +157,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _note(f"swarm ready in {swarm_up_s:.1f} s; timing {args.runs} run(s) of {n} tokens each way...")
             time_stream(remote.stream(prompt, n, stop_token_ids=()))  # warm-up
             time_stream(local.stream(prompt, n, stop_token_ids=()))
+            urls = [str(s.info.get("metrics_url")) for s in swarm.servers]
+            before = [server_decode_seconds(url) for url in urls]
             swarm_s: list[Sample] = []
             local_s: list[Sample] = []
             for _ in range(args.runs):
                 swarm_s.append(time_stream(remote.stream(prompt, n, stop_token_ids=())))
                 local_s.append(time_stream(local.stream(prompt, n, stop_token_ids=())))
+            after = [server_decode_seconds(url) for url in urls]
             route = [f"{hop.span}" for hop in remote.last_route]
         finally:
             remote.close()
@@ -166,6 +176,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same_prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     mine, base = summarise(swarm_s, n), summarise(local_s, n)
     hops = len(route)
+    _note("timing the local engine's parts and a stage's pause...")
+    server_ms = [per_step_ms(b, a) for b, a in zip(before, after, strict=True)]
+    parts = local_parts(local, prompt, n)
+    wait_s = max(0.0, (mine["decode_ms_per_token"] - (sum(m or 0.0 for m in server_ms) / hops)) / 1000)
+    pause = pause_penalty(local, spans[0], wait_s)
+    split = (breakdown(swarm_ms=mine["decode_ms_per_token_mean"], local_ms=base["decode_ms_per_token_mean"],
+                       server_ms=[m for m in server_ms if m is not None], local_blocks_ms=parts["blocks_ms"],
+                       penalty_ms=pause["penalty_ms"])
+             if all(m is not None for m in server_ms) else None)
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),
@@ -187,6 +206,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "target_decode_ratio": TARGET_RATIO,
         "per_hop_overhead_ms_per_token": (mine["decode_ms_per_token"] - base["decode_ms_per_token"]) / hops,
+        "breakdown": split,
+        "local_parts": parts,
+        "stage_pause": {"blocks": str(spans[0]), **pause},
         "greedy_tokens_identical": all(s[2] == b for s in swarm_s + local_s),
         "greedy_tokens_matching_prefix": same_prefix,
         "startup": {"swarm_ready_s": swarm_up_s, "client_join_s": join_s},

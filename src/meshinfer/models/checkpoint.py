@@ -5,8 +5,10 @@ Contract: reads ``config.json`` (through ``ModelSpec``), ``model.safetensors`` o
 ``load_span`` reads only the tensors of the requested blocks, ``load_head`` only embeddings, final
 norm and LM head. Names, shapes and dtypes are checked against the spec before any tensor is read.
 Every problem (missing directory/file/shard/tensor, wrong shape, truncated or corrupt file) is a
-one-line ``CheckpointError``. The tokenizer comes from ``transformers.AutoTokenizer`` on the same
-directory (local files only). Knows nothing of the network or of how spans are chosen.
+one-line ``CheckpointError``. Loaded weights are moved into 2 MiB pages where the kernel allows
+(``models.hugepages``: faster decode, most of all after a pause). The tokenizer comes from
+``transformers.AutoTokenizer`` on the same directory (local files only). Knows nothing of the network
+or of how spans are chosen.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors import safe_open
 from meshinfer.errors import CheckpointError
 from meshinfer.models.block import TransformerBlock
 from meshinfer.models.head import ClientHead
+from meshinfer.models.hugepages import rehome
 from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
@@ -165,14 +168,18 @@ class Checkpoint:
         layers = []
         for i in blocks.blocks():  # one block at a time keeps peak memory at one block's tensors
             tensors = self.read(self.spec.block_tensors(i))
-            layers.append(TransformerBlock.from_hf(self.spec, i, tensors, dt, device))
+            layer = TransformerBlock.from_hf(self.spec, i, tensors, dt, device)
+            rehome(layer)  # weights in 2 MiB pages where the kernel allows (models.hugepages)
+            layers.append(layer)
         return BlockSpan(self.spec, blocks, layers, dt, device)
 
     def load_head(self, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu") -> ClientHead:
         """Load embeddings, final norm and LM head only."""
         expected = self.spec.head_tensors()
         self.check(expected, "the head (embeddings, final norm, LM head)")
-        return ClientHead.from_hf(self.spec, self.read(expected), dtype, device)
+        head = ClientHead.from_hf(self.spec, self.read(expected), dtype, device)
+        rehome(head)
+        return head
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

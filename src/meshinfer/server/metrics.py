@@ -10,7 +10,9 @@ conventional names:
   model, span, version), all set by ``sample(ServerSample)`` from plain numbers;
 - ``meshinfer_tokens_served_total`` and ``meshinfer_steps_total{outcome="ok|error"}`` (counters) and
   ``meshinfer_step_seconds`` (histogram: a step's time from arrival at the server to its result, queueing
-  included), fed by ``on_step`` (the step loop's hook, called on the event loop per finished step).
+  included) and ``meshinfer_decode_step_seconds`` (the same, one-token steps that succeeded only: what a
+  generated token costs in this server, which ``meshinfer bench swarm`` reads), fed by ``on_step`` (the
+  step loop's hook, called on the event loop per finished step).
 
 Counters are this object's, so they keep counting across span moves (a move replaces the step loop).
 ``serve(host, port, loop, read)`` exposes the registry over HTTP (``MetricsHTTPServer``): each scrape first
@@ -78,6 +80,9 @@ class ServerMetrics:
         self.step_seconds = Histogram(f"{PREFIX}_step_seconds",
                                       "Seconds from a step's arrival to its result (queueing included)",
                                       buckets=STEP_BUCKETS, registry=r)
+        self.decode_step_seconds = Histogram(f"{PREFIX}_decode_step_seconds",
+                                             "Seconds from a one-token step's arrival to its result (successful "
+                                             "steps only; queueing included)", buckets=STEP_BUCKETS, registry=r)
         for outcome in ("ok", "error"):
             self.steps.labels(outcome=outcome)  # export both series from the start (0 until counted)
         self._info: dict[str, str] = {}
@@ -91,6 +96,8 @@ class ServerMetrics:
         if ok:
             self.tokens_served.inc(max(0, tokens))
         self.step_seconds.observe(max(0.0, seconds))
+        if ok and tokens == 1:
+            self.decode_step_seconds.observe(max(0.0, seconds))
 
     def sample(self, s: ServerSample) -> None:
         """Set every gauge from ``s``."""
