@@ -15,10 +15,11 @@ load on the machine, whose 1-minute load average is recorded), whether the greed
 and the per-hop overhead in ms per token = (swarm ms/token - local ms/token) / hops (hops = servers;
 each hop adds one transfer and one server turn). ``breakdown`` says where that gap goes
 (``bench.swarm_parts``): the servers run with ``--metrics-port 0`` and their decode step times are read
-before and after the timed runs, so the split uses mean ms per token over those runs; the local
-engine's blocks and head are timed apart afterwards, and so is what a pause as long as a stage's wait
-costs one server's blocks. Every process started is stopped
-by PID whatever happens. Imports torch and the network only inside ``run``; never asserts a timing.
+before and after the timed runs, and so is the client's time per decode step from sending it to the last
+server's output (``DistributedModel.decode_route_s_total``), so the split uses mean ms per token over
+those runs; the local engine's blocks and head are timed apart afterwards, and so is what a pause as long
+as a stage's wait costs one server's blocks. Every process started is stopped by PID whatever happens.
+Imports torch and the network only inside ``run``; never asserts a timing.
 """
 
 from __future__ import annotations
@@ -159,12 +160,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time_stream(local.stream(prompt, n, stop_token_ids=()))
             urls = [str(s.info.get("metrics_url")) for s in swarm.servers]
             before = [server_decode_seconds(url) for url in urls]
+            route_before = (remote.decode_route_s_total, remote.decode_steps_total)
             swarm_s: list[Sample] = []
             local_s: list[Sample] = []
             for _ in range(args.runs):
                 swarm_s.append(time_stream(remote.stream(prompt, n, stop_token_ids=())))
                 local_s.append(time_stream(local.stream(prompt, n, stop_token_ids=())))
             after = [server_decode_seconds(url) for url in urls]
+            route_ms = per_step_ms(route_before, (remote.decode_route_s_total, remote.decode_steps_total))
             route = [f"{hop.span}" for hop in remote.last_route]
         finally:
             remote.close()
@@ -182,9 +185,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wait_s = max(0.0, (mine["decode_ms_per_token"] - (sum(m or 0.0 for m in server_ms) / hops)) / 1000)
     pause = pause_penalty(local, spans[0], wait_s)
     split = (breakdown(swarm_ms=mine["decode_ms_per_token_mean"], local_ms=base["decode_ms_per_token_mean"],
-                       server_ms=[m for m in server_ms if m is not None], local_blocks_ms=parts["blocks_ms"],
-                       penalty_ms=pause["penalty_ms"])
-             if all(m is not None for m in server_ms) else None)
+                       route_ms=route_ms, server_ms=[m for m in server_ms if m is not None],
+                       local_blocks_ms=parts["blocks_ms"], penalty_ms=pause["penalty_ms"])
+             if route_ms is not None and all(m is not None for m in server_ms) else None)
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),

@@ -13,10 +13,10 @@ Contract: three measurements and one pure split.
   chain waits most of every token while the others compute). On a machine whose caches and cores keep
   nothing warm across such a pause the second figure is larger; the difference is paid by every stage
   of every token, and no transport change can remove it.
-- ``breakdown(...)``: the gap between swarm and local ms per token, split exactly into (a) the extra
-  time the servers spend in their steps over the same blocks in the local engine and (b) everything
-  outside the servers' steps beyond the client's own compute (transfers, waking each process, reading
-  and writing messages, the client's session bookkeeping).
+- ``breakdown(...)``: the gap between swarm and local ms per token, split exactly into the servers'
+  steps over the same blocks run locally, the time between servers (the network's share: transfers,
+  waking each process, reading and writing messages) and the client's part over the local engine's
+  head and sampling.
 
 Imports torch only inside the measurements; knows nothing of the swarm's processes (callers pass URLs
 and models).
@@ -117,32 +117,40 @@ def pause_penalty(model: Any, blocks: BlockRange, pause_s: float, reps: int = 24
             "penalty_ms": paused - warm}
 
 
-def breakdown(*, swarm_ms: float, local_ms: float, server_ms: list[float], local_blocks_ms: float,
-              penalty_ms: float | None = None) -> dict[str, Any]:
-    """Split the swarm's extra ms per token over the local engine (``swarm_ms - local_ms``) into
+def breakdown(*, swarm_ms: float, local_ms: float, route_ms: float, server_ms: list[float],
+              local_blocks_ms: float, penalty_ms: float | None = None) -> dict[str, Any]:
+    """Where the swarm's extra ms per token over the local engine (``swarm_ms - local_ms``) goes.
 
-    - ``servers_over_local_blocks_ms``: the servers' decode steps (``server_ms``, one mean per hop)
-      minus the same blocks in the local engine (``local_blocks_ms``), and
-    - ``network_and_client_ms``: the rest: time outside the servers' steps (``swarm_ms - sum(server_ms)``)
-      minus the client's own compute, which the local engine does too (``local_ms - local_blocks_ms``:
-      embedding, LM head, sampling).
-
-    The two add up to the gap exactly. ``penalty_ms`` (from ``pause_penalty``), times the hops, is what
-    pauses alone predict for the first part."""
+    Measured in the same swarm runs: ``route_ms``, a decode step's time from the client sending it to the
+    last server's output (``DistributedModel.decode_route_s_total``), and ``server_ms``, each server's
+    mean decode step (arrival to result, ``server_decode_seconds``). So the swarm's token is
+    ``sum(server_ms)`` in the servers' steps, ``route_ms - sum(server_ms)`` between them (transfers, waking
+    each process, reading and writing messages: the network's share) and ``swarm_ms - route_ms`` in the
+    client (embedding, LM head, sampling, its bookkeeping). The gap splits exactly into
+    ``gap_servers_ms`` (servers' steps minus the same blocks in the local engine, ``local_blocks_ms``),
+    ``gap_network_ms`` (all of the time between servers) and ``gap_client_ms`` (the client's part minus the
+    local engine's own head and sampling, ``local_ms - local_blocks_ms``). ``penalty_ms`` (from
+    ``pause_penalty``) times the hops is what pauses alone predict for ``gap_servers_ms``."""
     if not server_ms:
         raise ConfigError("need at least one server's decode step time")
     in_servers = sum(server_ms)
-    client_compute = local_ms - local_blocks_ms
+    local_client = local_ms - local_blocks_ms
+    client = swarm_ms - route_ms
+    between = route_ms - in_servers
     out: dict[str, Any] = {
         "swarm_ms_per_token": swarm_ms,
         "local_ms_per_token": local_ms,
         "gap_ms_per_token": swarm_ms - local_ms,
+        "route_ms_per_token": route_ms,
         "server_step_ms": server_ms,
         "in_servers_ms_per_token": in_servers,
+        "between_servers_ms_per_token": between,
+        "client_ms_per_token": client,
         "local_blocks_ms_per_token": local_blocks_ms,
-        "client_compute_ms_per_token": client_compute,
-        "servers_over_local_blocks_ms": in_servers - local_blocks_ms,
-        "network_and_client_ms": swarm_ms - in_servers - client_compute,
+        "local_head_and_sampling_ms_per_token": local_client,
+        "gap_servers_ms": in_servers - local_blocks_ms,
+        "gap_network_ms": between,
+        "gap_client_ms": client - local_client,
     }
     if penalty_ms is not None:
         out["pauses_predict_ms"] = penalty_ms * len(server_ms)

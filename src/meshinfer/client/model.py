@@ -32,8 +32,9 @@ import torch
 
 from meshinfer.client.head_batch import DEFAULT_COHORTS, HeadBatcher
 from meshinfer.client.routing import RouteHop
-from meshinfer.client.session import InferenceSession, SyncInferenceSession
+from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
+from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.checkpoint import Checkpoint
@@ -65,6 +66,10 @@ class DistributedModel(TextGenerator):
         """Replace failed servers mid-generation (replaying their history) instead of failing."""
         self.failovers_total = 0
         """Failovers (replaced servers) of every finished session of this model, for metrics."""
+        self.decode_steps_total = 0
+        self.decode_route_s_total = 0.0
+        """One-token steps of every finished session, and their seconds in the route (from sending the step to
+        the last server's output; ``InferenceSession.decode_route_s``): what the servers and the network cost."""
         self.last_session: InferenceSession | None = None
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
@@ -241,6 +246,8 @@ class DistributedModel(TextGenerator):
         finally:
             self._heads.active -= 1
             self.failovers_total += len(session.failovers)
+            self.decode_steps_total += session.decode_steps
+            self.decode_route_s_total += session.decode_route_s
             await asyncio.shield(session.close())
 
     # ---- lifecycle -----------------------------------------------------------------------------

@@ -26,8 +26,8 @@ replayed). Errors that a replacement would repeat (bad request, limits) are rais
 ``RemoteError``; after ``max_failovers`` in one step, or with no ``replan``, a failure is final and the
 session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises).
 
-Async core, run on the ``PeerNode``'s loop; ``SyncInferenceSession`` wraps it for threads through a
-``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
+Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
+threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from meshinfer.client.routing import RouteHop
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError, WireError
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.node import PeerNode
-from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import canonical_dtype
 from meshinfer.wire.messages import (
     Burst,
@@ -111,6 +110,9 @@ class InferenceSession(Recovery):
         self._closed = False
         self._answered: dict[int, torch.Tensor] = {}
         self._s_per_token: float | None = None  # smoothed seconds per token of a whole step
+        self.decode_steps = 0
+        self.decode_route_s = 0.0
+        """One-token steps done, and their seconds from sending to the last hop's output (failovers included)."""
         self.last_burst: Burst | None = None
         """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
         self._on_rtt: RttCallback | None = None
@@ -249,7 +251,11 @@ class InferenceSession(Recovery):
         for i, hs in enumerate(self.hops):
             hs.inputs.append(x if i == 0 else outputs[i - 1])
         self.position += tokens
-        per_token = (time.monotonic() - started) / tokens
+        elapsed = time.monotonic() - started
+        if tokens == 1:
+            self.decode_steps += 1
+            self.decode_route_s += elapsed
+        per_token = elapsed / tokens
         self._s_per_token = per_token if self._s_per_token is None else 0.8 * self._s_per_token + 0.2 * per_token
         return outputs[len(self.hops) - 1]
 
@@ -373,42 +379,3 @@ class InferenceSession(Recovery):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class SyncInferenceSession:
-    """An ``InferenceSession`` for synchronous callers: each call runs on the node's ``LoopThread``."""
-
-    def __init__(self, runner: LoopThread, session: InferenceSession) -> None:
-        self._runner = runner
-        self.session = session
-
-    @property
-    def position(self) -> int:
-        return self.session.position
-
-    @property
-    def route(self) -> list[RouteHop]:
-        return self.session.route
-
-    @property
-    def failovers(self) -> list[Failover]:
-        return self.session.failovers
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self._runner.run(self.session.forward(hidden))
-
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self._runner.run(self.session.step(hidden))
-
-    def span_inputs(self, i: int) -> torch.Tensor:
-        return self.session.span_inputs(i)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._runner.run(self.session.close(), timeout=10.0)
-
-    def __enter__(self) -> SyncInferenceSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
