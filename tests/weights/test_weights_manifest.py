@@ -22,9 +22,9 @@ from meshinfer.models.fingerprint import (
     checkpoint_fingerprint,
     checkpoint_manifest,
     manifest_id,
-    read_safetensors_header,
     validate_manifest,
 )
+from meshinfer.models.safetensors_files import read_safetensors_header
 from meshinfer.types import BlockRange
 from meshinfer.weights.manifest import CLIENT_GROUP, Manifest, Want, block_group, check_model_id, is_model_id
 

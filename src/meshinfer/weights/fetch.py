@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshinfer.errors import CheckpointError, ConfigError, MeshinferError, TransportError, WireError
-from meshinfer.models.fingerprint import INDEX_FILE
+from meshinfer.models.safetensors_files import INDEX_FILE
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import INDEX_FILE, MANIFEST_FILES, SINGLE_FILE, cache_dir
+from meshinfer.models.fingerprint import MANIFEST_FILES, cache_dir
+from meshinfer.models.safetensors_files import INDEX_FILE, SINGLE_FILE
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
 

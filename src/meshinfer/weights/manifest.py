@@ -20,13 +20,8 @@ from typing import Any, Literal
 import msgspec
 
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import (
-    DTYPE_BYTES,
-    FINGERPRINT_HEX_CHARS,
-    canonical_manifest_bytes,
-    manifest_id,
-    validate_manifest,
-)
+from meshinfer.models.fingerprint import FINGERPRINT_HEX_CHARS, canonical_manifest_bytes, manifest_id, validate_manifest
+from meshinfer.models.safetensors_files import DTYPE_BYTES
 from meshinfer.types import BlockRange
 from meshinfer.wire.pieces import MAX_MANIFEST_BYTES
 

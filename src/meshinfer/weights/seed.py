@@ -28,7 +28,8 @@ from pathlib import Path
 
 from meshinfer import __version__
 from meshinfer.errors import CheckpointError, ConfigError, TransportError, WireError
-from meshinfer.models.fingerprint import TensorLocation, checkpoint_manifest, tensor_locations
+from meshinfer.models.fingerprint import checkpoint_manifest
+from meshinfer.models.safetensors_files import TensorLocation, tensor_locations
 from meshinfer.p2p.node import PeerNode, Put
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.types import BlockRange

@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import INDEX_FILE, MANIFEST_NAME, cache_dir, write_manifest_file
+from meshinfer.models.fingerprint import MANIFEST_NAME, cache_dir, write_manifest_file
+from meshinfer.models.safetensors_files import INDEX_FILE
 from meshinfer.weights.manifest import CLIENT_GROUP, Group, Item, Manifest, PieceRef
 
 PARTIAL_SUFFIX = ".partial"
