@@ -88,16 +88,11 @@ def pause_penalty(model: Any, blocks: BlockRange, pause_s: float, reps: int = 24
     after ``pause_s`` of not running them, and the difference (what each pause costs a stage)."""
     import torch
 
-    from meshinfer.models.span import BlockSpan
-
     if reps < 2 or pause_s < 0:
         raise ConfigError("need reps >= 2 and pause_s >= 0")
-    full = model.span
-    layers = list(full.layers)[blocks.start - full.range.start:blocks.end - full.range.start]
-    span = BlockSpan(full.spec, blocks, layers, full.dtype, full.device)
-    hidden_size = full.spec.hidden_size
+    span = model.span.sub(blocks)
     with torch.inference_mode():
-        x = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0)).to(full.dtype)
+        x = torch.randn(1, 1, span.spec.hidden_size, generator=torch.Generator().manual_seed(0)).to(span.dtype)
 
         def timed(pause: float) -> float:
             cache = span.new_cache(2 * reps + 2)

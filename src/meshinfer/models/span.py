@@ -66,6 +66,14 @@ class BlockSpan(nn.Module):
     def __len__(self) -> int:
         return len(self._layers)
 
+    def sub(self, blocks: BlockRange) -> BlockSpan:
+        """Blocks ``blocks`` (inside this span) as a ``BlockSpan`` sharing their weights (nothing is copied)."""
+        served = self.range
+        if not (served.start <= blocks.start and blocks.end <= served.end):
+            raise ConfigError(f"blocks {blocks} are not inside the served span {served}")
+        layers = self._layers[blocks.start - served.start:blocks.end - served.start]
+        return BlockSpan(self.spec, blocks, layers, self.dtype, self.device)
+
     def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
         """A fresh, empty KV cache for this span."""
         return KVCache(self.spec, len(self), max_length, batch=batch, dtype=self.dtype, device=self.device)

@@ -145,12 +145,8 @@ class StepLoop:
 
     def sub_span(self, blocks: BlockRange) -> BlockSpan:
         """The blocks ``blocks`` (inside the served span) as a ``BlockSpan`` sharing their weights."""
-        served = self.span.range
-        if not (served.start <= blocks.start and blocks.end <= served.end):
-            raise ConfigError(f"blocks {blocks} are not inside the served span {served}")
         if blocks not in self._sub_spans:
-            layers = list(self.span.layers)[blocks.start - served.start:blocks.end - served.start]
-            self._sub_spans[blocks] = BlockSpan(self.span.spec, blocks, layers, self.span.dtype, self.span.device)
+            self._sub_spans[blocks] = self.span.sub(blocks)
         return self._sub_spans[blocks]
 
     async def new_cache(self, blocks: BlockRange, max_length: int) -> KVCache:
