@@ -31,27 +31,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshinfer.bench.common import bench_model_dir
+from meshinfer.bench.common import bench_model_dir, parse_counts
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "requests/s and time to first token of streaming chat requests through the OpenAI-compatible gateway"
 
 REQUEST_TIMEOUT_S = 300.0
 MODEL_NAME = "bench"
+MAX_CONCURRENCY = 1024
 
 
 def parse_levels(text: str) -> list[int]:
     """``"1,16"`` -> ``[1, 16]`` (ascending, duplicates dropped); ConfigError for anything else."""
-    levels: set[int] = set()
-    for part in text.split(","):
-        try:
-            value = int(part.strip())
-        except ValueError:
-            raise ConfigError(f"--concurrency takes comma-separated positive integers, got {text!r}") from None
-        if not 1 <= value <= 1024:
-            raise ConfigError(f"each --concurrency level must be in 1..1024, got {value}")
-        levels.add(value)
-    return sorted(levels)
+    return parse_counts(text, "--concurrency", MAX_CONCURRENCY)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

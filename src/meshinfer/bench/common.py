@@ -23,3 +23,18 @@ def bench_model_dir(model: str | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"model directory {model!r} does not exist")
     return path
+
+
+def parse_counts(text: str, flag: str, limit: int) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (ascending, duplicates dropped), each in 1..``limit``; ConfigError naming
+    ``flag`` for anything else."""
+    counts: set[int] = set()
+    for part in text.split(","):
+        try:
+            n = int(part.strip())
+        except ValueError:
+            raise ConfigError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+        if not 1 <= n <= limit:
+            raise ConfigError(f"each {flag} value must be in 1..{limit}, got {n}")
+        counts.add(n)
+    return sorted(counts)

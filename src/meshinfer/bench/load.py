@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshinfer.bench.common import bench_model_dir
+from meshinfer.bench.common import bench_model_dir, parse_counts
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "aggregate tokens/s, per-token latency and time to first token with many concurrent sessions"
@@ -55,17 +55,7 @@ LEVEL_TIMEOUT_S = 900.0
 
 def parse_sessions(text: str) -> list[int]:
     """``"1,4,16"`` -> ``[1, 4, 16]`` (ascending, duplicates dropped); ConfigError for anything else."""
-    counts: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            n = int(part)
-        except ValueError:
-            raise ConfigError(f"--sessions must be a comma-separated list of session counts, got {text!r}") from None
-        if not 1 <= n <= MAX_SESSIONS:
-            raise ConfigError(f"--sessions: each count must be 1..{MAX_SESSIONS}, got {n}")
-        counts.add(n)
-    return sorted(counts)
+    return parse_counts(text, "--sessions", MAX_SESSIONS)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
