@@ -41,10 +41,10 @@ from meshinfer.bench.load import (
     summarise_level,
 )
 from meshinfer.bench.swarm import even_spans
-from meshinfer.cli.serve import parse_ready_line
 from meshinfer.client.model import DistributedModel
 from meshinfer.errors import ConfigError
 from meshinfer.models.engine import LocalModel
+from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import ManagedProcess, command_line, meshinfer_argv, pid_alive, start_dht, wait_gone
 from meshinfer.testing.swarm import ServerProcess

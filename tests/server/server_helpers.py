@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from meshinfer.cli.serve import parse_ready_line
 from meshinfer.p2p import SESSION_PROTOCOL, LoopThread, MessageStream, PeerNode
 from meshinfer.p2p.announce import read_coverage
+from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Error, Hop, Message, Open, Opened, Step, StepResult

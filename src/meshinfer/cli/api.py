@@ -15,19 +15,18 @@ open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.errors import ConfigError
+from meshinfer.readyline import ready_line
 from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
 
-READY_PREFIX = "ready "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         def ready() -> None:
             info = {"url": server.url, "base_url": f"{server.url}/v1", "model": name, "model_id": model.model_id,
                     "api_key_required": config.api_key is not None}
-            sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
+            sys.stdout.write(ready_line(info))
             sys.stdout.flush()
             print(f"serving {name} at {server.url}/v1 (OpenAI-compatible); Ctrl-C to stop", file=sys.stderr,
                   flush=True)

@@ -18,13 +18,11 @@ then leaves the swarm. Imports FastAPI and the network only inside ``run``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from meshinfer.cli.common import require
-
-READY_PREFIX = "ready "
+from meshinfer.readyline import ready_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
         def ready() -> None:
             info = {"url": server.url, "api": f"{server.url}/api/swarm", "metrics_url": f"{server.url}/metrics"}
-            sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
+            sys.stdout.write(ready_line(info))
             sys.stdout.flush()
             print(f"dashboard of the swarm at {server.url} (JSON at /api/swarm); Ctrl-C to stop", file=sys.stderr,
                   flush=True)

@@ -9,7 +9,7 @@ prints, in one flushed write on stdout, its multiaddrs one per line and then the
 
     ready {"peer_id": ..., "maddrs": [...], "model_id": ..., "blocks": "0:4", "throughput": ..., ...}
 
-(``parse_ready_line`` reads it back), so launchers and tests can wait for it. Logs go to stderr.
+(``meshinfer.readyline.parse_ready_line`` reads it back), so launchers and tests can wait for it. Logs go to stderr.
 SIGINT/SIGTERM stop it cleanly after draining (exit 0; exit 1 if it could no longer serve);
 ``--stop-on-stdin-eof`` also stops it when its parent closes its stdin (for launchers: no orphaned
 servers). Once stopped it exits without the slow interpreter teardown when nothing it started is
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from typing import Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
-
-READY_PREFIX = "ready "
+from meshinfer.readyline import ready_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,20 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_ready_line(line: str) -> dict[str, Any] | None:
-    """The JSON of a ``ready`` line printed by ``meshinfer serve``, or None for any other line."""
-    if not line.startswith(READY_PREFIX):
-        return None
-    try:
-        info = json.loads(line[len(READY_PREFIX):])
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) else None
-
-
 def _print_ready(server: Any) -> None:
     info = server.info()
-    sys.stdout.write("".join(f"{m}\n" for m in info["maddrs"]) + READY_PREFIX + json.dumps(info) + "\n")
+    sys.stdout.write("".join(f"{m}\n" for m in info["maddrs"]) + ready_line(info))
     sys.stdout.flush()
     print(f"serving {info['model_name']} blocks {info['blocks']} as {info['peer_id']}; "
           f"join clients with --initial-peers {info['maddrs'][0] if info['maddrs'] else '?'}",

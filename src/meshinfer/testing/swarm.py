@@ -16,7 +16,6 @@ and benchmarks; knows nothing of what clients do with the swarm.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Sequence
@@ -25,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import ConfigError
+from meshinfer.readyline import READY_PREFIX, parse_ready_line
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, start_dht
 from meshinfer.types import BlockRange
-
-READY_PREFIX = "ready "
-"""``meshinfer serve`` prints its multiaddrs, then ``ready {json}``, once it is announced."""
 
 
 @dataclass
@@ -152,12 +149,8 @@ class LocalSwarm:
             line = server.proc.read_line(max(0.1, deadline - time.monotonic()))
             if line.startswith("/"):
                 server.maddrs.append(line.strip())
-            elif line.startswith(READY_PREFIX):
-                try:
-                    info = json.loads(line[len(READY_PREFIX):])
-                except ValueError:
-                    info = {}
-                server.info = info if isinstance(info, dict) else {}
+            elif line.startswith(READY_PREFIX):  # multiaddrs, then ``ready {json}``, once it is announced
+                server.info = parse_ready_line(line) or {}
                 if not server.maddrs and isinstance(server.info.get("maddrs"), list):
                     server.maddrs = [str(m) for m in server.info["maddrs"]]
                 if server.span is None and isinstance(server.info.get("blocks"), str):
