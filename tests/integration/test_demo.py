@@ -131,7 +131,15 @@ def test_bench_swarm_compares_against_the_local_engine(meshinfer_cache_dir: Path
     assert [s["torch_threads"] for s in figures["servers"]] == [1, 1]
     split = figures["breakdown"]  # read from the servers' decode step metrics: 5 decode steps each
     assert len(split["server_step_ms"]) == 2 and all(ms > 0 for ms in split["server_step_ms"])
-    assert split["in_servers_ms_per_token"] < split["route_ms_per_token"] < split["swarm_ms_per_token"]
+    # The parts are differences of clocks read in four processes and two client threads: on a shared 2-core
+    # machine their order is not guaranteed (a late wake-up of the consuming thread can make the route look
+    # longer than the token), so only what the split itself promises is checked here: every part is read,
+    # and they add up.
+    assert split["route_ms_per_token"] > 0 and split["swarm_ms_per_token"] > 0
+    assert split["in_servers_ms_per_token"] == pytest.approx(sum(split["server_step_ms"]))
+    assert split["route_ms_per_token"] == pytest.approx(split["in_servers_ms_per_token"]
+                                                        + split["between_servers_ms_per_token"])
+    assert split["swarm_ms_per_token"] == pytest.approx(split["route_ms_per_token"] + split["client_ms_per_token"])
     assert split["gap_ms_per_token"] == pytest.approx(split["gap_servers_ms"] + split["gap_network_ms"]
                                                       + split["gap_client_ms"])
     assert figures["local_parts"]["blocks_ms"] > 0 and figures["local_parts"]["head_ms"] > 0
