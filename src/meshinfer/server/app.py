@@ -1,22 +1,20 @@
 """Composition root of a block server: checkpoint span + step loop + session service + P2P + DHT.
 
-Contract: ``BlockServer.start(config, p2p)`` checks the checkpoint and the span before touching the
-network (bad input: one-line ``MeshinferError``), computes the model id
-(``models.fingerprint.checkpoint_fingerprint``), starts a ``PeerNode``, and, without ``--blocks``,
-chooses its span from the swarm it reads (``server.rebalance``: length from ``--num-blocks`` or
-memory, start where the swarm is weakest). It then announces the server as ``joining``, loads only
-its span's tensors, measures throughput, serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and
-announces ``online`` (``ModelCard`` + ``ServerRecord`` through ``p2p.Announcer``). While it runs,
-``cache_tokens_left`` is re-announced (debounced) whenever a session opens or ends (with ``--metrics-port``,
-Prometheus metrics are served at ``info()["metrics_url"]``: ``server.metrics``), and an
-automatically placed server re-checks its place every ``--rebalance-interval`` s; to move it drains
-(announces ``draining``, refuses new sessions, lets open ones finish for up to ``--drain-timeout`` s,
-ends the rest with an ``Error``), loads the new span, re-measures and announces ``online`` there.
-The announced record always names the span being served (or, while ``joining``, about to be).
-``stop()`` drains the same way, then stops the step loop and leaves the swarm; it is idempotent.
-Since issue 9 the model may also be a model id: the server fetches config, tokenizer and then its
-span's pieces from the swarm's seeders (``weights.fetch.ensure_local``) and seeds what it holds.
-Running it as a process (signals, stdin EOF) is ``server.run``; this module logs, never prints.
+Contract: ``BlockServer.start(config, p2p)`` has ``server.prepare`` check the checkpoint and the span before
+touching the network (bad input: one-line ``MeshinferError``), compute the model id, start a ``PeerNode`` and,
+without ``--blocks``, choose its span from the swarm it reads (length from ``--num-blocks`` or memory, start
+where the swarm is weakest). It then announces the server as ``joining``, loads only its span's tensors,
+measures throughput, serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and announces ``online``
+(``ModelCard`` + ``ServerRecord`` through ``p2p.Announcer``). While it runs, ``cache_tokens_left`` is
+re-announced (debounced) whenever a session opens or ends (with ``--metrics-port``, Prometheus metrics are
+served at ``info()["metrics_url"]``: ``server.metrics``), and an automatically placed server re-checks its
+place every ``--rebalance-interval`` s; to move it drains (announces ``draining``, refuses new sessions, lets
+open ones finish for up to ``--drain-timeout`` s, ends the rest with an ``Error``), loads the new span,
+re-measures and announces ``online`` there. The announced record always names the span being served (or, while
+``joining``, about to be). ``stop()`` drains the same way, then stops the step loop and leaves the swarm; it
+is idempotent. Since issue 9 the model may also be a model id: ``server.prepare`` fetches config, tokenizer
+and then its span's pieces from the swarm's seeders (``weights.fetch.ensure_local``); the server seeds what it
+holds. Running it as a process (signals, stdin EOF) is ``server.run``; this module logs, never prints.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,29 +29,22 @@ from typing import Any
 
 from meshinfer import __version__
 from meshinfer.config import P2PConfig
-from meshinfer.errors import ConfigError, MeshinferError
+from meshinfer.errors import MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.fingerprint import checkpoint_fingerprint
-from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p import SESSION_PROTOCOL
-from meshinfer.p2p.announce import Announcer, read_coverage
+from meshinfer.p2p.announce import Announcer
 from meshinfer.p2p.node import NodeSettings, PeerNode
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
 from meshinfer.server.metrics import ServerMetrics, ServerSample
+from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
-from meshinfer.server.rebalance import (
-    Rebalancer,
-    Snapshot,
-    auto_span_length,
-    available_memory,
-    choose_start_span,
-)
+from meshinfer.server.rebalance import Rebalancer
 from meshinfer.server.runtime import Finished, StepLoop
 from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
-from meshinfer.types import DTYPES, BlockRange, canonical_dtype
+from meshinfer.types import BlockRange
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
@@ -68,45 +58,13 @@ STATUS_DEBOUNCE = 0.25
 """Seconds to gather session changes into one re-announcement."""
 PUBLISH_TIMEOUT = 5.0
 """Most seconds one state change waits for the DHT (the refresh task retries after that)."""
-DHT_READ_TIMEOUT = 5.0
-"""Most seconds one read of the swarm's coverage may take."""
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LEAVING_MESSAGE = "server is shutting down (leaving the swarm); open a session elsewhere"
-
-
-def _card_dtype(spec_dtype: str | None, fallback: str) -> str:
-    with contextlib.suppress(ConfigError, AttributeError):
-        name = canonical_dtype(spec_dtype or "")
-        if name in DTYPES:
-            return name
-    return fallback
 
 
 def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _span_length(config: ServerConfig, spec: ModelSpec) -> tuple[int, str]:
-    """How many blocks an automatically placed server serves (``--num-blocks``, else what memory holds)."""
-    size = DTYPE_BYTES.get(config.dtype, 4)
-    return auto_span_length(
-        spec.num_blocks, requested=config.num_blocks,
-        free_bytes=available_memory() if config.num_blocks is None else None,
-        weight_bytes=spec.block_param_count() * size,
-        kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens, dtype_bytes=size),
-    )
-
-
-async def _read_snapshot(node: PeerNode, model_id: str, num_blocks: int) -> Snapshot:
-    """The model's servers as the DHT shows them now; a failed read is an empty, incomplete snapshot."""
-    try:
-        coverage = await read_coverage(node, model_id, num_blocks, timeout=DHT_READ_TIMEOUT)
-    except (MeshinferError, TimeoutError) as err:
-        log.warning("could not read the swarm's coverage: %s", str(err) or "timeout")
-        return Snapshot([], complete=False)
-    return Snapshot(list(coverage.servers.values()), coverage.complete)
 
 
 @dataclass
@@ -179,10 +137,6 @@ class BlockServer:
     @classmethod
     async def start(cls, config: ServerConfig, p2p: P2PConfig, model_dir: str | Path | None = None) -> BlockServer:
         """Check, join the swarm, place, load, measure, serve and announce; see the module docstring."""
-        model_ref = str(model_dir or config.model)
-        model_dir = Path(model_ref).expanduser()
-        fetched = not model_dir.is_dir()  # a model id (or hub name): the weights come from the swarm
-        fixed = config.span
         if config.torch_threads is not None:
             import torch
 
@@ -190,54 +144,10 @@ class BlockServer:
             log.info("torch uses %d compute threads", torch.get_num_threads())
         read_timeout = max(3600.0, 2 * config.session_idle_timeout)  # idle sessions are expired by the service
         settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
-        node: PeerNode | None = None
-        if fetched:
-            node = await PeerNode.start(p2p, settings)
-            try:  # config and tokenizer first: the span to fetch is chosen from the config
-                model_dir = await ensure_local(node, model_ref, blocks=None, client_part=False)
-            except BaseException:
-                await node.close()
-                raise
-        try:
-            ckpt = await asyncio.to_thread(Checkpoint, model_dir)
-        except BaseException:
-            if node is not None:
-                await node.close()
-            raise
-        spec = ckpt.spec
-        if fixed is not None and fixed.end > spec.num_blocks:
-            raise ConfigError(f"--blocks {fixed} lies outside the model: {model_dir.name} has "
-                              f"{spec.num_blocks} blocks (valid: 0:{spec.num_blocks} or any part of it)")
-        if not fetched:
-            needed = fixed or BlockRange(0, spec.num_blocks)  # a self-placing server may move to any block
-            expected: dict[str, tuple[int, ...]] = {}
-            for i in needed.blocks():
-                expected.update(spec.block_tensors(i))
-            ckpt.check(expected, f"blocks {needed}")
-        length, why_length = _span_length(config, spec) if fixed is None else (len(fixed), "--blocks")
-        model_id = await asyncio.to_thread(checkpoint_fingerprint, model_dir)
-        name = config.model_name or (model_dir.resolve().name if not fetched else model_ref)
-        card = ModelCard(model_id=model_id, name=name[:256], family=spec.family, num_blocks=spec.num_blocks,
-                         hidden_size=spec.hidden_size, dtype=_card_dtype(spec.torch_dtype, config.dtype),
-                         manifest_hash=model_id)
-        if node is None:
-            node = await PeerNode.start(p2p, settings)
-        started = node
-        try:
-            if fixed is None:
-                fixed, why = await choose_start_span(
-                    lambda: _read_snapshot(started, model_id, spec.num_blocks), num_blocks=spec.num_blocks,
-                    length=length, peer_id=started.peer_id, rng=random.Random())
-                log.info("automatic placement: blocks %s of %d; length: %s; place: %s", fixed, spec.num_blocks,
-                         why_length, why)
-            if fetched:
-                model_dir = await ensure_local(started, model_ref, blocks=fixed, client_part=False)
-                ckpt = await asyncio.to_thread(Checkpoint, model_dir)  # re-read: the span's tensors arrived
-        except BaseException:
-            await started.close()
-            raise
-        server = cls(config, model_dir, fixed, model_id, card, started, ckpt=ckpt, metrics_host=p2p.host,
-                     model_ref=model_ref if fetched else None)
+        model_ref = str(model_dir or config.model)
+        ready = await prepare(config, p2p, model_ref, settings)
+        server = cls(config, ready.model_dir, ready.span, ready.model_id, ready.card, ready.node, ckpt=ready.ckpt,
+                     metrics_host=p2p.host, model_ref=model_ref if ready.fetched else None)
         try:
             await server._serve()
         except BaseException:
@@ -266,7 +176,7 @@ class BlockServer:
         self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")
         if cfg.auto_placement and cfg.rebalance_interval > 0:
             self.rebalancer = Rebalancer(
-                read=lambda: _read_snapshot(self.node, self.model_id, self.card.num_blocks), move=self.move,
+                read=lambda: read_snapshot(self.node, self.model_id, self.card.num_blocks), move=self.move,
                 me=self.record, num_blocks=self.card.num_blocks, interval=cfg.rebalance_interval,
                 balance_quality=cfg.balance_quality)
             self._rebalance_task = asyncio.create_task(self.rebalancer.run(), name="rebalance")
