@@ -2,28 +2,26 @@
 
 Contract: ``fetch(node, model_id, want=...)`` returns a ``FetchResult`` whose ``path`` is a checkpoint
 directory (``weights.store``) holding the config and tokenizer files, the manifest and the wanted tensors.
-Steps: if the cache already holds everything wanted, no network at all; else find the seeders in the DHT
-(``seed:<model_id>`` records, validated: the record names the peer that signed it); get the manifest
-from one (refused unless it hashes to the model id; a peer sending a wrong one is banned); check the disk
-budget before writing; then fetch the missing pieces from every seeder holding them in parallel
-(``per_peer`` streams per seeder over the direct plane when it announced one, else libp2p; pieces spread
-round robin, see ``weights.plan``), verify each piece's size and sha256 before writing it, and finish each
-group when its last piece is in. A wrong piece is rejected, fetched from another holder, and its sender is
-banned (``PeerBans``, shared by the fetches of a process unless one is passed); a peer whose connection
-fails is backed off exponentially and dropped after ``max_peer_failures``; a piece nobody can serve ends
-the fetch with a one-line ``CheckpointError``. Interrupting a fetch (cancel, kill) loses nothing verified:
-the next fetch re-hashes partial files and asks only for what is missing. ``progress`` (if given) is
-called with a ``FetchProgress`` after every piece. ``ensure_local`` is the entry point for servers and
-clients: a directory is used as is, a model id is fetched, a hub name (``org/name``) goes to
-``weights.hub``. Errors: ``ConfigError`` (bad id, budget), ``CheckpointError`` (no seeders, nothing can
-serve a piece, bad manifest), ``TransportError`` never escapes for a single peer's failure.
+Steps: if the cache already holds everything wanted, no network at all; else find the seeders in the DHT and
+get the manifest from one (``weights.seeders``: records validated, a manifest refused unless it hashes to the
+model id and its sender banned); check the disk budget before writing; then fetch the missing pieces from
+every seeder holding them in parallel (``per_peer`` streams per seeder over the direct plane when it announced
+one, else libp2p; pieces spread round robin, see ``weights.plan``), verify each piece's size and sha256 before
+writing it, and finish each group when its last piece is in. A wrong piece is rejected, fetched from another
+holder, and its sender is banned (``PeerBans``, shared by the fetches of a process unless one is passed); a
+peer whose connection fails is backed off exponentially and dropped after ``max_peer_failures``; a piece
+nobody can serve ends the fetch with a one-line ``CheckpointError``. Interrupting a fetch (cancel, kill) loses
+nothing verified: the next fetch re-hashes partial files and asks only for what is missing. ``progress`` (if
+given) is called with a ``FetchProgress`` after every piece. ``ensure_local`` is the entry point for servers
+and clients: a directory is used as is, a model id is fetched, a hub name (``org/name``) goes to
+``weights.hub``. Errors: ``ConfigError`` (bad id, budget), ``CheckpointError`` (no seeders, nothing can serve
+a piece, bad manifest), ``TransportError`` never escapes for a single peer's failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -35,26 +33,21 @@ from meshinfer.models.safetensors_files import INDEX_FILE
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
-from meshinfer.weights.manifest import CLIENT_GROUP, Group, Manifest, PieceRef, Want, check_model_id, is_model_id
+from meshinfer.weights.manifest import Manifest, PieceRef, Want, check_model_id, is_model_id
 from meshinfer.weights.plan import PeerBans, PiecePlanner
+from meshinfer.weights.seeders import PROCESS_BANS, find_seeders, get_manifest, holds, open_pieces
 from meshinfer.weights.store import ModelStore, PartialGroup
 from meshinfer.wire.pieces import (
-    PIECES_PROTOCOL,
-    GetManifest,
     GetPiece,
-    ManifestData,
     PieceData,
     PieceError,
     PieceErrorCode,
     decode_piece_message,
     encode_piece_message,
 )
-from meshinfer.wire.records import SeedRecord, seed_key
+from meshinfer.wire.records import SeedRecord
 
 log = logging.getLogger(__name__)
-
-PROCESS_BANS = PeerBans()
-"""The bans every fetch of this process shares unless it is given its own."""
 
 
 @dataclass(frozen=True)
@@ -101,66 +94,6 @@ class FetchResult:
 
 
 ProgressCallback = Callable[[FetchProgress], None]
-
-
-def holds(record: SeedRecord, group: Group) -> bool:
-    """Whether a seeder's record says it holds ``group`` whole."""
-    if group.kind == "file":
-        return record.files
-    if group.key == CLIENT_GROUP:
-        return record.client_part
-    return record.has_block(int(group.key.split(":")[1]))
-
-
-async def find_seeders(node: PeerNode, model_id: str, *, timeout: float = 15.0,
-                       peers: Collection[str] | None = None, bans: PeerBans | None = None) -> list[SeedRecord]:
-    """The valid seed records of ``model_id`` (polling the DHT up to ``timeout`` s until one shows up)."""
-    bans = bans or PROCESS_BANS
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        found = await node.dht_get_records(seed_key(model_id), timeout=max(0.5, min(5.0, left)))
-        out = [f.record for f in found
-               if isinstance(f.record, SeedRecord) and f.record.model_id == model_id and f.subkey == f.peer_id
-               and f.record.peer_id == f.peer_id and f.peer_id != node.peer_id
-               and (peers is None or f.peer_id in peers) and not bans.banned(f.peer_id, time.monotonic())]
-        if out or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    if not out:
-        raise CheckpointError(f"no peer in the swarm seeds model {model_id} (unknown model id, or none of its "
-                              f"seeders is online); looked for {timeout:g}s")
-    return out
-
-
-async def _open(node: PeerNode, record: SeedRecord, timeout: float = 10.0) -> MessageStream:
-    return await node.open_stream(record.peer_id, PIECES_PROTOCOL, maddrs=record.addresses,
-                                  direct=record.direct_addresses, timeout=timeout)
-
-
-async def get_manifest(node: PeerNode, seeders: list[SeedRecord], model_id: str, *, bans: PeerBans | None = None,
-                       timeout: float = 30.0) -> Manifest:
-    """The manifest of ``model_id`` from the first seeder that sends a valid one (wrong ones get banned)."""
-    bans = bans or PROCESS_BANS
-    problems = []
-    for record in random.sample(seeders, len(seeders)):
-        try:
-            async with await _open(node, record) as stream:
-                await stream.send_bytes(encode_piece_message(GetManifest(model_id=model_id)))
-                reply = decode_piece_message(await stream.recv_bytes(timeout=timeout))
-        except (TransportError, WireError) as err:
-            problems.append(f"{record.peer_id[:12]}: {err}")
-            continue
-        if isinstance(reply, ManifestData) and reply.model_id == model_id:
-            try:
-                return Manifest.from_bytes(reply.data, model_id)
-            except CheckpointError as err:
-                bans.ban(record.peer_id, time.monotonic())
-                problems.append(f"{record.peer_id[:12]} sent a wrong manifest ({err}); banned")
-                continue
-        problems.append(f"{record.peer_id[:12]} answered {getattr(reply, 'code', type(reply).__name__)}")
-    raise CheckpointError(f"could not get the manifest of model {model_id} from any of {len(seeders)} seeders: "
-                          + "; ".join(problems)[:600])
 
 
 class _Fetch:
@@ -226,7 +159,7 @@ class _Fetch:
                 try:
                     if stream is None:
                         epoch = self.epoch[peer]
-                        stream = await _open(self.node, record)
+                        stream = await open_pieces(self.node, record)
                     self.stats.requests_by_peer[peer] += 1
                     await stream.send_bytes(encode_piece_message(GetPiece(
                         model_id=self.manifest.model_id, kind=piece.kind, name=piece.name, index=piece.index)))
