@@ -34,7 +34,6 @@ import torch
 from meshinfer.bench.load import (
     Trace,
     parse_sessions,
-    percentile,
     ratios,
     run_round,
     session_prompts,
@@ -290,25 +289,6 @@ def test_parse_sessions(text: str, expected: list[int]) -> None:
 def test_parse_sessions_refuses(text: str) -> None:
     with pytest.raises(ConfigError, match="--sessions"):
         parse_sessions(text)
-
-
-@pytest.mark.parametrize(("values", "q", "expected"), [
-    ([5.0], 0.95, 5.0),
-    ([1.0, 2.0, 3.0, 4.0, 5.0], 0.5, 3.0),
-    ([1.0, 2.0, 3.0, 4.0, 5.0], 0.95, 4.8),
-    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.95, 4.8),
-    ([1.0, 2.0], 0.0, 1.0),
-    ([1.0, 2.0], 1.0, 2.0),
-    ([0.0, 10.0], 0.25, 2.5),
-])
-def test_percentile(values: list[float], q: float, expected: float) -> None:
-    assert percentile(values, q) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(("values", "q"), [([], 0.5), ([1.0], 1.5), ([1.0], -0.1)])
-def test_percentile_refuses(values: list[float], q: float) -> None:
-    with pytest.raises(ConfigError):
-        percentile(values, q)
 
 
 def test_session_prompts() -> None:

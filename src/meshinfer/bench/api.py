@@ -3,25 +3,23 @@
 Contract: starts a ``LocalSwarm`` (a bootstrap peer and ``--servers`` ``meshinfer serve`` processes on
 127.0.0.1, the blocks split by ``bench.swarm.even_spans``, ``--torch-threads`` each) of one checkpoint
 (default: the bench checkpoint), or joins an existing swarm given with ``--initial-peers``; joins it with one
-``DistributedModel`` and serves the gateway app in this process (uvicorn in a background thread, a free
-port on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C client threads send
+``DistributedModel`` and serves the gateway app in this process (uvicorn in a background thread, a free port
+on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C client threads send
 ``--requests`` streaming chat completions in all (stdlib ``http.client``, greedy, ``max_tokens``
 ``--max-tokens``, ``stream_options.include_usage``; request i asks about line i of the shipped corpus) and
 stamp each one: time to first token = from sending the request to the first SSE event carrying text (or the
-finish event, for a reply with no text), total time, completion tokens (from the usage chunk). Per level
-(pure ``summarise_level``): requests/s = requests / wall time of the level, completion tokens/s, time to
-first token and request latency median and p95 (nearest rank), failures. One untimed warm-up request
-comes first. The client threads run in the gateway's process, so the figures include their cost. Every
-process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only
-inside ``run``; never asserts a timing.
-"""
+finish event, for a reply with no text), total time, completion tokens (from the usage chunk). Per level (pure
+``summarise_level``): requests/s = requests / wall time of the level, completion tokens/s, time to first token
+and request latency median and p95 (linear interpolation, as in ``bench load``), failures. One untimed warm-up
+request comes first. The client threads run in the gateway's process, so the figures include their cost. Every
+process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
+``run``; never asserts a timing."""
 
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
-import math
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshinfer.bench.common import bench_model_dir, parse_counts
+from meshinfer.bench.common import bench_model_dir, parse_counts, percentile
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "requests/s and time to first token of streaming chat requests through the OpenAI-compatible gateway"
@@ -44,16 +42,6 @@ MAX_CONCURRENCY = 1024
 def parse_levels(text: str) -> list[int]:
     """``"1,16"`` -> ``[1, 16]`` (ascending, duplicates dropped); ConfigError for anything else."""
     return parse_counts(text, "--concurrency", MAX_CONCURRENCY)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile (0 < q <= 100) of non-empty ``values``."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 < q <= 100:
-        raise ValueError(f"q must be in (0, 100], got {q}")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 @dataclass(frozen=True)
@@ -81,8 +69,8 @@ def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency
         "requests_per_s": len(ok) / max(wall_s, 1e-9),
         "completion_tokens_per_s": tokens / max(wall_s, 1e-9),
         "mean_completion_tokens": tokens / len(ok),
-        "time_to_first_token_ms": {"median": statistics.median(ttft), "p95": percentile(ttft, 95)},
-        "latency_ms": {"median": statistics.median(total), "p95": percentile(total, 95)},
+        "time_to_first_token_ms": {"median": statistics.median(ttft), "p95": percentile(ttft, 0.95)},
+        "latency_ms": {"median": statistics.median(total), "p95": percentile(total, 0.95)},
     })
     if len(ok) < len(samples):
         out["errors"] = sorted({str(s.error) for s in samples if s.error is not None})[:3]

@@ -1,12 +1,15 @@
 """Helpers shared by benchmark modules.
 
 Contract: small, import-light functions (no torch, no network at import) that several ``bench/<kind>.py``
-modules need: which checkpoint a run uses. Never asserts or times anything itself.
+modules need: which checkpoint a run uses, how a list of counts is parsed, what a percentile is (one
+definition for every benchmark's p95). Never asserts or times anything itself.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshinfer.errors import ConfigError
@@ -38,3 +41,17 @@ def parse_counts(text: str, flag: str, limit: int) -> list[int]:
             raise ConfigError(f"each {flag} value must be in 1..{limit}, got {n}")
         counts.add(n)
     return sorted(counts)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values``, interpolating linearly between ranks (numpy's default, so
+    ``q=0.5`` is the median)."""
+    if not values:
+        raise ConfigError("percentile of no values")
+    if not 0.0 <= q <= 1.0:
+        raise ConfigError(f"quantile must be in 0..1, got {q}")
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshinfer.bench.common import bench_model_dir, parse_counts
+from meshinfer.bench.common import bench_model_dir, parse_counts, percentile
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "aggregate tokens/s, per-token latency and time to first token with many concurrent sessions"
@@ -56,19 +55,6 @@ LEVEL_TIMEOUT_S = 900.0
 def parse_sessions(text: str) -> list[int]:
     """``"1,4,16"`` -> ``[1, 4, 16]`` (ascending, duplicates dropped); ConfigError for anything else."""
     return parse_counts(text, "--sessions", MAX_SESSIONS)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) of ``values``, interpolating linearly between ranks."""
-    if not values:
-        raise ConfigError("percentile of no values")
-    if not 0.0 <= q <= 1.0:
-        raise ConfigError(f"quantile must be in 0..1, got {q}")
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def session_prompts(ids: Sequence[int], count: int, length: int, stride: int = PROMPT_STRIDE) -> list[list[int]]:
