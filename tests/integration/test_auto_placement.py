@@ -179,6 +179,8 @@ def test_fixed_server_never_moves_and_a_second_sigterm_cuts_the_drain_short(mode
     (["--balance-quality", "1.5"], "--balance-quality must be in (0, 1]"),
     (["--max-upload", "0"], "--max-upload must be > 0 MB/s"),
     (["--max-upload", "nan"], "--max-upload must be > 0 MB/s"),
+    (["--max-download", "0"], "--max-download must be > 0 MB/s"),
+    (["--max-download", "-2"], "--max-download must be > 0 MB/s"),
 ])
 def test_bad_placement_flags_are_one_line_errors(model12: Path, capsys: pytest.CaptureFixture[str],
                                                  flags: list[str], text: str) -> None:

@@ -31,12 +31,13 @@ def test_servers_and_client_started_with_only_a_model_id_generate_like_the_origi
     try:
         for seeder in seeders:
             assert model_id in seeder.read_json(timeout=120)["models"]
-        swarm = LocalSwarm(Path(model_id), [(0, 2), (2, 4)], initial_peers=maddrs, startup_timeout=180)
+        swarm = LocalSwarm(Path(model_id), [(0, 2), (2, 4)], initial_peers=maddrs, startup_timeout=180,
+                           server_args=["--max-download", "100"])  # a cap the fetch never reaches
         try:
             swarm.start()
             for server in swarm.servers:
                 assert server.info["model_id"] == model_id
-            with DistributedModel.from_pretrained(model_id, maddrs) as client:
+            with DistributedModel.from_pretrained(model_id, maddrs, max_download=100e6) as client:
                 assert client.model_id == model_id and client.path != original
                 assert client.generate(prompt, 16, stop_token_ids=()) == want
                 assert [h.peer_id for h in client.last_route] == [s.peer_id for s in swarm.servers]

@@ -164,6 +164,32 @@ def test_a_bad_upload_cap_is_a_clear_error(flag: str) -> None:
     assert proc.returncode == 2 and "--max-upload must be > 0" in proc.stderr
 
 
+def test_a_download_cap_holds_a_fetch_to_its_rate(client, swarm: Swarm, llama: Path, tmp_path: Path) -> None:
+    runner, node = client
+    rate = 400_000.0  # bytes/s over both seeders; the tiny Llama is about 0.9 MB
+    result: FetchResult = runner.run(fetch(node, swarm.model_id, cache_dir=tmp_path, max_download=rate,
+                                           bans=PeerBans()), timeout=120)
+    stats = result.stats
+    assert set(stats.pieces_by_peer) == set(swarm.ids())  # still spread over both seeders
+    assert checkpoint_fingerprint(result.path) == swarm.model_id
+    assert same_tensors(result.path, llama, sorted(manifest_tensors(result.manifest.doc)))
+    # Every piece is booked from one bucket of a quarter second's credit before it is asked for, so however
+    # fast the machine, the bytes cannot have come in faster than that (a lower bound: it cannot flake slow).
+    assert stats.bytes_fetched > rate
+    assert stats.seconds >= 0.98 * (stats.bytes_fetched - rate / 4) / rate, stats.as_dict()
+    assert stats.throttled_seconds > 0 and stats.as_dict()["throttled_seconds"] > 0
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("nan")])
+def test_a_bad_download_cap_is_a_clear_error(cap: float, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="download cap must be > 0"):
+        asyncio.run(fetch(None, "0" * 32, cache_dir=tmp_path, max_download=cap))
+    proc = subprocess.run(meshinfer_argv("fetch", "0" * 32, "--max-download", str(cap), "--initial-peers",
+                                         "/ip4/127.0.0.1/tcp/1/p2p/QmNotUsed"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--max-download must be > 0 MB/s" in proc.stderr, proc.stderr
+
+
 def _verified_on_disk(cache: Path, manifest: Manifest) -> tuple[set[PieceRef], set[PieceRef]]:
     """(pieces of finished groups, verified pieces of partial files) in the cache right now."""
     store = ModelStore(cache, manifest)
@@ -276,12 +302,14 @@ def test_bad_piece_requests_get_typed_errors_and_the_seeder_keeps_serving(client
 
 def test_fetch_command_gets_the_client_part(swarm: Swarm, llama: Path, tmp_path: Path) -> None:
     out = subprocess.run(meshinfer_argv("fetch", swarm.model_id, "--client-part", "--json", "--no-progress",
-                                        "--cache-dir", str(tmp_path), "--initial-peers", *swarm.maddrs),
+                                        "--max-download", "50", "--cache-dir", str(tmp_path),
+                                        "--initial-peers", *swarm.maddrs),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     path = Path(doc["path"])
     assert doc["model_id"] == swarm.model_id and doc["pieces_fetched"] >= 3 and doc["banned"] == []
+    assert doc["throttled_seconds"] >= 0  # --max-download reached the fetch (50 MB/s: little or no wait)
     assert same_tensors(path, llama, ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
     with pytest.raises(CheckpointError):
         Checkpoint(path).load_span(BlockRange(0, 1))

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-cache-bytes", type=byte_size, default=None,
                         help="refuse to grow the cache beyond this size, e.g. 20G (default: no limit)")
     parser.add_argument("--per-peer", type=int, default=4, help="parallel requests per seeder (default: 4)")
+    parser.add_argument("--max-download", type=float, default=None, metavar="MB_PER_S",
+                        help="cap the piece data fetched, in MB/s over all seeders (default: no cap)")
     parser.add_argument("--find-timeout", type=float, default=15.0,
                         help="seconds to look for seeders in the DHT (default: 15)")
     parser.add_argument("--seed", action="store_true", help="after fetching, seed what was fetched until Ctrl-C")
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_id(args.model_id)
     require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
     require(args.per_peer >= 1, f"--per-peer must be >= 1, got {args.per_peer}")
+    require(args.max_download is None or args.max_download > 0,
+            f"--max-download must be > 0 MB/s, got {args.max_download}")
     blocks = BlockRange.parse(args.blocks) if args.blocks else None
     want = Want(blocks=blocks, client_part=args.client_part) if blocks or args.client_part else Want.whole()
     return asyncio.run(_fetch(config, args, want))
@@ -80,6 +84,7 @@ async def _fetch(config: P2PConfig, args: argparse.Namespace, want: object) -> i
     from meshinfer.p2p.node import NodeSettings, PeerNode
     from meshinfer.p2p.runner import wait_for_exit_signal
     from meshinfer.weights.fetch import FetchProgress, fetch
+    from meshinfer.weights.rate import MB
     from meshinfer.weights.seed import start_seeding
 
     node = await PeerNode.start(config, NodeSettings(client_mode=not args.seed))
@@ -94,7 +99,8 @@ async def _fetch(config: P2PConfig, args: argparse.Namespace, want: object) -> i
         with bar:
             result = await fetch(node, args.model_id, want=want, cache_dir=args.cache_dir,  # type: ignore[arg-type]
                                  max_cache_bytes=args.max_cache_bytes, progress=on_progress, per_peer=args.per_peer,
-                                 find_timeout=args.find_timeout)
+                                 find_timeout=args.find_timeout,
+                                 max_download=args.max_download * MB if args.max_download is not None else None)
         if args.json:
             print(json.dumps({"path": str(result.path), "model_id": result.model_id, **result.stats.as_dict()}),
                   flush=True)

@@ -96,17 +96,20 @@ class DistributedModel(TextGenerator):
         push: bool = True,
         failover: bool = True,
         cohorts: int = DEFAULT_COHORTS,
+        max_download: float | None = None,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, or
         a model id (the swarm's seeders send config, tokenizer and the client part, verified piece by piece,
-        into the local cache; see ``meshinfer.weights``), or a hub name ``org/name``."""
+        into the local cache, at most ``max_download`` bytes/s; see ``meshinfer.weights``), or a hub name
+        ``org/name``."""
         dt = torch_dtype(dtype)
         peers = check_initial_peers(initial_peers)
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
             view = runner.run(SwarmView.join(peers, host=host, dht_timeout=dht_timeout), timeout=60.0)
-            local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True), timeout=3600.0)
+            local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
+                                            max_download=max_download), timeout=3600.0)
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, device)
             model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks, model_name or Path(path).name)

@@ -300,7 +300,8 @@ class BlockServer:
             await self._publish_now()
             try:
                 if self.model_ref is not None:  # fetch the new span's pieces first, then seed them too
-                    self.model_dir = await ensure_local(self.node, self.model_ref, blocks=span, client_part=False)
+                    self.model_dir = await ensure_local(self.node, self.model_ref, blocks=span, client_part=False,
+                                                        max_download=self.config.max_download_bytes)
                     self.ckpt = await asyncio.to_thread(Checkpoint, self.model_dir)
                     if self.seeder is not None:
                         await self.seeder.add(self.model_dir)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from meshinfer.config import doc
 from meshinfer.errors import ConfigError
 from meshinfer.types import BlockRange, canonical_dtype
+from meshinfer.weights.rate import MB
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ServerConfig:
                                      "after that they are ended with an error so their clients fail over")
     max_upload: float | None = doc(None, "cap the weight pieces this server sends to peers that fetch them, "
                                    "in MB/s (default: no cap)")
+    max_download: float | None = doc(None, "cap the weight pieces this server fetches from the swarm when --model "
+                                     "is a model id, in MB/s over all seeders (default: no cap)")
     metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
                                          "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
 
@@ -77,6 +80,8 @@ class ServerConfig:
             )
         if self.max_upload is not None and not self.max_upload > 0:
             raise ConfigError(f"--max-upload must be > 0 MB/s, got {self.max_upload:g}")
+        if self.max_download is not None and not self.max_download > 0:
+            raise ConfigError(f"--max-download must be > 0 MB/s, got {self.max_download:g}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ConfigError(f"--torch-threads must be > 0, got {self.torch_threads}")
         if not math.isfinite(self.rebalance_interval) or not (
@@ -98,6 +103,11 @@ class ServerConfig:
     def span(self) -> BlockRange | None:
         """The fixed span given with ``--blocks``; None when the server places itself."""
         return None if self.blocks is None else BlockRange.parse(self.blocks)
+
+    @property
+    def max_download_bytes(self) -> float | None:
+        """``--max-download`` in bytes/s (None: no cap)."""
+        return self.max_download * MB if self.max_download is not None else None
 
     @property
     def auto_placement(self) -> bool:

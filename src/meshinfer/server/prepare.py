@@ -6,7 +6,8 @@ span, in this order, and returns a ``Prepared``:
 - a local directory is read and checked (the tensors of ``--blocks``, or of every block for a
   self-placing server, which may move anywhere) *before* any network is touched, so bad input fails
   fast with a one-line ``MeshinferError``; a model id (or hub name) is fetched instead: config and
-  tokenizer first (``weights.fetch.ensure_local``), since the span to fetch is chosen from the config;
+  tokenizer first (``weights.fetch.ensure_local``, at most ``--max-download``), since the span to fetch
+  is chosen from the config;
 - the model id (``models.fingerprint.checkpoint_fingerprint``) and the ``ModelCard`` to announce;
 - the ``PeerNode`` (started once, reused for the fetch);
 - the span: ``--blocks``, else chosen from the swarm read through the node (``server.rebalance``:
@@ -109,7 +110,8 @@ async def prepare(config: ServerConfig, p2p: P2PConfig, model_ref: str, settings
     try:
         if fetched:
             node = await PeerNode.start(p2p, settings)
-            model_dir = await ensure_local(node, model_ref, blocks=None, client_part=False)
+            model_dir = await ensure_local(node, model_ref, blocks=None, client_part=False,
+                                           max_download=config.max_download_bytes)
         ckpt = await asyncio.to_thread(Checkpoint, model_dir)
         spec = ckpt.spec
         if fixed is not None and fixed.end > spec.num_blocks:
@@ -133,7 +135,8 @@ async def prepare(config: ServerConfig, p2p: P2PConfig, model_ref: str, settings
             log.info("automatic placement: blocks %s of %d; length: %s; place: %s", fixed, spec.num_blocks,
                      why_length, why)
         if fetched:
-            model_dir = await ensure_local(started, model_ref, blocks=fixed, client_part=False)
+            model_dir = await ensure_local(started, model_ref, blocks=fixed, client_part=False,
+                                           max_download=config.max_download_bytes)
             ckpt = await asyncio.to_thread(Checkpoint, model_dir)  # re-read: the span's tensors arrived
     except BaseException:
         if node is not None:

@@ -6,16 +6,17 @@ Steps: if the cache already holds everything wanted, no network at all; else fin
 get the manifest from one (``weights.seeders``: records validated, a manifest refused unless it hashes to the
 model id and its sender banned); check the disk budget before writing; then fetch the missing pieces from
 every seeder holding them in parallel (``per_peer`` streams per seeder over the direct plane when it announced
-one, else libp2p; pieces spread round robin, see ``weights.plan``), verify each piece's size and sha256 before
-writing it, and finish each group when its last piece is in. A wrong piece is rejected, fetched from another
-holder, and its sender is banned (``PeerBans``, shared by the fetches of a process unless one is passed); a
-peer whose connection fails is backed off exponentially and dropped after ``max_peer_failures``; a piece
-nobody can serve ends the fetch with a one-line ``CheckpointError``. Interrupting a fetch (cancel, kill) loses
-nothing verified: the next fetch re-hashes partial files and asks only for what is missing. ``progress`` (if
-given) is called with a ``FetchProgress`` after every piece. ``ensure_local`` is the entry point for servers
-and clients: a directory is used as is, a model id is fetched, a hub name (``org/name``) goes to
-``weights.hub``. Errors: ``ConfigError`` (bad id, budget), ``CheckpointError`` (no seeders, nothing can serve
-a piece, bad manifest), ``TransportError`` never escapes for a single peer's failure.
+one, else libp2p; pieces spread round robin, see ``weights.plan``; ``max_download`` books every piece from one
+token bucket, ``weights.rate``, before it is asked for), verify each piece's size and sha256 before writing
+it, and finish each group when its last piece is in. A wrong piece is rejected, fetched from another holder,
+and its sender is banned (``PeerBans``, shared by the fetches of a process unless one is passed); a peer whose
+connection fails is backed off exponentially and dropped after ``max_peer_failures``; a piece nobody can serve
+ends the fetch with a one-line ``CheckpointError``. Interrupting a fetch (cancel, kill) loses nothing
+verified: the next fetch re-hashes partial files and asks only for what is missing. ``progress`` (if given) is
+called with a ``FetchProgress`` after every piece. ``ensure_local`` is the entry point for servers and
+clients: a directory is used as is, a model id is fetched, a hub name (``org/name``) goes to ``weights.hub``.
+Errors: ``ConfigError`` (bad id, budget), ``CheckpointError`` (no seeders, nothing can serve a piece, bad
+manifest), ``TransportError`` never escapes for a single peer's failure.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
 from meshinfer.weights.manifest import Manifest, PieceRef, Want, check_model_id, is_model_id
 from meshinfer.weights.plan import PeerBans, PiecePlanner
+from meshinfer.weights.rate import RateLimiter
 from meshinfer.weights.seeders import PROCESS_BANS, find_seeders, get_manifest, holds, open_pieces
 from meshinfer.weights.store import ModelStore, PartialGroup
 from meshinfer.wire.pieces import (
@@ -76,13 +78,16 @@ class FetchStats:
     """Pieces found verified on disk (partial files of an interrupted fetch)."""
     bytes_fetched: int = 0
     seconds: float = 0.0
+    throttled_seconds: float = 0.0
+    """Seconds the workers waited, summed over workers, to keep under ``max_download``."""
 
     def as_dict(self) -> dict[str, object]:
         return {"seeders": self.seeders, "pieces_by_peer": dict(self.pieces_by_peer),
                 "bytes_by_peer": dict(self.bytes_by_peer), "requests_by_peer": dict(self.requests_by_peer),
                 "rejected_by_peer": dict(self.rejected_by_peer), "banned": self.banned,
                 "pieces_fetched": len(self.fetched), "reused_pieces": self.reused_pieces,
-                "bytes_fetched": self.bytes_fetched, "seconds": round(self.seconds, 3)}
+                "bytes_fetched": self.bytes_fetched, "seconds": round(self.seconds, 3),
+                "throttled_seconds": round(self.throttled_seconds, 3)}
 
 
 @dataclass
@@ -102,12 +107,13 @@ class _Fetch:
     def __init__(self, node: PeerNode, manifest: Manifest, store: ModelStore, planner: PiecePlanner[PieceRef],
                  partials: dict[str, PartialGroup], seeders: list[SeedRecord], *, per_peer: int,
                  piece_timeout: float, max_peer_failures: int, durable: bool, progress: ProgressCallback | None,
-                 stats: FetchStats, total_bytes: int, total_pieces: int) -> None:
+                 stats: FetchStats, total_bytes: int, total_pieces: int,
+                 limiter: RateLimiter | None = None) -> None:
         self.node, self.manifest, self.store, self.planner = node, manifest, store, planner
         self.partials, self.seeders = partials, seeders
         self.per_peer, self.piece_timeout = per_peer, piece_timeout
         self.max_peer_failures, self.durable, self.progress = max_peer_failures, durable, progress
-        self.stats = stats
+        self.stats, self.limiter = stats, limiter
         self.total_bytes, self.total_pieces = total_bytes, total_pieces
         self.done_bytes = 0
         self.done_pieces = stats.reused_pieces
@@ -156,6 +162,8 @@ class _Fetch:
                         return
                     await asyncio.sleep(0.02)
                     continue
+                if self.limiter is not None:  # booked before asking: the piece is ours alone while we wait
+                    self.stats.throttled_seconds += await self.limiter.take(_piece_size(self.manifest, piece))
                 try:
                     if stream is None:
                         epoch = self.epoch[peer]
@@ -234,12 +242,16 @@ async def fetch(node: PeerNode | None, model_id: str, *, want: Want | None = Non
                 max_cache_bytes: int | None = None, progress: ProgressCallback | None = None,
                 peers: Collection[str] | None = None, bans: PeerBans | None = None, per_peer: int = 4,
                 find_timeout: float = 15.0, piece_timeout: float = 30.0, max_peer_failures: int = 3,
-                steal_after: float = 1.0, durable: bool = True, lock_timeout: float = 600.0) -> FetchResult:
+                steal_after: float = 1.0, durable: bool = True, lock_timeout: float = 600.0,
+                max_download: float | None = None) -> FetchResult:
     """Fetch ``want`` (default: the whole model) of ``model_id`` into the cache; see the module docstring.
-    ``peers`` limits the seeders used (by peer id)."""
+    ``peers`` limits the seeders used (by peer id); ``max_download`` caps the piece data asked for, in bytes/s
+    over all seeders (None: no cap)."""
     check_model_id(model_id)
     if per_peer < 1:
         raise ConfigError(f"per_peer must be >= 1, got {per_peer}")
+    if max_download is not None and not max_download > 0:  # also refuses nan
+        raise ConfigError(f"a download cap must be > 0 bytes/s, got {max_download:g}")
     want = want or Want.whole()
     bans = bans or PROCESS_BANS
     started = time.monotonic()
@@ -288,7 +300,7 @@ async def fetch(node: PeerNode | None, model_id: str, *, want: Want | None = Non
         job = _Fetch(node, manifest, store, planner, partials, [s for s in seeders if s.peer_id in useful],
                      per_peer=per_peer, piece_timeout=piece_timeout, max_peer_failures=max_peer_failures,
                      durable=durable, progress=progress, stats=stats, total_bytes=total_bytes,
-                     total_pieces=total_pieces)
+                     total_pieces=total_pieces, limiter=_download_limiter(max_download))
         job.done_bytes = total_bytes - sum(_piece_size(manifest, p) for p in needed)
         job.report(None)
         if needed:
@@ -313,6 +325,12 @@ async def _lock(store: ModelStore, *, timeout: float) -> int:
     return fd
 
 
+def _download_limiter(rate: float | None) -> RateLimiter | None:
+    """The bucket a fetch's workers book each piece from, before asking for it: a quarter second of credit
+    (a piece larger than that waits for its share; the average stays at ``rate``)."""
+    return RateLimiter(rate, burst=rate / 4) if rate is not None else None
+
+
 def _piece_size(manifest: Manifest, piece: PieceRef) -> int:
     found = manifest.item(piece.kind, piece.name)
     assert found is not None
@@ -322,17 +340,17 @@ def _piece_size(manifest: Manifest, piece: PieceRef) -> int:
 
 async def ensure_local(node: PeerNode | None, model_ref: str, *, blocks: BlockRange | None, client_part: bool,
                        cache_dir: Path | None = None, progress: ProgressCallback | None = None,
-                       max_cache_bytes: int | None = None) -> Path:
+                       max_cache_bytes: int | None = None, max_download: float | None = None) -> Path:
     """A checkpoint directory for ``model_ref`` holding at least ``blocks`` (and the client part if asked),
     config and tokenizer files: an existing directory as is; a model id fetched from the swarm into the cache
     (``checkpoint_fingerprint`` of the result equals the id); a hub name ``org/name[@revision]`` through
-    ``huggingface_hub`` (only the shards needed)."""
+    ``huggingface_hub`` (only the shards needed). ``max_download`` (bytes/s) caps a fetch from the swarm."""
     path = Path(model_ref).expanduser()
     if path.is_dir():
         return path
     if is_model_id(model_ref):
         result = await fetch(node, model_ref, want=Want(blocks=blocks, client_part=client_part), cache_dir=cache_dir,
-                             max_cache_bytes=max_cache_bytes, progress=progress)
+                             max_cache_bytes=max_cache_bytes, progress=progress, max_download=max_download)
         return result.path
     from meshinfer.weights.hub import hub_download, is_hub_ref
 

@@ -1,11 +1,13 @@
-"""Upload rate limiting for seeders: a token bucket that a peer's piece uploads draw from.
+"""Rate limiting of piece transfers: a token bucket that a seeder's uploads (``--max-upload``) or a
+fetch's downloads (``--max-download``) draw from.
 
 Contract: ``RateLimiter(rate, burst)`` lets ``rate`` bytes per second through on average, with at most
 ``burst`` bytes of saved-up credit (default: a quarter second of rate, at least one piece). ``reserve(n,
 now)`` is the pure part: it books ``n`` bytes at time ``now`` and returns how many seconds the caller
 must wait before sending them (0 when credit covers them); bookings beyond the credit become a debt
 that later bookings queue behind, so any number of concurrent uploads share the rate fairly, in
-booking order. ``take(n)`` books and sleeps. Knows nothing of peers or pieces.
+booking order. ``take(n)`` books and sleeps, and returns the seconds it slept. Knows nothing of
+peers or pieces.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class RateLimiter:
     def __init__(self, rate: float, burst: float | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not rate > 0:
-            raise ConfigError(f"an upload rate must be > 0 bytes/s, got {rate}")
+            raise ConfigError(f"a transfer rate must be > 0 bytes/s, got {rate}")
         self.rate = float(rate)
         self.burst = float(burst) if burst is not None else max(self.rate / 4, 1 << 20)
         if not self.burst > 0:
@@ -42,8 +44,9 @@ class RateLimiter:
         self._tokens -= n
         return max(0.0, -self._tokens / self.rate)
 
-    async def take(self, n: int) -> None:
-        """Wait until ``n`` more bytes may be sent."""
+    async def take(self, n: int) -> float:
+        """Wait until ``n`` more bytes may be moved; the seconds waited."""
         delay = self.reserve(n, self._clock())
         if delay > 0:
             await asyncio.sleep(delay)
+        return delay
