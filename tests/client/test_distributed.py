@@ -7,6 +7,7 @@ test of that family.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -118,6 +119,23 @@ def test_streaming_eos_and_seeded_sampling_equal_local(fam: FamilySwarm) -> None
     next(abandoned)
     abandoned.close()
     assert fam.client.generate(fam.prompt_ids, 2, stop_token_ids=()) == want[:2]
+
+
+@pytest.mark.parametrize("fam", ["llama", "mistral"], indirect=True)  # two and three hops
+def test_scored_tokens_equal_local(fam: FamilySwarm) -> None:
+    sampling = SamplingConfig(temperature=0.8, top_k=20, seed=3)
+
+    async def collect() -> list:
+        scored = fam.client.astream_scored(fam.prompt_ids, 8, sampling, stop_token_ids=(), top_logprobs=3)
+        return [s async for s in scored]
+
+    got = asyncio.run_coroutine_threadsafe(collect(), fam.client.loop).result(120)
+    want = list(fam.local.stream_scored(fam.prompt_ids, 8, sampling, stop_token_ids=(), top_logprobs=3))
+    assert [s.token for s in got] == [s.token for s in want]
+    for a, b in zip(got, want, strict=True):  # the blocks ran on other peers: equal up to float rounding
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert [lp for _, lp in a.top] == pytest.approx([lp for _, lp in b.top], abs=1e-4)
 
 
 @pytest.mark.parametrize("fam", ["llama-tied", "mistral"], indirect=True)  # three hops

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from meshinfer.config import SamplingConfig
+from meshinfer.models.sampling import ScoredToken
 
 EOS, IM_END, BOS = 1, 2, 3
 SPECIAL = {EOS: "<eos>", IM_END: "<|im_end|>", BOS: "<bos>"}
@@ -53,6 +54,14 @@ def chat_prompt(messages: list[dict[str, str]]) -> str:
     return FakeTokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def fake_scored(token: int, top: int | None) -> ScoredToken:
+    """What ``FakeGenerator`` yields: ``token`` at logprob ``-token/100``, and ``top`` alternatives: the token
+    itself first, then ids ``token+1, token+2...`` at lower logprobs (None: no scores, as the engine)."""
+    if top is None:
+        return ScoredToken(token)
+    return ScoredToken(token, -token / 100, tuple((token + i, -token / 100 - i) for i in range(top)))
+
+
 class FakeGenerator:
     """Yields ``script`` (engine semantics); ``gate`` holds the first token back until set; ``fail`` is raised
     before the first token (``fail_at=0``) or instead of token ``fail_at``; ``delay`` s between tokens."""
@@ -71,9 +80,9 @@ class FakeGenerator:
         self.closed = False
 
     async def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: Collection[int]) -> AsyncIterator[int]:
+                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
         self.calls.append({"ids": list(input_ids), "max_new_tokens": max_new_tokens, "sampling": sampling,
-                           "stop_token_ids": frozenset(stop_token_ids)})
+                           "stop_token_ids": frozenset(stop_token_ids), "top_logprobs": top_logprobs})
         try:
             if self.gate is not None:
                 await self.gate.wait()
@@ -83,7 +92,7 @@ class FakeGenerator:
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 self.produced += 1
-                yield token
+                yield fake_scored(token, top_logprobs)
                 if token in stop_token_ids:
                     return
         finally:

@@ -13,6 +13,7 @@ import openai
 import pytest
 from gateway_helpers import MODEL_NAME, Served, local_chat
 
+from meshinfer.cli.chat import stop_ids
 from meshinfer.cli.generate import run_generation
 from meshinfer.config import SamplingConfig
 from meshinfer.gateway.app import create_app
@@ -98,6 +99,30 @@ def test_seeded_sampling_is_reproducible_and_equals_local(served: Served, client
     texts = [client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0.9, top_p=0.95,
                                             seed=7, max_tokens=16).choices[0].message.content for _ in range(2)]
     assert texts == [want, want]
+
+
+def test_logprobs_are_the_local_engines(served: Served, client: openai.OpenAI) -> None:
+    want, prompt, reply, _ = local_chat(served.local, MESSAGES, 8)
+    stops = stop_ids(served.local.tokenizer, served.local.spec)  # as local_chat ends a reply
+    scored = list(served.local.stream_scored(prompt, 8, stop_token_ids=stops, top_logprobs=3))
+    got = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=8,
+                                         logprobs=True, top_logprobs=3)
+    assert got.choices[0].message.content == want
+    content = got.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == len(reply) == len(scored)
+    for entry, s in zip(content, scored, strict=True):  # the blocks ran on the swarm: equal up to rounding
+        assert entry.logprob == pytest.approx(s.logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([lp for _, lp in s.top], abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+    streamed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0, max_tokens=6, logprobs=2,
+                                         stream=True)
+    tokens: list[str] = []
+    for chunk in streamed:
+        lp = chunk.choices[0].logprobs
+        if lp is not None:
+            tokens += lp.tokens or []
+            assert all(len(top) <= 2 for top in lp.top_logprobs or [])
+    assert len(tokens) == 6
 
 
 def test_errors_are_the_packages_exception_types(client: openai.OpenAI) -> None:

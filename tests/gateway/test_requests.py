@@ -33,6 +33,30 @@ def test_chat_defaults_follow_the_openai_api() -> None:
     assert req.messages == ({"role": "user", "content": "hi"},)
     assert req.sampling == SamplingConfig(temperature=1.0)  # OpenAI's default temperature is 1
     assert (req.max_tokens, req.stop, req.stream, req.include_usage) == (None, (), False, False)
+    assert req.top_logprobs is None  # no logprobs unless asked for
+
+
+@pytest.mark.parametrize(("fields", "want"), [
+    ({"logprobs": True}, 0),
+    ({"logprobs": True, "top_logprobs": 5}, 5),
+    ({"logprobs": True, "top_logprobs": 20}, 20),
+    ({"logprobs": False}, None),
+    ({"logprobs": False, "top_logprobs": 0}, None),
+])
+def test_chat_logprobs(fields: dict[str, Any], want: int | None) -> None:
+    assert parse_chat_request(chat(**fields)).top_logprobs == want
+
+
+@pytest.mark.parametrize(("value", "want"), [(None, None), (0, 0), (3, 3), (20, 20)])
+def test_completion_logprobs(value: int | None, want: int | None) -> None:
+    assert parse_completion_request({"model": "m", "prompt": "x", "logprobs": value}).top_logprobs == want
+
+
+def test_the_logprobs_limit_is_the_engines() -> None:
+    from meshinfer.gateway.requests import MAX_LOGPROBS
+    from meshinfer.models.sampling import MAX_TOP_LOGPROBS
+
+    assert MAX_LOGPROBS == MAX_TOP_LOGPROBS
 
 
 def test_chat_fields_are_carried_over() -> None:
@@ -74,7 +98,10 @@ def test_chat_fields_are_carried_over() -> None:
     ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ({"frequency_penalty": -1}, "frequency_penalty", "not supported"),
     ({"frequency_penalty": 5}, "frequency_penalty", "[-2, 2]"),
-    ({"logprobs": True}, "logprobs", "logprobs"),
+    ({"logprobs": 1}, "logprobs", "boolean"),
+    ({"top_logprobs": 3}, "top_logprobs", "requires logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", ">= 0"),
     ({"logit_bias": {"1": 5}}, "logit_bias", "logit_bias"),
     ({"tools": [{"type": "function"}]}, "tools", "tool"),
     ({"response_format": {"type": "json_object"}}, "response_format", "text"),
@@ -117,7 +144,9 @@ def test_completion_prompts(prompt: Any, want: Any) -> None:
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "logprobs": "2"}, "logprobs"),
 ])
 def test_bad_completion_requests(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as info:

@@ -69,6 +69,24 @@ def test_greedy_prefill_only_matches_generate(case: Case) -> None:
     torch.testing.assert_close(case.ours.prefill_logits(seq), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_scored_greedy_decode_matches_the_reference_log_probabilities(case: Case) -> None:
+    """Each generated token's log-probability and its top 5 come from the reference's own distribution:
+    log_softmax of transformers' logits over prompt + generated tokens, position by position."""
+    scored = list(case.ours.stream_scored(PROMPT, NEW_TOKENS, stop_token_ids=(), top_logprobs=5))
+    assert [s.token for s in scored] == case.tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(case.ref(torch.tensor([PROMPT + case.tokens])).logits[0].float(), dim=-1)  # [T, V]
+    for i, s in enumerate(scored):
+        row = ref[len(PROMPT) - 1 + i]  # the distribution the i-th new token was drawn from
+        assert s.logprob == pytest.approx(float(row[s.token]), abs=1e-4)
+        assert len(s.top) == 5 and s.top[0][0] == s.token  # greedy: the chosen token is the most likely
+        assert [lp for _, lp in s.top] == sorted((lp for _, lp in s.top), reverse=True)
+        assert [lp for _, lp in s.top] == pytest.approx(torch.topk(row, 5).values.tolist(), abs=1e-4)
+        assert all(lp == pytest.approx(float(row[t]), abs=1e-4) for t, lp in s.top)
+    assert [s.token for s in case.ours.stream_scored(PROMPT, 4, stop_token_ids=())] == case.tokens[:4]
+    assert all(s.logprob is None and s.top == () for s in case.ours.stream_scored(PROMPT, 2, stop_token_ids=()))
+
+
 def test_decode_logits_match_prefill_logits(case: Case) -> None:
     seq = PROMPT + case.tokens
     full = case.ours.prefill_logits(seq)  # [T, V]

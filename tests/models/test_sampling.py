@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -13,7 +15,14 @@ from transformers.generation.logits_process import (
 
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
-from meshinfer.models.sampling import Sampler, apply_repetition_penalty, top_k_filter, top_p_filter
+from meshinfer.models.sampling import (
+    Sampler,
+    ScoredToken,
+    apply_repetition_penalty,
+    score_token,
+    top_k_filter,
+    top_p_filter,
+)
 
 VOCAB = 97
 
@@ -161,3 +170,23 @@ def test_bad_inputs_raise_clear_errors() -> None:
         Sampler(SamplingConfig(repetition_penalty=1.2)).next_token(torch.zeros(VOCAB), [-1])
     # Ids beyond the vocabulary are ignored by the penalty, as in HF.
     assert Sampler(SamplingConfig(repetition_penalty=1.2)).next_token(torch.arange(5.0), [3, 10]) == 4
+
+
+def test_score_token_is_log_softmax_of_the_raw_logits() -> None:
+    logits = torch.tensor([2.0, 0.5, 3.0, -1.0], dtype=torch.bfloat16)
+    got = score_token(logits, 1, top=3)
+    want = torch.log_softmax(logits.float(), dim=-1)
+    assert isinstance(got, ScoredToken) and got.token == 1
+    assert got.logprob == pytest.approx(float(want[1]))
+    assert [t for t, _ in got.top] == [2, 0, 1]
+    assert [lp for _, lp in got.top] == pytest.approx([float(want[2]), float(want[0]), float(want[1])])
+    assert sum(math.exp(lp) for lp in want.tolist()) == pytest.approx(1.0)
+    assert score_token(logits, 3, top=0).top == ()
+    assert len(score_token(logits, 0, top=20).top) == 4  # no more alternatives than the vocabulary has
+
+
+@pytest.mark.parametrize(("shape", "top", "message"), [((4,), -1, "top must be in 0..20"), ((4,), 21, "0..20"),
+                                                       ((2, 4), 1, "shape \\[vocab\\]")])
+def test_score_token_refuses_bad_input(shape: tuple[int, ...], top: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        score_token(torch.zeros(shape), 0, top)

@@ -1,22 +1,22 @@
 """``DistributedModel``: generate with a model whose transformer blocks run on servers of a swarm.
 
-Contract: loads ONLY the client's share of a checkpoint directory (embeddings, final norm and LM head,
-as a ``ClientHead``) plus its tokenizer; the model id is ``checkpoint_fingerprint(dir)``, which servers
-of the same bytes announce. A client-mode peer (``SwarmView``) joins through ``initial_peers`` on a
-private ``LoopThread`` and keeps the model's coverage fresh in the background. Each ``stream`` /
-``generate`` call plans a route, opens an ``InferenceSession`` sized for prompt + new tokens, and runs
-the very same generation loop as ``LocalModel`` (``meshinfer.models.engine.generate_tokens``: same
-prompt checks, ``ContextOverflowError``, eos handling, sampling), with the blocks' forward pass done
-by the swarm; the session is closed when the generation ends or is abandoned. Greedy tokens therefore
-equal ``LocalModel``'s on the same directory. The generation loop itself runs on the client's event
-loop (``astream``, an async generator: embeddings, network steps, LM head and sampling with no thread
-switch per token); ``stream`` hands its tokens to the calling thread through a queue, off the critical
-path. Any number of threads may generate at once, and any number of ``astream`` generations may run
-concurrently on the loop (one session each, no thread per session); their LM-head calls are batched
-(``client.head_batch.HeadBatcher``: the sessions move through the route in ``cohorts`` groups, each one
-batch on every server, kept together by burst tags). ``close()`` (or the context
-manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover blocks
-... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
+Contract: loads ONLY the client's share of a checkpoint directory (embeddings, final norm and LM head, as a
+``ClientHead``) plus its tokenizer; the model id is ``checkpoint_fingerprint(dir)``, which servers of the
+same bytes announce. A client-mode peer (``SwarmView``) joins through ``initial_peers`` on a private
+``LoopThread`` and keeps the model's coverage fresh in the background. Each ``stream`` / ``generate`` call
+plans a route, opens an ``InferenceSession`` sized for prompt + new tokens, and runs the very same
+generation loop as ``LocalModel`` (``meshinfer.models.engine.generate_scored``: same prompt checks,
+``ContextOverflowError``, eos handling, sampling), with the blocks' forward pass done by the swarm; the
+session is closed when the generation ends or is abandoned. Greedy tokens therefore equal ``LocalModel``'s
+on the same directory. The generation loop itself runs on the client's event loop (``astream``, an async
+generator: embeddings, network steps, LM head and sampling with no thread switch per token;
+``astream_scored`` adds each token's log-probability and top alternatives); ``stream`` hands its tokens to
+the calling thread through a queue, off the critical path. Any number of threads may generate at once, and
+any number of ``astream`` generations may run concurrently on the loop (one session each, no thread per
+session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through the
+route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
+the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
+blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.engine import TextGenerator, agenerate_tokens, check_prompt
+from meshinfer.models.engine import TextGenerator, agenerate_scored, check_prompt
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
+from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
@@ -224,6 +225,21 @@ class DistributedModel(TextGenerator):
         stop_token_ids: Collection[int] | None = None,
     ) -> AsyncIterator[int]:
         """``stream`` as an async generator; iterate it on the client's loop (``loop``)."""
+        scored = self.astream_scored(input_ids, max_new_tokens, sampling, stop_token_ids)
+        async with contextlib.aclosing(scored) as tokens:
+            async for item in tokens:
+                yield item.token
+
+    async def astream_scored(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+        top_logprobs: int | None = None,
+    ) -> AsyncIterator[ScoredToken]:
+        """``astream`` with each token's log-probability and its ``top_logprobs`` (0..20) most likely
+        alternatives, as ``LocalModel.stream_scored`` gives them (None: no scores computed)."""
         ids = check_prompt(self.spec, input_ids, max_new_tokens)
         self._check_open()
         if max_new_tokens == 0:
@@ -244,8 +260,8 @@ class DistributedModel(TextGenerator):
                 return logits  # [V] float32
 
             stops = self.stop_tokens(stop_token_ids)
-            async for token in agenerate_tokens(forward, ids, max_new_tokens, sampling, stops):
-                yield token
+            async for item in agenerate_scored(forward, ids, max_new_tokens, sampling, stops, top_logprobs):
+                yield item
         finally:
             self._heads.active -= 1
             self.failovers_total += len(session.failovers)

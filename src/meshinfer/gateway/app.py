@@ -161,16 +161,17 @@ class Gateway:
                                         self.config.default_max_tokens)
         stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
         outcome = Outcome(prompt_tokens=len(ids))
-        builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage)
+        builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
+                                  logprobs=req.top_logprobs is not None)
         answer = _Answer(self, self._in_slot(generate_text(self.generator, ids, max_tokens, req.sampling, stops,
-                                                           req.stop, outcome)), outcome)
+                                                           req.stop, outcome, req.top_logprobs)), outcome)
         try:
             first = await _unless_gone(request, anext(answer.pieces, ""))
             if not req.stream:
                 rest = await _unless_gone(request, _join(answer.pieces))
                 await answer.close()
                 usage = Usage(outcome.prompt_tokens, outcome.completion_tokens)
-                return JSONResponse(builder.full(first + rest, outcome.finish_reason, usage))
+                return JSONResponse(builder.full(first + rest, outcome.finish_reason, usage, outcome.logprobs))
         except BaseException as err:
             answer.failed = isinstance(err, Exception) and not isinstance(err, ClientGone)
             await answer.close()
@@ -183,12 +184,22 @@ class Gateway:
             head = builder.first_chunk()
             if head is not None:
                 yield sse(head)
-            if first:
-                yield sse(builder.text_chunk(first))
+            sent = 0  # tokens whose logprobs went out: each goes with the chunk of its own text delta
+
+            def chunk(piece: str) -> str | None:
+                nonlocal sent
+                if not piece and not (builder.logprobs and len(outcome.logprobs) > sent):
+                    return None
+                event = sse(builder.text_chunk(piece, outcome.logprobs[sent:]))
+                sent = len(outcome.logprobs)
+                return event
+
+            if (event := chunk(first)) is not None:
+                yield event
             async for piece in answer.pieces:
-                if piece:
-                    yield sse(builder.text_chunk(piece))
-            yield sse(builder.finish_chunk(outcome.finish_reason))
+                if (event := chunk(piece)) is not None:
+                    yield event
+            yield sse(builder.finish_chunk(outcome.finish_reason, outcome.logprobs[sent:]))
             if builder.include_usage:
                 yield sse(builder.usage_chunk(Usage(outcome.prompt_tokens, outcome.completion_tokens)))
         except Exception as err:  # the status line is sent already: report the error in the stream

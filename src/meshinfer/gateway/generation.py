@@ -2,13 +2,14 @@
 pipeline from token ids to OpenAI text deltas.
 
 Contract: the HTTP layer (``gateway.app``) sees only ``Generator``: ``tokenizer``, ``spec`` (its
-``max_position_embeddings`` and ``eos_token_ids``), ``stream(ids, max_new_tokens, sampling, stop_token_ids)``
-(an async iterator of token ids that runs on the caller's event loop) and ``health()``; unit tests use a
-fake. ``SwarmGenerator`` adapts the client's public API (``DistributedModel.astream``, which must run on
-``model.loop``, the client's own loop thread): each generation is started there with
-``asyncio.run_coroutine_threadsafe`` and hands its tokens to the gateway's loop through an ``asyncio.Queue``
-fed with ``loop.call_soon_threadsafe``; closing the stream early (a stop string, a client that went away)
-cancels that generation, whose session then closes itself on every server and frees its memory.
+``max_position_embeddings`` and ``eos_token_ids``), ``stream(ids, max_new_tokens, sampling, stop_token_ids,
+top_logprobs)`` (an async iterator of ``ScoredToken``s that runs on the caller's event loop; scored when
+``top_logprobs`` is set) and ``health()``; unit tests use a fake. ``SwarmGenerator`` adapts the client's
+public API (``DistributedModel.astream_scored``, which must run on ``model.loop``, the client's own loop
+thread): each generation is started there with ``asyncio.run_coroutine_threadsafe`` and hands its tokens to
+the gateway's loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``; closing the stream
+early (a stop string, a client that went away) cancels that generation, whose session then closes itself on
+every server and frees its memory.
 
 ``generate_text`` turns the token stream into text deltas: ``IncrementalDetokenizer`` (never half a
 character), then ``StopStringFilter`` (stop strings never emitted). Counting rules (``Outcome``):
@@ -16,7 +17,9 @@ character), then ``StopStringFilter`` (stop strings never emitted). Counting rul
 tokens actually generated for the answer, up to and including the token that ended it (an end-of-turn / eos
 token, the token whose text completed a stop string, or the ``max_tokens``-th); a token the engine computed
 ahead after a stop string had matched is discarded and not counted. ``finish_reason`` is ``stop`` when a stop
-token or stop string ended the answer, else ``length``.
+token or stop string ended the answer, else ``length``. With ``top_logprobs`` set, every counted token's
+``TokenLogprob`` is appended to ``Outcome.logprobs`` before its text delta is yielded; a token's text is what
+it adds after the few tokens before it (``token_text``), for the chosen token and each alternative alike.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.client.routing import NoRouteError
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import TransportError
-from meshinfer.gateway.responses import FinishReason, StopStringFilter
+from meshinfer.gateway.responses import FinishReason, StopStringFilter, TokenLogprob
 from meshinfer.metrics import SessionMetrics
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
+from meshinfer.models.sampling import ScoredToken
 
 if TYPE_CHECKING:
     from meshinfer.client.model import DistributedModel
@@ -49,8 +53,9 @@ class Generator(Protocol):
     def spec(self) -> Any: ...
 
     def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-               stop_token_ids: Collection[int]) -> AsyncIterator[int]:
-        """Token ids as they are generated, on the caller's loop; ``aclose()`` abandons the generation."""
+               stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
+        """Tokens as they are generated (with their log-probability and ``top_logprobs`` alternatives when
+        that is set), on the caller's loop; ``aclose()`` abandons the generation."""
         ...
 
     async def health(self) -> dict[str, Any]:
@@ -86,7 +91,7 @@ class SwarmGenerator:
         return self.model.spec
 
     async def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: Collection[int]) -> AsyncIterator[int]:
+                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -96,8 +101,8 @@ class SwarmGenerator:
 
         async def produce() -> None:  # runs on the client's loop
             try:
-                async with contextlib.aclosing(self.model.astream(list(input_ids), max_new_tokens, sampling,
-                                                                  stop_token_ids)) as generation:
+                async with contextlib.aclosing(self.model.astream_scored(
+                        list(input_ids), max_new_tokens, sampling, stop_token_ids, top_logprobs)) as generation:
                     async for token in generation:
                         put(token)
                 put(_END)
@@ -122,7 +127,7 @@ class SwarmGenerator:
                 metrics.step_seconds.observe(now - last)
                 metrics.tokens_served.inc()
                 last = now
-                yield int(item)
+                yield item
         finally:
             metrics.sessions_open.dec()
             future.cancel()  # thread-safe; a no-op once the generation has finished
@@ -153,19 +158,50 @@ class Outcome:
     finish_reason: FinishReason = "length"
     finished: bool = False
     """True once the answer is complete (False: abandoned or failed)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With ``top_logprobs`` asked for: one entry per counted token, in order."""
+
+
+CONTEXT_TOKENS = 4
+"""How many tokens before a token ``token_text`` decodes it after (enough for spaces and merges)."""
+
+
+def token_text(decode: Callable[[list[int]], str], before: Sequence[int], token: int) -> str:
+    """The text ``token`` adds after the tokens ``before`` it (the last ``CONTEXT_TOKENS`` of them): so a
+    tokenizer that drops a leading space when decoding a lone token still shows it. An incomplete UTF-8
+    sequence shows as U+FFFD."""
+    context = list(before[-CONTEXT_TOKENS:])
+    prefix = decode(context)
+    text = decode([*context, token])
+    return text[len(prefix):] if text.startswith(prefix) else decode([token])
+
+
+def _scored_entry(decode: Callable[[list[int]], str], before: Sequence[int], scored: ScoredToken) -> TokenLogprob:
+    logprob = scored.logprob if scored.logprob is not None else float("nan")
+    return TokenLogprob(token_text(decode, before, scored.token), logprob,
+                        tuple((token_text(decode, before, t), lp) for t, lp in scored.top))
 
 
 async def generate_text(generator: Generator, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingConfig,
-                        stop_token_ids: Collection[int], stop: Sequence[str], outcome: Outcome) -> AsyncIterator[str]:
+                        stop_token_ids: Collection[int], stop: Sequence[str], outcome: Outcome,
+                        top_logprobs: int | None = None) -> AsyncIterator[str]:
     """Text deltas of the answer: one item per generated token (possibly ``""``: the first item marks the
-    first token), then the held-back tail. ``outcome`` says how it ended once the iterator is exhausted."""
-    detok = IncrementalDetokenizer(text_decoder(generator.tokenizer))
+    first token), then the held-back tail. ``outcome`` says how it ended once the iterator is exhausted (and,
+    with ``top_logprobs`` set, holds each token's ``TokenLogprob``)."""
+    decode = text_decoder(generator.tokenizer)
+    detok = IncrementalDetokenizer(decode)
     stops = StopStringFilter(stop)
     stop_ids = frozenset(stop_token_ids)
+    before = list(prompt_ids[-CONTEXT_TOKENS:])
     last = None
-    async with contextlib.aclosing(generator.stream(prompt_ids, max_tokens, sampling, stop_ids)) as tokens:
-        async for token in tokens:
+    async with contextlib.aclosing(generator.stream(prompt_ids, max_tokens, sampling, stop_ids,
+                                                    top_logprobs)) as scored_tokens:
+        async for scored in scored_tokens:
+            token = scored.token
             outcome.completion_tokens += 1
+            if top_logprobs is not None:
+                outcome.logprobs.append(_scored_entry(decode, before, scored))
+                before = [*before[1 - CONTEXT_TOKENS:], token]
             last = token
             piece = stops.push(detok.push(token))
             yield piece

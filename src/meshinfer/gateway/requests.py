@@ -4,8 +4,10 @@ Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP f
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
 ``param``) for anything malformed or unsupported by the engine: ``n`` != 1, non-zero ``presence_penalty`` /
-``frequency_penalty``, ``logprobs``, ``logit_bias``, tools, non-text ``response_format``, ``echo``,
-``best_of`` > 1, ``suffix``, several prompts. Unknown fields are ignored (clients send many). ``temperature``
+``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``echo``, ``best_of`` > 1,
+``suffix``, several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs``
+0..20, completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and
+None when none were asked for. Unknown fields are ignored (clients send many). ``temperature``
 defaults to 1 as in the OpenAI API; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
 ``resolve_max_tokens`` applies the context limit (400 ``context_length_exceeded``); ``check_api_key``
 (401) and ``check_model`` (404) guard every ``/v1`` route. ``error_for`` maps any exception to the
@@ -26,6 +28,8 @@ from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, 
 
 MAX_STOP_STRINGS = 4
 """The OpenAI API accepts up to 4 stop sequences."""
+MAX_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 
@@ -77,6 +81,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    top_logprobs: int | None = None
+    """None: no logprobs; else report each token's logprob and this many (0..20) alternatives."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -192,8 +198,6 @@ def _unsupported(body: dict[str, Any]) -> None:
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise bad(f"{name} is not supported by this engine (only 0 is accepted); use repetition_penalty",
                       param=name, code="unsupported_parameter")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise bad("logprobs are not supported by this gateway", param="logprobs", code="unsupported_parameter")
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported by this gateway", param="logit_bias", code="unsupported_parameter")
     if body.get("tools") or body.get("functions"):
@@ -271,7 +275,14 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
-    return GenerationRequest(kind="chat", messages=tuple(out), max_tokens=max_tokens, **common)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad(f"logprobs must be a boolean, got {logprobs!r}", param="logprobs")
+    top = _logprob_count(body, "top_logprobs")
+    if top and not logprobs:
+        raise bad("top_logprobs requires logprobs: true", param="top_logprobs")
+    return GenerationRequest(kind="chat", messages=tuple(out), max_tokens=max_tokens,
+                             top_logprobs=(top or 0) if logprobs else None, **common)
 
 
 def parse_completion_request(body: Any) -> GenerationRequest:
@@ -296,4 +307,11 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     else:
         raise bad("prompt must be a string or a non-empty list of token ids", param="prompt")
     return GenerationRequest(kind="completion", prompt=parsed, max_tokens=_integer(body, "max_tokens", low=1),
-                             **common)
+                             top_logprobs=_logprob_count(body, "logprobs"), **common)
+
+
+def _logprob_count(body: dict[str, Any], name: str) -> int | None:
+    count = _integer(body, name, low=0)
+    if count is not None and count > MAX_LOGPROBS:
+        raise bad(f"{name} must be in 0..{MAX_LOGPROBS}, got {count}", param=name)
+    return count

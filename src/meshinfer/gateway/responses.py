@@ -7,7 +7,10 @@ held back until it is known not to be one. ``sse`` frames one event as ``data: <
 ends every stream. ``ResponseBuilder`` makes the bodies of one request, chat (``chat.completion`` /
 ``chat.completion.chunk``) or completion (``text_completion``), non-streaming and streaming (a first chunk
 with the assistant role for chat, content chunks, a last chunk with ``finish_reason`` and, when asked, a
-usage chunk with no choices), and the model list of ``/v1/models``.
+usage chunk with no choices), and the model list of ``/v1/models``. With ``logprobs`` asked for, each
+body or chunk carries the ``TokenLogprob``s of the tokens it covers: chat as ``{"content": [{"token",
+"logprob", "bytes", "top_logprobs"}]}``, completions as ``{"tokens", "token_logprobs", "top_logprobs",
+"text_offset"}`` (offsets continue across the chunks of a stream); otherwise ``"logprobs": null``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,36 @@ class StopStringFilter:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as ``logprobs`` reports it: its text, natural-log probability and the most likely
+    alternatives at its position (text, logprob), most likely first."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def _chat_entry(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The ``logprobs`` of a chat choice (or chunk) covering ``entries``."""
+    return {"content": [{**_chat_entry(e.text, e.logprob), "top_logprobs": [_chat_entry(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """The ``logprobs`` of a completion choice (or chunk) covering ``entries``; the first starts at ``offset``."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts of one request (see ``meshinfer.gateway.generation`` for what is counted)."""
 
@@ -90,8 +123,11 @@ class ResponseBuilder:
     """The response bodies of one request to ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions``."""
 
     def __init__(self, kind: Literal["chat", "completion"], model: str, *, include_usage: bool = False,
-                 created: int | None = None, request_id: str | None = None) -> None:
+                 created: int | None = None, request_id: str | None = None, logprobs: bool = False) -> None:
         self.kind = kind
+        self.logprobs = logprobs
+        """Whether ``logprobs`` were asked for (then every choice carries them, else ``null``)."""
+        self._offset = 0  # completions: the text offset of the next token reported
         self.model = model
         self.include_usage = include_usage
         self.created = int(time.time()) if created is None else created
@@ -108,22 +144,34 @@ class ResponseBuilder:
 
     # ---- non-streaming ---------------------------------------------------------------------------
 
-    def full(self, text: str, finish_reason: FinishReason, usage: Usage) -> dict[str, Any]:
+    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs or not entries:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        out = completion_logprobs(entries, self._offset)
+        self._offset += sum(len(e.text) for e in entries)
+        return out
+
+    def full(self, text: str, finish_reason: FinishReason, usage: Usage,
+             logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
         """The whole answer of a non-streaming request."""
         if self.kind == "chat":
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finish_reason}
+                                      "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._base(False), "choices": [choice], "usage": usage.as_dict()}
 
     # ---- streaming -------------------------------------------------------------------------------
 
-    def _chunk(self, delta: dict[str, Any] | str, finish_reason: FinishReason | None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any] | str, finish_reason: FinishReason | None,
+               logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        lp = self._logprobs(logprobs)
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish_reason}
         doc = {**self._base(True), "choices": [choice]}
         if self.include_usage:
             doc["usage"] = None  # as the OpenAI API does: every chunk but the last carries "usage": null
@@ -133,11 +181,11 @@ class ResponseBuilder:
         """The chunk that opens a chat stream (the assistant role, empty content); None for completions."""
         return self._chunk({"role": "assistant", "content": ""}, None) if self.kind == "chat" else None
 
-    def text_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text} if self.kind == "chat" else text, None)
+    def text_chunk(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        return self._chunk({"content": text} if self.kind == "chat" else text, None, logprobs)
 
-    def finish_chunk(self, finish_reason: FinishReason) -> dict[str, Any]:
-        return self._chunk({} if self.kind == "chat" else "", finish_reason)
+    def finish_chunk(self, finish_reason: FinishReason, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        return self._chunk({} if self.kind == "chat" else "", finish_reason, logprobs)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The extra last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""

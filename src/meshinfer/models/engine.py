@@ -1,17 +1,19 @@
 """Local generation: the whole model (head + all blocks) on this machine, as a Python API.
 
 Contract: ``LocalModel`` composes a ``ClientHead`` and one ``BlockSpan`` over [0, n) loaded from a
-checkpoint directory, and generates with a preallocated KV cache: one prefill over the prompt, then
-one decode step per token, the LM head applied to the last position only. Sampling is delegated to
-``meshinfer.models.sampling.Sampler``. Inference mode is entered per step (never held across a
-``yield``). Context limits are checked up front (``ContextOverflowError`` with the numbers). Knows
-nothing of the network. ``check_prompt`` and ``generate_tokens`` (the loop over any
-``forward(ids, position) -> logits`` callable; ``agenerate_tokens`` is the same loop over an async
+checkpoint directory, and generates with a preallocated KV cache: one prefill over the prompt, then one
+decode step per token, the LM head applied to the last position only. Sampling is delegated to
+``meshinfer.models.sampling.Sampler``. Inference mode is entered per step (never held across a ``yield``).
+Context limits are checked up front (``ContextOverflowError`` with the numbers). Knows nothing of the
+network. ``check_prompt`` and ``generate_scored`` (the loop over any ``forward(ids, position) -> logits``
+callable, yielding ``ScoredToken``s: with ``top_logprobs`` set, each token's log-probability and the most
+likely alternatives, ``sampling.score_token``; ``agenerate_scored`` is the same loop over an async
 ``forward``) are shared with the distributed client, so both generate with exactly the same semantics.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.ops import rms_norm
+from meshinfer.models.sampling import ScoredToken, score_token
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
@@ -142,6 +145,20 @@ class LocalModel(TextGenerator):
         Generation stops after ``max_new_tokens`` or after yielding a stop token (default: the
         model's eos ids; pass an empty collection to disable).
         """
+        with contextlib.closing(self.stream_scored(input_ids, max_new_tokens, sampling, stop_token_ids)) as tokens:
+            for scored in tokens:
+                yield scored.token
+
+    def stream_scored(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Collection[int] | None = None,
+        top_logprobs: int | None = None,
+    ) -> Iterator[ScoredToken]:
+        """``stream`` with each token's log-probability and its ``top_logprobs`` most likely alternatives
+        (``sampling.score_token``; None: the bare tokens, no scores computed)."""
         ids = self._check_prompt(input_ids, max_new_tokens)
         if max_new_tokens == 0:
             return
@@ -152,7 +169,7 @@ class LocalModel(TextGenerator):
         def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
             return self._step(torch.tensor([chunk]), cache)
 
-        yield from generate_tokens(forward, ids, max_new_tokens, sampling, stops)
+        yield from generate_scored(forward, ids, max_new_tokens, sampling, stops, top_logprobs)
 
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:  # [1, T] -> logits [V] float32
         hidden = self.span(self.head.embed(ids), cache)  # [1, T, H]
@@ -198,9 +215,12 @@ class _Steps:
     sampling itself (in inference mode) and when to stop (``max_new_tokens`` or a stop token)."""
 
     def __init__(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
-                 stop_token_ids: Collection[int]) -> None:
-        from meshinfer.models.sampling import Sampler
+                 stop_token_ids: Collection[int], top_logprobs: int | None = None) -> None:
+        from meshinfer.models.sampling import MAX_TOP_LOGPROBS, Sampler
 
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
+        self.top = top_logprobs
         self.sampler = Sampler(sampling or SamplingConfig())
         self.history = list(ids)
         self.left = max_new_tokens
@@ -210,11 +230,12 @@ class _Steps:
         """The prefill (None when no token is wanted)."""
         return (self.history, 0) if self.left > 0 else None
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor) -> ScoredToken:
         with torch.inference_mode():
             token = self.sampler.next_token(logits, self.history)
+            scored = score_token(logits, token, self.top) if self.top is not None else ScoredToken(token)
         self.left -= 1
-        return token
+        return scored
 
     def after(self, token: int) -> Request | None:
         """The decode step that follows ``token`` (just yielded), or None when the generation is over."""
@@ -224,39 +245,42 @@ class _Steps:
         return [token], len(self.history) - 1
 
 
-def generate_tokens(
+def generate_scored(
     forward: Forward,
     ids: list[int],
     max_new_tokens: int,
     sampling: SamplingConfig | None,
     stop_token_ids: Collection[int],
-) -> Iterator[int]:
-    """Prefill ``ids`` at position 0, then one decode step per token; yield each token as produced.
+    top_logprobs: int | None = None,
+) -> Iterator[ScoredToken]:
+    """Prefill ``ids`` at position 0, then one decode step per token; yield each token as produced (scored
+    when ``top_logprobs`` is set: see ``sampling.score_token``).
 
     Stops after ``max_new_tokens`` or after yielding a token of ``stop_token_ids``. ``forward`` and
     sampling run in inference mode, which is never held across a ``yield``. ``ids`` must already be
     checked (``check_prompt``).
     """
-    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids)
+    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids, top_logprobs)
     request = steps.first()
     while request is not None:
         with torch.inference_mode():
-            token = steps.sample(forward(*request))
-        yield token
-        request = steps.after(token)
+            scored = steps.sample(forward(*request))
+        yield scored
+        request = steps.after(scored.token)
 
 
-async def agenerate_tokens(
+async def agenerate_scored(
     forward: AsyncForward,
     ids: list[int],
     max_new_tokens: int,
     sampling: SamplingConfig | None,
     stop_token_ids: Collection[int],
-) -> AsyncIterator[int]:
-    """``generate_tokens`` over an async ``forward``: the same prefill, decode, sampling and stop rules."""
-    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids)
+    top_logprobs: int | None = None,
+) -> AsyncIterator[ScoredToken]:
+    """``generate_scored`` over an async ``forward``: the same prefill, decode, sampling and stop rules."""
+    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids, top_logprobs)
     request = steps.first()
     while request is not None:
-        token = steps.sample(await forward(*request))
-        yield token
-        request = steps.after(token)
+        scored = steps.sample(await forward(*request))
+        yield scored
+        request = steps.after(scored.token)

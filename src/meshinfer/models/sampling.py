@@ -9,11 +9,17 @@ one kept), softmax and one draw from a ``torch.Generator`` seeded with ``config.
 ``temperature == 0`` is greedy (argmax after the penalty). Work is done in float32 whatever the
 logits' dtype. A sampler carries its generator's state, so one sampler per generation: the same seed
 and logits give the same tokens.
+
+``score_token(logits, token, top)`` gives a chosen token's log-probability and the ``top`` most likely
+tokens' under the model's own distribution: ``log_softmax`` of the raw logits, before penalty and warpers
+(what vLLM returns by default, and what ``transformers`` reports as ``output_logits``), so a score does not
+depend on how the token was chosen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -91,3 +97,32 @@ class Sampler:
             return int(torch.argmax(scores).item())
         probs = torch.softmax(scores, dim=-1)  # [vocab]
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives ``score_token`` lists per token (the OpenAI API's limit)."""
+
+
+@dataclass(frozen=True)
+class ScoredToken:
+    """A generated token, with its log-probability when one was asked for."""
+
+    token: int
+    logprob: float | None = None
+    """log p(token) under the model's distribution (natural log); None when scores were not asked for."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens at this position and their log-probabilities, most likely first."""
+
+
+def score_token(logits: torch.Tensor, token: int, top: int) -> ScoredToken:
+    """``token``'s log-probability under ``logits`` [vocab] and the ``top`` (0..20) most likely tokens'."""
+    if logits.dim() != 1:
+        raise ConfigError(f"score_token expects logits of shape [vocab], got {tuple(logits.shape)}")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"top must be in 0..{MAX_TOP_LOGPROBS}, got {top}")
+    logprobs = torch.log_softmax(logits.detach().cpu().float(), dim=-1)  # [vocab]
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[0]))  # [top], sorted, most likely first
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return ScoredToken(token, float(logprobs[token]), best)
