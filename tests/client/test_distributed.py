@@ -136,6 +136,11 @@ def test_scored_tokens_equal_local(fam: FamilySwarm) -> None:
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
         assert [lp for _, lp in a.top] == pytest.approx([lp for _, lp in b.top], abs=1e-4)
+    # a prompt's own tokens, scored in one pass through the swarm
+    remote = asyncio.run_coroutine_threadsafe(fam.client.ascore_prompt(fam.prompt_ids, 2), fam.client.loop).result(60)
+    local = fam.local.score_prompt(fam.prompt_ids, 2)
+    assert [s.token for s in remote] == [s.token for s in local] == fam.prompt_ids[1:]
+    assert [s.logprob for s in remote] == pytest.approx([s.logprob for s in local], abs=1e-4)
 
 
 @pytest.mark.parametrize("fam", ["llama-tied", "mistral"], indirect=True)  # three hops

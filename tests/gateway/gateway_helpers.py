@@ -76,6 +76,7 @@ class FakeGenerator:
         self.gate, self.fail, self.fail_at, self.delay = gate, fail, fail_at, delay
         self._health = health if health is not None else {"ok": True}
         self.calls: list[dict[str, Any]] = []
+        self.scored: list[list[int]] = []
         self.produced = 0
         self.closed = False
 
@@ -97,6 +98,10 @@ class FakeGenerator:
                     return
         finally:
             self.closed = True
+
+    async def score(self, input_ids: Sequence[int], top_logprobs: int) -> list[ScoredToken]:
+        self.scored.append(list(input_ids))
+        return [fake_scored(t, top_logprobs) for t in input_ids[1:]]
 
     async def health(self) -> dict[str, Any]:
         return self._health

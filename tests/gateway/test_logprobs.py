@@ -89,6 +89,46 @@ def test_completion_logprobs_whole_and_streamed() -> None:
     assert doc["choices"][0]["logprobs"] is None
 
 
+def test_echo_answers_the_prompt_with_its_scores_then_the_completion() -> None:
+    gen = FakeGenerator(ids("xyz"))
+    body = {"model": "fake", "prompt": "ab", "max_tokens": 2, "echo": True, "logprobs": 1}
+    doc = call(gen, post("/v1/completions", body)).json()
+    choice = doc["choices"][0]
+    assert choice["text"] == "abxy"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["", "a", "b", "x", "y"]  # BOS (a special token: no text), the prompt, the answer
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing to score BOS by
+    assert lp["token_logprobs"][1:] == pytest.approx([-t / 100 for t in ids("abxy")])
+    assert lp["text_offset"] == [0, 0, 1, 2, 3]
+    assert gen.scored == [gen.calls[0]["ids"]]  # the prompt was scored as sent to the model
+    assert doc["usage"]["completion_tokens"] == 2
+    # evaluation harnesses score a text with max_tokens 0: no generation at all
+    doc = call(FakeGenerator(ids("xyz")), post("/v1/completions", {**body, "max_tokens": 0})).json()
+    assert doc["choices"][0]["text"] == "ab" and doc["usage"]["completion_tokens"] == 0
+    assert doc["choices"][0]["logprobs"]["tokens"] == ["", "a", "b"]
+    # echo without logprobs: the prompt text only, nothing scored
+    gen = FakeGenerator(ids("xyz"))
+    doc = call(gen, post("/v1/completions", {**body, "logprobs": None})).json()
+    assert doc["choices"][0]["text"] == "abxy" and doc["choices"][0]["logprobs"] is None and gen.scored == []
+
+
+def test_streamed_echo_sends_the_prompt_first() -> None:
+    body = {"model": "fake", "prompt": [97, 98], "max_tokens": 2, "echo": True, "logprobs": 0, "stream": True}
+    chunks = _chunks(call(FakeGenerator(ids("xyz")), post("/v1/completions", body)).text)
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "ab" and first["logprobs"]["tokens"] == ["a", "b"]
+    assert first["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abxy"
+    offsets = [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == [0, 1, 2, 3]
+
+
+def test_max_tokens_0_needs_echo() -> None:
+    r = call(FakeGenerator(ids("a")), post("/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 0}))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "max_tokens" and "echo" in error["message"]
+
+
 def test_bad_logprobs_requests_are_400() -> None:
     r = call(FakeGenerator(ids("a")), post("/v1/chat/completions", chat(logprobs=True, top_logprobs=50)))
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"

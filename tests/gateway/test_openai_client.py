@@ -125,6 +125,23 @@ def test_logprobs_are_the_local_engines(served: Served, client: openai.OpenAI) -
     assert len(tokens) == 6
 
 
+def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(served: Served, client: openai.OpenAI) -> None:
+    ids = [int(i) for i in served.local.tokenizer(PROMPT)["input_ids"]]  # as the gateway tokenises a text prompt
+    want = served.local.score_prompt(ids, 1)
+    got = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0, max_tokens=1, echo=True,
+                                    logprobs=1)
+    choice = got.choices[0]
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([s.logprob for s in want], abs=1e-4)
+    assert lp.top_logprobs is not None and all(len(top) == 1 for top in lp.top_logprobs[1:])
+    scored_only = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
+    assert scored_only.choices[0].text == PROMPT and scored_only.usage is not None
+    assert scored_only.usage.completion_tokens == 0
+
+
 def test_errors_are_the_packages_exception_types(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)

@@ -87,6 +87,20 @@ def test_scored_greedy_decode_matches_the_reference_log_probabilities(case: Case
     assert all(s.logprob is None and s.top == () for s in case.ours.stream_scored(PROMPT, 2, stop_token_ids=()))
 
 
+def test_prompt_scores_match_the_reference_log_probabilities(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshinfer.models.engine as engine
+
+    monkeypatch.setattr(engine, "SCORE_CHUNK", 5)  # several LM-head chunks over the 16 prompt positions
+    scored = case.ours.score_prompt(PROMPT, top_logprobs=3)
+    with torch.no_grad():
+        ref = torch.log_softmax(case.ref(torch.tensor([PROMPT])).logits[0].float(), dim=-1)  # [T, V]
+    assert [s.token for s in scored] == PROMPT[1:]
+    for i, s in enumerate(scored):  # position i predicts token i + 1
+        assert s.logprob == pytest.approx(float(ref[i, PROMPT[i + 1]]), abs=1e-4)
+        assert [t for t, _ in s.top] == torch.topk(ref[i], 3).indices.tolist()
+    assert case.ours.score_prompt(PROMPT[:1]) == []  # nothing before the first token to score it by
+
+
 def test_decode_logits_match_prefill_logits(case: Case) -> None:
     seq = PROMPT + case.tokens
     full = case.ours.prefill_logits(seq)  # [T, V]

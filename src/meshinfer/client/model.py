@@ -1,20 +1,20 @@
 """``DistributedModel``: generate with a model whose transformer blocks run on servers of a swarm.
 
 Contract: loads ONLY the client's share of a checkpoint directory (embeddings, final norm and LM head, as a
-``ClientHead``) plus its tokenizer; the model id is ``checkpoint_fingerprint(dir)``, which servers of the
-same bytes announce. A client-mode peer (``SwarmView``) joins through ``initial_peers`` on a private
-``LoopThread`` and keeps the model's coverage fresh in the background. Each ``stream`` / ``generate`` call
-plans a route, opens an ``InferenceSession`` sized for prompt + new tokens, and runs the very same
-generation loop as ``LocalModel`` (``meshinfer.models.engine.generate_scored``: same prompt checks,
-``ContextOverflowError``, eos handling, sampling), with the blocks' forward pass done by the swarm; the
-session is closed when the generation ends or is abandoned. Greedy tokens therefore equal ``LocalModel``'s
-on the same directory. The generation loop itself runs on the client's event loop (``astream``, an async
-generator: embeddings, network steps, LM head and sampling with no thread switch per token;
-``astream_scored`` adds each token's log-probability and top alternatives); ``stream`` hands its tokens to
-the calling thread through a queue, off the critical path. Any number of threads may generate at once, and
-any number of ``astream`` generations may run concurrently on the loop (one session each, no thread per
-session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through the
-route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
+``ClientHead``) plus its tokenizer; the model id is ``checkpoint_fingerprint(dir)``, which servers of the same
+bytes announce. A client-mode peer (``SwarmView``) joins through ``initial_peers`` on a private ``LoopThread``
+and keeps the model's coverage fresh in the background. Each ``stream`` / ``generate`` call plans a route,
+opens an ``InferenceSession`` sized for prompt + new tokens, and runs the very same generation loop as
+``LocalModel`` (``meshinfer.models.engine.generate_scored``: same prompt checks, ``ContextOverflowError``, eos
+handling, sampling), with the blocks' forward pass done by the swarm; the session is closed when the
+generation ends or is abandoned. Greedy tokens therefore equal ``LocalModel``'s on the same directory. The
+generation loop itself runs on the client's event loop (``astream``, an async generator: embeddings, network
+steps, LM head and sampling with no thread switch per token; ``astream_scored`` adds each token's
+log-probability and top alternatives; ``ascore_prompt`` scores a prompt's own tokens); ``stream`` hands its
+tokens to the calling thread through a queue, off the critical path. Any number of threads may generate at
+once, and any number of ``astream`` generations may run concurrently on the loop (one session each, no thread
+per session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through
+the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
 the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
 blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
@@ -38,7 +38,7 @@ from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.engine import TextGenerator, agenerate_scored, check_prompt
+from meshinfer.models.engine import TextGenerator, agenerate_scored, check_prompt, score_hidden
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
@@ -267,6 +267,21 @@ class DistributedModel(TextGenerator):
             self.failovers_total += len(session.failovers)
             self.decode_steps_total += session.decode_steps
             self.decode_route_s_total += session.decode_route_s
+            await asyncio.shield(session.close())
+
+    async def ascore_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
+        """Each token of ``input_ids`` after the first, scored under the model's distribution at the position
+        before it, as ``LocalModel.score_prompt`` does: one pass through the swarm, the LM head here."""
+        ids = check_prompt(self.spec, input_ids, 0)
+        self._check_open()
+        session = await self.aopen_session(len(ids))
+        try:
+            with torch.inference_mode():
+                hidden = self.head.embed(torch.tensor([ids]))[0]  # [T, H]
+            out = await session.forward(hidden)  # [T, H]
+            return await asyncio.to_thread(score_hidden, self.head, out, ids, top_logprobs)
+        finally:
+            self.failovers_total += len(session.failovers)
             await asyncio.shield(session.close())
 
     # ---- lifecycle -----------------------------------------------------------------------------

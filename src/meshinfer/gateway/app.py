@@ -13,7 +13,9 @@ swarm that cannot serve the model (503 with the reason) or a context error is a 
 ``stream: true``. Streams are Server-Sent Events ending with ``data: [DONE]``; an error after the stream
 has started is sent as one ``data: {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away
 (a failed send, or ``is_disconnected`` while waiting), the generation is abandoned: its session closes on
-every server. Chat replies end at the model's eos and end-of-turn tokens; completions at the eos ids.
+every server. Chat replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A
+completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for:
+one more pass over the prompt, inside the request's slot), then the completion.
 ``/health`` is not key-protected: 200 with the swarm's status when a route exists, else 503 with the reason;
 both carry the gateway's counters (generation requests, active, waiting, completed, failed, cancelled: abandoned
 because the client went away).
@@ -34,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from meshinfer.gateway.config import GatewayConfig
-from meshinfer.gateway.generation import Generator, Outcome, generate_text
+from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
 from meshinfer.gateway.requests import (
     ApiError,
     GenerationRequest,
@@ -49,7 +51,7 @@ from meshinfer.gateway.requests import (
 )
 from meshinfer.gateway.responses import SSE_DONE, ResponseBuilder, Usage, model_card, model_list, sse
 from meshinfer.metrics import render
-from meshinfer.models.detokenize import chat_stop_ids
+from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,8 +165,12 @@ class Gateway:
         outcome = Outcome(prompt_tokens=len(ids))
         builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
                                   logprobs=req.top_logprobs is not None)
-        answer = _Answer(self, self._in_slot(generate_text(self.generator, ids, max_tokens, req.sampling, stops,
-                                                           req.stop, outcome, req.top_logprobs)), outcome)
+        pieces = generate_text(self.generator, ids, max_tokens, req.sampling, stops, req.stop, outcome,
+                               req.top_logprobs)
+        if req.echo:
+            text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
+            pieces = _after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
+        answer = _Answer(self, self._in_slot(pieces), outcome)
         try:
             first = await _unless_gone(request, anext(answer.pieces, ""))
             if not req.stream:
@@ -211,6 +217,14 @@ class Gateway:
         finally:
             await answer.close()
         yield SSE_DONE
+
+
+async def _after(first: Callable[[], Awaitable[str]], pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``first()``'s text, then ``pieces`` (closed whatever happens)."""
+    async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+        yield await first()
+        async for piece in pieces:
+            yield piece
 
 
 async def _join(pieces: AsyncIterator[str]) -> str:

@@ -58,6 +58,10 @@ class Generator(Protocol):
         that is set), on the caller's loop; ``aclose()`` abandons the generation."""
         ...
 
+    async def score(self, input_ids: Sequence[int], top_logprobs: int) -> list[ScoredToken]:
+        """Each token of ``input_ids`` after the first, scored at the position before it (for ``echo``)."""
+        ...
+
     async def health(self) -> dict[str, Any]:
         """Whether the model can be served now: at least ``{"ok": bool}`` plus details."""
         ...
@@ -132,6 +136,14 @@ class SwarmGenerator:
             metrics.sessions_open.dec()
             future.cancel()  # thread-safe; a no-op once the generation has finished
 
+    async def score(self, input_ids: Sequence[int], top_logprobs: int) -> list[ScoredToken]:
+        future = asyncio.run_coroutine_threadsafe(self.model.ascore_prompt(list(input_ids), top_logprobs),
+                                                  self.model.loop)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # a no-op once it finished; else (the client went away) its session closes
+
     async def health(self) -> dict[str, Any]:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._probe(), self.model.loop))
 
@@ -180,6 +192,20 @@ def _scored_entry(decode: Callable[[list[int]], str], before: Sequence[int], sco
     logprob = scored.logprob if scored.logprob is not None else float("nan")
     return TokenLogprob(token_text(decode, before, scored.token), logprob,
                         tuple((token_text(decode, before, t), lp) for t, lp in scored.top))
+
+
+async def echo_prompt(generator: Generator, prompt_ids: Sequence[int], text: str, top_logprobs: int | None,
+                      outcome: Outcome) -> str:
+    """``text`` (the prompt as the answer repeats it, for ``echo``), after appending its tokens'
+    ``TokenLogprob``s to ``outcome.logprobs`` when ``top_logprobs`` is set (the first with no score)."""
+    if top_logprobs is None:
+        return text
+    decode = text_decoder(generator.tokenizer)
+    scored = await generator.score(prompt_ids, top_logprobs)
+    outcome.logprobs.append(TokenLogprob(decode([prompt_ids[0]]), None))
+    outcome.logprobs += [_scored_entry(decode, prompt_ids[max(0, i + 1 - CONTEXT_TOKENS):i + 1], s)
+                         for i, s in enumerate(scored)]
+    return text
 
 
 async def generate_text(generator: Generator, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingConfig,

@@ -4,15 +4,17 @@ Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP f
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
 ``param``) for anything malformed or unsupported by the engine: ``n`` != 1, non-zero ``presence_penalty`` /
-``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``echo``, ``best_of`` > 1,
-``suffix``, several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs``
-0..20, completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and
-None when none were asked for. Unknown fields are ignored (clients send many). ``temperature``
-defaults to 1 as in the OpenAI API; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
-``resolve_max_tokens`` applies the context limit (400 ``context_length_exceeded``); ``check_api_key``
-(401) and ``check_model`` (404) guard every ``/v1`` route. ``error_for`` maps any exception to the
-``ApiError`` to send: ``ContextOverflowError``/``ConfigError`` 400, ``NoRouteError``, an ``overloaded`` server
-or an unreachable swarm 503 (with the reason), anything else 500. Knows nothing of tokenizers or models.
+``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``best_of`` > 1, ``suffix``,
+several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
+completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and None
+when none were asked for. Completions take ``echo`` (the prompt comes back before the answer, with its own
+tokens' logprobs when asked: how evaluation harnesses score a text), and then ``max_tokens`` may be 0. Unknown
+fields are ignored (clients send many). ``temperature`` defaults to 1 as in the OpenAI API; ``top_k`` and
+``repetition_penalty`` are accepted as extensions. ``resolve_max_tokens`` applies the context limit (400
+``context_length_exceeded``); ``check_api_key`` (401) and ``check_model`` (404) guard every ``/v1`` route.
+``error_for`` maps any exception to the ``ApiError`` to send: ``ContextOverflowError``/``ConfigError`` 400,
+``NoRouteError``, an ``overloaded`` server or an unreachable swarm 503 (with the reason), anything else 500.
+Knows nothing of tokenizers or models.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class GenerationRequest:
     include_usage: bool = False
     top_logprobs: int | None = None
     """None: no logprobs; else report each token's logprob and this many (0..20) alternatives."""
+    echo: bool = False
+    """Completion: answer with the prompt followed by the completion (and the prompt's logprobs)."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -288,8 +292,12 @@ def parse_chat_request(body: Any) -> GenerationRequest:
 def parse_completion_request(body: Any) -> GenerationRequest:
     """A validated (legacy) completion request with one prompt: text, or token ids."""
     common = _common(body)
-    if body.get("echo"):
-        raise bad("echo is not supported by this gateway", param="echo", code="unsupported_parameter")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool | None):
+        raise bad(f"echo must be a boolean, got {echo!r}", param="echo")
+    max_tokens = _integer(body, "max_tokens", low=0)
+    if max_tokens == 0 and not echo:
+        raise bad("max_tokens must be >= 1 (0 only with echo: true)", param="max_tokens")
     best_of = _integer(body, "best_of", low=1)
     if best_of not in (None, 1):
         raise bad(f"best_of must be 1, got {best_of}", param="best_of", code="unsupported_parameter")
@@ -306,8 +314,8 @@ def parse_completion_request(body: Any) -> GenerationRequest:
         raise bad("only one prompt per request is supported", param="prompt")
     else:
         raise bad("prompt must be a string or a non-empty list of token ids", param="prompt")
-    return GenerationRequest(kind="completion", prompt=parsed, max_tokens=_integer(body, "max_tokens", low=1),
-                             top_logprobs=_logprob_count(body, "logprobs"), **common)
+    return GenerationRequest(kind="completion", prompt=parsed, max_tokens=max_tokens,
+                             top_logprobs=_logprob_count(body, "logprobs"), echo=bool(echo), **common)
 
 
 def _logprob_count(body: dict[str, Any], name: str) -> int | None:

@@ -79,11 +79,12 @@ class StopStringFilter:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token as ``logprobs`` reports it: its text, natural-log probability and the most likely
-    alternatives at its position (text, logprob), most likely first."""
+    """One token as ``logprobs`` reports it: its text, natural-log probability and the most likely
+    alternatives at its position (text, logprob), most likely first. An echoed prompt's first token has
+    nothing before it to be scored by: ``logprob`` None."""
 
     text: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -104,7 +105,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
         offsets.append(offset)
         offset += len(e.text)
     return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [dict(e.top) if e.logprob is not None else None for e in entries], "text_offset": offsets}
 
 
 @dataclass(frozen=True)

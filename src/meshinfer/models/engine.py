@@ -26,7 +26,7 @@ from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.ops import rms_norm
-from meshinfer.models.sampling import ScoredToken, score_token
+from meshinfer.models.sampling import ScoredToken, score_rows, score_token
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
@@ -171,6 +171,14 @@ class LocalModel(TextGenerator):
 
         yield from generate_scored(forward, ids, max_new_tokens, sampling, stops, top_logprobs)
 
+    def score_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
+        """Each token of ``input_ids`` after the first, scored under the model's distribution at the position
+        before it (one forward pass; see ``score_hidden``)."""
+        ids = self._check_prompt(input_ids, 0)
+        with torch.inference_mode():
+            hidden = self.span(self.head.embed(torch.tensor([ids])), self.span.new_cache(len(ids)))  # [1, T, H]
+            return score_hidden(self.head, hidden[0], ids, top_logprobs)
+
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:  # [1, T] -> logits [V] float32
         hidden = self.span(self.head.embed(ids), cache)  # [1, T, H]
         return self.head.logits(hidden[0, -1])  # [V]
@@ -204,6 +212,23 @@ def check_prompt(spec: ModelSpec, input_ids: Sequence[int], max_new_tokens: int)
             f" exceeds the model's context of {limit} tokens"
         )
     return ids
+
+
+SCORE_CHUNK = 256
+"""Positions per LM-head call when scoring a prompt (bounds the [positions, vocab] logits held at once)."""
+
+
+def score_hidden(head: ClientHead, hidden: torch.Tensor, ids: Sequence[int], top: int) -> list[ScoredToken]:
+    """Score ``ids[1:]`` from the last block's output ``hidden`` [T, H] over ``ids`` (position i predicts token
+    i+1): ``T - 1`` ``ScoredToken``s, the LM head applied ``SCORE_CHUNK`` positions at a time."""
+    if hidden.dim() != 2 or hidden.shape[0] != len(ids):
+        raise ConfigError(f"expected hidden states [{len(ids)}, hidden], got {tuple(hidden.shape)}")
+    out: list[ScoredToken] = []
+    with torch.inference_mode():
+        for a in range(0, len(ids) - 1, SCORE_CHUNK):
+            b = min(a + SCORE_CHUNK, len(ids) - 1)
+            out += score_rows(head.logits(hidden[a:b]), ids[a + 1:b + 1], top)  # logits [b-a, V]
+    return out
 
 
 Request = tuple[list[int], int]

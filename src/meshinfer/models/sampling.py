@@ -13,7 +13,8 @@ and logits give the same tokens.
 ``score_token(logits, token, top)`` gives a chosen token's log-probability and the ``top`` most likely
 tokens' under the model's own distribution: ``log_softmax`` of the raw logits, before penalty and warpers
 (what vLLM returns by default, and what ``transformers`` reports as ``output_logits``), so a score does not
-depend on how the token was chosen.
+depend on how the token was chosen. ``score_rows(logits[T, vocab], targets[T], top)`` does the same for
+many positions at once (a prompt's tokens, each under the distribution of the position before it).
 """
 
 from __future__ import annotations
@@ -126,3 +127,19 @@ def score_token(logits: torch.Tensor, token: int, top: int) -> ScoredToken:
         values, ids = torch.topk(logprobs, min(top, logprobs.shape[0]))  # [top], sorted, most likely first
         best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
     return ScoredToken(token, float(logprobs[token]), best)
+
+
+def score_rows(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[ScoredToken]:
+    """``score_token`` for each row of ``logits`` [T, vocab] and its target id (``len(targets) == T``)."""
+    if logits.dim() != 2 or logits.shape[0] != len(targets):
+        raise ConfigError(f"score_rows expects logits [{len(targets)}, vocab], got {tuple(logits.shape)}")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"top must be in 0..{MAX_TOP_LOGPROBS}, got {top}")
+    logprobs = torch.log_softmax(logits.detach().cpu().float(), dim=-1)  # [T, vocab]
+    chosen = logprobs.gather(1, torch.tensor(list(targets), dtype=torch.long).unsqueeze(1))[:, 0].tolist()  # [T]
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[1]), dim=-1)  # [T, top] each
+        best = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        best = [()] * len(targets)
+    return [ScoredToken(int(t), lp, b) for t, lp, b in zip(targets, chosen, best, strict=True)]
