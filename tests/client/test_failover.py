@@ -88,9 +88,13 @@ def test_generation_survives_a_server_failure_unchanged(swarm: LocalSwarm, model
         assert failed not in [h.peer_id for h in session.route]  # the route no longer uses it
         if sig == signal.SIGSTOP:  # found by stall detection, well before the 60 s step deadline
             assert failover.seconds < 15
-        # a later generation avoids the banned peer and is still exact
+        # a later generation is still exact and does not run on the failed peer: the ban keeps it out of the
+        # plan, or (a machine so slow that the first ban, 1 s, ended and the DHT still lists the peer) the
+        # session replaces it when it opens
         assert client.generate(PROMPT, 8, stop_token_ids=()) == reference[:8]
-        assert failed not in [h.peer_id for h in client.last_route]
+        later = client.last_session
+        assert later is not None and later is not session
+        assert failed not in [h.peer_id for h in later.route]
 
 
 def test_dead_server_still_listed_in_the_dht_is_replaced_at_open(swarm: LocalSwarm, model_dir: Path,

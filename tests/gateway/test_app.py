@@ -144,7 +144,7 @@ def test_a_stop_string_that_never_appears_changes_nothing() -> None:
     (chat(presence_penalty=1.0), 400, "unsupported_parameter", "presence_penalty"),
     (chat(max_tokens=250), 400, "context_length_exceeded", "max_tokens"),
     (chat(messages=[{"role": "user", "content": "x" * 300}]), 400, "context_length_exceeded", "messages"),
-    (chat(n=3), 400, None, "n"),
+    (chat(n=17), 400, None, "n"),
 ])
 def test_request_errors_in_openai_format(body: dict[str, Any], status: int, code: str | None, param: str) -> None:
     gen = FakeGenerator(ids("x"))

@@ -142,6 +142,22 @@ def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(served: Served, client
     assert scored_only.usage.completion_tokens == 0
 
 
+def test_n_choices_sample_with_seed_plus_index(served: Served, client: openai.OpenAI) -> None:
+    want = [local_chat(served.local, MESSAGES, 12, SamplingConfig(temperature=0.9, top_p=0.95, seed=7 + i))[0]
+            for i in range(3)]
+    got = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0.9, top_p=0.95, seed=7,
+                                         max_tokens=12, n=3)
+    assert [c.message.content for c in sorted(got.choices, key=lambda c: c.index)] == want
+    assert len(set(want)) > 1  # the seeds differ, so do the choices
+    streamed = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0.9, top_p=0.95,
+                                              seed=7, max_tokens=12, n=3, stream=True)
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == want
+
+
 def test_errors_are_the_packages_exception_types(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)

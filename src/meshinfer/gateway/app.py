@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
 from meshinfer.gateway.requests import (
@@ -49,7 +51,7 @@ from meshinfer.gateway.requests import (
     parse_json_body,
     resolve_max_tokens,
 )
-from meshinfer.gateway.responses import SSE_DONE, ResponseBuilder, Usage, model_card, model_list, sse
+from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
 from meshinfer.metrics import render
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 
@@ -78,30 +80,6 @@ class _ClosingStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.on_close()
-
-
-class _Answer:
-    """One generation being answered: its text pieces and how it ended. ``close`` (idempotent) abandons it if
-    it still runs, frees its slot and counts it: completed, or cancelled (the client went away) unless
-    ``failed`` (an error, counted where it is answered)."""
-
-    def __init__(self, gateway: Gateway, pieces: AsyncIterator[str], outcome: Outcome) -> None:
-        self.gateway = gateway
-        self.pieces = pieces
-        self.outcome = outcome
-        self.failed = False
-        self._closed = False
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self.pieces.aclose()  # type: ignore[attr-defined]
-        if self.outcome.finished:
-            self.gateway.stats["completed"] += 1
-        elif not self.failed:
-            self.gateway.stats["cancelled"] += 1
-            log.info("generation abandoned after %d tokens: the client went away", self.outcome.completion_tokens)
 
 
 class Gateway:
@@ -156,66 +134,80 @@ class Gateway:
                 self.stats["active"] -= 1
                 self.slots.release()
 
+    def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int) -> Answer:
+        """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``)."""
+        outcome = Outcome(prompt_tokens=len(ids))
+        sampling = req.sampling
+        if index and sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+        stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        pieces = generate_text(self.generator, ids, max_tokens, sampling, stops, req.stop, outcome, req.top_logprobs)
+        if req.echo:
+            text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
+            pieces = _after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
+        return Answer(self._in_slot(pieces), outcome, self.stats)
+
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = self.prompt_ids(req)
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
                                         self.config.default_max_tokens)
-        stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
-        outcome = Outcome(prompt_tokens=len(ids))
         builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
                                   logprobs=req.top_logprobs is not None)
-        pieces = generate_text(self.generator, ids, max_tokens, req.sampling, stops, req.stop, outcome,
-                               req.top_logprobs)
-        if req.echo:
-            text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
-            pieces = _after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
-        answer = _Answer(self, self._in_slot(pieces), outcome)
+        choices = Choices([self._choice(req, ids, max_tokens, i) for i in range(req.n)])
         try:
-            first = await _unless_gone(request, anext(answer.pieces, ""))
+            firsts = await _unless_gone(request, choices.firsts())
             if not req.stream:
-                rest = await _unless_gone(request, _join(answer.pieces))
-                await answer.close()
-                usage = Usage(outcome.prompt_tokens, outcome.completion_tokens)
-                return JSONResponse(builder.full(first + rest, outcome.finish_reason, usage, outcome.logprobs))
+                rests = await _unless_gone(request, choices.rests())
+                await choices.close()
+                outcomes = choices.outcomes
+                usage = Usage(len(ids), sum(o.completion_tokens for o in outcomes))
+                done = [Choice(f + r, o.finish_reason, o.logprobs) for f, r, o in zip(firsts, rests, outcomes,
+                                                                                       strict=True)]
+                return JSONResponse(builder.full_choices(done, usage))
         except BaseException as err:
-            answer.failed = isinstance(err, Exception) and not isinstance(err, ClientGone)
-            await answer.close()
+            if isinstance(err, Exception) and not isinstance(err, ClientGone):
+                choices.fail()
+            await choices.close()
             raise
-        return _ClosingStream(self._events(builder, first, answer), on_close=answer.close)
+        return _ClosingStream(self._events(builder, firsts, choices), on_close=choices.close)
 
-    async def _events(self, builder: ResponseBuilder, first: str, answer: _Answer) -> AsyncIterator[str]:
-        outcome = answer.outcome
+    async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices) -> AsyncIterator[str]:
+        outcomes = choices.outcomes
+        sent = [0] * len(outcomes)  # per choice, tokens whose logprobs went out (each with its own text delta)
+
+        def chunk(index: int, piece: str, scored: int) -> str | None:
+            entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
+            if not piece and not (builder.logprobs and entries):
+                return None
+            sent[index] = scored
+            return sse(builder.text_chunk(piece, entries, index))
+
         try:
-            head = builder.first_chunk()
-            if head is not None:
-                yield sse(head)
-            sent = 0  # tokens whose logprobs went out: each goes with the chunk of its own text delta
-
-            def chunk(piece: str) -> str | None:
-                nonlocal sent
-                if not piece and not (builder.logprobs and len(outcome.logprobs) > sent):
-                    return None
-                event = sse(builder.text_chunk(piece, outcome.logprobs[sent:]))
-                sent = len(outcome.logprobs)
-                return event
-
-            if (event := chunk(first)) is not None:
-                yield event
-            async for piece in answer.pieces:
-                if (event := chunk(piece)) is not None:
+            for index in range(len(outcomes)):
+                if (head := builder.first_chunk(index)) is not None:
+                    yield sse(head)
+            for index, first in enumerate(firsts):
+                if (event := chunk(index, first, len(outcomes[index].logprobs))) is not None:
                     yield event
-            yield sse(builder.finish_chunk(outcome.finish_reason, outcome.logprobs[sent:]))
+            async for index, piece, scored in choices.items():
+                if piece is not None:
+                    if (event := chunk(index, piece, scored)) is not None:
+                        yield event
+                else:
+                    outcome = outcomes[index]
+                    yield sse(builder.finish_chunk(outcome.finish_reason, outcome.logprobs[sent[index]:], index))
             if builder.include_usage:
-                yield sse(builder.usage_chunk(Usage(outcome.prompt_tokens, outcome.completion_tokens)))
+                prompt = outcomes[0].prompt_tokens
+                yield sse(builder.usage_chunk(Usage(prompt, sum(o.completion_tokens for o in outcomes))))
         except Exception as err:  # the status line is sent already: report the error in the stream
-            answer.failed = True
+            choices.fail()
             self.stats["failed"] += 1
             api = error_for(err)
             log.warning("generation failed mid-stream: %s", api.message)
             yield sse(api.body())
         finally:
-            await answer.close()
+            await choices.close()
         yield SSE_DONE
 
 
@@ -225,10 +217,6 @@ async def _after(first: Callable[[], Awaitable[str]], pieces: AsyncIterator[str]
         yield await first()
         async for piece in pieces:
             yield piece
-
-
-async def _join(pieces: AsyncIterator[str]) -> str:
-    return "".join([piece async for piece in pieces])
 
 
 async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:

@@ -3,7 +3,7 @@
 Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP framework, no torch, no
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
-``param``) for anything malformed or unsupported by the engine: ``n`` != 1, non-zero ``presence_penalty`` /
+``param``) for anything malformed or unsupported by the engine: ``n`` over 16, non-zero ``presence_penalty`` /
 ``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``best_of`` > 1, ``suffix``,
 several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
 completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and None
@@ -30,6 +30,8 @@ from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, 
 
 MAX_STOP_STRINGS = 4
 """The OpenAI API accepts up to 4 stop sequences."""
+MAX_CHOICES = 16
+"""The most choices (``n``) one request may ask for: each is a generation of its own on the swarm."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -87,6 +89,8 @@ class GenerationRequest:
     """None: no logprobs; else report each token's logprob and this many (0..20) alternatives."""
     echo: bool = False
     """Completion: answer with the prompt followed by the completion (and the prompt's logprobs)."""
+    n: int = 1
+    """How many choices to generate (1..16); with a ``seed``, choice i samples with ``seed + i``."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -195,9 +199,6 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 def _unsupported(body: dict[str, Any]) -> None:
     """400 for parameters the engine cannot honour (rather than silently ignoring them)."""
-    n = _integer(body, "n", low=1)
-    if n not in (None, 1):
-        raise bad(f"n must be 1 (one choice per request), got {n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise bad(f"{name} is not supported by this engine (only 0 is accepted); use repetition_penalty",
@@ -241,8 +242,11 @@ def _common(body: Any) -> dict[str, Any]:
         )
     except ConfigError as err:  # the ranges above should already exclude this
         raise bad(str(err)) from None
+    n = _integer(body, "n", low=1) or 1
+    if n > MAX_CHOICES:
+        raise bad(f"n must be in 1..{MAX_CHOICES}, got {n}", param="n")
     return {"model": model, "sampling": sampling, "stop": _stop(body), "stream": stream,
-            "include_usage": include_usage}
+            "include_usage": include_usage, "n": n}
 
 
 def _content(message: dict[str, Any], index: int) -> str:

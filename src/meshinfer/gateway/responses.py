@@ -7,7 +7,8 @@ held back until it is known not to be one. ``sse`` frames one event as ``data: <
 ends every stream. ``ResponseBuilder`` makes the bodies of one request, chat (``chat.completion`` /
 ``chat.completion.chunk``) or completion (``text_completion``), non-streaming and streaming (a first chunk
 with the assistant role for chat, content chunks, a last chunk with ``finish_reason`` and, when asked, a
-usage chunk with no choices), and the model list of ``/v1/models``. With ``logprobs`` asked for, each
+usage chunk with no choices), and the model list of ``/v1/models``. Choices carry their ``index`` (``n`` of
+them: a stream interleaves their chunks). With ``logprobs`` asked for, each
 body or chunk carries the ``TokenLogprob``s of the tokens it covers: chat as ``{"content": [{"token",
 "logprob", "bytes", "top_logprobs"}]}``, completions as ``{"tokens", "token_logprobs", "top_logprobs",
 "text_offset"}`` (offsets continue across the chunks of a stream); otherwise ``"logprobs": null``.
@@ -109,6 +110,15 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One finished choice of a non-streaming answer."""
+
+    text: str
+    finish_reason: FinishReason
+    logprobs: Sequence[TokenLogprob] = ()
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts of one request (see ``meshinfer.gateway.generation`` for what is counted)."""
 
@@ -128,7 +138,7 @@ class ResponseBuilder:
         self.kind = kind
         self.logprobs = logprobs
         """Whether ``logprobs`` were asked for (then every choice carries them, else ``null``)."""
-        self._offset = 0  # completions: the text offset of the next token reported
+        self._offsets: dict[int, int] = {}  # completions: the text offset of each choice's next token
         self.model = model
         self.include_usage = include_usage
         self.created = int(time.time()) if created is None else created
@@ -145,48 +155,56 @@ class ResponseBuilder:
 
     # ---- non-streaming ---------------------------------------------------------------------------
 
-    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+    def _logprobs(self, entries: Sequence[TokenLogprob], index: int) -> dict[str, Any] | None:
         if not self.logprobs or not entries:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries)
-        out = completion_logprobs(entries, self._offset)
-        self._offset += sum(len(e.text) for e in entries)
+        out = completion_logprobs(entries, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(e.text) for e in entries)
         return out
 
     def full(self, text: str, finish_reason: FinishReason, usage: Usage,
              logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        """The whole answer of a non-streaming request."""
-        if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-        return {**self._base(False), "choices": [choice], "usage": usage.as_dict()}
+        """The whole answer of a non-streaming request with one choice."""
+        return self.full_choices([Choice(text, finish_reason, logprobs)], usage)
+
+    def full_choices(self, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
+        """The whole answer of a non-streaming request: choice ``i`` is ``choices[i]``."""
+        out = []
+        for i, c in enumerate(choices):
+            lp = self._logprobs(c.logprobs, i)
+            if self.kind == "chat":
+                out.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+            else:
+                out.append({"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {**self._base(False), "choices": out, "usage": usage.as_dict()}
 
     # ---- streaming -------------------------------------------------------------------------------
 
     def _chunk(self, delta: dict[str, Any] | str, finish_reason: FinishReason | None,
-               logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        lp = self._logprobs(logprobs)
+               logprobs: Sequence[TokenLogprob] = (), index: int = 0) -> dict[str, Any]:
+        lp = self._logprobs(logprobs, index)
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "text": delta, "logprobs": lp, "finish_reason": finish_reason}
         doc = {**self._base(True), "choices": [choice]}
         if self.include_usage:
             doc["usage"] = None  # as the OpenAI API does: every chunk but the last carries "usage": null
         return doc
 
-    def first_chunk(self) -> dict[str, Any] | None:
+    def first_chunk(self, index: int = 0) -> dict[str, Any] | None:
         """The chunk that opens a chat stream (the assistant role, empty content); None for completions."""
-        return self._chunk({"role": "assistant", "content": ""}, None) if self.kind == "chat" else None
+        return self._chunk({"role": "assistant", "content": ""}, None, index=index) if self.kind == "chat" else None
 
-    def text_chunk(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        return self._chunk({"content": text} if self.kind == "chat" else text, None, logprobs)
+    def text_chunk(self, text: str, logprobs: Sequence[TokenLogprob] = (), index: int = 0) -> dict[str, Any]:
+        return self._chunk({"content": text} if self.kind == "chat" else text, None, logprobs, index)
 
-    def finish_chunk(self, finish_reason: FinishReason, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        return self._chunk({} if self.kind == "chat" else "", finish_reason, logprobs)
+    def finish_chunk(self, finish_reason: FinishReason, logprobs: Sequence[TokenLogprob] = (),
+                     index: int = 0) -> dict[str, Any]:
+        return self._chunk({} if self.kind == "chat" else "", finish_reason, logprobs, index)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The extra last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
