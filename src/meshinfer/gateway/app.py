@@ -1,24 +1,24 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/health``.
 
-Contract: ``create_app(generator, model_name, config)`` builds the ASGI app around a ``Generator`` (the swarm's
-``SwarmGenerator`` in production, a fake in unit tests); it knows nothing of servers, routes or sessions. Each
-request: parse and validate the JSON body (``gateway.requests``; bad input is a 400 in the OpenAI error
-format, never FastAPI's own), check the key (401) and the model name (404), render the prompt (chat: the
-tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special tokens, as
-``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the given token
-ids), apply the context limit, wait for one of ``max_concurrency`` generation slots (429 when
-``max_waiting`` requests already wait), and wait for the first generated token before answering, so that a
-swarm that cannot serve the model (503 with the reason) or a context error is a proper HTTP error even for
-``stream: true``. Streams are Server-Sent Events ending with ``data: [DONE]``; an error after the stream
-has started is sent as one ``data: {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away
-(a failed send, or ``is_disconnected`` while waiting), the generation is abandoned: its session closes on
-every server. Chat replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A
-completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for:
-one more pass over the prompt, inside the request's slot), then the completion.
-``/health`` is not key-protected: 200 with the swarm's status when a route exists, else 503 with the reason;
-both carry the gateway's counters (generation requests, active, waiting, completed, failed, cancelled: abandoned
-because the client went away).
+Contract: ``create_app(generator, model_name, config)`` builds the ASGI app around a ``Generator`` (the
+swarm's ``SwarmGenerator`` in production, a fake in unit tests); it knows nothing of servers, routes or
+sessions. Each request: parse and validate the JSON body (``gateway.requests``; bad input is a 400 in the
+OpenAI error format, never FastAPI's own), check the key (401) and the model name (404), render the prompt
+(chat: the tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special
+tokens, as ``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the
+given token ids), apply the context limit, wait for one of ``max_concurrency`` generation slots (429 when
+``max_waiting`` requests already wait; each of ``n`` choices is a generation of its own, ``gateway.choices``),
+and wait for the first generated token of every choice before answering, so that a swarm that cannot serve the
+model (503 with the reason) or a context error is a proper HTTP error even for ``stream: true``. Streams are
+Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
+{"error": ...}`` event before ``[DONE]``. When the HTTP client goes away (a failed send, or
+``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
+replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A completion with ``echo``
+answers the prompt first (scored by the generator when logprobs are asked for: one more pass over the prompt,
+inside the request's slot), then the completion. ``/health`` is not key-protected: 200 with the swarm's status
+when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
+waiting, completed, failed, cancelled: abandoned because the client went away).
 """
 
 from __future__ import annotations
