@@ -177,7 +177,7 @@ def meshinfer(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 @pytest.mark.parametrize("fam", ["llama"], indirect=True)  # CLI code is family-independent
 def test_cli_generate_json_through_swarm_equals_local(fam: FamilySwarm) -> None:
     proc = meshinfer("generate", "--model", str(fam.model_dir), "--prompt", PROMPT, "--max-new-tokens", "12",
-                     "--json", "--initial-peers", *fam.swarm.initial_peers)
+                     "--json", "--max-download", "50", "--initial-peers", *fam.swarm.initial_peers)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["prompt_token_ids"] == fam.prompt_ids
@@ -189,7 +189,7 @@ def test_cli_generate_json_through_swarm_equals_local(fam: FamilySwarm) -> None:
 @pytest.mark.parametrize("fam", ["llama"], indirect=True)  # CLI code is family-independent
 def test_cli_chat_through_swarm_non_interactive(fam: FamilySwarm) -> None:
     lines = ["Hello there, keeper.", "What do you see from the tower?"]
-    proc = meshinfer("chat", "--model", str(fam.model_dir), "--max-new-tokens", "6", "--json",
+    proc = meshinfer("chat", "--model", str(fam.model_dir), "--max-new-tokens", "6", "--json", "--max-download", "50",
                      "--initial-peers", *fam.swarm.initial_peers, stdin="\n".join([*lines, "/exit", "ignored"]) + "\n")
     assert proc.returncode == 0, proc.stderr
     turns = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -62,6 +62,7 @@ def test_meshinfer_api_serves_until_sigterm(served: Served, tmp_path: Path) -> N
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--api-key", "a", "--api-key-file", "/nonexistent"], "not both"),
     (["--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
+    (["--max-download", "-1"], "--max-download must be > 0 MB/s"),
 ])
 def test_bad_flags_are_one_line_errors(flags: list[str], needle: str) -> None:
     argv = meshinfer_argv("api", "--model", "/nonexistent", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", *flags)

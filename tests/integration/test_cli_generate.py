@@ -141,6 +141,8 @@ def test_bench_local_on_a_tiny_model(tmp_path: Path, llama: Path) -> None:
         (("--top-k", "-3"), "--top-k"),
         (("--repetition-penalty", "0"), "--repetition-penalty"),
         (("--dtype", "int8"), "dtype"),
+        (("--max-download", "0"), "--max-download must be > 0 MB/s"),
+        (("--max-download", "nan"), "--max-download must be > 0 MB/s"),
     ],
 )
 def test_bad_flag_values(flags: tuple[str, ...], needle: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.cli.generate import add_download_flag
 from meshinfer.errors import ConfigError
 from meshinfer.readyline import ready_line
 from meshinfer.types import canonical_dtype
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
                         help="multiaddrs of any peers of the swarm serving the model's blocks")
     parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    add_download_flag(parser)
     add_config_flags(parser, GatewayConfig)
     parser.add_argument("--api-key-file", default=None, metavar="PATH",
                         help="read the API key from this file (first line) instead of --api-key")
@@ -71,9 +73,10 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshinfer.cli.generate import resolve_model_dir
+    from meshinfer.cli.generate import max_download_bytes, resolve_model_dir
 
     config = _config(args)
+    max_download = max_download_bytes(args)
     dtype = canonical_dtype(args.dtype)
     model_dir = resolve_model_dir(args.model)
     name = config.served_model_name or model_dir.name
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.gateway.serving import ApiServer
     from meshinfer.p2p.runner import watch_stdin_eof
 
-    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name)
+    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name,
+                                             max_download=max_download)
     poller: SwarmPoller | None = None
     try:
         model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request

@@ -28,6 +28,7 @@ from meshinfer.cli.generate import (
     IncrementalDetokenizer,
     add_model_flags,
     add_swarm_flags,
+    max_download_bytes,
     open_generator,
     resolve_model_dir,
     text_decoder,
@@ -153,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
     dtype = canonical_dtype(args.dtype)
     model_dir = resolve_model_dir(args.model)
     interactive = sys.stdin.isatty() and not args.json
-    generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers)
+    generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
+                               max_download=max_download_bytes(args))
     with contextlib.closing(generator) if hasattr(generator, "close") else contextlib.nullcontext():
         tokenizer = generator.tokenizer
         spec = generator.spec

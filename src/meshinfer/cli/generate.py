@@ -75,13 +75,15 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
-def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = ()) -> TextGenerator:
+def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (),
+                   max_download: float | None = None) -> TextGenerator:
     """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
-    given (close it when done), else a ``LocalModel``. The rest of this module only uses ``TextGenerator``."""
+    given (close it when done; a model id is fetched at most ``max_download`` bytes/s), else a ``LocalModel``.
+    The rest of this module only uses ``TextGenerator``."""
     if initial_peers:
         from meshinfer.client.model import DistributedModel
 
-        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype)
+        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download)
     from meshinfer.models.engine import LocalModel
 
     if not model_dir.is_dir():
@@ -149,6 +151,23 @@ def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                         help="multiaddrs of any peers of a swarm: run the model's blocks on its servers "
                              "(default: run the whole model on this machine)")
+    add_download_flag(parser)
+
+
+def add_download_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-download", type=float, default=None, metavar="MB_PER_S",
+                        help="when --model is a model id: cap the fetch of its config, tokenizer and client part "
+                             "from the swarm, in MB/s (default: no cap)")
+
+
+def max_download_bytes(args: argparse.Namespace) -> float | None:
+    """``--max-download`` in bytes/s (None: no cap), or a one-line ConfigError."""
+    cap = getattr(args, "max_download", None)
+    if cap is None:
+        return None
+    if not cap > 0:  # also refuses nan
+        raise ConfigError(f"--max-download must be > 0 MB/s, got {cap:g}")
+    return cap * 1_000_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -172,6 +191,7 @@ def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
     """The sampling config and canonical dtype, or a one-line ConfigError (nothing heavy imported)."""
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    max_download_bytes(args)
     return config_from_args(SamplingConfig, args), canonical_dtype(args.dtype)
 
 
@@ -179,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
     sampling, dtype = validated(args)
     model_dir = resolve_model_dir(args.model)
     t0 = time.perf_counter()
-    generator = open_generator(model_dir, dtype, args.initial_peers)
+    generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args))
     load_s = time.perf_counter() - t0
     closing = getattr(generator, "close", None)
     try:
