@@ -11,8 +11,8 @@ of one request, choice ``i`` being ``answers[i]``:
 - ``rests()`` then joins what each choice has left (whole answers);
 - ``items()`` yields ``(i, piece, scored)`` as the choices produce them and ``(i, None, scored)`` when choice
   ``i`` has ended (streams), ``scored`` being how many of its ``Outcome.logprobs`` existed at that moment
-  (the pump runs ahead of the consumer); one pump task per choice feeds a queue; the first error of any
-  choice is raised;
+  (a pump runs ahead of the consumer); one pump task per choice feeds a queue (a single choice is driven by
+  the caller's task itself, with no pump); the first error of any choice is raised;
 - ``close()`` (idempotent) cancels the pumps, then closes every answer.
 
 A generator is never advanced by two tasks at once: ``firsts`` and ``rests`` finish (or cancel) their tasks
@@ -106,6 +106,12 @@ class Choices:
     async def items(self) -> AsyncIterator[tuple[int, str | None, int]]:
         """``(i, piece, scored)`` as produced, ``(i, None, scored)`` when choice ``i`` ended; raises the first
         error."""
+        if len(self.answers) == 1:  # the common case: no pump, the caller's task drives the one generation
+            (answer,) = self.answers
+            async for piece in answer.pieces:
+                yield 0, piece, len(answer.outcome.logprobs)
+            yield 0, None, len(answer.outcome.logprobs)
+            return
         self._pumps = [asyncio.create_task(self._pump(i, a), name=f"choice-{i}") for i, a in enumerate(self.answers)]
         left = len(self._pumps)
         while left:
