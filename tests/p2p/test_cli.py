@@ -113,6 +113,18 @@ def test_dht_stops_on_signals_and_leaves_no_p2pd(sig: int, tmp_path: Path) -> No
             again.stop()
 
 
+def test_dht_started_by_a_launcher_stops_when_the_launcher_goes_away() -> None:
+    proc, _ = start_dht(timeout=90)  # with --stop-on-stdin-eof: its stdin is our pipe
+    try:
+        children = proc.descendants()
+        assert proc.proc.stdin is not None
+        proc.proc.stdin.close()  # what a launcher's death does to the pipe
+        assert proc.proc.wait(timeout=20) == 0, proc.stderr_tail()
+        assert wait_gone(children, timeout=10) == []
+    finally:
+        proc.stop()
+
+
 def test_bench_transport_writes_json(tmp_path: Path) -> None:
     out_path = tmp_path / "transport.json"
     out = run_cli("bench", "transport", "--small-rounds", "20", "--medium-rounds", "5", "--bulk-mib", "2",

@@ -2,7 +2,8 @@
 
 Contract: parses ``P2PConfig`` flags, starts a ``PeerNode`` (full DHT member, no model), prints the
 multiaddrs to reach it on stdout, one per line, flushed in one write (scripts and tests read them),
-then runs until SIGINT/SIGTERM and shuts down cleanly (exit 0). Start-up failures (bad flags, a key
+then runs until SIGINT/SIGTERM (or, with ``--stop-on-stdin-eof``, until its stdin closes: a launcher that
+dies leaves no orphan) and shuts down cleanly (exit 0). Start-up failures (bad flags, a key
 already in use, unreachable initial peers) are ``MeshinferError``s: one line, exit 2. Network code is
 imported only when the command runs.
 """
@@ -24,15 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "prints the multiaddrs other peers pass to --initial-peers. Stop it with Ctrl-C.",
     )
     add_config_flags(parser, P2PConfig)
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="also stop when stdin closes (for launchers that own this process)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, stop_on_stdin_eof=args.stop_on_stdin_eof))
 
 
-async def _serve(config: P2PConfig) -> int:
+async def _serve(config: P2PConfig, *, stop_on_stdin_eof: bool = False) -> int:
     from meshinfer.p2p.node import PeerNode
     from meshinfer.p2p.runner import wait_for_exit_signal
 
@@ -42,7 +45,7 @@ async def _serve(config: P2PConfig) -> int:
         sys.stdout.flush()
         print(f"bootstrap peer {node.peer_id} running; join with --initial-peers {node.maddrs[0]}",
               file=sys.stderr, flush=True)
-        await wait_for_exit_signal(watch_stdin=False)
+        await wait_for_exit_signal(watch_stdin=stop_on_stdin_eof)
     finally:
         await node.close()
     return 0

@@ -207,8 +207,9 @@ class ManagedProcess:
 
 def start_dht(*, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               initial_peers: Sequence[str] = (), timeout: float = 30.0) -> tuple[ManagedProcess, list[str]]:
-    """Run ``meshinfer dht`` and return it with the multiaddrs it printed."""
-    args = ["dht", "--host", host, "--port", str(port)]
+    """Run ``meshinfer dht`` and return it with the multiaddrs it printed (it stops by itself if this process
+    dies: its stdin is our pipe)."""
+    args = ["dht", "--host", host, "--port", str(port), "--stop-on-stdin-eof"]
     if identity:
         args += ["--identity", identity]
     if initial_peers:
