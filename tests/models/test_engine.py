@@ -125,7 +125,7 @@ def test_tokenizer_round_trip(model: LocalModel) -> None:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_and_stays_close(llama_path: Path, model: LocalModel, hf_model, dtype: str) -> None:
     half = LocalModel.from_pretrained(llama_path, dtype=dtype)
-    assert half.span.layers[0].w_qkv.dtype == getattr(torch, dtype)
+    assert half.span.layers[0].qkv.weight.dtype == getattr(torch, dtype)
     ours = half.prefill_logits(PROMPT)
     assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
     exact = model.prefill_logits(PROMPT)

@@ -20,7 +20,7 @@ from torch import nn
 
 from meshinfer.errors import CheckpointError
 from meshinfer.models.kv_cache import KVCache
-from meshinfer.models.ops import linear, rms_norm
+from meshinfer.models.ops import Linear, rms_norm
 from meshinfer.models.rope import apply_rope
 from meshinfer.models.spec import ModelSpec
 
@@ -70,17 +70,13 @@ class TransformerBlock(nn.Module):
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
         self.input_norm = param(h)
-        self.w_qkv = param(qkv, h)
-        self.b_qkv = param(qkv) if spec.attention_bias else None
+        self.qkv = Linear(qkv, h, spec.attention_bias, dtype, device)  # q, k, v fused: [q_size + 2 kv_size, H]
         self.q_norm = param(self.d) if spec.qk_norm else None
         self.k_norm = param(self.d) if spec.qk_norm else None
-        self.w_o = param(h, spec.q_size)
-        self.b_o = param(h) if spec.o_proj_bias else None
+        self.o = Linear(h, spec.q_size, spec.o_proj_bias, dtype, device)
         self.post_norm = param(h)
-        self.w_gate_up = param(2 * i, h)
-        self.b_gate_up = param(2 * i) if spec.mlp_bias else None
-        self.w_down = param(h, i)
-        self.b_down = param(h) if spec.mlp_bias else None
+        self.gate_up = Linear(2 * i, h, spec.mlp_bias, dtype, device)  # gate, up fused: [2 I, H]
+        self.down = Linear(h, i, spec.mlp_bias, dtype, device)
 
     @classmethod
     def from_hf(
@@ -106,21 +102,21 @@ class TransformerBlock(nn.Module):
 
         with torch.no_grad():
             block.input_norm.copy_(get("input_layernorm.weight"))
-            block.w_qkv.copy_(cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"))
-            if block.b_qkv is not None:
-                block.b_qkv.copy_(cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
+            block.qkv.weight.copy_(cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"))
+            if block.qkv.bias is not None:
+                block.qkv.bias.copy_(cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
             if block.q_norm is not None and block.k_norm is not None:
                 block.q_norm.copy_(get("self_attn.q_norm.weight"))
                 block.k_norm.copy_(get("self_attn.k_norm.weight"))
-            block.w_o.copy_(get("self_attn.o_proj.weight"))
-            if block.b_o is not None:
-                block.b_o.copy_(get("self_attn.o_proj.bias"))
+            block.o.weight.copy_(get("self_attn.o_proj.weight"))
+            if block.o.bias is not None:
+                block.o.bias.copy_(get("self_attn.o_proj.bias"))
             block.post_norm.copy_(get("post_attention_layernorm.weight"))
-            block.w_gate_up.copy_(cat("mlp.gate_proj.weight", "mlp.up_proj.weight"))
-            if block.b_gate_up is not None and block.b_down is not None:
-                block.b_gate_up.copy_(cat("mlp.gate_proj.bias", "mlp.up_proj.bias"))
-                block.b_down.copy_(get("mlp.down_proj.bias"))
-            block.w_down.copy_(get("mlp.down_proj.weight"))
+            block.gate_up.weight.copy_(cat("mlp.gate_proj.weight", "mlp.up_proj.weight"))
+            if block.gate_up.bias is not None and block.down.bias is not None:
+                block.gate_up.bias.copy_(cat("mlp.gate_proj.bias", "mlp.up_proj.bias"))
+                block.down.bias.copy_(get("mlp.down_proj.bias"))
+            block.down.weight.copy_(get("mlp.down_proj.weight"))
         return block
 
     def forward(  # type: ignore[override]
@@ -145,7 +141,7 @@ class TransformerBlock(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:  # [B, T, H]
         q, k, v = self._qkv(h, cos, sin)  # [B, nh, T, D], [B, kvh, T, D], [B, kvh, T, D]
-        return linear(self._attend(q, k, v, cache, slot, plan), self.w_o, self.b_o)
+        return self.o(self._attend(q, k, v, cache, slot, plan))
 
     def _qkv(
         self,
@@ -155,7 +151,7 @@ class TransformerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [B, nh, T, D], [B, kvh, T, D], [B, kvh, T, D]
         """Project, per-head normalise and rotate the queries and keys of every token (row-independent)."""
         b, t, _ = h.shape
-        q, k, v = linear(h, self.w_qkv, self.b_qkv).split(self.split, dim=-1)
+        q, k, v = self.qkv(h).split(self.split, dim=-1)
         q = q.view(b, t, self.nh, self.d)  # [B, T, nh, D]
         k = k.view(b, t, self.kvh, self.d)  # [B, T, kvh, D]
         v = v.view(b, t, self.kvh, self.d)
@@ -215,9 +211,9 @@ class TransformerBlock(nn.Module):
                 for cache, (o, t), plan in zip(caches, bounds, plans, strict=True)
             ]  # each [1, T_i, nh * D]
             attn = torch.cat(parts, dim=1)  # [1, N, nh * D]
-        x = x + linear(attn, self.w_o, self.b_o)
+        x = x + self.o(attn)
         return x + self._mlp(rms_norm(x, self.post_norm, self.eps))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
-        gate, up = linear(h, self.w_gate_up, self.b_gate_up).chunk(2, dim=-1)  # [B, T, I] each
-        return linear(F.silu(gate) * up, self.w_down, self.b_down)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)  # [B, T, I] each
+        return self.down(F.silu(gate) * up)

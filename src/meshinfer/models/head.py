@@ -2,18 +2,19 @@
 
 Contract: pure torch. ``embed`` turns token ids into hidden states, ``logits`` turns the last span's
 hidden states into float32 logits; with tied embeddings the LM head is the embedding matrix itself
-(one tensor in memory). Knows nothing of blocks, caches, files or the network.
+(one tensor in memory). The table and the head are ``ops.Embedding`` and ``ops.Linear`` modules
+(``embedding``, ``output``), the seams ``models.quant`` replaces to hold them in int8/int4. Knows nothing of
+blocks, caches, files or the network.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshinfer.errors import CheckpointError, ConfigError
 from meshinfer.models.kv_cache import torch_dtype
-from meshinfer.models.ops import linear, rms_norm
+from meshinfer.models.ops import Embedding, Linear, rms_norm
 from meshinfer.models.spec import ModelSpec
 
 
@@ -26,12 +27,21 @@ class ClientHead(nn.Module):
         self.dtype = dtype
         self.eps = spec.rms_norm_eps
         v, h = spec.vocab_size, spec.hidden_size
-        self.embed_tokens = nn.Parameter(torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+        self.embedding: nn.Module = Embedding(v, h, dtype, device)  # [V, H]
         self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
+        self.output: nn.Module = Linear(v, h, False, dtype, device)  # [V, H]
         if spec.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
-        else:
-            self.lm_head = nn.Parameter(torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+            self.output.weight = self.embedding.weight
+
+    @property
+    def embed_tokens(self) -> torch.Tensor:
+        """The embedding table [V, H] (dense; a quantized head has none)."""
+        return self.embedding.weight
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The LM head weight [V, H] (the embedding table itself when tied; dense heads only)."""
+        return self.output.weight
 
     @classmethod
     def from_hf(
@@ -50,10 +60,10 @@ class ClientHead(nn.Module):
         if missing:
             raise CheckpointError(f"missing tensors: {', '.join(missing)}")
         with torch.no_grad():
-            head.embed_tokens.copy_(tensors["model.embed_tokens.weight"])
+            head.embedding.weight.copy_(tensors["model.embed_tokens.weight"])
             head.norm.copy_(tensors["model.norm.weight"])
             if not spec.tie_word_embeddings:
-                head.lm_head.copy_(tensors["lm_head.weight"])
+                head.output.weight.copy_(tensors["lm_head.weight"])
         return head
 
     @torch.inference_mode()
@@ -64,9 +74,9 @@ class ClientHead(nn.Module):
             raise ConfigError(
                 f"token ids must lie in 0..{self.spec.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}"
             )
-        return F.embedding(ids.to(self.embed_tokens.device), self.embed_tokens)
+        return self.embedding(ids.to(self.norm.device))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] float32
         h = rms_norm(hidden.to(self.dtype), self.norm, self.eps)
-        return linear(h, self.lm_head).float()
+        return self.output(h).float()

@@ -1,6 +1,9 @@
-"""Elementary tensor ops shared by blocks and the head: RMSNorm and a decode-friendly linear.
+"""Elementary tensor ops shared by blocks and the head: RMSNorm, a decode-friendly linear and ``Linear``.
 
-Contract: pure torch, stateless apart from one switch. ``linear`` equals ``F.linear`` up to float
+Contract: pure torch, stateless apart from one switch. ``Linear`` is the one matrix product a block or the
+head holds per weight (``y = x @ W^T + b``, shapes in comments); it is the seam quantization plugs into:
+``models.quant`` replaces a ``Linear`` with a module of the same call signature holding int8/int4 weights,
+so block code never knows how its weights are stored. ``linear`` equals ``F.linear`` up to float
 rounding; on CPU, for the few-row inputs of decode steps, it calls oneDNN's inner product (the kernel
 torch's own compiler uses), which streams the weight with every core, whereas ``F.linear`` of one row
 goes to MKL's matrix-vector product, which reaches well under half the memory bandwidth. Only
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ONEDNN_MAX_ROWS = 8
 """Inputs with at most this many rows (batch x tokens) take the oneDNN path."""
@@ -52,3 +56,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """A dense projection: ``weight`` [out, in] and an optional ``bias`` [out], never trained."""
+
+    def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """A token embedding table ``weight`` [vocab, hidden]: ids [...] -> rows [..., hidden]."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., hidden]
+        return F.embedding(ids, self.weight)
