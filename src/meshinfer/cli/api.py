@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args
-from meshinfer.cli.generate import add_download_flag
+from meshinfer.cli.generate import MODEL_HELP, add_download_flag
 from meshinfer.errors import ConfigError
 from meshinfer.readyline import ready_line
 from meshinfer.types import canonical_dtype
@@ -39,12 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "model in --model, its blocks run by the swarm joined through --initial-peers. Any OpenAI "
                     "client works: point its base URL at http://HOST:PORT/v1. GET /health reports the swarm.",
     )
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint directory in Hugging Face format (its tokenizer and chat template are used), "
-                             "or 'demo' for the built-in demo model")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help=MODEL_HELP + "; its tokenizer and chat template are used")
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
                         help="multiaddrs of any peers of the swarm serving the model's blocks")
     parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--quant", default="auto", metavar="MODE",
+                        help="which servers' weights routes use: none, int8 or int4, one mode per route "
+                             "(default auto: the most precise mode that covers the model)")
     add_download_flag(parser)
     add_config_flags(parser, GatewayConfig)
     parser.add_argument("--api-key-file", default=None, metavar="PATH",
@@ -73,13 +75,14 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshinfer.cli.generate import max_download_bytes, resolve_model_dir
+    from meshinfer.cli.generate import check_quant_flag, max_download_bytes, model_display_name, resolve_model_dir
 
     config = _config(args)
     max_download = max_download_bytes(args)
     dtype = canonical_dtype(args.dtype)
+    quant = check_quant_flag(args)
     model_dir = resolve_model_dir(args.model)
-    name = config.served_model_name or model_dir.name
+    name = config.served_model_name or model_display_name(args.model, model_dir)
 
     from meshinfer.client.model import DistributedModel
     from meshinfer.dashboard.app import dashboard_router
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.p2p.runner import watch_stdin_eof
 
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name,
-                                             max_download=max_download)
+                                             max_download=max_download, quant=None if quant == "auto" else quant)
     poller: SwarmPoller | None = None
     try:
         model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request

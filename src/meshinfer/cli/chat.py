@@ -28,7 +28,9 @@ from meshinfer.cli.generate import (
     IncrementalDetokenizer,
     add_model_flags,
     add_swarm_flags,
+    check_quant_flag,
     max_download_bytes,
+    model_display_name,
     open_generator,
     resolve_model_dir,
     text_decoder,
@@ -152,10 +154,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     sampling = config_from_args(SamplingConfig, args)
     dtype = canonical_dtype(args.dtype)
+    quant = check_quant_flag(args)
     model_dir = resolve_model_dir(args.model)
+    name = model_display_name(args.model, model_dir)
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
-                               max_download=max_download_bytes(args))
+                               max_download=max_download_bytes(args), quant=quant, model_name=name)
     with contextlib.closing(generator) if hasattr(generator, "close") else contextlib.nullcontext():
         tokenizer = generator.tokenizer
         spec = generator.spec
@@ -163,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
         stops = stop_ids(tokenizer, spec)
         if interactive:
             where = "through the swarm" if args.initial_peers else "on this machine"
-            print(f"chatting with {model_dir.name} {where}; /exit or Ctrl-D to leave, /reset to start over",
+            print(f"chatting with {name} {where}; /exit or Ctrl-D to leave, /reset to start over",
                   file=sys.stderr)
         for line in _user_lines(interactive):
             text = line.strip()

@@ -1,13 +1,15 @@
-"""``meshinfer demo``: a real swarm on this machine splitting the demo model, generating text through it.
+"""``meshinfer demo``: a real swarm on this machine splitting a real model, answering a question through it.
 
-Contract: the guided tour of the project on a fresh machine. Builds (or reuses) the demo checkpoint
-(``meshinfer.testing.checkpoints.demo_checkpoint``), starts a bootstrap peer and ``--servers`` block
-servers as separate processes on 127.0.0.1 (``testing.swarm.LocalSwarm``, blocks split evenly with
-``bench.swarm.even_spans``: 8 blocks -> 0:3, 3:6, 6:8), prints the swarm table (``cli.swarm``'s
-``swarm_doc``/``print_tables``) and the route the client plans, streams a greedy generation of a fixed
-prompt through the swarm (``DistributedModel``), runs the same prompt on the local engine
-(``LocalModel``) and says "identical to local engine: yes/no" (exit 1 when not), prints timings,
-and stops everything. Every process it started, p2p daemons included, is stopped by PID and checked
+Contract: the guided tour of the project on a fresh machine. Resolves ``--model`` (default ``smollm2``:
+SmolLM2-135M-Instruct, a real trained model pulled once from the catalogue, ``weights.catalogue``, and read
+from its GGUF file; ``tiny`` is the built-in random-weight model), starts a bootstrap peer and ``--servers``
+block servers as separate processes on 127.0.0.1 (``testing.swarm.LocalSwarm``, blocks split evenly with
+``bench.swarm.even_spans``: 30 blocks -> 0:10, 10:20, 20:30; ``--quant`` makes them hold int8/int4 weights),
+prints the swarm table (``cli.swarm``'s ``swarm_doc``/``print_tables``) and the route the client plans,
+streams a greedy answer to ``--prompt`` through the swarm (``DistributedModel``; rendered with the model's chat
+template when it has one, unless ``--no-chat``), runs the same prompt on the local engine (``LocalModel``,
+same quant mode) and says "identical to local engine: yes/no" (exit 1 when not), prints timings, and stops
+everything. Every process it started, p2p daemons included, is stopped by PID and checked
 gone, on success, on error, on Ctrl-C (SIGINT; exit 130) and on SIGTERM. ``--json`` prints one JSON
 object instead of the tour. This process and each server use one torch thread (a fair comparison,
 and no oversubscription of a small machine). Imports torch and the network only inside ``main``.
@@ -28,22 +30,35 @@ from typing import Any
 
 from meshinfer.errors import ConfigError
 
-DEMO_PROMPT = "The lighthouse keeper climbed the tower and"
+DEMO_MODEL = "smollm2"
+DEMO_QUESTION = "What is the capital of France, and what is it known for?"
+TINY_PROMPT = "The lighthouse keeper climbed the tower and"
 DEMO_THREADS = 1
 """torch threads of the demo process and of each server."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "demo", help="run the built-in demo: a local swarm of 3 servers generating text",
-        description="Start a bootstrap peer and block servers on 127.0.0.1 that split the built-in demo model, "
-                    "generate through them, check the tokens against the local engine, and shut down.",
+        "demo", help="run the demo: a real model split across a local swarm of 3 servers answering a question",
+        description="Start a bootstrap peer and block servers on 127.0.0.1 that split a real model (SmolLM2-135M-"
+                    "Instruct, pulled once), ask it a question through them, check the tokens against the local "
+                    "engine, and shut down.",
     )
-    parser.add_argument("--prompt", default=DEMO_PROMPT, help=f"the text to continue (default: {DEMO_PROMPT!r})")
-    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
-                        help="how many tokens to generate (default: 48)")
+    parser.add_argument("--model", default=DEMO_MODEL, metavar="MODEL",
+                        help=f"the model (default: {DEMO_MODEL}); 'tiny' is the built-in random-weight model; "
+                             "also a checkpoint directory, a .gguf file or another catalogue name")
+    parser.add_argument("--prompt", default=None,
+                        help=f"the question (default: {DEMO_QUESTION!r}; for a model without a chat template, "
+                             f"or with --no-chat, the text to continue, default {TINY_PROMPT!r})")
+    parser.add_argument("--no-chat", action="store_true",
+                        help="continue --prompt as plain text instead of asking it through the chat template")
+    parser.add_argument("--quant", default="none", metavar="MODE",
+                        help="how the servers (and the local engine compared with) hold their weights: "
+                             "none, int8 or int4 (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                        help="how many tokens to generate at most (default: 64)")
     parser.add_argument("--servers", type=int, default=3, metavar="N",
-                        help="block servers splitting the model's 8 blocks (default: 3)")
+                        help="block servers splitting the model's blocks evenly (default: 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the guided tour")
     parser.set_defaults(func=main)
 
@@ -114,44 +129,58 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.servers < 1:
         raise ConfigError(f"--servers must be >= 1, got {args.servers}")
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("--prompt must not be empty")
+    from meshinfer.types import check_quant
+
+    args.quant = check_quant(args.quant)
 
 
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
     from meshinfer.bench.swarm import even_spans
-    from meshinfer.testing.checkpoints import demo_config
+    from meshinfer.cli.generate import model_display_name, resolve_model_dir
+    from meshinfer.models.spec import ModelSpec
 
-    cfg = demo_config()
-    spans = even_spans(cfg["num_hidden_layers"], args.servers)  # ConfigError for more servers than blocks
+    path = resolve_model_dir(args.model)  # pulls a catalogue model on first use (pip prints its progress)
+    spec = ModelSpec.from_dir(path)
+    spans = even_spans(spec.num_blocks, args.servers)  # ConfigError for more servers than blocks
     with _sigterm_as_interrupt():
-        return _run(args, cfg, spans, Tour(args.json))
+        return _run(args, path, model_display_name(args.model, path), spec, spans, Tour(args.json))
 
 
-def _run(args: argparse.Namespace, cfg: dict[str, Any], spans: list[Any], tour: Tour) -> int:
+def _describe(name: str, path: Path, spec: Any) -> str:
+    params = spec.param_count()
+    what = (f"{name}: {spec.family} architecture, {spec.num_blocks} blocks, hidden size {spec.hidden_size}, "
+            f"{params / 1e6:.1f}M parameters")
+    gguf = path / "model.gguf"
+    if gguf.exists():
+        return what + f", trained weights read from {gguf.resolve().name}"
+    if path.name.startswith("demo-") or "checkpoints" in path.parts:
+        return what + ", random weights (its text is gibberish by design)"
+    return what
+
+
+def _run(args: argparse.Namespace, path: Path, name: str, spec: Any, spans: list[Any], tour: Tour) -> int:
     import torch
 
-    from meshinfer.testing.checkpoints import demo_checkpoint, parameter_count
     from meshinfer.testing.procs import descendants_of, wait_gone
     from meshinfer.testing.swarm import LocalSwarm
 
     torch.set_num_threads(DEMO_THREADS)
-    doc: dict[str, Any] = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-                           "blocks": [str(s) for s in spans]}
-    tour.say(f"demo model: Llama-style, {cfg['num_hidden_layers']} blocks, hidden size {cfg['hidden_size']}, "
-             f"{parameter_count(cfg) / 1e6:.1f}M parameters, random weights (its text is gibberish by design)",
-             numbered=True)
-    t0 = time.perf_counter()
-    path = demo_checkpoint()
-    tour.say(f"checkpoint ready in {time.perf_counter() - t0:.2f} s: {path}")
+    doc: dict[str, Any] = {"model": name, "model_dir": str(path), "quant": args.quant,
+                           "max_new_tokens": args.max_new_tokens, "blocks": [str(s) for s in spans]}
+    tour.say(_describe(name, path, spec), numbered=True)
+    tour.say(f"checkpoint ready: {path}")
 
     tour.say(f"starting a bootstrap peer and {len(spans)} block server(s) (blocks "
-             f"{', '.join(map(str, spans))}), each a separate process on 127.0.0.1...", numbered=True)
-    swarm = LocalSwarm(path, spans, torch_threads=DEMO_THREADS)
+             f"{', '.join(map(str, spans))}{'' if args.quant == 'none' else ', weights in ' + args.quant}), "
+             "each a separate process on 127.0.0.1...", numbered=True)
+    swarm = LocalSwarm(path, spans, torch_threads=DEMO_THREADS,
+                       server_args=["--quant", args.quant, "--model-name", name])
     held: dict[str, Any] = {}  # the client, once joined (closed in the finally clause)
     try:
-        _generate(args, path, swarm, tour, doc, held)
+        _generate(args, path, name, swarm, tour, doc, held)
         return int(doc["exit_code"])
     finally:
         with _uninterruptible():
@@ -168,7 +197,19 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], spans: list[Any], tour: 
                 print(json.dumps(doc, ensure_ascii=False), flush=True)
 
 
-def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc: dict[str, Any],
+def _prompt(args: argparse.Namespace, tokenizer: Any) -> tuple[str, list[int] | None, frozenset[int] | None]:
+    """(text shown, prompt ids or None to tokenise the text, stop ids or None for the model's eos)."""
+    from meshinfer.cli.chat import Conversation
+    from meshinfer.models.detokenize import chat_stop_ids
+
+    if args.no_chat or not getattr(tokenizer, "chat_template", None):
+        return args.prompt or TINY_PROMPT, None, None
+    question = args.prompt or DEMO_QUESTION
+    ids = Conversation(tokenizer, 1 << 30, args.max_new_tokens).encode([{"role": "user", "content": question}])
+    return question, ids, chat_stop_ids(tokenizer)
+
+
+def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour: Tour, doc: dict[str, Any],
               held: dict[str, Any]) -> None:
     """Steps 2 (rest) to 6 of the tour; fills ``doc`` (``exit_code`` last)."""
     import asyncio
@@ -198,9 +239,12 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
 
     t1 = time.perf_counter()
     with _deferred_interrupts():
-        remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32")
+        remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32",
+                                                                   model_name=name, quant=args.quant)
     join_s = time.perf_counter() - t1
-    remote.tokenizer  # noqa: B018 - load it now, so that the generation below streams from its first token
+    tokenizer = remote.tokenizer  # load it now, so that the generation below streams from its first token
+    shown, prompt_ids, stops = _prompt(args, tokenizer)
+    doc["prompt"], doc["chat"] = shown, prompt_ids is not None
     route = remote.plan()
     tour.say("route planned by the client (embeddings, final norm and LM head stay on this machine):",
              numbered=True)
@@ -208,13 +252,15 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
              + " -> this machine (each server pushes its output straight to the next one)")
 
     sampling = SamplingConfig()
-    tour.say(f"greedy generation of up to {args.max_new_tokens} tokens through the swarm, streamed as it comes:",
+    what = "answer" if prompt_ids is not None else "continuation"
+    tour.say(f"greedy {what} of up to {args.max_new_tokens} tokens through the swarm, streamed as it comes:",
              numbered=True)
     if not tour.quiet:
-        sys.stdout.write("\n" + args.prompt)
+        sys.stdout.write("\n" + (f"user> {shown}\nassistant> " if prompt_ids is not None else shown))
         sys.stdout.flush()
         tour.midline = True
-    got = run_generation(remote, args.prompt, args.max_new_tokens, sampling, out=None if tour.quiet else sys.stdout)
+    got = run_generation(remote, shown, args.max_new_tokens, sampling, out=None if tour.quiet else sys.stdout,
+                         prompt_ids=prompt_ids, stop_token_ids=stops)
     tour.midline = False
     route = remote.last_route or route  # the route the generation took
     doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
@@ -222,10 +268,12 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
         print("\n", flush=True)
 
     t2 = time.perf_counter()
-    local = LocalModel.from_pretrained(path, dtype="float32")
+    local = LocalModel.from_pretrained(path, dtype="float32", quant=args.quant)
     local_load_s = time.perf_counter() - t2
-    run_generation(local, args.prompt, args.max_new_tokens, sampling, out=None)  # warm-up
-    ref = run_generation(local, args.prompt, args.max_new_tokens, sampling, out=None)
+    run_generation(local, shown, args.max_new_tokens, sampling, out=None, prompt_ids=prompt_ids,
+                   stop_token_ids=stops)  # warm-up
+    ref = run_generation(local, shown, args.max_new_tokens, sampling, out=None, prompt_ids=prompt_ids,
+                         stop_token_ids=stops)
     identical = got.generated_token_ids == ref.generated_token_ids
     tour.say(f"the same prompt on the local engine (all {remote.spec.num_blocks} blocks in this process):",
              numbered=True)
@@ -240,7 +288,7 @@ def _generate(args: argparse.Namespace, path: Path, swarm: Any, tour: Tour, doc:
     tour.say(f"start-up: swarm {swarm_s:.1f} s, client join {join_s:.2f} s, local engine load {local_load_s:.2f} s")
     tour.say("time to first token: " + _versus(got.timings, ref.timings, "time_to_first_token_s", 1000, "ms"))
     tour.say("decode: " + _versus(got.timings, ref.timings, "decode_tokens_per_s", 1, "tokens/s")
-             + " (a model this small is all network hops; `meshinfer bench swarm` compares a bigger one)")
+             + " (one compute thread per process; `meshinfer bench swarm` and `bench quant` measure more)")
     doc["exit_code"] = 0 if identical else 1
 
 

@@ -31,6 +31,9 @@ from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
 from meshinfer.types import canonical_dtype
 
 DEMO_MODEL = "demo"
+TINY_MODELS = ("tiny", DEMO_MODEL)
+"""Names of the built-in tiny random-weight model (made on first use, no download): ``tiny`` (``demo`` is kept
+as its older name)."""
 
 
 class TextGenerator(Protocol):
@@ -39,8 +42,8 @@ class TextGenerator(Protocol):
     @property
     def tokenizer(self) -> Any: ...
 
-    def stream(self, input_ids: Sequence[int], max_new_tokens: int,
-               sampling: SamplingConfig | None = None) -> Iterator[int]: ...
+    def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
+               stop_token_ids: frozenset[int] | None = None) -> Iterator[int]: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,51 +60,64 @@ class GenerationResult:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """``demo`` -> the built-in demo checkpoint (built on first use); otherwise an existing directory."""
-    if model == DEMO_MODEL:
+    """The checkpoint directory ``--model`` names: ``tiny`` (or ``demo``) -> the built-in tiny random model (built
+    on first use); a directory, a .gguf file (its view) or a catalogue name such as ``smollm2`` (pulled and
+    verified on first use) -> ``weights.resolve.local_checkpoint``; a model id or hub name -> itself, fetched
+    later from the swarm (needs --initial-peers)."""
+    if model.strip().lower() in TINY_MODELS:
         from meshinfer.testing.checkpoints import demo_checkpoint
 
         return demo_checkpoint()
-    path = Path(model).expanduser()
-    if not path.exists():
-        from meshinfer.weights.manifest import is_model_id
+    from meshinfer.weights.resolve import local_checkpoint
 
-        if is_model_id(model):
-            return Path(model)  # a model id: fetched from the swarm's seeders (needs --initial-peers)
-        raise ConfigError(f"model directory {model!r} does not exist (give a checkpoint directory, a model id "
-                          "or 'demo')")
-    if not path.is_dir():
-        raise ConfigError(f"--model {model!r} is not a directory (give a checkpoint directory or 'demo')")
-    return path
+    local = local_checkpoint(model)
+    return local if local is not None else Path(model)
+
+
+def model_display_name(model: str, model_dir: Path) -> str:
+    """The name ``--model`` is shown and served under (catalogue name, GGUF stem, directory name)."""
+    if model.strip().lower() in TINY_MODELS:
+        return model_dir.name
+    from meshinfer.weights.resolve import display_name
+
+    return display_name(model, model_dir)
 
 
 def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (),
-                   max_download: float | None = None) -> TextGenerator:
+                   max_download: float | None = None, quant: str = "auto", model_name: str | None = None
+                   ) -> TextGenerator:
     """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
-    given (close it when done; a model id is fetched at most ``max_download`` bytes/s), else a ``LocalModel``.
-    The rest of this module only uses ``TextGenerator``."""
+    given (close it when done; a model id is fetched at most ``max_download`` bytes/s; ``quant``: the servers'
+    weights its routes use, ``auto`` the most precise mode that covers the model), else a ``LocalModel``
+    (``quant``: how it holds its own weights; ``auto`` means ``none`` there). The rest of this module only uses
+    ``TextGenerator``."""
     if initial_peers:
         from meshinfer.client.model import DistributedModel
 
-        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download)
+        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download,
+                                                quant=None if quant == "auto" else quant, model_name=model_name)
     from meshinfer.models.engine import LocalModel
 
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is a model id: give --initial-peers to fetch it from the swarm")
-    return LocalModel.from_pretrained(model_dir, dtype=dtype)
+    return LocalModel.from_pretrained(model_dir, dtype=dtype, quant="none" if quant == "auto" else quant)
 
 
 def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
-                   out: TextIO | None) -> GenerationResult:
-    """Tokenise ``prompt``, generate, and (when ``out`` is given) stream the text to it as it comes."""
+                   out: TextIO | None, *, prompt_ids: Sequence[int] | None = None,
+                   stop_token_ids: frozenset[int] | None = None) -> GenerationResult:
+    """Tokenise ``prompt`` (unless ``prompt_ids`` are given, e.g. a rendered chat template), generate (stopping at
+    ``stop_token_ids``, default the model's eos), and (when ``out`` is given) stream the text to it as it comes."""
     tokenizer = generator.tokenizer
-    prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
-    result = GenerationResult(prompt=prompt, prompt_token_ids=prompt_ids)
+    ids = [int(i) for i in (tokenizer(prompt)["input_ids"] if prompt_ids is None else prompt_ids)]
+    result = GenerationResult(prompt=prompt, prompt_token_ids=ids)
     detok = IncrementalDetokenizer(text_decoder(tokenizer))
     pieces: list[str] = []
     start = time.perf_counter()
     first = start
-    for token in generator.stream(prompt_ids, max_new_tokens, sampling):
+    stream = (generator.stream(ids, max_new_tokens, sampling) if stop_token_ids is None
+              else generator.stream(ids, max_new_tokens, sampling, stop_token_ids))
+    for token in stream:
         if not result.generated_token_ids:
             first = time.perf_counter()
         result.generated_token_ids.append(int(token))
@@ -121,7 +137,7 @@ def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, s
     n = len(result.generated_token_ids)
     result.timings = {"total_s": end - start, "time_to_first_token_s": (first - start) if n else 0.0}
     if n:
-        result.timings["prefill_tokens_per_s"] = len(prompt_ids) / max(first - start, 1e-9)
+        result.timings["prefill_tokens_per_s"] = len(ids) / max(first - start, 1e-9)
     if n > 1:
         result.timings["decode_tokens_per_s"] = (n - 1) / max(end - first, 1e-9)
     return result
@@ -140,11 +156,19 @@ def describe_timings(result: GenerationResult, load_s: float) -> str:
 # CLI
 
 
+MODEL_HELP = ("the model: a Hugging Face checkpoint directory (safetensors), a .gguf file, a catalogue name "
+              "(smollm2: a real model, pulled and verified on first use; see `meshinfer models list`), a model id "
+              "(fetched from the swarm's seeders) or 'tiny' (the built-in random-weight test model)")
+
+
 def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
     kwargs: dict[str, Any] = {"required": True} if model_required else {"default": DEMO_MODEL}
-    parser.add_argument("--model", metavar="DIR", help="checkpoint directory in Hugging Face format, or "
-                        "'demo' for the built-in demo model", **kwargs)
+    parser.add_argument("--model", metavar="MODEL", help=MODEL_HELP, **kwargs)
     parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--quant", default="auto", metavar="MODE",
+                        help="weights: none, int8 or int4. On this machine: how the model holds its weights "
+                             "(auto = none). Through a swarm: which servers' weights a route uses, one mode per "
+                             "route (auto = the most precise mode that covers the model)")
 
 
 def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
@@ -192,14 +216,24 @@ def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     max_download_bytes(args)
+    check_quant_flag(args)
     return config_from_args(SamplingConfig, args), canonical_dtype(args.dtype)
+
+
+def check_quant_flag(args: argparse.Namespace) -> str:
+    """``--quant`` as ``auto`` or one of ``types.QUANT_MODES``, or a one-line ConfigError."""
+    from meshinfer.types import check_quant
+
+    value = str(getattr(args, "quant", "auto")).strip().lower()
+    return value if value == "auto" else check_quant(value)
 
 
 def main(args: argparse.Namespace) -> int:
     sampling, dtype = validated(args)
     model_dir = resolve_model_dir(args.model)
     t0 = time.perf_counter()
-    generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args))
+    generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
+                               quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir))
     load_s = time.perf_counter() - t0
     closing = getattr(generator, "close", None)
     try:

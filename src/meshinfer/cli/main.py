@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.dht",
     "meshinfer.cli.swarm",
     "meshinfer.cli.dashboard",
+    "meshinfer.cli.models",
     "meshinfer.cli.manifest",
     "meshinfer.cli.seed",
     "meshinfer.cli.fetch",

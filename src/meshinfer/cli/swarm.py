@@ -69,6 +69,13 @@ def _coverage_text(counts: list[int]) -> str:
     return ", ".join(runs)
 
 
+def _weights_text(server: dict[str, Any]) -> str:
+    """``int4 · 21.3 MB``: the server's quant mode and the bytes its span's weights take (when announced)."""
+    quant = str(server.get("quant") or "none")
+    size = int(server.get("weight_bytes") or 0)
+    return f"{quant} · {size / 1e6:.1f} MB" if size else quant
+
+
 def print_tables(doc: dict[str, Any], console: Any = None) -> None:
     """Print a ``swarm_doc`` as rich tables (models, then servers) on ``console`` (default: stdout)."""
     from rich.console import Console
@@ -85,7 +92,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                 "coverage (blocks ×servers)"):
         models.add_column(col)
     servers = Table(title="servers")
-    for col in ("peer id", "model", "span", "state", "tokens/s", "cache left", "version", "name"):
+    for col in ("peer id", "model", "span", "state", "weights", "tokens/s", "cache left", "version", "name"):
         servers.add_column(col)
     for m in doc["models"]:
         missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
@@ -93,8 +100,9 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                        str(m["hidden_size"]), m["dtype"], str(len(m["servers"])),
                        _coverage_text(m["block_servers"]) + missing)
         for s in m["servers"]:
-            servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], f"{s['throughput']:.1f}",
-                            str(s["cache_tokens_left"]), s["software_version"], s["public_name"] or "")
+            servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s),
+                            f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
+                            s["public_name"] or "")
     console.print(models)
     console.print(servers)
     if not doc["complete"]:

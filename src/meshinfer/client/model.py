@@ -47,6 +47,7 @@ from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
+from meshinfer.weights.resolve import display_name
 from meshinfer.wire.messages import Burst
 
 
@@ -98,11 +99,13 @@ class DistributedModel(TextGenerator):
         failover: bool = True,
         cohorts: int = DEFAULT_COHORTS,
         max_download: float | None = None,
+        quant: str | None = None,
     ) -> DistributedModel:
-        """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, or
-        a model id (the swarm's seeders send config, tokenizer and the client part, verified piece by piece,
-        into the local cache, at most ``max_download`` bytes/s; see ``meshinfer.weights``), or a hub name
-        ``org/name``."""
+        """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, a GGUF
+        file, a catalogue name (``smollm2``), a model id (the swarm's seeders send config, tokenizer and the client
+        part, verified piece by piece, into the local cache, at most ``max_download`` bytes/s; see
+        ``meshinfer.weights``), or a hub name ``org/name``. ``quant`` (none, int8, int4) picks the servers whose
+        weights every route uses; None: the most precise mode that covers the model, fixed per session."""
         dt = torch_dtype(dtype)
         peers = check_initial_peers(initial_peers)
         runner = LoopThread("meshinfer-client").start()
@@ -113,7 +116,8 @@ class DistributedModel(TextGenerator):
                                             max_download=max_download), timeout=3600.0)
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, device)
-            model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks, model_name or Path(path).name)
+            model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
+                             model_name or display_name(str(path), local), quant=quant)
         except BaseException:
             if view is not None:
                 with contextlib.suppress(Exception):
@@ -154,15 +158,17 @@ class DistributedModel(TextGenerator):
         """``open_session`` as a coroutine on the client's loop (``loop``)."""
         route = await self._view.plan(self.model, wait=self.route_wait)
         self.last_route = route
+        quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
         async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
-            return await self._view.plan(self.model, blocks=blocks, exclude=exclude, wait=self.route_wait)
+            return await self._view.plan(self.model, blocks=blocks, exclude=exclude, wait=self.route_wait,
+                                         quant=quant)
 
         session = await InferenceSession.open(
             self._view.node, route, model_id=self.model.model_id, max_length=max_length,
             dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
             step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
-            replan=replan if self.failover else None, bans=self._view.bans,
+            replan=replan if self.failover else None, bans=self._view.bans, quant=quant,
         )
         self.last_session = session
         return session

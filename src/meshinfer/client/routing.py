@@ -4,18 +4,21 @@ Contract: a pure function of a swarm snapshot. Input: the servers' records (span
 optional per-peer round-trip estimates and a set of excluded peers. Output: a chain of hops whose spans
 are consecutive and cover ``[start, end)`` exactly, minimising estimated latency per token:
 ``sum over hops (rtt(peer) + compute(peer) * blocks_used / blocks_served)``. A hop may use only part of a
-server's span (a server can run any sub-range of the blocks it holds). This module imports neither torch
-nor the network and performs no I/O, so it is tested in milliseconds.
+server's span (a server can run any sub-range of the blocks it holds). ``plan_uniform_route`` plans over the
+servers of ONE quant mode (``ServerRecord.quant``: outputs of int8, int4 and unquantized weights differ, so a
+route never mixes them, and failover keeps the session's mode): the mode asked for, or the most precise mode
+that covers the blocks; when only a mix of modes would cover them, its ``NoRouteError`` says which mode covers
+what. This module imports neither torch nor the network and performs no I/O, so it is tested in milliseconds.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from meshinfer.errors import MeshinferError
-from meshinfer.types import BlockRange, PeerIdStr
+from meshinfer.types import QUANT_MODES, BlockRange, PeerIdStr
 from meshinfer.wire.records import ServerRecord
 
 DEFAULT_RTT_S = 0.005
@@ -113,15 +116,66 @@ def plan_route(
     return route
 
 
+def plan_uniform_route(
+    servers: Iterable[ServerRecord],
+    blocks: BlockRange,
+    *,
+    quant: str | None = None,
+    rtt_s: Mapping[PeerIdStr, float] | None = None,
+    exclude: Iterable[PeerIdStr] = (),
+) -> list[RouteHop]:
+    """``plan_route`` over the servers whose weights are in quant mode ``quant``; None: the first mode of
+    ``QUANT_MODES`` (most precise first) that has a route. Every hop of the result has the same mode."""
+    pool = list(servers)
+    excluded = set(exclude)
+    modes = [quant] if quant is not None else list(QUANT_MODES)
+    first: NoRouteError | None = None
+    for mode in modes:
+        try:
+            return plan_route([s for s in pool if s.quant == mode], blocks, rtt_s=rtt_s, exclude=excluded)
+        except NoRouteError as err:
+            first = first or err
+    assert first is not None
+    raise NoRouteError(_no_uniform_route(pool, blocks, quant, excluded, first))
+
+
+def _no_uniform_route(servers: list[ServerRecord], blocks: BlockRange, quant: str | None, excluded: set[PeerIdStr],
+                      first: NoRouteError) -> str:
+    """Why no single-mode route exists: the plain holes, or which mode covers which blocks."""
+    usable = [s for s in servers if s.state == "online" and s.peer_id not in excluded]
+    if not _runs(blocks, lambda b: not any(b in s.span for s in usable)):  # together the modes cover every block
+        by_mode = [f"{m} covers {_covered(usable, blocks, m)}" for m in sorted({s.quant for s in usable})]
+        asked = f"no servers at quant {quant} cover" if quant is not None else "no single quant mode covers"
+        return (f"{asked} every block of the requested {blocks} ({'; '.join(by_mode)}); a route never mixes quant "
+                "modes, whose outputs differ: start servers so that one mode covers every block"
+                + ("" if quant is None else ", or choose another mode with --quant"))
+    text = str(first)
+    if quant is not None and quant != "none":
+        text = text.replace("no online servers cover", f"no online servers at quant {quant} cover", 1)
+    return text
+
+
+def _covered(servers: list[ServerRecord], blocks: BlockRange, mode: str) -> str:
+    """Blocks of ``blocks`` that servers of ``mode`` cover, e.g. ``"0:10, 12"`` (or ``"nothing"``)."""
+    mine = [s for s in servers if s.quant == mode]
+    return ", ".join(_runs(blocks, lambda b: any(b in s.span for s in mine))) or "nothing"
+
+
 def _coverage_holes(servers: list[ServerRecord], blocks: BlockRange) -> str:
     """Human-readable list of the blocks in ``blocks`` that no candidate covers, e.g. ``"4:6, 9"``."""
-    holes: list[str] = []
+    holes = _runs(blocks, lambda b: not any(b in s.span for s in servers))
+    return ", ".join(holes) if holes else "(none: coverage exists but no chain was found)"
+
+
+def _runs(blocks: BlockRange, chosen: Callable[[int], bool]) -> list[str]:
+    """The maximal runs of blocks in ``blocks`` for which ``chosen`` holds, as ``"a:b"`` or ``"a"``."""
+    runs: list[str] = []
     start: int | None = None
     for b in [*blocks.blocks(), blocks.end]:
-        hole = b < blocks.end and not any(b in s.span for s in servers)
-        if hole and start is None:
+        hit = b < blocks.end and chosen(b)
+        if hit and start is None:
             start = b
-        elif not hole and start is not None:
-            holes.append(str(start) if b - start == 1 else f"{start}:{b}")
+        elif not hit and start is not None:
+            runs.append(str(start) if b - start == 1 else f"{start}:{b}")
             start = None
-    return ", ".join(holes) if holes else "(none: coverage exists but no chain was found)"
+    return runs

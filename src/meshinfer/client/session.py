@@ -79,7 +79,8 @@ class InferenceSession(Recovery):
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                  dtype: str = "float32", push: bool = True, step_timeout: float = 60.0,
                  max_chunk_tokens: int = 2048, replan: Replanner | None = None, bans: BanList | None = None,
-                 max_failovers: int = 8, min_stall_s: float = 3.0, open_timeout: float = 15.0) -> None:
+                 max_failovers: int = 8, min_stall_s: float = 3.0, open_timeout: float = 15.0,
+                 quant: str | None = None) -> None:
         if not route:
             raise ConfigError("a session needs a route of at least one hop")
         for a, b in itertools.pairwise(route):
@@ -101,6 +102,8 @@ class InferenceSession(Recovery):
         self.max_failovers = max_failovers
         self.min_stall_s = min_stall_s
         self.open_timeout = open_timeout
+        self.quant = quant
+        """The quant mode every hop must run (sent in ``Open``; replacements are planned with it too)."""
         self.hops = [HopSession(h, secrets.token_hex(12)) for h in route]
         self.position = 0
         self.failovers: list[Failover] = []
@@ -129,12 +132,13 @@ class InferenceSession(Recovery):
                    step_timeout: float = 60.0, max_chunk_tokens: int = 2048,
                    on_rtt: RttCallback | None = None, replan: Replanner | None = None,
                    bans: BanList | None = None, max_failovers: int = 8,
-                   min_stall_s: float = 3.0) -> InferenceSession:
+                   min_stall_s: float = 3.0, quant: str | None = None) -> InferenceSession:
         """Open a session on every hop of ``route``. A hop that cannot be opened is replaced (with
         ``replan``); without ``replan`` it is all or nothing (a failure closes what was opened)."""
         session = cls(node, route, model_id=model_id, max_length=max_length, dtype=dtype, push=push,
                       step_timeout=step_timeout, max_chunk_tokens=max_chunk_tokens, replan=replan, bans=bans,
-                      max_failovers=max_failovers, min_stall_s=min_stall_s, open_timeout=open_timeout)
+                      max_failovers=max_failovers, min_stall_s=min_stall_s, open_timeout=open_timeout,
+                      quant=quant)
         session._on_rtt = on_rtt
         try:
             results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i))
@@ -167,7 +171,7 @@ class InferenceSession(Recovery):
         hs.stream = await self.node.open_stream(hs.hop.peer_id, SESSION_PROTOCOL, maddrs=hs.hop.record.addresses,
                                                 direct=hs.hop.record.direct_addresses, timeout=timeout)
         msg = Open(session_id=hs.session_id, model=self.model_id, span=hs.hop.span, max_length=self.max_length,
-                   dtype=self.dtype, route_tail=route_tail)
+                   dtype=self.dtype, route_tail=route_tail, quant=self.quant)
         started = time.perf_counter()
         try:
             reply = await hs.stream.request(msg, timeout=timeout)

@@ -4,7 +4,8 @@ Contract: owns one client-mode ``PeerNode`` (it reads and writes DHT records but
 others) joined through ``initial_peers``. ``coverage(model)`` reads every block key of a model in ONE
 bounded DHT call (``meshinfer.p2p.read_coverage``) and caches the result; a cached view younger than
 ``max_age`` is reused, ``refresh=True`` forces a read, and ``start_refresh`` keeps it fresh in the
-background. ``plan(model)`` turns the view into a route with the pure planner (``client.routing``),
+background. ``plan(model)`` turns the view into a route with the pure planner (``client.routing``; one quant
+mode per route: ``quant``, else the model reference's, else the most precise mode that covers the model),
 re-reading for a short while when the swarm does not cover the model yet (records take a moment to
 appear), and raises ``NoRouteError`` naming the model and the missing blocks. Round trips measured by
 sessions are fed back with ``record_rtt`` (smoothed) and used by the planner. All methods run on the
@@ -22,12 +23,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshinfer.client.bans import BanList
-from meshinfer.client.routing import NoRouteError, RouteHop, plan_route
+from meshinfer.client.routing import NoRouteError, RouteHop, plan_uniform_route
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError
 from meshinfer.p2p.announce import Coverage, read_coverage
 from meshinfer.p2p.node import NodeSettings, PeerNode
-from meshinfer.types import BlockRange, PeerIdStr
+from meshinfer.types import BlockRange, PeerIdStr, check_quant
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,19 @@ RTT_SMOOTHING = 0.3
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What the view needs to know about a model: its id (fingerprint), a name for messages, its size."""
+    """What the view needs to know about a model: its id (fingerprint), a name for messages, its size, and the
+    quant mode of the servers its routes may use (None: any one mode, the most precise that covers it)."""
 
     model_id: str
     num_blocks: int
     name: str = ""
+    quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 0:
             raise ConfigError(f"a model needs at least one block, got {self.num_blocks}")
+        if self.quant is not None:
+            object.__setattr__(self, "quant", check_quant(self.quant))
 
     def describe(self) -> str:
         short = self.model_id[:12]
@@ -156,9 +161,10 @@ class SwarmView:
     # ---- routes --------------------------------------------------------------------------------
 
     async def plan(self, model: ModelRef, *, blocks: BlockRange | None = None, exclude: Iterable[PeerIdStr] = (),
-                   wait: float = 3.0) -> list[RouteHop]:
-        """A route over ``blocks`` (default: the whole model) avoiding ``exclude`` and banned peers; retries
-        for ``wait`` s while none exists."""
+                   wait: float = 3.0, quant: str | None = None) -> list[RouteHop]:
+        """A route over ``blocks`` (default: the whole model) avoiding ``exclude`` and banned peers, on servers
+        of one quant mode (``quant``, else ``model.quant``, else the most precise that covers); retries for
+        ``wait`` s while none exists."""
         wanted = blocks or BlockRange(0, model.num_blocks)
         excluded = set(exclude) | self.bans.banned(time.monotonic())
         deadline = time.monotonic() + wait
@@ -166,7 +172,8 @@ class SwarmView:
         while True:
             cov = await self.coverage(model, refresh=refresh)
             try:
-                return plan_route(cov.servers.values(), wanted, rtt_s=self._rtt, exclude=excluded)
+                return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant, rtt_s=self._rtt,
+                                          exclude=excluded)
             except NoRouteError as err:
                 if time.monotonic() >= deadline:
                     raise NoRouteError(_no_route_message(err, model, cov)) from None

@@ -8,9 +8,9 @@ The swarm document::
     {"models": [{"model_id", "name", "family", "num_blocks", "hidden_size", "dtype", "manifest_hash",
                  "announced_by", "block_servers": [servers per block], "block_throughput": [tokens/s of the
                  online servers per block], "missing_blocks": [...], "complete": bool,
-                 "servers": [{"peer_id", "span", "state", "throughput", "cache_tokens_left", "sessions",
-                              "queued_steps", "software_version", "public_name", "addresses",
-                              "direct_addresses"}]}],
+                 "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "throughput",
+                              "cache_tokens_left", "sessions", "queued_steps", "software_version", "public_name",
+                              "addresses", "direct_addresses"}]}],
      "complete": bool}
 
 ``dashboard_payload`` adds what the web page needs on top of it: ``rtt_ms`` per server (measured from the
@@ -47,7 +47,9 @@ def block_throughput(servers: Iterable[_RecordLike], num_blocks: int) -> list[fl
 
 def server_entry(rec: Any) -> dict[str, Any]:
     """One ``ServerRecord`` as the document shows it."""
-    return {"peer_id": rec.peer_id, "span": str(rec.span), "state": rec.state, "throughput": rec.throughput,
+    return {"peer_id": rec.peer_id, "span": str(rec.span), "state": rec.state,
+            "quant": getattr(rec, "quant", "none"), "weight_bytes": getattr(rec, "weight_bytes", 0),
+            "throughput": rec.throughput,
             "cache_tokens_left": rec.cache_tokens_left, "sessions": rec.sessions, "queued_steps": rec.queued_steps,
             "software_version": rec.software_version, "public_name": rec.public_name,
             "addresses": list(rec.addresses), "direct_addresses": list(rec.direct_addresses)}

@@ -98,7 +98,7 @@ PAGE_HTML = """<!doctype html>
     <h2 class="section">servers</h2>
     <div class="scroll">
     <table id="servers">
-      <thead><tr><th>peer id</th><th>name</th><th>model</th><th>span</th><th>state</th>
+      <thead><tr><th>peer id</th><th>name</th><th>model</th><th>span</th><th>state</th><th>weights</th>
         <th class="num">tokens/s</th><th class="num">cache left</th><th class="num">sessions</th>
         <th>version</th><th class="num">round trip</th></tr></thead>
       <tbody></tbody>
@@ -186,7 +186,10 @@ PAGE_HTML = """<!doctype html>
         rows.push('<tr data-peer-id="' + esc(s.peer_id) + '" data-model-id="' + esc(m.model_id) +
           '" data-state="' + esc(s.state) + '"><td class="mono" title="' + esc(s.peer_id) + '">' +
           esc(short(s.peer_id)) + "</td><td>" + esc(s.public_name || "") + "</td><td>" + esc(m.name) +
-          '</td><td class="mono">' + esc(s.span) + '</td><td class="state">' + esc(s.state) + '</td><td class="num">' +
+          '</td><td class="mono">' + esc(s.span) + '</td><td class="state">' + esc(s.state) +
+          '</td><td class="quant">' + esc(s.quant || "none") +
+          (s.weight_bytes ? " · " + num(s.weight_bytes / 1e6, 1) + " MB" : "") +
+          '</td><td class="num">' +
           num(s.throughput, 1) + '</td><td class="num">' + int(s.cache_tokens_left) + '</td><td class="num">' +
           int(s.sessions) + "</td><td>" + esc(s.software_version) + '</td><td class="num">' +
           (s.rtt_ms === null || s.rtt_ms === undefined ? "—" : num(s.rtt_ms, 2) + " ms") + "</td></tr>");

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from meshinfer.config import doc
 from meshinfer.errors import ConfigError
-from meshinfer.types import BlockRange, canonical_dtype
+from meshinfer.types import QUANT_GROUP_SIZES, BlockRange, canonical_dtype, check_quant
 from meshinfer.weights.rate import MB
 
 
@@ -31,6 +31,11 @@ class ServerConfig:
     num_blocks: int | None = doc(None, "without --blocks: how many consecutive blocks to serve "
                                        "(default: as many as the available memory allows)")
     dtype: str = doc("float32", "compute dtype of the blocks and their KV cache: fp32, fp16 or bf16")
+    quant: str = doc("none", "how the span's weights are held in memory: none (as loaded, in --dtype), int8 (per "
+                             "output channel) or int4 (in groups, see --quant-group-size); int8/int4 matrix products "
+                             "run PyTorch's fused low-bit CPU kernels. Announced: a client's route uses one mode")
+    quant_group_size: int | None = doc(None, "int4 group size: 32, 64, 128 or 256 (default: 64; a GGUF's own Q4_0/Q4_1 "
+                                             "weights keep their groups of 32, never re-quantized)")
     max_sessions: int = doc(32, "most inference sessions open at once")
     cache_tokens: int = doc(16384, "KV cache budget in tokens across all sessions (each reserves its max length)")
     max_step_tokens: int = doc(2048, "most tokens one step (prefill chunk) may carry")
@@ -65,6 +70,12 @@ class ServerConfig:
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"--num-blocks must be > 0, got {self.num_blocks}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "quant", check_quant(self.quant))
+        if self.quant_group_size is not None and self.quant_group_size not in QUANT_GROUP_SIZES:
+            raise ConfigError(f"--quant-group-size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, "
+                              f"got {self.quant_group_size}")
+        if self.quant_group_size is not None and self.quant != "int4":
+            raise ConfigError("--quant-group-size applies to --quant int4 only")
         if self.max_sessions <= 0:
             raise ConfigError(f"--max-sessions must be > 0, got {self.max_sessions}")
         if self.cache_tokens <= 0:

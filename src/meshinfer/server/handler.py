@@ -63,8 +63,10 @@ class SessionService(Delivery):
 
     def __init__(self, *, model_id: str, peer_id: str, loop: StepLoop, budget: MemoryBudget,
                  limits: WireLimits, max_step_tokens: int, idle_timeout: float,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, quant: str = "none") -> None:
         self.model_id = model_id
+        self.quant = quant
+        """How this server holds its weights; a session planned for another mode is refused at open."""
         self.peer_id = peer_id
         self.loop = loop
         self.budget = budget
@@ -115,6 +117,10 @@ class SessionService(Delivery):
         if not (served.start <= msg.span.start and msg.span.end <= served.end):
             raise SessionError(ErrorCode.SPAN_NOT_SERVED,
                                f"this server serves blocks {served}; span {msg.span} is not inside it")
+        if msg.quant is not None and msg.quant != self.quant:
+            raise SessionError(ErrorCode.SPAN_NOT_SERVED,
+                               f"this server holds its weights as {self.quant}, the session's route runs "
+                               f"{msg.quant[:16]} (a route never mixes quant modes)")
         if msg.max_length > spec.max_position_embeddings:
             raise SessionError(ErrorCode.LIMIT_EXCEEDED,
                                f"max_length {msg.max_length} exceeds the model's context of "

@@ -342,12 +342,15 @@ async def ensure_local(node: PeerNode | None, model_ref: str, *, blocks: BlockRa
                        cache_dir: Path | None = None, progress: ProgressCallback | None = None,
                        max_cache_bytes: int | None = None, max_download: float | None = None) -> Path:
     """A checkpoint directory for ``model_ref`` holding at least ``blocks`` (and the client part if asked),
-    config and tokenizer files: an existing directory as is; a model id fetched from the swarm into the cache
+    config and tokenizer files: an existing directory as is, a GGUF file or catalogue name through
+    ``weights.resolve.local_checkpoint`` (no network); a model id fetched from the swarm into the cache
     (``checkpoint_fingerprint`` of the result equals the id); a hub name ``org/name[@revision]`` through
     ``huggingface_hub`` (only the shards needed). ``max_download`` (bytes/s) caps a fetch from the swarm."""
-    path = Path(model_ref).expanduser()
-    if path.is_dir():
-        return path
+    from meshinfer.weights.resolve import local_checkpoint
+
+    local = await asyncio.to_thread(local_checkpoint, model_ref)
+    if local is not None:
+        return local
     if is_model_id(model_ref):
         result = await fetch(node, model_ref, want=Want(blocks=blocks, client_part=client_part), cache_dir=cache_dir,
                              max_cache_bytes=max_cache_bytes, progress=progress, max_download=max_download)

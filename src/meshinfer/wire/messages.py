@@ -103,6 +103,9 @@ class Open(_Base, tag="open"):
     dtype: str
     route_tail: Annotated[list[Hop], msgspec.Meta(max_length=256)] = []
     v: int = PROTOCOL_VERSION
+    quant: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    """The weights' quant mode the client planned its route with; a server running another mode refuses
+    (its outputs would differ from the rest of the route's). None: any (older clients)."""
 
 
 class Opened(_Base, tag="opened"):

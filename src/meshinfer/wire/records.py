@@ -76,6 +76,11 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     """Aggregate decode tokens per second with ``batch_size`` sessions decoding together (0: not measured)."""
     batch_size: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
     """The batch ``batch_throughput`` was measured at (0: not measured)."""
+    quant: Annotated[str, msgspec.Meta(max_length=16)] = "none"
+    """How this server holds its span's weights (``types.QUANT_MODES``). Outputs of different modes differ, so a
+    route uses one mode on every hop; a mode this peer does not know is never routed to."""
+    weight_bytes: Count = 0
+    """Bytes of the span's weights in this server's memory, as loaded and quantized (0: not announced)."""
     v: int = RECORD_VERSION
 
 
