@@ -149,8 +149,12 @@ def _no_uniform_route(servers: list[ServerRecord], blocks: BlockRange, quant: st
         return (f"{asked} every block of the requested {blocks} ({'; '.join(by_mode)}); a route never mixes quant "
                 "modes, whose outputs differ: start servers so that one mode covers every block"
                 + ("" if quant is None else ", or choose another mode with --quant"))
+    if quant is None:  # the blocks no server of any mode covers
+        holes = _coverage_holes(usable, blocks)
+        return f"no online servers cover blocks {holes} of the requested {blocks}" + (
+            f" ({len(excluded)} peer(s) excluded)" if excluded else "")
     text = str(first)
-    if quant is not None and quant != "none":
+    if quant != "none":
         text = text.replace("no online servers cover", f"no online servers at quant {quant} cover", 1)
     return text
 
