@@ -5,7 +5,10 @@ variants (grouped-query attention, optional q/k/v biases, optional per-head q/k 
 window through the ``AttentionPlan`` it is given), written for speed: q/k/v and gate/up are fused
 into single matmuls at load time and keys/values are written in place into a ``KVCache``. ``forward_batch``
 runs a ragged batch (many sequences, each with its own cache and length) with every per-token part
-done once over all tokens and only attention per sequence. Takes tensors by their Hugging Face names
+done once over all tokens and only attention per sequence. ``decode`` is the one-sequence, one-token step
+(the hot loop of generation), written for as few tensor ops as the math allows (queries and keys rotated
+together, no transposes, no module-call overhead): on a model of small blocks the step's cost is mostly
+per-op overhead, not arithmetic. Takes tensors by their Hugging Face names
 (``from_hf``); knows nothing of files, embeddings, the LM head, sessions or the network.
 """
 
@@ -64,6 +67,8 @@ class TransformerBlock(nn.Module):
         self.eps = spec.rms_norm_eps
         self.nh, self.kvh, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.split = (spec.q_size, spec.kv_size, spec.kv_size)
+        self.qk_size = spec.q_size + spec.kv_size
+        self.inter = spec.intermediate_size
         h, i, qkv = spec.hidden_size, spec.intermediate_size, spec.q_size + 2 * spec.kv_size
 
         def param(*shape: int) -> nn.Parameter:
@@ -213,6 +218,33 @@ class TransformerBlock(nn.Module):
             attn = torch.cat(parts, dim=1)  # [1, N, nh * D]
         x = x + self.o(attn)
         return x + self._mlp(rms_norm(x, self.post_norm, self.eps))
+
+    def decode(
+        self,
+        x: torch.Tensor,  # [1, 1, H]: one token of one sequence
+        cache: KVCache,  # batch 1
+        slot: int,
+        cos: torch.Tensor,  # [D]: the token's own position
+        sin: torch.Tensor,
+        lo: int,  # the first cached slot it may see (sliding window), else 0
+    ) -> torch.Tensor:  # [1, 1, H]
+        """``forward`` for one token of one sequence (same math, same cache writes), with fewer ops."""
+        d, nh, kvh = self.d, self.nh, self.kvh
+        qkv = self.qkv.forward(rms_norm(x, self.input_norm, self.eps))  # [1, 1, qkv]
+        qk = qkv.view(-1)[: self.qk_size].view(nh + kvh, d)  # queries and keys: [nh + kvh, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((rms_norm(qk[:nh], self.q_norm, self.eps), rms_norm(qk[nh:], self.k_norm, self.eps)))
+        half = d // 2
+        qk = qk * cos + torch.cat((-qk[:, half:], qk[:, :half]), dim=-1) * sin  # rotate_half, all heads at once
+        length = cache.length
+        keys, values = cache.keys(slot)[0], cache.values(slot)[0]  # [kvh, M, D]
+        keys[:, length] = qk[nh:]
+        values[:, length] = qkv.view(-1)[self.qk_size :].view(kvh, d)
+        out = F.scaled_dot_product_attention(  # a query group per kv head: [1, kvh, nh/kvh, D]
+            qk[:nh].view(1, kvh, nh // kvh, d), keys[None, :, lo : length + 1], values[None, :, lo : length + 1])
+        x = x + self.o.forward(out.view(1, 1, nh * d))
+        gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))  # [1, 1, 2I]
+        return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         gate, up = self.gate_up(h).chunk(2, dim=-1)  # [B, T, I] each

@@ -23,6 +23,16 @@ from meshinfer.models.rope import RotaryTable
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
 
+_FAST_DECODE = [True]
+"""Whether one-token, one-sequence steps take ``TransformerBlock.decode`` (switchable for comparisons)."""
+
+
+def set_fast_decode(enabled: bool) -> bool:
+    """Turn the one-token decode path on or off; returns the previous setting (for A/B comparisons)."""
+    previous = _FAST_DECODE[0]
+    _FAST_DECODE[0] = bool(enabled)
+    return previous
+
 
 class BlockSpan(nn.Module):
     """Blocks [range.start, range.end) of a model, ready to run against a KV cache."""
@@ -120,8 +130,15 @@ class BlockSpan(nn.Module):
                     f"positions must lie in 0..{self.spec.max_position_embeddings - 1} (the model's context)"
                 )
             cos, sin = self.rope.gather(positions)  # [B, T, 1, D]
-        plans = {w: AttentionPlan.make(start, t, w, self.device) for w in self._windows}
         x = hidden.to(self.dtype)
+        if b == 1 and t == 1 and positions is None and collect is None and _FAST_DECODE[0]:
+            cos1, sin1 = cos.view(-1), sin.view(-1)  # [D]
+            for slot, layer in enumerate(self._layers):
+                lo = 0 if layer.window is None else max(0, start - layer.window + 1)
+                x = layer.decode(x, cache, slot, cos1, sin1, lo)
+            cache.advance(1)
+            return x
+        plans = {w: AttentionPlan.make(start, t, w, self.device) for w in self._windows}
         for slot, layer in enumerate(self._layers):
             x = layer(x, cache, slot, cos, sin, plans[layer.window])
             if collect is not None:
