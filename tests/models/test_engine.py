@@ -138,16 +138,27 @@ def test_half_precision_runs_and_stays_close(llama_path: Path, model: LocalModel
 
 
 def test_fast_linear_matches_plain_linear(model: LocalModel) -> None:
-    fast = model.generate(PROMPT, 24, stop_token_ids=())
-    fast_logits = model.prefill_logits(PROMPT[:1])
-    previous = ops.set_fast_linear(False)
+    previous = ops.set_fast_linear(True)
     try:
+        fast = model.generate(PROMPT, 24, stop_token_ids=())
+        fast_logits = model.prefill_logits(PROMPT[:1])
+        ops.set_fast_linear(False)
         plain = model.generate(PROMPT, 24, stop_token_ids=())
         plain_logits = model.prefill_logits(PROMPT[:1])
     finally:
         ops.set_fast_linear(previous)
     assert fast == plain
     torch.testing.assert_close(fast_logits, plain_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_autotune_picks_a_kernel_once_per_process(model: LocalModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ops._state, "tuned", False)
+    monkeypatch.setitem(ops._state, "fast", False)
+    weights = [layer.qkv.weight for layer in model.span.layers]
+    chosen = ops.autotune_linear(weights, rounds=1)
+    assert ops._state["tuned"] and ops.fast_linear_enabled() == chosen
+    monkeypatch.setitem(ops._state, "fast", not chosen)  # a second call keeps the first decision
+    assert ops.autotune_linear(weights) == (not chosen)
 
 
 # ---- cache operations -------------------------------------------------------------------------

@@ -4,12 +4,14 @@ Contract: pure torch, stateless apart from one switch. ``Linear`` is the one mat
 head holds per weight (``y = x @ W^T + b``, shapes in comments); it is the seam quantization plugs into:
 ``models.quant`` replaces a ``Linear`` with a module of the same call signature holding int8/int4 weights,
 so block code never knows how its weights are stored. ``linear`` equals ``F.linear`` up to float
-rounding; on CPU, for the few-row inputs of decode steps, it calls oneDNN's inner product (the kernel
-torch's own compiler uses), which streams the weight with every core, whereas ``F.linear`` of one row
-goes to MKL's matrix-vector product, which reaches well under half the memory bandwidth. Only
-float32 takes that path (bf16 ``F.linear`` is already fast, fp16 has no oneDNN CPU kernel); large
-row counts (prefill) and other devices use ``F.linear``. ``set_fast_linear(False)``
-turns the oneDNN path off (for comparisons).
+rounding; on CPU, for the few-row inputs of decode steps, it may call oneDNN's inner product (the kernel
+torch's own compiler uses) instead of ``F.linear`` (MKL's matrix-vector product). Which of the two streams
+weights faster depends on the processor: oneDNN's was twice MKL's on one machine of ours and a quarter
+slower on another. So ``autotune_linear(weights)`` times both, once per process, on the model's own weights
+as a decode step reads them (every weight once, out of cache), interleaved, and keeps the faster; until
+then, and where no oneDNN kernel exists, ``F.linear`` is used. Only float32 takes the oneDNN path (bf16
+``F.linear`` already reaches oneDNN, fp16 has no oneDNN CPU kernel); large row counts (prefill) and other
+devices use ``F.linear``. ``set_fast_linear`` forces a choice (for comparisons; it also ends autotuning).
 """
 
 from __future__ import annotations
@@ -22,14 +24,52 @@ ONEDNN_MAX_ROWS = 8
 """Inputs with at most this many rows (batch x tokens) take the oneDNN path."""
 
 _ONEDNN_DTYPES = (torch.float32,)  # bf16 F.linear already reaches oneDNN; fp16 has no CPU kernel
-_state = {"fast": torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")}
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_state = {"fast": False, "tuned": not _ONEDNN}
+AUTOTUNE_BYTES = 96 * 1024 * 1024
+"""Weights timed per kernel and round by ``autotune_linear`` (about twice a server CPU's last-level cache)."""
 
 
 def set_fast_linear(enabled: bool) -> bool:
-    """Enable or disable the oneDNN decode path; returns the previous setting."""
+    """Force the oneDNN decode path on or off (no autotuning afterwards); returns the previous setting."""
     previous = _state["fast"]
-    _state["fast"] = bool(enabled) and torch.backends.mkldnn.is_available()
+    _state["fast"] = bool(enabled) and _ONEDNN
+    _state["tuned"] = True
     return previous
+
+
+def autotune_linear(weights: list[torch.Tensor], rounds: int = 3) -> bool:
+    """Choose, once per process, the faster fp32 decode kernel on ``weights`` (a model's [out, in] matrices in
+    the order a step reads them; the first ``AUTOTUNE_BYTES`` are used). Returns whether oneDNN was chosen."""
+    import time
+
+    if _state["tuned"]:
+        return _state["fast"]
+    sample, total = [], 0
+    for w in weights:
+        if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
+            continue
+        sample.append(w)
+        total += w.numel() * 4
+        if total >= AUTOTUNE_BYTES:
+            break
+    if not sample:
+        return _state["fast"]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in sample}
+    kernels = {
+        False: lambda x, w: F.linear(x, w),
+        True: lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+    }
+    best = {False: float("inf"), True: float("inf")}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for onednn, kernel in kernels.items():
+                start = time.perf_counter()
+                for w in sample:
+                    kernel(xs[w.shape[1]], w)
+                best[onednn] = min(best[onednn], time.perf_counter() - start)
+    _state["fast"], _state["tuned"] = best[True] < best[False], True
+    return _state["fast"]
 
 
 def fast_linear_enabled() -> bool:
