@@ -30,6 +30,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.manifest",
     "meshinfer.cli.seed",
     "meshinfer.cli.fetch",
+    "meshinfer.cli.convert",
     "meshinfer.cli.bench",
 )
 

@@ -9,11 +9,20 @@ one-line ``CheckpointError``. Loaded weights are moved into 2 MiB pages where th
 (``models.hugepages``: about 10% faster decode on the bench model). The tokenizer comes from
 ``transformers.AutoTokenizer`` on the same directory (local files only). Knows nothing of the network
 or of how spans are chosen.
+
+GGUF: a ``.gguf`` file path opens its view directory (``models.gguf_view.gguf_view``). A GGUF-sourced
+directory (a view, or a fetched copy of one) is recognised by the ``meshinfer_gguf`` section of its config.json
+(``is_gguf``): ``check`` compares the logical shapes of that section with the spec and the containers
+(``model.gguf`` byte ranges or safetensors entries) with the ggml types; ``read`` returns float32 tensors
+(dequantized, q/k rows un-permuted) so spans and heads load unchanged; ``read_ggml`` returns the raw
+``GgmlTensor``s (for quantized kernels). Its tokenizer is ``<dir>/tokenizer`` (built from gguf-metadata.json
+when missing).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,6 +32,15 @@ from safetensors import safe_open
 
 from meshinfer.errors import CheckpointError
 from meshinfer.models.block import TransformerBlock
+from meshinfer.models.ggml import GgmlTensor
+from meshinfer.models.gguf import (
+    ensure_tokenizer_dir,
+    gguf_section,
+    gguf_view,
+    read_ggml,
+    view_locations,
+)
+from meshinfer.models.gguf_view import VIEW_GGUF, container_of, read_metadata
 from meshinfer.models.head import ClientHead
 from meshinfer.models.hugepages import rehome
 from meshinfer.models.kv_cache import torch_dtype
@@ -51,14 +69,25 @@ class Checkpoint:
     """A checkpoint directory whose safetensors headers have been read (no tensor data yet)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = _checkpoint_dir(path)
         self.spec = ModelSpec.from_dir(self.path)
+        self.gguf = gguf_section(self.path)
+        """The config's ``meshinfer_gguf`` section (None: a plain Hugging Face checkpoint)."""
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
         self.weight_map = self._weight_map()  # tensor name -> file name
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the tensors are GGUF-encoded (a GGUF view or a fetched copy of one)."""
+        return self.gguf is not None
 
     # ---- discovery ----------------------------------------------------------------------------
 
     def _weight_map(self) -> dict[str, str]:
+        if self.gguf is not None and os.path.lexists(self.path / VIEW_GGUF):
+            locations = view_locations(self.path)  # checks that the source file is still the one viewed
+            self._headers[VIEW_GGUF] = {n: (loc.dtype, loc.shape) for n, loc in locations.items()}
+            return dict.fromkeys(locations, VIEW_GGUF)
         single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
         if single.is_file():
             return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)}
@@ -121,12 +150,27 @@ class Checkpoint:
             if name not in header:
                 raise CheckpointError(f"{INDEX_FILE} places {name} in {file!r}, but that file lacks it")
             dtype, actual = header[name]
+            if self.gguf is not None:
+                self._check_gguf(name, shape, dtype, actual)
+                continue
             if actual != shape:
                 raise CheckpointError(
                     f"tensor {name} has shape {list(actual)}, expected {list(shape)} from config.json"
                 )
             if dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"tensor {name} has dtype {dtype}; expected a float type")
+
+    def _check_gguf(self, name: str, shape: tuple[int, ...], dtype: str, actual: tuple[int, ...]) -> None:
+        assert self.gguf is not None
+        entry = self.gguf["tensors"].get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.path}: config.json's GGUF section lacks tensor {name}")
+        ggml_type, logical = entry[0], tuple(entry[1])
+        if logical != shape:
+            raise CheckpointError(f"tensor {name} has shape {list(logical)}, expected {list(shape)} from config.json")
+        if (dtype, actual) != container_of(name, ggml_type, list(logical)):
+            raise CheckpointError(f"tensor {name} is stored as {dtype} {list(actual)}, which does not hold a "
+                                  f"{ggml_type} tensor of shape {list(logical)}")
 
     def check_all(self) -> None:
         """Check every tensor of every block and of the head (headers only)."""
@@ -136,7 +180,9 @@ class Checkpoint:
         self.check(expected, "the model")
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read exactly these tensors (memory-mapped; grouped by file)."""
+        """Read exactly these tensors (memory-mapped; grouped by file); GGUF tensors dequantized to float32."""
+        if self.gguf is not None:
+            return {n: t.dequantize(torch.float32) for n, t in self.read_ggml(names).items()}
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
@@ -149,6 +195,12 @@ class Checkpoint:
             except Exception as err:
                 raise CheckpointError(f"cannot read tensors from {self.path / file}: {_brief(err)}") from None
         return out
+
+    def read_ggml(self, names: Iterable[str]) -> dict[str, GgmlTensor]:
+        """Exactly these tensors in their GGUF encoding, q/k rows un-permuted (GGUF-sourced checkpoints only)."""
+        if self.gguf is None:
+            raise CheckpointError(f"{self.path} is not GGUF-sourced: its tensors have no ggml encoding")
+        return read_ggml(self.path, names)
 
     # ---- the pieces ---------------------------------------------------------------------------
 
@@ -182,16 +234,30 @@ class Checkpoint:
         return head
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """``path``, or the view directory of ``path`` when it is a file (a GGUF: any other file is an error)."""
+    p = Path(path)
+    return gguf_view(p) if p.is_file() else p
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a Hugging Face checkpoint directory (reads config.json and safetensors headers)."""
+    """Open a Hugging Face checkpoint directory (reads config.json and safetensors headers) or a GGUF file."""
     return Checkpoint(path)
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a checkpoint directory, through ``transformers.AutoTokenizer`` (local files only)."""
-    root = Path(path)
+    """The tokenizer of a checkpoint directory (or GGUF file), through ``transformers.AutoTokenizer`` (local
+    files only); a GGUF-sourced directory's comes from its ``tokenizer/`` subdirectory."""
+    root = _checkpoint_dir(path)
     if not root.is_dir():
         raise CheckpointError(f"model directory {str(root)!r} does not exist")
+    if gguf_section(root) is not None:
+        tokdir = ensure_tokenizer_dir(root)
+        if tokdir is None:  # a read-only directory: build it in memory
+            from meshinfer.models.gguf_tokenizer import build_tokenizer
+
+            return build_tokenizer(read_metadata(root))
+        root = tokdir
     try:
         from transformers import AutoTokenizer
 

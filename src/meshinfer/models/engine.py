@@ -91,13 +91,14 @@ class LocalModel(TextGenerator):
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu"
     ) -> LocalModel:
-        """Load a Hugging Face checkpoint directory (safetensors) in ``dtype`` (fp32, fp16 or bf16)."""
+        """Load a Hugging Face checkpoint directory (safetensors), a GGUF file or a GGUF-sourced directory in
+        ``dtype`` (fp32, fp16 or bf16)."""
         dt = torch_dtype(dtype)
         ckpt = Checkpoint(path)
         ckpt.check_all()
         head = ckpt.load_head(dt, device)
         span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, device)
-        return cls(ckpt.spec, head, span, Path(path))
+        return cls(ckpt.spec, head, span, ckpt.path)
 
     @property
     def dtype(self) -> torch.dtype:

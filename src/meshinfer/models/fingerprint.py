@@ -5,7 +5,8 @@ Contract: a MANIFEST describes a checkpoint by content, not by file layout: ``pi
 ``model.layers.<i>.*`` and in ``client`` every other tensor (embeddings, final norm, LM head), each as
 ``{dtype, shape, size, pieces}`` where ``pieces`` are the sha256 (hex) of the tensor's raw bytes cut into
 ``piece_size`` pieces, and in ``files`` the small files of ``MANIFEST_FILES`` that exist (config.json,
-generation config, tokenizer and chat template files), each ``{size, pieces}`` the same way. Its canonical
+generation config, tokenizer and chat template files, a GGUF's gguf-metadata.json), each ``{size, pieces}``
+the same way (a GGUF view's ``tokenizer/`` subdirectory is derived, so not covered). Its canonical
 encoding is JSON with sorted keys, no spaces, ASCII only (``canonical_manifest_bytes``); the MODEL ID is
 the first 32 hex characters of the sha256 of that encoding (``manifest_id``), which is also the sha256 of
 a stored ``meshinfer-manifest.json`` (``MANIFEST_NAME``: exactly the canonical bytes).
@@ -54,6 +55,7 @@ MANIFEST_NAME = "meshinfer-manifest.json"
 MANIFEST_FILES: tuple[str, ...] = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "gguf-metadata.json",
 )
 """The small files a manifest covers (hashed whole, in pieces); other files (README...) are not part of a model."""
 MAX_SMALL_FILE_BYTES = 512 * 1024 * 1024

@@ -4,14 +4,18 @@ Contract: ``read_safetensors_header(path)`` gives every tensor of one file as a 
 shape and absolute byte range, each checked against the file size and the dtype's width, the header bounded
 by ``MAX_HEADER_BYTES``); ``weight_files(root)`` is the files a checkpoint uses (``model.safetensors``, else
 the shards of ``model.safetensors.index.json``, checked to stay inside ``root``, else every
-``*.safetensors``); ``tensor_locations(root)`` merges them (a tensor stored twice is an error). Problems are
-one-line ``CheckpointError``s. Pure file I/O (headers only, never tensor bytes): no torch, no network.
+``*.safetensors``); ``tensor_locations(root)`` merges them (a tensor stored twice is an error). A GGUF view
+directory (``models.gguf_view``) is a checkpoint too: its one weight file is ``model.gguf`` and its locations are
+``view_locations`` (tensors by HF name, in their GGUF encoding), so manifests, fingerprints and seeding treat it
+like any other. Problems are one-line ``CheckpointError``s. Pure file I/O (headers only, never tensor bytes):
+no torch, no network.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,6 +24,7 @@ from meshinfer.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GGUF_VIEW_FILE = "model.gguf"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
@@ -77,8 +82,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     return out
 
 
+def _gguf_view(root: Path) -> bool:
+    if not os.path.lexists(root / GGUF_VIEW_FILE):
+        return False
+    from meshinfer.models.gguf_view import is_gguf_view  # imported here: gguf_view imports this module
+
+    return is_gguf_view(root)
+
+
 def weight_files(root: Path) -> list[Path]:
-    """The safetensors files a checkpoint uses: model.safetensors, else the index's shards, else all of them."""
+    """The files a checkpoint's tensors lie in: model.safetensors, else the index's shards, else every
+    *.safetensors; a GGUF view's model.gguf."""
+    if _gguf_view(root):
+        return [root / GGUF_VIEW_FILE]
     if (root / SINGLE_FILE).is_file():
         return [root / SINGLE_FILE]
     index = root / INDEX_FILE
@@ -103,6 +119,10 @@ def weight_files(root: Path) -> list[Path]:
 
 def tensor_locations(root: Path) -> dict[str, TensorLocation]:
     """Every tensor of the checkpoint in ``root`` -> where its bytes lie (headers only)."""
+    if _gguf_view(root):
+        from meshinfer.models.gguf_view import view_locations
+
+        return view_locations(root)
     out: dict[str, TensorLocation] = {}
     for path in weight_files(root):
         for name, loc in read_safetensors_header(path).items():
