@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "tokenizer files) into a manifest; the model id is the manifest's hash. Writes the manifest "
                     "as DIR/meshinfer-manifest.json (or --out) and prints the id.",
     )
-    parser.add_argument("directory", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    parser.add_argument("directory", metavar="MODEL", help="checkpoint directory (config.json + safetensors), a .gguf "
+                        "file or a catalogue name (its GGUF view is hashed)")
     parser.add_argument("--out", default=None, help="write the manifest here instead of DIR/meshinfer-manifest.json")
     parser.add_argument("--rebuild", action="store_true",
                         help="hash the files even if DIR holds a valid manifest (after editing weights in place)")
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshinfer.errors import ConfigError
     from meshinfer.models.fingerprint import (
         MANIFEST_NAME,
         build_manifest,
@@ -40,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
         write_manifest_file,
     )
     from meshinfer.weights.manifest import Manifest
+    from meshinfer.weights.resolve import local_checkpoint
     from meshinfer.weights.store import human_bytes
 
-    directory = Path(args.directory).expanduser()
+    directory = local_checkpoint(args.directory)
+    if directory is None:
+        raise ConfigError(f"{args.directory!r} is not on this machine: give a checkpoint directory, a .gguf file or a "
+                          "catalogue name")
     if args.rebuild:
         doc = build_manifest(directory)
         model_id = manifest_id(doc)

@@ -50,10 +50,10 @@ def main(args: argparse.Namespace) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("name", "model", "size", "licence", "source", "pulled here")
+        table = Table("name", "model", "size", "licence", "pulled here")
         for r in rows:
-            table.add_row(r["name"], r["title"], f"{r['size_mb']} MB", r["license"], r["source"],
-                          r["pulled"] or "no (meshinfer models pull " + r["name"] + ")")
+            table.add_row(r["name"], r["title"], f"{r['size_mb']} MB", r["license"],
+                          "yes" if r["pulled"] else f"no: meshinfer models pull {r['name']}")
         Console().print(table)
         return 0
     entry = catalogue.entry(args.name)

