@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from meshinfer.errors import CheckpointError
 from meshinfer.models.block import TransformerBlock
-from meshinfer.models.ggml import GgmlTensor
+from meshinfer.models.ggml import GgmlTensor, cat_rows, q4_decompose
 from meshinfer.models.gguf import (
     ensure_tokenizer_dir,
     gguf_section,
@@ -44,6 +44,7 @@ from meshinfer.models.gguf_view import VIEW_GGUF, container_of, read_metadata
 from meshinfer.models.head import ClientHead
 from meshinfer.models.hugepages import rehome
 from meshinfer.models.kv_cache import torch_dtype
+from meshinfer.models.quant import GGUF_GROUP, Q4Source, QuantConfig, quantize_block, quantize_head
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
@@ -205,9 +206,12 @@ class Checkpoint:
     # ---- the pieces ---------------------------------------------------------------------------
 
     def load_span(
-        self, blocks: BlockRange, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu"
+        self, blocks: BlockRange, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu",
+        quant: QuantConfig | None = None,
     ) -> BlockSpan:
-        """Load blocks [start, end) only."""
+        """Load blocks [start, end) only; with ``quant``, each block is quantized as soon as it is built (peak
+        memory: the quantized span plus one float block). GGUF Q4_0/Q4_1 weights go to int4 as they are
+        (``quant.group_size`` unset or 32), never re-quantized."""
         try:
             blocks.check_within(self.spec.num_blocks)
         except Exception as err:
@@ -219,19 +223,48 @@ class Checkpoint:
         self.check(expected, f"blocks {blocks}")
         layers = []
         for i in blocks.blocks():  # one block at a time keeps peak memory at one block's tensors
-            tensors = self.read(self.spec.block_tensors(i))
+            names = self.spec.block_tensors(i)
+            sources: dict[tuple[int, str], Q4Source] = {}
+            if self.gguf is not None:
+                raw = self.read_ggml(names)
+                tensors = {n: t.dequantize(torch.float32) for n, t in raw.items()}
+                if quant is not None and quant.mode == "int4" and quant.group_size in (None, GGUF_GROUP):
+                    sources = gguf_q4_sources(raw, i)
+            else:
+                tensors = self.read(names)
             layer = TransformerBlock.from_hf(self.spec, i, tensors, dt, device)
+            del tensors
+            if quant is not None and quant.mode != "none":
+                quantize_block(layer, quant, sources)
             rehome(layer)  # weights in 2 MiB pages where the kernel allows (models.hugepages)
             layers.append(layer)
         return BlockSpan(self.spec, blocks, layers, dt, device)
 
-    def load_head(self, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu") -> ClientHead:
-        """Load embeddings, final norm and LM head only."""
+    def load_head(self, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu",
+                  quant: QuantConfig | None = None) -> ClientHead:
+        """Load embeddings, final norm and LM head only (quantized with ``quant``: ``models.quant.quantize_head``)."""
         expected = self.spec.head_tensors()
         self.check(expected, "the head (embeddings, final norm, LM head)")
         head = ClientHead.from_hf(self.spec, self.read(expected), dtype, device)
+        if quant is not None and quant.mode != "none":
+            quantize_head(head, quant)
         rehome(head)
         return head
+
+
+_FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+def gguf_q4_sources(raw: dict[str, GgmlTensor], block: int) -> dict[tuple[int, str], Q4Source]:
+    """Block ``block``'s matrices whose parts are all GGUF Q4_0/Q4_1 (q/k already un-permuted), fused as the
+    block fuses them, as (q, scale, low) decompositions: the int4 kernel takes them with no re-quantization."""
+    out: dict[tuple[int, str], Q4Source] = {}
+    for fused, parts in _FUSED.items():
+        tensors = [raw[f"model.layers.{block}.{part}.weight"] for part in parts]
+        if all(t.ggml_type in ("Q4_0", "Q4_1") for t in tensors):
+            out[(block, fused)] = q4_decompose(cat_rows(tensors) if len(tensors) > 1 else tensors[0])
+    return out
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

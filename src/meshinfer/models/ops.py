@@ -130,3 +130,8 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., hidden]
         return F.embedding(ids, self.weight)
+
+
+def layer_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The dense ``Linear`` weights of ``module`` in the order a step reads them (for ``autotune_linear``)."""
+    return [m.weight for m in module.modules() if isinstance(m, Linear)]

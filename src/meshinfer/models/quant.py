@@ -36,15 +36,18 @@ from torch import nn
 
 from meshinfer.errors import ConfigError
 from meshinfer.models import quant_math as qm
+from meshinfer.models.block import TransformerBlock
 from meshinfer.models.head import ClientHead
 from meshinfer.models.ops import Embedding, Linear
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
+from meshinfer.types import QUANT_MODES
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "int4")
 DEFAULT_GROUP = 32
+GGUF_GROUP = 32
+"""The group of GGUF's Q4_0/Q4_1 blocks (taken as they are when a config leaves the group size to the source)."""
 """int4 group size for weights quantized from floats. Measured on SmolLM2-135M (1431 tokens, fp32 ppl 27.51),
 span int4 with the grid shifted off the checkpoint's own Q4_1 groups: ppl 30.3 at 32 vs 33.4 at 64 (minmax:
 35.5 vs 38.1); unshifted, 32 keeps a GGUF-born model's grid (27.49) where 64 re-quantizes it (33.3). It costs
@@ -315,14 +318,25 @@ def quantize_span(
     if config.mode == "none":
         return span
     _check_cpu(span.device)
-    sources = sources or {}
     for layer in span.layers:
-        for name in BLOCK_LINEARS:
-            module = getattr(layer, name)
-            if isinstance(module, Linear):
-                source = sources.get((layer.index, name))
-                setattr(layer, name, quantize_linear(module, config, source, f"block {layer.index} {name}"))
+        quantize_block(layer, config, sources)
     return span
+
+
+def quantize_block(
+    layer: TransformerBlock, config: QuantConfig, sources: Mapping[tuple[int, str], Q4Source | Q8Source] | None = None
+) -> TransformerBlock:
+    """``quantize_span`` for one block (loaders quantize each block as soon as it is built)."""
+    if config.mode == "none":
+        return layer
+    _check_cpu(layer.input_norm.device)
+    sources = sources or {}
+    for name in BLOCK_LINEARS:
+        module = getattr(layer, name)
+        if isinstance(module, Linear):
+            source = sources.get((layer.index, name))
+            setattr(layer, name, quantize_linear(module, config, source, f"block {layer.index} {name}"))
+    return layer
 
 
 def quantize_head(
