@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quant", default="auto", metavar="MODE",
                         help="which servers' weights routes use: none, int8 or int4, one mode per route "
                              "(default auto: the most precise mode that covers the model)")
+    parser.add_argument("--head-quant", default="none", metavar="MODE",
+                        help="how this machine holds the embeddings and LM head: none, int8 or int4 (default: none)")
     add_download_flag(parser)
     add_config_flags(parser, GatewayConfig)
     parser.add_argument("--api-key-file", default=None, metavar="PATH",
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.p2p.runner import watch_stdin_eof
 
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name,
-                                             max_download=max_download, quant=None if quant == "auto" else quant)
+                                             max_download=max_download, quant=None if quant == "auto" else quant,
+                                             head_quant=args.head_quant)
     poller: SwarmPoller | None = None
     try:
         model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch")
+BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch", "quant")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

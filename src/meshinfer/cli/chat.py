@@ -159,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
     name = model_display_name(args.model, model_dir)
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
-                               max_download=max_download_bytes(args), quant=quant, model_name=name)
+                               max_download=max_download_bytes(args), quant=quant, model_name=name,
+                               head_quant=args.head_quant)
     with contextlib.closing(generator) if hasattr(generator, "close") else contextlib.nullcontext():
         tokenizer = generator.tokenizer
         spec = generator.spec

@@ -268,7 +268,7 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
         print("\n", flush=True)
 
     t2 = time.perf_counter()
-    local = LocalModel.from_pretrained(path, dtype="float32", quant=args.quant)
+    local = LocalModel.from_pretrained(path, dtype="float32", quant=args.quant, head_quant="none")  # as the client
     local_load_s = time.perf_counter() - t2
     run_generation(local, shown, args.max_new_tokens, sampling, out=None, prompt_ids=prompt_ids,
                    stop_token_ids=stops)  # warm-up

@@ -84,8 +84,8 @@ def model_display_name(model: str, model_dir: Path) -> str:
 
 
 def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (),
-                   max_download: float | None = None, quant: str = "auto", model_name: str | None = None
-                   ) -> TextGenerator:
+                   max_download: float | None = None, quant: str = "auto", model_name: str | None = None,
+                   head_quant: str | None = None) -> TextGenerator:
     """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
     given (close it when done; a model id is fetched at most ``max_download`` bytes/s; ``quant``: the servers'
     weights its routes use, ``auto`` the most precise mode that covers the model), else a ``LocalModel``
@@ -95,12 +95,14 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
         from meshinfer.client.model import DistributedModel
 
         return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download,
-                                                quant=None if quant == "auto" else quant, model_name=model_name)
+                                                quant=None if quant == "auto" else quant, model_name=model_name,
+                                                head_quant=head_quant or "none")
     from meshinfer.models.engine import LocalModel
 
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is a model id: give --initial-peers to fetch it from the swarm")
-    return LocalModel.from_pretrained(model_dir, dtype=dtype, quant="none" if quant == "auto" else quant)
+    return LocalModel.from_pretrained(model_dir, dtype=dtype, quant="none" if quant == "auto" else quant,
+                                      head_quant=head_quant)
 
 
 def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
@@ -169,6 +171,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) ->
                         help="weights: none, int8 or int4. On this machine: how the model holds its weights "
                              "(auto = none). Through a swarm: which servers' weights a route uses, one mode per "
                              "route (auto = the most precise mode that covers the model)")
+    parser.add_argument("--head-quant", default=None, metavar="MODE",
+                        help="how this machine holds the embeddings and LM head: none, int8 or int4 (default: int8 "
+                             "when --quant quantizes a model run here, else none)")
 
 
 def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +230,9 @@ def check_quant_flag(args: argparse.Namespace) -> str:
     from meshinfer.types import check_quant
 
     value = str(getattr(args, "quant", "auto")).strip().lower()
+    head = getattr(args, "head_quant", None)
+    if head is not None:
+        args.head_quant = check_quant(str(head))
     return value if value == "auto" else check_quant(value)
 
 
@@ -233,7 +241,8 @@ def main(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
-                               quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir))
+                               quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),
+                               head_quant=args.head_quant)
     load_s = time.perf_counter() - t0
     closing = getattr(generator, "close", None)
     try:

@@ -100,12 +100,17 @@ class DistributedModel(TextGenerator):
         cohorts: int = DEFAULT_COHORTS,
         max_download: float | None = None,
         quant: str | None = None,
+        head_quant: str = "none",
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, a GGUF
         file, a catalogue name (``smollm2``), a model id (the swarm's seeders send config, tokenizer and the client
         part, verified piece by piece, into the local cache, at most ``max_download`` bytes/s; see
         ``meshinfer.weights``), or a hub name ``org/name``. ``quant`` (none, int8, int4) picks the servers whose
-        weights every route uses; None: the most precise mode that covers the model, fixed per session."""
+        weights every route uses; None: the most precise mode that covers the model, fixed per session.
+        ``head_quant`` (none, int8, int4) is how this machine holds the embeddings and LM head (none: as loaded;
+        the head is the client's own business, routes do not depend on it)."""
+        from meshinfer.models.quant import QuantConfig
+
         dt = torch_dtype(dtype)
         peers = check_initial_peers(initial_peers)
         runner = LoopThread("meshinfer-client").start()
@@ -115,7 +120,7 @@ class DistributedModel(TextGenerator):
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=max_download), timeout=3600.0)
             ckpt = Checkpoint(local)
-            head = ckpt.load_head(dt, device)
+            head = ckpt.load_head(dt, device, quant=QuantConfig(head_quant))
             model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=quant)
         except BaseException:

@@ -31,6 +31,7 @@ from meshinfer import __version__
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.quant import weight_bytes
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.announce import Announcer
 from meshinfer.p2p.node import NodeSettings, PeerNode
@@ -39,7 +40,7 @@ from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
 from meshinfer.server.metrics import ServerMetrics, ServerSample
-from meshinfer.server.prepare import prepare, read_snapshot
+from meshinfer.server.prepare import prepare, quant_config, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
 from meshinfer.server.runtime import Finished, StepLoop
@@ -98,6 +99,8 @@ class BlockServer:
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
+    weight_bytes: int = 0
+    """Bytes of the loaded span's weights, as held (quantized or not); announced."""
 
     @property
     def peer_id(self) -> str:
@@ -111,7 +114,8 @@ class BlockServer:
         """What launchers and tests need to know once the server is ready (JSON-friendly)."""
         return {"peer_id": self.peer_id, "maddrs": self.maddrs, "model_id": self.model_id,
                 "model_name": self.card.name, "blocks": str(self.span_range),
-                "num_blocks": self.card.num_blocks, "dtype": self.config.dtype,
+                "num_blocks": self.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
+                "weight_bytes": self.weight_bytes,
                 "throughput": round(self.throughput, 2), "cache_tokens": self.config.cache_tokens,
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
@@ -130,6 +134,7 @@ class BlockServer:
             batch_throughput=self.measured.batch if self.measured is not None else 0.0,
             batch_size=self.measured.batch_size if self.measured is not None else 0,
             software_version=__version__, public_name=self.config.public_name, protocol_version=PROTOCOL_VERSION,
+            quant=self.config.quant, weight_bytes=self.weight_bytes,
         )
 
     # ---- start -------------------------------------------------------------------------------
@@ -187,8 +192,10 @@ class BlockServer:
         cfg = self.config
         assert self.ckpt is not None
         t0 = time.perf_counter()
-        span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype)
-        log.info("loaded blocks %s (%s) in %.2f s", self.span_range, cfg.dtype, time.perf_counter() - t0)
+        span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype, "cpu", quant_config(cfg))
+        self.weight_bytes = weight_bytes(span)
+        log.info("loaded blocks %s (%s, weights %s: %.1f MB) in %.2f s", self.span_range, cfg.dtype, cfg.quant,
+                 self.weight_bytes / 1e6, time.perf_counter() - t0)
         loop = StepLoop(span, self._on_results, limits=DEFAULT_LIMITS)
         loop.on_step = self.metrics.on_step if self.metrics is not None else None
         self.loop = loop
@@ -201,7 +208,7 @@ class BlockServer:
                 model_id=self.model_id, peer_id=self.peer_id, loop=loop,
                 budget=MemoryBudget(cfg.cache_tokens, cfg.max_sessions), limits=DEFAULT_LIMITS,
                 max_step_tokens=cfg.max_step_tokens, idle_timeout=cfg.session_idle_timeout,
-                on_change=self._status_dirty.set,
+                on_change=self._status_dirty.set, quant=cfg.quant,
             )
             self.pool = PushPool(self.node, self.service.on_push_error, settings=self.node.settings.stream)
             self.service.pool = self.pool

@@ -27,6 +27,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError
@@ -40,6 +41,9 @@ from meshinfer.server.rebalance import Snapshot, auto_span_length, available_mem
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.wire.records import ModelCard
+
+if TYPE_CHECKING:
+    from meshinfer.models.quant import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +75,26 @@ def card_dtype(spec_dtype: str | None, fallback: str) -> str:
     return fallback
 
 
-def span_length(config: ServerConfig, spec: ModelSpec) -> tuple[int, str]:
-    """How many blocks an automatically placed server serves (``--num-blocks``, else what memory holds)."""
+def span_length(config: ServerConfig, spec: ModelSpec, gguf_q4: bool = False) -> tuple[int, str]:
+    """How many blocks an automatically placed server serves (``--num-blocks``, else what memory holds: weights
+    counted as they will be held, quantized with ``--quant``; ``gguf_q4``: int4 keeps a GGUF's groups of 32)."""
+    from meshinfer.models.quant import GGUF_GROUP, block_weight_bytes
+
     size = DTYPE_BYTES.get(config.dtype, 4)
+    native = gguf_q4 and config.quant == "int4" and config.quant_group_size in (None, GGUF_GROUP)
     return auto_span_length(
         spec.num_blocks, requested=config.num_blocks,
         free_bytes=available_memory() if config.num_blocks is None else None,
-        weight_bytes=spec.block_param_count() * size,
+        weight_bytes=block_weight_bytes(spec, quant_config(config), size, GGUF_GROUP if native else None),
         kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens, dtype_bytes=size),
     )
+
+
+def quant_config(config: ServerConfig) -> QuantConfig:
+    """The ``models.quant`` configuration of ``--quant`` / ``--quant-group-size``."""
+    from meshinfer.models.quant import QuantConfig
+
+    return QuantConfig(config.quant, config.quant_group_size)
 
 
 async def read_snapshot(node: PeerNode, model_id: str, num_blocks: int) -> Snapshot:
@@ -119,7 +134,8 @@ async def prepare(config: ServerConfig, p2p: P2PConfig, model_ref: str, settings
                               f"{spec.num_blocks} blocks (valid: 0:{spec.num_blocks} or any part of it)")
         if not fetched:
             _check_local(ckpt, fixed)
-        length, why_length = span_length(config, spec) if fixed is None else (len(fixed), "--blocks")
+        q4 = bool(ckpt.gguf) and any(t[0] in ("Q4_0", "Q4_1") for t in ckpt.gguf["tensors"].values())
+        length, why_length = span_length(config, spec, q4) if fixed is None else (len(fixed), "--blocks")
         model_id = await asyncio.to_thread(checkpoint_fingerprint, model_dir)
         name = config.model_name or (model_dir.resolve().name if not fetched else model_ref)
         card = ModelCard(model_id=model_id, name=name[:256], family=spec.family, num_blocks=spec.num_blocks,
