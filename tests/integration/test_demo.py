@@ -71,23 +71,39 @@ class Watched:
         self.proc.stop(timeout=20)
 
 
-def test_demo_generates_identically_through_three_servers_and_leaves_nothing() -> None:
-    demo = Watched("demo", "--max-new-tokens", "8")
+def test_demo_answers_with_the_real_model_identically_through_three_servers_and_leaves_nothing(
+        smollm2_gguf: Path) -> None:
+    demo = Watched("demo", "--max-new-tokens", "12")  # the default model: SmolLM2 from the catalogue
+    try:
+        code = demo.finish(timeout=300)
+    finally:
+        demo.stop()
+    out = "\n".join(demo.lines)
+    assert code == 0, f"{out}\n{demo.proc.stderr_tail()}"
+    assert "smollm2: llama architecture, 30 blocks" in out and "trained weights" in out, out
+    assert "user> What is the capital of France" in out and "Paris" in out, out  # a real answer
+    assert IDENTICAL in out, out
+    assert "0:10 on" in out and "10:20 on" in out and "20:30 on" in out, out  # the planned route was shown
+    assert "none left running" in out, out
+    assert demo.servers_seen() == 3, demo.seen
+    assert not demo.leftovers(), demo.leftovers()
+
+
+def test_demo_on_the_tiny_model_with_int8_servers(meshinfer_cache_dir: Path) -> None:
+    demo = Watched("demo", "--model", "tiny", "--quant", "int8", "--max-new-tokens", "8")
     try:
         code = demo.finish(timeout=240)
     finally:
         demo.stop()
     out = "\n".join(demo.lines)
     assert code == 0, f"{out}\n{demo.proc.stderr_tail()}"
-    assert IDENTICAL in out, out
-    assert "0:3 on" in out and "3:6 on" in out and "6:8 on" in out, out  # the planned route was shown
-    assert "none left running" in out, out
-    assert demo.servers_seen() == 3, demo.seen
+    assert "random weights" in out and "weights in int8" in out and "int8 ·" in out, out
+    assert IDENTICAL in out and "0:3 on" in out and "6:8 on" in out, out
     assert not demo.leftovers(), demo.leftovers()
 
 
 def test_demo_interrupted_mid_generation_stops_everything() -> None:
-    demo = Watched("demo", "--max-new-tokens", "900")
+    demo = Watched("demo", "--model", "tiny", "--max-new-tokens", "900")
     try:
         demo.read_until("5. ", timeout=180)  # the generation through the swarm has started
         time.sleep(0.5)
@@ -102,12 +118,15 @@ def test_demo_interrupted_mid_generation_stops_everything() -> None:
     assert not demo.leftovers(), demo.leftovers()
 
 
-def test_even_spans_and_bad_demo_flags(capsys: pytest.CaptureFixture[str]) -> None:
+def test_even_spans_and_bad_demo_flags(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
     assert even_spans(8, 3) == [BlockRange(0, 3), BlockRange(3, 6), BlockRange(6, 8)]
     assert even_spans(12, 3) == [BlockRange(0, 4), BlockRange(4, 8), BlockRange(8, 12)]
     assert even_spans(4, 1) == [BlockRange(0, 4)]
-    for flags, text in [(["--servers", "9"], "cannot split 8 blocks over 9 servers"),
+    for flags, text in [(["--servers", "31"], "cannot split 30 blocks over 31 servers"),
+                        (["--model", "tiny", "--servers", "9"], "cannot split 8 blocks over 9 servers"),
                         (["--servers", "0"], "--servers must be >= 1"),
+                        (["--quant", "int3"], "unknown quant mode 'int3'; choose one of none, int8, int4"),
+                        (["--model", "/no/such/dir"], "--model '/no/such/dir' does not exist"),
                         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")]:
         assert main(["demo", *flags]) == 2
         err = capsys.readouterr().err.strip()
