@@ -126,7 +126,7 @@ def test_even_spans_and_bad_demo_flags(capsys: pytest.CaptureFixture[str], smoll
                         (["--model", "tiny", "--servers", "9"], "cannot split 8 blocks over 9 servers"),
                         (["--servers", "0"], "--servers must be >= 1"),
                         (["--quant", "int3"], "unknown quant mode 'int3'; choose one of none, int8, int4"),
-                        (["--model", "/no/such/dir"], "--model '/no/such/dir' does not exist"),
+                        (["--model", "/no/such/dir"], "model '/no/such/dir' does not exist"),
                         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")]:
         assert main(["demo", *flags]) == 2
         err = capsys.readouterr().err.strip()

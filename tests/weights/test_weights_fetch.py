@@ -253,7 +253,7 @@ def test_budget_and_unknown_models_are_clear_errors(client, swarm: Swarm, tmp_pa
         runner.run(fetch(node, "0" * 32, cache_dir=tmp_path, find_timeout=1.0), timeout=60)
     with pytest.raises(ConfigError, match="not a model id"):
         runner.run(fetch(node, "my-model", cache_dir=tmp_path), timeout=10)
-    with pytest.raises(ConfigError, match="neither a directory, a model id"):
+    with pytest.raises(ConfigError, match=r"is neither a checkpoint directory, a \.gguf file, a model id, a hub name"):
         runner.run(ensure_local(node, "no such thing!", blocks=None, client_part=True), timeout=10)
     with pytest.raises(ConfigError, match="exceeds the model's 4 blocks"):
         runner.run(fetch(node, swarm.model_id, want=Want(blocks=BlockRange(3, 9)), cache_dir=tmp_path), timeout=60)

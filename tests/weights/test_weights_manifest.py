@@ -238,4 +238,4 @@ def test_manifest_command_prints_the_id_and_writes_the_manifest(llama: Path, pri
     assert doc["model_id"] == model_id and doc["num_blocks"] == 4 and doc["manifest"] == str(out)
     assert out.read_bytes() == (d / MANIFEST_NAME).read_bytes()
     assert main(["manifest", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.startswith("error: model directory")
+    assert capsys.readouterr().err.startswith(f"error: model {str(tmp_path / 'nope')!r} does not exist")

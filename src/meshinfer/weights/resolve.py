@@ -26,7 +26,7 @@ def local_checkpoint(ref: str, cache: str | None = None) -> Path | None:
     """The checkpoint directory ``ref`` names on this machine (see the module doc); None for swarm-only refs."""
     text = ref.strip()
     if not text:
-        raise ConfigError("--model is empty: give a checkpoint directory, a .gguf file, a model id or a "
+        raise ConfigError("the model reference is empty: give a checkpoint directory, a .gguf file, a model id or a "
                           f"catalogue name ({', '.join(sorted(catalogue.CATALOGUE))})")
     path = Path(text).expanduser()
     if path.is_dir():
@@ -36,16 +36,16 @@ def local_checkpoint(ref: str, cache: str | None = None) -> Path | None:
     if path.is_file():
         if path.suffix.lower() == GGUF_SUFFIX or is_gguf_file(path):
             return gguf_view(path, cache)
-        raise ConfigError(f"--model {text[:200]!r} is a file but not a GGUF file; give a checkpoint directory "
+        raise ConfigError(f"model {text[:200]!r} is a file but not a GGUF file; give a checkpoint directory "
                           "(Hugging Face safetensors) or a .gguf file")
     if catalogue.is_catalogue_name(text):
         return gguf_view(catalogue.resolve(text, cache), cache)
     if is_model_id(text) or is_hub_ref(text):
         return None
     if path.suffix.lower() == GGUF_SUFFIX or "/" in text or text.startswith("."):
-        raise ConfigError(f"--model {text[:200]!r} does not exist")
-    raise ConfigError(f"--model {text[:200]!r} is neither a checkpoint directory, a .gguf file, a model id nor a "
-                      f"catalogue name (known: {', '.join(sorted(catalogue.CATALOGUE))})")
+        raise ConfigError(f"model {text[:200]!r} does not exist")
+    raise ConfigError(f"model {text[:200]!r} is neither a checkpoint directory, a .gguf file, a model id, a hub "
+                      f"name (org/name) nor a catalogue name (known: {', '.join(sorted(catalogue.CATALOGUE))})")
 
 
 def display_name(ref: str, path: Path | None = None) -> str:

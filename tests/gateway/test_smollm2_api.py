@@ -1,0 +1,63 @@
+"""The real model behind the OpenAI API: ``meshinfer api --model smollm2`` in front of three SmolLM2 servers holding
+int4 weights, driven by the official ``openai`` package; the answer is the local int4 engine's, word for word."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gateway_helpers import local_chat
+
+from meshinfer.models.engine import LocalModel
+from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
+from meshinfer.testing.swarm import LocalSwarm
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def api(smollm2_gguf: Path) -> Iterator[tuple[dict[str, str], LocalSwarm]]:
+    from meshinfer.weights.resolve import local_checkpoint
+
+    view = local_checkpoint("smollm2")
+    assert view is not None
+    swarm = LocalSwarm(view, [(0, 10), (10, 20), (20, 30)], server_args=["--quant", "int4"],
+                       startup_timeout=180).start()
+    proc = ManagedProcess(meshinfer_argv("api", "--model", "smollm2", "--initial-peers", *swarm.initial_peers,
+                                         "--port", "0", "--quant", "int4", "--stop-on-stdin-eof"), name="meshinfer api")
+    try:
+        line = proc.read_line(180)
+        while not line.startswith("ready "):
+            line = proc.read_line(180)
+        yield json.loads(line[len("ready "):]), swarm
+        tree = proc.descendants()
+    finally:
+        code = proc.stop(timeout=20)
+        swarm.stop()
+    assert code == 0, proc.stderr_tail()
+    assert not wait_gone(tree, timeout=10), f"processes left behind: {tree}"
+
+
+def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict[str, str], LocalSwarm],
+                                                                  smollm2_gguf: Path) -> None:
+    info, swarm = api
+    assert info["model"] == "smollm2" and info["model_id"] == swarm.model_id
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+        got = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
+        streamed = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24,
+                                                  stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    want, prompt, reply, finish = local_chat(LocalModel.from_pretrained(smollm2_gguf, quant="int4", head_quant="none"),
+                                             QUESTION, 24)
+    assert got.choices[0].message.content == want and got.choices[0].finish_reason == finish
+    assert got.usage is not None and (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt), len(reply))
+    assert text == want
+    assert "Paris" in text
+    doc = httpx.get(info["url"] + "/api/swarm", timeout=30).json()  # the dashboard's data: modes and sizes
+    servers = doc["models"][0]["servers"]
+    assert [s["quant"] for s in servers] == ["int4"] * 3 and all(s["weight_bytes"] > 0 for s in servers)
