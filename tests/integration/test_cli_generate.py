@@ -237,3 +237,47 @@ def test_leading_space_of_a_suffix_is_kept() -> None:
 
     detok = IncrementalDetokenizer(decode)
     assert [detok.push(i) for i in (0, 1, 2)] == ["Hello", " world", "!"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real models: a GGUF file and the catalogue by name, quantized
+
+
+def test_generate_from_a_gguf_file_with_int4_weights_equals_the_local_engine(smollm2_gguf: Path) -> None:
+    from meshinfer.models.engine import LocalModel
+
+    doc = generate_json(smollm2_gguf, "--max-new-tokens", "12", "--quant", "int4", prompt="The capital of France is")
+    local = LocalModel.from_pretrained(smollm2_gguf, quant="int4")  # int8 head: the local default when quantized
+    assert doc["generated_token_ids"] == local.generate(doc["prompt_token_ids"], 12)
+    assert "Paris" in doc["text"]
+
+
+def test_chat_with_the_catalogue_model_by_name(smollm2_gguf: Path) -> None:
+    exe = Path(sys.executable).with_name("meshinfer")
+    proc = subprocess.run([str(exe), "chat", "--model", "smollm2", "--json", "--max-new-tokens", "16"],
+                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in reply["reply"] and "<|im_end|>" not in reply["reply"]
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (("--quant", "int3"), "unknown quant mode 'int3'; choose one of none, int8, int4"),
+    (("--head-quant", "fp8"), "unknown quant mode 'fp8'"),
+])
+def test_bad_quant_flags(flags: tuple[str, ...], needle: str) -> None:
+    assert_one_line_error(meshinfer("generate", "--model", "tiny", "--prompt", "x", *flags), needle)
+
+
+def test_bench_quant_on_a_tiny_model(tmp_path: Path, llama: Path) -> None:
+    out = tmp_path / "quant.json"
+    proc = meshinfer("bench", "quant", "--model", str(llama), "--variants", "int8,int4", "--runs", "1",
+                     "--new-tokens", "4", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())["results"]
+    assert list(res["variants"]) == ["none", "int8", "int4"] and res["int4_blocks_from"] == "the float weights"
+    none, int8, int4 = (res["variants"][v] for v in ("none", "int8", "int4"))
+    assert none["perplexity_over_none"] == 1.0 and none["agreement_with_none"]["teacher_forced_agreement"] == 1.0
+    assert none["memory"]["blocks_over_bf16"] == 2.0  # fp32
+    assert int4["memory"]["blocks_bytes"] < int8["memory"]["blocks_bytes"] < none["memory"]["blocks_bytes"]
+    assert all(v["perplexity"] > 1 and v["decode_tokens_per_s"] > 0 for v in res["variants"].values())

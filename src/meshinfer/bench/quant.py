@@ -1,9 +1,10 @@
 """``meshinfer bench quant``: what int8 and int4 weights cost and buy on a real model, side by side in one run.
 
-Contract: loads one model (default: the catalogue's SmolLM2-135M-Instruct, from its GGUF) once per VARIANT:
-``none`` (the weights as loaded, fp32), ``int8`` (per output channel), ``int4`` (groups of 64, re-quantized from
-the fp32 weights, as any float checkpoint would be) and, when the model's blocks are GGUF Q4_0/Q4_1, ``int4-gguf``
-(those weights taken as they are, in their own groups of 32, nothing re-quantized). For each variant it reports:
+Contract: loads one model (default: the catalogue's SmolLM2-135M-Instruct, from its GGUF) once per VARIANT
+(``VARIANTS``: blocks' mode and group, head's mode): ``none`` (the weights as loaded, fp32), ``int8`` (per output
+channel, int8 head), ``int4`` (the default int4: groups of 32, and a GGUF's own Q4_0/Q4_1 blocks taken as they are;
+int8 head), ``int4-g64`` (groups of 64 quantized from the fp32 weights: fewer bytes) and ``int4-head4`` (``int4``
+with an int4 head: the fastest). For each variant it reports:
 
 - memory: bytes of the blocks' weights (total and per block), of the client head, and the blocks' bytes over
   the same weights in bf16 (``int4`` target: <= 0.3);
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", metavar="MODEL",
                         help="the model (default: smollm2): a catalogue name, a .gguf file or a checkpoint directory")
     parser.add_argument("--variants", default=None, metavar="LIST",
-                        help="comma-separated: none,int8,int4,int4-gguf (default: all that apply)")
+                        help=f"comma-separated, of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (default: 64)")
     parser.add_argument("--runs", type=int, default=3, help="timed decode runs per variant (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the local engine (default: 2)")
@@ -70,27 +71,28 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _variants(args: argparse.Namespace, gguf_q4: bool) -> list[str]:
-    known = ["none", "int8", "int4"] + (["int4-gguf"] if gguf_q4 else [])
+VARIANTS: dict[str, tuple[str, int | None, str]] = {
+    "none": ("none", None, "none"), "int8": ("int8", None, "int8"), "int4": ("int4", None, "int8"),
+    "int4-g64": ("int4", 64, "int8"), "int4-head4": ("int4", None, "int4"),
+}
+"""name -> (blocks' quant mode, int4 group size (None: the default), head's quant mode)."""
+
+
+def _variants(args: argparse.Namespace) -> list[str]:
     if args.variants is None:
-        return known
+        return list(VARIANTS)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in ("none", "int8", "int4", "int4-gguf")]
+    bad = [v for v in chosen if v not in VARIANTS]
     if bad or not chosen:
-        raise ConfigError(f"--variants takes none, int8, int4, int4-gguf; got {args.variants!r}")
-    if "int4-gguf" in chosen and not gguf_q4:
-        raise ConfigError("int4-gguf needs a model whose blocks are GGUF Q4_0/Q4_1 tensors")
+        raise ConfigError(f"--variants takes {', '.join(VARIANTS)}; got {args.variants!r}")
     return (["none"] if "none" not in chosen else []) + chosen  # none is every comparison's reference
 
 
 def _load(path: Path, variant: str) -> Any:
     from meshinfer.models.engine import LocalModel
 
-    if variant == "none":
-        return LocalModel.from_pretrained(path, dtype="float32")
-    if variant == "int4":
-        return LocalModel.from_pretrained(path, dtype="float32", quant="int4", quant_group_size=64)
-    return LocalModel.from_pretrained(path, dtype="float32", quant="int8" if variant == "int8" else "int4")
+    quant, group, head = VARIANTS[variant]
+    return LocalModel.from_pretrained(path, dtype="float32", quant=quant, quant_group_size=group, head_quant=head)
 
 
 def _memory(model: Any) -> dict[str, Any]:
@@ -112,8 +114,11 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
 
 
 def _perplexity(model: Any, ids: list[int]) -> float:
-    scored = model.score_prompt(ids)
-    return math.exp(-sum(s.logprob for s in scored) / len(scored))
+    """exp of the mean negative log-likelihood of ``ids``, scored in windows as long as the model's context
+    (one window for SmolLM2: 8192 positions); a window's first token has no context and is not scored."""
+    window = max(2, min(model.spec.max_position_embeddings, 8192))
+    logprobs = [s.logprob for a in range(0, len(ids) - 1, window) for s in model.score_prompt(ids[a:a + window])]
+    return math.exp(-sum(logprobs) / len(logprobs))
 
 
 def _agreement(model: Any, prompts: list[list[int]], reference: list[list[int]], n: int) -> dict[str, float]:
@@ -157,11 +162,11 @@ def _swarm_ratio(path: Path, variant: str, args: argparse.Namespace, ids: list[i
 
     torch.set_num_threads(1)
     local = _load(path, variant)
-    quant = "none" if variant == "none" else ("int8" if variant == "int8" else "int4")
-    server_args = ["--quant", quant] + (["--quant-group-size", "64"] if variant == "int4" else [])
+    quant, group, head = VARIANTS[variant]
+    server_args = ["--quant", quant] + (["--quant-group-size", str(group)] if group else [])
     spans = even_spans(local.spec.num_blocks, args.servers)
     with LocalSwarm(path, spans, torch_threads=1, server_args=server_args) as swarm:
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, quant=quant)
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, quant=quant, head_quant=head)
         try:
             remote.generate(ids, args.new_tokens, stop_token_ids=())  # warm-up
             local.generate(ids, args.new_tokens, stop_token_ids=())
@@ -194,8 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     ckpt = Checkpoint(path)
-    q4 = getattr(ckpt, "is_gguf", False) and any(t in ("Q4_0", "Q4_1") for t in _gguf_types(path))
-    variants = _variants(args, q4)
+    q4 = ckpt.is_gguf and any(t in ("Q4_0", "Q4_1") for t in _gguf_types(path))
+    variants = _variants(args)
     _note(f"bench quant on {name}: {', '.join(variants)}")
     models: dict[str, Any] = {}
     for v in variants:
@@ -230,6 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name, "model_dir": str(path),
                            "text_tokens": len(text_ids), "new_tokens": n, "threads": args.threads,
                            "runs": args.runs, "variants": results, "targets": TARGETS,
+                           "int4_blocks_from": "the GGUF's Q4 blocks as they are" if q4 else "the float weights",
                            "load_average_1min": os.getloadavg()[0], "versions": {"torch": torch.__version__}}
     gguf = path / "model.gguf"
     if args.llama_bench and gguf.exists():
