@@ -15,7 +15,8 @@ with an int4 head: the fastest). For each variant it reports:
   identical prefix (mean over prompts, in tokens) and the teacher-forced agreement (the share of positions
   where the variant's top token equals ``none``'s token, fed ``none``'s own continuation);
 - decode tokens/s of the local engine with ``--threads`` threads, medians of ``--runs`` runs after a warm-up,
-  the variants interleaved run by run so machine noise hits them alike;
+  the variants interleaved run by run so machine noise hits them alike (``--compile``: also with compiled
+  decode steps, ``models.compiled``);
 - with ``--swarm``: decode tokens/s through a local swarm of ``--servers`` processes holding the variant's
   weights (one thread each) against the local engine with one thread, alternating, and their ratio (int4
   target: >= 0.85).
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (default: 64)")
     parser.add_argument("--runs", type=int, default=3, help="timed decode runs per variant (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the local engine (default: 2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each variant's local engine with compiled decode steps (models.compiled)")
     parser.add_argument("--swarm", action="store_true", help="also time decoding through a local swarm")
     parser.add_argument("--servers", type=int, default=3, help="with --swarm: server processes (default: 3)")
     parser.add_argument("--llama-bench", default=None, metavar="PATH",
@@ -88,11 +91,12 @@ def _variants(args: argparse.Namespace) -> list[str]:
     return (["none"] if "none" not in chosen else []) + chosen  # none is every comparison's reference
 
 
-def _load(path: Path, variant: str) -> Any:
+def _load(path: Path, variant: str, compile: bool = False) -> Any:
     from meshinfer.models.engine import LocalModel
 
     quant, group, head = VARIANTS[variant]
-    return LocalModel.from_pretrained(path, dtype="float32", quant=quant, quant_group_size=group, head_quant=head)
+    return LocalModel.from_pretrained(path, dtype="float32", quant=quant, quant_group_size=group, head_quant=head,
+                                      compile=compile)
 
 
 def _memory(model: Any) -> dict[str, Any]:
@@ -217,17 +221,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _note(f"  scoring {v}: perplexity over {len(text_ids)} tokens, agreement over {len(prompts)} prompts")
         results[v]["perplexity"] = _perplexity(m, text_ids)
         results[v]["agreement_with_none"] = _agreement(m, prompts, reference, n)
-    rates: dict[str, list[float]] = {v: [] for v in models}
-    for m in models.values():
-        _decode_rate(m, prompts[0], n)  # warm-up
+    timed = dict(models)
+    if args.compile:
+        for v in variants:
+            _note(f"  compiling {v}'s decode step (the first time per model takes tens of seconds)...")
+            timed[v + " compiled"] = _load(path, v, compile=True)
+    rates: dict[str, list[float]] = {v: [] for v in timed}
+    for m in timed.values():
+        _decode_rate(m, prompts[0], n)  # warm-up (and compile)
     for _ in range(args.runs):
-        for v, m in models.items():
+        for v, m in timed.items():
             rates[v].append(_decode_rate(m, prompts[0], n))
     base_ppl = results["none"]["perplexity"]
     for v in models:
         results[v]["perplexity_over_none"] = results[v]["perplexity"] / base_ppl
         results[v]["decode_tokens_per_s"] = statistics.median(rates[v])
         results[v]["decode_tokens_per_s_runs"] = [round(r, 2) for r in rates[v]]
+        if args.compile:
+            results[v]["compiled_decode_tokens_per_s"] = statistics.median(rates[v + " compiled"])
+            results[v]["compiled_decode_tokens_per_s_runs"] = [round(r, 2) for r in rates[v + " compiled"]]
     if args.swarm:
         for v in variants:
             _note(f"  timing {v} through a swarm of {args.servers} servers...")

@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,
-                               head_quant=args.head_quant)
+                               head_quant=args.head_quant, compile=args.compile)
     with contextlib.closing(generator) if hasattr(generator, "close") else contextlib.nullcontext():
         tokenizer = generator.tokenizer
         spec = generator.spec

@@ -85,7 +85,7 @@ def model_display_name(model: str, model_dir: Path) -> str:
 
 def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (),
                    max_download: float | None = None, quant: str = "auto", model_name: str | None = None,
-                   head_quant: str | None = None) -> TextGenerator:
+                   head_quant: str | None = None, compile: bool = False) -> TextGenerator:
     """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
     given (close it when done; a model id is fetched at most ``max_download`` bytes/s; ``quant``: the servers'
     weights its routes use, ``auto`` the most precise mode that covers the model), else a ``LocalModel``
@@ -94,6 +94,9 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
     if initial_peers:
         from meshinfer.client.model import DistributedModel
 
+        if compile:
+            raise ConfigError("--compile applies to a model run on this machine; through a swarm the blocks run on "
+                              "the servers")
         return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download,
                                                 quant=None if quant == "auto" else quant, model_name=model_name,
                                                 head_quant=head_quant or "none")
@@ -102,7 +105,7 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is a model id: give --initial-peers to fetch it from the swarm")
     return LocalModel.from_pretrained(model_dir, dtype=dtype, quant="none" if quant == "auto" else quant,
-                                      head_quant=head_quant)
+                                      head_quant=head_quant, compile=compile)
 
 
 def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
@@ -171,6 +174,10 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) ->
                         help="weights: none, int8 or int4. On this machine: how the model holds its weights "
                              "(auto = none). Through a swarm: which servers' weights a route uses, one mode per "
                              "route (auto = the most precise mode that covers the model)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run decode steps of a model run on this machine as torch.compile graphs (faster, "
+                             "above all with small blocks and int4; the first generation waits for the compiler: "
+                             "tens of seconds, cached on disk; needs a C++ compiler)")
     parser.add_argument("--head-quant", default=None, metavar="MODE",
                         help="how this machine holds the embeddings and LM head: none, int8 or int4 (default: int8 "
                              "when --quant quantizes a model run here, else none)")
@@ -242,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
                                quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),
-                               head_quant=args.head_quant)
+                               head_quant=args.head_quant, compile=args.compile)
     load_s = time.perf_counter() - t0
     closing = getattr(generator, "close", None)
     try:

@@ -246,6 +246,32 @@ class TransformerBlock(nn.Module):
         gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))  # [1, 1, 2I]
         return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
 
+    def decode_masked(
+        self,
+        x: torch.Tensor,  # [1, 1, H]
+        keys: torch.Tensor,  # [1, kvh, M, D]: this block's whole K tensor
+        values: torch.Tensor,
+        pos: torch.Tensor,  # [1] int64: the token's slot (and position)
+        cos: torch.Tensor,  # [D]
+        sin: torch.Tensor,
+        mask: torch.Tensor,  # [1, 1, 1, M] bool: the slots it may see
+    ) -> torch.Tensor:  # [1, 1, H]
+        """``decode`` with static shapes, for ``models.compiled``: the cache write is an ``index_copy_`` at
+        ``pos`` and attention covers the whole capacity under ``mask``."""
+        d, nh, kvh = self.d, self.nh, self.kvh
+        qkv = self.qkv.forward(rms_norm(x, self.input_norm, self.eps))  # [1, 1, qkv]
+        qk = qkv.view(-1)[: self.qk_size].view(nh + kvh, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((rms_norm(qk[:nh], self.q_norm, self.eps), rms_norm(qk[nh:], self.k_norm, self.eps)))
+        half = d // 2
+        qk = qk * cos + torch.cat((-qk[:, half:], qk[:, :half]), dim=-1) * sin
+        keys.index_copy_(2, pos, qk[nh:].view(1, kvh, 1, d))
+        values.index_copy_(2, pos, qkv.view(-1)[self.qk_size :].view(1, kvh, 1, d))
+        out = F.scaled_dot_product_attention(qk[:nh].view(1, kvh, nh // kvh, d), keys, values, attn_mask=mask)
+        x = x + self.o.forward(out.view(1, 1, nh * d))
+        gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))
+        return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
+
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         gate, up = self.gate_up(h).chunk(2, dim=-1)  # [B, T, I] each
         return self.down(F.silu(gate) * up)

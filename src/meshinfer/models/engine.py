@@ -23,6 +23,7 @@ import torch
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
 from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
+from meshinfer.models.compiled import capacity
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights, rms_norm
@@ -93,11 +94,14 @@ class LocalModel(TextGenerator):
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype = "float32", device: torch.device | str = "cpu", *,
         quant: str = "none", quant_group_size: int | None = None, head_quant: str | None = None,
+        compile: bool = False,
     ) -> LocalModel:
         """Load a Hugging Face checkpoint directory (safetensors), a GGUF file or a GGUF-sourced directory in
         ``dtype`` (fp32, fp16 or bf16). ``quant`` (none, int8, int4; ``quant_group_size`` for int4) holds the
         blocks' weights quantized (``models.quant``); ``head_quant`` the LM head's (None: int8 whenever the blocks
-        are quantized, the best trade measured on SmolLM2: int4 heads cost perplexity, int8 ones almost none)."""
+        are quantized, the best trade measured on SmolLM2: int4 heads cost perplexity, int8 ones almost none).
+        ``compile``: decode steps run as ``torch.compile`` graphs (``models.compiled``: faster on models of small
+        blocks; the first generation per cache capacity waits for the compiler)."""
         from meshinfer.models.quant import QuantConfig
 
         dt = torch_dtype(dtype)
@@ -108,6 +112,8 @@ class LocalModel(TextGenerator):
         head = ckpt.load_head(dt, device, quant=QuantConfig(head_mode))
         span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, device, quant=blocks_quant)
         autotune_linear(layer_weights(span))
+        if compile:
+            span.compile_decode()
         model = cls(ckpt.spec, head, span, ckpt.path)
         model.quant, model.head_quant = quant, head_mode
         return model
@@ -177,7 +183,9 @@ class LocalModel(TextGenerator):
             return
         stops = self.stop_tokens(stop_token_ids)
         with torch.inference_mode():
-            cache = self.span.new_cache(len(ids) + max_new_tokens)
+            wanted = len(ids) + max_new_tokens
+            cache = self.span.new_cache(wanted if self.span.compiled is None
+                                        else capacity(wanted, self.spec.max_position_embeddings))
 
         def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
             return self._step(torch.tensor([chunk]), cache)

@@ -1,7 +1,9 @@
 """The key/value cache of one span of blocks for one batch of sequences.
 
-Contract: one preallocated buffer ``[2, blocks, batch, kv_heads, max_length, head_dim]`` allocated
-once; steps write into it in place (no concatenation, no reallocation). All rows of the batch share
+Contract: preallocated K and V tensors ``[batch, kv_heads, max_length, head_dim]`` per block, allocated
+once; steps write into them in place (no concatenation, no reallocation). One tensor per block and kind,
+rather than views of one buffer, so a compiled decode step (``models.compiled``) can take and mutate them as
+plain inputs. All rows of the batch share
 one ``length``. ``nbytes`` gives the memory a cache will take before anything is allocated, so a
 server can admit or refuse a session. Knows nothing of weights or the network.
 """
@@ -42,7 +44,10 @@ class KVCache:
         batch: int = 1,
         dtype: str | torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        zeroed: bool = False,
     ) -> None:
+        """``zeroed``: fill the tensors with zeros (needed where slots past ``length`` are read under a mask, as
+        compiled decode steps do: masked scores weigh 0, but 0 times uninitialised NaN is NaN)."""
         if num_blocks <= 0 or batch <= 0:
             raise ConfigError(f"a KV cache needs blocks > 0 and batch > 0, got {num_blocks} and {batch}")
         if not 0 < max_length <= spec.max_position_embeddings:
@@ -54,10 +59,11 @@ class KVCache:
         self.max_length = max_length
         self.dtype = torch_dtype(dtype)
         self.length = 0
-        # [2, blocks, B, kv_heads, M, D]; never read beyond `length`, so no need to zero it
-        self._buf = torch.empty(
-            2, num_blocks, batch, spec.num_kv_heads, max_length, spec.head_dim, dtype=self.dtype, device=device
-        )
+        # per block: K and V [B, kv_heads, M, D]; never read beyond `length`, so no need to zero them
+        shape = (batch, spec.num_kv_heads, max_length, spec.head_dim)
+        alloc = torch.zeros if zeroed else torch.empty
+        self._k = [alloc(shape, dtype=self.dtype, device=device) for _ in range(num_blocks)]
+        self._v = [alloc(shape, dtype=self.dtype, device=device) for _ in range(num_blocks)]
 
     @staticmethod
     def nbytes(
@@ -69,7 +75,7 @@ class KVCache:
 
     @property
     def size_bytes(self) -> int:
-        return self._buf.numel() * self._buf.element_size()
+        return 2 * sum(t.numel() * t.element_size() for t in self._k)
 
     @property
     def remaining(self) -> int:
@@ -84,16 +90,16 @@ class KVCache:
 
     def keys(self, block: int) -> torch.Tensor:
         """The whole K buffer of the span's ``block``-th block: [B, kv_heads, M, D]."""
-        return self._buf[0, block]
+        return self._k[block]
 
     def values(self, block: int) -> torch.Tensor:
-        return self._buf[1, block]
+        return self._v[block]
 
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, kv_heads, T, D] at slots [length, length+T) of ``block`` (length unchanged)."""
         t = k.shape[2]
-        self._buf[0, block, :, :, self.length : self.length + t] = k
-        self._buf[1, block, :, :, self.length : self.length + t] = v
+        self._k[block][:, :, self.length : self.length + t] = k
+        self._v[block][:, :, self.length : self.length + t] = v
 
     def advance(self, new_tokens: int) -> None:
         """Mark ``new_tokens`` more slots as filled (after every block of the span wrote them)."""

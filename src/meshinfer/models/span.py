@@ -12,6 +12,7 @@ sessions or the network. Bad inputs (wrong hidden size, a cache of another span,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.rope import RotaryTable
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
+
+if TYPE_CHECKING:
+    from meshinfer.models.compiled import CompiledDecode
 
 _FAST_DECODE = [True]
 """Whether one-token, one-sequence steps take ``TransformerBlock.decode`` (switchable for comparisons)."""
@@ -57,6 +61,15 @@ class BlockSpan(nn.Module):
         self._layers: list[TransformerBlock] = list(layers)  # plain list: no ModuleList indexing cost
         self._windows = sorted({layer.window for layer in layers}, key=lambda w: -1 if w is None else w)
         self.rope = RotaryTable(spec, dtype, self.device)
+        self.compiled: CompiledDecode | None = None
+        """Set by ``compile_decode``: one-token steps run as compiled graphs (``models.compiled``)."""
+
+    def compile_decode(self) -> None:
+        """Run one-token steps through ``models.compiled.CompiledDecode`` from now on (compiled on first use per
+        cache capacity; allocate caches with ``models.compiled.capacity``)."""
+        from meshinfer.models.compiled import CompiledDecode
+
+        self.compiled = CompiledDecode(self)
 
     @classmethod
     def from_hf(
@@ -86,7 +99,8 @@ class BlockSpan(nn.Module):
 
     def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
         """A fresh, empty KV cache for this span."""
-        return KVCache(self.spec, len(self), max_length, batch=batch, dtype=self.dtype, device=self.device)
+        return KVCache(self.spec, len(self), max_length, batch=batch, dtype=self.dtype, device=self.device,
+                       zeroed=self.compiled is not None)
 
     def cache_bytes(self, max_length: int, batch: int = 1) -> int:
         """Bytes ``new_cache(max_length, batch)`` would allocate."""
@@ -133,6 +147,9 @@ class BlockSpan(nn.Module):
         x = hidden.to(self.dtype)
         if b == 1 and t == 1 and positions is None and collect is None and _FAST_DECODE[0]:
             cos1, sin1 = cos.view(-1), sin.view(-1)  # [D]
+            if self.compiled is not None and (y := self.compiled(x, cache, cos1, sin1)) is not None:
+                cache.advance(1)
+                return y
             for slot, layer in enumerate(self._layers):
                 lo = 0 if layer.window is None else max(0, start - layer.window + 1)
                 x = layer.decode(x, cache, slot, cos1, sin1, lo)
