@@ -3,9 +3,8 @@
 Contract: preallocated K and V tensors ``[batch, kv_heads, max_length, head_dim]`` per block, allocated
 once; steps write into them in place (no concatenation, no reallocation). One tensor per block and kind,
 rather than views of one buffer, so a compiled decode step (``models.compiled``) can take and mutate them as
-plain inputs. All rows of the batch share
-one ``length``. ``nbytes`` gives the memory a cache will take before anything is allocated, so a
-server can admit or refuse a session. Knows nothing of weights or the network.
+plain inputs. All rows of the batch share one ``length``. ``nbytes`` gives the memory a cache will take before
+anything is allocated, so a server can admit or refuse a session. Knows nothing of weights or the network.
 """
 
 from __future__ import annotations
