@@ -42,6 +42,7 @@ from meshinfer.models.engine import TextGenerator, agenerate_scored, check_promp
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
+from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.runner import LoopThread
@@ -121,6 +122,7 @@ class DistributedModel(TextGenerator):
                                             max_download=max_download), timeout=3600.0)
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, device, quant=QuantConfig(head_quant))
+            autotune_linear(layer_weights(head))  # the LM head's decode kernel: oneDNN or MKL, timed once
             model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=quant)
         except BaseException:

@@ -8,8 +8,10 @@ rounding; on CPU, for the few-row inputs of decode steps, it may call oneDNN's i
 torch's own compiler uses) instead of ``F.linear`` (MKL's matrix-vector product). Which of the two streams
 weights faster depends on the processor: oneDNN's was twice MKL's on one machine of ours and a quarter
 slower on another. So ``autotune_linear(weights)`` times both, once per process, on the model's own weights
-as a decode step reads them (every weight once, out of cache), interleaved, and keeps the faster; until
-then, and where no oneDNN kernel exists, ``F.linear`` is used. Only float32 takes the oneDNN path (bf16
+as a decode step reads them (every weight once, out of cache), interleaved, and takes oneDNN only when it is
+clearly faster (``ONEDNN_MARGIN``): the two round differently, and processes of one machine (a local engine and
+the servers it is compared with) should not choose differently because of timing noise. Until then, and where no
+oneDNN kernel exists, ``F.linear`` is used. Only float32 takes the oneDNN path (bf16
 ``F.linear`` already reaches oneDNN, fp16 has no oneDNN CPU kernel); large row counts (prefill) and other
 devices use ``F.linear``. ``set_fast_linear`` forces a choice (for comparisons; it also ends autotuning).
 """
@@ -26,6 +28,8 @@ ONEDNN_MAX_ROWS = 8
 _ONEDNN_DTYPES = (torch.float32,)  # bf16 F.linear already reaches oneDNN; fp16 has no CPU kernel
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _state = {"fast": False, "tuned": not _ONEDNN}
+ONEDNN_MARGIN = 1.3
+"""oneDNN is chosen only when MKL takes at least this many times as long (a clear, repeatable difference)."""
 AUTOTUNE_BYTES = 96 * 1024 * 1024
 """Weights timed per kernel and round by ``autotune_linear`` (about twice a server CPU's last-level cache)."""
 
@@ -68,7 +72,7 @@ def autotune_linear(weights: list[torch.Tensor], rounds: int = 3) -> bool:
                 for w in sample:
                     kernel(xs[w.shape[1]], w)
                 best[onednn] = min(best[onednn], time.perf_counter() - start)
-    _state["fast"], _state["tuned"] = best[True] < best[False], True
+    _state["fast"], _state["tuned"] = best[True] * ONEDNN_MARGIN < best[False], True
     return _state["fast"]
 
 

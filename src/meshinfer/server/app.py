@@ -31,6 +31,7 @@ from meshinfer import __version__
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.quant import weight_bytes
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.announce import Announcer
@@ -194,6 +195,7 @@ class BlockServer:
         t0 = time.perf_counter()
         span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype, "cpu", quant_config(cfg))
         self.weight_bytes = weight_bytes(span)
+        await asyncio.to_thread(autotune_linear, layer_weights(span))  # once per process: oneDNN or MKL
         log.info("loaded blocks %s (%s, weights %s: %.1f MB) in %.2f s", self.span_range, cfg.dtype, cfg.quant,
                  self.weight_bytes / 1e6, time.perf_counter() - t0)
         loop = StepLoop(span, self._on_results, limits=DEFAULT_LIMITS)
