@@ -38,13 +38,15 @@ class AttentionPlan:
     is_causal: bool
 
     @staticmethod
+    def first_slot(start: int, window: int | None) -> int:
+        """The first cached slot a query at slot ``start`` may still see (0 without a sliding window)."""
+        return 0 if window is None else max(0, start - window + 1)
+
+    @staticmethod
     def make(start: int, new_tokens: int, window: int | None, device: torch.device) -> AttentionPlan:
         """The plan for ``new_tokens`` queries at slots [start, start+T) over a cache filled up to ``start``."""
         t, end = new_tokens, start + new_tokens
-        if window is None:
-            lo = 0
-        else:
-            lo = max(0, start - window + 1)  # the first slot the first query may still see
+        lo = AttentionPlan.first_slot(start, window)
         if t == 1:
             return AttentionPlan(lo, end, None, False)
         if start == 0 and (window is None or window >= t):
@@ -226,25 +228,18 @@ class TransformerBlock(nn.Module):
         slot: int,
         cos: torch.Tensor,  # [D]: the token's own position
         sin: torch.Tensor,
-        lo: int,  # the first cached slot it may see (sliding window), else 0
+        lo: int,  # the first cached slot it may see (``AttentionPlan.first_slot``)
     ) -> torch.Tensor:  # [1, 1, H]
         """``forward`` for one token of one sequence (same math, same cache writes), with fewer ops."""
-        d, nh, kvh = self.d, self.nh, self.kvh
-        qkv = self.qkv.forward(rms_norm(x, self.input_norm, self.eps))  # [1, 1, qkv]
-        qk = qkv.view(-1)[: self.qk_size].view(nh + kvh, d)  # queries and keys: [nh + kvh, D]
-        if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat((rms_norm(qk[:nh], self.q_norm, self.eps), rms_norm(qk[nh:], self.k_norm, self.eps)))
-        half = d // 2
-        qk = qk * cos + torch.cat((-qk[:, half:], qk[:, :half]), dim=-1) * sin  # rotate_half, all heads at once
+        nh, kvh, d = self.nh, self.kvh, self.d
+        qkv, qk = self._decode_qk(x, cos, sin)
         length = cache.length
         keys, values = cache.keys(slot)[0], cache.values(slot)[0]  # [kvh, M, D]
         keys[:, length] = qk[nh:]
         values[:, length] = qkv.view(-1)[self.qk_size :].view(kvh, d)
         out = F.scaled_dot_product_attention(  # a query group per kv head: [1, kvh, nh/kvh, D]
             qk[:nh].view(1, kvh, nh // kvh, d), keys[None, :, lo : length + 1], values[None, :, lo : length + 1])
-        x = x + self.o.forward(out.view(1, 1, nh * d))
-        gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))  # [1, 1, 2I]
-        return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
+        return self._decode_rest(x, out)
 
     def decode_masked(
         self,
@@ -258,18 +253,28 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:  # [1, 1, H]
         """``decode`` with static shapes, for ``models.compiled``: the cache write is an ``index_copy_`` at
         ``pos`` and attention covers the whole capacity under ``mask``."""
-        d, nh, kvh = self.d, self.nh, self.kvh
-        qkv = self.qkv.forward(rms_norm(x, self.input_norm, self.eps))  # [1, 1, qkv]
-        qk = qkv.view(-1)[: self.qk_size].view(nh + kvh, d)
-        if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat((rms_norm(qk[:nh], self.q_norm, self.eps), rms_norm(qk[nh:], self.k_norm, self.eps)))
-        half = d // 2
-        qk = qk * cos + torch.cat((-qk[:, half:], qk[:, :half]), dim=-1) * sin
+        nh, kvh, d = self.nh, self.kvh, self.d
+        qkv, qk = self._decode_qk(x, cos, sin)
         keys.index_copy_(2, pos, qk[nh:].view(1, kvh, 1, d))
         values.index_copy_(2, pos, qkv.view(-1)[self.qk_size :].view(1, kvh, 1, d))
         out = F.scaled_dot_product_attention(qk[:nh].view(1, kvh, nh // kvh, d), keys, values, attn_mask=mask)
-        x = x + self.o.forward(out.view(1, 1, nh * d))
-        gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))
+        return self._decode_rest(x, out)
+
+    def _decode_qk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # [1, 1, H] -> qkv [1, 1, qkv], rotated q|k [nh + kvh, D]
+        """A decode step's projection and its queries and keys normalised per head and rotated, all heads at once."""
+        nh, d = self.nh, self.d
+        qkv = self.qkv.forward(rms_norm(x, self.input_norm, self.eps))  # [1, 1, qkv]
+        qk = qkv.view(-1)[: self.qk_size].view(nh + self.kvh, d)  # queries and keys: [nh + kvh, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((rms_norm(qk[:nh], self.q_norm, self.eps), rms_norm(qk[nh:], self.k_norm, self.eps)))
+        half = d // 2
+        return qkv, qk * cos + torch.cat((-qk[:, half:], qk[:, :half]), dim=-1) * sin  # rotate_half
+
+    def _decode_rest(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:  # attn [1, kvh, nh/kvh, D]
+        """A decode step after attention: output projection, residual, SwiGLU MLP, residual -> [1, 1, H]."""
+        x = x + self.o.forward(attn.view(1, 1, self.nh * self.d))
+        gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))  # [1, 1, 2I]
         return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]

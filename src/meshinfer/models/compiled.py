@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from meshinfer.models.block import AttentionPlan
 from meshinfer.models.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class CompiledDecode:
         if graph is None:
             graph = self._graphs[m] = torch.compile(self._step, dynamic=False, fullgraph=True)
         slots = torch.arange(m, device=x.device)
-        masks = tuple((slots <= start) if w is None else (slots <= start) & (slots > start - w) for w in self.windows)
+        masks = tuple((slots <= start) & (slots >= AttentionPlan.first_slot(start, w)) for w in self.windows)
         kv = tuple(t for slot in range(cache.num_blocks) for t in (cache.keys(slot), cache.values(slot)))
         try:
             return graph(x, torch.tensor([start], device=x.device), cos, sin,

@@ -87,8 +87,6 @@ class LocalModel(TextGenerator):
         self.head = head
         self.span = span
         self.path = path
-        self.quant = "none"
-        self.head_quant = "none"
 
     @classmethod
     def from_pretrained(
@@ -114,9 +112,7 @@ class LocalModel(TextGenerator):
         autotune_linear(layer_weights(span))
         if compile:
             span.compile_decode()
-        model = cls(ckpt.spec, head, span, ckpt.path)
-        model.quant, model.head_quant = quant, head_mode
-        return model
+        return cls(ckpt.spec, head, span, ckpt.path)
 
     @property
     def dtype(self) -> torch.dtype:

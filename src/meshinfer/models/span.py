@@ -151,8 +151,7 @@ class BlockSpan(nn.Module):
                 cache.advance(1)
                 return y
             for slot, layer in enumerate(self._layers):
-                lo = 0 if layer.window is None else max(0, start - layer.window + 1)
-                x = layer.decode(x, cache, slot, cos1, sin1, lo)
+                x = layer.decode(x, cache, slot, cos1, sin1, AttentionPlan.first_slot(start, layer.window))
             cache.advance(1)
             return x
         plans = {w: AttentionPlan.make(start, t, w, self.device) for w in self._windows}
