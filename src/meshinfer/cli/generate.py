@@ -120,9 +120,7 @@ def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, s
     pieces: list[str] = []
     start = time.perf_counter()
     first = start
-    stream = (generator.stream(ids, max_new_tokens, sampling) if stop_token_ids is None
-              else generator.stream(ids, max_new_tokens, sampling, stop_token_ids))
-    for token in stream:
+    for token in generator.stream(ids, max_new_tokens, sampling, stop_token_ids):
         if not result.generated_token_ids:
             first = time.perf_counter()
         result.generated_token_ids.append(int(token))
