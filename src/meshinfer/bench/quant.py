@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     ckpt = Checkpoint(path)
-    q4 = ckpt.is_gguf and any(t in ("Q4_0", "Q4_1") for t in _gguf_types(path))
+    q4 = ckpt.has_gguf_q4
     variants = _variants(args)
     _note(f"bench quant on {name}: {', '.join(variants)}")
     models: dict[str, Any] = {}
@@ -254,11 +254,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _note("  timing llama.cpp (llama-bench) on the same GGUF...")
         out["llama_cpp"] = _llama_bench(args.llama_bench, gguf.resolve(), args.threads, n)
     return out
-
-
-def _gguf_types(path: Path) -> set[str]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        return {str(v[0]) for v in config["meshinfer_gguf"]["tensors"].values()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return set()

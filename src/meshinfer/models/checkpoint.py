@@ -44,7 +44,7 @@ from meshinfer.models.gguf_view import VIEW_GGUF, container_of, read_metadata
 from meshinfer.models.head import ClientHead
 from meshinfer.models.hugepages import rehome
 from meshinfer.models.kv_cache import torch_dtype
-from meshinfer.models.quant import GGUF_GROUP, Q4Source, QuantConfig, quantize_block, quantize_head
+from meshinfer.models.quant import Q4Source, QuantConfig, quantize_block, quantize_head
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
@@ -81,6 +81,11 @@ class Checkpoint:
     def is_gguf(self) -> bool:
         """Whether the tensors are GGUF-encoded (a GGUF view or a fetched copy of one)."""
         return self.gguf is not None
+
+    @property
+    def has_gguf_q4(self) -> bool:
+        """Whether some tensors are GGUF Q4_0/Q4_1 (which int4 takes as they are: ``gguf_q4_sources``)."""
+        return self.gguf is not None and any(t[0] in Q4_TYPES for t in self.gguf["tensors"].values())
 
     # ---- discovery ----------------------------------------------------------------------------
 
@@ -228,7 +233,7 @@ class Checkpoint:
             if self.gguf is not None:
                 raw = self.read_ggml(names)
                 tensors = {n: t.dequantize(torch.float32) for n, t in raw.items()}
-                if quant is not None and quant.mode == "int4" and quant.group_size in (None, GGUF_GROUP):
+                if quant is not None and quant.takes_gguf_q4:
                     sources = gguf_q4_sources(raw, i)
             else:
                 tensors = self.read(names)
@@ -252,6 +257,7 @@ class Checkpoint:
         return head
 
 
+Q4_TYPES = ("Q4_0", "Q4_1")
 _FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
           "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
 
@@ -262,7 +268,7 @@ def gguf_q4_sources(raw: dict[str, GgmlTensor], block: int) -> dict[tuple[int, s
     out: dict[tuple[int, str], Q4Source] = {}
     for fused, parts in _FUSED.items():
         tensors = [raw[f"model.layers.{block}.{part}.weight"] for part in parts]
-        if all(t.ggml_type in ("Q4_0", "Q4_1") for t in tensors):
+        if all(t.ggml_type in Q4_TYPES for t in tensors):
             out[(block, fused)] = q4_decompose(cat_rows(tensors) if len(tensors) > 1 else tensors[0])
     return out
 

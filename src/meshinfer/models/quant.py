@@ -94,6 +94,12 @@ class QuantConfig:
                 )
 
     @property
+    def takes_gguf_q4(self) -> bool:
+        """Whether GGUF Q4_0/Q4_1 weights become int4 as they are (int4 with the group size left to the source
+        or equal to theirs), rather than being re-quantized."""
+        return self.mode == "int4" and self.group_size in (None, GGUF_GROUP)
+
+    @property
     def group(self) -> int:
         """The int4 group size for weights quantized from floats."""
         return self.group_size or DEFAULT_GROUP

@@ -81,11 +81,12 @@ def span_length(config: ServerConfig, spec: ModelSpec, gguf_q4: bool = False) ->
     from meshinfer.models.quant import GGUF_GROUP, block_weight_bytes
 
     size = DTYPE_BYTES.get(config.dtype, 4)
-    native = gguf_q4 and config.quant == "int4" and config.quant_group_size in (None, GGUF_GROUP)
+    quant = quant_config(config)
+    native = gguf_q4 and quant.takes_gguf_q4
     return auto_span_length(
         spec.num_blocks, requested=config.num_blocks,
         free_bytes=available_memory() if config.num_blocks is None else None,
-        weight_bytes=block_weight_bytes(spec, quant_config(config), size, GGUF_GROUP if native else None),
+        weight_bytes=block_weight_bytes(spec, quant, size, GGUF_GROUP if native else None),
         kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens, dtype_bytes=size),
     )
 
@@ -134,8 +135,8 @@ async def prepare(config: ServerConfig, p2p: P2PConfig, model_ref: str, settings
                               f"{spec.num_blocks} blocks (valid: 0:{spec.num_blocks} or any part of it)")
         if not fetched:
             _check_local(ckpt, fixed)
-        q4 = bool(ckpt.gguf) and any(t[0] in ("Q4_0", "Q4_1") for t in ckpt.gguf["tensors"].values())
-        length, why_length = span_length(config, spec, q4) if fixed is None else (len(fixed), "--blocks")
+        length, why_length = (span_length(config, spec, ckpt.has_gguf_q4) if fixed is None
+                              else (len(fixed), "--blocks"))
         model_id = await asyncio.to_thread(checkpoint_fingerprint, model_dir)
         name = config.model_name or (model_dir.resolve().name if not fetched else model_ref)
         card = ModelCard(model_id=model_id, name=name[:256], family=spec.family, num_blocks=spec.num_blocks,
