@@ -27,7 +27,9 @@ from meshinfer.p2p import ECHO_PROTOCOL, LoopThread, MessageStream, PeerNode, St
 from meshinfer.p2p.stream import StreamTimeout
 from meshinfer.testing.procs import ManagedProcess, python_argv, wait_gone
 from meshinfer.types import BlockRange
-from meshinfer.wire import (
+from meshinfer.wire.framing import HEADER, MAGIC, check_magic, frames_of, parse_header
+from meshinfer.wire.messages import (
+    ERROR_CODES,
     PROTOCOL_VERSION,
     Error,
     ErrorCode,
@@ -37,11 +39,9 @@ from meshinfer.wire import (
     Pong,
     Step,
     StepResult,
-    decode_tensor,
     encode_message,
-    encode_tensor,
 )
-from meshinfer.wire.framing import HEADER, MAGIC, check_magic, frames_of, parse_header
+from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 SERVER_READ_TIMEOUT = 2.0
 
@@ -122,7 +122,7 @@ def check_outcome(data: bytes, outcome: list[Any]) -> None:
     for i, msg in enumerate(messages):
         assert isinstance(msg, Error | Pong | Opened | StepResult), outcome
         if isinstance(msg, Error):
-            assert msg.code in ErrorCode.ALL, msg
+            assert msg.code in ERROR_CODES, msg
             assert i == len(messages) - 1 and end in ("closed", "broken"), outcome  # an Error ends the stream
     if data[0] != MAGIC or len(data) >= 6:
         try:

@@ -13,9 +13,10 @@ import torch
 
 from meshinfer.errors import LimitExceededError, RemoteError, TransportError, WireError
 from meshinfer.p2p.stream import MessageStream, StreamClosed, StreamSettings, StreamTimeout, run_handler
-from meshinfer.wire import Error, ErrorCode, Ping, Pong, Step, StepResult, decode_tensor, encode_tensor
 from meshinfer.wire.framing import HEADER, MAGIC, frames_of
 from meshinfer.wire.limits import MIB, WireLimits
+from meshinfer.wire.messages import Error, ErrorCode, Ping, Pong, Step, StepResult
+from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 Body = Callable[[MessageStream, MessageStream], Awaitable[Any]]
 

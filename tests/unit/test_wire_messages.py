@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.types import BlockRange
-from meshinfer.wire import (
+from meshinfer.wire.codec import VersionMismatchError
+from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.messages import (
     PROTOCOL_VERSION,
     Close,
     Error,
@@ -22,14 +24,12 @@ from meshinfer.wire import (
     Pong,
     Step,
     StepResult,
-    VersionMismatchError,
     decode_message,
     encode_message,
-    encode_tensor,
     error_code_for,
     error_message,
 )
-from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.tensor import encode_tensor
 
 HIDDEN = encode_tensor(torch.randn(3, 16))
 

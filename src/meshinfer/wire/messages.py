@@ -3,10 +3,10 @@
 Contract: every message is a frozen msgspec Struct in the tagged union ``Message`` (tag field
 ``type``) and carries ``v`` = ``PROTOCOL_VERSION``. ``encode_message`` gives msgpack bytes;
 ``decode_message`` turns arbitrary bytes into a ``Message`` or raises ``WireError`` (subclasses:
-``LimitExceededError``, ``VersionMismatchError``) and nothing else; it also checks every tensor the
-message carries against ``WireLimits`` (no allocation beyond the bytes already received).
-``error_code_for`` maps such an exception to the ``Error.code`` to send back. This module knows
-nothing about streams, peers or models; it never pickles.
+``LimitExceededError``, ``wire.codec.VersionMismatchError``) and nothing else (through ``wire.codec``); it
+also checks every tensor the message carries against ``WireLimits`` (no allocation beyond the bytes already
+received). ``ErrorCode`` is the closed set of ``Error.code`` values; ``error_code_for`` maps such an exception
+to the one to send back. This module knows nothing about streams, peers or models; it never pickles.
 
 A session, as seen by a server::
 
@@ -20,40 +20,37 @@ A session, as seen by a server::
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Final
 
 import msgspec
 
-from meshinfer.errors import LimitExceededError, MeshinferError, WireError
+from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.types import DTYPES, BlockRange
+from meshinfer.wire.codec import Codec, failure_code, mismatch
 from meshinfer.wire.limits import DEFAULT_LIMITS, WireLimits
 from meshinfer.wire.tensor import Tensor, check_tensor
 
 PROTOCOL_VERSION: Final = 1
 
 
-class VersionMismatchError(WireError):
-    """The peer speaks another protocol version."""
+class ErrorCode(enum.StrEnum):
+    """The closed set of ``Error.code`` values (their plain string values on the wire)."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_MODEL = "unknown_model"
+    SPAN_NOT_SERVED = "span_not_served"
+    UNKNOWN_SESSION = "unknown_session"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    OVERLOADED = "overloaded"
+    VERSION_MISMATCH = "version_mismatch"
+    TIMEOUT = "timeout"
+    NEXT_HOP_FAILED = "next_hop_failed"
+    INTERNAL = "internal"
 
 
-class ErrorCode:
-    """The closed set of ``Error.code`` values (plain strings on the wire)."""
-
-    BAD_REQUEST: Final = "bad_request"
-    UNKNOWN_MODEL: Final = "unknown_model"
-    SPAN_NOT_SERVED: Final = "span_not_served"
-    UNKNOWN_SESSION: Final = "unknown_session"
-    LIMIT_EXCEEDED: Final = "limit_exceeded"
-    OVERLOADED: Final = "overloaded"
-    VERSION_MISMATCH: Final = "version_mismatch"
-    TIMEOUT: Final = "timeout"
-    NEXT_HOP_FAILED: Final = "next_hop_failed"
-    INTERNAL: Final = "internal"
-
-    ALL: Final = frozenset({
-        "bad_request", "unknown_model", "span_not_served", "unknown_session", "limit_exceeded",
-        "overloaded", "version_mismatch", "timeout", "next_hop_failed", "internal",
-    })
+ERROR_CODES: Final = frozenset(code.value for code in ErrorCode)
+"""Every ``Error.code`` value as a plain string (a received code is a ``str``, not an ``ErrorCode``)."""
 
 
 SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -115,18 +112,21 @@ class Opened(_Base, tag="opened"):
     v: int = PROTOCOL_VERSION
 
 
-class Step(_Base, tag="step"):
+class _StepOf(_Base):
+    """What a step and its result both start with: which step of which session (fields in wire order)."""
+
     session_id: SessionId
     step_id: NonNegative
+
+
+class Step(_StepOf, tag="step"):
     position: NonNegative
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
 
 
-class StepResult(_Base, tag="step_result"):
-    session_id: SessionId
-    step_id: NonNegative
+class StepResult(_StepOf, tag="step_result"):
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
@@ -170,49 +170,6 @@ Message = Open | Opened | Step | StepResult | Retarget | Close | Error | Ping | 
 MESSAGE_TYPES: Final = (Open, Opened, Step, StepResult, Retarget, Close, Error, Ping, Pong)
 
 
-class _VersionProbe(msgspec.Struct):
-    v: int = PROTOCOL_VERSION
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
-_probe = msgspec.msgpack.Decoder(_VersionProbe)
-
-
-def encode_message(msg: Message) -> bytes:
-    """msgpack bytes of ``msg`` (a member of ``Message``)."""
-    if not isinstance(msg, MESSAGE_TYPES):
-        raise WireError(f"not a wire message: {type(msg).__name__}")
-    return _encoder.encode(msg)
-
-
-def _peer_version(data: bytes | memoryview) -> int | None:
-    try:
-        return _probe.decode(data).v
-    except Exception:
-        return None
-
-
-def decode_message(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> Message:
-    """Decode and validate one message; raise WireError (or a subclass) for anything malformed."""
-    try:
-        msg = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, MeshinferError, ValueError, TypeError,
-            OverflowError, RecursionError) as err:
-        version = _peer_version(data)
-        if version is not None and version != PROTOCOL_VERSION:
-            raise VersionMismatchError(
-                f"peer speaks protocol version {version}, this peer speaks {PROTOCOL_VERSION}"
-            ) from None
-        raise WireError(f"malformed message: {str(err)[:200]}") from None
-    if msg.v != PROTOCOL_VERSION:
-        raise VersionMismatchError(
-            f"peer speaks protocol version {msg.v}, this peer speaks {PROTOCOL_VERSION}"
-        )
-    _check(msg, limits)
-    return msg
-
-
 def _check(msg: Message, limits: WireLimits) -> None:
     if isinstance(msg, Step | StepResult):
         check_tensor(msg.hidden, limits)
@@ -229,15 +186,25 @@ def _check(msg: Message, limits: WireLimits) -> None:
         )
 
 
-def error_code_for(err: BaseException) -> str:
+_codec: Codec[Message] = Codec(
+    Message, MESSAGE_TYPES, version=PROTOCOL_VERSION, kind="wire message", label="message",
+    version_error=mismatch("", PROTOCOL_VERSION), probe_version=True, check=_check,
+)
+
+
+def encode_message(msg: Message) -> bytes:
+    """msgpack bytes of ``msg`` (a member of ``Message``)."""
+    return _codec.encode(msg)
+
+
+def decode_message(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Decode and validate one message; raise WireError (or a subclass) for anything malformed."""
+    return _codec.decode(data, limits)
+
+
+def error_code_for(err: BaseException) -> ErrorCode:
     """The ``Error.code`` that reports ``err`` to the peer that caused it."""
-    if isinstance(err, VersionMismatchError):
-        return ErrorCode.VERSION_MISMATCH
-    if isinstance(err, LimitExceededError):
-        return ErrorCode.LIMIT_EXCEEDED
-    if isinstance(err, WireError):
-        return ErrorCode.BAD_REQUEST
-    return ErrorCode.INTERNAL
+    return ErrorCode(failure_code(err))
 
 
 def error_message(err: BaseException, *, session_id: str | None = None, step_id: int | None = None) -> Error:

@@ -13,17 +13,18 @@ carrying ``v`` = ``PIECES_VERSION``; it is a protocol of its own, separate from 
 part of the schema (names, piece and manifest sizes) and the stream carrying these messages has already
 bounded the whole message before it was read (``WireLimits.max_message_bytes``), so decoding allocates no
 more than what was received. ``decode_piece_message`` raises only ``WireError`` (``VersionMismatchError``
-for another version); nothing is ever pickled. Pure: no I/O.
+for another version, ``LimitExceededError`` over a size bound), through ``wire.codec``; nothing is ever
+pickled. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Final, Literal
 
 import msgspec
 
-from meshinfer.errors import LimitExceededError, MeshinferError, WireError
-from meshinfer.wire.messages import VersionMismatchError
+from meshinfer.wire.codec import Codec, failure_code, mismatch
 
 PIECES_PROTOCOL: Final = "/meshinfer/pieces/1"
 PIECES_VERSION: Final = 1
@@ -31,18 +32,19 @@ MAX_PIECE_BYTES: Final = 16 * 1024 * 1024
 MAX_MANIFEST_BYTES: Final = 48 * 1024 * 1024
 
 
-class PieceErrorCode:
-    """The closed set of ``PieceError.code`` values."""
+class PieceErrorCode(enum.StrEnum):
+    """The closed set of ``PieceError.code`` values (their plain string values on the wire)."""
 
-    BAD_REQUEST: Final = "bad_request"
-    UNKNOWN_MODEL: Final = "unknown_model"
-    UNKNOWN_PIECE: Final = "unknown_piece"
-    VERSION_MISMATCH: Final = "version_mismatch"
-    LIMIT_EXCEEDED: Final = "limit_exceeded"
-    INTERNAL: Final = "internal"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_PIECE = "unknown_piece"
+    VERSION_MISMATCH = "version_mismatch"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    INTERNAL = "internal"
 
-    ALL: Final = frozenset({"bad_request", "unknown_model", "unknown_piece", "version_mismatch",
-                            "limit_exceeded", "internal"})
+
+PIECE_ERROR_CODES: Final = frozenset(code.value for code in PieceErrorCode)
+"""Every ``PieceError.code`` value as a plain string."""
 
 
 ModelIdText = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
@@ -66,19 +68,20 @@ class ManifestData(_Base, tag="manifest"):
     v: int = PIECES_VERSION
 
 
-class GetPiece(_Base, tag="get_piece"):
+class _PieceOf(_Base):
+    """What a piece request and its answer both start with: which piece of which model (in wire order)."""
+
     model_id: ModelIdText
     kind: Kind
     name: ItemName
     index: PieceIndex
+
+
+class GetPiece(_PieceOf, tag="get_piece"):
     v: int = PIECES_VERSION
 
 
-class PieceData(_Base, tag="piece"):
-    model_id: ModelIdText
-    kind: Kind
-    name: ItemName
-    index: PieceIndex
+class PieceData(_PieceOf, tag="piece"):
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_PIECE_BYTES)]
     v: int = PIECES_VERSION
 
@@ -93,50 +96,22 @@ PieceMessage = GetManifest | ManifestData | GetPiece | PieceData | PieceError
 PIECE_MESSAGE_TYPES: Final = (GetManifest, ManifestData, GetPiece, PieceData, PieceError)
 
 
-class _VersionProbe(msgspec.Struct):
-    v: int = PIECES_VERSION
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(PieceMessage)
-_probe = msgspec.msgpack.Decoder(_VersionProbe)
+_codec: Codec[PieceMessage] = Codec(
+    PieceMessage, PIECE_MESSAGE_TYPES, version=PIECES_VERSION, kind="piece-protocol message",
+    label="piece message", version_error=mismatch("pieces ", PIECES_VERSION), probe_version=True,
+    length_limits=True,
+)
 
 
 def encode_piece_message(msg: PieceMessage) -> bytes:
-    if not isinstance(msg, PIECE_MESSAGE_TYPES):
-        raise WireError(f"not a piece-protocol message: {type(msg).__name__}")
-    return _encoder.encode(msg)
+    return _codec.encode(msg)
 
 
 def decode_piece_message(data: bytes | memoryview) -> PieceMessage:
     """Decode and validate one message; raise WireError (or a subclass) for anything malformed."""
-    try:
-        msg = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, MeshinferError, ValueError, TypeError,
-            OverflowError, RecursionError) as err:
-        try:
-            version = _probe.decode(data).v
-        except Exception:
-            version = None
-        if version is not None and version != PIECES_VERSION:
-            raise VersionMismatchError(
-                f"peer speaks pieces protocol version {version}, this peer speaks {PIECES_VERSION}") from None
-        if "length" in str(err) and "<=" in str(err):
-            raise LimitExceededError(f"piece message over a size limit: {str(err)[:200]}") from None
-        raise WireError(f"malformed piece message: {str(err)[:200]}") from None
-    if msg.v != PIECES_VERSION:
-        raise VersionMismatchError(f"peer speaks pieces protocol version {msg.v}, this peer speaks {PIECES_VERSION}")
-    return msg
+    return _codec.decode(data)
 
 
 def piece_error_for(err: BaseException) -> PieceError:
     """The ``PieceError`` reporting a decoding failure ``err`` to the peer that caused it."""
-    if isinstance(err, VersionMismatchError):
-        code = PieceErrorCode.VERSION_MISMATCH
-    elif isinstance(err, LimitExceededError):
-        code = PieceErrorCode.LIMIT_EXCEEDED
-    elif isinstance(err, WireError):
-        code = PieceErrorCode.BAD_REQUEST
-    else:
-        code = PieceErrorCode.INTERNAL
-    return PieceError(code=code, message=(str(err) or type(err).__name__)[:4096])
+    return PieceError(code=PieceErrorCode(failure_code(err)), message=(str(err) or type(err).__name__)[:4096])

@@ -4,7 +4,7 @@ Contract: the payloads peers publish in the DHT, as frozen msgspec Structs in on
 (``DhtRecord``), plus the key helpers. Every record lives under a key below with a subkey owned by
 the writing peer (its peer id, or ``<peer id>/<tag>``); signing and validation are
 ``meshinfer.p2p``'s job, this module only defines and checks the schema. ``decode_record`` raises
-only ``WireError``. Pure: no I/O, no torch, no network.
+only ``WireError`` (through ``wire.codec``). Pure: no I/O, no torch, no network.
 
 Compatibility within one ``RECORD_VERSION``: fields are only ever added, with defaults, so a record
 written before a field existed still decodes (the field takes its default), and unknown fields are
@@ -24,8 +24,10 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from meshinfer.errors import ConfigError, MeshinferError, WireError
+from meshinfer.errors import ConfigError, WireError
 from meshinfer.types import DTYPES, BlockRange, ModelId
+from meshinfer.wire.codec import Codec
+from meshinfer.wire.limits import WireLimits
 
 RECORD_VERSION: Final = 1
 MODELS_KEY: Final = "models"
@@ -106,8 +108,6 @@ class SeedRecord(msgspec.Struct, frozen=True, tag_field="type", tag="seed"):
 
 DhtRecord = ModelCard | ServerRecord | SeedRecord
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(DhtRecord)
 
 
 def model_key(model_id: ModelId) -> str:
@@ -122,26 +122,27 @@ def seed_key(model_id: ModelId) -> str:
     return f"seed:{model_id}"
 
 
-def encode_record(record: DhtRecord) -> bytes:
-    if not isinstance(record, ModelCard | ServerRecord | SeedRecord):
-        raise WireError(f"not a DHT record: {type(record).__name__}")
-    return _encoder.encode(record)
-
-
-def decode_record(data: bytes | memoryview) -> DhtRecord:
-    """Decode and validate a record payload; raise WireError for anything malformed or inconsistent."""
-    try:
-        record = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, MeshinferError, ValueError, TypeError,
-            OverflowError, RecursionError) as err:
-        raise WireError(f"malformed DHT record: {str(err)[:200]}") from None
-    if record.v != RECORD_VERSION:
-        raise WireError(f"DHT record version {record.v}, this peer reads version {RECORD_VERSION}")
+def _check(record: DhtRecord, _limits: WireLimits) -> None:
     if isinstance(record, ModelCard) and record.dtype not in DTYPES:
         raise WireError(f"model card dtype {record.dtype[:32]!r} is not one of {', '.join(DTYPES)}")
     if isinstance(record, SeedRecord) and any(r.end > record.num_blocks for r in record.blocks):
         raise WireError(f"seed record names blocks beyond the model's {record.num_blocks}")
-    return record
+
+
+_codec: Codec[DhtRecord] = Codec(
+    DhtRecord, (ModelCard, ServerRecord, SeedRecord), version=RECORD_VERSION, kind="DHT record",
+    label="DHT record", version_error=lambda v: WireError(f"DHT record version {v}, this peer reads version "
+                                                          f"{RECORD_VERSION}"), check=_check,
+)
+
+
+def encode_record(record: DhtRecord) -> bytes:
+    return _codec.encode(record)
+
+
+def decode_record(data: bytes | memoryview) -> DhtRecord:
+    """Decode and validate a record payload; raise WireError for anything malformed or inconsistent."""
+    return _codec.decode(data)
 
 
 def check_server_record(record: ServerRecord, num_blocks: int | None = None) -> None:
