@@ -13,7 +13,14 @@ class MeshinferError(Exception):
 
 
 class ConfigError(MeshinferError):
-    """A bad flag, option or configuration value."""
+    """A bad flag, option or configuration value (what the user gave is wrong; giving another value fixes it)."""
+
+
+class UsageError(MeshinferError):
+    """The API was used in a way its current state does not allow: a call on an object that is closed ("the
+    session is closed", "the model is closed"), before what must come first ("call start() first"), or out of
+    order. Not a bad value (that is ``ConfigError``) and not the network (``TransportError``): the calling code
+    is what to fix."""
 
 
 class UnsupportedModelError(MeshinferError):

@@ -24,10 +24,10 @@ from weights_helpers import span_output
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import CheckpointError, ConfigError
+from meshinfer.loopthread import LoopThread
 from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
 from meshinfer.models.fingerprint import checkpoint_fingerprint, manifest_tensors
 from meshinfer.p2p.node import NodeSettings, PeerNode
-from meshinfer.p2p.runner import LoopThread
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, start_dht
 from meshinfer.types import BlockRange
 from meshinfer.weights.fetch import FetchProgress, FetchResult, ensure_local, fetch

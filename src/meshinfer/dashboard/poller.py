@@ -28,6 +28,7 @@ from meshinfer.config import P2PConfig
 from meshinfer.dashboard.doc import dashboard_payload, swarm_doc
 from meshinfer.dashboard.rtt import RttCache, ping_server
 from meshinfer.errors import ConfigError
+from meshinfer.loopthread import run_on
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class SwarmPoller:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self.run(), name="dashboard-poller")
         else:
-            asyncio.run_coroutine_threadsafe(begin(), loop).result(timeout)
+            run_on(loop, begin(), timeout)
         return self
 
     async def aclose(self) -> None:
@@ -240,4 +241,4 @@ class SwarmPoller:
         if self._loop is None or self._loop.is_closed():
             return
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self.aclose(), self._loop).result(timeout)
+            run_on(self._loop, self.aclose(), timeout)
