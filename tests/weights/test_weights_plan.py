@@ -48,7 +48,7 @@ def test_stealing_waits_for_steal_after_or_a_lost_peer() -> None:
 
 
 def test_a_rejected_piece_bans_its_sender_and_goes_elsewhere() -> None:
-    bans = PeerBans(ban_seconds=60.0)
+    bans = PeerBans(ban_s=60.0)
     planner = PiecePlanner({i: ["A", "B"] for i in range(4)}, now=0.0, bans=bans)
     bad = planner.take("A", 0.0)
     assert bad is not None
@@ -73,7 +73,7 @@ def test_unavailable_pieces_move_on_or_get_stuck() -> None:
 
 
 def test_a_failed_peer_backs_off_and_comes_back() -> None:
-    bans = PeerBans(backoff_base=1.0)
+    bans = PeerBans(base_s=1.0)
     planner = PiecePlanner({i: ["A", "B"] for i in range(4)}, now=0.0, bans=bans, steal_after=10.0)
     inflight = planner.take("A", 0.0)
     wait = planner.peer_failed("A", 0.0)
@@ -103,7 +103,7 @@ def test_dropping_a_peer_leaves_its_only_pieces_stuck() -> None:
 
 @pytest.mark.parametrize(("failures", "wait"), [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (20, 60.0)])
 def test_backoff_doubles_up_to_a_cap(failures: int, wait: float) -> None:
-    bans = PeerBans(backoff_base=1.0, backoff_max=60.0)
+    bans = PeerBans(base_s=1.0, max_s=60.0)
     for _ in range(failures - 1):
         bans.fail("P", 0.0)
     assert bans.fail("P", 0.0) == wait

@@ -2,7 +2,7 @@
 
 Contract: ``Recovery`` is the part of ``InferenceSession`` (``meshinfer.client.session``) that swaps a
 failed ``HopSession`` for a fresh chain of servers covering the same blocks: ban the failed peer
-(``BanList``), plan a replacement with the session's ``replan`` (retrying while the swarm has none, for
+(``PeerBans``), plan a replacement with the session's ``replan`` (retrying while the swarm has none, for
 at most half the step deadline), open sessions there without push, replay the span's input history
 through them in chunks (each replacement's outputs are the next one's history; the last one's are
 dropped: the next hop already holds them), splice them into the route and record a ``Failover``. A
@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from meshinfer.client.bans import BanList
 from meshinfer.client.hops import Failover, HopFailure, HopSession
 from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError, TransportError
 from meshinfer.types import BlockRange
+from meshinfer.weights.bans import PeerBans
 from meshinfer.wire.messages import Close, Hop, Retarget, Step, StepResult
 from meshinfer.wire.tensor import encode_tensor
 
@@ -40,7 +40,7 @@ class Recovery:
     """Failover methods of ``InferenceSession`` (a mixin: it declares what it uses of the session)."""
 
     hops: list[HopSession]
-    bans: BanList
+    bans: PeerBans
     replan: Replanner | None
     max_failovers: int
     step_timeout: float
@@ -63,7 +63,7 @@ class Recovery:
         assert self.replan is not None
         history = list(failed.inputs)
         for _attempt in range(self.max_failovers):
-            exclude = frozenset(self.bans.banned(time.monotonic()))
+            exclude = frozenset(self.bans.avoided(time.monotonic()))
             route = await self._replan(failed.hop.span, exclude, started)
             fresh = [HopSession(h, secrets.token_hex(12)) for h in route]
             try:

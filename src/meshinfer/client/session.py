@@ -14,7 +14,7 @@ Failover (given a ``replan`` function): a hop FAILS when its stream breaks (serv
 when it answers with an error that says it cannot go on (``FAILOVER_CODES``: shutting down, unknown
 session, internal error...), when opening it fails, or when it stalls: no progress for
 ``stall_timeout`` (adaptive: many times the usual time per token, at least ``min_stall_s``; a hung
-server is found in seconds, not at the step deadline). The failed peer is banned (``BanList``, with
+server is found in seconds, not at the step deadline). The failed peer is banned (``PeerBans``, with
 exponential backoff, shared by the client's sessions); ``replan`` gives a chain of other servers for
 the lost blocks (possibly several); sessions are opened there and the span's history is replayed
 through them in chunks (rebuilding their KV caches; the outputs of the last one are dropped: the next
@@ -42,7 +42,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from meshinfer.client.bans import BanList
 from meshinfer.client.hops import FAILOVER_CODES, Failover, HopFailure, HopSession, replaceable
 from meshinfer.client.recovery import Recovery, Replanner
 from meshinfer.client.routing import RouteHop
@@ -50,6 +49,7 @@ from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, 
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.node import PeerNode
 from meshinfer.types import canonical_dtype
+from meshinfer.weights.bans import PeerBans
 from meshinfer.wire.messages import (
     Burst,
     Close,
@@ -78,7 +78,7 @@ class InferenceSession(Recovery):
 
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                  dtype: str = "float32", push: bool = True, step_timeout: float = 60.0,
-                 max_chunk_tokens: int = 2048, replan: Replanner | None = None, bans: BanList | None = None,
+                 max_chunk_tokens: int = 2048, replan: Replanner | None = None, bans: PeerBans | None = None,
                  max_failovers: int = 8, min_stall_s: float = 3.0, open_timeout: float = 15.0,
                  quant: str | None = None) -> None:
         if not route:
@@ -98,7 +98,7 @@ class InferenceSession(Recovery):
         self.step_timeout = step_timeout
         self.max_chunk_tokens = max_chunk_tokens
         self.replan = replan
-        self.bans = bans if bans is not None else BanList()
+        self.bans = bans if bans is not None else PeerBans()
         self.max_failovers = max_failovers
         self.min_stall_s = min_stall_s
         self.open_timeout = open_timeout
@@ -131,7 +131,7 @@ class InferenceSession(Recovery):
                    dtype: str = "float32", push: bool = True, open_timeout: float = 15.0,
                    step_timeout: float = 60.0, max_chunk_tokens: int = 2048,
                    on_rtt: RttCallback | None = None, replan: Replanner | None = None,
-                   bans: BanList | None = None, max_failovers: int = 8,
+                   bans: PeerBans | None = None, max_failovers: int = 8,
                    min_stall_s: float = 3.0, quant: str | None = None) -> InferenceSession:
         """Open a session on every hop of ``route``. A hop that cannot be opened is replaced (with
         ``replan``); without ``replan`` it is all or nothing (a failure closes what was opened)."""

@@ -22,13 +22,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from meshinfer.client.bans import BanList
 from meshinfer.client.routing import NoRouteError, RouteHop, plan_uniform_route
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError
 from meshinfer.p2p.announce import Coverage, read_coverage
 from meshinfer.p2p.node import NodeSettings, PeerNode
 from meshinfer.types import BlockRange, PeerIdStr, check_quant
+from meshinfer.weights.bans import PeerBans
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class SwarmView:
         self.node = node
         self.dht_timeout = dht_timeout
         self.max_age = max_age
-        self.bans = BanList()
+        self.bans = PeerBans()
         """Peers that failed this client recently (sessions ban them; routes avoid them until the ban ends)."""
         self._cache: dict[str, _Cached] = {}
         self._rtt: dict[PeerIdStr, float] = {}
@@ -166,7 +166,7 @@ class SwarmView:
         of one quant mode (``quant``, else ``model.quant``, else the most precise that covers); retries for
         ``wait`` s while none exists."""
         wanted = blocks or BlockRange(0, model.num_blocks)
-        excluded = set(exclude) | self.bans.banned(time.monotonic())
+        excluded = set(exclude) | self.bans.avoided(time.monotonic())
         deadline = time.monotonic() + wait
         refresh = False
         while True:

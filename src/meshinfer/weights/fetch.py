@@ -253,7 +253,7 @@ async def fetch(node: PeerNode | None, model_id: str, *, want: Want | None = Non
     if max_download is not None and not max_download > 0:  # also refuses nan
         raise ConfigError(f"a download cap must be > 0 bytes/s, got {max_download:g}")
     want = want or Want.whole()
-    bans = bans or PROCESS_BANS
+    bans = bans if bans is not None else PROCESS_BANS
     started = time.monotonic()
     stats = FetchStats()
     manifest = await asyncio.to_thread(ModelStore.stored_manifest, cache_dir, model_id)

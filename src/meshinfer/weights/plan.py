@@ -9,55 +9,22 @@ most left) when that peer lost them (failed or banned), when the taker came back
 share went to others), or once ``steal_after`` seconds have passed since the start (a slow seeder does not
 hold the tail of a fetch back; a late starter still gets its share). A piece
 is never in flight twice. A rejected piece (wrong bytes) bans its sender and goes back to another holder;
-a piece with no holder left makes ``stuck()`` list it. ``PeerBans`` remembers banned peers (until a time)
-and failing peers (exponential backoff), and may be shared by several fetches. Time is passed in;
-no I/O, no asyncio, no network.
+a piece with no holder left makes ``stuck()`` list it. Banned and failing peers are kept in a
+``weights.bans.PeerBans`` (the client's failover uses the same class), which may be shared by several
+fetches. Time is passed in; no I/O, no asyncio, no network.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from meshinfer.weights.bans import PeerBans
+
+__all__ = ["PeerBans", "PiecePlanner", "holders_by_piece"]  # PeerBans: re-exported for fetch users
+
 P = TypeVar("P")  # a piece: any hashable value (``weights.manifest.PieceRef`` in practice)
-
-
-@dataclass
-class PeerBans:
-    """Banned peers (wrong bytes) and failing peers (backoff); all times are caller-supplied seconds."""
-
-    ban_seconds: float = 600.0
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    _banned_until: dict[str, float] = field(default_factory=dict)
-    _failures: dict[str, int] = field(default_factory=dict)
-    _retry_at: dict[str, float] = field(default_factory=dict)
-
-    def ban(self, peer: str, now: float) -> None:
-        self._banned_until[peer] = now + self.ban_seconds
-
-    def banned(self, peer: str, now: float) -> bool:
-        return self._banned_until.get(peer, float("-inf")) > now
-
-    def fail(self, peer: str, now: float) -> float:
-        """Record a failure; returns the seconds to wait before trying the peer again."""
-        n = self._failures.get(peer, 0) + 1
-        self._failures[peer] = n
-        wait = min(self.backoff_max, self.backoff_base * 2 ** (n - 1))
-        self._retry_at[peer] = now + wait
-        return wait
-
-    def succeed(self, peer: str) -> None:
-        self._failures.pop(peer, None)
-        self._retry_at.pop(peer, None)
-
-    def usable(self, peer: str, now: float) -> bool:
-        return not self.banned(peer, now) and self._retry_at.get(peer, float("-inf")) <= now
-
-    def failures(self, peer: str) -> int:
-        return self._failures.get(peer, 0)
 
 
 class PiecePlanner(Generic[P]):
@@ -65,7 +32,7 @@ class PiecePlanner(Generic[P]):
 
     def __init__(self, holders: Mapping[P, Sequence[str]], *, now: float, bans: PeerBans | None = None,
                  steal_after: float = 1.0) -> None:
-        self.bans = bans or PeerBans()
+        self.bans = bans if bans is not None else PeerBans()
         self.steal_after = steal_after
         self.start = now
         self._holders: dict[P, list[str]] = {p: sorted(set(h)) for p, h in holders.items()}

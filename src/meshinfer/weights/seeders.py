@@ -41,7 +41,7 @@ def holds(record: SeedRecord, group: Group) -> bool:
 async def find_seeders(node: PeerNode, model_id: str, *, timeout: float = 15.0,
                        peers: Collection[str] | None = None, bans: PeerBans | None = None) -> list[SeedRecord]:
     """The valid seed records of ``model_id`` (polling the DHT up to ``timeout`` s until one shows up)."""
-    bans = bans or PROCESS_BANS
+    bans = bans if bans is not None else PROCESS_BANS
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -67,7 +67,7 @@ async def open_pieces(node: PeerNode, record: SeedRecord, timeout: float = 10.0)
 async def get_manifest(node: PeerNode, seeders: list[SeedRecord], model_id: str, *, bans: PeerBans | None = None,
                        timeout: float = 30.0) -> Manifest:
     """The manifest of ``model_id`` from the first seeder that sends a valid one (wrong ones get banned)."""
-    bans = bans or PROCESS_BANS
+    bans = bans if bans is not None else PROCESS_BANS
     problems = []
     for record in random.sample(seeders, len(seeders)):
         try:

@@ -1,11 +1,11 @@
-"""The client's ban list: exponential backoff, forgiveness, expiry and bounded memory, with time passed in."""
+"""``PeerBans``: exponential backoff, forgiveness, bans, expiry and bounded memory, with time passed in."""
 
 from __future__ import annotations
 
 import pytest
 
-from meshinfer.client.bans import DEFAULT_MAX_PEERS, BanList
 from meshinfer.errors import ConfigError
+from meshinfer.weights.bans import DEFAULT_MAX_PEERS, PeerBans
 
 
 @pytest.mark.parametrize(
@@ -18,14 +18,14 @@ from meshinfer.errors import ConfigError
     ],
 )
 def test_backoff_sequence_and_cap(kwargs: dict, expected: list[float]) -> None:
-    bans = BanList(**kwargs)
+    bans = PeerBans(**kwargs)
     lengths = [bans.fail("A", now=0.0) for _ in expected]
     assert lengths == pytest.approx(expected)
     assert bans.failures("A") == len(expected)
 
 
 def test_many_failures_stay_at_the_cap_without_overflow() -> None:
-    bans = BanList(base_s=1.0, max_s=60.0, factor=10.0)
+    bans = PeerBans(base_s=1.0, max_s=60.0, factor=10.0)
     for _ in range(5000):
         length = bans.fail("A", now=0.0)
     assert length == 60.0
@@ -33,49 +33,49 @@ def test_many_failures_stay_at_the_cap_without_overflow() -> None:
 
 
 def test_ban_window_and_expiry() -> None:
-    bans = BanList(base_s=1.0, max_s=60.0)
+    bans = PeerBans(base_s=1.0, max_s=60.0)
     assert bans.fail("A", now=100.0) == 1.0
     assert bans.until("A") == 101.0
-    assert bans.is_banned("A", 100.0) and bans.is_banned("A", 100.999)
-    assert not bans.is_banned("A", 101.0)  # the ban ends at `until`
-    assert bans.banned(100.5) == {"A"}
-    assert bans.banned(101.5) == set()
-    assert not bans.is_banned("B", 100.0) and bans.until("B") is None
+    assert bans.backing_off("A", 100.0) and bans.backing_off("A", 100.999)
+    assert not bans.backing_off("A", 101.0)  # the ban ends at `until`
+    assert bans.avoided(100.5) == {"A"}
+    assert bans.avoided(101.5) == set()
+    assert not bans.backing_off("B", 100.0) and bans.until("B") is None
 
 
 def test_consecutive_failures_count_after_the_ban_ends_and_never_shorten_a_ban() -> None:
-    bans = BanList(base_s=1.0, max_s=60.0)
+    bans = PeerBans(base_s=1.0, max_s=60.0)
     bans.fail("A", now=0.0)  # until 1
     assert bans.fail("A", now=5.0) == 2.0  # the ban had ended, but the peer is not forgiven yet
     assert bans.until("A") == 7.0
-    bans = BanList(base_s=10.0, max_s=60.0, factor=1.0)
+    bans = PeerBans(base_s=10.0, max_s=60.0, factor=1.0)
     bans.fail("A", now=0.0)  # until 10
     bans.fail("A", now=-5.0)  # a late report of an older failure must not shorten the ban
     assert bans.until("A") == 10.0
 
 
 def test_succeed_forgives() -> None:
-    bans = BanList(base_s=1.0, max_s=60.0)
+    bans = PeerBans(base_s=1.0, max_s=60.0)
     for _ in range(3):
         bans.fail("A", now=0.0)
     bans.fail("B", now=0.0)
-    assert bans.is_banned("A", 1.0)
+    assert bans.backing_off("A", 1.0)
     bans.succeed("A")
     assert bans.failures("A") == 0 and bans.until("A") is None
-    assert not bans.is_banned("A", 1.0)
-    assert bans.banned(0.5) == {"B"}
+    assert not bans.backing_off("A", 1.0)
+    assert bans.avoided(0.5) == {"B"}
     assert bans.fail("A", now=2.0) == 1.0  # backoff starts again from the base
     bans.succeed("never-seen")  # harmless
     assert len(bans) == 2
 
 
 def test_stale_entries_are_forgotten() -> None:
-    bans = BanList(base_s=1.0, max_s=4.0, forget_s=10.0)
+    bans = PeerBans(base_s=1.0, max_s=4.0, forget_s=10.0)
     bans.fail("A", now=0.0)  # until 1
     bans.fail("B", now=5.0)  # until 6
-    assert bans.banned(10.0) == set()
+    assert bans.avoided(10.0) == set()
     assert len(bans) == 2  # ended, but not long ago: the counts are kept
-    assert bans.banned(12.0) == set()
+    assert bans.avoided(12.0) == set()
     assert bans.until("A") is None and bans.until("B") == 6.0  # A ended 11 s ago, B 6 s ago
     assert bans.fail("C", now=100.0) == 1.0  # failing also drops stale entries (from the oldest end)
     assert len(bans) == 1 and bans.until("B") is None
@@ -83,33 +83,64 @@ def test_stale_entries_are_forgotten() -> None:
 
 
 def test_default_forget_is_ten_max_bans() -> None:
-    bans = BanList(base_s=1.0, max_s=3.0)
+    bans = PeerBans(base_s=1.0, max_s=3.0)
     assert bans.forget_s == 30.0
     bans.fail("A", now=0.0)
-    bans.banned(30.9)
+    bans.avoided(30.9)
     assert bans.failures("A") == 1
-    bans.banned(31.1)
+    bans.avoided(31.1)
     assert bans.failures("A") == 0
 
 
 def test_size_is_bounded_dropping_the_least_recently_failed() -> None:
-    bans = BanList(max_peers=3)
+    bans = PeerBans(max_peers=3)
     for peer in ("p0", "p1", "p2"):
         bans.fail(peer, now=0.0)
     bans.fail("p0", now=0.0)  # p0 failed again: now the most recent
     bans.fail("p3", now=0.0)
     assert len(bans) == 3
     assert bans.until("p1") is None
-    assert bans.banned(0.5) == {"p0", "p2", "p3"}
+    assert bans.avoided(0.5) == {"p0", "p2", "p3"}
     assert bans.failures("p0") == 2
 
 
 def test_default_bound() -> None:
-    bans = BanList()
+    bans = PeerBans()
     for i in range(DEFAULT_MAX_PEERS + 50):
         bans.fail(f"peer{i}", now=float(i) * 1e-3)
     assert len(bans) == DEFAULT_MAX_PEERS == 10_000
     assert bans.until("peer0") is None and bans.until(f"peer{DEFAULT_MAX_PEERS + 49}") is not None
+
+
+def test_a_ban_lasts_ban_s_and_a_success_does_not_lift_it() -> None:
+    bans = PeerBans(ban_s=60.0)
+    bans.ban("A", now=0.0)
+    assert bans.banned("A", 59.9) and not bans.banned("A", 60.0)
+    assert not bans.backing_off("A", 1.0) and bans.failures("A") == 0  # banned, not failing
+    bans.succeed("A")
+    assert bans.banned("A", 1.0) and not bans.usable("A", 1.0)
+    bans.fail("B", now=0.0)
+    assert bans.avoided(0.5) == {"A", "B"} and bans.avoided(1.0) == {"A"} and len(bans) == 2
+    assert bans.avoided(60.0) == set() and len(bans) == 1  # the ended ban is dropped, B's count is kept
+    assert bans.usable("A", 60.0)
+
+
+def test_usable_is_neither_banned_nor_backing_off() -> None:
+    bans = PeerBans(base_s=1.0, max_s=60.0)
+    assert bans.fail("P", 0.0) == 1.0 and bans.fail("P", 0.0) == 2.0
+    assert not bans.usable("P", 1.99) and bans.usable("P", 2.0)
+    bans.succeed("P")
+    assert bans.usable("P", 0.0)
+
+
+def test_bans_are_bounded_dropping_ended_then_oldest() -> None:
+    bans = PeerBans(max_peers=2, ban_s=10.0)
+    bans.ban("old", now=0.0)
+    bans.ban("a", now=5.0)
+    bans.ban("b", now=11.0)  # "old" ended at 10: dropped first
+    assert bans.banned("a", 12.0) and bans.banned("b", 12.0)
+    bans.ban("c", now=12.0)  # none ended: the oldest ban goes
+    assert not bans.banned("a", 12.0) and bans.banned("b", 12.0) and bans.banned("c", 12.0)
 
 
 @pytest.mark.parametrize(
@@ -124,8 +155,10 @@ def test_default_bound() -> None:
         ({"factor": 0.0}, "factor"),
         ({"forget_s": -1.0}, "forget_s"),
         ({"max_peers": 0}, "max_peers"),
+        ({"ban_s": 0.0}, "ban_s"),
+        ({"ban_s": float("inf")}, "ban_s"),
     ],
 )
 def test_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        BanList(**kwargs)
+        PeerBans(**kwargs)
