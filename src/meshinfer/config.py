@@ -2,16 +2,29 @@
 
 Contract: plain dataclasses whose field docs (``help`` metadata) become CLI help. Values are only
 ever read from arguments given explicitly (CLI flags, Python calls); nothing here reads the
-environment or files at import time. Imports only leaves.
+environment or files at import time. ``cache_root()`` decides where meshinfer keeps its caches: it is the
+one place that reads ``$MESHINFER_CACHE_DIR`` (at call time). Imports only leaves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 from meshinfer.errors import ConfigError
+
+CACHE_DIR_ENV: Final = "MESHINFER_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where meshinfer keeps its caches (fingerprints, fetched and pulled models, GGUF views, test checkpoints,
+    each in a subdirectory): ``$MESHINFER_CACHE_DIR`` when set and not empty, else ``~/.cache/meshinfer``. Read
+    at each call, never at import, and nowhere else."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "meshinfer"
 
 
 def doc(default: Any, help: str, **extra: Any) -> Any:

@@ -19,8 +19,8 @@ safetensors headers list is in it with the same dtype, shape and size (tensor by
 a fetch verified them piece by piece; ``meshinfer manifest --rebuild DIR`` rewrites a stale one). Otherwise the
 manifest is built from the files (tensor byte ranges from the safetensors headers, read with ``pread``,
 never loaded whole). Results are cached in a JSON sidecar ``<cache>/fingerprints.json`` (``<cache>`` =
-``$MESHINFER_CACHE_DIR`` read at call time, else ``~/.cache/meshinfer``) keyed by the directory's
-absolute path and validated by each covered file's (name, size, mtime_ns), and built manifests in
+``meshinfer.config.cache_root()``, decided at each call; this module reads no environment) keyed by the
+directory's absolute path and validated by each covered file's (name, size, mtime_ns), and built manifests in
 ``<cache>/manifests/<id>.json``, so a big checkpoint is hashed once. The caches are caches only:
 unreadable or corrupt means "recompute", failed writes are ignored, writes are atomic (temp + rename).
 Safetensors headers are read by ``models.safetensors_files``. Problems are one-line ``CheckpointError``s.
@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from meshinfer.config import cache_root
 from meshinfer.errors import CheckpointError
 from meshinfer.models.safetensors_files import (
     DTYPE_BYTES,
@@ -65,12 +66,6 @@ MAX_SIDECAR_ENTRIES = 256
 _SIDECAR_VERSION = 2
 _BLOCK_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def cache_dir() -> Path:
-    """Where meshinfer caches small local state: ``$MESHINFER_CACHE_DIR`` or ``~/.cache/meshinfer``."""
-    env = os.environ.get("MESHINFER_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "meshinfer"
 
 
 # ---- manifests -----------------------------------------------------------------------------------
@@ -300,7 +295,7 @@ def _store_sidecar(path: Path, entries: dict[str, Any]) -> None:
 
 def _cached_manifest(model_id: str) -> dict[str, Any] | None:
     try:
-        data = (cache_dir() / "manifests" / f"{model_id}.json").read_bytes()
+        data = (cache_root() / "manifests" / f"{model_id}.json").read_bytes()
         doc = json.loads(data)
     except (OSError, ValueError):
         return None
@@ -317,8 +312,8 @@ def _compute(root: Path, files: list[Path]) -> tuple[str, dict[str, Any]]:
     if _signature(files) != signature:  # written to while we read: do not cache a torn read
         return model_id, doc
     if not stored:
-        _atomic_write(cache_dir() / "manifests" / f"{model_id}.json", canonical_manifest_bytes(doc), strict=False)
-    sidecar = cache_dir() / SIDECAR_NAME
+        _atomic_write(cache_root() / "manifests" / f"{model_id}.json", canonical_manifest_bytes(doc), strict=False)
+    sidecar = cache_root() / SIDECAR_NAME
     entries = _load_sidecar(sidecar)  # re-read: another process may have added entries meanwhile
     entries.pop(str(root), None)
     entries[str(root)] = {"id": model_id, "files": signature}
@@ -327,7 +322,7 @@ def _compute(root: Path, files: list[Path]) -> tuple[str, dict[str, Any]]:
 
 
 def _cached_id(root: Path, files: list[Path]) -> str | None:
-    cached = _load_sidecar(cache_dir() / SIDECAR_NAME).get(str(root))
+    cached = _load_sidecar(cache_root() / SIDECAR_NAME).get(str(root))
     if isinstance(cached, dict) and cached.get("files") == _signature(files) and isinstance(cached.get("id"), str):
         return str(cached["id"])
     return None

@@ -1,7 +1,7 @@
 """GGUF view directories: a GGUF file seen as a checkpoint directory, zero-copy, and where its tensors lie.
 
 Contract: ``gguf_view(path)`` turns a GGUF file (checked completely by ``models.gguf_file.GgufFile``) into a
-VIEW DIRECTORY ``<cache>/gguf/<stem>-<key>/`` (``<cache>``: the argument, else ``models.fingerprint.cache_dir()``;
+VIEW DIRECTORY ``<cache>/gguf/<stem>-<key>/`` (``<cache>``: the argument, else ``config.cache_root()``;
 ``key``: sha256 of the file's absolute path, size and mtime_ns, 16 hex characters) holding ``model.gguf`` (a
 symlink: the tensor bytes stay in the user's file), ``config.json`` (derived from the GGUF metadata, with a
 ``meshinfer_gguf`` section: version, architecture, ``qk_permuted`` and per HF tensor name its ggml type and
@@ -102,9 +102,9 @@ def is_gguf_view(root: str | os.PathLike[str]) -> bool:
 
 
 def views_root(cache: str | os.PathLike[str] | None = None) -> Path:
-    from meshinfer.models.fingerprint import cache_dir
+    from meshinfer.config import cache_root
 
-    return (Path(cache).expanduser() if cache is not None else cache_dir()) / _VIEWS
+    return (Path(cache).expanduser() if cache is not None else cache_root()) / _VIEWS
 
 
 def _source(path: str | os.PathLike[str]) -> tuple[Path, os.stat_result]:

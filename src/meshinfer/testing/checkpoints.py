@@ -7,11 +7,11 @@ generation_config.json, model.safetensors (or model.safetensors.index.json + 2 s
 tensor names and ``{"format": "pt"}`` metadata, and tokenizer files from ``testing.tokenizer``.
 Weights are random from seeded ``torch.Generator``s (one per tensor, derived from the seed and the
 tensor name), so a checkpoint is a pure function of its parameters. Directories live under a cache
-root (``cache_dir=`` argument, else ``$MESHINFER_CACHE_DIR/checkpoints`` read at call time, else
-``~/.cache/meshinfer/checkpoints``) under a name carrying a hash of every generator parameter and
-``GENERATOR_VERSION``; they are built in a temporary directory and renamed into place atomically,
-so concurrent processes never see a half-written checkpoint. This module knows nothing of our model
-engine or the network; it never imports ``transformers``.
+root (``cache_dir=`` argument, else ``config.cache_root()/checkpoints``, decided at call time:
+``$MESHINFER_CACHE_DIR/checkpoints``, else ``~/.cache/meshinfer/checkpoints``) under a name carrying a hash
+of every generator parameter and ``GENERATOR_VERSION``; they are built in a temporary directory and renamed
+into place atomically, so concurrent processes never see a half-written checkpoint. This module knows
+nothing of our model engine or the network; it never imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshinfer.config import cache_root as config_cache_root
 from meshinfer.errors import ConfigError
 from meshinfer.testing.tokenizer import (
     TokenizerRecipe,
@@ -289,13 +290,8 @@ def _write_checkpoint(recipe: _Recipe, directory: Path) -> None:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where checkpoints are cached: ``cache_dir``, else $MESHINFER_CACHE_DIR/checkpoints, else ~/.cache."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MESHINFER_CACHE_DIR")
-    if env:
-        return Path(env) / "checkpoints"
-    return Path.home() / ".cache" / "meshinfer" / "checkpoints"
+    """Where checkpoints are cached: ``cache_dir``, else ``config.cache_root()/checkpoints``."""
+    return Path(cache_dir) if cache_dir is not None else config_cache_root() / "checkpoints"
 
 
 def _materialise(recipe: _Recipe, cache_dir: str | os.PathLike[str] | None) -> Path:

@@ -11,7 +11,7 @@ as a ``gpt2`` vocabulary (tokens by id, merges, token types: the tokenizer's spe
 (3), the rest normal (1); pre-tokenizer ``gpt-2``: the tiny tokenizers split with ``ByteLevel(use_regex=True)``,
 which is GPT-2's regex; bos/eos/pad ids, ``add_bos_token`` when the tokenizer adds one, the chat template; llama.cpp's
 ``llama-tokenize`` loads them and gives the source tokenizer's ids). Files live under
-``models.fingerprint.cache_dir()/gguf-tests`` (the session cache in tests) under a name hashing every
+``config.cache_root()/gguf-tests`` (the session cache in tests) under a name hashing every
 parameter, the source checkpoint's name and ``GGUF_GENERATOR_VERSION``; they are written to a temporary file
 and renamed into place. Test helper only: never used by the engine; no network.
 """
@@ -41,8 +41,8 @@ _CONTROL, _NORMAL = 3, 1
 
 
 def gguf_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where tiny GGUFs are cached: ``cache_dir``, else ``models.fingerprint.cache_dir()/gguf-tests``."""
-    from meshinfer.models.fingerprint import cache_dir as meshinfer_cache
+    """Where tiny GGUFs are cached: ``cache_dir``, else ``config.cache_root()/gguf-tests``."""
+    from meshinfer.config import cache_root as meshinfer_cache
 
     return Path(cache_dir) if cache_dir is not None else meshinfer_cache() / "gguf-tests"
 

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshinfer.config import cache_root
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import cache_dir
 
 CHUNK = 1 << 20
 STAMP_SUFFIX = ".verified"
@@ -90,8 +90,8 @@ def is_catalogue_name(text: str) -> bool:
 
 
 def catalogue_root(cache: str | os.PathLike[str] | None = None) -> Path:
-    """Where pulled models live: ``<cache>/catalogue`` (``cache``: default ``$MESHINFER_CACHE_DIR`` or ~/.cache)."""
-    return (Path(cache).expanduser() if cache is not None else cache_dir()) / "catalogue"
+    """Where pulled models live: ``<cache>/catalogue`` (``cache``: default ``config.cache_root()``)."""
+    return (Path(cache).expanduser() if cache is not None else cache_root()) / "catalogue"
 
 
 def model_path(name: str, cache: str | os.PathLike[str] | None = None) -> Path:

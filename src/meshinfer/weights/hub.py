@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from meshinfer.config import cache_root
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import MANIFEST_FILES, cache_dir
+from meshinfer.models.fingerprint import MANIFEST_FILES
 from meshinfer.models.safetensors_files import INDEX_FILE, SINGLE_FILE
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
@@ -65,7 +66,7 @@ def shards_for(weight_map: dict[str, str], names: set[str]) -> list[str]:
 
 def _link_dir(snapshot: Path, repo: str, revision: str | None, cache: Path | None) -> Path:
     """A directory of links to the downloaded files plus an index of the shards present."""
-    base = (cache / "hub-links") if cache is not None else cache_dir() / "hub-links"
+    base = (cache / "hub-links") if cache is not None else cache_root() / "hub-links"
     out = base / (repo.replace("/", "--") + (f"@{revision.replace('/', '--')}" if revision else ""))
     out.mkdir(parents=True, exist_ok=True)
     for path in snapshot.iterdir():

@@ -1,18 +1,18 @@
 """The local weight cache: fetched pieces land in files laid out so that loading is a memory map.
 
 Contract: a fetched model lives in ``<cache>/<model_id>/`` (``<cache>`` = the caller's directory, else
-``$MESHINFER_CACHE_DIR/models``, else ``~/.cache/meshinfer/models``) and is a checkpoint directory that
-``models.checkpoint.Checkpoint`` opens: ``meshinfer-manifest.json`` (so its fingerprint IS the model id),
-the small files under their own names, one safetensors file per group (``block-00003.safetensors``,
-``client.safetensors``) and ``model.safetensors.index.json`` mapping the tensors of the groups held.
-A group being fetched is a preallocated ``<name>.partial`` file with its final safetensors header; each
-verified piece is written in place (``pwrite``); when every piece is in, the file is flushed and renamed to
-its final name and the index is rewritten (atomically). Resume needs no side file: a partial file's pieces
-are re-hashed from disk and only those that do not match are fetched again (a torn or missing write never
-passes). ``write`` verifies a piece's size and sha256 before writing and refuses wrong bytes. The disk
+``config.cache_root()/models``: ``$MESHINFER_CACHE_DIR/models``, else ``~/.cache/meshinfer/models``) and is a
+checkpoint directory that ``models.checkpoint.Checkpoint`` opens: ``meshinfer-manifest.json`` (so its
+fingerprint IS the model id), the small files under their own names, one safetensors file per group
+(``block-00003.safetensors``, ``client.safetensors``) and ``model.safetensors.index.json`` mapping the tensors
+of the groups held. A group being fetched is a preallocated ``<name>.partial`` file with its final safetensors
+header; each verified piece is written in place (``pwrite``); when every piece is in, the file is flushed and
+renamed to its final name and the index is rewritten (atomically). Resume needs no side file: a partial file's
+pieces are re-hashed from disk and only those that do not match are fetched again (a torn or missing write
+never passes). ``write`` verifies a piece's size and sha256 before writing and refuses wrong bytes. The disk
 budget (``check_budget``) is checked before anything is written: a fetch that would take the cache over
-``max_bytes`` is a one-line ``ConfigError``. One process fetches a model at a time (``lock``). File I/O
-only: no network, no torch; methods block, call them from a thread when on an event loop.
+``max_bytes`` is a one-line ``ConfigError``. One process fetches a model at a time (``lock``). File I/O only:
+no network, no torch; methods block, call them from a thread when on an event loop.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from meshinfer.config import cache_root
 from meshinfer.errors import CheckpointError, ConfigError
-from meshinfer.models.fingerprint import MANIFEST_NAME, cache_dir, write_manifest_file
+from meshinfer.models.fingerprint import MANIFEST_NAME, write_manifest_file
 from meshinfer.models.safetensors_files import INDEX_FILE
 from meshinfer.weights.manifest import CLIENT_GROUP, Group, Item, Manifest, PieceRef
 
@@ -39,8 +40,8 @@ LOCK_NAME = ".lock"
 
 
 def models_root(cache: str | os.PathLike[str] | None = None) -> Path:
-    """Where fetched models live: ``cache``, else ``$MESHINFER_CACHE_DIR/models``, else ~/.cache/meshinfer/models."""
-    return Path(cache).expanduser() if cache is not None else cache_dir() / "models"
+    """Where fetched models live: ``cache``, else ``config.cache_root()/models``."""
+    return Path(cache).expanduser() if cache is not None else cache_root() / "models"
 
 
 def group_filename(group: Group) -> str:
