@@ -145,11 +145,11 @@ def test_the_manifest_covers_tensors_config_and_metadata_but_not_the_tokenizer(t
 def test_a_copy_fetched_by_the_weight_store_is_the_same_checkpoint(tiny: Path, cache: Path, tmp_path: Path) -> None:
     """Pieces served from the view (``weights.seed``) and written by the real store (``weights.store``): a
     directory of safetensors containers, config.json, generation_config.json and gguf-metadata.json only."""
-    from meshinfer.weights.seed import LocalModel as SeededModel
+    from meshinfer.weights.seed import LocalPieces
     from meshinfer.weights.store import ModelStore
 
     view = gguf_view(tiny, cache=cache)
-    seeded = SeededModel(view)
+    seeded = LocalPieces(view)
     try:
         assert {g.key for g in seeded.held} == set(seeded.manifest.groups)  # a view serves everything
         store = ModelStore(tmp_path / "models", seeded.manifest)

@@ -11,22 +11,22 @@ from safetensors import safe_open
 from meshinfer.errors import CheckpointError, ConfigError
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.weights.manifest import CLIENT_GROUP, PieceRef, Want, block_group
-from meshinfer.weights.seed import LocalModel
+from meshinfer.weights.seed import LocalPieces
 from meshinfer.weights.store import ModelStore, directory_bytes, group_filename
 
 
 @pytest.fixture()
 def local(llama: Path):
-    model = LocalModel(llama)
+    model = LocalPieces(llama)
     yield model
     model.close()
 
 
-def _piece(local: LocalModel, ref: PieceRef) -> bytes:
+def _piece(local: LocalPieces, ref: PieceRef) -> bytes:
     return local.read_piece(ref.kind, ref.name, ref.index)
 
 
-def test_resume_rehashes_and_keeps_only_verified_pieces(local: LocalModel, tmp_path: Path) -> None:
+def test_resume_rehashes_and_keeps_only_verified_pieces(local: LocalPieces, tmp_path: Path) -> None:
     store = ModelStore(tmp_path, local.manifest)
     group = local.manifest.groups[block_group(2)]
     first = store.begin(group)
@@ -58,7 +58,7 @@ def test_resume_rehashes_and_keeps_only_verified_pieces(local: LocalModel, tmp_p
     assert store.is_complete(group)
 
 
-def test_wrong_bytes_are_refused(local: LocalModel, tmp_path: Path) -> None:
+def test_wrong_bytes_are_refused(local: LocalPieces, tmp_path: Path) -> None:
     store = ModelStore(tmp_path, local.manifest)
     partial = store.begin(local.manifest.groups[CLIENT_GROUP])
     ref = partial.open()[0]
@@ -76,7 +76,7 @@ def test_wrong_bytes_are_refused(local: LocalModel, tmp_path: Path) -> None:
     partial.close()
 
 
-def test_finished_files_are_safetensors_that_map_the_same_tensors(local: LocalModel, llama: Path,
+def test_finished_files_are_safetensors_that_map_the_same_tensors(local: LocalPieces, llama: Path,
                                                                  tmp_path: Path) -> None:
     store = ModelStore(tmp_path, local.manifest)
     store.write_manifest()
@@ -94,7 +94,7 @@ def test_finished_files_are_safetensors_that_map_the_same_tensors(local: LocalMo
     assert (store.path / "config.json").read_bytes() == (llama / "config.json").read_bytes()
 
 
-def test_disk_budget_is_checked_before_writing(local: LocalModel, tmp_path: Path) -> None:
+def test_disk_budget_is_checked_before_writing(local: LocalPieces, tmp_path: Path) -> None:
     store = ModelStore(tmp_path, local.manifest)
     groups = local.manifest.groups_for(Want.whole())
     needed = store.needed_bytes(groups)
@@ -110,7 +110,7 @@ def test_disk_budget_is_checked_before_writing(local: LocalModel, tmp_path: Path
     assert not store.path.exists()  # nothing written by a check
 
 
-def test_one_fetching_process_per_model(local: LocalModel, tmp_path: Path) -> None:
+def test_one_fetching_process_per_model(local: LocalPieces, tmp_path: Path) -> None:
     store = ModelStore(tmp_path, local.manifest)
     fd = store.acquire_lock()
     try:

@@ -9,13 +9,13 @@ import torch
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.types import BlockRange
 from meshinfer.weights.manifest import Want
-from meshinfer.weights.seed import LocalModel
+from meshinfer.weights.seed import LocalPieces
 from meshinfer.weights.store import ModelStore
 
 
 def local_copy(src: Path, cache: Path, want: Want) -> Path:
     """Copy ``want`` of ``src`` into a cache through the same store a fetch uses (pieces from disk)."""
-    local = LocalModel(src)
+    local = LocalPieces(src)
     try:
         store = ModelStore(cache, local.manifest)
         store.write_manifest()

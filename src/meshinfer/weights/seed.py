@@ -1,6 +1,6 @@
 """Seeding: serve the pieces of the weights a peer has on disk, and announce them in the DHT.
 
-Contract: ``LocalModel(dir)`` is a checkpoint directory seen as pieces: its manifest (``checkpoint_manifest``:
+Contract: ``LocalPieces(dir)`` is a checkpoint directory seen as pieces: its manifest (``checkpoint_manifest``:
 stored, cached or built; its hash is the model id), where each tensor of the manifest lies on disk (byte
 ranges from the safetensors headers; a tensor whose dtype, shape or size differ from the manifest is not
 served) and which groups it holds whole (blocks, client part, small files). ``read_piece`` reads one piece
@@ -67,7 +67,7 @@ def block_runs(blocks: list[int]) -> list[BlockRange]:
     return out
 
 
-class LocalModel:
+class LocalPieces:
     """The pieces a checkpoint directory holds (full or partial), readable by (kind, name, index)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -149,7 +149,7 @@ class Seeder:
         self.limiter = RateLimiter(max_upload) if max_upload is not None else None
         self.node, self.ttl, self.refresh = node, ttl, refresh
         self.corrupt_pieces = corrupt_pieces  # TEST FAULT INJECTOR: flips a byte of every piece served
-        self.models: dict[str, LocalModel] = {}
+        self.models: dict[str, LocalPieces] = {}
         self.served: Counter[str] = Counter()
         """Pieces served, per requesting peer id."""
         self.errors: Counter[str] = Counter()
@@ -157,9 +157,9 @@ class Seeder:
         self._handling = False
         self._task: asyncio.Task[None] | None = None
 
-    async def add(self, directory: str | os.PathLike[str]) -> LocalModel:
+    async def add(self, directory: str | os.PathLike[str]) -> LocalPieces:
         """Serve the pieces of ``directory`` (hashing it first if needed) and announce them now."""
-        model = await asyncio.to_thread(LocalModel, directory)
+        model = await asyncio.to_thread(LocalPieces, directory)
         old = self.models.get(model.model_id)
         self.models[model.model_id] = model
         if old is not None:
