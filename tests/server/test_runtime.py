@@ -11,7 +11,8 @@ import torch
 
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.span import BlockSpan
-from meshinfer.server.runtime import Piece, StepLoop
+from meshinfer.server.runtime import StepLoop
+from meshinfer.server.scheduler import Piece
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Burst, ErrorCode
@@ -21,6 +22,12 @@ from meshinfer.wire.tensor import Tensor, decode_tensor, encode_tensor
 class _NoOutbox:
     async def send(self, msg: object) -> None:
         raise AssertionError("the runtime never sends")
+
+    def send_nowait(self, payload: bytes) -> bool:
+        raise AssertionError("the runtime never sends")
+
+    async def close(self, timeout: float = 2.0) -> None:
+        raise AssertionError("the runtime never closes")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +56,9 @@ def _job(session: Session, step_id: int, position: int, x: torch.Tensor, arrived
 def _run(loop: StepLoop, job: StepJob) -> torch.Tensor:
     (result,) = loop.execute([Piece(job, 0, job.tokens)])
     assert result is not None
-    out, err = result
-    assert err is None, err
-    assert out is not None
-    return decode_tensor(out)
+    assert result.error is None, result.error
+    assert result.output is not None
+    return decode_tensor(result.output)
 
 
 def _turns(loop: StepLoop) -> list[list[tuple[str, int, int]]]:
@@ -158,10 +164,9 @@ def test_execute_refuses_a_gap_and_reports_per_step(served: BlockSpan) -> None:
     _run(loop, _job(session, 0, 0, torch.zeros(2, 64)))
     bad, fine = loop.execute([Piece(_job(session, 1, 5, torch.zeros(1, 64)), 0, 1),
                               Piece(_job(other, 0, 0, torch.zeros(1, 64)), 0, 1)])
-    assert fine is not None and fine[0] is not None and fine[1] is None  # the other session is unaffected
-    assert bad is not None
-    gap = bad
-    assert gap[1].code == ErrorCode.BAD_REQUEST and "holds only 2 tokens" in str(gap[1])
+    assert fine is not None and fine.output is not None and fine.error is None  # the other session is unaffected
+    assert bad is not None and bad.error is not None
+    assert bad.error.code == ErrorCode.BAD_REQUEST and "holds only 2 tokens" in str(bad.error)
     assert session.cache.length == 2  # the refused step changed nothing
 
 
@@ -177,7 +182,7 @@ def test_loop_delivers_in_order_and_skips_ended_sessions(served: BlockSpan) -> N
 
     async def main() -> None:
         loop = StepLoop(served, lambda finished: delivered.extend(
-            (job.session.session_id, job.step_id, out, err) for job, out, err in finished))
+            (f.job.session.session_id, f.job.step_id, f.output, f.error) for f in finished))
         a = _session(loop, BlockRange(0, 4), "a")
         gone = _session(loop, BlockRange(0, 4), "gone")
         loop.start()
@@ -223,7 +228,7 @@ def test_an_incomplete_burst_runs_once_its_hold_ends(served: BlockSpan) -> None:
     delivered: list[int] = []
 
     async def main() -> None:
-        loop = StepLoop(served, lambda finished: delivered.extend(job.step_id for job, _, _ in finished),
+        loop = StepLoop(served, lambda finished: delivered.extend(f.job.step_id for f in finished),
                         burst_hold_s=0.3)
         a = _session(loop, BlockRange(0, 4), "a")
         loop.start()

@@ -207,19 +207,19 @@ class BlockServer:
                  measured.single, self.span_range, measured.batch, measured.batch_size)
         if self.service is None:
             self.service = SessionService(
-                model_id=self.model_id, peer_id=self.peer_id, loop=loop,
+                model_id=self.model_id, peer_id=self.peer_id, steps=loop,
                 budget=MemoryBudget(cfg.cache_tokens, cfg.max_sessions), limits=DEFAULT_LIMITS,
                 max_step_tokens=cfg.max_step_tokens, idle_timeout=cfg.session_idle_timeout,
                 on_change=self._status_dirty.set, quant=cfg.quant,
             )
             self.pool = PushPool(self.node, self.service.on_push_error, settings=self.node.settings.stream)
-            self.service.pool = self.pool
+            self.service.delivery.pool = self.pool
             loop.start()
             self.service.start()
             await self.node.handle(SESSION_PROTOCOL, self.service.handle_session)
             await self.node.handle(PUSH_PROTOCOL, self.service.handle_push)
         else:  # after a move: the same service (its handlers and push streams stay) on the new span's loop
-            self.service.loop = loop
+            self.service.steps = loop
             self.service.accepting = True
             loop.start()
             self.service.start()
