@@ -36,7 +36,7 @@ from meshinfer.errors import MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.announce import Announcer
-from meshinfer.p2p.node import NodeSettings, PeerNode
+from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
@@ -51,7 +51,7 @@ from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
 from meshinfer.wire.limits import DEFAULT_LIMITS
-from meshinfer.wire.records import ModelCard, ServerRecord, ServerState
+from meshinfer.wire.records import ServerRecord, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -97,38 +97,14 @@ class BlockServer:
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
 
-    @property
-    def node(self) -> PeerNode:
-        return self.who.node
-
-    @property
-    def model_id(self) -> str:
-        return self.who.model_id
-
-    @property
-    def card(self) -> ModelCard:
-        return self.who.card
-
-    @property
-    def peer_id(self) -> str:
-        return self.node.peer_id
-
-    @property
-    def maddrs(self) -> list[str]:
-        return self.node.maddrs
-
-    @property
-    def throughput(self) -> float:
-        return self.serving.measured.single
-
     def info(self) -> dict[str, Any]:
         """What launchers and tests need to know once the server is ready (JSON-friendly)."""
-        measured = self.serving.measured
-        return {"peer_id": self.peer_id, "maddrs": self.maddrs, "model_id": self.model_id,
-                "model_name": self.card.name, "blocks": str(self.span_range),
-                "num_blocks": self.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
+        measured, who = self.serving.measured, self.who
+        return {"peer_id": who.node.peer_id, "maddrs": who.node.maddrs, "model_id": who.model_id,
+                "model_name": who.card.name, "blocks": str(self.span_range),
+                "num_blocks": who.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
                 "weight_bytes": self.serving.weight_bytes,
-                "throughput": round(self.throughput, 2), "cache_tokens": self.config.cache_tokens,
+                "throughput": round(measured.single, 2), "cache_tokens": self.config.cache_tokens,
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
@@ -197,20 +173,20 @@ class BlockServer:
     async def _serve(self) -> None:
         """Serve the loaded span and the protocols, announce ``online``, seed, start the background tasks."""
         self._start_serving()
-        await self.node.handle(SESSION_PROTOCOL, self.service.handle_session)
-        await self.node.handle(PUSH_PROTOCOL, self.service.handle_push)
+        await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session)
+        await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push)
         await self._announce_online()
         cfg = self.config
         try:
             max_upload = cfg.max_upload * MB if cfg.max_upload is not None else None
-            self.seeder = await start_seeding(self.node, self.model_dir, max_upload=max_upload)
+            self.seeder = await start_seeding(self.who.node, self.model_dir, max_upload=max_upload)
         except MeshinferError as err:  # seeding is a service to others: serving goes on without it
             log.warning("cannot seed the pieces of %s: %s", self.model_dir, err)
         self._tasks.append(asyncio.create_task(self._announce_status(), name="announce-status"))
         if cfg.auto_placement and cfg.rebalance_interval > 0:
             self.rebalancer = Rebalancer(
-                read=lambda: read_snapshot(self.node, self.model_id, self.card.num_blocks), move=self.move,
-                me=self.record, num_blocks=self.card.num_blocks, interval=cfg.rebalance_interval,
+                read=lambda: read_snapshot(self.who.node, self.who.model_id, self.who.card.num_blocks), move=self.move,
+                me=self.record, num_blocks=self.who.card.num_blocks, interval=cfg.rebalance_interval,
                 balance_quality=cfg.balance_quality)
             self._tasks.insert(0, asyncio.create_task(self.rebalancer.run(), name="rebalance"))
             log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
@@ -227,7 +203,7 @@ class BlockServer:
         self.state = "online"
         await self._publish_now()
         log.info("online: serving blocks %s of %s to sessions (%d tokens of KV cache, at most %d sessions)",
-                 self.span_range, self.card.name, cfg.cache_tokens, cfg.max_sessions)
+                 self.span_range, self.who.card.name, cfg.cache_tokens, cfg.max_sessions)
 
     async def _publish_now(self) -> None:
         await publish(self.announcer, self.record())
@@ -280,7 +256,7 @@ class BlockServer:
             await self._publish_now()
             try:
                 if self.model_ref is not None:  # fetch the new span's pieces first, then seed them too
-                    self.model_dir = await ensure_local(self.node, self.model_ref, blocks=span, client_part=False,
+                    self.model_dir = await ensure_local(self.who.node, self.model_ref, blocks=span, client_part=False,
                                                         max_download=self.config.max_download_bytes)
                     self.ckpt = await asyncio.to_thread(Checkpoint, self.model_dir)
                     if self.seeder is not None:
@@ -315,7 +291,7 @@ class BlockServer:
         except Exception:
             log.warning("error while draining", exc_info=True)
         await _close_all((self.announcer.stop, self.seeder.close if self.seeder else None, self.serving.steps.stop,
-                          self.pool.close, self.node.close), self.metrics)
+                          self.pool.close, self.who.node.close), self.metrics)
 
 
 async def _close_all(closers: tuple[Callable[[], Awaitable[None]] | None, ...], metrics: ServerMetrics | None) -> None:

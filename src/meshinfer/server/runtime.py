@@ -151,18 +151,6 @@ class StepLoop:
     def queued_steps(self) -> int:
         return self.scheduler.queued_steps
 
-    @property
-    def queued_sessions(self) -> int:
-        return self.scheduler.queued_sessions
-
-    @property
-    def steps_done(self) -> int:
-        return self.scheduler.steps_done
-
-    @property
-    def tokens_done(self) -> int:
-        return self.scheduler.tokens_done
-
     # ---- the loop ----------------------------------------------------------------------------
 
     def schedule(self) -> list[Piece]:
