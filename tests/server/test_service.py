@@ -48,8 +48,8 @@ def span(meshinfer_cache_dir: Path) -> BlockSpan:
 def _service(span: BlockSpan, idle_timeout: float = 60.0) -> tuple[SessionService, list[int]]:
     changes: list[int] = []
     holder: dict[str, SessionService] = {}
-    loop = StepLoop(span, lambda finished: holder["s"].on_results(finished))
-    service = SessionService(model_id="m", peer_id="me", steps=loop, budget=MemoryBudget(100, 4),
+    steps = StepLoop(span, lambda finished: holder["s"].on_results(finished))
+    service = SessionService(model_id="m", peer_id="me", steps=steps, budget=MemoryBudget(100, 4),
                              limits=DEFAULT_LIMITS, max_step_tokens=16, idle_timeout=idle_timeout,
                              on_change=lambda: changes.append(service.budget.tokens_left))
     holder["s"] = service
