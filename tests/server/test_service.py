@@ -31,6 +31,9 @@ class MemoryStream:
     async def send(self, msg: Message) -> None:
         self.sent.append(msg)
 
+    def send_nowait(self, payload: bytes) -> bool:
+        return False  # always the ordered async path
+
     async def close(self, timeout: float = 2.0) -> None:
         self.closed = True
 
@@ -45,8 +48,8 @@ def span(meshinfer_cache_dir: Path) -> BlockSpan:
 def _service(span: BlockSpan, idle_timeout: float = 60.0) -> tuple[SessionService, list[int]]:
     changes: list[int] = []
     holder: dict[str, SessionService] = {}
-    loop = StepLoop(span, lambda finished: holder["s"].on_results(finished))
-    service = SessionService(model_id="m", peer_id="me", loop=loop, budget=MemoryBudget(100, 4),
+    steps = StepLoop(span, lambda finished: holder["s"].on_results(finished))
+    service = SessionService(model_id="m", peer_id="me", steps=steps, budget=MemoryBudget(100, 4),
                              limits=DEFAULT_LIMITS, max_step_tokens=16, idle_timeout=idle_timeout,
                              on_change=lambda: changes.append(service.budget.tokens_left))
     holder["s"] = service
@@ -68,7 +71,7 @@ async def _until(cond, timeout: float = 10.0) -> None:
 def test_idle_sessions_expire_and_free_memory(span: BlockSpan) -> None:
     async def main() -> None:
         service, changes = _service(span, idle_timeout=0.3)
-        service.loop.start()
+        service.steps.start()
         service.start()
         stream = MemoryStream()
         session = await service.open(_open("a"), stream)  # type: ignore[arg-type]
@@ -78,7 +81,7 @@ def test_idle_sessions_expire_and_free_memory(span: BlockSpan) -> None:
         assert stream.closed and isinstance(stream.sent[-1], Error) and stream.sent[-1].code == ErrorCode.TIMEOUT
         assert changes == [60, 100]
         await service.shutdown()
-        await service.loop.stop()
+        await service.steps.stop()
 
     asyncio.run(main())
 
@@ -86,7 +89,7 @@ def test_idle_sessions_expire_and_free_memory(span: BlockSpan) -> None:
 def test_results_leave_in_order_and_local_push_and_shutdown(span: BlockSpan) -> None:
     async def main() -> None:
         service, _ = _service(span)
-        service.loop.start()
+        service.steps.start()
         service.start()
         s2, s1 = MemoryStream(), MemoryStream()
         await service.open(_open("second", span=BlockRange(2, 4)), s2)  # type: ignore[arg-type]
@@ -107,7 +110,7 @@ def test_results_leave_in_order_and_local_push_and_shutdown(span: BlockSpan) -> 
             assert isinstance(stream.sent[-1], Error) and stream.sent[-1].code == ErrorCode.OVERLOADED
         with pytest.raises(Exception, match="shutting down"):
             await service.open(_open("late"), MemoryStream())  # type: ignore[arg-type]
-        await service.loop.stop()
+        await service.steps.stop()
 
     asyncio.run(main())
 
@@ -118,7 +121,7 @@ def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) ->
         from meshinfer.wire.messages import Retarget
 
         service, _ = _service(span)
-        service.loop.start()
+        service.steps.start()
         service.start()
         s_old, s_new, s1 = MemoryStream(), MemoryStream(), MemoryStream()
         await service.open(_open("old", 20, span=BlockRange(2, 4)), s_old)  # type: ignore[arg-type]
@@ -143,7 +146,7 @@ def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) ->
         service.retarget(first, Retarget(session_id="first"))  # empty tail: push nowhere
         assert first.next_hop is None
         await service.shutdown()
-        await service.loop.stop()
+        await service.steps.stop()
 
     asyncio.run(main())
 
@@ -151,7 +154,7 @@ def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) ->
 def test_a_turns_outputs_leave_as_one_burst_per_destination(span: BlockSpan) -> None:
     async def main() -> None:
         service, _ = _service(span)
-        service.loop.start()
+        service.steps.start()
         service.start()
         firsts, seconds = [MemoryStream(), MemoryStream()], [MemoryStream(), MemoryStream()]
         sessions = []
@@ -171,6 +174,6 @@ def test_a_turns_outputs_leave_as_one_burst_per_destination(span: BlockSpan) -> 
         assert tag is not None and tag.size == 2
         assert all(isinstance(s.sent[0], StepResult) and s.sent[0].burst is None for s in firsts)  # copies: untagged
         await service.shutdown()
-        await service.loop.stop()
+        await service.steps.stop()
 
     asyncio.run(main())

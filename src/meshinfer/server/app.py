@@ -12,9 +12,12 @@ place every ``--rebalance-interval`` s; to move it drains (announces ``draining`
 open ones finish for up to ``--drain-timeout`` s, ends the rest with an ``Error``), loads the new span,
 re-measures and announces ``online`` there. The announced record always names the span being served (or, while
 ``joining``, about to be). ``stop()`` drains the same way, then stops the step loop and leaves the swarm; it
-is idempotent. Since issue 9 the model may also be a model id: ``server.prepare`` fetches config, tokenizer
-and then its span's pieces from the swarm's seeders (``weights.fetch.ensure_local``); the server seeds what it
-holds. Running it as a process (signals, stdin EOF) is ``server.run``; this module logs, never prints.
+is idempotent. A started ``BlockServer`` is complete: announcer, session service, push pool and ``serving``
+(``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
+``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
+id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's seeders
+(``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
+EOF) is ``server.run``; this module logs, never prints.
 """
 
 from __future__ import annotations
@@ -23,43 +26,37 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshinfer import __version__
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.ops import autotune_linear, layer_weights
-from meshinfer.models.quant import weight_bytes
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.announce import Announcer
-from meshinfer.p2p.node import NodeSettings, PeerNode
+from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
 from meshinfer.server.metrics import ServerMetrics, ServerSample
-from meshinfer.server.prepare import prepare, quant_config, read_snapshot
+from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
-from meshinfer.server.runtime import Finished, StepLoop
-from meshinfer.server.throughput import TYPICAL_BATCH, Throughput, measure_throughputs
+from meshinfer.server.serving import Identity, Serving, load_serving, publish
 from meshinfer.types import BlockRange
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
 from meshinfer.wire.limits import DEFAULT_LIMITS
-from meshinfer.wire.messages import PROTOCOL_VERSION
-from meshinfer.wire.records import ModelCard, ServerRecord, ServerState
+from meshinfer.wire.records import ServerRecord, ServerState
 
 log = logging.getLogger(__name__)
 
 STATUS_DEBOUNCE = 0.25
 """Seconds to gather session changes into one re-announcement."""
-PUBLISH_TIMEOUT = 5.0
-"""Most seconds one state change waits for the DHT (the refresh task retries after that)."""
 LEAVING_MESSAGE = "server is shutting down (leaving the swarm); open a session elsewhere"
 
 
@@ -71,72 +68,54 @@ def _torch_threads() -> int:
 
 @dataclass
 class BlockServer:
+    """A started block server (``start``): everything it serves with exists; a move swaps ``serving``."""
+
     config: ServerConfig
+    who: Identity
     model_dir: Path
-    span_range: BlockRange
-    model_id: str
-    card: ModelCard
-    node: PeerNode
-    ckpt: Checkpoint | None = None
-    announcer: Announcer | None = None
-    loop: StepLoop | None = None
-    service: SessionService | None = None
-    pool: PushPool | None = None
-    throughput: float = 0.0
-    measured: Throughput | None = None
-    state: ServerState = "joining"
-    rebalancer: Rebalancer | None = None
-    metrics: ServerMetrics | None = None
-    """Prometheus metrics, served at ``metrics.url`` when ``--metrics-port`` is set."""
-    metrics_host: str = "127.0.0.1"
-    model_ref: str | None = None
+    ckpt: Checkpoint
+    model_ref: str | None
     """The model id (or hub name) when the weights are fetched from the swarm; None for a local directory."""
+    announcer: Announcer
+    service: SessionService
+    pool: PushPool
+    serving: Serving
+    """The span loaded, its step loop and measurements (the last loaded: stopped while a move is under way)."""
+    span_range: BlockRange
+    """The announced span: the one served or, while ``joining``, about to be."""
+    metrics: ServerMetrics | None
+    """Prometheus metrics, served at ``metrics.url`` when ``--metrics-port`` is set."""
+    state: ServerState = "joining"
     seeder: Seeder | None = None
-    """Serves the pieces this server has on disk to peers fetching the model (``meshinfer.weights``)."""
+    """Serves the pieces this server has on disk to peers fetching the model (None: seeding failed)."""
+    rebalancer: Rebalancer | None = None
+    """Re-checks the placement (automatically placed servers with ``--rebalance-interval`` > 0)."""
     fatal: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     """Set when the server can no longer serve (a move failed and the old span could not be reloaded)."""
-    _status_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _rebalance_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
-    weight_bytes: int = 0
-    """Bytes of the loaded span's weights, as held (quantized or not); announced."""
-
-    @property
-    def peer_id(self) -> str:
-        return self.node.peer_id
-
-    @property
-    def maddrs(self) -> list[str]:
-        return self.node.maddrs
 
     def info(self) -> dict[str, Any]:
         """What launchers and tests need to know once the server is ready (JSON-friendly)."""
-        return {"peer_id": self.peer_id, "maddrs": self.maddrs, "model_id": self.model_id,
-                "model_name": self.card.name, "blocks": str(self.span_range),
-                "num_blocks": self.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
-                "weight_bytes": self.weight_bytes,
-                "throughput": round(self.throughput, 2), "cache_tokens": self.config.cache_tokens,
+        measured, who = self.serving.measured, self.who
+        return {"peer_id": who.node.peer_id, "maddrs": who.node.maddrs, "model_id": who.model_id,
+                "model_name": who.card.name, "blocks": str(self.span_range),
+                "num_blocks": who.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
+                "weight_bytes": self.serving.weight_bytes,
+                "throughput": round(measured.single, 2), "cache_tokens": self.config.cache_tokens,
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
-                "batch_throughput": round(self.measured.batch, 2) if self.measured else 0.0,
-                "batch_size": self.measured.batch_size if self.measured else 0,
+                "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
                 "metrics_url": self.metrics.url if self.metrics is not None else None}
 
     def record(self) -> ServerRecord:
-        left = self.service.budget.tokens_left if self.service is not None else self.config.cache_tokens
-        return ServerRecord(
-            peer_id=self.peer_id, model_id=self.model_id, span=self.span_range, state=self.state,
-            throughput=self.throughput, cache_tokens_left=left, addresses=self.maddrs[:16],
-            direct_addresses=self.node.direct_addresses[:8],
-            sessions=len(self.service.sessions) if self.service is not None else 0,
-            queued_steps=self.loop.queued_steps if self.loop is not None else 0,
-            batch_throughput=self.measured.batch if self.measured is not None else 0.0,
-            batch_size=self.measured.batch_size if self.measured is not None else 0,
-            software_version=__version__, public_name=self.config.public_name, protocol_version=PROTOCOL_VERSION,
-            quant=self.config.quant, weight_bytes=self.weight_bytes,
-        )
+        return self.who.record(self.span_range, self.state, self.serving, self.service)
+
+    def metrics_sample(self) -> ServerSample:
+        """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
+        return self.who.sample(self.span_range, self.state, self.serving, self.service)
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -152,112 +131,85 @@ class BlockServer:
         settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
         model_ref = str(model_dir or config.model)
         ready = await prepare(config, p2p, model_ref, settings)
-        server = cls(config, ready.model_dir, ready.span, ready.model_id, ready.card, ready.node, ckpt=ready.ckpt,
-                     metrics_host=p2p.host, model_ref=model_ref if ready.fetched else None)
+        who = Identity(config, ready.node, ready.model_id, ready.card)
+        log.info("peer %s joined the swarm at %s", who.node.peer_id, ", ".join(who.node.maddrs))
+        metrics = ServerMetrics() if config.metrics_port is not None else None
+        server: BlockServer | None = None
+        announcer: Announcer | None = None
+        first: Serving | None = None
         try:
+            if metrics is not None and config.metrics_port is not None:
+                def sample() -> ServerSample:
+                    if server is not None:
+                        return server.metrics_sample()
+                    return who.sample(ready.span, "joining", first, None)
+
+                url = metrics.serve(p2p.host, config.metrics_port, asyncio.get_running_loop(), sample)
+                log.info("Prometheus metrics at %s", url)
+            announcer = Announcer(who.node, who.card, who.record(ready.span, "joining", None, None),
+                                  ttl=config.announce_ttl, refresh=config.announce_refresh)
+            await announcer.start()
+            log.info("announced model %s (%s) blocks %s as joining", who.card.name, who.model_id, ready.span)
+            first = await load_serving(config, ready.ckpt, ready.span,
+                                       lambda finished: service.on_results(finished), metrics)
+            pool = PushPool(who.node, lambda err: service.on_push_error(err), settings=who.node.settings.stream)
+            service = SessionService(
+                model_id=who.model_id, peer_id=who.node.peer_id, steps=first.steps,
+                budget=MemoryBudget(config.cache_tokens, config.max_sessions), limits=DEFAULT_LIMITS,
+                max_step_tokens=config.max_step_tokens, idle_timeout=config.session_idle_timeout,
+                quant=config.quant, pool=pool)
+            server = cls(config, who, ready.model_dir, ready.ckpt, model_ref if ready.fetched else None, announcer,
+                         service, pool, first, ready.span, metrics)
+            service.on_change = server._status_dirty.set
             await server._serve()
         except BaseException:
-            await server.stop()
+            if server is not None:
+                await server.stop()
+            else:
+                await _abandon(who, ready.span, announcer, first, metrics)
             raise
         return server
 
     async def _serve(self) -> None:
+        """Serve the loaded span and the protocols, announce ``online``, seed, start the background tasks."""
+        self._start_serving()
+        await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session)
+        await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push)
+        await self._announce_online()
         cfg = self.config
-        log.info("peer %s joined the swarm at %s", self.peer_id, ", ".join(self.maddrs))
-        if cfg.metrics_port is not None:
-            self.metrics = ServerMetrics()
-            url = self.metrics.serve(self.metrics_host, cfg.metrics_port, asyncio.get_running_loop(),
-                                     self.metrics_sample)
-            log.info("Prometheus metrics at %s", url)
-        self.announcer = Announcer(self.node, self.card, self.record(), ttl=cfg.announce_ttl,
-                                   refresh=cfg.announce_refresh)
-        await self.announcer.start()
-        log.info("announced model %s (%s) blocks %s as joining", self.card.name, self.model_id, self.span_range)
-        await self._load_and_serve()
         try:
             max_upload = cfg.max_upload * MB if cfg.max_upload is not None else None
-            self.seeder = await start_seeding(self.node, self.model_dir, max_upload=max_upload)
+            self.seeder = await start_seeding(self.who.node, self.model_dir, max_upload=max_upload)
         except MeshinferError as err:  # seeding is a service to others: serving goes on without it
             log.warning("cannot seed the pieces of %s: %s", self.model_dir, err)
-        self._status_task = asyncio.create_task(self._announce_status(), name="announce-status")
+        self._tasks.append(asyncio.create_task(self._announce_status(), name="announce-status"))
         if cfg.auto_placement and cfg.rebalance_interval > 0:
             self.rebalancer = Rebalancer(
-                read=lambda: read_snapshot(self.node, self.model_id, self.card.num_blocks), move=self.move,
-                me=self.record, num_blocks=self.card.num_blocks, interval=cfg.rebalance_interval,
+                read=lambda: read_snapshot(self.who.node, self.who.model_id, self.who.card.num_blocks), move=self.move,
+                me=self.record, num_blocks=self.who.card.num_blocks, interval=cfg.rebalance_interval,
                 balance_quality=cfg.balance_quality)
-            self._rebalance_task = asyncio.create_task(self.rebalancer.run(), name="rebalance")
+            self._tasks.insert(0, asyncio.create_task(self.rebalancer.run(), name="rebalance"))
             log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
 
-    async def _load_and_serve(self) -> None:
-        """Load ``span_range``, measure it, (re)start serving it and announce ``online``."""
+    def _start_serving(self) -> None:
+        """Start the step loop of ``serving`` and the session service over it."""
+        self.service.steps = self.serving.steps
+        self.service.accepting = True
+        self.serving.steps.start()
+        self.service.start()
+
+    async def _announce_online(self) -> None:
         cfg = self.config
-        assert self.ckpt is not None
-        t0 = time.perf_counter()
-        span = await asyncio.to_thread(self.ckpt.load_span, self.span_range, cfg.dtype, "cpu", quant_config(cfg))
-        self.weight_bytes = weight_bytes(span)
-        await asyncio.to_thread(autotune_linear, layer_weights(span))  # once per process: oneDNN or MKL
-        log.info("loaded blocks %s (%s, weights %s: %.1f MB) in %.2f s", self.span_range, cfg.dtype, cfg.quant,
-                 self.weight_bytes / 1e6, time.perf_counter() - t0)
-        loop = StepLoop(span, self._on_results, limits=DEFAULT_LIMITS)
-        loop.on_step = self.metrics.on_step if self.metrics is not None else None
-        self.loop = loop
-        measured = await loop.call(measure_throughputs, span, TYPICAL_BATCH)
-        self.measured, self.throughput = measured, measured.single
-        log.info("measured %.1f decode tokens/s for blocks %s (%.1f aggregate at %d sessions)",
-                 measured.single, self.span_range, measured.batch, measured.batch_size)
-        if self.service is None:
-            self.service = SessionService(
-                model_id=self.model_id, peer_id=self.peer_id, loop=loop,
-                budget=MemoryBudget(cfg.cache_tokens, cfg.max_sessions), limits=DEFAULT_LIMITS,
-                max_step_tokens=cfg.max_step_tokens, idle_timeout=cfg.session_idle_timeout,
-                on_change=self._status_dirty.set, quant=cfg.quant,
-            )
-            self.pool = PushPool(self.node, self.service.on_push_error, settings=self.node.settings.stream)
-            self.service.pool = self.pool
-            loop.start()
-            self.service.start()
-            await self.node.handle(SESSION_PROTOCOL, self.service.handle_session)
-            await self.node.handle(PUSH_PROTOCOL, self.service.handle_push)
-        else:  # after a move: the same service (its handlers and push streams stay) on the new span's loop
-            self.service.loop = loop
-            self.service.accepting = True
-            loop.start()
-            self.service.start()
         self.state = "online"
         await self._publish_now()
         log.info("online: serving blocks %s of %s to sessions (%d tokens of KV cache, at most %d sessions)",
-                 self.span_range, self.card.name, cfg.cache_tokens, cfg.max_sessions)
+                 self.span_range, self.who.card.name, cfg.cache_tokens, cfg.max_sessions)
 
     async def _publish_now(self) -> None:
-        """Publish the current record at once (not through the refresh task: no racing duplicate); a DHT
-        that does not answer in time is logged and left to the refresh task."""
-        assert self.announcer is not None
-        self.announcer.record = self.record()
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                await self.announcer.publish()
-        except (TimeoutError, MeshinferError) as err:
-            log.warning("could not announce %s blocks %s now (%s); the refresh will retry",
-                        self.state, self.span_range, str(err) or "timeout")
-
-    def metrics_sample(self) -> ServerSample:
-        """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
-        service, cfg = self.service, self.config
-        left = service.budget.tokens_left if service is not None else cfg.cache_tokens
-        return ServerSample(
-            sessions_open=len(service.sessions) if service is not None else 0,
-            queued_steps=self.loop.queued_steps if self.loop is not None else 0,
-            kv_tokens_used=cfg.cache_tokens - left, kv_tokens_capacity=cfg.cache_tokens,
-            throughput=self.throughput, state=self.state, peer_id=self.peer_id, model_id=self.model_id,
-            model_name=self.card.name, span=str(self.span_range), version=__version__)
-
-    def _on_results(self, finished: list[Finished]) -> None:
-        assert self.service is not None
-        self.service.on_results(finished)
+        await publish(self.announcer, self.record())
 
     async def _announce_status(self) -> None:
         """Re-announce ``cache_tokens_left`` after sessions come and go (at most every debounce)."""
-        assert self.announcer is not None
         while True:
             await self._status_dirty.wait()
             await asyncio.sleep(STATUS_DEBOUNCE)
@@ -275,12 +227,8 @@ class BlockServer:
         """Announce ``draining``, refuse new sessions, wait up to ``--drain-timeout`` s for open ones to
         end, then end the rest with ``Error(overloaded, message)`` so their clients fail over."""
         self.state = "draining"
-        if self.service is not None:
-            self.service.accepting = False
-        if self.announcer is not None:
-            await self._publish_now()
-        if self.service is None:
-            return
+        self.service.accepting = False
+        await self._publish_now()
         open_now = len(self.service.sessions)
         if open_now:
             log.info("draining blocks %s: waiting up to %g s for %d open sessions to end", self.span_range,
@@ -302,23 +250,23 @@ class BlockServer:
         old = self.span_range
         log.info("moving from blocks %s to %s", old, target)
         await self._drain(f"server is moving from blocks {old} to {target}; open a session elsewhere")
-        if self.loop is not None:
-            await self.loop.stop()
+        await self.serving.steps.stop()
         for span in (target, old):
             self.span_range, self.state = span, "joining"
             await self._publish_now()
             try:
                 if self.model_ref is not None:  # fetch the new span's pieces first, then seed them too
-                    self.model_dir = await ensure_local(self.node, self.model_ref, blocks=span, client_part=False,
+                    self.model_dir = await ensure_local(self.who.node, self.model_ref, blocks=span, client_part=False,
                                                         max_download=self.config.max_download_bytes)
                     self.ckpt = await asyncio.to_thread(Checkpoint, self.model_dir)
                     if self.seeder is not None:
                         await self.seeder.add(self.model_dir)
-                await self._load_and_serve()
+                self.serving = await load_serving(self.config, self.ckpt, span, self.service.on_results, self.metrics)
+                self._start_serving()
+                await self._announce_online()
             except Exception:
                 log.exception("could not serve blocks %s", span)
-                if self.loop is not None:
-                    await self.loop.stop()
+                await self.serving.steps.stop()
                 continue
             if span == target:
                 log.info("moved from blocks %s to %s", old, span)
@@ -334,26 +282,40 @@ class BlockServer:
             return
         self._stopped = True
         log.info("stopping: draining blocks %s", self.span_range)
-        for task in (self._rebalance_task, self._status_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await self._drain(LEAVING_MESSAGE)
         except Exception:
             log.warning("error while draining", exc_info=True)
-        for step in (self.announcer.stop if self.announcer else None,
-                     self.seeder.close if self.seeder else None,
-                     self.loop.stop if self.loop else None,
-                     self.pool.close if self.pool else None,
-                     self.node.close):
-            if step is None:
-                continue
-            try:
-                await step()
-            except Exception:
-                log.warning("error while stopping", exc_info=True)
-        if self.metrics is not None:
-            self.metrics.stop()
-        log.info("stopped")
+        await _close_all((self.announcer.stop, self.seeder.close if self.seeder else None, self.serving.steps.stop,
+                          self.pool.close, self.who.node.close), self.metrics)
+
+
+async def _close_all(closers: tuple[Callable[[], Awaitable[None]] | None, ...], metrics: ServerMetrics | None) -> None:
+    """Run each closer in turn (a failing one is logged), then stop serving metrics; never raises."""
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            await close()
+        except Exception:
+            log.warning("error while stopping", exc_info=True)
+    if metrics is not None:
+        metrics.stop()
+    log.info("stopped")
+
+
+async def _abandon(who: Identity, span: BlockRange, announcer: Announcer | None, serving: Serving | None,
+                   metrics: ServerMetrics | None) -> None:
+    """Undo a start that failed before its server was complete, as ``BlockServer.stop`` would (never raises)."""
+    log.info("stopping: draining blocks %s", span)
+    if announcer is not None:
+        try:
+            await publish(announcer, who.record(span, "draining", serving, None))
+        except Exception:
+            log.warning("error while draining", exc_info=True)
+    await _close_all((announcer.stop if announcer else None, serving.steps.stop if serving else None,
+                      who.node.close), metrics)

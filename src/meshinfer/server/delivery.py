@@ -1,11 +1,14 @@
 """Delivery of finished steps: the ordered reply chain of each session, pushes to the next hop, burst tags.
 
-Contract: ``Delivery`` is the half of ``SessionService`` (``server.handler``) that sends: ``on_results``
-is the step loop's deliver callback (one turn's finished steps, never blocks). For each step: with a next
-hop, its output is pushed there first (``PushPool``, or straight into this service when the next hop is
-this very server), then ``StepResult`` goes to the session's client, then ``Error(next_hop_failed)`` if the
-push failed; an error goes to the client as ``Error``. Replies of one session leave in step order (one
-delivery chain per session; a synchronous fast path when its streams are idle). The outputs of one turn
+Contract: ``Delivery`` is the collaborator of ``SessionService`` (``server.handler``) that sends, built with
+this server's peer id, its ``PushPool`` (None: cannot push) and a ``LocalSteps`` port (takes a step pushed to
+a session of this very server). ``on_results`` is the step loop's deliver callback (one turn's finished
+steps, never blocks); ``reply`` sends any message to a session's client after what is queued for it. For
+each step: with a next hop, its output is pushed there first (``PushPool``, or through the ``LocalSteps``
+port when the next hop is this very server), then ``StepResult`` goes to the session's client, then
+``Error(next_hop_failed)`` if the push failed; an error goes to the client as ``Error``. Replies of one
+session leave in step order (one delivery chain per session; a synchronous fast path when its streams are
+idle, through ``Outbox.send_nowait``). The outputs of one turn
 that go to the same next server, and the final outputs (no next hop) that go back to the same client,
 carry one burst tag (``wire.burst``) so the receiver computes them as one batch again. Knows nothing of
 admission, expiry or stream reading (``server.handler``).
@@ -18,11 +21,12 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from meshinfer.errors import MeshinferError, TransportError
 from meshinfer.server.push import PushPool
-from meshinfer.server.runtime import Finished
-from meshinfer.server.session import Session, SessionError, StepJob
+from meshinfer.server.scheduler import Finished
+from meshinfer.server.session import Session, StepJob
 from meshinfer.wire.burst import new_burst
 from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, Message, Step, StepResult, encode_message
 from meshinfer.wire.tensor import Tensor
@@ -38,15 +42,22 @@ def _destination(session: Session) -> tuple[str, str]:
     return "client", session.client
 
 
-class Delivery:
-    """Sending finished steps on (a mixin of ``SessionService``; see the module docstring)."""
+class LocalSteps(Protocol):
+    """Where a step pushed to this very server goes (``SessionService.take_local``)."""
 
-    peer_id: str
-    pool: PushPool | None
-    sessions: dict[str, Session]
-    _origins: dict[str, Session]
-    step: Callable[..., None]
-    """``SessionService.step``: takes a step (here: one pushed to this very server)."""
+    def __call__(self, step: Step) -> None:
+        """Take ``step`` for the session ``step.session_id`` of this server; ``TransportError`` when there is
+        none (a step that session refuses is answered to its own client by the callee)."""
+        ...
+
+
+class Delivery:
+    """Sending finished steps on, in order per session (see the module docstring)."""
+
+    def __init__(self, *, peer_id: str, local: LocalSteps, pool: PushPool | None = None) -> None:
+        self.peer_id = peer_id
+        self.pool = pool
+        self._local = local
 
     def reply(self, session: Session, msg: Message) -> None:
         """Send ``msg`` to ``session``'s client after everything queued for it before."""
@@ -78,14 +89,14 @@ class Delivery:
         """The step loop's deliver callback: the steps one turn finished (non-blocking). The outputs that go
         to the same next server, and the final outputs that go back to the same client, leave as one burst
         (``wire.burst``), so the receiver computes them as one batch again."""
-        dests = [_destination(job.session) if output is not None else None for job, output, _ in finished]
+        dests = [_destination(f.job.session) if f.output is not None else None for f in finished]
         bursts = {dest: new_burst(n) for dest, n in Counter(d for d in dests if d is not None).items()}
-        for (job, output, error), dest in zip(finished, dests, strict=True):
-            self.on_result(job, output, error, bursts.get(dest) if dest is not None else None)
+        for done, dest in zip(finished, dests, strict=True):
+            self.on_result(done, bursts.get(dest) if dest is not None else None)
 
-    def on_result(self, job: StepJob, output: Tensor | None, error: SessionError | None,
-                  burst: Burst | None = None) -> None:
+    def on_result(self, done: Finished, burst: Burst | None = None) -> None:
         """Deliver one finished step (non-blocking): push it on and answer the client."""
+        job, output, error = done.job, done.output, done.error
         session = job.session
         if error is not None:
             self.reply(session, Error(code=error.code, message=str(error)[:4096], session_id=session.session_id,
@@ -129,9 +140,8 @@ class Delivery:
                 return False
         result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
                             burst=burst if hop is None else None)
-        send_nowait = getattr(session.outbox, "send_nowait", None)
         try:
-            sent = send_nowait is not None and not session.ended and send_nowait(encode_message(result))
+            sent = not session.ended and session.outbox.send_nowait(encode_message(result))
         except MeshinferError:
             sent = True  # the client's stream is broken: the session ends when its reader notices
         if not sent:
@@ -140,24 +150,8 @@ class Delivery:
 
     async def _push(self, hop: Hop, step: Step) -> None:
         if hop.peer_id == self.peer_id:  # the next hop is this very server: no network
-            target = self.sessions.get(hop.session_id)
-            if target is None:
-                raise TransportError(f"this server has no session {hop.session_id!r}")
-            try:
-                self.step(target, step, pushed=True)
-            except SessionError as err:
-                self.reply(target, Error(code=err.code, message=str(err), session_id=target.session_id,
-                                         step_id=step.step_id))
+            self._local(step)
             return
         if self.pool is None:
             raise TransportError("this server cannot push (no push pool)")
         await self.pool.push(hop, step)
-
-    def on_push_error(self, err: Error) -> None:
-        """A next hop refused a step we pushed: tell the client of the session that pushed it."""
-        origin = self._origins.get(err.session_id or "")
-        if origin is None or origin.ended or origin.next_hop is None:
-            return
-        self.reply(origin, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=origin.session_id, step_id=err.step_id,
-                                 message=f"next hop {origin.next_hop.peer_id} refused the pushed step: "
-                                         f"{err.code}: {err.message}"[:4096]))

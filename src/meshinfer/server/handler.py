@@ -5,7 +5,8 @@ Contract (docs/architecture.md section 10, server side): a session stream starts
 continuing at the span's end, KV budget via ``MemoryBudget``) answered by ``Opened``; then ``Step``s
 (checked by ``session.check_step``, queued on the ``StepLoop``), ``Ping`` (answered ``Pong``) and
 ``Close``. Results leave on the session stream in step order, pushed on to the next hop first
-(``server.delivery``, the ``Delivery`` half of this service). Pushed steps arrive on push streams and
+(``server.delivery``: the service's ``Delivery`` collaborator, which hands steps pushed to this very server
+back through ``take_local``). Pushed steps arrive on push streams and
 are treated exactly like the client's. Every bad
 input gets a typed ``Error`` (with the session and step id when known) and affects only its session;
 undecodable bytes inside a frame are answered and skipped, a broken frame ends the stream. The
@@ -24,12 +25,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from meshinfer.errors import MeshinferError, WireError
+from meshinfer.errors import MeshinferError, TransportError, WireError
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.server.delivery import Delivery
 from meshinfer.server.memory import MemoryBudget, Overloaded
 from meshinfer.server.push import PushPool
 from meshinfer.server.runtime import StepLoop
+from meshinfer.server.scheduler import Finished
 from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
 from meshinfer.types import BlockRange
 from meshinfer.wire.limits import WireLimits
@@ -58,32 +60,33 @@ MAX_QUEUED_STEPS = 64
 """Most steps one session may have waiting; more is refused (bounds what a client can pile up)."""
 
 
-class SessionService(Delivery):
-    """All sessions of one server: admission, step intake, delivery, expiry."""
+class SessionService:
+    """All sessions of one server: admission, step intake, expiry; sending through ``delivery``."""
 
-    def __init__(self, *, model_id: str, peer_id: str, loop: StepLoop, budget: MemoryBudget,
+    def __init__(self, *, model_id: str, peer_id: str, steps: StepLoop, budget: MemoryBudget,
                  limits: WireLimits, max_step_tokens: int, idle_timeout: float,
-                 on_change: Callable[[], None] = lambda: None, quant: str = "none") -> None:
+                 on_change: Callable[[], None] = lambda: None, quant: str = "none",
+                 pool: PushPool | None = None) -> None:
         self.model_id = model_id
         self.quant = quant
         """How this server holds its weights; a session planned for another mode is refused at open."""
         self.peer_id = peer_id
-        self.loop = loop
+        self.steps = steps
+        """The step loop of the span being served (replaced when the server moves)."""
         self.budget = budget
         self.limits = limits
         self.max_step_tokens = max_step_tokens
         self.idle_timeout = idle_timeout
         self.on_change = on_change
-        self.pool: PushPool | None = None
+        self.delivery = Delivery(peer_id=peer_id, local=self.take_local, pool=pool)
         self.accepting = True
         self.sessions: dict[str, Session] = {}
-        self._streams: dict[Session, MessageStream] = {}
         self._origins: dict[str, Session] = {}  # next hop's session id -> our session pushing to it
         self._janitor: asyncio.Task[None] | None = None
 
     @property
     def spec_hidden_size(self) -> int:
-        return self.loop.span.spec.hidden_size
+        return self.steps.span.spec.hidden_size
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -107,8 +110,8 @@ class SessionService(Delivery):
 
     async def open(self, msg: Open, stream: MessageStream) -> Session:
         """Admit the session ``msg`` asks for, or raise ``SessionError``."""
-        served = self.loop.span.range
-        spec = self.loop.span.spec
+        served = self.steps.span.range
+        spec = self.steps.span.spec
         if not self.accepting:
             raise SessionError(ErrorCode.OVERLOADED, "server is shutting down; open a session elsewhere")
         if msg.model != self.model_id:
@@ -133,7 +136,7 @@ class SessionService(Delivery):
         except Overloaded as err:
             raise SessionError(ErrorCode.OVERLOADED, str(err)) from None
         try:
-            cache = await self.loop.new_cache(msg.span, msg.max_length)
+            cache = await self.steps.new_cache(msg.span, msg.max_length)
         except Exception as err:
             self.budget.release(msg.session_id)
             log.warning("cannot allocate a KV cache for session %s: %s", msg.session_id, err)
@@ -144,7 +147,6 @@ class SessionService(Delivery):
         session = Session(msg.session_id, msg.span, msg.max_length, msg.dtype, stream, next_hop=next_hop,
                           client=stream.peer_id, cache=cache, last_activity=time.monotonic())
         self.sessions[session.session_id] = session
-        self._streams[session] = stream
         if next_hop is not None:
             self._origins[next_hop.session_id] = session
         log.info("session %s opened by %s: blocks %s, max length %d, dtype %s%s; %d open, %d tokens left",
@@ -157,7 +159,7 @@ class SessionService(Delivery):
     def _next_hop(self, span: BlockRange, route_tail: list[Hop]) -> Hop | None:
         """The first hop of ``route_tail`` after checking it continues ``span`` (``SessionError`` if not)."""
         next_hop = route_tail[0] if route_tail else None
-        num_blocks = self.loop.span.spec.num_blocks
+        num_blocks = self.steps.span.spec.num_blocks
         if next_hop is not None and (next_hop.span.start != span.end or next_hop.span.end > num_blocks):
             raise SessionError(ErrorCode.BAD_REQUEST,
                                f"route tail must continue at block {span.end} within the model's "
@@ -184,9 +186,8 @@ class SessionService(Delivery):
         if session.ended:
             return
         session.ended, session.end_reason = True, reason
-        self.loop.drop(session)
+        self.steps.drop(session)
         self.sessions.pop(session.session_id, None)
-        self._streams.pop(session, None)
         if session.next_hop is not None and self._origins.get(session.next_hop.session_id) is session:
             del self._origins[session.next_hop.session_id]
         freed = self.budget.release(session.session_id)
@@ -197,13 +198,14 @@ class SessionService(Delivery):
 
     async def terminate(self, session: Session, code: str, message: str, *, reason: str) -> None:
         """End ``session`` from the server side: tell its client, then close its stream."""
-        stream = self._streams.get(session)
+        if session.ended:
+            return
         self.end(session, reason)
-        if stream is not None:
-            with contextlib.suppress(MeshinferError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await stream.send(Error(code=code, message=message, session_id=session.session_id))
-            await stream.close(timeout=0.5)
+        outbox = session.outbox
+        with contextlib.suppress(MeshinferError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await outbox.send(Error(code=code, message=message, session_id=session.session_id))
+        await outbox.close(timeout=0.5)
 
     async def _expire_idle(self) -> None:
         interval = min(1.0, self.idle_timeout / 4)
@@ -227,11 +229,35 @@ class SessionService(Delivery):
             if len(session.pending) >= MAX_QUEUED_STEPS:
                 raise SessionError(ErrorCode.LIMIT_EXCEEDED,
                                    f"session already has {MAX_QUEUED_STEPS} steps waiting; wait for their results")
-            self.loop.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
+            self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
         elif kind is StepKind.REPEAT:
             assert session.last_output is not None
-            self.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,
+            self.delivery.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,
                                            hidden=session.last_output))
+
+    def take_local(self, step: Step) -> None:
+        """Take ``step`` pushed by a session of this very server (``delivery.LocalSteps``)."""
+        target = self.sessions.get(step.session_id)
+        if target is None:
+            raise TransportError(f"this server has no session {step.session_id!r}")
+        try:
+            self.step(target, step, pushed=True)
+        except SessionError as err:
+            self.delivery.reply(target, Error(code=err.code, message=str(err), session_id=target.session_id,
+                                              step_id=step.step_id))
+
+    def on_results(self, finished: list[Finished]) -> None:
+        """The step loop's deliver callback (``Delivery.on_results``)."""
+        self.delivery.on_results(finished)
+
+    def on_push_error(self, err: Error) -> None:
+        """A next hop refused a step we pushed: tell the client of the session that pushed it."""
+        origin = self._origins.get(err.session_id or "")
+        if origin is None or origin.ended or origin.next_hop is None:
+            return
+        self.delivery.reply(origin, Error(
+            code=ErrorCode.NEXT_HOP_FAILED, session_id=origin.session_id, step_id=err.step_id,
+            message=f"next hop {origin.next_hop.peer_id} refused the pushed step: {err.code}: {err.message}"[:4096]))
 
     # ---- stream handlers ---------------------------------------------------------------------
 
@@ -245,7 +271,7 @@ class SessionService(Delivery):
             sid = session.session_id if session is not None else None
             reply = error_message(err, session_id=sid)
             if session is not None:
-                self.reply(session, reply)
+                self.delivery.reply(session, reply)
             else:
                 await stream.send(reply)
             return None
@@ -269,7 +295,7 @@ class SessionService(Delivery):
                     return
                 if isinstance(msg, Open):
                     if session is not None:
-                        self.reply(session, Error(code=ErrorCode.BAD_REQUEST, session_id=session.session_id,
+                        self.delivery.reply(session, Error(code=ErrorCode.BAD_REQUEST, session_id=session.session_id,
                                                   message="this stream already carries a session; open another stream"))
                         continue
                     try:
@@ -286,7 +312,7 @@ class SessionService(Delivery):
                     try:
                         self.step(session, msg)
                     except SessionError as err:
-                        self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
+                        self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
                                                   step_id=msg.step_id))
                 elif isinstance(msg, Retarget):
                     if session is None:
@@ -296,7 +322,7 @@ class SessionService(Delivery):
                     try:
                         self.retarget(session, msg)
                     except SessionError as err:
-                        self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id))
+                        self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id))
                 elif isinstance(msg, Close):
                     reason = "closed by client"
                     if session is not None and session.delivery is not None:
@@ -332,5 +358,5 @@ class SessionService(Delivery):
             try:
                 self.step(session, msg, pushed=True)
             except SessionError as err:
-                self.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
+                self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
                                           step_id=msg.step_id))

@@ -1,28 +1,21 @@
-"""The step loop: ONE per server, schedule -> execute -> deliver, batching the steps of all sessions.
+"""The step loop: ONE per server, schedule -> execute -> update -> deliver, batching the steps of all sessions.
 
 Contract: ``StepLoop`` owns the served ``BlockSpan`` and a single compute thread; every torch call
 (KV cache allocation, span forward, tensor decode/encode) runs under ``torch.inference_mode`` either
 on that thread or, for a turn predicted to be short, inline on the event loop (see below). Sessions'
-steps are queued with ``submit`` (already validated by ``session.check_step``); a step that carries a
-burst tag (``wire.burst``: one of N steps a previous server or the client sent at once) is held until
-the rest of its burst is in, at most ``BURST_HOLD_S``, so a batch that left a server together is
-computed together here (other steps are not held back meanwhile). Each turn the loop
+steps are queued with ``submit`` (already validated by ``session.check_step``). Each turn the loop
 
-- schedules (``schedule``, pure bookkeeping): at most one step per session (a session's steps run in
-  order), every waiting decode step (1 token) first, oldest first, up to ``max_batch_sessions``; then
-  prefill steps, oldest first, while the turn's token budget (``max_batch_tokens``) lasts. A prefill
-  longer than what is left of the budget runs as a chunk this turn and continues next turn (chunked
-  prefill), so a long prompt never stalls the others' decode steps, and a turn always makes progress
-  (the oldest waiting work is never skipped forever: decode steps are always taken, and the oldest
-  prefill gets at least one chunk per turn when nothing else fits);
+- schedules: ``server.scheduler.Scheduler`` (pure) picks the turn's pieces: decode steps first, then
+  prefills within the token budget, chunked when long, bursts held until complete (see that module);
 - executes (``execute``): per session, truncates its cache to the step's position when it holds more
   (replay or rewind) and refuses a position beyond the cache; then runs all pieces of the turn through
   the span TOGETHER (``BlockSpan.forward_batch``: one matmul per weight for all tokens, attention per
   session), grouped by the sub-span each session uses. If a batched call fails, each piece is rerun
-  alone so an error only reaches its own session. A failing step becomes a ``SessionError``;
-- delivers (``deliver``): for each step whose last chunk ran, records the last step id and output (for
-  duplicate step ids), then hands the turn's finished steps, in one list, to the ``deliver`` callback,
-  which must not block.
+  alone so an error only reaches its own session. A failing step's ``Result`` carries a ``SessionError``;
+  what a chunked step has so far stays on its ``StepJob`` (``work``) between turns;
+- updates and delivers (``deliver``): the scheduler records each step whose last chunk ran (last step id
+  and output, for duplicate step ids); the turn's finished steps go, in one list of ``Finished``, to the
+  ``deliver`` callback, which must not block.
 
 Inline compute: a decode-only turn runs directly on the event loop (no thread hand-off, which costs
 about as much as a network hop on a small machine) when the previous decode-only turn of no more
@@ -47,28 +40,21 @@ import torch
 from meshinfer.errors import ConfigError, ContextOverflowError, LimitExceededError, MeshinferError, WireError
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
+from meshinfer.server.scheduler import MAX_BATCH_SESSIONS, MAX_BATCH_TOKENS, Finished, Piece, Result, Scheduler
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.types import BlockRange
-from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker
+from meshinfer.wire.burst import BURST_HOLD_S
 from meshinfer.wire.limits import DEFAULT_LIMITS, WireLimits
 from meshinfer.wire.messages import ErrorCode
-from meshinfer.wire.tensor import Tensor, decode_tensor, encode_tensor
+from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Result = tuple[Tensor | None, SessionError | None]
-Finished = tuple[StepJob, Tensor | None, SessionError | None]
-"""A finished step: its job and either its output or its error."""
 DeliverFn = Callable[[list[Finished]], None]
 
-MAX_BATCH_TOKENS = 512
-"""Tokens one turn may compute (decode steps count one each); longer prefills are chunked."""
-MAX_BATCH_SESSIONS = 64
-"""Sessions one turn may serve."""
 INLINE_BUDGET_S = 0.02
 """A decode-only turn predicted to take less than this runs inline on the event loop."""
-
 
 def _as_session_error(err: BaseException) -> SessionError:
     if isinstance(err, SessionError):
@@ -83,21 +69,8 @@ def _as_session_error(err: BaseException) -> SessionError:
 
 
 @dataclass
-class Piece:
-    """Part of one step computed in one turn: tokens [start, start + count) of ``job``."""
-
-    job: StepJob
-    start: int
-    count: int
-
-    @property
-    def last(self) -> bool:
-        return self.start + self.count >= self.job.tokens
-
-
-@dataclass
-class _Progress:
-    """What a step being computed in chunks has so far (kept on the job between turns)."""
+class _Work:
+    """What a step being computed in chunks has so far (``StepJob.work`` between turns)."""
 
     hidden: torch.Tensor  # [T, H] decoded input
     outputs: list[torch.Tensor]
@@ -109,24 +82,17 @@ class StepLoop:
     def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
                  inline_budget_s: float = INLINE_BUDGET_S, burst_hold_s: float = BURST_HOLD_S) -> None:
-        if max_batch_tokens <= 0 or max_batch_sessions <= 0:
-            raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
+        self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, max_batch_sessions=max_batch_sessions,
+                                   burst_hold_s=burst_hold_s)
         self.span = span
         self._deliver = deliver
         self._limits = limits
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_sessions = max_batch_sessions
         self.inline_budget_s = inline_budget_s
-        self._bursts = BurstTracker(burst_hold_s)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-compute")
-        self._queued: dict[Session, None] = {}  # sessions with pending steps, in arrival order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sub_spans: dict[BlockRange, BlockSpan] = {span.range: span}
-        self._progress: dict[int, _Progress] = {}  # id(job) -> chunked-prefill state
         self._decode_turn_s: dict[int, float] = {}  # sessions in a decode-only turn -> its last duration
-        self.steps_done = 0
-        self.tokens_done = 0
         self.turns = 0
         self.busy_s = 0.0
         self.last_batch_sessions = 0
@@ -167,73 +133,29 @@ class StepLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._queued.clear()
-        self._progress.clear()
+        self.scheduler.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
 
     # ---- queueing ----------------------------------------------------------------------------
 
     def submit(self, job: StepJob) -> None:
         """Queue a validated step of ``job.session``; it runs after that session's earlier steps."""
-        session = job.session
-        if session.ended:
-            return
-        session.pending.append(job)
-        session.queued_ids.add(job.step_id)
-        self._bursts.arrived(job.burst, job.arrived)
-        self._queued[session] = None
-        self._wake.set()
+        if self.scheduler.submit(job):
+            self._wake.set()
 
     def drop(self, session: Session) -> None:
         """Forget a session's queued steps (it ended); a step in progress is discarded when done."""
-        for job in session.pending:
-            self._progress.pop(id(job), None)
-        session.pending.clear()
-        session.queued_ids.clear()
-        self._queued.pop(session, None)
+        self.scheduler.drop(session)
 
     @property
     def queued_steps(self) -> int:
-        return sum(len(s.pending) for s in self._queued)
-
-    @property
-    def queued_sessions(self) -> int:
-        return len(self._queued)
+        return self.scheduler.queued_steps
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def schedule(self) -> list[Piece]:
-        """The pieces of the next turn (see the module docstring for the policy)."""
-        now = time.monotonic()
-        ready = [s for s in self._queued
-                 if s.pending and not s.busy and not self._bursts.held(s.pending[0].burst, now)]
-        if not ready:
-            return []
-        ready.sort(key=lambda s: s.pending[0].arrived)
-        pieces: list[Piece] = []
-        budget = self.max_batch_tokens
-        for session in ready:  # decode steps first: latency-critical, one token each
-            job = session.pending[0]
-            if job.tokens == 1 and len(pieces) < self.max_batch_sessions:
-                pieces.append(Piece(job, 0, 1))
-                budget -= 1
-        for session in ready:  # then prefill (or its next chunk), oldest first
-            job = session.pending[0]
-            if job.tokens == 1 or len(pieces) >= self.max_batch_sessions:
-                continue
-            progress = self._progress.get(id(job))
-            done = sum(o.shape[0] for o in progress.outputs) if progress is not None else 0
-            left = job.tokens - done
-            take = min(left, budget)
-            if take <= 0:
-                if pieces:
-                    break
-                take = min(left, self.max_batch_tokens)  # nothing else fits: the oldest still progresses
-            pieces.append(Piece(job, done, take))
-            budget -= take
-        for piece in pieces:
-            piece.job.session.busy = True
-        return pieces
+        """The pieces of the next turn (``Scheduler.schedule`` now)."""
+        return self.scheduler.schedule(time.monotonic())
 
     def execute(self, pieces: list[Piece]) -> list[Result | None]:
         """Compute ``pieces`` (compute thread or inline); one entry per piece: its step's result when
@@ -271,8 +193,8 @@ class StepLoop:
         cache: KVCache | None = session.cache
         if cache is None or session.ended:
             raise SessionError(ErrorCode.UNKNOWN_SESSION, f"session {session.session_id!r} has ended")
-        progress = self._progress.get(id(job))
-        if progress is None:  # the step's first piece: place the cache at the step's position
+        work: _Work | None = job.work
+        if work is None:  # the step's first piece: place the cache at the step's position
             if job.position > cache.length:
                 raise SessionError(
                     ErrorCode.BAD_REQUEST,
@@ -282,8 +204,8 @@ class StepLoop:
             if job.position < cache.length:
                 cache.truncate(job.position)  # replay or rewind: forget what follows
             hidden = decode_tensor(job.hidden, self._limits).to(self.span.dtype)  # [T, H]
-            progress = self._progress[id(job)] = _Progress(hidden, [])
-        return progress.hidden[piece.start:piece.start + piece.count]
+            work = job.work = _Work(hidden, [])
+        return work.hidden[piece.start:piece.start + piece.count]
 
     def _forward_group(self, sub: BlockSpan, items: list[tuple[int, Piece, torch.Tensor]],
                        out: list[Result | None]) -> list[torch.Tensor | None]:
@@ -306,47 +228,30 @@ class StepLoop:
 
     def _finish(self, piece: Piece, output: torch.Tensor) -> Result | None:
         job = piece.job
-        progress = self._progress[id(job)]
-        progress.outputs.append(output)
+        work: _Work = job.work
+        work.outputs.append(output)
         if not piece.last:
             return None
-        del self._progress[id(job)]
-        full = progress.outputs[0] if len(progress.outputs) == 1 else torch.cat(progress.outputs, dim=0)
-        return encode_tensor(full.to(torch_dtype(job.session.dtype)).contiguous()), None
+        job.work = None
+        full = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, dim=0)
+        return Result(output=encode_tensor(full.to(torch_dtype(job.session.dtype)).contiguous()))
 
     def _failed(self, piece: Piece, err: BaseException) -> Result:
         if not isinstance(err, MeshinferError):
             log.error("step %d of session %s failed: %r", piece.job.step_id, piece.job.session.session_id, err,
                       exc_info=err)
-        self._progress.pop(id(piece.job), None)
-        return None, _as_session_error(err)
+        piece.job.work = None
+        return Result(error=_as_session_error(err))
 
     def deliver(self, pieces: list[Piece], results: list[Result | None]) -> None:
-        """Record each finished step on its session and hand it to the deliver callback (non-blocking)."""
+        """Update the scheduler with the turn's results and hand the finished steps to the deliver callback
+        (non-blocking)."""
         now = time.monotonic()
-        finished: list[Finished] = []
-        for piece, result in zip(pieces, results, strict=True):
-            job, session = piece.job, piece.job.session
-            session.busy = False
-            if result is None:  # more chunks to go: the step stays at the head of its session's queue
-                continue
-            if session.pending and session.pending[0] is job:
-                session.pending.popleft()
-            if not session.pending:
-                self._queued.pop(session, None)
-            session.queued_ids.discard(job.step_id)
-            if session.ended:
-                continue
-            output, error = result
-            session.last_activity = now
-            if output is not None:
-                session.last_step_id, session.last_output = job.step_id, output
-                self.steps_done += 1
-                self.tokens_done += job.tokens
-            if self.on_step is not None:
+        finished = self.scheduler.update(pieces, results, now)
+        if self.on_step is not None:
+            for done in finished:
                 with contextlib.suppress(Exception):
-                    self.on_step(job.tokens, now - job.arrived, output is not None)
-            finished.append((job, output, error))
+                    self.on_step(done.job.tokens, now - done.job.arrived, done.output is not None)
         if finished:
             try:
                 self._deliver(finished)
@@ -365,7 +270,7 @@ class StepLoop:
             pieces = self.schedule()
             if not pieces:
                 self._wake.clear()
-                deadline = self._bursts.deadline(time.monotonic()) if self._queued else None
+                deadline = self.scheduler.deadline(time.monotonic())
                 if deadline is None:
                     await self._wake.wait()
                 else:  # steps held for the rest of their burst: until it comes, or the hold ends

@@ -6,22 +6,25 @@ runtime's worker thread), step queue, last computed step (for duplicate step ids
 ``check_step`` validates a ``Step`` against the session using only the wire tensor's metadata (no
 decoding, no torch) and classifies it: ``NEW`` (queue it), ``REPEAT`` (answer again from the last
 result) or ``IN_FLIGHT`` (already queued: its result is on its way). Anything wrong raises
-``SessionError`` carrying the wire ``ErrorCode``. The ``Outbox`` protocol is how results reach the
-session's client; this module never touches streams, peers or the clock itself (callers pass ``now``).
+``SessionError`` carrying the wire ``ErrorCode``. A ``StepJob`` carries its own progress (tokens done,
+the runtime's state between chunks). The ``Outbox`` protocol (send, send now if possible, close) is how
+results reach the session's client; this module never touches streams, peers or the clock itself (callers pass ``now``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.errors import MeshinferError
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Burst, ErrorCode, Hop, Message, Step
 from meshinfer.wire.tensor import Tensor
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class SessionError(MeshinferError):
@@ -33,9 +36,19 @@ class SessionError(MeshinferError):
 
 
 class Outbox(Protocol):
-    """Where a session's replies go (its client's stream)."""
+    """Where a session's replies go (its client's stream, a ``p2p.stream.MessageStream``)."""
 
-    async def send(self, msg: Message) -> None: ...
+    async def send(self, msg: Message) -> None:
+        """Send ``msg``, waiting while the client is slow to read."""
+        ...
+
+    def send_nowait(self, payload: bytes) -> bool:
+        """Write an encoded message now if that needs no waiting; False: nothing written, use ``send``."""
+        ...
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close the stream (idempotent, never raises)."""
+        ...
 
 
 class StepKind(enum.Enum):
@@ -56,6 +69,10 @@ class StepJob:
     pushed: bool = False
     burst: Burst | None = None
     """The step's burst tag (``wire.burst``): the loop holds it until the rest of its burst is in."""
+    done: int = 0
+    """Tokens of the step computed so far (a prefill runs in chunks; ``server.scheduler``)."""
+    work: Any = None
+    """What the runtime keeps between the chunks of the step (decoded input, outputs so far); opaque here."""
 
     @property
     def tokens(self) -> int:
