@@ -21,7 +21,7 @@ import argparse
 from typing import Any
 
 from meshinfer.cli.announce import serve_http
-from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof, require_initial_peers
 from meshinfer.cli.common import require
 
 
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line ``ConfigError`` for a bad flag (before any network or HTTP import)."""
-    require(bool(args.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(args.initial_peers)
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     require(args.interval > 0, f"--interval must be > 0 seconds, got {args.interval}")
     require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")

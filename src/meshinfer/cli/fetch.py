@@ -18,7 +18,7 @@ import json
 import re
 import sys
 
-from meshinfer.cli.args import add_command
+from meshinfer.cli.args import add_command, require_initial_peers
 from meshinfer.cli.common import add_config_flags, config_from_args, require
 from meshinfer.config import P2PConfig
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(P2PConfig, args)
     check_model_id(args.model_id)
-    require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(config.initial_peers)
     require(args.per_peer >= 1, f"--per-peer must be >= 1, got {args.per_peer}")
     require(args.max_download is None or args.max_download > 0,
             f"--max-download must be > 0 MB/s, got {args.max_download}")

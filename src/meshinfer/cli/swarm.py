@@ -16,7 +16,7 @@ import asyncio
 import json
 from typing import Any
 
-from meshinfer.cli.args import add_command
+from meshinfer.cli.args import add_command, require_initial_peers
 from meshinfer.cli.common import add_config_flags, config_from_args, require
 from meshinfer.config import P2PConfig
 from meshinfer.dashboard.doc import swarm_doc
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
-    require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(config.initial_peers)
     require(args.timeout > 0, f"--timeout must be > 0, got {args.timeout}")
     doc = asyncio.run(read_doc(config, args.timeout))
     if args.json:
