@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from meshinfer.cli.args import add_command
+
 BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch", "quant")
 
 
@@ -19,10 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds.required = True
     for kind in BENCH_KINDS:
         module = importlib.import_module(f"meshinfer.bench.{kind}")
-        p = kinds.add_parser(kind, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        p = add_command(kinds, kind, _runner(kind), help=module.DESCRIPTION, description=module.DESCRIPTION)
         p.add_argument("--out", default=None, help="JSON output path (default: bench-results/<kind>.json)")
         module.add_arguments(p)
-        p.set_defaults(func=_runner(kind))
 
 
 def _runner(kind: str):

@@ -13,10 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from meshinfer.cli.args import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "convert", help="write a GGUF model as a Hugging Face checkpoint directory (safetensors)",
+    parser = add_command(
+        sub, "convert", run, help="write a GGUF model as a Hugging Face checkpoint directory (safetensors)",
         description="Dequantize a GGUF file (llama, Mistral, qwen2, qwen3) into a Hugging Face checkpoint "
                     "directory: config.json, tokenizer files and model.safetensors, loadable by transformers.",
     )
@@ -25,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, fp16 or bf16 "
                                                         "(default: fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it is not empty")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

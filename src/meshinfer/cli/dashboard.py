@@ -18,16 +18,16 @@ then leaves the swarm. Imports FastAPI and the network only inside ``run``.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from meshinfer.cli.announce import serve_http
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof, require_initial_peers
 from meshinfer.cli.common import require
-from meshinfer.readyline import ready_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "dashboard", help="serve a live web dashboard of a swarm: coverage, servers, round trips, metrics",
+    parser = add_command(
+        sub, "dashboard", run, help="serve a live web dashboard of a swarm: coverage, servers, round trips, metrics",
         description="Join a swarm as a read-only client and serve a web page showing, per model, which blocks "
                     "are covered and how well, and every server (span, state, throughput, cache left, version, "
                     "round trip), updated live; /api/swarm serves the same data as JSON, /metrics as Prometheus "
@@ -45,14 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="private key file of the dashboard's peer (default: a fresh identity)")
     parser.add_argument("--p2p-host", default="127.0.0.1",
                         help="address the dashboard's peer listens on for libp2p (default: 127.0.0.1)")
-    parser.add_argument("--stop-on-stdin-eof", action="store_true",
-                        help="also stop when stdin closes (for launchers that own this process)")
-    parser.set_defaults(func=run)
+    add_stop_on_stdin_eof(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line ``ConfigError`` for a bad flag (before any network or HTTP import)."""
-    require(bool(args.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(args.initial_peers)
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     require(args.interval > 0, f"--interval must be > 0 seconds, got {args.interval}")
     require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
     from meshinfer.gateway.serving import ApiServer
-    from meshinfer.p2p.runner import LoopThread, watch_stdin_eof
+    from meshinfer.p2p.runner import LoopThread
 
     async def connect() -> Any:
         return await NodeSwarmReader.join(config, timeout=args.timeout)
@@ -79,18 +77,14 @@ def run(args: argparse.Namespace) -> int:
     runner = LoopThread("meshinfer-dashboard").start()
     try:
         poller.start(runner.loop)
-
-        def ready() -> None:
-            info = {"url": server.url, "api": f"{server.url}/api/swarm", "metrics_url": f"{server.url}/metrics"}
-            sys.stdout.write(ready_line(info))
-            sys.stdout.flush()
-            print(f"dashboard of the swarm at {server.url} (JSON at /api/swarm); Ctrl-C to stop", file=sys.stderr,
-                  flush=True)
-            if args.stop_on_stdin_eof:
-                watch_stdin_eof(lambda: server.stop(timeout=0))
-
-        server.run(on_ready=ready)
+        serve_http(server, _describe, stop_on_stdin_eof=args.stop_on_stdin_eof)
     finally:
         poller.stop()
         runner.stop()
     return 0
+
+
+def _describe(url: str) -> tuple[dict[str, Any], str]:
+    """The ready line's info and the human line, once the dashboard listens at ``url``."""
+    return ({"url": url, "api": f"{url}/api/swarm", "metrics_url": f"{url}/metrics"},
+            f"dashboard of the swarm at {url} (JSON at /api/swarm); Ctrl-C to stop")

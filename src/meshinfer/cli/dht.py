@@ -14,20 +14,19 @@ import argparse
 import asyncio
 import sys
 
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "dht", help="run a bootstrap peer (routes and stores DHT records; serves no model)",
+    parser = add_command(
+        sub, "dht", run, help="run a bootstrap peer (routes and stores DHT records; serves no model)",
         description="Run a bootstrap peer: it joins (or starts) a swarm, stores and routes DHT records, and "
                     "prints the multiaddrs other peers pass to --initial-peers. Stop it with Ctrl-C.",
     )
     add_config_flags(parser, P2PConfig)
-    parser.add_argument("--stop-on-stdin-eof", action="store_true",
-                        help="also stop when stdin closes (for launchers that own this process)")
-    parser.set_defaults(func=run)
+    add_stop_on_stdin_eof(parser)
 
 
 def run(args: argparse.Namespace) -> int:

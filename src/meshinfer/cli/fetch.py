@@ -18,6 +18,7 @@ import json
 import re
 import sys
 
+from meshinfer.cli.args import add_command, require_initial_peers
 from meshinfer.cli.common import add_config_flags, config_from_args, require
 from meshinfer.config import P2PConfig
 
@@ -36,8 +37,8 @@ def byte_size(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "fetch", help="download a model (or some blocks) from the swarm's seeders, verified piece by piece",
+    parser = add_command(
+        sub, "fetch", run, help="download a model (or some blocks) from the swarm's seeders, verified piece by piece",
         description="Fetch a model by id from the peers that seed it: pieces come from several peers in "
                     "parallel, each is verified against the model's manifest, a peer that sends a wrong piece is "
                     "banned, and an interrupted fetch resumes. Prints the local checkpoint directory.",
@@ -60,7 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the bare path")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     add_config_flags(parser, P2PConfig)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(P2PConfig, args)
     check_model_id(args.model_id)
-    require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(config.initial_peers)
     require(args.per_peer >= 1, f"--per-peer must be >= 1, got {args.per_peer}")
     require(args.max_download is None or args.max_download > 0,
             f"--max-download must be > 0 MB/s, got {args.max_download}")

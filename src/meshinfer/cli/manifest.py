@@ -15,10 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from meshinfer.cli.args import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "manifest", help="print a checkpoint's model id (its manifest hash) and write its manifest",
+    parser = add_command(
+        sub, "manifest", run, help="print a checkpoint's model id (its manifest hash) and write its manifest",
         description="Hash a checkpoint directory piece by piece (tensors per block, client part, config and "
                     "tokenizer files) into a manifest; the model id is the manifest's hash. Writes the manifest "
                     "as DIR/meshinfer-manifest.json (or --out) and prints the id.",
@@ -29,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="hash the files even if DIR holds a valid manifest (after editing weights in place)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the bare id")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

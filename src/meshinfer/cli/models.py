@@ -13,12 +13,13 @@ import argparse
 import json
 import sys
 
+from meshinfer.cli.args import add_command
 from meshinfer.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "models", help="real models known by name (list, pull, path, rm)",
+    parser = add_command(
+        sub, "models", main, help="real models known by name (list, pull, path, rm)",
         description="The catalogue of real trained models meshinfer knows by a short name. `pull` fetches one "
                     "into the cache and verifies it; afterwards `--model NAME` works in every command.",
     )
@@ -34,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     path.add_argument("name")
     rm = verbs.add_parser("rm", help="delete a pulled model's file")
     rm.add_argument("name")
-    parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,13 +21,14 @@ import json
 import os
 import sys
 
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "seed", help="serve the weights of local checkpoints to peers that fetch them",
+    parser = add_command(
+        sub, "seed", run, help="serve the weights of local checkpoints to peers that fetch them",
         description="Serve the pieces of local checkpoint directories (full or partial copies) to peers that "
                     "fetch them with `meshinfer fetch` or `serve --model MODEL_ID`, and announce them in the DHT. "
                     "Stop it with Ctrl-C.",
@@ -37,10 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(parser, P2PConfig)
     parser.add_argument("--max-upload", type=float, default=None, metavar="MB_PER_S",
                         help="cap the piece data sent to all peers together, in MB/s (default: no cap)")
-    parser.add_argument("--stop-on-stdin-eof", action="store_true",
-                        help="also stop when stdin closes (for launchers that own this process)")
+    add_stop_on_stdin_eof(parser)
     parser.add_argument("--corrupt-pieces", action="store_true", help=argparse.SUPPRESS)  # TEST FAULT INJECTOR
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

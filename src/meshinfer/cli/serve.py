@@ -23,16 +23,17 @@ import asyncio
 import sys
 from typing import Any
 
+from meshinfer.cli.announce import announce_ready
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
-from meshinfer.readyline import ready_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meshinfer.server.config import ServerConfig
 
-    parser = sub.add_parser(
-        "serve", help="serve a span of a model's blocks to the swarm",
+    parser = add_command(
+        sub, "serve", run, help="serve a span of a model's blocks to the swarm",
         description="Serve blocks START:END of a model to the swarm: join through --initial-peers, announce "
                     "the span in the DHT, and run inference sessions for clients. --blocks 0:N is a full node; "
                     "without --blocks the server chooses its blocks (--num-blocks of them, or as many as memory "
@@ -42,18 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_flags(parser, ServerConfig)
     add_config_flags(parser, P2PConfig)
-    parser.add_argument("--stop-on-stdin-eof", action="store_true",
-                        help="also stop when stdin closes (for launchers that own this process)")
-    parser.set_defaults(func=run)
+    add_stop_on_stdin_eof(parser)
 
 
 def _print_ready(server: Any) -> None:
     info = server.info()
-    sys.stdout.write("".join(f"{m}\n" for m in info["maddrs"]) + ready_line(info))
-    sys.stdout.flush()
-    print(f"serving {info['model_name']} blocks {info['blocks']} as {info['peer_id']}; "
-          f"join clients with --initial-peers {info['maddrs'][0] if info['maddrs'] else '?'}",
-          file=sys.stderr, flush=True)
+    announce_ready(info, f"serving {info['model_name']} blocks {info['blocks']} as {info['peer_id']}; "
+                         f"join clients with --initial-peers {info['maddrs'][0] if info['maddrs'] else '?'}",
+                   prefix="".join(f"{m}\n" for m in info["maddrs"]))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import asyncio
 import json
 from typing import Any
 
+from meshinfer.cli.args import add_command, require_initial_peers
 from meshinfer.cli.common import add_config_flags, config_from_args, require
 from meshinfer.config import P2PConfig
 from meshinfer.dashboard.doc import swarm_doc
@@ -24,20 +25,19 @@ __all__ = ["print_tables", "read_doc", "register", "run", "swarm_doc"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "swarm", help="show the models, block coverage and servers of a swarm",
+    parser = add_command(
+        sub, "swarm", run, help="show the models, block coverage and servers of a swarm",
         description="Join a swarm as a read-only client and print what it serves.",
     )
     add_config_flags(parser, P2PConfig)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="seconds each DHT read may take (default: 5)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
-    require(bool(config.initial_peers), "--initial-peers is required: the multiaddr of any peer of the swarm")
+    require_initial_peers(config.initial_peers)
     require(args.timeout > 0, f"--timeout must be > 0, got {args.timeout}")
     doc = asyncio.run(read_doc(config, args.timeout))
     if args.json:

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 from meshinfer.config import P2PConfig
@@ -54,16 +55,19 @@ class SwarmReader(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(eq=False)
 class NodeSwarmReader:
     """A ``SwarmReader`` over a started ``PeerNode`` (its own, or one it shares, e.g. the gateway's)."""
 
-    def __init__(self, node: Any, *, timeout: float = 5.0, ping_timeout: float = 3.0, owns_node: bool = False) -> None:
-        if timeout <= 0 or ping_timeout <= 0:
+    node: Any
+    _: KW_ONLY
+    timeout: float = 5.0
+    ping_timeout: float = 3.0
+    owns_node: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.ping_timeout <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
-        self.node = node
-        self.timeout = timeout
-        self.ping_timeout = ping_timeout
-        self.owns_node = owns_node
 
     @classmethod
     async def join(cls, config: P2PConfig, *, timeout: float = 5.0, ping_timeout: float = 3.0,
