@@ -74,7 +74,7 @@ def test_partial_coverage_names_the_missing_blocks(half_swarm: LocalSwarm) -> No
 def test_server_errors_surface_with_their_code(half_swarm: LocalSwarm) -> None:
     with DistributedModel.from_pretrained(half_swarm.model_dir, half_swarm.initial_peers) as model:
         runner, view = model._runner, model.view
-        route = runner.run(view.plan(model.model, blocks=BlockRange(0, 2)))
+        route = runner.run(view.plan(model.ref, blocks=BlockRange(0, 2)))
         assert [h.peer_id for h in route] == [half_swarm.servers[0].peer_id]
         # more KV cache than the server's budget of 16 tokens: refused at open
         with pytest.raises(RemoteError, match=r"^overloaded: .*\(server .* \(blocks 0:2\)\)$") as info:

@@ -144,7 +144,7 @@ class Served:
 
     def cache_left(self) -> dict[str, int]:
         """Each server's announced ``cache_tokens_left``, read from the DHT now."""
-        cov = self.on_client_loop(self.model.view.coverage(self.model.model, refresh=True))
+        cov = self.on_client_loop(self.model.view.coverage(self.model.ref, refresh=True))
         return {peer: rec.cache_tokens_left for peer, rec in cov.servers.items()}
 
 

@@ -75,7 +75,7 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
 
 
 def coverage(client: DistributedModel) -> Coverage:
-    return asyncio.run_coroutine_threadsafe(client.view.coverage(client.model, refresh=True), client.loop).result(30)
+    return asyncio.run_coroutine_threadsafe(client.view.coverage(client.ref, refresh=True), client.loop).result(30)
 
 
 def online_cover(client: DistributedModel, peers: set[str]) -> dict[str, ServerRecord] | None:

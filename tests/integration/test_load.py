@@ -198,7 +198,7 @@ def test_eight_concurrent_generations_equal_local_and_are_batched(
 
 def _dht_cache_left(model: DistributedModel) -> dict[str, int]:
     """Each server's ``cache_tokens_left`` as ``model``'s peer reads it from the DHT now."""
-    read = model.view.coverage(model.model, refresh=True)
+    read = model.view.coverage(model.ref, refresh=True)
     cov = asyncio.run_coroutine_threadsafe(read, model.loop).result(30)
     return {peer: rec.cache_tokens_left for peer, rec in cov.servers.items()}
 

@@ -49,18 +49,18 @@ from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
-from meshinfer.wire.messages import Burst
 
 
 class DistributedModel(TextGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
-    def __init__(self, spec: ModelSpec, head: ClientHead, *, model: ModelRef, runner: LoopThread, view: SwarmView,
+    def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
                  path: Path | None = None, push: bool = True, step_timeout: float = 60.0,
                  route_wait: float = 3.0, failover: bool = True, cohorts: int = DEFAULT_COHORTS) -> None:
         self.spec = spec
         self.head = head
-        self.model = model
+        self.ref = ref
+        """The swarm's reference to this model (id, name, block count, quant mode of its routes)."""
         self.path = path
         self.push = push
         self.step_timeout = step_timeout
@@ -123,7 +123,7 @@ class DistributedModel(TextGenerator):
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, device, quant=QuantConfig(head_quant))
             autotune_linear(layer_weights(head))  # the LM head's decode kernel: oneDNN or MKL, timed once
-            model = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
+            ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=quant)
         except BaseException:
             if view is not None:
@@ -131,8 +131,8 @@ class DistributedModel(TextGenerator):
                     runner.run(view.close(), timeout=15.0)
             runner.stop()
             raise
-        runner.loop.call_soon_threadsafe(view.start_refresh, model, view.max_age)
-        return cls(ckpt.spec, head, model=model, runner=runner, view=view, path=local, push=push,
+        runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
+        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, push=push,
                    step_timeout=step_timeout, route_wait=route_wait, failover=failover, cohorts=cohorts)
 
     # ---- properties ----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class DistributedModel(TextGenerator):
 
     @property
     def model_id(self) -> str:
-        return self.model.model_id
+        return self.ref.model_id
 
     @property
     def view(self) -> SwarmView:
@@ -154,7 +154,7 @@ class DistributedModel(TextGenerator):
     def plan(self, exclude: Collection[str] = ()) -> list[RouteHop]:
         """The route a session would take now (NoRouteError when the swarm does not cover the model)."""
         self._check_open()
-        return self._runner.run(self._view.plan(self.model, exclude=exclude, wait=self.route_wait))
+        return self._runner.run(self._view.plan(self.ref, exclude=exclude, wait=self.route_wait))
 
     def open_session(self, max_length: int) -> SyncInferenceSession:
         """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
@@ -163,16 +163,16 @@ class DistributedModel(TextGenerator):
 
     async def aopen_session(self, max_length: int) -> InferenceSession:
         """``open_session`` as a coroutine on the client's loop (``loop``)."""
-        route = await self._view.plan(self.model, wait=self.route_wait)
+        route = await self._view.plan(self.ref, wait=self.route_wait)
         self.last_route = route
         quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
         async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
-            return await self._view.plan(self.model, blocks=blocks, exclude=exclude, wait=self.route_wait,
+            return await self._view.plan(self.ref, blocks=blocks, exclude=exclude, wait=self.route_wait,
                                          quant=quant)
 
         session = await InferenceSession.open(
-            self._view.node, route, model_id=self.model.model_id, max_length=max_length,
+            self._view.node, route, model_id=self.ref.model_id, max_length=max_length,
             dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
             step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
             replan=replan if self.failover else None, bans=self._view.bans, quant=quant,
@@ -260,16 +260,13 @@ class DistributedModel(TextGenerator):
         session = await self.aopen_session(len(ids) + max_new_tokens)
         self._heads.active += 1
         try:
-            burst: Burst | None = None  # the tag of this generation's next step (from the batched head call)
-
             async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
-                nonlocal burst
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
                 with torch.inference_mode():
                     hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
-                out = await session.forward(hidden, burst if len(chunk) == 1 else None)  # [T, H]
-                logits, burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
+                out = await session.forward(hidden)  # [T, H]
+                logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
                 return logits  # [V] float32
 
             stops = self.stop_tokens(stop_token_ids)

@@ -116,6 +116,9 @@ class InferenceSession(Recovery):
         self.decode_steps = 0
         self.decode_route_s = 0.0
         """One-token steps done, and their seconds from sending to the last hop's output (failovers included)."""
+        self.burst: Burst | None = None
+        """The burst tag (``wire.burst``) of this session's next one-token step to the first hop, set by the caller
+        (the batched LM head hands it out); that step takes it (sent once: not on a retry) and clears it."""
         self.last_burst: Burst | None = None
         """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
         self._on_rtt: RttCallback | None = None
@@ -217,18 +220,17 @@ class InferenceSession(Recovery):
         return max(1, min(self.max_chunk_tokens,
                           self.node.settings.stream.limits.max_tensor_bytes // (hidden_size * ITEMSIZE[self.dtype])))
 
-    async def forward(self, hidden: torch.Tensor, burst: Burst | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
-        """Run ``hidden`` through the route as one or more steps of at most ``max_chunk_tokens`` (``burst``
-        tags the first)."""
+    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        """Run ``hidden`` through the route as one or more steps of at most ``max_chunk_tokens``."""
         if hidden.dim() != 2 or hidden.shape[0] == 0:
             raise ConfigError(f"expected hidden states [tokens, hidden], got {tuple(hidden.shape)}")
         chunks = torch.split(hidden, self._per_step(hidden.shape[1]), dim=0)
-        outs = [await self.step(chunk, burst if i == 0 else None) for i, chunk in enumerate(chunks)]
+        outs = [await self.step(chunk) for chunk in chunks]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    async def step(self, hidden: torch.Tensor, burst: Burst | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
-        """One step through every hop; returns the last hop's output in the session dtype. ``burst`` tags
-        the step sent to the first hop (one of several steps sent to it at once; not on a retry)."""
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        """One step through every hop; returns the last hop's output in the session dtype. A one-token step
+        takes ``burst`` (the tag of one of several steps sent to the first hop at once)."""
         if self._closed:
             raise ConfigError("this inference session is closed")
         if self._broken is not None:
@@ -236,6 +238,7 @@ class InferenceSession(Recovery):
         if hidden.dim() != 2 or hidden.shape[0] == 0:
             raise ConfigError(f"expected hidden states [tokens, hidden], got {tuple(hidden.shape)}")
         tokens = hidden.shape[0]
+        burst, self.burst = (self.burst if tokens == 1 else None), None
         if self.position + tokens > self.max_length:
             raise ContextOverflowError(f"this session holds {self.position} tokens; {tokens} more exceed "
                                        f"its max_length of {self.max_length}")

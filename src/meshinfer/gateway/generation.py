@@ -149,13 +149,13 @@ class SwarmGenerator:
 
     async def _probe(self) -> dict[str, Any]:
         model = self.model
-        cov = await model.view.coverage(model.model)
+        cov = await model.view.coverage(model.ref)
         info: dict[str, Any] = {
             "model_id": model.model_id, "num_blocks": model.spec.num_blocks, "servers": len(cov.servers),
             "servers_per_block": cov.counts(), "view_age_s": model.view.age(model.model_id),
         }
         try:
-            route = await model.view.plan(model.model, wait=0.0)
+            route = await model.view.plan(model.ref, wait=0.0)
         except NoRouteError as err:
             return {"ok": False, "reason": str(err), **info}
         return {"ok": True, "route": [str(hop.span) for hop in route], **info}
