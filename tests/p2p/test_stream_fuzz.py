@@ -43,6 +43,8 @@ from meshinfer.wire import (
 )
 from meshinfer.wire.framing import HEADER, MAGIC, check_magic, frames_of, parse_header
 
+pytestmark = pytest.mark.slow
+
 SERVER_READ_TIMEOUT = 2.0
 
 
