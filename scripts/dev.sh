@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (CPU torch), then runs a job.
 #   scripts/dev.sh demo        the main job: a demo on the built-in tiny model
-#   scripts/dev.sh test        ruff + import-linter + the whole test suite (installs chromium for browser tests)
+#   scripts/dev.sh test        ruff + import-linter + basedpyright + the whole test suite (installs chromium for
+#                              browser tests)
+#   scripts/dev.sh quick       the inner loop: the same checks + the tests not marked slow (no swarms, no browser)
 #   scripts/dev.sh setup       only create/refresh .venv
 #   scripts/dev.sh meshinfer … any meshinfer command inside the venv
 set -euo pipefail
@@ -57,15 +59,20 @@ cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test)
+  test|quick)
     setup
-    browser_setup
+    if [ "$cmd" = test ]; then browser_setup; fi
     export PATH="$venv/bin:$PATH"
     echo "== ruff"; ruff check src tests
     echo "== import-linter"; lint-imports --no-cache
+    echo "== basedpyright"; basedpyright
     echo "== pytest"
     set +e
-    pytest "$@"
+    if [ "$cmd" = quick ]; then
+      pytest -m "not slow" "$@"
+    else
+      pytest "$@"
+    fi
     rc=$?
     set -e
     # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.
@@ -80,7 +87,7 @@ case "$cmd" in
     exec "$venv/bin/meshinfer" "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh {demo|test|setup|meshinfer ARGS...}" >&2
+    echo "usage: scripts/dev.sh {demo|test|quick|setup|meshinfer ARGS...}" >&2
     exit 2
     ;;
 esac

@@ -28,6 +28,8 @@ from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm
 
+pytestmark = pytest.mark.slow
+
 CLI_TIMEOUT = 120
 THREE = [(0, 1), (1, 3), (3, 4)]
 TWO = [(0, 2), (2, 4)]

@@ -26,6 +26,8 @@ from meshinfer.testing.swarm import LocalSwarm
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import ErrorCode
 
+pytestmark = pytest.mark.slow
+
 CLI_TIMEOUT = 120
 ABSENT_PEER = "QmUgiTTUZGzfmv1zj7Rp1EVkb1VHuz4qxrodikpJKo4PSw"
 

@@ -17,6 +17,8 @@ from meshinfer.models.engine import LocalModel
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.swarm import LocalSwarm, ServerProcess
 
+pytestmark = pytest.mark.slow
+
 SPANS = [(0, 2), (0, 2), (2, 4), (2, 4)]  # two servers for every span
 PROMPT = [5, 17, 42, 7, 99, 3]
 NEW_TOKENS = 160  # long enough to outlast a SIGTERMed server's drain timeout (0.2 s) after the kill

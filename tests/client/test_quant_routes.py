@@ -19,6 +19,8 @@ from meshinfer.models.engine import LocalModel
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.swarm import LocalSwarm
 
+pytestmark = pytest.mark.slow
+
 PROMPT = [5, 17, 42, 7, 99, 3]
 NEW_TOKENS = 48
 DRAIN = ("--drain-timeout", "0.2")

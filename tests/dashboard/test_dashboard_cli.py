@@ -59,6 +59,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_an_unreachable_swarm_is_served_as_the_error_state() -> None:
     from meshinfer.p2p.identity import Identity
 

@@ -23,6 +23,8 @@ from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
 from meshinfer.testing.swarm import LocalSwarm
 
+pytestmark = pytest.mark.slow
+
 SPANS = [(0, 2), (2, 4), (1, 3)]
 SERVER_ARGS = ("--announce-ttl", "6", "--announce-refresh", "2", "--metrics-port", "0")
 PROMPT = "The keeper climbed the tower"

@@ -18,6 +18,8 @@ from dashboard_helpers import FakeServers, save_artifact
 
 from meshinfer.config import P2PConfig
 
+pytestmark = pytest.mark.slow
+
 PEERS, MODELS, BLOCKS = 10, 20, 8
 RENDER_BOUND_S = 5.0
 

@@ -16,6 +16,8 @@ from meshinfer.errors import TransportError
 from meshinfer.gateway.serving import ApiServer
 from meshinfer.p2p.runner import LoopThread
 
+pytestmark = pytest.mark.slow
+
 NASTY = '<img src=x onerror="window.pwned=1">'
 
 

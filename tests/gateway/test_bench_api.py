@@ -39,6 +39,7 @@ def test_summarise_level_all_failed() -> None:
     assert out["failed"] == 1 and "requests_per_s" not in out and out["errors"] == ["boom"]
 
 
+@pytest.mark.slow
 def test_bench_api_smoke() -> None:
     from meshinfer.testing.checkpoints import tiny_checkpoint
 

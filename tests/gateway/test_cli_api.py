@@ -12,6 +12,8 @@ from gateway_helpers import Served, local_chat
 
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
 
+pytestmark = pytest.mark.slow
+
 READY = "ready "
 
 

@@ -21,6 +21,8 @@ from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import SwarmGenerator
 from meshinfer.gateway.serving import ApiServer
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "The keeper climbed the tower"
 MESSAGES = [{"role": "system", "content": "You are a lighthouse keeper."},
             {"role": "user", "content": "What do you see from the tower?"}]

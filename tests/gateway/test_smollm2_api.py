@@ -16,6 +16,8 @@ from meshinfer.models.engine import LocalModel
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
 from meshinfer.testing.swarm import LocalSwarm
 
+pytestmark = pytest.mark.slow
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 from gateway_helpers import CACHE_TOKENS, MODEL_NAME, SPANS, Served, local_chat, sse_events
+
+pytestmark = pytest.mark.slow
 
 PROMPT = "The keeper climbed the tower"
 

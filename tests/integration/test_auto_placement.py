@@ -31,6 +31,8 @@ from meshinfer.testing.swarm import LocalSwarm, ServerProcess
 from meshinfer.types import BlockRange
 from meshinfer.wire.records import ServerRecord
 
+pytestmark = pytest.mark.slow
+
 T = TypeVar("T")
 NUM_BLOCKS = 12
 DRAIN_TIMEOUT = 2.0

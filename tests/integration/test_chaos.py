@@ -8,8 +8,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_chaos_generations_survive_kills_unchanged(tmp_path: Path, meshinfer_cache_dir: Path) -> None:

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from meshinfer.cli.generate import IncrementalDetokenizer, text_decoder
 from meshinfer.testing.checkpoints import tiny_checkpoint
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "The keeper climbed the tower"
 TIMEOUT = 120
 

@@ -20,6 +20,8 @@ from meshinfer.cli.main import main
 from meshinfer.testing.procs import ManagedProcess, command_line, descendants_of, meshinfer_argv, wait_gone
 from meshinfer.types import BlockRange
 
+pytestmark = pytest.mark.slow
+
 IDENTICAL = "identical to local engine: yes"
 
 

@@ -49,6 +49,8 @@ from meshinfer.testing.procs import ManagedProcess, command_line, meshinfer_argv
 from meshinfer.testing.swarm import ServerProcess
 from meshinfer.testing.tokenizer import corpus_text
 
+pytestmark = pytest.mark.slow
+
 T = TypeVar("T")
 
 PROMPT_LENGTHS = [3, 6, 9, 12, 15, 18, 21, 24]

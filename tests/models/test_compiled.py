@@ -36,6 +36,7 @@ def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "quant"), [("qwen3", "none"), ("qwen2", "int4"), ("mistral-window", "none")])
 def test_compiled_decode_equals_eager(family: str, quant: str, windowed: Path) -> None:
     path = windowed if family == "mistral-window" else tiny_checkpoint(family)

@@ -26,6 +26,8 @@ from meshinfer.models.engine import LocalModel
 from meshinfer.models.gguf import gguf_view
 from meshinfer.models.gguf_file import GgufFile, hf_tensor_name
 
+pytestmark = pytest.mark.slow
+
 NEW_TOKENS = 32
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PLAIN = "The three primary colors are"

@@ -52,6 +52,7 @@ def smollm2_tok(metadata: dict[str, Any]) -> Any:
     return build_tokenizer(metadata)
 
 
+@pytest.mark.slow
 def test_the_reference_ids_were_made_from_this_very_file(smollm2_gguf: Path) -> None:
     digest = hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
     assert digest == DATA["gguf"]["sha256"]
@@ -96,6 +97,7 @@ def test_sentencepiece_vocabularies_equal_llama_cpp(tmp_path: Path) -> None:
     assert tok.decode(tok.encode("Hello world, café 日本", add_special_tokens=False)) == "Hello world, café 日本"
 
 
+@pytest.mark.slow
 def test_transformers_differs_from_llama_cpp_only_where_documented(smollm2_gguf: Path) -> None:
     from transformers import AutoTokenizer
 

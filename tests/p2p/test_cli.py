@@ -47,12 +47,14 @@ def bootstrap() -> Iterator[tuple[ManagedProcess, list[str]]]:
         assert wait_gone(children, timeout=10) == []
 
 
+@pytest.mark.slow
 def test_dht_prints_maddrs_of_its_own_peer(bootstrap: tuple[ManagedProcess, list[str]]) -> None:
     _, maddrs = bootstrap
     assert maddrs and all(m.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/Qm" in m for m in maddrs)
     assert len({m.rsplit("/p2p/", 1)[1] for m in maddrs}) == 1
 
 
+@pytest.mark.slow
 def test_swarm_on_an_empty_swarm(bootstrap: tuple[ManagedProcess, list[str]],
                                  capsys: pytest.CaptureFixture[str]) -> None:
     _, maddrs = bootstrap
@@ -91,6 +93,7 @@ def test_dht_bad_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert code == 2 and "does not exist" in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_dht_stops_on_signals_and_leaves_no_p2pd(sig: int, tmp_path: Path) -> None:
     key = tmp_path / "dht.key"
@@ -113,6 +116,7 @@ def test_dht_stops_on_signals_and_leaves_no_p2pd(sig: int, tmp_path: Path) -> No
             again.stop()
 
 
+@pytest.mark.slow
 def test_dht_started_by_a_launcher_stops_when_the_launcher_goes_away() -> None:
     proc, _ = start_dht(timeout=90)  # with --stop-on-stdin-eof: its stdin is our pipe
     try:
@@ -125,6 +129,7 @@ def test_dht_started_by_a_launcher_stops_when_the_launcher_goes_away() -> None:
         proc.stop()
 
 
+@pytest.mark.slow
 def test_bench_transport_writes_json(tmp_path: Path) -> None:
     out_path = tmp_path / "transport.json"
     out = run_cli("bench", "transport", "--small-rounds", "20", "--medium-rounds", "5", "--bulk-mib", "2",

@@ -6,7 +6,11 @@ import os
 import signal
 import sys
 
+import pytest
+
 from meshinfer.testing.procs import ManagedProcess, pid_alive, wait_gone
+
+pytestmark = pytest.mark.slow
 
 # What hivemind's daemon module does to start p2pd, with `sleep` in its place: only the
 # parent-death signal that meshinfer installs can end it when its parent is SIGKILLed.

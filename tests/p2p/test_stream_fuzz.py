@@ -43,6 +43,8 @@ from meshinfer.wire.messages import (
 )
 from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
+pytestmark = pytest.mark.slow
+
 SERVER_READ_TIMEOUT = 2.0
 
 

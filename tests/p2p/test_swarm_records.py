@@ -19,6 +19,8 @@ from swarm_helpers import Peer, Swarm, launch_peer, start_peers, stop_all
 from meshinfer.cli.main import main
 from meshinfer.testing.procs import ManagedProcess, command_line, meshinfer_argv, wait_gone
 
+pytestmark = pytest.mark.slow
+
 
 def wait_until(fn, timeout: float, interval: float = 0.3):
     """Poll ``fn()`` until it returns a truthy value (returned) or ``timeout`` s pass (last value)."""

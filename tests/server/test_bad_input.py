@@ -37,6 +37,8 @@ from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Close, Error, ErrorCode, Open, Opened, Ping, Pong, Step
 from meshinfer.wire.tensor import Tensor
 
+pytestmark = pytest.mark.slow
+
 HIDDEN = 64
 HEALTHY_LENGTH = 64
 BASELINE = FULL_CACHE_TOKENS - HEALTHY_LENGTH  # announced while only the healthy session is open

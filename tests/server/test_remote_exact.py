@@ -16,6 +16,8 @@ from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Error, ErrorCode, StepResult
 from meshinfer.wire.tensor import decode_tensor
 
+pytestmark = pytest.mark.slow
+
 HIDDEN = 64
 PREFILL = 7
 DECODE_STEPS = 4

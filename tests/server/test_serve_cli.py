@@ -33,6 +33,7 @@ def test_bad_flags_are_one_line_errors(tiny_llama: Path, capsys: pytest.CaptureF
     assert err.startswith("error: ") and text in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_bad_flags_exit_2_as_a_process(tiny_llama: Path) -> None:
     out = subprocess.run(meshinfer_argv("serve", "--model", str(tiny_llama), "--blocks", "2:7"),
                          capture_output=True, text=True, timeout=120)
@@ -40,6 +41,7 @@ def test_bad_flags_exit_2_as_a_process(tiny_llama: Path) -> None:
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "4 blocks" in out.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_cleanly(swarm: Swarm, client: Client) -> None:
     proc = launch_server(str(swarm.model_dir), "0:4", swarm.bootstrap, "--public-name", "short-lived",
                          "--torch-threads", "2", "--drain-timeout", "1")

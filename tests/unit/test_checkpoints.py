@@ -103,6 +103,7 @@ def test_variant_specifics() -> None:
     assert mistral["sliding_window"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "variant"), ALL)
 def test_transformers_loads_cleanly_and_logits_are_well_spread(
         family: str, variant: str, tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
@@ -233,6 +234,7 @@ def test_cache_reuse_and_env_read_at_call_time(tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in first.parent.iterdir() if p.name.startswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_concurrent_builders_see_a_whole_checkpoint(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     code = (

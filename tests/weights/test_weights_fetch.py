@@ -45,7 +45,7 @@ from meshinfer.wire.pieces import (
     encode_piece_message,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @dataclass

@@ -163,7 +163,7 @@ def _spm_model(metadata: dict[str, Any], vocab: dict[str, int], tokens: list[str
     unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
     model = models.BPE(vocab=vocab, merges=[m for *_, m in ranked], unk_token=unk_token, fuse_unk=True,
                        byte_fallback=any(t == _BYTE for t in types))
-    steps = [normalizers.Replace(" ", "▁")]
+    steps: list[normalizers.Normalizer] = [normalizers.Replace(" ", "▁")]
     if _get(metadata, "add_space_prefix", True):
         steps.insert(0, normalizers.Prepend("▁"))
     decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]

@@ -27,21 +27,22 @@ class ClientHead(nn.Module):
         self.dtype = dtype
         self.eps = spec.rms_norm_eps
         v, h = spec.vocab_size, spec.hidden_size
-        self.embedding: nn.Module = Embedding(v, h, dtype, device)  # [V, H]
-        self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
-        self.output: nn.Module = Linear(v, h, False, dtype, device)  # [V, H]
+        embedding, output = Embedding(v, h, dtype, device), Linear(v, h, False, dtype, device)  # [V, H] each
         if spec.tie_word_embeddings:
-            self.output.weight = self.embedding.weight
+            output.weight = embedding.weight
+        self.embedding: nn.Module = embedding
+        self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
+        self.output: nn.Module = output
 
     @property
     def embed_tokens(self) -> torch.Tensor:
         """The embedding table [V, H] (dense; a quantized head has none)."""
-        return self.embedding.weight
+        return _tensor(self.embedding.weight)
 
     @property
     def lm_head(self) -> torch.Tensor:
         """The LM head weight [V, H] (the embedding table itself when tied; dense heads only)."""
-        return self.output.weight
+        return _tensor(self.output.weight)
 
     @classmethod
     def from_hf(
@@ -60,10 +61,10 @@ class ClientHead(nn.Module):
         if missing:
             raise CheckpointError(f"missing tensors: {', '.join(missing)}")
         with torch.no_grad():
-            head.embedding.weight.copy_(tensors["model.embed_tokens.weight"])
+            head.embed_tokens.copy_(tensors["model.embed_tokens.weight"])
             head.norm.copy_(tensors["model.norm.weight"])
             if not spec.tie_word_embeddings:
-                head.output.weight.copy_(tensors["lm_head.weight"])
+                head.lm_head.copy_(tensors["lm_head.weight"])
         return head
 
     @torch.inference_mode()
@@ -80,3 +81,10 @@ class ClientHead(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] float32
         h = rms_norm(hidden.to(self.dtype), self.norm, self.eps)
         return self.output(h).float()
+
+
+def _tensor(value: torch.Tensor | nn.Module) -> torch.Tensor:
+    """A module attribute known to be a tensor (``nn.Module.__getattr__`` is typed Tensor | Module)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got a {type(value).__name__}")
+    return value

@@ -1,29 +1,19 @@
 """Quantized weights (int8 / int4) as a transform of a built model, gpt-fast style.
 
 Contract: pure torch, CPU only. ``quantize_span`` / ``quantize_head`` replace, in place, the ``ops.Linear``
-and ``ops.Embedding`` seams of a built ``BlockSpan`` / ``ClientHead`` with modules of the same call
-signature holding int8 or int4 weights; block and head code never learn how weights are stored.
-- ``Int8Linear``: int8 [N, K] + bf16 per-output-channel scales, run by ``aten._weight_int8pack_mm``.
-- ``Int4Linear``: torch's packed int4 [N, K/2] + bf16 ``scales_and_zeros`` [K/g, N, 2] (asymmetric, one
-  scale and zero per group of g inputs), run by ``aten._weight_int4pack_mm_for_cpu``. The pack layout is
-  this CPU build's (AVX512 / AVX2 / scalar differ): packed weights are built at load, never shipped.
-  Both kernels are GEMVs, fast only on bf16 activations, so ``forward`` casts x to bf16 and the result
-  back to x's dtype (fp32, bf16 and fp16 spans all work; a bf16 span skips both casts). Above
-  ``GEMV_MAX_ROWS`` rows (prefill, big batches, scoring) a kernel's cost grows linearly with rows, so
-  that call dequantizes the weight to fp32 and runs one fp32 GEMM instead (fp32 activations there).
-  Shapes the int4 kernel cannot take (N % 16, K % group) get an ``Int8Linear`` (logged once per shape
-  at debug level), as does everything when this build's pack layout is unknown (``int4_supported``).
-- ``QuantEmbedding``: token rows of an Int8Linear / Int4Linear table, only the looked-up rows
-  dequantized, into the model dtype. Tied embeddings read the quantized LM head itself (stored once, int8
-  or int4); untied tables are int8 (int4 lookups would save little where the table is not shared).
+and ``ops.Embedding`` seams of a built ``BlockSpan`` / ``ClientHead`` with the modules of ``quant_modules``
+(``Int8Linear``, ``Int4Linear``, ``QuantEmbedding``; re-exported here), which have the same call signature
+and hold int8 or int4 weights; block and head code never learn how weights are stored.
+Shapes the int4 kernel cannot take (N % 16, K % group) get an ``Int8Linear`` (logged once per shape at debug
+level), as does everything when this build's pack layout is unknown (``int4_supported``). Tied embeddings
+read the quantized LM head itself (stored once, int8 or int4); untied tables are int8 (int4 lookups would
+save little where the table is not shared).
 Weights quantized from floats use groups of ``DEFAULT_GROUP`` (32) and the ``search`` quantizer in blocks,
 ``minmax`` in the LM head (measured, see the constants); GGUF Q4_0/Q4_1 ``sources`` keep their native
 32-groups and codes (exact up to bf16 rounding of scale and zero). ``block_weight_bytes`` /
 ``head_weight_bytes`` mirror these rules exactly without building tensors. Knows nothing of files, GGUF
-parsing, checkpoints, sessions or the network; no autograd (construction runs under ``no_grad``, forward
-under the caller's inference mode).
+parsing, checkpoints, sessions or the network; no autograd.
 """
-
 from __future__ import annotations
 
 import logging
@@ -31,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshinfer.errors import ConfigError
@@ -39,26 +28,35 @@ from meshinfer.models import quant_math as qm
 from meshinfer.models.block import TransformerBlock
 from meshinfer.models.head import ClientHead
 from meshinfer.models.ops import Embedding, Linear
+from meshinfer.models.quant_modules import (
+    DEFAULT_GROUP,
+    GEMV_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    QuantEmbedding,
+    int4_supported,
+)
 from meshinfer.models.span import BlockSpan
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import QUANT_MODES
 
+__all__ = [
+    "BLOCK_LINEARS", "DEFAULT_GROUP", "GEMV_MAX_ROWS", "GGUF_GROUP", "HEAD_INT4_METHOD", "SPAN_INT4_METHOD",
+    "Int4Linear", "Int8Linear", "Q4Source", "Q8Source", "QuantConfig", "QuantEmbedding", "block_weight_bytes",
+    "head_weight_bytes", "int4_supported", "linear_weight_bytes", "quantize_block", "quantize_head",
+    "quantize_linear", "quantize_matrix", "quantize_span", "weight_bytes",
+]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = 32
 GGUF_GROUP = 32
 """The group of GGUF's Q4_0/Q4_1 blocks (taken as they are when a config leaves the group size to the source)."""
-"""int4 group size for weights quantized from floats. Measured on SmolLM2-135M (1431 tokens, fp32 ppl 27.51),
-span int4 with the grid shifted off the checkpoint's own Q4_1 groups: ppl 30.3 at 32 vs 33.4 at 64 (minmax:
-35.5 vs 38.1); unshifted, 32 keeps a GGUF-born model's grid (27.49) where 64 re-quantizes it (33.3). It costs
-0.625 vs 0.5625 bytes per weight and ~7% more kernel time (SmolLM2's 120 block matmuls: 4.97 vs 4.64 ms)."""
 SPAN_INT4_METHOD = "search"
-"""Block matrices: least-squares search (ppl 30.3 vs minmax 35.5 above; weighting by |w| or w^2 was worse)."""
+"""Block matrices: least-squares search (ppl 30.3 vs minmax 35.5 at group 32, see ``DEFAULT_GROUP``; weighting
+by |w| or w^2 was worse)."""
 HEAD_INT4_METHOD = "minmax"
 """The LM head: min/max (ppl 29.1 vs search 30.6 at group 64): clipping a group's extremes to cut its squared
 error hurts logits more than it helps."""
-GEMV_MAX_ROWS = 64
-"""Rows (batch x tokens) up to which a call runs the int8/int4 kernel; more rows: dequantize + fp32 GEMM."""
 BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")
 
 Q4Source = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -66,9 +64,6 @@ Q4Source = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Q8Source = tuple[torch.Tensor, torch.Tensor]
 """A GGUF Q8_0 matrix: (q int8 [N, K], scale fp32 [N, K/32]), w = scale * q."""
 
-_BF16 = torch.bfloat16
-_INT8_MM = torch.ops.aten._weight_int8pack_mm
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _logged_fallbacks: set[tuple[int, int, int]] = set()
 
 
@@ -103,147 +98,6 @@ class QuantConfig:
     def group(self) -> int:
         """The int4 group size for weights quantized from floats."""
         return self.group_size or DEFAULT_GROUP
-
-
-def int4_supported(out_features: int, in_features: int, group: int) -> bool:
-    """Whether an [out, in] matrix can be int4 with this group size on this machine."""
-    return out_features % 16 == 0 and in_features % group == 0 and group in qm.INT4_GROUPS and qm.int4_layout_known()
-
-
-def _bias(bias: torch.Tensor | None) -> nn.Parameter | None:
-    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-
-class Int8Linear(nn.Module):
-    """``y = x @ (q * scale[:, None])^T + bias``: q int8 [N, K], scale bf16 [N], bias [N] in the activation dtype."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        self._gemv_numel = GEMV_MAX_ROWS * self.in_features
-        self.register_buffer("weight", weight.contiguous())  # int8 [N, K]
-        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # bf16 [N]
-        self.bias = _bias(bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        """Symmetric per-channel int8 (absmax / 127 rounded up to bf16, round-to-nearest) of weight [N, K]."""
-        return cls(*qm.quantize_int8(weight), bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_q8(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        """From a GGUF Q8_0 matrix (q int8 [N, K], scale [N, K/32]): *re-quantized* per channel from its
-        dequantized values (the kernel has one scale per row), so not bit-exact: error <= row scale / 2."""
-        n, k = q.shape
-        w = (q.float().view(n, scale.shape[1], -1) * scale.float()[:, :, None]).view(n, k)
-        return cls.from_float(w, bias)
-
-    def dequantize(self) -> torch.Tensor:  # -> float32 [N, K]
-        return torch.mul(self.weight, self.scales.float()[:, None])  # int8 * fp32 -> fp32 in one pass
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] int64 -> float32 [T, K]
-        return self.weight.index_select(0, ids).float() * self.scales.index_select(0, ids).float()[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        # Per call ~10 us of Python/dispatch on top of the kernel, so: plain dict reads (nn.Module.__getattr__
-        # costs ~1 us a name), a precomputed row limit, no torch.Size arithmetic (~3 us).
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.numel() <= self._gemv_numel:
-            b = self._buffers
-            y = _INT8_MM(x2.to(_BF16), b["weight"], b["scales"])  # [M, N] bf16
-        else:
-            y = F.linear(x2.float(), self.dequantize())  # [M, N] fp32
-        bias = self._parameters.get("bias")
-        if bias is not None:
-            y = torch.add(y, bias)  # a bf16 y promotes to an fp32 bias's dtype in the same op
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
-
-
-class Int4Linear(nn.Module):
-    """``y = x @ W^T + bias`` with W[n, k] = (q - 8) * scale[g, n] + zero[g, n], g = k // group_size."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                 out_features: int, in_features: int, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        if not int4_supported(out_features, in_features, group_size):
-            raise ConfigError(f"int4 cannot hold a [{out_features}, {in_features}] matrix in groups of {group_size}")
-        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
-        self._gemv_numel = GEMV_MAX_ROWS * in_features
-        self.register_buffer("weight", packed.contiguous())  # uint8 [N, K/2], this machine's pack layout
-        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())  # bf16 [K/group, N, 2]
-        self.bias = _bias(bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                   bias: torch.Tensor | None = None) -> Int4Linear:
-        """From codes q [N, K] (0..15) and per-group scale / zero [N, K/group] (w = (q - 8) * scale + zero)."""
-        n, k = q.shape
-        return cls(*qm.pack_int4(q, scale, zero), group_size, n, k, bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = DEFAULT_GROUP,
-                   method: str = "search") -> Int4Linear:
-        """Asymmetric group-wise int4 of weight [N, K] (``quant_math.quantize_int4``: ``search`` or ``minmax``)."""
-        n, k = weight.shape
-        if not int4_supported(n, k, group_size):
-            raise ConfigError(f"int4 cannot hold a [{n}, {k}] matrix in groups of {group_size}")
-        return cls.from_codes(*qm.quantize_int4(weight, group_size, method), group_size, bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_q4(cls, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                bias: torch.Tensor | None = None) -> Int4Linear:
-        """From a GGUF Q4_0/Q4_1 matrix (w = scale * q + low per 32-group; Q4_0: low = -8 scale). The codes are
-        kept; scale and zero = low + 8 scale are rounded to bf16 (8 significant bits), so each weight is off
-        by at most (8 |scale| + |zero|) 2^-8: a few % of a quantization step."""
-        return cls.from_codes(q, *qm.int4_from_affine(scale, low), q.shape[1] // scale.shape[1], bias)
-
-    def dequantize(self) -> torch.Tensor:  # -> float32 [N, K] (a transposed view)
-        return self._dequantize_t().t()
-
-    def _dequantize_t(self) -> torch.Tensor:  # -> float32 [K, N], contiguous
-        return qm.dequantize_packed_t(self.weight, self.scales_and_zeros, self.out_features, self.in_features,
-                                      self.group_size)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] int64 -> float32 [T, K]
-        q = qm.gather_int4_rows(self.weight, self.out_features, self.in_features, ids)  # [T, K]
-        return qm.dequantize_int4(q, self.scales_and_zeros.index_select(1, ids), self.group_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]; see Int8Linear.forward
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.numel() <= self._gemv_numel:
-            b = self._buffers
-            y = _INT4_MM(x2.to(_BF16), b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
-        else:
-            y = torch.mm(x2.float(), self._dequantize_t())  # [M, N] fp32
-        bias = self._parameters.get("bias")
-        if bias is not None:
-            y = torch.add(y, bias)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, bias={self.bias is not None}"
-
-
-class QuantEmbedding(nn.Module):
-    """Token rows of a quantized table ``table`` ([V, H] Int8Linear / Int4Linear, possibly the tied LM head),
-    dequantized into ``dtype``: ids [...] -> [..., H]."""
-
-    def __init__(self, table: Int8Linear | Int4Linear, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.table = table
-        self.dtype = dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., H]
-        rows = self.table.rows(ids.reshape(-1).long())  # [T, H] fp32
-        return rows.to(self.dtype).view(*ids.shape, self.table.in_features)
 
 
 # ---- the transform ----------------------------------------------------------------------------------------
@@ -325,7 +179,8 @@ def quantize_span(
         return span
     _check_cpu(span.device)
     for layer in span.layers:
-        quantize_block(layer, config, sources)
+        if isinstance(layer, TransformerBlock):  # always (narrows nn.ModuleList's nn.Module for the checker)
+            quantize_block(layer, config, sources)
     return span
 
 
@@ -365,6 +220,8 @@ def quantize_head(
     if isinstance(head.embedding, Embedding):
         if tied:
             table = head.output
+            if not isinstance(table, (Int8Linear, Int4Linear)):
+                raise ConfigError(f"a tied embedding needs a quantized LM head, not a {type(table).__name__}")
         else:
             table = quantize_matrix(head.embedding.weight, None, QuantConfig("int8"), sources.get("embedding"),
                                     "embedding")

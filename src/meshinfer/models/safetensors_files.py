@@ -75,11 +75,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
                   and isinstance(b, int) and isinstance(e, int) and 0 <= b <= e and base + e <= file_size
                   and e - b == math.prod(shape) * DTYPE_BYTES[dtype])
         except (KeyError, TypeError, ValueError):
-            ok = False
+            raise _bad_entry(path, name) from None
         if not ok:
-            raise CheckpointError(f"{path}: invalid safetensors entry for tensor {str(name)[:100]!r}")
+            raise _bad_entry(path, name)
         out[name] = TensorLocation(path, dtype, shape, base + b, base + e)
     return out
+
+
+def _bad_entry(path: Path, name: object) -> CheckpointError:
+    return CheckpointError(f"{path}: invalid safetensors entry for tensor {str(name)[:100]!r}")
 
 
 def _gguf_view(root: Path) -> bool:

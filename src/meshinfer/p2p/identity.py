@@ -18,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import base58
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +31,10 @@ from meshinfer.errors import PeerIdentityError
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 _SHA256 = hashes.SHA256()
 _MULTIHASH_SHA256 = b"\x12\x20"
+# crypto_pb2's messages are built from a descriptor at import, so the type checker sees none of its names.
+_PublicKeyProto: Any = crypto_pb2.PublicKey  # pyright: ignore[reportAttributeAccessIssue]
+_PrivateKeyProto: Any = crypto_pb2.PrivateKey  # pyright: ignore[reportAttributeAccessIssue]
+_RSA: int = crypto_pb2.RSA  # pyright: ignore[reportAttributeAccessIssue]
 RSA_BITS = 2048
 MAX_PUBLIC_KEY_BYTES = 1024
 
@@ -41,7 +46,7 @@ def peer_id_of_public_key(public_key_proto: bytes) -> str:
 
 def _public_key_proto(key: rsa.RSAPublicKey) -> bytes:
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return _PublicKeyProto(key_type=_RSA, data=der).SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ class Identity:
     def from_bytes(cls, data: bytes, path: Path | None = None) -> Identity:
         where = f" in {path}" if path else ""
         try:
-            proto = crypto_pb2.PrivateKey.FromString(data)
-            if proto.key_type != crypto_pb2.RSA:
+            proto = _PrivateKeyProto.FromString(data)
+            if proto.key_type != _RSA:
                 raise PeerIdentityError(
                     f"unsupported key type {proto.key_type}{where}; meshinfer uses RSA keys"
                 )
@@ -85,7 +90,7 @@ class Identity:
             serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
-        return crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+        return _PrivateKeyProto(key_type=_RSA, data=der).SerializeToString()
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data, _PSS, _SHA256)
@@ -96,8 +101,8 @@ def verify_signature(public_key_proto: bytes, data: bytes, signature: bytes) -> 
     if len(public_key_proto) > MAX_PUBLIC_KEY_BYTES:
         return False
     try:
-        proto = crypto_pb2.PublicKey.FromString(public_key_proto)
-        if proto.key_type != crypto_pb2.RSA:
+        proto = _PublicKeyProto.FromString(public_key_proto)
+        if proto.key_type != _RSA:
             return False
         key = serialization.load_der_public_key(proto.data)
         if not isinstance(key, rsa.RSAPublicKey) or key.key_size < RSA_BITS:

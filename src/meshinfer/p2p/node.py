@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
@@ -255,9 +256,10 @@ class PeerNode:
         keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
-        futures = await self._dht.get_many(
+        # With return_futures=True hivemind returns one asyncio.Future per key (its annotation names values).
+        futures = cast("dict[str, asyncio.Future[object]]", await self._dht.get_many(
             keys, sufficient_expiration_time=math.inf if latest else None, return_futures=True,
-        )
+        ))
         done, pending = await asyncio.wait(set(futures.values()), timeout=timeout)
         for fut in pending:
             fut.cancel()

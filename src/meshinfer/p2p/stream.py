@@ -73,7 +73,7 @@ class MessageStream:
         # asyncio's default 64 KiB reader limit pauses the transport every 128 KiB of a large message;
         # a bigger one lets readexactly() fill a 1 MiB frame without that churn (no public setter).
         if getattr(reader, "_limit", READ_BUFFER_BYTES) < READ_BUFFER_BYTES:
-            reader._limit = READ_BUFFER_BYTES
+            reader._limit = READ_BUFFER_BYTES  # pyright: ignore[reportAttributeAccessIssue]  # private, not in typeshed
         self._writer = writer
         self._send_lock = asyncio.Lock()
         self._broken: MeshinferError | None = None
