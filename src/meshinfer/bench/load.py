@@ -147,7 +147,7 @@ def _server_args(sessions: int, tokens_each: int) -> list[str]:
 
     from meshinfer.server.config import ServerConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig) if isinstance(f.default, int)}
     extra: list[str] = []
     if sessions > defaults["max_sessions"]:
         extra += ["--max-sessions", str(sessions)]

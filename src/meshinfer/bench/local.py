@@ -87,7 +87,7 @@ def _time_hf(model: Any, prompt: list[int], n: int, pad_id: int) -> tuple[float,
     return first, total, [int(t) for t in out[0, len(prompt):]]
 
 
-def _summary(samples: list[tuple[float, float, list[int]]], prompt_len: int, n: int) -> dict[str, float]:
+def _summary(samples: list[tuple[float, float, list[int]]], prompt_len: int, n: int) -> dict[str, Any]:
     ttft = statistics.median(s[0] for s in samples)
     total = statistics.median(s[1] for s in samples)
     decode = statistics.median((n - 1) / max(s[1] - s[0], 1e-9) for s in samples) if n > 1 else 0.0

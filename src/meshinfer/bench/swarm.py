@@ -93,7 +93,7 @@ def _decode_rate(sample: Sample, n: int) -> float:
     return (n - 1) / max(total - ttft, 1e-9)
 
 
-def summarise(samples: list[Sample], n: int) -> dict[str, float]:
+def summarise(samples: list[Sample], n: int) -> dict[str, Any]:
     """Median figures of several runs of ``n`` new tokens each (and the mean ms per decoded token)."""
     decode = [_decode_rate(s, n) for s in samples]
     return {

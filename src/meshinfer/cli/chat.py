@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,
                                head_quant=args.head_quant, compile=args.compile)
-    with contextlib.closing(generator) if hasattr(generator, "close") else contextlib.nullcontext():
+    with contextlib.closing(generator):
         tokenizer = generator.tokenizer
         spec = generator.spec
         conversation = Conversation(tokenizer, spec.max_position_embeddings, args.max_new_tokens, args.system)

@@ -16,6 +16,7 @@ nothing of block code or of the network itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
+from meshinfer.models.spec import ModelSpec
 from meshinfer.types import canonical_dtype
 
 DEMO_MODEL = "demo"
@@ -42,8 +44,15 @@ class TextGenerator(Protocol):
     @property
     def tokenizer(self) -> Any: ...
 
+    @property
+    def spec(self) -> ModelSpec: ...
+
     def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                stop_token_ids: frozenset[int] | None = None) -> Iterator[int]: ...
+
+    def close(self) -> None:
+        """Release what the model holds (a swarm client's sessions and loop; nothing for a local model)."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,12 +258,8 @@ def main(args: argparse.Namespace) -> int:
                                quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),
                                head_quant=args.head_quant, compile=args.compile)
     load_s = time.perf_counter() - t0
-    closing = getattr(generator, "close", None)
-    try:
+    with contextlib.closing(generator):
         return _generate(args, generator, sampling, dtype, model_dir, load_s)
-    finally:
-        if closing is not None:
-            closing()
 
 
 def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: SamplingConfig, dtype: str,

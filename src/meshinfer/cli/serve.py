@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(ServerConfig, args)
     p2p = config_from_args(P2PConfig, args)
+    assert config.model is not None  # ServerConfig refuses a config without one
     model_dir = resolve_model_dir(config.model)
     from meshinfer.server.run import serve_until_signal
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -236,7 +236,7 @@ class DistributedModel(TextGenerator):
         max_new_tokens: int,
         sampling: SamplingConfig | None = None,
         stop_token_ids: Collection[int] | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int]:
         """``stream`` as an async generator; iterate it on the client's loop (``loop``)."""
         scored = self.astream_scored(input_ids, max_new_tokens, sampling, stop_token_ids)
         async with contextlib.aclosing(scored) as tokens:
@@ -250,7 +250,7 @@ class DistributedModel(TextGenerator):
         sampling: SamplingConfig | None = None,
         stop_token_ids: Collection[int] | None = None,
         top_logprobs: int | None = None,
-    ) -> AsyncIterator[ScoredToken]:
+    ) -> AsyncGenerator[ScoredToken]:
         """``astream`` with each token's log-probability and its ``top_logprobs`` (0..20) most likely
         alternatives, as ``LocalModel.stream_scored`` gives them (None: no scores computed)."""
         ids = check_prompt(self.spec, input_ids, max_new_tokens)

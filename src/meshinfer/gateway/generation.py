@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,7 +53,7 @@ class Generator(Protocol):
     def spec(self) -> Any: ...
 
     def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-               stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
+               stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncGenerator[ScoredToken]:
         """Tokens as they are generated (with their log-probability and ``top_logprobs`` alternatives when
         that is set), on the caller's loop; ``aclose()`` abandons the generation."""
         ...
@@ -95,7 +95,7 @@ class SwarmGenerator:
         return self.model.spec
 
     async def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
+                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncGenerator[ScoredToken]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[Any] = asyncio.Queue()
 

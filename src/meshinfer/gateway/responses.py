@@ -89,7 +89,7 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = ()
 
 
-def _chat_entry(text: str, logprob: float) -> dict[str, Any]:
+def _chat_entry(text: str, logprob: float | None) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import socket
 import threading
@@ -40,7 +41,7 @@ class ApiServer:
         self.host = host
         self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(app, loop="asyncio", lifespan="off", log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=graceful_timeout)
+                                timeout_graceful_shutdown=math.ceil(graceful_timeout))
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

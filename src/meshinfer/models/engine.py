@@ -14,7 +14,7 @@ likely alternatives, ``sampling.score_token``; ``agenerate_scored`` is the same 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ class TextGenerator:
                 raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
+
+    def close(self) -> None:
+        """Release what the model holds: nothing for a model run in this process (the swarm client closes its
+        sessions and loop)."""
 
     def stop_tokens(self, stop_token_ids: Collection[int] | None) -> frozenset[int]:
         """``stop_token_ids``, or the model's eos ids when it is None."""
@@ -171,7 +175,7 @@ class LocalModel(TextGenerator):
         sampling: SamplingConfig | None = None,
         stop_token_ids: Collection[int] | None = None,
         top_logprobs: int | None = None,
-    ) -> Iterator[ScoredToken]:
+    ) -> Generator[ScoredToken]:
         """``stream`` with each token's log-probability and its ``top_logprobs`` most likely alternatives
         (``sampling.score_token``; None: the bare tokens, no scores computed)."""
         ids = self._check_prompt(input_ids, max_new_tokens)

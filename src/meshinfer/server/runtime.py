@@ -280,6 +280,7 @@ class StepLoop:
                 continue
             inline = self._inline(pieces)  # decided once per turn: the turn's timing changes the answer
             try:
+                results: list[Result | None]
                 if inline:
                     results = self.execute(pieces)
                 else:

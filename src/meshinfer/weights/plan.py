@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from meshinfer.weights.bans import PeerBans
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsRichComparison
+
 __all__ = ["PeerBans", "PiecePlanner", "holders_by_piece"]  # PeerBans: re-exported for fetch users
 
-P = TypeVar("P")  # a piece: any hashable value (``weights.manifest.PieceRef`` in practice)
+P = TypeVar("P", bound="SupportsRichComparison")  # a piece: any hashable, ordered value (a PieceRef in practice)
 
 
 class PiecePlanner(Generic[P]):
@@ -43,7 +46,7 @@ class PiecePlanner(Generic[P]):
         self._lost: set[str] = set()
         self._returned: set[str] = set()
         self._turn = 0
-        for piece in sorted(self._pending, key=_order_key):
+        for piece in sorted(self._pending):
             self._assign(piece, now)
 
     # ---- queries -----------------------------------------------------------------------------
@@ -65,8 +68,7 @@ class PiecePlanner(Generic[P]):
 
     def stuck(self, now: float) -> list[P]:
         """Pending pieces that no holder can serve any more (all dropped, unable or banned)."""
-        return sorted((p for p in self._pending if not any(not self.bans.banned(h, now) for h in self._holders[p])),
-                      key=_order_key)
+        return sorted(p for p in self._pending if not any(not self.bans.banned(h, now) for h in self._holders[p]))
 
     # ---- decisions ---------------------------------------------------------------------------
 
@@ -105,7 +107,7 @@ class PiecePlanner(Generic[P]):
                 if piece in self._pending and self._owner.get(piece) == other and peer in self._holders[piece]:
                     self._owner[piece] = peer
                     return self._start(piece, peer)
-        for piece in sorted((p for p in self._pending if p not in self._owner), key=_order_key):  # orphans
+        for piece in sorted(p for p in self._pending if p not in self._owner):  # orphans
             if peer in self._candidates(piece, now):
                 return self._start(piece, peer)
         return None
@@ -174,10 +176,6 @@ class PiecePlanner(Generic[P]):
         for piece in lost:
             self._owner.pop(piece, None)
             self._requeue(piece, now)
-
-
-def _order_key(piece: object) -> object:
-    return piece
 
 
 def holders_by_piece(groups: Iterable[tuple[Sequence[P], Sequence[str]]]) -> dict[P, list[str]]:

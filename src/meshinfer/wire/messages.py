@@ -92,7 +92,7 @@ class Burst(msgspec.Struct, frozen=True):
     size: Annotated[int, msgspec.Meta(ge=2, le=MAX_BURST)]
 
 
-class Open(_Base, tag="open"):
+class Open(_Base, frozen=True, tag="open"):
     session_id: SessionId
     model: Name
     span: BlockRange
@@ -105,34 +105,34 @@ class Open(_Base, tag="open"):
     (its outputs would differ from the rest of the route's). None: any (older clients)."""
 
 
-class Opened(_Base, tag="opened"):
+class Opened(_Base, frozen=True, tag="opened"):
     session_id: SessionId
     span: BlockRange
     max_length: Positive
     v: int = PROTOCOL_VERSION
 
 
-class _StepOf(_Base):
+class _StepOf(_Base, frozen=True):
     """What a step and its result both start with: which step of which session (fields in wire order)."""
 
     session_id: SessionId
     step_id: NonNegative
 
 
-class Step(_StepOf, tag="step"):
+class Step(_StepOf, frozen=True, tag="step"):
     position: NonNegative
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
 
 
-class StepResult(_StepOf, tag="step_result"):
+class StepResult(_StepOf, frozen=True, tag="step_result"):
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
 
 
-class Retarget(_Base, tag="retarget"):
+class Retarget(_Base, frozen=True, tag="retarget"):
     """Point a session's pushes at another next hop (``route_tail``; empty: push nowhere). A client sends
     it after replacing a failed server of its route; the session's later outputs go to the new hop."""
 
@@ -141,12 +141,12 @@ class Retarget(_Base, tag="retarget"):
     v: int = PROTOCOL_VERSION
 
 
-class Close(_Base, tag="close"):
+class Close(_Base, frozen=True, tag="close"):
     session_id: SessionId
     v: int = PROTOCOL_VERSION
 
 
-class Error(_Base, tag="error"):
+class Error(_Base, frozen=True, tag="error"):
     code: Annotated[str, msgspec.Meta(max_length=64)]
     message: Annotated[str, msgspec.Meta(max_length=4096)]
     session_id: SessionId | None = None
@@ -154,13 +154,13 @@ class Error(_Base, tag="error"):
     v: int = PROTOCOL_VERSION
 
 
-class Ping(_Base, tag="ping"):
+class Ping(_Base, frozen=True, tag="ping"):
     seq: NonNegative
     payload: bytes = b""
     v: int = PROTOCOL_VERSION
 
 
-class Pong(_Base, tag="pong"):
+class Pong(_Base, frozen=True, tag="pong"):
     seq: NonNegative
     payload: bytes = b""
     v: int = PROTOCOL_VERSION

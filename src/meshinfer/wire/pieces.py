@@ -57,18 +57,18 @@ class _Base(msgspec.Struct, frozen=True, tag_field="type"):
     pass
 
 
-class GetManifest(_Base, tag="get_manifest"):
+class GetManifest(_Base, frozen=True, tag="get_manifest"):
     model_id: ModelIdText
     v: int = PIECES_VERSION
 
 
-class ManifestData(_Base, tag="manifest"):
+class ManifestData(_Base, frozen=True, tag="manifest"):
     model_id: ModelIdText
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_MANIFEST_BYTES)]
     v: int = PIECES_VERSION
 
 
-class _PieceOf(_Base):
+class _PieceOf(_Base, frozen=True):
     """What a piece request and its answer both start with: which piece of which model (in wire order)."""
 
     model_id: ModelIdText
@@ -77,16 +77,16 @@ class _PieceOf(_Base):
     index: PieceIndex
 
 
-class GetPiece(_PieceOf, tag="get_piece"):
+class GetPiece(_PieceOf, frozen=True, tag="get_piece"):
     v: int = PIECES_VERSION
 
 
-class PieceData(_PieceOf, tag="piece"):
+class PieceData(_PieceOf, frozen=True, tag="piece"):
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_PIECE_BYTES)]
     v: int = PIECES_VERSION
 
 
-class PieceError(_Base, tag="error"):
+class PieceError(_Base, frozen=True, tag="error"):
     code: Annotated[str, msgspec.Meta(max_length=64)]
     message: Annotated[str, msgspec.Meta(max_length=4096)]
     v: int = PIECES_VERSION
