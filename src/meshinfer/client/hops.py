@@ -1,30 +1,61 @@
-"""The client's pieces of a route: one hop's session state, and what a failed hop is.
+"""The client's pieces of a route: one hop's session and its stream's lifecycle, and what a failed hop is.
 
-Contract: ``HopSession`` is the client's end of one server's session (hop, session id, stream,
-input history, where its server pushes); ``HopFailure`` says that hop cannot go on (raised inside
-``InferenceSession`` to start a failover, never out of it); ``Failover`` records one replacement;
-``FAILOVER_CODES`` and ``replaceable`` say which errors another server could get past. Plain data and
-predicates: no I/O.
+Contract: ``HopSession`` is the client's end of one server's session (hop, session id, stream, input
+history, where its server pushes) and owns that stream's lifecycle: ``open`` (send ``Open``, await
+``Opened``, report the round trip as the peer's RTT), ``start_reader``/``stop_reader`` (a background task
+turning every message, or the error that ended the stream, into a ``HopEvent``), ``send_step`` and
+``request_step``, ``retarget`` (re-point its pushes), ``output`` (check a ``StepResult``), and ``close``
+(``Close`` + stream close; idempotent, never raises). ``route_tail`` lists the hops after one, as ``Open``
+and ``Retarget`` carry them. ``HopFailure`` says a hop cannot go on (raised inside ``InferenceSession``
+to start a failover, never out of it); ``Failover`` records one replacement; ``FAILOVER_CODES`` and
+``replaceable`` say which errors another server could get past. Knows nothing of routes' planning or of
+failover: hidden states in, hidden states out, one hop at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from meshinfer.client.routing import RouteHop
-from meshinfer.errors import MeshinferError, RemoteError
+from meshinfer.errors import MeshinferError, RemoteError, TransportError, WireError
+from meshinfer.p2p import SESSION_PROTOCOL
+from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
-from meshinfer.wire.messages import ErrorCode
+from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.messages import (
+    Burst,
+    Close,
+    ErrorCode,
+    Hop,
+    Message,
+    Open,
+    Opened,
+    Retarget,
+    Step,
+    StepResult,
+    encode_message,
+)
+from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 FAILOVER_CODES = frozenset({
     ErrorCode.UNKNOWN_SESSION, ErrorCode.OVERLOADED, ErrorCode.INTERNAL, ErrorCode.TIMEOUT,
     ErrorCode.SPAN_NOT_SERVED, ErrorCode.UNKNOWN_MODEL, ErrorCode.VERSION_MISMATCH,
 })
 """Error codes after which another server may well succeed (the others are the request's fault)."""
+
+IDLE_READ_S = 1e6
+"""Per-message read timeout of the background readers: a session may sit idle between steps; every
+step has its own deadline (``step_timeout``) and stall detection."""
+
+RttCallback = Callable[[str, float], None]
+"""``on_rtt(peer_id, seconds)``: the round trip of one ``Open``."""
 
 def short_peer(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
@@ -42,9 +73,124 @@ class HopSession:
     reader: asyncio.Task[None] | None = None
     tail: str | None = None
     """The session id this hop's server pushes its outputs to (None: it pushes nowhere)."""
+    closed: bool = field(default=False, init=False)
+    """Whether ``close`` ran (a closed hop is never reopened)."""
 
     def where(self) -> str:
         return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"
+
+    async def open(self, node: PeerNode, *, model_id: str, max_length: int, dtype: str, quant: str | None,
+                   route_tail: list[Hop], timeout: float, on_rtt: RttCallback | None = None) -> None:
+        """Open the stream and the server's session (pushing to ``route_tail[0]``, if any); raises on failure."""
+        self.stream = await node.open_stream(self.hop.peer_id, SESSION_PROTOCOL, maddrs=self.hop.record.addresses,
+                                             direct=self.hop.record.direct_addresses, timeout=timeout)
+        msg = Open(session_id=self.session_id, model=model_id, span=self.hop.span, max_length=max_length,
+                   dtype=dtype, route_tail=route_tail, quant=quant)
+        started = time.perf_counter()
+        try:
+            reply = await self.stream.request(msg, timeout=timeout)
+        except RemoteError as err:
+            raise RemoteError(err.code, f"{err.remote_message} ({self.where()})") from None
+        except TransportError as err:
+            raise TransportError(f"cannot open a session on {self.where()}: {err}") from None
+        if on_rtt is not None:
+            on_rtt(self.hop.peer_id, time.perf_counter() - started)
+        if not isinstance(reply, Opened) or reply.session_id != self.session_id:
+            raise WireError(f"{self.where()} answered Open with an unexpected {type(reply).__name__}")
+        if reply.span != self.hop.span or reply.max_length < max_length:
+            raise WireError(f"{self.where()} opened span {reply.span} for {reply.max_length} tokens; "
+                            f"asked for {self.hop.span} and {max_length}")
+        self.tail = route_tail[0].session_id if route_tail else None
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def start_reader(self, events: asyncio.Queue[HopEvent]) -> None:
+        """Read this hop's stream in the background into ``events`` (once; a no-op while one runs)."""
+        if self.reader is None:
+            self.reader = asyncio.create_task(self._read(events), name=f"session-read:{self.session_id[:8]}")
+
+    async def _read(self, events: asyncio.Queue[HopEvent]) -> None:
+        stream = self.stream
+        assert stream is not None
+        while True:
+            try:
+                msg = await stream.recv(timeout=IDLE_READ_S)
+            except MeshinferError as err:
+                events.put_nowait((self, err))
+                return
+            events.put_nowait((self, msg))
+
+    async def stop_reader(self) -> None:
+        """Cancel the background reader and wait for it to end (never raises)."""
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader
+            self.reader = None
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    async def send_step(self, step_id: int, position: int, x: torch.Tensor, burst: Burst | None = None) -> None:
+        """Send one step (its answer comes through the reader); a broken stream is a ``HopFailure``."""
+        assert self.stream is not None
+        msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x),
+                   burst=burst)
+        try:
+            payload = encode_message(msg)
+            if not self.stream.send_nowait(payload):
+                await self.stream.send_bytes(payload)
+        except TransportError as err:
+            raise HopFailure(self, f"cannot send a step: {err}") from None
+
+    async def request_step(self, step_id: int, position: int, x: torch.Tensor, timeout: float) -> Message:
+        """Send one step and return the next message (no reader may run); raises ``MeshinferError``."""
+        assert self.stream is not None
+        msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x))
+        return await self.stream.request(msg, timeout=timeout)
+
+    def output(self, msg: StepResult, x: torch.Tensor, limits: WireLimits, dtype: str) -> torch.Tensor:
+        """The hidden states of ``msg``, checked to have the shape and dtype of the input ``x``."""
+        out = decode_tensor(msg.hidden, limits)
+        if list(out.shape) != list(x.shape) or out.dtype != x.dtype:
+            raise WireError(f"{self.where()} returned {msg.hidden.dtype} {list(out.shape)}; expected "
+                            f"{dtype} {list(x.shape)}")
+        return out
+
+    async def retarget(self, route_tail: list[Hop]) -> None:
+        """Point this hop's pushes at ``route_tail[0]`` (``Retarget``); a broken stream is a ``HopFailure``."""
+        assert self.stream is not None
+        try:
+            await self.stream.send(Retarget(session_id=self.session_id, route_tail=route_tail))
+        except TransportError as err:
+            raise HopFailure(self, f"cannot retarget its pushes: {err}") from None
+        self.tail = route_tail[0].session_id if route_tail else None
+
+    # ---- closing -------------------------------------------------------------------------------
+
+    async def close(self, *, send_timeout: float = 2.0, stream_timeout: float = 1.0) -> None:
+        """Stop reading, send ``Close`` when the server may still be there, close the stream (idempotent, never
+        raises)."""
+        if self.closed:
+            return
+        self.closed = True
+        await self.stop_reader()
+        if self.stream is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(send_timeout):
+                await self.stream.send(Close(session_id=self.session_id))
+        await self.stream.close(timeout=stream_timeout)
+
+
+HopEvent = tuple[HopSession, Message | MeshinferError]
+"""What a hop's reader reports: one message from its server, or the error that ended its stream."""
+
+
+def route_tail(hops: Sequence[HopSession], i: int) -> list[Hop]:
+    """The hops after ``hops[i]`` as ``Open``/``Retarget`` carry them (where hop ``i`` pushes, and beyond)."""
+    return [Hop(peer_id=h.hop.peer_id, span=h.hop.span, session_id=h.session_id,
+                maddrs=list(h.hop.record.addresses)[:16], direct=list(h.hop.record.direct_addresses)[:8])
+            for h in hops[i + 1:]]
 
 
 @dataclass(frozen=True)

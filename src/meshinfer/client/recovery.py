@@ -1,66 +1,69 @@
 """Failover: replace a failed hop of a live inference session and rebuild its KV cache by replay.
 
-Contract: ``Recovery`` is the part of ``InferenceSession`` (``meshinfer.client.session``) that swaps a
-failed ``HopSession`` for a fresh chain of servers covering the same blocks: ban the failed peer
-(``PeerBans``), plan a replacement with the session's ``replan`` (retrying while the swarm has none, for
-at most half the step deadline), open sessions there without push, replay the span's input history
-through them in chunks (each replacement's outputs are the next one's history; the last one's are
-dropped: the next hop already holds them), splice them into the route and record a ``Failover``. A
-replacement that fails too is banned and another is planned (``max_failovers`` attempts).
-``_fix_tails`` re-points pushes (``Retarget``) so every hop pushes to the session of the hop after it.
-Knows nothing of tokens; all methods run on the session's event loop.
+Contract: ``Recovery`` is the collaborator an ``InferenceSession`` (``meshinfer.client.session``) holds
+when it can replan. ``replace(failed, reason)`` closes ``failed``, bans its peer (``PeerBans``), plans a
+replacement chain covering the same blocks with ``replan`` (retrying while the swarm has none, for at
+most half the step deadline), opens sessions there without push (through the ``open_hop`` it was given),
+replays the span's input history through them in chunks (each replacement's outputs are the next
+one's history; the last one's are dropped: the next hop already holds them), and returns the fresh
+hops and the ``Failover`` record; the session splices them into its route. A replacement that fails
+too is banned and another is planned (``max_failovers`` attempts). ``fix_tails(hops)`` re-points
+pushes (``Retarget``) so every hop pushes to the session of the hop after it. Everything it uses is
+given to its constructor; it reads no session state. Knows nothing of tokens; all methods run on the
+session's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import torch
 
-from meshinfer.client.hops import Failover, HopFailure, HopSession
+from meshinfer.client.hops import Failover, HopFailure, HopSession, route_tail
 from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError, TransportError
 from meshinfer.types import BlockRange
 from meshinfer.weights.bans import PeerBans
-from meshinfer.wire.messages import Close, Hop, Retarget, Step, StepResult
-from meshinfer.wire.tensor import encode_tensor
+from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.messages import Hop, StepResult
 
 log = logging.getLogger(__name__)
 
 Replanner = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 """``replan(blocks, exclude) -> route`` over ``blocks`` avoiding the peers in ``exclude``."""
 
+HopOpener = Callable[[HopSession, list[Hop]], Awaitable[None]]
+"""``open_hop(hs, route_tail)``: open ``hs``'s stream and server session, pushing to ``route_tail``."""
+
 
 class Recovery:
-    """Failover methods of ``InferenceSession`` (a mixin: it declares what it uses of the session)."""
+    """Replaces failed hops of one session: plan, open, replay (see the module docstring)."""
 
-    hops: list[HopSession]
-    bans: PeerBans
-    replan: Replanner | None
-    max_failovers: int
-    step_timeout: float
-    push: bool
-    failovers: list[Failover]
-    _next_step_id: int
+    def __init__(self, replan: Replanner, bans: PeerBans, *, open_hop: HopOpener, step_ids: Iterator[int],
+                 chunk_tokens: Callable[[int], int], limits: WireLimits, dtype: str, max_failovers: int,
+                 step_timeout: float) -> None:
+        self.replan = replan
+        self.bans = bans
+        self.open_hop = open_hop
+        self.step_ids = step_ids
+        """The session's step ids (shared: a replay's ids and the session's steps' never repeat)."""
+        self.chunk_tokens = chunk_tokens
+        """``chunk_tokens(hidden_size)``: the most tokens one replay step may carry."""
+        self.limits = limits
+        self.dtype = dtype
+        self.max_failovers = max_failovers
+        self.step_timeout = step_timeout
 
-    async def _open_hop(self, hs: HopSession, route_tail: list[Hop]) -> None: ...
-    def _route_tail(self, i: int) -> list[Hop]: ...
-    def _per_step(self, hidden_size: int) -> int: ...
-    def _start_reader(self, hs: HopSession) -> None: ...
-    def _check_output(self, hs: HopSession, msg: StepResult, x: torch.Tensor) -> torch.Tensor: ...
-
-    async def _replace(self, failed: HopSession, reason: str) -> None:
-        """Swap ``failed`` for a fresh chain of servers covering its span, rebuilt from its history."""
+    async def replace(self, failed: HopSession, reason: str) -> tuple[list[HopSession], Failover]:
+        """A fresh chain of servers covering ``failed``'s span, rebuilt from its history, and the record."""
         started = time.monotonic()
         banned_for = self.bans.fail(failed.hop.peer_id, started)
         log.warning("%s failed (%s); banned for %.0fs, replacing it", failed.where(), reason, banned_for)
-        await self._drop(failed)
-        assert self.replan is not None
+        await failed.close(send_timeout=0.5, stream_timeout=0.5)
         history = list(failed.inputs)
         for _attempt in range(self.max_failovers):
             exclude = frozenset(self.bans.avoided(time.monotonic()))
@@ -73,22 +76,16 @@ class Recovery:
                 self.bans.fail(culprit.hop.peer_id, time.monotonic())
                 log.warning("replacement %s failed too (%s); trying another", culprit.where(), err)
                 for hs in fresh:
-                    await self._drop(hs)
+                    await hs.close(send_timeout=0.5, stream_timeout=0.5)
                 continue
-            index = self.hops.index(failed)
-            self.hops[index:index + 1] = fresh
-            for hs in fresh:
-                self._start_reader(hs)
             record = Failover(failed.hop.peer_id, failed.hop.span, reason, tuple(h.hop.peer_id for h in fresh),
                               time.monotonic() - started, replayed)
-            self.failovers.append(record)
             log.info("replaced %s by %s in %.2fs (%d tokens replayed)", failed.where(),
                      ", ".join(h.where() for h in fresh), record.seconds, replayed)
-            return
+            return fresh, record
         raise TransportError(f"could not replace {failed.where()} after {self.max_failovers} attempts")
 
     async def _replan(self, blocks: BlockRange, exclude: frozenset[str], started: float) -> list[RouteHop]:
-        assert self.replan is not None
         while True:
             try:
                 return await self.replan(blocks, exclude)
@@ -101,7 +98,7 @@ class Recovery:
         """Open ``fresh`` (no push yet) and replay ``history`` through them in order; tokens replayed."""
         async def open_one(hs: HopSession) -> None:
             try:
-                await self._open_hop(hs, [])
+                await self.open_hop(hs, [])
             except MeshinferError as err:
                 raise HopFailure(hs, f"cannot open: {err}") from None
 
@@ -113,50 +110,27 @@ class Recovery:
             position = 0
             if inputs:
                 whole = torch.cat(inputs, dim=0)  # [P, H]
-                for chunk in torch.split(whole, self._per_step(whole.shape[1]), dim=0):
+                for chunk in torch.split(whole, self.chunk_tokens(whole.shape[1]), dim=0):
                     outputs.append(await self._replay_step(hs, position, chunk))
                     position += chunk.shape[0]
             inputs = outputs
         return sum(x.shape[0] for x in history)
 
     async def _replay_step(self, hs: HopSession, position: int, x: torch.Tensor) -> torch.Tensor:
-        assert hs.stream is not None
-        step_id = self._next_step_id
-        self._next_step_id += 1
-        msg = Step(session_id=hs.session_id, step_id=step_id, position=position, hidden=encode_tensor(x))
+        step_id = next(self.step_ids)
         try:
-            reply = await hs.stream.request(msg, timeout=self.step_timeout)
+            reply = await hs.request_step(step_id, position, x, timeout=self.step_timeout)
         except MeshinferError as err:
             raise HopFailure(hs, f"replay failed: {err}") from None
         if not isinstance(reply, StepResult) or reply.step_id != step_id:
             raise HopFailure(hs, f"replay answered with an unexpected {type(reply).__name__}")
-        return self._check_output(hs, reply, x)
+        return hs.output(reply, x, self.limits, self.dtype)
 
-    async def _fix_tails(self) -> None:
-        """Point every hop's pushes at the session of the hop after it (after a replacement)."""
-        if not self.push:
-            return
-        for i, hs in enumerate(self.hops):
-            want = self.hops[i + 1].session_id if i + 1 < len(self.hops) else None
-            if hs.tail == want or want is None:
-                continue
-            assert hs.stream is not None
-            try:
-                await hs.stream.send(Retarget(session_id=hs.session_id, route_tail=self._route_tail(i)))
-            except TransportError as err:
-                raise HopFailure(hs, f"cannot retarget its pushes: {err}") from None
-            hs.tail = want
 
-    async def _drop(self, hs: HopSession) -> None:
-        """Stop reading ``hs`` and close its stream, telling its server when it is still there."""
-        if hs.reader is not None:
-            hs.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await hs.reader
-            hs.reader = None
-        if hs.stream is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(0.5):
-                    await hs.stream.send(Close(session_id=hs.session_id))
-            await hs.stream.close(timeout=0.5)
-
+async def fix_tails(hops: Sequence[HopSession]) -> None:
+    """Point every hop's pushes at the session of the hop after it (after a replacement)."""
+    for i, hs in enumerate(hops):
+        want = hops[i + 1].session_id if i + 1 < len(hops) else None
+        if hs.tail == want or want is None:
+            continue
+        await hs.retarget(route_tail(hops, i))

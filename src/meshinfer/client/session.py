@@ -18,13 +18,17 @@ server is found in seconds, not at the step deadline). The failed peer is banned
 exponential backoff, shared by the client's sessions); ``replan`` gives a chain of other servers for
 the lost blocks (possibly several); sessions are opened there and the span's history is replayed
 through them in chunks (rebuilding their KV caches; the outputs of the last one are dropped: the next
-hop already has them); ``Retarget`` points the previous hop's pushes at the replacement and the
-replacement's at the next hop; then the interrupted step is sent again from the first hop without
-its output (with a new step id; hops after it recompute the same position identically). The output
+hop already has them) by ``recovery`` (a ``client.recovery.Recovery`` given what it needs at
+construction; it returns the fresh hops and the session splices them in); ``Retarget`` points the
+previous hop's pushes at the replacement and the replacement's at the next hop; then the interrupted
+step is sent again from the first hop without its output (with a new step id; hops after it
+recompute the same position identically). The output
 is the same as if nothing had failed. ``failovers`` records each one (peer, reason, seconds, tokens
 replayed). Errors that a replacement would repeat (bad request, limits) are raised as
 ``RemoteError``; after ``max_failovers`` in one step, or with no ``replan``, a failure is final and the
-session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises).
+session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises);
+Each hop's stream (open, reader, steps, close) is its
+``HopSession``'s (``client.hops``).
 
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
 threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
@@ -33,47 +37,44 @@ threads through a ``LoopThread``. Knows nothing of tokens, embeddings or samplin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from meshinfer.client.hops import FAILOVER_CODES, Failover, HopFailure, HopSession, replaceable
-from meshinfer.client.recovery import Recovery, Replanner
+from meshinfer.client.hops import (
+    FAILOVER_CODES,
+    Failover,
+    HopEvent,
+    HopFailure,
+    HopSession,
+    RttCallback,
+    replaceable,
+    route_tail,
+)
+from meshinfer.client.recovery import Recovery, Replanner, fix_tails
 from meshinfer.client.routing import RouteHop
-from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError, WireError
-from meshinfer.p2p import SESSION_PROTOCOL
+from meshinfer.errors import (
+    ConfigError,
+    ContextOverflowError,
+    MeshinferError,
+    RemoteError,
+    TransportError,
+    WireError,
+)
 from meshinfer.p2p.node import PeerNode
 from meshinfer.types import canonical_dtype
 from meshinfer.weights.bans import PeerBans
-from meshinfer.wire.messages import (
-    Burst,
-    Close,
-    Error,
-    ErrorCode,
-    Hop,
-    Message,
-    Open,
-    Opened,
-    Step,
-    StepResult,
-    encode_message,
-)
-from meshinfer.wire.tensor import ITEMSIZE, decode_tensor, encode_tensor
+from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, StepResult
+from meshinfer.wire.tensor import ITEMSIZE
 
 log = logging.getLogger(__name__)
 
-IDLE_READ_S = 1e6
-"""Per-message read timeout of the background readers: a session may sit idle between steps; every
-step has its own deadline (``step_timeout``) and stall detection."""
 
-RttCallback = Callable[[str, float], None]
-
-class InferenceSession(Recovery):
+class InferenceSession:
     """Hidden states through a chain of servers, keeping each server's KV cache alive between steps."""
 
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
@@ -107,8 +108,8 @@ class InferenceSession(Recovery):
         self.hops = [HopSession(h, secrets.token_hex(12)) for h in route]
         self.position = 0
         self.failovers: list[Failover] = []
-        self._next_step_id = 0
-        self._events: asyncio.Queue[tuple[HopSession, Message | MeshinferError]] = asyncio.Queue()
+        self._step_ids = itertools.count()
+        self._events: asyncio.Queue[HopEvent] = asyncio.Queue()
         self._broken: MeshinferError | None = None
         self._closed = False
         self._answered: dict[int, torch.Tensor] = {}
@@ -122,6 +123,11 @@ class InferenceSession(Recovery):
         self.last_burst: Burst | None = None
         """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
         self._on_rtt: RttCallback | None = None
+        self.recovery = None if replan is None else Recovery(
+            replan, self.bans, open_hop=self._open_hop, step_ids=self._step_ids, chunk_tokens=self._per_step,
+            limits=node.settings.stream.limits, dtype=self.dtype, max_failovers=max_failovers,
+            step_timeout=step_timeout)
+        """Failover (None: no ``replan``, a failed hop is final)."""
 
     @property
     def route(self) -> list[RouteHop]:
@@ -159,53 +165,29 @@ class InferenceSession(Recovery):
             await session.close()
             raise
         for hs in session.hops:
-            session._start_reader(hs)
+            hs.start_reader(session._events)
         return session
 
     def _route_tail(self, i: int) -> list[Hop]:
-        if not self.push:
-            return []
-        return [Hop(peer_id=h.hop.peer_id, span=h.hop.span, session_id=h.session_id,
-                    maddrs=list(h.hop.record.addresses)[:16], direct=list(h.hop.record.direct_addresses)[:8])
-                for h in self.hops[i + 1:]]
+        return route_tail(self.hops, i) if self.push else []
 
-    async def _open_hop(self, hs: HopSession, route_tail: list[Hop]) -> None:
-        timeout = self.open_timeout
-        hs.stream = await self.node.open_stream(hs.hop.peer_id, SESSION_PROTOCOL, maddrs=hs.hop.record.addresses,
-                                                direct=hs.hop.record.direct_addresses, timeout=timeout)
-        msg = Open(session_id=hs.session_id, model=self.model_id, span=hs.hop.span, max_length=self.max_length,
-                   dtype=self.dtype, route_tail=route_tail, quant=self.quant)
-        started = time.perf_counter()
-        try:
-            reply = await hs.stream.request(msg, timeout=timeout)
-        except RemoteError as err:
-            raise RemoteError(err.code, f"{err.remote_message} ({hs.where()})") from None
-        except TransportError as err:
-            raise TransportError(f"cannot open a session on {hs.where()}: {err}") from None
-        if self._on_rtt is not None:
-            self._on_rtt(hs.hop.peer_id, time.perf_counter() - started)
-        if not isinstance(reply, Opened) or reply.session_id != hs.session_id:
-            raise WireError(f"{hs.where()} answered Open with an unexpected {type(reply).__name__}")
-        if reply.span != hs.hop.span or reply.max_length < self.max_length:
-            raise WireError(f"{hs.where()} opened span {reply.span} for {reply.max_length} tokens; "
-                            f"asked for {hs.hop.span} and {self.max_length}")
-        hs.tail = route_tail[0].session_id if route_tail else None
+    async def _open_hop(self, hs: HopSession, tail: list[Hop]) -> None:
+        await hs.open(self.node, model_id=self.model_id, max_length=self.max_length, dtype=self.dtype,
+                      quant=self.quant, route_tail=tail, timeout=self.open_timeout, on_rtt=self._on_rtt)
 
-    def _start_reader(self, hs: HopSession) -> None:
-        if hs.reader is None:
-            hs.reader = asyncio.create_task(self._read(hs), name=f"session-read:{hs.session_id[:8]}")
+    async def _replace(self, failed: HopSession, reason: str) -> None:
+        """Have ``recovery`` replace ``failed``; splice the fresh hops into the route and start reading them."""
+        assert self.recovery is not None
+        fresh, record = await self.recovery.replace(failed, reason)
+        index = self.hops.index(failed)
+        self.hops[index:index + 1] = fresh
+        for hs in fresh:
+            hs.start_reader(self._events)
+        self.failovers.append(record)
 
-    async def _read(self, hs: HopSession) -> None:
-        """Background reader of one hop: every message (or the error that ended the stream) -> events."""
-        stream = hs.stream
-        assert stream is not None
-        while True:
-            try:
-                msg = await stream.recv(timeout=IDLE_READ_S)
-            except MeshinferError as err:
-                self._events.put_nowait((hs, err))
-                return
-            self._events.put_nowait((hs, msg))
+    async def _fix_tails(self) -> None:
+        if self.push:
+            await fix_tails(self.hops)
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -277,7 +259,7 @@ class InferenceSession(Recovery):
                 return outputs
             except HopFailure as failure:
                 failures += 1
-                if self.replan is None or failures > self.max_failovers:
+                if self.recovery is None or failures > self.max_failovers:
                     raise TransportError(f"lost the session on {failure}") from None
                 index = self.hops.index(failure.hs)
                 await self._replace(failure.hs, failure.reason)
@@ -294,27 +276,15 @@ class InferenceSession(Recovery):
             return self.step_timeout
         return max(self.min_stall_s, 20.0 * self._s_per_token * tokens)
 
-    async def _send_step(self, hs: HopSession, step_id: int, x: torch.Tensor, burst: Burst | None = None) -> None:
-        assert hs.stream is not None
-        msg = Step(session_id=hs.session_id, step_id=step_id, position=self.position, hidden=encode_tensor(x),
-                   burst=burst)
-        try:
-            payload = encode_message(msg)
-            if not hs.stream.send_nowait(payload):
-                await hs.stream.send_bytes(payload)
-        except TransportError as err:
-            raise HopFailure(hs, f"cannot send a step: {err}") from None
-
     async def _run_from(self, start: int, first_input: torch.Tensor, outputs: dict[int, torch.Tensor],
                         tokens: int, burst: Burst | None = None) -> None:
         """Send the step to hop ``start`` and collect every hop's output from there on into ``outputs``."""
         n = len(self.hops)
-        step_id = self._next_step_id
-        self._next_step_id += 1
+        step_id = next(self._step_ids)
         self._answered = outputs  # for the timeout message: who has not answered yet
         drive = set(range(start + 1, n)) if not self.push else set()  # hops the client sends to itself
         sent = {start}
-        await self._send_step(self.hops[start], step_id, first_input, burst)
+        await self.hops[start].send_step(step_id, self.position, first_input, burst)
         while len(outputs) < n:
             try:
                 hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
@@ -329,7 +299,7 @@ class InferenceSession(Recovery):
             if isinstance(msg, StepResult):
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
                     continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
-                outputs[i] = self._check_output(hs, msg, first_input)
+                outputs[i] = hs.output(msg, first_input, self.node.settings.stream.limits, self.dtype)
                 if i == n - 1:
                     self.last_burst = msg.burst
             elif isinstance(msg, Error):
@@ -347,14 +317,7 @@ class InferenceSession(Recovery):
             for j in sorted(drive - sent):
                 if j - 1 in outputs:
                     sent.add(j)
-                    await self._send_step(self.hops[j], step_id, outputs[j - 1])
-
-    def _check_output(self, hs: HopSession, msg: StepResult, x: torch.Tensor) -> torch.Tensor:
-        out = decode_tensor(msg.hidden, self.node.settings.stream.limits)
-        if list(out.shape) != list(x.shape) or out.dtype != x.dtype:
-            raise WireError(f"{hs.where()} returned {msg.hidden.dtype} {list(out.shape)}; expected "
-                            f"{self.dtype} {list(x.shape)}")
-        return out
+                    await self.hops[j].send_step(step_id, self.position, outputs[j - 1])
 
     # ---- closing -------------------------------------------------------------------------------
 
@@ -364,19 +327,7 @@ class InferenceSession(Recovery):
             return
         self._closed = True
         for hs in self.hops:
-            if hs.reader is not None:
-                hs.reader.cancel()
-        for hs in self.hops:
-            if hs.stream is None:
-                continue
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await hs.stream.send(Close(session_id=hs.session_id))
-            await hs.stream.close(timeout=1.0)
-        for hs in self.hops:
-            if hs.reader is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await hs.reader
+            await hs.close(send_timeout=2.0, stream_timeout=1.0)
         if self._broken is None:
             for hs in self.hops:
                 self.bans.succeed(hs.hop.peer_id)
