@@ -19,7 +19,7 @@ import torch
 
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
-from meshinfer.errors import ConfigError, ContextOverflowError, RemoteError, TransportError
+from meshinfer.errors import ConfigError, ContextOverflowError, RemoteError, TransportError, UsageError
 from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
@@ -154,6 +154,8 @@ def test_push_route_returns_last_output_and_keeps_every_span_input() -> None:
             rtts: dict[str, float] = {}
             session = await open_session(swarm, servers, on_rtt=rtts.__setitem__)
             assert set(rtts) == {"P0", "P1", "P2"}
+            with pytest.raises(UsageError, match="not run any step"):
+                session.span_inputs(0)
             x = hidden(5)
             out = await session.step(x)  # prefill
             assert torch.equal(out, x + 111.0)
@@ -171,7 +173,7 @@ def test_push_route_returns_last_output_and_keeps_every_span_input() -> None:
             await session.close()
             await asyncio.sleep(0.1)
             assert all(len(s.closed) == 1 for s in servers)
-            with pytest.raises(ConfigError, match="closed"):
+            with pytest.raises(UsageError, match="closed"):
                 await session.step(y)
 
     run(body())

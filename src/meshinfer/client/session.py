@@ -27,7 +27,7 @@ is the same as if nothing had failed. ``failovers`` records each one (peer, reas
 replayed). Errors that a replacement would repeat (bad request, limits) are raised as
 ``RemoteError``; after ``max_failovers`` in one step, or with no ``replan``, a failure is final and the
 session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises);
-Each hop's stream (open, reader, steps, close) is its
+a step on a closed session raises ``UsageError``. Each hop's stream (open, reader, steps, close) is its
 ``HopSession``'s (``client.hops``).
 
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
@@ -63,6 +63,7 @@ from meshinfer.errors import (
     MeshinferError,
     RemoteError,
     TransportError,
+    UsageError,
     WireError,
 )
 from meshinfer.p2p.node import PeerNode
@@ -195,7 +196,7 @@ class InferenceSession:
         """Everything hop ``i``'s span received so far, concatenated: [position, H] (for replay)."""
         inputs = self.hops[i].inputs
         if not inputs:
-            raise ConfigError("this session has not run any step yet")
+            raise UsageError("this session has not run any step yet")
         return torch.cat(inputs, dim=0)
 
     def _per_step(self, hidden_size: int) -> int:
@@ -214,7 +215,7 @@ class InferenceSession:
         """One step through every hop; returns the last hop's output in the session dtype. A one-token step
         takes ``burst`` (the tag of one of several steps sent to the first hop at once)."""
         if self._closed:
-            raise ConfigError("this inference session is closed")
+            raise UsageError("this inference session is closed")
         if self._broken is not None:
             raise self._broken
         if hidden.dim() != 2 or hidden.shape[0] == 0:
