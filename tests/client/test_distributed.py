@@ -20,6 +20,7 @@ import torch
 from client_helpers import PROMPT, start_swarm, stop_swarm
 
 from meshinfer.cli.chat import Conversation, reply, stop_ids
+from meshinfer.client.config import ClientConfig
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.session import InferenceSession
 from meshinfer.config import SamplingConfig
@@ -157,7 +158,7 @@ def test_session_history_is_each_spans_input(fam: FamilySwarm) -> None:
     for push in (True, False):
         route = fam.client.plan()
         session = runner.run(InferenceSession.open(fam.client.view.node, route, model_id=fam.client.model_id,
-                                                   max_length=64, push=push))
+                                                   max_length=64, config=ClientConfig(push=push)))
         try:
             outs.append(runner.run(session.forward(embeds)))
             for i, hop in enumerate(route):

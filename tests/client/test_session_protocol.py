@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from meshinfer.client.config import ClientConfig
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.errors import ConfigError, ContextOverflowError, RemoteError, TransportError, UsageError
@@ -139,8 +140,9 @@ def chain(*flags: dict) -> list[FakeServer]:
 
 
 async def open_session(swarm: FakeSwarm, servers: list[FakeServer], **kw) -> InferenceSession:
+    config = ClientConfig(step_timeout=kw.pop("step_timeout", 5.0), push=kw.pop("push", True))
     return await InferenceSession.open(swarm, route_of(servers), model_id="m", max_length=16,  # type: ignore[arg-type]
-                                       step_timeout=kw.pop("step_timeout", 5.0), **kw)
+                                       config=config, **kw)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import contextlib
 
     from meshinfer.bench.swarm import even_spans
+    from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.gateway.app import create_app
     from meshinfer.gateway.generation import SwarmGenerator
@@ -188,7 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             swarm = stack.enter_context(LocalSwarm(path, ranges, dtype=dtype, torch_threads=args.torch_threads))
             peers = swarm.initial_peers
         swarm_s = time.perf_counter() - t0
-        model = stack.enter_context(DistributedModel.from_pretrained(path, peers, dtype=dtype))
+        model = stack.enter_context(DistributedModel.from_pretrained(path, peers, dtype=dtype,
+                                                                     config=ClientConfig()))
         server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0))
         bodies = _bodies(args.requests, args.max_tokens)
         warm = stream_chat(server.url, bodies[0])

@@ -122,6 +122,7 @@ class Chaos:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _check(args)
     from meshinfer.bench.swarm import even_spans
+    from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.checkpoint import Checkpoint
     from meshinfer.models.engine import LocalModel
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     # a SIGTERMed server drains for at most 2 s, then ends its sessions so their clients fail over
     with LocalSwarm(path, spans, server_args=["--drain-timeout", "2"]) as swarm:
-        with DistributedModel.from_pretrained(path, swarm.initial_peers) as client:
+        with DistributedModel.from_pretrained(path, swarm.initial_peers, config=ClientConfig()) as client:
             def in_use() -> set[str]:
                 session = client.last_session
                 return {hop.peer_id for hop in session.route} if session is not None else set()

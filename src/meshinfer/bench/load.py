@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from meshinfer.bench.local import prompt_ids
-    from meshinfer.client.head_batch import DEFAULT_COHORTS
+    from meshinfer.client.config import DEFAULT_COHORTS, ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server_args=_server_args(top, p + n)) as swarm:
         swarm_up_s = time.perf_counter() - t0
         cohorts = args.cohorts or DEFAULT_COHORTS
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, cohorts=cohorts)
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype,
+                                                  config=ClientConfig(cohorts=cohorts))
         try:
             join_s = time.perf_counter() - t0 - swarm_up_s
             _note(f"swarm ready in {swarm_up_s:.1f} s; warm-up with {top} session(s)...")

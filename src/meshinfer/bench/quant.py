@@ -161,6 +161,7 @@ def _swarm_ratio(path: Path, variant: str, args: argparse.Namespace, ids: list[i
     import torch
 
     from meshinfer.bench.swarm import even_spans
+    from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.testing.swarm import LocalSwarm
 
@@ -170,7 +171,8 @@ def _swarm_ratio(path: Path, variant: str, args: argparse.Namespace, ids: list[i
     server_args = ["--quant", quant] + (["--quant-group-size", str(group)] if group else [])
     spans = even_spans(local.spec.num_blocks, args.servers)
     with LocalSwarm(path, spans, torch_threads=1, server_args=server_args) as swarm:
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, quant=quant, head_quant=head)
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers,
+                                                  config=ClientConfig(quant=quant, head_quant=head))
         try:
             remote.generate(ids, args.new_tokens, stop_token_ids=())  # warm-up
             local.generate(ids, args.new_tokens, stop_token_ids=())

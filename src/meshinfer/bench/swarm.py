@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from meshinfer.bench.local import prompt_ids
     from meshinfer.bench.swarm_parts import breakdown, local_parts, pause_penalty, per_step_ms, server_decode_seconds
+    from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
@@ -152,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with LocalSwarm(path, spans, dtype=dtype, torch_threads=args.torch_threads,
                     server_args=["--metrics-port", "0"]) as swarm:
         swarm_up_s = time.perf_counter() - t0
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=not args.no_push)
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype,
+                                                  config=ClientConfig(push=not args.no_push))
         try:
             join_s = time.perf_counter() - t0 - swarm_up_s
             _note(f"swarm ready in {swarm_up_s:.1f} s; timing {args.runs} run(s) of {n} tokens each way...")

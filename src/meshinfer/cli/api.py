@@ -1,9 +1,10 @@
 """``meshinfer api``: serve an OpenAI-compatible HTTP API for a model whose blocks run in a swarm.
 
-Contract: parses and validates the flags (``GatewayConfig``; a bad value is a one-line ``ConfigError``,
-exit 2) before importing torch or the network; ``--api-key-file`` reads the key from a file (keeps it out of
-the process list). Then it joins the swarm with ``DistributedModel.from_pretrained(--model,
---initial-peers)``, builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
+Contract: parses and validates the flags (``GatewayConfig``, and ``ClientConfig`` for the swarm client flags
+such as ``--route-wait``; a bad value is a one-line ``ConfigError``, exit 2) before importing torch or the
+network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). Then it joins the
+swarm with ``DistributedModel.from_pretrained(--model, --initial-peers, config=...)``, builds the app
+(``gateway.app.create_app``) and serves it with uvicorn in this thread.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}
@@ -15,12 +16,13 @@ open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshinfer.cli.common import add_config_flags, config_from_args
-from meshinfer.cli.generate import MODEL_HELP, add_download_flag
+from meshinfer.cli.generate import MODEL_HELP, add_client_flags, add_download_flag
 from meshinfer.errors import ConfigError
 from meshinfer.readyline import ready_line
 from meshinfer.types import canonical_dtype
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="how this machine holds the embeddings and LM head: none, int8 or int4 (default: none)")
     add_download_flag(parser)
     add_config_flags(parser, GatewayConfig)
+    add_client_flags(parser, "swarm client")
     parser.add_argument("--api-key-file", default=None, metavar="PATH",
                         help="read the API key from this file (first line) instead of --api-key")
     parser.add_argument("--stop-on-stdin-eof", action="store_true",
@@ -77,12 +80,20 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshinfer.cli.generate import check_quant_flag, max_download_bytes, model_display_name, resolve_model_dir
+    from meshinfer.cli.generate import (
+        check_quant_flag,
+        client_config,
+        max_download_bytes,
+        model_display_name,
+        resolve_model_dir,
+    )
 
     config = _config(args)
     max_download = max_download_bytes(args)
     dtype = canonical_dtype(args.dtype)
     quant = check_quant_flag(args)
+    client = dataclasses.replace(client_config(args), max_download=max_download, head_quant=args.head_quant,
+                                 quant=None if quant == "auto" else quant)
     model_dir = resolve_model_dir(args.model)
     name = config.served_model_name or model_display_name(args.model, model_dir)
 
@@ -94,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.gateway.serving import ApiServer
     from meshinfer.p2p.runner import watch_stdin_eof
 
-    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, model_name=name,
-                                             max_download=max_download, quant=None if quant == "auto" else quant,
-                                             head_quant=args.head_quant)
+    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
+                                             model_name=name)
     poller: SwarmPoller | None = None
     try:
         model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request

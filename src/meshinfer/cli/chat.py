@@ -29,6 +29,7 @@ from meshinfer.cli.generate import (
     add_model_flags,
     add_swarm_flags,
     check_quant_flag,
+    client_config,
     max_download_bytes,
     model_display_name,
     open_generator,
@@ -155,12 +156,13 @@ def main(args: argparse.Namespace) -> int:
     sampling = config_from_args(SamplingConfig, args)
     dtype = canonical_dtype(args.dtype)
     quant = check_quant_flag(args)
+    client = client_config(args)
     model_dir = resolve_model_dir(args.model)
     name = model_display_name(args.model, model_dir)
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,
-                               head_quant=args.head_quant, compile=args.compile)
+                               head_quant=args.head_quant, compile=args.compile, client=client)
     with contextlib.closing(generator):
         tokenizer = generator.tokenizer
         spec = generator.spec

@@ -33,8 +33,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of config dataclass ``cls``; field help becomes flag help."""
+def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+                     skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of config dataclass ``cls`` (to a parser or an argument group); field help becomes
+    flag help."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:

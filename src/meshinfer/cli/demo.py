@@ -216,6 +216,7 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
 
     from meshinfer.cli.generate import run_generation
     from meshinfer.cli.swarm import print_tables, read_doc
+    from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
     from meshinfer.config import P2PConfig, SamplingConfig
     from meshinfer.models.engine import LocalModel
@@ -238,9 +239,10 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
         print_tables(table, Console() if sys.stdout.isatty() else Console(width=120))
 
     t1 = time.perf_counter()
+    config = ClientConfig(quant=args.quant)
     with _deferred_interrupts():
         remote = held["client"] = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype="float32",
-                                                                   model_name=name, quant=args.quant)
+                                                                   model_name=name, config=config)
     join_s = time.perf_counter() - t1
     tokenizer = remote.tokenizer  # load it now, so that the generation below streams from its first token
     shown, prompt_ids, stops = _prompt(args, tokenizer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.client.config import CLI_SKIP, ClientConfig
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
@@ -94,10 +96,12 @@ def model_display_name(model: str, model_dir: Path) -> str:
 
 def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (),
                    max_download: float | None = None, quant: str = "auto", model_name: str | None = None,
-                   head_quant: str | None = None, compile: bool = False) -> TextGenerator:
+                   head_quant: str | None = None, compile: bool = False,
+                   client: ClientConfig | None = None) -> TextGenerator:
     """Open the model that will generate: the swarm's ``DistributedModel`` when ``initial_peers`` are
-    given (close it when done; a model id is fetched at most ``max_download`` bytes/s; ``quant``: the servers'
-    weights its routes use, ``auto`` the most precise mode that covers the model), else a ``LocalModel``
+    given (close it when done; ``client``: its tunables, the arguments before it override theirs; a model id is
+    fetched at most ``max_download`` bytes/s; ``quant``: the servers' weights its routes use, ``auto`` the most
+    precise mode that covers the model), else a ``LocalModel``
     (``quant``: how it holds its own weights; ``auto`` means ``none`` there). The rest of this module only uses
     ``TextGenerator``."""
     if initial_peers:
@@ -106,9 +110,9 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
         if compile:
             raise ConfigError("--compile applies to a model run on this machine; through a swarm the blocks run on "
                               "the servers")
-        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, max_download=max_download,
-                                                quant=None if quant == "auto" else quant, model_name=model_name,
-                                                head_quant=head_quant or "none")
+        return DistributedModel.from_pretrained(model_dir, initial_peers, dtype=dtype, config=client,
+                                                max_download=max_download, quant=None if quant == "auto" else quant,
+                                                model_name=model_name, head_quant=head_quant or "none")
     from meshinfer.models.engine import LocalModel
 
     if not model_dir.is_dir():
@@ -195,12 +199,26 @@ def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
                         help="multiaddrs of any peers of a swarm: run the model's blocks on its servers "
                              "(default: run the whole model on this machine)")
     add_download_flag(parser)
+    add_client_flags(parser)
 
 
 def add_download_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-download", type=float, default=None, metavar="MB_PER_S",
                         help="when --model is a model id: cap the fetch of its config, tokenizer and client part "
                              "from the swarm, in MB/s (default: no cap)")
+
+
+def add_client_flags(parser: argparse.ArgumentParser, title: str = "swarm client (with --initial-peers)") -> None:
+    """The ``ClientConfig`` flags (``--route-wait``, ``--step-timeout``, ``--no-push``, ...; not those in
+    ``CLI_SKIP``, spelled their own way), in a group of ``--help`` named ``title``."""
+    add_config_flags(parser.add_argument_group(title), ClientConfig, skip=CLI_SKIP)
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The ``ClientConfig`` of the flags ``add_client_flags`` added (unset: defaults; the ``CLI_SKIP`` fields
+    keep theirs, whatever same-named flags say), or a one-line ConfigError."""
+    return ClientConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClientConfig)
+                           if f.name not in CLI_SKIP and hasattr(args, f.name)})
 
 
 def max_download_bytes(args: argparse.Namespace) -> float | None:
@@ -236,6 +254,7 @@ def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     max_download_bytes(args)
     check_quant_flag(args)
+    client_config(args)
     return config_from_args(SamplingConfig, args), canonical_dtype(args.dtype)
 
 
@@ -256,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
                                quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),
-                               head_quant=args.head_quant, compile=args.compile)
+                               head_quant=args.head_quant, compile=args.compile, client=client_config(args))
     load_s = time.perf_counter() - t0
     with contextlib.closing(generator):
         return _generate(args, generator, sampling, dtype, model_dir, load_s)

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 from collections.abc import AsyncGenerator, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from meshinfer.client.head_batch import DEFAULT_COHORTS, HeadBatcher
+from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
+from meshinfer.client.head_batch import HeadBatcher
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
@@ -55,18 +58,14 @@ class DistributedModel(TextGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
-                 path: Path | None = None, push: bool = True, step_timeout: float = 60.0,
-                 route_wait: float = 3.0, failover: bool = True, cohorts: int = DEFAULT_COHORTS) -> None:
+                 path: Path | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> None:
         self.spec = spec
         self.head = head
         self.ref = ref
         """The swarm's reference to this model (id, name, block count, quant mode of its routes)."""
         self.path = path
-        self.push = push
-        self.step_timeout = step_timeout
-        self.route_wait = route_wait
-        self.failover = failover
-        """Replace failed servers mid-generation (replaying their history) instead of failing."""
+        self.config = config
+        """The client's tunables (route wait, timeouts, push, failover, cohorts...)."""
         self.failovers_total = 0
         """Failovers (replaced servers) of every finished session of this model, for metrics."""
         self.decode_steps_total = 0
@@ -77,7 +76,7 @@ class DistributedModel(TextGenerator):
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
         self._view = view
-        self._heads = HeadBatcher(head, cohorts=cohorts)
+        self._heads = HeadBatcher(head, cohorts=config.cohorts)
         self._lock = threading.Lock()
         self._closed = False
         self.last_route: list[RouteHop] = []
@@ -90,50 +89,46 @@ class DistributedModel(TextGenerator):
         initial_peers: Sequence[str],
         dtype: str | torch.dtype = "float32",
         *,
-        device: torch.device | str = "cpu",
-        host: str = "127.0.0.1",
+        config: ClientConfig | None = None,
         model_name: str | None = None,
-        dht_timeout: float = 5.0,
-        route_wait: float = 3.0,
-        step_timeout: float = 60.0,
-        push: bool = True,
-        failover: bool = True,
-        cohorts: int = DEFAULT_COHORTS,
-        max_download: float | None = None,
-        quant: str | None = None,
-        head_quant: str = "none",
+        **overrides: Any,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, a GGUF
         file, a catalogue name (``smollm2``), a model id (the swarm's seeders send config, tokenizer and the client
         part, verified piece by piece, into the local cache, at most ``max_download`` bytes/s; see
-        ``meshinfer.weights``), or a hub name ``org/name``. ``quant`` (none, int8, int4) picks the servers whose
-        weights every route uses; None: the most precise mode that covers the model, fixed per session.
-        ``head_quant`` (none, int8, int4) is how this machine holds the embeddings and LM head (none: as loaded;
-        the head is the client's own business, routes do not depend on it)."""
+        ``meshinfer.weights``), or a hub name ``org/name``. ``config`` holds the client's tunables (default
+        ``ClientConfig()``); keyword ``overrides`` replace its fields (``route_wait=0.5``, ``push=False``, ...; an
+        unknown name is a TypeError). ``quant`` (none, int8, int4) picks the servers whose weights every route
+        uses; None: the most precise mode that covers the model, fixed per session. ``head_quant`` (none, int8,
+        int4) is how this machine holds the embeddings and LM head (none: as loaded; the head is the client's own
+        business, routes do not depend on it). ``model_name``: the name shown (default: from ``path``)."""
         from meshinfer.models.quant import QuantConfig
 
+        if "device" in overrides and not isinstance(overrides["device"], str):
+            overrides["device"] = str(overrides["device"])  # a torch.device
+        config = dataclasses.replace(config or DEFAULT_CLIENT_CONFIG, **overrides)
         dt = torch_dtype(dtype)
         peers = check_initial_peers(initial_peers)
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
-            view = runner.run(SwarmView.join(peers, host=host, dht_timeout=dht_timeout), timeout=60.0)
+            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout),
+                              timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
-                                            max_download=max_download), timeout=3600.0)
+                                            max_download=config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
-            head = ckpt.load_head(dt, device, quant=QuantConfig(head_quant))
+            head = ckpt.load_head(dt, config.device, quant=QuantConfig(config.head_quant))
             autotune_linear(layer_weights(head))  # the LM head's decode kernel: oneDNN or MKL, timed once
             ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
-                             model_name or display_name(str(path), local), quant=quant)
+                             model_name or display_name(str(path), local), quant=config.quant)
         except BaseException:
             if view is not None:
                 with contextlib.suppress(Exception):
-                    runner.run(view.close(), timeout=15.0)
+                    runner.run(view.close(), timeout=config.close_timeout)
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, push=push,
-                   step_timeout=step_timeout, route_wait=route_wait, failover=failover, cohorts=cohorts)
+        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -148,6 +143,23 @@ class DistributedModel(TextGenerator):
     @property
     def view(self) -> SwarmView:
         return self._view
+
+    @property
+    def push(self) -> bool:
+        return self.config.push
+
+    @property
+    def step_timeout(self) -> float:
+        return self.config.step_timeout
+
+    @property
+    def route_wait(self) -> float:
+        return self.config.route_wait
+
+    @property
+    def failover(self) -> bool:
+        """Replace failed servers mid-generation (replaying their history) instead of failing."""
+        return self.config.failover
 
     # ---- swarm ---------------------------------------------------------------------------------
 
@@ -173,9 +185,8 @@ class DistributedModel(TextGenerator):
 
         session = await InferenceSession.open(
             self._view.node, route, model_id=self.ref.model_id, max_length=max_length,
-            dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), push=self.push,
-            step_timeout=self.step_timeout, on_rtt=self._view.record_rtt,
-            replan=replan if self.failover else None, bans=self._view.bans, quant=quant,
+            dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), on_rtt=self._view.record_rtt,
+            replan=replan if self.config.failover else None, bans=self._view.bans, quant=quant, config=self.config,
         )
         self.last_session = session
         return session
@@ -307,7 +318,7 @@ class DistributedModel(TextGenerator):
                 return
             self._closed = True
         with contextlib.suppress(Exception):
-            self._runner.run(self._view.close(), timeout=15.0)
+            self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()
 
     def __enter__(self) -> DistributedModel:

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.hops import (
     FAILOVER_CODES,
     Failover,
@@ -79,10 +80,8 @@ class InferenceSession:
     """Hidden states through a chain of servers, keeping each server's KV cache alive between steps."""
 
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
-                 dtype: str = "float32", push: bool = True, step_timeout: float = 60.0,
-                 max_chunk_tokens: int = 2048, replan: Replanner | None = None, bans: PeerBans | None = None,
-                 max_failovers: int = 8, min_stall_s: float = 3.0, open_timeout: float = 15.0,
-                 quant: str | None = None) -> None:
+                 dtype: str = "float32", replan: Replanner | None = None, bans: PeerBans | None = None,
+                 quant: str | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> None:
         if not route:
             raise ConfigError("a session needs a route of at least one hop")
         for a, b in itertools.pairwise(route):
@@ -90,20 +89,20 @@ class InferenceSession:
                 raise ConfigError(f"route hops {a.span} and {b.span} are not consecutive")
         if max_length <= 0:
             raise ConfigError(f"max_length must be > 0, got {max_length}")
-        if max_chunk_tokens <= 0:
-            raise ConfigError(f"max_chunk_tokens must be > 0, got {max_chunk_tokens}")
         self.node = node
         self.model_id = model_id
         self.max_length = max_length
         self.dtype = canonical_dtype(dtype)
-        self.push = push
-        self.step_timeout = step_timeout
-        self.max_chunk_tokens = max_chunk_tokens
+        self.config = config
+        """The client's tunables; the ones below are copied from it (``max_chunk_tokens`` may be changed)."""
+        self.push = config.push
+        self.step_timeout = config.step_timeout
+        self.max_chunk_tokens = config.max_chunk_tokens
         self.replan = replan
         self.bans = bans if bans is not None else PeerBans()
-        self.max_failovers = max_failovers
-        self.min_stall_s = min_stall_s
-        self.open_timeout = open_timeout
+        self.max_failovers = config.max_failovers
+        self.min_stall_s = config.min_stall
+        self.open_timeout = config.open_timeout
         self.quant = quant
         """The quant mode every hop must run (sent in ``Open``; replacements are planned with it too)."""
         self.hops = [HopSession(h, secrets.token_hex(12)) for h in route]
@@ -126,8 +125,8 @@ class InferenceSession:
         self._on_rtt: RttCallback | None = None
         self.recovery = None if replan is None else Recovery(
             replan, self.bans, open_hop=self._open_hop, step_ids=self._step_ids, chunk_tokens=self._per_step,
-            limits=node.settings.stream.limits, dtype=self.dtype, max_failovers=max_failovers,
-            step_timeout=step_timeout)
+            limits=node.settings.stream.limits, dtype=self.dtype, max_failovers=config.max_failovers,
+            step_timeout=config.step_timeout)
         """Failover (None: no ``replan``, a failed hop is final)."""
 
     @property
@@ -138,17 +137,13 @@ class InferenceSession:
 
     @classmethod
     async def open(cls, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
-                   dtype: str = "float32", push: bool = True, open_timeout: float = 15.0,
-                   step_timeout: float = 60.0, max_chunk_tokens: int = 2048,
-                   on_rtt: RttCallback | None = None, replan: Replanner | None = None,
-                   bans: PeerBans | None = None, max_failovers: int = 8,
-                   min_stall_s: float = 3.0, quant: str | None = None) -> InferenceSession:
+                   dtype: str = "float32", on_rtt: RttCallback | None = None, replan: Replanner | None = None,
+                   bans: PeerBans | None = None, quant: str | None = None,
+                   config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> InferenceSession:
         """Open a session on every hop of ``route``. A hop that cannot be opened is replaced (with
         ``replan``); without ``replan`` it is all or nothing (a failure closes what was opened)."""
-        session = cls(node, route, model_id=model_id, max_length=max_length, dtype=dtype, push=push,
-                      step_timeout=step_timeout, max_chunk_tokens=max_chunk_tokens, replan=replan, bans=bans,
-                      max_failovers=max_failovers, min_stall_s=min_stall_s, open_timeout=open_timeout,
-                      quant=quant)
+        session = cls(node, route, model_id=model_id, max_length=max_length, dtype=dtype, replan=replan, bans=bans,
+                      quant=quant, config=config)
         session._on_rtt = on_rtt
         try:
             results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i))

@@ -1,0 +1,89 @@
+"""``ClientConfig``: how a swarm client joins, routes, waits and recovers.
+
+Contract: a frozen, validated dataclass (``ServerConfig``'s twin for the client side) holding every tunable of
+``DistributedModel`` and its ``InferenceSession``s; the defaults are the values the client has always used. Field
+``help`` becomes the flag help of ``meshinfer generate``/``chat``/``api`` (``cli.common.add_config_flags``, minus
+``CLI_SKIP``: fields those commands already spell their own way). Values come only from explicit arguments;
+nothing here reads files or the environment, and nothing imports torch or the network. ``DistributedModel
+.from_pretrained(..., config=..., **overrides)`` applies its keyword arguments with ``dataclasses.replace``; its
+``InferenceSession``s get the same object (their own ``quant`` is their route's mode, given apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from meshinfer.config import doc
+from meshinfer.errors import ConfigError
+from meshinfer.types import check_quant
+
+DEFAULT_COHORTS: Final = 2
+"""LM-head cohorts of a client (``client.head_batch.HeadBatcher``) unless told otherwise."""
+
+CLI_SKIP: Final = ("device", "host", "max_download", "quant", "head_quant")
+"""Fields the client commands do not take as ``add_config_flags`` flags: ``--quant`` (with ``auto``),
+``--head-quant`` and ``--max-download`` (MB/s) have their own spelling there, ``--host`` is the gateway's HTTP
+address, and the device stays the Python API's."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A swarm client: its peer, how long it waits for what, how sessions run and recover."""
+
+    device: str = doc("cpu", "torch device of the embeddings and LM head held on this machine")
+    host: str = doc("127.0.0.1", "address the client's peer listens on")
+    dht_timeout: float = doc(5.0, "seconds a read of the swarm's records (model coverage) may take")
+    join_timeout: float = doc(60.0, "seconds joining the swarm through the initial peers may take")
+    fetch_timeout: float = doc(3600.0, "seconds fetching a model id's client part from the swarm may take")
+    close_timeout: float = doc(15.0, "seconds leaving the swarm may take before the client stops regardless")
+    route_wait: float = doc(3.0, "seconds to wait for servers to cover the model before a route fails")
+    open_timeout: float = doc(15.0, "seconds opening a session on one server may take")
+    step_timeout: float = doc(60.0, "seconds one step through the whole route may take")
+    push: bool = doc(True, "servers push each step's output to the next server of the route "
+                           "(--no-push: the client drives every hop itself)")
+    failover: bool = doc(True, "replace a failed server mid-generation, replaying its history "
+                               "(--no-failover: fail instead)")
+    max_failovers: int = doc(8, "most servers replaced within one step before it fails")
+    min_stall: float = doc(3.0, "seconds without progress after which a server counts as stalled and is "
+                                "replaced, at least (the limit adapts to the usual time per token)")
+    max_chunk_tokens: int = doc(2048, "most tokens of one step: longer prompts are sent in chunks")
+    cohorts: int = doc(DEFAULT_COHORTS, "groups in which concurrent generations move through the route, each "
+                                        "one LM-head batch on this machine")
+    max_download: float | None = doc(None, "when the model is a model id: cap the fetch of its config, tokenizer "
+                                           "and client part, in bytes/s (default: no cap)")
+    quant: str | None = doc(None, "which servers' weights every route uses: none, int8 or int4 (default: the most "
+                                  "precise mode that covers the model, fixed per session)")
+    head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
+
+    def __post_init__(self) -> None:
+        if not self.device.strip():
+            raise ConfigError("device must not be empty (e.g. 'cpu')")
+        if not self.host.strip():
+            raise ConfigError("host must not be empty (e.g. '127.0.0.1')")
+        for name in ("dht_timeout", "join_timeout", "fetch_timeout", "close_timeout", "open_timeout",
+                     "step_timeout", "min_stall"):
+            value = getattr(self, name)
+            if not value > 0:  # also refuses nan
+                raise ConfigError(f"--{_flag(name)} must be > 0 seconds, got {value:g}")
+        if not self.route_wait >= 0:
+            raise ConfigError(f"--route-wait must be >= 0 seconds, got {self.route_wait:g}")
+        if self.max_failovers < 0:
+            raise ConfigError(f"--max-failovers must be >= 0, got {self.max_failovers}")
+        if self.max_chunk_tokens <= 0:
+            raise ConfigError(f"--max-chunk-tokens must be > 0, got {self.max_chunk_tokens}")
+        if self.cohorts < 1:
+            raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
+        if self.max_download is not None and not self.max_download > 0:
+            raise ConfigError(f"max_download must be > 0 bytes/s, got {self.max_download:g}")
+        if self.quant is not None:
+            object.__setattr__(self, "quant", check_quant(self.quant))
+        object.__setattr__(self, "head_quant", check_quant(self.head_quant))
+
+
+DEFAULT_CLIENT_CONFIG: Final = ClientConfig()
+"""``ClientConfig()``: the defaults, one shared (frozen) instance."""
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
