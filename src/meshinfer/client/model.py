@@ -11,7 +11,9 @@ generation ends or is abandoned. Greedy tokens therefore equal ``LocalModel``'s 
 generation loop itself runs on the client's event loop (``astream``, an async generator: embeddings, network
 steps, LM head and sampling with no thread switch per token; ``astream_scored`` adds each token's
 log-probability and top alternatives; ``ascore_prompt`` scores a prompt's own tokens); ``stream`` hands its
-tokens to the calling thread through a queue, off the critical path. Any number of threads may generate at
+tokens to the calling thread through a queue, off the critical path. The public methods build one
+``GenerationParams`` for ``agenerate`` (one generation on the loop; the gateway calls it) or ``generation``
+(its sync bridge: ``models.generator.TextGenerator``). Any number of threads may generate at
 once, and any number of ``astream`` generations may run concurrently on the loop (one session each, no thread
 per session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through
 the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
