@@ -25,6 +25,7 @@ from meshinfer.client.model import DistributedModel
 from meshinfer.client.session import InferenceSession
 from meshinfer.config import SamplingConfig
 from meshinfer.models.engine import LocalModel
+from meshinfer.models.generator import GenerationParams
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm
@@ -201,7 +202,8 @@ def test_cli_chat_through_swarm_non_interactive(fam: FamilySwarm) -> None:
     conversation = Conversation(tok, fam.local.spec.max_position_embeddings, 6)
     stops = stop_ids(tok, fam.local.spec)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
-    want = [reply(fam.local, conversation, line, SamplingConfig(), stops, out=None) for line in lines]
+    params = GenerationParams(6, SamplingConfig(), stops)
+    want = [reply(fam.local, conversation, line, params, out=None) for line in lines]
     assert [(t["user"], t["reply"], t["reply_token_ids"]) for t in turns] == [
         (line, text, ids) for line, (text, ids) in zip(lines, want, strict=True)]
     assert len(conversation.turns) == 4  # two user messages and two replies, in order

@@ -10,13 +10,14 @@ how it was called and whether it was abandoned.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from meshinfer.config import SamplingConfig
+from meshinfer.models.generator import GenerationParams
 from meshinfer.models.sampling import ScoredToken
 
 EOS, IM_END, BOS = 1, 2, 3
@@ -80,10 +81,11 @@ class FakeGenerator:
         self.produced = 0
         self.closed = False
 
-    async def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncIterator[ScoredToken]:
-        self.calls.append({"ids": list(input_ids), "max_new_tokens": max_new_tokens, "sampling": sampling,
-                           "stop_token_ids": frozenset(stop_token_ids), "top_logprobs": top_logprobs})
+    async def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[ScoredToken]:
+        max_new_tokens, top_logprobs = params.max_new_tokens, params.top_logprobs
+        stop_token_ids = params.stops(self.spec.eos_token_ids)
+        self.calls.append({"ids": list(input_ids), "max_new_tokens": max_new_tokens, "sampling": params.sampling,
+                           "stop_token_ids": stop_token_ids, "top_logprobs": top_logprobs})
         try:
             if self.gate is not None:
                 await self.gate.wait()

@@ -20,6 +20,7 @@ from meshinfer.gateway.app import create_app
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import SwarmGenerator
 from meshinfer.gateway.serving import ApiServer
+from meshinfer.models.generator import GenerationParams
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,8 @@ def test_streaming_chat_equals_non_streaming(served: Served, client: openai.Open
 
 
 def test_greedy_completion_equals_meshinfer_generate(served: Served, client: openai.OpenAI) -> None:
-    want = run_generation(served.local, PROMPT, 16, SamplingConfig(), out=None)  # `meshinfer generate`'s code
+    # `meshinfer generate`'s code
+    want = run_generation(served.local, PROMPT, GenerationParams(16, SamplingConfig()), out=None)
     got = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0, max_tokens=16)
     assert got.choices[0].text == want.text
     assert got.usage is not None

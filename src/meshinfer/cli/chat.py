@@ -39,6 +39,7 @@ from meshinfer.cli.generate import (
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
 from meshinfer.models.detokenize import chat_stop_ids
+from meshinfer.models.generator import GenerationParams, TextGenerator
 from meshinfer.types import canonical_dtype
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -123,20 +124,21 @@ def _user_lines(interactive: bool) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def reply(generator: Any, conversation: Conversation, user: str, sampling: SamplingConfig,
-          stops: frozenset[int], out: TextIO | None) -> tuple[str, list[int]]:
-    """Generate the reply to ``user`` (streamed to ``out``), record it, return its text and ids."""
+def reply(generator: TextGenerator, conversation: Conversation, user: str, params: GenerationParams,
+          out: TextIO | None) -> tuple[str, list[int]]:
+    """Generate the reply to ``user`` with ``params`` (streamed to ``out``), record it, return its text and ids."""
     ids = conversation.prompt_for(user)
     detok = IncrementalDetokenizer(text_decoder(conversation.tokenizer))
     pieces: list[str] = []
     try:
-        for token in generator.stream(ids, conversation.max_new_tokens, sampling, stop_token_ids=stops):
-            piece = detok.push(int(token))
-            if piece:
-                pieces.append(piece)
-                if out is not None:
-                    out.write(piece)
-                    out.flush()
+        with contextlib.closing(generator.generation(ids, params)) as tokens:
+            for scored in tokens:
+                piece = detok.push(int(scored.token))
+                if piece:
+                    pieces.append(piece)
+                    if out is not None:
+                        out.write(piece)
+                        out.flush()
     except BaseException:
         conversation.turns.pop()  # the user message stays unanswered: forget it
         raise
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
         tokenizer = generator.tokenizer
         spec = generator.spec
         conversation = Conversation(tokenizer, spec.max_position_embeddings, args.max_new_tokens, args.system)
-        stops = stop_ids(tokenizer, spec)
+        params = GenerationParams(args.max_new_tokens, sampling, stop_ids(tokenizer, spec))
         if interactive:
             where = "through the swarm" if args.initial_peers else "on this machine"
             print(f"chatting with {name} {where}; /exit or Ctrl-D to leave, /reset to start over",
@@ -184,8 +186,7 @@ def main(args: argparse.Namespace) -> int:
             if interactive:
                 print("assistant> ", end="", flush=True)
             try:
-                answer, ids = reply(generator, conversation, text, sampling, stops,
-                                    out=None if args.json else sys.stdout)
+                answer, ids = reply(generator, conversation, text, params, out=None if args.json else sys.stdout)
             except ContextOverflowError as err:
                 if not interactive:
                     raise

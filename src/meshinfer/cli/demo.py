@@ -220,6 +220,7 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
     from meshinfer.client.model import DistributedModel
     from meshinfer.config import P2PConfig, SamplingConfig
     from meshinfer.models.engine import LocalModel
+    from meshinfer.models.generator import GenerationParams
 
     t0 = time.perf_counter()
     swarm.start()
@@ -253,7 +254,7 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
     tour.say("this machine -> " + " -> ".join(f"{hop.span} on {_short(hop.peer_id)}" for hop in route)
              + " -> this machine (each server pushes its output straight to the next one)")
 
-    sampling = SamplingConfig()
+    params = GenerationParams(args.max_new_tokens, SamplingConfig(), stops)
     what = "answer" if prompt_ids is not None else "continuation"
     tour.say(f"greedy {what} of up to {args.max_new_tokens} tokens through the swarm, streamed as it comes:",
              numbered=True)
@@ -261,8 +262,7 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
         sys.stdout.write("\n" + (f"user> {shown}\nassistant> " if prompt_ids is not None else shown))
         sys.stdout.flush()
         tour.midline = True
-    got = run_generation(remote, shown, args.max_new_tokens, sampling, out=None if tour.quiet else sys.stdout,
-                         prompt_ids=prompt_ids, stop_token_ids=stops)
+    got = run_generation(remote, shown, params, out=None if tour.quiet else sys.stdout, prompt_ids=prompt_ids)
     tour.midline = False
     route = remote.last_route or route  # the route the generation took
     doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
@@ -272,10 +272,8 @@ def _generate(args: argparse.Namespace, path: Path, name: str, swarm: Any, tour:
     t2 = time.perf_counter()
     local = LocalModel.from_pretrained(path, dtype="float32", quant=args.quant, head_quant="none")  # as the client
     local_load_s = time.perf_counter() - t2
-    run_generation(local, shown, args.max_new_tokens, sampling, out=None, prompt_ids=prompt_ids,
-                   stop_token_ids=stops)  # warm-up
-    ref = run_generation(local, shown, args.max_new_tokens, sampling, out=None, prompt_ids=prompt_ids,
-                         stop_token_ids=stops)
+    run_generation(local, shown, params, out=None, prompt_ids=prompt_ids)  # warm-up
+    ref = run_generation(local, shown, params, out=None, prompt_ids=prompt_ids)
     identical = got.generated_token_ids == ref.generated_token_ids
     tour.say(f"the same prompt on the local engine (all {remote.spec.num_blocks} blocks in this process):",
              numbered=True)

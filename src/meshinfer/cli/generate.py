@@ -21,40 +21,23 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.client.config import CLI_SKIP, ClientConfig
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
-from meshinfer.models.spec import ModelSpec
+from meshinfer.models.generator import GenerationParams, TextGenerator
 from meshinfer.types import canonical_dtype
 
 DEMO_MODEL = "demo"
 TINY_MODELS = ("tiny", DEMO_MODEL)
 """Names of the built-in tiny random-weight model (made on first use, no download): ``tiny`` (``demo`` is kept
 as its older name)."""
-
-
-class TextGenerator(Protocol):
-    """What generation needs from a model: ``LocalModel`` today, the swarm client later."""
-
-    @property
-    def tokenizer(self) -> Any: ...
-
-    @property
-    def spec(self) -> ModelSpec: ...
-
-    def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop_token_ids: frozenset[int] | None = None) -> Iterator[int]: ...
-
-    def close(self) -> None:
-        """Release what the model holds (a swarm client's sessions and loop; nothing for a local model)."""
-        ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,11 +104,11 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
                                       head_quant=head_quant, compile=compile)
 
 
-def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
-                   out: TextIO | None, *, prompt_ids: Sequence[int] | None = None,
-                   stop_token_ids: frozenset[int] | None = None) -> GenerationResult:
-    """Tokenise ``prompt`` (unless ``prompt_ids`` are given, e.g. a rendered chat template), generate (stopping at
-    ``stop_token_ids``, default the model's eos), and (when ``out`` is given) stream the text to it as it comes."""
+def run_generation(generator: TextGenerator, prompt: str, params: GenerationParams, out: TextIO | None, *,
+                   prompt_ids: Sequence[int] | None = None) -> GenerationResult:
+    """Tokenise ``prompt`` (unless ``prompt_ids`` are given, e.g. a rendered chat template), generate with
+    ``params`` (stop tokens: default the model's eos), and (when ``out`` is given) stream the text to it as it
+    comes."""
     tokenizer = generator.tokenizer
     ids = [int(i) for i in (tokenizer(prompt)["input_ids"] if prompt_ids is None else prompt_ids)]
     result = GenerationResult(prompt=prompt, prompt_token_ids=ids)
@@ -133,16 +116,18 @@ def run_generation(generator: TextGenerator, prompt: str, max_new_tokens: int, s
     pieces: list[str] = []
     start = time.perf_counter()
     first = start
-    for token in generator.stream(ids, max_new_tokens, sampling, stop_token_ids):
-        if not result.generated_token_ids:
-            first = time.perf_counter()
-        result.generated_token_ids.append(int(token))
-        piece = detok.push(int(token))
-        if piece:
-            pieces.append(piece)
-            if out is not None:
-                out.write(piece)
-                out.flush()
+    with contextlib.closing(generator.generation(ids, params)) as tokens:
+        for scored in tokens:
+            token = scored.token
+            if not result.generated_token_ids:
+                first = time.perf_counter()
+            result.generated_token_ids.append(int(token))
+            piece = detok.push(int(token))
+            if piece:
+                pieces.append(piece)
+                if out is not None:
+                    out.write(piece)
+                    out.flush()
     end = time.perf_counter()
     tail = detok.flush()
     pieces.append(tail)
@@ -283,8 +268,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: SamplingConfig, dtype: str,
               model_dir: Path, load_s: float) -> int:
+    params = GenerationParams(args.max_new_tokens, sampling)
     if args.json:
-        result = run_generation(generator, args.prompt, args.max_new_tokens, sampling, out=None)
+        result = run_generation(generator, args.prompt, params, out=None)
         doc = asdict(result)
         doc["timings"]["load_s"] = load_s
         doc.update(model=str(model_dir), dtype=dtype, sampling=asdict(sampling))
@@ -293,7 +279,7 @@ def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: Samp
             doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]
         print(json.dumps(doc, ensure_ascii=False))
     else:
-        result = run_generation(generator, args.prompt, args.max_new_tokens, sampling, out=sys.stdout)
+        result = run_generation(generator, args.prompt, params, out=sys.stdout)
         print()
         print(describe_timings(result, load_s), file=sys.stderr)
     return 0

@@ -11,7 +11,9 @@ generation ends or is abandoned. Greedy tokens therefore equal ``LocalModel``'s 
 generation loop itself runs on the client's event loop (``astream``, an async generator: embeddings, network
 steps, LM head and sampling with no thread switch per token; ``astream_scored`` adds each token's
 log-probability and top alternatives; ``ascore_prompt`` scores a prompt's own tokens); ``stream`` hands its
-tokens to the calling thread through a queue, off the critical path. Any number of threads may generate at
+tokens to the calling thread through a queue, off the critical path. The public methods build one
+``GenerationParams`` for ``agenerate`` (one generation on the loop; the gateway calls it) or ``generation``
+(its sync bridge: ``models.generator.TextGenerator``). Any number of threads may generate at
 once, and any number of ``astream`` generations may run concurrently on the loop (one session each, no thread
 per session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through
 the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
@@ -26,7 +28,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
-from collections.abc import AsyncGenerator, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,9 @@ from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.engine import TextGenerator, agenerate_scored, check_prompt, score_hidden
+from meshinfer.models.engine import agenerate_scored, check_prompt, score_hidden
 from meshinfer.models.fingerprint import checkpoint_fingerprint
+from meshinfer.models.generator import CheckpointGenerator, GenerationParams
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights
@@ -54,7 +57,7 @@ from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
 
 
-class DistributedModel(TextGenerator):
+class DistributedModel(CheckpointGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
@@ -198,28 +201,22 @@ class DistributedModel(TextGenerator):
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def stream(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> Iterator[int]:
-        """Yield each new token id as soon as it is produced (same semantics as ``LocalModel.stream``).
-
-        The generation runs on the client's loop (``astream``); tokens reach this thread through a queue.
+    def generation(self, input_ids: Sequence[int], params: GenerationParams) -> Generator[ScoredToken]:
+        """One generation (``models.generator.TextGenerator.generation``; ``stream`` and ``generate`` are built on
+        it). It runs on the client's loop (``agenerate``); tokens reach this thread through a queue.
         Abandoning the iterator cancels the generation and closes its session.
         """
-        ids = check_prompt(self.spec, input_ids, max_new_tokens)
+        ids = check_prompt(self.spec, input_ids, params.max_new_tokens)
         self._check_open()
-        if max_new_tokens == 0:
+        if params.max_new_tokens == 0:
             return
-        tokens: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
+        tokens: queue.SimpleQueue[ScoredToken | BaseException | None] = queue.SimpleQueue()
 
         async def produce() -> None:
             try:
-                async for token in self.astream(ids, max_new_tokens, sampling, stop_token_ids):
-                    tokens.put(token)
+                async with contextlib.aclosing(self.agenerate(ids, params)) as generation:
+                    async for token in generation:
+                        tokens.put(token)
                 tokens.put(None)
             except BaseException as err:  # handed to the consuming thread
                 tokens.put(err)
@@ -249,12 +246,12 @@ class DistributedModel(TextGenerator):
         stop_token_ids: Collection[int] | None = None,
     ) -> AsyncGenerator[int]:
         """``stream`` as an async generator; iterate it on the client's loop (``loop``)."""
-        scored = self.astream_scored(input_ids, max_new_tokens, sampling, stop_token_ids)
-        async with contextlib.aclosing(scored) as tokens:
+        params = GenerationParams.of(max_new_tokens, sampling, stop_token_ids)
+        async with contextlib.aclosing(self.agenerate(input_ids, params)) as tokens:
             async for item in tokens:
                 yield item.token
 
-    async def astream_scored(
+    def astream_scored(
         self,
         input_ids: Sequence[int],
         max_new_tokens: int,
@@ -264,11 +261,17 @@ class DistributedModel(TextGenerator):
     ) -> AsyncGenerator[ScoredToken]:
         """``astream`` with each token's log-probability and its ``top_logprobs`` (0..20) most likely
         alternatives, as ``LocalModel.stream_scored`` gives them (None: no scores computed)."""
-        ids = check_prompt(self.spec, input_ids, max_new_tokens)
+        return self.agenerate(input_ids, GenerationParams.of(max_new_tokens, sampling, stop_token_ids,
+                                                             top_logprobs))
+
+    async def agenerate(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
+        """One generation on the client's loop (``loop``): a session sized for prompt + ``max_new_tokens``,
+        ``engine.agenerate_scored`` over it, the session closed however the generation ends."""
+        ids = check_prompt(self.spec, input_ids, params.max_new_tokens)
         self._check_open()
-        if max_new_tokens == 0:
+        if params.max_new_tokens == 0:
             return
-        session = await self.aopen_session(len(ids) + max_new_tokens)
+        session = await self.aopen_session(len(ids) + params.max_new_tokens)
         self._heads.active += 1
         try:
             async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
@@ -280,8 +283,7 @@ class DistributedModel(TextGenerator):
                 logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
                 return logits  # [V] float32
 
-            stops = self.stop_tokens(stop_token_ids)
-            async for item in agenerate_scored(forward, ids, max_new_tokens, sampling, stops, top_logprobs):
+            async for item in agenerate_scored(forward, ids, params, self.spec.eos_token_ids):
                 yield item
         finally:
             self._heads.active -= 1

@@ -54,6 +54,7 @@ from meshinfer.gateway.requests import (
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
 from meshinfer.metrics import render
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
+from meshinfer.models.generator import GenerationParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,7 +142,8 @@ class Gateway:
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
         stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
-        pieces = generate_text(self.generator, ids, max_tokens, sampling, stops, req.stop, outcome, req.top_logprobs)
+        params = GenerationParams.of(max_tokens, sampling, stops, req.top_logprobs)
+        pieces = generate_text(self.generator, ids, params, req.stop, outcome)
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
             pieces = _after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)

@@ -1,15 +1,15 @@
 """What the gateway generates with: the ``Generator`` protocol, the swarm's ``SwarmGenerator``, and the text
 pipeline from token ids to OpenAI text deltas.
 
-Contract: the HTTP layer (``gateway.app``) sees only ``Generator``: ``tokenizer``, ``spec`` (its
-``max_position_embeddings`` and ``eos_token_ids``), ``stream(ids, max_new_tokens, sampling, stop_token_ids,
-top_logprobs)`` (an async iterator of ``ScoredToken``s that runs on the caller's event loop; scored when
-``top_logprobs`` is set) and ``health()``; unit tests use a fake. ``SwarmGenerator`` adapts the client's
-public API (``DistributedModel.astream_scored``, which must run on ``model.loop``, the client's own loop
-thread): each generation is started there with ``asyncio.run_coroutine_threadsafe`` and hands its tokens to
-the gateway's loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``; closing the stream
-early (a stop string, a client that went away) cancels that generation, whose session then closes itself on
-every server and frees its memory.
+Contract: the HTTP layer (``gateway.app``) sees only ``Generator`` (a ``models.generator.ModelHandle``:
+``tokenizer``, ``spec``, its ``max_position_embeddings`` and ``eos_token_ids``; plus an async face):
+``stream(ids, params)`` (one ``GenerationParams``; an async iterator of ``ScoredToken``s that runs on the
+caller's event loop; scored when ``params.top_logprobs`` is set), ``score`` and ``health()``; unit tests use a
+fake. ``SwarmGenerator`` adapts the client's API (``DistributedModel.agenerate``, which must run on
+``model.loop``, the client's own loop thread): each generation is started there with
+``asyncio.run_coroutine_threadsafe`` and hands its tokens to the gateway's loop through an ``asyncio.Queue``
+fed with ``loop.call_soon_threadsafe``; closing the stream early (a stop string, a client that went away)
+cancels that generation, whose session then closes itself on every server and frees its memory.
 
 ``generate_text`` turns the token stream into text deltas: ``IncrementalDetokenizer`` (never half a
 character), then ``StopStringFilter`` (stop strings never emitted). Counting rules (``Outcome``):
@@ -27,33 +27,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.client.routing import NoRouteError
-from meshinfer.config import SamplingConfig
 from meshinfer.errors import TransportError
 from meshinfer.gateway.responses import FinishReason, StopStringFilter, TokenLogprob
 from meshinfer.metrics import SessionMetrics
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
+from meshinfer.models.generator import GenerationParams, ModelHandle
 from meshinfer.models.sampling import ScoredToken
 
 if TYPE_CHECKING:
     from meshinfer.client.model import DistributedModel
+    from meshinfer.models.spec import ModelSpec
 
 
-class Generator(Protocol):
-    """A model the gateway can generate with."""
+class Generator(ModelHandle, Protocol):
+    """A model the gateway can generate with: a ``models.generator.ModelHandle`` (spec, tokenizer) with an async
+    face. It differs from the models layer's ``TextGenerator`` on purpose: the gateway runs on its own event
+    loop, so a generation is an async iterator on the caller's loop, and it also scores prompts and reports
+    health."""
 
-    @property
-    def tokenizer(self) -> Any: ...
-
-    @property
-    def spec(self) -> Any: ...
-
-    def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-               stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncGenerator[ScoredToken]:
+    def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
         """Tokens as they are generated (with their log-probability and ``top_logprobs`` alternatives when
         that is set), on the caller's loop; ``aclose()`` abandons the generation."""
         ...
@@ -91,11 +88,10 @@ class SwarmGenerator:
         return self.model.tokenizer
 
     @property
-    def spec(self) -> Any:
+    def spec(self) -> ModelSpec:
         return self.model.spec
 
-    async def stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: Collection[int], top_logprobs: int | None = None) -> AsyncGenerator[ScoredToken]:
+    async def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -105,8 +101,7 @@ class SwarmGenerator:
 
         async def produce() -> None:  # runs on the client's loop
             try:
-                async with contextlib.aclosing(self.model.astream_scored(
-                        list(input_ids), max_new_tokens, sampling, stop_token_ids, top_logprobs)) as generation:
+                async with contextlib.aclosing(self.model.agenerate(list(input_ids), params)) as generation:
                     async for token in generation:
                         put(token)
                 put(_END)
@@ -208,20 +203,19 @@ async def echo_prompt(generator: Generator, prompt_ids: Sequence[int], text: str
     return text
 
 
-async def generate_text(generator: Generator, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingConfig,
-                        stop_token_ids: Collection[int], stop: Sequence[str], outcome: Outcome,
-                        top_logprobs: int | None = None) -> AsyncIterator[str]:
+async def generate_text(generator: Generator, prompt_ids: Sequence[int], params: GenerationParams,
+                        stop: Sequence[str], outcome: Outcome) -> AsyncIterator[str]:
     """Text deltas of the answer: one item per generated token (possibly ``""``: the first item marks the
     first token), then the held-back tail. ``outcome`` says how it ended once the iterator is exhausted (and,
-    with ``top_logprobs`` set, holds each token's ``TokenLogprob``)."""
+    with ``params.top_logprobs`` set, holds each token's ``TokenLogprob``)."""
     decode = text_decoder(generator.tokenizer)
     detok = IncrementalDetokenizer(decode)
     stops = StopStringFilter(stop)
-    stop_ids = frozenset(stop_token_ids)
+    stop_ids = params.stops(generator.spec.eos_token_ids)
+    top_logprobs = params.top_logprobs
     before = list(prompt_ids[-CONTEXT_TOKENS:])
     last = None
-    async with contextlib.aclosing(generator.stream(prompt_ids, max_tokens, sampling, stop_ids,
-                                                    top_logprobs)) as scored_tokens:
+    async with contextlib.aclosing(generator.stream(prompt_ids, params)) as scored_tokens:
         async for scored in scored_tokens:
             token = scored.token
             outcome.completion_tokens += 1

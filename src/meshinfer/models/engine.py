@@ -9,21 +9,22 @@ network. ``check_prompt`` and ``generate_scored`` (the loop over any ``forward(i
 callable, yielding ``ScoredToken``s: with ``top_logprobs`` set, each token's log-probability and the most
 likely alternatives, ``sampling.score_token``; ``agenerate_scored`` is the same loop over an async
 ``forward``) are shared with the distributed client, so both generate with exactly the same semantics.
+``LocalModel`` is a ``models.generator.TextGenerator``: its public ``stream`` / ``stream_scored`` / ``generate``
+build one ``GenerationParams``, which ``generation`` and the loop take whole.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
-from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
+from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.compiled import capacity
+from meshinfer.models.generator import CheckpointGenerator, GenerationParams
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights, rms_norm
@@ -33,55 +34,7 @@ from meshinfer.models.spec import ModelSpec
 from meshinfer.types import BlockRange
 
 
-class TextGenerator:
-    """What every way of running a model shares (local here, distributed in ``meshinfer.client``).
-
-    Subclasses set ``spec`` and ``path`` and implement ``stream``; this gives them the lazily loaded
-    tokenizer, the default stop tokens and ``generate``.
-    """
-
-    spec: ModelSpec
-    path: Path | None
-    _tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The checkpoint's tokenizer (loaded on first use through ``AutoTokenizer``)."""
-        if self._tokenizer is None:
-            if self.path is None:
-                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
-            self._tokenizer = load_tokenizer(self.path)
-        return self._tokenizer
-
-    def close(self) -> None:
-        """Release what the model holds: nothing for a model run in this process (the swarm client closes its
-        sessions and loop)."""
-
-    def stop_tokens(self, stop_token_ids: Collection[int] | None) -> frozenset[int]:
-        """``stop_token_ids``, or the model's eos ids when it is None."""
-        return frozenset(self.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
-
-    def stream(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> Iterator[int]:
-        raise NotImplementedError
-
-    def generate(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> list[int]:
-        """The new token ids (prompt excluded); see ``stream``."""
-        return list(self.stream(input_ids, max_new_tokens, sampling, stop_token_ids))
-
-
-class LocalModel(TextGenerator):
+class LocalModel(CheckpointGenerator):
     """A model run entirely in this process."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, span: BlockSpan, path: Path | None = None) -> None:
@@ -152,22 +105,6 @@ class LocalModel(TextGenerator):
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def stream(
-        self,
-        input_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_token_ids: Collection[int] | None = None,
-    ) -> Iterator[int]:
-        """Yield each new token id as soon as it is produced.
-
-        Generation stops after ``max_new_tokens`` or after yielding a stop token (default: the
-        model's eos ids; pass an empty collection to disable).
-        """
-        with contextlib.closing(self.stream_scored(input_ids, max_new_tokens, sampling, stop_token_ids)) as tokens:
-            for scored in tokens:
-                yield scored.token
-
     def stream_scored(
         self,
         input_ids: Sequence[int],
@@ -178,19 +115,24 @@ class LocalModel(TextGenerator):
     ) -> Generator[ScoredToken]:
         """``stream`` with each token's log-probability and its ``top_logprobs`` most likely alternatives
         (``sampling.score_token``; None: the bare tokens, no scores computed)."""
-        ids = self._check_prompt(input_ids, max_new_tokens)
-        if max_new_tokens == 0:
+        return self.generation(input_ids, GenerationParams.of(max_new_tokens, sampling, stop_token_ids,
+                                                              top_logprobs))
+
+    def generation(self, input_ids: Sequence[int], params: GenerationParams) -> Generator[ScoredToken]:
+        """One generation (``generator.TextGenerator.generation``): the prompt checked, the KV cache allocated
+        for prompt + ``max_new_tokens``, then ``generate_scored``."""
+        ids = self._check_prompt(input_ids, params.max_new_tokens)
+        if params.max_new_tokens == 0:
             return
-        stops = self.stop_tokens(stop_token_ids)
         with torch.inference_mode():
-            wanted = len(ids) + max_new_tokens
+            wanted = len(ids) + params.max_new_tokens
             cache = self.span.new_cache(wanted if self.span.compiled is None
                                         else capacity(wanted, self.spec.max_position_embeddings))
 
         def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
             return self._step(torch.tensor([chunk]), cache)
 
-        yield from generate_scored(forward, ids, max_new_tokens, sampling, stops, top_logprobs)
+        yield from generate_scored(forward, ids, params, self.spec.eos_token_ids)
 
     def score_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
         """Each token of ``input_ids`` after the first, scored under the model's distribution at the position
@@ -260,17 +202,17 @@ class _Steps:
     """The rules every generation loop shares: the prefill, then one decode step per sampled token, the
     sampling itself (in inference mode) and when to stop (``max_new_tokens`` or a stop token)."""
 
-    def __init__(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
-                 stop_token_ids: Collection[int], top_logprobs: int | None = None) -> None:
+    def __init__(self, ids: list[int], params: GenerationParams, eos_token_ids: Collection[int]) -> None:
         from meshinfer.models.sampling import MAX_TOP_LOGPROBS, Sampler
 
+        top_logprobs = params.top_logprobs
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         self.top = top_logprobs
-        self.sampler = Sampler(sampling or SamplingConfig())
+        self.sampler = Sampler(params.sampling)
         self.history = list(ids)
-        self.left = max_new_tokens
-        self.stops = stop_token_ids
+        self.left = params.max_new_tokens
+        self.stops = params.stops(eos_token_ids)
 
     def first(self) -> Request | None:
         """The prefill (None when no token is wanted)."""
@@ -291,22 +233,16 @@ class _Steps:
         return [token], len(self.history) - 1
 
 
-def generate_scored(
-    forward: Forward,
-    ids: list[int],
-    max_new_tokens: int,
-    sampling: SamplingConfig | None,
-    stop_token_ids: Collection[int],
-    top_logprobs: int | None = None,
-) -> Iterator[ScoredToken]:
+def generate_scored(forward: Forward, ids: list[int], params: GenerationParams,
+                    eos_token_ids: Collection[int]) -> Iterator[ScoredToken]:
     """Prefill ``ids`` at position 0, then one decode step per token; yield each token as produced (scored
-    when ``top_logprobs`` is set: see ``sampling.score_token``).
+    when ``params.top_logprobs`` is set: see ``sampling.score_token``).
 
-    Stops after ``max_new_tokens`` or after yielding a token of ``stop_token_ids``. ``forward`` and
-    sampling run in inference mode, which is never held across a ``yield``. ``ids`` must already be
-    checked (``check_prompt``).
+    Stops after ``params.max_new_tokens`` or after yielding a stop token (``params.stops(eos_token_ids)``:
+    pass the model's eos ids). ``forward`` and sampling run in inference mode, which is never held across a
+    ``yield``. ``ids`` must already be checked (``check_prompt``).
     """
-    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids, top_logprobs)
+    steps = _Steps(ids, params, eos_token_ids)
     request = steps.first()
     while request is not None:
         with torch.inference_mode():
@@ -315,16 +251,10 @@ def generate_scored(
         request = steps.after(scored.token)
 
 
-async def agenerate_scored(
-    forward: AsyncForward,
-    ids: list[int],
-    max_new_tokens: int,
-    sampling: SamplingConfig | None,
-    stop_token_ids: Collection[int],
-    top_logprobs: int | None = None,
-) -> AsyncIterator[ScoredToken]:
+async def agenerate_scored(forward: AsyncForward, ids: list[int], params: GenerationParams,
+                           eos_token_ids: Collection[int]) -> AsyncIterator[ScoredToken]:
     """``generate_scored`` over an async ``forward``: the same prefill, decode, sampling and stop rules."""
-    steps = _Steps(ids, max_new_tokens, sampling, stop_token_ids, top_logprobs)
+    steps = _Steps(ids, params, eos_token_ids)
     request = steps.first()
     while request is not None:
         scored = steps.sample(await forward(*request))
