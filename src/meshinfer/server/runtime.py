@@ -37,7 +37,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from meshinfer.errors import ConfigError, ContextOverflowError, LimitExceededError, MeshinferError, WireError
+from meshinfer.errors import (
+    ConfigError,
+    ContextOverflowError,
+    LimitExceededError,
+    MeshinferError,
+    UsageError,
+    WireError,
+)
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.scheduler import MAX_BATCH_SESSIONS, MAX_BATCH_TOKENS, Finished, Piece, Result, Scheduler
@@ -61,7 +68,7 @@ def _as_session_error(err: BaseException) -> SessionError:
         return err
     if isinstance(err, ContextOverflowError | LimitExceededError):
         return SessionError(ErrorCode.LIMIT_EXCEEDED, str(err))
-    if isinstance(err, ConfigError | WireError):
+    if isinstance(err, ConfigError | UsageError | WireError):
         return SessionError(ErrorCode.BAD_REQUEST, str(err))
     if isinstance(err, MeshinferError):
         return SessionError(ErrorCode.INTERNAL, str(err))
