@@ -54,6 +54,7 @@ from meshinfer.gateway.requests import (
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
 from meshinfer.metrics import render
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
+from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,9 +232,7 @@ async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
                 raise ClientGone()
     finally:
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await stop_task(task, errors=(BaseException,))
 
 
 def _error_response(err: ApiError) -> JSONResponse:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.p2p.node import FoundRecord, PeerNode, Put
+from meshinfer.tasks import stop_task
 from meshinfer.wire.records import MODELS_KEY, ModelCard, ServerRecord, block_key, model_key
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,8 @@ class Announcer:
 
     async def stop(self) -> None:
         """Stop refreshing (records then expire within ``ttl``)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
 
 async def announce_server(node: PeerNode, card: ModelCard, record: ServerRecord, *, ttl: float = DEFAULT_TTL,
