@@ -1,11 +1,14 @@
-"""The bridge between threads and asyncio: ``LoopThread`` (an event loop in a background thread) and ``run_on``.
+"""The bridge between threads and asyncio: ``LoopThread`` (an event loop in a background thread), ``run_on``
+and ``call_on_loop``.
 
 Contract: ``run_on(loop, coro, timeout)`` runs a coroutine on an event loop that runs in ANOTHER thread and
 blocks the caller until it finishes (its result or its exception); past ``timeout`` the coroutine is
-cancelled and ``TransportError`` raised. ``LoopThread`` owns one event loop running in one daemon thread:
-``run(coro, timeout)`` is ``run_on`` its loop, ``submit`` returns a ``concurrent.futures.Future``; call
-``start()`` first (else ``UsageError``). Objects bound to a loop (a ``PeerNode``...) are started through it and
-used through it. ``stop`` cancels what is left on the loop and joins the thread. Leaf module: knows nothing of
+cancelled and ``TransportError`` raised. ``call_on_loop(loop, fn, timeout)`` does the same for a plain
+function (state that lives on the loop, read from another thread), ``TimeoutError`` past ``timeout``.
+``LoopThread`` owns one event loop running in one daemon thread: ``run(coro, timeout)`` is ``run_on`` its
+loop, ``submit`` returns a ``concurrent.futures.Future``; call ``start()`` first (else ``UsageError``).
+Objects bound to a loop (a ``PeerNode``...) are started through it and used through it. ``stop`` cancels
+what is left on the loop and joins the thread. Leaf module: knows nothing of
 the swarm, the network or the models; imports only ``meshinfer.errors``.
 """
 
@@ -13,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meshinfer.errors import TransportError, UsageError
@@ -30,6 +34,27 @@ def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeou
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise TransportError(f"operation did not finish within {timeout:g}s") from None
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float) -> T:
+    """Run ``fn()`` on ``loop`` from another thread and return its result (``TimeoutError`` after ``timeout``)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as err:
+            future.set_exception(err)
+
+    loop.call_soon_threadsafe(run)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        with contextlib.suppress(Exception):
+            future.cancel()
+        raise TimeoutError(f"the event loop did not answer within {timeout:g}s") from None
 
 
 class LoopThread:

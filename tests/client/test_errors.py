@@ -19,7 +19,7 @@ from meshinfer.client.routing import NoRouteError
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView
 from meshinfer.errors import ConfigError, RemoteError
-from meshinfer.p2p.runner import LoopThread
+from meshinfer.loopthread import LoopThread
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm

@@ -60,7 +60,8 @@ class FakeServers:
         return f"fake{m:02d}" + "0" * 26
 
     def start(self) -> FakeServers:
-        from meshinfer.p2p import SESSION_PROTOCOL, LoopThread, NodeSettings, PeerNode, echo_handler
+        from meshinfer.loopthread import LoopThread
+        from meshinfer.p2p import SESSION_PROTOCOL, NodeSettings, PeerNode, echo_handler
 
         self._runner = LoopThread("fake-servers").start()
         config = P2PConfig(host="127.0.0.1", initial_peers=tuple(self.initial_peers))

@@ -38,7 +38,7 @@ def dashboard_url(fake: FakeServers, dash_bootstrap: list[str]) -> Iterator[str]
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
     from meshinfer.gateway.serving import ApiServer
-    from meshinfer.p2p.runner import LoopThread
+    from meshinfer.loopthread import LoopThread
 
     config = P2PConfig(host="127.0.0.1", initial_peers=tuple(dash_bootstrap))
     poller = SwarmPoller(lambda: NodeSwarmReader.join(config, timeout=10.0), interval=1.0)

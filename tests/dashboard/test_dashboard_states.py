@@ -14,7 +14,7 @@ from meshinfer.dashboard.doc import dashboard_payload
 from meshinfer.dashboard.poller import SwarmPoller
 from meshinfer.errors import TransportError
 from meshinfer.gateway.serving import ApiServer
-from meshinfer.p2p.runner import LoopThread
+from meshinfer.loopthread import LoopThread
 
 pytestmark = pytest.mark.slow
 

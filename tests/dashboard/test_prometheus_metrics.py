@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshinfer.errors import ConfigError
+from meshinfer.loopthread import LoopThread, call_on_loop
 from meshinfer.metrics import MetricsHTTPServer, SessionMetrics, render, scrape_url
-from meshinfer.p2p.runner import LoopThread
 from meshinfer.server.config import ServerConfig
-from meshinfer.server.metrics import ServerMetrics, ServerSample, call_on_loop
+from meshinfer.server.metrics import ServerMetrics, ServerSample
 
 
 def families(text: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from meshinfer.config import SamplingConfig
+from meshinfer.loopthread import run_on
 from meshinfer.models.generator import GenerationParams
 from meshinfer.models.sampling import ScoredToken
 
@@ -142,7 +143,7 @@ class Served:
 
     def on_client_loop(self, coro: Any, timeout: float = 20.0) -> Any:
         """Run ``coro`` on the gateway's client loop (where its swarm view lives)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.model.loop).result(timeout)
+        return run_on(self.model.loop, coro, timeout)
 
     def cache_left(self) -> dict[str, int]:
         """Each server's announced ``cache_tokens_left``, read from the DHT now."""

@@ -9,7 +9,6 @@ Every process is started through ``LocalSwarm`` and stopped by PID; nothing may 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import signal
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from meshinfer.cli.main import main
 from meshinfer.client.model import DistributedModel
+from meshinfer.loopthread import run_on
 from meshinfer.models.engine import LocalModel
 from meshinfer.p2p.announce import Coverage
 from meshinfer.testing.checkpoints import tiny_checkpoint
@@ -77,7 +77,7 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
 
 
 def coverage(client: DistributedModel) -> Coverage:
-    return asyncio.run_coroutine_threadsafe(client.view.coverage(client.ref, refresh=True), client.loop).result(30)
+    return run_on(client.loop, client.view.coverage(client.ref, refresh=True), 30)
 
 
 def online_cover(client: DistributedModel, peers: set[str]) -> dict[str, ServerRecord] | None:

@@ -42,6 +42,7 @@ from meshinfer.bench.load import (
 from meshinfer.bench.swarm import even_spans
 from meshinfer.client.model import DistributedModel
 from meshinfer.errors import ConfigError
+from meshinfer.loopthread import run_on
 from meshinfer.models.engine import LocalModel
 from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.checkpoints import tiny_checkpoint
@@ -201,7 +202,7 @@ def test_eight_concurrent_generations_equal_local_and_are_batched(
 def _dht_cache_left(model: DistributedModel) -> dict[str, int]:
     """Each server's ``cache_tokens_left`` as ``model``'s peer reads it from the DHT now."""
     read = model.view.coverage(model.ref, refresh=True)
-    cov = asyncio.run_coroutine_threadsafe(read, model.loop).result(30)
+    cov = run_on(model.loop, read, 30)
     return {peer: rec.cache_tokens_left for peer, rec in cov.servers.items()}
 
 

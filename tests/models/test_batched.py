@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.errors import ConfigError, ContextOverflowError, UsageError
 from meshinfer.models.engine import LocalModel
 from meshinfer.models.kv_cache import KVCache
 from meshinfer.testing.checkpoints import list_tiny_checkpoints
@@ -234,7 +234,7 @@ def test_bad_batches_raise_and_leave_caches_alone(llama: LocalModel, tiny_checkp
     elif bad == "cache_dtype":
         item = (hidden, KVCache(spec, n, 8, dtype=torch.bfloat16))
     elif bad == "same_cache":
-        item = (hidden, good)
+        item, expected = (hidden, good), UsageError
     else:
         item, expected = (torch.cat([hidden, hidden, hidden]), span.new_cache(8)), ContextOverflowError
     with pytest.raises(expected, match="batch item 1") as info:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.errors import ConfigError, ContextOverflowError, UsageError
 from meshinfer.models import ops
 from meshinfer.models.engine import LocalModel
 
@@ -189,7 +189,7 @@ def test_truncate_and_replay(model: LocalModel) -> None:
         fresh = _run(model, [PROMPT], cache)
     torch.testing.assert_close(again, first[6:], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fresh, first, atol=0, rtol=0)
-    with pytest.raises(ConfigError, match="cannot truncate"):
+    with pytest.raises(UsageError, match="cannot truncate"):
         cache.truncate(cache.length + 1)
 
 

@@ -23,7 +23,8 @@ from hivemind.dht.routing import DHTID
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
-from meshinfer.p2p import ECHO_PROTOCOL, LoopThread, PeerNode, echo_handler
+from meshinfer.loopthread import LoopThread
+from meshinfer.p2p import ECHO_PROTOCOL, PeerNode, echo_handler
 from meshinfer.p2p.announce import Announcer, list_models, read_coverage
 from meshinfer.p2p.signing import SignedRecordValidator, make_envelope
 from meshinfer.types import BlockRange

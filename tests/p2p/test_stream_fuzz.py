@@ -23,7 +23,8 @@ from swarm_helpers import stop_all
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import LimitExceededError, TransportError, WireError
-from meshinfer.p2p import ECHO_PROTOCOL, LoopThread, MessageStream, PeerNode, StreamClosed
+from meshinfer.loopthread import LoopThread
+from meshinfer.p2p import ECHO_PROTOCOL, MessageStream, PeerNode, StreamClosed
 from meshinfer.p2p.stream import StreamTimeout
 from meshinfer.testing.procs import ManagedProcess, python_argv, wait_gone
 from meshinfer.types import BlockRange

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from meshinfer.p2p import SESSION_PROTOCOL, LoopThread, MessageStream, PeerNode
+from meshinfer.loopthread import LoopThread
+from meshinfer.p2p import SESSION_PROTOCOL, MessageStream, PeerNode
 from meshinfer.p2p.announce import read_coverage
 from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.memory import MemoryBudget, Overloaded
 from meshinfer.server.session import Session, SessionError, StepKind, check_step
@@ -37,7 +37,7 @@ def test_budget_rejects_nonsense() -> None:
     with pytest.raises(ConfigError):
         budget.reserve("a", 0)
     budget.reserve("a", 5)
-    with pytest.raises(ConfigError, match="already"):
+    with pytest.raises(UsageError, match="already"):
         budget.reserve("a", 1)
     with pytest.raises(ConfigError):
         MemoryBudget(cache_tokens=0, max_sessions=1)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.server.placement import (
     MIN_THROUGHPUT,
     block_throughputs,
@@ -233,13 +233,13 @@ def test_should_move_never_lowers_the_minimum() -> None:
     assert moves > 10  # the property was exercised, not vacuously true
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"me": "Z"}, "no record"),
-    ({"me": "A", "balance_quality": 0.0}, "balance_quality"),
-    ({"me": "A", "balance_quality": 1.5}, "balance_quality"),
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"me": "Z"}, UsageError, "no record"),
+    ({"me": "A", "balance_quality": 0.0}, ConfigError, "balance_quality"),
+    ({"me": "A", "balance_quality": 1.5}, ConfigError, "balance_quality"),
 ])
-def test_should_move_rejects_bad_input(kwargs: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_should_move_rejects_bad_input(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
         should_move([server("A", 0, 4)], 12, **kwargs)
 
 

@@ -23,7 +23,7 @@ import torch
 from weights_helpers import span_output
 
 from meshinfer.config import P2PConfig
-from meshinfer.errors import CheckpointError, ConfigError
+from meshinfer.errors import CheckpointError, ConfigError, UsageError
 from meshinfer.loopthread import LoopThread
 from meshinfer.models.checkpoint import Checkpoint, load_tokenizer
 from meshinfer.models.fingerprint import checkpoint_fingerprint, manifest_tensors
@@ -178,6 +178,11 @@ def test_a_download_cap_holds_a_fetch_to_its_rate(client, swarm: Swarm, llama: P
     assert stats.bytes_fetched > rate
     assert stats.seconds >= 0.98 * (stats.bytes_fetched - rate / 4) / rate, stats.as_dict()
     assert stats.throttled_seconds > 0 and stats.as_dict()["throttled_seconds"] > 0
+
+
+def test_fetching_without_a_node_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not in the cache and no peer node was given"):
+        asyncio.run(fetch(None, "0" * 32, cache_dir=tmp_path))
 
 
 @pytest.mark.parametrize("cap", [0.0, -1.0, float("nan")])

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshinfer.cli.announce import serve_http
+from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.cli.generate import MODEL_HELP, add_client_flags, add_download_flag
 from meshinfer.errors import ConfigError
-from meshinfer.readyline import ready_line
 from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     from meshinfer.gateway.config import GatewayConfig
 
-    parser = sub.add_parser(
-        "api", help="serve an OpenAI-compatible API (chat, completions, streaming) for a model of a swarm",
+    parser = add_command(
+        sub, "api", run, help="serve an OpenAI-compatible API (chat, completions, streaming) for a model of a swarm",
         description="Serve /v1/models, /v1/chat/completions and /v1/completions (streaming or not) for the "
                     "model in --model, its blocks run by the swarm joined through --initial-peers. Any OpenAI "
                     "client works: point its base URL at http://HOST:PORT/v1. GET /health reports the swarm.",
@@ -56,9 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_client_flags(parser, "swarm client")
     parser.add_argument("--api-key-file", default=None, metavar="PATH",
                         help="read the API key from this file (first line) instead of --api-key")
-    parser.add_argument("--stop-on-stdin-eof", action="store_true",
-                        help="also stop when stdin closes (for launchers that own this process)")
-    parser.set_defaults(func=run)
+    add_stop_on_stdin_eof(parser)
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
@@ -103,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.gateway.app import create_app
     from meshinfer.gateway.generation import SwarmGenerator
     from meshinfer.gateway.serving import ApiServer
-    from meshinfer.p2p.runner import watch_stdin_eof
 
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
                                              model_name=name)
@@ -119,17 +116,12 @@ def run(args: argparse.Namespace) -> int:
         app.include_router(dashboard_router(poller, include_health=False, include_metrics=False))  # the page at /
         server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning")
 
-        def ready() -> None:
-            info = {"url": server.url, "base_url": f"{server.url}/v1", "model": name, "model_id": model.model_id,
+        def describe(url: str) -> tuple[dict[str, Any], str]:
+            info = {"url": url, "base_url": f"{url}/v1", "model": name, "model_id": model.model_id,
                     "api_key_required": config.api_key is not None}
-            sys.stdout.write(ready_line(info))
-            sys.stdout.flush()
-            print(f"serving {name} at {server.url}/v1 (OpenAI-compatible); Ctrl-C to stop", file=sys.stderr,
-                  flush=True)
-            if args.stop_on_stdin_eof:
-                watch_stdin_eof(lambda: server.stop(timeout=0))
+            return info, f"serving {name} at {url}/v1 (OpenAI-compatible); Ctrl-C to stop"
 
-        server.run(on_ready=ready)
+        serve_http(server, describe, stop_on_stdin_eof=args.stop_on_stdin_eof)
     finally:
         if poller is not None:
             poller.stop()

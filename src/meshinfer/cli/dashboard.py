@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
     from meshinfer.gateway.serving import ApiServer
-    from meshinfer.p2p.runner import LoopThread
+    from meshinfer.loopthread import LoopThread
 
     async def connect() -> Any:
         return await NodeSwarmReader.join(config, timeout=args.timeout)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from meshinfer.cli.args import add_command
 from meshinfer.errors import ConfigError
 
 DEMO_MODEL = "smollm2"
@@ -38,8 +39,9 @@ DEMO_THREADS = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "demo", help="run the demo: a real model split across a local swarm of 3 servers answering a question",
+    parser = add_command(
+        sub, "demo", main,
+        help="run the demo: a real model split across a local swarm of 3 servers answering a question",
         description="Start a bootstrap peer and block servers on 127.0.0.1 that split a real model (SmolLM2-135M-"
                     "Instruct, pulled once), ask it a question through them, check the tokens against the local "
                     "engine, and shut down.",
@@ -60,7 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--servers", type=int, default=3, metavar="N",
                         help="block servers splitting the model's blocks evenly (default: 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the guided tour")
-    parser.set_defaults(func=main)
 
 
 class Tour:

@@ -30,6 +30,7 @@ from meshinfer.dashboard.doc import dashboard_payload, swarm_doc
 from meshinfer.dashboard.rtt import RttCache, ping_server
 from meshinfer.errors import ConfigError
 from meshinfer.loopthread import run_on
+from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,7 @@ class SwarmPoller:
         """Stop refreshing and close the reader (on the poller's loop; idempotent)."""
         for task in (self._task, self._ping_task):
             if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task, errors=(Exception,))
         self._task = self._ping_task = None
         reader, self.reader = self.reader, None
         if reader is not None:

@@ -55,6 +55,7 @@ from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage
 from meshinfer.metrics import render
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 from meshinfer.models.generator import GenerationParams
+from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -233,9 +234,7 @@ async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
                 raise ClientGone()
     finally:
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await stop_task(task, errors=(BaseException,))
 
 
 def _error_response(err: ApiError) -> JSONResponse:

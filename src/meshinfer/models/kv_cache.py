@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.errors import ConfigError, ContextOverflowError, UsageError
 from meshinfer.models.spec import ModelSpec
 from meshinfer.types import canonical_dtype
 
@@ -108,7 +108,7 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every token from slot ``length`` on (e.g. to roll back or replay)."""
         if not 0 <= length <= self.length:
-            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+            raise UsageError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
     def reset(self) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.errors import ConfigError, ContextOverflowError, UsageError
 from meshinfer.models.block import AttentionPlan, TransformerBlock
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.rope import RotaryTable
@@ -204,7 +204,7 @@ class BlockSpan(nn.Module):
         return outputs
 
     def _check_batch(self, items: Sequence[tuple[torch.Tensor, KVCache]]) -> None:
-        """Raise ConfigError / ContextOverflowError for the first bad item; touches no cache."""
+        """Raise ConfigError / UsageError / ContextOverflowError for the first bad item; touches no cache."""
         h = self.spec.hidden_size
         kv_shape = (self.spec.num_kv_heads, self.spec.head_dim)
         seen: set[int] = set()
@@ -225,7 +225,7 @@ class BlockSpan(nn.Module):
                     f"batch item {n}: cache is {keys.dtype} on {keys.device}, the span {self.dtype} on {self.device}"
                 )
             if id(cache) in seen:
-                raise ConfigError(f"batch item {n}: the same cache appears twice in one batch")
+                raise UsageError(f"batch item {n}: the same cache appears twice in one batch")
             seen.add(id(cache))
         for n, (hidden, cache) in enumerate(items):
             try:

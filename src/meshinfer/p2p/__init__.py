@@ -6,10 +6,11 @@ kept behind meshinfer's own interface so it can be replaced. Public API:
 - ``PeerNode`` (``node``): start/join a swarm, serve and open ``MessageStream``s, put/get records;
 - ``MessageStream``, ``StreamSettings``, ``StreamClosed`` (``stream``): typed messages over a stream;
 - ``announce_server``/``Announcer``/``read_coverage``/``list_models``/``read_swarm`` (``announce``);
-- ``Identity``/``load_or_create_identity`` (``identity``); ``LoopThread`` (``runner``) for sync code;
+- ``Identity``/``load_or_create_identity`` (``identity``);
 - ``echo_handler``/``ECHO_PROTOCOL`` (``echo``): a minimal real peer for tests and benchmarks.
 
-Submodules import hivemind at import time, so import this package only where networking is wanted.
+Submodules import hivemind at import time, so import this package only where networking is wanted. Sync code
+drives a ``PeerNode`` through ``meshinfer.loopthread.LoopThread`` (the loop the node is started and used on).
 """
 
 from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
@@ -27,15 +28,14 @@ from meshinfer.p2p.announce import (
 from meshinfer.p2p.echo import ECHO_PROTOCOL, echo_handler
 from meshinfer.p2p.identity import Identity, load_or_create_identity
 from meshinfer.p2p.node import FoundRecord, NodeSettings, PeerNode, Put
-from meshinfer.p2p.runner import LoopThread
 from meshinfer.p2p.stream import MessageStream, StreamClosed, StreamHandler, StreamSettings
 
 SESSION_PROTOCOL = "/meshinfer/session/1"
 """The protocol id block servers serve inference sessions on."""
 
 __all__ = [
-    "ECHO_PROTOCOL", "SESSION_PROTOCOL", "Announcer", "Coverage", "FoundRecord", "Identity", "LoopThread",
-    "MessageStream", "ModelEntry", "NodeSettings", "PeerNode", "Put", "StreamClosed", "StreamHandler",
-    "StreamSettings", "SwarmSnapshot", "announce_server", "announcement", "echo_handler",
-    "list_models", "load_or_create_identity", "read_coverage", "read_swarm",
+    "ECHO_PROTOCOL", "SESSION_PROTOCOL", "Announcer", "Coverage", "FoundRecord", "Identity", "MessageStream",
+    "ModelEntry", "NodeSettings", "PeerNode", "Put", "StreamClosed", "StreamHandler", "StreamSettings",
+    "SwarmSnapshot", "announce_server", "announcement", "echo_handler", "list_models",
+    "load_or_create_identity", "read_coverage", "read_swarm",
 ]

@@ -19,8 +19,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.p2p.node import FoundRecord, PeerNode, Put
+from meshinfer.tasks import stop_task
 from meshinfer.wire.records import MODELS_KEY, ModelCard, ServerRecord, block_key, model_key
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ DEFAULT_REFRESH = 20.0
 def announcement(card: ModelCard, record: ServerRecord) -> list[Put]:
     """The records one server publishes (its ``models`` entry is tagged with the model id)."""
     if record.model_id != card.model_id:
-        raise ConfigError(f"server record is for model {record.model_id!r}, card for {card.model_id!r}")
+        raise UsageError(f"server record is for model {record.model_id!r}, card for {card.model_id!r}")
     record.span.check_within(card.num_blocks)
     items = [Put(block_key(card.model_id, i), record) for i in record.span.blocks()]
     items += [Put(model_key(card.model_id), card), Put(MODELS_KEY, card, tag=card.model_id)]
@@ -47,7 +48,7 @@ class Announcer:
         if not 0 < refresh < ttl:
             raise ConfigError(f"announce refresh ({refresh:g}s) must be shorter than the ttl ({ttl:g}s)")
         if record.peer_id != node.peer_id:
-            raise ConfigError(f"server record names peer {record.peer_id}, this node is {node.peer_id}")
+            raise UsageError(f"server record names peer {record.peer_id}, this node is {node.peer_id}")
         announcement(card, record)  # validate now, not in the background
         self.node, self.card, self.record = node, card, record
         self.ttl, self.refresh = ttl, refresh
@@ -69,7 +70,7 @@ class Announcer:
         """Replace the announced record (state, throughput, cache left...) and publish it soon."""
         announcement(self.card, record)
         if record.peer_id != self.node.peer_id:
-            raise ConfigError("a server may only announce records naming itself")
+            raise UsageError("a server may only announce records naming itself")
         self.record = record
         self._wake.set()
 
@@ -92,11 +93,8 @@ class Announcer:
 
     async def stop(self) -> None:
         """Stop refreshing (records then expire within ``ttl``)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
 
 async def announce_server(node: PeerNode, card: ModelCard, record: ServerRecord, *, ttl: float = DEFAULT_TTL,

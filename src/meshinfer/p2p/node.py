@@ -19,8 +19,9 @@ Then:
   call, as ``FoundRecord`` lists; keys not answered in time are left out of the result;
 - ``close()``: stop serving, leave the DHT, stop the daemon (idempotent).
 
-Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``. All methods run on the loop the
-node was started on (see ``meshinfer.p2p.runner`` for sync callers).
+Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
+tag twice). All methods run on the loop the node was started on (see ``meshinfer.loopthread`` for sync
+callers).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
-from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
+from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError, WireError
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
@@ -233,7 +234,7 @@ class PeerNode:
         values = [encode_record(p.record) for p in items]
         subkeys = [make_subkey(self.peer_id, p.tag) for p in items]
         if len(set(zip(keys, subkeys, strict=True))) != len(items):
-            raise ConfigError("two records for the same key and tag in one write")
+            raise UsageError("two records for the same key and tag in one write")
         try:
             async with asyncio.timeout(timeout):
                 ok = await self._dht.store_many(keys, values, expiration_time, subkeys=subkeys)

@@ -1,11 +1,11 @@
-"""How peer processes live: ``wait_for_exit_signal`` and ``watch_stdin_eof``; ``LoopThread`` re-exported.
+"""How peer processes live: ``wait_for_exit_signal`` and ``watch_stdin_eof``.
 
 Contract: ``wait_for_exit_signal`` is how long-running peer processes wait for SIGTERM/SIGINT (or their
 parent closing stdin); ``watch_stdin_eof`` is the one way every process here notices its parent closing
-stdin. ``LoopThread`` (an event loop in a background thread, for synchronous callers of ``PeerNode``) lives in
-the leaf module ``meshinfer.loopthread`` and is re-exported here: start a ``PeerNode`` through it and call all
-of that node's methods through it (a node belongs to the loop it was started on); a p2pd started from its
-thread dies when the thread ends. Knows nothing of the swarm.
+stdin. Synchronous callers drive a ``PeerNode`` through ``meshinfer.loopthread.LoopThread`` (a node belongs
+to the loop it was started on; a p2pd started from its thread dies when the thread ends); the name is still
+re-exported here only until the last importers (in ``client/``) import it from there. Knows nothing of the
+swarm.
 """
 
 from __future__ import annotations

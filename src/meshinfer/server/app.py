@@ -46,6 +46,7 @@ from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
 from meshinfer.server.serving import Identity, Serving, load_serving, publish
+from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.rate import MB
@@ -283,9 +284,7 @@ class BlockServer:
         self._stopped = True
         log.info("stopping: draining blocks %s", self.span_range)
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         try:
             await self._drain(LEAVING_MESSAGE)
         except Exception:

@@ -33,6 +33,7 @@ from meshinfer.server.push import PushPool
 from meshinfer.server.runtime import StepLoop
 from meshinfer.server.scheduler import Finished
 from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
+from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
 from meshinfer.wire.limits import WireLimits
 from meshinfer.wire.messages import (
@@ -96,10 +97,7 @@ class SessionService:
     async def shutdown(self, message: str = "server is shutting down; open a session elsewhere") -> None:
         """Refuse new sessions, let steps in progress finish briefly, then end every session."""
         self.accepting = False
-        if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+        await stop_task(self._janitor)
         deadline = time.monotonic() + 2.0
         while any(not s.idle for s in self.sessions.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

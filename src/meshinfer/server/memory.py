@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshinfer.errors import ConfigError, MeshinferError
+from meshinfer.errors import ConfigError, MeshinferError, UsageError
 
 
 class Overloaded(MeshinferError):
@@ -53,7 +53,7 @@ class MemoryBudget:
         if tokens <= 0:
             raise ConfigError(f"a session must reserve > 0 tokens, got {tokens}")
         if session_id in self._reserved:
-            raise ConfigError(f"session {session_id!r} already holds a reservation")
+            raise UsageError(f"session {session_id!r} already holds a reservation")
         if len(self._reserved) >= self.max_sessions:
             raise Overloaded(
                 f"server is at its limit of {self.max_sessions} open sessions; try another server or later"

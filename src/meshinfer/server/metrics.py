@@ -24,14 +24,13 @@ beyond the stdlib HTTP server; knows nothing of sessions or the DHT.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 
+from meshinfer.loopthread import call_on_loop
 from meshinfer.metrics import PREFIX, STEP_BUCKETS, MetricsHTTPServer, new_registry
 
 T = TypeVar("T")
@@ -137,23 +136,3 @@ class ServerMetrics:
             self._http.stop()
             self._http = None
 
-
-def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float) -> T:
-    """Run ``fn()`` on ``loop`` from another thread and return its result (``TimeoutError`` after ``timeout``)."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as err:
-            future.set_exception(err)
-
-    loop.call_soon_threadsafe(run)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        with contextlib.suppress(Exception):
-            future.cancel()
-        raise TimeoutError(f"the event loop did not answer within {timeout:g}s") from None

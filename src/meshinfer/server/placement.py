@@ -2,7 +2,8 @@
 
 Contract: pure functions of a swarm snapshot (a list of ``ServerRecord``) and plain numbers. No I/O,
 no clock, no torch, no network; the caller fetches the snapshot, measures memory and throughput, and
-acts on the answer (load a span, drain and re-announce). Errors are ``ConfigError``.
+acts on the answer (load a span, drain and re-announce). Errors are ``ConfigError`` (a nonsensical number)
+and ``UsageError`` (the caller's own record is missing from the snapshot it passed).
 
 The model (as in Petals): a server of throughput ``t`` tokens/s adds ``t`` to every block of its span,
 so a block's throughput is the sum over the servers covering it, and the swarm is as fast as its
@@ -32,7 +33,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.types import BlockRange, PeerIdStr
 from meshinfer.wire.records import ServerRecord
 
@@ -196,7 +197,7 @@ def should_move(
     snapshot = list(servers)
     mine = next((record for record in snapshot if record.peer_id == me), None)
     if mine is None:
-        raise ConfigError(f"peer {me} has no record in the swarm snapshot, so it cannot consider moving")
+        raise UsageError(f"peer {me} has no record in the swarm snapshot, so it cannot consider moving")
     if mine.state != "online":
         return None
     unmeasured = _contribution(mine.throughput, MIN_THROUGHPUT)

@@ -13,13 +13,13 @@ nothing of sessions or models; never pushes to itself (the caller short-cuts tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from meshinfer.errors import MeshinferError, TransportError
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream, StreamSettings
+from meshinfer.tasks import stop_task
 from meshinfer.wire.messages import Error, Hop, Step, encode_message
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,4 @@ class PushPool:
         for peer_id, stream in list(self._streams.items()):
             await self._drop(peer_id, stream)
         for task in list(self._readers):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task, errors=(Exception,))

@@ -9,7 +9,6 @@ longer serve. Printing is the caller's job (``on_ready``). Knows nothing of mode
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from meshinfer.errors import MeshinferError
 from meshinfer.p2p.runner import watch_stdin_eof
 from meshinfer.server.app import BlockServer
 from meshinfer.server.config import ServerConfig
+from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ async def serve_until_signal(config: ServerConfig, p2p: P2PConfig, *, model_dir:
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # signalled during start-up: BlockServer.start cleans up on cancel
         log.info("stop requested during start-up")
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, MeshinferError):
-            await starting
+        await stop_task(starting, errors=(MeshinferError,))
         return 0
     stopping.cancel()
     server = starting.result()  # raises the start-up error, if any

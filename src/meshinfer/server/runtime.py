@@ -37,11 +37,19 @@ from typing import Any, TypeVar
 
 import torch
 
-from meshinfer.errors import ConfigError, ContextOverflowError, LimitExceededError, MeshinferError, WireError
+from meshinfer.errors import (
+    ConfigError,
+    ContextOverflowError,
+    LimitExceededError,
+    MeshinferError,
+    UsageError,
+    WireError,
+)
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.scheduler import MAX_BATCH_SESSIONS, MAX_BATCH_TOKENS, Finished, Piece, Result, Scheduler
 from meshinfer.server.session import Session, SessionError, StepJob
+from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
 from meshinfer.wire.burst import BURST_HOLD_S
 from meshinfer.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -61,7 +69,7 @@ def _as_session_error(err: BaseException) -> SessionError:
         return err
     if isinstance(err, ContextOverflowError | LimitExceededError):
         return SessionError(ErrorCode.LIMIT_EXCEEDED, str(err))
-    if isinstance(err, ConfigError | WireError):
+    if isinstance(err, ConfigError | UsageError | WireError):
         return SessionError(ErrorCode.BAD_REQUEST, str(err))
     if isinstance(err, MeshinferError):
         return SessionError(ErrorCode.INTERNAL, str(err))
@@ -128,11 +136,8 @@ class StepLoop:
 
     async def stop(self) -> None:
         """Stop taking turns (a turn being computed finishes on its thread), then stop the thread."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         self.scheduler.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.readyline import READY_PREFIX, parse_ready_line
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, start_dht
 from meshinfer.types import BlockRange
@@ -170,7 +170,7 @@ class LocalSwarm:
         """Start one more server (after ``start``; ``span`` None: it places itself) with ``extra_args``
         after the swarm's ``server_args``, and wait until it is ready."""
         if not self.initial_peers:
-            raise ConfigError("start the swarm before adding servers")
+            raise UsageError("start the swarm before adding servers")
         try:
             return self._start_servers([None if span is None else _as_range(span)], extra_args)[0]
         except BaseException:

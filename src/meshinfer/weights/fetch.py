@@ -15,8 +15,9 @@ ends the fetch with a one-line ``CheckpointError``. Interrupting a fetch (cancel
 verified: the next fetch re-hashes partial files and asks only for what is missing. ``progress`` (if given) is
 called with a ``FetchProgress`` after every piece. ``ensure_local`` is the entry point for servers and
 clients: a directory is used as is, a model id is fetched, a hub name (``org/name``) goes to ``weights.hub``.
-Errors: ``ConfigError`` (bad id, budget), ``CheckpointError`` (no seeders, nothing can serve a piece, bad
-manifest), ``TransportError`` never escapes for a single peer's failure.
+Errors: ``ConfigError`` (bad id, budget), ``UsageError`` (a model not cached and no node given),
+``CheckpointError`` (no seeders, nothing can serve a piece, bad manifest), ``TransportError`` never escapes
+for a single peer's failure.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshinfer.errors import CheckpointError, ConfigError, MeshinferError, TransportError, WireError
+from meshinfer.errors import CheckpointError, ConfigError, MeshinferError, TransportError, UsageError, WireError
 from meshinfer.models.safetensors_files import INDEX_FILE
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
@@ -264,7 +265,7 @@ async def fetch(node: PeerNode | None, model_id: str, *, want: Want | None = Non
                 await asyncio.to_thread(store.write_index)
             return FetchResult(store.path, model_id, manifest, stats)
     if node is None:
-        raise ConfigError(f"model {model_id} is not in the cache and no peer node was given to fetch it")
+        raise UsageError(f"model {model_id} is not in the cache and no peer node was given to fetch it")
     seeders = await find_seeders(node, model_id, timeout=find_timeout, peers=peers, bans=bans)
     stats.seeders = [s.peer_id for s in seeders]
     if manifest is None:

@@ -32,6 +32,7 @@ from meshinfer.models.fingerprint import checkpoint_manifest
 from meshinfer.models.safetensors_files import TensorLocation, tensor_locations
 from meshinfer.p2p.node import PeerNode, Put
 from meshinfer.p2p.stream import MessageStream, StreamClosed
+from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
 from meshinfer.weights.manifest import CLIENT_GROUP, Group, Manifest, block_group
 from meshinfer.weights.rate import RateLimiter
@@ -235,11 +236,8 @@ class Seeder:
 
     async def close(self) -> None:
         """Stop announcing (records expire within ``ttl``) and close the model files."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for model in self.models.values():
             model.close()
 
