@@ -33,12 +33,6 @@ def test_defaults_are_the_old_values() -> None:
     assert DEFAULT_COHORTS == 2
 
 
-def test_head_batcher_default_is_the_config_default() -> None:
-    from meshinfer.client.head_batch import DEFAULT_COHORTS as HEAD_DEFAULT
-
-    assert HEAD_DEFAULT == ClientConfig().cohorts
-
-
 def test_every_field_has_help() -> None:
     for f in dataclasses.fields(ClientConfig):
         assert len(f.metadata.get("help", "")) > 20, f.name

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from meshinfer.client.config import DEFAULT_COHORTS
 from meshinfer.errors import ConfigError
 from meshinfer.models.head import ClientHead
 from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker, new_burst
 from meshinfer.wire.messages import Burst
-
-DEFAULT_COHORTS = 2
 
 
 @dataclass

@@ -41,7 +41,8 @@ from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, UsageError
+from meshinfer.loopthread import LoopThread
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.engine import agenerate_scored, check_prompt, score_hidden
 from meshinfer.models.fingerprint import checkpoint_fingerprint
@@ -51,7 +52,6 @@ from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
-from meshinfer.p2p.runner import LoopThread
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
@@ -311,7 +311,7 @@ class DistributedModel(CheckpointGenerator):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ConfigError("this DistributedModel is closed")
+            raise UsageError("this DistributedModel is closed")
 
     def close(self) -> None:
         """Leave the swarm and stop the client's event loop (idempotent)."""

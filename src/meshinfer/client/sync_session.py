@@ -13,7 +13,7 @@ import torch
 from meshinfer.client.hops import Failover
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
-from meshinfer.p2p.runner import LoopThread
+from meshinfer.loopthread import LoopThread
 
 
 class SyncInferenceSession:

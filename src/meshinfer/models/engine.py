@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError, ContextOverflowError
+from meshinfer.errors import ConfigError, ContextOverflowError, UsageError
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.compiled import capacity
 from meshinfer.models.generator import CheckpointGenerator, GenerationParams
@@ -39,7 +39,7 @@ class LocalModel(CheckpointGenerator):
 
     def __init__(self, spec: ModelSpec, head: ClientHead, span: BlockSpan, path: Path | None = None) -> None:
         if span.range != BlockRange(0, spec.num_blocks):
-            raise ConfigError(f"a local model needs all blocks 0:{spec.num_blocks}, got {span.range}")
+            raise UsageError(f"a local model needs all blocks 0:{spec.num_blocks}, got {span.range}")
         self.spec = spec
         self.head = head
         self.span = span

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError
+from meshinfer.errors import UsageError
 
 if TYPE_CHECKING:
     from meshinfer.models.sampling import ScoredToken
@@ -105,7 +105,7 @@ class CheckpointGenerator:
         """The checkpoint's tokenizer (loaded on first use through ``AutoTokenizer``)."""
         if self._tokenizer is None:
             if self.path is None:
-                raise ConfigError("this model was not loaded from a directory, so it has no tokenizer")
+                raise UsageError("this model was not loaded from a directory, so it has no tokenizer")
             from meshinfer.models.checkpoint import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.path)

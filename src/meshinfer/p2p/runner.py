@@ -3,9 +3,8 @@
 Contract: ``wait_for_exit_signal`` is how long-running peer processes wait for SIGTERM/SIGINT (or their
 parent closing stdin); ``watch_stdin_eof`` is the one way every process here notices its parent closing
 stdin. Synchronous callers drive a ``PeerNode`` through ``meshinfer.loopthread.LoopThread`` (a node belongs
-to the loop it was started on; a p2pd started from its thread dies when the thread ends); the name is still
-re-exported here only until the last importers (in ``client/``) import it from there. Knows nothing of the
-swarm.
+to the loop it was started on; a p2pd started from its thread dies when the thread ends). Knows nothing of
+the swarm.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from meshinfer.loopthread import LoopThread
-
-__all__ = ["LoopThread", "wait_for_exit_signal", "watch_stdin_eof"]
+__all__ = ["wait_for_exit_signal", "watch_stdin_eof"]
 
 
 def watch_stdin_eof(on_eof: Callable[[], None], loop: asyncio.AbstractEventLoop | None = None) -> None:
