@@ -7,12 +7,19 @@ definition for every benchmark's p95). Never asserts or times anything itself.
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshinfer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshinfer.models.engine import LocalModel
 
 
 def bench_model_dir(model: str | None) -> Path:
@@ -26,6 +33,36 @@ def bench_model_dir(model: str | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"model directory {model!r} does not exist")
     return path
+
+
+@dataclass(frozen=True)
+class SwarmBenchSetup:
+    """What a swarm benchmark starts from: the checkpoint, its dtype, the reference ``LocalModel`` (same
+    process, same threads) and the 1-minute load average before anything was loaded."""
+
+    path: Path
+    dtype: str
+    local: LocalModel
+    load_before: float
+
+
+def swarm_bench_setup(args: argparse.Namespace, context_tokens: int) -> SwarmBenchSetup:
+    """``--model``, ``--dtype`` and ``--torch-threads`` applied: the reference model loaded; a ConfigError when
+    ``context_tokens`` (prompt + new tokens) does not fit the model's context."""
+    import torch
+
+    from meshinfer.models.engine import LocalModel
+    from meshinfer.types import canonical_dtype
+
+    dtype = canonical_dtype(args.dtype)
+    path = bench_model_dir(args.model)
+    torch.set_num_threads(args.torch_threads)
+    load_before = os.getloadavg()[0]
+    local = LocalModel.from_pretrained(path, dtype=dtype)
+    if local.spec.max_position_embeddings < context_tokens:
+        raise ConfigError(f"--prompt-tokens + --new-tokens exceeds the model's context of "
+                          f"{local.spec.max_position_embeddings}")
+    return SwarmBenchSetup(path, dtype, local, load_before)
 
 
 def parse_counts(text: str, flag: str, limit: int) -> list[int]:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshinfer.bench.common import bench_model_dir, parse_counts, percentile
+from meshinfer.bench.common import parse_counts, percentile, swarm_bench_setup
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "aggregate tokens/s, per-token latency and time to first token with many concurrent sessions"
@@ -186,29 +186,19 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from meshinfer.bench.swarm import even_spans
-    from meshinfer.types import canonical_dtype
-
-    levels_wanted = _check(args)
-    dtype = canonical_dtype(args.dtype)
-    path = bench_model_dir(args.model)
-
     import torch
 
     from meshinfer.bench.local import prompt_ids
+    from meshinfer.bench.swarm import even_spans
     from meshinfer.client.config import DEFAULT_COHORTS, ClientConfig
     from meshinfer.client.model import DistributedModel
-    from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
 
-    torch.set_num_threads(args.torch_threads)
-    load_before = os.getloadavg()[0]
-    local = LocalModel.from_pretrained(path, dtype=dtype)
-    spec = local.spec
+    levels_wanted = _check(args)
     p, n, top = args.prompt_tokens, args.new_tokens, max(levels_wanted)
-    if spec.max_position_embeddings < p + n:
-        raise ConfigError(f"--prompt-tokens + --new-tokens exceeds the model's context of "
-                          f"{spec.max_position_embeddings}")
+    setup = swarm_bench_setup(args, p + n)
+    path, dtype, local, load_before = setup.path, setup.dtype, setup.local, setup.load_before
+    spec = local.spec
     spans = even_spans(spec.num_blocks, args.servers)
     prompts = session_prompts(prompt_ids(local.tokenizer, (top - 1) * PROMPT_STRIDE + p), top, p)
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from meshinfer.bench.common import bench_model_dir
+from meshinfer.bench.common import swarm_bench_setup
 from meshinfer.errors import ConfigError
 from meshinfer.types import BlockRange
 
@@ -121,28 +121,18 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from meshinfer.types import canonical_dtype
-
-    _check(args)
-    dtype = canonical_dtype(args.dtype)
-    path = bench_model_dir(args.model)
-
     import torch
 
     from meshinfer.bench.local import prompt_ids
     from meshinfer.bench.swarm_parts import breakdown, local_parts, pause_penalty, per_step_ms, server_decode_seconds
     from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
-    from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
 
-    torch.set_num_threads(args.torch_threads)
-    load_before = os.getloadavg()[0]
-    local = LocalModel.from_pretrained(path, dtype=dtype)
+    _check(args)
+    setup = swarm_bench_setup(args, args.prompt_tokens + args.new_tokens)
+    path, dtype, local, load_before = setup.path, setup.dtype, setup.local, setup.load_before
     spec = local.spec
-    if spec.max_position_embeddings < args.prompt_tokens + args.new_tokens:
-        raise ConfigError(f"--prompt-tokens + --new-tokens exceeds the model's context of "
-                          f"{spec.max_position_embeddings}")
     spans = even_spans(spec.num_blocks, args.servers)
     prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
     n = args.new_tokens
