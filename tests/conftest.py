@@ -12,6 +12,24 @@ from pathlib import Path
 
 import pytest
 
+import fuzzing
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-scale",
+        type=float,
+        default=1.0,
+        help="multiply every hypothesis fuzz budget (tests/fuzzing.py) by this; e.g. 50 for a long fuzzing run",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    scale = float(config.getoption("--fuzz-scale"))
+    if scale <= 0:
+        raise pytest.UsageError("--fuzz-scale must be > 0")
+    fuzzing.SCALE = scale
+
 
 @pytest.fixture(scope="session", autouse=True)
 def meshinfer_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

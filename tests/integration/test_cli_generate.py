@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from fuzzing import budget
 from meshinfer.cli.generate import IncrementalDetokenizer, text_decoder
 from meshinfer.testing.checkpoints import tiny_checkpoint
 
@@ -221,7 +222,7 @@ def test_multibyte_characters_never_split(byte_tokenizer) -> None:
     assert "".join(pieces) == text
 
 
-@settings(max_examples=150, deadline=None)
+@budget(150)
 @given(st.lists(st.integers(min_value=0, max_value=511), max_size=40))
 def test_deltas_concatenate_to_full_decode(byte_tokenizer, ids: list[int]) -> None:
     decode = text_decoder(byte_tokenizer)

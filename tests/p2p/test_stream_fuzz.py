@@ -17,10 +17,11 @@ from typing import Any
 import msgspec
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from swarm_helpers import stop_all
 
+from fuzzing import budget
 from meshinfer.config import P2PConfig
 from meshinfer.errors import LimitExceededError, TransportError, WireError
 from meshinfer.loopthread import LoopThread
@@ -220,7 +221,7 @@ def test_client_read_timeout(client: Client) -> None:
         client.run(stream.close())
 
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = budget(40)
 
 
 @FUZZ

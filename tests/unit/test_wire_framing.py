@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import budget
 from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.wire.framing import (
     FLAG_LAST,
@@ -91,14 +92,14 @@ def test_limits_validate_themselves() -> None:
         WireLimits(max_frame_bytes=1024)
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=5), st.integers(1, 64))
 def test_round_trip_any_chunk_size(payloads: list[bytes], chunk: int) -> None:
     data = b"".join(f for p in payloads for f in frames_of(p, chunk))
     assert decode_frames(data) == payloads
 
 
-@settings(max_examples=500, deadline=None)
+@budget(500)
 @given(st.binary(max_size=600))
 def test_fuzz_decode_frames_only_raises_wire_errors(data: bytes) -> None:
     small = WireLimits(max_frame_bytes=CHUNK_BYTES, max_message_bytes=CHUNK_BYTES)

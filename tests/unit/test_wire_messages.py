@@ -5,9 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import budget
 from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.types import BlockRange
 from meshinfer.wire.codec import VersionMismatchError
@@ -108,7 +109,7 @@ def test_encode_refuses_non_messages() -> None:
         encode_message({"type": "ping"})  # type: ignore[arg-type]
 
 
-@settings(max_examples=500, deadline=None)
+@budget(500)
 @given(st.binary(max_size=2048))
 def test_fuzz_random_bytes_only_raise_wire_errors(data: bytes) -> None:
     try:
@@ -117,7 +118,7 @@ def test_fuzz_random_bytes_only_raise_wire_errors(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=500, deadline=None)
+@budget(500)
 @given(st.sampled_from(SAMPLES), st.data())
 def test_fuzz_mutated_messages_only_raise_wire_errors(msg: object, data: st.DataObject) -> None:
     raw = bytearray(encode_message(msg))  # type: ignore[arg-type]
@@ -146,7 +147,7 @@ json_like = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@budget(200)
 @given(st.sampled_from(["open", "opened", "step", "step_result", "close", "error", "ping", "pong", "x"]),
        st.dictionaries(st.sampled_from(["session_id", "model", "span", "max_length", "dtype", "route_tail",
                                         "step_id", "position", "hidden", "code", "message", "seq", "payload",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import budget
 from meshinfer.errors import WireError
 from meshinfer.types import BlockRange
 from meshinfer.wire.records import (
@@ -77,7 +78,7 @@ def test_encode_refuses_other_types() -> None:
         encode_record("nope")  # type: ignore[arg-type]
 
 
-@settings(max_examples=500, deadline=None)
+@budget(500)
 @given(st.binary(max_size=1024))
 def test_fuzz_random_bytes(data: bytes) -> None:
     try:
@@ -86,7 +87,7 @@ def test_fuzz_random_bytes(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(st.sampled_from([CARD, SERVER]), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
                                                    min_size=1, max_size=6))
 def test_fuzz_mutated_records(record: object, edits: list[tuple[int, int]]) -> None:

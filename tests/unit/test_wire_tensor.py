@@ -5,9 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import budget
 from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.wire.limits import WireLimits
 from meshinfer.wire.tensor import Tensor, check_tensor, decode_tensor, encode_tensor
@@ -79,7 +80,7 @@ _any_tensor = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(_any_tensor)
 def test_fuzz_decode_tensor_only_raises_wire_errors(t: Tensor) -> None:
     try:
@@ -89,7 +90,7 @@ def test_fuzz_decode_tensor_only_raises_wire_errors(t: Tensor) -> None:
     assert list(y.shape) == t.shape and y.numel() * y.element_size() == len(t.data)
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(st.binary(max_size=512))
 def test_fuzz_tensor_struct_from_random_bytes(data: bytes) -> None:
     try:
