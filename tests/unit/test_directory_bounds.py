@@ -13,7 +13,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fuzzing import budget
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.p2p.directory import coverage_of, models_of, read_coverage, read_swarm
 from meshinfer.p2p.node import FoundRecord, NodeSettings, PeerNode
@@ -142,3 +145,33 @@ def test_read_swarm_reads_one_key_per_kept_model_whatever_the_cards_claim() -> N
     assert snap.complete and snap.coverage[REAL].counts() == [1, 1, 1, 1]
     assert node.skipped_records["over per-signer limit"] == 300 - 8  # not even decoded
     assert snap.skipped["over per-signer card quota"] == 8 - DEFAULT_RECORD_LIMITS.max_cards_per_signer
+
+
+# --- fuzz: what a reader takes from hostile storers, and the envelope check every storer runs -------------
+
+_records = st.sampled_from([card(REAL), card(mid(7)), server("QmA", REAL, (0, 4))])
+_payloads = st.one_of(st.binary(max_size=200), st.builds(encode_record, _records),
+                      st.builds(lambda n: b"\x00" * n, st.integers(30_000, 70_000)))
+
+
+@budget(60)
+@given(st.dictionaries(st.builds(lambda o, t: o if t is None else f"{o}/{t}", st.sampled_from(["QmA", "QmB", ""]),
+                                 st.none() | st.text(max_size=6)), _payloads, max_size=40))
+def test_fuzz_get_many_decoding_stays_within_the_quotas(values: dict[str, bytes]) -> None:
+    limits = RecordLimits(max_records_per_key=5, max_records_per_signer=3)
+    node = node_with({"k": values}, limits)
+    found = asyncio.run(node.get_many(["k"]))["k"]
+    assert len(found) <= 5 and max(Counter(f.peer_id for f in found).values(), default=0) <= 3
+    assert sum(node.skipped_records.values()) + len(found) <= len(values) + 1
+
+
+@budget(60)
+@given(st.binary(max_size=300) | st.builds(lambda n: b"\x93" + b"\x00" * n, st.integers(36_000, 80_000)),
+       st.binary(max_size=40))
+def test_fuzz_the_envelope_check_never_raises(value: bytes, subkey: bytes) -> None:
+    from hivemind.dht.validation import DHTRecord
+
+    from meshinfer.p2p.signing import MAX_ENVELOPE_BYTES, SignedRecordValidator
+
+    ok = SignedRecordValidator(None).validate(DHTRecord(b"key", subkey, value, time.time() + 60))
+    assert ok is False or len(value) <= MAX_ENVELOPE_BYTES

@@ -266,7 +266,7 @@ _huge = st.one_of(st.integers(MAX_MODEL_BLOCKS, 2**64 - 1), st.integers(-(2**63)
                   st.builds(lambda n: [{"start": 0, "end": 1}] * n, st.integers(1, 2000)))
 
 
-@budget(300)
+@budget(100)
 @given(st.sampled_from([CARD, SERVER, SEED]), st.data())
 def test_fuzz_out_of_bound_and_nested_fields(record: object, data: st.DataObject) -> None:
     fields = msgspec.to_builtins(record)
