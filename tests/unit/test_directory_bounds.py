@@ -143,8 +143,20 @@ def test_read_swarm_reads_one_key_per_kept_model_whatever_the_cards_claim() -> N
     assert len(asked[1]) == 1 + DEFAULT_RECORD_LIMITS.max_cards_per_signer
     assert all(k.startswith("servers:") for k in asked[1])
     assert snap.complete and snap.coverage[REAL].counts() == [1, 1, 1, 1]
-    assert node.skipped_records["over per-signer limit"] == 300 - 8  # not even decoded
-    assert snap.skipped["over per-signer card quota"] == 8 - DEFAULT_RECORD_LIMITS.max_cards_per_signer
+    limits = DEFAULT_RECORD_LIMITS
+    assert node.skipped_records["over per-signer limit"] == 300 - limits.max_records_per_signer  # not decoded
+    assert snap.skipped["over per-signer card quota"] == limits.max_records_per_signer - limits.max_cards_per_signer
+
+
+def test_models_with_servers_are_listed_before_empty_claims() -> None:
+    limits = RecordLimits(max_models_per_read=2)
+    values: dict[str, dict[str, bytes]] = {MODELS_KEY: {f"QmSybil{i}/{mid(i + 1)}": encode_record(card(mid(i + 1)))
+                                                        for i in range(3)}}
+    values[MODELS_KEY][f"QmHonest/{mid(99)}"] = encode_record(card(mid(99)))
+    values[servers_key(mid(99))] = {"QmHonest": encode_record(server("QmHonest", mid(99), (0, 4)))}
+    snap = asyncio.run(read_swarm(node_with(values, limits)))
+    assert [m.card.model_id for m in snap.models] == [mid(1), mid(99)]  # 4 candidates read, the served one kept
+    assert snap.skipped["over models-per-read limit"] == 2
 
 
 # --- fuzz: what a reader takes from hostile storers, and the envelope check every storer runs -------------

@@ -2,9 +2,10 @@
 
 Contract: built only on ``PeerNode.get_many``. Nothing a peer claims sizes a read: ``read_swarm`` reads the
 ``models`` directory (one key), keeps at most ``RecordLimits.max_cards_per_signer`` cards of each signing peer
-and at most ``max_models_per_read`` models (most announcing peers first, then by id), then reads each kept
-model's ``servers:<model>`` key (one key a model, never a key a block): two DHT calls, each bounded by
-``timeout``, with at most ``max_models_per_read + 1`` keys in all, whatever the cards say. ``read_coverage``
+and at most ``2 * max_models_per_read`` candidate models (most announcing peers first, then by id), reads each
+candidate's ``servers:<model>`` key (one key a model, never a key a block) and lists ``max_models_per_read`` of
+them, models with servers first: two DHT calls, each bounded by ``timeout``, with at most
+``2 * max_models_per_read + 1`` keys in all, whatever the cards say. ``read_coverage``
 reads one model whose block count the caller knows (its own checkpoint): its ``servers:`` key plus, for servers
 from before that key, its ``block:<model>:<i>`` keys, in ONE call (``num_blocks`` at most ``MAX_MODEL_BLOCKS``).
 ``list_models`` reads the directory alone. The decoders and ``PeerNode`` already refuse oversized and
@@ -111,10 +112,12 @@ class ModelEntry:
     """How many peers announce this model in the ``models`` directory."""
 
 
-def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[str] | None = None) -> list[ModelEntry]:
+def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[str] | None = None, *,
+              keep: int | None = None) -> list[ModelEntry]:
     """The models of a directory read: at most ``limits.max_cards_per_signer`` cards of each signing peer (in
-    subkey order), the majority card of each model, at most ``limits.max_models_per_read`` models (most announcing
-    peers first, then by model id)."""
+    subkey order), the majority card of each model, at most ``keep`` (default ``limits.max_models_per_read``)
+    models (most announcing peers first, then by model id), listed by model id."""
+    keep = limits.max_models_per_read if keep is None else keep
     skipped = Counter() if skipped is None else skipped
     per_signer: Counter[str] = Counter()
     cards: dict[str, Counter[ModelCard]] = {}
@@ -133,9 +136,9 @@ def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[s
         card, _ = counter.most_common(1)[0]  # servers may disagree on details; the majority wins
         entries.append(ModelEntry(card, sum(counter.values())))
     entries.sort(key=lambda e: (-e.announced_by, e.card.model_id))
-    if len(entries) > limits.max_models_per_read:
-        skipped["over models-per-read limit"] += len(entries) - limits.max_models_per_read
-    return sorted(entries[:limits.max_models_per_read], key=lambda e: e.card.model_id)
+    if len(entries) > keep:
+        skipped["over models-per-read limit"] += len(entries) - keep
+    return sorted(entries[:keep], key=lambda e: e.card.model_id)
 
 
 async def list_models(node: PeerNode, *, timeout: float = 5.0) -> list[ModelEntry]:
@@ -155,11 +158,17 @@ class SwarmSnapshot:
 async def read_swarm(node: PeerNode, *, timeout: float = 5.0) -> SwarmSnapshot:
     """Models, and coverage of each, in two DHT calls each bounded by ``timeout`` (see the module docstring)."""
     skipped: Counter[str] = Counter()
+    limits = node.record_limits
     directory = await node.get_many([MODELS_KEY], timeout=timeout)
-    models = models_of(directory.get(MODELS_KEY, []), node.record_limits, skipped)
-    keys = [servers_key(m.card.model_id) for m in models]
+    candidates = models_of(directory.get(MODELS_KEY, []), limits, skipped, keep=2 * limits.max_models_per_read)
+    keys = [servers_key(m.card.model_id) for m in candidates]
     found = await node.get_many(keys, timeout=timeout) if keys else {}
-    coverage = {m.card.model_id: coverage_of(m.card.model_id, m.card.num_blocks, found) for m in models}
+    coverage = {m.card.model_id: coverage_of(m.card.model_id, m.card.num_blocks, found) for m in candidates}
+    ranked = sorted(candidates, key=lambda m: (not coverage[m.card.model_id].servers, -m.announced_by))
+    if len(ranked) > limits.max_models_per_read:
+        skipped["over models-per-read limit"] += len(ranked) - limits.max_models_per_read
+    models = sorted(ranked[:limits.max_models_per_read], key=lambda m: m.card.model_id)
+    coverage = {m.card.model_id: coverage[m.card.model_id] for m in models}
     for cov in coverage.values():
         skipped.update(cov.skipped)
     if skipped:

@@ -65,14 +65,17 @@ class RecordLimits:
 
     max_records_per_key: int = 1024
     """Records decoded under one key (subkeys in sorted order); the rest are skipped."""
-    max_records_per_signer: int = 8
-    """Records one signing peer may have under one key (an honest peer writes one, a few in the directory)."""
+    max_records_per_signer: int = 32
+    """Records one signing peer may have under one key (an honest peer writes one; one per model it announces in
+    the directory)."""
     max_keys_per_read: int = 2 * MAX_MODEL_BLOCKS
     """Keys one bounded DHT read may ask for (a larger read is a programming error)."""
     max_models_per_read: int = 64
-    """Models a swarm read takes from the directory (most announcing peers first)."""
-    max_cards_per_signer: int = 4
-    """Directory entries (model cards) one signing peer may contribute to a swarm read."""
+    """Models a swarm read lists: of twice as many candidates (most announcing peers first), those with servers
+    first."""
+    max_cards_per_signer: int = 32
+    """Directory entries (model cards) one signing peer may contribute to a swarm read (an honest peer announces
+    the one model it serves; a test peer may fake a few dozen)."""
 
     def __post_init__(self) -> None:
         for name in ("max_records_per_key", "max_records_per_signer", "max_keys_per_read", "max_models_per_read",
