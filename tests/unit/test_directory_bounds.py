@@ -148,15 +148,16 @@ def test_read_swarm_reads_one_key_per_kept_model_whatever_the_cards_claim() -> N
     assert snap.skipped["over per-signer card quota"] == limits.max_records_per_signer - limits.max_cards_per_signer
 
 
-def test_models_with_servers_are_listed_before_empty_claims() -> None:
+def test_cards_are_believed_only_from_peers_that_serve_the_model() -> None:
     limits = RecordLimits(max_models_per_read=2)
     values: dict[str, dict[str, bytes]] = {MODELS_KEY: {f"QmSybil{i}/{mid(i + 1)}": encode_record(card(mid(i + 1)))
                                                         for i in range(3)}}
     values[MODELS_KEY][f"QmHonest/{mid(99)}"] = encode_record(card(mid(99)))
+    values[MODELS_KEY][f"QmLiar/{mid(99)}"] = encode_record(card(mid(99), 4000))  # outvotes nobody: serves nothing
     values[servers_key(mid(99))] = {"QmHonest": encode_record(server("QmHonest", mid(99), (0, 4)))}
     snap = asyncio.run(read_swarm(node_with(values, limits)))
-    assert [m.card.model_id for m in snap.models] == [mid(1), mid(99)]  # 4 candidates read, the served one kept
-    assert snap.skipped["over models-per-read limit"] == 2
+    assert [(m.card.model_id, m.card.num_blocks, m.announced_by) for m in snap.models] == [(mid(99), 4, 1)]
+    assert snap.skipped["card of a peer that does not serve the model"] == 4
 
 
 # --- fuzz: what a reader takes from hostile storers, and the envelope check every storer runs -------------

@@ -3,11 +3,13 @@
 Contract: built only on ``PeerNode.get_many``. Nothing a peer claims sizes a read: ``read_swarm`` reads the
 ``models`` directory (one key), keeps at most ``RecordLimits.max_cards_per_signer`` cards of each signing peer
 and at most ``2 * max_models_per_read`` candidate models (most announcing peers first, then by id), reads each
-candidate's ``servers:<model>`` key (one key a model, never a key a block) and lists ``max_models_per_read`` of
-them, models with servers first: two DHT calls, each bounded by ``timeout``, with at most
-``2 * max_models_per_read + 1`` keys in all, whatever the cards say. ``read_coverage``
-reads one model whose block count the caller knows (its own checkpoint): its ``servers:`` key plus, for servers
-from before that key, its ``block:<model>:<i>`` keys, in ONE call (``num_blocks`` at most ``MAX_MODEL_BLOCKS``).
+candidate's ``servers:<model>`` key (one key a model, never a key a block), believes a card only from a peer
+that also has a server record of that model (an honest server announces both; a card alone is a claim that
+costs readers per-block state for nothing) and lists at most ``max_models_per_read`` models: two DHT calls,
+each bounded by ``timeout``, with at most ``2 * max_models_per_read + 1`` keys in all, whatever the cards say.
+``read_coverage`` reads one model whose block count the caller knows (its own checkpoint): its ``servers:`` key
+plus, for servers from before that key, its ``block:<model>:<i>`` keys, in ONE call (``num_blocks`` at most
+``MAX_MODEL_BLOCKS``).
 ``list_models`` reads the directory alone. The decoders and ``PeerNode`` already refuse oversized and
 out-of-bound records and cap records per key and per signer; here records that are of another model,
 inconsistent with the key they were found under or with the model's card (a span past its blocks), or over a
@@ -109,18 +111,15 @@ async def read_coverage(node: PeerNode, model_id: str, num_blocks: int, *, timeo
 class ModelEntry:
     card: ModelCard
     announced_by: int
-    """How many peers announce this model in the ``models`` directory."""
+    """How many peers announce this model in the ``models`` directory (in a swarm read: that also serve it)."""
 
 
-def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[str] | None = None, *,
-              keep: int | None = None) -> list[ModelEntry]:
-    """The models of a directory read: at most ``limits.max_cards_per_signer`` cards of each signing peer (in
-    subkey order), the majority card of each model, at most ``keep`` (default ``limits.max_models_per_read``)
-    models (most announcing peers first, then by model id), listed by model id."""
-    keep = limits.max_models_per_read if keep is None else keep
-    skipped = Counter() if skipped is None else skipped
+def _directory(found: list[FoundRecord], limits: RecordLimits,
+               skipped: Counter[str]) -> dict[str, dict[str, ModelCard]]:
+    """Model id -> signing peer -> its card: at most ``limits.max_cards_per_signer`` cards of each signer (in
+    subkey order), only entries under the subkey ``<signer>/<model id>``."""
     per_signer: Counter[str] = Counter()
-    cards: dict[str, Counter[ModelCard]] = {}
+    cards: dict[str, dict[str, ModelCard]] = {}
     for entry in found:
         card = entry.record
         if not isinstance(card, ModelCard) or entry.subkey != f"{entry.peer_id}/{card.model_id}":
@@ -130,15 +129,30 @@ def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[s
             skipped["over per-signer card quota"] += 1
             continue
         per_signer[entry.peer_id] += 1
-        cards.setdefault(card.model_id, Counter())[card] += 1
-    entries = []
-    for counter in cards.values():
-        card, _ = counter.most_common(1)[0]  # servers may disagree on details; the majority wins
-        entries.append(ModelEntry(card, sum(counter.values())))
-    entries.sort(key=lambda e: (-e.announced_by, e.card.model_id))
+        cards.setdefault(card.model_id, {})[entry.peer_id] = card
+    return cards
+
+
+def _entry(by_signer: dict[str, ModelCard]) -> ModelEntry:
+    card, _ = Counter(by_signer.values()).most_common(1)[0]  # servers may disagree on details; the majority wins
+    return ModelEntry(card, len(by_signer))
+
+
+def _ranked(entries: list[ModelEntry], keep: int, skipped: Counter[str]) -> list[ModelEntry]:
+    """The ``keep`` entries most announced (then by model id), listed by model id."""
+    entries = sorted(entries, key=lambda e: (-e.announced_by, e.card.model_id))
     if len(entries) > keep:
         skipped["over models-per-read limit"] += len(entries) - keep
     return sorted(entries[:keep], key=lambda e: e.card.model_id)
+
+
+def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[str] | None = None) -> list[ModelEntry]:
+    """The models of a directory read alone: at most ``limits.max_cards_per_signer`` cards of each signing peer,
+    the majority card of each model, at most ``limits.max_models_per_read`` models (most announcing peers first,
+    then by model id), listed by model id."""
+    skipped = Counter() if skipped is None else skipped
+    entries = [_entry(by_signer) for by_signer in _directory(found, limits, skipped).values()]
+    return _ranked(entries, limits.max_models_per_read, skipped)
 
 
 async def list_models(node: PeerNode, *, timeout: float = 5.0) -> list[ModelEntry]:
@@ -160,15 +174,20 @@ async def read_swarm(node: PeerNode, *, timeout: float = 5.0) -> SwarmSnapshot:
     skipped: Counter[str] = Counter()
     limits = node.record_limits
     directory = await node.get_many([MODELS_KEY], timeout=timeout)
-    candidates = models_of(directory.get(MODELS_KEY, []), limits, skipped, keep=2 * limits.max_models_per_read)
-    keys = [servers_key(m.card.model_id) for m in candidates]
-    found = await node.get_many(keys, timeout=timeout) if keys else {}
-    coverage = {m.card.model_id: coverage_of(m.card.model_id, m.card.num_blocks, found) for m in candidates}
-    ranked = sorted(candidates, key=lambda m: (not coverage[m.card.model_id].servers, -m.announced_by))
-    if len(ranked) > limits.max_models_per_read:
-        skipped["over models-per-read limit"] += len(ranked) - limits.max_models_per_read
-    models = sorted(ranked[:limits.max_models_per_read], key=lambda m: m.card.model_id)
-    coverage = {m.card.model_id: coverage[m.card.model_id] for m in models}
+    cards = _directory(directory.get(MODELS_KEY, []), limits, skipped)
+    candidates = [e.card.model_id for e in _ranked([_entry(c) for c in cards.values()],
+                                                   2 * limits.max_models_per_read, skipped)]
+    found = await node.get_many([servers_key(m) for m in candidates], timeout=timeout) if candidates else {}
+    entries: list[ModelEntry] = []
+    for model_id in candidates:
+        serving = {e.peer_id for e in found.get(servers_key(model_id), []) if e.subkey == e.peer_id
+                   and isinstance(e.record, ServerRecord) and e.record.model_id == model_id}
+        by_signer = {peer: card for peer, card in cards[model_id].items() if peer in serving}
+        skipped["card of a peer that does not serve the model"] += len(cards[model_id]) - len(by_signer)
+        if by_signer:
+            entries.append(_entry(by_signer))
+    models = _ranked(entries, limits.max_models_per_read, skipped)
+    coverage = {m.card.model_id: coverage_of(m.card.model_id, m.card.num_blocks, found) for m in models}
     for cov in coverage.values():
         skipped.update(cov.skipped)
     if skipped:
