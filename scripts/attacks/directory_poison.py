@@ -51,7 +51,7 @@ def fake_id(prefix: str, i: int) -> str:
 # --- the attacker ---------------------------------------------------------------------------------------
 
 async def attack(initial_peers: list[str], cards: int, blocks: int, bound_cards: int, bound_blocks: int,
-                 fake_servers: int) -> dict[str, Any]:
+                 fake_servers: int, serve_bound: bool = False) -> dict[str, Any]:
     import msgspec
 
     from meshinfer.config import P2PConfig
@@ -79,6 +79,8 @@ async def attack(initial_peers: list[str], cards: int, blocks: int, bound_cards:
     for i in range(bound_cards):
         mid = fake_id("bound", i)
         items += [("models", f"{me}/{mid}", card(mid, bound_blocks))]
+        if serve_bound:  # claim to serve it too: a card is believed only from a peer that serves the model
+            items += [(f"servers:{mid}", me, server(mid))]
     for i in range(fake_servers):
         mid = fake_id("ghost", i)
         key = f"block:{mid}:0" if i % 2 else f"servers:{mid}"
@@ -98,7 +100,7 @@ async def attack(initial_peers: list[str], cards: int, blocks: int, bound_cards:
 def attacker_main(args: argparse.Namespace) -> None:
     async def run() -> None:
         out = await attack(args.initial_peers, args.cards, args.blocks, args.bound_cards, args.bound_blocks,
-                           args.fake_servers)
+                           args.fake_servers, args.serve_bound)
         node = out.pop("node")
         print(json.dumps(out), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until our launcher closes stdin
@@ -144,6 +146,7 @@ def main() -> int:
     parser.add_argument("--bound-cards", type=int, default=0)
     parser.add_argument("--bound-blocks", type=int, default=4096)
     parser.add_argument("--fake-servers", type=int, default=400)
+    parser.add_argument("--serve-bound", action="store_true", help="also sign server records for the bound cards")
     parser.add_argument("--api", action="store_true", help="also run `meshinfer api` and sample its RSS")
     parser.add_argument("--api-seconds", type=float, default=30.0)
     parser.add_argument("--api-rss-cap-mb", type=float, default=4000.0, help="stop sampling above this")
@@ -183,7 +186,8 @@ def main() -> int:
         attacker = ManagedProcess([sys.executable, __file__, "--attacker", "--initial-peers", *peers,
                                    "--cards", str(args.cards), "--blocks", str(args.blocks),
                                    "--bound-cards", str(args.bound_cards), "--bound-blocks", str(args.bound_blocks),
-                                   "--fake-servers", str(args.fake_servers)], name="attacker")
+                                   "--fake-servers", str(args.fake_servers),
+                                   *(["--serve-bound"] if args.serve_bound else [])], name="attacker")
         report["attacker"] = attacker.read_json(300)
         if api is not None:
             samples = []

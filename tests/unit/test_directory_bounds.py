@@ -160,6 +160,17 @@ def test_cards_are_believed_only_from_peers_that_serve_the_model() -> None:
     assert snap.skipped["card of a peer that does not serve the model"] == 4
 
 
+def test_listed_models_fit_a_block_budget_smallest_first() -> None:
+    limits = RecordLimits(max_listed_blocks=MAX_MODEL_BLOCKS + 8)
+    values: dict[str, dict[str, bytes]] = {MODELS_KEY: {}}
+    for i, blocks in enumerate([MAX_MODEL_BLOCKS, MAX_MODEL_BLOCKS, 8]):
+        values[MODELS_KEY][f"QmP{i}/{mid(i)}"] = encode_record(card(mid(i), blocks))
+        values[servers_key(mid(i))] = {f"QmP{i}": encode_record(server(f"QmP{i}", mid(i), (0, 4)))}
+    snap = asyncio.run(read_swarm(node_with(values, limits)))
+    assert [m.card.model_id for m in snap.models] == [mid(0), mid(2)]
+    assert snap.skipped["over listed-blocks limit"] == 1
+
+
 # --- fuzz: what a reader takes from hostile storers, and the envelope check every storer runs -------------
 
 _records = st.sampled_from([card(REAL), card(mid(7)), server("QmA", REAL, (0, 4))])

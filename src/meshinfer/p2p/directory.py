@@ -5,7 +5,8 @@ Contract: built only on ``PeerNode.get_many``. Nothing a peer claims sizes a rea
 and at most ``2 * max_models_per_read`` candidate models (most announcing peers first, then by id), reads each
 candidate's ``servers:<model>`` key (one key a model, never a key a block), believes a card only from a peer
 that also has a server record of that model (an honest server announces both; a card alone is a claim that
-costs readers per-block state for nothing) and lists at most ``max_models_per_read`` models: two DHT calls,
+costs readers per-block state for nothing) and lists at most ``max_models_per_read`` models of at most
+``max_listed_blocks`` blocks together (most announcing peers, then fewest blocks first): two DHT calls,
 each bounded by ``timeout``, with at most ``2 * max_models_per_read + 1`` keys in all, whatever the cards say.
 ``read_coverage`` reads one model whose block count the caller knows (its own checkpoint): its ``servers:`` key
 plus, for servers from before that key, its ``block:<model>:<i>`` keys, in ONE call (``num_blocks`` at most
@@ -146,6 +147,18 @@ def _ranked(entries: list[ModelEntry], keep: int, skipped: Counter[str]) -> list
     return sorted(entries[:keep], key=lambda e: e.card.model_id)
 
 
+def _within_blocks(entries: list[ModelEntry], budget: int, skipped: Counter[str]) -> list[ModelEntry]:
+    """The entries whose blocks fit ``budget`` together, most announced then smallest first; by model id."""
+    kept: list[ModelEntry] = []
+    for e in sorted(entries, key=lambda e: (-e.announced_by, e.card.num_blocks, e.card.model_id)):
+        if e.card.num_blocks > budget:
+            skipped["over listed-blocks limit"] += 1
+            continue
+        budget -= e.card.num_blocks
+        kept.append(e)
+    return sorted(kept, key=lambda e: e.card.model_id)
+
+
 def models_of(found: list[FoundRecord], limits: RecordLimits, skipped: Counter[str] | None = None) -> list[ModelEntry]:
     """The models of a directory read alone: at most ``limits.max_cards_per_signer`` cards of each signing peer,
     the majority card of each model, at most ``limits.max_models_per_read`` models (most announcing peers first,
@@ -186,7 +199,7 @@ async def read_swarm(node: PeerNode, *, timeout: float = 5.0) -> SwarmSnapshot:
         skipped["card of a peer that does not serve the model"] += len(cards[model_id]) - len(by_signer)
         if by_signer:
             entries.append(_entry(by_signer))
-    models = _ranked(entries, limits.max_models_per_read, skipped)
+    models = _within_blocks(_ranked(entries, limits.max_models_per_read, skipped), limits.max_listed_blocks, skipped)
     coverage = {m.card.model_id: coverage_of(m.card.model_id, m.card.num_blocks, found) for m in models}
     for cov in coverage.values():
         skipped.update(cov.skipped)

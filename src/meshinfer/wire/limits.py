@@ -73,13 +73,16 @@ class RecordLimits:
     max_models_per_read: int = 64
     """Models a swarm read lists: of twice as many candidates (most announcing peers first), those with servers
     first."""
+    max_listed_blocks: int = 4 * MAX_MODEL_BLOCKS
+    """Blocks of all the models one swarm read lists together (per-block state: coverage, the swarm document);
+    models announced by more peers, then smaller ones, come first."""
     max_cards_per_signer: int = 32
     """Directory entries (model cards) one signing peer may contribute to a swarm read (an honest peer announces
     the one model it serves; a test peer may fake a few dozen)."""
 
     def __post_init__(self) -> None:
         for name in ("max_records_per_key", "max_records_per_signer", "max_keys_per_read", "max_models_per_read",
-                     "max_cards_per_signer"):
+                     "max_listed_blocks", "max_cards_per_signer"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"record limit {name} must be > 0, got {getattr(self, name)}")
 
