@@ -57,7 +57,7 @@ class FakeServers:
     _runner: Any = None
 
     def model_id(self, m: int) -> str:
-        return f"fake{m:02d}" + "0" * 26
+        return f"fa4e{m:02d}" + "0" * 26  # hex: a card's id has the form of a manifest id
 
     def start(self) -> FakeServers:
         from meshinfer.loopthread import LoopThread

@@ -107,9 +107,9 @@ def test_valid_records_pass_and_strip_to_the_payload() -> None:
     rec = signed(ALICE, ALICE.peer_id, server_record(ALICE.peer_id))
     assert v.validate(rec)
     assert v.strip_value(rec) == server_record(ALICE.peer_id)
-    card = pack(encode_record(ModelCard(model_id="m", name="n", family="llama", num_blocks=2, hidden_size=8,
+    card = pack(encode_record(ModelCard(model_id="0" * 32, name="n", family="llama", num_blocks=2, hidden_size=8,
                                         dtype="float32")))
-    tagged = signed(ALICE, f"{ALICE.peer_id}/m", card)
+    tagged = signed(ALICE, f"{ALICE.peer_id}/{'0' * 32}", card)
     assert v.validate(tagged) and owner_of(f"{ALICE.peer_id}/m") == ALICE.peer_id
 
 

@@ -6,6 +6,7 @@ test uses its own model id so tests do not see each other's records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,6 +21,11 @@ from meshinfer.cli.main import main
 from meshinfer.testing.procs import ManagedProcess, command_line, meshinfer_argv, wait_gone
 
 pytestmark = pytest.mark.slow
+
+
+def mid(name: str) -> str:
+    """A model id (32 hex characters, as a manifest id is) for a readable test name."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 def wait_until(fn, timeout: float, interval: float = 0.3):
@@ -41,33 +47,33 @@ def test_announce_and_read_coverage(swarm: Swarm, capsys: pytest.CaptureFixture[
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     a, b, c = swarm.peers
-    assert a.cmd(cmd="announce", model_id="m-read", num_blocks=4, span=[0, 2], name="alpha")["ok"]
-    assert b.cmd(cmd="announce", model_id="m-read", num_blocks=4, span=[1, 4])["ok"]
+    assert a.cmd(cmd="announce", model_id=mid("m-read"), num_blocks=4, span=[0, 2], name="alpha")["ok"]
+    assert b.cmd(cmd="announce", model_id=mid("m-read"), num_blocks=4, span=[1, 4])["ok"]
 
-    cov = c.cmd(cmd="coverage", model_id="m-read", num_blocks=4)
+    cov = c.cmd(cmd="coverage", model_id=mid("m-read"), num_blocks=4)
     assert cov["complete"]
     assert cov["blocks"] == [[a.peer_id], sorted([a.peer_id, b.peer_id]), [b.peer_id], [b.peer_id]]
     assert cov["servers"][a.peer_id] == {"span": [0, 2], "public_name": "alpha"}
     assert cov["servers"][b.peer_id]["span"] == [1, 4]
     models = dict(c.cmd(cmd="models")["models"])
-    assert models["m-read"] == 2
+    assert models[mid("m-read")] == 2
 
     # The same swarm through the real CLI, as a client-only peer joining via the bootstrap.
     out = run_cli("swarm", "--initial-peers", *swarm.bootstrap, "--json")
     assert out.returncode == 0, out.stderr
     doc = {m["model_id"]: m for m in json.loads(out.stdout)["models"]}
-    m = doc["m-read"]
+    m = doc[mid("m-read")]
     assert m["num_blocks"] == 4 and m["block_servers"] == [1, 2, 1, 1] and m["missing_blocks"] == []
     assert {(s["peer_id"], s["span"]) for s in m["servers"]} == {(a.peer_id, "0:2"), (b.peer_id, "1:4")}
     assert main(["swarm", "--initial-peers", *swarm.bootstrap]) == 0  # the table, in-process
     table = capsys.readouterr().out
-    assert "m-read" in table and "0:1 ×1, 1:2 ×2, 2:4 ×1" in table and a.peer_id in table
+    assert mid("m-read")[:16] in table and "0:1 ×1, 1:2 ×2, 2:4 ×1" in table and a.peer_id in table
 
 
 @pytest.mark.parametrize("mode", ["other_subkey", "bad_signature", "bad_payload", "plain_value"])
 def test_forged_writes_are_rejected(swarm: Swarm, mode: str) -> None:
     a, b, c = swarm.peers
-    model = f"m-forge-{mode}"
+    model = mid(f"m-forge-{mode}")
     assert a.cmd(cmd="announce", model_id=model, num_blocks=2, span=[0, 2], name="honest")["ok"]
     # C plays the attacker: every honest node that is asked to store it refuses.
     assert c.cmd(cmd="forge", mode=mode, model_id=model, victim=a.peer_id)["stored"] is False
@@ -79,7 +85,7 @@ def test_forged_writes_are_rejected(swarm: Swarm, mode: str) -> None:
 
 def test_forgery_served_by_a_dishonest_storer_is_ignored(swarm: Swarm) -> None:
     a, b, c = swarm.peers
-    model = "m-forge-inject"
+    model = mid("m-forge-inject")
     assert a.cmd(cmd="announce", model_id=model, num_blocks=2, span=[0, 2], name="honest")["ok"]
     # C skips validation and keeps a record "by A" in its own storage; readers must drop it.
     assert c.cmd(cmd="forge", mode="inject_local", model_id=model, victim=a.peer_id)["stored"] is True
@@ -89,29 +95,29 @@ def test_forgery_served_by_a_dishonest_storer_is_ignored(swarm: Swarm) -> None:
 
 def test_records_expire_without_refresh(swarm: Swarm) -> None:
     a, b, _ = swarm.peers
-    assert a.cmd(cmd="put_once", model_id="m-expire", num_blocks=2, span=[0, 2], ttl=3.0)["ok"]
-    assert b.cmd(cmd="coverage", model_id="m-expire", num_blocks=2)["blocks"] == [[a.peer_id]] * 2
-    gone = wait_until(lambda: b.cmd(cmd="coverage", model_id="m-expire", num_blocks=2)["blocks"] == [[], []],
+    assert a.cmd(cmd="put_once", model_id=mid("m-expire"), num_blocks=2, span=[0, 2], ttl=3.0)["ok"]
+    assert b.cmd(cmd="coverage", model_id=mid("m-expire"), num_blocks=2)["blocks"] == [[a.peer_id]] * 2
+    gone = wait_until(lambda: b.cmd(cmd="coverage", model_id=mid("m-expire"), num_blocks=2)["blocks"] == [[], []],
                       timeout=10)
     assert gone
 
 
 def test_refresh_keeps_records_alive_and_stop_lets_them_expire(swarm: Swarm) -> None:
     a, b, _ = swarm.peers
-    assert a.cmd(cmd="announce", model_id="m-refresh", num_blocks=1, span=[0, 1], ttl=2.5, refresh=0.8)["ok"]
+    assert a.cmd(cmd="announce", model_id=mid("m-refresh"), num_blocks=1, span=[0, 1], ttl=2.5, refresh=0.8)["ok"]
     time.sleep(4.0)  # longer than the ttl: only refreshes keep it visible
-    assert b.cmd(cmd="coverage", model_id="m-refresh", num_blocks=1)["blocks"] == [[a.peer_id]]
-    a.cmd(cmd="stop_announce", model_id="m-refresh")
-    assert wait_until(lambda: b.cmd(cmd="coverage", model_id="m-refresh", num_blocks=1)["blocks"] == [[]],
+    assert b.cmd(cmd="coverage", model_id=mid("m-refresh"), num_blocks=1)["blocks"] == [[a.peer_id]]
+    a.cmd(cmd="stop_announce", model_id=mid("m-refresh"))
+    assert wait_until(lambda: b.cmd(cmd="coverage", model_id=mid("m-refresh"), num_blocks=1)["blocks"] == [[]],
                       timeout=8)
 
 
 def test_sigkilled_peer_leaves_nothing_behind_and_its_records_vanish(swarm: Swarm) -> None:
     (victim,) = start_peers(swarm.bootstrap, 1)
     try:
-        assert victim.cmd(cmd="announce", model_id="m-kill", num_blocks=2, span=[0, 2], ttl=4.0, refresh=1.5)["ok"]
+        assert victim.cmd(cmd="announce", model_id=mid("m-kill"), num_blocks=2, span=[0, 2], ttl=4.0, refresh=1.5)["ok"]
         reader = swarm.peers[1]
-        assert reader.cmd(cmd="coverage", model_id="m-kill", num_blocks=2)["blocks"] == [[victim.peer_id]] * 2
+        assert reader.cmd(cmd="coverage", model_id=mid("m-kill"), num_blocks=2)["blocks"] == [[victim.peer_id]] * 2
         children = victim.proc.descendants()
         daemon = victim.info["daemon_pid"]
         assert daemon in children and "p2pd" in command_line(daemon)
@@ -119,8 +125,8 @@ def test_sigkilled_peer_leaves_nothing_behind_and_its_records_vanish(swarm: Swar
         victim.proc.kill(signal.SIGKILL)
         victim.proc.proc.wait(timeout=10)
         assert wait_gone(children, timeout=10) == [], "p2pd outlived its SIGKILLed parent"
-        assert wait_until(lambda: reader.cmd(cmd="coverage", model_id="m-kill", num_blocks=2)["blocks"] == [[], []],
-                          timeout=12)
+        assert wait_until(lambda: reader.cmd(cmd="coverage", model_id=mid("m-kill"),
+                                             num_blocks=2)["blocks"] == [[], []], timeout=12)
         # The swarm keeps working for everyone else.
         a = swarm.peers[0]
         assert reader.cmd(cmd="ping", peer_id=a.peer_id, maddrs=a.maddrs)["ok"]

@@ -1,8 +1,9 @@
 """``meshinfer swarm``: show what a swarm serves: models, block coverage and servers.
 
 Contract: joins through ``--initial-peers`` as a client-only DHT peer (stores nothing for others),
-reads the swarm in two DHT calls bounded by ``--timeout``, prints rich tables (or one JSON document
-with ``--json``) and leaves. An empty swarm prints "no models are being served" and exits 0;
+reads the swarm in two DHT calls bounded by ``--timeout`` (``p2p.directory.read_swarm``: a bounded number of
+keys and records whatever peers claim; a model is listed only from peers that serve it), prints rich tables
+(or one JSON document with ``--json``) and leaves. An empty swarm prints "no models are being served" and exits 0;
 unreachable initial peers are a one-line error, exit 2. Network code is imported only when the
 command runs; the JSON document is built by ``meshinfer.dashboard.doc`` (the same one the dashboard's
 ``/api/swarm`` serves; ``swarm_doc`` is re-exported here) and this module formats it (``read_doc``,

@@ -16,7 +16,10 @@ Then:
 - ``dht_put_records``/``dht_put_record``: store signed records under subkey ``<peer id>`` (or
   ``<peer id>/<tag>`` to keep several records of one peer under one key);
 - ``dht_get_records``/``get_many``: read all validated records under one or many keys in ONE bounded
-  call, as ``FoundRecord`` lists; keys not answered in time are left out of the result;
+  call, as ``FoundRecord`` lists; keys not answered in time are left out of the result; at most
+  ``RecordLimits.max_keys_per_read`` keys (more is a ``UsageError``), and per key at most
+  ``max_records_per_key`` records, ``max_records_per_signer`` of one signing peer (subkeys in sorted order);
+  what is skipped (over a limit, undecodable, naming another peer) is counted in ``skipped_records``;
 - ``close()``: stop serving, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
@@ -31,6 +34,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -46,6 +50,7 @@ from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
+from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from meshinfer.wire.records import DhtRecord, SeedRecord, ServerRecord, decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,10 @@ class PeerNode:
     """Where this node accepts direct-plane connections (``/ip4/H/tcp/P``); empty when it does not listen."""
     _streams: set[MessageStream] = field(default_factory=set, repr=False)
     _closed: bool = False
+    record_limits: RecordLimits = DEFAULT_RECORD_LIMITS
+    """What one DHT read takes from the swarm (see ``get_many``)."""
+    skipped_records: Counter[str] = field(default_factory=Counter[str])
+    """DHT records this node's reads skipped, by reason (``invalid``, ``wrong owner``, ``over per-key limit``...)."""
 
     @property
     def peer_id(self) -> str:
@@ -257,6 +266,9 @@ class PeerNode:
         keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
+        limits = self.record_limits
+        if len(keys) > limits.max_keys_per_read:
+            raise UsageError(f"one DHT read of {len(keys)} keys (limit max_keys_per_read {limits.max_keys_per_read})")
         # With return_futures=True hivemind returns one asyncio.Future per key (its annotation names values).
         futures = cast("dict[str, asyncio.Future[object]]", await self._dht.get_many(
             keys, sufficient_expiration_time=math.inf if latest else None, return_futures=True,
@@ -269,7 +281,7 @@ class PeerNode:
         for key, fut in futures.items():
             if fut not in done or fut.cancelled() or fut.exception() is not None:
                 continue
-            out[key] = _decode_entries(fut.result(), now)
+            out[key] = _decode_entries(fut.result(), now, limits, self.skipped_records)
         return out
 
     async def dht_get_records(self, key: str, *, timeout: float = 5.0) -> list[FoundRecord]:
@@ -321,27 +333,40 @@ async def _abort(p2p: object, lock: IdentityLock | None) -> None:
         lock.release()
 
 
-def _decode_entries(found: object, now: float) -> list[FoundRecord]:
-    """Turn hivemind's ``ValueWithExpiration({subkey: ValueWithExpiration(bytes)})`` into records."""
+def _decode_entries(found: object, now: float, limits: RecordLimits, skipped: Counter[str]) -> list[FoundRecord]:
+    """Turn hivemind's ``ValueWithExpiration({subkey: ValueWithExpiration(bytes)})`` into records, decoding at
+    most ``limits.max_records_per_key`` (``max_records_per_signer`` per owner), subkeys in sorted order; what is
+    skipped is counted in ``skipped`` by reason."""
     out: list[FoundRecord] = []
     value = getattr(found, "value", None)
     if not isinstance(value, dict):
         return out
-    for subkey, item in value.items():
+    per_owner: Counter[str] = Counter()
+    items = sorted(((k, v) for k, v in value.items() if isinstance(k, str)), key=lambda kv: kv[0])
+    skipped["invalid"] += len(value) - len(items)
+    for subkey, item in items:
         payload = getattr(item, "value", None)
         expiration = getattr(item, "expiration_time", None)
-        if not isinstance(subkey, str) or not isinstance(payload, bytes):
-            continue
-        if not isinstance(expiration, int | float):
+        if not isinstance(payload, bytes) or not isinstance(expiration, int | float):
+            skipped["invalid"] += 1
             continue
         if expiration <= now:
             continue
+        if len(out) >= limits.max_records_per_key:
+            skipped["over per-key limit"] += 1
+            continue
+        owner = owner_of(subkey)
+        if per_owner[owner] >= limits.max_records_per_signer:
+            skipped["over per-signer limit"] += 1
+            continue
+        per_owner[owner] += 1
         try:
             record = decode_record(payload)
         except WireError:
+            skipped["invalid"] += 1
             continue
-        owner = owner_of(subkey)
         if isinstance(record, ServerRecord | SeedRecord) and record.peer_id != owner:
+            skipped["wrong owner"] += 1
             continue
         out.append(FoundRecord(owner, record, float(expiration), subkey))
-    return sorted(out, key=lambda f: f.subkey)
+    return out

@@ -10,7 +10,9 @@ node's key, and accepts a record only if ALL hold:
 - the signature verifies (so tampered values are dropped);
 - the payload decodes as a ``meshinfer.wire.records`` record and a ``ServerRecord``/``SeedRecord`` names the same
   peer id as its subkey's owner;
-- the expiration time is at most ``max_ttl`` seconds ahead (no everlasting records).
+- the expiration time is at most ``max_ttl`` seconds ahead (no everlasting records);
+- the value is at most ``MAX_ENVELOPE_BYTES`` (a record of ``MAX_RECORD_BYTES`` plus key and signature),
+  checked before anything is decoded or hashed.
 
 Plain (subkey-less) values are always rejected, so nobody can overwrite a dictionary of records with
 a single value. Every node applies the same rules when asked to store and when reading replies, so a
@@ -31,6 +33,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from meshinfer.errors import WireError
 from meshinfer.p2p.identity import Identity, peer_id_of_public_key, verify_signature
+from meshinfer.wire.limits import KIB, MAX_RECORD_BYTES
 from meshinfer.wire.records import SeedRecord, ServerRecord, decode_record
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ DOMAIN = b"meshinfer-record-v1"
 MAX_SUBKEY_CHARS = 320
 TAG_SEPARATOR = "/"
 DEFAULT_MAX_TTL = 3600.0
+MAX_ENVELOPE_BYTES = MAX_RECORD_BYTES + 4 * KIB
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -88,6 +92,8 @@ class SignedRecordValidator(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         if record.expiration_time > time.time() + self._max_ttl:
+            return False
+        if len(record.value) > MAX_ENVELOPE_BYTES or len(record.subkey) > 4 * MAX_SUBKEY_CHARS:
             return False
         digest = hashlib.sha256(
             _encoder.encode((record.key, record.subkey, record.value, float(record.expiration_time)))

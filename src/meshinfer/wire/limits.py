@@ -1,8 +1,11 @@
 """Size limits every receiver enforces before it allocates anything a peer asked for.
 
-Contract: a frozen value object, pure data; no I/O, no torch. The framing layer checks frame and
-message sizes against it before reading a body; the tensor codec checks dtype, rank, every dimension,
-element count and byte length against it before building a tensor.
+Contract: frozen value objects, pure data; no I/O, no torch. The framing layer checks frame and
+message sizes against ``WireLimits`` before reading a body; the tensor codec checks dtype, rank, every
+dimension, element count and byte length against it before building a tensor. ``RecordLimits`` bounds
+what a DHT reader takes from the swarm: bytes per record (checked before decoding), blocks per model,
+records per key and per signing peer, keys per read, models per directory read; ``MAX_RECORD_BYTES`` and
+``MAX_MODEL_BLOCKS`` are also part of the record schemas (``wire.records``), so every peer enforces them.
 """
 
 from __future__ import annotations
@@ -49,3 +52,39 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+
+MAX_RECORD_BYTES = 32 * KIB
+"""Largest encoded DHT record (any type; the largest schema-valid one, a seed record, is about 30 KiB)."""
+MAX_MODEL_BLOCKS = 4096
+"""Most blocks a model may have (model cards, seed records, server spans): readers size per-block state by it."""
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """How much one DHT read takes from the swarm; what is over a limit is skipped (and counted), never kept."""
+
+    max_records_per_key: int = 1024
+    """Records decoded under one key (subkeys in sorted order); the rest are skipped."""
+    max_records_per_signer: int = 32
+    """Records one signing peer may have under one key (an honest peer writes one; one per model it announces in
+    the directory)."""
+    max_keys_per_read: int = 2 * MAX_MODEL_BLOCKS
+    """Keys one bounded DHT read may ask for (a larger read is a programming error)."""
+    max_models_per_read: int = 64
+    """Models a swarm read lists: of twice as many candidates (most announcing peers first), those with servers
+    first."""
+    max_listed_blocks: int = 4 * MAX_MODEL_BLOCKS
+    """Blocks of all the models one swarm read lists together (per-block state: coverage, the swarm document);
+    models announced by more peers, then smaller ones, come first."""
+    max_cards_per_signer: int = 32
+    """Directory entries (model cards) one signing peer may contribute to a swarm read (an honest peer announces
+    the one model it serves; a test peer may fake a few dozen)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_records_per_key", "max_records_per_signer", "max_keys_per_read", "max_models_per_read",
+                     "max_listed_blocks", "max_cards_per_signer"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"record limit {name} must be > 0, got {getattr(self, name)}")
+
+
+DEFAULT_RECORD_LIMITS = RecordLimits()

@@ -10,27 +10,40 @@ Compatibility within one ``RECORD_VERSION``: fields are only ever added, with de
 written before a field existed still decodes (the field takes its default), and unknown fields are
 ignored, so older readers still decode newer records.
 
+Bounds (issue 17): every record is at most ``MAX_RECORD_BYTES`` encoded, checked before decoding and when
+encoding (``LimitExceededError`` naming the limit); a model has at most ``MAX_MODEL_BLOCKS`` blocks (card,
+seed record, server span); a model card's id has the form of a manifest id (``MODEL_ID_HEX_CHARS`` lowercase hex
+characters, ``models.fingerprint.manifest_id``) and its ``manifest_hash``, when given, is that same id. Every
+storing and reading peer decodes with these rules, so an out-of-bound record is neither stored nor believed.
+
 Keys::
 
     model:<model_id>      subkey peer id -> ModelCard     (who announces this model)
-    block:<model_id>:<i>  subkey peer id -> ServerRecord  (servers covering block i)
+    servers:<model_id>    subkey peer id -> ServerRecord  (the model's servers: what readers read, one key a model)
+    block:<model_id>:<i>  subkey peer id -> ServerRecord  (servers covering block i: still written for readers
+                                                           from before ``servers:``, and read by ``read_coverage``
+                                                           for servers from before it)
     models                subkey <peer id>/<model_id> -> ModelCard  (directory: lets ``swarm`` list models)
     seed:<model_id>       subkey peer id -> SeedRecord    (peers serving the model's weight pieces)
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 import msgspec
 
-from meshinfer.errors import ConfigError, WireError
+from meshinfer.errors import ConfigError, LimitExceededError, WireError
 from meshinfer.types import DTYPES, BlockRange, ModelId
 from meshinfer.wire.codec import Codec
-from meshinfer.wire.limits import WireLimits
+from meshinfer.wire.limits import MAX_MODEL_BLOCKS, MAX_RECORD_BYTES, WireLimits
 
 RECORD_VERSION: Final = 1
 MODELS_KEY: Final = "models"
+MODEL_ID_HEX_CHARS: Final = 32
+"""Length of a model id: the manifest id (``models.fingerprint.FINGERPRINT_HEX_CHARS``; wire cannot import models)."""
+_MODEL_ID = re.compile(rf"[0-9a-f]{{{MODEL_ID_HEX_CHARS}}}")
 
 ServerState = Literal["joining", "online", "draining"]
 SERVER_STATES: Final = ("joining", "online", "draining")
@@ -47,10 +60,11 @@ class ModelCard(msgspec.Struct, frozen=True, tag_field="type", tag="model_card")
     model_id: IdText
     name: IdText
     family: Text
-    num_blocks: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    num_blocks: Annotated[int, msgspec.Meta(ge=1, le=MAX_MODEL_BLOCKS)]
     hidden_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
-    dtype: str
+    dtype: Annotated[str, msgspec.Meta(max_length=32)]
     manifest_hash: Text | None = None
+    """The manifest id of the checkpoint (= ``model_id`` when given)."""
     v: int = RECORD_VERSION
 
 
@@ -93,7 +107,7 @@ class SeedRecord(msgspec.Struct, frozen=True, tag_field="type", tag="seed"):
 
     peer_id: IdText
     model_id: IdText
-    num_blocks: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    num_blocks: Annotated[int, msgspec.Meta(ge=0, le=MAX_MODEL_BLOCKS)]
     blocks: Annotated[list[BlockRange], msgspec.Meta(max_length=1024)]
     client_part: bool
     files: bool
@@ -114,6 +128,10 @@ def model_key(model_id: ModelId) -> str:
     return f"model:{model_id}"
 
 
+def servers_key(model_id: ModelId) -> str:
+    return f"servers:{model_id}"
+
+
 def block_key(model_id: ModelId, block: int) -> str:
     return f"block:{model_id}:{block}"
 
@@ -122,9 +140,24 @@ def seed_key(model_id: ModelId) -> str:
     return f"seed:{model_id}"
 
 
+def is_model_id(text: str) -> bool:
+    """Whether ``text`` has the form of a model id (a manifest id: 32 lowercase hex characters)."""
+    return _MODEL_ID.fullmatch(text) is not None
+
+
 def _check(record: DhtRecord, _limits: WireLimits) -> None:
-    if isinstance(record, ModelCard) and record.dtype not in DTYPES:
-        raise WireError(f"model card dtype {record.dtype[:32]!r} is not one of {', '.join(DTYPES)}")
+    if isinstance(record, ModelCard):
+        if record.dtype not in DTYPES:
+            raise WireError(f"model card dtype {record.dtype[:32]!r} is not one of {', '.join(DTYPES)}")
+        if not is_model_id(record.model_id):
+            raise WireError(f"model card id {record.model_id[:40]!r} is not a model id ({MODEL_ID_HEX_CHARS} "
+                            "lowercase hex characters: the manifest id)")
+        if record.manifest_hash is not None and record.manifest_hash != record.model_id:
+            raise WireError(f"model card {record.model_id} names manifest {record.manifest_hash[:40]!r}: "
+                            "a model id is its manifest id")
+    if isinstance(record, ServerRecord) and record.span.end > MAX_MODEL_BLOCKS:
+        raise LimitExceededError(f"server record span {record.span} is beyond block {MAX_MODEL_BLOCKS} "
+                                 f"(limit MAX_MODEL_BLOCKS {MAX_MODEL_BLOCKS})")
     if isinstance(record, SeedRecord) and any(r.end > record.num_blocks for r in record.blocks):
         raise WireError(f"seed record names blocks beyond the model's {record.num_blocks}")
 
@@ -132,16 +165,23 @@ def _check(record: DhtRecord, _limits: WireLimits) -> None:
 _codec: Codec[DhtRecord] = Codec(
     DhtRecord, (ModelCard, ServerRecord, SeedRecord), version=RECORD_VERSION, kind="DHT record",
     label="DHT record", version_error=lambda v: WireError(f"DHT record version {v}, this peer reads version "
-                                                          f"{RECORD_VERSION}"), check=_check,
+                                                          f"{RECORD_VERSION}"), length_limits=True, check=_check,
 )
 
 
 def encode_record(record: DhtRecord) -> bytes:
-    return _codec.encode(record)
+    """msgpack bytes of ``record``; ``LimitExceededError`` when they exceed ``MAX_RECORD_BYTES``."""
+    data = _codec.encode(record)
+    if len(data) > MAX_RECORD_BYTES:
+        raise LimitExceededError(f"DHT record of {len(data)} bytes (limit MAX_RECORD_BYTES {MAX_RECORD_BYTES})")
+    return data
 
 
 def decode_record(data: bytes | memoryview) -> DhtRecord:
-    """Decode and validate a record payload; raise WireError for anything malformed or inconsistent."""
+    """Decode and validate a record payload; raise WireError for anything malformed or inconsistent, and
+    ``LimitExceededError`` for a payload over ``MAX_RECORD_BYTES`` (checked before decoding anything)."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise LimitExceededError(f"DHT record of {len(data)} bytes (limit MAX_RECORD_BYTES {MAX_RECORD_BYTES})")
     return _codec.decode(data)
 
 
