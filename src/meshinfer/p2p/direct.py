@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 DIRECT_VERSION = 2
 HELLO_MAX_BYTES = 4096
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0
+"""Seconds a connection may take from accept to the end of its handshake (TLS, then hellos)."""
 _CONTEXT = b"meshinfer-direct/2"
 NONCE_BYTES = 32
 
