@@ -135,10 +135,12 @@ async def slowloris(peer_id: str, tls: tuple[str, int], plain: tuple[str, int], 
         finally:
             writer.close()
 
-    async def stalled() -> float | str | None:
+    keys = [Identity.generate() for _ in range(n)]  # before any dial: key generation blocks the loop
+
+    async def stalled(key: Identity) -> float | str | None:
         try:
-            stream = await DirectPlane(Identity.generate()).dial(peer_id, plain_addr, SESSION_PROTOCOL,
-                                                                 settings=DEFAULT_SETTINGS, timeout=10)
+            stream = await DirectPlane(key).dial(peer_id, plain_addr, SESSION_PROTOCOL,
+                                                 settings=DEFAULT_SETTINGS, timeout=10)
         except Exception as err:
             return f"dial failed: {str(err)[:80]}"
         started = time.monotonic()
@@ -154,7 +156,7 @@ async def slowloris(peer_id: str, tls: tuple[str, int], plain: tuple[str, int], 
 
     kinds = {"tls_silent": [raw(*tls, b"") for _ in range(n)],
              "plain_partial_hello": [raw(*plain, b"\x00\x00") for _ in range(n)],
-             "stream_partial_frame": [stalled() for _ in range(n)]}
+             "stream_partial_frame": [stalled(key) for key in keys]}
     out: dict[str, Any] = {}
     for kind, coros in kinds.items():
         times = await asyncio.gather(*coros)
