@@ -38,7 +38,7 @@ from meshinfer.wire.messages import Error, ErrorCode, Message, decode_message, e
 
 log = logging.getLogger(__name__)
 
-READ_BUFFER_BYTES = CHUNK_BYTES
+READ_BUFFER_BYTES = 4 * CHUNK_BYTES
 """A stream's reader buffers at most twice this before it stops reading the socket (backpressure)."""
 
 
