@@ -58,6 +58,16 @@ def test_limits_come_from_p2p_config_and_are_checked() -> None:
         AdmissionLimits(max_handshakes=0)
 
 
+def test_buffer_refusals_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    refusals = RefusalLog(logging.getLogger("test.buffers"), lambda: 0.0)
+    adm = Admission(AdmissionLimits(max_buffer_bytes=2 * MIB, max_buffer_bytes_per_peer=MIB), refusals)
+    with caplog.at_level(logging.WARNING, logger="test.buffers"):
+        for _ in range(100):
+            with pytest.raises(LimitExceededError):
+                adm.reserve("a", MIB + 1)
+    assert len(caplog.records) == 1 and "--max-buffer-mb-per-peer 1" in caplog.records[0].getMessage()
+
+
 def test_refusal_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     refusals = RefusalLog(logging.getLogger("test.refusals"), lambda: now[0], interval=10.0)

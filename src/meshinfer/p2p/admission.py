@@ -8,7 +8,8 @@ While a message arrives, its reader calls ``reserve(peer_id, n)`` before reading
 ``unreserve(peer_id, n)`` once the message is complete, refused or its stream is gone: the bytes of
 messages in progress are bounded per peer (``--max-buffer-mb-per-peer``) and over all peers
 (``--max-buffer-mb``); a reservation past either raises ``LimitExceededError`` naming it. Refusals are
-logged through ``RefusalLog``: the first of each kind at once, then at most one line per interval with the
+logged through ``RefusalLog`` (buffer refusals by ``Admission`` itself when given one, stream refusals by
+the listeners): the first of each kind at once, then at most one line per interval with the
 count of those left out, so a hostile peer cannot flood the log. Knows nothing of sockets or sessions.
 """
 
@@ -48,8 +49,9 @@ def short(peer_id: str) -> str:
 class Admission:
     """Counts of open incoming streams and of buffered message bytes, per peer and in all."""
 
-    def __init__(self, limits: AdmissionLimits | None = None) -> None:
+    def __init__(self, limits: AdmissionLimits | None = None, refusals: RefusalLog | None = None) -> None:
         self.limits = limits or AdmissionLimits()
+        self._refusals = refusals
         self._streams: dict[str, int] = {}
         self._total_streams = 0
         self._buffered: dict[str, int] = {}
@@ -92,14 +94,17 @@ class Admission:
         accounted) when that would pass the per-peer or the total cap."""
         lim = self.limits
         mine = self._buffered.get(peer_id, 0)
+        refusal = None
         if mine + n > lim.max_buffer_bytes_per_peer:
-            raise LimitExceededError(
-                f"peer {short(peer_id)} would buffer {mine + n} bytes of unfinished messages "
-                f"(limit --max-buffer-mb-per-peer {lim.max_buffer_bytes_per_peer // MIB})")
-        if self._total_buffered + n > lim.max_buffer_bytes:
-            raise LimitExceededError(
-                f"peers would buffer {self._total_buffered + n} bytes of unfinished messages "
-                f"(limit --max-buffer-mb {lim.max_buffer_bytes // MIB})")
+            refusal = (f"peer {short(peer_id)} would buffer {mine + n} bytes of unfinished messages "
+                       f"(limit --max-buffer-mb-per-peer {lim.max_buffer_bytes_per_peer // MIB})")
+        elif self._total_buffered + n > lim.max_buffer_bytes:
+            refusal = (f"peers would buffer {self._total_buffered + n} bytes of unfinished messages "
+                       f"(limit --max-buffer-mb {lim.max_buffer_bytes // MIB})")
+        if refusal is not None:
+            if self._refusals is not None:
+                self._refusals.refused("buffers", refusal)
+            raise LimitExceededError(refusal)
         self._buffered[peer_id] = mine + n
         self._total_buffered += n
 

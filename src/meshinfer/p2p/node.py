@@ -147,8 +147,9 @@ class PeerNode:
             if isinstance(err, Exception) and not isinstance(err, MeshinferError):  # unforeseen: one line
                 raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
             raise
+        refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
-                   admission=Admission(admission_limits(config)))
+                   admission=Admission(admission_limits(config), refusals), _refusals=refusals)
         if config.direct:
             node._direct = DirectPlane(identity, node.admission, node._refusals)
             if not settings.client_mode:
