@@ -77,9 +77,29 @@ class P2PConfig:
                              "authenticated by their peer keys), much faster than libp2p streams; libp2p stays "
                              "the fallback")
     direct_port: int = doc(0, "TCP port of the direct data plane (servers listen there); 0 picks a free port")
+    max_streams: int = doc(512, "most incoming session streams served at once, over the direct plane and libp2p "
+                                "together; more are refused with a message naming this limit")
+    max_streams_per_peer: int = doc(64, "most incoming session streams one peer may hold open at once (both "
+                                        "planes together)")
+    max_buffer_mb: int = doc(256, "most MiB that unfinished incoming messages of all peers together may buffer; "
+                                  "a message that would pass it is refused and its stream closed")
+    max_buffer_mb_per_peer: int = doc(64, "most MiB that one peer's unfinished incoming messages may buffer "
+                                          "(over all its streams)")
+    max_handshakes: int = doc(64, "most incoming direct-plane connections in their handshake at once; more are "
+                                  "closed at once")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         if not 0 <= self.direct_port <= 65535:
             raise ConfigError(f"--direct-port must be in 0..65535, got {self.direct_port}")
+        for name in ("max_streams", "max_streams_per_peer", "max_buffer_mb", "max_buffer_mb_per_peer",
+                     "max_handshakes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_streams_per_peer > self.max_streams:
+            raise ConfigError(f"--max-streams-per-peer ({self.max_streams_per_peer}) must be <= --max-streams "
+                              f"({self.max_streams})")
+        if self.max_buffer_mb_per_peer > self.max_buffer_mb:
+            raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
+                              f"--max-buffer-mb ({self.max_buffer_mb})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,18 @@ class Client:
     peer_id: str
     maddrs: list[str]
     bystander: MessageStream
+    direct: list[str]
 
     def run(self, coro: Any, timeout: float = 30.0) -> Any:
         return self.runner.run(coro, timeout)
 
-    def open(self) -> MessageStream:
-        return self.run(self.node.open_stream(self.peer_id, ECHO_PROTOCOL, maddrs=self.maddrs))
+    def open(self, plane: str = "libp2p") -> MessageStream:
+        """A stream to the echo peer over libp2p, or the direct plane's "tls" or "plain" endpoint."""
+        if plane == "libp2p":
+            return self.run(self.node.open_stream(self.peer_id, ECHO_PROTOCOL, maddrs=self.maddrs))
+        address = next(a for a in self.direct if a.endswith("/tls") == (plane == "tls"))
+        return self.run(self.node._direct.dial(self.peer_id, address, ECHO_PROTOCOL,  # type: ignore[union-attr]
+                                               settings=self.node.settings.stream, timeout=10))
 
     def bystander_round_trip(self, seq: int) -> None:
         reply = self.run(self.bystander.request(Ping(seq=seq, payload=b"still here"), timeout=10))
@@ -88,7 +95,7 @@ def client() -> Iterator[Client]:
     try:
         node = runner.run(PeerNode.start(P2PConfig()), 60)
         bystander = runner.run(node.open_stream(info["peer_id"], ECHO_PROTOCOL, maddrs=info["maddrs"]), 30)
-        yield Client(runner, node, echo, info["peer_id"], info["maddrs"], bystander)
+        yield Client(runner, node, echo, info["peer_id"], info["maddrs"], bystander, info["direct_addresses"])
         assert echo.alive(), f"echo peer died:\n{echo.stderr_tail()}"
         assert "Traceback" not in echo.stderr_tail(200), echo.stderr_tail(200)
     finally:
@@ -138,8 +145,8 @@ def check_outcome(data: bytes, outcome: list[Any]) -> None:
             assert messages[-1].code == want, (messages[-1], err)
 
 
-def fuzz(client: Client, data: bytes, seq: int) -> list[Any]:
-    stream = client.open()
+def fuzz(client: Client, data: bytes, seq: int, plane: str = "libp2p") -> list[Any]:
+    stream = client.open(plane)
     try:
         outcome = client.run(exchange(stream, data, quiet=0.3))
     finally:
@@ -264,6 +271,50 @@ def mutated_frames(draw: st.DrawFn) -> bytes:
 @given(data=mutated_frames())
 def test_fuzz_mutated_frames(client: Client, data: bytes) -> None:
     fuzz(client, data, seq=200)
+
+
+@st.composite
+def hostile_frames(draw: st.DrawFn) -> bytes:
+    """A valid message's frames, then headers declaring any length (far past every limit included) with
+    bodies cut short, and a cut anywhere."""
+    data = bytearray(draw(_valid_frames()))
+    for _ in range(draw(st.integers(1, 3))):
+        declared = draw(st.one_of(st.integers(1, 64), st.integers(2**20 - 2, 2**20 + 2), st.integers(0, 2**32 - 1)))
+        data += HEADER.pack(MAGIC, draw(st.sampled_from([0, 1])), declared)
+        data += draw(st.binary(max_size=min(declared, 64)))
+    return bytes(data[:draw(st.integers(1, len(data)))])
+
+
+@FUZZ
+@given(data=st.one_of(mutated_frames(), hostile_frames()), plane=st.sampled_from(["tls", "plain"]))
+def test_fuzz_direct_plane_frames(client: Client, data: bytes, plane: str) -> None:
+    """The same fuzzing over the direct plane (TLS and plain loopback endpoints) after a real handshake."""
+    fuzz(client, data, seq=300, plane=plane)
+
+
+@budget(40)
+@given(body=st.one_of(st.binary(max_size=300), st.builds(
+    lambda key, proto, nonce: msgspec.msgpack.encode([2, key, b"", proto, nonce, ""]),
+    st.binary(max_size=600), st.text(max_size=40), st.binary(max_size=70))),
+    declared=st.one_of(st.none(), st.just(0), st.integers(4097, 2**32 - 1)))
+def test_fuzz_direct_hellos(client: Client, body: bytes, declared: int | None) -> None:
+    """Raw first hellos on the plain direct port (any bytes, or msgpack hellos with any key, protocol and
+    nonce; any declared length): the echo peer closes the connection and keeps serving."""
+    address = next(a for a in client.direct if not a.endswith("/tls")).split("/")
+    length = len(body) if declared is None else declared
+
+    async def attempt() -> bytes:
+        reader, writer = await asyncio.open_connection(address[2], int(address[4]))
+        try:
+            writer.write(struct.pack(">I", length) + body)
+            async with asyncio.timeout(8.0):  # the handshake timeout (5 s) at the latest
+                return await reader.read()
+        finally:
+            writer.close()
+
+    reply = client.run(attempt())
+    assert len(reply) < 4096  # at most a refusal hello, then the end
+    client.bystander_round_trip(400)
 
 
 def test_echo_peer_survived_the_fuzzing(client: Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,9 +81,13 @@ def test_oversize_frame_header_fails_fast_not_by_timeout() -> None:
 
 def test_message_size_limit() -> None:
     async def body(c: MessageStream, s: MessageStream) -> None:
-        await c.send(Ping(seq=1, payload=b"x" * (3 * MIB)))
+        # the reader buffers at most ~2 MiB, so the sender waits for the receiver: send concurrently
+        sender = asyncio.create_task(c.send(Ping(seq=1, payload=b"x" * (3 * MIB))))
         with pytest.raises(LimitExceededError, match="message of more than"):
             await s.recv()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
 
     with_pair(body, server=StreamSettings(limits=WireLimits(max_message_bytes=2 * MIB)))
 

@@ -107,3 +107,63 @@ def test_fuzz_decode_frames_only_raises_wire_errors(data: bytes) -> None:
         decode_frames(data, small)
     except WireError:
         pass
+
+
+def test_many_tiny_frames_reassemble_exactly_into_one_buffer() -> None:
+    payload = bytes(range(256)) * 40
+    data = b"".join(frames_of(payload, 1))  # 10,240 one-byte frames
+    assert decode_frames(data) == [payload]
+    asm = Reassembler()
+    asm.add(b"ab")
+    assert asm.take() == b"ab" and asm.pending == 0  # a one-frame message is returned as is
+    asm.add(b"a")
+    asm.add(b"b")
+    assert asm.take() == b"ab" and asm.take() == b""
+
+
+def test_add_without_reserve_still_enforces_the_message_limit() -> None:
+    asm = Reassembler(WireLimits(max_message_bytes=MIB))
+    asm.add(b"x" * MIB)
+    with pytest.raises(LimitExceededError):
+        asm.add(b"x")
+
+
+def test_limits_for_model_bound_messages_by_the_largest_step() -> None:
+    from meshinfer.wire.limits import DEFAULT_LIMITS, MESSAGE_OVERHEAD_BYTES, limits_for_model
+
+    tiny = limits_for_model(128, 2048)  # the demo model: 1 MiB of float32 hidden states at most
+    assert tiny.max_tensor_bytes == 2048 * 128 * 4
+    assert tiny.max_message_bytes == 2048 * 128 * 4 + MESSAGE_OVERHEAD_BYTES
+    assert limits_for_model(8, 8).max_message_bytes >= CHUNK_BYTES  # never below one frame
+    big = limits_for_model(16384, 4096)  # never above the base limits
+    assert big.max_message_bytes == DEFAULT_LIMITS.max_message_bytes
+    assert big.max_tensor_bytes == DEFAULT_LIMITS.max_tensor_bytes
+    with pytest.raises(Exception, match="must be > 0"):
+        limits_for_model(0, 8)
+
+
+@st.composite
+def hostile_frames(draw: st.DrawFn) -> bytes:
+    """Headers declaring any length (oversized ones included), bodies cut short, flags and magic bent."""
+    out = bytearray()
+    for _ in range(draw(st.integers(1, 6))):
+        declared = draw(st.one_of(st.integers(0, 64), st.integers(CHUNK_BYTES - 2, CHUNK_BYTES + 2),
+                                  st.integers(0, 2**32 - 1)))
+        magic = draw(st.sampled_from([MAGIC, MAGIC, MAGIC, 0x00, 0xE6]))
+        flags = draw(st.sampled_from([0, FLAG_LAST, FLAG_LAST, 0x02, 0xFF]))
+        out += HEADER.pack(magic, flags, declared)
+        body = min(declared, draw(st.integers(0, 80)))  # usually fewer bytes than declared: truncated
+        out += draw(st.binary(min_size=body, max_size=body))
+    cut = draw(st.integers(0, len(out)))
+    return bytes(out[:cut] if draw(st.booleans()) else out)
+
+
+@budget(500)
+@given(hostile_frames())
+def test_fuzz_hostile_headers_and_truncated_frames(data: bytes) -> None:
+    small = WireLimits(max_frame_bytes=CHUNK_BYTES, max_message_bytes=CHUNK_BYTES + 64)
+    try:
+        out = decode_frames(data, small)
+    except WireError:
+        return
+    assert sum(len(p) for p in out) <= len(data)  # nothing was invented, nothing allocated beyond the input

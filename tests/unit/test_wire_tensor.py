@@ -101,3 +101,29 @@ def test_fuzz_tensor_struct_from_random_bytes(data: bytes) -> None:
         decode_tensor(t, SMALL)
     except WireError:
         pass
+
+
+@budget(200)
+@given(tokens=st.integers(0, 40), hidden=st.integers(1, 20), dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       declared=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=3))
+def test_fuzz_steps_under_a_models_limits(tokens: int, hidden: int, dtype: str, declared: list[int]) -> None:
+    """A server's model-sized limits: every legitimate Step decodes bit-exactly, and a Step declaring any
+    other shape for its bytes (oversized ones included) is refused with a WireError before allocating."""
+    from meshinfer.wire.limits import limits_for_model
+    from meshinfer.wire.messages import Step, decode_message, encode_message
+
+    limits = limits_for_model(16, 8)
+    x = torch.randn(tokens, hidden).to(getattr(torch, dtype))
+    step = Step(session_id="s", step_id=1, position=0, hidden=encode_tensor(x))
+    try:
+        got = decode_tensor(decode_message(encode_message(step), limits).hidden, limits)  # type: ignore[union-attr]
+    except LimitExceededError:
+        assert x.numel() * x.element_size() > limits.max_tensor_bytes
+    else:
+        assert x.numel() * x.element_size() <= limits.max_tensor_bytes and torch.equal(got, x)
+    forged = Tensor(dtype, declared, step.hidden.data)
+    try:
+        y = decode_tensor(forged, limits)
+    except WireError:
+        return
+    assert list(y.shape) == declared and y.numel() * y.element_size() == len(step.hidden.data)

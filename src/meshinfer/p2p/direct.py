@@ -27,9 +27,14 @@ Handshake (``[u32 length][msgpack Hello]`` each; every read bounded in time and 
    neither reuse nor forward signatures.
 
 The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``). A
-refusal reaches the dialer as a ``TransportError`` naming the reason. Handshakes are bounded in
-number (``MAX_HANDSHAKES`` at once) and time; a bad peer only ever loses its own connection. Knows
-nothing of sessions, models, the DHT or hivemind (it uses ``identity`` for keys and signatures).
+refusal reaches the dialer as a ``TransportError`` naming the reason. Handshakes (TLS, then hellos) are
+bounded in number (``max_handshakes`` at once each) and time; established connections count as streams
+of their peer in the node's ``Admission`` (checked against the key of the first hello, so a peer over
+``--max-streams-per-peer`` or a node over ``--max-streams`` is refused with a hello naming the limit),
+and the bytes of their messages in progress against its buffer caps; the first message must come within
+``StreamSettings.first_timeout``. Refusals are logged at a bounded rate. Connections are accepted by
+``meshinfer.p2p.listener`` (leak-free TLS handshakes). A bad peer only ever loses its own connection.
+Knows nothing of sessions, models, the DHT or hivemind (it uses ``identity`` for keys and signatures).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import secrets
 import ssl
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -55,16 +61,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
+from meshinfer.p2p.admission import Admission, RefusalLog
 from meshinfer.p2p.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of_public_key, verify_signature
+from meshinfer.p2p.listener import Listener
 from meshinfer.p2p.stream import MessageStream, StreamSettings, run_handler
 
 log = logging.getLogger(__name__)
 
 DIRECT_VERSION = 2
 HELLO_MAX_BYTES = 4096
-MAX_HANDSHAKES = 64
-"""Connections allowed in their handshake at once; more are closed at once (bounds what a flood costs)."""
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0
+"""Seconds a connection may take from accept to the end of its handshake (TLS, then hellos)."""
 _CONTEXT = b"meshinfer-direct/2"
 NONCE_BYTES = 32
 
@@ -192,6 +199,13 @@ async def _read_hello(reader: asyncio.StreamReader) -> Hello:
     return hello
 
 
+def _peer_id_of(public_key: bytes) -> str:
+    try:
+        return peer_id_of_public_key(public_key)
+    except Exception as err:  # any malformed key: only this connection is refused
+        raise WireError(f"direct hello: unusable public key ({str(err)[:100]})") from None
+
+
 def _peer_cert(writer: asyncio.StreamWriter) -> bytes:
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
@@ -205,10 +219,13 @@ Handler = Callable[[MessageStream], Awaitable[None]]
 class DirectPlane:
     """This peer's direct listeners (optional) and dialer."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, admission: Admission | None = None,
+                 refusals: RefusalLog | None = None) -> None:
         self.identity = identity
+        self.admission = admission or Admission()
+        self._refusals = refusals or RefusalLog(log, time.monotonic)
         self._client_ctx = _client_context()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
         self._cert_der = b""
         self._handlers: dict[str, tuple[Handler, StreamSettings]] = {}
         self._streams: set[MessageStream] = set()
@@ -226,26 +243,27 @@ class DirectPlane:
             await self._on_connection(reader, writer, self._cert_der)
 
         async def on_plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")
-            if not peer or not is_loopback(str(peer[0])):
-                writer.close()
-                return
             await self._on_connection(reader, writer, b"")
 
+        max_handshakes = self.admission.limits.max_handshakes
+        tls = Listener(on_tls, ssl_context=server_ctx, handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                       max_handshakes=max_handshakes, refusals=self._refusals, name="direct TLS")
+        plain = Listener(on_plain, ssl_context=None, handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                         max_handshakes=max_handshakes, refusals=self._refusals, loopback_only=True,
+                         name="direct plain")
+        self.tls_port = await tls.start(host, port)
+        self._listeners.append(tls)
         try:
-            tls = await asyncio.start_server(on_tls, host, port, ssl=server_ctx,
-                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-            self._servers.append(tls)
-            plain = await asyncio.start_server(on_plain, "127.0.0.1", 0)
-            self._servers.append(plain)
-        except OSError as err:
-            raise TransportError(f"cannot listen for direct connections on {host}:{port}: {err}") from None
-        self.tls_port = tls.sockets[0].getsockname()[1]
-        self.plain_port = plain.sockets[0].getsockname()[1]
+            self.plain_port = await plain.start("127.0.0.1", 0)
+        except BaseException:
+            await tls.close()
+            self._listeners.clear()
+            raise
+        self._listeners.append(plain)
 
     def addresses(self, tls_hosts: Sequence[str]) -> list[str]:
         """What to announce: the plain loopback endpoint first, then the TLS one on each of ``tls_hosts``."""
-        if not self._servers:
+        if not self._listeners:
             return []
         out = [str(DirectAddress("127.0.0.1", self.plain_port, False))]
         out += [str(DirectAddress(h, self.tls_port, True)) for h in tls_hosts]
@@ -255,17 +273,28 @@ class DirectPlane:
         self._handlers[protocol] = (handler, settings)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cert: bytes) -> None:
-        if self._handshakes >= MAX_HANDSHAKES:
+        limit = self.admission.limits.max_handshakes
+        if self._handshakes >= limit:
+            self._refusals.refused("direct-hellos", f"a direct connection: {self._handshakes} handshakes in "
+                                                    f"progress (limit {limit})")
             writer.close()
             return
         self._handshakes += 1
+        admitted: str | None = None
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 first = await _read_hello(reader)
                 if len(first.nonce) != NONCE_BYTES:
                     raise WireError("direct hello: bad nonce")
+                claimed = _peer_id_of(first.public_key)
                 refusal = "" if first.protocol in self._handlers else \
                     f"protocol {first.protocol[:128]!r} is not served here"
+                if not refusal:
+                    refusal = self.admission.admit(claimed) or ""
+                    if refusal:
+                        self._refusals.refused("direct-streams", refusal)
+                    else:
+                        admitted = claimed
                 nonce = secrets.token_bytes(NONCE_BYTES)
                 signed = binding(b"listener", first.nonce, nonce, cert)
                 signature = await asyncio.to_thread(self.identity.sign, signed) if not refusal else b""
@@ -277,21 +306,29 @@ class DirectPlane:
             if proof.public_key != first.public_key or not verify_signature(
                     first.public_key, binding(b"dialer", first.nonce, nonce, cert), proof.signature):
                 raise WireError("direct hello: bad signature")
-            peer_id = peer_id_of_public_key(first.public_key)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, WireError,
                 ssl.SSLError) as err:
             log.debug("direct handshake failed: %s", err)
+            if admitted is not None:
+                self.admission.release(admitted)
             writer.close()
             return
+        except BaseException:
+            if admitted is not None:
+                self.admission.release(admitted)
+            raise
         finally:
             self._handshakes -= 1
+        peer_id = claimed
         handler, settings = self._handlers[first.protocol]
-        stream = MessageStream(reader, writer, peer_id=peer_id, protocol=first.protocol, settings=settings)
+        stream = MessageStream(reader, writer, peer_id=peer_id, protocol=first.protocol, settings=settings,
+                               accepted=True, admission=self.admission)
         self._streams.add(stream)
         try:
             await run_handler(stream, handler)
         finally:
             self._streams.discard(stream)
+            self.admission.release(peer_id)
 
     # ---- dialling ----------------------------------------------------------------------------
 
@@ -354,8 +391,8 @@ class DirectPlane:
     # ---- closing -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.close()
+        self._listeners.clear()
         for stream in list(self._streams):
             await stream.close(timeout=0.5)

@@ -7,7 +7,10 @@ loop with the owner-signed record validator, and returns a node with ``peer_id``
 Then:
 
 - ``handle(protocol, handler)``: serve incoming streams; each runs ``handler(MessageStream)`` under
-  ``run_handler`` (typed ``Error`` reply on bad input, always closed), any number concurrently;
+  ``run_handler`` (typed ``Error`` reply on bad input, always closed), concurrently, within the node's
+  ``Admission`` (``meshinfer.p2p.admission``): streams per peer and in all, and the bytes their
+  unfinished messages buffer, per peer and in all, over both planes; a stream past a cap gets an
+  ``Error`` naming the limit and is closed; its first message must come within ``first_timeout``;
 - ``open_stream(peer_id, protocol, maddrs=..., direct=...)``: a ``MessageStream`` to a peer (e.g. the
   next server of a route): over the direct data plane (``meshinfer.p2p.direct``) when the peer gave
   direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first;
@@ -45,12 +48,14 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError, WireError
+from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
+from meshinfer.wire.messages import Error, ErrorCode
 from meshinfer.wire.records import DhtRecord, SeedRecord, ServerRecord, decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,9 @@ class PeerNode:
     direct_addresses: list[str] = field(default_factory=list)
     """Where this node accepts direct-plane connections (``/ip4/H/tcp/P``); empty when it does not listen."""
     _streams: set[MessageStream] = field(default_factory=set, repr=False)
+    admission: Admission = field(default_factory=Admission, repr=False)
+    """What incoming streams may hold (shared by both planes)."""
+    _refusals: RefusalLog = field(default_factory=lambda: RefusalLog(log, time.monotonic), repr=False)
     _closed: bool = False
     record_limits: RecordLimits = DEFAULT_RECORD_LIMITS
     """What one DHT read takes from the swarm (see ``get_many``)."""
@@ -148,9 +156,11 @@ class PeerNode:
             if isinstance(err, Exception) and not isinstance(err, MeshinferError):  # unforeseen: one line
                 raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
             raise
-        node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock)
+        refusals = RefusalLog(log, time.monotonic)
+        node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
+                   admission=Admission(admission_limits(config), refusals), _refusals=refusals)
         if config.direct:
-            node._direct = DirectPlane(identity)
+            node._direct = DirectPlane(identity, node.admission, node._refusals)
             if not settings.client_mode:
                 try:
                     await node._direct.listen(config.host, config.direct_port)
@@ -170,13 +180,23 @@ class PeerNode:
         stream_settings = settings or self.settings.stream
 
         async def on_stream(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            stream = MessageStream(reader, writer, peer_id=info.peer_id.to_base58(), protocol=protocol,
-                                   settings=stream_settings)
+            peer_id = info.peer_id.to_base58()
+            stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol, settings=stream_settings,
+                                   accepted=True, admission=self.admission)
+            refusal = self.admission.admit(peer_id)
+            if refusal is not None:
+                self._refusals.refused("libp2p-streams", refusal)
+                with contextlib.suppress(MeshinferError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await stream.send(Error(code=ErrorCode.LIMIT_EXCEEDED, message=refusal))
+                await stream.close(timeout=0.5)
+                return
             self._streams.add(stream)
             try:
                 await run_handler(stream, handler)
             finally:
                 self._streams.discard(stream)
+                self.admission.release(peer_id)
 
         await self._p2p.add_binary_stream_handler(protocol, on_stream)  # type: ignore[attr-defined]
         if self._direct is not None:
@@ -311,6 +331,14 @@ class PeerNode:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def admission_limits(config: P2PConfig) -> AdmissionLimits:
+    """The caps on incoming streams that ``config`` asks for."""
+    return AdmissionLimits(max_streams=config.max_streams, max_streams_per_peer=config.max_streams_per_peer,
+                           max_buffer_bytes=config.max_buffer_mb * MIB,
+                           max_buffer_bytes_per_peer=config.max_buffer_mb_per_peer * MIB,
+                           max_handshakes=config.max_handshakes)
 
 
 def _visible_hosts(host: str, maddrs: Sequence[str]) -> list[str]:

@@ -7,8 +7,12 @@ drain within ``write_timeout`` raises ``TransportError``); ``send_nowait`` is th
 for a small message when nothing is waiting to be written (returns False when the caller must use
 ``send``, so message order is always kept). ``recv`` reads one message: every frame
 read is bounded by a timeout (``idle_timeout`` for the next message to start, ``read_timeout``
-once it has), every header is checked against ``WireLimits`` before its body is read,
-reassembly refuses oversize messages, and malformed bytes raise ``WireError``. A clean end of stream
+once it has, ``message_timeout`` for a whole message; on an accepted stream ``first_timeout`` bounds the
+wait for, and every frame of, its first message), every header is checked against ``WireLimits`` before
+its body is read, reassembly refuses oversize messages, and malformed bytes raise ``WireError``. A
+stream given an ``Admission`` reserves the bytes of a message in progress against its peer's and the
+node's buffer caps before reading each body and gives them back when the message is done or the read
+fails (``LimitExceededError`` past a cap). A clean end of stream
 at a message boundary raises ``StreamClosed``, a read timeout ``StreamTimeout`` (both
 ``TransportError``); ``StreamClosed`` also ends ``async for``. After a framing error or a timeout the
 stream is broken: further ``recv`` calls raise at once. Sends are serialised by a lock, so several
@@ -26,7 +30,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from meshinfer.errors import MeshinferError, RemoteError, TransportError, WireError
+from meshinfer.errors import ConfigError, MeshinferError, RemoteError, TransportError, WireError
+from meshinfer.p2p.admission import Admission
 from meshinfer.wire.framing import HEADER_BYTES, Reassembler, check_magic, frames_of, parse_header
 from meshinfer.wire.limits import CHUNK_BYTES, DEFAULT_LIMITS, WireLimits
 from meshinfer.wire.messages import Error, ErrorCode, Message, decode_message, encode_message, error_message
@@ -34,6 +39,7 @@ from meshinfer.wire.messages import Error, ErrorCode, Message, decode_message, e
 log = logging.getLogger(__name__)
 
 READ_BUFFER_BYTES = 4 * CHUNK_BYTES
+"""A stream's reader buffers at most twice this before it stops reading the socket (backpressure)."""
 
 
 class StreamClosed(TransportError):
@@ -55,7 +61,18 @@ class StreamSettings:
     A server's idle sessions end after this; a client waiting for a slow reply may want it long."""
     write_timeout: float = 30.0
     """Seconds a write may wait for the peer to take data (backpressure) before giving up."""
+    message_timeout: float = 120.0
+    """Seconds one message may take from its first byte to its last (however it is cut into frames)."""
+    first_timeout: float | None = 5.0
+    """On an accepted stream: seconds to wait for its first message (e.g. ``Open``) to start, and for each
+    of its frames; None: as for later messages. A peer that connects and stays silent or trickles is closed."""
     limits: WireLimits = field(default_factory=WireLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("read_timeout", "write_timeout", "message_timeout", "idle_timeout", "first_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"stream {name} must be > 0, got {value}")
 
 
 DEFAULT_SETTINGS = StreamSettings(limits=DEFAULT_LIMITS)
@@ -65,7 +82,8 @@ class MessageStream:
     """One end of a session stream with peer ``peer_id`` speaking ``protocol``."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer_id: str,
-                 protocol: str, settings: StreamSettings = DEFAULT_SETTINGS) -> None:
+                 protocol: str, settings: StreamSettings = DEFAULT_SETTINGS, accepted: bool = False,
+                 admission: Admission | None = None) -> None:
         self.peer_id = peer_id
         self.protocol = protocol
         self.settings = settings
@@ -78,6 +96,8 @@ class MessageStream:
         self._send_lock = asyncio.Lock()
         self._broken: MeshinferError | None = None
         self._closed = False
+        self._admission = admission
+        self._awaiting_first = accepted and settings.first_timeout is not None
 
     def __repr__(self) -> str:
         return f"MessageStream(peer={self.peer_id[:12]}…, protocol={self.protocol})"
@@ -144,27 +164,41 @@ class MessageStream:
             raise self._broken
         if self._closed:
             raise StreamClosed(f"stream to {self.peer_id} is closed")
-        idle = self.settings.idle_timeout if timeout is None else timeout
+        settings = self.settings
+        idle = settings.idle_timeout if timeout is None else timeout
         if idle is None:
-            idle = self.settings.read_timeout
-        limit = self.settings.read_timeout if timeout is None else timeout
-        asm = Reassembler(self.settings.limits)
+            idle = settings.read_timeout
+        limit = settings.read_timeout if timeout is None else timeout
+        if self._awaiting_first and settings.first_timeout is not None:
+            idle, limit = min(idle, settings.first_timeout), min(limit, settings.first_timeout)
+        asm = Reassembler(settings.limits)
         waiting = "the next message"
+        reserved = 0
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(idle):
                 first = await self._reader.readexactly(1)
             waiting, header = "the rest of a frame", first
             check_magic(first[0])
+            deadline = loop.time() + settings.message_timeout
             while True:
-                async with asyncio.timeout(limit):
+                frame_deadline = min(loop.time() + limit, deadline)
+                async with asyncio.timeout_at(frame_deadline):
                     header += await self._reader.readexactly(HEADER_BYTES - len(header))
-                    length, last = parse_header(header, self.settings.limits)
+                    length, last = parse_header(header, settings.limits)
                     asm.reserve(length)
+                    if self._admission is not None:
+                        self._admission.reserve(self.peer_id, length)
+                        reserved += length
                     body = await self._reader.readexactly(length)
                 asm.add(body)
                 if last:
+                    self._awaiting_first = False
                     return asm.take()
                 header = b""
+                if loop.time() >= deadline:
+                    waiting = f"a message within {settings.message_timeout:g}s (message timeout)"
+                    raise TimeoutError
         except asyncio.IncompleteReadError:
             if waiting == "the next message":
                 raise StreamClosed(f"peer {self.peer_id} closed the stream") from None
@@ -177,6 +211,9 @@ class MessageStream:
             raise self._break(err) from None
         except (ConnectionError, OSError) as err:
             raise self._break(TransportError(f"stream from {self.peer_id} broke: {err}")) from None
+        finally:
+            if reserved and self._admission is not None:
+                self._admission.unreserve(self.peer_id, reserved)
 
     def _break(self, err: MeshinferError) -> MeshinferError:
         self._broken = err

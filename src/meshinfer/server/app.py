@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from meshinfer.types import BlockRange
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
-from meshinfer.wire.limits import DEFAULT_LIMITS
+from meshinfer.wire.limits import DEFAULT_LIMITS, limits_for_model
 from meshinfer.wire.records import ServerRecord, ServerState
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ class BlockServer:
 
             torch.set_num_threads(config.torch_threads)  # process-wide: the step loop's worker thread uses it
             log.info("torch uses %d compute threads", torch.get_num_threads())
-        read_timeout = max(3600.0, 2 * config.session_idle_timeout)  # idle sessions are expired by the service
-        settings = NodeSettings(stream=StreamSettings(read_timeout=read_timeout, limits=DEFAULT_LIMITS))
+        # A stream silent for longer than a session may idle has no live session left (the service expires
+        # them); frames and messages keep StreamSettings' short timeouts.
+        settings = NodeSettings(stream=StreamSettings(idle_timeout=config.session_idle_timeout + 30.0,
+                                                      limits=DEFAULT_LIMITS))
         model_ref = str(model_dir or config.model)
         ready = await prepare(config, p2p, model_ref, settings)
         who = Identity(config, ready.node, ready.model_id, ready.card)
@@ -174,8 +176,11 @@ class BlockServer:
     async def _serve(self) -> None:
         """Serve the loaded span and the protocols, announce ``online``, seed, start the background tasks."""
         self._start_serving()
-        await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session)
-        await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push)
+        stream = self.who.node.settings.stream  # messages no larger than this model's largest Step
+        stream = replace(stream, limits=limits_for_model(self.who.card.hidden_size, self.config.max_step_tokens,
+                                                         stream.limits))
+        await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session, stream)
+        await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push, stream)
         await self._announce_online()
         cfg = self.config
         try:

@@ -8,7 +8,9 @@ Contract: a message payload is sent as one or more frames, each a 6-byte header 
 
 ``frames_of(payload)`` yields the frames of one payload; ``parse_header`` validates a header against
 ``WireLimits`` before the caller reads (and so allocates) any body; ``Reassembler`` joins bodies and
-refuses a message whose total would exceed ``max_message_bytes`` before the body is read. Errors are
+refuses a message whose total would exceed ``max_message_bytes`` before the body is read; it holds a
+message in progress in one buffer, so a message cut into many tiny frames costs no more memory than its
+bytes (no per-frame object). Errors are
 ``WireError`` / ``LimitExceededError``. No I/O here: ``meshinfer.p2p.stream`` drives it.
 """
 
@@ -65,7 +67,8 @@ class Reassembler:
 
     def __init__(self, limits: WireLimits = DEFAULT_LIMITS) -> None:
         self._limits = limits
-        self._parts: list[bytes] = []
+        self._first: bytes | None = None  # a one-frame message is returned as is (no copy)
+        self._buf: bytearray | None = None
         self._size = 0
 
     def reserve(self, length: int) -> None:
@@ -77,13 +80,28 @@ class Reassembler:
             )
 
     def add(self, body: bytes) -> None:
-        self._parts.append(body)
+        if self._size + len(body) > self._limits.max_message_bytes:  # reserve() was skipped
+            raise LimitExceededError(
+                f"message of more than {self._size + len(body)} bytes exceeds the limit of "
+                f"{self._limits.max_message_bytes}"
+            )
+        if self._buf is not None:
+            self._buf += body
+        elif self._first is None:
+            self._first = body
+        else:
+            self._buf = bytearray(self._first)
+            self._buf += body
+            self._first = None
         self._size += len(body)
 
     def take(self) -> bytes:
         """The whole payload; resets for the next message."""
-        parts, self._parts, self._size = self._parts, [], 0
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        first, buf = self._first, self._buf
+        self._first, self._buf, self._size = None, None, 0
+        if buf is not None:
+            return bytes(buf)
+        return first if first is not None else b""
 
     @property
     def pending(self) -> int:

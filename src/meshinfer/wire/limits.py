@@ -10,7 +10,7 @@ records per key and per signing peer, keys per read, models per directory read; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshinfer.errors import ConfigError
 
@@ -88,3 +88,19 @@ class RecordLimits:
 
 
 DEFAULT_RECORD_LIMITS = RecordLimits()
+
+
+MESSAGE_OVERHEAD_BYTES = 1 * MIB
+"""Room in a message beside its hidden-state tensor (ids, route tail, burst tag, msgpack framing)."""
+
+
+def limits_for_model(hidden_size: int, max_step_tokens: int, base: WireLimits = DEFAULT_LIMITS) -> WireLimits:
+    """What a server of a model accepts on its session and push streams: no tensor and no message larger
+    than its largest legitimate ``Step`` (``max_step_tokens`` x ``hidden_size`` in float32, the widest
+    dtype on the wire, plus ``MESSAGE_OVERHEAD_BYTES``), and never more than ``base`` allows."""
+    if hidden_size <= 0 or max_step_tokens <= 0:
+        raise ConfigError(f"hidden size and max step tokens must be > 0, got {hidden_size}, {max_step_tokens}")
+    tensor = max_step_tokens * hidden_size * 4
+    message = max(base.max_frame_bytes, tensor + MESSAGE_OVERHEAD_BYTES)
+    return replace(base, max_tensor_bytes=min(base.max_tensor_bytes, tensor),
+                   max_message_bytes=min(base.max_message_bytes, message))
