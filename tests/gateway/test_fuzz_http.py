@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 from gateway_helpers import FakeGenerator, ids
-from http_attacks import read_response
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzzing import budget
+from http_attacks import read_response
 from meshinfer.gateway.app import create_app
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.serving import ApiServer

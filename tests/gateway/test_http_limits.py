@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 from gateway_helpers import FakeGenerator, FakeTokenizer, ids
-from http_attacks import Slowloris, post_head, post_json, read_response, timed_get
 
+from http_attacks import Slowloris, post_head, post_json, read_response, timed_get
 from meshinfer.errors import ConfigError
 from meshinfer.gateway.app import create_app
 from meshinfer.gateway.config import GatewayConfig, HttpLimits, exposure_warning

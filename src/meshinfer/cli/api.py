@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +32,6 @@ from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
-
-log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,12 +79,11 @@ def api_key_from_file(args: argparse.Namespace) -> str | None:
 
 
 def warn_if_exposed(host: str, api_key: str | None, what: str) -> None:
-    """Print (stderr) and log the warning for a keyless server beyond loopback, if it applies."""
+    """Print the warning for a keyless server beyond loopback on stderr, if it applies."""
     from meshinfer.gateway.config import exposure_warning
 
     if (warning := exposure_warning(host, api_key, what)) is not None:
         print(warning, file=sys.stderr, flush=True)
-        log.warning("%s", warning)
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:

@@ -1,4 +1,4 @@
-"""Raw-socket clients for the gateway's HTTP limit tests and ``scripts/attacks/gateway.py``: a request head
+"""Raw-socket clients for the gateway's HTTP limit tests and ``scripts/attacks/gateway_http.py``: a request head
 sent without its body, a chunked body that never ends, slowloris sockets (a partial request head, then
 silence), and the time a plain request takes meanwhile. Only the sockets they open are closed by them."""
 
