@@ -8,8 +8,8 @@ background ``LoopThread`` through ``--initial-peers``, refreshed by a ``dashboar
 ``meshinfer swarm --json`` document plus round trips, totals and status), ``/health`` and ``/metrics``.
 ``--api-key``/``--api-key-file`` put the page, ``/api/swarm`` and ``/metrics`` behind a key (a browser signs
 in once; ``/health`` stays open); beyond loopback with no key it warns at start. The HTTP limits
-(``gateway.config.HttpLimits``: header and body sizes, read timeouts) are flags too. A swarm that cannot be
-reached does not stop it: the page shows the error and the poller keeps trying.
+(``gateway.config.HttpLimits``: request head size, head and keep-alive timeouts) are flags too. A swarm that
+cannot be reached does not stop it: the page shows the error and the poller keeps trying.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8080", "api": ".../api/swarm", "metrics_url": ".../metrics"}
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="read the key from this file (first line) instead of --api-key")
     from meshinfer.gateway.config import HttpLimits
 
-    add_config_flags(parser, HttpLimits)
+    add_config_flags(parser, HttpLimits, skip=("max_body_bytes", "body_timeout"))  # its one body: a 4 KiB login
     add_stop_on_stdin_eof(parser)
 
 
