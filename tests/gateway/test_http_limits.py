@@ -136,6 +136,9 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenising() -> Non
         chat = {"model": "fake", "messages": [{"role": "user", "content": "y" * (limit + 1)}]}
         status, doc = post_json(server.url, "/v1/chat/completions", json.dumps(chat).encode())
         assert status == 400 and doc["error"]["param"] == "messages" and CountingTokenizer.calls == 0
+        many = {"model": "fake", "messages": [{"role": "user", "content": ""}] * 256}  # one per token of context
+        status, doc = post_json(server.url, "/v1/chat/completions", json.dumps(many).encode())
+        assert status == 400 and "256 messages cannot fit" in doc["error"]["message"] and CountingTokenizer.calls == 0
         honest(server.url)
     finally:
         server.stop()

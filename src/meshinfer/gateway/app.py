@@ -10,8 +10,9 @@ sessions. Each request: check the key (401), read the body under ``HttpLimits`` 
 (chat: the tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special
 tokens, as ``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the
 given token ids, each below the vocabulary size), apply the context limit (a prompt of more characters than
-the context could hold is refused before tokenising), wait for one of ``max_concurrency`` generation slots (429 when
-``max_waiting`` requests already wait; each of ``n`` choices is a generation of its own, ``gateway.choices``),
+the context could hold, or of more messages than it has tokens, is refused before rendering and tokenising),
+wait for one of ``max_concurrency`` generation slots (429 when ``max_waiting`` requests already wait; each of
+``n`` choices is a generation of its own, ``gateway.choices``),
 and wait for the first generated token of every choice before answering, so that a swarm that cannot serve the
 model (503 with the reason) or a context error is a proper HTTP error even for ``stream: true``. Streams are
 Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
@@ -131,6 +132,9 @@ class Gateway:
                 return list(req.prompt)
             check_prompt_chars(len(req.prompt), context, self.max_token_chars, "prompt")
             return [int(i) for i in tokenizer(req.prompt)["input_ids"]]
+        if len(req.messages) >= context:  # every chat template marks each message with at least one token
+            raise bad(f"this model's maximum context length is {context} tokens; {len(req.messages)} messages cannot "
+                      "fit (each takes at least one token)", param="messages", code="context_length_exceeded")
         check_prompt_chars(sum(len(m["content"]) for m in req.messages), context, self.max_token_chars, "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
