@@ -115,12 +115,14 @@ def test_random_request_heads_on_a_real_socket(head: bytes) -> None:
         assert ok.json()["choices"][0]["text"] == "Hello"
 
 
-SERVER = ApiServer(create_app(fake(), "fake", GatewayConfig(header_timeout=2.0)),
-                   limits=GatewayConfig(header_timeout=2.0).limits)
+SERVER: Any = None
+"""The real uvicorn server of the raw-socket test (started for this module only)."""
 
 
 def setup_module() -> None:
-    SERVER.start()
+    global SERVER
+    config = GatewayConfig(header_timeout=2.0)
+    SERVER = ApiServer(create_app(fake(), "fake", config), limits=config.limits).start()
 
 
 def teardown_module() -> None:
