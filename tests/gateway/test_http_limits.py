@@ -180,3 +180,25 @@ def test_limits_and_the_exposure_warning() -> None:
         warning = exposure_warning(host, None)
         assert warning is not None and "no API key" in warning and "--api-key" in warning
         assert exposure_warning(host, "k") is None
+
+
+def test_the_openai_client_sees_the_right_error_types() -> None:
+    import openai
+
+    server, gen = serve()
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=10) as client:
+            with pytest.raises(openai.BadRequestError) as bad_seed:
+                client.completions.create(model="fake", prompt="hi", seed=2**70)
+            assert bad_seed.value.status_code == 400 and "seed" in bad_seed.value.message
+            with pytest.raises(openai.BadRequestError) as negative:  # (the client cannot send a lone surrogate)
+                client.completions.create(model="fake", prompt=[-3, 7], echo=True, max_tokens=0)
+            assert "token ids must be >= 0" in negative.value.message
+            with pytest.raises(openai.APIStatusError) as too_big:
+                client.completions.create(model="fake", prompt="x" * 100_000)  # over the 64 KiB cap
+            assert too_big.value.status_code == 413 and "limit --max-body-bytes 65536" in too_big.value.message
+            got = client.completions.create(model="fake", prompt="hi", temperature=0)  # same connection pool
+            assert got.choices[0].text == "Hello"
+        assert len(gen.calls) == 1
+    finally:
+        server.stop()
