@@ -87,3 +87,65 @@ def test_an_unreachable_swarm_is_served_as_the_error_state() -> None:
         tree += proc.descendants()
         proc.stop()
     assert not wait_gone(tree, timeout=10), f"processes left behind: {tree}"
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+@pytest.mark.slow
+def test_a_public_dashboard_warns_without_a_key_and_closes_slowloris_sockets() -> None:
+    """``--host 0.0.0.0`` with no key: a warning at start. 40 slowloris sockets (a partial request head, then
+    silence) are all closed within ``--header-timeout`` (2 s) plus a little, /health answers at once meanwhile,
+    and the process's memory does not move."""
+    from http_attacks import Slowloris, timed_get
+
+    dead = PEER
+    proc = ManagedProcess(meshinfer_argv("dashboard", "--initial-peers", dead, "--host", "0.0.0.0", "--port", "0",
+                                         "--header-timeout", "2", "--no-rtt", "--stop-on-stdin-eof"),
+                          name="meshinfer dashboard")
+    try:
+        line = proc.read_line(60)
+        assert line.startswith("ready "), line
+        port = int(json.loads(line[len("ready "):])["url"].rsplit(":", 1)[1])
+        url = f"http://127.0.0.1:{port}"
+        assert "WARNING: the dashboard listens on 0.0.0.0 (not loopback) with no API key" in proc.stderr_tail()
+        before = _rss_mb(proc.pid)
+        socks = Slowloris(url, count=40).open()
+        try:
+            status, took = timed_get(url, "/health")
+            assert status in (200, 503) and took < 2
+            closed = Slowloris.closed_after(socks, limit=10)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert all(c is not None and 1.5 < c < 5 for c in closed), closed
+        assert _rss_mb(proc.pid) < before * 1.1
+        assert timed_get(url, "/api/swarm")[0] == 200  # no key: open, as before
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_a_dashboard_with_a_key_needs_it_and_does_not_warn(tmp_path: Any) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("d-key\n")
+    proc = ManagedProcess(meshinfer_argv("dashboard", "--initial-peers", PEER, "--host", "0.0.0.0", "--port", "0",
+                                         "--api-key-file", str(key_file), "--no-rtt", "--stop-on-stdin-eof"),
+                          name="meshinfer dashboard")
+    try:
+        line = proc.read_line(60)
+        assert line.startswith("ready "), line
+        url = "http://127.0.0.1:" + json.loads(line[len("ready "):])["url"].rsplit(":", 1)[1]
+        assert "WARNING" not in proc.stderr_tail()
+        for path in ("/", "/api/swarm", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url + path, timeout=10)
+            assert info.value.code == 401, path
+            request = urllib.request.Request(url + path, headers={"Authorization": "Bearer d-key"})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert r.status == 200, path
+    finally:
+        proc.stop()

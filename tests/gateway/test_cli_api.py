@@ -43,11 +43,22 @@ def test_meshinfer_api_serves_until_sigterm(served: Served, tmp_path: Path) -> N
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
-        page = httpx.get(info["url"] + "/", timeout=30)
-        assert page.status_code == 200 and "<html" in page.text.lower()
-        doc = httpx.get(info["url"] + "/api/swarm", timeout=30).json()
+        # with a key, all of them need it: a bearer header, or a browser's session cookie after signing in
+        url = info["url"]
+        for path in ("/", "/api/swarm", "/metrics"):
+            assert httpx.get(url + path, timeout=30).status_code == 401, path
+            assert httpx.get(url + path, headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
+        assert 'name="key"' in httpx.get(url + "/", timeout=30).text  # the sign-in page
+        assert httpx.get(url + "/health", timeout=30).status_code in (200, 503)  # open: a load balancer's probe
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            assert browser.post("/login", data={"key": "wrong"}).status_code == 401
+            signed = browser.post("/login", data={"key": "k-123"}, follow_redirects=True)
+            assert signed.status_code == 200 and "<html" in signed.text.lower() and 'name="key"' not in signed.text
+            doc = browser.get("/api/swarm").json()  # the page's own polling, with the cookie
         assert served.swarm.model_id in json.dumps(doc)
-        families = {f.name: f for f in text_string_to_metric_families(httpx.get(info["url"] + "/metrics",
+        auth = {"Authorization": "Bearer k-123"}
+        assert httpx.get(url + "/api/swarm", headers=auth, timeout=30).status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", headers=auth,
                                                                                 timeout=30).text)}
         served_tokens = families["meshinfer_tokens_served"].samples
         assert families["meshinfer_tokens_served"].type == "counter" and served_tokens[0].value >= 1

@@ -238,3 +238,50 @@ def test_error_for(err: BaseException, status: int, code: str | None) -> None:
     assert str(err) in body["message"]
     assert body["type"] == {400: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                             503: "service_unavailable_error"}[status]
+
+
+# ---- inputs that were a 500 (issue 17 finding 8): each is a 400 naming what is wrong --------------------------
+
+SURROGATE = "a\ud800b"  # what the JSON escape "\\ud800" decodes to: not encodable as UTF-8
+
+
+@pytest.mark.parametrize(("parse", "body", "param"), [
+    (parse_completion_request, {"model": "m", "prompt": "hi", "seed": 2**64}, "seed"),
+    (parse_completion_request, {"model": "m", "prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+    (parse_completion_request, {"model": "m", "prompt": [-1, 5], "echo": True, "max_tokens": 0}, "prompt"),
+    (parse_completion_request, {"model": "m", "prompt": SURROGATE}, "prompt"),
+    (parse_completion_request, {"model": "m", "prompt": "hi", "stop": [SURROGATE]}, "stop"),
+    (parse_completion_request, {"model": SURROGATE, "prompt": "hi"}, "model"),
+    (parse_chat_request, {"model": "m", "messages": [{"role": "user", "content": SURROGATE}]}, "messages[0].content"),
+    (parse_chat_request, {"model": "m", "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                   "text": SURROGATE}]}]},
+     "messages[0].content"),
+    (parse_chat_request, chat(temperature=float("nan")), "temperature"),
+    (parse_chat_request, chat(top_p=float("inf")), "top_p"),
+    (parse_chat_request, chat(n=10**30), "n"),
+    (parse_chat_request, chat(logit_bias={"5": 100}), "logit_bias"),
+])
+def test_inputs_that_were_500s_are_400s(parse: Any, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse(body)
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_seeds_in_int64_are_kept() -> None:
+    for seed in (-(2**63), -1, 0, 2**63 - 1):
+        assert parse_completion_request({"model": "m", "prompt": "hi", "seed": seed}).sampling.seed == seed
+
+
+def test_json_nested_too_deeply_is_a_400() -> None:
+    with pytest.raises(ApiError, match="nested too deeply") as info:
+        parse_json_body(b"[" * 100_000 + b"]" * 100_000)
+    assert info.value.status == 400
+
+
+def test_the_prompt_character_bound() -> None:
+    from meshinfer.gateway.requests import check_prompt_chars
+
+    check_prompt_chars(512 * 16, 512, 16, "prompt")
+    with pytest.raises(ApiError, match="limit 8192 characters") as info:
+        check_prompt_chars(512 * 16 + 1, 512, 16, "prompt")
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"

@@ -9,7 +9,9 @@ Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}
 
-(and a human line on stderr). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it:
+(and a human line on stderr). Listening beyond loopback (``--host 0.0.0.0``) with no key prints a warning on
+stderr first (``gateway.config.exposure_warning``). With a key, the dashboard at ``/`` and ``/metrics`` need it
+too (a browser signs in once). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it:
 open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP or of the swarm itself.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +32,6 @@ from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,21 +61,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_stop_on_stdin_eof(parser)
 
 
+def api_key_from_file(args: argparse.Namespace) -> str | None:
+    """The key of ``--api-key-file`` (its first line), None without that flag; ConfigError for a bad file or
+    when ``--api-key`` is given too."""
+    if args.api_key_file is None:
+        return None
+    if getattr(args, "api_key", None) is not None:
+        raise ConfigError("give either --api-key or --api-key-file, not both")
+    try:
+        lines = Path(args.api_key_file).expanduser().read_text().splitlines()
+    except OSError as err:
+        raise ConfigError(f"cannot read --api-key-file {args.api_key_file!r}: {err.strerror or err}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty")
+    return key
+
+
+def warn_if_exposed(host: str, api_key: str | None, what: str) -> None:
+    """Print the warning for a keyless server beyond loopback on stderr, if it applies."""
+    from meshinfer.gateway.config import exposure_warning
+
+    if (warning := exposure_warning(host, api_key, what)) is not None:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def _config(args: argparse.Namespace) -> GatewayConfig:
     from meshinfer.gateway.config import GatewayConfig
 
-    overrides: dict[str, Any] = {}
-    if args.api_key_file is not None:
-        if getattr(args, "api_key", None) is not None:
-            raise ConfigError("give either --api-key or --api-key-file, not both")
-        try:
-            lines = Path(args.api_key_file).expanduser().read_text().splitlines()
-        except OSError as err:
-            raise ConfigError(f"cannot read --api-key-file {args.api_key_file!r}: {err.strerror or err}") from None
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty")
-        overrides["api_key"] = key
+    key = api_key_from_file(args)
+    overrides: dict[str, Any] = {"api_key": key} if key is not None else {}
     return config_from_args(GatewayConfig, args, **overrides)
 
 
@@ -87,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     config = _config(args)
+    warn_if_exposed(config.host, config.api_key, "the API (and its dashboard)")
     max_download = max_download_bytes(args)
     dtype = canonical_dtype(args.dtype)
     quant = check_quant_flag(args)
@@ -113,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
             return NodeSwarmReader(model.view.node)  # shares the gateway's peer; never closes it
 
         poller = SwarmPoller(connect).start(model.loop)
-        app.include_router(dashboard_router(poller, include_health=False, include_metrics=False))  # the page at /
-        server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning")
+        app.include_router(dashboard_router(poller, include_health=False, include_metrics=False,  # the page at /
+                                            api_key=config.api_key))
+        server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning",
+                           limits=config.limits)
 
         def describe(url: str) -> tuple[dict[str, Any], str]:
             info = {"url": url, "base_url": f"{url}/v1", "model": name, "model_id": model.model_id,

@@ -6,7 +6,10 @@ background ``LoopThread`` through ``--initial-peers``, refreshed by a ``dashboar
 ``--interval`` s (round trips to servers measured from that peer unless ``--no-rtt``), and serves
 ``dashboard.app.create_app`` with uvicorn in this thread: ``/`` (the page), ``/api/swarm`` (JSON: the
 ``meshinfer swarm --json`` document plus round trips, totals and status), ``/health`` and ``/metrics``.
-A swarm that cannot be reached does not stop it: the page shows the error and the poller keeps trying.
+``--api-key``/``--api-key-file`` put the page, ``/api/swarm`` and ``/metrics`` behind a key (a browser signs
+in once; ``/health`` stays open); beyond loopback with no key it warns at start. The HTTP limits
+(``gateway.config.HttpLimits``: request head size, head and keep-alive timeouts) are flags too. A swarm that
+cannot be reached does not stop it: the page shows the error and the poller keeps trying.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8080", "api": ".../api/swarm", "metrics_url": ".../metrics"}
@@ -21,8 +24,9 @@ import argparse
 from typing import Any
 
 from meshinfer.cli.announce import serve_http
+from meshinfer.cli.api import api_key_from_file, warn_if_exposed
 from meshinfer.cli.args import add_command, add_stop_on_stdin_eof, require_initial_peers
-from meshinfer.cli.common import require
+from meshinfer.cli.common import add_config_flags, config_from_args, require
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="private key file of the dashboard's peer (default: a fresh identity)")
     parser.add_argument("--p2p-host", default="127.0.0.1",
                         help="address the dashboard's peer listens on for libp2p (default: 127.0.0.1)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require this key to see the page, /api/swarm and /metrics (a browser signs in once; "
+                             "scripts send 'Authorization: Bearer KEY'; /health stays open) (default: no key)")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH",
+                        help="read the key from this file (first line) instead of --api-key")
+    from meshinfer.gateway.config import HttpLimits
+
+    add_config_flags(parser, HttpLimits, skip=("max_body_bytes", "body_timeout"))  # its one body: a 4 KiB login
     add_stop_on_stdin_eof(parser)
 
 
@@ -54,10 +66,16 @@ def check_args(args: argparse.Namespace) -> None:
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     require(args.interval > 0, f"--interval must be > 0 seconds, got {args.interval}")
     require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")
+    require(args.api_key is None or bool(args.api_key.strip()), "--api-key must not be empty")
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    from meshinfer.gateway.config import HttpLimits
+
+    api_key = api_key_from_file(args) or args.api_key
+    limits = config_from_args(HttpLimits, args)
+    warn_if_exposed(args.host, api_key, "the dashboard")
     from meshinfer.client.swarm import check_initial_peers
     from meshinfer.config import P2PConfig
 
@@ -73,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         return await NodeSwarmReader.join(config, timeout=args.timeout)
 
     poller = SwarmPoller(connect, interval=args.interval, rtt=not args.no_rtt)
-    server = ApiServer(create_app(poller), args.host, args.port, log_level="info" if args.verbose else "warning")
+    server = ApiServer(create_app(poller, api_key=api_key), args.host, args.port,
+                       log_level="info" if args.verbose else "warning", limits=limits)
     runner = LoopThread("meshinfer-dashboard").start()
     try:
         poller.start(runner.loop)

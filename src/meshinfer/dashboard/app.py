@@ -7,29 +7,36 @@ with ``snapshot() -> dict`` and ``snapshot_json() -> bytes`` (a ``SwarmPoller``,
 handlers only read the latest payload, never wait for the DHT, so the page answers at once whatever the
 swarm does. Routes:
 
-- ``GET /``: the page (``page.PAGE_HTML``);
+- ``GET /``: the page (``page.PAGE_HTML``), or with a key and no session the sign-in page (401);
+- ``POST /login``: a sign-in form (``key=...``, at most ``auth.MAX_LOGIN_BYTES``): the right key sets the
+  session cookie and redirects to the page (303), a wrong one shows the sign-in page again (401);
 - ``GET /api/swarm``: the payload (``doc.dashboard_payload``) with ``served_at`` (unix time) added;
 - ``GET /health``: 200 ``{"ok": true, ...}`` when the last read succeeded, 503 with the error otherwise;
 - ``GET /metrics``: Prometheus text: swarm gauges (``meshinfer_swarm_models``, ``meshinfer_swarm_servers``,
   ``meshinfer_swarm_missing_blocks``, ``meshinfer_swarm_throughput_tokens_per_second`` per model, ...) and,
   for a poller, its reads and failures, in a registry of this app's own.
 
+With ``api_key`` set, ``/``, ``/api/swarm`` and ``/metrics`` need it (``auth.KeyGuard``: a bearer header or
+the session cookie; 401 otherwise); ``/health`` stays open (a probe: it shows only counts and the last error).
+
 Knows nothing of peers or records beyond the payload's JSON shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meshinfer.dashboard.auth import MAX_LOGIN_BYTES, KeyGuard, login_html
 from meshinfer.dashboard.page import PAGE_HTML
 from meshinfer.metrics import PREFIX, new_registry, render
 
@@ -100,20 +107,64 @@ def served_json(source: SwarmSource) -> bytes:
     return head + (b", " + body[1:] if body[1:2] != b"}" else b"}")
 
 
+LOGIN_TIMEOUT_S = 10.0
+"""Seconds a sign-in form's body may take to arrive."""
+UNAUTHORIZED = {"error": {"message": "this dashboard needs the API key: send 'Authorization: Bearer <key>' or sign "
+                                     "in at /", "type": "authentication_error", "param": None,
+                          "code": "invalid_api_key"}}
+
+
+async def _small_body(request: Request, cap: int) -> bytes | None:
+    """The body if it has at most ``cap`` bytes and arrives within ``LOGIN_TIMEOUT_S``; else None."""
+    chunks: list[bytes] = []
+
+    async def collect() -> bool:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return False
+            chunks.append(chunk)
+        return True
+
+    try:
+        return b"".join(chunks) if await asyncio.wait_for(collect(), LOGIN_TIMEOUT_S) else None
+    except TimeoutError:
+        return None
+
+
 def dashboard_router(source: SwarmSource, *, include_health: bool = True, include_metrics: bool = True,
-                     registry: CollectorRegistry | None = None) -> APIRouter:
-    """The dashboard's routes over ``source`` (health and metrics optional: a host app may have its own)."""
+                     registry: CollectorRegistry | None = None, api_key: str | None = None) -> APIRouter:
+    """The dashboard's routes over ``source`` (health and metrics optional: a host app may have its own;
+    ``api_key``: who may see it, see the module docstring)."""
     router = APIRouter()
+    guard = KeyGuard(api_key)
     if include_metrics:
         registry = registry if registry is not None else new_registry()
         registry.register(SwarmCollector(source))
 
+    def refused() -> Response:
+        return JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
     @router.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
+    async def page(request: Request) -> HTMLResponse:
+        if not guard.allows(request.headers):
+            return HTMLResponse(login_html(), status_code=401, headers={"Cache-Control": "no-store"})
         return HTMLResponse(PAGE_HTML, headers={"Cache-Control": "no-cache"})
 
+    @router.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        body = await _small_body(request, MAX_LOGIN_BYTES)
+        if body is None or not guard.sign_in(body):
+            error = "the form is too large or too slow" if body is None else "wrong key"
+            return HTMLResponse(login_html(error), status_code=401, headers={"Cache-Control": "no-store"})
+        headers = {"Set-Cookie": guard.cookie_header()} if guard.required else None
+        return RedirectResponse("./", status_code=303, headers=headers)
+
     @router.get("/api/swarm")
-    async def api_swarm() -> Response:
+    async def api_swarm(request: Request) -> Response:
+        if not guard.allows(request.headers):
+            return refused()
         return Response(served_json(source), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     if include_health:
@@ -132,15 +183,17 @@ def dashboard_router(source: SwarmSource, *, include_health: bool = True, includ
         assert registry is not None
 
         @router.get("/metrics", include_in_schema=False)
-        async def metrics() -> Response:
+        async def metrics(request: Request) -> Response:
+            if not guard.allows(request.headers):
+                return refused()
             body, ctype = render(registry)
             return Response(body, media_type=ctype)
 
     return router
 
 
-def create_app(source: SwarmSource, *, title: str = "meshinfer dashboard") -> FastAPI:
-    """A standalone dashboard app over ``source`` (``meshinfer dashboard``)."""
+def create_app(source: SwarmSource, *, title: str = "meshinfer dashboard", api_key: str | None = None) -> FastAPI:
+    """A standalone dashboard app over ``source`` (``meshinfer dashboard``), behind ``api_key`` when given."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(dashboard_router(source))
+    app.include_router(dashboard_router(source, api_key=api_key))
     return app

@@ -4,6 +4,7 @@ Contract: built only on the client's public API (``DistributedModel``: ``tokeniz
 ``model.loop``, its swarm view for ``/health``); never imports ``server``, and reaches the network only through
 the client. Modules: ``requests`` (pure: request validation, OpenAI errors), ``responses`` (pure: response
 bodies, SSE framing, stop strings), ``generation`` (the ``Generator`` protocol, ``SwarmGenerator``, token ids to
-text), ``config`` (``GatewayConfig``), ``app`` (the FastAPI app), ``serving`` (uvicorn). Import the submodules;
-this package module stays import-light.
+text), ``config`` (``GatewayConfig``, ``HttpLimits``), ``body`` (reading a body under its size and time
+limits), ``app`` (the FastAPI app), ``httpguard`` (uvicorn's h11 protocol with a request-head deadline),
+``serving`` (uvicorn). Import the submodules; this package module stays import-light.
 """

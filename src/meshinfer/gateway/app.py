@@ -3,12 +3,16 @@
 
 Contract: ``create_app(generator, model_name, config)`` builds the ASGI app around a ``Generator`` (the
 swarm's ``SwarmGenerator`` in production, a fake in unit tests); it knows nothing of servers, routes or
-sessions. Each request: parse and validate the JSON body (``gateway.requests``; bad input is a 400 in the
-OpenAI error format, never FastAPI's own), check the key (401) and the model name (404), render the prompt
+sessions. Each request: check the key (401), read the body under ``HttpLimits`` (``gateway.body``: 413 past
+``max_body_bytes`` before reading it, 408 past ``body_timeout``), parse and validate the JSON body
+(``gateway.requests``; bad input is a 400 in the OpenAI error format, never FastAPI's own, and no input is a
+500), check the model name (404), render the prompt
 (chat: the tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special
 tokens, as ``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the
-given token ids), apply the context limit, wait for one of ``max_concurrency`` generation slots (429 when
-``max_waiting`` requests already wait; each of ``n`` choices is a generation of its own, ``gateway.choices``),
+given token ids, each below the vocabulary size), apply the context limit (a prompt of more characters than
+the context could hold, or of more messages than it has tokens, is refused before rendering and tokenising),
+wait for one of ``max_concurrency`` generation slots (429 when ``max_waiting`` requests already wait; each of
+``n`` choices is a generation of its own, ``gateway.choices``),
 and wait for the first generated token of every choice before answering, so that a swarm that cannot serve the
 model (503 with the reason) or a context error is a proper HTTP error even for ``stream: true``. Streams are
 Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
@@ -16,7 +20,10 @@ Server-Sent Events ending with ``data: [DONE]``; an error after the stream has s
 ``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
 replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A completion with ``echo``
 answers the prompt first (scored by the generator when logprobs are asked for: one more pass over the prompt,
-inside the request's slot), then the completion. ``/health`` is not key-protected: 200 with the swarm's status
+inside the request's slot), then the completion. Decoding the JSON, validating it, rendering and tokenising
+the prompt run on one worker thread, off the event loop, so one huge request never stalls the others (e.g.
+``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected (a load balancer's
+probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
 when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
 waiting, completed, failed, cancelled: abandoned because the client went away).
 """
@@ -26,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -36,6 +45,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from meshinfer.gateway.body import read_body
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
@@ -45,6 +55,7 @@ from meshinfer.gateway.requests import (
     bad,
     check_api_key,
     check_model,
+    check_prompt_chars,
     error_for,
     parse_chat_request,
     parse_completion_request,
@@ -63,6 +74,8 @@ T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
 """How often a request waiting for its first token (or a whole non-streaming answer) checks its client."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DEFAULT_MAX_TOKEN_CHARS = 64
+"""Characters one token may cover when the tokenizer cannot list its vocabulary (for the prompt's size check)."""
 
 
 class ClientGone(Exception):
@@ -97,15 +110,32 @@ class Gateway:
         tokenizer = generator.tokenizer
         self.chat_stop_ids = chat_stop_ids(tokenizer, generator.spec.eos_token_ids)
         self.eos_ids = frozenset(generator.spec.eos_token_ids)
+        self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
+        self.max_token_chars = _max_token_chars(tokenizer)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the gateway's one worker thread (JSON, validation, templates, tokenising)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
 
     # ---- prompts -------------------------------------------------------------------------------
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (on the worker thread: see ``offload``)."""
         tokenizer = self.generator.tokenizer
+        context = self.generator.spec.max_position_embeddings
         if req.kind == "completion":
             if isinstance(req.prompt, tuple):
+                if self.vocab_size is not None and max(req.prompt) >= self.vocab_size:
+                    raise bad(f"token id {max(req.prompt)} is not in the model's vocabulary (ids 0.."
+                              f"{self.vocab_size - 1})", param="prompt")
                 return list(req.prompt)
+            check_prompt_chars(len(req.prompt), context, self.max_token_chars, "prompt")
             return [int(i) for i in tokenizer(req.prompt)["input_ids"]]
+        if len(req.messages) >= context:  # every chat template marks each message with at least one token
+            raise bad(f"this model's maximum context length is {context} tokens; {len(req.messages)} messages cannot "
+                      "fit (each takes at least one token)", param="messages", code="context_length_exceeded")
+        check_prompt_chars(sum(len(m["content"]) for m in req.messages), context, self.max_token_chars, "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
                       param="messages")
@@ -113,6 +143,7 @@ class Gateway:
             text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
         except Exception as err:  # a template may reject a conversation (e.g. roles that do not alternate)
             raise bad(f"the chat template rejected these messages: {err}", param="messages") from None
+        check_prompt_chars(len(text), context, self.max_token_chars, "messages")
         return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     # ---- generation ----------------------------------------------------------------------------
@@ -151,7 +182,7 @@ class Gateway:
         return Answer(self._in_slot(pieces), outcome, self.stats)
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
-        ids = self.prompt_ids(req)
+        ids = await self.offload(lambda: self.prompt_ids(req))
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
                                         self.config.default_max_tokens)
@@ -237,9 +268,20 @@ async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
             await stop_task(task, errors=(BaseException,))
 
 
-def _error_response(err: ApiError) -> JSONResponse:
+def _max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer``'s vocabulary spells (its longest entry, special tokens
+    included), so that ``chars > context * this`` proves a text has more tokens than the context holds."""
+    try:
+        return max(1, max((len(str(t)) for t in tokenizer.get_vocab()), default=1))
+    except Exception:  # a tokenizer without a listable vocabulary
+        return DEFAULT_MAX_TOKEN_CHARS
+
+
+def _error_response(err: ApiError) -> Response:
+    """The error in the OpenAI format, as ASCII JSON (safe whatever text the message quotes)."""
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    body = json.dumps(err.body(), separators=(",", ":"))
+    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
 def create_app(generator: Generator, model_name: str, config: GatewayConfig | None = None) -> FastAPI:
@@ -250,13 +292,13 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     app.state.gateway = gateway
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else None
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _error_response(ApiError(exc.status_code, message, code=code))
 
     @app.exception_handler(Exception)
-    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+    async def any_error(request: Request, exc: Exception) -> Response:
         return _error_response(error_for(exc))
 
     async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
@@ -277,7 +319,8 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
         async def work() -> Response:
             gateway.stats["requests"] += 1
             try:
-                req = parse(parse_json_body(await request.body()))
+                raw = await read_body(request, config)
+                req = await gateway.offload(lambda: parse(parse_json_body(raw)))
                 check_model(req.model, model_name)
                 return await gateway.answer(request, req)
             except ClientGone:
@@ -312,16 +355,19 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
         return await guarded(request, work)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus metrics of this gateway's generations (when the generator keeps them)."""
-        session_metrics = getattr(generator, "metrics", None)
-        if session_metrics is None:
-            return Response(status_code=404)
-        sync = getattr(generator, "sync_metrics", None)
-        if sync is not None:
-            sync()
-        body, content_type = render(session_metrics.registry)
-        return Response(content=body, media_type=content_type)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of this gateway's generations (when the generator keeps them); needs the key."""
+        async def work() -> Response:
+            session_metrics = getattr(generator, "metrics", None)
+            if session_metrics is None:
+                return Response(status_code=404)
+            sync = getattr(generator, "sync_metrics", None)
+            if sync is not None:
+                sync()
+            body, content_type = render(session_metrics.registry)
+            return Response(content=body, media_type=content_type)
+
+        return await guarded(request, work)
 
     @app.get("/health")
     async def health() -> Response:

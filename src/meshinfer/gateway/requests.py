@@ -14,7 +14,10 @@ fields are ignored (clients send many). ``temperature`` defaults to 1 as in the 
 ``context_length_exceeded``); ``check_api_key`` (401) and ``check_model`` (404) guard every ``/v1`` route.
 ``error_for`` maps any exception to the ``ApiError`` to send: ``ContextOverflowError``/``ConfigError`` 400,
 ``NoRouteError``, an ``overloaded`` server or an unreachable swarm 503 (with the reason), anything else 500.
-Knows nothing of tokenizers or models.
+No input may cause that 500: JSON nested too deeply, a text with a lone surrogate (not UTF-8 encodable; in the
+model name, a prompt, a message or a stop string), a ``seed`` outside int64, a negative token id are 400s,
+and so is a prompt longer in characters than the context could hold (``check_prompt_chars``, before any
+tokenising). Knows nothing of tokenizers or models.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ MAX_STOP_STRINGS = 4
 """The OpenAI API accepts up to 4 stop sequences."""
 MAX_CHOICES = 16
 """The most choices (``n``) one request may ask for: each is a generation of its own on the swarm."""
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Accepted ``seed`` values (int64, as the OpenAI API documents; choice i samples with ``seed + i``)."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -102,6 +107,27 @@ def parse_json_body(raw: bytes) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise bad(f"the request body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise bad("the request body is JSON nested too deeply") from None
+
+
+def check_prompt_chars(chars: int, context: int, max_token_chars: int, param: str) -> None:
+    """400 ``context_length_exceeded`` when a prompt of ``chars`` characters cannot fit ``context`` tokens even
+    if each token covered ``max_token_chars`` characters (the vocabulary's longest): checked before tokenising."""
+    limit = context * max_token_chars
+    if chars > limit:
+        raise bad(f"this model's maximum context length is {context} tokens; the prompt has {chars} characters, "
+                  f"more than {context} tokens can cover (limit {limit} characters: {max_token_chars} per token at "
+                  "most)", param=param, code="context_length_exceeded")
+
+
+def _text(value: str, param: str) -> str:
+    """``value``, or a 400 when it is not valid Unicode text (a lone surrogate from a ``\\ud800`` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad(f"{param} is not valid Unicode text: {err.reason} at character {err.start}", param=param) from None
+    return value
 
 
 def check_api_key(authorization: str | None, api_key: str | None) -> None:
@@ -183,6 +209,14 @@ def _integer(body: dict[str, Any], name: str, low: int | None = None) -> int | N
     return value
 
 
+def _seed(body: dict[str, Any]) -> int | None:
+    seed = _integer(body, "seed")
+    low, high = SEED_RANGE
+    if seed is not None and not low <= seed <= high:
+        raise bad(f"seed must be a 64-bit signed integer (in {low}..{high}), got {seed}", param="seed")
+    return seed
+
+
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
@@ -194,6 +228,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         raise bad(f"stop takes at most {MAX_STOP_STRINGS} sequences, got {len(items)}", param="stop")
     if any(s == "" for s in items):
         raise bad("stop sequences must not be empty", param="stop")
+    for s in items:
+        _text(s, "stop")
     return tuple(dict.fromkeys(items))
 
 
@@ -221,6 +257,7 @@ def _common(body: Any) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("you must provide a model parameter", param="model")
+    _text(model, "model")
     _unsupported(body)
     stream = body.get("stream", False)
     if stream is None:
@@ -238,7 +275,7 @@ def _common(body: Any) -> dict[str, Any]:
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
             top_k=max(0, top_k or 0),  # -1 (vLLM's "disabled") and 0 both disable it
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-            seed=_integer(body, "seed"),
+            seed=_seed(body),
         )
     except ConfigError as err:  # the ranges above should already exclude this
         raise bad(str(err)) from None
@@ -252,14 +289,14 @@ def _common(body: Any) -> dict[str, Any]:
 def _content(message: dict[str, Any], index: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{index}].content")
     if isinstance(content, list):
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"messages[{index}].content: only text parts are supported",
                           param=f"messages[{index}].content")
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"messages[{index}].content"))
         return "".join(parts)
     raise bad(f"messages[{index}].content must be a string or a list of text parts",
               param=f"messages[{index}].content")
@@ -311,8 +348,10 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        parsed: str | tuple[int, ...] = prompt
+        parsed: str | tuple[int, ...] = _text(prompt, "prompt")
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 for t in prompt):
+            raise bad(f"token ids must be >= 0, got {min(prompt)}", param="prompt")
         parsed = tuple(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         raise bad("only one prompt per request is supported", param="prompt")

@@ -2,8 +2,10 @@
 (tests, benchmarks).
 
 Contract: binds its listening socket itself before uvicorn starts (so ``port=0`` gets a free port and ``url``
-is known at once), runs uvicorn on its own asyncio loop (``loop="asyncio"``, access log off), and reports
-readiness only once uvicorn has started. ``start()`` serves from a daemon thread until ``stop()``;
+is known at once), runs uvicorn on its own asyncio loop (``loop="asyncio"``, access log off) with the HTTP/1.1
+protocol of ``gateway.httpguard`` under ``HttpLimits`` (request heads of at most ``max_header_bytes``, completed within
+``header_timeout``; idle keep-alive connections closed after ``keepalive_timeout``), and reports readiness
+only once uvicorn has started. ``start()`` serves from a daemon thread until ``stop()``;
 ``run(on_ready)`` serves in the calling thread until ``stop()`` or, in the main thread, SIGINT/SIGTERM (then
 it returns normally). Shutdown gives open streams ``graceful_timeout`` seconds. Knows nothing of models.
 """
@@ -21,14 +23,17 @@ from collections.abc import Callable
 from typing import Any
 
 from meshinfer.errors import ConfigError
+from meshinfer.gateway.config import HttpLimits
 
 
 class ApiServer:
     """One uvicorn server for one ASGI app on ``host:port``."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
-                 graceful_timeout: float = 5.0) -> None:
+                 graceful_timeout: float = 5.0, limits: HttpLimits | None = None) -> None:
         import uvicorn
+
+        from meshinfer.gateway.httpguard import guarded_protocol
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -40,8 +45,11 @@ class ApiServer:
             raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
         self.host = host
         self.port = int(self._sock.getsockname()[1])
+        self.limits = limits = limits or HttpLimits()
         config = uvicorn.Config(app, loop="asyncio", lifespan="off", log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=math.ceil(graceful_timeout))
+                                timeout_graceful_shutdown=math.ceil(graceful_timeout),
+                                http=guarded_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes,
+                                timeout_keep_alive=limits.keepalive_timeout)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
