@@ -117,3 +117,8 @@ def test_peer_stats_memory_is_bounded() -> None:
     assert len(stats) == 3 and set(stats.block_seconds()) == {"P7", "P8", "P9"}
     with pytest.raises(ConfigError):
         PeerStats(max_peers=0)
+
+
+def test_one_honest_server_and_one_liar_cap_the_liar_at_the_honest_figure() -> None:
+    rates = prior_rates([server("H"), server("L", throughput=1e12)])
+    assert rates["L"] == pytest.approx(PRIOR_CAP * rates["H"])  # the lower median, not the mean of the two

@@ -7,7 +7,8 @@ whose spans are consecutive and cover ``[start, end)`` exactly, minimising estim
 ``sum over hops cost(peer, blocks_used)``, where ``cost`` is ``measured[peer] * blocks`` for a measured peer,
 else ``rtt(peer) + blocks / prior_rate(peer)``: the ANNOUNCED throughput is only a prior, and a capped one
 (a server's announced block-tokens per second count for at most ``prior_cap`` times the median of the
-candidates', so a record claiming 1e12 tokens/s looks at most ``prior_cap`` times as fast as a typical one).
+candidates' (the lower median), so a record claiming 1e12 tokens/s looks at most ``prior_cap`` times as fast as a
+typical one).
 Announced load (``sessions`` and ``queued_steps`` over the batch the server measured) multiplies a server's
 cost by ``1 + load``. With ``rng``, each server's cost is also multiplied by ``E ** (1 / SPREAD_EXPONENT)``
 (``E`` drawn from Exp(1), once per server and plan): between equivalent servers the choice is random, a server
@@ -79,11 +80,12 @@ class _Cost:
 
 def prior_rates(servers: Iterable[ServerRecord], cap: float = PRIOR_CAP) -> dict[PeerIdStr, float]:
     """Each server's believed speed before any measurement, in block-tokens per second: its announced
-    ``throughput * len(span)``, at most ``cap`` times the median of all of them (at least ``MIN_THROUGHPUT``)."""
+    ``throughput * len(span)``, at most ``cap`` times the lower median of all of them (at least ``MIN_THROUGHPUT``;
+    the lower median: one honest server and one liar make a ceiling of 1.5x the honest one, not of their mean)."""
     rates = {s.peer_id: _announced_rate(s) for s in servers}
     if not rates:
         return {}
-    ceiling = cap * statistics.median(rates.values())
+    ceiling = cap * statistics.median_low(rates.values())  # low: with 2 servers, not the mean of honest and liar
     return {peer: min(rate, ceiling) for peer, rate in rates.items()}
 
 
