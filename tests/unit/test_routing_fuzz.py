@@ -66,9 +66,9 @@ def test_peer_stats_keep_finite_non_negative_figures(events: list[tuple[str, int
         if is_rtt:
             stats.record_rtt(peer, seconds)
         else:
-            stats.record_step(peer, blocks, seconds)
+            stats.record_step(peer, blocks, seconds, 0.0)
     assert len(stats) <= 4
-    for value in [*stats.block_seconds().values(), *stats.rtt().values()]:
+    for value in [*stats.block_seconds(0.0).values(), *stats.rtt().values()]:
         assert math.isfinite(value) and value >= 0
 
 

@@ -96,15 +96,15 @@ def test_spread_keeps_routes_valid_across_chains() -> None:
 
 def test_peer_stats_smooth_and_report_per_block_seconds() -> None:
     stats = PeerStats()
-    assert not stats.reached("A") and stats.block_seconds() == {}
-    stats.record_step("A", 4, 0.04)
-    assert stats.block_seconds() == {"A": pytest.approx(0.01)} and stats.reached("A") and stats.steps("A") == 1
-    stats.record_step("A", 4, 0.08)
-    assert stats.block_seconds()["A"] == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)
+    assert not stats.reached("A") and stats.block_seconds(0.0) == {}
+    stats.record_step("A", 4, 0.04, 0.0)
+    assert stats.block_seconds(1.0) == {"A": pytest.approx(0.01)} and stats.reached("A") and stats.steps("A") == 1
+    stats.record_step("A", 4, 0.08, 1.0)
+    assert stats.block_seconds(2.0)["A"] == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)
     for bad in (-1.0, math.nan, math.inf):
-        stats.record_step("A", 4, bad)
+        stats.record_step("A", 4, bad, 2.0)
         stats.record_rtt("B", bad)
-    stats.record_step("A", 0, 1.0)
+    stats.record_step("A", 0, 1.0, 2.0)
     assert stats.steps("A") == 2 and not stats.reached("B")
     stats.record_rtt("B", 0.002)
     assert stats.reached("B") and stats.rtt() == {"B": 0.002}
@@ -113,10 +113,21 @@ def test_peer_stats_smooth_and_report_per_block_seconds() -> None:
 def test_peer_stats_memory_is_bounded() -> None:
     stats = PeerStats(max_peers=3)
     for i in range(10):
-        stats.record_step(f"P{i}", 1, 0.001)
-    assert len(stats) == 3 and set(stats.block_seconds()) == {"P7", "P8", "P9"}
+        stats.record_step(f"P{i}", 1, 0.001, 0.0)
+    assert len(stats) == 3 and set(stats.block_seconds(0.0)) == {"P7", "P8", "P9"}
     with pytest.raises(ConfigError):
         PeerStats(max_peers=0)
+    with pytest.raises(ConfigError):
+        PeerStats(max_age=0.0)
+
+
+def test_an_old_measurement_is_dropped_and_the_next_one_starts_afresh() -> None:
+    stats = PeerStats(max_age=600.0)
+    stats.record_step("L", 1, 1.0, 0.0)  # slow once (a burst of load?)
+    assert stats.block_seconds(600.0) == {"L": 1.0}
+    assert stats.block_seconds(601.0) == {}  # judged on its prior again: it gets a session now and then
+    stats.record_step("L", 1, 0.001, 700.0)
+    assert stats.block_seconds(700.0) == {"L": 0.001}  # not smoothed with the stale figure
 
 
 def test_one_honest_server_and_one_liar_cap_the_liar_at_the_honest_figure() -> None:

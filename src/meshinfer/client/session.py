@@ -347,7 +347,7 @@ class InferenceSession:
             at = arrived.get(i)
             if at is None:
                 return
-            self.stats.record_step(hs.hop.peer_id, len(hs.hop.span), max(0.0, at - previous))
+            self.stats.record_step(hs.hop.peer_id, len(hs.hop.span), max(0.0, at - previous), at)
             previous = max(previous, at)
 
     # ---- closing -------------------------------------------------------------------------------

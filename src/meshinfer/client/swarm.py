@@ -195,7 +195,8 @@ class SwarmView:
             try:
                 return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant,
                                           rtt_s=self.stats.rtt(), exclude=excluded,
-                                          measured=self.stats.block_seconds(), prior_cap=self.prior_cap, rng=self.rng)
+                                          measured=self.stats.block_seconds(time.monotonic()),
+                                          prior_cap=self.prior_cap, rng=self.rng)
             except NoRouteError as err:
                 if time.monotonic() >= deadline:
                     raise NoRouteError(_no_route_message(err, model, cov)) from None
