@@ -65,10 +65,13 @@ def liar(model: Path) -> dict[str, Any]:
         started = time.monotonic()
         rss = {names[s.peer_id]: rss_mb(s.pid) for s in swarm.servers}
         with DistributedModel.from_pretrained(model, swarm.initial_peers) as client:
+            client_rss = [rss_mb(os.getpid())]
             for _ in range(20):
                 exact &= client.generate(PROMPT, 6, stop_token_ids=()) == ref
                 firsts.append(names[client.last_route[0].peer_id])
-        return {"sessions_first_5": dict(Counter(firsts[:5])), "sessions_last_15": dict(Counter(firsts[5:])),
+            client_rss.append(rss_mb(os.getpid()))
+        return {"client_rss_mb_start_end": client_rss, "sessions_first_5": dict(Counter(firsts[:5])),
+                "sessions_last_15": dict(Counter(firsts[5:])),
                 "seconds_20_generations": round(time.monotonic() - started, 2), "exact": exact,
                 "server_rss_mb_before": rss, "server_rss_mb_after": {names[s.peer_id]: rss_mb(s.pid)
                                                                      for s in swarm.servers}}
