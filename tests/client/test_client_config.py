@@ -24,6 +24,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "open_timeout": 15.0, "max_chunk_tokens": 2048, "max_failovers": 8, "min_stall": 3.0,
     # timeouts hard-coded in from_pretrained / close
     "join_timeout": 60.0, "fetch_timeout": 3600.0, "close_timeout": 15.0,
+    # issue 17: routes on measured figures, spread over equivalent servers, refuted records banned
+    "spread": True, "prior_cap": 1.5, "refuted_ban": 60.0,
 }
 
 
@@ -60,6 +62,8 @@ def test_frozen() -> None:
     ({"head_quant": "fp8"}, "unknown quant mode 'fp8'"),
     ({"device": " "}, "device must not be empty"),
     ({"host": ""}, "host must not be empty"),
+    ({"prior_cap": 0.5}, "--prior-cap must be >= 1, got 0.5"),
+    ({"refuted_ban": 0.0}, "--refuted-ban must be > 0 seconds and finite, got 0"),
 ])
 def test_bad_values_are_one_line_config_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as err:

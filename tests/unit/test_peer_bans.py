@@ -162,3 +162,28 @@ def test_bans_are_bounded_dropping_ended_then_oldest() -> None:
 def test_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PeerBans(**kwargs)
+
+
+def test_bans_grow_for_repeat_offenders_up_to_the_cap_and_are_forgotten_later() -> None:
+    bans = PeerBans(ban_s=60.0, ban_factor=4.0, ban_max_s=3600.0, max_s=60.0)  # forget_s: 600 s
+    now, lengths = 0.0, []
+    for _ in range(5):
+        lengths.append(bans.ban("L", now))
+        now += lengths[-1] + 1.0  # banned again just after each ban ends
+    assert lengths == [60.0, 240.0, 960.0, 3600.0, 3600.0]
+    assert bans.banned("L", now - 2.0) and not bans.banned("L", now)
+    bans.avoided(now + 601.0)  # long after the last ban ended: forgotten
+    assert bans.ban("L", now + 601.0) == 60.0
+
+
+def test_a_ban_never_shortens_a_running_one_and_the_default_does_not_grow() -> None:
+    bans = PeerBans(ban_s=10.0)
+    assert [bans.ban("A", t) for t in (0.0, 11.0, 22.0)] == [10.0, 10.0, 10.0]
+    grow = PeerBans(ban_s=10.0, ban_factor=2.0, ban_max_s=100.0)
+    grow.ban("B", 0.0)
+    grow.ban("B", 1.0)  # 20 s from 1.0
+    assert grow.banned("B", 20.5) and not grow.banned("B", 21.0)
+    with pytest.raises(ConfigError, match="ban_max_s"):
+        PeerBans(ban_s=10.0, ban_max_s=5.0)
+    with pytest.raises(ConfigError, match="factors"):
+        PeerBans(ban_factor=0.5)

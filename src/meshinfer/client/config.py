@@ -48,6 +48,13 @@ class ClientConfig:
     min_stall: float = doc(3.0, "seconds without progress after which a server counts as stalled and is "
                                 "replaced, at least (the limit adapts to the usual time per token)")
     max_chunk_tokens: int = doc(2048, "most tokens of one step: longer prompts are sent in chunks")
+    spread: bool = doc(True, "spread sessions over equivalent servers at random, weighted by their measured speed "
+                             "and announced free capacity (--no-spread: always the single cheapest route)")
+    prior_cap: float = doc(1.5, "a server's announced throughput counts for at most this many times the median "
+                                "of the others' until this client has measured it (routes use measured figures)")
+    refuted_ban: float = doc(60.0, "seconds a server is not routed to after its record proved false (it refused "
+                                   "the blocks it announces, or none of its addresses could be dialled); each "
+                                   "repeat multiplies it by 4, up to an hour")
     cohorts: int = doc(DEFAULT_COHORTS, "groups in which concurrent generations move through the route, each "
                                         "one LM-head batch on this machine")
     max_download: float | None = doc(None, "when the model is a model id: cap the fetch of its config, tokenizer "
@@ -68,6 +75,10 @@ class ClientConfig:
                 raise ConfigError(f"--{_flag(name)} must be > 0 seconds, got {value:g}")
         if not self.route_wait >= 0:
             raise ConfigError(f"--route-wait must be >= 0 seconds, got {self.route_wait:g}")
+        if not self.prior_cap >= 1:
+            raise ConfigError(f"--prior-cap must be >= 1, got {self.prior_cap:g}")
+        if not (self.refuted_ban > 0 and self.refuted_ban < float("inf")):
+            raise ConfigError(f"--refuted-ban must be > 0 seconds and finite, got {self.refuted_ban:g}")
         if self.max_failovers < 0:
             raise ConfigError(f"--max-failovers must be >= 0, got {self.max_failovers}")
         if self.max_chunk_tokens <= 0:

@@ -115,8 +115,9 @@ class DistributedModel(CheckpointGenerator):
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout),
-                              timeout=config.join_timeout)
+            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout,
+                                             prior_cap=config.prior_cap, spread=config.spread,
+                                             refuted_ban=config.refuted_ban), timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
@@ -190,6 +191,7 @@ class DistributedModel(CheckpointGenerator):
             self._view.node, route, model_id=self.ref.model_id, max_length=max_length,
             dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), on_rtt=self._view.record_rtt,
             replan=replan if self.config.failover else None, bans=self._view.bans, quant=quant, config=self.config,
+            stats=self._view.stats,
         )
         self.last_session = session
         return session

@@ -7,7 +7,13 @@ most half the step deadline), opens sessions there without push (through the ``o
 replays the span's input history through them in chunks (each replacement's outputs are the next
 one's history; the last one's are dropped: the next hop already holds them), and returns the fresh
 hops and the ``Failover`` record; the session splices them into its route. A replacement that fails
-too is banned and another is planned (``max_failovers`` attempts). ``fix_tails(hops)`` re-points
+too backs off and another is planned (``max_failovers`` attempts). Each planning attempt avoids the peers
+avoided AT THAT MOMENT: a backoff is short (a timeout or stall starts at 1 s and doubles), so when the
+only server of a span stalls and resumes within the wait, it is planned again and the generation goes on
+instead of failing with "no online servers cover blocks". ``refutation(err, ...)`` says when a failed Open
+proves a server's record false (it refused the span or model it announces, or it was never reached and
+its addresses cannot be dialled): the session then BANS it (long, growing: ``PeerBans.ban``) rather than
+letting it back off. ``fix_tails(hops)`` re-points
 pushes (``Retarget``) so every hop pushes to the session of the hop after it. Everything it uses is
 given to its constructor; it reads no session state. Knows nothing of tokens; all methods run on the
 session's event loop.
@@ -25,11 +31,11 @@ import torch
 
 from meshinfer.client.hops import Failover, HopFailure, HopSession, route_tail
 from meshinfer.client.routing import NoRouteError, RouteHop
-from meshinfer.errors import MeshinferError, TransportError
+from meshinfer.errors import MeshinferError, RemoteError, TransportError
 from meshinfer.types import BlockRange
 from meshinfer.weights.bans import PeerBans
 from meshinfer.wire.limits import WireLimits
-from meshinfer.wire.messages import Hop, StepResult
+from meshinfer.wire.messages import ErrorCode, Hop, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,23 @@ Replanner = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 
 HopOpener = Callable[[HopSession, list[Hop]], Awaitable[None]]
 """``open_hop(hs, route_tail)``: open ``hs``'s stream and server session, pushing to ``route_tail``."""
+
+REFUTING_CODES = frozenset({ErrorCode.SPAN_NOT_SERVED, ErrorCode.UNKNOWN_MODEL})
+"""Answers to ``Open`` by which a server contradicts the record it announced."""
+
+REPLAN_PAUSE_S = 0.5
+"""Pause between two planning attempts while no route exists."""
+
+
+def refutation(err: BaseException, *, dialled: bool, reached_before: bool) -> str | None:
+    """Why a failed ``Open`` proves the server's announced record false, or None when it may just be busy, slow,
+    stalled or restarting (then it only backs off). ``dialled``: a stream to it was opened; ``reached_before``:
+    it answered this client before (a known server that cannot be dialled now is more likely down than lying)."""
+    if isinstance(err, RemoteError) and err.code in REFUTING_CODES:
+        return f"it refused the blocks it announces ({err.code})"
+    if not dialled and not reached_before and isinstance(err, TransportError):
+        return "none of its announced addresses could be dialled"
+    return None
 
 
 class Recovery:
@@ -66,8 +89,7 @@ class Recovery:
         await failed.close(send_timeout=0.5, stream_timeout=0.5)
         history = list(failed.inputs)
         for _attempt in range(self.max_failovers):
-            exclude = frozenset(self.bans.avoided(time.monotonic()))
-            route = await self._replan(failed.hop.span, exclude, started)
+            route = await self._replan(failed.hop.span, started)
             fresh = [HopSession(h, secrets.token_hex(12)) for h in route]
             try:
                 replayed = await self._rebuild(fresh, history)
@@ -85,14 +107,16 @@ class Recovery:
             return fresh, record
         raise TransportError(f"could not replace {failed.where()} after {self.max_failovers} attempts")
 
-    async def _replan(self, blocks: BlockRange, exclude: frozenset[str], started: float) -> list[RouteHop]:
+    async def _replan(self, blocks: BlockRange, started: float) -> list[RouteHop]:
+        """A route over ``blocks`` avoiding the peers avoided now (re-read each attempt: backoffs end), retried
+        while none exists for at most half the step deadline since ``started``."""
         while True:
             try:
-                return await self.replan(blocks, exclude)
+                return await self.replan(blocks, frozenset(self.bans.avoided(time.monotonic())))
             except NoRouteError:
                 if time.monotonic() - started > self.step_timeout / 2:
                     raise
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(REPLAN_PAUSE_S)
 
     async def _rebuild(self, fresh: list[HopSession], history: list[torch.Tensor]) -> int:
         """Open ``fresh`` (no push yet) and replay ``history`` through them in order; tokens replayed."""

@@ -1,9 +1,20 @@
 """Route planning: which servers, in which order, run which blocks of a model (DESIGN.md section 7).
 
-Contract: a pure function of a swarm snapshot. Input: the servers' records (span, state, throughput),
-optional per-peer round-trip estimates and a set of excluded peers. Output: a chain of hops whose spans
-are consecutive and cover ``[start, end)`` exactly, minimising estimated latency per token:
-``sum over hops (rtt(peer) + compute(peer) * blocks_used / blocks_served)``. A hop may use only part of a
+Contract: a pure function of a swarm snapshot. Input: the servers' records (span, state, throughput, load),
+optional per-peer round-trip estimates, the client's own MEASURED seconds per token per block of the peers it
+has used (``measured``), a set of excluded peers and an optional random generator. Output: a chain of hops
+whose spans are consecutive and cover ``[start, end)`` exactly, minimising estimated latency per token:
+``sum over hops cost(peer, blocks_used)``, where ``cost`` is ``measured[peer] * blocks`` for a measured peer,
+else ``rtt(peer) + blocks / prior_rate(peer)``: the ANNOUNCED throughput is only a prior, and a capped one
+(a server's announced block-tokens per second count for at most ``prior_cap`` times the median of the
+candidates' (the lower median), so a record claiming 1e12 tokens/s looks at most ``prior_cap`` times as fast as a
+typical one).
+Announced load (``sessions`` and ``queued_steps`` over the batch the server measured) multiplies a server's
+cost by ``1 + load``. With ``rng``, each server's cost is also multiplied by ``E ** (1 / SPREAD_EXPONENT)``
+(``E`` drawn from Exp(1), once per server and plan): between equivalent servers the choice is random, a server
+being picked with odds proportional to ``(1 / cost) ** SPREAD_EXPONENT`` (speed and free capacity), so
+clients spread over the swarm instead of piling on one server, and a server that lies gets about the share
+its real (measured) speed earns. Without ``rng`` plans are deterministic. A hop may use only part of a
 server's span (a server can run any sub-range of the blocks it holds). ``plan_uniform_route`` plans over the
 servers of ONE quant mode (``ServerRecord.quant``: outputs of int8, int4 and unquantized weights differ, so a
 route never mixes them, and failover keeps the session's mode): the mode asked for, or the most precise mode
@@ -14,10 +25,13 @@ what. This module imports neither torch nor the network and performs no I/O, so 
 from __future__ import annotations
 
 import heapq
+import math
+import random
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from meshinfer.errors import MeshinferError
+from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.types import QUANT_MODES, BlockRange, PeerIdStr
 from meshinfer.wire.records import ServerRecord
 
@@ -26,6 +40,17 @@ DEFAULT_RTT_S = 0.005
 
 MIN_THROUGHPUT = 1e-3
 """Floor for announced throughput (tokens/s) so a zero never divides."""
+
+PRIOR_CAP = 1.5
+"""Announced speed is believed up to this many times the median of the candidates' (``plan_route``'s
+``prior_cap``)."""
+
+SPREAD_EXPONENT = 2.0
+"""With random spreading, a server's odds of being chosen go as ``(1 / cost) ** SPREAD_EXPONENT``: 1 would be
+in proportion to speed, larger favours the faster more (lower latency for each client)."""
+
+MIN_MEASURED_S = 1e-6
+"""Floor for a measured seconds per token per block (a measurement of 0 is noise, not infinite speed)."""
 
 
 class NoRouteError(MeshinferError):
@@ -41,10 +66,55 @@ class RouteHop:
     record: ServerRecord
 
 
-def _hop_cost(record: ServerRecord, blocks: int, rtt_s: float) -> float:
-    served = len(record.span)
-    compute_s = 1.0 / max(record.throughput, MIN_THROUGHPUT)  # seconds per token for its whole span
-    return rtt_s + compute_s * blocks / served
+@dataclass(frozen=True)
+class _Cost:
+    """How one server's hop cost grows with the blocks it runs: ``(fixed_s + block_s * blocks) * factor``."""
+
+    fixed_s: float
+    block_s: float
+    factor: float
+
+    def of(self, blocks: int) -> float:
+        return (self.fixed_s + self.block_s * blocks) * self.factor
+
+
+def prior_rates(servers: Iterable[ServerRecord], cap: float = PRIOR_CAP) -> dict[PeerIdStr, float]:
+    """Each server's believed speed before any measurement, in block-tokens per second: its announced
+    ``throughput * len(span)``, at most ``cap`` times the lower median of all of them (at least ``MIN_THROUGHPUT``;
+    the lower median: one honest server and one liar make a ceiling of 1.5x the honest one, not of their mean)."""
+    rates = {s.peer_id: _announced_rate(s) for s in servers}
+    if not rates:
+        return {}
+    ceiling = cap * statistics.median_low(rates.values())  # low: with 2 servers, not the mean of honest and liar
+    return {peer: min(rate, ceiling) for peer, rate in rates.items()}
+
+
+def _announced_rate(record: ServerRecord) -> float:
+    rate = record.throughput * len(record.span)
+    return rate if math.isfinite(rate) and rate > MIN_THROUGHPUT else MIN_THROUGHPUT
+
+
+def load_factor(record: ServerRecord) -> float:
+    """``1 + (sessions + queued steps) / batch``: how much slower announced load makes a server (batch: the one it
+    measured its aggregate throughput at, at least 1)."""
+    return 1.0 + (record.sessions + record.queued_steps) / max(1, record.batch_size)
+
+
+def _costs(candidates: list[ServerRecord], rtts: Mapping[PeerIdStr, float], measured: Mapping[PeerIdStr, float],
+           prior_cap: float, rng: random.Random | None) -> dict[PeerIdStr, _Cost]:
+    priors = prior_rates(candidates, prior_cap)
+    costs: dict[PeerIdStr, _Cost] = {}
+    for s in sorted(candidates, key=lambda r: r.peer_id):  # one draw per server, in a fixed order (seeded plans)
+        seen = measured.get(s.peer_id)
+        if seen is not None and math.isfinite(seen):
+            fixed, block = 0.0, max(seen, MIN_MEASURED_S)
+        else:
+            fixed, block = rtts.get(s.peer_id, DEFAULT_RTT_S), 1.0 / priors[s.peer_id]
+        factor = load_factor(s)
+        if rng is not None:
+            factor *= max(rng.expovariate(1.0), 1e-12) ** (1.0 / SPREAD_EXPONENT)
+        costs[s.peer_id] = _Cost(fixed, block, factor)
+    return costs
 
 
 def plan_route(
@@ -53,8 +123,13 @@ def plan_route(
     *,
     rtt_s: Mapping[PeerIdStr, float] | None = None,
     exclude: Iterable[PeerIdStr] = (),
+    measured: Mapping[PeerIdStr, float] | None = None,
+    prior_cap: float = PRIOR_CAP,
+    rng: random.Random | None = None,
 ) -> list[RouteHop]:
-    """The cheapest chain of online servers covering ``blocks``; raise NoRouteError if none exists.
+    """The cheapest chain of online servers covering ``blocks``; raise NoRouteError if none exists. ``measured``:
+    seconds per token per block this client measured on peers (they replace those peers' announced figures);
+    ``prior_cap``: see ``prior_rates``; ``rng``: spread (see the module docstring).
 
     Shortest path over block boundaries: from boundary ``i`` a server whose span contains block ``i``
     can take the route to its span's end or to any other server's start inside its span (switching
@@ -62,12 +137,15 @@ def plan_route(
     to fewer hops, then to the lexicographically smaller peer id, so plans are deterministic.
     """
     rtts = rtt_s or {}
+    if not prior_cap >= 1:
+        raise ConfigError(f"prior_cap must be >= 1, got {prior_cap}")
     banned = set(exclude)
     candidates = [
         s for s in servers
         if s.state == "online" and s.peer_id not in banned
         and s.span.start < blocks.end and s.span.end > blocks.start
     ]
+    costs = _costs(candidates, rtts, measured or {}, prior_cap, rng)
     cut_points = sorted({blocks.start, blocks.end} | {
         s.span.start for s in candidates if blocks.start < s.span.start < blocks.end
     })
@@ -96,7 +174,7 @@ def plan_route(
             limit = min(s.span.end, blocks.end)
             for j in [c for c in cut_points if i < c < limit] + [limit]:
                 if j not in done:
-                    step = _hop_cost(s, j - i, rtts.get(s.peer_id, DEFAULT_RTT_S))
+                    step = costs[s.peer_id].of(j - i)
                     pushed += 1
                     heapq.heappush(heap, (cost + step, hops + 1, (*path, s.peer_id), j, i, pushed, s))
 
@@ -123,6 +201,9 @@ def plan_uniform_route(
     quant: str | None = None,
     rtt_s: Mapping[PeerIdStr, float] | None = None,
     exclude: Iterable[PeerIdStr] = (),
+    measured: Mapping[PeerIdStr, float] | None = None,
+    prior_cap: float = PRIOR_CAP,
+    rng: random.Random | None = None,
 ) -> list[RouteHop]:
     """``plan_route`` over the servers whose weights are in quant mode ``quant``; None: the first mode of
     ``QUANT_MODES`` (most precise first) that has a route. Every hop of the result has the same mode."""
@@ -132,7 +213,8 @@ def plan_uniform_route(
     first: NoRouteError | None = None
     for mode in modes:
         try:
-            return plan_route([s for s in pool if s.quant == mode], blocks, rtt_s=rtt_s, exclude=excluded)
+            return plan_route([s for s in pool if s.quant == mode], blocks, rtt_s=rtt_s, exclude=excluded,
+                              measured=measured, prior_cap=prior_cap, rng=rng)
         except NoRouteError as err:
             first = first or err
     assert first is not None

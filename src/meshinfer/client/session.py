@@ -14,8 +14,9 @@ Failover (given a ``replan`` function): a hop FAILS when its stream breaks (serv
 when it answers with an error that says it cannot go on (``FAILOVER_CODES``: shutting down, unknown
 session, internal error...), when opening it fails, or when it stalls: no progress for
 ``stall_timeout`` (adaptive: many times the usual time per token, at least ``min_stall_s``; a hung
-server is found in seconds, not at the step deadline). The failed peer is banned (``PeerBans``, with
-exponential backoff, shared by the client's sessions); ``replan`` gives a chain of other servers for
+server is found in seconds, not at the step deadline). The failed peer backs off (``PeerBans``, exponential
+backoff from 1 s, shared by the client's sessions; a peer whose Open proves its record false, see
+``client.recovery.refutation``, is banned instead, for long); ``replan`` gives a chain of other servers for
 the lost blocks (possibly several); sessions are opened there and the span's history is replayed
 through them in chunks (rebuilding their KV caches; the outputs of the last one are dropped: the next
 hop already has them) by ``recovery`` (a ``client.recovery.Recovery`` given what it needs at
@@ -29,6 +30,10 @@ replayed). Errors that a replacement would repeat (bad request, limits) are rais
 session unusable. ``close`` sends ``Close`` on every hop and ends all streams (idempotent, never raises);
 a step on a closed session raises ``UsageError``. Each hop's stream (open, reader, steps, close) is its
 ``HopSession``'s (``client.hops``).
+
+Measurements: given ``stats`` (``client.measured.PeerStats``, the swarm view's), every one-token step that
+went through the whole route without a failover reports each hop's share of it (from the previous hop's
+answer reaching the client to this hop's) as ``stats.record_step``; routes are planned on these figures.
 
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
 threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
@@ -56,7 +61,8 @@ from meshinfer.client.hops import (
     replaceable,
     route_tail,
 )
-from meshinfer.client.recovery import Recovery, Replanner, fix_tails
+from meshinfer.client.measured import PeerStats
+from meshinfer.client.recovery import Recovery, Replanner, fix_tails, refutation
 from meshinfer.client.routing import RouteHop
 from meshinfer.errors import (
     ConfigError,
@@ -81,7 +87,8 @@ class InferenceSession:
 
     def __init__(self, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                  dtype: str = "float32", replan: Replanner | None = None, bans: PeerBans | None = None,
-                 quant: str | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> None:
+                 quant: str | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG,
+                 stats: PeerStats | None = None) -> None:
         if not route:
             raise ConfigError("a session needs a route of at least one hop")
         for a, b in itertools.pairwise(route):
@@ -123,6 +130,8 @@ class InferenceSession:
         self.last_burst: Burst | None = None
         """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
         self._on_rtt: RttCallback | None = None
+        self.stats = stats
+        """Where measured step times go (None: nowhere)."""
         self.recovery = None if replan is None else Recovery(
             replan, self.bans, open_hop=self._open_hop, step_ids=self._step_ids, chunk_tokens=self._per_step,
             limits=node.settings.stream.limits, dtype=self.dtype, max_failovers=config.max_failovers,
@@ -139,11 +148,11 @@ class InferenceSession:
     async def open(cls, node: PeerNode, route: Sequence[RouteHop], *, model_id: str, max_length: int,
                    dtype: str = "float32", on_rtt: RttCallback | None = None, replan: Replanner | None = None,
                    bans: PeerBans | None = None, quant: str | None = None,
-                   config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> InferenceSession:
+                   config: ClientConfig = DEFAULT_CLIENT_CONFIG, stats: PeerStats | None = None) -> InferenceSession:
         """Open a session on every hop of ``route``. A hop that cannot be opened is replaced (with
         ``replan``); without ``replan`` it is all or nothing (a failure closes what was opened)."""
         session = cls(node, route, model_id=model_id, max_length=max_length, dtype=dtype, replan=replan, bans=bans,
-                      quant=quant, config=config)
+                      quant=quant, config=config, stats=stats)
         session._on_rtt = on_rtt
         try:
             results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i))
@@ -168,8 +177,18 @@ class InferenceSession:
         return route_tail(self.hops, i) if self.push else []
 
     async def _open_hop(self, hs: HopSession, tail: list[Hop]) -> None:
-        await hs.open(self.node, model_id=self.model_id, max_length=self.max_length, dtype=self.dtype,
-                      quant=self.quant, route_tail=tail, timeout=self.open_timeout, on_rtt=self._on_rtt)
+        """Open ``hs``; when the failure proves its server's record false (``refutation``), ban the server."""
+        peer = hs.hop.peer_id
+        try:
+            await hs.open(self.node, model_id=self.model_id, max_length=self.max_length, dtype=self.dtype,
+                          quant=self.quant, route_tail=tail, timeout=self.open_timeout, on_rtt=self._on_rtt)
+        except Exception as err:
+            why = refutation(err, dialled=hs.stream is not None,
+                             reached_before=self.stats is not None and self.stats.reached(peer))
+            if why is not None:
+                length = self.bans.ban(peer, time.monotonic())
+                log.warning("%s: %s; its record is not believed for %.0fs", hs.where(), why, length)
+            raise
 
     async def _replace(self, failed: HopSession, reason: str) -> None:
         """Have ``recovery`` replace ``failed``; splice the fresh hops into the route and start reading them."""
@@ -280,6 +299,8 @@ class InferenceSession:
         self._answered = outputs  # for the timeout message: who has not answered yet
         drive = set(range(start + 1, n)) if not self.push else set()  # hops the client sends to itself
         sent = {start}
+        sent_at = time.monotonic()
+        arrived: dict[int, float] = {}
         await self.hops[start].send_step(step_id, self.position, first_input, burst)
         while len(outputs) < n:
             try:
@@ -296,6 +317,7 @@ class InferenceSession:
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
                     continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
                 outputs[i] = hs.output(msg, first_input, self.node.settings.stream.limits, self.dtype)
+                arrived[i] = time.monotonic()
                 if i == n - 1:
                     self.last_burst = msg.burst
             elif isinstance(msg, Error):
@@ -314,6 +336,19 @@ class InferenceSession:
                 if j - 1 in outputs:
                     sent.add(j)
                     await self.hops[j].send_step(step_id, self.position, outputs[j - 1])
+        if tokens == 1 and start == 0 and self.stats is not None:
+            self._measured(sent_at, arrived)
+
+    def _measured(self, sent_at: float, arrived: dict[int, float]) -> None:
+        """Report each hop's share of one one-token step (from the previous answer to its own) to ``stats``."""
+        assert self.stats is not None
+        previous = sent_at
+        for i, hs in enumerate(self.hops):
+            at = arrived.get(i)
+            if at is None:
+                return
+            self.stats.record_step(hs.hop.peer_id, len(hs.hop.span), max(0.0, at - previous), at)
+            previous = max(previous, at)
 
     # ---- closing -------------------------------------------------------------------------------
 

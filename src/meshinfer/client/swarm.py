@@ -7,9 +7,14 @@ bounded DHT call (``meshinfer.p2p.read_coverage``) and caches the result; a cach
 background. ``plan(model)`` turns the view into a route with the pure planner (``client.routing``; one quant
 mode per route: ``quant``, else the model reference's, else the most precise mode that covers the model),
 re-reading for a short while when the swarm does not cover the model yet (records take a moment to
-appear), and raises ``NoRouteError`` naming the model and the missing blocks. Round trips measured by
-sessions are fed back with ``record_rtt`` (smoothed) and used by the planner. All methods run on the
-event loop the view was started on. Knows nothing of tensors or models beyond ids and block counts.
+appear), and raises ``NoRouteError`` naming the model and the missing blocks. What sessions measure (Open
+round trips, per-hop step times) goes into ``stats`` (``client.measured.PeerStats``) and the planner routes on
+it: announced throughput is only a prior capped at ``prior_cap`` times the median, and with ``spread`` each
+plan draws its tie-breaks at random (weighted by speed and announced free capacity) so that clients spread
+over equivalent servers. ``bans`` (``PeerBans``) are shared by the view's sessions: failing peers back off
+briefly (exponentially), peers whose record proved false are banned for ``refuted_ban`` s, growing 4x per
+repeat up to ``MAX_REFUTED_BAN_S``. All methods run on the event loop the view was started on. Knows nothing
+of tensors or models beyond ids and block counts.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from meshinfer.client.routing import NoRouteError, RouteHop, plan_uniform_route
+from meshinfer.client.measured import PeerStats
+from meshinfer.client.routing import PRIOR_CAP, NoRouteError, RouteHop, plan_uniform_route
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError
 from meshinfer.p2p.announce import Coverage, read_coverage
@@ -32,8 +39,10 @@ from meshinfer.weights.bans import PeerBans
 
 log = logging.getLogger(__name__)
 
-RTT_SMOOTHING = 0.3
-"""Weight of a new round-trip sample in the smoothed estimate (exponential moving average)."""
+REFUTED_BAN_FACTOR = 4.0
+"""Each new ban of a peer whose record proved false lasts this many times its previous one..."""
+MAX_REFUTED_BAN_S = 3600.0
+"""...up to this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -78,28 +87,43 @@ class _Cached:
 class SwarmView:
     """A client's cached view of the swarm, backed by a client-mode peer."""
 
-    def __init__(self, node: PeerNode, *, dht_timeout: float = 5.0, max_age: float = 10.0) -> None:
+    def __init__(self, node: PeerNode, *, dht_timeout: float = 5.0, max_age: float = 10.0,
+                 prior_cap: float = PRIOR_CAP, spread: bool = True, refuted_ban: float = 60.0,
+                 rng: random.Random | None = None) -> None:
         if dht_timeout <= 0 or max_age < 0:
             raise ConfigError("dht_timeout must be > 0 and max_age >= 0")
+        if not prior_cap >= 1:
+            raise ConfigError(f"--prior-cap must be >= 1, got {prior_cap:g}")
         self.node = node
         self.dht_timeout = dht_timeout
         self.max_age = max_age
-        self.bans = PeerBans()
-        """Peers that failed this client recently (sessions ban them; routes avoid them until the ban ends)."""
+        self.prior_cap = prior_cap
+        self.rng = (rng or random.Random()) if spread else None
+        """Draws each plan's tie-breaks (None: deterministic plans)."""
+        self.bans = PeerBans(ban_s=refuted_ban, ban_factor=REFUTED_BAN_FACTOR,
+                             ban_max_s=max(refuted_ban, MAX_REFUTED_BAN_S))
+        """Peers that failed this client recently (backing off) or whose record proved false (banned); sessions
+        report them, routes avoid them until it ends."""
+        self.stats = PeerStats()
+        """What this client measured of the servers it used (routes are planned on it)."""
         self._cache: dict[str, _Cached] = {}
-        self._rtt: dict[PeerIdStr, float] = {}
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
     @classmethod
     async def join(cls, initial_peers: Sequence[str], *, host: str = "127.0.0.1", identity: str | None = None,
-                   dht_timeout: float = 5.0, max_age: float = 10.0,
-                   startup_timeout: float = 30.0) -> SwarmView:
+                   dht_timeout: float = 5.0, max_age: float = 10.0, startup_timeout: float = 30.0,
+                   prior_cap: float = PRIOR_CAP, spread: bool = True, refuted_ban: float = 60.0) -> SwarmView:
         """Start a client-mode peer joined through ``initial_peers`` (TransportError if none answers)."""
         peers = check_initial_peers(initial_peers)
         config = P2PConfig(host=host, port=0, identity=identity, initial_peers=peers)
         node = await PeerNode.start(config, NodeSettings(client_mode=True, startup_timeout=startup_timeout))
-        return cls(node, dht_timeout=dht_timeout, max_age=max_age)
+        try:
+            return cls(node, dht_timeout=dht_timeout, max_age=max_age, prior_cap=prior_cap, spread=spread,
+                       refuted_ban=refuted_ban)
+        except BaseException:
+            await node.close()
+            raise
 
     @property
     def peer_id(self) -> str:
@@ -148,15 +172,12 @@ class SwarmView:
 
     def record_rtt(self, peer_id: PeerIdStr, seconds: float) -> None:
         """Feed one measured round trip to ``peer_id`` into its smoothed estimate."""
-        if seconds < 0:
-            return
-        old = self._rtt.get(peer_id)
-        self._rtt[peer_id] = seconds if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * seconds
+        self.stats.record_rtt(peer_id, seconds)
 
     @property
     def rtt(self) -> dict[PeerIdStr, float]:
         """Smoothed round trips (seconds) of the peers measured so far."""
-        return dict(self._rtt)
+        return self.stats.rtt()
 
     # ---- routes --------------------------------------------------------------------------------
 
@@ -166,14 +187,16 @@ class SwarmView:
         of one quant mode (``quant``, else ``model.quant``, else the most precise that covers); retries for
         ``wait`` s while none exists."""
         wanted = blocks or BlockRange(0, model.num_blocks)
-        excluded = set(exclude) | self.bans.avoided(time.monotonic())
         deadline = time.monotonic() + wait
         refresh = False
         while True:
             cov = await self.coverage(model, refresh=refresh)
+            excluded = set(exclude) | self.bans.avoided(time.monotonic())  # re-read: backoffs end while we wait
             try:
-                return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant, rtt_s=self._rtt,
-                                          exclude=excluded)
+                return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant,
+                                          rtt_s=self.stats.rtt(), exclude=excluded,
+                                          measured=self.stats.block_seconds(time.monotonic()),
+                                          prior_cap=self.prior_cap, rng=self.rng)
             except NoRouteError as err:
                 if time.monotonic() >= deadline:
                     raise NoRouteError(_no_route_message(err, model, cov)) from None

@@ -7,8 +7,10 @@ picks); nothing here reads the clock, sleeps, or touches the network. Two reason
 - it FAILED (``fail``: unreachable, broke a stream, stalled): its first failure makes it back off for
   ``base_s``, each consecutive failure multiplies that by ``factor`` up to ``max_s`` (a late report of an
   older failure never shortens a backoff), and one success (``succeed``) forgives it entirely;
-- it MISBEHAVED (``ban``: sent bytes that do not verify): it is banned for ``ban_s``, whatever it does
-  meanwhile (a success does not lift a ban).
+- it MISBEHAVED (``ban``: sent bytes that do not verify, or announced what it does not serve): it is banned
+  for ``ban_s``, whatever it does meanwhile (a success does not lift a ban); with ``ban_factor`` > 1 each
+  ban of a peer banned before (within ``forget_s`` of its last ban's end) lasts ``ban_factor`` times the
+  previous one, up to ``ban_max_s`` (default: every ban lasts ``ban_s``).
 
 ``usable(peer, now)`` is neither; ``avoided(now)`` lists the peers that are not usable (pass it as a route
 planner's ``exclude``). Memory is bounded: a failure record whose backoff ended more than ``forget_s`` ago
@@ -46,15 +48,21 @@ class PeerBans:
         forget_s: float | None = None,
         max_peers: int = DEFAULT_MAX_PEERS,
         ban_s: float = 600.0,
+        ban_factor: float = 1.0,
+        ban_max_s: float | None = None,
     ) -> None:
         """``forget_s`` (default ``10 * max_s``): how long after its backoff ends a peer's failures are kept."""
-        for name, value in (("base_s", base_s), ("max_s", max_s), ("factor", factor), ("ban_s", ban_s)):
+        ban_max = ban_s if ban_max_s is None else ban_max_s
+        for name, value in (("base_s", base_s), ("max_s", max_s), ("factor", factor), ("ban_s", ban_s),
+                            ("ban_factor", ban_factor), ("ban_max_s", ban_max)):
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"ban {name} must be a finite number > 0, got {value}")
         if max_s < base_s:
             raise ConfigError(f"ban max_s ({max_s}) must be >= base_s ({base_s})")
-        if factor < 1:
-            raise ConfigError(f"ban factor must be >= 1 (bans never shrink), got {factor}")
+        if factor < 1 or ban_factor < 1:
+            raise ConfigError(f"ban factors must be >= 1 (bans never shrink), got {factor} and {ban_factor}")
+        if ban_max < ban_s:
+            raise ConfigError(f"ban ban_max_s ({ban_max}) must be >= ban_s ({ban_s})")
         forget = 10 * max_s if forget_s is None else forget_s
         if not math.isfinite(forget) or forget < 0:
             raise ConfigError(f"ban forget_s must be a finite number >= 0, got {forget_s}")
@@ -66,6 +74,9 @@ class PeerBans:
         self.forget_s = forget
         self.max_peers = max_peers
         self.ban_s = ban_s
+        self.ban_factor = ban_factor
+        self.ban_max_s = ban_max
+        self._strikes: dict[PeerIdStr, tuple[float, float]] = {}  # peer -> (length of its last ban, its end)
         self._failing: dict[PeerIdStr, _Failing] = {}  # insertion order = least recently failed first
         self._banned: dict[PeerIdStr, float] = {}  # peer -> end of its ban; insertion order = oldest ban first
 
@@ -110,15 +121,24 @@ class PeerBans:
 
     # ---- misbehaviour: bans -----------------------------------------------------------------------
 
-    def ban(self, peer_id: PeerIdStr, now: float) -> None:
-        """``peer_id`` misbehaved at ``now``: ban it for ``ban_s``."""
-        self._banned.pop(peer_id, None)
-        self._banned[peer_id] = now + self.ban_s
+    def ban(self, peer_id: PeerIdStr, now: float) -> float:
+        """``peer_id`` misbehaved at ``now``: ban it for ``ban_s`` (or ``ban_factor`` times its previous ban, up to
+        ``ban_max_s``); return the ban's length (seconds). A ban never ends earlier than one already running."""
+        last = self._strikes.pop(peer_id, None)
+        length = self.ban_s
+        if last is not None and now <= last[1] + self.forget_s:
+            length = min(last[0] * self.ban_factor, self.ban_max_s)
+        end = max(now + length, self._banned.pop(peer_id, -math.inf))
+        self._banned[peer_id] = end
+        self._strikes[peer_id] = (length, end)
+        while len(self._strikes) > self.max_peers:
+            del self._strikes[next(iter(self._strikes))]
         if len(self._banned) > self.max_peers:
             for peer in [p for p, end in self._banned.items() if end <= now]:
                 del self._banned[peer]
             while len(self._banned) > self.max_peers:
                 del self._banned[next(iter(self._banned))]
+        return length
 
     def banned(self, peer_id: PeerIdStr, now: float) -> bool:
         """Whether ``peer_id`` is banned at ``now`` (for misbehaving; backing off is not being banned)."""
@@ -133,6 +153,8 @@ class PeerBans:
     def avoided(self, now: float) -> set[PeerIdStr]:
         """Peers not usable at ``now`` (pass it as a route planner's ``exclude``); also drops stale entries."""
         self._forget_stale(now, sweep=True)
+        for peer in [p for p, (_, end) in self._strikes.items() if end + self.forget_s < now]:
+            del self._strikes[peer]
         for peer in [p for p, end in self._banned.items() if end <= now]:
             del self._banned[peer]
         return {peer for peer, entry in self._failing.items() if now < entry.until} | self._banned.keys()
