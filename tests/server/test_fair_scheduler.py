@@ -121,3 +121,27 @@ def test_fair_shares_are_max_min_fair(total: int, demand: dict[str, int]) -> Non
     unmet = [p for p in demand if shares.get(p, 0) < demand[p]]
     for p in unmet:  # nobody short of its demand gets less than anyone else's share (up to the remainder)
         assert all(shares.get(p, 0) >= v - 1 for v in shares.values())
+
+
+def test_while_several_peers_are_active_prefill_turns_are_short_and_alternate_with_decodes() -> None:
+    s = Scheduler(max_batch_tokens=512, shared_batch_tokens=64, active_window_s=1.0)
+    greedy = [_session(f"g{i}", "greedy") for i in range(4)]
+    for i, g in enumerate(greedy):
+        s.submit(_job(g, 0, 2000, 10.0 + i * 0.01))
+    alone = s.schedule(10.5)  # one peer active: the whole budget
+    assert sum(p.count for p in alone) == 512
+    s.update(alone, [_ok(p) for p in alone], 10.5)
+    victim = _session("v", "victim")
+    s.submit(_job(victim, 0, 1, 10.6))
+    first = s.schedule(10.6)  # right after a prefill turn: the victim's decode step alone
+    assert [(p.job.session.session_id, p.count) for p in first] == [("v", 1)]
+    s.update(first, [_ok(p) for p in first], 10.6)
+    second = s.schedule(10.7)  # the greedy peer goes on, in short turns while the victim is active
+    assert sum(p.count for p in second) == 64 and all(p.job.session.client == "greedy" for p in second)
+    s.update(second, [_ok(p) for p in second], 10.7)
+    s.submit(_job(victim, 1, 1, 10.8))
+    third = s.schedule(10.8)
+    assert [(p.job.session.session_id, p.count) for p in third] == [("v", 1)]
+    s.update(third, [_ok(p) for p in third], 10.8)
+    later = s.schedule(12.0)  # the victim went quiet: full turns again
+    assert sum(p.count for p in later) == 512

@@ -9,7 +9,10 @@ steps in arrival order and, each turn,
   peer that opened the session): decode slots are dealt round-robin over the peers with ready steps,
   starting with the peer served least recently, and the prefill budget is shared max-min fairly
   (each peer gets an equal share, what one peer does not need goes to the others); within one peer,
-  oldest first. So a peer with many queued steps cannot starve another. A prefill
+  oldest first. So a peer with many queued steps cannot starve another. While more than one peer is
+  active (stepped within ``active_window_s``), a turn computes at most ``shared_batch_tokens`` prefill tokens,
+  and a turn with decode steps right after a prefill turn takes decode steps only: one peer's long prompts
+  then delay another's decode step by about one short turn, not one full one. A prefill
   longer than what is left of the budget runs as a chunk this turn and continues next turn (chunked
   prefill), so a long prompt never stalls the others' decode steps, and a turn always makes progress
   (decode steps are always taken, and the oldest prefill gets at least one chunk per turn when nothing
@@ -39,6 +42,11 @@ MAX_BATCH_TOKENS = 512
 """Tokens one turn may compute (decode steps count one each); longer prefills are chunked."""
 MAX_BATCH_SESSIONS = 64
 """Sessions one turn may serve."""
+SHARED_BATCH_TOKENS = 64
+"""Prefill tokens one turn may compute while several peers are active (so no peer's decode step waits behind
+another peer's long prefill turn)."""
+ACTIVE_WINDOW_S = 1.0
+"""A peer counts as active for this long after its last step arrived."""
 
 
 @dataclass
@@ -75,9 +83,14 @@ class Scheduler:
     """The queue of every session's steps and the batching policy (see the module docstring)."""
 
     def __init__(self, *, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
-                 burst_hold_s: float = BURST_HOLD_S) -> None:
-        if max_batch_tokens <= 0 or max_batch_sessions <= 0:
-            raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
+                 burst_hold_s: float = BURST_HOLD_S, shared_batch_tokens: int = SHARED_BATCH_TOKENS,
+                 active_window_s: float = ACTIVE_WINDOW_S) -> None:
+        if max_batch_tokens <= 0 or max_batch_sessions <= 0 or shared_batch_tokens <= 0:
+            raise ConfigError("max_batch_tokens, max_batch_sessions and shared_batch_tokens must be > 0")
+        self.shared_batch_tokens = shared_batch_tokens
+        self.active_window_s = active_window_s
+        self._active: dict[str, float] = {}  # peer -> when its latest step arrived
+        self._prefilled = False  # the last turn computed prefill tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sessions = max_batch_sessions
         self._bursts = BurstTracker(burst_hold_s)
@@ -99,6 +112,7 @@ class Scheduler:
         session.pending.append(job)
         session.queued_ids.add(job.step_id)
         self._peer_steps[session.client] = self._peer_steps.get(session.client, 0) + 1
+        self._active[session.client] = max(job.arrived, self._active.get(session.client, job.arrived))
         self._bursts.arrived(job.burst, job.arrived)
         self._queued[session] = None
         return True
@@ -158,6 +172,8 @@ class Scheduler:
                 if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
                     pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
         budget = self.max_batch_tokens - len(pieces)
+        if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
+            budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
         prefills = {p: [s for s in peers[p] if s.pending[0].tokens > 1] for p in order}
         demand = {p: sum(s.pending[0].tokens - s.pending[0].done for s in ss) for p, ss in prefills.items() if ss}
         shares = fair_shares(max(budget, 0), demand)
@@ -173,6 +189,7 @@ class Scheduler:
         if not pieces:  # nothing else fits: the oldest prefill still progresses
             job = ready[0].pending[0]
             pieces.append(Piece(job, job.done, min(job.tokens - job.done, self.max_batch_tokens)))
+        self._prefilled = any(p.job.tokens > 1 for p in pieces)
         for piece in pieces:
             piece.job.session.busy = True
             self._serial += 1
@@ -180,6 +197,13 @@ class Scheduler:
         if len(self._served) > 4 * len(peers) + 64:  # forget peers long gone (bounded memory)
             self._served = {p: t for p, t in self._served.items() if p in self._peer_steps}
         return pieces
+
+    def _contended(self, now: float) -> bool:
+        """Whether more than one peer stepped within the active window (forgets the others)."""
+        horizon = now - self.active_window_s
+        if len(self._active) > 1:
+            self._active = {p: t for p, t in self._active.items() if t >= horizon}
+        return len(self._active) > 1
 
     # ---- update ------------------------------------------------------------------------------
 
