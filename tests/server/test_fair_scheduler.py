@@ -145,3 +145,28 @@ def test_while_several_peers_are_active_prefill_turns_are_short_and_alternate_wi
     s.update(third, [_ok(p) for p in third], 10.8)
     later = s.schedule(12.0)  # the victim went quiet: full turns again
     assert sum(p.count for p in later) == 512
+
+
+@budget(100)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 700)), min_size=1, max_size=40),
+       st.integers(1, 600), st.integers(1, 8), st.integers(1, 128))
+def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
+        steps: list[tuple[int, int, int]], max_tokens: int, max_sessions: int, shared: int) -> None:
+    s = Scheduler(max_batch_tokens=max_tokens, max_batch_sessions=max_sessions, shared_batch_tokens=shared)
+    sessions: dict[tuple[int, int], Session] = {}
+    for i, (peer, sid, tokens) in enumerate(steps):
+        session = sessions.setdefault((peer, sid), _session(f"{peer}.{sid}", f"peer{peer}"))
+        s.submit(_job(session, i, tokens, 100.0 + i * 0.001))
+    total = sum(t for _, _, t in steps)
+    now, turns = 100.1, 0
+    while s.queued_steps:
+        pieces = s.schedule(now)
+        assert pieces and len(pieces) <= max_sessions
+        assert len({id(p.job.session) for p in pieces}) == len(pieces)  # one step per session and turn
+        prefill = sum(p.count for p in pieces if p.job.tokens > 1)
+        assert prefill <= max_tokens
+        assert sum(s.queued_for(f"peer{p}") for p in range(4)) == s.queued_steps
+        s.update(pieces, [_ok(p) for p in pieces], now)
+        turns += 1
+        assert turns <= total + len(steps)  # progress every turn
+    assert all(s.queued_for(f"peer{p}") == 0 for p in range(4))
