@@ -46,7 +46,7 @@ class ServerConfig:
               "a gateway serving many users from one peer id keeps its usual concurrency)")
     max_kv_tokens_per_peer: float = doc(
         0.5, "most KV cache tokens the sessions of one peer may reserve together: a fraction of --cache-tokens "
-             "when <= 1, else a number of tokens (default 0.5: one peer never takes the whole budget)")
+             "when <= 1, else a number of tokens; below 1 no peer can take the whole budget")
     max_queued_steps_per_peer: int = doc(256, "most steps of one peer's sessions waiting in the step loop at once; "
                                               "more are refused until its earlier steps are done")
     max_step_tokens: int = doc(2048, "most tokens one step (prefill chunk) may carry")
