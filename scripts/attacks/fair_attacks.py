@@ -8,8 +8,8 @@ B serves 4:8, default limits), then, each as its own identity (a client-mode ``P
 - hijack: a victim runs a push route A -> B; the attacker pushes a step into the victim's B session on
   ``/meshinfer/push/1``; the victim's next step must still equal the local computation;
 - nan: a step whose hidden states hold NaN must be refused, the session unchanged;
-- greedy: a victim's decode latency on an idle A, then while a greedy peer keeps its sessions (at its
-  limits) busy with 256-token prefills; the ratio loaded/idle.
+- greedy: a victim's decode latency on an idle A (before and after), then while a greedy peer (a process of
+  its own) keeps 16 sessions busy with 256-token prefills, 8 queued each; the ratio loaded/idle.
 
 Prints one JSON document (RSS and open fds of every server before/during/after each attack). Run with
 ``PYTHONPATH=src`` (this tree) or ``PYTHONPATH=/work/main/src`` (the code before) to compare. Every process it
@@ -214,8 +214,45 @@ def attack_nan(out: dict[str, Any], a: dict[str, Any], atk: Peer, first_span: An
     out.update(atk.run(main()))
 
 
-def attack_greedy(out: dict[str, Any], a: dict[str, Any], vic: Peer, atk: Peer, stats: Any,
-                  sessions: int, inflight: int, seconds: float) -> None:
+def greedy_worker(spec: dict[str, Any]) -> None:
+    """The greedy peer, in a process of its own (a client process of its own: no shared GIL with the victim):
+    ``sessions`` sessions, each keeping ``inflight`` 256-token prefills queued, until its stdin closes."""
+    atk = Peer(spec["bootstrap"])
+    a = spec["server"]
+    stop = asyncio.Event()
+
+    async def greedy_one() -> int:
+        stream, sid, reply = await open_session(atk.node, a, BlockRange(0, 4), 512)
+        if not isinstance(reply, Opened):
+            return 0
+        step_id, pending, done = 0, 0, 0
+        x = encode_tensor(torch.randn(256, HIDDEN))
+        while not stop.is_set():
+            while pending < spec["inflight"]:
+                await stream.send(Step(session_id=sid, step_id=step_id, position=0, hidden=x))
+                step_id, pending = step_id + 1, pending + 1
+            await stream.recv(60)
+            pending, done = pending - 1, done + 1
+        await stream.close()
+        return done
+
+    async def run() -> list[int]:
+        tasks = [asyncio.ensure_future(greedy_one()) for _ in range(spec["sessions"])]
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        stop.set()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))  # type: ignore[arg-type]
+
+    try:
+        print(json.dumps({"steps": atk.run(run(), 600)}), flush=True)
+    finally:
+        atk.close()
+
+
+def attack_greedy(out: dict[str, Any], a: dict[str, Any], vic: Peer, bootstrap: list[str], stats: Any,
+                  sessions: int, inflight: int) -> None:
+    import subprocess
+
     async def decode_latency(n: int) -> list[float]:
         stream, sid, _ = await open_session(vic.node, a, BlockRange(0, 4), n + 8)
         await step(stream, sid, 0, 0, torch.randn(4, HIDDEN))
@@ -229,48 +266,37 @@ def attack_greedy(out: dict[str, Any], a: dict[str, Any], vic: Peer, atk: Peer, 
         return lat
 
     idle = vic.run(decode_latency(60))
-    stop = asyncio.Event()
-    counts = {"steps": 0, "errors": 0, "sessions": 0}
-
-    async def greedy_one() -> None:
-        stream, sid, reply = await open_session(atk.node, a, BlockRange(0, 4), 512)
-        if not isinstance(reply, Opened):
-            return
-        counts["sessions"] += 1
-        step_id = 0
-        x = encode_tensor(torch.randn(256, HIDDEN))
-        pending = 0
-        while not stop.is_set():
-            while pending < inflight:
-                await stream.send(Step(session_id=sid, step_id=step_id, position=0, hidden=x))
-                step_id, pending = step_id + 1, pending + 1
-            msg = await stream.recv(60)
-            pending -= 1
-            counts["steps" if isinstance(msg, StepResult) else "errors"] += 1
-        await stream.close()
-
-    async def loaded() -> list[float]:
-        tasks = [asyncio.ensure_future(greedy_one()) for _ in range(sessions)]
-        await asyncio.sleep(2.0)
+    spec = {"bootstrap": bootstrap, "server": a, "sessions": sessions, "inflight": inflight}
+    worker = subprocess.Popen([sys.executable, __file__, "--greedy-worker", json.dumps(spec)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdin is not None
+        assert worker.stdout.readline().strip() == "ready"
+        time.sleep(3.0)
         out["during"] = stats()
-        lat = await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            decode_latency(60), vic.loop.loop)), seconds + 120)
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return lat
-
-    busy = atk.run(loaded(), seconds + 200)
+        busy = vic.run(decode_latency(60))
+        worker.stdin.close()
+        out["greedy"] = json.loads(worker.stdout.readline())
+        worker.wait(60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    idle += vic.run(decode_latency(60))  # idle again after: the machine is shared, its load drifts
 
     def summary(xs: list[float]) -> dict[str, float]:
         xs = sorted(xs)
         return {"median_ms": round(statistics.median(xs) * 1000, 2), "p90_ms": round(xs[int(0.9 * len(xs))] * 1000, 2)}
 
-    out["idle"], out["loaded"], out["greedy"] = summary(idle), summary(busy), counts
+    out["idle"], out["loaded"] = summary(idle), summary(busy)
     out["ratio_median"] = round(out["loaded"]["median_ms"] / out["idle"]["median_ms"], 2)
     out["ratio_p90"] = round(out["loaded"]["p90_ms"] / out["idle"]["p90_ms"], 2)
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--greedy-worker"]:
+        greedy_worker(json.loads(sys.argv[2]))
+        return 0
     only = set(sys.argv[1:]) or {"sessions", "hijack", "nan", "greedy"}
     torch.set_num_threads(1)
     ckpt = str(demo_checkpoint())
@@ -306,7 +332,7 @@ def main() -> int:
             elif name == "nan":
                 attack_nan(out, a, atk, first)
             else:
-                attack_greedy(out, a, vic, atk, stats, sessions=16, inflight=8, seconds=30)
+                attack_greedy(out, a, vic, bootstrap, stats, sessions=16, inflight=8)
             out["after"] = stats()
             out["wall_s"] = round(time.perf_counter() - t0, 2)
             print(json.dumps({name: out}), file=sys.stderr, flush=True)
