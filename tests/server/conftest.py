@@ -1,7 +1,8 @@
 """Fixtures for block-server tests: one swarm of real processes on 127.0.0.1 shared by the package.
 
 ``swarm``: a ``meshinfer dht`` bootstrap and three ``meshinfer serve`` processes on the tiny llama
-checkpoint (4 blocks): ``full`` serves 0:4 (small KV budget, for admission and bad-input tests),
+checkpoint (4 blocks): ``full`` serves 0:4 (small KV budget, no per-peer limits below it, for admission and
+bad-input tests),
 ``head`` serves 0:2 and ``tail`` serves 2:4 (for push routes). ``client`` is a client-mode peer in the
 test process. Everything is started here and stopped here by PID; teardown checks that no ``p2pd``
 any of them started is left running.
@@ -41,7 +42,9 @@ def swarm(tiny_llama: Path) -> Iterator[Swarm]:
     try:
         servers = start_servers(str(tiny_llama), [
             ("0:4", ["--cache-tokens", str(FULL_CACHE_TOKENS), "--max-sessions", str(FULL_MAX_SESSIONS),
-                     "--max-step-tokens", str(FULL_MAX_STEP_TOKENS), "--public-name", "full-node"]),
+                     "--max-step-tokens", str(FULL_MAX_STEP_TOKENS), "--public-name", "full-node",
+                     # the admission tests fill the whole budget from one peer: no per-peer limits here
+                     "--max-sessions-per-peer", str(FULL_MAX_SESSIONS), "--max-kv-tokens-per-peer", "1"]),
             ("0:2", []),
             ("2:4", []),
         ], bootstrap)

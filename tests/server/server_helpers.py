@@ -195,10 +195,11 @@ class Client:
         return self.run(self.node.open_stream(server.peer_id, SESSION_PROTOCOL, maddrs=server.maddrs))
 
     def open(self, server: Server, span: BlockRange | None = None, *, max_length: int = 64, dtype: str = "float32",
-             model: str | None = None, route_tail: Sequence[Hop] = (), session_id: str | None = None) -> RemoteSession:
-        """Open a session; asserts the server answered ``Opened``."""
+             model: str | None = None, route_tail: Sequence[Hop] = (), session_id: str | None = None,
+             prev_peer: str | None = None) -> RemoteSession:
+        """Open a session (pushes into it taken from ``prev_peer`` too); asserts the server answered ``Opened``."""
         sess = self.try_open(server, span, max_length=max_length, dtype=dtype, model=model,
-                             route_tail=route_tail, session_id=session_id)
+                             route_tail=route_tail, session_id=session_id, prev_peer=prev_peer)
         reply = sess.recv()
         assert isinstance(reply, Opened), reply
         assert reply.session_id == sess.session_id
@@ -206,12 +207,12 @@ class Client:
 
     def try_open(self, server: Server, span: BlockRange | None = None, *, max_length: int = 64,
                  dtype: str = "float32", model: str | None = None, route_tail: Sequence[Hop] = (),
-                 session_id: str | None = None) -> RemoteSession:
+                 session_id: str | None = None, prev_peer: str | None = None) -> RemoteSession:
         """Send ``Open`` and return without reading the reply."""
         sid = session_id or new_session_id()
         sess = RemoteSession(self, self.connect(server), sid)
         sess.send(Open(session_id=sid, model=model or server.model_id, span=span or server.blocks,
-                       max_length=max_length, dtype=dtype, route_tail=list(route_tail)))
+                       max_length=max_length, dtype=dtype, route_tail=list(route_tail), prev_peer=prev_peer))
         return sess
 
     def cache_tokens_left(self, server: Server, num_blocks: int) -> int | None:

@@ -63,7 +63,7 @@ def _step(step_id: int = 0, position: int = 0, shape: tuple[int, ...] = (3, 8), 
 
 
 @pytest.mark.parametrize(("step", "code", "text"), [
-    (_step(session_id="other"), ErrorCode.UNKNOWN_SESSION, "not 'other'"),
+    (_step(session_id="other"), ErrorCode.UNKNOWN_SESSION, "not other"),
     (_step(dtype="float16"), ErrorCode.BAD_REQUEST, "float16"),
     (_step(shape=(1, 3, 8)), ErrorCode.BAD_REQUEST, "shape [tokens, 8]"),
     (_step(shape=(3, 9)), ErrorCode.BAD_REQUEST, "hidden size 9"),
@@ -105,3 +105,36 @@ def test_server_config_validation() -> None:
     ]:
         with pytest.raises(ConfigError, match=text):
             ServerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_budget_per_peer_limits_name_the_limit() -> None:
+    from meshinfer.server.memory import PeerLimits
+
+    budget = MemoryBudget(cache_tokens=1000, max_sessions=10, per_peer=PeerLimits(sessions=2, tokens=500))
+    budget.reserve("a1", 200, "A")
+    budget.reserve("a2", 200, "A")
+    with pytest.raises(Overloaded, match=r"peer A has 2 open sessions here \(limit --max-sessions-per-peer 2\)"):
+        budget.reserve("a3", 10, "A")
+    budget.release("a2")
+    with pytest.raises(Overloaded, match=r"holds 200 KV tokens .* 400 more \(limit --max-kv-tokens-per-peer 500"):
+        budget.reserve("a3", 400, "A")
+    budget.reserve("b1", 500, "B")  # another peer is not held back by A
+    assert budget.peer_usage("A") == (1, 200) and budget.peer_usage("B") == (1, 500)
+    for sid in ("a1", "b1", "a2"):
+        budget.release(sid)
+    assert budget.peer_usage("A") == (0, 0) and budget.tokens_left == 1000 and not budget._peer_tokens
+
+
+def test_server_config_per_peer_defaults_and_checks() -> None:
+    cfg = ServerConfig(model="m", blocks="0:2")
+    assert (cfg.peer_sessions, cfg.peer_tokens, cfg.max_queued_steps_per_peer) == (16, 8192, 256)
+    cfg = ServerConfig(model="m", blocks="0:2", max_sessions=1, cache_tokens=100, max_kv_tokens_per_peer=0.25)
+    assert (cfg.peer_sessions, cfg.peer_tokens) == (1, 25)
+    assert ServerConfig(model="m", max_kv_tokens_per_peer=3000, max_sessions_per_peer=3).peer_tokens == 3000
+    for bad, flag in [(dict(max_kv_tokens_per_peer=0), "--max-kv-tokens-per-peer"),
+                      (dict(max_kv_tokens_per_peer=1.5), "--max-kv-tokens-per-peer"),
+                      (dict(max_kv_tokens_per_peer=float("nan")), "--max-kv-tokens-per-peer"),
+                      (dict(max_sessions_per_peer=0), "--max-sessions-per-peer"),
+                      (dict(max_queued_steps_per_peer=0), "--max-queued-steps-per-peer")]:
+        with pytest.raises(ConfigError, match=flag):
+            ServerConfig(model="m", **bad)  # type: ignore[arg-type]

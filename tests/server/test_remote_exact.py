@@ -73,7 +73,7 @@ def test_push_route_equals_whole_model(swarm: Swarm, client: Client, local_spans
     xs = inputs(seed=2)
     whole = local_outputs(local_spans[BlockRange(0, 4)], xs)
     first_half = local_outputs(local_spans[BlockRange(0, 2)], xs)
-    tail = client.open(swarm.tail, max_length=32)
+    tail = client.open(swarm.tail, max_length=32, prev_peer=swarm.head.peer_id)
     head = client.open(swarm.head, max_length=32, route_tail=[hop_of(swarm.tail, tail.session_id)])
     position = 0
     for step_id, x in enumerate(xs):
@@ -107,7 +107,7 @@ def test_two_hops_on_one_server(swarm: Swarm, client: Client, local_spans) -> No
     """A route may use the same server twice (0:2 then 2:4 on the full node): pushed locally."""
     xs = inputs(seed=4)[:2]
     whole = local_outputs(local_spans[BlockRange(0, 4)], xs)
-    second = client.open(swarm.full, BlockRange(2, 4), max_length=16)
+    second = client.open(swarm.full, BlockRange(2, 4), max_length=16, prev_peer=swarm.full.peer_id)
     first = client.open(swarm.full, BlockRange(0, 2), max_length=16,
                         route_tail=[hop_of(swarm.full, second.session_id, BlockRange(2, 4))])
     first.step(0, 0, xs[0])

@@ -56,8 +56,10 @@ def _service(span: BlockSpan, idle_timeout: float = 60.0) -> tuple[SessionServic
     return service, changes
 
 
-def _open(sid: str, max_length: int = 40, span: BlockRange = BlockRange(0, 4), tail: list[Hop] | None = None) -> Open:
-    return Open(session_id=sid, model="m", span=span, max_length=max_length, dtype="float32", route_tail=tail or [])
+def _open(sid: str, max_length: int = 40, span: BlockRange = BlockRange(0, 4), tail: list[Hop] | None = None,
+          prev: str | None = None) -> Open:
+    return Open(session_id=sid, model="m", span=span, max_length=max_length, dtype="float32", route_tail=tail or [],
+                prev_peer=prev)
 
 
 async def _until(cond, timeout: float = 10.0) -> None:
@@ -92,7 +94,7 @@ def test_results_leave_in_order_and_local_push_and_shutdown(span: BlockSpan) -> 
         service.steps.start()
         service.start()
         s2, s1 = MemoryStream(), MemoryStream()
-        await service.open(_open("second", span=BlockRange(2, 4)), s2)  # type: ignore[arg-type]
+        await service.open(_open("second", span=BlockRange(2, 4), prev="me"), s2)  # type: ignore[arg-type]
         hop = Hop(peer_id="me", span=BlockRange(2, 4), session_id="second")
         first = await service.open(_open("first", span=BlockRange(0, 2), tail=[hop]), s1)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(0)
@@ -124,8 +126,8 @@ def test_retarget_repoints_pushes_and_refuses_a_broken_chain(span: BlockSpan) ->
         service.steps.start()
         service.start()
         s_old, s_new, s1 = MemoryStream(), MemoryStream(), MemoryStream()
-        await service.open(_open("old", 20, span=BlockRange(2, 4)), s_old)  # type: ignore[arg-type]
-        await service.open(_open("new", 20, span=BlockRange(2, 4)), s_new)  # type: ignore[arg-type]
+        await service.open(_open("old", 20, span=BlockRange(2, 4), prev="me"), s_old)  # type: ignore[arg-type]
+        await service.open(_open("new", 20, span=BlockRange(2, 4), prev="me"), s_new)  # type: ignore[arg-type]
         old = Hop(peer_id="me", span=BlockRange(2, 4), session_id="old")
         first = await service.open(_open("first", 20, span=BlockRange(0, 2), tail=[old]), s1)  # type: ignore[arg-type]
         x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
@@ -159,7 +161,7 @@ def test_a_turns_outputs_leave_as_one_burst_per_destination(span: BlockSpan) -> 
         firsts, seconds = [MemoryStream(), MemoryStream()], [MemoryStream(), MemoryStream()]
         sessions = []
         for i in range(2):
-            await service.open(_open(f"second{i}", 20, span=BlockRange(2, 4)), seconds[i])  # type: ignore[arg-type]
+            await service.open(_open(f"second{i}", 20, span=BlockRange(2, 4), prev="me"), seconds[i])  # type: ignore[arg-type]
             hop = Hop(peer_id="me", span=BlockRange(2, 4), session_id=f"second{i}")
             sessions.append(await service.open(_open(f"first{i}", 20, span=BlockRange(0, 2), tail=[hop]),
                                                firsts[i]))  # type: ignore[arg-type]
@@ -175,5 +177,45 @@ def test_a_turns_outputs_leave_as_one_burst_per_destination(span: BlockSpan) -> 
         assert all(isinstance(s.sent[0], StepResult) and s.sent[0].burst is None for s in firsts)  # copies: untagged
         await service.shutdown()
         await service.steps.stop()
+
+    asyncio.run(main())
+
+
+def test_pushes_only_from_the_named_previous_hop_nan_refused_and_per_peer_step_limit(span: BlockSpan) -> None:
+    async def main() -> None:
+        service, _ = _service(span)
+        service.max_queued_steps_per_peer = 3
+        service.steps.start()
+        service.start()
+        s2, s1 = MemoryStream(), MemoryStream()
+        second = await service.open(_open("second", span=BlockRange(2, 4)), s2)  # type: ignore[arg-type]  # no prev
+        first = await service.open(_open("first", span=BlockRange(0, 2), tail=[  # type: ignore[arg-type]
+            Hop(peer_id="me", span=BlockRange(2, 4), session_id="second")]), s1)
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+        service.step(first, Step(session_id="first", step_id=0, position=0, hidden=encode_tensor(x)))
+        await _until(lambda: len(s1.sent) == 2)
+        assert isinstance(s1.sent[0], StepResult) and isinstance(s1.sent[1], Error)
+        assert s1.sent[1].code == ErrorCode.NEXT_HOP_FAILED and "accepts steps from this server" in s1.sent[1].message
+        assert not s2.sent and second.cache.length == 0 and second.last_step_id is None  # refused, untouched
+        bad = x.clone()
+        bad[1, 5] = float("nan")
+        service.step(second, Step(session_id="second", step_id=0, position=0, hidden=encode_tensor(x)))
+        await _until(lambda: len(s2.sent) == 1)
+        for step_id, value in enumerate([float("nan"), float("inf")], start=1):
+            bad[1, 5] = value
+            service.step(second, Step(session_id="second", step_id=step_id, position=0, hidden=encode_tensor(bad)))
+            await _until(lambda n=step_id: len(s2.sent) == n + 1)
+            err = s2.sent[-1]
+            assert isinstance(err, Error) and err.code == ErrorCode.BAD_REQUEST and "NaN or inf" in err.message
+            assert second.cache.length == 2 and second.last_step_id == 0  # the session is unchanged
+        await service.steps.stop()  # nothing runs now: steps stay queued
+        one = torch.randn(1, 64)
+        for k in range(3):
+            service.step(second, Step(session_id="second", step_id=10 + k, position=2 + k, hidden=encode_tensor(one)))
+        with pytest.raises(SessionError, match=r"has 3 steps waiting here \(limit --max-queued-steps-per-peer 3\)"):
+            service.step(first, Step(session_id="first", step_id=5, position=2, hidden=encode_tensor(one)))
+        await service.shutdown()
+
+    from meshinfer.server.session import SessionError
 
     asyncio.run(main())

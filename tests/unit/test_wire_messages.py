@@ -23,6 +23,7 @@ from meshinfer.wire.messages import (
     Opened,
     Ping,
     Pong,
+    Retarget,
     Step,
     StepResult,
     decode_message,
@@ -38,6 +39,8 @@ SAMPLES = [
     Open(session_id="s-1", model="m", span=BlockRange(0, 8), max_length=128, dtype="bfloat16",
          route_tail=[Hop(peer_id="QmPeer", span=BlockRange(8, 16), session_id="s-2",
                      maddrs=["/ip4/127.0.0.1/tcp/1"])]),
+    Open(session_id="s-2", model="m", span=BlockRange(8, 16), max_length=128, dtype="float32", prev_peer="QmPrev"),
+    Retarget(session_id="s-2", route_tail=[], prev_peer="QmNewPrev"),
     Opened(session_id="s-1", span=BlockRange(0, 8), max_length=128),
     Step(session_id="s-1", step_id=0, position=0, hidden=HIDDEN),
     StepResult(session_id="s-1", step_id=0, hidden=HIDDEN),
@@ -148,10 +151,10 @@ json_like = st.recursive(
 
 
 @budget(200)
-@given(st.sampled_from(["open", "opened", "step", "step_result", "close", "error", "ping", "pong", "x"]),
+@given(st.sampled_from(["open", "opened", "step", "step_result", "close", "error", "ping", "pong", "retarget", "x"]),
        st.dictionaries(st.sampled_from(["session_id", "model", "span", "max_length", "dtype", "route_tail",
                                         "step_id", "position", "hidden", "code", "message", "seq", "payload",
-                                        "v"]), json_like, max_size=8))
+                                        "v", "prev_peer"]), json_like, max_size=8))
 def test_fuzz_structured_garbage_only_raises_wire_errors(tag: str, fields: dict[str, object]) -> None:
     try:
         data = msgspec.msgpack.encode({"type": tag, **fields})
@@ -161,3 +164,15 @@ def test_fuzz_structured_garbage_only_raises_wire_errors(tag: str, fields: dict[
         decode_message(data)
     except WireError:
         pass
+
+
+def test_prev_peer_is_optional_and_bounded() -> None:
+    old = msgspec.msgpack.encode({"type": "open", "session_id": "s", "model": "m", "span": {"start": 0, "end": 2},
+                                  "max_length": 4, "dtype": "float32", "v": PROTOCOL_VERSION})
+    msg = decode_message(old)  # a peer that never heard of prev_peer: nobody but the client may push
+    assert isinstance(msg, Open) and msg.prev_peer is None
+    retarget = decode_message(msgspec.msgpack.encode({"type": "retarget", "session_id": "s", "v": PROTOCOL_VERSION}))
+    assert isinstance(retarget, Retarget) and retarget.prev_peer is None
+    with pytest.raises(WireError):
+        decode_message(encode_message(Open(session_id="s", model="m", span=BlockRange(0, 2), max_length=4,
+                                           dtype="float32", prev_peer="x" * 129)))

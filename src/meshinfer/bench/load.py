@@ -142,7 +142,8 @@ def _check(args: argparse.Namespace) -> list[int]:
 
 
 def _server_args(sessions: int, tokens_each: int) -> list[str]:
-    """Raise the servers' session and KV limits only where the largest round would exceed their defaults."""
+    """Raise the servers' session and KV limits only where the largest round would exceed their defaults; lift the
+    per-peer limits to the whole server."""
     import dataclasses
 
     from meshinfer.server.config import ServerConfig
@@ -153,7 +154,9 @@ def _server_args(sessions: int, tokens_each: int) -> list[str]:
         extra += ["--max-sessions", str(sessions)]
     if sessions * tokens_each > defaults["cache_tokens"]:
         extra += ["--cache-tokens", str(sessions * tokens_each)]
-    return extra
+    # every session comes from this one client: the per-peer limits must not be what is measured
+    return [*extra, "--max-sessions-per-peer", str(max(sessions, defaults["max_sessions"])),
+            "--max-kv-tokens-per-peer", "1"]
 
 
 async def _round(model: Any, prompts: list[list[int]], n: int) -> tuple[float, list[Trace]]:

@@ -4,7 +4,8 @@ Contract: ``HopSession`` is the client's end of one server's session (hop, sessi
 history, where its server pushes) and owns that stream's lifecycle: ``open`` (send ``Open``, await
 ``Opened``, report the round trip as the peer's RTT), ``start_reader``/``stop_reader`` (a background task
 turning every message, or the error that ended the stream, into a ``HopEvent``), ``send_step`` and
-``request_step``, ``retarget`` (re-point its pushes), ``output`` (check a ``StepResult``), and ``close``
+``request_step``, ``retarget`` (re-point its pushes, and name who may push into it: ``prev``, set for a
+push route by ``link_prev``), ``output`` (check a ``StepResult``), and ``close``
 (``Close`` + stream close; idempotent, never raises). ``route_tail`` lists the hops after one, as ``Open``
 and ``Retarget`` carry them. ``HopFailure`` says a hop cannot go on (raised inside ``InferenceSession``
 to start a failover, never out of it); ``Failover`` records one replacement; ``FAILOVER_CODES`` and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +75,9 @@ class HopSession:
     reader: asyncio.Task[None] | None = None
     tail: str | None = None
     """The session id this hop's server pushes its outputs to (None: it pushes nowhere)."""
+    prev: str | None = None
+    """The previous hop's server, named in ``Open``/``Retarget`` as the one peer besides this client that may
+    push into this hop's session (None: only this client)."""
     closed: bool = field(default=False, init=False)
     """Whether ``close`` ran (a closed hop is never reopened)."""
 
@@ -85,7 +90,7 @@ class HopSession:
         self.stream = await node.open_stream(self.hop.peer_id, SESSION_PROTOCOL, maddrs=self.hop.record.addresses,
                                              direct=self.hop.record.direct_addresses, timeout=timeout)
         msg = Open(session_id=self.session_id, model=model_id, span=self.hop.span, max_length=max_length,
-                   dtype=dtype, route_tail=route_tail, quant=quant)
+                   dtype=dtype, route_tail=route_tail, quant=quant, prev_peer=self.prev)
         started = time.perf_counter()
         try:
             reply = await self.stream.request(msg, timeout=timeout)
@@ -156,14 +161,16 @@ class HopSession:
                             f"{dtype} {list(x.shape)}")
         return out
 
-    async def retarget(self, route_tail: list[Hop]) -> None:
-        """Point this hop's pushes at ``route_tail[0]`` (``Retarget``); a broken stream is a ``HopFailure``."""
+    async def retarget(self, route_tail: list[Hop], prev: str | None = None) -> None:
+        """Point this hop's pushes at ``route_tail[0]`` and take pushes from ``prev`` when given (``Retarget``);
+        a broken stream is a ``HopFailure``."""
         assert self.stream is not None
         try:
-            await self.stream.send(Retarget(session_id=self.session_id, route_tail=route_tail))
+            await self.stream.send(Retarget(session_id=self.session_id, route_tail=route_tail, prev_peer=prev))
         except TransportError as err:
             raise HopFailure(self, f"cannot retarget its pushes: {err}") from None
         self.tail = route_tail[0].session_id if route_tail else None
+        self.prev = prev if prev is not None else self.prev
 
     # ---- closing -------------------------------------------------------------------------------
 
@@ -184,6 +191,12 @@ class HopSession:
 
 HopEvent = tuple[HopSession, Message | MeshinferError]
 """What a hop's reader reports: one message from its server, or the error that ended its stream."""
+
+
+def link_prev(hops: Sequence[HopSession]) -> None:
+    """Name each hop's previous server as the one that may push into it (``prev``; sent in ``Open``)."""
+    for before, after in itertools.pairwise(hops):
+        after.prev = before.hop.peer_id
 
 
 def route_tail(hops: Sequence[HopSession], i: int) -> list[Hop]:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import torch
 
-from meshinfer.client.hops import Failover, HopFailure, HopSession, route_tail
+from meshinfer.client.hops import Failover, HopFailure, HopSession, link_prev, route_tail
 from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError, RemoteError, TransportError
 from meshinfer.types import BlockRange
@@ -90,7 +90,8 @@ class Recovery:
         history = list(failed.inputs)
         for _attempt in range(self.max_failovers):
             route = await self._replan(failed.hop.span, started)
-            fresh = [HopSession(h, secrets.token_hex(12)) for h in route]
+            fresh = [HopSession(h, secrets.token_hex(12), prev=failed.prev) for h in route]
+            link_prev(fresh)  # the first takes pushes from the failed hop's previous server, the rest from theirs
             try:
                 replayed = await self._rebuild(fresh, history)
             except (MeshinferError, TimeoutError) as err:
@@ -152,9 +153,13 @@ class Recovery:
 
 
 async def fix_tails(hops: Sequence[HopSession]) -> None:
-    """Point every hop's pushes at the session of the hop after it (after a replacement)."""
-    for i, hs in enumerate(hops):
+    """Point every hop's pushes at the session of the hop after it, and have it take pushes from the server
+    before it (after a replacement); from the last hop back, so a hop accepts its new previous server before
+    that server is pointed at it."""
+    for i in reversed(range(len(hops))):
+        hs = hops[i]
         want = hops[i + 1].session_id if i + 1 < len(hops) else None
-        if hs.tail == want or want is None:
+        prev = hops[i - 1].hop.peer_id if i > 0 else None
+        if (hs.tail == want or want is None) and hs.prev == prev:
             continue
-        await hs.retarget(route_tail(hops, i))
+        await hs.retarget(route_tail(hops, i), prev)

@@ -58,6 +58,7 @@ from meshinfer.client.hops import (
     HopFailure,
     HopSession,
     RttCallback,
+    link_prev,
     replaceable,
     route_tail,
 )
@@ -113,6 +114,8 @@ class InferenceSession:
         self.quant = quant
         """The quant mode every hop must run (sent in ``Open``; replacements are planned with it too)."""
         self.hops = [HopSession(h, secrets.token_hex(12)) for h in route]
+        if self.push:
+            link_prev(self.hops)  # each server takes pushes only from the hop before it (Open.prev_peer)
         self.position = 0
         self.failovers: list[Failover] = []
         self._step_ids = itertools.count()

@@ -40,7 +40,7 @@ from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
 from meshinfer.server.handler import SessionService
-from meshinfer.server.memory import MemoryBudget
+from meshinfer.server.memory import MemoryBudget, PeerLimits
 from meshinfer.server.metrics import ServerMetrics, ServerSample
 from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
@@ -158,9 +158,11 @@ class BlockServer:
             pool = PushPool(who.node, lambda err: service.on_push_error(err), settings=who.node.settings.stream)
             service = SessionService(
                 model_id=who.model_id, peer_id=who.node.peer_id, steps=first.steps,
-                budget=MemoryBudget(config.cache_tokens, config.max_sessions), limits=DEFAULT_LIMITS,
-                max_step_tokens=config.max_step_tokens, idle_timeout=config.session_idle_timeout,
-                quant=config.quant, pool=pool)
+                budget=MemoryBudget(config.cache_tokens, config.max_sessions,
+                                    PeerLimits(config.peer_sessions, config.peer_tokens)),
+                limits=DEFAULT_LIMITS, max_step_tokens=config.max_step_tokens,
+                idle_timeout=config.session_idle_timeout, quant=config.quant, pool=pool,
+                max_queued_steps_per_peer=config.max_queued_steps_per_peer)
             server = cls(config, who, ready.model_dir, ready.ckpt, model_ref if ready.fetched else None, announcer,
                          service, pool, first, ready.span, metrics)
             service.on_change = server._status_dirty.set

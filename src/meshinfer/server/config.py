@@ -6,6 +6,8 @@ reads files, the environment or the model (checks that need the checkpoint, such
 the model, happen when the server opens it). Where to listen and whom to join is ``P2PConfig``.
 ``--blocks`` fixes the span (the server never moves); without it the span is placed automatically
 (``--num-blocks`` long, or as long as memory allows) and re-checked every ``--rebalance-interval`` s.
+Per-peer limits (``--max-sessions-per-peer``, ``--max-kv-tokens-per-peer``, ``--max-queued-steps-per-peer``)
+keep one peer from taking the whole server; ``peer_sessions``/``peer_tokens`` resolve their defaults.
 ``--metrics-port`` turns on the Prometheus endpoint (off by default: no extra listening port unless asked).
 """
 
@@ -38,6 +40,15 @@ class ServerConfig:
                                              "weights keep their groups of 32, never re-quantized)")
     max_sessions: int = doc(32, "most inference sessions open at once")
     cache_tokens: int = doc(16384, "KV cache budget in tokens across all sessions (each reserves its max length)")
+    max_sessions_per_peer: int | None = doc(
+        None, "most sessions one peer (the authenticated peer id that opens them) may hold open here at once; "
+              "refusals name this limit (default: half of --max-sessions, so one peer never takes every slot while "
+              "a gateway serving many users from one peer id keeps its usual concurrency)")
+    max_kv_tokens_per_peer: float = doc(
+        0.5, "most KV cache tokens the sessions of one peer may reserve together: a fraction of --cache-tokens "
+             "when <= 1, else a number of tokens; below 1 no peer can take the whole budget")
+    max_queued_steps_per_peer: int = doc(256, "most steps of one peer's sessions waiting in the step loop at once; "
+                                              "more are refused until its earlier steps are done")
     max_step_tokens: int = doc(2048, "most tokens one step (prefill chunk) may carry")
     session_idle_timeout: float = doc(300.0, "seconds a session may stay without steps before it is closed")
     public_name: str | None = doc(None, "a name shown to others in the swarm table (optional)")
@@ -80,6 +91,14 @@ class ServerConfig:
             raise ConfigError(f"--max-sessions must be > 0, got {self.max_sessions}")
         if self.cache_tokens <= 0:
             raise ConfigError(f"--cache-tokens must be > 0, got {self.cache_tokens}")
+        if self.max_sessions_per_peer is not None and self.max_sessions_per_peer <= 0:
+            raise ConfigError(f"--max-sessions-per-peer must be > 0, got {self.max_sessions_per_peer}")
+        kv = self.max_kv_tokens_per_peer
+        if not (math.isfinite(kv) and kv > 0 and (kv <= 1 or kv == int(kv))):
+            raise ConfigError(f"--max-kv-tokens-per-peer must be a fraction in (0, 1] of --cache-tokens or a whole "
+                              f"number of tokens > 1, got {kv:g}")
+        if self.max_queued_steps_per_peer <= 0:
+            raise ConfigError(f"--max-queued-steps-per-peer must be > 0, got {self.max_queued_steps_per_peer}")
         if self.max_step_tokens <= 0:
             raise ConfigError(f"--max-step-tokens must be > 0, got {self.max_step_tokens}")
         if not self.session_idle_timeout > 0:
@@ -114,6 +133,19 @@ class ServerConfig:
     def span(self) -> BlockRange | None:
         """The fixed span given with ``--blocks``; None when the server places itself."""
         return None if self.blocks is None else BlockRange.parse(self.blocks)
+
+    @property
+    def peer_sessions(self) -> int:
+        """``--max-sessions-per-peer`` resolved: the most sessions one peer may hold."""
+        if self.max_sessions_per_peer is not None:
+            return self.max_sessions_per_peer
+        return max(1, self.max_sessions // 2)
+
+    @property
+    def peer_tokens(self) -> int:
+        """``--max-kv-tokens-per-peer`` resolved to tokens: the most KV tokens one peer may reserve."""
+        kv = self.max_kv_tokens_per_peer
+        return int(kv) if kv > 1 else max(1, int(self.cache_tokens * kv))
 
     @property
     def max_download_bytes(self) -> float | None:

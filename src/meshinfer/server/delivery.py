@@ -75,9 +75,9 @@ class Delivery:
             try:
                 await work()
             except Exception:
-                log.exception("delivery for session %s failed", session.session_id)
+                log.exception("delivery for session %s failed", session.short_id)
 
-        session.delivery = asyncio.create_task(run(), name=f"deliver:{session.session_id[:16]}")
+        session.delivery = asyncio.create_task(run(), name=f"deliver:{session.short_id}")
 
     async def _send(self, session: Session, msg: Message) -> None:
         if session.ended:
@@ -119,7 +119,7 @@ class Delivery:
             await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
                                                  burst=burst if hop is None else None))
             if push_error is not None and hop is not None:
-                log.info("session %s: push of step %d to %s failed: %s", session.session_id, job.step_id,
+                log.info("session %s: push of step %d to %s failed: %s", session.short_id, job.step_id,
                          hop.peer_id[:12], push_error)
                 await self._send(session, Error(code=ErrorCode.NEXT_HOP_FAILED, session_id=session.session_id,
                                                 step_id=job.step_id,

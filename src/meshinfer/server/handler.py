@@ -2,9 +2,13 @@
 
 Contract (docs/architecture.md section 10, server side): a session stream starts with ``Open``
 (checked: model id, span inside the served span, max length within the model's context, route tail
-continuing at the span's end, KV budget via ``MemoryBudget``) answered by ``Opened``; then ``Step``s
-(checked by ``session.check_step``, queued on the ``StepLoop``), ``Ping`` (answered ``Pong``) and
-``Close``. Results leave on the session stream in step order, pushed on to the next hop first
+continuing at the span's end, KV budget and the opening peer's limits via ``MemoryBudget``) answered by
+``Opened``; then ``Step``s (checked by ``session.check_step`` and the peer's queued-steps limit, queued on the
+``StepLoop``), ``Ping`` (answered ``Pong``) and ``Close``. A session belongs to the authenticated peer that
+opened it (``MessageStream.peer_id``): its stream carries only that peer's steps, and a pushed step is taken
+only from that peer or the previous hop it named (``Open.prev_peer``, updated by ``Retarget.prev_peer``);
+anyone else gets the same ``Error`` as for an unknown session and nothing changes. Session ids are logged and
+quoted only as short prefixes. Results leave on the session stream in step order, pushed on to the next hop first
 (``server.delivery``: the service's ``Delivery`` collaborator, which hands steps pushed to this very server
 back through ``take_local``). Pushed steps arrive on push streams and
 are treated exactly like the client's. Every bad
@@ -28,11 +32,11 @@ from collections.abc import Callable
 from meshinfer.errors import MeshinferError, TransportError, WireError
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.server.delivery import Delivery
-from meshinfer.server.memory import MemoryBudget, Overloaded
+from meshinfer.server.memory import MemoryBudget, Overloaded, short_peer
 from meshinfer.server.push import PushPool
 from meshinfer.server.runtime import StepLoop
 from meshinfer.server.scheduler import Finished
-from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step
+from meshinfer.server.session import Session, SessionError, StepJob, StepKind, check_step, short_id
 from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
 from meshinfer.wire.limits import WireLimits
@@ -67,7 +71,7 @@ class SessionService:
     def __init__(self, *, model_id: str, peer_id: str, steps: StepLoop, budget: MemoryBudget,
                  limits: WireLimits, max_step_tokens: int, idle_timeout: float,
                  on_change: Callable[[], None] = lambda: None, quant: str = "none",
-                 pool: PushPool | None = None) -> None:
+                 pool: PushPool | None = None, max_queued_steps_per_peer: int = 256) -> None:
         self.model_id = model_id
         self.quant = quant
         """How this server holds its weights; a session planned for another mode is refused at open."""
@@ -77,6 +81,8 @@ class SessionService:
         self.budget = budget
         self.limits = limits
         self.max_step_tokens = max_step_tokens
+        self.max_queued_steps_per_peer = max_queued_steps_per_peer
+        """Most steps one peer's sessions may have waiting (``--max-queued-steps-per-peer``)."""
         self.idle_timeout = idle_timeout
         self.on_change = on_change
         self.delivery = Delivery(peer_id=peer_id, local=self.take_local, pool=pool)
@@ -128,27 +134,28 @@ class SessionService:
                                f"{spec.max_position_embeddings} tokens")
         next_hop = self._next_hop(msg.span, msg.route_tail)
         if msg.session_id in self.sessions or self.budget.holds(msg.session_id):
-            raise SessionError(ErrorCode.BAD_REQUEST, f"session id {msg.session_id!r} is already in use")
+            raise SessionError(ErrorCode.BAD_REQUEST, f"session id {short_id(msg.session_id)} is already in use")
         try:
-            self.budget.reserve(msg.session_id, msg.max_length)
+            self.budget.reserve(msg.session_id, msg.max_length, stream.peer_id)
         except Overloaded as err:
             raise SessionError(ErrorCode.OVERLOADED, str(err)) from None
         try:
             cache = await self.steps.new_cache(msg.span, msg.max_length)
         except Exception as err:
             self.budget.release(msg.session_id)
-            log.warning("cannot allocate a KV cache for session %s: %s", msg.session_id, err)
+            log.warning("cannot allocate a KV cache for session %s: %s", short_id(msg.session_id), err)
             raise SessionError(ErrorCode.OVERLOADED, f"cannot allocate the KV cache: {err}") from None
         if not self.accepting:
             self.budget.release(msg.session_id)
             raise SessionError(ErrorCode.OVERLOADED, "server is shutting down; open a session elsewhere")
         session = Session(msg.session_id, msg.span, msg.max_length, msg.dtype, stream, next_hop=next_hop,
-                          client=stream.peer_id, cache=cache, last_activity=time.monotonic())
+                          client=stream.peer_id, prev_peer=msg.prev_peer, cache=cache,
+                          last_activity=time.monotonic())
         self.sessions[session.session_id] = session
         if next_hop is not None:
             self._origins[next_hop.session_id] = session
         log.info("session %s opened by %s: blocks %s, max length %d, dtype %s%s; %d open, %d tokens left",
-                 session.session_id, stream.peer_id[:12], msg.span, msg.max_length, msg.dtype,
+                 session.short_id, stream.peer_id[:12], msg.span, msg.max_length, msg.dtype,
                  f", pushes to {next_hop.peer_id[:12]}" if next_hop else "", len(self.sessions),
                  self.budget.tokens_left)
         self.on_change()
@@ -168,7 +175,7 @@ class SessionService:
         """Push ``session``'s next outputs to ``msg.route_tail[0]`` (or nowhere); ``SessionError`` if invalid."""
         if msg.session_id != session.session_id:
             raise SessionError(ErrorCode.UNKNOWN_SESSION,
-                               f"this stream carries session {session.session_id!r}, not {msg.session_id!r}")
+                               f"this stream carries session {session.short_id}, not {short_id(msg.session_id)}")
         next_hop = self._next_hop(session.span, msg.route_tail)
         old = session.next_hop
         if old is not None and self._origins.get(old.session_id) is session:
@@ -176,7 +183,9 @@ class SessionService:
         session.next_hop = next_hop
         if next_hop is not None:
             self._origins[next_hop.session_id] = session
-        log.info("session %s now pushes to %s", session.session_id,
+        if msg.prev_peer is not None:
+            session.prev_peer = msg.prev_peer
+        log.info("session %s now pushes to %s", session.short_id,
                  f"{next_hop.peer_id[:12]} (blocks {next_hop.span})" if next_hop else "nobody")
 
     def end(self, session: Session, reason: str) -> None:
@@ -190,7 +199,7 @@ class SessionService:
             del self._origins[session.next_hop.session_id]
         freed = self.budget.release(session.session_id)
         session.cache = None
-        log.info("session %s ended (%s): %d tokens freed; %d open, %d tokens left", session.session_id,
+        log.info("session %s ended (%s): %d tokens freed; %d open, %d tokens left", session.short_id,
                  reason, freed, len(self.sessions), self.budget.tokens_left)
         self.on_change()
 
@@ -227,6 +236,11 @@ class SessionService:
             if len(session.pending) >= MAX_QUEUED_STEPS:
                 raise SessionError(ErrorCode.LIMIT_EXCEEDED,
                                    f"session already has {MAX_QUEUED_STEPS} steps waiting; wait for their results")
+            queued, limit = self.steps.queued_for(session.client), self.max_queued_steps_per_peer
+            if queued >= limit:
+                raise SessionError(ErrorCode.OVERLOADED,
+                                   f"peer {short_peer(session.client)} has {queued} steps waiting here "
+                                   f"(limit --max-queued-steps-per-peer {limit}); wait for their results")
             self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
         elif kind is StepKind.REPEAT:
             assert session.last_output is not None
@@ -236,8 +250,8 @@ class SessionService:
     def take_local(self, step: Step) -> None:
         """Take ``step`` pushed by a session of this very server (``delivery.LocalSteps``)."""
         target = self.sessions.get(step.session_id)
-        if target is None:
-            raise TransportError(f"this server has no session {step.session_id!r}")
+        if target is None or not target.may_push(self.peer_id):
+            raise TransportError(f"no session {short_id(step.session_id)} here accepts steps from this server")
         try:
             self.step(target, step, pushed=True)
         except SessionError as err:
@@ -349,9 +363,10 @@ class SessionService:
                 await stream.send(Error(code=ErrorCode.BAD_REQUEST, message="push streams carry only Step messages"))
                 continue
             session = self.sessions.get(msg.session_id)
-            if session is None:
-                await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id,
-                                        step_id=msg.step_id, message=f"no open session {msg.session_id!r} here"))
+            if session is None or not session.may_push(stream.peer_id):  # the same answer: no oracle for ids
+                await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id, step_id=msg.step_id,
+                                        message=f"no open session {short_id(msg.session_id)} here accepts steps "
+                                                f"from peer {short_peer(stream.peer_id)}"))
                 continue
             try:
                 self.step(session, msg, pushed=True)

@@ -7,7 +7,8 @@ steps are queued with ``submit`` (already validated by ``session.check_step``). 
 
 - schedules: ``server.scheduler.Scheduler`` (pure) picks the turn's pieces: decode steps first, then
   prefills within the token budget, chunked when long, bursts held until complete (see that module);
-- executes (``execute``): per session, truncates its cache to the step's position when it holds more
+- executes (``execute``): per session, refuses a step whose hidden states hold NaN or inf (before touching
+  the session), truncates its cache to the step's position when it holds more
   (replay or rewind) and refuses a position beyond the cache; then runs all pieces of the turn through
   the span TOGETHER (``BlockSpan.forward_batch``: one matmul per weight for all tokens, attention per
   session), grouped by the sub-span each session uses. If a batched call fails, each piece is rerun
@@ -156,6 +157,10 @@ class StepLoop:
     def queued_steps(self) -> int:
         return self.scheduler.queued_steps
 
+    def queued_for(self, peer: str) -> int:
+        """Steps the sessions of ``peer`` have waiting or being computed (``Scheduler.queued_for``)."""
+        return self.scheduler.queued_for(peer)
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def schedule(self) -> list[Piece]:
@@ -197,9 +202,13 @@ class StepLoop:
         job, session = piece.job, piece.job.session
         cache: KVCache | None = session.cache
         if cache is None or session.ended:
-            raise SessionError(ErrorCode.UNKNOWN_SESSION, f"session {session.session_id!r} has ended")
+            raise SessionError(ErrorCode.UNKNOWN_SESSION, f"session {session.short_id} has ended")
         work: _Work | None = job.work
-        if work is None:  # the step's first piece: place the cache at the step's position
+        if work is None:  # the step's first piece: check its input, then place the cache at the step's position
+            hidden = decode_tensor(job.hidden, self._limits).to(self.span.dtype)  # [T, H]
+            if not bool(torch.isfinite(hidden).all()):
+                raise SessionError(ErrorCode.BAD_REQUEST, f"step {job.step_id}'s hidden states contain NaN or inf "
+                                                          f"(in {self.span.dtype}); refused, the session is unchanged")
             if job.position > cache.length:
                 raise SessionError(
                     ErrorCode.BAD_REQUEST,
@@ -208,7 +217,6 @@ class StepLoop:
                 )
             if job.position < cache.length:
                 cache.truncate(job.position)  # replay or rewind: forget what follows
-            hidden = decode_tensor(job.hidden, self._limits).to(self.span.dtype)  # [T, H]
             work = job.work = _Work(hidden, [])
         return work.hidden[piece.start:piece.start + piece.count]
 
@@ -243,7 +251,7 @@ class StepLoop:
 
     def _failed(self, piece: Piece, err: BaseException) -> Result:
         if not isinstance(err, MeshinferError):
-            log.error("step %d of session %s failed: %r", piece.job.step_id, piece.job.session.session_id, err,
+            log.error("step %d of session %s failed: %r", piece.job.step_id, piece.job.session.short_id, err,
                       exc_info=err)
         piece.job.work = None
         return Result(error=_as_session_error(err))

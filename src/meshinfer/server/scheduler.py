@@ -4,8 +4,15 @@ Contract (schedule -> execute -> update, as in vLLM v1): ``Scheduler`` keeps the
 steps in arrival order and, each turn,
 
 - ``schedule(now)`` picks the turn's ``Piece``s: at most one step per session (a session's steps run in
-  order), every waiting decode step (1 token) first, oldest first, up to ``max_batch_sessions``; then
-  prefill steps, oldest first, while the turn's token budget (``max_batch_tokens``) lasts. A prefill
+  order), every waiting decode step (1 token) first, up to ``max_batch_sessions``; then prefill steps
+  while the turn's token budget (``max_batch_tokens``) lasts. Fair across peers (``Session.client``, the
+  peer that opened the session): decode slots are dealt round-robin over the peers with ready steps,
+  starting with the peer served least recently, and the prefill budget is shared max-min fairly
+  (each peer gets an equal share, what one peer does not need goes to the others); within one peer,
+  oldest first. So a peer with many queued steps cannot starve another. While more than one peer is
+  active (stepped within ``active_window_s``), a turn computes at most ``shared_batch_tokens`` prefill tokens,
+  and a turn with decode steps right after a prefill turn takes decode steps only: one peer's long prompts
+  then delay another's decode step by about one short turn, not one full one. A prefill
   longer than what is left of the budget runs as a chunk this turn and continues next turn (chunked
   prefill), so a long prompt never stalls the others' decode steps, and a turn always makes progress
   (decode steps are always taken, and the oldest prefill gets at least one chunk per turn when nothing
@@ -18,7 +25,8 @@ steps in arrival order and, each turn,
   duplicate step ids) and returns the finished steps of live sessions as ``Finished``, in piece order.
 
 ``drop(session)`` forgets an ended session's queued steps (a step being computed is discarded when its
-turn is done). Free of torch, of asyncio and of the network; no clock of its own (callers pass ``now``).
+turn is done). ``queued_for(peer)`` counts the steps a peer's sessions have waiting (for the per-peer
+limit). Free of torch, of asyncio and of the network; no clock of its own (callers pass ``now``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ MAX_BATCH_TOKENS = 512
 """Tokens one turn may compute (decode steps count one each); longer prefills are chunked."""
 MAX_BATCH_SESSIONS = 64
 """Sessions one turn may serve."""
+SHARED_BATCH_TOKENS = 64
+"""Prefill tokens one turn may compute while several peers are active (so no peer's decode step waits behind
+another peer's long prefill turn)."""
+ACTIVE_WINDOW_S = 1.0
+"""A peer counts as active for this long after its last step arrived."""
 
 
 @dataclass
@@ -70,13 +83,21 @@ class Scheduler:
     """The queue of every session's steps and the batching policy (see the module docstring)."""
 
     def __init__(self, *, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
-                 burst_hold_s: float = BURST_HOLD_S) -> None:
-        if max_batch_tokens <= 0 or max_batch_sessions <= 0:
-            raise ConfigError("max_batch_tokens and max_batch_sessions must be > 0")
+                 burst_hold_s: float = BURST_HOLD_S, shared_batch_tokens: int = SHARED_BATCH_TOKENS,
+                 active_window_s: float = ACTIVE_WINDOW_S) -> None:
+        if max_batch_tokens <= 0 or max_batch_sessions <= 0 or shared_batch_tokens <= 0:
+            raise ConfigError("max_batch_tokens, max_batch_sessions and shared_batch_tokens must be > 0")
+        self.shared_batch_tokens = shared_batch_tokens
+        self.active_window_s = active_window_s
+        self._active: dict[str, float] = {}  # peer -> when its latest step arrived
+        self._prefilled = False  # the last turn computed prefill tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sessions = max_batch_sessions
         self._bursts = BurstTracker(burst_hold_s)
         self._queued: dict[Session, None] = {}  # sessions with pending steps, in arrival order
+        self._peer_steps: dict[str, int] = {}  # peer -> steps its sessions have pending
+        self._served: dict[str, int] = {}  # peer -> when it was last served (a counter: round-robin order)
+        self._serial = 0
         self.steps_done = 0
         self.tokens_done = 0
 
@@ -90,12 +111,15 @@ class Scheduler:
             return False
         session.pending.append(job)
         session.queued_ids.add(job.step_id)
+        self._peer_steps[session.client] = self._peer_steps.get(session.client, 0) + 1
+        self._active[session.client] = max(job.arrived, self._active.get(session.client, job.arrived))
         self._bursts.arrived(job.burst, job.arrived)
         self._queued[session] = None
         return True
 
     def drop(self, session: Session) -> None:
         """Forget a session's queued steps (it ended); a step in progress is discarded when done."""
+        self._count(session.client, -len(session.pending))
         session.pending.clear()
         session.queued_ids.clear()
         self._queued.pop(session, None)
@@ -103,6 +127,18 @@ class Scheduler:
     def clear(self) -> None:
         """Forget every queued session (the loop stops)."""
         self._queued.clear()
+        self._peer_steps.clear()
+
+    def _count(self, peer: str, delta: int) -> None:
+        n = self._peer_steps.get(peer, 0) + delta
+        if n > 0:
+            self._peer_steps[peer] = n
+        else:
+            self._peer_steps.pop(peer, None)
+
+    def queued_for(self, peer: str) -> int:
+        """Steps the sessions of ``peer`` have waiting or being computed."""
+        return self._peer_steps.get(peer, 0)
 
     @property
     def queued_steps(self) -> int:
@@ -125,28 +161,49 @@ class Scheduler:
         if not ready:
             return []
         ready.sort(key=lambda s: s.pending[0].arrived)
+        peers: dict[str, list[Session]] = {}
+        for session in ready:  # each peer's sessions, oldest first
+            peers.setdefault(session.client, []).append(session)
+        order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
         pieces: list[Piece] = []
-        budget = self.max_batch_tokens
-        for session in ready:  # decode steps first: latency-critical, one token each
-            job = session.pending[0]
-            if job.tokens == 1 and len(pieces) < self.max_batch_sessions:
-                pieces.append(Piece(job, 0, 1))
-                budget -= 1
-        for session in ready:  # then prefill (or its next chunk), oldest first
-            job = session.pending[0]
-            if job.tokens == 1 or len(pieces) >= self.max_batch_sessions:
-                continue
-            left = job.tokens - job.done
-            take = min(left, budget)
-            if take <= 0:
-                if pieces:
+        decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
+        for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
+            for peer_decodes in decodes:
+                if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
+                    pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
+        budget = self.max_batch_tokens - len(pieces)
+        if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
+            budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
+        prefills = {p: [s for s in peers[p] if s.pending[0].tokens > 1] for p in order}
+        demand = {p: sum(s.pending[0].tokens - s.pending[0].done for s in ss) for p, ss in prefills.items() if ss}
+        shares = fair_shares(max(budget, 0), demand)
+        for peer in order:  # then prefill (or its next chunk): each peer within its share, oldest first
+            share = shares.get(peer, 0)
+            for session in prefills[peer]:
+                if len(pieces) >= self.max_batch_sessions or share <= 0:
                     break
-                take = min(left, self.max_batch_tokens)  # nothing else fits: the oldest still progresses
-            pieces.append(Piece(job, job.done, take))
-            budget -= take
+                job = session.pending[0]
+                take = min(job.tokens - job.done, share)
+                pieces.append(Piece(job, job.done, take))
+                share -= take
+        if not pieces:  # nothing else fits: the oldest prefill still progresses
+            job = ready[0].pending[0]
+            pieces.append(Piece(job, job.done, min(job.tokens - job.done, self.max_batch_tokens)))
+        self._prefilled = any(p.job.tokens > 1 for p in pieces)
         for piece in pieces:
             piece.job.session.busy = True
+            self._serial += 1
+            self._served[piece.job.session.client] = self._serial
+        if len(self._served) > 4 * len(peers) + 64:  # forget peers long gone (bounded memory)
+            self._served = {p: t for p, t in self._served.items() if p in self._peer_steps}
         return pieces
+
+    def _contended(self, now: float) -> bool:
+        """Whether more than one peer stepped within the active window (forgets the others)."""
+        horizon = now - self.active_window_s
+        if len(self._active) > 1:
+            self._active = {p: t for p, t in self._active.items() if t >= horizon}
+        return len(self._active) > 1
 
     # ---- update ------------------------------------------------------------------------------
 
@@ -161,6 +218,7 @@ class Scheduler:
                 continue
             if session.pending and session.pending[0] is job:
                 session.pending.popleft()
+                self._count(session.client, -1)
             if not session.pending:
                 self._queued.pop(session, None)
             session.queued_ids.discard(job.step_id)
@@ -173,3 +231,26 @@ class Scheduler:
                 self.tokens_done += job.tokens
             finished.append(Finished(job, outcome.output, outcome.error))
         return finished
+
+
+def fair_shares(budget: int, demand: dict[str, int]) -> dict[str, int]:
+    """Max-min fair split of ``budget`` tokens over peers wanting ``demand`` tokens each: every peer gets an
+    equal share, a peer wanting less gets what it wants and the rest is shared among the others (in the
+    dict's order, the first peers get the remainder of an uneven split)."""
+    shares: dict[str, int] = {}
+    left, waiting = budget, sorted(demand, key=lambda p: demand[p])
+    while waiting and left > 0:
+        even = left // len(waiting)
+        small = [p for p in waiting if demand[p] <= even]
+        if not small:  # everyone wants more than an even share: split what is left
+            extra = left - even * len(waiting)
+            for p in demand:
+                if p in waiting and even + (extra > 0) > 0:
+                    shares[p] = even + (extra > 0)
+                    extra -= 1
+            return shares
+        for p in small:
+            shares[p] = demand[p]
+            left -= demand[p]
+        waiting = [p for p in waiting if p not in small]
+    return shares

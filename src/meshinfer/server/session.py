@@ -3,6 +3,8 @@
 Contract: ``Session`` is the state of one client session (docs/architecture.md section 10): its
 sub-span, max length, wire dtype, next hop, KV cache (opaque here: allocated and used only by the
 runtime's worker thread), step queue, last computed step (for duplicate step ids) and last activity.
+Only the session's client and the previous hop it named may push into it (``may_push``); session ids
+appear in logs and messages only as ``short_id`` prefixes.
 ``check_step`` validates a ``Step`` against the session using only the wire tensor's metadata (no
 decoding, no torch) and classifies it: ``NEW`` (queue it), ``REPEAT`` (answer again from the last
 result) or ``IN_FLIGHT`` (already queued: its result is on its way). Anything wrong raises
@@ -88,7 +90,10 @@ class Session:
     outbox: Outbox
     next_hop: Hop | None = None
     client: str = ""
-    """The peer id of the client that opened the session (final results to one client leave as a burst)."""
+    """The peer id of the client that opened the session (final results to one client leave as a burst; the
+    per-peer limits and fair scheduling count the session as this peer's)."""
+    prev_peer: str | None = None
+    """The previous hop's server, the one peer besides ``client`` allowed to push steps into the session."""
     cache: Any = None
     """The KV cache of ``span`` (a ``models.kv_cache.KVCache``); touched only by the worker thread."""
     last_activity: float = 0.0
@@ -108,6 +113,15 @@ class Session:
         return id(self)
 
     @property
+    def short_id(self) -> str:
+        """The session id as logs and messages show it (a prefix only: the full id lets one push into it)."""
+        return short_id(self.session_id)
+
+    def may_push(self, peer: str) -> bool:
+        """Whether ``peer`` may push steps into this session (its client, or the previous hop it named)."""
+        return peer == self.client or (self.prev_peer is not None and peer == self.prev_peer)
+
+    @property
     def idle(self) -> bool:
         return not self.pending and not self.busy
 
@@ -115,12 +129,17 @@ class Session:
         return now - self.last_activity if self.idle else 0.0
 
 
+def short_id(session_id: str) -> str:
+    """What logs and error messages show of a session id: its first 8 characters."""
+    return session_id[:8] + ("…" if len(session_id) > 8 else "")
+
+
 def check_step(session: Session, step: Step, *, hidden_size: int, max_step_tokens: int) -> StepKind:
     """Validate ``step`` for ``session`` (metadata only) and say what to do with it."""
     sid, t = step.session_id, step.hidden
     if sid != session.session_id:
         raise SessionError(ErrorCode.UNKNOWN_SESSION,
-                           f"this stream carries session {session.session_id!r}, not {sid!r}")
+                           f"this stream carries session {session.short_id}, not {short_id(sid)}")
     if step.step_id in session.queued_ids:
         return StepKind.IN_FLIGHT
     if step.step_id == session.last_step_id and session.last_output is not None:

@@ -10,9 +10,10 @@ to the one to send back. This module knows nothing about streams, peers or model
 
 A session, as seen by a server::
 
-    client -> Open(session_id, model, span, max_length, dtype, route_tail)   server -> Opened
+    client -> Open(session_id, model, span, max_length, dtype, route_tail, prev_peer?)   server -> Opened
     client -> Step(session_id, step_id, position, hidden[tokens, hidden])   server -> StepResult
-        (with a route tail, the server pushes its StepResult to route_tail[0] instead)
+        (with a route tail, the server pushes its StepResult to route_tail[0] instead; a server takes pushed
+        steps only from the session's client or the ``prev_peer`` it named)
         (Step and StepResult may carry a ``Burst`` hint: one of N messages sent at once; ``wire.burst``)
     client -> Close(session_id)
     anything wrong -> Error(code, message, session_id?, step_id?)
@@ -103,6 +104,9 @@ class Open(_Base, frozen=True, tag="open"):
     quant: Annotated[str, msgspec.Meta(max_length=16)] | None = None
     """The weights' quant mode the client planned its route with; a server running another mode refuses
     (its outputs would differ from the rest of the route's). None: any (older clients)."""
+    prev_peer: PeerIdText | None = None
+    """The previous hop's server: the one peer besides the client allowed to push steps into this session
+    (``meshinfer/push/1``). None: only the client (the first hop, or a route without pushes)."""
 
 
 class Opened(_Base, frozen=True, tag="opened"):
@@ -139,6 +143,9 @@ class Retarget(_Base, frozen=True, tag="retarget"):
     session_id: SessionId
     route_tail: Annotated[list[Hop], msgspec.Meta(max_length=256)] = []
     v: int = PROTOCOL_VERSION
+    prev_peer: PeerIdText | None = None
+    """When set, the peer allowed to push into this session from now on, instead of the one named at ``Open``
+    (the previous hop was replaced). None: unchanged."""
 
 
 class Close(_Base, frozen=True, tag="close"):
