@@ -34,9 +34,10 @@ ABSENT_PEER = "QmUgiTTUZGzfmv1zj7Rp1EVkb1VHuz4qxrodikpJKo4PSw"
 
 @pytest.fixture(scope="module")
 def half_swarm(bootstrap: list[str]) -> Iterator[LocalSwarm]:
-    """A server of blocks 0:2 only (of 4), with room for 16 tokens of KV cache."""
+    """A server of blocks 0:2 only (of 4), with room for 16 tokens of KV cache, all of which one peer may take
+    (these tests are about the server's whole budget; tests/server/test_fair_attacks.py tests the per-peer share)."""
     swarm = start_swarm(tiny_checkpoint("llama", variant="mha"), [(0, 2)], bootstrap,
-                        server_args=("--cache-tokens", "16"))
+                        server_args=("--cache-tokens", "16", "--max-kv-tokens-per-peer", "1.0"))
     try:
         yield swarm
     finally:
