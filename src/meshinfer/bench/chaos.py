@@ -27,9 +27,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from meshinfer.bench.common import demo_model_dir
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "generations through a swarm whose servers are killed and restarted at random (failover check)"
@@ -128,14 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.models.engine import LocalModel
     from meshinfer.testing.swarm import LocalSwarm
 
-    if args.model is None:
-        from meshinfer.testing.checkpoints import demo_checkpoint
-
-        path = demo_checkpoint()
-    else:
-        path = Path(args.model).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"model directory {args.model!r} does not exist")
+    path = demo_model_dir(args.model)
     spec = Checkpoint(path).spec
     spans = [s for s in even_spans(spec.num_blocks, args.servers // 2) for _ in range(2)]
     rng = random.Random(args.seed)

@@ -29,6 +29,19 @@ def bench_model_dir(model: str | None) -> Path:
 
         print("preparing the bench checkpoint (built once, then cached)...", file=sys.stderr, flush=True)
         return bench_checkpoint()
+    return _given_dir(model)
+
+
+def demo_model_dir(model: str | None) -> Path:
+    """``--model``: the given checkpoint directory, or (None) the built-in demo checkpoint (chaos, soak)."""
+    if model is None:
+        from meshinfer.testing.checkpoints import demo_checkpoint
+
+        return demo_checkpoint()
+    return _given_dir(model)
+
+
+def _given_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model directory {model!r} does not exist")

@@ -22,9 +22,9 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from meshinfer.bench.common import demo_model_dir
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = ("many short generations, connects and disconnects on every plane for N minutes; memory and "
@@ -129,14 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.p2p.node import NodeSettings, PeerNode
     from meshinfer.testing.swarm import LocalSwarm
 
-    if args.model is None:
-        from meshinfer.testing.checkpoints import demo_checkpoint
-
-        path = demo_checkpoint()
-    else:
-        path = Path(args.model).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"model directory {args.model!r} does not exist")
+    path = demo_model_dir(args.model)
     spec = Checkpoint(path).spec
     spans = even_spans(spec.num_blocks, args.servers)
     rng = random.Random(args.seed)
