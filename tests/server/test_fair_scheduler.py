@@ -5,40 +5,20 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from scheduler_helpers import job, make_session, ok
 
 from fuzzing import budget
-from meshinfer.server.scheduler import Piece, Result, Scheduler, fair_shares
-from meshinfer.server.session import Session, StepJob
-from meshinfer.types import BlockRange
-from meshinfer.wire.tensor import Tensor
-
-
-class _NoOutbox:
-    async def send(self, msg: object) -> None:
-        raise AssertionError("the scheduler never sends")
-
-    def send_nowait(self, payload: bytes) -> bool:
-        raise AssertionError("the scheduler never sends")
-
-    async def close(self, timeout: float = 2.0) -> None:
-        raise AssertionError("the scheduler never closes")
+from meshinfer.server.scheduler import Piece, Scheduler, fair_shares
+from meshinfer.server.session import Session
 
 
 def _session(sid: str, peer: str) -> Session:
-    return Session(sid, BlockRange(0, 4), 4096, "float32", _NoOutbox(), client=peer)
-
-
-def _job(session: Session, step_id: int, tokens: int, arrived: float) -> StepJob:
-    return StepJob(session, step_id, 0, Tensor(dtype="float32", shape=[tokens, 8], data=b""), arrived)
-
-
-def _ok(piece: Piece) -> Result | None:
-    return Result(output=Tensor(dtype="float32", shape=[piece.job.tokens, 8], data=b"")) if piece.last else None
+    return make_session(sid, max_length=4096, peer=peer)
 
 
 def _turn(s: Scheduler, now: float = 100.0) -> list[Piece]:
     pieces = s.schedule(now)
-    s.update(pieces, [_ok(p) for p in pieces], now)
+    s.update(pieces, [ok(p) for p in pieces], now)
     return pieces
 
 
@@ -47,10 +27,10 @@ def test_a_greedy_peers_decode_steps_cannot_crowd_out_another_peer() -> None:
     greedy = [_session(f"g{i}", "greedy") for i in range(20)]
     for i, g in enumerate(greedy):  # all older than the victim's step
         for k in range(3):
-            s.submit(_job(g, k, 1, float(i)))
+            s.submit(job(g, k, 1, float(i)))
     victim = _session("v", "victim")
     for k in range(10):
-        s.submit(_job(victim, k, 1, 1000.0))
+        s.submit(job(victim, k, 1, 1000.0))
         pieces = _turn(s)
         assert "v" in [p.job.session.session_id for p in pieces]  # served every turn, not after 15 turns
         assert len(pieces) == 4
@@ -63,7 +43,7 @@ def test_round_robin_rotates_when_slots_are_scarce() -> None:
         for i in range(2):
             sess = _session(f"{peer}{i}", peer)
             for k in range(4):
-                s.submit(_job(sess, k, 1, 0.0))
+                s.submit(job(sess, k, 1, 0.0))
     served = [sorted({p.job.session.client for p in _turn(s)}) for _ in range(6)]
     counts = {peer: sum(peer in turn for turn in served) for peer in "abc"}
     assert counts == {"a": 4, "b": 4, "c": 4}, served  # each turn two different peers, all equally often
@@ -72,8 +52,8 @@ def test_round_robin_rotates_when_slots_are_scarce() -> None:
 def test_prefill_budget_is_shared_between_peers() -> None:
     s = Scheduler(max_batch_tokens=512)
     for i in range(4):  # the greedy peer's long prompts arrive first
-        s.submit(_job(_session(f"g{i}", "greedy"), 0, 2000, float(i)))
-    s.submit(_job(_session("v", "victim"), 0, 300, 10.0))
+        s.submit(job(_session(f"g{i}", "greedy"), 0, 2000, float(i)))
+    s.submit(job(_session("v", "victim"), 0, 300, 10.0))
     first = _turn(s)
     tokens = {peer: sum(p.count for p in first if p.job.session.client == peer) for peer in ("greedy", "victim")}
     assert tokens == {"greedy": 256, "victim": 256}
@@ -85,8 +65,8 @@ def test_prefill_budget_is_shared_between_peers() -> None:
 def test_one_peer_keeps_the_old_policy() -> None:
     s = Scheduler(max_batch_tokens=8)
     a, b = _session("a", "p"), _session("b", "p")
-    s.submit(_job(a, 0, 6, 1.0))
-    s.submit(_job(b, 0, 6, 2.0))
+    s.submit(job(a, 0, 6, 1.0))
+    s.submit(job(b, 0, 6, 2.0))
     assert [(p.job.session.session_id, p.start, p.count) for p in _turn(s)] == [("a", 0, 6), ("b", 0, 2)]
     assert [(p.job.session.session_id, p.start, p.count) for p in _turn(s)] == [("b", 2, 4)]
 
@@ -95,12 +75,12 @@ def test_queued_counts_follow_submit_update_and_drop() -> None:
     s = Scheduler()
     a, b = _session("a", "p"), _session("b", "q")
     for k in range(3):
-        s.submit(_job(a, k, 1, 0.0))
-    s.submit(_job(b, 0, 1, 0.0))
+        s.submit(job(a, k, 1, 0.0))
+    s.submit(job(b, 0, 1, 0.0))
     assert (s.queued_for("p"), s.queued_for("q")) == (3, 1)
     pieces = s.schedule(1.0)
     s.drop(a)  # ends while its step is being computed
-    s.update(pieces, [_ok(p) for p in pieces], 1.0)
+    s.update(pieces, [ok(p) for p in pieces], 1.0)
     assert (s.queued_for("p"), s.queued_for("q"), s.queued_steps) == (0, 0, 0)
 
 
@@ -127,22 +107,22 @@ def test_while_several_peers_are_active_prefill_turns_are_short_and_alternate_wi
     s = Scheduler(max_batch_tokens=512, shared_batch_tokens=64, active_window_s=1.0)
     greedy = [_session(f"g{i}", "greedy") for i in range(4)]
     for i, g in enumerate(greedy):
-        s.submit(_job(g, 0, 2000, 10.0 + i * 0.01))
+        s.submit(job(g, 0, 2000, 10.0 + i * 0.01))
     alone = s.schedule(10.5)  # one peer active: the whole budget
     assert sum(p.count for p in alone) == 512
-    s.update(alone, [_ok(p) for p in alone], 10.5)
+    s.update(alone, [ok(p) for p in alone], 10.5)
     victim = _session("v", "victim")
-    s.submit(_job(victim, 0, 1, 10.6))
+    s.submit(job(victim, 0, 1, 10.6))
     first = s.schedule(10.6)  # right after a prefill turn: the victim's decode step alone
     assert [(p.job.session.session_id, p.count) for p in first] == [("v", 1)]
-    s.update(first, [_ok(p) for p in first], 10.6)
+    s.update(first, [ok(p) for p in first], 10.6)
     second = s.schedule(10.7)  # the greedy peer goes on, in short turns while the victim is active
     assert sum(p.count for p in second) == 64 and all(p.job.session.client == "greedy" for p in second)
-    s.update(second, [_ok(p) for p in second], 10.7)
-    s.submit(_job(victim, 1, 1, 10.8))
+    s.update(second, [ok(p) for p in second], 10.7)
+    s.submit(job(victim, 1, 1, 10.8))
     third = s.schedule(10.8)
     assert [(p.job.session.session_id, p.count) for p in third] == [("v", 1)]
-    s.update(third, [_ok(p) for p in third], 10.8)
+    s.update(third, [ok(p) for p in third], 10.8)
     later = s.schedule(12.0)  # the victim went quiet: full turns again
     assert sum(p.count for p in later) == 512
 
@@ -156,7 +136,7 @@ def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
     sessions: dict[tuple[int, int], Session] = {}
     for i, (peer, sid, tokens) in enumerate(steps):
         session = sessions.setdefault((peer, sid), _session(f"{peer}.{sid}", f"peer{peer}"))
-        s.submit(_job(session, i, tokens, 100.0 + i * 0.001))
+        s.submit(job(session, i, tokens, 100.0 + i * 0.001))
     total = sum(t for _, _, t in steps)
     now, turns = 100.1, 0
     while s.queued_steps:
@@ -166,7 +146,7 @@ def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
         prefill = sum(p.count for p in pieces if p.job.tokens > 1)
         assert prefill <= max_tokens
         assert sum(s.queued_for(f"peer{p}") for p in range(4)) == s.queued_steps
-        s.update(pieces, [_ok(p) for p in pieces], now)
+        s.update(pieces, [ok(p) for p in pieces], now)
         turns += 1
         assert turns <= total + len(steps)  # progress every turn
     assert all(s.queued_for(f"peer{p}") == 0 for p in range(4))
