@@ -1,6 +1,7 @@
 """Quantization arithmetic: float weights to int8 / int4 codes, and torch's CPU int4 pack layout.
 
-Contract: pure torch functions over plain tensors, no modules, no files. Conventions:
+Contract: pure torch functions over plain tensors, no modules, no files; the quantizers run on the weight's
+device (a GPU quantizes its own blocks at load; larger chunks there). Conventions:
 - int8 is symmetric per output channel: ``w ~= q * scale``, q int8 [N, K] in -127..127, scale bf16 [N]
   (the ``_weight_int8pack_mm`` kernel takes bf16 scales; each scale is rounded *up* to a bf16 so that
   no value clips: every weight is within scale / 2 of its code).
@@ -17,6 +18,7 @@ Contract: pure torch functions over plain tensors, no modules, no files. Convent
   depends on the CPU build (AVX512: blocks of 64 rows, AVX2: 32, scalar: 32, pairs in partial
   blocks); ``unpack_int4`` / ``gather_int4_rows`` read it back through a layout learnt once per
   process by packing a probe, so a packed tensor is only meaningful on the machine that packed it.
+  (The CUDA int4 layout is ``models.tinygemm``'s; codes, scales and zeros are the same.)
 Knows nothing of blocks, heads, checkpoints or GGUF files.
 """
 
@@ -27,11 +29,11 @@ import functools
 import torch
 
 from meshinfer.errors import ConfigError
+from meshinfer.models.quant_support import INT4_GROUPS as INT4_GROUPS  # re-exported: quant_math.INT4_GROUPS
 
-INT4_GROUPS = (32, 64, 128, 256)
-"""Group sizes the CPU int4 kernel accepts."""
 INT4_METHODS = ("search", "minmax")
 _CHUNK = 1 << 18  # elements per quantization chunk: temporaries stay in cache (4x faster than 1 << 22)
+_GPU_CHUNK = 1 << 22  # on a GPU: fewer, larger kernels (~10 fp32 temporaries of 16 MiB)
 _SEARCH_STEPS = tuple(15.0 + 0.25 * i for i in range(-4, 5))  # code spans tried: 14.0 .. 16.0
 _REFITS = 2  # alternating least-squares rounds after the search
 
@@ -45,7 +47,7 @@ def bf16_round_up(x: torch.Tensor) -> torch.Tensor:
     """The smallest bfloat16 >= ``x`` (x >= 0, finite), as float32."""
     y = x.to(torch.bfloat16)
     low = y.float() < x
-    return torch.where(low, torch.nextafter(y, torch.tensor(float("inf"), dtype=torch.bfloat16)), y).float()
+    return torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y).float()
 
 
 # ---- int8 -------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def quantize_int4(
     if k % group:
         raise ConfigError(f"{k} inputs do not split into groups of {group}")
     groups = weight.reshape(n * k // group, group)  # [G, g]
-    rows = max(1, _CHUNK // group)
+    rows = max(1, (_CHUNK if weight.device.type == "cpu" else _GPU_CHUNK) // group)
     qs, ss, zs = [], [], []
     for a in range(0, groups.shape[0], rows):
         q, s, z = _int4_chunk(groups[a:a + rows].float(), method)

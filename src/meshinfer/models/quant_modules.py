@@ -1,23 +1,30 @@
 """The int8 / int4 weight modules that ``quant`` puts in place of a built model's ``ops.Linear`` / ``ops.Embedding``.
 
-Contract: pure torch, CPU only; each module has the call signature of the module it replaces, so block and
-head code never learn how weights are stored.
-- ``Int8Linear``: int8 [N, K] + bf16 per-output-channel scales, run by ``aten._weight_int8pack_mm``.
-- ``Int4Linear``: torch's packed int4 [N, K/2] + bf16 ``scales_and_zeros`` [K/g, N, 2] (asymmetric, one
-  scale and zero per group of g inputs), run by ``aten._weight_int4pack_mm_for_cpu``. The pack layout is
-  this CPU build's (AVX512 / AVX2 / scalar differ): packed weights are built at load, never shipped.
-  Both kernels are GEMVs, fast only on bf16 activations, so ``forward`` casts x to bf16 and the result
-  back to x's dtype (fp32, bf16 and fp16 spans all work; a bf16 span skips both casts). Above
-  ``GEMV_MAX_ROWS`` rows (prefill, big batches, scoring) a kernel's cost grows linearly with rows, so
-  that call dequantizes the weight to fp32 and runs one fp32 GEMM instead (fp32 activations there).
-- ``QuantEmbedding``: token rows of an Int8Linear / Int4Linear table, only the looked-up rows
-  dequantized, into the model dtype.
-``int4_supported`` says which shapes the int4 kernel takes on this machine. Which module a matrix gets, and
-from which source, is ``quant``'s business; the arithmetic (quantizers, packing) is ``quant_math``'s. No
-autograd (construction runs under ``no_grad``, forward under the caller's inference mode).
+Contract: pure torch; each module has the call signature of the module it replaces, so block and head code
+never learn how weights are stored. A module lives on the device it was built on, in that device's layout
+(built at load on the device, never shipped, never moved: ``.to()`` of a packed int4 module is meaningless).
+- ``Int8Linear``: int8 [N, K] + bf16 per-output-channel scales, run by ``aten._weight_int8pack_mm`` (CPU and
+  CUDA kernels; the CUDA one computes in fp32 for any float x and returns x's dtype, so x is passed as it is).
+- ``Int4Linear``: packed int4 + bf16 ``scales_and_zeros`` [K/g, N, 2] (asymmetric, one scale and zero per group
+  of g inputs). On the CPU: torch's CPU pack [N, K/2] (this CPU build's layout: AVX512 / AVX2 / scalar differ),
+  run by ``aten._weight_int4pack_mm_for_cpu``. On CUDA: tinygemm's int32 [N/8, K/(I*16), 32, I/2]
+  (``models.tinygemm``), run by ``aten._weight_int4pack_mm`` (sm80+, bf16 activations only).
+  The CPU kernels are GEMVs, fast only on bf16 activations, so ``forward`` casts x to bf16 and the result
+  back to x's dtype (fp32, bf16 and fp16 spans all work; a bf16 span skips both casts).
+- Above a device's GEMV row limit (``GEMV_MAX_ROWS`` on the CPU, ``CUDA_INT8_GEMV_MAX_ROWS`` /
+  ``CUDA_INT4_GEMV_MAX_ROWS`` on CUDA) a kernel's cost grows with rows, so that call dequantizes instead: on the
+  CPU the whole weight to fp32 and one fp32 GEMM; on a GPU ``DEQUANT_CHUNK_BYTES`` of weight rows at a time
+  in x's dtype (bf16 / fp16 there), one ``F.linear`` per chunk; the dequantized weight is never kept.
+- ``QuantEmbedding``: token rows of an Int8Linear / Int4Linear table, only the looked-up rows dequantized (on
+  the table's device), into the model dtype.
+``int4_supported`` says which shapes the int4 kernel takes on a device type. Which module a matrix gets, and
+from which source, is ``quant``'s business; the arithmetic (quantizers, packing) is ``quant_math``'s and
+``tinygemm``'s. No autograd (construction runs under ``no_grad``, forward under the caller's inference mode).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,8 @@ from torch import nn
 
 from meshinfer.errors import ConfigError
 from meshinfer.models import quant_math as qm
+from meshinfer.models import tinygemm as tg
+from meshinfer.models.quant_support import int4_shape_fits
 
 DEFAULT_GROUP = 32
 """int4 group size for weights quantized from floats. Measured on SmolLM2-135M (1431 tokens, fp32 ppl 27.51),
@@ -32,20 +41,42 @@ span int4 with the grid shifted off the checkpoint's own Q4_1 groups: ppl 30.3 a
 35.5 vs 38.1); unshifted, 32 keeps a GGUF-born model's grid (27.49) where 64 re-quantizes it (33.3). It costs
 0.625 vs 0.5625 bytes per weight and ~7% more kernel time (SmolLM2's 120 block matmuls: 4.97 vs 4.64 ms)."""
 GEMV_MAX_ROWS = 64
-"""Rows (batch x tokens) up to which a call runs the int8/int4 kernel; more rows: dequantize + fp32 GEMM."""
+"""Rows (batch x tokens) up to which a CPU call runs the int8/int4 kernel; more rows: dequantize + fp32 GEMM."""
+CUDA_INT8_GEMV_MAX_ROWS = 4
+"""Rows up to which a CUDA call runs ``_weight_int8pack_mm``. Its CUDA kernel reads the whole weight once per
+row (one warp per output), so at M rows it moves ~M bytes per weight against ~5 for dequantizing a chunk to
+bf16 and one GEMM: a (not yet measured) crossover near 4 rows."""
+CUDA_INT4_GEMV_MAX_ROWS = 32
+"""Rows up to which a CUDA call runs tinygemm (``_weight_int4pack_mm``). It computes 16-row m-tiles on tensor
+cores and re-reads each m-tile of x for every 8 output columns, so beyond a few m-tiles a dequantized bf16 chunk
+and one cuBLAS GEMM is cheaper (an estimate, to be measured: ``tests/gpu/test_gpu_quant.py`` prints both)."""
+DEQUANT_CHUNK_BYTES = 64 << 20
+"""On a GPU, the most bytes of dequantized weight alive at once in a call above the row limit."""
 
 _BF16 = torch.bfloat16
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm
 
 
-def int4_supported(out_features: int, in_features: int, group: int) -> bool:
-    """Whether an [out, in] matrix can be int4 with this group size on this machine."""
-    return out_features % 16 == 0 and in_features % group == 0 and group in qm.INT4_GROUPS and qm.int4_layout_known()
+def int4_supported(out_features: int, in_features: int, group: int, kind: str = "cpu") -> bool:
+    """Whether an [out, in] matrix can be int4 with this group size on device type ``kind`` of this machine."""
+    fits = int4_shape_fits(kind, out_features, in_features, group)
+    return fits and (kind != "cpu" or qm.int4_layout_known())
 
 
 def _bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+def chunked_linear(x: torch.Tensor, n: int, k: int, align: int,
+                   part: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype, ``part(x, a, b)`` giving x @ W[a:b]^T for row ranges of at most
+    ``DEQUANT_CHUNK_BYTES`` of dequantized weight (``align`` divides each range's start)."""
+    rows = max(align, DEQUANT_CHUNK_BYTES // (k * x.element_size()) // align * align)
+    if rows >= n:
+        return part(x, 0, n)
+    return torch.cat([part(x, a, min(n, a + rows)) for a in range(0, n, rows)], dim=-1)
 
 
 class Int8Linear(nn.Module):
@@ -57,7 +88,9 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        self._gemv_numel = GEMV_MAX_ROWS * self.in_features
+        self.on_cpu = weight.device.type == "cpu"
+        rows = GEMV_MAX_ROWS if self.on_cpu else CUDA_INT8_GEMV_MAX_ROWS
+        self._gemv_numel = rows * self.in_features
         self.register_buffer("weight", weight.contiguous())  # int8 [N, K]
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # bf16 [N]
         self.bias = _bias(bias)
@@ -83,15 +116,21 @@ class Int8Linear(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] int64 -> float32 [T, K]
         return self.weight.index_select(0, ids).float() * self.scales.index_select(0, ids).float()[:, None]
 
+    def _part(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:  # x [M, K] -> [M, b - a]: x @ W[a:b]^T
+        # int8 codes are exact in bf16 / fp16; the scale applies to the outputs (one rounding, as the kernel)
+        return F.linear(x, self.weight[a:b].to(x.dtype)).mul_(self.scales[a:b].to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         # Per call ~10 us of Python/dispatch on top of the kernel, so: plain dict reads (nn.Module.__getattr__
         # costs ~1 us a name), a precomputed row limit, no torch.Size arithmetic (~3 us).
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if x.numel() <= self._gemv_numel:
             b = self._buffers
-            y = _INT8_MM(x2.to(_BF16), b["weight"], b["scales"])  # [M, N] bf16
-        else:
+            y = _INT8_MM(x2.to(_BF16) if self.on_cpu else x2, b["weight"], b["scales"])  # [M, N]
+        elif self.on_cpu:
             y = F.linear(x2.float(), self.dequantize())  # [M, N] fp32
+        else:
+            y = chunked_linear(x2, self.out_features, self.in_features, 1, self._part)  # [M, N] x's dtype
         bias = self._parameters.get("bias")
         if bias is not None:
             y = torch.add(y, bias)  # a bf16 y promotes to an fp32 bias's dtype in the same op
@@ -102,7 +141,10 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W^T + bias`` with W[n, k] = (q - 8) * scale[g, n] + zero[g, n], g = k // group_size."""
+    """``y = x @ W^T + bias`` with W[n, k] = (q - 8) * scale[g, n] + zero[g, n], g = k // group_size.
+
+    ``layout``: ``cpu`` (torch's CPU pack, uint8 [N, K/2]) or ``tinygemm`` (CUDA, int32 4-D), told by the
+    packed tensor's shape; a tinygemm module built on the CPU (tests) dequantizes but has no kernel there."""
 
     weight: torch.Tensor  # buffers, declared for the type checker as in Int8Linear
     scales_and_zeros: torch.Tensor
@@ -110,31 +152,46 @@ class Int4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                  out_features: int, in_features: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        if not int4_supported(out_features, in_features, group_size):
+        self.layout = "tinygemm" if packed.dim() == 4 else "cpu"
+        if not int4_supported(out_features, in_features, group_size, "cpu" if self.layout == "cpu" else "cuda"):
             raise ConfigError(f"int4 cannot hold a [{out_features}, {in_features}] matrix in groups of {group_size}")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
-        self._gemv_numel = GEMV_MAX_ROWS * in_features
-        self.register_buffer("weight", packed.contiguous())  # uint8 [N, K/2], this machine's pack layout
+        rows = GEMV_MAX_ROWS if self.layout == "cpu" else CUDA_INT4_GEMV_MAX_ROWS
+        self._gemv_numel = rows * in_features
+        self.register_buffer("weight", packed.contiguous())  # the layout's packed codes
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())  # bf16 [K/group, N, 2]
         self.bias = _bias(bias)
 
     @classmethod
     @torch.no_grad()
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                   bias: torch.Tensor | None = None) -> Int4Linear:
-        """From codes q [N, K] (0..15) and per-group scale / zero [N, K/group] (w = (q - 8) * scale + zero)."""
+                   bias: torch.Tensor | None = None, layout: str | None = None) -> Int4Linear:
+        """From codes q [N, K] (0..15) and per-group scale / zero [N, K/group] (w = (q - 8) * scale + zero), packed
+        in ``layout`` (None: q's device's, ``cpu`` or ``tinygemm``; tinygemm on the CPU packs with the pure
+        ``tinygemm.pack``, on CUDA with torch's own packer)."""
         n, k = q.shape
-        return cls(*qm.pack_int4(q, scale, zero), group_size, n, k, bias)
+        layout = layout or ("cpu" if q.device.type == "cpu" else "tinygemm")
+        if layout == "cpu":
+            return cls(*qm.pack_int4(q, scale, zero), group_size, n, k, bias)
+        if not int4_shape_fits("cuda", n, k, group_size):
+            raise ConfigError(f"int4 cannot hold a [{n}, {k}] matrix in groups of {group_size}")
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+        if q.device.type == "cuda":
+            packed = tg.pack_on_device(q)
+        else:
+            packed = tg.pack(tg.pair_nibbles(q), tg.inner_k_tiles(k))
+        return cls(packed, sz, group_size, n, k, bias)
 
     @classmethod
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = DEFAULT_GROUP,
-                   method: str = "search") -> Int4Linear:
+                   method: str = "search", layout: str | None = None) -> Int4Linear:
         """Asymmetric group-wise int4 of weight [N, K] (``quant_math.quantize_int4``: ``search`` or ``minmax``)."""
         n, k = weight.shape
-        if not int4_supported(n, k, group_size):
+        kind = "cpu" if (layout or ("cpu" if weight.device.type == "cpu" else "tinygemm")) == "cpu" else "cuda"
+        if not int4_supported(n, k, group_size, kind):
             raise ConfigError(f"int4 cannot hold a [{n}, {k}] matrix in groups of {group_size}")
-        return cls.from_codes(*qm.quantize_int4(weight, group_size, method), group_size, bias)
+        return cls.from_codes(*qm.quantize_int4(weight, group_size, method), group_size, bias, layout)
 
     @classmethod
     @torch.no_grad()
@@ -145,36 +202,53 @@ class Int4Linear(nn.Module):
         by at most (8 |scale| + |zero|) 2^-8: a few % of a quantization step."""
         return cls.from_codes(q, *qm.int4_from_affine(scale, low), q.shape[1] // scale.shape[1], bias)
 
-    def dequantize(self) -> torch.Tensor:  # -> float32 [N, K] (a transposed view)
+    def dequantize(self) -> torch.Tensor:  # -> float32 [N, K] (a transposed view on the CPU layout)
+        if self.layout == "tinygemm":
+            return qm.dequantize_int4(tg.unpack(self.weight), self.scales_and_zeros, self.group_size)
         return self._dequantize_t().t()
 
-    def _dequantize_t(self) -> torch.Tensor:  # -> float32 [K, N], contiguous
+    def _dequantize_t(self) -> torch.Tensor:  # -> float32 [K, N], contiguous (CPU layout)
         return qm.dequantize_packed_t(self.weight, self.scales_and_zeros, self.out_features, self.in_features,
                                       self.group_size)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] int64 -> float32 [T, K]
-        q = qm.gather_int4_rows(self.weight, self.out_features, self.in_features, ids)  # [T, K]
+        if self.layout == "tinygemm":
+            q = tg.rows(self.weight, ids)
+        else:
+            q = qm.gather_int4_rows(self.weight, self.out_features, self.in_features, ids)  # [T, K]
         return qm.dequantize_int4(q, self.scales_and_zeros.index_select(1, ids), self.group_size)
+
+    def _part(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:  # x [M, K] -> [M, b - a] (tinygemm)
+        codes = tg.unpack(self.weight[a // 8: b // 8])  # [b - a, K]
+        w = tg.dequantize(codes, self.scales_and_zeros[:, a:b], self.group_size, x.dtype)
+        return F.linear(x, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]; see Int8Linear.forward
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.numel() <= self._gemv_numel:
-            b = self._buffers
-            y = _INT4_MM(x2.to(_BF16), b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
+        b = self._buffers
+        if self.layout == "cpu":
+            if x.numel() <= self._gemv_numel:
+                y = _INT4_MM_CPU(x2.to(_BF16), b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
+            else:
+                y = torch.mm(x2.float(), self._dequantize_t())  # [M, N] fp32
+        elif x.numel() <= self._gemv_numel:
+            x16 = x2.to(_BF16).contiguous()  # tinygemm: bf16, row-major
+            y = _INT4_MM_CUDA(x16, b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
         else:
-            y = torch.mm(x2.float(), self._dequantize_t())  # [M, N] fp32
+            y = chunked_linear(x2, self.out_features, self.in_features, 8, self._part)  # [M, N] x's dtype
         bias = self._parameters.get("bias")
         if bias is not None:
             y = torch.add(y, bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, layout={self.layout}, "
+                f"bias={self.bias is not None}")
 
 
 class QuantEmbedding(nn.Module):
     """Token rows of a quantized table ``table`` ([V, H] Int8Linear / Int4Linear, possibly the tied LM head),
-    dequantized into ``dtype``: ids [...] -> [..., H]."""
+    dequantized on the table's device into ``dtype``: ids [...] -> [..., H]."""
 
     def __init__(self, table: Int8Linear | Int4Linear, dtype: torch.dtype) -> None:
         super().__init__()
