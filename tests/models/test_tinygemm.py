@@ -124,6 +124,8 @@ def test_tinygemm_chunked_forward_matches_its_dequantized_weight(dtype: torch.dt
     assert y.dtype == dtype and y.shape == (2, rows, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(y.float(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
+    empty = m(x[:, :0])  # no rows: never the kernel (a GPU grid of no blocks cannot launch)
+    assert empty.shape == (2, 0, n) and empty.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,6 +138,7 @@ def test_int8_gpu_chunk_path_matches_its_dequantized_weight(dtype: torch.dtype) 
     assert y.dtype == dtype and y.shape == (30, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(y.float(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
+    assert isinstance(quant_modules.cuda_int8_kernel(), bool)  # False on CPU-only builds: every call dequantizes
     small = chunked_linear(x, n, k, 8, lambda x, a, b: torch.full((x.shape[0], b - a), float(a), dtype=x.dtype))
     assert small.shape == (30, n)  # one chunk: the whole matrix fits DEQUANT_CHUNK_BYTES
 

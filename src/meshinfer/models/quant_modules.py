@@ -24,6 +24,7 @@ from which source, is ``quant``'s business; the arithmetic (quantizers, packing)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -65,6 +66,16 @@ def int4_supported(out_features: int, in_features: int, group: int, kind: str = 
     return fits and (kind != "cpu" or qm.int4_layout_known())
 
 
+@functools.cache
+def cuda_int8_kernel() -> bool:
+    """Whether this torch has a CUDA kernel for ``_weight_int8pack_mm`` (recent ones; without it every CUDA
+    int8 call takes the dequantizing path)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CUDA"))
+    except (AttributeError, RuntimeError):  # no such introspection: assume the kernel
+        return True
+
+
 def _bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -89,7 +100,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.on_cpu = weight.device.type == "cpu"
-        rows = GEMV_MAX_ROWS if self.on_cpu else CUDA_INT8_GEMV_MAX_ROWS
+        rows = GEMV_MAX_ROWS if self.on_cpu else CUDA_INT8_GEMV_MAX_ROWS if cuda_int8_kernel() else 0
         self._gemv_numel = rows * self.in_features
         self.register_buffer("weight", weight.contiguous())  # int8 [N, K]
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # bf16 [N]
@@ -124,9 +135,10 @@ class Int8Linear(nn.Module):
         # Per call ~10 us of Python/dispatch on top of the kernel, so: plain dict reads (nn.Module.__getattr__
         # costs ~1 us a name), a precomputed row limit, no torch.Size arithmetic (~3 us).
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.numel() <= self._gemv_numel:
+        numel = x.numel()
+        if numel <= self._gemv_numel and (numel or self.on_cpu):  # (a GPU grid of 0 blocks cannot launch)
             b = self._buffers
-            y = _INT8_MM(x2.to(_BF16) if self.on_cpu else x2, b["weight"], b["scales"])  # [M, N]
+            y = _INT8_MM(x2.to(_BF16) if self.on_cpu else x2.contiguous(), b["weight"], b["scales"])  # [M, N]
         elif self.on_cpu:
             y = F.linear(x2.float(), self.dequantize())  # [M, N] fp32
         else:
@@ -231,7 +243,7 @@ class Int4Linear(nn.Module):
                 y = _INT4_MM_CPU(x2.to(_BF16), b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
             else:
                 y = torch.mm(x2.float(), self._dequantize_t())  # [M, N] fp32
-        elif x.numel() <= self._gemv_numel:
+        elif 0 < x.numel() <= self._gemv_numel:
             x16 = x2.to(_BF16).contiguous()  # tinygemm: bf16, row-major
             y = _INT4_MM_CUDA(x16, b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
         else:
