@@ -110,8 +110,13 @@ def test_int4_linear_on_cuda_matches_the_cpu_module(n: int, k: int, group: int, 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_embedding_rows_on_cuda_equal_the_cpu_rows(kind: str) -> None:
     w = _weight(512, 256, seed=9)
-    make = (lambda t: Int8Linear.from_float(t)) if kind == "int8" else (lambda t: Int4Linear.from_float(t, None, 32))
-    cpu, gpu = QuantEmbedding(make(w), torch.bfloat16), QuantEmbedding(make(w.to(CUDA)), torch.bfloat16)
+    codes = qm.quantize_int8(w) if kind == "int8" else qm.quantize_int4(w, 32)  # one quantization for both
+
+    def make(device: torch.device) -> Int8Linear | Int4Linear:
+        on = [t.to(device) for t in codes]
+        return Int8Linear(on[0], on[1]) if kind == "int8" else Int4Linear.from_codes(on[0], on[1], on[2], 32)
+
+    cpu, gpu = QuantEmbedding(make(torch.device("cpu")), torch.bfloat16), QuantEmbedding(make(CUDA), torch.bfloat16)
     ids = torch.tensor([[0, 511, 77], [3, 3, 300]])
     out = gpu(ids.to(CUDA))
     assert out.device.type == CUDA.type and out.dtype == torch.bfloat16

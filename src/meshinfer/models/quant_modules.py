@@ -244,7 +244,9 @@ class Int4Linear(nn.Module):
             else:
                 y = torch.mm(x2.float(), self._dequantize_t())  # [M, N] fp32
         elif 0 < x.numel() <= self._gemv_numel:
-            x16 = x2.to(_BF16).contiguous()  # tinygemm: bf16, row-major
+            x16 = x2.to(_BF16).contiguous()  # tinygemm: bf16, row-major, rows read as 4-byte words
+            if x16.data_ptr() % 16:  # a view at an odd offset: copy rather than a misaligned load
+                x16 = x16.clone()
             y = _INT4_MM_CUDA(x16, b["weight"], self.group_size, b["scales_and_zeros"])  # [M, N] bf16
         else:
             y = chunked_linear(x2, self.out_features, self.in_features, 8, self._part)  # [M, N] x's dtype
