@@ -172,7 +172,7 @@ def test_quant_refusal_rules() -> None:
         ("int4", t4, ["8.0", "Tesla T4", "7.5", "--quant int8"]),
         ("int4", QuantDeviceFacts("cuda", "A100", capability=(8, 0), bf16=False), ["--quant int8"]),
         ("int4", QuantDeviceFacts("cuda", "MI300X", capability=(9, 4), rocm=True), ["ROCm", "--quant int8"]),
-        ("int4", QuantDeviceFacts("cuda", "H100", capability=(9, 0), layout_ok=False), ["layout", "--quant int8"]),
+        ("int4", QuantDeviceFacts("cuda", "H100", capability=(9, 0), layout_ok=False), ["packer", "--quant int8"]),
     ]
     for mode, facts, words in cases:
         reason = quant_refusal(mode, facts)

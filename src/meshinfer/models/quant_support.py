@@ -60,7 +60,7 @@ def quant_refusal(mode: str, facts: QuantDeviceFacts) -> str | None:
         return (f"--quant int4 needs an NVIDIA GPU of compute capability 8.0+ with bf16 (torch's int4 kernel); "
                 f"{name} is {cap[0]}.{cap[1]}: use --quant int8")
     if not facts.layout_ok:
-        return "--quant int4: this torch's int4 GPU pack layout is not the one meshinfer reads; use --quant int8"
+        return "--quant int4: this torch has no CUDA int4 packer writing the layout meshinfer reads; use --quant int8"
     return None
 
 
