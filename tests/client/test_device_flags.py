@@ -53,7 +53,7 @@ def test_device_is_listed_with_the_commands_own_flags_not_the_swarm_clients() ->
 def test_dtype_flag_values() -> None:
     assert [check_dtype_flag(t) for t in ("auto", " AUTO", "fp32", "bf16", "float16")] == [
         "auto", "auto", "float32", "bfloat16", "float16"]
-    with pytest.raises(ConfigError, match="^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+    with pytest.raises(ConfigError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
         check_dtype_flag("fp8")
 
 
@@ -91,3 +91,16 @@ def test_malformed_device_names_the_accepted_forms(command: str, capsys: pytest.
 def test_bad_dtype_is_one_line(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     line = _one_line_error([*COMMANDS[command], "--dtype", "fp8"], capsys)
     assert line == "error: --dtype must be auto, fp32, bf16 or fp16, got 'fp8'"
+
+
+@NO_CUDA
+def test_python_api_refuses_an_absent_device_before_joining() -> None:
+    from meshinfer.client.model import DistributedModel
+
+    for device in ("cuda", torch.device("cuda", 1)):
+        with pytest.raises(ConfigError, match=r"^--device cuda(:1)?: "):
+            DistributedModel.from_pretrained("nowhere", [PEER], device=device)
+    with pytest.raises(ConfigError, match=r"^--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        DistributedModel.from_pretrained("nowhere", [PEER], device="tpu")
+    with pytest.raises(ConfigError, match=r"^--device cuda: "):
+        DistributedModel.from_pretrained("nowhere", [PEER], config=ClientConfig(device="cuda"))

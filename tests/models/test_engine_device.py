@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from device_parity import BF16_CAP, FP32_TOL, check, parity
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.engine import LocalModel
@@ -58,7 +59,7 @@ def test_a_device_this_machine_lacks_is_one_config_error(llama_path: Path, devic
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])
 def test_a_malformed_device_names_the_accepted_forms(llama_path: Path, device: str) -> None:
-    with pytest.raises(ConfigError, match="^--device must be auto, cpu, cuda, cuda:N or mps, got"):
+    with pytest.raises(ConfigError, match=r"^--device must be auto, cpu, cuda, cuda:N or mps, got"):
         LocalModel.from_pretrained(llama_path, device=device)
 
 
@@ -71,3 +72,17 @@ def test_greedy_keeps_the_logits_device_and_sampling_draws_on_the_cpu() -> None:
     sampled = Sampler(SamplingConfig(temperature=0.7, seed=5))
     assert sampled.processed_logits(logits.to(torch.bfloat16), []).device.type == "cpu"
     assert sampled.generator.device.type == "cpu"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_bf16_tolerance_holds_on_the_cpu(tiny_checkpoints: dict[tuple[str, str], Path], family: str) -> None:
+    """The CPU twin of tests/gpu/test_gpu_client.py: CPU bf16 against CPU fp32 passes the documented bf16 cap
+    (tests/device_parity.py), and fp32 on an explicit ``torch.device`` is exact."""
+    path = tiny_checkpoints[(family, "default")]
+    ref = LocalModel.from_pretrained(path)
+    exact = parity(ref, LocalModel.from_pretrained(path, device=torch.device("cpu")), PROMPT, 16)
+    assert exact.worst == 0.0 and exact.agreed() == 16
+    check(exact, FP32_TOL)
+    low = parity(ref, LocalModel.from_pretrained(path, dtype="bf16", device="cpu"), PROMPT, 16)
+    check(low, BF16_CAP)
+    assert low.worst > 0.05  # bf16 really differs (the check above is not vacuous)
