@@ -2,9 +2,11 @@
 
 Contract: parses and validates the flags (``GatewayConfig``, and ``ClientConfig`` for the swarm client flags
 such as ``--route-wait``; a bad value is a one-line ``ConfigError``, exit 2) before importing torch or the
-network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). Then it joins the
-swarm with ``DistributedModel.from_pretrained(--model, --initial-peers, config=...)``, builds the app
-(``gateway.app.create_app``) and serves it with uvicorn in this thread.
+network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). ``--device`` (default
+auto) is resolved on this machine next (a device it lacks is a one-line ``ConfigError``, before anything is
+loaded or joined). Then it joins the swarm with ``DistributedModel.from_pretrained(--model, --initial-peers,
+config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
+the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}

@@ -4,7 +4,10 @@ Contract: parses and validates every flag (one-line ``ConfigError`` for bad valu
 torch; ``--model demo`` means the built-in demo checkpoint. The model is opened by
 ``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
 swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
-is closed (leaves the swarm) at the end; both give the same greedy tokens. Text is streamed through
+is closed (leaves the swarm) at the end; both give the same greedy tokens. Both compute on ``--device``
+(``ClientConfig.device``, default auto: the first CUDA GPU, else MPS, else the CPU; resolved by ``check_device``
+right after the flags, so a device this machine lacks is one line before anything loads) in ``--dtype`` (auto:
+fp32 on the CPU, bf16 on CUDA, fp16 on MPS; ``--json`` reports the dtype used). Text is streamed through
 ``IncrementalDetokenizer`` (from ``meshinfer.models.detokenize``; it and ``text_decoder`` stay importable
 from here), which never splits a multi-byte character; ``--json`` prints one JSON object instead (prompt,
 prompt_token_ids, generated_token_ids, text, timings; ``route`` via a swarm). Errors from the engine

@@ -16,7 +16,11 @@ tokens to the calling thread through a queue, off the critical path. The public 
 (its sync bridge: ``models.generator.TextGenerator``). Any number of threads may generate at
 once, and any number of ``astream`` generations may run concurrently on the loop (one session each, no thread
 per session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through
-the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
+the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). The head computes
+on ``config.device`` (``auto``: the first CUDA GPU, else MPS, else the CPU; ``models.device.resolve_device``):
+per step the embeddings come to the CPU in ONE copy for the wire (in the wire dtype: float32 unless an explicit
+half ``dtype`` was asked for, see ``from_pretrained``), the route's last hidden states go back to the device in
+ONE copy per head batch, and greedy sampling takes its argmax there (only ids come back). ``close()`` (or
 the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
 blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
