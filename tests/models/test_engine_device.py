@@ -86,3 +86,13 @@ def test_the_bf16_tolerance_holds_on_the_cpu(tiny_checkpoints: dict[tuple[str, s
     low = parity(ref, LocalModel.from_pretrained(path, dtype="bf16", device="cpu"), PROMPT, 16)
     check(low, BF16_CAP)
     assert low.worst > 0.05  # bf16 really differs (the check above is not vacuous)
+
+
+def test_the_head_takes_hidden_states_in_any_dtype(llama_path: Path) -> None:
+    """What a bf16 head on a GPU gets from an fp32 wire: the rows are cast (and moved) in one go, the logits are
+    float32 on the head's device, the same as for rows already in the head's dtype."""
+    low = LocalModel.from_pretrained(llama_path, dtype="bf16")
+    rows = torch.randn(3, low.spec.hidden_size, generator=torch.Generator().manual_seed(1))  # [B, H] fp32
+    logits = low.head.logits(rows)  # [B, V]
+    assert (logits.dtype, logits.device, logits.shape) == (torch.float32, low.device, (3, low.spec.vocab_size))
+    assert torch.equal(logits, low.head.logits(rows.to(torch.bfloat16)))
