@@ -18,7 +18,7 @@ from meshinfer.gateway.config import GatewayConfig
 
 OLD_DEFAULTS: dict[str, Any] = {
     # DistributedModel.from_pretrained / __init__ keyword defaults before ClientConfig
-    "device": "cpu", "host": "127.0.0.1", "dht_timeout": 5.0, "route_wait": 3.0, "step_timeout": 60.0,
+    "device": "auto", "host": "127.0.0.1", "dht_timeout": 5.0, "route_wait": 3.0, "step_timeout": 60.0,
     "push": True, "failover": True, "cohorts": 2, "max_download": None, "quant": None, "head_quant": "none",
     # InferenceSession keyword defaults
     "open_timeout": 15.0, "max_chunk_tokens": 2048, "max_failovers": 8, "min_stall": 3.0,
@@ -27,6 +27,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     # issue 17: routes on measured figures, spread over equivalent servers, refuted records banned
     "spread": True, "prior_cap": 1.5, "refuted_ban": 60.0,
 }
+# issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
 
 def test_defaults_are_the_old_values() -> None:
@@ -61,6 +62,8 @@ def test_frozen() -> None:
     ({"quant": "int3"}, "unknown quant mode 'int3'"),
     ({"head_quant": "fp8"}, "unknown quant mode 'fp8'"),
     ({"device": " "}, "device must not be empty"),
+    ({"device": "tpu"}, "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ({"device": "cpu:1"}, "--device must be auto, cpu, cuda, cuda:N or mps"),
     ({"host": ""}, "host must not be empty"),
     ({"prior_cap": 0.5}, "--prior-cap must be >= 1, got 0.5"),
     ({"refuted_ban": 0.0}, "--refuted-ban must be > 0 seconds and finite, got 0"),

@@ -2,9 +2,11 @@
 
 Contract: parses and validates the flags (``GatewayConfig``, and ``ClientConfig`` for the swarm client flags
 such as ``--route-wait``; a bad value is a one-line ``ConfigError``, exit 2) before importing torch or the
-network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). Then it joins the
-swarm with ``DistributedModel.from_pretrained(--model, --initial-peers, config=...)``, builds the app
-(``gateway.app.create_app``) and serves it with uvicorn in this thread.
+network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). ``--device`` (default
+auto) is resolved on this machine next (a device it lacks is a one-line ``ConfigError``, before anything is
+loaded or joined). Then it joins the swarm with ``DistributedModel.from_pretrained(--model, --initial-peers,
+config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
+the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}
@@ -26,9 +28,8 @@ from typing import TYPE_CHECKING, Any
 from meshinfer.cli.announce import serve_http
 from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
-from meshinfer.cli.generate import MODEL_HELP, add_client_flags, add_download_flag
+from meshinfer.cli.generate import DTYPE_HELP, MODEL_HELP, add_client_flags, add_download_flag
 from meshinfer.errors import ConfigError
-from meshinfer.types import canonical_dtype
 
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help=MODEL_HELP + "; its tokenizer and chat template are used")
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
                         help="multiaddrs of any peers of the swarm serving the model's blocks")
-    parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--quant", default="auto", metavar="MODE",
                         help="which servers' weights routes use: none, int8 or int4, one mode per route "
                              "(default auto: the most precise mode that covers the model)")
@@ -96,6 +97,8 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 def run(args: argparse.Namespace) -> int:
     from meshinfer.cli.generate import (
+        check_device,
+        check_dtype_flag,
         check_quant_flag,
         client_config,
         max_download_bytes,
@@ -106,10 +109,11 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     warn_if_exposed(config.host, config.api_key, "the API (and its dashboard)")
     max_download = max_download_bytes(args)
-    dtype = canonical_dtype(args.dtype)
+    dtype = check_dtype_flag(args.dtype)
     quant = check_quant_flag(args)
     client = dataclasses.replace(client_config(args), max_download=max_download, head_quant=args.head_quant,
                                  quant=None if quant == "auto" else quant)
+    check_device(client)
     model_dir = resolve_model_dir(args.model)
     name = config.served_model_name or model_display_name(args.model, model_dir)
 

@@ -28,6 +28,8 @@ from meshinfer.cli.generate import (
     IncrementalDetokenizer,
     add_model_flags,
     add_swarm_flags,
+    check_device,
+    check_dtype_flag,
     check_quant_flag,
     client_config,
     max_download_bytes,
@@ -40,7 +42,6 @@ from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
 from meshinfer.models.detokenize import chat_stop_ids
 from meshinfer.models.generator import GenerationParams, TextGenerator
-from meshinfer.types import canonical_dtype
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -156,9 +157,10 @@ def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     sampling = config_from_args(SamplingConfig, args)
-    dtype = canonical_dtype(args.dtype)
+    dtype = check_dtype_flag(args.dtype)
     quant = check_quant_flag(args)
     client = client_config(args)
+    check_device(client)
     model_dir = resolve_model_dir(args.model)
     name = model_display_name(args.model, model_dir)
     interactive = sys.stdin.isatty() and not args.json

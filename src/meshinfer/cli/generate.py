@@ -4,7 +4,10 @@ Contract: parses and validates every flag (one-line ``ConfigError`` for bad valu
 torch; ``--model demo`` means the built-in demo checkpoint. The model is opened by
 ``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
 swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
-is closed (leaves the swarm) at the end; both give the same greedy tokens. Text is streamed through
+is closed (leaves the swarm) at the end; both give the same greedy tokens. Both compute on ``--device``
+(``ClientConfig.device``, default auto: the first CUDA GPU, else MPS, else the CPU; resolved by ``check_device``
+right after the flags, so a device this machine lacks is one line before anything loads) in ``--dtype`` (auto:
+fp32 on the CPU, bf16 on CUDA, fp16 on MPS; ``--json`` reports the dtype used). Text is streamed through
 ``IncrementalDetokenizer`` (from ``meshinfer.models.detokenize``; it and ``text_decoder`` stay importable
 from here), which never splits a multi-byte character; ``--json`` prints one JSON object instead (prompt,
 prompt_token_ids, generated_token_ids, text, timings; ``route`` via a swarm). Errors from the engine
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from meshinfer.cli.common import add_config_flags, config_from_args
-from meshinfer.client.config import CLI_SKIP, ClientConfig
+from meshinfer.client.config import CLI_SKIP, LOCAL_FIELDS, ClientConfig
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
@@ -85,7 +88,8 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
     given (close it when done; ``client``: its tunables, the arguments before it override theirs; a model id is
     fetched at most ``max_download`` bytes/s; ``quant``: the servers' weights its routes use, ``auto`` the most
     precise mode that covers the model), else a ``LocalModel``
-    (``quant``: how it holds its own weights; ``auto`` means ``none`` there). The rest of this module only uses
+    (``quant``: how it holds its own weights; ``auto`` means ``none`` there). Either computes on ``client.device``
+    (default ``auto``) in ``dtype`` (``auto``: the device's default). The rest of this module only uses
     ``TextGenerator``."""
     if initial_peers:
         from meshinfer.client.model import DistributedModel
@@ -100,8 +104,10 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
 
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is a model id: give --initial-peers to fetch it from the swarm")
-    return LocalModel.from_pretrained(model_dir, dtype=dtype, quant="none" if quant == "auto" else quant,
-                                      head_quant=head_quant, compile=compile)
+    device = (client or ClientConfig()).device
+    return LocalModel.from_pretrained(model_dir, dtype=dtype, device=device,
+                                      quant="none" if quant == "auto" else quant, head_quant=head_quant,
+                                      compile=compile)
 
 
 def run_generation(generator: TextGenerator, prompt: str, params: GenerationParams, out: TextIO | None, *,
@@ -157,6 +163,10 @@ def describe_timings(result: GenerationResult, load_s: float) -> str:
 # CLI
 
 
+DTYPE_HELP = ("compute dtype: auto (fp32 on the CPU, bf16 on CUDA, fp16 on MPS), fp32, bf16 or fp16 "
+              "(default: auto)")
+"""``--dtype`` help of the commands that compute on this machine (``generate``, ``chat``, ``api``)."""
+
 MODEL_HELP = ("the model: a Hugging Face checkpoint directory (safetensors), a .gguf file, a catalogue name "
               "(smollm2: a real model, pulled and verified on first use; see `meshinfer models list`), a model id "
               "(fetched from the swarm's seeders) or 'tiny' (the built-in random-weight test model)")
@@ -165,7 +175,7 @@ MODEL_HELP = ("the model: a Hugging Face checkpoint directory (safetensors), a .
 def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
     kwargs: dict[str, Any] = {"required": True} if model_required else {"default": DEMO_MODEL}
     parser.add_argument("--model", metavar="MODEL", help=MODEL_HELP, **kwargs)
-    parser.add_argument("--dtype", default="fp32", help="compute dtype: fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--quant", default="auto", metavar="MODE",
                         help="weights: none, int8 or int4. On this machine: how the model holds its weights "
                              "(auto = none). Through a swarm: which servers' weights a route uses, one mode per "
@@ -195,8 +205,11 @@ def add_download_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_client_flags(parser: argparse.ArgumentParser, title: str = "swarm client (with --initial-peers)") -> None:
     """The ``ClientConfig`` flags (``--route-wait``, ``--step-timeout``, ``--no-push``, ...; not those in
-    ``CLI_SKIP``, spelled their own way), in a group of ``--help`` named ``title``."""
-    add_config_flags(parser.add_argument_group(title), ClientConfig, skip=CLI_SKIP)
+    ``CLI_SKIP``, spelled their own way), in a group of ``--help`` named ``title``; those of ``LOCAL_FIELDS``
+    (``--device``) among the command's own flags, since they apply without a swarm too."""
+    swarm_only = tuple(f.name for f in dataclasses.fields(ClientConfig) if f.name not in LOCAL_FIELDS)
+    add_config_flags(parser, ClientConfig, skip=swarm_only)
+    add_config_flags(parser.add_argument_group(title), ClientConfig, skip=CLI_SKIP + LOCAL_FIELDS)
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -234,13 +247,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
-    """The sampling config and canonical dtype, or a one-line ConfigError (nothing heavy imported)."""
+    """The sampling config and ``--dtype`` (``auto`` or canonical), or a one-line ConfigError (nothing heavy
+    imported)."""
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     max_download_bytes(args)
     check_quant_flag(args)
     client_config(args)
-    return config_from_args(SamplingConfig, args), canonical_dtype(args.dtype)
+    return config_from_args(SamplingConfig, args), check_dtype_flag(args.dtype)
+
+
+def check_dtype_flag(text: str) -> str:
+    """``--dtype`` as ``auto`` (the device's default, resolved once the device is) or a canonical dtype, or a
+    one-line ConfigError."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return canonical_dtype(text)
+    except ConfigError:
+        raise ConfigError(f"--dtype must be auto, fp32, bf16 or fp16, got {text[:32]!r}") from None
+
+
+def check_device(client: ClientConfig) -> str:
+    """``--device`` resolved on this machine (``cpu``, ``cuda:0``, ``mps``), or the one-line ConfigError of
+    ``models.device.resolve_device`` (no CUDA here...): called before anything is loaded or joined."""
+    from meshinfer.models.device import resolve_device
+
+    return str(resolve_device(client.device))
 
 
 def check_quant_flag(args: argparse.Namespace) -> str:
@@ -256,6 +289,7 @@ def check_quant_flag(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     sampling, dtype = validated(args)
+    check_device(client_config(args))
     model_dir = resolve_model_dir(args.model)
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
@@ -266,6 +300,12 @@ def main(args: argparse.Namespace) -> int:
         return _generate(args, generator, sampling, dtype, model_dir, load_s)
 
 
+def _dtype_name(dtype: object) -> str:
+    """The canonical name of a compute dtype (``torch.float32`` -> ``float32``)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name == "auto" else canonical_dtype(name)
+
+
 def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: SamplingConfig, dtype: str,
               model_dir: Path, load_s: float) -> int:
     params = GenerationParams(args.max_new_tokens, sampling)
@@ -273,7 +313,8 @@ def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: Samp
         result = run_generation(generator, args.prompt, params, out=None)
         doc = asdict(result)
         doc["timings"]["load_s"] = load_s
-        doc.update(model=str(model_dir), dtype=dtype, sampling=asdict(sampling))
+        doc.update(model=str(model_dir), dtype=_dtype_name(getattr(generator, "dtype", dtype)),
+                   sampling=asdict(sampling))
         route = getattr(generator, "last_route", None)
         if args.initial_peers and route:
             doc["route"] = [{"peer_id": hop.peer_id, "blocks": str(hop.span)} for hop in route]

@@ -3,10 +3,12 @@
 Contract: a frozen, validated dataclass (``ServerConfig``'s twin for the client side) holding every tunable of
 ``DistributedModel`` and its ``InferenceSession``s; the defaults are the values the client has always used. Field
 ``help`` becomes the flag help of ``meshinfer generate``/``chat``/``api`` (``cli.common.add_config_flags``, minus
-``CLI_SKIP``: fields those commands already spell their own way). Values come only from explicit arguments;
-nothing here reads files or the environment, and nothing imports torch or the network. ``DistributedModel
-.from_pretrained(..., config=..., **overrides)`` applies its keyword arguments with ``dataclasses.replace``; its
-``InferenceSession``s get the same object (their own ``quant`` is their route's mode, given apart).
+``CLI_SKIP``: fields those commands already spell their own way). ``device`` (default ``auto``) is checked for its
+form only (``devices.parse_device``); the client resolves it on the machine (``models.device``). Values come only
+from explicit arguments; nothing here reads files or the environment, and nothing imports torch or the network.
+``DistributedModel.from_pretrained(..., config=..., **overrides)`` applies its keyword arguments with
+``dataclasses.replace``; its ``InferenceSession``s get the same object (their own ``quant`` is their route's mode,
+given apart).
 """
 
 from __future__ import annotations
@@ -15,23 +17,28 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshinfer.config import doc
+from meshinfer.devices import DEVICE_HELP, parse_device
 from meshinfer.errors import ConfigError
 from meshinfer.types import check_quant
 
 DEFAULT_COHORTS: Final = 2
 """LM-head cohorts of a client (``client.head_batch.HeadBatcher``) unless told otherwise."""
 
-CLI_SKIP: Final = ("device", "host", "max_download", "quant", "head_quant")
+CLI_SKIP: Final = ("host", "max_download", "quant", "head_quant")
 """Fields the client commands do not take as ``add_config_flags`` flags: ``--quant`` (with ``auto``),
-``--head-quant`` and ``--max-download`` (MB/s) have their own spelling there, ``--host`` is the gateway's HTTP
-address, and the device stays the Python API's."""
+``--head-quant`` and ``--max-download`` (MB/s) have their own spelling there, and ``--host`` is the gateway's
+HTTP address."""
+
+LOCAL_FIELDS: Final = ("device",)
+"""Fields whose flags apply to a model run wholly on this machine too (``meshinfer generate``/``chat`` without
+``--initial-peers``), so they are listed with the command's own flags rather than the swarm client's."""
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """A swarm client: its peer, how long it waits for what, how sessions run and recover."""
 
-    device: str = doc("cpu", "torch device of the embeddings and LM head held on this machine")
+    device: str = doc("auto", DEVICE_HELP + "; through a swarm, where the embeddings and LM head held here compute")
     host: str = doc("127.0.0.1", "address the client's peer listens on")
     dht_timeout: float = doc(5.0, "seconds a read of the swarm's records (model coverage) may take")
     join_timeout: float = doc(60.0, "seconds joining the swarm through the initial peers may take")
@@ -65,7 +72,8 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         if not self.device.strip():
-            raise ConfigError("device must not be empty (e.g. 'cpu')")
+            raise ConfigError("device must not be empty (e.g. 'auto' or 'cpu')")
+        parse_device(self.device)  # the form only: whether this machine has it is models.device.resolve_device's
         if not self.host.strip():
             raise ConfigError("host must not be empty (e.g. '127.0.0.1')")
         for name in ("dht_timeout", "join_timeout", "fetch_timeout", "close_timeout", "open_timeout",

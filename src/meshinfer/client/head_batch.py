@@ -1,7 +1,8 @@
 """``HeadBatcher``: the LM head for every generation running on a client's event loop, batched in cohorts.
 
 Contract: ``await logits(hidden, burst, peer)`` returns the logits of one session's last hidden state
-([H] -> [V] float32) and the burst tag (``wire.burst``) its NEXT step to ``peer`` (the first server of
+([H] -> [V] float32, on the head's device: the rows of a call are stacked where they are, the CPU, and moved
+to the device as one tensor) and the burst tag (``wire.burst``) its NEXT step to ``peer`` (the first server of
 its route) should carry. Hidden states handed in are computed together, one matmul per call: the head
 is memory-bound (its weights are read once per call whatever the rows), so many rows cost little more
 than one. Which rows go together:
@@ -92,7 +93,8 @@ class HeadBatcher:
         self._pending = [r for r in self._pending if id(r) not in taken]
         try:
             with torch.inference_mode():
-                out = self.head.logits(torch.stack([r.hidden for r in take]))  # [B, V]
+                rows = torch.stack([r.hidden for r in take])  # [B, H] where the rows are (the CPU: the wire's)
+                out = self.head.logits(rows)  # [B, V] float32 on the head's device: ONE copy of the rows there
         except Exception as err:
             for r in take:
                 r.future.set_exception(err)

@@ -16,7 +16,11 @@ tokens to the calling thread through a queue, off the critical path. The public 
 (its sync bridge: ``models.generator.TextGenerator``). Any number of threads may generate at
 once, and any number of ``astream`` generations may run concurrently on the loop (one session each, no thread
 per session); their LM-head calls are batched (``client.head_batch.HeadBatcher``: the sessions move through
-the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). ``close()`` (or
+the route in ``cohorts`` groups, each one batch on every server, kept together by burst tags). The head computes
+on ``config.device`` (``auto``: the first CUDA GPU, else MPS, else the CPU; ``models.device.resolve_device``):
+per step the embeddings come to the CPU in ONE copy for the wire (in the wire dtype: float32 unless an explicit
+half ``dtype`` was asked for, see ``from_pretrained``), the route's last hidden states go back to the device in
+ONE copy per head batch, and greedy sampling takes its argmax there (only ids come back). ``close()`` (or
 the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
 blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
@@ -61,9 +65,15 @@ class DistributedModel(CheckpointGenerator):
     """The head of a model on this machine, its blocks in the swarm."""
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
-                 path: Path | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG) -> None:
+                 path: Path | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG,
+                 wire_dtype: str = "float32") -> None:
         self.spec = spec
         self.head = head
+        self.device = head.norm.device
+        """Where the head computes (``config.device`` resolved on this machine)."""
+        self.wire_dtype = canonical_dtype(wire_dtype)
+        """The dtype of the hidden states this client's sessions send and receive (``Open.dtype``): see
+        ``from_pretrained``."""
         self.ref = ref
         """The swarm's reference to this model (id, name, block count, quant mode of its routes)."""
         self.path = path
@@ -94,6 +104,7 @@ class DistributedModel(CheckpointGenerator):
         *,
         config: ClientConfig | None = None,
         model_name: str | None = None,
+        device: str | torch.device | None = None,
         **overrides: Any,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, a GGUF
@@ -104,13 +115,25 @@ class DistributedModel(CheckpointGenerator):
         unknown name is a TypeError). ``quant`` (none, int8, int4) picks the servers whose weights every route
         uses; None: the most precise mode that covers the model, fixed per session. ``head_quant`` (none, int8,
         int4) is how this machine holds the embeddings and LM head (none: as loaded; the head is the client's own
-        business, routes do not depend on it). ``model_name``: the name shown (default: from ``path``)."""
+        business, routes do not depend on it). ``model_name``: the name shown (default: from ``path``).
+
+        ``device`` (text or a ``torch.device``; None: ``config.device``, default ``auto``) is where the head
+        computes; a device this machine lacks is a ConfigError before anything is joined. ``dtype`` is the head's
+        compute dtype (``auto``: the device's default, bf16 on CUDA). The hidden states on the wire stay in
+        ``dtype`` with ``auto`` read as float32 (what servers got from a default client so far): a bf16 head on a
+        GPU does not round the swarm's inter-hop activations, which servers convert to their own compute dtype
+        anyway; an explicit fp16/bf16 ``dtype`` puts that dtype on the wire, as before."""
+        from meshinfer.models.device import check_device_dtype, resolve_device, resolve_dtype
         from meshinfer.models.quant import QuantConfig
 
-        if "device" in overrides and not isinstance(overrides["device"], str):
-            overrides["device"] = str(overrides["device"])  # a torch.device
+        if device is not None:
+            overrides["device"] = str(device)
         config = dataclasses.replace(config or DEFAULT_CLIENT_CONFIG, **overrides)
-        dt = torch_dtype(dtype)
+        where = resolve_device(config.device)
+        compute = resolve_dtype(dtype, where)
+        check_device_dtype(where, compute)
+        dt = torch_dtype(compute)
+        wire = resolve_dtype(dtype, torch.device("cpu"))
         peers = check_initial_peers(initial_peers)
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
@@ -121,8 +144,8 @@ class DistributedModel(CheckpointGenerator):
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
-            head = ckpt.load_head(dt, config.device, quant=QuantConfig(config.head_quant))
-            autotune_linear(layer_weights(head))  # the LM head's decode kernel: oneDNN or MKL, timed once
+            head = ckpt.load_head(dt, where, quant=QuantConfig(config.head_quant))
+            autotune_linear(layer_weights(head))  # CPU fp32 heads only: oneDNN or MKL, timed once
             ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=config.quant)
         except BaseException:
@@ -132,7 +155,7 @@ class DistributedModel(CheckpointGenerator):
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config)
+        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -189,7 +212,7 @@ class DistributedModel(CheckpointGenerator):
 
         session = await InferenceSession.open(
             self._view.node, route, model_id=self.ref.model_id, max_length=max_length,
-            dtype=canonical_dtype(str(self.dtype).removeprefix("torch.")), on_rtt=self._view.record_rtt,
+            dtype=self.wire_dtype, on_rtt=self._view.record_rtt,
             replan=replan if self.config.failover else None, bans=self._view.bans, quant=quant, config=self.config,
             stats=self._view.stats,
         )
@@ -279,9 +302,8 @@ class DistributedModel(CheckpointGenerator):
             async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
-                with torch.inference_mode():
-                    hidden = self.head.embed(torch.tensor([chunk]))[0]  # [T, H]
-                out = await session.forward(hidden)  # [T, H]
+                out = await session.forward(self._embed(chunk))  # [T, H] on the CPU
+
                 logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
                 return logits  # [V] float32
 
@@ -294,6 +316,13 @@ class DistributedModel(CheckpointGenerator):
             self.decode_route_s_total += session.decode_route_s
             await asyncio.shield(session.close())
 
+    def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU, in the wire dtype
+        """The embeddings of ``ids``, computed on the head's device and brought to the CPU in ONE copy (cast to
+        the wire dtype on the way) for the session to send."""
+        with torch.inference_mode():
+            hidden = self.head.embed(torch.tensor([ids]))[0]  # [T, H] on self.device
+            return hidden.to(device="cpu", dtype=torch_dtype(self.wire_dtype))
+
     async def ascore_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
         """Each token of ``input_ids`` after the first, scored under the model's distribution at the position
         before it, as ``LocalModel.score_prompt`` does: one pass through the swarm, the LM head here."""
@@ -301,9 +330,7 @@ class DistributedModel(CheckpointGenerator):
         self._check_open()
         session = await self.aopen_session(len(ids))
         try:
-            with torch.inference_mode():
-                hidden = self.head.embed(torch.tensor([ids]))[0]  # [T, H]
-            out = await session.forward(hidden)  # [T, H]
+            out = await session.forward(self._embed(ids))  # [T, H] on the CPU
             return await asyncio.to_thread(score_hidden, self.head, out, ids, top_logprobs)
         finally:
             self.failovers_total += len(session.failovers)

@@ -36,7 +36,9 @@ went through the whole route without a failover reports each hop's share of it (
 answer reaching the client to this hop's) as ``stats.record_step``; routes are planned on these figures.
 
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
-threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in, hidden states out.
+threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in (from any
+device: they are brought to the CPU in the session dtype, a no-op when they are there already), hidden states out
+(on the CPU, in the session dtype).
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ class InferenceSession:
         if self.position + tokens > self.max_length:
             raise ContextOverflowError(f"this session holds {self.position} tokens; {tokens} more exceed "
                                        f"its max_length of {self.max_length}")
-        x = hidden.detach().to(getattr(torch, self.dtype)).contiguous()  # [T, H]
+        x = hidden.detach().to(device="cpu", dtype=getattr(torch, self.dtype)).contiguous()  # [T, H] for the wire
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.step_timeout):

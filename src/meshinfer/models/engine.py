@@ -1,16 +1,18 @@
 """Local generation: the whole model (head + all blocks) on this machine, as a Python API.
 
-Contract: ``LocalModel`` composes a ``ClientHead`` and one ``BlockSpan`` over [0, n) loaded from a
-checkpoint directory, and generates with a preallocated KV cache: one prefill over the prompt, then one
-decode step per token, the LM head applied to the last position only. Sampling is delegated to
-``meshinfer.models.sampling.Sampler``. Inference mode is entered per step (never held across a ``yield``).
-Context limits are checked up front (``ContextOverflowError`` with the numbers). Knows nothing of the
-network. ``check_prompt`` and ``generate_scored`` (the loop over any ``forward(ids, position) -> logits``
-callable, yielding ``ScoredToken``s: with ``top_logprobs`` set, each token's log-probability and the most
-likely alternatives, ``sampling.score_token``; ``agenerate_scored`` is the same loop over an async
-``forward``) are shared with the distributed client, so both generate with exactly the same semantics.
-``LocalModel`` is a ``models.generator.TextGenerator``: its public ``stream`` / ``stream_scored`` / ``generate``
-build one ``GenerationParams``, which ``generation`` and the loop take whole.
+Contract: ``LocalModel`` composes a ``ClientHead`` and one ``BlockSpan`` over [0, n) loaded from a checkpoint
+directory, and generates with a preallocated KV cache: one prefill over the prompt, then one decode step per token,
+the LM head applied to the last position only. Sampling is delegated to ``meshinfer.models.sampling.Sampler``.
+Inference mode is entered per step (never held across a ``yield``). Context limits are checked up front
+(``ContextOverflowError`` with the numbers). On a device (``from_pretrained(device=...)``) prompt ids go there once
+per step, logits stay there and greedy sampling takes its argmax there (``sampling``: only token ids come back;
+sampled decoding draws on the CPU); logits returned by ``prefill_logits`` are on the device. Knows nothing of the
+network. ``check_prompt`` and ``generate_scored`` (the loop over any ``forward(ids, position) -> logits`` callable,
+yielding ``ScoredToken``s: with ``top_logprobs`` set, each token's log-probability and the most likely alternatives,
+``sampling.score_token``; ``agenerate_scored`` is the same loop over an async ``forward``) are shared with the
+distributed client, so both generate with exactly the same semantics. ``LocalModel`` is a
+``models.generator.TextGenerator``: its public ``stream`` / ``stream_scored`` / ``generate`` build one
+``GenerationParams``, which ``generation`` and the loop take whole.
 """
 
 from __future__ import annotations
@@ -56,17 +58,25 @@ class LocalModel(CheckpointGenerator):
         blocks' weights quantized (``models.quant``); ``head_quant`` the LM head's (None: int8 whenever the blocks
         are quantized, the best trade measured on SmolLM2: int4 heads cost perplexity, int8 ones almost none).
         ``compile``: decode steps run as ``torch.compile`` graphs (``models.compiled``: faster on models of small
-        blocks; the first generation per cache capacity waits for the compiler)."""
+        blocks; the first generation per cache capacity waits for the compiler). ``device``: where the whole model
+        computes, ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` text or a ``torch.device`` (a ConfigError when this
+        machine lacks it; ``models.device.resolve_device``); ``dtype`` ``auto`` is that device's default (fp32 on
+        the CPU, bf16 on CUDA, fp16 on MPS). The defaults stay the CPU in fp32: exact, comparable with
+        transformers on any machine."""
+        from meshinfer.models.device import check_device_dtype, resolve_device, resolve_dtype
         from meshinfer.models.quant import QuantConfig
 
-        dt = torch_dtype(dtype)
+        where = resolve_device(device)
+        name = resolve_dtype(dtype, where)
+        check_device_dtype(where, name)
+        dt = torch_dtype(name)
         blocks_quant = QuantConfig(quant, quant_group_size)
         head_mode = head_quant if head_quant is not None else ("none" if quant == "none" else "int8")
         ckpt = Checkpoint(path)
         ckpt.check_all()
-        head = ckpt.load_head(dt, device, quant=QuantConfig(head_mode))
-        span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, device, quant=blocks_quant)
-        autotune_linear(layer_weights(span))
+        head = ckpt.load_head(dt, where, quant=QuantConfig(head_mode))
+        span = ckpt.load_span(BlockRange(0, ckpt.spec.num_blocks), dt, where, quant=blocks_quant)
+        autotune_linear(layer_weights(span))  # CPU fp32 weights only (a no-op on other devices)
         if compile:
             span.compile_decode()
         return cls(ckpt.spec, head, span, ckpt.path)
@@ -74,6 +84,11 @@ class LocalModel(CheckpointGenerator):
     @property
     def dtype(self) -> torch.dtype:
         return self.span.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes."""
+        return self.head.norm.device
 
     # ---- forward passes -----------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The client's share of a model: token embeddings, the final norm and the LM head.
 
-Contract: pure torch. ``embed`` turns token ids into hidden states, ``logits`` turns the last span's
-hidden states into float32 logits; with tied embeddings the LM head is the embedding matrix itself
-(one tensor in memory). The table and the head are ``ops.Embedding`` and ``ops.Linear`` modules
-(``embedding``, ``output``), the seams ``models.quant`` replaces to hold them in int8/int4. Knows nothing of
+Contract: pure torch. ``embed`` turns token ids into hidden states, ``logits`` turns the last span's hidden states
+into float32 logits; both compute on the head's device (its parameters'), taking their inputs from wherever they are
+(ids are checked on the host first) and returning results on that device; with tied embeddings the LM head is the
+embedding matrix itself (one tensor in memory). The table and the head are ``ops.Embedding`` and ``ops.Linear``
+modules (``embedding``, ``output``), the seams ``models.quant`` replaces to hold them in int8/int4. Knows nothing of
 blocks, caches, files or the network.
 """
 
@@ -78,8 +79,8 @@ class ClientHead(nn.Module):
         return self.embedding(ids.to(self.norm.device))
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] float32
-        h = rms_norm(hidden.to(self.dtype), self.norm, self.eps)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] float32, on the head's device
+        h = rms_norm(hidden.to(device=self.norm.device, dtype=self.dtype), self.norm, self.eps)  # one copy if moved
         return self.output(h).float()
 
 

@@ -10,6 +10,13 @@ one kept), softmax and one draw from a ``torch.Generator`` seeded with ``config.
 logits' dtype. A sampler carries its generator's state, so one sampler per generation: the same seed
 and logits give the same tokens.
 
+Devices: greedy decoding stays on the logits' device (penalty and argmax there; only the chosen id comes
+back, one sync per token; argmax returns the first maximal index on every device, as on the CPU). Sampled
+decoding brings the row to the CPU (one copy per token) and warps and draws there, with a CPU
+``torch.Generator``: a seed then gives the same tokens whatever device computed the logits (CUDA generators
+draw different streams, and GPU softmax/cumsum may round differently at the top-p boundary); the copy of one
+[vocab] row per token costs far less than the forward pass that made it.
+
 ``score_token(logits, token, top)`` gives a chosen token's log-probability and the ``top`` most likely
 tokens' under the model's own distribution: ``log_softmax`` of the raw logits, before penalty and warpers
 (what vLLM returns by default, and what ``transformers`` reports as ``output_logits``), so a score does not
@@ -32,13 +39,13 @@ __all__ = ["Sampler", "apply_repetition_penalty", "top_k_filter", "top_p_filter"
 
 def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
     """HF ``RepetitionPenaltyLogitsProcessor`` on one row: returns a new float32 tensor [vocab]."""
-    scores = logits.to(torch.float32).clone()  # [vocab]
+    scores = logits.to(torch.float32).clone()  # [vocab], on the logits' device
     if penalty == 1.0 or len(history) == 0:
         return scores
-    ids = torch.as_tensor(list(history), dtype=torch.long)  # [n]
+    ids = torch.as_tensor(list(history), dtype=torch.long)  # [n], checked on the host
     if bool((ids < 0).any()):
         raise ConfigError("token history holds a negative token id")
-    ids = ids[ids < scores.shape[0]]  # like HF: ids beyond the LM head's vocabulary cannot be penalised
+    ids = ids[ids < scores.shape[0]].to(scores.device)  # like HF: ids beyond the vocabulary cannot be penalised
     seen = scores.gather(0, ids)  # [n]
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(0, ids, seen)
@@ -83,10 +90,12 @@ class Sampler:
             self.generator.seed()
 
     def processed_logits(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        """The float32 scores a token is drawn from (after penalty and, unless greedy, warpers)."""
+        """The float32 scores a token is chosen from (after penalty and, unless greedy, warpers): on the logits'
+        device when greedy, on the CPU otherwise (see the module docstring)."""
         if logits.dim() != 1:
             raise ConfigError(f"Sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
-        scores = apply_repetition_penalty(logits.detach().cpu(), history, self.config.repetition_penalty)
+        row = logits.detach() if self.config.greedy else logits.detach().cpu()  # [vocab]
+        scores = apply_repetition_penalty(row, history, self.config.repetition_penalty)
         if self.config.greedy:
             return scores
         return warp_logits(scores, self.config)
@@ -95,8 +104,8 @@ class Sampler:
         """Choose the next token from ``logits`` [vocab] given the ids seen so far (prompt included)."""
         scores = self.processed_logits(logits, history)  # [vocab] float32
         if self.config.greedy:
-            return int(torch.argmax(scores).item())
-        probs = torch.softmax(scores, dim=-1)  # [vocab]
+            return int(torch.argmax(scores).item())  # on the logits' device: only the id comes back
+        probs = torch.softmax(scores, dim=-1)  # [vocab] on the CPU
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
 
 
