@@ -55,8 +55,9 @@ class LocalModel(CheckpointGenerator):
         ``dtype`` (fp32, fp16 or bf16). ``quant`` (none, int8, int4; ``quant_group_size`` for int4) holds the
         blocks' weights quantized (``models.quant``); ``head_quant`` the LM head's (None: int8 whenever the blocks
         are quantized, the best trade measured on SmolLM2: int4 heads cost perplexity, int8 ones almost none).
-        ``compile``: decode steps run as ``torch.compile`` graphs (``models.compiled``: faster on models of small
-        blocks; the first generation per cache capacity waits for the compiler)."""
+        ``compile``: decode steps run as ``torch.compile`` graphs on the CPU (``models.compiled``: faster on models
+        of small blocks; the first generation per cache capacity waits for the compiler) and as replayed CUDA graphs
+        on a CUDA device (``models.cuda_graphs``: captured on each generation's first decode step)."""
         from meshinfer.models.quant import QuantConfig
 
         dt = torch_dtype(dtype)
