@@ -61,7 +61,8 @@ class GraphedDecode:
         self.span = span
         self.windows: list[int | None] = list(span._windows)
         self._graphs: weakref.WeakKeyDictionary[KVCache, _Graph] = weakref.WeakKeyDictionary()
-        self._pool: Any = None
+        self._pool: Any = None  # one memory pool and one capture stream for every graph of the span
+        self._stream: Any = None
         self.failed = False
         self.captures = 0  # how many graphs were captured (for tests and benches)
 
@@ -87,15 +88,18 @@ class GraphedDecode:
         slots = torch.arange(m, device=device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # warm-up on a side stream (cuBLAS/SDPA workspaces and lazy inits happen outside the capture, as the torch
-        # docs require); it writes this step's own K/V at pos, which the replay below rewrites identically
-        stream = torch.cuda.Stream(device)
+            self._stream = torch.cuda.Stream(device)
+        stream = self._stream
+        # warm-up on the capture's own side stream (cuBLAS handles and workspaces are per stream, and lazy inits must
+        # happen outside a capture, as the torch docs require); it writes this step's own K/V at pos, which the
+        # replay below rewrites identically
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             self._step(sx, pos, scos, ssin, slots, kv)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a server's other threads (network copies, other sessions' work) may touch the device meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             out = self._step(sx, pos, scos, ssin, slots, kv)
         self.captures += 1
         return _Graph(graph, m, sx, pos, scos, ssin, out, cache.keys(0).data_ptr())
