@@ -5,9 +5,11 @@
 #     bash scripts/gpu/check.sh                 # on the GPU machine; results under $OUT (default ./gpu-out)
 #     bash scripts/gpu/check.sh --cpu-dry-run   # here: the same steps on the CPU, a tiny shape (tests the script)
 # Steps: install the wheels to /tmp/site (--no-index --no-deps), PYTHONPATH=src:/tmp/site; print nvidia-smi and
-# torch's view of the device (facts.txt); run the GPU tests, `pytest -m gpu tests/gpu` (pytest.log, junit.xml);
-# run `meshinfer bench gpu` (Llama-3-8B shape, bf16 + int4, batch 1 and 32, eager + graphed: bench-gpu.json,
-# bench-gpu.log); summary.txt says what passed. Sized for about 8 minutes on an H200 (each step has a timeout).
+# torch's view of the device (facts.txt); run the GPU tests, `pytest -m gpu tests/gpu` (pytest.log); run
+# `meshinfer bench gpu` (Llama-3-8B shape, bf16 + int4, batch 1 and 32, eager + graphed: bench-gpu.json,
+# bench-gpu.log), then its fused mode (compiled block step under the graph; bf16, batch 1: bench-fused.json,
+# bench-fused.log); summary.txt says what passed. Sized for at most ~8.5 minutes on an H200 (each step has a
+# timeout; expected far less): 7 files under $OUT.
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -20,12 +22,13 @@ py="${PYTHON:-python3}"
 site="/tmp/site"
 if (( dry )); then
     site="$(mktemp -d)/site"
-    bench_args=(--device cpu --shape tiny --layers 2 --steps 3 --warmup 1 --context 16 --batches 1,4
-                --modes eager,graphed --peak-bandwidth 100)
-    test_timeout=120 bench_timeout=120
+    bench_args=(--device cpu --shape tiny --layers 2 --steps 3 --warmup 1 --context 16 --peak-bandwidth 100)
+    batches=1,4
+    test_timeout=120 bench_timeout=120 fused_timeout=60
 else
-    bench_args=(--device cuda --shape llama3-8b --layers 32 --steps 20 --warmup 3 --context 256 --batches 1,32)
-    test_timeout=240 bench_timeout=300
+    bench_args=(--device cuda --shape llama3-8b --layers 32 --steps 20 --warmup 3 --context 256)
+    batches=1,32
+    test_timeout=200 bench_timeout=170 fused_timeout=120
 fi
 export PYTHONUNBUFFERED=1
 failed=0
@@ -78,18 +81,23 @@ step "facts" $?
 cat "$out/facts.txt"
 
 # 3. the GPU tests (they skip without CUDA: the dry run checks that they collect and skip cleanly)
-timeout "$test_timeout" "$py" -m pytest -m gpu tests/gpu -q -p no:cacheprovider --junitxml="$out/junit.xml" \
-    >"$out/pytest.log" 2>&1
+timeout "$test_timeout" "$py" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA >"$out/pytest.log" 2>&1
 status=$?
 tail -25 "$out/pytest.log"
 step "pytest -m gpu tests/gpu" $status
 
-# 4. the decode benchmark
-timeout "$bench_timeout" "$py" -m meshinfer.cli.main bench gpu "${bench_args[@]}" --out "$out/bench-gpu.json" --json \
-    >"$out/bench-gpu.log" 2>&1
-status=$?
-grep -E "^\s*(building|  [a-z0-9]+\.b[0-9]+\.)" "$out/bench-gpu.log" | cut -c1-400
-step "bench gpu" $status
+# 4. the decode benchmark: eager and graphed, both formats, both batches; then the fused mode (it compiles)
+bench() {  # bench NAME TIMEOUT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$py" -m meshinfer.cli.main bench gpu "${bench_args[@]}" "$@" --out "$out/$name.json" --json \
+        >"$out/$name.log" 2>&1
+    local status=$?
+    grep -E "^\s*(building|  [a-z0-9]+\.b[0-9]+\.)" "$out/$name.log" | cut -c1-400
+    step "$name" $status
+}
+bench bench-gpu "$bench_timeout" --formats bf16,int4 --batches "$batches" --modes "eager,graphed"
+bench bench-fused "$fused_timeout" --formats bf16 --batches 1 --modes fused
 
 echo "took $((SECONDS - start)) s; failed steps: $failed" | tee -a "$summary"
 exit "$failed"

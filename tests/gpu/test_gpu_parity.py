@@ -79,19 +79,25 @@ def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "mistral-window"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graphed_decode_equals_eager_on_cuda(family: str, dtype: str, windowed: Path) -> None:
+GRAPHED = [(family, dtype, False) for family in ("qwen3", "qwen2", "mistral-window")
+           for dtype in ("float32", "bfloat16")] + [("qwen3", "float32", True), ("mistral-window", "bfloat16", True)]
+
+
+@pytest.mark.parametrize(("family", "dtype", "fuse"), GRAPHED)
+def test_graphed_decode_equals_eager_on_cuda(family: str, dtype: str, fuse: bool, windowed: Path) -> None:
     from meshinfer.models.cuda_graphs import GraphedDecode
 
     path = windowed if family == "mistral-window" else tiny_checkpoint(family)
     eager = LocalModel.from_pretrained(path, dtype=dtype, device="cuda")
-    graphed = LocalModel.from_pretrained(path, dtype=dtype, device="cuda", compile=True)
+    graphed = LocalModel.from_pretrained(path, dtype=dtype, device="cuda", compile=not fuse)  # compile: graphed
+    if fuse:
+        graphed.span.compile_decode(fuse=True)
     assert isinstance(graphed.span.compiled, GraphedDecode)
     n = 40  # crosses the window of 16
     want = eager.generate(PROMPT, n, stop_token_ids=())
     got = graphed.generate(PROMPT, n, stop_token_ids=())
     assert not graphed.span.compiled.failed and graphed.span.compiled.captures == 1
+    assert graphed.span.compiled.compiled_blocks == fuse
     if dtype == "float32":  # the two differ only in attention's reduction over masked slots: same tokens
         assert got == want
     tol = 1e-4 if dtype == "float32" else 2e-2

@@ -21,9 +21,11 @@ def test_check_script_dry_run(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    for step in ("facts: ok", "pytest -m gpu tests/gpu: ok", "bench gpu: ok", "failed steps: 0"):
+    for step in ("facts: ok", "pytest -m gpu tests/gpu: ok", "bench-gpu: ok", "bench-fused: ok", "failed steps: 0"):
         assert step in summary, summary
     assert "cuda available" in (tmp_path / "facts.txt").read_text()
     assert "skipped" in (tmp_path / "pytest.log").read_text()
     results = json.loads((tmp_path / "bench-gpu.json").read_text())["results"]
+    fused = json.loads((tmp_path / "bench-fused.json").read_text())["results"]
+    assert fused["configs"] == {"bf16.b1.fused": {"error": "fused steps need a CUDA device"}}
     assert results["device"] == "cpu" and results["configs"]["bf16.b1.eager"]["tokens_per_s"] > 0

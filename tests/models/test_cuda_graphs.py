@@ -58,3 +58,30 @@ def test_a_cpu_span_is_not_graphed() -> None:
     cos, sin = model.span.rope.range(0, 1)
     assert graphed(torch.zeros(1, 1, model.spec.hidden_size), cache, cos.view(-1), sin.view(-1)) is None
     assert graphed.captures == 0 and not graphed.failed
+
+
+@pytest.mark.slow
+def test_the_fused_step_compiles_one_block_for_all_and_equals_eager(windowed: Path) -> None:
+    """``fuse=True``: the compiled block step (inductor, here on the CPU) gives the eager step's results, and the
+    blocks share one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    model = LocalModel.from_pretrained(windowed)
+    span = model.span
+    fused = GraphedDecode(span, fuse=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        eager, static = span.new_cache(32), KVCache(span.spec, len(span), 32, zeroed=True)
+        x = model.head.embed(torch.tensor([PROMPT]))
+        span(x, eager)
+        span(x, static)
+        for token in (9, 23, 4):
+            h = model.head.embed(torch.tensor([[token]]))
+            start = static.length
+            cos, sin = span.rope.range(start, 1)
+            kv = tuple(t for s in range(static.num_blocks) for t in (static.keys(s), static.values(s)))
+            got = fused._step(h, torch.tensor([start]), cos.view(-1), sin.view(-1), torch.arange(32), kv)
+            static.advance(1)
+            torch.testing.assert_close(got, span(h, eager), atol=1e-4, rtol=1e-4)
+    assert fused.compiled_blocks and counters["stats"]["unique_graphs"] == 1

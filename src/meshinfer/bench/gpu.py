@@ -10,8 +10,10 @@ int8 LM head, as ``LocalModel`` holds an int4 model). Per ``--batches`` entry: b
 step as the local engine runs it (embed, ``BlockSpan.forward`` of one token, LM head, greedy token back to the
 host); batch N is N sessions, each with its own batch-1 cache, run by one ``BlockSpan.forward_batch`` per step as
 the server's scheduler runs them (projections and MLP once for all N rows, attention per session). Per mode:
-``eager``, ``graphed`` (``models.cuda_graphs``, CUDA only, batch 1 only) and ``compiled`` (``models.compiled``,
-batch 1 only; off by default: minutes of compiling on a big model). Every cache is first filled with a
+``eager``, ``graphed`` (``models.cuda_graphs``, CUDA only, batch 1 only), ``fused`` (``graphed`` of the
+torch.compiled block step, ``GraphedDecode(fuse=True)``: one block compiled, then captured; CUDA and batch 1 only;
+not in the default: the compile takes a minute or more) and ``compiled`` (``models.compiled``, batch 1 only;
+never by default: minutes of compiling a whole big model). Every cache is first filled with a
 ``--context``-token prefill of random hidden states.
 
 Timing: ``--warmup`` steps, then ``--steps`` steps, each between two ``synchronize`` calls; figures are medians.
@@ -44,7 +46,7 @@ SHAPES: dict[str, dict[str, Any]] = {
              "intermediate_size": 768, "vocab_size": 1024, "rope_theta": 500000.0},
 }
 FORMATS = ("bf16", "int4")
-MODES = ("eager", "graphed", "compiled")
+MODES = ("eager", "graphed", "fused", "compiled")
 TARGET_BATCH1_BF16_ROOFLINE = 0.70
 
 
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default="bf16,int4", help="comma-separated, of bf16,int4 (default: both)")
     parser.add_argument("--batches", default="1,32", help="comma-separated sessions per step (default: 1,32)")
     parser.add_argument("--modes", default="auto",
-                        help="comma-separated, of eager,graphed,compiled (default auto: eager and, on CUDA, graphed)")
+                        help="comma-separated, of eager,graphed,fused,compiled (default: eager, and graphed on CUDA)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per config (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     parser.add_argument("--context", type=int, default=256, help="tokens in each cache before timing (default: 256)")
@@ -169,9 +171,10 @@ def _measure(head: Any, span: Any, spec: Any, batch: int, mode: str, args: argpa
     device = span.device
     if mode != "eager" and batch != 1:
         return {"error": f"{mode} steps are batch-1 only (forward_batch runs eager)"}
-    if mode == "graphed" and device.type != "cuda":
-        return {"error": "graphed steps need a CUDA device"}
-    span.compiled = None if mode == "eager" else GraphedDecode(span) if mode == "graphed" else CompiledDecode(span)
+    if mode in ("graphed", "fused") and device.type != "cuda":
+        return {"error": f"{mode} steps need a CUDA device"}
+    span.compiled = (None if mode == "eager" else GraphedDecode(span, fuse=mode == "fused")
+                     if mode in ("graphed", "fused") else CompiledDecode(span))
     total = args.context + args.warmup + args.steps
     cap = capacity(total, spec.max_position_embeddings)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -205,5 +208,7 @@ def _measure(head: Any, span: Any, spec: Any, batch: int, mode: str, args: argpa
     }
     if span.compiled is not None:
         figures["fell_back_to_eager"] = bool(span.compiled.failed)
+        if mode == "fused":
+            figures["blocks_compiled"] = bool(getattr(span.compiled, "compiled_blocks", False))
     span.compiled = None
     return figures
