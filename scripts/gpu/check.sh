@@ -65,6 +65,13 @@ fi
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 print("cuda available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
+from importlib import metadata
+for name in ("transformers", "safetensors", "tokenizers", "numpy", "protobuf", "triton", "hivemind", "msgspec"):
+    try:
+        print(name, metadata.version(name), end="; ")
+    except metadata.PackageNotFoundError:
+        print(name, "MISSING", end="; ")
+print()
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,

@@ -95,11 +95,12 @@ class GraphedDecode:
               slots: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:  # [1, 1, H] -> [1, 1, H]
         m = slots.shape[0]
         masks: dict[int | None, torch.Tensor] = {}
-        for w in self.windows:  # [1, 1, 1, M] bool, computed on the device from pos (no host sync)
+        for w in self.windows:  # [1, 1, 1, M] additive (0 / -inf), computed on the device from pos (no host sync)
             seen = slots <= pos
             if w is not None:
                 seen = seen & (slots > pos - w)
-            masks[w] = seen.view(1, 1, 1, m)
+            # additive in x's dtype: SDPA would convert a bool mask in every block
+            masks[w] = torch.zeros(m, dtype=x.dtype, device=x.device).masked_fill(~seen, float("-inf")).view(1, 1, 1, m)
         for slot, layer in enumerate(self.span._layers):
             x = self._block(layer, x, kv[2 * slot], kv[2 * slot + 1], pos, cos, sin, masks[layer.window])
         return x
