@@ -19,6 +19,7 @@ FIGURES = {"tokens_per_s", "ms_per_step", "ms_per_step_min", "weight_bytes", "kv
            "bytes_per_step", "achieved_gbs", "roofline_fraction"}
 
 
+@pytest.mark.slow
 def test_bench_gpu_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.json"
     assert main(["bench", "gpu", "--device", "cpu", "--shape", "tiny", "--layers", "2", "--batches", "1,4",
@@ -63,3 +64,10 @@ def test_llama3_8b_spec() -> None:
     assert 7.9e9 < spec.param_count() < 8.1e9
     with pytest.raises(ConfigError, match="--layers"):
         config_dict("tiny", 0)
+
+
+def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, flag in ((["--modes", "eager,bogus"], "--modes"), (["--formats", "fp8"], "--formats"),
+                       (["--batches", "0"], "--batches"), (["--steps", "0"], "--steps")):
+        assert main(["bench", "gpu", "--device", "cpu", "--shape", "tiny", "--layers", "1", *argv]) == 2
+        assert flag in capsys.readouterr().err

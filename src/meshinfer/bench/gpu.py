@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from meshinfer.bench.common import parse_counts
+from meshinfer.devices import DEVICE_HELP
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "decode tokens/s and HBM-roofline fraction of a random Llama-3-8B-shaped model on a device"
@@ -51,8 +52,7 @@ TARGET_BATCH1_BF16_ROOFLINE = 0.70
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:N, mps "
-                        "(default: auto)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="model shape (default: llama3-8b)")
     parser.add_argument("--layers", type=int, default=32, help="transformer blocks (default: 32; fewer: a smoke run)")
     parser.add_argument("--formats", default="bf16,int4", help="comma-separated, of bf16,int4 (default: both)")
