@@ -71,3 +71,16 @@ def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> No
                        (["--batches", "0"], "--batches"), (["--steps", "0"], "--steps")):
         assert main(["bench", "gpu", "--device", "cpu", "--shape", "tiny", "--layers", "1", *argv]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_bandwidth_and_target_figures() -> None:
+    from meshinfer.bench.gpu import _bandwidth, _target
+
+    got = _bandwidth({"weight_bytes": 3_000_000_000, "kv_bytes_per_step": 1_000_000_000, "ms_per_step": 1.0}, 5e12)
+    assert got == {"bytes_per_step": 4_000_000_000, "achieved_gbs": 4000.0, "roofline_fraction": 0.8}
+    unknown = _bandwidth({"weight_bytes": 1, "kv_bytes_per_step": 0, "ms_per_step": 1.0}, None)
+    assert unknown["roofline_fraction"] is None
+    configs = {"bf16.b1.eager": {"roofline_fraction": 0.3}, "bf16.b1.graphed": {"roofline_fraction": 0.72},
+               "bf16.b32.eager": {"roofline_fraction": 0.9}, "int4.b1.graphed": {"error": "x"}}
+    assert _target(configs, 5e12) == {"batch1_bf16_roofline_min": 0.7, "batch1_bf16_roofline_best": 0.72, "met": True}
+    assert _target({"bf16.b1.eager": {"roofline_fraction": None}}, None)["met"] is None
