@@ -12,7 +12,8 @@ import importlib
 
 from meshinfer.cli.args import add_command
 
-BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch", "quant", "soak")
+BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch", "quant", "soak",
+                               "gpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -57,12 +57,13 @@ class LocalModel(CheckpointGenerator):
         ``dtype`` (fp32, fp16 or bf16). ``quant`` (none, int8, int4; ``quant_group_size`` for int4) holds the
         blocks' weights quantized (``models.quant``); ``head_quant`` the LM head's (None: int8 whenever the blocks
         are quantized, the best trade measured on SmolLM2: int4 heads cost perplexity, int8 ones almost none).
-        ``compile``: decode steps run as ``torch.compile`` graphs (``models.compiled``: faster on models of small
-        blocks; the first generation per cache capacity waits for the compiler). ``device``: where the whole model
-        computes, ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` text or a ``torch.device`` (a ConfigError when this
-        machine lacks it; ``models.device.resolve_device``); ``dtype`` ``auto`` is that device's default (fp32 on
-        the CPU, bf16 on CUDA, fp16 on MPS). The defaults stay the CPU in fp32: exact, comparable with
-        transformers on any machine."""
+        ``compile``: decode steps run as ``torch.compile`` graphs on the CPU (``models.compiled``: faster on models
+        of small blocks; the first generation per cache capacity waits for the compiler) and as replayed CUDA graphs
+        on a CUDA device (``models.cuda_graphs``: captured on each generation's first decode step). ``device``:
+        where the whole model computes, ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` text or a ``torch.device`` (a
+        ConfigError when this machine lacks it; ``models.device.resolve_device``); ``dtype`` ``auto`` is that
+        device's default (fp32 on the CPU, bf16 on CUDA, fp16 on MPS). The defaults stay the CPU in fp32: exact,
+        comparable with transformers on any machine."""
         from meshinfer.models.device import check_device_dtype, resolve_device, resolve_dtype
         from meshinfer.models.quant import QuantConfig
 

@@ -26,6 +26,7 @@ from meshinfer.types import BlockRange
 
 if TYPE_CHECKING:
     from meshinfer.models.compiled import CompiledDecode
+    from meshinfer.models.cuda_graphs import GraphedDecode
 
 _FAST_DECODE = [True]
 """Whether one-token, one-sequence steps take ``TransformerBlock.decode`` (switchable for comparisons)."""
@@ -61,12 +62,20 @@ class BlockSpan(nn.Module):
         self._layers: list[TransformerBlock] = list(layers)  # plain list: no ModuleList indexing cost
         self._windows = sorted({layer.window for layer in layers}, key=lambda w: -1 if w is None else w)
         self.rope = RotaryTable(spec, dtype, self.device)
-        self.compiled: CompiledDecode | None = None
-        """Set by ``compile_decode``: one-token steps run as compiled graphs (``models.compiled``)."""
+        self.compiled: CompiledDecode | GraphedDecode | None = None
+        """Set by ``compile_decode``: one-token steps run as compiled graphs (``models.compiled``) on the CPU,
+        as replayed CUDA graphs (``models.cuda_graphs``) on a CUDA device."""
 
-    def compile_decode(self) -> None:
-        """Run one-token steps through ``models.compiled.CompiledDecode`` from now on (compiled on first use per
-        cache capacity; allocate caches with ``models.compiled.capacity``)."""
+    def compile_decode(self, fuse: bool = False) -> None:
+        """Run one-token steps through ``models.compiled.CompiledDecode`` (CPU and other devices: compiled on first
+        use per cache capacity) or, on a CUDA device, ``models.cuda_graphs.GraphedDecode`` (captured on first use
+        per cache; ``fuse``: of the torch.compiled step) from now on; allocate caches with
+        ``models.compiled.capacity``."""
+        if self.device.type == "cuda":
+            from meshinfer.models.cuda_graphs import GraphedDecode
+
+            self.compiled = GraphedDecode(self, fuse=fuse)
+            return
         from meshinfer.models.compiled import CompiledDecode
 
         self.compiled = CompiledDecode(self)
