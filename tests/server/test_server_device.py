@@ -87,3 +87,14 @@ def test_size_cache_keeps_a_given_or_cpu_budget(ckpt: Checkpoint) -> None:
     # an unresolved budget on the CPU (open_device normally sets it) comes out as today's
     raw = ServerConfig(model="m", device="cpu", dtype="fp32")
     assert size_cache(raw, span, ServerDevice(torch.device("cpu"), "cpu")).kv_budget == CPU_CACHE_TOKENS
+
+
+def test_serve_help_names_the_device_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshinfer.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert caught.value.code == 0
+    assert "--device DEVICE where to compute: auto" in out and "(default: auto)" in out
+    assert "default: 16384 on the CPU, on a GPU what fits in 90 percent" in out

@@ -75,7 +75,7 @@ class ServerConfig:
     max_sessions: int = doc(32, "most inference sessions open at once")
     cache_tokens: int | None = doc(None, "KV cache budget in tokens across all sessions (each reserves its max "
                                          f"length; default: {CPU_CACHE_TOKENS} on the CPU, on a GPU what fits in "
-                                         f"{GPU_KV_FRACTION:.0%} of its memory left after the weights)")
+                                         f"{GPU_KV_FRACTION * 100:.0f} percent of its memory left after the weights)")
     max_sessions_per_peer: int | None = doc(
         None, "most sessions one peer (the authenticated peer id that opens them) may hold open here at once; "
               "refusals name this limit (default: half of --max-sessions, so one peer never takes every slot while "
