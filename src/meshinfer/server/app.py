@@ -42,7 +42,7 @@ from meshinfer.p2p.announce import Announcer
 from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
-from meshinfer.server.device import open_device, size_cache
+from meshinfer.server.device import describe, open_device, size_cache
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget, PeerLimits
 from meshinfer.server.metrics import ServerMetrics, ServerSample
@@ -140,6 +140,7 @@ class BlockServer:
         model_ref = str(model_dir or config.model)
         config, device = open_device(config)  # before the network: a missing device fails at once
         ready = await prepare(config, p2p, model_ref, settings)
+        log.info("serving on %s (%s), computing in %s", describe(device), device.device, config.dtype)
         who = Identity(config, ready.node, ready.model_id, ready.card, device)
         log.info("peer %s joined the swarm at %s", who.node.peer_id, ", ".join(who.node.maddrs))
         metrics = ServerMetrics() if config.metrics_port is not None else None

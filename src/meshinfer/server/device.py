@@ -67,7 +67,6 @@ def open_device(config: ServerConfig) -> tuple[ServerConfig, ServerDevice]:
     if cache is None and device.type == "cpu":
         cache = CPU_CACHE_TOKENS
     dev = ServerDevice(device, device_label(device)[:64])
-    log.info("serving on %s (%s), computing in %s", describe(dev), device, dtype)
     return config.resolved(device=str(device), dtype=dtype, cache_tokens=cache), dev
 
 
