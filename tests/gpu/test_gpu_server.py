@@ -89,7 +89,7 @@ def test_a_real_oom_allocating_a_kv_cache_refuses_only_that_session(ckpt: Checkp
         total = torch.cuda.mem_get_info()[1]
         torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 1024) / total)
         try:
-            with pytest.raises(SessionError, match="out of memory on .* KV cache of 256 tokens") as caught:
+            with pytest.raises(SessionError, match=r"out of memory on .* KV cache of 256 tokens") as caught:
                 await steps.new_cache(FULL, 256)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
