@@ -80,18 +80,23 @@ def test_step_loop_on_cuda_matches_the_cpu_reference(ckpt: Checkpoint) -> None:
 
 
 def test_a_real_oom_allocating_a_kv_cache_refuses_only_that_session(ckpt: Checkpoint) -> None:
-    """The caching allocator is capped just above what it holds now, so the next cache (256 KiB: the tiny
-    model's whole context) fails with the allocator's own torch.OutOfMemoryError."""
+    """The caching allocator is capped at what it holds now and the free room inside its segments is taken by
+    512-byte blocks (its smallest), so the next cache fails with the allocator's own torch.OutOfMemoryError."""
     async def main() -> None:
         steps = StepLoop(ckpt.load_span(FULL, "float32", "cuda"), lambda *a: None)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         total = torch.cuda.mem_get_info()[1]
-        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 1024) / total)
+        torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
+        hogs: list[torch.Tensor] = []
         try:
+            with pytest.raises(torch.OutOfMemoryError):
+                for _ in range(1_000_000):
+                    hogs.append(torch.empty(512, dtype=torch.uint8, device="cuda"))
             with pytest.raises(SessionError, match=r"out of memory on .* KV cache of 256 tokens") as caught:
                 await steps.new_cache(FULL, 256)
         finally:
+            hogs.clear()
             torch.cuda.set_per_process_memory_fraction(1.0)
         assert caught.value.code == ErrorCode.LIMIT_EXCEEDED
         cache = await steps.new_cache(FULL, 64)  # the next session is served
