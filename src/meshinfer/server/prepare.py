@@ -12,7 +12,8 @@ span, in this order, and returns a ``Prepared``:
 - the ``PeerNode`` (started once, reused for the fetch);
 - the span: ``--blocks``, else chosen from the swarm read through the node (``server.rebalance``:
   length from ``--num-blocks`` or memory, start where the swarm is weakest); a fetched model then
-  gets that span's pieces.
+  gets that span's pieces. Memory means the device's: a GPU's free memory (``server.device.free_memory``),
+  the CPU's available memory otherwise; ``config`` arrives with ``--device``/``--dtype`` already resolved.
 
 On any failure the node it started is closed before the error propagates. ``read_snapshot`` is the
 DHT reader that the start-up choice and the rebalancer share. It knows nothing of step loops, sessions
