@@ -98,3 +98,28 @@ def test_serve_help_names_the_device_flags(capsys: pytest.CaptureFixture[str]) -
     assert caught.value.code == 0
     assert "--device DEVICE where to compute: auto" in out and "(default: auto)" in out
     assert "default: 16384 on the CPU, on a GPU what fits in 90 percent" in out
+
+
+def test_size_cache_on_a_gpu_uses_the_memory_left_after_the_weights(ckpt: Checkpoint,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU branch's wiring, with the device's memory reading replaced (this machine has no GPU): the budget is
+    auto_cache_tokens of the free bytes, the span's KV bytes per token and the activation reserve; nothing left
+    is a one-line ConfigError naming the fixes."""
+    from meshinfer.server import device as server_device
+
+    span = ckpt.load_span(BlockRange(0, 2))
+    spec = span.spec
+    gpu = ServerDevice(torch.device("cuda", 0), "NVIDIA H200")
+    cfg = ServerConfig(model="m", device="cuda", dtype="fp32")
+    free = [80 * GIB]
+    monkeypatch.setattr(server_device, "memory_info", lambda device: (free[0], 141 * GIB))
+    monkeypatch.setattr(server_device, "release_cached", lambda device: None)
+    reserve = activation_reserve(cfg.max_step_tokens, spec.hidden_size, spec.intermediate_size, 4)
+    sized = size_cache(cfg, span, gpu)
+    assert sized.kv_budget == auto_cache_tokens("cuda", 80 * GIB, span.cache_bytes(1), reserve) > CPU_CACHE_TOKENS
+    assert sized.peer_tokens == sized.kv_budget // 2
+    free[0] = reserve // 2
+    with pytest.raises(ConfigError, match=r"no room for a KV cache on NVIDIA H200 after loading blocks 0:2 .*"
+                                          r"--num-blocks/--blocks.*--quant int8/int4.*--cache-tokens") as caught:
+        size_cache(cfg, span, gpu)
+    assert "\n" not in str(caught.value)
