@@ -81,7 +81,6 @@ def _fail_for(sub: BlockSpan, victim: Callable[[], KVCache | None]) -> None:
 
     sub.forward_batch = forward_batch  # type: ignore[method-assign]
     sub.forward = forward  # type: ignore[method-assign]
-    sub.__call__ = forward  # type: ignore[method-assign]
 
 
 def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
