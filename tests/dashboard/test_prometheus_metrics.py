@@ -69,7 +69,21 @@ def test_server_metrics_have_conventional_names_types_and_values() -> None:
     assert states == {"joining": 0, "online": 0, "draining": 1}
     (info,) = fams["meshinfer_server_info"].samples
     assert info.labels == {"peer_id": "QmPeer", "model_id": "abc", "model_name": "tiny", "span": "0:4",
-                           "version": "0.1.0"}
+                           "version": "0.1.0", "device": "cpu"}
+    assert "meshinfer_device_memory_used_bytes" not in fams  # on the CPU: no device memory gauges
+
+
+def test_gpu_sample_exports_device_memory_gauges() -> None:
+    import dataclasses
+
+    m = ServerMetrics()
+    m.sample(dataclasses.replace(SAMPLE, device="NVIDIA H200", device_memory=(30 * 2**30, 110 * 2**30)))
+    m.sample(dataclasses.replace(SAMPLE, device="NVIDIA H200", device_memory=(31 * 2**30, 109 * 2**30)))
+    fams = families(render(m.registry)[0].decode())
+    assert value(fams, "meshinfer_device_memory_used_bytes") == 31 * 2**30
+    assert value(fams, "meshinfer_device_memory_free_bytes") == 109 * 2**30
+    (info,) = fams["meshinfer_server_info"].samples
+    assert info.labels["device"] == "NVIDIA H200"
 
 
 def test_two_servers_in_one_process_keep_separate_registries() -> None:

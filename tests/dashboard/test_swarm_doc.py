@@ -44,7 +44,7 @@ def test_snapshot_doc_lists_models_blocks_and_servers_by_span() -> None:
 
     card = ModelCard(model_id="m1", name="tiny", family="llama", num_blocks=4, hidden_size=64, dtype="float32")
     records = [record("b", "2:4", throughput=4.0, sessions=2, queued_steps=1,
-                      direct_addresses=["/ip4/127.0.0.1/tcp/9"]),
+                      direct_addresses=["/ip4/127.0.0.1/tcp/9"], device="NVIDIA H200", dtype="bfloat16"),
                record("a", "0:2", throughput=3.0, public_name="alpha"), record("c", "1:2", state="joining")]
     snap = SwarmSnapshot([ModelEntry(card, 3)], {"m1": coverage("m1", 4, records)}, complete=True)
     doc = snapshot_doc(snap)
@@ -57,6 +57,26 @@ def test_snapshot_doc_lists_models_blocks_and_servers_by_span() -> None:
     assert (b["span"], b["sessions"], b["queued_steps"], b["direct_addresses"]) == ("2:4", 2, 1,
                                                                                    ["/ip4/127.0.0.1/tcp/9"])
     assert m["servers"][0]["public_name"] == "alpha"
+    assert (b["device"], b["dtype"]) == ("NVIDIA H200", "bfloat16")  # issue 18: shown per server
+    assert (m["servers"][0]["device"], m["servers"][0]["dtype"]) == ("cpu", "float32")
+
+
+def test_swarm_table_shows_each_servers_device_and_dtype() -> None:
+    from rich.console import Console
+
+    from meshinfer.cli.swarm import print_tables
+
+    card = {"model_id": "m1" * 8, "name": "tiny", "family": "llama", "num_blocks": 4, "hidden_size": 64,
+            "dtype": "float32", "missing_blocks": [], "block_servers": [1, 1, 1, 1]}
+    servers = [{"peer_id": "QmGpu", "span": "0:2", "state": "online", "quant": "none", "weight_bytes": 0,
+                "device": "NVIDIA H200", "dtype": "bfloat16", "throughput": 500.0, "cache_tokens_left": 10,
+                "software_version": "0.1", "public_name": None},
+               {"peer_id": "QmOld", "span": "2:4", "state": "online", "throughput": 5.0,  # a pre-issue-18 entry
+                "cache_tokens_left": 10, "software_version": "0.1", "public_name": None}]
+    console = Console(record=True, width=200)
+    print_tables({"models": [{**card, "servers": servers}], "complete": True}, console)
+    text = console.export_text()
+    assert "NVIDIA H200 · bfloat16" in text and "cpu · float32" in text
 
 
 def test_swarm_json_and_the_dashboard_share_one_document_builder() -> None:

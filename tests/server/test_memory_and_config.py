@@ -126,7 +126,9 @@ def test_budget_per_peer_limits_name_the_limit() -> None:
 
 
 def test_server_config_per_peer_defaults_and_checks() -> None:
-    cfg = ServerConfig(model="m", blocks="0:2")
+    from meshinfer.server.device import open_device
+
+    cfg, _ = open_device(ServerConfig(model="m", blocks="0:2", device="cpu"))  # the KV budget as a started server's
     assert (cfg.peer_sessions, cfg.peer_tokens, cfg.max_queued_steps_per_peer) == (16, 8192, 256)
     cfg = ServerConfig(model="m", blocks="0:2", max_sessions=1, cache_tokens=100, max_kv_tokens_per_peer=0.25)
     assert (cfg.peer_sessions, cfg.peer_tokens) == (1, 25)

@@ -24,6 +24,8 @@ from meshinfer.wire.messages import Error, ErrorCode
     (["--blocks", "0:2", "--cache-tokens", "0"], "--cache-tokens must be > 0"),
     (["--blocks", "0:2", "--torch-threads", "0"], "--torch-threads must be > 0"),
     (["--blocks", "0:2", "--model", "/nonexistent/model"], "does not exist"),
+    (["--blocks", "0:2", "--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--blocks", "0:2", "--device", "cuda"], "--device cuda: "),  # this suite runs where torch sees no GPU
 ])
 def test_bad_flags_are_one_line_errors(tiny_llama: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
                                        text: str) -> None:
@@ -39,6 +41,15 @@ def test_bad_flags_exit_2_as_a_process(tiny_llama: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "4 blocks" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_gpu_is_one_line_and_exit_2_as_a_process(tiny_llama: Path) -> None:
+    out = subprocess.run(meshinfer_argv("serve", "--model", str(tiny_llama), "--blocks", "0:2", "--device", "cuda"),
+                         capture_output=True, text=True, timeout=120)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and out.stdout == "" and err.splitlines() == [err], err
+    assert err.startswith("error: --device cuda: ") and "use --device cpu" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

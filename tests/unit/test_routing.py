@@ -95,3 +95,22 @@ def test_large_swarm_is_fast_enough_to_plan_per_request() -> None:
     servers = [server(f"P{i:03d}", s, e, 50 + i) for i, (s, e) in enumerate(spans)]
     route = plan_route(servers, BlockRange(0, 80))
     assert route[0].span.start == 0 and route[-1].span.end == 80
+
+
+def test_mixed_cpu_gpu_swarm_prefers_the_gpu_server_by_its_throughput() -> None:
+    """Issue 18: the device label is for people; routing reads throughput only. A GPU server announcing 10x the
+    tokens/s of a CPU server on the same blocks is chosen (its prior is capped at PRIOR_CAP x the lower median
+    until measured, which still ranks it first); once measured, its real speed decides in a larger swarm too."""
+    from msgspec.structs import replace
+
+    def gpu(start: int, end: int) -> ServerRecord:
+        return replace(server("gpu", start, end, 200.0), device="NVIDIA H200", dtype="bfloat16")
+
+    cpu = server("cpu1", 0, 12, 20.0)
+    assert cpu.device == "cpu" and gpu(0, 12).device == "NVIDIA H200"
+    assert hops(plan_route([cpu, gpu(0, 12)], BlockRange(0, 12))) == [("gpu", "0:12")]
+    assert hops(plan_route([server("cpuA", 0, 6, 20.0), gpu(0, 6), server("cpuB", 6, 12, 20.0)],
+                           BlockRange(0, 12))) == [("gpu", "0:6"), ("cpuB", "6:12")]
+    swarm = [cpu, server("cpu2", 0, 6, 20.0), server("cpu3", 6, 12, 20.0), gpu(0, 12)]
+    measured = {"gpu": 1 / 200 / 12, "cpu1": 1 / 20 / 12}  # seconds per token per block, as clients measure
+    assert hops(plan_route(swarm, BlockRange(0, 12), measured=measured)) == [("gpu", "0:12")]

@@ -146,13 +146,13 @@ def _server_args(sessions: int, tokens_each: int) -> list[str]:
     per-peer limits to the whole server."""
     import dataclasses
 
-    from meshinfer.server.config import ServerConfig
+    from meshinfer.server.config import CPU_CACHE_TOKENS, ServerConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig) if isinstance(f.default, int)}
     extra: list[str] = []
     if sessions > defaults["max_sessions"]:
         extra += ["--max-sessions", str(sessions)]
-    if sessions * tokens_each > defaults["cache_tokens"]:
+    if sessions * tokens_each > CPU_CACHE_TOKENS:  # the budget of a server on the CPU (--cache-tokens unset)
         extra += ["--cache-tokens", str(sessions * tokens_each)]
     # every session comes from this one client: the per-peer limits must not be what is measured
     return [*extra, "--max-sessions-per-peer", str(max(sessions, defaults["max_sessions"])),

@@ -77,6 +77,11 @@ def _weights_text(server: dict[str, Any]) -> str:
     return f"{quant} · {size / 1e6:.1f} MB" if size else quant
 
 
+def _device_text(server: dict[str, Any]) -> str:
+    """``NVIDIA H200 · bfloat16``: what the server computes on, and in which dtype (older records: cpu, fp32)."""
+    return f"{server.get('device') or 'cpu'} · {server.get('dtype') or 'float32'}"
+
+
 def print_tables(doc: dict[str, Any], console: Any = None) -> None:
     """Print a ``swarm_doc`` as rich tables (models, then servers) on ``console`` (default: stdout)."""
     from rich.console import Console
@@ -93,7 +98,8 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                 "coverage (blocks ×servers)"):
         models.add_column(col)
     servers = Table(title="servers")
-    for col in ("peer id", "model", "span", "state", "weights", "tokens/s", "cache left", "version", "name"):
+    for col in ("peer id", "model", "span", "state", "weights", "device", "tokens/s", "cache left", "version",
+                "name"):
         servers.add_column(col)
     for m in doc["models"]:
         missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
@@ -101,7 +107,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                        str(m["hidden_size"]), m["dtype"], str(len(m["servers"])),
                        _coverage_text(m["block_servers"]) + missing)
         for s in m["servers"]:
-            servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s),
+            servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s), _device_text(s),
                             f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
                             s["public_name"] or "")
     console.print(models)

@@ -8,7 +8,7 @@ The swarm document::
     {"models": [{"model_id", "name", "family", "num_blocks", "hidden_size", "dtype", "manifest_hash",
                  "announced_by", "block_servers": [servers per block], "block_throughput": [tokens/s of the
                  online servers per block], "missing_blocks": [...], "complete": bool,
-                 "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "throughput",
+                 "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "device", "dtype", "throughput",
                               "cache_tokens_left", "sessions", "queued_steps", "software_version", "public_name",
                               "addresses", "direct_addresses"}]}],
      "complete": bool}
@@ -49,6 +49,7 @@ def server_entry(rec: Any) -> dict[str, Any]:
     """One ``ServerRecord`` as the document shows it."""
     return {"peer_id": rec.peer_id, "span": str(rec.span), "state": rec.state,
             "quant": getattr(rec, "quant", "none"), "weight_bytes": getattr(rec, "weight_bytes", 0),
+            "device": getattr(rec, "device", "cpu"), "dtype": getattr(rec, "dtype", "float32"),
             "throughput": rec.throughput,
             "cache_tokens_left": rec.cache_tokens_left, "sessions": rec.sessions, "queued_steps": rec.queued_steps,
             "software_version": rec.software_version, "public_name": rec.public_name,

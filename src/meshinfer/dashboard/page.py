@@ -188,7 +188,7 @@ PAGE_HTML = """<!doctype html>
           esc(short(s.peer_id)) + "</td><td>" + esc(s.public_name || "") + "</td><td>" + esc(m.name) +
           '</td><td class="mono">' + esc(s.span) + '</td><td class="state">' + esc(s.state) +
           '</td><td class="quant">' + esc(s.quant || "none") +
-          (s.weight_bytes ? " · " + num(s.weight_bytes / 1e6, 1) + " MB" : "") +
+          (s.weight_bytes ? " · " + num(s.weight_bytes / 1e6, 1) + " MB" : "") + " · " + esc(s.device || "cpu") +
           '</td><td class="num">' +
           num(s.throughput, 1) + '</td><td class="num">' + int(s.cache_tokens_left) + '</td><td class="num">' +
           int(s.sessions) + "</td><td>" + esc(s.software_version) + '</td><td class="num">' +

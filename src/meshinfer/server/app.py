@@ -1,10 +1,13 @@
 """Composition root of a block server: checkpoint span + step loop + session service + P2P + DHT.
 
-Contract: ``BlockServer.start(config, p2p)`` has ``server.prepare`` check the checkpoint and the span before
-touching the network (bad input: one-line ``MeshinferError``), compute the model id, start a ``PeerNode`` and,
-without ``--blocks``, choose its span from the swarm it reads (length from ``--num-blocks`` or memory, start
-where the swarm is weakest). It then announces the server as ``joining``, loads only its span's tensors,
-measures throughput, serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and announces ``online``
+Contract: ``BlockServer.start(config, p2p)`` first resolves ``--device``/``--dtype`` on this machine
+(``server.device.open_device``: a missing device is a one-line ``ConfigError`` before anything else), then has
+``server.prepare`` check the checkpoint and the span before touching the network (bad input: one-line
+``MeshinferError``), compute the model id, start a ``PeerNode`` and, without ``--blocks``, choose its span from
+the swarm it reads (length from ``--num-blocks`` or memory, start where the swarm is weakest). It then announces
+the server as ``joining``, loads only its span's tensors on the device, measures throughput, sizes an unset
+``--cache-tokens`` on a GPU from the memory left (``server.device.size_cache``; ``config`` holds the resolved
+values from then on), serves ``meshinfer/session/1`` and ``meshinfer/push/1``, and announces ``online``
 (``ModelCard`` + ``ServerRecord`` through ``p2p.Announcer``). While it runs, ``cache_tokens_left`` is
 re-announced (debounced) whenever a session opens or ends (with ``--metrics-port``, Prometheus metrics are
 served at ``info()["metrics_url"]``: ``server.metrics``), and an automatically placed server re-checks its
@@ -39,6 +42,7 @@ from meshinfer.p2p.announce import Announcer
 from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import StreamSettings
 from meshinfer.server.config import ServerConfig
+from meshinfer.server.device import describe, open_device, size_cache
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget, PeerLimits
 from meshinfer.server.metrics import ServerMetrics, ServerSample
@@ -104,8 +108,9 @@ class BlockServer:
         return {"peer_id": who.node.peer_id, "maddrs": who.node.maddrs, "model_id": who.model_id,
                 "model_name": who.card.name, "blocks": str(self.span_range),
                 "num_blocks": who.card.num_blocks, "dtype": self.config.dtype, "quant": self.config.quant,
+                "device": str(who.device.device), "device_label": who.device.label,
                 "weight_bytes": self.serving.weight_bytes,
-                "throughput": round(measured.single, 2), "cache_tokens": self.config.cache_tokens,
+                "throughput": round(measured.single, 2), "cache_tokens": self.config.kv_budget,
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
@@ -133,8 +138,10 @@ class BlockServer:
         settings = NodeSettings(stream=StreamSettings(idle_timeout=config.session_idle_timeout + 30.0,
                                                       limits=DEFAULT_LIMITS))
         model_ref = str(model_dir or config.model)
+        config, device = open_device(config)  # before the network: a missing device fails at once
         ready = await prepare(config, p2p, model_ref, settings)
-        who = Identity(config, ready.node, ready.model_id, ready.card)
+        log.info("serving on %s (%s), computing in %s", describe(device), device.device, config.dtype)
+        who = Identity(config, ready.node, ready.model_id, ready.card, device)
         log.info("peer %s joined the swarm at %s", who.node.peer_id, ", ".join(who.node.maddrs))
         metrics = ServerMetrics() if config.metrics_port is not None else None
         server: BlockServer | None = None
@@ -154,11 +161,13 @@ class BlockServer:
             await announcer.start()
             log.info("announced model %s (%s) blocks %s as joining", who.card.name, who.model_id, ready.span)
             first = await load_serving(config, ready.ckpt, ready.span,
-                                       lambda finished: service.on_results(finished), metrics)
+                                       lambda finished: service.on_results(finished), metrics, device)
+            config = size_cache(config, first.steps.span, device)  # the KV budget is known from here on
+            who = replace(who, config=config)
             pool = PushPool(who.node, lambda err: service.on_push_error(err), settings=who.node.settings.stream)
             service = SessionService(
                 model_id=who.model_id, peer_id=who.node.peer_id, steps=first.steps,
-                budget=MemoryBudget(config.cache_tokens, config.max_sessions,
+                budget=MemoryBudget(config.kv_budget, config.max_sessions,
                                     PeerLimits(config.peer_sessions, config.peer_tokens)),
                 limits=DEFAULT_LIMITS, max_step_tokens=config.max_step_tokens,
                 idle_timeout=config.session_idle_timeout, quant=config.quant, pool=pool,
@@ -211,7 +220,7 @@ class BlockServer:
         self.state = "online"
         await self._publish_now()
         log.info("online: serving blocks %s of %s to sessions (%d tokens of KV cache, at most %d sessions)",
-                 self.span_range, self.who.card.name, cfg.cache_tokens, cfg.max_sessions)
+                 self.span_range, self.who.card.name, cfg.kv_budget, cfg.max_sessions)
 
     async def _publish_now(self) -> None:
         await publish(self.announcer, self.record())
@@ -269,7 +278,8 @@ class BlockServer:
                     self.ckpt = await asyncio.to_thread(Checkpoint, self.model_dir)
                     if self.seeder is not None:
                         await self.seeder.add(self.model_dir)
-                self.serving = await load_serving(self.config, self.ckpt, span, self.service.on_results, self.metrics)
+                self.serving = await load_serving(self.config, self.ckpt, span, self.service.on_results, self.metrics,
+                                                  self.who.device)
                 self._start_serving()
                 await self._announce_online()
             except Exception:

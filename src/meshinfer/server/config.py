@@ -9,17 +9,49 @@ the model, happen when the server opens it). Where to listen and whom to join is
 Per-peer limits (``--max-sessions-per-peer``, ``--max-kv-tokens-per-peer``, ``--max-queued-steps-per-peer``)
 keep one peer from taking the whole server; ``peer_sessions``/``peer_tokens`` resolve their defaults.
 ``--metrics-port`` turns on the Prometheus endpoint (off by default: no extra listening port unless asked).
+``--device`` is checked here only for its form (``devices.parse_device``, no torch); ``--dtype auto`` and
+``--cache-tokens`` unset are resolved when the server starts (``server.device``): the dtype from the device
+(fp32 on the CPU, bf16 on CUDA, fp16 on MPS), the KV budget ``CPU_CACHE_TOKENS`` on the CPU and, on a GPU,
+what ``auto_cache_tokens`` (pure, here) fits in the device memory left once the span's weights are loaded.
+A started server's config holds the resolved values (``resolved``); ``kv_budget`` refuses an unresolved one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshinfer.config import doc
-from meshinfer.errors import ConfigError
+from meshinfer.devices import DEVICE_HELP, kv_tokens_for, parse_device
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.types import QUANT_GROUP_SIZES, BlockRange, canonical_dtype, check_quant
 from meshinfer.weights.rate import MB
+
+CPU_CACHE_TOKENS = 16384
+"""The KV budget (tokens) of a server on the CPU when ``--cache-tokens`` is not given."""
+GPU_KV_FRACTION = 0.9
+"""Share of a GPU's free memory (after the weights and the activation reserve) that an automatic KV budget takes;
+the rest is the allocator's slack and what other processes may need."""
+ACTIVATION_FACTOR = 4
+"""The activation reserve of an automatic GPU KV budget: ``--max-step-tokens`` x (4 x hidden + 3 x intermediate)
+x dtype bytes (a step's residual stream, attention and MLP temporaries) times this factor (slack for
+fragmentation and the attention's own scratch)."""
+
+
+def activation_reserve(step_tokens: int, hidden_size: int, intermediate_size: int, dtype_bytes: int) -> int:
+    """Bytes kept free for the activations of the largest step (``ACTIVATION_FACTOR``'s formula)."""
+    return step_tokens * (4 * hidden_size + 3 * intermediate_size) * dtype_bytes * ACTIVATION_FACTOR
+
+
+def auto_cache_tokens(kind: str, free_bytes: int | None, kv_bytes_per_token: int, reserve_bytes: int) -> int:
+    """The KV budget in tokens when ``--cache-tokens`` is unset, on a device of ``kind`` (cpu, cuda, mps) with
+    ``free_bytes`` free AFTER the span's weights are loaded: ``CPU_CACHE_TOKENS`` on the CPU (or when the free
+    memory is unknown), else ``GPU_KV_FRACTION`` of the free bytes less ``reserve_bytes`` in tokens of
+    ``kv_bytes_per_token`` (0: nothing fits; the server refuses to start)."""
+    if kind == "cpu" or free_bytes is None:
+        return CPU_CACHE_TOKENS
+    return kv_tokens_for(free_bytes, kv_bytes_per_token, fraction=GPU_KV_FRACTION, reserve_bytes=reserve_bytes,
+                         at_most=2**40)
 
 
 @dataclass(frozen=True)
@@ -32,14 +64,18 @@ class ServerConfig:
                                    "Unset: the server chooses where the swarm is weakest and moves when that helps")
     num_blocks: int | None = doc(None, "without --blocks: how many consecutive blocks to serve "
                                        "(default: as many as the available memory allows)")
-    dtype: str = doc("float32", "compute dtype of the blocks and their KV cache: fp32, fp16 or bf16")
+    device: str = doc("auto", DEVICE_HELP)
+    dtype: str = doc("auto", "compute dtype of the blocks and their KV cache: auto (fp32 on the CPU, bf16 on a CUDA "
+                             "GPU, fp16 on MPS), fp32, fp16 or bf16")
     quant: str = doc("none", "how the span's weights are held in memory: none (as loaded, in --dtype), int8 (per "
                              "output channel) or int4 (in groups, see --quant-group-size); int8/int4 matrix products "
                              "run PyTorch's fused low-bit CPU kernels. Announced: a client's route uses one mode")
     quant_group_size: int | None = doc(None, "int4 group size: 32, 64, 128 or 256 (default: 64; a GGUF's own Q4_0/Q4_1 "
                                              "weights keep their groups of 32, never re-quantized)")
     max_sessions: int = doc(32, "most inference sessions open at once")
-    cache_tokens: int = doc(16384, "KV cache budget in tokens across all sessions (each reserves its max length)")
+    cache_tokens: int | None = doc(None, "KV cache budget in tokens across all sessions (each reserves its max "
+                                         f"length; default: {CPU_CACHE_TOKENS} on the CPU, on a GPU what fits in "
+                                         f"{GPU_KV_FRACTION * 100:.0f} percent of its memory left after the weights)")
     max_sessions_per_peer: int | None = doc(
         None, "most sessions one peer (the authenticated peer id that opens them) may hold open here at once; "
               "refusals name this limit (default: half of --max-sessions, so one peer never takes every slot while "
@@ -80,7 +116,11 @@ class ServerConfig:
             BlockRange.parse(self.blocks)
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"--num-blocks must be > 0, got {self.num_blocks}")
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "device", str(parse_device(self.device)))
+        if self.dtype.strip().lower() != "auto":
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        else:
+            object.__setattr__(self, "dtype", "auto")
         object.__setattr__(self, "quant", check_quant(self.quant))
         if self.quant_group_size is not None and self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ConfigError(f"--quant-group-size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, "
@@ -89,7 +129,7 @@ class ServerConfig:
             raise ConfigError("--quant-group-size applies to --quant int4 only")
         if self.max_sessions <= 0:
             raise ConfigError(f"--max-sessions must be > 0, got {self.max_sessions}")
-        if self.cache_tokens <= 0:
+        if self.cache_tokens is not None and self.cache_tokens <= 0:
             raise ConfigError(f"--cache-tokens must be > 0, got {self.cache_tokens}")
         if self.max_sessions_per_peer is not None and self.max_sessions_per_peer <= 0:
             raise ConfigError(f"--max-sessions-per-peer must be > 0, got {self.max_sessions_per_peer}")
@@ -145,7 +185,19 @@ class ServerConfig:
     def peer_tokens(self) -> int:
         """``--max-kv-tokens-per-peer`` resolved to tokens: the most KV tokens one peer may reserve."""
         kv = self.max_kv_tokens_per_peer
-        return int(kv) if kv > 1 else max(1, int(self.cache_tokens * kv))
+        return int(kv) if kv > 1 else max(1, int(self.kv_budget * kv))
+
+    @property
+    def kv_budget(self) -> int:
+        """The KV budget in tokens, once resolved (``--cache-tokens``, or what the server sized at start)."""
+        if self.cache_tokens is None:
+            raise UsageError("the KV budget is sized when the server starts: use the started server's config")
+        return self.cache_tokens
+
+    def resolved(self, *, device: str, dtype: str, cache_tokens: int | None = None) -> ServerConfig:
+        """This config with the device, the compute dtype and (when given) the KV budget the server resolved."""
+        return replace(self, device=device, dtype=dtype,
+                       cache_tokens=cache_tokens if cache_tokens is not None else self.cache_tokens)
 
     @property
     def max_download_bytes(self) -> float | None:

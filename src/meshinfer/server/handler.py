@@ -141,6 +141,9 @@ class SessionService:
             raise SessionError(ErrorCode.OVERLOADED, str(err)) from None
         try:
             cache = await self.steps.new_cache(msg.span, msg.max_length)
+        except SessionError:  # out of device memory (StepLoop.new_cache says how much was asked, where)
+            self.budget.release(msg.session_id)
+            raise
         except Exception as err:
             self.budget.release(msg.session_id)
             log.warning("cannot allocate a KV cache for session %s: %s", short_id(msg.session_id), err)

@@ -7,7 +7,9 @@ conventional names:
   ``meshinfer_kv_tokens_used`` / ``meshinfer_kv_tokens_capacity`` (gauges: the KV budget in tokens),
   ``meshinfer_throughput_tokens_per_second`` (gauge: the announced single-session throughput),
   ``meshinfer_server_state`` (enum: joining/online/draining) and ``meshinfer_server_info`` (labels: peer id,
-  model, span, version), all set by ``sample(ServerSample)`` from plain numbers;
+  model, span, version, device), all set by ``sample(ServerSample)`` from plain numbers; on a GPU also
+  ``meshinfer_device_memory_used_bytes`` / ``meshinfer_device_memory_free_bytes`` (gauges: the whole device's
+  memory as its driver reports it; absent on the CPU);
 - ``meshinfer_tokens_served_total`` and ``meshinfer_steps_total{outcome="ok|error"}`` (counters) and
   ``meshinfer_step_seconds`` (histogram: a step's time from arrival at the server to its result, queueing
   included) and ``meshinfer_decode_step_seconds`` (the same, one-token steps that succeeded only: what a
@@ -55,6 +57,9 @@ class ServerSample:
     model_name: str = ""
     span: str = ""
     version: str = ""
+    device: str = "cpu"
+    device_memory: tuple[int, int] | None = None
+    """(used, free) bytes of the GPU's memory; None on the CPU (no gauge exported)."""
 
 
 class ServerMetrics:
@@ -82,6 +87,8 @@ class ServerMetrics:
         self.decode_step_seconds = Histogram(f"{PREFIX}_decode_step_seconds",
                                              "Seconds from a one-token step's arrival to its result (successful "
                                              "steps only; queueing included)", buckets=STEP_BUCKETS, registry=r)
+        self.device_memory_used: Gauge | None = None  # created on the first GPU sample
+        self.device_memory_free: Gauge | None = None
         for outcome in ("ok", "error"):
             self.steps.labels(outcome=outcome)  # export both series from the start (0 until counted)
         self._info: dict[str, str] = {}
@@ -107,8 +114,17 @@ class ServerMetrics:
         self.throughput.set(s.throughput)
         if s.state in STATES:
             self.state.state(s.state)
+        if s.device_memory is not None:
+            r = self.registry
+            if self.device_memory_used is None or self.device_memory_free is None:
+                self.device_memory_used = Gauge(f"{PREFIX}_device_memory_used_bytes",
+                                                "Bytes of the GPU's memory in use (all processes)", registry=r)
+                self.device_memory_free = Gauge(f"{PREFIX}_device_memory_free_bytes",
+                                                "Bytes of the GPU's memory free", registry=r)
+            self.device_memory_used.set(s.device_memory[0])
+            self.device_memory_free.set(s.device_memory[1])
         info = {"peer_id": s.peer_id, "model_id": s.model_id, "model_name": s.model_name, "span": s.span,
-                "version": s.version}
+                "version": s.version, "device": s.device}
         if info != self._info:
             self.info.info(info)
             self._info = info

@@ -12,7 +12,8 @@ span, in this order, and returns a ``Prepared``:
 - the ``PeerNode`` (started once, reused for the fetch);
 - the span: ``--blocks``, else chosen from the swarm read through the node (``server.rebalance``:
   length from ``--num-blocks`` or memory, start where the swarm is weakest); a fetched model then
-  gets that span's pieces.
+  gets that span's pieces. Memory means the device's: a GPU's free memory (``server.device.free_memory``),
+  the CPU's available memory otherwise; ``config`` arrives with ``--device``/``--dtype`` already resolved.
 
 On any failure the node it started is closed before the error propagates. ``read_snapshot`` is the
 DHT reader that the start-up choice and the rebalancer share. It knows nothing of step loops, sessions
@@ -32,12 +33,14 @@ from typing import TYPE_CHECKING
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.device import resolve_device
 from meshinfer.models.fingerprint import checkpoint_fingerprint
 from meshinfer.models.spec import ModelSpec
 from meshinfer.p2p.announce import read_coverage
 from meshinfer.p2p.node import NodeSettings, PeerNode
-from meshinfer.server.config import ServerConfig
-from meshinfer.server.rebalance import Snapshot, auto_span_length, available_memory, choose_start_span
+from meshinfer.server.config import CPU_CACHE_TOKENS, ServerConfig
+from meshinfer.server.device import DTYPE_BYTES, free_memory
+from meshinfer.server.rebalance import Snapshot, auto_span_length, choose_start_span
 from meshinfer.types import DTYPES, BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.wire.records import ModelCard
@@ -49,7 +52,6 @@ log = logging.getLogger(__name__)
 
 DHT_READ_TIMEOUT = 5.0
 """Most seconds one read of the swarm's coverage may take."""
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -77,7 +79,9 @@ def card_dtype(spec_dtype: str | None, fallback: str) -> str:
 
 def span_length(config: ServerConfig, spec: ModelSpec, gguf_q4: bool = False) -> tuple[int, str]:
     """How many blocks an automatically placed server serves (``--num-blocks``, else what memory holds: weights
-    counted as they will be held, quantized with ``--quant``; ``gguf_q4``: int4 keeps a GGUF's groups of 32)."""
+    counted as they will be held, quantized with ``--quant``; ``gguf_q4``: int4 keeps a GGUF's groups of 32).
+    Memory is the device's (``server.device.free_memory``: a GPU's own, else the CPU's); an automatic KV budget,
+    not known before the weights are loaded, counts as ``CPU_CACHE_TOKENS`` here."""
     from meshinfer.models.quant import GGUF_GROUP, block_weight_bytes
 
     size = DTYPE_BYTES.get(config.dtype, 4)
@@ -85,9 +89,9 @@ def span_length(config: ServerConfig, spec: ModelSpec, gguf_q4: bool = False) ->
     native = gguf_q4 and quant.takes_gguf_q4
     return auto_span_length(
         spec.num_blocks, requested=config.num_blocks,
-        free_bytes=available_memory() if config.num_blocks is None else None,
+        free_bytes=free_memory(resolve_device(config.device)) if config.num_blocks is None else None,
         weight_bytes=block_weight_bytes(spec, quant, size, GGUF_GROUP if native else None),
-        kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens, dtype_bytes=size),
+        kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens or CPU_CACHE_TOKENS, dtype_bytes=size),
     )
 
 

@@ -13,7 +13,13 @@ steps are queued with ``submit`` (already validated by ``session.check_step``). 
   the span TOGETHER (``BlockSpan.forward_batch``: one matmul per weight for all tokens, attention per
   session), grouped by the sub-span each session uses. If a batched call fails, each piece is rerun
   alone so an error only reaches its own session. A failing step's ``Result`` carries a ``SessionError``;
-  what a chunked step has so far stays on its ``StepJob`` (``work``) between turns;
+  what a chunked step has so far stays on its ``StepJob`` (``work``) between turns. Hidden states are decoded
+  and checked on the CPU; on a GPU the turn's inputs go to the device in ONE copy (a page-locked staging
+  buffer, ``non_blocking`` on CUDA) and its outputs come back in ONE copy of their concatenation, split per
+  piece (on the CPU nothing is staged or copied). Running out of device memory (``models.device.
+  is_out_of_memory``) in a step or in a session's KV cache allocation refuses only that session's step or
+  open (``LIMIT_EXCEEDED``, naming the device and what was asked) after handing the allocator's cached blocks
+  back; a batched call that ran out is rerun piece by piece like any other failure;
 - updates and delivers (``deliver``): the scheduler records each step whose last chunk ran (last step id
   and output, for duplicate step ids); the turn's finished steps go, in one list of ``Finished``, to the
   ``deliver`` callback, which must not block.
@@ -46,6 +52,7 @@ from meshinfer.errors import (
     UsageError,
     WireError,
 )
+from meshinfer.models.device import device_label, is_out_of_memory, pinned, release_cached
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.scheduler import MAX_BATCH_SESSIONS, MAX_BATCH_TOKENS, Finished, Piece, Result, Scheduler
@@ -94,6 +101,7 @@ class StepLoop:
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, max_batch_sessions=max_batch_sessions,
                                    burst_hold_s=burst_hold_s)
         self.span = span
+        self.device_label = device_label(span.device)
         self._deliver = deliver
         self._limits = limits
         self.inline_budget_s = inline_budget_s
@@ -125,9 +133,22 @@ class StepLoop:
         return self._sub_spans[blocks]
 
     async def new_cache(self, blocks: BlockRange, max_length: int) -> KVCache:
-        """A KV cache for a session on ``blocks`` (allocated on the compute thread)."""
+        """A KV cache for a session on ``blocks`` (allocated on the compute thread); out of device memory:
+        ``SessionError(LIMIT_EXCEEDED)`` naming the device and the size asked."""
         sub = self.sub_span(blocks)
-        return await self.call(sub.new_cache, max_length)
+        try:
+            return await self.call(sub.new_cache, max_length)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_cached(sub.device)
+            asked = sub.cache_bytes(max_length)
+            log.warning("out of memory on %s allocating a KV cache of %d tokens (%.1f MiB) for blocks %s",
+                        self.device_label, max_length, asked / 2**20, blocks)
+            raise SessionError(ErrorCode.LIMIT_EXCEEDED,
+                               f"out of memory on {self.device_label} allocating a KV cache of {max_length} tokens "
+                               f"for blocks {blocks} ({asked / 2**20:.1f} MiB); open a shorter session or use "
+                               f"another server") from None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -179,14 +200,20 @@ class StepLoop:
                     runnable.append((i, piece, self._prepare(piece)))
                 except Exception as err:
                     out[i] = self._failed(piece, err)
+            inputs = self._to_device([x for _, _, x in runnable])  # one copy per turn on a GPU
             groups: dict[BlockRange, list[tuple[int, Piece, torch.Tensor]]] = {}
-            for item in runnable:
-                groups.setdefault(item[1].job.session.span, []).append(item)
+            for (i, piece, _), x in zip(runnable, inputs, strict=True):
+                groups.setdefault(piece.job.session.span, []).append((i, piece, x))
+            done: list[tuple[int, Piece]] = []
+            outputs: list[torch.Tensor] = []  # [count_i, H] each, on the span's device
             for blocks, items in groups.items():
-                outputs = self._forward_group(self._sub_spans[blocks], items, out)
-                for (i, piece, _), output in zip(items, outputs, strict=True):
+                for (i, piece, _), output in zip(items, self._forward_group(self._sub_spans[blocks], items, out),
+                                                 strict=True):
                     if output is not None:
-                        out[i] = self._finish(piece, output)
+                        done.append((i, piece))
+                        outputs.append(output)
+            for (i, piece), output in zip(done, self._to_host(outputs), strict=True):
+                out[i] = self._finish(piece, output)
         elapsed = time.perf_counter() - started
         self.turns += 1
         self.busy_s += elapsed
@@ -220,12 +247,45 @@ class StepLoop:
             work = job.work = _Work(hidden, [])
         return work.hidden[piece.start:piece.start + piece.count]
 
+    def _to_device(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The turn's inputs ([count_i, H] each, on the CPU) on the span's device: one staged copy (none on
+        the CPU); where the device has no room for them, as they are (each piece's forward then moves its own)."""
+        device = self.span.device
+        if device.type == "cpu" or not xs:
+            return xs
+        sizes = [x.shape[0] for x in xs]
+        try:
+            stage = pinned((sum(sizes), xs[0].shape[1]), xs[0].dtype, device)  # [N, H] host, page-locked on CUDA
+            torch.cat(xs, out=stage)
+            return list(stage.to(device, non_blocking=True).split(sizes))  # [count_i, H] views on the device
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_cached(device)
+            return xs
+
+    def _to_host(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The turn's outputs ([count_i, H] each) on the CPU: one copy of their concatenation, split per piece
+        (waits for the device: the turn's work is done on return). Nothing to do on the CPU."""
+        if self.span.device.type == "cpu" or not outputs:
+            return outputs
+        try:
+            flat = torch.cat(outputs).to("cpu")  # [N, H]
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_cached(self.span.device)
+            return [o.to("cpu") for o in outputs]
+        return list(flat.split([o.shape[0] for o in outputs]))
+
     def _forward_group(self, sub: BlockSpan, items: list[tuple[int, Piece, torch.Tensor]],
                        out: list[Result | None]) -> list[torch.Tensor | None]:
         caches = [piece.job.session.cache for _, piece, _ in items]
         try:
             return list(sub.forward_batch([(x, c) for (_, _, x), c in zip(items, caches, strict=True)]))
         except Exception as err:
+            if is_out_of_memory(err):
+                release_cached(sub.device)
             if len(items) == 1:
                 i, piece, _ = items[0]
                 out[i] = self._failed(piece, err)
@@ -233,7 +293,7 @@ class StepLoop:
         results: list[torch.Tensor | None] = []  # isolate the failing piece(s): rerun each alone
         for (i, piece, x), cache in zip(items, caches, strict=True):
             try:
-                results.append(sub(x.unsqueeze(0), cache)[0])
+                results.append(sub(x.to(sub.device).unsqueeze(0), cache)[0])  # [count, H]
             except Exception as err:
                 out[i] = self._failed(piece, err)
                 results.append(None)
@@ -250,10 +310,19 @@ class StepLoop:
         return Result(output=encode_tensor(full.to(torch_dtype(job.session.dtype)).contiguous()))
 
     def _failed(self, piece: Piece, err: BaseException) -> Result:
+        piece.job.work = None
+        if is_out_of_memory(err):
+            release_cached(self.span.device)
+            job = piece.job
+            log.warning("out of memory on %s computing step %d of session %s (%d tokens at position %d)",
+                        self.device_label, job.step_id, job.session.short_id, piece.count, job.position + piece.start)
+            return Result(error=SessionError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"out of memory on {self.device_label} computing step {job.step_id} ({piece.count} tokens at "
+                f"position {job.position + piece.start}); retry it with fewer tokens per step or use another server"))
         if not isinstance(err, MeshinferError):
             log.error("step %d of session %s failed: %r", piece.job.step_id, piece.job.session.short_id, err,
                       exc_info=err)
-        piece.job.work = None
         return Result(error=_as_session_error(err))
 
     def deliver(self, pieces: list[Piece], results: list[Result | None]) -> None:

@@ -5,8 +5,9 @@ Contract: ``load_serving`` loads a span of a checkpoint and measures it on a new
 (the caller starts it once the session service runs over it); a failed measurement stops that loop.
 ``publish`` publishes a record at once, logging (not raising) a DHT that does not answer within
 ``PUBLISH_TIMEOUT``. ``Identity.record``/``Identity.sample`` take ``serving`` and ``service`` as None before
-the first span is loaded (the first ``joining`` record: no throughput, the whole KV budget left). Used by
-``server.app`` only; logs, never prints.
+the first span is loaded (the first ``joining`` record: no throughput, the whole KV budget left, 0 while a GPU's
+budget is not yet sized). Spans load on the server's device (``server.device``) in its resolved dtype, and the
+record announces both (``device``: the label, ``dtype``). Used by ``server.app`` only; logs, never prints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from meshinfer.models.quant import weight_bytes
 from meshinfer.p2p.announce import Announcer
 from meshinfer.p2p.node import PeerNode
 from meshinfer.server.config import ServerConfig
+from meshinfer.server.device import ServerDevice, describe
 from meshinfer.server.handler import SessionService
 from meshinfer.server.metrics import ServerMetrics, ServerSample
 from meshinfer.server.prepare import quant_config
@@ -59,15 +61,17 @@ class Identity:
     node: PeerNode
     model_id: str
     card: ModelCard
+    device: ServerDevice
 
     def record(self, span: BlockRange, state: ServerState, serving: Serving | None,
                service: SessionService | None) -> ServerRecord:
         """The announced record (``serving``/``service`` None: nothing loaded yet, the first ``joining``)."""
         cfg, measured = self.config, serving.measured if serving is not None else None
+        budget = cfg.cache_tokens or 0  # unset only before a GPU's budget is sized (joining)
         return ServerRecord(
             peer_id=self.node.peer_id, model_id=self.model_id, span=span, state=state,
             throughput=measured.single if measured is not None else 0.0,
-            cache_tokens_left=service.budget.tokens_left if service is not None else cfg.cache_tokens,
+            cache_tokens_left=service.budget.tokens_left if service is not None else budget,
             addresses=self.node.maddrs[:16], direct_addresses=self.node.direct_addresses[:8],
             sessions=len(service.sessions) if service is not None else 0,
             queued_steps=serving.steps.queued_steps if serving is not None else 0,
@@ -75,20 +79,21 @@ class Identity:
             batch_size=measured.batch_size if measured is not None else 0,
             software_version=__version__, public_name=cfg.public_name, protocol_version=PROTOCOL_VERSION,
             quant=cfg.quant, weight_bytes=serving.weight_bytes if serving is not None else 0,
+            device=self.device.label, dtype=cfg.dtype,
         )
 
     def sample(self, span: BlockRange, state: ServerState, serving: Serving | None,
                service: SessionService | None) -> ServerSample:
         """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
-        cfg = self.config
-        left = service.budget.tokens_left if service is not None else cfg.cache_tokens
+        budget = self.config.cache_tokens or 0  # unset only before a GPU's budget is sized (joining)
+        left = service.budget.tokens_left if service is not None else budget
         return ServerSample(
             sessions_open=len(service.sessions) if service is not None else 0,
             queued_steps=serving.steps.queued_steps if serving is not None else 0,
-            kv_tokens_used=cfg.cache_tokens - left, kv_tokens_capacity=cfg.cache_tokens,
+            kv_tokens_used=budget - left, kv_tokens_capacity=budget,
             throughput=serving.measured.single if serving is not None else 0.0, state=state,
             peer_id=self.node.peer_id, model_id=self.model_id, model_name=self.card.name, span=str(span),
-            version=__version__)
+            version=__version__, device=self.device.label, device_memory=self.device.memory_used_free())
 
 
 async def publish(announcer: Announcer, record: ServerRecord) -> None:
@@ -104,14 +109,15 @@ async def publish(announcer: Announcer, record: ServerRecord) -> None:
 
 
 async def load_serving(config: ServerConfig, ckpt: Checkpoint, span_range: BlockRange, deliver: DeliverFn,
-                metrics: ServerMetrics | None) -> Serving:
-    """Load ``span_range`` and measure it on a new (not yet started) step loop."""
+                metrics: ServerMetrics | None, device: ServerDevice) -> Serving:
+    """Load ``span_range`` on ``device`` and measure it on a new (not yet started) step loop."""
     t0 = time.perf_counter()
-    span = await asyncio.to_thread(ckpt.load_span, span_range, config.dtype, "cpu", quant_config(config))
+    span = await asyncio.to_thread(ckpt.load_span, span_range, config.dtype, device.device, quant_config(config))
     held = weight_bytes(span)
-    await asyncio.to_thread(autotune_linear, layer_weights(span))  # once per process: oneDNN or MKL
-    log.info("loaded blocks %s (%s, weights %s: %.1f MB) in %.2f s", span_range, config.dtype, config.quant,
-             held / 1e6, time.perf_counter() - t0)
+    if device.is_cpu:
+        await asyncio.to_thread(autotune_linear, layer_weights(span))  # once per process: oneDNN or MKL
+    log.info("loaded blocks %s on %s (%s, weights %s: %.1f MB) in %.2f s", span_range, describe(device),
+             config.dtype, config.quant, held / 1e6, time.perf_counter() - t0)
     steps = StepLoop(span, deliver, limits=DEFAULT_LIMITS)
     steps.on_step = metrics.on_step if metrics is not None else None
     try:

@@ -16,6 +16,8 @@ return, so the span is left exactly as it was. Pure torch: no sessions, no netwo
 - ``measure_throughputs(span, batch)``: both, with the time cap split between them, as a
   ``Throughput`` (what a server announces: ``throughput``, ``batch_throughput``, ``batch_size``).
 
+Inputs are made on the CPU and placed on the span's device before the clock starts; the clock is read only
+after ``models.device.synchronize`` (GPU kernels run asynchronously: without it a timer measures launches).
 Each measurement times at least ``MIN_STEPS`` steps, so the cap bounds the timed part (plus at most
 one step); warm-up is a handful of steps on top.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from meshinfer.errors import ConfigError
+from meshinfer.models.device import synchronize
 from meshinfer.models.kv_cache import KVCache
 from meshinfer.models.span import BlockSpan
 
@@ -68,6 +71,12 @@ def _check(steps: int, max_seconds: float, batch: int = 1) -> None:
         raise ConfigError(f"throughput batch must be 1..{MAX_BATCH} sessions, got {batch}")
 
 
+def _elapsed(span: BlockSpan, start: float) -> float:
+    """Seconds since ``start`` once the work queued on the span's device is done."""
+    synchronize(span.device)
+    return time.perf_counter() - start
+
+
 def _rate(tokens: int, elapsed: float) -> float:
     return tokens / max(elapsed, 1e-9)
 
@@ -80,19 +89,20 @@ def measure_throughput(span: BlockSpan, *, steps: int = MEASURED_STEPS, max_seco
     cache = span.new_cache(WARMUP_PREFILL + WARMUP_STEPS + steps)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        prefill = torch.randn(1, WARMUP_PREFILL, hidden_size, generator=gen).to(span.dtype)  # [1, T, H]
+        prefill = torch.randn(1, WARMUP_PREFILL, hidden_size, generator=gen).to(span.device, span.dtype)  # [1, T, H]
         span(prefill, cache)
-        token = torch.randn(1, 1, hidden_size, generator=gen).to(span.dtype)  # [1, 1, H]
+        token = torch.randn(1, 1, hidden_size, generator=gen).to(span.device, span.dtype)  # [1, 1, H]
         for _ in range(WARMUP_STEPS):
             span(token, cache)
+        synchronize(span.device)
         done = 0
         start = time.perf_counter()
         while done < steps:
             span(token, cache)
             done += 1
-            if done >= MIN_STEPS and time.perf_counter() - start > max_seconds:
+            if done >= MIN_STEPS and _elapsed(span, start) > max_seconds:
                 break
-        elapsed = time.perf_counter() - start
+        elapsed = _elapsed(span, start)
     return _rate(done, elapsed)
 
 
@@ -113,20 +123,21 @@ def measure_batch_throughput(span: BlockSpan, batch: int = TYPICAL_BATCH, *, ste
     caches: list[KVCache] = [span.new_cache(n + WARMUP_STEPS + steps) for n in lengths]
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        prompts = [torch.randn(n, hidden_size, generator=gen).to(span.dtype) for n in lengths]  # [T_i, H]
+        prompts = [torch.randn(n, hidden_size, generator=gen).to(span.device, span.dtype) for n in lengths]  # [T_i, H]
         span.forward_batch(list(zip(prompts, caches, strict=True)))
-        tokens = torch.randn(batch, 1, hidden_size, generator=gen).to(span.dtype)  # [B, 1, H]
+        tokens = torch.randn(batch, 1, hidden_size, generator=gen).to(span.device, span.dtype)  # [B, 1, H]
         step = [(tokens[i], cache) for i, cache in enumerate(caches)]  # each [1, H]
         for _ in range(WARMUP_STEPS):
             span.forward_batch(step)
+        synchronize(span.device)
         done = 0
         start = time.perf_counter()
         while done < steps:
             span.forward_batch(step)
             done += 1
-            if done >= MIN_STEPS and time.perf_counter() - start > max_seconds:
+            if done >= MIN_STEPS and _elapsed(span, start) > max_seconds:
                 break
-        elapsed = time.perf_counter() - start
+        elapsed = _elapsed(span, start)
     return _rate(done * batch, elapsed)
 
 

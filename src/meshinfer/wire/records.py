@@ -97,6 +97,11 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     route uses one mode on every hop; a mode this peer does not know is never routed to."""
     weight_bytes: Count = 0
     """Bytes of the span's weights in this server's memory, as loaded and quantized (0: not announced)."""
+    device: Annotated[str, msgspec.Meta(max_length=64)] = "cpu"
+    """What the span computes on, for people (``NVIDIA H200``, ``Apple MPS``, ``cpu``); routing reads throughput,
+    never this. Records of older servers lack it (decoded as ``cpu``)."""
+    dtype: Annotated[str, msgspec.Meta(max_length=16)] = "float32"
+    """The span's compute dtype (``float32``, ``float16``, ``bfloat16``); older records: ``float32``."""
     v: int = RECORD_VERSION
 
 
