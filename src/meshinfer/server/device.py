@@ -1,15 +1,15 @@
 """Where a block server computes: its device and dtype resolved at start, and its KV budget sized on it.
 
-Contract: ``open_device(config)`` resolves ``--device`` and ``--dtype`` on this machine (``models.device``:
-a device the machine lacks, or a dtype it cannot compute in, is a one-line ``ConfigError`` naming the fix,
-raised before the server touches the network) and returns the config with both made concrete and, on the
-CPU, ``--cache-tokens`` unset made ``CPU_CACHE_TOKENS`` (exactly today's behaviour), together with the
-``ServerDevice`` (the torch device, its label for people and announcements). ``size_cache(config, span,
-device)`` runs once the span's weights are loaded: an unset ``--cache-tokens`` on a GPU becomes what
+Contract: ``open_device(config)`` resolves ``--device`` and ``--dtype`` on this machine (``models.device``: a device
+the machine lacks, a dtype it cannot compute in, or a ``--quant`` mode it cannot hold, is a one-line ``ConfigError``
+naming the fix, raised before the server touches the network) and returns the config with both made concrete and, on
+the CPU, ``--cache-tokens`` unset made ``CPU_CACHE_TOKENS`` (exactly today's behaviour), together with the
+``ServerDevice`` (the torch device, its label for people and announcements). ``size_cache(config, span, device)``
+runs once the span's weights are loaded: an unset ``--cache-tokens`` on a GPU becomes what
 ``server.config.auto_cache_tokens`` fits in the device's free memory now (``ConfigError`` when nothing fits).
-``free_memory(device)`` is the free memory placement sizes a span with: the device's own on a GPU, the
-CPU path of ``server.rebalance.available_memory`` otherwise. ``describe(device)`` is the start-up log line.
-Knows nothing of sessions, steps or the network; logs, never prints.
+``free_memory(device)`` is the free memory placement sizes a span with: the device's own on a GPU, the CPU path of
+``server.rebalance.available_memory`` otherwise. ``describe(device)`` is the start-up log line. Knows nothing of
+sessions, steps or the network; logs, never prints.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from meshinfer.models.device import (
     resolve_device,
     resolve_dtype,
 )
+from meshinfer.models.quant import check_quant_device
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.config import CPU_CACHE_TOKENS, ServerConfig, activation_reserve, auto_cache_tokens
 from meshinfer.server.rebalance import available_memory
@@ -63,6 +64,7 @@ def open_device(config: ServerConfig) -> tuple[ServerConfig, ServerDevice]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     check_device_dtype(device, dtype)
+    check_quant_device(device, config.quant)  # e.g. int4 on a GPU without bf16 tensor cores: refused before loading
     cache = config.cache_tokens
     if cache is None and device.type == "cpu":
         cache = CPU_CACHE_TOKENS

@@ -87,10 +87,11 @@ def span_length(config: ServerConfig, spec: ModelSpec, gguf_q4: bool = False) ->
     size = DTYPE_BYTES.get(config.dtype, 4)
     quant = quant_config(config)
     native = gguf_q4 and quant.takes_gguf_q4
+    device = resolve_device(config.device)
     return auto_span_length(
         spec.num_blocks, requested=config.num_blocks,
-        free_bytes=free_memory(resolve_device(config.device)) if config.num_blocks is None else None,
-        weight_bytes=block_weight_bytes(spec, quant, size, GGUF_GROUP if native else None),
+        free_bytes=free_memory(device) if config.num_blocks is None else None,
+        weight_bytes=block_weight_bytes(spec, quant, size, GGUF_GROUP if native else None, device.type),
         kv_bytes=spec.kv_cache_bytes(1, config.cache_tokens or CPU_CACHE_TOKENS, dtype_bytes=size),
     )
 
