@@ -39,7 +39,8 @@ def test_device_and_dtype_flags_are_validated_without_torch() -> None:
 
 
 def test_open_device_on_the_cpu_keeps_todays_defaults() -> None:
-    assert not torch.cuda.is_available()  # this suite runs on CPU machines
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("auto picks the GPU on this machine")
     for device in ("auto", "cpu"):
         cfg, dev = open_device(ServerConfig(model="m", device=device))
         assert (cfg.device, cfg.dtype, cfg.cache_tokens, cfg.kv_budget) == ("cpu", "float32", 16384, 16384)
@@ -53,6 +54,14 @@ def test_a_gpu_this_machine_lacks_is_a_one_line_config_error() -> None:
         open_device(ServerConfig(model="m", device="cuda"))
     text = str(caught.value)
     assert text.startswith("--device cuda: ") and "--device cpu" in text and "\n" not in text
+
+
+def test_compile_on_a_server_needs_cuda() -> None:
+    with pytest.raises(ConfigError, match="--compile on a server needs a CUDA device") as caught:
+        open_device(ServerConfig(model="m", device="cpu", compile=True))
+    assert "\n" not in str(caught.value)
+    cfg, _ = open_device(ServerConfig(model="m", device="cpu"))
+    assert cfg.compile is False
 
 
 def test_auto_cache_tokens_is_exact_on_cpu_and_fills_gpu_memory() -> None:

@@ -103,6 +103,9 @@ class ServerConfig:
                                    "in MB/s (default: no cap)")
     max_download: float | None = doc(None, "cap the weight pieces this server fetches from the swarm when --model "
                                      "is a model id, in MB/s over all seeders (default: no cap)")
+    compile: bool = doc(False, "CUDA only: run each session's one-token decode steps (when its turn computes it "
+                               "alone) as a CUDA graph captured on its first decode step, so a step is one launch "
+                               "instead of hundreds (worth it for launch-bound models; costs a capture per session)")
     metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
                                          "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
 

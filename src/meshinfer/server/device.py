@@ -65,6 +65,9 @@ def open_device(config: ServerConfig) -> tuple[ServerConfig, ServerDevice]:
     dtype = resolve_dtype(config.dtype, device)
     check_device_dtype(device, dtype)
     check_quant_device(device, config.quant)  # e.g. int4 on a GPU without bf16 tensor cores: refused before loading
+    if config.compile and device.type != "cuda":
+        raise ConfigError(f"--compile on a server needs a CUDA device (it captures CUDA graphs per session), not "
+                          f"{device}; for a local model on the CPU use `meshinfer generate --compile`")
     cache = config.cache_tokens
     if cache is None and device.type == "cpu":
         cache = CPU_CACHE_TOKENS

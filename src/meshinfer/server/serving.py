@@ -116,6 +116,8 @@ async def load_serving(config: ServerConfig, ckpt: Checkpoint, span_range: Block
     held = weight_bytes(span)
     if device.is_cpu:
         await asyncio.to_thread(autotune_linear, layer_weights(span))  # once per process: oneDNN or MKL
+    if config.compile:  # CUDA only (server.device.open_device refuses it elsewhere): graphed decode per session
+        span.compile_decode()
     log.info("loaded blocks %s on %s (%s, weights %s: %.1f MB) in %.2f s", span_range, describe(device),
              config.dtype, config.quant, held / 1e6, time.perf_counter() - t0)
     steps = StepLoop(span, deliver, limits=DEFAULT_LIMITS)
