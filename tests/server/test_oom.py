@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from scheduler_helpers import NoOutbox
 
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.kv_cache import KVCache
@@ -24,17 +25,6 @@ from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 FULL = BlockRange(0, 4)
 OOM_TEXT = "CUDA out of memory. Tried to allocate 20.00 MiB"
-
-
-class _NoOutbox:
-    async def send(self, msg: object) -> None:
-        raise AssertionError("the runtime never sends")
-
-    def send_nowait(self, payload: bytes) -> bool:
-        raise AssertionError("the runtime never sends")
-
-    async def close(self, timeout: float = 2.0) -> None:
-        raise AssertionError("the runtime never closes")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def released(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
 
 
 def _session(steps: StepLoop, sid: str, max_length: int = 32) -> Session:
-    return Session(sid, FULL, max_length, "float32", _NoOutbox(), cache=steps.sub_span(FULL).new_cache(max_length))
+    return Session(sid, FULL, max_length, "float32", NoOutbox(), cache=steps.sub_span(FULL).new_cache(max_length))
 
 
 def _job(session: Session, step_id: int, position: int, x: torch.Tensor) -> StepJob:
