@@ -245,12 +245,22 @@ class BlockServer:
         end, then end the rest with ``Error(overloaded, message)`` so their clients fail over."""
         self.state = "draining"
         self.service.accepting = False
-        await self._publish_now()
+        # the deadline counts from now, not from when the DHT took the announcement (a slow DHT must not let
+        # sessions run on past --drain-timeout): announce concurrently, end sessions on time, then await it
+        deadline = time.monotonic() + self.config.drain_timeout
+        announced = asyncio.create_task(self._publish_now())
+        try:
+            await self._wait_sessions(deadline)
+            await self.service.shutdown(message)
+        finally:
+            await announced
+
+    async def _wait_sessions(self, deadline: float) -> None:
+        """Wait until no session is open, a hurry is asked for, or ``deadline`` (monotonic) passes."""
         open_now = len(self.service.sessions)
         if open_now:
-            log.info("draining blocks %s: waiting up to %g s for %d open sessions to end", self.span_range,
-                     self.config.drain_timeout, open_now)
-            deadline = time.monotonic() + self.config.drain_timeout
+            log.info("draining blocks %s: waiting up to %.3g s for %d open sessions to end", self.span_range,
+                     max(0.0, deadline - time.monotonic()), open_now)
             while self.service.sessions and not self._hurry.is_set() and time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(0.1, max(0.0, deadline - time.monotonic()))):
@@ -260,7 +270,6 @@ class BlockServer:
                          len(self.service.sessions))
             else:
                 log.info("draining blocks %s: every session ended", self.span_range)
-        await self.service.shutdown(message)
 
     async def move(self, target: BlockRange) -> None:
         """Drain, then serve ``target`` instead (back to the old span if that fails; ``fatal`` if both do)."""
