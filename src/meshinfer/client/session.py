@@ -259,6 +259,8 @@ class InferenceSession:
             raise
         for i, hs in enumerate(self.hops):
             hs.inputs.append(x if i == 0 else outputs[i - 1])
+            hs.outputs.append(outputs[i])
+            hs.steps.append((hs.answered if hs.answered is not None else -1, self.position, tokens))
         self.position += tokens
         elapsed = time.monotonic() - started
         if tokens == 1:
@@ -322,6 +324,7 @@ class InferenceSession:
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
                     continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
                 outputs[i] = hs.output(msg, first_input, self.node.settings.stream.limits, self.dtype)
+                hs.answered = msg.step_id
                 arrived[i] = time.monotonic()
                 if i == n - 1:
                     self.last_burst = msg.burst

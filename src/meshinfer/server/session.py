@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.errors import MeshinferError
+from meshinfer.p2p.commit import CommitChain
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Burst, ErrorCode, Hop, Message, Step
 from meshinfer.wire.tensor import Tensor
@@ -108,6 +109,8 @@ class Session:
     end_reason: str = ""
     delivery: asyncio.Task[None] | None = None
     """The latest delivery task; each one awaits the previous, so replies leave in step order."""
+    chain: CommitChain | None = None
+    """This server's commitment chain over the session's results (``p2p.commit``; None: no commits)."""
 
     def __hash__(self) -> int:
         return id(self)
