@@ -53,6 +53,8 @@ def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs
     if log.broken is not None:
         return EvidenceUnavailable(f"the hop's commits were refused: {log.broken}")
     used = [s for s in steps if s[1] < b]
+    if not 0 <= a < b or not used or used[-1][1] + used[-1][2] < b:
+        return EvidenceUnavailable(f"window [{a}, {b}) is not inside the hop's computed positions")
     indices: list[int] = []
     for step_id, _, _ in used:
         index = log.index(step_id)

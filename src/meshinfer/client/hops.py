@@ -12,8 +12,8 @@ to start a failover, never out of it); ``Failover`` records one replacement; ``F
 ``replaceable`` say which errors another server could get past. Every ``StepResult`` read from a hop (by the
 reader or ``request_step``) goes to its ``commits`` log (``p2p.commit.CommitLog``: output hashes and the latest
 verified signed commit); ``steps`` and ``outputs`` (kept by the session and by recovery, aligned) say which step
-produced which positions of ``inputs`` and what the hop claimed for them (``client.evidence``). Knows nothing of routes' planning or of
-failover: hidden states in, hidden states out, one hop at a time.
+produced which positions of ``inputs`` and what the hop claimed for them (``client.evidence``). Knows nothing of
+routes' planning or of failover: hidden states in, hidden states out, one hop at a time.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ here is a local copy of the D2 formula with the provisional tolerances of the br
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ def _check_steps(blob: EvidenceBlob) -> None:
     entries, steps = blob.entries, blob.steps
     if not steps or len(blob.inputs) != len(steps) or not 0 < len(blob.outputs) <= len(steps):
         raise ReportRejected("the evidence lists no steps, or inputs/outputs that do not match its steps")
-    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] >= len(entries):
+    if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] >= len(entries):
         raise ReportRejected("the replayed steps are not chain entries in chain order")
     position = 0
     for k in steps:
@@ -133,8 +134,8 @@ def _check_steps(blob: EvidenceBlob) -> None:
             raise ReportRejected(f"chain entry {j} (position {e.position}) is left out but not superseded")
     first_out = len(steps) - len(blob.outputs)
     last_start = entries[steps[first_out]].position
-    if first_out > 0 and entries[steps[first_out - 1]].position + entries[steps[first_out - 1]].tokens > \
-            blob.window_start or last_start > blob.window_start:
+    if (first_out > 0 and entries[steps[first_out - 1]].position + entries[steps[first_out - 1]].tokens > \
+            blob.window_start) or last_start > blob.window_start:
         raise ReportRejected("the claimed outputs are not those of the steps overlapping the window")
     for n, k in enumerate(steps):
         e = entries[k]
