@@ -3,10 +3,11 @@ client verifies it (fetching the blob from the reporter over ``meshinfer/evidenc
 honest server, neither accused nor reporter) and stops routing to the liar; a report against the honest server
 is found false and changes nothing.
 
-Two servers of the tiny llama's blocks 0:4 as separate processes: index 0 lies (``wrong`` outputs,
-``meshinfer.testing.dishonest``), index 1 is honest. The reporting client picks its route by hand (the audit that
-would find the lie is helper "audit"'s); everything else is the real path: signed commits from the servers, the
-client's commit logs, ``evidence_for``, the DHT record, the stream, the verification and the planner.
+Three servers of the tiny llama's blocks 0:4 as separate processes: index 0 lies (``wrong`` outputs,
+``meshinfer.testing.dishonest``), 1 and 2 are honest (a report is recomputed by servers that are neither accused
+nor reporter, and one found true is confirmed by a second one). The reporting client picks its route by hand (the
+audit that would find the lie is helper "audit"'s); everything else is the real path: signed commits from the
+servers, the client's commit logs, ``evidence_for``, the DHT record, the stream, the verification and the planner.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ T = TypeVar("T")
 def swarm(bootstrap: list[str]) -> Iterator[LocalSwarm]:
     from client_helpers import stop_swarm
 
-    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
+    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
                    dishonest={0: DishonestConfig("wrong", seed=1)}).start()
     try:
         yield s
@@ -88,8 +89,11 @@ def test_a_verified_report_makes_other_clients_avoid_the_liar(swarm: LocalSwarm)
             return seen
 
         seen = on(other, check())
-        assert seen == {true_report.blob_sha256: "verified", false_report.blob_sha256: "false"}, seen
+        assert seen[true_report.blob_sha256] == "verified", seen
+        # recomputed by the other honest server: false; by the liar (not yet known): confirmed by the other honest
+        # server, which disagrees: disputed. Never believed.
+        assert seen[false_report.blob_sha256] in ("false", "disputed"), seen
         assert other.view.reputation.reported() == {liar}
         for _ in range(5):  # spread draws at random: every plan avoids the liar
             route = on(other, other.view.plan(other.ref))
-            assert [h.peer_id for h in route] == [honest]
+            assert len(route) == 1 and route[0].peer_id != liar

@@ -18,7 +18,8 @@ observed (a new identity starts below established ones: the planner divides its 
 peers with a VERIFIED report are never routed to. ``report(blob)`` publishes evidence against a server (the blob is
 served by this view's peer on ``meshinfer/evidence/1``); ``check_reports(model)`` reads the model's reports and
 verifies each new one (``client.reports``: fetch the blob from its reporter, check it, recompute the span through
-servers that are neither accused nor reporter, or with the ``recompute`` given) before believing it. All methods run
+servers that are neither accused nor reporter, a report found true confirmed through a second disjoint route when
+the swarm has one, or with the ``recompute`` given) before believing it. All methods run
 on the event loop the view was started on. Outside reports, knows nothing of tensors or models beyond ids and block
 counts (the report machinery is imported when first used).
 """
@@ -243,7 +244,7 @@ class SwarmView:
                             limit: int = 8) -> list[tuple[ReportRecord, str]]:
         """Read ``model``'s reports and verify up to ``limit`` new ones (see the module docstring); each checked
         report and its outcome (``verified``, ``false``, or why it was rejected or could not be checked)."""
-        from meshinfer.client.report_service import fetch_evidence, read_reports, remote_recompute
+        from meshinfer.client.report_service import fetch_evidence, read_reports
         from meshinfer.client.reports import ReportRejected, verify_report
 
         out: list[tuple[ReportRecord, str]] = []
@@ -252,14 +253,11 @@ class SwarmView:
                 continue
             try:
                 data = await fetch_evidence(self.node, record)
-                how = recompute
-                if how is None:
-                    route = await self.plan(model, blocks=record.span, exclude={record.accused, record.reporter},
-                                            quant=record.quant, wait=0.0)
-                    how = remote_recompute(self.node, route, model_id=model.model_id, dtype=record.dtype,
-                                           quant=record.quant)
-                verdict = await verify_report(record, data, how)
-                outcome = "verified" if verdict.verified else "false"
+                if recompute is not None:
+                    verdict = await verify_report(record, data, recompute)
+                    outcome = "verified" if verdict.verified else "false"
+                else:
+                    outcome = await self._verify_remotely(model, record, data)
             except ReportRejected as err:
                 outcome = f"rejected: {err}"
             except Exception as err:  # unreachable reporter, no independent server: try again later
@@ -273,6 +271,26 @@ class SwarmView:
                             record.accused[:12], record.span, record.reporter[:12])
             out.append((record, outcome))
         return out
+
+    async def _verify_remotely(self, model: ModelRef, record: ReportRecord, data: bytes) -> str:
+        """``verified``/``false`` by recomputing through servers that are neither accused nor reporter; a report
+        found true is confirmed through a second, disjoint route when one exists (a lying recomputer must not frame
+        an honest server): ``disputed`` when the two disagree (not believed)."""
+        from meshinfer.client.report_service import remote_recompute
+        from meshinfer.client.reports import verify_report
+
+        avoid = {record.accused, record.reporter}
+        first = await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
+        how = remote_recompute(self.node, first, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
+        if not (await verify_report(record, data, how)).verified:
+            return "false"
+        try:
+            second = await self.plan(model, blocks=record.span, exclude=avoid | {h.peer_id for h in first},
+                                     quant=record.quant, wait=0.0)
+        except NoRouteError:
+            return "verified"  # one independent server only: believed (docs: a lying recomputer is a limit)
+        how = remote_recompute(self.node, second, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
+        return "verified" if (await verify_report(record, data, how)).verified else "disputed"
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
