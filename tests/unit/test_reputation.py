@@ -21,9 +21,12 @@ def test_trust_grows_with_age_and_service() -> None:
     rep.observe(["new"], FULL_AGE_S)  # seen again: its age counts from the first sighting
     assert rep.trust("old", 0.0) == MIN_TRUST
     assert rep.trust("old", FULL_AGE_S / 2) == MIN_TRUST + (1 - MIN_TRUST) / 2
+    assert rep.trust("old", FULL_AGE_S / 5) == MIN_TRUST  # minutes apart weigh the same (levels)
     assert rep.trust("old", 10 * FULL_AGE_S) == 1.0
     assert rep.trust("unseen", 5.0) == MIN_TRUST
     rep.served("fresh", FULL_STEPS)
+    assert rep.trust("fresh", 0.0) == 1.0
+    rep.set_served("fresh", 3)  # never lowers
     assert rep.trust("fresh", 0.0) == 1.0
 
 

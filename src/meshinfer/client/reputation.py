@@ -5,10 +5,11 @@ served this client (``served``) and the VERIFIED reports against it (``add_repor
 ``client.reports.verify_report`` said so; a report is counted once per (reporter, accused, session)). Two outputs:
 
 - ``reported()``: peers with a verified report; routes avoid them like bans (``SwarmView.plan`` excludes them).
-- ``trust(peer, now)`` in [``MIN_TRUST``, 1]: a new identity starts at ``MIN_TRUST`` and grows linearly to 1 with
-  the larger of its observed age (full after ``FULL_AGE_S``) and the steps it served this client (full after
-  ``FULL_STEPS``). The planner divides a server's cost factor by it (``client.routing``), so between two otherwise
-  equal servers an established one is preferred, yet a lone new server is still used.
+- ``trust(peer, now)`` in [``MIN_TRUST``, 1]: a new identity starts at ``MIN_TRUST`` and grows to 1 with the
+  larger of its observed age (full after ``FULL_AGE_S``) and the steps it served this client (full after
+  ``FULL_STEPS``), in ``LEVELS`` steps (so servers seen minutes apart weigh the same: plans among young servers are
+  exactly as without reputation). The planner divides a server's cost factor by it (``client.routing``), so
+  between two otherwise equal servers an established one is preferred, yet a lone new server is still used.
 
 What it stops: a server caught once (a verified, signed report) is avoided by every client that reads the report,
 under every route, until the report expires from the DHT (reporters re-publish while they run). What it does NOT
@@ -23,6 +24,7 @@ Pure: no I/O, no torch; times are given by the caller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -34,6 +36,8 @@ FULL_AGE_S = 3600.0
 """Seconds of observed announcing after which a peer's trust is full."""
 FULL_STEPS = 1000
 """Steps served to this client after which a peer's trust is full."""
+LEVELS = 4
+"""Trust grows in this many equal steps (a quarter of ``FULL_AGE_S`` or ``FULL_STEPS`` each)."""
 
 
 @dataclass
@@ -50,6 +54,10 @@ class Reputation:
 
     def served(self, peer: PeerIdStr, steps: int = 1) -> None:
         self.steps[peer] = self.steps.get(peer, 0) + max(0, steps)
+
+    def set_served(self, peer: PeerIdStr, steps: int) -> None:
+        """``peer`` served this client ``steps`` steps so far (e.g. ``PeerStats.steps``; never lowers the count)."""
+        self.steps[peer] = max(self.steps.get(peer, 0), steps)
 
     def add_report(self, accused: PeerIdStr, reporter: PeerIdStr, session_id: str) -> bool:
         """Count a verified report; False when it was counted already."""
@@ -74,7 +82,7 @@ class Reputation:
         seen = self.first_seen.get(peer)
         age = 0.0 if seen is None else max(0.0, now - seen)
         grown = max(min(1.0, age / FULL_AGE_S), min(1.0, self.steps.get(peer, 0) / FULL_STEPS))
-        return MIN_TRUST + (1.0 - MIN_TRUST) * grown
+        return MIN_TRUST + (1.0 - MIN_TRUST) * math.floor(grown * LEVELS) / LEVELS
 
     def trust_map(self, peers: Iterable[PeerIdStr], now: float) -> dict[PeerIdStr, float]:
         return {peer: self.trust(peer, now) for peer in peers}

@@ -213,6 +213,8 @@ class SwarmView:
         while True:
             cov = await self.coverage(model, refresh=refresh)
             now = time.monotonic()
+            for peer in cov.servers:
+                self.reputation.set_served(peer, self.stats.steps(peer))
             excluded = set(exclude) | self.bans.avoided(now) | self.reputation.reported()  # re-read: backoffs end
             try:
                 return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant,
