@@ -133,3 +133,19 @@ def test_commit_is_bounded_on_the_wire(ident: Identity) -> None:
     data = encode_message(msg)
     assert decode_message(data) == msg
     assert len(data) < 1200  # 4 entries, a 2048-bit signature and key
+
+
+def test_push_mismatches_name_the_steps_whose_bytes_changed_between_hops(ident: Identity) -> None:
+    from meshinfer.client.evidence import push_mismatches
+
+    first = CommitChain(MID, BlockRange(0, 2), "a", ident.peer_id, every=3)
+    second = CommitChain(MID, BlockRange(2, 4), "b", ident.peer_id, every=3)
+    logs = CommitLog(MID, BlockRange(0, 2), "a", ident.peer_id), CommitLog(MID, BlockRange(2, 4), "b", ident.peer_id)
+    for k in range(3):
+        x, y, z = _tensor(k), _tensor(50 + k), _tensor(90 + k)
+        pushed = _tensor(7) if k == 1 else y  # step 1: hop 2 claims it received other bytes than hop 1 returned
+        for chain, log, inp, out, sid in ((first, logs[0], x, y, "a"), (second, logs[1], pushed, z, "b")):
+            chain.extend(k, k, 1, inp.data, out.data)
+            commit = sign_commit(ident, sid, chain.seal()) if chain.due else None
+            log.record(StepResult(session_id=sid, step_id=k, hidden=out, commit=commit))
+    assert push_mismatches(*logs) == [1]

@@ -9,7 +9,9 @@ dtype, same bits) and the claimed outputs of the steps overlapping [a, b). It re
 for the next one: at most ``COMMIT_EVERY`` steps), the hop's commits were refused (``CommitLog.broken``), or an
 input's hash differs from the one the hop signed (it says it computed something else than the client holds; for a
 pushed hop the previous server may have pushed other bytes than it returned: ambiguous, so no report). Audits
-should only judge windows ``evidence_for`` can cover. Reads the session, changes nothing; no network.
+should only judge windows ``evidence_for`` can cover. ``push_mismatches(log_i, log_i+1)`` names the steps where
+two consecutive hops signed different bytes for what went between them. Reads the session, changes nothing; no
+network.
 """
 
 from __future__ import annotations
@@ -78,3 +80,12 @@ def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs
                         public_key=signed.public_key, commit_steps=signed.steps, commit_head=signed.head,
                         commit_signature=signed.signature, entries=log.entries[:signed.steps], steps=indices,
                         inputs=wire_in, window_start=a, window_end=b, outputs=wire_out, dtype=dtype, quant=quant)
+
+
+def push_mismatches(before: CommitLog, after: CommitLog) -> list[int]:
+    """Step ids for which ``after`` (hop i+1) signed another input than the output ``before`` (hop i) signed for the
+    same step: one of the two lied about what went from one to the other (a pushed step carries the very bytes the
+    previous hop returned, and a step the client drives itself re-encodes them bit for bit). Only steps committed
+    by both are compared; which of the two lied takes a recomputation (the audit's third opinion)."""
+    outputs = {e.step_id: e.output_sha for e in before.entries}
+    return [e.step_id for e in after.entries if e.step_id in outputs and outputs[e.step_id] != e.input_sha]
