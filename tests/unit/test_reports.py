@@ -71,7 +71,7 @@ def _serve(span: BlockSpan, ident: Identity, *, lie_from: int | None = None, sca
     steps, ins, outs, position = [], [], [], 0
     for k, t in enumerate(tokens):
         x = torch.randn(t, span.spec.hidden_size)  # [T, H]
-        y = span(x.unsqueeze(0), cache)[0]  # [T, H]
+        y = span(x.to(span.dtype).unsqueeze(0), cache)[0].float()  # [T, H] in the session's float32
         if lie_from is not None and position + t > lie_from:
             y = y * scale
         wx, wy = encode_tensor(x), encode_tensor(y)
@@ -85,8 +85,9 @@ def _serve(span: BlockSpan, ident: Identity, *, lie_from: int | None = None, sca
     return Served(log, steps, torch.cat(ins), torch.cat(outs), model_id)
 
 
-def _report(served: Served, a: int, b: int) -> tuple[ReportRecord, bytes]:
-    blob = build_evidence(served.log, served.steps, served.inputs, served.outputs, a, b, dtype="float32")
+def _report(served: Served, a: int, b: int, accused_dtype: str = "") -> tuple[ReportRecord, bytes]:
+    blob = build_evidence(served.log, served.steps, served.inputs, served.outputs, a, b, dtype="float32",
+                          accused_dtype=accused_dtype)
     assert isinstance(blob, EvidenceBlob), blob
     return make_report(blob, reporter="QmReporter", addresses=["/ip4/127.0.0.1/tcp/1"])
 
@@ -193,3 +194,14 @@ def test_report_records_are_bounded_and_checked() -> None:
         decode_record(too_long)
     with pytest.raises(LimitExceededError):
         decode_record(b"\x00" * (MAX_RECORD_BYTES + 1))
+
+
+def test_an_honest_bfloat16_server_is_judged_with_its_dtypes_tolerance(span: BlockSpan, ident: Identity,
+                                                                      meshinfer_cache_dir: Path) -> None:
+    """Its outputs differ from a float32 recomputation by bf16 rounding: fine for its dtype, not for float32's."""
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    half = Checkpoint(tiny_checkpoint("llama")).load_span(SPAN, dtype="bfloat16")
+    served = _serve(half, ident)
+    assert not _verify(span, *_report(served, 8, 20, accused_dtype="bfloat16")).verified
+    assert _verify(span, *_report(served, 8, 20)).verified  # unknown dtype: float32's tolerance frames it

@@ -42,12 +42,12 @@ def evidence_for(session: InferenceSession, i: int, a: int, b: int) -> EvidenceB
     if hs.commits is None:
         return EvidenceUnavailable("no signed commit from this hop yet")
     return build_evidence(hs.commits, hs.steps, torch.cat(hs.inputs, dim=0), torch.cat(hs.outputs, dim=0), a, b,
-                          dtype=session.dtype, quant=session.quant or "none")
+                          dtype=session.dtype, quant=session.quant or "none", accused_dtype=hs.hop.record.dtype)
 
 
 def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs: torch.Tensor,
-                   outputs: torch.Tensor, a: int, b: int, *, dtype: str,
-                   quant: str = "none") -> EvidenceBlob | EvidenceUnavailable:
+                   outputs: torch.Tensor, a: int, b: int, *, dtype: str, quant: str = "none",
+                   accused_dtype: str = "") -> EvidenceBlob | EvidenceUnavailable:
     """``evidence_for`` from its parts: the hop's log, its (step id, position, tokens) steps in order, and its
     whole input and claimed output history ([P, H] each, in the session dtype)."""
     if log.signed is None:
@@ -79,7 +79,8 @@ def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs
     return EvidenceBlob(model_id=log.model_id, span=log.span, session_id=log.session_id, accused=log.peer_id,
                         public_key=signed.public_key, commit_steps=signed.steps, commit_head=signed.head,
                         commit_signature=signed.signature, entries=log.entries[:signed.steps], steps=indices,
-                        inputs=wire_in, window_start=a, window_end=b, outputs=wire_out, dtype=dtype, quant=quant)
+                        inputs=wire_in, window_start=a, window_end=b, outputs=wire_out, dtype=dtype, quant=quant,
+                        accused_dtype=accused_dtype)
 
 
 def push_mismatches(before: CommitLog, after: CommitLog) -> list[int]:

@@ -284,7 +284,7 @@ class SwarmView:
         avoid = {record.accused, record.reporter}
         first = await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
         how = remote_recompute(self.node, first, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
-        if not (await verify_report(record, data, how)).verified:
+        if not (await verify_report(record, data, how, _least_precise(first))).verified:
             return "false"
         try:
             second = await self.plan(model, blocks=record.span, exclude=avoid | {h.peer_id for h in first},
@@ -292,7 +292,7 @@ class SwarmView:
         except NoRouteError:
             return "verified"  # one independent server only: believed (docs: a lying recomputer is a limit)
         how = remote_recompute(self.node, second, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
-        return "verified" if (await verify_report(record, data, how)).verified else "disputed"
+        return "verified" if (await verify_report(record, data, how, _least_precise(second))).verified else "disputed"
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -314,6 +314,12 @@ class SwarmView:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _least_precise(route: Sequence[RouteHop]) -> str:
+    """The compute dtype of ``route`` for a tolerance: a half-precision one if any hop computes in one."""
+    dtypes = [h.record.dtype for h in route]
+    return next((d for d in dtypes if d != "float32"), "float32")
 
 
 def _no_route_message(err: NoRouteError, model: ModelRef, cov: Coverage) -> str:

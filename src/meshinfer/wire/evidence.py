@@ -52,7 +52,10 @@ class EvidenceBlob(msgspec.Struct, frozen=True):
     outputs: Annotated[list[Tensor], msgspec.Meta(max_length=MAX_EVIDENCE_STEPS)]
     """The claimed output of each of the last ``len(outputs)`` of ``steps`` (those overlapping the window)."""
     dtype: Annotated[str, msgspec.Meta(max_length=16)] = "float32"
+    """The session's wire dtype (of ``inputs`` and ``outputs``)."""
     quant: Annotated[str, msgspec.Meta(max_length=16)] = "none"
+    accused_dtype: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    """The dtype the accused computes in, as its server record announced (for the tolerance; empty: unknown)."""
     v: int = EVIDENCE_VERSION
 
 

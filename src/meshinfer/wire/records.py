@@ -153,6 +153,8 @@ class ReportRecord(msgspec.Struct, frozen=True, tag_field="type", tag="report"):
     direct_addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=8)] = []
     verifier_dtype: Annotated[str, msgspec.Meta(max_length=16)] = ""
     """The dtype of the server whose recomputation disagreed (for the tolerance; empty: unknown)."""
+    accused_dtype: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    """The dtype the accused computes in, as its server record announced (empty: unknown)."""
     created: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] = 0.0
     v: int = RECORD_VERSION
 
