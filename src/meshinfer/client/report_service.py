@@ -5,8 +5,9 @@ Contract (issue 19, D5): ``EvidenceStore`` holds the evidence blobs this peer pu
 (``wire.evidence``: one ``GetEvidence(sha256)`` per stream, answered ``EvidenceData`` or ``EvidenceError``; only
 blobs it stores, by their hash). ``publish_report(node, store, blob)`` stores the blob, starts serving, and puts the
 ``ReportRecord`` under ``reports:<model_id>`` (subkey ``<this peer>/<blob hash prefix>``, signed by this peer:
-nobody can publish under another's subkey, ``p2p.signing``). ``read_reports`` reads that key (records the DHT
-validator accepted). ``fetch_evidence`` gets a report's blob from its reporter, refusing anything larger than the
+nobody can publish under another's subkey, ``p2p.signing``) for ``REPORT_TTL_S``; ``announce_report`` renews it
+(``SwarmView`` does, every half TTL, while it runs and still stores the blob). ``read_reports`` reads that key
+(records the DHT validator accepted). ``fetch_evidence`` gets a report's blob from its reporter, refusing anything larger than the
 report said or ``MAX_EVIDENCE_BYTES``, or not hashing to it. ``remote_recompute(node, route, ...)`` is a
 ``client.reports.Recompute`` through a route of servers covering the report's span (the caller plans it avoiding
 the accused and the reporter). Runs on the node's event loop.
@@ -96,12 +97,19 @@ async def publish_report(node: PeerNode, store: EvidenceStore, blob: EvidenceBlo
     """Store and serve ``blob``, and announce its ``ReportRecord`` (returned) under ``reports:<model_id>``."""
     record, data = make_report(blob, reporter=node.peer_id, addresses=node.maddrs,
                                direct_addresses=node.direct_addresses, verifier_dtype=verifier_dtype)
-    digest = store.add(data)
+    store.add(data)
     await store.serve_on(node)
-    ok = await node.dht_put_record(reports_key(blob.model_id), record, time.time() + ttl, tag=digest.hex()[:16])
-    if not ok:
-        log.warning("the report against %s was not stored in the DHT", blob.accused[:12])
+    await announce_report(node, record, ttl=ttl)
     return record
+
+
+async def announce_report(node: PeerNode, record: ReportRecord, *, ttl: float = REPORT_TTL_S) -> bool:
+    """(Re-)announce ``record`` for ``ttl`` seconds from now (a later expiration replaces the stored one)."""
+    ok = await node.dht_put_record(reports_key(record.model_id), record, time.time() + ttl,
+                                   tag=record.blob_sha256.hex()[:16])
+    if not ok:
+        log.warning("the report against %s was not stored in the DHT", record.accused[:12])
+    return ok
 
 
 async def read_reports(node: PeerNode, model_id: str, *, timeout: float = 5.0) -> list[ReportRecord]:

@@ -126,6 +126,8 @@ class SwarmView:
         self.report_outcomes: dict[bytes, str] = {}
         """Blob hash of each report checked -> ``verified``, ``false`` or why it could not be checked."""
         self._evidence: EvidenceStore | None = None
+        self._published: list[ReportRecord] = []
+        self._renewer: asyncio.Task[None] | None = None
         self._cache: dict[str, _Cached] = {}
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._closed = False
@@ -240,7 +242,24 @@ class SwarmView:
         record = await publish_report(self.node, self._evidence, blob, verifier_dtype=verifier_dtype)
         self.reputation.add_report(record.accused, record.reporter, record.session_id)
         self.report_outcomes[record.blob_sha256] = "verified"
+        self._published.append(record)
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_reports(), name="renew-reports")
         return record
+
+    async def _renew_reports(self) -> None:
+        """Re-announce this view's reports every half TTL while their blobs are still stored (served)."""
+        from meshinfer.client.report_service import REPORT_TTL_S, announce_report
+
+        while True:
+            await asyncio.sleep(REPORT_TTL_S / 2)
+            store = self._evidence
+            self._published = [r for r in self._published if store is not None and r.blob_sha256 in store.blobs]
+            for record in self._published:
+                try:
+                    await announce_report(self.node, record)
+                except Exception as err:  # the next round tries again
+                    log.debug("renewing the report against %s failed: %s", record.accused[:12], err)
 
     async def check_reports(self, model: ModelRef, *, recompute: Recompute | None = None,
                             limit: int = 8) -> list[tuple[ReportRecord, str]]:
@@ -301,6 +320,10 @@ class SwarmView:
         if self._closed:
             return
         self._closed = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renewer
         for task in self._refreshers.values():
             task.cancel()
         for task in self._refreshers.values():
