@@ -8,9 +8,9 @@ blobs it stores, by their hash). ``publish_report(node, store, blob)`` stores th
 nobody can publish under another's subkey, ``p2p.signing``) for ``REPORT_TTL_S``; ``announce_report`` renews it
 (``SwarmView`` does, every half TTL, while it runs and still stores the blob). ``read_reports`` reads that key
 (records the DHT validator accepted). ``fetch_evidence`` gets a report's blob from its reporter, refusing
-anything larger than the report said or ``MAX_EVIDENCE_BYTES``, or not hashing to it. ``remote_recompute(node, route, ...)`` is a
-``client.reports.Recompute`` through a route of servers covering the report's span (the caller plans it avoiding
-the accused and the reporter). Runs on the node's event loop.
+anything larger than the report said or ``MAX_EVIDENCE_BYTES``, or not hashing to it.
+``remote_recompute(node, route, ...)`` is a ``client.reports.Recompute`` through a route of servers covering the
+report's span (the caller plans it avoiding the accused and the reporter). Runs on the node's event loop.
 """
 
 from __future__ import annotations
