@@ -97,3 +97,42 @@ def test_a_verified_report_makes_other_clients_avoid_the_liar(swarm: LocalSwarm)
         for _ in range(5):  # spread draws at random: every plan avoids the liar
             route = on(other, other.view.plan(other.ref))
             assert len(route) == 1 and route[0].peer_id != liar
+
+
+def test_evidence_binds_a_replacement_hop_after_a_failover(swarm: LocalSwarm) -> None:
+    """A session's server is killed mid-generation; the replacement's chain starts with the replayed history (one
+    chunked step) and its evidence still checks out (recovery records what the replay sent and got back)."""
+    from meshinfer.client.reports import check_evidence, local_recompute, make_report, verify_report
+    from meshinfer.models.checkpoint import Checkpoint
+
+    liar = swarm.servers[0].peer_id
+    victim = swarm.add_server((0, 4))
+    model_dir = tiny_checkpoint("llama")
+    with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, route_wait=5.0) as model:
+        async def run() -> tuple[EvidenceBlob, str]:
+            async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                return await model.view.plan(model.ref, blocks=blocks, exclude=exclude | {liar, victim.peer_id})
+
+            cov = await model.view.coverage(model.ref, refresh=True)
+            route = [RouteHop(victim.peer_id, BlockRange(0, 4), cov.servers[victim.peer_id])]
+            session = await InferenceSession.open(model.view.node, route, model_id=model.model_id, max_length=64,
+                                                  replan=replan, bans=model.view.bans)
+            gen = torch.Generator().manual_seed(1)
+            try:
+                for k in range(24):
+                    if k == 6:
+                        swarm.stop_server(victim, graceful=False)
+                    await session.step(torch.randn(5 if k == 0 else 1, 64, generator=gen))
+                assert [f.peer_id for f in session.failovers] == [victim.peer_id]
+                blob = evidence_for(session, 0, 12, 24)  # the commit at 16 steps covers 0:25
+                return blob, session.hops[0].hop.peer_id
+            finally:
+                await session.close()
+
+        blob, replacement = on(model, run())
+    assert isinstance(blob, EvidenceBlob), blob
+    assert blob.accused == replacement and blob.entries[0].tokens >= 10  # the replay: positions 0:10 in one step
+    record, data = make_report(blob, reporter="QmSomeoneElse")
+    check_evidence(record, data)
+    span = Checkpoint(model_dir).load_span(BlockRange(0, 4))
+    assert not asyncio.run(verify_report(record, data, local_recompute(span))).verified  # an honest replacement
