@@ -45,7 +45,10 @@ def span(meshinfer_cache_dir: Path) -> BlockSpan:
     return Checkpoint(tiny_checkpoint("llama")).load_span(BlockRange(0, 4))
 
 
-def test_results_carry_signed_commits_the_client_accepts(span: BlockSpan) -> None:
+@pytest.mark.parametrize("on_demand", [False, True], ids=["every-16", "on-demand"])
+def test_results_carry_signed_commits_the_client_accepts(span: BlockSpan, on_demand: bool) -> None:
+    """Every 16th result carries a commit; with ``on_demand``, step 2 asks for one too (``Step.want_commit``),
+    and the pushed hop's result of that step carries one as well."""
     ident = Identity.generate()
 
     async def main() -> None:
@@ -64,11 +67,12 @@ def test_results_carry_signed_commits_the_client_accepts(span: BlockSpan) -> Non
                                         dtype="float32", route_tail=[hop]), s1)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(0)
         position, sent = 0, []
-        n = COMMIT_EVERY + 4
+        n = COMMIT_EVERY + 4  # on demand: commits after steps 2 and 18
         for step_id in range(n):
             x = encode_tensor(torch.randn(5 if step_id == 0 else 1, 64, generator=gen))
             sent.append(x)
-            service.step(first, Step(session_id="first", step_id=step_id, position=position, hidden=x))
+            service.step(first, Step(session_id="first", step_id=step_id, position=position, hidden=x,
+                                     want_commit=on_demand and step_id == 2))
             position += x.shape[0]
         for _ in range(500):
             if len(s2.sent) == n:
@@ -80,14 +84,15 @@ def test_results_carry_signed_commits_the_client_accepts(span: BlockSpan) -> Non
         for name, stream, blocks in (("first", s1, BlockRange(0, 2)), ("second", s2, BlockRange(2, 4))):
             results = [m for m in stream.sent if isinstance(m, StepResult)]
             assert len(results) == n
-            assert [i for i, m in enumerate(results) if m.commit is not None] == [COMMIT_EVERY - 1]
+            expected = [2, 2 + COMMIT_EVERY] if on_demand else [COMMIT_EVERY - 1]
+            assert [i for i, m in enumerate(results) if m.commit is not None] == expected
             log = CommitLog("m", blocks, name, ident.peer_id)
             for m in results:
                 log.record(m)
-            assert log.broken is None and log.signed is not None and log.signed.steps == COMMIT_EVERY
+            assert log.broken is None and log.signed is not None and log.signed.steps == expected[-1] + 1
             logs[name] = log
         first_log, second_log = logs["first"], logs["second"]
-        assert [e.input_sha for e in first_log.entries] == [sha256(x.data) for x in sent[:COMMIT_EVERY]]
+        assert [e.input_sha for e in first_log.entries] == [sha256(x.data) for x in sent[:len(first_log.entries)]]
         assert [e.input_sha for e in second_log.entries] == [e.output_sha for e in first_log.entries]
 
     asyncio.run(main())

@@ -6,7 +6,8 @@ commit, the steps the session took from that hop covering positions [0, b') (b' 
 holds position b-1), their inputs re-encoded from the session's history (bit-identical to the wire bytes: same
 dtype, same bits) and the claimed outputs of the steps overlapping [a, b). It returns None, with the reason in
 ``EvidenceUnavailable``, when the evidence cannot bind the hop yet: a step is not covered by a signed commit (wait
-for the next one: at most ``COMMIT_EVERY`` steps), the hop's commits were refused (``CommitLog.broken``), or an
+for the next one: at most ``COMMIT_EVERY`` steps, or set ``InferenceSession.want_commit`` so the next step asks
+every hop for one), the hop's commits were refused (``CommitLog.broken``), or an
 input's hash differs from the one the hop signed (it says it computed something else than the client holds; for a
 pushed hop the previous server may have pushed other bytes than it returned: ambiguous, so no report). Audits
 should only judge windows ``evidence_for`` can cover. ``push_mismatches(log_i, log_i+1)`` names the steps where

@@ -151,11 +151,12 @@ class HopSession:
 
     # ---- steps ---------------------------------------------------------------------------------
 
-    async def send_step(self, step_id: int, position: int, x: torch.Tensor, burst: Burst | None = None) -> None:
+    async def send_step(self, step_id: int, position: int, x: torch.Tensor, burst: Burst | None = None,
+                        want_commit: bool = False) -> None:
         """Send one step (its answer comes through the reader); a broken stream is a ``HopFailure``."""
         assert self.stream is not None
         msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x),
-                   burst=burst)
+                   burst=burst, want_commit=want_commit)
         try:
             payload = encode_message(msg)
             if not self.stream.send_nowait(payload):

@@ -13,7 +13,8 @@ that go to the same next server, and the final outputs (no next hop) that go bac
 carry one burst tag (``wire.burst``) so the receiver computes them as one batch again. Given this server's
 ``Identity``, each computed result extends its session's commitment chain (``p2p.commit.CommitChain``, created at
 open as ``Session.chain``) and every ``COMMIT_EVERY``-th ``StepResult`` carries the signed ``Commit`` (RSA-PSS
-signing measured at ~0.3 ms on a shared 2-core machine, once per 16 steps: done on the loop). Knows nothing of
+signing measured at ~0.3 ms on a shared 2-core machine, once per 16 steps: done on the loop), and so does the
+result of a step that asked for one (``Step.want_commit``, passed on with the push). Knows nothing of
 admission, expiry or stream reading (``server.handler``).
 """
 
@@ -73,7 +74,7 @@ class Delivery:
         if chain is None:
             return None
         chain.extend(job.step_id, job.position, job.tokens, job.hidden.data, output.data)
-        if not chain.due or self.identity is None:
+        if not (chain.due or job.want_commit) or self.identity is None:
             return None
         return sign_commit(self.identity, session.session_id, chain.seal())
 
@@ -131,7 +132,7 @@ class Delivery:
             hop = session.next_hop
             if hop is not None:
                 step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
-                            burst=burst)
+                            burst=burst, want_commit=job.want_commit)
                 try:
                     await self._push(hop, step)
                 except MeshinferError as err:
@@ -156,7 +157,7 @@ class Delivery:
             if hop.peer_id == self.peer_id or self.pool is None:
                 return False
             step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
-                        burst=burst)
+                        burst=burst, want_commit=job.want_commit)
             if not self.pool.push_nowait(hop, step):
                 return False
         result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,

@@ -249,7 +249,8 @@ class SessionService:
                 raise SessionError(ErrorCode.OVERLOADED,
                                    f"peer {short_peer(session.client)} has {queued} steps waiting here "
                                    f"(limit --max-queued-steps-per-peer {limit}); wait for their results")
-            self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
+            self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst,
+                                      want_commit=msg.want_commit))
         elif kind is StepKind.REPEAT:
             assert session.last_output is not None
             self.delivery.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,

@@ -72,6 +72,8 @@ class StepJob:
     pushed: bool = False
     burst: Burst | None = None
     """The step's burst tag (``wire.burst``): the loop holds it until the rest of its burst is in."""
+    want_commit: bool = False
+    """The step asked for a signed commit on its result (``Step.want_commit``)."""
     done: int = 0
     """Tokens of the step computed so far (a prefill runs in chunks; ``server.scheduler``)."""
     work: Any = None

@@ -128,6 +128,9 @@ class Step(_StepOf, frozen=True, tag="step"):
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
+    want_commit: bool = False
+    """Ask for a signed ``Commit`` on this step's result (and on the next hops', pushes pass it on) even before
+    ``COMMIT_EVERY`` results (issue 19: an audit judging the latest positions). Older servers ignore it."""
 
 
 COMMIT_EVERY: Final = 16
