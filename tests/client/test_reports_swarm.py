@@ -52,15 +52,17 @@ def on(model: DistributedModel, coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def accuse(model: DistributedModel, peer: str) -> ReportRecord:
-    """Run 16 steps (positions 0:20) on ``peer`` alone and publish the evidence for positions 5:20."""
+    """Run 14 steps (positions 0:18) on ``peer`` alone, the last asking for a commit (``want_commit``: before the
+    16 steps of a regular one), and publish the evidence for positions 5:18."""
     cov = await model.view.coverage(model.ref, refresh=True)
     route = [RouteHop(peer, BlockRange(0, 4), cov.servers[peer])]
     session = await InferenceSession.open(model.view.node, route, model_id=model.model_id, max_length=64)
     gen = torch.Generator().manual_seed(0)
     try:
-        for t in [5] + [1] * 15:
+        for k, t in enumerate([5] + [1] * 13):
+            session.want_commit = k == 13
             await session.step(torch.randn(t, 64, generator=gen))
-        blob = evidence_for(session, 0, 5, 20)
+        blob = evidence_for(session, 0, 5, 18)
     finally:
         await session.close()
     assert isinstance(blob, EvidenceBlob), blob
