@@ -17,8 +17,9 @@ undecodable bytes inside a frame are answered and skipped, a broken frame ends t
 session's dtype (``Open.dtype``) may differ from the compute dtype: hidden states are converted on
 the way in and out, and each ``Step`` must carry the session's dtype. A session
 ends on ``Close``, when its stream breaks (client vanished), on idle timeout and at shutdown (the
-client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Knows
-nothing of the DHT or of how the span was loaded.
+client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Given the server's
+``identity``, every session keeps a commitment chain over its results (``Session.chain``; signed commits go out
+with them, ``server.delivery``). Knows nothing of the DHT or of how the span was loaded.
 """
 
 from __future__ import annotations
