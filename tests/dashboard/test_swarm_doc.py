@@ -131,3 +131,29 @@ def test_dashboard_payload_states(doc: dict[str, Any] | None, error: str | None,
     p = dashboard_payload(doc, error=error)
     assert (p["models"], p["complete"], p["error"]) == (models, complete, error)
     assert p["totals"]["models"] == 0 and p["updated_at"] is None
+
+
+def test_reports_are_listed_per_accused_server_as_claims() -> None:
+    from rich.console import Console
+
+    from meshinfer.cli.swarm import print_tables
+    from meshinfer.p2p.announce import ModelEntry, SwarmSnapshot
+    from meshinfer.wire.records import ReportRecord
+
+    card = ModelCard(model_id="m1", name="tiny", family="llama", num_blocks=4, hidden_size=64, dtype="float32")
+    records = [record("a", "0:4"), record("b", "0:4")]
+    snap = SwarmSnapshot([ModelEntry(card, 2)], {"m1": coverage("m1", 4, records)}, complete=True)
+
+    def report(reporter: str) -> ReportRecord:
+        return ReportRecord(reporter=reporter, accused="b", model_id="m1", span=BlockRange(0, 4), session_id="s",
+                            quant="none", dtype="float32", commit_steps=16, commit_head=b"h" * 32,
+                            commit_signature=b"s", accused_key=b"k", window_start=0, window_end=4,
+                            blob_sha256=b"x" * 32, blob_size=10)
+
+    doc = snapshot_doc(snap, {"m1": [report("r2"), report("r1"), report("r1")]})
+    a, b = doc["models"][0]["servers"]
+    assert (a["reports"], b["reports"], a["audits"]) == ([], ["r1", "r2"], None)
+    assert snapshot_doc(snap)["models"][0]["servers"][1]["reports"] == []
+    console = Console(record=True, width=250)
+    print_tables(doc, console)
+    assert "reports (claimed)" in console.export_text()

@@ -154,3 +154,20 @@ def test_sign_value_uses_the_node_key() -> None:
     rec = DHTRecord(raw.key, raw.subkey, v.sign_value(raw), raw.expiration_time)
     assert SignedRecordValidator(None).validate(rec)
     assert SignedRecordValidator(None).sign_value(raw) == raw.value  # a key-less node cannot sign
+
+
+def report_record(reporter: str) -> bytes:
+    from meshinfer.wire.records import ReportRecord
+
+    return pack(encode_record(ReportRecord(
+        reporter=reporter, accused="QmAccused", model_id="m", span=BlockRange(0, 2), session_id="s", quant="none",
+        dtype="float32", commit_steps=16, commit_head=b"h" * 32, commit_signature=b"s", accused_key=b"k",
+        window_start=0, window_end=4, blob_sha256=b"b" * 32, blob_size=10)))
+
+
+def test_reports_only_under_their_reporters_subkey() -> None:
+    v = SignedRecordValidator(None)
+    assert v.validate(signed(ALICE, f"{ALICE.peer_id}/r1", report_record(ALICE.peer_id)))
+    # Mallory cannot publish in Alice's name: not under Alice's subkey, nor a report naming Alice under its own
+    assert not v.validate(signed(MALLORY, f"{ALICE.peer_id}/r1", report_record(ALICE.peer_id)))
+    assert not v.validate(signed(MALLORY, f"{MALLORY.peer_id}/r1", report_record(ALICE.peer_id)))

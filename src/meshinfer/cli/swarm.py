@@ -82,6 +82,12 @@ def _device_text(server: dict[str, Any]) -> str:
     return f"{server.get('device') or 'cpu'} · {server.get('dtype') or 'float32'}"
 
 
+def _reports_text(server: dict[str, Any]) -> str:
+    """How many peers published a report naming this server (claims: ``swarm`` does not verify them)."""
+    n = len(server.get("reports") or [])
+    return f"[red]{n}[/red]" if n else ""
+
+
 def print_tables(doc: dict[str, Any], console: Any = None) -> None:
     """Print a ``swarm_doc`` as rich tables (models, then servers) on ``console`` (default: stdout)."""
     from rich.console import Console
@@ -99,7 +105,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         models.add_column(col)
     servers = Table(title="servers")
     for col in ("peer id", "model", "span", "state", "weights", "device", "tokens/s", "cache left", "version",
-                "name"):
+                "name", "reports (claimed)"):
         servers.add_column(col)
     for m in doc["models"]:
         missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
@@ -109,7 +115,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         for s in m["servers"]:
             servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s), _device_text(s),
                             f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
-                            s["public_name"] or "")
+                            s["public_name"] or "", _reports_text(s))
     console.print(models)
     console.print(servers)
     if not doc["complete"]:

@@ -9,8 +9,11 @@ push route by ``link_prev``), ``output`` (check a ``StepResult``), and ``close``
 (``Close`` + stream close; idempotent, never raises). ``route_tail`` lists the hops after one, as ``Open``
 and ``Retarget`` carry them. ``HopFailure`` says a hop cannot go on (raised inside ``InferenceSession``
 to start a failover, never out of it); ``Failover`` records one replacement; ``FAILOVER_CODES`` and
-``replaceable`` say which errors another server could get past. Knows nothing of routes' planning or of
-failover: hidden states in, hidden states out, one hop at a time.
+``replaceable`` say which errors another server could get past. Every ``StepResult`` read from a hop (by the
+reader or ``request_step``) goes to its ``commits`` log (``p2p.commit.CommitLog``: output hashes and the latest
+verified signed commit); ``steps`` and ``outputs`` (kept by the session and by recovery, aligned) say which step
+produced which positions of ``inputs`` and what the hop claimed for them (``client.evidence``). Knows nothing of
+routes' planning or of failover: hidden states in, hidden states out, one hop at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from meshinfer.client.routing import RouteHop
 from meshinfer.errors import MeshinferError, RemoteError, TransportError, WireError
 from meshinfer.p2p import SESSION_PROTOCOL
+from meshinfer.p2p.commit import CommitLog
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
@@ -80,6 +84,15 @@ class HopSession:
     push into this hop's session (None: only this client)."""
     closed: bool = field(default=False, init=False)
     """Whether ``close`` ran (a closed hop is never reopened)."""
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    """What the hop returned for each of ``inputs`` (its claimed outputs; the next hop's inputs are the same
+    tensors, so only the last hop's cost memory)."""
+    steps: list[tuple[int, int, int]] = field(default_factory=list)
+    """(step id, position, tokens) of the steps whose results the session took, aligned with ``outputs``."""
+    commits: CommitLog | None = None
+    """The hop's results and signed commitments (created at ``open``)."""
+    answered: int | None = None
+    """The step id of the hop's latest result the session took (set by the session while a step runs)."""
 
     def where(self) -> str:
         return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"
@@ -87,6 +100,7 @@ class HopSession:
     async def open(self, node: PeerNode, *, model_id: str, max_length: int, dtype: str, quant: str | None,
                    route_tail: list[Hop], timeout: float, on_rtt: RttCallback | None = None) -> None:
         """Open the stream and the server's session (pushing to ``route_tail[0]``, if any); raises on failure."""
+        self.commits = CommitLog(model_id, self.hop.span, self.session_id, self.hop.peer_id)
         self.stream = await node.open_stream(self.hop.peer_id, SESSION_PROTOCOL, maddrs=self.hop.record.addresses,
                                              direct=self.hop.record.direct_addresses, timeout=timeout)
         msg = Open(session_id=self.session_id, model=model_id, span=self.hop.span, max_length=max_length,
@@ -123,6 +137,8 @@ class HopSession:
             except MeshinferError as err:
                 events.put_nowait((self, err))
                 return
+            if isinstance(msg, StepResult) and self.commits is not None:
+                self.commits.record(msg)
             events.put_nowait((self, msg))
 
     async def stop_reader(self) -> None:
@@ -135,11 +151,12 @@ class HopSession:
 
     # ---- steps ---------------------------------------------------------------------------------
 
-    async def send_step(self, step_id: int, position: int, x: torch.Tensor, burst: Burst | None = None) -> None:
+    async def send_step(self, step_id: int, position: int, x: torch.Tensor, burst: Burst | None = None,
+                        want_commit: bool = False) -> None:
         """Send one step (its answer comes through the reader); a broken stream is a ``HopFailure``."""
         assert self.stream is not None
         msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x),
-                   burst=burst)
+                   burst=burst, want_commit=want_commit)
         try:
             payload = encode_message(msg)
             if not self.stream.send_nowait(payload):
@@ -151,7 +168,10 @@ class HopSession:
         """Send one step and return the next message (no reader may run); raises ``MeshinferError``."""
         assert self.stream is not None
         msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x))
-        return await self.stream.request(msg, timeout=timeout)
+        reply = await self.stream.request(msg, timeout=timeout)
+        if isinstance(reply, StepResult) and self.commits is not None:
+            self.commits.record(reply)
+        return reply
 
     def output(self, msg: StepResult, x: torch.Tensor, limits: WireLimits, dtype: str) -> torch.Tensor:
         """The hidden states of ``msg``, checked to have the shape and dtype of the input ``x``."""

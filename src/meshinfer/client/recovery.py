@@ -130,18 +130,22 @@ class Recovery:
         await asyncio.gather(*(open_one(hs) for hs in fresh))
         inputs = history
         for hs in fresh:
-            hs.inputs = list(inputs)
             outputs: list[torch.Tensor] = []
             position = 0
             if inputs:
                 whole = torch.cat(inputs, dim=0)  # [P, H]
-                for chunk in torch.split(whole, self.chunk_tokens(whole.shape[1]), dim=0):
-                    outputs.append(await self._replay_step(hs, position, chunk))
+                chunks = list(torch.split(whole, self.chunk_tokens(whole.shape[1]), dim=0))
+                for chunk in chunks:
+                    step_id, out = await self._replay_step(hs, position, chunk)
+                    outputs.append(out)
+                    hs.steps.append((step_id, position, chunk.shape[0]))
                     position += chunk.shape[0]
+                inputs = chunks  # the replacement's inputs step by step, as sent (aligned with its steps)
+            hs.inputs, hs.outputs = list(inputs), list(outputs)
             inputs = outputs
         return sum(x.shape[0] for x in history)
 
-    async def _replay_step(self, hs: HopSession, position: int, x: torch.Tensor) -> torch.Tensor:
+    async def _replay_step(self, hs: HopSession, position: int, x: torch.Tensor) -> tuple[int, torch.Tensor]:
         step_id = next(self.step_ids)
         try:
             reply = await hs.request_step(step_id, position, x, timeout=self.step_timeout)
@@ -149,7 +153,7 @@ class Recovery:
             raise HopFailure(hs, f"replay failed: {err}") from None
         if not isinstance(reply, StepResult) or reply.step_id != step_id:
             raise HopFailure(hs, f"replay answered with an unexpected {type(reply).__name__}")
-        return hs.output(reply, x, self.limits, self.dtype)
+        return step_id, hs.output(reply, x, self.limits, self.dtype)
 
 
 async def fix_tails(hops: Sequence[HopSession]) -> None:

@@ -45,6 +45,9 @@ PRIOR_CAP = 1.5
 """Announced speed is believed up to this many times the median of the candidates' (``plan_route``'s
 ``prior_cap``)."""
 
+MIN_TRUST_FACTOR = 0.05
+"""Floor of a peer's trust as the planner reads it (so a cost never divides by 0; reported peers are excluded)."""
+
 SPREAD_EXPONENT = 2.0
 """With random spreading, a server's odds of being chosen go as ``(1 / cost) ** SPREAD_EXPONENT``: 1 would be
 in proportion to speed, larger favours the faster more (lower latency for each client)."""
@@ -101,7 +104,8 @@ def load_factor(record: ServerRecord) -> float:
 
 
 def _costs(candidates: list[ServerRecord], rtts: Mapping[PeerIdStr, float], measured: Mapping[PeerIdStr, float],
-           prior_cap: float, rng: random.Random | None) -> dict[PeerIdStr, _Cost]:
+           prior_cap: float, rng: random.Random | None,
+           trust: Mapping[PeerIdStr, float] | None = None) -> dict[PeerIdStr, _Cost]:
     priors = prior_rates(candidates, prior_cap)
     costs: dict[PeerIdStr, _Cost] = {}
     for s in sorted(candidates, key=lambda r: r.peer_id):  # one draw per server, in a fixed order (seeded plans)
@@ -111,6 +115,8 @@ def _costs(candidates: list[ServerRecord], rtts: Mapping[PeerIdStr, float], meas
         else:
             fixed, block = rtts.get(s.peer_id, DEFAULT_RTT_S), 1.0 / priors[s.peer_id]
         factor = load_factor(s)
+        if trust is not None:  # client.reputation: a new identity costs more than an established one
+            factor /= min(1.0, max(trust.get(s.peer_id, 1.0), MIN_TRUST_FACTOR))
         if rng is not None:
             factor *= max(rng.expovariate(1.0), 1e-12) ** (1.0 / SPREAD_EXPONENT)
         costs[s.peer_id] = _Cost(fixed, block, factor)
@@ -126,10 +132,12 @@ def plan_route(
     measured: Mapping[PeerIdStr, float] | None = None,
     prior_cap: float = PRIOR_CAP,
     rng: random.Random | None = None,
+    trust: Mapping[PeerIdStr, float] | None = None,
 ) -> list[RouteHop]:
     """The cheapest chain of online servers covering ``blocks``; raise NoRouteError if none exists. ``measured``:
     seconds per token per block this client measured on peers (they replace those peers' announced figures);
-    ``prior_cap``: see ``prior_rates``; ``rng``: spread (see the module docstring).
+    ``prior_cap``: see ``prior_rates``; ``rng``: spread (see the module docstring); ``trust``: each peer's trust in
+    (0, 1] (``client.reputation``; absent: 1): its cost factor is divided by it.
 
     Shortest path over block boundaries: from boundary ``i`` a server whose span contains block ``i``
     can take the route to its span's end or to any other server's start inside its span (switching
@@ -145,7 +153,7 @@ def plan_route(
         if s.state == "online" and s.peer_id not in banned
         and s.span.start < blocks.end and s.span.end > blocks.start
     ]
-    costs = _costs(candidates, rtts, measured or {}, prior_cap, rng)
+    costs = _costs(candidates, rtts, measured or {}, prior_cap, rng, trust)
     cut_points = sorted({blocks.start, blocks.end} | {
         s.span.start for s in candidates if blocks.start < s.span.start < blocks.end
     })
@@ -204,6 +212,7 @@ def plan_uniform_route(
     measured: Mapping[PeerIdStr, float] | None = None,
     prior_cap: float = PRIOR_CAP,
     rng: random.Random | None = None,
+    trust: Mapping[PeerIdStr, float] | None = None,
 ) -> list[RouteHop]:
     """``plan_route`` over the servers whose weights are in quant mode ``quant``; None: the first mode of
     ``QUANT_MODES`` (most precise first) that has a route. Every hop of the result has the same mode."""
@@ -214,7 +223,7 @@ def plan_uniform_route(
     for mode in modes:
         try:
             return plan_route([s for s in pool if s.quant == mode], blocks, rtt_s=rtt_s, exclude=excluded,
-                              measured=measured, prior_cap=prior_cap, rng=rng)
+                              measured=measured, prior_cap=prior_cap, rng=rng, trust=trust)
         except NoRouteError as err:
             first = first or err
     assert first is not None

@@ -134,6 +134,9 @@ class InferenceSession:
         (the batched LM head hands it out); that step takes it (sent once: not on a retry) and clears it."""
         self.last_burst: Burst | None = None
         """The burst tag the last hop's result of the latest step came with (``wire.burst``)."""
+        self.want_commit = False
+        """Set by the caller (an audit): the next step asks every hop for a signed commit on its result
+        (``Step.want_commit``; cleared once a step went through)."""
         self._on_rtt: RttCallback | None = None
         self.stats = stats
         """Where measured step times go (None: nowhere)."""
@@ -257,8 +260,11 @@ class InferenceSession:
         except MeshinferError as err:
             self._broken = err
             raise
+        self.want_commit = False
         for i, hs in enumerate(self.hops):
             hs.inputs.append(x if i == 0 else outputs[i - 1])
+            hs.outputs.append(outputs[i])
+            hs.steps.append((hs.answered if hs.answered is not None else -1, self.position, tokens))
         self.position += tokens
         elapsed = time.monotonic() - started
         if tokens == 1:
@@ -306,7 +312,7 @@ class InferenceSession:
         sent = {start}
         sent_at = time.monotonic()
         arrived: dict[int, float] = {}
-        await self.hops[start].send_step(step_id, self.position, first_input, burst)
+        await self.hops[start].send_step(step_id, self.position, first_input, burst, self.want_commit)
         while len(outputs) < n:
             try:
                 hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
@@ -322,6 +328,7 @@ class InferenceSession:
                 if msg.session_id != hs.session_id or msg.step_id != step_id or i in outputs:
                     continue  # an answer to an earlier step (push and fallback overlapped, or a retry)
                 outputs[i] = hs.output(msg, first_input, self.node.settings.stream.limits, self.dtype)
+                hs.answered = msg.step_id
                 arrived[i] = time.monotonic()
                 if i == n - 1:
                     self.last_burst = msg.burst
@@ -340,7 +347,7 @@ class InferenceSession:
             for j in sorted(drive - sent):
                 if j - 1 in outputs:
                     sent.add(j)
-                    await self.hops[j].send_step(step_id, self.position, outputs[j - 1])
+                    await self.hops[j].send_step(step_id, self.position, outputs[j - 1], want_commit=self.want_commit)
         if tokens == 1 and start == 0 and self.stats is not None:
             self._measured(sent_at, arrived)
 

@@ -13,8 +13,15 @@ it: announced throughput is only a prior capped at ``prior_cap`` times the media
 plan draws its tie-breaks at random (weighted by speed and announced free capacity) so that clients spread
 over equivalent servers. ``bans`` (``PeerBans``) are shared by the view's sessions: failing peers back off
 briefly (exponentially), peers whose record proved false are banned for ``refuted_ban`` s, growing 4x per
-repeat up to ``MAX_REFUTED_BAN_S``. All methods run on the event loop the view was started on. Knows nothing
-of tensors or models beyond ids and block counts.
+repeat up to ``MAX_REFUTED_BAN_S``. ``reputation`` (``client.reputation``): every server read in a coverage is
+observed (a new identity starts below established ones: the planner divides its cost factor by its trust), and
+peers with a VERIFIED report are never routed to. ``report(blob)`` publishes evidence against a server (the blob is
+served by this view's peer on ``meshinfer/evidence/1``); ``check_reports(model)`` reads the model's reports and
+verifies each new one (``client.reports``: fetch the blob from its reporter, check it, recompute the span through
+servers that are neither accused nor reporter, a report found true confirmed through a second disjoint route when
+the swarm has one, or with the ``recompute`` given) before believing it. All methods run
+on the event loop the view was started on. Outside reports, knows nothing of tensors or models beyond ids and block
+counts (the report machinery is imported when first used).
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshinfer.client.measured import PeerStats
+from meshinfer.client.reputation import Reputation
 from meshinfer.client.routing import PRIOR_CAP, NoRouteError, RouteHop, plan_uniform_route
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError
@@ -36,6 +45,12 @@ from meshinfer.p2p.announce import Coverage, read_coverage
 from meshinfer.p2p.node import NodeSettings, PeerNode
 from meshinfer.types import BlockRange, PeerIdStr, check_quant
 from meshinfer.weights.bans import PeerBans
+from meshinfer.wire.records import ReportRecord
+
+if TYPE_CHECKING:
+    from meshinfer.client.report_service import EvidenceStore
+    from meshinfer.client.reports import Recompute
+    from meshinfer.wire.evidence import EvidenceBlob
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +121,13 @@ class SwarmView:
         report them, routes avoid them until it ends."""
         self.stats = PeerStats()
         """What this client measured of the servers it used (routes are planned on it)."""
+        self.reputation = Reputation()
+        """Servers' age as seen by this client and the verified reports against them (``client.reputation``)."""
+        self.report_outcomes: dict[bytes, str] = {}
+        """Blob hash of each report checked -> ``verified``, ``false`` or why it could not be checked."""
+        self._evidence: EvidenceStore | None = None
+        self._published: list[ReportRecord] = []
+        self._renewer: asyncio.Task[None] | None = None
         self._cache: dict[str, _Cached] = {}
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._closed = False
@@ -138,6 +160,7 @@ class SwarmView:
             return cached.coverage
         cov = await read_coverage(self.node, model.model_id, model.num_blocks, timeout=self.dht_timeout)
         self._cache[model.model_id] = _Cached(cov, time.monotonic())
+        self.reputation.observe(cov.servers, time.monotonic())
         log.debug("coverage of %s: %d servers, blocks %s", model.describe(), len(cov.servers), cov.counts())
         return cov
 
@@ -191,17 +214,104 @@ class SwarmView:
         refresh = False
         while True:
             cov = await self.coverage(model, refresh=refresh)
-            excluded = set(exclude) | self.bans.avoided(time.monotonic())  # re-read: backoffs end while we wait
+            now = time.monotonic()
+            for peer in cov.servers:
+                self.reputation.set_served(peer, self.stats.steps(peer))
+            excluded = set(exclude) | self.bans.avoided(now) | self.reputation.reported()  # re-read: backoffs end
             try:
                 return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant,
                                           rtt_s=self.stats.rtt(), exclude=excluded,
-                                          measured=self.stats.block_seconds(time.monotonic()),
-                                          prior_cap=self.prior_cap, rng=self.rng)
+                                          measured=self.stats.block_seconds(now),
+                                          prior_cap=self.prior_cap, rng=self.rng,
+                                          trust=self.reputation.trust_map(cov.servers, now))
             except NoRouteError as err:
                 if time.monotonic() >= deadline:
                     raise NoRouteError(_no_route_message(err, model, cov)) from None
             refresh = True
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    # ---- reports -------------------------------------------------------------------------------
+
+    async def report(self, blob: EvidenceBlob, *, verifier_dtype: str = "") -> ReportRecord:
+        """Publish ``blob`` (evidence that its accused lied, established by this client's own audit) and stop
+        routing to the accused."""
+        from meshinfer.client.report_service import EvidenceStore, publish_report
+
+        if self._evidence is None:
+            self._evidence = EvidenceStore()
+        record = await publish_report(self.node, self._evidence, blob, verifier_dtype=verifier_dtype)
+        self.reputation.add_report(record.accused, record.reporter, record.session_id)
+        self.report_outcomes[record.blob_sha256] = "verified"
+        self._published.append(record)
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_reports(), name="renew-reports")
+        return record
+
+    async def _renew_reports(self) -> None:
+        """Re-announce this view's reports every half TTL while their blobs are still stored (served)."""
+        from meshinfer.client.report_service import REPORT_TTL_S, announce_report
+
+        while True:
+            await asyncio.sleep(REPORT_TTL_S / 2)
+            store = self._evidence
+            self._published = [r for r in self._published if store is not None and r.blob_sha256 in store.blobs]
+            for record in self._published:
+                try:
+                    await announce_report(self.node, record)
+                except Exception as err:  # the next round tries again
+                    log.debug("renewing the report against %s failed: %s", record.accused[:12], err)
+
+    async def check_reports(self, model: ModelRef, *, recompute: Recompute | None = None,
+                            limit: int = 8) -> list[tuple[ReportRecord, str]]:
+        """Read ``model``'s reports and verify up to ``limit`` new ones (see the module docstring); each checked
+        report and its outcome (``verified``, ``false``, or why it was rejected or could not be checked)."""
+        from meshinfer.client.report_service import fetch_evidence, read_reports
+        from meshinfer.client.reports import ReportRejected, verify_report
+
+        out: list[tuple[ReportRecord, str]] = []
+        for record in await read_reports(self.node, model.model_id, timeout=self.dht_timeout):
+            if record.blob_sha256 in self.report_outcomes or record.reporter == self.peer_id or len(out) >= limit:
+                continue
+            try:
+                data = await fetch_evidence(self.node, record)
+                if recompute is not None:
+                    verdict = await verify_report(record, data, recompute)
+                    outcome = "verified" if verdict.verified else "false"
+                else:
+                    outcome = await self._verify_remotely(model, record, data)
+            except ReportRejected as err:
+                outcome = f"rejected: {err}"
+            except Exception as err:  # unreachable reporter, no independent server: try again later
+                log.info("report against %s not checked: %s", record.accused[:12], err)
+                out.append((record, f"unchecked: {err}"))
+                continue
+            self.report_outcomes[record.blob_sha256] = outcome
+            if outcome == "verified":
+                self.reputation.add_report(record.accused, record.reporter, record.session_id)
+                log.warning("verified report: server %s returned wrong outputs for blocks %s (reported by %s)",
+                            record.accused[:12], record.span, record.reporter[:12])
+            out.append((record, outcome))
+        return out
+
+    async def _verify_remotely(self, model: ModelRef, record: ReportRecord, data: bytes) -> str:
+        """``verified``/``false`` by recomputing through servers that are neither accused nor reporter; a report
+        found true is confirmed through a second, disjoint route when one exists (a lying recomputer must not frame
+        an honest server): ``disputed`` when the two disagree (not believed)."""
+        from meshinfer.client.report_service import remote_recompute
+        from meshinfer.client.reports import verify_report
+
+        avoid = {record.accused, record.reporter}
+        first = await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
+        how = remote_recompute(self.node, first, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
+        if not (await verify_report(record, data, how, _least_precise(first))).verified:
+            return "false"
+        try:
+            second = await self.plan(model, blocks=record.span, exclude=avoid | {h.peer_id for h in first},
+                                     quant=record.quant, wait=0.0)
+        except NoRouteError:
+            return "verified"  # one independent server only: believed (docs: a lying recomputer is a limit)
+        how = remote_recompute(self.node, second, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
+        return "verified" if (await verify_report(record, data, how, _least_precise(second))).verified else "disputed"
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -210,6 +320,10 @@ class SwarmView:
         if self._closed:
             return
         self._closed = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renewer
         for task in self._refreshers.values():
             task.cancel()
         for task in self._refreshers.values():
@@ -223,6 +337,12 @@ class SwarmView:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _least_precise(route: Sequence[RouteHop]) -> str:
+    """The compute dtype of ``route`` for a tolerance: a half-precision one if any hop computes in one."""
+    dtypes = [h.record.dtype for h in route]
+    return next((d for d in dtypes if d != "float32"), "float32")
 
 
 def _no_route_message(err: NoRouteError, model: ModelRef, cov: Coverage) -> str:

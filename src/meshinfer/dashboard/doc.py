@@ -10,8 +10,14 @@ The swarm document::
                  online servers per block], "missing_blocks": [...], "complete": bool,
                  "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "device", "dtype", "throughput",
                               "cache_tokens_left", "sessions", "queued_steps", "software_version", "public_name",
-                              "addresses", "direct_addresses"}]}],
+                              "addresses", "direct_addresses", "reports": [reporter peer ids],
+                              "audits": null}]}],
      "complete": bool}
+
+``reports`` lists the peers that published a report (``reports:<model_id>``, issue 19) naming that server: CLAIMS,
+not verified here (verification recomputes the span: ``SwarmView.check_reports`` does it, ``swarm`` does not), so
+tools show them as such. ``audits`` is the hook for the audit counters of a client (passed/failed per server); a
+read of the DHT has none (null).
 
 ``dashboard_payload`` adds what the web page needs on top of it: ``rtt_ms`` per server (measured from the
 viewer's node; null when unknown), per-model ``bottleneck_throughput``, swarm ``totals``, ``error`` (null, or
@@ -56,8 +62,9 @@ def server_entry(rec: Any) -> dict[str, Any]:
             "addresses": list(rec.addresses), "direct_addresses": list(rec.direct_addresses)}
 
 
-def snapshot_doc(snapshot: Any) -> dict[str, Any]:
-    """The swarm document of a ``SwarmSnapshot`` (models in the snapshot's order, servers by span)."""
+def snapshot_doc(snapshot: Any, reports: Mapping[str, Iterable[Any]] | None = None) -> dict[str, Any]:
+    """The swarm document of a ``SwarmSnapshot`` (models in the snapshot's order, servers by span); ``reports``:
+    model id -> its ``ReportRecord``s (claims)."""
     models = []
     for entry in snapshot.models:
         card = entry.card
@@ -71,14 +78,26 @@ def snapshot_doc(snapshot: Any) -> dict[str, Any]:
             "missing_blocks": cov.missing(), "complete": cov.complete,
             "servers": [server_entry(r) for r in records],
         })
+        claims: dict[str, set[str]] = {}
+        for report in (reports or {}).get(card.model_id, ()):
+            claims.setdefault(report.accused, set()).add(report.reporter)
+        for server in models[-1]["servers"]:
+            server["reports"] = sorted(claims.get(server["peer_id"], ()))
+            server["audits"] = None
     return {"models": models, "complete": snapshot.complete}
 
 
 async def swarm_doc(node: Any, timeout: float) -> dict[str, Any]:
     """The swarm document, read through an already started ``PeerNode`` (two DHT calls, each ``timeout``)."""
     from meshinfer.p2p.announce import read_swarm
+    from meshinfer.wire.records import ReportRecord, reports_key
 
-    return snapshot_doc(await read_swarm(node, timeout=timeout))
+    snapshot = await read_swarm(node, timeout=timeout)
+    ids = [entry.card.model_id for entry in snapshot.models]
+    found = await node.get_many([reports_key(m) for m in ids], timeout=timeout) if ids else {}
+    reports = {m: [f.record for f in found.get(reports_key(m), [])
+                   if isinstance(f.record, ReportRecord) and f.record.reporter == f.peer_id] for m in ids}
+    return snapshot_doc(snapshot, reports)
 
 
 def swarm_totals(models: list[dict[str, Any]]) -> dict[str, Any]:

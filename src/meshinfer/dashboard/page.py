@@ -50,6 +50,7 @@ PAGE_HTML = """<!doctype html>
   .model h2 { font-size: 16px; margin: 0 0 2px; }
   .model .meta { color: var(--muted); font-size: 12px; margin-bottom: 8px; }
   .model .meta .bad { color: var(--bad); font-weight: 600; }
+  #servers .bad { color: var(--bad); font-weight: 600; }
   .coverage { display: flex; flex-wrap: wrap; gap: 2px; }
   .cell { width: 26px; height: 26px; border-radius: 3px; font-size: 11px; display: flex; align-items: center;
           justify-content: center; font-variant-numeric: tabular-nums; color: #1d2330; }
@@ -100,7 +101,9 @@ PAGE_HTML = """<!doctype html>
     <table id="servers">
       <thead><tr><th>peer id</th><th>name</th><th>model</th><th>span</th><th>state</th><th>weights</th>
         <th class="num">tokens/s</th><th class="num">cache left</th><th class="num">sessions</th>
-        <th>version</th><th class="num">round trip</th></tr></thead>
+        <th>version</th>
+        <th class="num" title="peers that published a report naming this server (claims, unverified)">reports</th>
+        <th class="num">round trip</th></tr></thead>
       <tbody></tbody>
     </table>
     </div>
@@ -192,6 +195,8 @@ PAGE_HTML = """<!doctype html>
           '</td><td class="num">' +
           num(s.throughput, 1) + '</td><td class="num">' + int(s.cache_tokens_left) + '</td><td class="num">' +
           int(s.sessions) + "</td><td>" + esc(s.software_version) + '</td><td class="num">' +
+          ((s.reports || []).length ? '<span class="bad" title="' + esc(s.reports.join(", ")) + '">' +
+           int(s.reports.length) + "</span>" : "") + '</td><td class="num">' +
           (s.rtt_ms === null || s.rtt_ms === undefined ? "—" : num(s.rtt_ms, 2) + " ms") + "</td></tr>");
       }
     }

@@ -171,7 +171,7 @@ class BlockServer:
                                     PeerLimits(config.peer_sessions, config.peer_tokens)),
                 limits=DEFAULT_LIMITS, max_step_tokens=config.max_step_tokens,
                 idle_timeout=config.session_idle_timeout, quant=config.quant, pool=pool,
-                max_queued_steps_per_peer=config.max_queued_steps_per_peer)
+                max_queued_steps_per_peer=config.max_queued_steps_per_peer, identity=who.node.identity)
             server = cls(config, who, ready.model_dir, ready.ckpt, model_ref if ready.fetched else None, announcer,
                          service, pool, first, ready.span, metrics)
             service.on_change = server._status_dirty.set

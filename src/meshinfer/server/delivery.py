@@ -10,7 +10,11 @@ port when the next hop is this very server), then ``StepResult`` goes to the ses
 session leave in step order (one delivery chain per session; a synchronous fast path when its streams are
 idle, through ``Outbox.send_nowait``). The outputs of one turn
 that go to the same next server, and the final outputs (no next hop) that go back to the same client,
-carry one burst tag (``wire.burst``) so the receiver computes them as one batch again. Knows nothing of
+carry one burst tag (``wire.burst``) so the receiver computes them as one batch again. Given this server's
+``Identity``, each computed result extends its session's commitment chain (``p2p.commit.CommitChain``, created at
+open as ``Session.chain``) and every ``COMMIT_EVERY``-th ``StepResult`` carries the signed ``Commit`` (RSA-PSS
+signing measured at ~0.3 ms on a shared 2-core machine, once per 16 steps: done on the loop), and so does the
+result of a step that asked for one (``Step.want_commit``, passed on with the push). Knows nothing of
 admission, expiry or stream reading (``server.handler``).
 """
 
@@ -24,11 +28,13 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from meshinfer.errors import MeshinferError, TransportError
+from meshinfer.p2p.commit import sign_commit
+from meshinfer.p2p.identity import Identity
 from meshinfer.server.push import PushPool
 from meshinfer.server.scheduler import Finished
 from meshinfer.server.session import Session, StepJob
 from meshinfer.wire.burst import new_burst
-from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, Message, Step, StepResult, encode_message
+from meshinfer.wire.messages import Burst, Commit, Error, ErrorCode, Hop, Message, Step, StepResult, encode_message
 from meshinfer.wire.tensor import Tensor
 
 log = logging.getLogger(__name__)
@@ -54,10 +60,23 @@ class LocalSteps(Protocol):
 class Delivery:
     """Sending finished steps on, in order per session (see the module docstring)."""
 
-    def __init__(self, *, peer_id: str, local: LocalSteps, pool: PushPool | None = None) -> None:
+    def __init__(self, *, peer_id: str, local: LocalSteps, pool: PushPool | None = None,
+                 identity: Identity | None = None) -> None:
         self.peer_id = peer_id
         self.pool = pool
+        self.identity = identity
+        """Signs the sessions' commitments (None: results carry no commits)."""
         self._local = local
+
+    def _commit(self, session: Session, job: StepJob, output: Tensor) -> Commit | None:
+        """Chain one computed result of ``session``; the signed commit when one is due."""
+        chain = session.chain
+        if chain is None:
+            return None
+        chain.extend(job.step_id, job.position, job.tokens, job.hidden.data, output.data)
+        if not (chain.due or job.want_commit) or self.identity is None:
+            return None
+        return sign_commit(self.identity, session.session_id, chain.seal())
 
     def reply(self, session: Session, msg: Message) -> None:
         """Send ``msg`` to ``session``'s client after everything queued for it before."""
@@ -103,7 +122,9 @@ class Delivery:
                                       step_id=job.step_id))
             return
         assert output is not None
-        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output, burst):
+        commit = self._commit(session, job, output)
+        if (session.delivery is None or session.delivery.done()) and self._deliver_now(session, job, output, burst,
+                                                                                        commit):
             return
 
         async def deliver() -> None:
@@ -111,13 +132,13 @@ class Delivery:
             hop = session.next_hop
             if hop is not None:
                 step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
-                            burst=burst)
+                            burst=burst, want_commit=job.want_commit)
                 try:
                     await self._push(hop, step)
                 except MeshinferError as err:
                     push_error = err
             await self._send(session, StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
-                                                 burst=burst if hop is None else None))
+                                                 burst=burst if hop is None else None, commit=commit))
             if push_error is not None and hop is not None:
                 log.info("session %s: push of step %d to %s failed: %s", session.short_id, job.step_id,
                          hop.peer_id[:12], push_error)
@@ -127,7 +148,8 @@ class Delivery:
 
         self._chain(session, deliver)
 
-    def _deliver_now(self, session: Session, job: StepJob, output: Tensor, burst: Burst | None) -> bool:
+    def _deliver_now(self, session: Session, job: StepJob, output: Tensor, burst: Burst | None,
+                     commit: Commit | None = None) -> bool:
         """The fast path of ``on_result``: push and answer synchronously over idle streams (no task, no
         yield). False when it did nothing, so the caller takes the ordered async path."""
         hop = session.next_hop
@@ -135,11 +157,11 @@ class Delivery:
             if hop.peer_id == self.peer_id or self.pool is None:
                 return False
             step = Step(session_id=hop.session_id, step_id=job.step_id, position=job.position, hidden=output,
-                        burst=burst)
+                        burst=burst, want_commit=job.want_commit)
             if not self.pool.push_nowait(hop, step):
                 return False
         result = StepResult(session_id=session.session_id, step_id=job.step_id, hidden=output,
-                            burst=burst if hop is None else None)
+                            burst=burst if hop is None else None, commit=commit)
         try:
             sent = not session.ended and session.outbox.send_nowait(encode_message(result))
         except MeshinferError:

@@ -17,8 +17,9 @@ undecodable bytes inside a frame are answered and skipped, a broken frame ends t
 session's dtype (``Open.dtype``) may differ from the compute dtype: hidden states are converted on
 the way in and out, and each ``Step`` must carry the session's dtype. A session
 ends on ``Close``, when its stream breaks (client vanished), on idle timeout and at shutdown (the
-client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Knows
-nothing of the DHT or of how the span was loaded.
+client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Given the server's
+``identity``, every session keeps a commitment chain over its results (``Session.chain``; signed commits go out
+with them, ``server.delivery``). Knows nothing of the DHT or of how the span was loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from collections.abc import Callable
 
 from meshinfer.errors import MeshinferError, TransportError, WireError
+from meshinfer.p2p.commit import CommitChain
+from meshinfer.p2p.identity import Identity
 from meshinfer.p2p.stream import MessageStream, StreamClosed
 from meshinfer.server.delivery import Delivery
 from meshinfer.server.memory import MemoryBudget, Overloaded, short_peer
@@ -71,7 +74,8 @@ class SessionService:
     def __init__(self, *, model_id: str, peer_id: str, steps: StepLoop, budget: MemoryBudget,
                  limits: WireLimits, max_step_tokens: int, idle_timeout: float,
                  on_change: Callable[[], None] = lambda: None, quant: str = "none",
-                 pool: PushPool | None = None, max_queued_steps_per_peer: int = 256) -> None:
+                 pool: PushPool | None = None, max_queued_steps_per_peer: int = 256,
+                 identity: Identity | None = None) -> None:
         self.model_id = model_id
         self.quant = quant
         """How this server holds its weights; a session planned for another mode is refused at open."""
@@ -85,7 +89,7 @@ class SessionService:
         """Most steps one peer's sessions may have waiting (``--max-queued-steps-per-peer``)."""
         self.idle_timeout = idle_timeout
         self.on_change = on_change
-        self.delivery = Delivery(peer_id=peer_id, local=self.take_local, pool=pool)
+        self.delivery = Delivery(peer_id=peer_id, local=self.take_local, pool=pool, identity=identity)
         self.accepting = True
         self.sessions: dict[str, Session] = {}
         self._origins: dict[str, Session] = {}  # next hop's session id -> our session pushing to it
@@ -154,6 +158,8 @@ class SessionService:
         session = Session(msg.session_id, msg.span, msg.max_length, msg.dtype, stream, next_hop=next_hop,
                           client=stream.peer_id, prev_peer=msg.prev_peer, cache=cache,
                           last_activity=time.monotonic())
+        if self.delivery.identity is not None:
+            session.chain = CommitChain(self.model_id, msg.span, msg.session_id, self.peer_id)
         self.sessions[session.session_id] = session
         if next_hop is not None:
             self._origins[next_hop.session_id] = session
@@ -244,7 +250,8 @@ class SessionService:
                 raise SessionError(ErrorCode.OVERLOADED,
                                    f"peer {short_peer(session.client)} has {queued} steps waiting here "
                                    f"(limit --max-queued-steps-per-peer {limit}); wait for their results")
-            self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst))
+            self.steps.submit(StepJob(session, msg.step_id, msg.position, msg.hidden, now, pushed, msg.burst,
+                                      want_commit=msg.want_commit))
         elif kind is StepKind.REPEAT:
             assert session.last_output is not None
             self.delivery.reply(session, StepResult(session_id=session.session_id, step_id=msg.step_id,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshinfer.errors import MeshinferError
+from meshinfer.p2p.commit import CommitChain
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Burst, ErrorCode, Hop, Message, Step
 from meshinfer.wire.tensor import Tensor
@@ -71,6 +72,8 @@ class StepJob:
     pushed: bool = False
     burst: Burst | None = None
     """The step's burst tag (``wire.burst``): the loop holds it until the rest of its burst is in."""
+    want_commit: bool = False
+    """The step asked for a signed commit on its result (``Step.want_commit``)."""
     done: int = 0
     """Tokens of the step computed so far (a prefill runs in chunks; ``server.scheduler``)."""
     work: Any = None
@@ -108,6 +111,8 @@ class Session:
     end_reason: str = ""
     delivery: asyncio.Task[None] | None = None
     """The latest delivery task; each one awaits the previous, so replies leave in step order."""
+    chain: CommitChain | None = None
+    """This server's commitment chain over the session's results (``p2p.commit``; None: no commits)."""
 
     def __hash__(self) -> int:
         return id(self)

@@ -128,12 +128,48 @@ class Step(_StepOf, frozen=True, tag="step"):
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
+    want_commit: bool = False
+    """Ask for a signed ``Commit`` on this step's result (and on the next hops', pushes pass it on) even before
+    ``COMMIT_EVERY`` results (issue 19: an audit judging the latest positions). Older servers ignore it."""
+
+
+COMMIT_EVERY: Final = 16
+"""A server attaches a signed ``Commit`` to every COMMIT_EVERY-th ``StepResult`` of a session (``p2p.commit``)."""
+MAX_COMMIT_ENTRIES: Final = 64
+"""Most chain entries one ``Commit`` carries (the steps since the previous commit)."""
+Sha256 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+
+class ChainEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One step of a server's commitment chain (``p2p.commit``): which step, where, how many tokens, and the
+    sha256 of the input and output tensors' wire bytes (``Tensor.data``)."""
+
+    step_id: NonNegative
+    position: NonNegative
+    tokens: Positive
+    input_sha: Sha256
+    output_sha: Sha256
+
+
+class Commit(msgspec.Struct, frozen=True):
+    """A server's signed commitment to the first ``steps`` results of a session (``p2p.commit``): the chain head
+    after them, its RSA signature by the server's peer key (``public_key``, whose hash is its peer id), and the
+    chain entries since the previous commit (so the client learns the input hashes the server claims)."""
+
+    steps: Positive
+    head: Sha256
+    signature: Annotated[bytes, msgspec.Meta(max_length=1024)]
+    public_key: Annotated[bytes, msgspec.Meta(max_length=1024)]
+    entries: Annotated[list[ChainEntry], msgspec.Meta(max_length=MAX_COMMIT_ENTRIES)] = []
 
 
 class StepResult(_StepOf, frozen=True, tag="step_result"):
     hidden: Tensor
     v: int = PROTOCOL_VERSION
     burst: Burst | None = None
+    commit: Commit | None = None
+    """A signed commitment to this session's results so far (every ``COMMIT_EVERY`` steps; older servers: None,
+    and older clients ignore it)."""
 
 
 class Retarget(_Base, frozen=True, tag="retarget"):

@@ -25,6 +25,7 @@ Keys::
                                                            for servers from before it)
     models                subkey <peer id>/<model_id> -> ModelCard  (directory: lets ``swarm`` list models)
     seed:<model_id>       subkey peer id -> SeedRecord    (peers serving the model's weight pieces)
+    reports:<model_id>    subkey <reporter id>/<tag> -> ReportRecord  (evidence that a server lied; issue 19)
 """
 
 from __future__ import annotations
@@ -125,7 +126,40 @@ class SeedRecord(msgspec.Struct, frozen=True, tag_field="type", tag="seed"):
         return any(block in r for r in self.blocks)
 
 
-DhtRecord = ModelCard | ServerRecord | SeedRecord
+class ReportRecord(msgspec.Struct, frozen=True, tag_field="type", tag="report"):
+    """A client's claim that ``accused`` returned wrong outputs for ``span`` of ``model_id``, with what anyone needs
+    to check it (issue 19, D5): the accused's signed commit (steps, head, signature, public key) and the sha256
+    and size of the evidence blob (``wire.evidence.EvidenceBlob``: chain entries, inputs, claimed outputs) that the
+    reporter serves on ``meshinfer/evidence/1`` at ``addresses``. Believed only after ``client.reports`` verified
+    it (the blob hashes to ``blob_sha256``, the chain to the signed head, the recomputed outputs differ)."""
+
+    reporter: IdText
+    accused: IdText
+    model_id: IdText
+    span: BlockRange
+    session_id: IdText
+    quant: Annotated[str, msgspec.Meta(max_length=16)]
+    dtype: Annotated[str, msgspec.Meta(max_length=16)]
+    """The session's wire dtype (the accused's outputs as claimed)."""
+    commit_steps: Count
+    commit_head: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    commit_signature: Annotated[bytes, msgspec.Meta(max_length=1024)]
+    accused_key: Annotated[bytes, msgspec.Meta(max_length=1024)]
+    window_start: Count
+    window_end: Count
+    blob_sha256: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    blob_size: Annotated[int, msgspec.Meta(ge=1, le=2**40)]
+    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)] = []
+    direct_addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=8)] = []
+    verifier_dtype: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    """The dtype of the server whose recomputation disagreed (for the tolerance; empty: unknown)."""
+    accused_dtype: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    """The dtype the accused computes in, as its server record announced (empty: unknown)."""
+    created: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] = 0.0
+    v: int = RECORD_VERSION
+
+
+DhtRecord = ModelCard | ServerRecord | SeedRecord | ReportRecord
 
 
 
@@ -143,6 +177,10 @@ def block_key(model_id: ModelId, block: int) -> str:
 
 def seed_key(model_id: ModelId) -> str:
     return f"seed:{model_id}"
+
+
+def reports_key(model_id: ModelId) -> str:
+    return f"reports:{model_id}"
 
 
 def is_model_id(text: str) -> bool:
@@ -165,10 +203,18 @@ def _check(record: DhtRecord, _limits: WireLimits) -> None:
                                  f"(limit MAX_MODEL_BLOCKS {MAX_MODEL_BLOCKS})")
     if isinstance(record, SeedRecord) and any(r.end > record.num_blocks for r in record.blocks):
         raise WireError(f"seed record names blocks beyond the model's {record.num_blocks}")
+    if isinstance(record, ReportRecord):
+        if record.span.end > MAX_MODEL_BLOCKS:
+            raise LimitExceededError(f"report span {record.span} is beyond block {MAX_MODEL_BLOCKS} "
+                                     f"(limit MAX_MODEL_BLOCKS {MAX_MODEL_BLOCKS})")
+        if not record.window_start < record.window_end:
+            raise WireError(f"report window [{record.window_start}, {record.window_end}) is empty")
+        if record.accused == record.reporter:
+            raise WireError("a report accuses its own reporter")
 
 
 _codec: Codec[DhtRecord] = Codec(
-    DhtRecord, (ModelCard, ServerRecord, SeedRecord), version=RECORD_VERSION, kind="DHT record",
+    DhtRecord, (ModelCard, ServerRecord, SeedRecord, ReportRecord), version=RECORD_VERSION, kind="DHT record",
     label="DHT record", version_error=lambda v: WireError(f"DHT record version {v}, this peer reads version "
                                                           f"{RECORD_VERSION}"), length_limits=True, check=_check,
 )
