@@ -209,6 +209,20 @@ def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats,
     return sum(len(w) * m.length for runs in outputs.values() for w in runs.values())
 
 
+def table(result: dict[str, Any]) -> str:
+    """The summary as a plain-text table (one line per label)."""
+    lines = [f"{result['positions_computed']} positions computed in {result['seconds']} s; window {result['window']}",
+             f"{'label':48s} {'rel_err q50':>11s} {'q99':>9s} {'q99.9':>9s} {'max':>9s} | "
+             f"{'win|s-1| q50':>12s} {'q99':>9s} {'max':>9s} | {'win rel min':>11s}"]
+    for section in ("honest_by_dtype_pair", "dishonest"):
+        lines.append(f"-- {section}")
+        for label, st in result[section].items():
+            r, w, m = st["rel_err"], st["window_mean_abs_scale_minus_1"], st["window_max_rel_err"]
+            lines.append(f"{label:48s} {r['q50']:11.2e} {r['q99']:9.2e} {r['q99.9']:9.2e} {r['q100']:9.2e} | "
+                         f"{w['q50']:12.2e} {w['q99']:9.2e} {w['q100']:9.2e} | {m['q0']:11.2e}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("honest_noise.json"))
@@ -217,7 +231,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny llama and bench only, shorter sequences")
     parser.add_argument("--no-liars", action="store_true", help="skip the dishonest servers")
+    parser.add_argument("--table", type=Path, help="print the table of a result file written before, and exit")
     args = parser.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
     started = time.monotonic()
     honest, liars, detail = Stats(args.window), Stats(args.window), Stats(args.window)
     computed = 0
@@ -232,7 +250,7 @@ def main() -> None:
         "honest_by_dtype_pair": honest.summary(), "dishonest": liars.summary(), "detail": detail.summary(),
     }
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("positions_computed", "seconds", "honest_by_dtype_pair")}, indent=1))
+    print(table(result))
 
 
 if __name__ == "__main__":
