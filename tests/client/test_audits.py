@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_helpers import start_swarm, stop_swarm
+from client_helpers import stop_swarm
 
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.routing import RouteHop
@@ -53,17 +53,21 @@ def trio(bootstrap: list[str]) -> Iterator[Swarm]:
         stop_swarm(swarm)
 
 
-def steer(model: DistributedModel, avoid: Iterable[str]) -> None:
-    """Make the whole-model plans of ``model`` avoid ``avoid`` (plans over a span, for shadows, referees and
-    failovers, are untouched): the route goes where the test wants it."""
+def steer(model: DistributedModel, avoid: Iterable[str], first_span_avoid: Iterable[str] = ()) -> None:
+    """Make the whole-model plans of ``model`` avoid ``avoid``, and its first plan over a span (the first shadow's)
+    avoid ``first_span_avoid``; later span plans (referees, failovers) are untouched: the route and the first
+    shadow go where the test wants them."""
     view = model.view
     plan = view.plan
     avoided = frozenset(avoid)
+    span_avoid = [frozenset(first_span_avoid)]
 
     async def steered(ref: ModelRef, *, blocks: BlockRange | None = None, exclude: Iterable[str] = (),
                       **kw: Any) -> list[RouteHop]:
         if blocks is None:
             exclude = {*exclude, *avoided}
+        elif span_avoid:
+            exclude = {*exclude, *span_avoid.pop()}
         return await plan(ref, blocks=blocks, exclude=exclude, **kw)
 
     view.plan = steered  # type: ignore[method-assign]
@@ -120,3 +124,18 @@ def test_audit_off_gives_the_liars_output(trio: Swarm) -> None:
         assert [h.peer_id for h in model.last_route] == [trio.liar]
         assert model.audits.detections == 0
     assert got != want
+
+
+def test_lying_shadow_is_banned_and_nothing_rolls_back(trio: Swarm) -> None:
+    want = trio.local.generate(PROMPT, NEW, stop_token_ids=())
+    with client(trio) as model:
+        steer(model, [trio.liar, trio.honest[1]], first_span_avoid=[trio.honest[1]])  # route: honest 0, shadow: liar
+        got = model.generate(PROMPT, NEW, stop_token_ids=())
+        session = model.last_session
+        assert session is not None
+        assert trio.liar in model.view.bans.avoided(time.monotonic())
+        counters = model.audits
+    assert got == want
+    assert counters.lying_verifiers >= 1 and counters.detections == 0, counters
+    assert counters.peer(trio.honest[0]).failed == 0 and counters.peer(trio.honest[0]).passed >= 1, counters
+    assert not session.failovers

@@ -127,3 +127,38 @@ def test_tokens_to_detect_inverts_the_formula() -> None:
     assert detection_probability(n - 16, corrupt_fraction=0.01, detectability=1, audit_fraction=1,
                                  audit_every=16) < 0.99
     assert tokens_to_detect(0.9, corrupt_fraction=0, detectability=1, audit_every=16) is None
+
+
+# ---- the pure pieces of the audited generation loop and the session's rewind ----------------------------------
+
+def test_keep_after_rollback() -> None:
+    from meshinfer.client.audited import keep_after_rollback
+
+    assert keep_after_rollback(prompt=8, bad=3, released=0) == 8  # a lie inside the prompt: re-run from 3
+    assert keep_after_rollback(prompt=8, bad=7, released=0) == 8  # the first token came from position 7
+    assert keep_after_rollback(prompt=8, bad=12, released=0) == 13  # tokens from logits >= 12 dropped
+    assert keep_after_rollback(prompt=8, bad=12, released=6) == 14  # released tokens are never taken back
+
+
+def test_truncated_parts() -> None:
+    from meshinfer.client.session import _truncated  # pyright: ignore[reportPrivateUsage]
+
+    parts = [torch.zeros(8, 4), torch.ones(1, 4), 2 * torch.ones(1, 4)]
+    assert [p.shape[0] for p in _truncated(parts, 9)] == [8, 1]
+    assert [p.shape[0] for p in _truncated(parts, 5)] == [5]
+    assert _truncated(parts, 0) == []
+    assert torch.equal(torch.cat(_truncated(parts, 10)), torch.cat(parts))
+
+
+def test_check_due_and_settled_tokens() -> None:
+    from meshinfer.client.audit import check_due
+    from meshinfer.client.audited import settled_tokens
+
+    assert check_due(8, 0, 16)  # the prompt: at once
+    assert not check_due(0, 0, 16)
+    assert not check_due(23, 8, 16) and check_due(24, 8, 16)
+    assert not check_due(24, 24, 16)
+    assert settled_tokens(0, 8, 3) == 0
+    assert settled_tokens(8, 8, 3) == 1  # the prompt verified: the first token (from position 7) is settled
+    assert settled_tokens(9, 8, 3) == 2
+    assert settled_tokens(100, 8, 3) == 3

@@ -5,7 +5,8 @@ every step (``after_step``) it decides, once per hop, whether the hop is shadowe
 ``audit_fraction``); a shadowed hop gets a SHADOW: a session on an independent server whose span is exactly the
 hop's (same quant mode; planned by ``find_server``: a route over the span of one hop, avoiding the audited peer
 and banned peers; none: the hop counts as unaudited). Whenever ``audit_every`` positions of a shadowed hop are
-unverified, a background task (at most ``max_in_flight`` per session) sends the hop's INPUTS since the shadow's
+unverified (and as soon as the shadow is open: the prompt's positions, so the first token is released early), a
+background task (at most ``max_in_flight`` per session) sends the hop's INPUTS since the shadow's
 last check as ONE ordinary ``Step`` to the shadow and compares its outputs with the outputs the hop claimed
 (``client.audit_math.judge``). The generation never waits for an audit, except in ``settle`` (the end of a
 generation: every position verified).
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 
 ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 """``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
+
+
+def check_due(position: int, verified: int, every: int) -> bool:
+    """Whether a shadowed hop at ``position`` with claims verified on [0, ``verified``) gets a check now: once
+    ``every`` positions are unverified, and at once for the first (the prompt's positions)."""
+    return position > verified and (position - verified >= every or verified == 0)
 
 
 @dataclass
@@ -141,7 +148,8 @@ class Auditor:
                 shadow = self._shadows[hs] = _Shadow(hs, opening=True)
                 self._spawn(self._open_shadow(shadow))
                 continue
-            if shadow.hs is not None and not shadow.busy and self.session.position - shadow.verified >= self.every:
+            if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
+                                                                       self.every):
                 self._start_check(shadow, self.session.position)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:

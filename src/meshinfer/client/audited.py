@@ -44,6 +44,12 @@ def keep_after_rollback(prompt: int, bad: int, released: int) -> int:
     return max(prompt + released, max(prompt, bad + 1))
 
 
+def settled_tokens(verified_upto: int, prompt: int, produced: int) -> int:
+    """How many of ``produced`` tokens are settled when every audited hop is verified on [0, verified_upto): token
+    k came from the logits of position prompt - 1 + k."""
+    return max(0, min(produced, verified_upto - prompt + 1))
+
+
 async def agenerate_audited(session: InferenceSession, forward: AsyncForward, ids: list[int],
                             params: GenerationParams, eos_token_ids: Collection[int]) -> AsyncIterator[ScoredToken]:
     """See the module docstring. ``forward`` runs ``session``; ``ids`` are checked (``check_prompt``)."""
@@ -90,8 +96,8 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
             log.warning("rolled back to position %d (%d token(s) kept); generation goes on", d, kept)
             request = (history[d:keep], d)
             continue
-        settled = len(produced) if request is None else max(0, auditor.verified_upto - prompt + 1)
-        while released < min(settled, len(produced)):
+        settled = len(produced) if request is None else settled_tokens(auditor.verified_upto, prompt, len(produced))
+        while released < settled:
             yield produced[released]
             released += 1
         if request is None and released == len(produced):

@@ -21,7 +21,11 @@ on ``config.device`` (``auto``: the first CUDA GPU, else MPS, else the CPU; ``mo
 per step the embeddings come to the CPU in ONE copy for the wire (in the wire dtype: float32 unless an explicit
 half ``dtype`` was asked for, see ``from_pretrained``), the route's last hidden states go back to the device in
 ONE copy per head batch, and greedy sampling takes its argmax there (only ids come back). ``close()`` (or
-the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
+the context manager) leaves the swarm. With ``config.audit`` (the default) every session's hops are audited by
+shadow sessions (``client.audit``) and the generation runs ``client.audited.agenerate_audited``: tokens are
+released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
+generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
+(``ascore_prompt``'s single pass is not audited). Errors are ``MeshinferError``s: no route ("no online servers cover
 blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
 

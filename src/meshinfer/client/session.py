@@ -35,6 +35,11 @@ Measurements: given ``stats`` (``client.measured.PeerStats``, the swarm view's),
 went through the whole route without a failover reports each hop's share of it (from the previous hop's
 answer reaching the client to this hop's) as ``stats.record_step``; routes are planned on these figures.
 
+Audits (``client.audit``): ``auditor`` (set by ``DistributedModel``) is told of every completed step; each hop
+keeps the outputs it claimed (``HopSession.outputs``) beside its inputs. ``open_side`` opens an audit's side
+session with this session's settings; ``rewind(position, liar)`` forgets every position from ``position`` on and
+replaces ``liar`` (its inputs [0, position) replayed elsewhere); the next step must be at ``position``.
+
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
 threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in (from any
 device: they are brought to the CPU in the session dtype, a no-op when they are there already), hidden states out
