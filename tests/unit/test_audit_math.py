@@ -141,7 +141,7 @@ def test_keep_after_rollback() -> None:
 
 
 def test_truncated_parts() -> None:
-    from meshinfer.client.session import _truncated  # pyright: ignore[reportPrivateUsage]
+    from meshinfer.client.audit import truncate_parts as _truncated
 
     parts = [torch.zeros(8, 4), torch.ones(1, 4), 2 * torch.ones(1, 4)]
     assert [p.shape[0] for p in _truncated(parts, 9)] == [8, 1]
@@ -162,3 +162,15 @@ def test_check_due_and_settled_tokens() -> None:
     assert settled_tokens(8, 8, 3) == 1  # the prompt verified: the first token (from position 7) is settled
     assert settled_tokens(9, 8, 3) == 2
     assert settled_tokens(100, 8, 3) == 3
+
+
+def test_counters_summary() -> None:
+    from meshinfer.client.audit import AuditCounters
+
+    c = AuditCounters()
+    c.peer("b").passed += 2
+    c.peer("a").unaudited += 1
+    c.detections = 1
+    d = c.as_dict()
+    assert d["detections"] == 1 and list(d["peers"]) == ["a", "b"]  # type: ignore[call-overload]
+    assert d["peers"]["b"] == {"passed": 2, "failed": 0, "unaudited": 0, "positions": 0}  # type: ignore[index]

@@ -19,15 +19,18 @@ the hop over, resample from there); a lying shadow is dropped and the hop gets a
 that agrees with neither side: nobody is banned; the hop's audit is counted ``unresolved`` and it gets another
 shadow.
 
-``verified_upto`` is the position up to which every shadowed hop's claims were verified (tokens whose logits
-come from earlier positions are settled); ``rewind(position)`` forgets what lies beyond (a window in flight across
-a rewind is discarded). ``AuditCounters`` (per server peer: passed/failed windows, unaudited hops) accumulate on
+A hop replaced by a failover keeps its shadow until the claims it made are verified (downstream hops and tokens
+hold them); a lie found there rolls back the same way. ``verified_upto`` is the position up to which every
+shadowed hop's claims were verified (tokens whose logits come from earlier positions are settled);
+``rewind(position)`` forgets what lies beyond (a window in flight across a rewind is discarded). ``AuditCounters``
+(per server peer: passed/failed windows, unaudited hops) accumulate on
 the ``DistributedModel``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import secrets
@@ -88,6 +91,12 @@ class AuditCounters:
     def peer(self, peer_id: str) -> PeerAudits:
         return self.peers.setdefault(peer_id, PeerAudits())
 
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-able summary (for the swarm table, the dashboard and bench trust)."""
+        return {"detections": self.detections, "lying_verifiers": self.lying_verifiers,
+                "unresolved": self.unresolved,
+                "peers": {peer: dataclasses.asdict(audits) for peer, audits in sorted(self.peers.items())}}
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -108,6 +117,18 @@ class _Shadow:
     verified: int = 0
     """Positions [0, verified) of the audited hop's claims agree with the shadow's."""
     busy: bool = False
+
+
+def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The first ``position`` rows of the concatenation of ``parts`` ([T_k, H] each), still as parts."""
+    out: list[torch.Tensor] = []
+    left = position
+    for part in parts:
+        if left <= 0:
+            break
+        out.append(part if part.shape[0] <= left else part[:left])
+        left -= part.shape[0]
+    return out
 
 
 def _cat(parts: list[torch.Tensor], a: int, b: int) -> torch.Tensor:
@@ -151,6 +172,17 @@ class Auditor:
             if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
                                                                        self.every):
                 self._start_check(shadow, self.session.position)
+        for shadow in self._shadows.values():  # hops replaced by a failover: their claims up to then
+            target = self._target(shadow)
+            if shadow.audited not in self.session.hops and shadow.hs is not None and shadow.verified < target:
+                self._start_check(shadow, target)
+
+    def _target(self, shadow: _Shadow) -> int:
+        """The positions of ``shadow``'s hop to verify: all the session's, or for a hop replaced since (a
+        failover), the claims it made (downstream hops and tokens still hold them)."""
+        if shadow.audited in self.session.hops:
+            return self.session.position
+        return sum(out.shape[0] for out in shadow.audited.outputs)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         async def run() -> None:
@@ -171,7 +203,7 @@ class Auditor:
     def verified_upto(self) -> int:
         """Every shadowed hop's claims are verified on positions [0, verified_upto)."""
         marks = [s.verified for s in self._shadows.values()
-                 if (s.hs is not None or s.opening) and s.audited in self.session.hops]
+                 if (s.hs is not None or s.opening) and s.verified < self._target(s)]
         return min(marks, default=self.session.position)
 
     def audited(self, hs: HopSession) -> bool:
@@ -185,15 +217,14 @@ class Auditor:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             if self.detection is not None:
                 return
-            pending = [s for s in self._shadows.values() if s.hs is not None and s.audited in self.session.hops
-                       and s.verified < self.session.position]
+            pending = [s for s in self._shadows.values() if s.hs is not None and s.verified < self._target(s)]
             opening = [s for s in self._shadows.values() if s.opening]
             if not pending and not opening:
                 return
             for shadow in pending:
                 if not shadow.busy:
                     shadow.busy = True
-                    self._spawn(self._check(shadow, self.session.position))
+                    self._spawn(self._check(shadow, self._target(shadow)))
             if not self._tasks:
                 await asyncio.sleep(0.05)
 
@@ -206,6 +237,9 @@ class Auditor:
         self._epoch += 1
         for shadow in self._shadows.values():
             shadow.verified = min(shadow.verified, position)
+            if shadow.audited not in self.session.hops:  # a replaced hop: its claims beyond are dropped too
+                shadow.audited.inputs = truncate_parts(shadow.audited.inputs, position)
+                shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
             shadow.busy = False
 
     # ---- shadows -------------------------------------------------------------------------------
@@ -320,7 +354,10 @@ class Auditor:
                         referee.where(), length)
             if self.detection is None or a + first < self.detection.position:
                 self.detection = Detection(audited, audited.hop.peer_id, a + first)
-            shadow.verified = min(shadow.verified, a + first)
+            shadow.verified = a + first  # [a, a + first) agree with the referee; the liar's hop is replaced next
+            old, shadow.hs = shadow.hs, None
+            if old is not None:
+                await old.close(send_timeout=0.5, stream_timeout=0.5)
         elif culprit == "verifier":
             length = self.session.bans.ban(verifier.hop.peer_id, now)
             self.counters.peer(verifier.hop.peer_id).failed += 1

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from meshinfer.client.audit import truncate_parts
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.hops import (
     FAILOVER_CODES,
@@ -93,17 +94,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def _truncated(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
-    """The first ``position`` rows of the concatenation of ``parts`` ([T_k, H] each), still as parts."""
-    out: list[torch.Tensor] = []
-    left = position
-    for part in parts:
-        if left <= 0:
-            break
-        out.append(part if part.shape[0] <= left else part[:left])
-        left -= part.shape[0]
-    return out
 
 
 class InferenceSession:
@@ -251,8 +241,8 @@ class InferenceSession:
         if not 0 <= position <= self.position:
             raise UsageError(f"cannot rewind a session at position {self.position} to {position}")
         for hs in self.hops:
-            hs.inputs = _truncated(hs.inputs, position)
-            hs.outputs = _truncated(hs.outputs, position)
+            hs.inputs = truncate_parts(hs.inputs, position)
+            hs.outputs = truncate_parts(hs.outputs, position)
         self.position = position
         if self.auditor is not None:
             self.auditor.rewind(position)
