@@ -130,7 +130,12 @@ def test_lying_shadow_is_banned_and_nothing_rolls_back(trio: Swarm) -> None:
     want = trio.local.generate(PROMPT, NEW, stop_token_ids=())
     with client(trio) as model:
         steer(model, [trio.liar, trio.honest[1]], first_span_avoid=[trio.honest[1]])  # route: honest 0, shadow: liar
-        got = model.generate(PROMPT, NEW, stop_token_ids=())
+        for _ in range(4):  # the shadow serves ~4 checks per generation; the liar lies on half its calls
+            got = model.generate(PROMPT, NEW, stop_token_ids=())
+            assert got == want
+            if model.audits.lying_verifiers:
+                break
+            steer(model, [], first_span_avoid=[trio.honest[1]])  # the next session's shadow: the liar again
         session = model.last_session
         assert session is not None
         assert trio.liar in model.view.bans.avoided(time.monotonic())

@@ -70,8 +70,8 @@ def test_frozen() -> None:
     ({"prior_cap": 0.5}, "--prior-cap must be >= 1, got 0.5"),
     ({"refuted_ban": 0.0}, "--refuted-ban must be > 0 seconds and finite, got 0"),
     ({"audit_every": 0}, "--audit-every must be >= 1 token, got 0"),
-    ({"audit_fraction": 1.5}, "--audit-fraction must be in [0, 1], got 1.5"),
-    ({"audit_fraction": float("nan")}, "--audit-fraction must be in [0, 1], got nan"),
+    ({"audit_fraction": 1.5}, "--audit-fraction must be between 0 and 1, got 1.5"),
+    ({"audit_fraction": float("nan")}, "--audit-fraction must be between 0 and 1, got nan"),
     ({"audit_in_flight": 0}, "--audit-in-flight must be >= 1, got 0"),
 ])
 def test_bad_values_are_one_line_config_errors(kwargs: dict[str, Any], message: str) -> None:

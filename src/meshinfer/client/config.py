@@ -100,7 +100,7 @@ class ClientConfig:
         if self.audit_every < 1:
             raise ConfigError(f"--audit-every must be >= 1 token, got {self.audit_every}")
         if not 0.0 <= self.audit_fraction <= 1.0:
-            raise ConfigError(f"--audit-fraction must be in [0, 1], got {self.audit_fraction:g}")
+            raise ConfigError(f"--audit-fraction must be between 0 and 1, got {self.audit_fraction:g}")
         if self.audit_in_flight < 1:
             raise ConfigError(f"--audit-in-flight must be >= 1, got {self.audit_in_flight}")
         if self.cohorts < 1:
