@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,3 +53,13 @@ def test_parse_args_splits_at_the_double_dash() -> None:
         DishonestConfig("noise", rate=1.5)
     with pytest.raises(ConfigError, match="--mode"):
         DishonestConfig("honest")
+
+
+def test_local_swarm_starts_liars_through_the_dishonest_entry_point(tmp_path: Path) -> None:
+    from meshinfer.testing.swarm import LocalSwarm
+
+    liar = DishonestConfig("scale", scale=0.05)
+    swarm = LocalSwarm(tmp_path, [(0, 2), (2, 4)], dishonest={1: liar})
+    assert swarm.dishonest == {1: liar}
+    with pytest.raises(ConfigError, match="dishonest= keys"):
+        LocalSwarm(tmp_path, [(0, 2)], dishonest={1: liar})

@@ -76,6 +76,9 @@ class HopSession:
     stream: MessageStream | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
     """Every hidden-state input this span received, step by step ([T_k, H] each)."""
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    """What this span's server claimed as the outputs of those inputs, step by step ([T_k, H] each; audits and
+    evidence; the next hop's inputs are the same tensors, so only the last hop's cost memory)."""
     reader: asyncio.Task[None] | None = None
     tail: str | None = None
     """The session id this hop's server pushes its outputs to (None: it pushes nowhere)."""
@@ -84,9 +87,6 @@ class HopSession:
     push into this hop's session (None: only this client)."""
     closed: bool = field(default=False, init=False)
     """Whether ``close`` ran (a closed hop is never reopened)."""
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    """What the hop returned for each of ``inputs`` (its claimed outputs; the next hop's inputs are the same
-    tensors, so only the last hop's cost memory)."""
     steps: list[tuple[int, int, int]] = field(default_factory=list)
     """(step id, position, tokens) of the steps whose results the session took, aligned with ``outputs``."""
     commits: CommitLog | None = None

@@ -211,17 +211,17 @@ def _install_skip(config: DishonestConfig, block_cls: Any, span_cls: Any) -> Non
 def parse_args(argv: Sequence[str]) -> tuple[DishonestConfig, list[str]]:
     """(config, the ``meshinfer serve`` args after ``--``)."""
     argv = list(argv)
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
         raise ConfigError("usage: python -m meshinfer.testing.dishonest --mode MODE [...] -- <meshinfer serve args>")
-    cut = argv.index("--")
+    cut = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python -m meshinfer.testing.dishonest",
                                      description="Run `meshinfer serve` with its compute lying (tests only).")
-    parser.add_argument("--mode", required=True, choices=MODES)
-    parser.add_argument("--rate", type=float, default=None)
-    parser.add_argument("--scale", type=float, default=0.01)
-    parser.add_argument("--sigma", type=float, default=0.05)
-    parser.add_argument("--skip-block", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", required=True, choices=MODES, help="how it lies (module docstring)")
+    parser.add_argument("--rate", type=float, default=None, help="fraction of calls that lie (noise 0.25, load 1.0)")
+    parser.add_argument("--scale", type=float, default=0.01, help="scale mode: outputs times 1 + SCALE")
+    parser.add_argument("--sigma", type=float, default=0.05, help="noise std relative to each position's rms")
+    parser.add_argument("--skip-block", type=int, default=None, help="skip-block: this block is the identity")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every draw (with the call's input bytes)")
     ns = parser.parse_args(argv[:cut])
     config = DishonestConfig(ns.mode, ns.rate, ns.scale, ns.sigma, ns.skip_block, ns.seed)
     serve = argv[cut + 1:]
