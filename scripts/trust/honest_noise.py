@@ -3,13 +3,15 @@
 Contract: for each model (tiny llama / qwen2 / qwen3 / mistral, the demo and the bench checkpoint of
 ``meshinfer.testing.checkpoints``), starts real ``meshinfer serve`` processes of blocks 1:N (inputs are real
 residual streams: block 0 runs locally on the embeddings of random token ids) with different dtypes (fp32,
-bf16) and ``--torch-threads`` (1, 2), plus (on some models) one dishonest server per mode of
-``meshinfer.testing.dishonest``. Through each server it runs the same sequences three ways: ``single`` (one
-session at a time: a prefill of ``window`` tokens, then one-token decode steps), ``batched`` (``batch``
-sessions stepping at once, so the server's turns batch them) and ``shadow`` (prefill chunks of ``window``
-tokens: what an auditor's shadow session sends, design D1). Every claimed run (single/batched) is compared
-with every honest shadow run on another or the same server, per position, with the statistics of design D2
-(fp32 math, own copy here unless ``meshinfer.client.audit_math`` exists):
+bf16), ``--torch-threads`` (1, 2) and quant modes (none everywhere; int8 and int4 on three models, compared
+only among servers of one mode, as routes never mix modes), plus (on some models) one dishonest server (fp32,
+unquantized) per mode of ``meshinfer.testing.dishonest``. Through each server it runs the same sequences
+three ways: ``single`` (one session at a time: a prefill of ``window`` tokens, then one-token decode steps),
+``batched`` (``batch`` sessions stepping at once, so the server's turns batch them) and ``shadow`` (prefill
+chunks of ``window`` tokens: what an auditor's shadow session sends, design D1). Every claimed run
+(single/batched) is compared with every honest shadow run (same quant mode) on another or the same server, per
+position, with the statistics of design D2 (fp32 math, own copy here unless ``meshinfer.client.audit_math``
+exists):
 
     rel_err[p] = ||c_p - r_p|| / max(||r_p||, eps),   scale[p] = <c_p, r_p> / max(<r_p, r_p>, eps)
 
@@ -65,10 +67,16 @@ class Server:
     dtype: str
     threads: int
     liar: str | None = None
+    quant: str = "none"
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}-t{self.threads}" + (f"-{self.liar}" if self.liar else "")
+        quant = "" if self.quant == "none" else f"{self.quant}-"
+        return f"{quant}{self.dtype}-t{self.threads}" + (f"-{self.liar}" if self.liar else "")
+
+    @property
+    def args(self) -> list[str]:
+        return ["--dtype", self.dtype, "--torch-threads", str(self.threads), "--quant", self.quant]
 
 
 @dataclass(frozen=True)
@@ -77,19 +85,21 @@ class Model:
     path: Path
     length: int  # positions per sequence
     liars: bool  # also run the dishonest modes on this model
+    quant: bool  # also run int8 and int4 servers on this model (compared among servers of one quant mode)
 
 
 HONEST = (Server("fp32", 1), Server("fp32", 2), Server("bf16", 1))
+QUANTIZED = tuple(Server(dtype, 1, quant=q) for q in ("int8", "int4") for dtype in ("fp32", "bf16"))
 LIAR_CONFIGS = {mode: DishonestConfig(mode, seed=11) for mode in MODES}
 
 
 def models(quick: bool) -> list[Model]:
     n = 48 if quick else 80
-    out = [Model("tiny-llama", tiny_checkpoint("llama"), n, True)]
+    out = [Model("tiny-llama", tiny_checkpoint("llama"), n, True, not quick)]
     if not quick:
-        out += [Model(f"tiny-{f}", tiny_checkpoint(f), n, False) for f in ("qwen2", "qwen3", "mistral")]
-        out.append(Model("demo", demo_checkpoint(), n, False))
-    out.append(Model("bench", bench_checkpoint(), 48 if quick else 64, True))
+        out += [Model(f"tiny-{f}", tiny_checkpoint(f), n, False, False) for f in ("qwen2", "qwen3", "mistral")]
+        out.append(Model("demo", demo_checkpoint(), n, False, True))
+    out.append(Model("bench", bench_checkpoint(), 48 if quick else 64, True, not quick))
     return out
 
 
@@ -105,10 +115,11 @@ def hop_inputs(path: Path, sequences: int, length: int, seed: int) -> list[torch
 
 async def open_on(model: DistributedModel, server: ServerProcess, others: list[str], length: int) -> InferenceSession:
     view = model.view
-    route = await view.plan(model.ref, blocks=BlockRange(1, model.ref.num_blocks), exclude=others, wait=5.0)
+    route = await view.plan(model.ref, blocks=BlockRange(1, model.ref.num_blocks), exclude=others, wait=5.0,
+                            quant=str(server.info.get("quant", "none")))
     assert [h.peer_id for h in route] == [server.peer_id], route
     return await InferenceSession.open(view.node, route, model_id=model.ref.model_id, max_length=length,
-                                       dtype="float32", config=model.config)
+                                       dtype="float32", config=model.config, quant=route[0].record.quant)
 
 
 async def run_server(model: DistributedModel, server: ServerProcess, others: list[str], xs: list[torch.Tensor],
@@ -181,14 +192,15 @@ class Stats:
 def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats, detail: Stats) -> int:
     """Run one model's servers; add its comparisons; return the number of positions the servers computed."""
     xs = hop_inputs(m.path, args.batch, m.length, args.seed)
-    wanted = list(HONEST) + ([Server("fp32", 1, mode) for mode in MODES] if m.liars and not args.no_liars else [])
+    wanted = list(HONEST) + (list(QUANTIZED) if m.quant else [])
+    wanted += [Server("fp32", 1, mode) for mode in MODES] if m.liars and not args.no_liars else []
     outputs: dict[Server, dict[str, list[torch.Tensor]]] = {}
     with LocalSwarm(m.path, spans=[], torch_threads=None, startup_timeout=180) as swarm:
         procs = {}
         for srv in wanted:
-            extra = ["--dtype", srv.dtype, "--torch-threads", str(srv.threads)]
-            procs[srv] = swarm.add_server((1, Checkpoint(m.path).spec.num_blocks), extra_args=extra,
+            procs[srv] = swarm.add_server((1, Checkpoint(m.path).spec.num_blocks), extra_args=srv.args,
                                           dishonest=LIAR_CONFIGS[srv.liar] if srv.liar else None)
+            procs[srv].info.setdefault("quant", srv.quant)
         with DistributedModel.from_pretrained(m.path, swarm.initial_peers, route_wait=5.0) as model:
             for srv, proc in procs.items():
                 others = [p.peer_id for p in procs.values() if p is not proc]
@@ -197,10 +209,12 @@ def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats,
                     run_server(model, proc, others, xs, args.window), model.loop).result(timeout=600)
                 print(f"  {m.name} {srv.label}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
     for a, runs in outputs.items():
-        for b in HONEST:
+        for b in outputs:
+            if b.liar or b.quant != a.quant:
+                continue  # audits compare servers of one quant mode (routes never mix them)
             for way in ("single", "batched"):
                 for claimed, recomputed in zip(runs[way], outputs[b]["shadow"], strict=True):
-                    pair = f"{a.dtype}/{b.dtype}"
+                    pair = ("" if a.quant == "none" else f"{a.quant} ") + f"{a.dtype}/{b.dtype}"
                     if a.liar:
                         liars.add([f"{a.liar} vs {b.dtype}", a.liar], claimed, recomputed)
                     else:
