@@ -17,7 +17,8 @@ exists):
 
 and per window of ``window`` positions the mean |scale - 1| and the max rel_err. Output (JSON, ``--out``):
 quantiles (0/1/50/99/99.9/100 %) of rel_err, window mean |scale-1| and window max rel_err per
-(claimed dtype, recomputed dtype) pair of honest servers, per dishonest mode, and per detailed pair; the
+(claimed dtype, recomputed dtype) pair of honest servers (also split by path: the claim's prefill window vs
+its one-token steps), per dishonest mode, and per detailed pair; the
 number of positions; the run time. Run: ``PYTHONPATH=src python scripts/trust/honest_noise.py --out x.json``.
 """
 
@@ -189,7 +190,7 @@ class Stats:
                         "window_max_rel_err": q(self.win_rel[label])} for label in sorted(self.rel)}
 
 
-def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats, detail: Stats) -> int:
+def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats, detail: Stats, paths: Stats) -> int:
     """Run one model's servers; add its comparisons; return the number of positions the servers computed."""
     xs = hop_inputs(m.path, args.batch, m.length, args.seed)
     wanted = list(HONEST) + (list(QUANTIZED) if m.quant else [])
@@ -219,6 +220,9 @@ def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats,
                         liars.add([f"{a.liar} vs {b.dtype}", a.liar], claimed, recomputed)
                     else:
                         honest.add([pair], claimed, recomputed)
+                        w = args.window  # the claim's first window is a prefill, the rest one-token steps
+                        paths.add([f"{pair} prefill vs prefill"], claimed[:w], recomputed[:w])
+                        paths.add([f"{pair} decode vs prefill"], claimed[w:], recomputed[w:])
                         detail.add([f"{m.name} {a.label} {way} / {b.label} shadow"], claimed, recomputed)
     return sum(len(w) * m.length for runs in outputs.values() for w in runs.values())
 
@@ -228,9 +232,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{result['positions_computed']} positions computed in {result['seconds']} s; window {result['window']}",
              f"{'label':48s} {'rel_err q50':>11s} {'q99':>9s} {'q99.9':>9s} {'max':>9s} | "
              f"{'win|s-1| q50':>12s} {'q99':>9s} {'max':>9s} | {'win rel min':>11s}"]
-    for section in ("honest_by_dtype_pair", "dishonest"):
+    for section in ("honest_by_dtype_pair", "honest_by_path", "dishonest"):
         lines.append(f"-- {section}")
-        for label, st in result[section].items():
+        for label, st in result.get(section, {}).items():
             r, w, m = st["rel_err"], st["window_mean_abs_scale_minus_1"], st["window_max_rel_err"]
             lines.append(f"{label:48s} {r['q50']:11.2e} {r['q99']:9.2e} {r['q99.9']:9.2e} {r['q100']:9.2e} | "
                          f"{w['q50']:12.2e} {w['q99']:9.2e} {w['q100']:9.2e} | {m['q0']:11.2e}")
@@ -251,17 +255,18 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     started = time.monotonic()
-    honest, liars, detail = Stats(args.window), Stats(args.window), Stats(args.window)
+    honest, liars, detail, paths = (Stats(args.window) for _ in range(4))
     computed = 0
     for m in models(args.quick):
         print(f"{m.name}: ", file=sys.stderr, flush=True)
-        computed += study_model(m, args, honest, liars, detail)
+        computed += study_model(m, args, honest, liars, detail, paths)
     result = {
         "formula": "audit_math" if _audit_stats is not None else "own copy of D2",
         "window": args.window, "batch": args.batch, "servers": [s.label for s in HONEST],
         "liar_configs": {k: vars(v) for k, v in LIAR_CONFIGS.items()},
         "positions_computed": computed, "seconds": round(time.monotonic() - started, 1),
-        "honest_by_dtype_pair": honest.summary(), "dishonest": liars.summary(), "detail": detail.summary(),
+        "honest_by_dtype_pair": honest.summary(), "honest_by_path": paths.summary(), "dishonest": liars.summary(),
+        "detail": detail.summary(),
     }
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))
