@@ -10,8 +10,7 @@ three ways: ``single`` (one session at a time: a prefill of ``window`` tokens, t
 ``batched`` (``batch`` sessions stepping at once, so the server's turns batch them) and ``shadow`` (prefill
 chunks of ``window`` tokens: what an auditor's shadow session sends, design D1). Every claimed run
 (single/batched) is compared with every honest shadow run (same quant mode) on another or the same server, per
-position, with the statistics of design D2 (fp32 math, own copy here unless ``meshinfer.client.audit_math``
-exists):
+position, with the statistics of design D2 (``meshinfer.client.audit_math.position_stats``, fp32 math):
 
     rel_err[p] = ||c_p - r_p|| / max(||r_p||, eps),   scale[p] = <c_p, r_p> / max(<r_p, r_p>, eps)
 
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from meshinfer.client.audit_math import position_stats
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.session import InferenceSession
 from meshinfer.models.checkpoint import Checkpoint
@@ -44,23 +44,8 @@ from meshinfer.testing.dishonest import MODES, DishonestConfig
 from meshinfer.testing.swarm import LocalSwarm, ServerProcess
 from meshinfer.types import BlockRange
 
-EPS = 1e-12
 QUANTILES = (0.0, 0.01, 0.5, 0.99, 0.999, 1.0)
 
-try:  # helper "audit"'s module (design D2), once merged
-    from meshinfer.client.audit_math import position_stats as _audit_stats  # type: ignore[import-not-found]
-except ImportError:
-    _audit_stats = None
-
-
-def position_stats(claimed: torch.Tensor, recomputed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """D2 per position: (rel_err [P], scale [P]) of claimed vs recomputed [P, H], in fp32."""
-    if _audit_stats is not None:
-        return _audit_stats(claimed, recomputed)
-    c, r = claimed.float(), recomputed.float()
-    rel = (c - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(EPS)
-    scale = (c * r).sum(-1) / (r * r).sum(-1).clamp_min(EPS)
-    return rel, scale
 
 
 @dataclass(frozen=True)
@@ -261,7 +246,7 @@ def main() -> None:
         print(f"{m.name}: ", file=sys.stderr, flush=True)
         computed += study_model(m, args, honest, liars, detail, paths)
     result = {
-        "formula": "audit_math" if _audit_stats is not None else "own copy of D2",
+        "formula": "meshinfer.client.audit_math.position_stats (D2)",
         "window": args.window, "batch": args.batch, "servers": [s.label for s in HONEST],
         "liar_configs": {k: vars(v) for k, v in LIAR_CONFIGS.items()},
         "positions_computed": computed, "seconds": round(time.monotonic() - started, 1),
