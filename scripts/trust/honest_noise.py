@@ -3,19 +3,21 @@
 Contract: for each model (tiny llama / qwen2 / qwen3 / mistral, the demo and the bench checkpoint of
 ``meshinfer.testing.checkpoints``), starts real ``meshinfer serve`` processes of blocks 1:N (inputs are real
 residual streams: block 0 runs locally on the embeddings of random token ids) with different dtypes (fp32,
-bf16) and ``--torch-threads`` (1, 2), plus (on some models) one dishonest server per mode of
-``meshinfer.testing.dishonest``. Through each server it runs the same sequences three ways: ``single`` (one
-session at a time: a prefill of ``window`` tokens, then one-token decode steps), ``batched`` (``batch``
-sessions stepping at once, so the server's turns batch them) and ``shadow`` (prefill chunks of ``window``
-tokens: what an auditor's shadow session sends, design D1). Every claimed run (single/batched) is compared
-with every honest shadow run on another or the same server, per position, with the statistics of design D2
-(fp32 math, own copy here unless ``meshinfer.client.audit_math`` exists):
+bf16), ``--torch-threads`` (1, 2) and quant modes (none everywhere; int8 and int4 on three models, compared
+only among servers of one mode, as routes never mix modes), plus (on some models) one dishonest server (fp32,
+unquantized) per mode of ``meshinfer.testing.dishonest``. Through each server it runs the same sequences
+three ways: ``single`` (one session at a time: a prefill of ``window`` tokens, then one-token decode steps),
+``batched`` (``batch`` sessions stepping at once, so the server's turns batch them) and ``shadow`` (prefill
+chunks of ``window`` tokens: what an auditor's shadow session sends, design D1). Every claimed run
+(single/batched) is compared with every honest shadow run (same quant mode) on another or the same server, per
+position, with the statistics of design D2 (``meshinfer.client.audit_math.position_stats``, fp32 math):
 
     rel_err[p] = ||c_p - r_p|| / max(||r_p||, eps),   scale[p] = <c_p, r_p> / max(<r_p, r_p>, eps)
 
 and per window of ``window`` positions the mean |scale - 1| and the max rel_err. Output (JSON, ``--out``):
 quantiles (0/1/50/99/99.9/100 %) of rel_err, window mean |scale-1| and window max rel_err per
-(claimed dtype, recomputed dtype) pair of honest servers, per dishonest mode, and per detailed pair; the
+(claimed dtype, recomputed dtype) pair of honest servers (also split by path: the claim's prefill window vs
+its one-token steps), per dishonest mode, and per detailed pair; the
 number of positions; the run time. Run: ``PYTHONPATH=src python scripts/trust/honest_noise.py --out x.json``.
 """
 
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from meshinfer.client.audit_math import position_stats
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.session import InferenceSession
 from meshinfer.models.checkpoint import Checkpoint
@@ -41,23 +44,8 @@ from meshinfer.testing.dishonest import MODES, DishonestConfig
 from meshinfer.testing.swarm import LocalSwarm, ServerProcess
 from meshinfer.types import BlockRange
 
-EPS = 1e-12
 QUANTILES = (0.0, 0.01, 0.5, 0.99, 0.999, 1.0)
 
-try:  # helper "audit"'s module (design D2), once merged
-    from meshinfer.client.audit_math import position_stats as _audit_stats  # type: ignore[import-not-found]
-except ImportError:
-    _audit_stats = None
-
-
-def position_stats(claimed: torch.Tensor, recomputed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """D2 per position: (rel_err [P], scale [P]) of claimed vs recomputed [P, H], in fp32."""
-    if _audit_stats is not None:
-        return _audit_stats(claimed, recomputed)
-    c, r = claimed.float(), recomputed.float()
-    rel = (c - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(EPS)
-    scale = (c * r).sum(-1) / (r * r).sum(-1).clamp_min(EPS)
-    return rel, scale
 
 
 @dataclass(frozen=True)
@@ -65,10 +53,16 @@ class Server:
     dtype: str
     threads: int
     liar: str | None = None
+    quant: str = "none"
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}-t{self.threads}" + (f"-{self.liar}" if self.liar else "")
+        quant = "" if self.quant == "none" else f"{self.quant}-"
+        return f"{quant}{self.dtype}-t{self.threads}" + (f"-{self.liar}" if self.liar else "")
+
+    @property
+    def args(self) -> list[str]:
+        return ["--dtype", self.dtype, "--torch-threads", str(self.threads), "--quant", self.quant]
 
 
 @dataclass(frozen=True)
@@ -77,19 +71,21 @@ class Model:
     path: Path
     length: int  # positions per sequence
     liars: bool  # also run the dishonest modes on this model
+    quant: bool  # also run int8 and int4 servers on this model (compared among servers of one quant mode)
 
 
 HONEST = (Server("fp32", 1), Server("fp32", 2), Server("bf16", 1))
+QUANTIZED = tuple(Server(dtype, 1, quant=q) for q in ("int8", "int4") for dtype in ("fp32", "bf16"))
 LIAR_CONFIGS = {mode: DishonestConfig(mode, seed=11) for mode in MODES}
 
 
 def models(quick: bool) -> list[Model]:
     n = 48 if quick else 80
-    out = [Model("tiny-llama", tiny_checkpoint("llama"), n, True)]
+    out = [Model("tiny-llama", tiny_checkpoint("llama"), n, True, not quick)]
     if not quick:
-        out += [Model(f"tiny-{f}", tiny_checkpoint(f), n, False) for f in ("qwen2", "qwen3", "mistral")]
-        out.append(Model("demo", demo_checkpoint(), n, False))
-    out.append(Model("bench", bench_checkpoint(), 48 if quick else 64, True))
+        out += [Model(f"tiny-{f}", tiny_checkpoint(f), n, False, False) for f in ("qwen2", "qwen3", "mistral")]
+        out.append(Model("demo", demo_checkpoint(), n, False, True))
+    out.append(Model("bench", bench_checkpoint(), 48 if quick else 64, True, not quick))
     return out
 
 
@@ -105,10 +101,11 @@ def hop_inputs(path: Path, sequences: int, length: int, seed: int) -> list[torch
 
 async def open_on(model: DistributedModel, server: ServerProcess, others: list[str], length: int) -> InferenceSession:
     view = model.view
-    route = await view.plan(model.ref, blocks=BlockRange(1, model.ref.num_blocks), exclude=others, wait=5.0)
+    route = await view.plan(model.ref, blocks=BlockRange(1, model.ref.num_blocks), exclude=others, wait=5.0,
+                            quant=str(server.info.get("quant", "none")))
     assert [h.peer_id for h in route] == [server.peer_id], route
     return await InferenceSession.open(view.node, route, model_id=model.ref.model_id, max_length=length,
-                                       dtype="float32", config=model.config)
+                                       dtype="float32", config=model.config, quant=route[0].record.quant)
 
 
 async def run_server(model: DistributedModel, server: ServerProcess, others: list[str], xs: list[torch.Tensor],
@@ -178,17 +175,18 @@ class Stats:
                         "window_max_rel_err": q(self.win_rel[label])} for label in sorted(self.rel)}
 
 
-def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats, detail: Stats) -> int:
+def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats, detail: Stats, paths: Stats) -> int:
     """Run one model's servers; add its comparisons; return the number of positions the servers computed."""
     xs = hop_inputs(m.path, args.batch, m.length, args.seed)
-    wanted = list(HONEST) + ([Server("fp32", 1, mode) for mode in MODES] if m.liars and not args.no_liars else [])
+    wanted = list(HONEST) + (list(QUANTIZED) if m.quant else [])
+    wanted += [Server("fp32", 1, mode) for mode in MODES] if m.liars and not args.no_liars else []
     outputs: dict[Server, dict[str, list[torch.Tensor]]] = {}
     with LocalSwarm(m.path, spans=[], torch_threads=None, startup_timeout=180) as swarm:
         procs = {}
         for srv in wanted:
-            extra = ["--dtype", srv.dtype, "--torch-threads", str(srv.threads)]
-            procs[srv] = swarm.add_server((1, Checkpoint(m.path).spec.num_blocks), extra_args=extra,
+            procs[srv] = swarm.add_server((1, Checkpoint(m.path).spec.num_blocks), extra_args=srv.args,
                                           dishonest=LIAR_CONFIGS[srv.liar] if srv.liar else None)
+            procs[srv].info.setdefault("quant", srv.quant)
         with DistributedModel.from_pretrained(m.path, swarm.initial_peers, route_wait=5.0) as model:
             for srv, proc in procs.items():
                 others = [p.peer_id for p in procs.values() if p is not proc]
@@ -197,14 +195,19 @@ def study_model(m: Model, args: argparse.Namespace, honest: Stats, liars: Stats,
                     run_server(model, proc, others, xs, args.window), model.loop).result(timeout=600)
                 print(f"  {m.name} {srv.label}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
     for a, runs in outputs.items():
-        for b in HONEST:
+        for b in outputs:
+            if b.liar or b.quant != a.quant:
+                continue  # audits compare servers of one quant mode (routes never mix them)
             for way in ("single", "batched"):
                 for claimed, recomputed in zip(runs[way], outputs[b]["shadow"], strict=True):
-                    pair = f"{a.dtype}/{b.dtype}"
+                    pair = ("" if a.quant == "none" else f"{a.quant} ") + f"{a.dtype}/{b.dtype}"
                     if a.liar:
                         liars.add([f"{a.liar} vs {b.dtype}", a.liar], claimed, recomputed)
                     else:
                         honest.add([pair], claimed, recomputed)
+                        w = args.window  # the claim's first window is a prefill, the rest one-token steps
+                        paths.add([f"{pair} prefill vs prefill"], claimed[:w], recomputed[:w])
+                        paths.add([f"{pair} decode vs prefill"], claimed[w:], recomputed[w:])
                         detail.add([f"{m.name} {a.label} {way} / {b.label} shadow"], claimed, recomputed)
     return sum(len(w) * m.length for runs in outputs.values() for w in runs.values())
 
@@ -214,9 +217,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{result['positions_computed']} positions computed in {result['seconds']} s; window {result['window']}",
              f"{'label':48s} {'rel_err q50':>11s} {'q99':>9s} {'q99.9':>9s} {'max':>9s} | "
              f"{'win|s-1| q50':>12s} {'q99':>9s} {'max':>9s} | {'win rel min':>11s}"]
-    for section in ("honest_by_dtype_pair", "dishonest"):
+    for section in ("honest_by_dtype_pair", "honest_by_path", "dishonest"):
         lines.append(f"-- {section}")
-        for label, st in result[section].items():
+        for label, st in result.get(section, {}).items():
             r, w, m = st["rel_err"], st["window_mean_abs_scale_minus_1"], st["window_max_rel_err"]
             lines.append(f"{label:48s} {r['q50']:11.2e} {r['q99']:9.2e} {r['q99.9']:9.2e} {r['q100']:9.2e} | "
                          f"{w['q50']:12.2e} {w['q99']:9.2e} {w['q100']:9.2e} | {m['q0']:11.2e}")
@@ -237,17 +240,18 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     started = time.monotonic()
-    honest, liars, detail = Stats(args.window), Stats(args.window), Stats(args.window)
+    honest, liars, detail, paths = (Stats(args.window) for _ in range(4))
     computed = 0
     for m in models(args.quick):
         print(f"{m.name}: ", file=sys.stderr, flush=True)
-        computed += study_model(m, args, honest, liars, detail)
+        computed += study_model(m, args, honest, liars, detail, paths)
     result = {
-        "formula": "audit_math" if _audit_stats is not None else "own copy of D2",
+        "formula": "meshinfer.client.audit_math.position_stats (D2)",
         "window": args.window, "batch": args.batch, "servers": [s.label for s in HONEST],
         "liar_configs": {k: vars(v) for k, v in LIAR_CONFIGS.items()},
         "positions_computed": computed, "seconds": round(time.monotonic() - started, 1),
-        "honest_by_dtype_pair": honest.summary(), "dishonest": liars.summary(), "detail": detail.summary(),
+        "honest_by_dtype_pair": honest.summary(), "honest_by_path": paths.summary(), "dishonest": liars.summary(),
+        "detail": detail.summary(),
     }
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))
