@@ -35,22 +35,34 @@ class Tolerance:
     rel_err: float
     """Largest honest rel_err of one position."""
     scale: float
-    """Largest honest mean |scale - 1| over a window."""
+    """Largest honest |mean(scale) - 1| over a window (the SIGNED mean: honest rounding noise averages out over the
+    window's positions, a systematic scale does not)."""
 
 
+# Calibrated on scripts/trust/honest_noise_cpu.json (36,096 positions: 6 models, fp32 with 1 and 2 threads, bf16,
+# int8/int4, single and 4 batched sessions, each against a shadow prefilling windows of 16; CPU). Honest maxima
+# (rel_err / window mean |scale - 1|, an upper bound of the signed statistic) are quoted per constant; bounds are
+# 2-250x above them. Prefill against prefill was bit-exact in every dtype: all honest noise is decode vs prefill.
 FP32: Final = Tolerance(rel_err=1e-3, scale=1e-4)
-"""Both sides fp32 (honest study, CPU: rel_err <= 4e-6, window scale ~0)."""
+"""Both sides fp32, unquantized (honest: rel_err <= 4.1e-6, window scale <= 1e-7)."""
 HALF_SAME: Final = Tolerance(rel_err=0.1, scale=2e-3)
-"""Both sides the same 16-bit dtype (honest study: rel_err <= 0.03, window scale <= 7e-4)."""
+"""Both sides the same 16-bit dtype, any quant mode (honest: rel_err <= 0.030, window scale <= 9.6e-4)."""
 HALF_MIXED: Final = Tolerance(rel_err=0.1, scale=4e-3)
-"""A 16-bit side against another dtype (honest study: rel_err <= 0.048, window scale <= 2.0e-3)."""
-QUANT_FP32: Final = Tolerance(rel_err=1e-2, scale=1e-4)
-"""int8/int4 routes (the same quant on both sides), both fp32: dequantised kernels may sum in another order."""
+"""A 16-bit side against fp32, unquantized (honest: rel_err <= 0.048, window scale <= 2.0e-3)."""
+QUANT_FP32: Final = Tolerance(rel_err=0.05, scale=1e-3)
+"""int8/int4 routes, both fp32 (honest: rel_err <= 0.0154, window scale <= 2.7e-4: the low-bit GEMV of a decode
+step rounds activations to bf16, the prefill's dequantized GEMM does not)."""
+INT8_MIXED: Final = Tolerance(rel_err=0.15, scale=6e-3)
+"""int8, a bf16 side against an fp32 one (honest: rel_err <= 0.078, window scale <= 2.9e-3)."""
+INT4_MIXED: Final = Tolerance(rel_err=0.6, scale=0.06)
+"""int4, a bf16 side against an fp32 one (honest: rel_err <= 0.34, window scale <= 0.030: weights quantized from
+bf16 and from fp32 differ by ~3%, so the two compute different functions; such audits catch only gross lies, and
+shadows of the audited hop's own dtype are preferred)."""
 
-HALF_SCALE_NOISE: Final = 0.08
+HALF_SCALE_NOISE: Final = 0.02
 """With a 16-bit side, the window scale tolerance is at least HALF_SCALE_NOISE / sqrt(hidden_size): the honest
-projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: an honest
-bf16/fp32 window reached 0.0052; this gives 0.01 there, and the table's value from H of about 1600 up)."""
+projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: 2.5e-3;
+the signed window mean of an honest bf16 server there is ~1e-4)."""
 
 _HALF: Final = frozenset({"bfloat16", "float16", "bf16", "fp16", "half"})
 
@@ -71,7 +83,10 @@ def tolerance_for(dtype_a: torch.dtype | str, dtype_b: torch.dtype | str, quant:
     """
     a, b = _dtype_name(dtype_a), _dtype_name(dtype_b)
     if a in _HALF or b in _HALF:
-        tol = HALF_SAME if a == b else HALF_MIXED
+        if a == b:
+            tol = HALF_SAME
+        else:
+            tol = {"int8": INT8_MIXED, "int4": INT4_MIXED}.get(quant, HALF_MIXED)
         if hidden_size is not None and hidden_size > 0:
             tol = Tolerance(tol.rel_err, max(tol.scale, HALF_SCALE_NOISE / math.sqrt(hidden_size)))
         return tol
@@ -113,8 +128,8 @@ def judge(claimed: torch.Tensor, recomputed: torch.Tensor, tol: Tolerance) -> Ve
     rel, scale = position_stats(claimed, recomputed)
     if rel.numel() == 0:
         return Verdict(True, None, 0.0, 0.0, 0)
-    dev = (scale - 1).abs()
-    mean_dev = float(dev.mean()) if bool(torch.isfinite(dev).all()) else math.inf
+    dev = scale - 1
+    mean_dev = abs(float(dev.mean())) if bool(torch.isfinite(dev).all()) else math.inf  # signed mean, then abs
     over = (rel > tol.rel_err) | ~torch.isfinite(rel)  # nan/inf claims fail
     max_rel = float(rel.max()) if bool(torch.isfinite(rel).all()) else math.inf
     if bool(over.any()):

@@ -16,9 +16,8 @@ comparison fails (the accused's signed outputs are wrong); when the claim matche
 is REJECTED (false). So a forged report (altered inputs or claimed outputs: hashes; another peer's commit or key:
 signature; a report under another peer's subkey: the DHT validator, ``p2p.signing``) is never believed.
 
-Comparison: ``client.audit_math`` (helper "audit") was not committed when this was written, so ``window_fails``
-here is a local copy of the D2 formula with the provisional tolerances of the brief; swap in
-``audit_math.tolerance_for`` / its verdict once it exists.
+Comparison: ``client.audit_math`` (``tolerance_for`` of the accused's and the recomputing servers' dtypes and the
+route's quant mode, and ``judge``), the same calibrated rule the audits use.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meshinfer.client.audit_math import Tolerance, judge, tolerance_for
 from meshinfer.errors import MeshinferError, WireError
 from meshinfer.models.span import BlockSpan
 from meshinfer.p2p.commit import SignedCommit, sha256, verify_chain
@@ -47,31 +47,10 @@ class ReportRejected(MeshinferError):
     """A report that is not believed; the message names the failed check."""
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    rel_err: float
-    scale: float
-
-
-def tolerance_for(dtype_a: str, dtype_b: str, quant: str = "none") -> Tolerance:
-    """Provisional D2 tolerances (until ``client.audit_math`` exists): fp32 on both sides 1e-3 / 1e-4, else
-    0.1 / 2e-3 (int8/int4 routes: those of their dtypes)."""
-    del quant
-    if dtype_a == dtype_b == "float32":
-        return Tolerance(1e-3, 1e-4)
-    return Tolerance(0.1, 2e-3)
-
-
 def window_fails(claimed: torch.Tensor, recomputed: torch.Tensor, tol: Tolerance) -> bool:  # [P, H] each
-    """D2: any position's relative error above ``tol.rel_err``, or |mean projection ratio - 1| above ``tol.scale``
-    (the signed mean: honest rounding noise averages out over the window, ~rel_err/sqrt(H * P); the mean of
-    |ratio - 1| would not: on the tiny model (H = 64) an honest bf16 server's is ~2e-3, its signed mean ~1e-4)."""
-    c, r = claimed.float(), recomputed.float()
-    eps = 1e-12
-    rel = (c - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(eps)  # [P]
-    rr = (r * r).sum(dim=-1).clamp_min(eps)  # [P]
-    scale = (c * r).sum(dim=-1) / rr  # [P]
-    return bool((rel > tol.rel_err).any()) or abs(float(scale.mean()) - 1) > tol.scale
+    """D2 (``client.audit_math.judge``): a position's relative error above ``tol.rel_err``, or the window's signed
+    mean projection ratio off 1 by more than ``tol.scale``."""
+    return not judge(claimed, recomputed, tol).ok
 
 
 def make_report(blob: EvidenceBlob, *, reporter: str, addresses: Sequence[str] = (),
