@@ -26,6 +26,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "join_timeout": 60.0, "fetch_timeout": 3600.0, "close_timeout": 15.0,
     # issue 17: routes on measured figures, spread over equivalent servers, refuted records banned
     "spread": True, "prior_cap": 1.5, "refuted_ban": 60.0,
+    # issue 19: servers are audited by default (shadow sessions; client.audit)
+    "audit": True, "audit_every": 16, "audit_fraction": 1.0, "audit_in_flight": 4,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -67,6 +69,10 @@ def test_frozen() -> None:
     ({"host": ""}, "host must not be empty"),
     ({"prior_cap": 0.5}, "--prior-cap must be >= 1, got 0.5"),
     ({"refuted_ban": 0.0}, "--refuted-ban must be > 0 seconds and finite, got 0"),
+    ({"audit_every": 0}, "--audit-every must be >= 1 token, got 0"),
+    ({"audit_fraction": 1.5}, "--audit-fraction must be between 0 and 1, got 1.5"),
+    ({"audit_fraction": float("nan")}, "--audit-fraction must be between 0 and 1, got nan"),
+    ({"audit_in_flight": 0}, "--audit-in-flight must be >= 1, got 0"),
 ])
 def test_bad_values_are_one_line_config_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as err:

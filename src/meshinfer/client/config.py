@@ -68,6 +68,12 @@ class ClientConfig:
                                            "and client part, in bytes/s (default: no cap)")
     quant: str | None = doc(None, "which servers' weights every route uses: none, int8 or int4 (default: the most "
                                   "precise mode that covers the model, fixed per session)")
+    audit: bool = doc(True, "audit the servers of each session: shadow sessions on independent servers of the same "
+                            "span recompute every hop's outputs; a liar is banned and the generation rolled back "
+                            "(--no-audit: trust every server; tokens then stream without the audit delay)")
+    audit_every: int = doc(16, "tokens between two checks of an audited hop (each check: one step on its shadow)")
+    audit_fraction: float = doc(1.0, "probability that a hop of a session is audited (0..1)")
+    audit_in_flight: int = doc(4, "most audit checks of one session running at once")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
 
     def __post_init__(self) -> None:
@@ -91,6 +97,12 @@ class ClientConfig:
             raise ConfigError(f"--max-failovers must be >= 0, got {self.max_failovers}")
         if self.max_chunk_tokens <= 0:
             raise ConfigError(f"--max-chunk-tokens must be > 0, got {self.max_chunk_tokens}")
+        if self.audit_every < 1:
+            raise ConfigError(f"--audit-every must be >= 1 token, got {self.audit_every}")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ConfigError(f"--audit-fraction must be between 0 and 1, got {self.audit_fraction:g}")
+        if self.audit_in_flight < 1:
+            raise ConfigError(f"--audit-in-flight must be >= 1, got {self.audit_in_flight}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:

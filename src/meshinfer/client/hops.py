@@ -72,6 +72,8 @@ class HopSession:
     stream: MessageStream | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
     """Every hidden-state input this span received, step by step ([T_k, H] each)."""
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    """What this span's server claimed as the outputs of those inputs, step by step ([T_k, H] each; audits)."""
     reader: asyncio.Task[None] | None = None
     tail: str | None = None
     """The session id this hop's server pushes its outputs to (None: it pushes nowhere)."""

@@ -21,7 +21,11 @@ on ``config.device`` (``auto``: the first CUDA GPU, else MPS, else the CPU; ``mo
 per step the embeddings come to the CPU in ONE copy for the wire (in the wire dtype: float32 unless an explicit
 half ``dtype`` was asked for, see ``from_pretrained``), the route's last hidden states go back to the device in
 ONE copy per head batch, and greedy sampling takes its argmax there (only ids come back). ``close()`` (or
-the context manager) leaves the swarm. Errors are ``MeshinferError``s: no route ("no online servers cover
+the context manager) leaves the swarm. With ``config.audit`` (the default) every session's hops are audited by
+shadow sessions (``client.audit``) and the generation runs ``client.audited.agenerate_audited``: tokens are
+released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
+generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
+(``ascore_prompt``'s single pass is not audited). Errors are ``MeshinferError``s: no route ("no online servers cover
 blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
 """
 
@@ -38,6 +42,8 @@ from typing import Any
 
 import torch
 
+from meshinfer.client.audit import AuditCounters, Auditor
+from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
 from meshinfer.client.routing import RouteHop
@@ -85,6 +91,8 @@ class DistributedModel(CheckpointGenerator):
         self.decode_route_s_total = 0.0
         """One-token steps of every finished session, and their seconds in the route (from sending the step to
         the last server's output; ``InferenceSession.decode_route_s``): what the servers and the network cost."""
+        self.audits = AuditCounters()
+        """What audits found, per server peer (passed/failed windows, unaudited hops) and in all (detections)."""
         self.last_session: InferenceSession | None = None
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self._runner = runner
@@ -216,6 +224,11 @@ class DistributedModel(CheckpointGenerator):
             replan=replan if self.config.failover else None, bans=self._view.bans, quant=quant, config=self.config,
             stats=self._view.stats,
         )
+        if self.config.audit:
+            async def find(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                return await self._view.plan(self.ref, blocks=blocks, exclude=exclude, wait=0.0, quant=quant)
+
+            session.auditor = Auditor(session, find, self.audits)
         self.last_session = session
         return session
 
@@ -307,7 +320,11 @@ class DistributedModel(CheckpointGenerator):
                 logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
                 return logits  # [V] float32
 
-            async for item in agenerate_scored(forward, ids, params, self.spec.eos_token_ids):
+            if session.auditor is not None:
+                generation = agenerate_audited(session, forward, ids, params, self.spec.eos_token_ids)
+            else:
+                generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
+            async for item in generation:
                 yield item
         finally:
             self._heads.active -= 1

@@ -138,6 +138,7 @@ class Recovery:
                 for chunk in torch.split(whole, self.chunk_tokens(whole.shape[1]), dim=0):
                     outputs.append(await self._replay_step(hs, position, chunk))
                     position += chunk.shape[0]
+            hs.outputs = list(outputs)
             inputs = outputs
         return sum(x.shape[0] for x in history)
 

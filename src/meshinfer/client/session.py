@@ -35,6 +35,11 @@ Measurements: given ``stats`` (``client.measured.PeerStats``, the swarm view's),
 went through the whole route without a failover reports each hop's share of it (from the previous hop's
 answer reaching the client to this hop's) as ``stats.record_step``; routes are planned on these figures.
 
+Audits (``client.audit``): ``auditor`` (set by ``DistributedModel``) is told of every completed step; each hop
+keeps the outputs it claimed (``HopSession.outputs``) beside its inputs. ``open_side`` opens an audit's side
+session with this session's settings; ``rewind(position, liar)`` forgets every position from ``position`` on and
+replaces ``liar`` (its inputs [0, position) replayed elsewhere); the next step must be at ``position``.
+
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
 threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in (from any
 device: they are brought to the CPU in the session dtype, a no-op when they are there already), hidden states out
@@ -48,10 +53,12 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from meshinfer.client.audit import truncate_parts
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.hops import (
     FAILOVER_CODES,
@@ -82,7 +89,11 @@ from meshinfer.weights.bans import PeerBans
 from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, StepResult
 from meshinfer.wire.tensor import ITEMSIZE
 
+if TYPE_CHECKING:
+    from meshinfer.client.audit import Auditor
+
 log = logging.getLogger(__name__)
+
 
 
 class InferenceSession:
@@ -142,6 +153,8 @@ class InferenceSession:
             limits=node.settings.stream.limits, dtype=self.dtype, max_failovers=config.max_failovers,
             step_timeout=config.step_timeout)
         """Failover (None: no ``replan``, a failed hop is final)."""
+        self.auditor: Auditor | None = None
+        """The audits of this session's hops (``client.audit``; None: not audited), set by its opener."""
 
     @property
     def route(self) -> list[RouteHop]:
@@ -209,6 +222,38 @@ class InferenceSession:
         if self.push:
             await fix_tails(self.hops)
 
+    async def open_side(self, hs: HopSession) -> None:
+        """Open ``hs`` as a side session of this one (an audit's shadow or referee: no pushes, no reader)."""
+        await self._open_hop(hs, [])
+
+    @property
+    def step_ids(self) -> Iterator[int]:
+        return self._step_ids
+
+    def chunk_tokens(self, hidden_size: int) -> int:
+        """The most tokens one step of this session may carry."""
+        return self._per_step(hidden_size)
+
+    async def rewind(self, position: int, liar: HopSession | None = None) -> None:
+        """Forget positions from ``position`` on (their outputs are not trusted) and replace ``liar`` (already
+        banned by the audit that caught it), replaying its span's inputs [0, position). The next step must be at
+        ``position``: every server truncates its cache there."""
+        if not 0 <= position <= self.position:
+            raise UsageError(f"cannot rewind a session at position {self.position} to {position}")
+        for hs in self.hops:
+            hs.inputs = truncate_parts(hs.inputs, position)
+            hs.outputs = truncate_parts(hs.outputs, position)
+        self.position = position
+        if self.auditor is not None:
+            self.auditor.rewind(position)
+        if liar is not None and liar in self.hops:
+            if self.recovery is None:
+                err = TransportError(f"{liar.where()} lied and failover is off")
+                self._broken = err
+                raise err
+            await self._replace(liar, "caught lying by an audit")
+            await self._fix_tails()
+
     # ---- steps ---------------------------------------------------------------------------------
 
     def span_inputs(self, i: int) -> torch.Tensor:
@@ -259,7 +304,10 @@ class InferenceSession:
             raise
         for i, hs in enumerate(self.hops):
             hs.inputs.append(x if i == 0 else outputs[i - 1])
+            hs.outputs.append(outputs[i])
         self.position += tokens
+        if self.auditor is not None:
+            self.auditor.after_step()
         elapsed = time.monotonic() - started
         if tokens == 1:
             self.decode_steps += 1
@@ -362,6 +410,8 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
+        if self.auditor is not None:
+            await self.auditor.close()
         for hs in self.hops:
             await hs.close(send_timeout=2.0, stream_timeout=1.0)
         if self._broken is None:

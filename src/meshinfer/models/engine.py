@@ -241,12 +241,27 @@ class _Steps:
         self.left -= 1
         return scored
 
+    def rng_state(self) -> torch.Tensor:
+        """The sampler's generator state (before the next ``sample``), for ``rewind``."""
+        return self.sampler.generator.get_state()
+
+    def rewind(self, history: list[int], left: int, rng_state: torch.Tensor) -> None:
+        """Go back to an earlier point of this generation: its ``history`` (prompt + tokens kept), the tokens
+        ``left`` to generate and the sampler's generator state then (``rng_state``)."""
+        self.history = list(history)
+        self.left = left
+        self.sampler.generator.set_state(rng_state)
+
     def after(self, token: int) -> Request | None:
         """The decode step that follows ``token`` (just yielded), or None when the generation is over."""
         if token in self.stops or self.left == 0:
             return None
         self.history.append(token)
         return [token], len(self.history) - 1
+
+
+GenerationSteps = _Steps
+"""The generation rules as an object, for loops that must rewind (``client.audited``)."""
 
 
 def generate_scored(forward: Forward, ids: list[int], params: GenerationParams,

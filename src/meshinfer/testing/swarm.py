@@ -10,8 +10,11 @@ clients pass to join), ``servers`` (``ServerProcess``: pid, peer id, span, multi
 first; it is idempotent and also runs when start-up fails half way. ``add_server``/``stop_server``
 change the swarm while it runs (for failover tests and demos). ``auto_servers=N`` (or
 ``add_server(None)``) adds servers started without ``--blocks``, which place themselves; their
-``span`` is where they started (from the ready line) and may change later. Used by tests, the demo
-and benchmarks; knows nothing of what clients do with the swarm.
+``span`` is where they started (from the ready line) and may change later. ``dishonest=`` (a
+``testing.dishonest.DishonestConfig``, per ``add_server`` call or per index of ``spans`` at construction)
+starts that server through ``python -m meshinfer.testing.dishonest`` instead: the same ``serve`` arguments,
+its compute lying (for tests of audits). Used by tests, the demo and benchmarks; knows nothing of what clients
+do with the swarm.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.readyline import READY_PREFIX, parse_ready_line
-from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, start_dht
+from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, python_argv, start_dht
 from meshinfer.types import BlockRange
+
+if TYPE_CHECKING:  # the config only: this module stays free of torch
+    from meshinfer.testing.dishonest import DishonestConfig
 
 
 @dataclass
@@ -41,6 +47,8 @@ class ServerProcess:
     """What the server's ready line said (peer_id, maddrs, model_id, blocks, throughput...)."""
     auto: bool = False
     """Started without ``--blocks``: it chose its span and may move (rebalancing)."""
+    dishonest: DishonestConfig | None = None
+    """How this server lies (started through ``meshinfer.testing.dishonest``); None: an honest server."""
 
     @property
     def pid(self) -> int:
@@ -83,6 +91,7 @@ class LocalSwarm:
         server_args: Sequence[str] = (),
         startup_timeout: float = 120.0,
         torch_threads: int | str | None = "auto",
+        dishonest: dict[int, DishonestConfig] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.spans = [_as_range(s) for s in spans or ()]
@@ -92,6 +101,11 @@ class LocalSwarm:
         """How many servers ``start`` launches without ``--blocks`` (after those of ``spans``)."""
         self.dtype = dtype
         self.server_args = list(server_args)
+        self.dishonest: dict[int, DishonestConfig] = dict(dishonest or {})
+        """Index in ``spans`` -> how that server lies (started through ``meshinfer.testing.dishonest``)."""
+        if any(not 0 <= i < len(self.spans) for i in self.dishonest):
+            raise ConfigError(f"dishonest= keys must index spans (0..{len(self.spans) - 1}), "
+                              f"got {sorted(self.dishonest)}")
         if torch_threads == "auto":  # several servers on one machine: one compute thread each
             torch_threads = 1 if len(self.spans) + auto_servers > 1 else None
         if torch_threads is not None and not isinstance(torch_threads, int):
@@ -123,20 +137,27 @@ class LocalSwarm:
                 self.dht, self.initial_peers = start_dht(timeout=self.startup_timeout)
                 if not self.initial_peers:
                     raise RuntimeError("the bootstrap peer printed no multiaddrs")
-            self._start_servers([*self.spans, *[None] * self.auto_servers])
+            spans = [*self.spans, *[None] * self.auto_servers]
+            self._start_servers(spans, liars=[self.dishonest.get(i) for i in range(len(spans))])
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _launch(self, span: BlockRange | None, extra_args: Sequence[str] = ()) -> ServerProcess:
+    def _launch(self, span: BlockRange | None, extra_args: Sequence[str] = (),
+                dishonest: DishonestConfig | None = None) -> ServerProcess:
         blocks = [] if span is None else ["--blocks", str(span)]
-        argv = meshinfer_argv("serve", "--model", str(self.model_dir), *blocks,
-                              "--dtype", self.dtype, "--host", "127.0.0.1",
-                              "--stop-on-stdin-eof", *self._thread_args(), "--initial-peers", *self.initial_peers,
-                              *self.server_args, *extra_args)
+        serve = ["serve", "--model", str(self.model_dir), *blocks, "--dtype", self.dtype, "--host", "127.0.0.1",
+                 "--stop-on-stdin-eof", *self._thread_args(), "--initial-peers", *self.initial_peers,
+                 *self.server_args, *extra_args]
+        if dishonest is None:
+            argv = meshinfer_argv(*serve)
+        else:
+            argv = python_argv("meshinfer.testing.dishonest", *dishonest.flags(), "--", *serve)
         name = f"meshinfer serve {span if span is not None else '(auto)'}"
-        server = ServerProcess(ManagedProcess(argv, name=name), span, auto=span is None)
+        if dishonest is not None:
+            name += f" (dishonest: {dishonest.mode})"
+        server = ServerProcess(ManagedProcess(argv, name=name), span, auto=span is None, dishonest=dishonest)
         self.servers.append(server)
         return server
 
@@ -157,22 +178,23 @@ class LocalSwarm:
                     server.span = BlockRange.parse(server.info["blocks"])
                 return
 
-    def _start_servers(self, spans: Sequence[BlockRange | None],
-                       extra_args: Sequence[str] = ()) -> list[ServerProcess]:
-        launched = [self._launch(span, extra_args) for span in spans]
+    def _start_servers(self, spans: Sequence[BlockRange | None], extra_args: Sequence[str] = (),
+                       liars: Sequence[DishonestConfig | None] = ()) -> list[ServerProcess]:
+        liars = [*liars, *[None] * (len(spans) - len(liars))]
+        launched = [self._launch(span, extra_args, liar) for span, liar in zip(spans, liars, strict=True)]
         deadline = time.monotonic() + self.startup_timeout
         for server in launched:
             self._wait_ready(server, deadline)
         return launched
 
     def add_server(self, span: BlockRange | tuple[int, int] | str | None = None, *,
-                   extra_args: Sequence[str] = ()) -> ServerProcess:
+                   extra_args: Sequence[str] = (), dishonest: DishonestConfig | None = None) -> ServerProcess:
         """Start one more server (after ``start``; ``span`` None: it places itself) with ``extra_args``
-        after the swarm's ``server_args``, and wait until it is ready."""
+        after the swarm's ``server_args``, and wait until it is ready; with ``dishonest``, a lying one."""
         if not self.initial_peers:
             raise UsageError("start the swarm before adding servers")
         try:
-            return self._start_servers([None if span is None else _as_range(span)], extra_args)[0]
+            return self._start_servers([None if span is None else _as_range(span)], extra_args, [dishonest])[0]
         except BaseException:
             self.servers[-1].proc.stop()
             raise

@@ -1,0 +1,389 @@
+"""Audits of a session's hops by shadow sessions (design D1, D3): detection, the liar named, where to roll back.
+
+Contract: an ``Auditor`` belongs to one ``InferenceSession`` (``session.auditor``) and runs on its loop. After
+every step (``after_step``) it decides, once per hop, whether the hop is shadowed (probability
+``audit_fraction``); a shadowed hop gets a SHADOW: a session on an independent server whose span is exactly the
+hop's (same quant mode; planned by ``find_server``: a route over the span of one hop, avoiding the audited peer
+and banned peers; none: the hop counts as unaudited). Whenever ``audit_every`` positions of a shadowed hop are
+unverified (and as soon as the shadow is open: the prompt's positions, so the first token is released early), a
+background task (at most ``max_in_flight`` per session) sends the hop's INPUTS since the shadow's
+last check as ONE ordinary ``Step`` to the shadow and compares its outputs with the outputs the hop claimed
+(``client.audit_math.judge``). The generation never waits for an audit, except in ``settle`` (the end of a
+generation: every position verified).
+
+A failed window asks a REFEREE: a third server of the span (neither the audited peer nor the shadow's) replays
+the hop's inputs [0, b) in chunks; ``audit_math.arbitrate`` names the side it disagrees with. That side is banned
+(``PeerBans.ban``). The audited hop lying leaves a ``Detection`` (the hop and the first position of its claims
+to distrust) for the generation loop to act on (``take_detection``: rewind the session to that position, fail
+the hop over, resample from there); a lying shadow is dropped and the hop gets another. No referee, or a referee
+that agrees with neither side: nobody is banned; the hop's audit is counted ``unresolved`` and it gets another
+shadow.
+
+A hop replaced by a failover keeps its shadow until the claims it made are verified (downstream hops and tokens
+hold them); a lie found there rolls back the same way. ``verified_upto`` is the position up to which every
+shadowed hop's claims were verified (tokens whose logits come from earlier positions are settled);
+``rewind(position)`` forgets what lies beyond (a window in flight across a rewind is discarded). ``AuditCounters``
+(per server peer: passed/failed windows, unaudited hops) accumulate on
+the ``DistributedModel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from meshinfer.client.audit_math import Tolerance, arbitrate, judge, tolerance_for
+from meshinfer.client.hops import HopSession
+from meshinfer.client.routing import NoRouteError, RouteHop
+from meshinfer.errors import MeshinferError
+from meshinfer.types import BlockRange
+from meshinfer.wire.messages import StepResult
+
+if TYPE_CHECKING:
+    from meshinfer.client.session import InferenceSession
+
+log = logging.getLogger(__name__)
+
+ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
+"""``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
+
+
+def check_due(position: int, verified: int, every: int) -> bool:
+    """Whether a shadowed hop at ``position`` with claims verified on [0, ``verified``) gets a check now: once
+    ``every`` positions are unverified, and at once for the first (the prompt's positions)."""
+    return position > verified and (position - verified >= every or verified == 0)
+
+
+@dataclass
+class PeerAudits:
+    """What audits found about one server peer."""
+
+    passed: int = 0
+    """Windows its claims passed."""
+    failed: int = 0
+    """Windows in which it was found lying (by a referee)."""
+    unaudited: int = 0
+    """Hops it served that no shadow checked (not sampled, or no independent server of the span)."""
+    positions: int = 0
+    """Positions of its claims verified."""
+
+
+@dataclass
+class AuditCounters:
+    """Audit outcomes per server peer, and the detections, over a client's sessions."""
+
+    peers: dict[str, PeerAudits] = field(default_factory=dict[str, PeerAudits])
+    detections: int = 0
+    """Audited hops found lying (each: banned, failed over, the generation rolled back)."""
+    lying_verifiers: int = 0
+    unresolved: int = 0
+    """Failed windows no referee could settle."""
+
+    def peer(self, peer_id: str) -> PeerAudits:
+        return self.peers.setdefault(peer_id, PeerAudits())
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-able summary (for the swarm table, the dashboard and bench trust)."""
+        return {"detections": self.detections, "lying_verifiers": self.lying_verifiers,
+                "unresolved": self.unresolved,
+                "peers": {peer: dataclasses.asdict(audits) for peer, audits in sorted(self.peers.items())}}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Hop ``hop`` (server ``peer_id``) lied; its claims from ``position`` on are not to be trusted."""
+
+    hop: HopSession
+    peer_id: str
+    position: int
+
+
+@dataclass(eq=False)
+class _Shadow:
+    audited: HopSession
+    hs: HopSession | None = None
+    """The shadow's session (None: none found; the hop is unaudited)."""
+    opening: bool = False
+    """A shadow is being found and opened (the hop's claims count as unverified meanwhile)."""
+    verified: int = 0
+    """Positions [0, verified) of the audited hop's claims agree with the shadow's."""
+    busy: bool = False
+
+
+def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The first ``position`` rows of the concatenation of ``parts`` ([T_k, H] each), still as parts."""
+    out: list[torch.Tensor] = []
+    left = position
+    for part in parts:
+        if left <= 0:
+            break
+        out.append(part if part.shape[0] <= left else part[:left])
+        left -= part.shape[0]
+    return out
+
+
+def _cat(parts: list[torch.Tensor], a: int, b: int) -> torch.Tensor:
+    """Positions [a, b) of the concatenation of ``parts`` ([T_k, H] each): [b - a, H]."""
+    return torch.cat(parts, dim=0)[a:b]
+
+
+class Auditor:
+    """The audits of one session's hops (see the module docstring)."""
+
+    def __init__(self, session: InferenceSession, find: ServerFinder, counters: AuditCounters, *,
+                 rng: random.Random | None = None) -> None:
+        self.session = session
+        self.find = find
+        self.counters = counters
+        config = session.config
+        self.every = config.audit_every
+        self.fraction = config.audit_fraction
+        self.max_in_flight = config.audit_in_flight
+        self.rng = rng or random.Random()
+        self.tol: Tolerance = tolerance_for(session.dtype, session.dtype, session.quant or "none")
+        self._shadows: dict[HopSession, _Shadow] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._epoch = 0
+        self.detection: Detection | None = None
+
+    # ---- scheduling ----------------------------------------------------------------------------
+
+    def after_step(self) -> None:
+        """Start the audits that are due (never waits)."""
+        for hs in self.session.hops:
+            shadow = self._shadows.get(hs)
+            if shadow is None:
+                if self.rng.random() >= self.fraction:
+                    self._shadows[hs] = _Shadow(hs)
+                    self.counters.peer(hs.hop.peer_id).unaudited += 1
+                    continue
+                shadow = self._shadows[hs] = _Shadow(hs, opening=True)
+                self._spawn(self._open_shadow(shadow))
+                continue
+            if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
+                                                                       self.every):
+                self._start_check(shadow, self.session.position)
+        for shadow in self._shadows.values():  # hops replaced by a failover: their claims up to then
+            target = self._target(shadow)
+            if shadow.audited not in self.session.hops and shadow.hs is not None and shadow.verified < target:
+                self._start_check(shadow, target)
+
+    def _target(self, shadow: _Shadow) -> int:
+        """The positions of ``shadow``'s hop to verify: all the session's, or for a hop replaced since (a
+        failover), the claims it made (downstream hops and tokens still hold them)."""
+        if shadow.audited in self.session.hops:
+            return self.session.position
+        return sum(out.shape[0] for out in shadow.audited.outputs)
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_check(self, shadow: _Shadow, upto: int) -> asyncio.Task[None] | None:
+        if shadow.busy or len(self._tasks) >= self.max_in_flight or upto <= shadow.verified:
+            return None
+        shadow.busy = True
+        return self._spawn(self._check(shadow, upto))
+
+    @property
+    def verified_upto(self) -> int:
+        """Every shadowed hop's claims are verified on positions [0, verified_upto)."""
+        marks = [s.verified for s in self._shadows.values()
+                 if (s.hs is not None or s.opening) and s.verified < self._target(s)]
+        return min(marks, default=self.session.position)
+
+    def audited(self, hs: HopSession) -> bool:
+        shadow = self._shadows.get(hs)
+        return shadow is not None and shadow.hs is not None
+
+    async def settle(self) -> None:
+        """Verify every position of every shadowed hop (the end of a generation)."""
+        for _ in range(8):  # a lying verifier is replaced and its hop checked again
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            if self.detection is not None:
+                return
+            pending = [s for s in self._shadows.values() if s.hs is not None and s.verified < self._target(s)]
+            opening = [s for s in self._shadows.values() if s.opening]
+            if not pending and not opening:
+                return
+            for shadow in pending:
+                if not shadow.busy:
+                    shadow.busy = True
+                    self._spawn(self._check(shadow, self._target(shadow)))
+            if not self._tasks:
+                await asyncio.sleep(0.05)
+
+    def take_detection(self) -> Detection | None:
+        detection, self.detection = self.detection, None
+        return detection
+
+    def rewind(self, position: int) -> None:
+        """The session goes back to ``position``: verified marks beyond it no longer mean anything."""
+        self._epoch += 1
+        for shadow in self._shadows.values():
+            shadow.verified = min(shadow.verified, position)
+            if shadow.audited not in self.session.hops:  # a replaced hop: its claims beyond are dropped too
+                shadow.audited.inputs = truncate_parts(shadow.audited.inputs, position)
+                shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
+            shadow.busy = False
+
+    # ---- shadows -------------------------------------------------------------------------------
+
+    async def _open_one(self, span: BlockRange, exclude: set[str]) -> HopSession | None:
+        """A session on one server serving exactly ``span`` (not in ``exclude``, not banned), opened; or None."""
+        try:
+            route = await self.find(span, frozenset(exclude))
+        except (NoRouteError, MeshinferError):
+            return None
+        if len(route) != 1 or route[0].span != span:
+            return None
+        hs = HopSession(route[0], secrets.token_hex(12))
+        try:
+            await self.session.open_side(hs)
+        except (MeshinferError, TimeoutError) as err:
+            log.info("cannot open an audit session on %s: %s", hs.where(), err)
+            await hs.close(send_timeout=0.5, stream_timeout=0.5)
+            return None
+        return hs
+
+    async def _open_shadow(self, shadow: _Shadow, avoid: frozenset[str] = frozenset()) -> None:
+        shadow.busy = shadow.opening = True
+        try:
+            hs = await self._open_one(shadow.audited.hop.span, {shadow.audited.hop.peer_id, *avoid})
+        finally:
+            shadow.busy = shadow.opening = False
+        if hs is None:
+            self.counters.peer(shadow.audited.hop.peer_id).unaudited += 1
+            log.info("no independent server of blocks %s to audit %s", shadow.audited.hop.span,
+                     shadow.audited.where())
+            return
+        shadow.hs = hs
+        shadow.verified = 0
+
+    async def _replay(self, hs: HopSession, x: torch.Tensor, position: int) -> torch.Tensor:  # [P, H] -> [P, H]
+        """Run ``x`` through ``hs`` from ``position`` in chunks; its outputs."""
+        outs: list[torch.Tensor] = []
+        for chunk in torch.split(x, self.session.chunk_tokens(x.shape[1]), dim=0):
+            step_id = next(self.session.step_ids)
+            reply = await hs.request_step(step_id, position, chunk, timeout=self.session.step_timeout)
+            if not isinstance(reply, StepResult) or reply.step_id != step_id:
+                raise MeshinferError(f"{hs.where()} answered an audit step with {type(reply).__name__}")
+            outs.append(hs.output(reply, chunk, self.session.node.settings.stream.limits, self.session.dtype))
+            position += chunk.shape[0]
+        return torch.cat(outs, dim=0)
+
+    async def _check(self, shadow: _Shadow, upto: int) -> None:
+        epoch = self._epoch
+        audited, hs = shadow.audited, shadow.hs
+        assert hs is not None
+        a = shadow.verified
+        inputs, claims = list(audited.inputs), list(audited.outputs)
+        try:
+            x = _cat(inputs, a, upto)  # [b - a, H]
+            claimed = _cat(claims, a, upto)
+            b = a + x.shape[0]
+            if claimed.shape != x.shape or b <= a:
+                return
+            try:
+                recomputed = await self._replay(hs, x, a)
+            except (MeshinferError, TimeoutError) as err:
+                log.info("audit shadow %s failed (%s); %s gets another", hs.where(), err, audited.where())
+                await self._drop_shadow(shadow, frozenset({hs.hop.peer_id}))
+                return
+            if epoch != self._epoch:
+                return
+            verdict = judge(claimed, recomputed, self.tol)
+            stats = self.counters.peer(audited.hop.peer_id)
+            if verdict.ok:
+                stats.passed += 1
+                stats.positions += b - a
+                shadow.verified = b
+                return
+            assert verdict.first_bad is not None
+            log.warning("audit of %s failed on positions [%d, %d): max rel_err %.3g, mean |scale-1| %.3g; "
+                        "asking a third server", audited.where(), a, b, verdict.max_rel_err, verdict.mean_scale_dev)
+            await self._referee(shadow, inputs, claimed, recomputed, a, b, epoch)
+        finally:
+            shadow.busy = False
+
+    async def _referee(self, shadow: _Shadow, inputs: list[torch.Tensor], claimed: torch.Tensor,
+                       recomputed: torch.Tensor, a: int, b: int, epoch: int) -> None:
+        audited, verifier = shadow.audited, shadow.hs
+        assert verifier is not None
+        referee = await self._open_one(audited.hop.span, {audited.hop.peer_id, verifier.hop.peer_id})
+        if referee is None:
+            self.counters.unresolved += 1
+            log.warning("no third server of blocks %s to settle the audit of %s; unresolved", audited.hop.span,
+                        audited.where())
+            await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
+            return
+        try:
+            truth = (await self._replay(referee, _cat(inputs, 0, b), 0))[a:b]  # [b - a, H]
+        except (MeshinferError, TimeoutError) as err:
+            self.counters.unresolved += 1
+            log.warning("the third server %s failed (%s); the audit is unresolved", referee.where(), err)
+            await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
+            return
+        finally:
+            await referee.close(send_timeout=0.5, stream_timeout=0.5)
+        if epoch != self._epoch:
+            return
+        culprit, first = arbitrate(claimed, recomputed, truth, self.tol, self.tol)
+        now = time.monotonic()
+        if culprit == "audited":
+            assert first is not None
+            length = self.session.bans.ban(audited.hop.peer_id, now)
+            self.counters.peer(audited.hop.peer_id).failed += 1
+            self.counters.detections += 1
+            log.warning("%s LIED from position %d (confirmed by %s); banned for %.0fs", audited.where(), a + first,
+                        referee.where(), length)
+            if self.detection is None or a + first < self.detection.position:
+                self.detection = Detection(audited, audited.hop.peer_id, a + first)
+            shadow.verified = a + first  # [a, a + first) agree with the referee; the liar's hop is replaced next
+            old, shadow.hs = shadow.hs, None
+            if old is not None:
+                await old.close(send_timeout=0.5, stream_timeout=0.5)
+        elif culprit == "verifier":
+            length = self.session.bans.ban(verifier.hop.peer_id, now)
+            self.counters.peer(verifier.hop.peer_id).failed += 1
+            self.counters.lying_verifiers += 1
+            log.warning("audit shadow %s LIED (confirmed by %s); banned for %.0fs", verifier.where(),
+                        referee.where(), length)
+            await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
+        else:
+            self.counters.unresolved += 1
+            log.warning("the third server agrees with %s about %s; unresolved",
+                        "both sides" if culprit == "neither" else "neither side", audited.where())
+            await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
+
+    async def _drop_shadow(self, shadow: _Shadow, avoid: frozenset[str]) -> None:
+        old, shadow.hs = shadow.hs, None
+        shadow.opening = True
+        if old is not None:
+            await old.close(send_timeout=0.5, stream_timeout=0.5)
+        self._spawn(self._open_shadow(shadow, avoid))
+
+    async def close(self) -> None:
+        """Cancel audits in flight and close every shadow (never raises)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for shadow in self._shadows.values():
+            if shadow.hs is not None:
+                await shadow.hs.close(send_timeout=0.5, stream_timeout=0.5)

@@ -1,0 +1,176 @@
+"""The arithmetic of audits (design D2): per-position statistics, tolerances, window verdicts, detection odds.
+
+Contract: pure torch (no network, no swarm state). A hop's CLAIMED outputs ``c`` [P, H] (what the audited server
+sent) are compared with RECOMPUTED outputs ``r`` [P, H] (a shadow session on an independent server), in fp32:
+
+    rel_err[p] = ||c_p - r_p||_2 / max(||r_p||_2, eps)
+    scale[p]   = <c_p, r_p> / max(<r_p, r_p>, eps)
+
+A window FAILS when any ``rel_err > tol.rel_err`` or the window's mean ``|scale - 1| > tol.scale`` (a systematic
+1% scale hides in bf16 noise per position, but not in the mean of the projection ratio, whose honest noise is
+about rel_err / sqrt(H)). ``judge`` gives the verdict and the first position to distrust; ``arbitrate`` names the
+liar from a third opinion (design D3); ``detection_probability`` is the odds of the scheme catching a liar.
+Tolerances are calibrated from the honest-noise study (scripts/trust/honest_noise.py); ``tolerance_for`` is the
+one place that maps (dtype, dtype, quant) to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import torch
+
+from meshinfer.errors import UsageError
+
+EPS: Final = 1e-12
+"""Floor of the denominators (an all-zero recomputed row compares by its absolute error)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an honest claim may be from an honest recomputation: per position and for a window's scale."""
+
+    rel_err: float
+    """Largest honest rel_err of one position."""
+    scale: float
+    """Largest honest mean |scale - 1| over a window."""
+
+
+FP32: Final = Tolerance(rel_err=1e-3, scale=1e-4)
+"""Both sides fp32 (honest study, CPU: rel_err <= 4e-6, window scale ~0)."""
+HALF_SAME: Final = Tolerance(rel_err=0.1, scale=2e-3)
+"""Both sides the same 16-bit dtype (honest study: rel_err <= 0.03, window scale <= 7e-4)."""
+HALF_MIXED: Final = Tolerance(rel_err=0.1, scale=4e-3)
+"""A 16-bit side against another dtype (honest study: rel_err <= 0.048, window scale <= 2.0e-3)."""
+QUANT_FP32: Final = Tolerance(rel_err=1e-2, scale=1e-4)
+"""int8/int4 routes (the same quant on both sides), both fp32: dequantised kernels may sum in another order."""
+
+_HALF: Final = frozenset({"bfloat16", "float16", "bf16", "fp16", "half"})
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return dtype.strip().lower()
+
+
+def tolerance_for(dtype_a: torch.dtype | str, dtype_b: torch.dtype | str, quant: str = "none") -> Tolerance:
+    """The calibrated tolerance between servers computing in ``dtype_a`` and ``dtype_b`` on a ``quant`` route.
+
+    Symmetric in the two dtypes. Any 16-bit dtype involved: the half tolerances (looser when the two differ);
+    both fp32: ``FP32`` (``QUANT_FP32`` on an int8/int4 route; a route never mixes quant modes).
+    """
+    a, b = _dtype_name(dtype_a), _dtype_name(dtype_b)
+    if a in _HALF or b in _HALF:
+        return HALF_SAME if a == b else HALF_MIXED
+    return FP32 if quant == "none" else QUANT_FP32
+
+
+def position_stats(claimed: torch.Tensor, recomputed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rel_err [P], scale [P]) of ``claimed`` vs ``recomputed`` [P, H] (or [H]), computed in fp32."""
+    if claimed.shape != recomputed.shape:
+        raise UsageError(f"claimed {tuple(claimed.shape)} and recomputed {tuple(recomputed.shape)} differ in shape")
+    if claimed.dim() == 0:
+        raise UsageError("claimed and recomputed outputs need a hidden dimension")
+    c = claimed.detach().float().reshape(-1, claimed.shape[-1])
+    r = recomputed.detach().float().reshape(c.shape)
+    rel = (c - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(EPS)  # [P]
+    scale = (c * r).sum(-1) / (r * r).sum(-1).clamp_min(EPS)  # [P]
+    # a zero recomputed row: the ratio is undefined; count it as exact only when the claim is zero too
+    zero = (r * r).sum(-1) <= EPS
+    scale = torch.where(zero, torch.where(rel <= EPS, 1.0, math.inf), scale)
+    return rel, scale
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one window of positions [start, start + P)."""
+
+    ok: bool
+    first_bad: int | None
+    """Offset in the window of the first position to distrust (None when ok): the first position over the
+    per-position bound; 0 when only the window's mean scale fails (every position is then suspect)."""
+    max_rel_err: float
+    mean_scale_dev: float
+    """Mean |scale - 1| over the window."""
+    positions: int
+
+
+def judge(claimed: torch.Tensor, recomputed: torch.Tensor, tol: Tolerance) -> Verdict:
+    """The D2 verdict of a window: claimed vs recomputed outputs [P, H] under ``tol``."""
+    rel, scale = position_stats(claimed, recomputed)
+    if rel.numel() == 0:
+        return Verdict(True, None, 0.0, 0.0, 0)
+    dev = (scale - 1).abs()
+    mean_dev = float(dev.mean()) if bool(torch.isfinite(dev).all()) else math.inf
+    over = (rel > tol.rel_err) | ~torch.isfinite(rel)  # nan/inf claims fail
+    max_rel = float(rel.max()) if bool(torch.isfinite(rel).all()) else math.inf
+    if bool(over.any()):
+        return Verdict(False, int(over.nonzero()[0, 0]), max_rel, mean_dev, int(rel.numel()))
+    if not mean_dev <= tol.scale:
+        return Verdict(False, 0, max_rel, mean_dev, int(rel.numel()))
+    return Verdict(True, None, max_rel, mean_dev, int(rel.numel()))
+
+
+Culprit = Literal["audited", "verifier", "both", "neither"]
+
+
+def arbitrate(claimed: torch.Tensor, shadow: torch.Tensor, referee: torch.Tensor,
+              tol_claimed: Tolerance, tol_shadow: Tolerance) -> tuple[Culprit, int | None]:
+    """Who lied, by a third opinion (design D3): (culprit, first offset where the culprit's outputs are wrong).
+
+    ``claimed`` (the audited hop), ``shadow`` (the first verifier) and ``referee`` (a third server) are outputs
+    [P, H] of the same positions; each side is judged against the referee with the tolerance of its dtype pair
+    with the referee's. ``neither``: both agree with the referee (the failed window was noise beyond the
+    calibration; nobody is banned). ``both``: neither agrees (the referee cannot settle it; the offset is the
+    audited side's).
+    """
+    vc = judge(claimed, referee, tol_claimed)
+    vs = judge(shadow, referee, tol_shadow)
+    if vc.ok and vs.ok:
+        return "neither", None
+    if not vc.ok and vs.ok:
+        return "audited", vc.first_bad
+    if vc.ok:
+        return "verifier", vs.first_bad
+    return "both", vc.first_bad
+
+
+def detection_probability(n_tokens: int, *, corrupt_fraction: float, detectability: float,
+                          audit_fraction: float, audit_every: int) -> float:
+    """P(a liar is caught within ``n_tokens`` generated tokens of one session).
+
+    The liar corrupts each step (position) independently with probability ``corrupt_fraction`` (f); a corrupted
+    position fails its window with probability ``detectability`` (d: 1 for any lie beyond the tolerance). The
+    hop is shadowed with probability ``audit_fraction`` (a); a shadowed hop is checked every ``audit_every`` (E)
+    tokens and each check verifies every position since the last, so after n tokens floor(n / E) * E positions
+    were judged:
+
+        P = a * (1 - (1 - f * d) ** (floor(n / E) * E))
+
+    Over s independent sessions through the liar, the odds of at least one catch are 1 - (1 - P) ** s.
+    """
+    for name, value in (("corrupt_fraction", corrupt_fraction), ("detectability", detectability),
+                        ("audit_fraction", audit_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{name} must be in [0, 1], got {value}")
+    if audit_every < 1 or n_tokens < 0:
+        raise UsageError(f"audit_every must be >= 1 and n_tokens >= 0, got {audit_every} and {n_tokens}")
+    judged = (n_tokens // audit_every) * audit_every
+    return audit_fraction * (1.0 - (1.0 - corrupt_fraction * detectability) ** judged)
+
+
+def tokens_to_detect(probability: float, *, corrupt_fraction: float, detectability: float,
+                     audit_every: int) -> int | None:
+    """Fewest tokens after which a SHADOWED hop's liar is caught with at least ``probability`` (None: never)."""
+    if not 0.0 < probability < 1.0:
+        raise UsageError(f"probability must be in (0, 1), got {probability}")
+    p = corrupt_fraction * detectability
+    if p <= 0.0:
+        return None
+    if p >= 1.0:
+        return audit_every
+    positions = math.ceil(math.log1p(-probability) / math.log1p(-p))
+    return math.ceil(positions / audit_every) * audit_every
