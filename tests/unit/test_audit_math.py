@@ -59,6 +59,10 @@ def test_tolerances_by_dtype_and_quant() -> None:
     assert tolerance_for(torch.bfloat16, torch.bfloat16) == HALF_SAME
     assert tolerance_for(torch.bfloat16, torch.float32) == HALF_MIXED == tolerance_for("float32", "bfloat16")
     assert tolerance_for("bfloat16", "bfloat16", "int4") == HALF_SAME
+    narrow = tolerance_for("bfloat16", "float32", hidden_size=64)
+    assert narrow.rel_err == HALF_MIXED.rel_err and narrow.scale == pytest.approx(0.01)
+    assert tolerance_for("bfloat16", "float32", hidden_size=4096) == HALF_MIXED
+    assert tolerance_for("float32", "float32", hidden_size=64) == FP32
 
 
 def test_honest_window_passes() -> None:

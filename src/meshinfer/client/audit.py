@@ -3,13 +3,14 @@
 Contract: an ``Auditor`` belongs to one ``InferenceSession`` (``session.auditor``) and runs on its loop. After
 every step (``after_step``) it decides, once per hop, whether the hop is shadowed (probability
 ``audit_fraction``); a shadowed hop gets a SHADOW: a session on an independent server whose span is exactly the
-hop's (same quant mode; planned by ``find_server``: a route over the span of one hop, avoiding the audited peer
-and banned peers; none: the hop counts as unaudited). Whenever ``audit_every`` positions of a shadowed hop are
-unverified (and as soon as the shadow is open: the prompt's positions, so the first token is released early), a
-background task (at most ``max_in_flight`` per session) sends the hop's INPUTS since the shadow's
-last check as ONE ordinary ``Step`` to the shadow and compares its outputs with the outputs the hop claimed
-(``client.audit_math.judge``). The generation never waits for an audit, except in ``settle`` (the end of a
-generation: every position verified).
+hop's (same quant mode, preferably the same announced dtype; planned by ``find``: a route over the span of one
+hop, avoiding the audited peer and banned peers; none: the hop counts as unaudited). Each comparison uses
+``audit_math.tolerance_for`` the two servers' announced dtypes and the route's quant mode. Whenever
+``audit_every`` positions of a shadowed hop are unverified (and as soon as the shadow is open: the prompt's
+positions, so the first token is released early), a background task (at most ``max_in_flight`` per session)
+sends the hop's INPUTS since the shadow's last check as ONE ordinary ``Step`` to the shadow and compares its
+outputs with the outputs the hop claimed (``client.audit_math.judge``). The generation never waits for an
+audit, except in ``settle`` (the end of a generation: every position verified).
 
 A failed window asks a REFEREE: a third server of the span (neither the audited peer nor the shadow's) replays
 the hop's inputs [0, b) in chunks; ``audit_math.arbitrate`` names the side it disagrees with. That side is banned
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from meshinfer.client.session import InferenceSession
 
 log = logging.getLogger(__name__)
+
+DTYPE_TRIES = 3
+"""Plans tried for a shadow or referee of the audited server's dtype before one of another dtype is taken."""
 
 ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 """``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
@@ -149,7 +153,7 @@ class Auditor:
         self.fraction = config.audit_fraction
         self.max_in_flight = config.audit_in_flight
         self.rng = rng or random.Random()
-        self.tol: Tolerance = tolerance_for(session.dtype, session.dtype, session.quant or "none")
+        self.quant = session.quant or "none"
         self._shadows: dict[HopSession, _Shadow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._epoch = 0
@@ -242,17 +246,37 @@ class Auditor:
                 shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
             shadow.busy = False
 
+    def _tol(self, a: HopSession, b: HopSession) -> Tolerance:
+        """The tolerance between the servers of ``a`` and ``b`` (their announced dtypes, the route's quant)."""
+        hidden = a.outputs[0].shape[-1] if a.outputs else None
+        return tolerance_for(a.hop.record.dtype, b.hop.record.dtype, self.quant, hidden)
+
     # ---- shadows -------------------------------------------------------------------------------
 
-    async def _open_one(self, span: BlockRange, exclude: set[str]) -> HopSession | None:
-        """A session on one server serving exactly ``span`` (not in ``exclude``, not banned), opened; or None."""
-        try:
-            route = await self.find(span, frozenset(exclude))
-        except (NoRouteError, MeshinferError):
+    async def _find_one(self, span: BlockRange, exclude: set[str], dtype: str) -> RouteHop | None:
+        """One server serving exactly ``span`` (not in ``exclude``, not banned), preferably computing in ``dtype``
+        (the tightest tolerance: up to ``DTYPE_TRIES`` plans skip servers of another dtype); or None."""
+        fallback: RouteHop | None = None
+        skip = set(exclude)
+        for _ in range(DTYPE_TRIES):
+            try:
+                route = await self.find(span, frozenset(skip))
+            except (NoRouteError, MeshinferError):
+                break
+            if len(route) != 1 or route[0].span != span:
+                break
+            if route[0].record.dtype == dtype:
+                return route[0]
+            fallback = fallback or route[0]
+            skip.add(route[0].peer_id)
+        return fallback
+
+    async def _open_one(self, span: BlockRange, exclude: set[str], dtype: str) -> HopSession | None:
+        """A session on one server serving exactly ``span`` (see ``_find_one``), opened; or None."""
+        hop = await self._find_one(span, exclude, dtype)
+        if hop is None:
             return None
-        if len(route) != 1 or route[0].span != span:
-            return None
-        hs = HopSession(route[0], secrets.token_hex(12))
+        hs = HopSession(hop, secrets.token_hex(12))
         try:
             await self.session.open_side(hs)
         except (MeshinferError, TimeoutError) as err:
@@ -264,7 +288,8 @@ class Auditor:
     async def _open_shadow(self, shadow: _Shadow, avoid: frozenset[str] = frozenset()) -> None:
         shadow.busy = shadow.opening = True
         try:
-            hs = await self._open_one(shadow.audited.hop.span, {shadow.audited.hop.peer_id, *avoid})
+            hs = await self._open_one(shadow.audited.hop.span, {shadow.audited.hop.peer_id, *avoid},
+                                      shadow.audited.hop.record.dtype)
         finally:
             shadow.busy = shadow.opening = False
         if hs is None:
@@ -307,7 +332,7 @@ class Auditor:
                 return
             if epoch != self._epoch:
                 return
-            verdict = judge(claimed, recomputed, self.tol)
+            verdict = judge(claimed, recomputed, self._tol(audited, hs))
             stats = self.counters.peer(audited.hop.peer_id)
             if verdict.ok:
                 stats.passed += 1
@@ -325,7 +350,8 @@ class Auditor:
                        recomputed: torch.Tensor, a: int, b: int, epoch: int) -> None:
         audited, verifier = shadow.audited, shadow.hs
         assert verifier is not None
-        referee = await self._open_one(audited.hop.span, {audited.hop.peer_id, verifier.hop.peer_id})
+        referee = await self._open_one(audited.hop.span, {audited.hop.peer_id, verifier.hop.peer_id},
+                                       audited.hop.record.dtype)
         if referee is None:
             self.counters.unresolved += 1
             log.warning("no third server of blocks %s to settle the audit of %s; unresolved", audited.hop.span,
@@ -343,7 +369,8 @@ class Auditor:
             await referee.close(send_timeout=0.5, stream_timeout=0.5)
         if epoch != self._epoch:
             return
-        culprit, first = arbitrate(claimed, recomputed, truth, self.tol, self.tol)
+        culprit, first = arbitrate(claimed, recomputed, truth, self._tol(audited, referee),
+                                   self._tol(verifier, referee))
         now = time.monotonic()
         if culprit == "audited":
             assert first is not None

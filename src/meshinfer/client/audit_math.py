@@ -47,6 +47,11 @@ HALF_MIXED: Final = Tolerance(rel_err=0.1, scale=4e-3)
 QUANT_FP32: Final = Tolerance(rel_err=1e-2, scale=1e-4)
 """int8/int4 routes (the same quant on both sides), both fp32: dequantised kernels may sum in another order."""
 
+HALF_SCALE_NOISE: Final = 0.08
+"""With a 16-bit side, the window scale tolerance is at least HALF_SCALE_NOISE / sqrt(hidden_size): the honest
+projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: an honest
+bf16/fp32 window reached 0.0052; this gives 0.01 there, and the table's value from H of about 1600 up)."""
+
 _HALF: Final = frozenset({"bfloat16", "float16", "bf16", "fp16", "half"})
 
 
@@ -56,15 +61,20 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return dtype.strip().lower()
 
 
-def tolerance_for(dtype_a: torch.dtype | str, dtype_b: torch.dtype | str, quant: str = "none") -> Tolerance:
+def tolerance_for(dtype_a: torch.dtype | str, dtype_b: torch.dtype | str, quant: str = "none",
+                  hidden_size: int | None = None) -> Tolerance:
     """The calibrated tolerance between servers computing in ``dtype_a`` and ``dtype_b`` on a ``quant`` route.
 
-    Symmetric in the two dtypes. Any 16-bit dtype involved: the half tolerances (looser when the two differ);
-    both fp32: ``FP32`` (``QUANT_FP32`` on an int8/int4 route; a route never mixes quant modes).
+    Symmetric in the two dtypes. Any 16-bit dtype involved: the half tolerances (looser when the two differ; the
+    scale bound at least ``HALF_SCALE_NOISE / sqrt(hidden_size)`` when it is given); both fp32: ``FP32``
+    (``QUANT_FP32`` on an int8/int4 route; a route never mixes quant modes).
     """
     a, b = _dtype_name(dtype_a), _dtype_name(dtype_b)
     if a in _HALF or b in _HALF:
-        return HALF_SAME if a == b else HALF_MIXED
+        tol = HALF_SAME if a == b else HALF_MIXED
+        if hidden_size is not None and hidden_size > 0:
+            tol = Tolerance(tol.rel_err, max(tol.scale, HALF_SCALE_NOISE / math.sqrt(hidden_size)))
+        return tol
     return FP32 if quant == "none" else QUANT_FP32
 
 
