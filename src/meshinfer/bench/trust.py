@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved audit-on / audit-off generation pairs (default: 4)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: 16)")
     parser.add_argument("--modes", default=DEFAULT_MODES,
-                        help=f"dishonest modes to measure, comma-separated MODE or MODE:RATE (default: {DEFAULT_MODES})")
+                        help="dishonest modes to measure, comma-separated MODE or MODE:RATE "
+                             f"(default: {DEFAULT_MODES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts and liars (default: 0)")
     parser.add_argument("--time-limit", type=float, default=900.0,
                         help="skip what is left after this many seconds (default: 900)")
