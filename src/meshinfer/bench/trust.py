@@ -1,23 +1,28 @@
 """``meshinfer bench trust``: what audits cost (tokens/s, bytes) and how fast they catch dishonest servers.
 
 Contract: starts a ``LocalSwarm`` of the demo checkpoint (``--model``) on 127.0.0.1: the blocks split into two
-spans A and B, three honest servers of A and two of B (every hop has an independent server to shadow it, and
-A has a third one to referee). Three measurements, all greedy, every prompt random (seeded by ``--seed``):
+spans A and B, two honest servers of A and three of B (every hop has an independent server to shadow it, and
+B has a third one to referee). Three measurements, all greedy, every prompt random (seeded by ``--seed``):
 
 1. Overhead: two clients, one with audits at the default rate (``ClientConfig()``), one with ``audit=False``,
    generate ``--new-tokens`` tokens in turn, ``--repeats`` times (interleaved, the order alternating, so both
    see the same machine load); reported: median tokens/s of each, the median of the per-repeat ratios, and
    the slowdown against the 5% target.
 2. Tokens to detection: for each ``--modes`` entry (``mode`` or ``mode:rate``; ``meshinfer.testing.dishonest``)
-   a lying server of span A is started (``LocalSwarm.add_server(dishonest=...)``), then ``--runs`` generations
+   a lying server of span B is started (``LocalSwarm.add_server(dishonest=...)``), then ``--runs`` generations
    of ``--max-tokens`` tokens, each from a fresh client (fresh bans) whose whole-model route is steered
-   through the liar (its plans over the whole model exclude the honest servers of A; span plans -- shadows,
+   through the liar (its plans over the whole model exclude the honest servers of B; span plans -- shadows,
    referees, failovers -- are left alone). Per run: whether and at which generated token (the session's
    position when the audit caught it, minus the prompt) the liar was detected, and whether the output equals
    the honest reference (``LocalModel``, fp32 both sides, which the honest swarm gives exactly). The observed
    detection rate is set beside ``client.audit_math.detection_probability`` (detectability 1; for ``load``
    the rate is an upper bound: it lies only in batched turns, made here by a second, unaudited client
-   generating through the liar at the same time). The liar is stopped after its runs.
+   generating through the liar at the same time), and ``tokens_to_detect(0.5)`` (the formula's median for a
+   shadowed hop; the observed figure adds the latency of opening the shadow and of the check itself).
+   The liar is stopped after its runs. It serves the SECOND span on purpose: its lies are seeded by its
+   input's bytes, and a first span's decode input is the token's embedding alone, so a greedy loop over a
+   few tokens would repeat the same few decisions (rates per distinct input, not per step); the second
+   span's inputs depend on the whole context.
 3. Audit bytes per generated token, on the audited client of (1): the shadow checks' tensor bytes, counted
    from the positions the audits verified (``AuditCounters``): each verified position of a hop sends its input
    and receives its output, ``2 * hidden * wire itemsize`` bytes (framing excluded).
@@ -60,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 48)")
     parser.add_argument("--new-tokens", type=int, default=64,
                         help="tokens per generation of the overhead measurement (default: 64)")
-    parser.add_argument("--repeats", type=int, default=4,
-                        help="interleaved audit-on / audit-off generation pairs (default: 4)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="interleaved audit-on / audit-off generation pairs (default: 6)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: 16)")
     parser.add_argument("--modes", default=DEFAULT_MODES,
                         help="dishonest modes to measure, comma-separated MODE or MODE:RATE "
@@ -140,7 +145,7 @@ def _overhead(path: Any, peers: list[str], prompts: list[list[int]], args: argpa
     with DistributedModel.from_pretrained(path, peers, config=ClientConfig()) as on, \
             DistributedModel.from_pretrained(path, peers, config=ClientConfig(audit=False)) as off:
         for client in (on, off):
-            client.generate(prompts[0][:4], 4, stop_token_ids=())  # warm-up
+            client.generate(prompts[0], args.new_tokens, stop_token_ids=())  # warm-up: shapes, shadows, caches
         before = sum(p.positions for p in on.audits.peers.values())
         for i, prompt in enumerate(prompts):
             got: dict[bool, float] = {}
@@ -182,11 +187,11 @@ def _overhead(path: Any, peers: list[str], prompts: list[list[int]], args: argpa
 
 def _detection(path: Any, swarm: Any, span: Any, liar_cfg: DishonestConfig, prompts: list[list[int]],
                references: list[list[int]], args: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    from meshinfer.client.audit_math import detection_probability
+    from meshinfer.client.audit_math import detection_probability, tokens_to_detect
     from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
 
-    honest_a = frozenset(s.peer_id for s in swarm.servers if s.span == span and s.dishonest is None and s.alive())
+    honest = frozenset(s.peer_id for s in swarm.servers if s.span == span and s.dishonest is None and s.alive())
     liar = swarm.add_server(span, dishonest=liar_cfg)
     runs: list[dict[str, Any]] = []
     stop_load = threading.Event()
@@ -194,7 +199,7 @@ def _detection(path: Any, swarm: Any, span: Any, liar_cfg: DishonestConfig, prom
     try:
         if liar_cfg.mode == "load":  # a second session through the liar, so its turns batch two sessions
             background = DistributedModel.from_pretrained(path, swarm.initial_peers, config=ClientConfig(audit=False))
-            _steer(background, honest_a)
+            _steer(background, honest)
 
             def load() -> None:
                 while not stop_load.is_set():
@@ -209,7 +214,7 @@ def _detection(path: Any, swarm: Any, span: Any, liar_cfg: DishonestConfig, prom
             if time.monotonic() > deadline:
                 break
             with DistributedModel.from_pretrained(path, swarm.initial_peers, config=ClientConfig()) as client:
-                _steer(client, honest_a)
+                _steer(client, honest)
                 seen = _watch_detections(client)
                 try:
                     tokens, error = client.generate(prompt, args.max_tokens, stop_token_ids=()), None
@@ -238,6 +243,8 @@ def _detection(path: Any, swarm: Any, span: Any, liar_cfg: DishonestConfig, prom
         "predicted_detection_rate": detection_probability(
             args.max_tokens, corrupt_fraction=liar_cfg.effective_rate, detectability=1.0,
             audit_fraction=cfg.audit_fraction, audit_every=cfg.audit_every),
+        "predicted_tokens_to_detection_p50": tokens_to_detect(
+            0.5, corrupt_fraction=liar_cfg.effective_rate, detectability=1.0, audit_every=cfg.audit_every),
         "tokens_to_detection_median": statistics.median(at) if at else None,
         "tokens_to_detection": [r["detected_at_token"] for r in runs],
         "outputs_exact": sum(1 for r in runs if r["output_exact"]),
@@ -273,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     references = [local.generate(p, args.max_tokens, stop_token_ids=()) for p in detect_prompts]
     del local
     deadline = time.monotonic() + args.time_limit
-    spans = [span_a, span_a, span_a, span_b, span_b]
+    spans = [span_a, span_a, span_b, span_b, span_b]
     print(f"starting {len(spans)} servers ({', '.join(map(str, spans))})...", file=sys.stderr, flush=True)
     with LocalSwarm(path, spans) as swarm:
         figures = _overhead(path, swarm.initial_peers, overhead_prompts, args)
@@ -282,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 break
             print(f"liar: {cfg.describe()}", file=sys.stderr, flush=True)
-            detection.append(_detection(path, swarm, span_a, cfg, detect_prompts, references, args, deadline))
+            detection.append(_detection(path, swarm, span_b, cfg, detect_prompts, references, args, deadline))
     result: dict[str, Any] = {
         "model": str(path),
         "spans": [str(s) for s in spans],
