@@ -216,7 +216,8 @@ class Auditor:
 
     async def settle(self) -> None:
         """Verify every position of every shadowed hop (the end of a generation)."""
-        for _ in range(8):  # a lying verifier is replaced and its hop checked again
+        deadline = time.monotonic() + self.session.step_timeout
+        while time.monotonic() < deadline:  # a lying verifier is replaced and its hop checked again
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             if self.detection is not None:
@@ -231,6 +232,8 @@ class Auditor:
                     self._spawn(self._check(shadow, self._target(shadow)))
             if not self._tasks:
                 await asyncio.sleep(0.05)
+        log.warning("audits of session positions up to %d did not settle within %.0fs; released unverified",
+                    self.session.position, self.session.step_timeout)
 
     def take_detection(self) -> Detection | None:
         detection, self.detection = self.detection, None

@@ -63,6 +63,7 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
     rollbacks = 0
     request = steps.first()
     while True:
+        settled_all = False
         if request is not None:
             chunk, position = request
             logits = await forward(chunk, position)
@@ -72,6 +73,7 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
             request = steps.after(scored.token)
         else:
             await auditor.settle()
+            settled_all = True
         detection = auditor.take_detection()
         if detection is not None:
             rollbacks += 1
@@ -96,9 +98,9 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
             log.warning("rolled back to position %d (%d token(s) kept); generation goes on", d, kept)
             request = (history[d:keep], d)
             continue
-        settled = len(produced) if request is None else settled_tokens(auditor.verified_upto, prompt, len(produced))
+        settled = len(produced) if settled_all else settled_tokens(auditor.verified_upto, prompt, len(produced))
         while released < settled:
             yield produced[released]
             released += 1
-        if request is None and released == len(produced):
+        if settled_all and released == len(produced):
             return
