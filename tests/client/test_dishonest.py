@@ -176,5 +176,8 @@ def test_serve_help_has_no_trace_of_dishonesty() -> None:
         for word in (r"dishonest", r"--mode\b", r"skip-block", r"--sigma\b", r"\blie\b", r"\bliar"):
             assert not re.search(word, out.lower()), (args, word)
     src = Path(__file__).resolve().parents[2] / "src" / "meshinfer"
-    mentions = [p for p in src.rglob("*.py") if "dishonest" in p.read_text().lower() and p.parent.name != "testing"]
-    assert mentions == [], mentions  # nothing outside meshinfer.testing can reach it
+    # nothing outside meshinfer.testing can reach it, bar `meshinfer bench trust`, which starts liars on purpose
+    # (through meshinfer.testing) to measure how fast audits catch them
+    mentions = [p for p in src.rglob("*.py") if "dishonest" in p.read_text().lower()
+                and p.parent.name != "testing" and p.relative_to(src).as_posix() != "bench/trust.py"]
+    assert mentions == [], mentions
