@@ -87,7 +87,12 @@ def test_honest_route_passes_its_audits(trio: Swarm) -> None:
     assert route[0] in trio.honest
     assert counters.detections == 0 and counters.peer(route[0]).passed >= 2, counters
     assert counters.peer(route[0]).failed == 0
-    assert counters.peer(route[0]).positions == len(PROMPT) + NEW - 1  # every position verified before the end
+    # every position verified before the end (more when the random shadow was the swarm's liar: it is caught as a
+    # lying verifier and a new shadow verifies the hop's positions again)
+    if counters.lying_verifiers == 0:
+        assert counters.peer(route[0]).positions == len(PROMPT) + NEW - 1
+    else:
+        assert counters.peer(route[0]).positions >= len(PROMPT) + NEW - 1
 
 
 def test_liar_caught_banned_and_greedy_output_exact(trio: Swarm) -> None:

@@ -59,10 +59,11 @@ INT4_MIXED: Final = Tolerance(rel_err=0.6, scale=0.06)
 bf16 and from fp32 differ by ~3%, so the two compute different functions; such audits catch only gross lies, and
 shadows of the audited hop's own dtype are preferred)."""
 
-HALF_SCALE_NOISE: Final = 0.02
+HALF_SCALE_NOISE: Final = 0.08
 """With a 16-bit side, the window scale tolerance is at least HALF_SCALE_NOISE / sqrt(hidden_size): the honest
-projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: 2.5e-3;
-the signed window mean of an honest bf16 server there is ~1e-4)."""
+projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: an honest
+bf16/fp32 window's signed mean reached 0.0040 in CI; this gives 0.01 there, the table's values from H ~ 1600 up;
+a 1% scale lie is borderline only on such toy widths)."""
 
 _HALF: Final = frozenset({"bfloat16", "float16", "bf16", "fp16", "half"})
 

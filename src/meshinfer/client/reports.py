@@ -152,7 +152,8 @@ async def verify_report(record: ReportRecord, data: bytes, recompute: Recompute,
     claimed = torch.cat([decode_tensor(t) for t in blob.outputs], dim=0)  # [P', H]
     mine = torch.cat(outputs[first_out:], dim=0).to(claimed.dtype)  # [P', H]
     a, b = blob.window_start - start, blob.window_end - start
-    tol = tolerance_for(record.accused_dtype or blob.dtype, verifier_dtype or blob.dtype, blob.quant)
+    tol = tolerance_for(record.accused_dtype or blob.dtype, verifier_dtype or blob.dtype, blob.quant,
+                        int(claimed.shape[-1]))  # the width sets the 16-bit scale floor, as in audits
     if window_fails(claimed[a:b], mine[a:b], tol):
         return Verdict(True, f"the accused's outputs for positions [{blob.window_start}, {blob.window_end}) differ "
                              "from the recomputation beyond tolerance")
