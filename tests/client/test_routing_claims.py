@@ -119,7 +119,9 @@ def test_an_unreachable_liar_costs_a_client_at_most_one_failed_dial(
         runner.stop()
     tried: list[int] = []
     for _client in range(2):  # new clients, no history
-        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers) as client:
+        # audits off: this is about routes; an audited session may also pick the fake as a shadow and wait out its
+        # open timeout before releasing tokens, which would let the fake record expire before the second client
+        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False) as client:
             client.plan()
             coverage = client.view.cached(client.model_id)
             assert coverage is not None and fake in coverage.servers  # it is listed
