@@ -6,13 +6,19 @@ reuse the checkpoints the session already built. A cache given in the environmen
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import fuzzing
+
+if TYPE_CHECKING:
+    from meshinfer.models.checkpoint import Checkpoint
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +56,36 @@ def tiny_checkpoints(meshinfer_cache_dir: Path) -> dict[tuple[str, str], Path]:
     from meshinfer.testing.checkpoints import list_tiny_checkpoints, tiny_checkpoint
 
     return {(f, v): tiny_checkpoint(f, variant=v) for f, v in list_tiny_checkpoints()}
+
+
+@pytest.fixture(scope="session")
+def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
+    """The tiny llama (seed 0) as a ``Checkpoint``, for in-process server tests (step loop, scheduler, OOM)."""
+    from meshinfer.models.checkpoint import Checkpoint
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    return Checkpoint(tiny_checkpoint("llama"))
+
+
+@pytest.fixture(scope="session")
+def sliding_window_checkpoint(meshinfer_cache_dir: Path,
+                              tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``make(window)``: the tiny mistral with ``sliding_window`` set to ``window`` tokens (built once each)."""
+    from meshinfer.testing.checkpoints import tiny_checkpoint
+
+    made: dict[int, Path] = {}
+
+    def make(window: int) -> Path:
+        if window not in made:
+            path = tmp_path_factory.mktemp("windowed") / f"mistral-w{window}"
+            shutil.copytree(tiny_checkpoint("mistral"), path)
+            config = json.loads((path / "config.json").read_text())
+            config["sliding_window"] = window
+            (path / "config.json").write_text(json.dumps(config))
+            made[window] = path
+        return made[window]
+
+    return make
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

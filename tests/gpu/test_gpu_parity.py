@@ -13,8 +13,7 @@ tiny qwen2 with ``PROMPT``, the pair whose smallest fp32 top-2 margin was the la
 from __future__ import annotations
 
 import gc
-import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,14 +68,9 @@ def test_cuda_bf16_greedy_tokens_equal_cpu_fp32() -> None:
 
 
 @pytest.fixture(scope="module")
-def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def windowed(sliding_window_checkpoint: Callable[[int], Path]) -> Path:
     """The tiny mistral with a sliding window of 16 tokens (generations cross it)."""
-    path = tmp_path_factory.mktemp("windowed") / "mistral-w16"
-    shutil.copytree(tiny_checkpoint("mistral"), path)
-    config = json.loads((path / "config.json").read_text())
-    config["sliding_window"] = 16
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return sliding_window_checkpoint(16)
 
 
 GRAPHED = [(family, dtype, False) for family in ("qwen3", "qwen2", "mistral-window")

@@ -6,11 +6,11 @@ synchronized throughput measurement. Skipped without CUDA; the CPU side of each 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
+from fakes import NoOutbox
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.config import ServerConfig
@@ -29,26 +29,9 @@ pytestmark = [pytest.mark.gpu,
 FULL = BlockRange(0, 4)
 
 
-class _NoOutbox:
-    async def send(self, msg: object) -> None:
-        raise AssertionError("the runtime never sends")
-
-    def send_nowait(self, payload: bytes) -> bool:
-        raise AssertionError("the runtime never sends")
-
-    async def close(self, timeout: float = 2.0) -> None:
-        raise AssertionError("the runtime never closes")
-
-
-@pytest.fixture(scope="module")
-def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
-    from meshinfer.testing.checkpoints import tiny_checkpoint
-
-    return Checkpoint(tiny_checkpoint("llama"))
-
 
 def _session(steps: StepLoop, sid: str, max_length: int = 32) -> Session:
-    return Session(sid, FULL, max_length, "float32", _NoOutbox(), cache=steps.sub_span(FULL).new_cache(max_length))
+    return Session(sid, FULL, max_length, "float32", NoOutbox(), cache=steps.sub_span(FULL).new_cache(max_length))
 
 
 def test_open_device_and_auto_kv_budget_on_cuda(ckpt: Checkpoint) -> None:

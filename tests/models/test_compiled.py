@@ -3,9 +3,8 @@ changes the step: q/k norms (qwen3), q/k/v biases (qwen2), a sliding window (mis
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,9 @@ def test_capacity_buckets() -> None:
 
 
 @pytest.fixture(scope="module")
-def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny mistral with a sliding window of 16 tokens (the generation crosses it)."""
-    path = tmp_path_factory.mktemp("windowed") / "mistral-w16"
-    shutil.copytree(tiny_checkpoint("mistral"), path)
-    config = json.loads((path / "config.json").read_text())
-    config["sliding_window"] = 16
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+def windowed(sliding_window_checkpoint: Callable[[int], Path]) -> Path:
+    """The tiny mistral with a sliding window of 16 tokens (generations cross it)."""
+    return sliding_window_checkpoint(16)
 
 
 @pytest.mark.slow

@@ -4,8 +4,7 @@ The capture and replay themselves are tested on CUDA (tests/gpu/test_gpu_parity.
 
 from __future__ import annotations
 
-import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,9 @@ PROMPT = [5, 17, 42, 7, 99, 3, 11, 64]
 
 
 @pytest.fixture(scope="module")
-def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("windowed") / "mistral-w6"
-    shutil.copytree(tiny_checkpoint("mistral"), path)
-    config = json.loads((path / "config.json").read_text())
-    config["sliding_window"] = 6
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+def windowed(sliding_window_checkpoint: Callable[[int], Path]) -> Path:
+    """The tiny mistral with a sliding window of 6 tokens (generations cross it)."""
+    return sliding_window_checkpoint(6)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral-window"])

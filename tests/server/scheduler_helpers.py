@@ -3,22 +3,15 @@ outcome of a piece that succeeds."""
 
 from __future__ import annotations
 
+from fakes import NoOutbox
 from meshinfer.server.scheduler import Piece, Result
 from meshinfer.server.session import Session, StepJob
 from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Burst
 from meshinfer.wire.tensor import Tensor
 
+__all__ = ["NoOutbox", "make_session"]
 
-class NoOutbox:
-    async def send(self, msg: object) -> None:
-        raise AssertionError("the scheduler never sends")
-
-    def send_nowait(self, payload: bytes) -> bool:
-        raise AssertionError("the scheduler never sends")
-
-    async def close(self, timeout: float = 2.0) -> None:
-        raise AssertionError("the scheduler never closes")
 
 
 def make_session(sid: str, *, max_length: int = 1024, peer: str | None = None) -> Session:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,13 +24,6 @@ from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
 FULL = BlockRange(0, 4)
 OOM_TEXT = "CUDA out of memory. Tried to allocate 20.00 MiB"
-
-
-@pytest.fixture(scope="module")
-def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
-    from meshinfer.testing.checkpoints import tiny_checkpoint
-
-    return Checkpoint(tiny_checkpoint("llama"))
 
 
 @pytest.fixture(scope="module")

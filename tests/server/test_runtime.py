@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from fakes import NoOutbox
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.span import BlockSpan
 from meshinfer.server.runtime import StepLoop
@@ -19,24 +19,6 @@ from meshinfer.wire.messages import Burst, ErrorCode
 from meshinfer.wire.tensor import Tensor, decode_tensor, encode_tensor
 
 
-class _NoOutbox:
-    async def send(self, msg: object) -> None:
-        raise AssertionError("the runtime never sends")
-
-    def send_nowait(self, payload: bytes) -> bool:
-        raise AssertionError("the runtime never sends")
-
-    async def close(self, timeout: float = 2.0) -> None:
-        raise AssertionError("the runtime never closes")
-
-
-@pytest.fixture(scope="module")
-def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
-    from meshinfer.testing.checkpoints import tiny_checkpoint
-
-    return Checkpoint(tiny_checkpoint("llama"))
-
-
 @pytest.fixture(scope="module")
 def served(ckpt: Checkpoint) -> BlockSpan:
     return ckpt.load_span(BlockRange(0, 4))
@@ -45,7 +27,7 @@ def served(ckpt: Checkpoint) -> BlockSpan:
 def _session(steps: StepLoop, span: BlockRange, sid: str = "s", max_length: int = 32,
              dtype: str = "float32") -> Session:
     sub = steps.sub_span(span)
-    return Session(sid, span, max_length, dtype, _NoOutbox(), cache=sub.new_cache(max_length))
+    return Session(sid, span, max_length, dtype, NoOutbox(), cache=sub.new_cache(max_length))
 
 
 def _job(session: Session, step_id: int, position: int, x: torch.Tensor, arrived: float = 0.0,

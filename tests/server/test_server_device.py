@@ -3,8 +3,6 @@ the automatic KV budget as a pure function of free memory, and the budget sized 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -78,13 +76,6 @@ def test_auto_cache_tokens_is_exact_on_cpu_and_fills_gpu_memory() -> None:
     assert 2_000_000 < tokens < 2_400_000
     assert auto_cache_tokens("mps", 8 * GIB, per_token, reserve) > 0
     assert auto_cache_tokens("cuda", reserve // 2, per_token, reserve) == 0  # nothing fits: the server refuses
-
-
-@pytest.fixture(scope="module")
-def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
-    from meshinfer.testing.checkpoints import tiny_checkpoint
-
-    return Checkpoint(tiny_checkpoint("llama"))
 
 
 def test_size_cache_keeps_a_given_or_cpu_budget(ckpt: Checkpoint) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,13 +35,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(meshinfer_cache_dir: Path) -> Checkpoint:
-    from meshinfer.testing.checkpoints import tiny_checkpoint
-
-    return Checkpoint(tiny_checkpoint("llama"))
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

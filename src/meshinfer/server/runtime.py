@@ -255,6 +255,9 @@ class StepLoop:
             return xs
         sizes = [x.shape[0] for x in xs]
         try:
+            # a fresh page-locked block per turn on purpose: torch's caching host allocator reuses freed blocks and
+            # records the copy's stream event, so a block is never rewritten while a non_blocking copy reads it (a
+            # buffer kept here would need that event bookkeeping by hand)
             stage = pinned((sum(sizes), xs[0].shape[1]), xs[0].dtype, device)  # [N, H] host, page-locked on CUDA
             torch.cat(xs, out=stage)
             return list(stage.to(device, non_blocking=True).split(sizes))  # [count_i, H] views on the device
