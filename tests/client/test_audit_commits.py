@@ -9,6 +9,7 @@ commit requests.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from meshinfer.client.audit import AuditCounters, Auditor, _Shadow, truncate_parts, truncate_steps
+from meshinfer.client.audit_reports import Reporter
 from meshinfer.client.config import ClientConfig
 from meshinfer.client.evidence import EvidenceUnavailable, build_evidence, committed_upto
 from meshinfer.p2p.commit import CommitChain, CommitLog, sign_commit
@@ -49,9 +51,10 @@ class Hop:
     def __init__(self, ident: Identity, every: int = 4) -> None:
         self.ident = ident
         self.chain = CommitChain(MODEL, SPAN, "sess", ident.peer_id, every=every)
+        record = SimpleNamespace(dtype="float32")
         self.hs: Any = Obj(commits=CommitLog(MODEL, SPAN, "sess", ident.peer_id), steps=[], inputs=[],
-                                       outputs=[], hop=SimpleNamespace(peer_id=ident.peer_id, span=SPAN),
-                                       where=lambda: "hop")
+                           outputs=[], hop=SimpleNamespace(peer_id=ident.peer_id, span=SPAN, record=record),
+                           where=lambda: "hop")
         self.position = 0
         self.gen = torch.Generator().manual_seed(3)
 
@@ -184,3 +187,28 @@ def test_a_rollback_cut_step_is_not_the_hops_fault(ident: Identity) -> None:
     auditor._shadows[hop.hs] = shadow
     assert auditor._window_end(shadow, 5, final=False) == 5
     assert auditor.counters.peer(ident.peer_id).uncommitted == 0
+
+
+def test_a_detection_becomes_evidence_only_inside_the_signed_commit(ident: Identity) -> None:
+    hop = Hop(ident, every=16)
+    hop.step(5, want_commit=True)
+    hop.step(1)
+    hop.step(1)
+    session: Any = SimpleNamespace(dtype="float32", quant=None, position=hop.position)
+    counters = AuditCounters()
+    sent: list[tuple[EvidenceBlob, str]] = []
+
+    async def report(blob: EvidenceBlob, *, verifier_dtype: str = "") -> None:
+        sent.append((blob, verifier_dtype))
+
+    async def run() -> None:
+        reporter = Reporter(session, counters, report)
+        reporter.publish(hop.hs, 5, 7, "bfloat16")  # beyond the commit (it ends at 5): no evidence
+        reporter.publish(hop.hs, 2, 7, "bfloat16")  # [2, 5): inside it
+        while reporter.pending:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert counters.unreportable == 1 and counters.reports == 1
+    [(blob, dtype)] = sent
+    assert (blob.window_start, blob.window_end, dtype) == (2, 5, "bfloat16")

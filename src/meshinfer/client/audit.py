@@ -36,9 +36,9 @@ broken or that did not commit when asked (counted ``PeerAudits.uncommitted``: a 
 suspect). A lie found there is acted on the same (ban, rollback) but cannot be reported. A lie found in a committed
 window becomes a REPORT: the evidence (``client.evidence.evidence_of`` the audited hop, window [first bad position,
 end)) is built at once, before the rollback cuts the history, and handed to ``report`` (the client's
-``SwarmView.report``: a signed DHT record others re-verify) in the background; the generation never waits for it.
-``AuditCounters.reports`` counts the published ones, ``unreportable`` the detections without evidence (the reason
-is logged).
+``SwarmView.report``: a signed DHT record others re-verify) in the background (``client.audit_reports``); the
+generation never waits for it. ``AuditCounters.reports`` counts the published ones, ``unreportable`` the
+detections without evidence (the reason is logged).
 """
 
 from __future__ import annotations
@@ -51,17 +51,17 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from meshinfer.client.audit_math import Tolerance, arbitrate, judge, tolerance_for
-from meshinfer.client.evidence import EvidenceUnavailable, committed_upto, evidence_of
+from meshinfer.client.audit_reports import ReportCallback, Reporter
+from meshinfer.client.evidence import committed_upto
 from meshinfer.client.hops import HopSession
 from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError
 from meshinfer.types import BlockRange
-from meshinfer.wire.evidence import EvidenceBlob
 from meshinfer.wire.messages import StepResult
 
 if TYPE_CHECKING:
@@ -74,13 +74,6 @@ DTYPE_TRIES = 3
 
 ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 """``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
-
-class ReportCallback(Protocol):
-    """``report(blob, verifier_dtype=...)``: publish evidence of a lie (the client's ``SwarmView.report``); the dtype
-    is the referee's, whose recomputation disagreed with the claims."""
-
-    def __call__(self, blob: EvidenceBlob, *, verifier_dtype: str = ...) -> Awaitable[object]: ...
-
 
 def check_due(position: int, verified: int, every: int) -> bool:
     """Whether a shadowed hop at ``position`` with claims verified on [0, ``verified``) gets a check now: once
@@ -195,11 +188,10 @@ class Auditor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._epoch = 0
         self.detection: Detection | None = None
-        self.report = report
-        """Where evidence of a caught lie goes (None: detections are acted on, not published)."""
+        self.reporter = Reporter(session, counters, report)
+        """Builds the evidence of a caught lie and publishes it (``report`` None: acted on, not published)."""
         self._asked: dict[HopSession, int] = {}
         """Per hop: the end position of the latest step that asked it for a signed commit."""
-        self._reports: set[asyncio.Task[None]] = set()
 
     # ---- scheduling ----------------------------------------------------------------------------
 
@@ -473,7 +465,7 @@ class Auditor:
             self.counters.detections += 1
             log.warning("%s LIED from position %d (confirmed by %s); banned for %.0fs", audited.where(), a + first,
                         referee.where(), length)
-            self._publish(audited, a + first, b, referee.hop.record.dtype)
+            self.reporter.publish(audited, a + first, b, referee.hop.record.dtype)
             if self.detection is None or a + first < self.detection.position:
                 self.detection = Detection(audited, audited.hop.peer_id, a + first)
             shadow.verified = a + first  # [a, a + first) agree with the referee; the liar's hop is replaced next
@@ -492,34 +484,6 @@ class Auditor:
             log.warning("the third server agrees with %s about %s; unresolved",
                         "both sides" if culprit == "neither" else "neither side", audited.where())
             await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
-
-    def _publish(self, audited: HopSession, bad: int, end: int, verifier_dtype: str) -> None:
-        """Build the evidence that ``audited`` lied on [bad, end) (cut to its signed commit) now, before a rollback
-        cuts the history, and publish it through ``report`` in the background."""
-        committed, _ = committed_upto(audited)
-        blob = evidence_of(audited, self.session, bad, min(end, committed)) if committed > bad else \
-            EvidenceUnavailable(f"position {bad} is not covered by its signed commit (up to {committed})")
-        if isinstance(blob, EvidenceUnavailable):
-            self.counters.unreportable += 1
-            log.warning("the lie of %s at position %d cannot be reported: %s", audited.where(), bad, blob.reason)
-            return
-        if self.report is None:
-            return
-        report = self.report
-
-        async def publish() -> None:
-            try:
-                await report(blob, verifier_dtype=verifier_dtype)
-            except Exception as err:  # never the generation's problem
-                log.warning("publishing the report against %s failed: %s", audited.where(), err)
-                return
-            self.counters.reports += 1
-            log.warning("published a signed report: %s lied on positions [%d, %d)", audited.where(),
-                        blob.window_start, blob.window_end)
-
-        task = asyncio.get_running_loop().create_task(publish())
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
 
     async def _drop_shadow(self, shadow: _Shadow, avoid: frozenset[str]) -> None:
         old, shadow.hs = shadow.hs, None
