@@ -75,6 +75,7 @@ DTYPE_TRIES = 3
 ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
 """``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
 
+
 def check_due(position: int, verified: int, every: int) -> bool:
     """Whether a shadowed hop at ``position`` with claims verified on [0, ``verified``) gets a check now: once
     ``every`` positions are unverified, and at once for the first (the prompt's positions)."""
