@@ -28,6 +28,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     "spread": True, "prior_cap": 1.5, "refuted_ban": 60.0,
     # issue 19: servers are audited by default (shadow sessions; client.audit)
     "audit": True, "audit_every": 16, "audit_fraction": 1.0, "audit_in_flight": 4,
+    "audit_report": True,  # issue 19: a confirmed lie is published as a signed report (client.audit_reports)
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 

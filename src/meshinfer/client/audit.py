@@ -26,6 +26,19 @@ shadowed hop's claims were verified (tokens whose logits come from earlier posit
 ``rewind(position)`` forgets what lies beyond (a window in flight across a rewind is discarded). ``AuditCounters``
 (per server peer: passed/failed windows, unaudited hops) accumulate on
 the ``DistributedModel``.
+
+Only committed positions are judged (design D4), so that every lie found can be shown to others: before each step
+(``before_step``) the auditor asks the session for a signed commit (``InferenceSession.want_commit``) when a check
+will be due after it, and a check's window ends where the hop's latest signed commit ends
+(``client.evidence.committed_upto``). Judged anyway, beyond that: the tail of a generation in ``settle`` and the
+claims of a hop replaced since (no more commits will come), and every claim of a hop whose commits are absent or
+broken or that did not commit when asked (counted ``PeerAudits.uncommitted``: a server refusing to commit is
+suspect). A lie found there is acted on the same (ban, rollback) but cannot be reported. A lie found in a committed
+window becomes a REPORT: the evidence (``client.evidence.evidence_of`` the audited hop, window [first bad position,
+end)) is built at once, before the rollback cuts the history, and handed to ``report`` (the client's
+``SwarmView.report``: a signed DHT record others re-verify) in the background (``client.audit_reports``); the
+generation never waits for it. ``AuditCounters.reports`` counts the published ones, ``unreportable`` the
+detections without evidence (the reason is logged).
 """
 
 from __future__ import annotations
@@ -36,13 +49,15 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from meshinfer.client.audit_math import Tolerance, arbitrate, judge, tolerance_for
+from meshinfer.client.audit_reports import ReportCallback, Reporter
+from meshinfer.client.evidence import committed_upto
 from meshinfer.client.hops import HopSession
 from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError
@@ -79,6 +94,9 @@ class PeerAudits:
     """Hops it served that no shadow checked (not sampled, or no independent server of the span)."""
     positions: int = 0
     """Positions of its claims verified."""
+    uncommitted: int = 0
+    """Audited hops of it whose signed commits were absent, broken or not given when asked (judged anyway, a lie
+    there cannot be reported; a server refusing to commit is suspect)."""
 
 
 @dataclass
@@ -91,6 +109,10 @@ class AuditCounters:
     lying_verifiers: int = 0
     unresolved: int = 0
     """Failed windows no referee could settle."""
+    reports: int = 0
+    """Detections published as signed reports (evidence others re-verify)."""
+    unreportable: int = 0
+    """Detections without evidence (the window was not covered by the liar's signed commit; the reason is logged)."""
 
     def peer(self, peer_id: str) -> PeerAudits:
         return self.peers.setdefault(peer_id, PeerAudits())
@@ -98,7 +120,7 @@ class AuditCounters:
     def as_dict(self) -> dict[str, object]:
         """A JSON-able summary (for the swarm table, the dashboard and bench trust)."""
         return {"detections": self.detections, "lying_verifiers": self.lying_verifiers,
-                "unresolved": self.unresolved,
+                "unresolved": self.unresolved, "reports": self.reports, "unreportable": self.unreportable,
                 "peers": {peer: dataclasses.asdict(audits) for peer, audits in sorted(self.peers.items())}}
 
 
@@ -121,6 +143,8 @@ class _Shadow:
     verified: int = 0
     """Positions [0, verified) of the audited hop's claims agree with the shadow's."""
     busy: bool = False
+    uncommitted: str | None = None
+    """Why the audited hop's claims cannot be bound by its signed commits (judged anyway; None: they can)."""
 
 
 def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
@@ -135,6 +159,13 @@ def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tenso
     return out
 
 
+def truncate_steps(steps: Sequence[tuple[int, int, int]], position: int) -> list[tuple[int, int, int]]:
+    """The (step id, position, tokens) entries of ``steps`` before ``position``, a step straddling it cut to the
+    tokens kept: aligned with the inputs and outputs a rewind keeps (``truncate_parts``). The hop's chain entry for a
+    cut step still says the tokens it signed; ``client.evidence`` sees the difference (no evidence through it)."""
+    return [(sid, at, min(tokens, position - at)) for sid, at, tokens in steps if at < position]
+
+
 def _cat(parts: list[torch.Tensor], a: int, b: int) -> torch.Tensor:
     """Positions [a, b) of the concatenation of ``parts`` ([T_k, H] each): [b - a, H]."""
     return torch.cat(parts, dim=0)[a:b]
@@ -144,7 +175,7 @@ class Auditor:
     """The audits of one session's hops (see the module docstring)."""
 
     def __init__(self, session: InferenceSession, find: ServerFinder, counters: AuditCounters, *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, report: ReportCallback | None = None) -> None:
         self.session = session
         self.find = find
         self.counters = counters
@@ -158,8 +189,53 @@ class Auditor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._epoch = 0
         self.detection: Detection | None = None
+        self.reporter = Reporter(session, counters, report)
+        """Builds the evidence of a caught lie and publishes it (``report`` None: acted on, not published)."""
+        self._asked: dict[HopSession, int] = {}
+        """Per hop: the end position of the latest step that asked it for a signed commit."""
 
     # ---- scheduling ----------------------------------------------------------------------------
+
+    def before_step(self, tokens: int) -> None:
+        """A step of ``tokens`` is about to be sent: ask every hop for a signed commit on it when a check will be
+        due after it (the window a check judges must be signed), or a hop is new (its first check comes at once)."""
+        after = self.session.position + tokens
+        for hs in self.session.hops:
+            shadow = self._shadows.get(hs)
+            if (shadow is None and self.fraction > 0) or (
+                    shadow is not None and shadow.hs is not None and check_due(after, shadow.verified, self.every)):
+                self.session.want_commit = True
+        if self.session.want_commit:
+            for hs in self.session.hops:
+                self._asked[hs] = after
+
+    def _window_end(self, shadow: _Shadow, upto: int, final: bool) -> int | None:
+        """Where a check of ``shadow``'s hop wanting positions up to ``upto`` ends: the end of the hop's latest
+        signed commit; ``upto`` itself when no commit will cover more (``final``: the generation's end or a
+        replaced hop; or the hop does not commit properly); None: wait for the commit."""
+        audited = shadow.audited
+        committed, stuck = committed_upto(audited)
+        if committed >= upto or shadow.uncommitted is not None:
+            return upto
+        its_fault = audited.commits is None or audited.commits.broken is not None  # else: a rollback cut a step
+        asked = self._asked.get(audited, 0)
+        if stuck is None and committed < asked <= sum(out.shape[0] for out in audited.outputs):
+            stuck, its_fault = f"no signed commit up to position {asked} when asked (it covers {committed})", True
+        if stuck is not None:
+            shadow.uncommitted = stuck
+            if its_fault:
+                self.counters.peer(audited.hop.peer_id).uncommitted += 1
+                log.warning("%s: %s; its claims are judged, but a lie there cannot be reported (suspect)",
+                            audited.where(), stuck)
+            else:
+                log.info("%s: %s; its claims from %d on are judged, but a lie there cannot be reported",
+                         audited.where(), stuck, committed)
+            return upto
+        if final:
+            log.info("positions [%d, %d) of %s are not covered by its signed commit: judged, but a lie there cannot "
+                     "be reported", max(committed, shadow.verified), upto, audited.where())
+            return upto
+        return committed if committed > shadow.verified else None
 
     def after_step(self) -> None:
         """Start the audits that are due (never waits)."""
@@ -175,11 +251,16 @@ class Auditor:
                 continue
             if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
                                                                        self.every):
-                self._start_check(shadow, self.session.position)
+                end = self._window_end(shadow, self.session.position, final=False)
+                if end is not None:
+                    self._start_check(shadow, end)
         for shadow in self._shadows.values():  # hops replaced by a failover: their claims up to then
             target = self._target(shadow)
-            if shadow.audited not in self.session.hops and shadow.hs is not None and shadow.verified < target:
-                self._start_check(shadow, target)
+            if shadow.audited not in self.session.hops and shadow.hs is not None and shadow.verified < target \
+                    and not shadow.busy:
+                end = self._window_end(shadow, target, final=True)
+                if end is not None:
+                    self._start_check(shadow, end)
 
     def _target(self, shadow: _Shadow) -> int:
         """The positions of ``shadow``'s hop to verify: all the session's, or for a hop replaced since (a
@@ -229,7 +310,8 @@ class Auditor:
             for shadow in pending:
                 if not shadow.busy:
                     shadow.busy = True
-                    self._spawn(self._check(shadow, self._target(shadow)))
+                    self._spawn(self._check(shadow, self._window_end(shadow, self._target(shadow), final=True)
+                                            or self._target(shadow)))
             if not self._tasks:
                 await asyncio.sleep(0.05)
         log.warning("audits of session positions up to %d did not settle within %.0fs; released unverified",
@@ -242,11 +324,13 @@ class Auditor:
     def rewind(self, position: int) -> None:
         """The session goes back to ``position``: verified marks beyond it no longer mean anything."""
         self._epoch += 1
+        self._asked = {hs: min(upto, position) for hs, upto in self._asked.items()}
         for shadow in self._shadows.values():
             shadow.verified = min(shadow.verified, position)
             if shadow.audited not in self.session.hops:  # a replaced hop: its claims beyond are dropped too
                 shadow.audited.inputs = truncate_parts(shadow.audited.inputs, position)
                 shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
+                shadow.audited.steps = truncate_steps(shadow.audited.steps, position)
             shadow.busy = False
 
     def _tol(self, a: HopSession, b: HopSession) -> Tolerance:
@@ -343,7 +427,7 @@ class Auditor:
                 shadow.verified = b
                 return
             assert verdict.first_bad is not None
-            log.warning("audit of %s failed on positions [%d, %d): max rel_err %.3g, mean |scale-1| %.3g; "
+            log.warning("audit of %s failed on positions [%d, %d): max rel_err %.3g, |signed mean of scale-1| %.3g; "
                         "asking a third server", audited.where(), a, b, verdict.max_rel_err, verdict.mean_scale_dev)
             await self._referee(shadow, inputs, claimed, recomputed, a, b, epoch)
         finally:
@@ -382,6 +466,7 @@ class Auditor:
             self.counters.detections += 1
             log.warning("%s LIED from position %d (confirmed by %s); banned for %.0fs", audited.where(), a + first,
                         referee.where(), length)
+            self.reporter.publish(audited, a + first, b, referee.hop.record.dtype)
             if self.detection is None or a + first < self.detection.position:
                 self.detection = Detection(audited, audited.hop.peer_id, a + first)
             shadow.verified = a + first  # [a, a + first) agree with the referee; the liar's hop is replaced next

@@ -13,8 +13,13 @@ Contract: ``agenerate_audited(session, forward, ids, params, eos)`` runs the rul
   liar (``InferenceSession.rewind``: its span's inputs [0, d) replayed on another server; the next step at d
   makes every server truncate its cache), the tokens whose logits came from positions >= d are dropped, the
   sampler's generator is restored to its state before the first dropped token, and the generation goes on from
-  there: greedy output is the honest swarm's, and a seeded sampled one too. A detection before a released
-  token (only possible when the shadow colludes with the liar) cannot be undone and is logged.
+  there: greedy output is the honest swarm's, and a seeded sampled one too. A lie in the prompt rolls back to 0
+  (the prompt is sent again: no signed step is cut in two, so the hops' later claims can still be reported). A
+  detection before a released token (only possible when the shadow colludes with the liar) cannot be undone and
+  is logged.
+- The step of the last token ``max_new_tokens`` allows asks every hop for a signed commit
+  (``InferenceSession.want_commit``), so the audits of the generation's tail can be reported too (a generation
+  ending on a stop token may leave its tail unsigned: judged anyway, see ``client.audit``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
         settled_all = False
         if request is not None:
             chunk, position = request
+            if len(produced) + 1 >= params.max_new_tokens:  # the generation's last step: its tail gets signed
+                session.want_commit = True
             logits = await forward(chunk, position)
             states.append(steps.rng_state())
             scored = steps.sample(logits)
@@ -83,7 +90,8 @@ async def agenerate_audited(session: InferenceSession, forward: AsyncForward, id
             if keep > max(prompt, detection.position + 1):
                 log.error("a liar was caught at position %d after tokens up to %d were released (colluding "
                           "verifier?); the output is exact only from there", detection.position, prompt + released)
-            d = keep - 1 if keep > prompt else min(detection.position, prompt - 1)
+            # a lie in the prompt: from 0 (no step is cut in two: the hops' signed steps still bind their claims)
+            d = keep - 1 if keep > prompt else 0
             kept = keep - prompt
             if kept >= len(produced):  # everything it could change was released already
                 log.error("a liar was caught at position %d after every token was released", detection.position)

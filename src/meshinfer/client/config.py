@@ -74,6 +74,8 @@ class ClientConfig:
     audit_every: int = doc(16, "tokens between two checks of an audited hop (each check: one step on its shadow)")
     audit_fraction: float = doc(1.0, "probability that a hop of a session is audited (0..1)")
     audit_in_flight: int = doc(4, "most audit checks of one session running at once")
+    audit_report: bool = doc(True, "publish a signed report in the DHT when an audit, confirmed by a third server, "
+                                   "catches a server lying; other peers re-verify it before they believe it")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
 
     def __post_init__(self) -> None:

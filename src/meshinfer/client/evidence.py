@@ -10,7 +10,11 @@ for the next one: at most ``COMMIT_EVERY`` steps, or set ``InferenceSession.want
 every hop for one), the hop's commits were refused (``CommitLog.broken``), or an
 input's hash differs from the one the hop signed (it says it computed something else than the client holds; for a
 pushed hop the previous server may have pushed other bytes than it returned: ambiguous, so no report). Audits
-should only judge windows ``evidence_for`` can cover. ``push_mismatches(log_i, log_i+1)`` names the steps where
+should only judge windows ``evidence_for`` can cover: ``committed_upto(hs)`` is where that coverage ends for a hop
+(and whether waiting can extend it); ``evidence_of(hs, session, a, b)`` is ``evidence_for`` of a ``HopSession``
+that may no longer be one of the session's hops (replaced by a failover). A step cut by a rollback
+(``InferenceSession.rewind``: its recorded token count is smaller than the one the hop signed) cannot be evidence:
+the client no longer holds the inputs the hop signed for it. ``push_mismatches(log_i, log_i+1)`` names the steps where
 two consecutive hops signed different bytes for what went between them. Reads the session, changes nothing; no
 network.
 """
@@ -19,13 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from meshinfer.client.session import InferenceSession
 from meshinfer.p2p.commit import CommitLog, sha256
 from meshinfer.wire.evidence import EvidenceBlob
 from meshinfer.wire.tensor import Tensor, encode_tensor
+
+if TYPE_CHECKING:  # the session imports the audits, which import this module
+    from meshinfer.client.hops import HopSession
+    from meshinfer.client.session import InferenceSession
 
 
 @dataclass(frozen=True)
@@ -37,11 +45,17 @@ class EvidenceUnavailable:
 
 def evidence_for(session: InferenceSession, i: int, a: int, b: int) -> EvidenceBlob | EvidenceUnavailable:
     """The evidence blob of hop ``i`` for the positions [a, b) (see the module docstring)."""
-    hs = session.hops[i]
     if not 0 <= a < b <= session.position:
         return EvidenceUnavailable(f"window [{a}, {b}) is not inside the {session.position} positions computed")
+    return evidence_of(session.hops[i], session, a, b)
+
+
+def evidence_of(hs: HopSession, session: InferenceSession, a: int, b: int) -> EvidenceBlob | EvidenceUnavailable:
+    """``evidence_for`` of ``hs``, a hop of ``session`` now or earlier (replaced by a failover: its own history)."""
     if hs.commits is None:
         return EvidenceUnavailable("no signed commit from this hop yet")
+    if not hs.inputs or not hs.outputs:
+        return EvidenceUnavailable("this hop has computed nothing")
     return build_evidence(hs.commits, hs.steps, torch.cat(hs.inputs, dim=0), torch.cat(hs.outputs, dim=0), a, b,
                           dtype=session.dtype, quant=session.quant or "none", accused_dtype=hs.hop.record.dtype)
 
@@ -59,10 +73,13 @@ def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs
     if not 0 <= a < b or not used or used[-1][1] + used[-1][2] < b:
         return EvidenceUnavailable(f"window [{a}, {b}) is not inside the hop's computed positions")
     indices: list[int] = []
-    for step_id, _, _ in used:
+    for step_id, position, tokens in used:
         index = log.index(step_id)
         if index is None or index >= log.signed.steps:
             return EvidenceUnavailable(f"step {step_id} is not covered by a signed commit yet")
+        if log.entries[index].tokens != tokens or log.entries[index].position != position:
+            return EvidenceUnavailable(f"step {step_id} was cut by a rollback (the hop signed "
+                                       f"{log.entries[index].tokens} tokens, the client kept {tokens})")
         indices.append(index)
     wire_in: list[Tensor] = []
     wire_out: list[Tensor] = []
@@ -82,6 +99,29 @@ def build_evidence(log: CommitLog, steps: Sequence[tuple[int, int, int]], inputs
                         commit_signature=signed.signature, entries=log.entries[:signed.steps], steps=indices,
                         inputs=wire_in, window_start=a, window_end=b, outputs=wire_out, dtype=dtype, quant=quant,
                         accused_dtype=accused_dtype)
+
+
+def committed_upto(hs: HopSession) -> tuple[int, str | None]:
+    """(n, stuck): positions [0, n) of ``hs`` are steps covered by its latest signed commit, as evidence can show
+    them; ``stuck`` says why n cannot grow by waiting for the next commit (no commit log, commits refused, a step
+    of unknown id or cut by a rollback), None when it can."""
+    log = hs.commits
+    if log is None:
+        return 0, "the hop keeps no commit log"
+    if log.broken is not None:
+        return 0, f"the hop's commits were refused: {log.broken}"
+    upto = 0
+    for step_id, position, tokens in hs.steps:
+        index = log.index(step_id)
+        if step_id < 0:
+            return upto, "a step of unknown id"
+        if index is None or log.signed is None or index >= log.signed.steps:
+            return upto, None
+        entry = log.entries[index]
+        if entry.tokens != tokens or entry.position != position:
+            return upto, f"step {step_id} was cut by a rollback"
+        upto = position + tokens
+    return upto, None
 
 
 def push_mismatches(before: CommitLog, after: CommitLog) -> list[int]:

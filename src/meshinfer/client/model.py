@@ -228,7 +228,8 @@ class DistributedModel(CheckpointGenerator):
             async def find(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
                 return await self._view.plan(self.ref, blocks=blocks, exclude=exclude, wait=0.0, quant=quant)
 
-            session.auditor = Auditor(session, find, self.audits)
+            session.auditor = Auditor(session, find, self.audits,
+                                      report=self._view.report if self.config.audit_report else None)
         self.last_session = session
         return session
 

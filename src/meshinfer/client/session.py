@@ -38,7 +38,9 @@ answer reaching the client to this hop's) as ``stats.record_step``; routes are p
 Audits (``client.audit``): ``auditor`` (set by ``DistributedModel``) is told of every completed step; each hop
 keeps the outputs it claimed (``HopSession.outputs``) beside its inputs. ``open_side`` opens an audit's side
 session with this session's settings; ``rewind(position, liar)`` forgets every position from ``position`` on and
-replaces ``liar`` (its inputs [0, position) replayed elsewhere); the next step must be at ``position``.
+replaces ``liar`` (its inputs [0, position) replayed elsewhere); the next step must be at ``position``; each
+hop's ``steps`` stay aligned with its inputs and outputs (``truncate_steps``). Before each step the auditor's
+``before_step(tokens)`` may set ``want_commit`` (a check will be due after it: its window must be signed).
 
 Async core, run on the ``PeerNode``'s loop; ``client.sync_session.SyncInferenceSession`` wraps it for
 threads through a ``LoopThread``. Knows nothing of tokens, embeddings or sampling: hidden states in (from any
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from meshinfer.client.audit import truncate_parts
+from meshinfer.client.audit import truncate_parts, truncate_steps
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.hops import (
     FAILOVER_CODES,
@@ -246,7 +248,7 @@ class InferenceSession:
         for hs in self.hops:
             hs.inputs = truncate_parts(hs.inputs, position)
             hs.outputs = truncate_parts(hs.outputs, position)
-            hs.steps = [s for s in hs.steps if s[1] < position]  # (step id, position, tokens), as the parts kept
+            hs.steps = truncate_steps(hs.steps, position)
         self.position = position
         if self.auditor is not None:
             self.auditor.rewind(position)
@@ -294,6 +296,8 @@ class InferenceSession:
             raise ContextOverflowError(f"this session holds {self.position} tokens; {tokens} more exceed "
                                        f"its max_length of {self.max_length}")
         x = hidden.detach().to(device="cpu", dtype=getattr(torch, self.dtype)).contiguous()  # [T, H] for the wire
+        if self.auditor is not None:
+            self.auditor.before_step(tokens)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.step_timeout):
