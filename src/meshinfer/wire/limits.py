@@ -79,10 +79,12 @@ class RecordLimits:
     max_cards_per_signer: int = 32
     """Directory entries (model cards) one signing peer may contribute to a swarm read (an honest peer announces
     the one model it serves; a test peer may fake a few dozen)."""
+    max_tallies_per_model: int = 256
+    """Audit tallies (``audits:<model>``, one per client) one swarm read sums for a model (newest first)."""
 
     def __post_init__(self) -> None:
         for name in ("max_records_per_key", "max_records_per_signer", "max_keys_per_read", "max_models_per_read",
-                     "max_listed_blocks", "max_cards_per_signer"):
+                     "max_listed_blocks", "max_cards_per_signer", "max_tallies_per_model"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"record limit {name} must be > 0, got {getattr(self, name)}")
 
