@@ -4,8 +4,9 @@ Contract: frozen value objects, pure data; no I/O, no torch. The framing layer c
 message sizes against ``WireLimits`` before reading a body; the tensor codec checks dtype, rank, every
 dimension, element count and byte length against it before building a tensor. ``RecordLimits`` bounds
 what a DHT reader takes from the swarm: bytes per record (checked before decoding), blocks per model,
-records per key and per signing peer, keys per read, models per directory read; ``MAX_RECORD_BYTES`` and
-``MAX_MODEL_BLOCKS`` are also part of the record schemas (``wire.records``), so every peer enforces them.
+records per key and per signing peer, keys per read, models per directory read, audit tallies per model;
+``MAX_RECORD_BYTES`` and ``MAX_MODEL_BLOCKS`` are also part of the record schemas (``wire.records``), so every peer
+enforces them.
 """
 
 from __future__ import annotations
