@@ -13,7 +13,7 @@ import pytest
 from hivemind.dht.validation import DHTRecord
 
 from meshinfer.client.audit import AuditCounters
-from meshinfer.client.upkeep import tally_record, tally_state
+from meshinfer.client.upkeep import tally_due, tally_record, tally_state
 from meshinfer.dashboard.doc import dashboard_payload, snapshot_doc
 from meshinfer.errors import LimitExceededError, WireError
 from meshinfer.p2p.directory import TallySum, sum_tallies, tallies_of
@@ -128,8 +128,11 @@ def test_a_clients_tally_lists_the_most_audited_servers_first() -> None:
     assert (rec.client, rec.detections, rec.created) == ("me", 1, 7.0)
     assert decode_record(encode_record(rec)) == rec
     assert tally_state(counters) == before
+    assert not tally_due(before, before, 100.0, 100.0 + 299.0, 600.0)  # unchanged and fresh: nothing to publish
+    assert tally_due(before, before, 100.0, 100.0 + 300.0, 600.0)  # half the TTL: re-published
+    assert tally_due(before, None, 0.0, 1.0, 600.0)  # never published
     counters.peer("QmLiar").positions += 1
-    assert tally_state(counters) != before
+    assert tally_state(counters) != before and tally_due(tally_state(counters), before, 100.0, 101.0, 600.0)
 
 
 def test_the_document_table_and_payload_show_tallies_as_claims() -> None:

@@ -59,6 +59,12 @@ def tally_state(counters: AuditCounters) -> TallyState:
     return peers, counters.detections, counters.unresolved
 
 
+def tally_due(state: TallyState, published: TallyState | None, published_at: float, now: float,
+              ttl_s: float) -> bool:
+    """Whether to publish the tally now: the counters changed since the last one stored, or half its TTL passed."""
+    return state != published or now - published_at >= ttl_s / 2
+
+
 class Upkeep:
     """The periodic chores of one ``DistributedModel`` (see the module docstring)."""
 
@@ -116,8 +122,7 @@ class Upkeep:
         ``force``); whether one was stored now."""
         state = tally_state(self.counters)
         now = time.time()
-        fresh = now - self._published_at < self.tally_ttl_s / 2
-        if not force and state == self._published and fresh:
+        if not force and not tally_due(state, self._published, self._published_at, now, self.tally_ttl_s):
             return False
         record = tally_record(self.counters, client=self.view.peer_id, model_id=self.ref.model_id, now=now)
         if record is None:
