@@ -29,6 +29,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     # issue 19: servers are audited by default (shadow sessions; client.audit)
     "audit": True, "audit_every": 16, "audit_fraction": 1.0, "audit_in_flight": 4,
     "audit_report": True,  # issue 19: a confirmed lie is published as a signed report (client.audit_reports)
+    # issue 19: reports checked every minute, the audit tally published (client.upkeep)
+    "report_check_s": 60.0, "publish_audits": True,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -58,6 +60,8 @@ def test_frozen() -> None:
     ({"close_timeout": 0.0}, "--close-timeout must be > 0"),
     ({"min_stall": 0.0}, "--min-stall must be > 0"),
     ({"route_wait": -0.5}, "--route-wait must be >= 0 seconds, got -0.5"),
+    ({"report_check_s": -1.0}, "--report-check-s must be >= 0 seconds (0: off), got -1"),
+    ({"report_check_s": float("nan")}, "--report-check-s must be >= 0"),
     ({"max_failovers": -1}, "--max-failovers must be >= 0, got -1"),
     ({"max_chunk_tokens": 0}, "--max-chunk-tokens must be > 0, got 0"),
     ({"cohorts": 0}, "--cohorts must be >= 1, got 0"),

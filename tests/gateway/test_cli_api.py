@@ -56,6 +56,9 @@ def test_meshinfer_api_serves_until_sigterm(served: Served, tmp_path: Path) -> N
             assert signed.status_code == 200 and "<html" in signed.text.lower() and 'name="key"' not in signed.text
             doc = browser.get("/api/swarm").json()  # the page's own polling, with the cookie
         assert served.swarm.model_id in json.dumps(doc)
+        # issue 19: inside meshinfer api the page also gets this gateway's own live audit counters
+        assert doc["gateway_audits"] is not None and doc["gateway_audits"]["detections"] == 0, doc["gateway_audits"]
+        assert all("gateway_audits" in s for m in doc["models"] for s in m["servers"])
         auth = {"Authorization": "Bearer k-123"}
         assert httpx.get(url + "/api/swarm", headers=auth, timeout=30).status_code == 200
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", headers=auth,

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         async def connect() -> NodeSwarmReader:
             return NodeSwarmReader(model.view.node)  # shares the gateway's peer; never closes it
 
-        poller = SwarmPoller(connect).start(model.loop)
+        poller = SwarmPoller(connect, gateway_audits=model.audits.as_dict).start(model.loop)
         app.include_router(dashboard_router(poller, include_health=False, include_metrics=False,  # the page at /
                                             api_key=config.api_key))
         server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning",

@@ -2,7 +2,8 @@
 
 Contract: joins through ``--initial-peers`` as a client-only DHT peer (stores nothing for others),
 reads the swarm in two DHT calls bounded by ``--timeout`` (``p2p.directory.read_swarm``: a bounded number of
-keys and records whatever peers claim; a model is listed only from peers that serve it), prints rich tables
+keys and records whatever peers claim; a model is listed only from peers that serve it) plus the models' reports
+and audit tallies (one more call), prints rich tables
 (or one JSON document with ``--json``) and leaves. An empty swarm prints "no models are being served" and exits 0;
 unreachable initial peers are a one-line error, exit 2. Network code is imported only when the
 command runs; the JSON document is built by ``meshinfer.dashboard.doc`` (the same one the dashboard's
@@ -88,6 +89,17 @@ def _reports_text(server: dict[str, Any]) -> str:
     return f"[red]{n}[/red]" if n else ""
 
 
+def _audits_text(server: dict[str, Any]) -> str:
+    """``12 / 1 (2 clients)``: audit windows passed / failed summed over clients' tallies (their word, unverified)."""
+    audits = server.get("audits")
+    if not audits:
+        return ""
+    failed = int(audits["failed"])
+    clients = int(audits["clients"])
+    return (f"{int(audits['passed'])} / " + (f"[red]{failed}[/red]" if failed else "0")
+            + f" ({clients} client{'' if clients == 1 else 's'})")
+
+
 def print_tables(doc: dict[str, Any], console: Any = None) -> None:
     """Print a ``swarm_doc`` as rich tables (models, then servers) on ``console`` (default: stdout)."""
     from rich.console import Console
@@ -105,7 +117,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         models.add_column(col)
     servers = Table(title="servers")
     for col in ("peer id", "model", "span", "state", "weights", "device", "tokens/s", "cache left", "version",
-                "name", "reports (claimed)"):
+                "name", "reports (claimed)", "audits ✓/✗ (claimed)"):
         servers.add_column(col)
     for m in doc["models"]:
         missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
@@ -115,8 +127,11 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         for s in m["servers"]:
             servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s), _device_text(s),
                             f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
-                            s["public_name"] or "", _reports_text(s))
+                            s["public_name"] or "", _reports_text(s), _audits_text(s))
     console.print(models)
     console.print(servers)
+    if any(s.get("audits") for m in doc["models"] for s in m["servers"]):
+        console.print("audits: windows passed / failed as reported by the clients' tallies: unverified claims "
+                      "(reports can be re-checked; tallies cannot)")
     if not doc["complete"]:
         console.print("[yellow]some DHT reads timed out: the view may be incomplete[/yellow]")

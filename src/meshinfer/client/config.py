@@ -77,6 +77,10 @@ class ClientConfig:
     audit_report: bool = doc(True, "publish a signed report in the DHT when an audit, confirmed by a third server, "
                                    "catches a server lying; other peers re-verify it before they believe it")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
+    report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
+                                      "verified; a verified one makes routes avoid the accused); 0: never check")
+    publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
+                                     "`meshinfer swarm` and dashboards")
 
     def __post_init__(self) -> None:
         if not self.device.strip():
@@ -105,6 +109,8 @@ class ClientConfig:
             raise ConfigError(f"--audit-fraction must be between 0 and 1, got {self.audit_fraction:g}")
         if self.audit_in_flight < 1:
             raise ConfigError(f"--audit-in-flight must be >= 1, got {self.audit_in_flight}")
+        if not 0 <= self.report_check_s < float("inf"):
+            raise ConfigError(f"--report-check-s must be >= 0 seconds (0: off), got {self.report_check_s:g}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:

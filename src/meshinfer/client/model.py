@@ -25,8 +25,10 @@ the context manager) leaves the swarm. With ``config.audit`` (the default) every
 shadow sessions (``client.audit``) and the generation runs ``client.audited.agenerate_audited``: tokens are
 released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
 generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
-(``ascore_prompt``'s single pass is not audited). Errors are ``MeshinferError``s: no route ("no online servers cover
-blocks ... of model ..."), unreachable bootstrap peers, ``RemoteError`` with the server's code.
+(``ascore_prompt``'s single pass is not audited); ``upkeep`` (``client.upkeep``, started with the model, stopped
+by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
+``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
+``RemoteError`` with the server's code.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
+from meshinfer.client.upkeep import Upkeep
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.loopthread import LoopThread
@@ -95,6 +98,9 @@ class DistributedModel(CheckpointGenerator):
         """What audits found, per server peer (passed/failed windows, unaudited hops) and in all (detections)."""
         self.last_session: InferenceSession | None = None
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
+        self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
+                             publish_audits=config.publish_audits)
+        """Report checks and audit tallies in the background (``client.upkeep``)."""
         self._runner = runner
         self._view = view
         self._heads = HeadBatcher(head, cohorts=config.cohorts)
@@ -163,7 +169,9 @@ class DistributedModel(CheckpointGenerator):
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        return cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire)
+        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire)
+        runner.loop.call_soon_threadsafe(model.upkeep.start)
+        return model
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -366,6 +374,8 @@ class DistributedModel(CheckpointGenerator):
             if self._closed:
                 return
             self._closed = True
+        with contextlib.suppress(Exception):
+            self._runner.run(self.upkeep.aclose(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

@@ -1,16 +1,17 @@
 """The dashboard's one web page: self-contained HTML with inline CSS and JavaScript (no CDN, no build step).
 
-Contract: ``PAGE_HTML`` is served as is at the dashboard's root. The page polls ``api/swarm`` (relative, so
-it also works under a prefix) every ``refresh_interval`` s of the payload (2 s before the first answer) and
-updates in place without reloading: per model a block-coverage map (one cell per block, colour = the
-block's total online throughput relative to the model's best block, hue = how many servers hold it, holes
-striped red), a table of servers (peer id, public name, model, span, state, throughput, cache left,
-sessions, version, round trip from the dashboard's node) and swarm totals; a model whose document did not
-change keeps its DOM. States are explicit: ``body[data-state]`` is ``loading``, ``ok``, ``empty`` ("no models
-are being served"), ``error`` ("cannot reach the swarm: ...", from the payload's ``error``) or ``offline``
-(the dashboard itself does not answer). For tests: cells carry ``data-block``/``data-servers``/
-``data-throughput``/``data-model-id``, rows ``data-peer-id``/``data-model-id``/``data-state``, and
-``window.meshinfer`` counts renders and the last render's milliseconds. All text is HTML-escaped.
+Contract: ``PAGE_HTML`` is served as is at the dashboard's root. The page polls ``api/swarm`` (relative, so it also
+works under a prefix) every ``refresh_interval`` s of the payload (2 s before the first answer) and updates in place
+without reloading: per model a block-coverage map (one cell per block, colour = the block's total online throughput
+relative to the model's best block, hue = how many servers hold it, holes striped red), a table of servers (peer id,
+public name, model, span, state, throughput, cache left, sessions, version, reports (claims), audits passed/failed
+summed over clients' tallies (claims; inside ``meshinfer api`` also the gateway's own audits), round trip from the
+dashboard's node) and swarm totals; a model whose document did not change keeps its DOM. States are explicit:
+``body[data-state]`` is ``loading``, ``ok``, ``empty`` ("no models are being served"), ``error`` ("cannot reach the
+swarm: ...", from the payload's ``error``) or ``offline`` (the dashboard itself does not answer). For tests: cells
+carry ``data-block``/``data-servers``/ ``data-throughput``/``data-model-id``, rows
+``data-peer-id``/``data-model-id``/``data-state``, and ``window.meshinfer`` counts renders and the last render's
+milliseconds. All text is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ PAGE_HTML = """<!doctype html>
         <th class="num">tokens/s</th><th class="num">cache left</th><th class="num">sessions</th>
         <th>version</th>
         <th class="num" title="peers that published a report naming this server (claims, unverified)">reports</th>
+        <th class="num" title="audit windows passed / failed as reported by the clients' tallies (unverified claims);
+          inside meshinfer api also this gateway's own audits">audits ✓/✗</th>
         <th class="num">round trip</th></tr></thead>
       <tbody></tbody>
     </table>
@@ -182,6 +185,22 @@ PAGE_HTML = """<!doctype html>
     }
   }
 
+  function auditsCell(s) {
+    let out = "";
+    const a = s.audits;
+    if (a) {
+      out += '<span class="audits" title="as reported by ' + int(a.clients) + " client" + (a.clients === 1 ? "" : "s") +
+        '; unverified claims">' + int(a.passed) + " / " + (a.failed ? '<span class="bad">' + int(a.failed) +
+        "</span>" : "0") + "</span>";
+    }
+    const g = s.gateway_audits;
+    if (g) {
+      out += (out ? "<br>" : "") + '<span class="own-audits" title="this gateway&#39;s audits">' + int(g.passed) +
+        " / " + (g.failed ? '<span class="bad">' + int(g.failed) + "</span>" : "0") + " (this gateway)</span>";
+    }
+    return out;
+  }
+
   function renderRows(models) {
     const rows = [];
     for (const m of models) {
@@ -197,6 +216,7 @@ PAGE_HTML = """<!doctype html>
           int(s.sessions) + "</td><td>" + esc(s.software_version) + '</td><td class="num">' +
           ((s.reports || []).length ? '<span class="bad" title="' + esc(s.reports.join(", ")) + '">' +
            int(s.reports.length) + "</span>" : "") + '</td><td class="num">' +
+          auditsCell(s) + '</td><td class="num">' +
           (s.rtt_ms === null || s.rtt_ms === undefined ? "—" : num(s.rtt_ms, 2) + " ms") + "</td></tr>");
       }
     }

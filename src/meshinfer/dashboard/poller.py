@@ -11,7 +11,9 @@ servers that are due (``rtt.RttCache``) in a separate task, at most ``ping_concu
 is reachable recovers by itself. Failures never raise: they become the payload's ``error`` ("why the swarm
 cannot be read"; the last good models stay, marked by their older ``updated_at``). A read that gets no answer
 at all (no model directory within the timeout) is an error too; an answered read listing no model is the
-empty state, not an error.
+empty state, not an error. ``gateway_audits`` (inside ``meshinfer api``: the gateway's client's
+``AuditCounters.as_dict``, called on the poller's loop, the client's) adds that client's live audit counts to
+every payload (``doc.dashboard_payload``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class SwarmPoller:
 
     def __init__(self, connect: Callable[[], Awaitable[SwarmReader]], *, interval: float = 2.0, rtt: bool = True,
                  ping_concurrency: int = 8, pings_per_round: int = 32, rtt_max_age: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 gateway_audits: Callable[[], Mapping[str, Any]] | None = None) -> None:
         if not interval > 0:
             raise ConfigError(f"refresh interval must be > 0 seconds, got {interval}")
         if ping_concurrency <= 0 or pings_per_round <= 0:
@@ -116,6 +119,7 @@ class SwarmPoller:
         self.pings_per_round = pings_per_round
         self.rtt = RttCache(max_age=rtt_max_age, retry_after=max(rtt_max_age / 2, interval))
         self.clock = clock
+        self.gateway_audits = gateway_audits
         self.reader: SwarmReader | None = None
         self.reads = 0
         self.failures = 0
@@ -144,8 +148,15 @@ class SwarmPoller:
 
     def _payload(self) -> dict[str, Any]:
         viewer = self.reader.viewer if self.reader is not None else None
+        own = None
+        if self.gateway_audits is not None:
+            try:
+                own = self.gateway_audits()
+            except Exception as err:  # never let the counters break the page
+                log.debug("cannot read the gateway's audit counters: %s", err)
         return dashboard_payload(self._doc, rtt_ms=self.rtt.rtt_ms(), error=self._error, updated_at=self._updated_at,
-                                 checked_at=self._checked_at, viewer=viewer, interval=self.interval)
+                                 checked_at=self._checked_at, viewer=viewer, interval=self.interval,
+                                 gateway_audits=own)
 
     def _publish(self) -> None:
         payload = self._payload()

@@ -11,7 +11,10 @@ each bounded by ``timeout``, with at most ``2 * max_models_per_read + 1`` keys i
 ``read_coverage`` reads one model whose block count the caller knows (its own checkpoint): its ``servers:`` key
 plus, for servers from before that key, its ``block:<model>:<i>`` keys, in ONE call (``num_blocks`` at most
 ``MAX_MODEL_BLOCKS``).
-``list_models`` reads the directory alone. The decoders and ``PeerNode`` already refuse oversized and
+``list_models`` reads the directory alone. ``tallies_of`` picks the audit tallies (``audits:<model>``, issue 19) of
+one model from a read: only a tally under its own client's subkey, of that model, at most
+``max_tallies_per_model`` (newest first); ``sum_tallies`` adds them up per server (the clients' word,
+unverified). The decoders and ``PeerNode`` already refuse oversized and
 out-of-bound records and cap records per key and per signer; here records that are of another model,
 inconsistent with the key they were found under or with the model's card (a span past its blocks), or over a
 quota are skipped and counted in ``skipped`` (by reason), never an error. Pure data in, pure data out: no
@@ -27,7 +30,15 @@ from dataclasses import dataclass, field
 from meshinfer.errors import ConfigError
 from meshinfer.p2p.node import FoundRecord, PeerNode
 from meshinfer.wire.limits import MAX_MODEL_BLOCKS, RecordLimits
-from meshinfer.wire.records import MODELS_KEY, ModelCard, ServerRecord, block_key, servers_key
+from meshinfer.wire.records import (
+    MODELS_KEY,
+    AuditTallyRecord,
+    ModelCard,
+    ServerRecord,
+    audits_key,
+    block_key,
+    servers_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +219,47 @@ async def read_swarm(node: PeerNode, *, timeout: float = 5.0) -> SwarmSnapshot:
                  ", ".join(f"{n} {why}" for why, n in skipped.most_common()))
     complete = MODELS_KEY in directory and all(c.complete for c in coverage.values())
     return SwarmSnapshot(models, coverage, complete, skipped)
+
+
+def tallies_of(model_id: str, found: dict[str, list[FoundRecord]], limits: RecordLimits,
+               skipped: Counter[str] | None = None) -> list[AuditTallyRecord]:
+    """The audit tallies of ``model_id`` in ``found`` (what a read of ``audits:<model_id>`` returned): one per
+    client (its subkey and ``client`` agree, the model matches), at most ``limits.max_tallies_per_model``, newest
+    first; the rest are skipped and counted."""
+    skipped = Counter() if skipped is None else skipped
+    good: list[AuditTallyRecord] = []
+    for entry in found.get(audits_key(model_id), []):
+        rec = entry.record
+        if (not isinstance(rec, AuditTallyRecord) or entry.subkey != entry.peer_id or rec.client != entry.peer_id
+                or rec.model_id != model_id):
+            skipped["not an audit tally of the model"] += 1
+            continue
+        good.append(rec)
+    good.sort(key=lambda t: (-t.created, t.client))
+    if len(good) > limits.max_tallies_per_model:
+        skipped["over tallies-per-model limit"] += len(good) - limits.max_tallies_per_model
+    return good[:limits.max_tallies_per_model]
+
+
+@dataclass
+class TallySum:
+    """One server's audits summed over clients' tallies: CLAIMS (a tally is its client's word)."""
+
+    passed: int = 0
+    failed: int = 0
+    positions: int = 0
+    clients: int = 0
+    """Tallies (clients) that list this server."""
+
+
+def sum_tallies(tallies: list[AuditTallyRecord]) -> dict[str, TallySum]:
+    """Server peer id -> its audits summed over ``tallies`` (one tally per client: the caller's ``tallies_of``)."""
+    out: dict[str, TallySum] = {}
+    for tally in tallies:
+        for peer in tally.peers:
+            total = out.setdefault(peer.peer_id, TallySum())
+            total.passed += peer.passed
+            total.failed += peer.failed
+            total.positions += peer.positions
+            total.clients += 1
+    return dict(sorted(out.items()))

@@ -9,7 +9,8 @@ node's key, and accepts a record only if ALL hold:
   hashes to exactly that peer id (so nobody can write under another peer's subkey);
 - the signature verifies (so tampered values are dropped);
 - the payload decodes as a ``meshinfer.wire.records`` record and a ``ServerRecord``/``SeedRecord`` names the same
-  peer id as its subkey's owner (a ``ReportRecord``: its ``reporter``);
+  peer id as its subkey's owner (a ``ReportRecord``: its ``reporter``); an ``AuditTallyRecord`` is stored only
+  under the subkey that is exactly its ``client`` (no tag: one tally per client and key);
 - the expiration time is at most ``max_ttl`` seconds ahead (no everlasting records);
 - the value is at most ``MAX_ENVELOPE_BYTES`` (a record of ``MAX_RECORD_BYTES`` plus key and signature),
   checked before anything is decoded or hashed.
@@ -34,7 +35,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from meshinfer.errors import WireError
 from meshinfer.p2p.identity import Identity, peer_id_of_public_key, verify_signature
 from meshinfer.wire.limits import KIB, MAX_RECORD_BYTES
-from meshinfer.wire.records import ReportRecord, SeedRecord, ServerRecord, decode_record
+from meshinfer.wire.records import AuditTallyRecord, ReportRecord, SeedRecord, ServerRecord, decode_record
 
 log = logging.getLogger(__name__)
 
@@ -159,5 +160,8 @@ class SignedRecordValidator(RecordValidatorBase):
             return False
         if isinstance(decoded, ReportRecord) and decoded.reporter != owner:
             log.debug("rejected report under %s: it names reporter %s", subkey, decoded.reporter)
+            return False
+        if isinstance(decoded, AuditTallyRecord) and decoded.client != subkey:
+            log.debug("rejected audit tally under %s: it names client %s", subkey, decoded.client)
             return False
         return True

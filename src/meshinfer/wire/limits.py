@@ -4,8 +4,9 @@ Contract: frozen value objects, pure data; no I/O, no torch. The framing layer c
 message sizes against ``WireLimits`` before reading a body; the tensor codec checks dtype, rank, every
 dimension, element count and byte length against it before building a tensor. ``RecordLimits`` bounds
 what a DHT reader takes from the swarm: bytes per record (checked before decoding), blocks per model,
-records per key and per signing peer, keys per read, models per directory read; ``MAX_RECORD_BYTES`` and
-``MAX_MODEL_BLOCKS`` are also part of the record schemas (``wire.records``), so every peer enforces them.
+records per key and per signing peer, keys per read, models per directory read, audit tallies per model;
+``MAX_RECORD_BYTES`` and ``MAX_MODEL_BLOCKS`` are also part of the record schemas (``wire.records``), so every peer
+enforces them.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ class RecordLimits:
     max_cards_per_signer: int = 32
     """Directory entries (model cards) one signing peer may contribute to a swarm read (an honest peer announces
     the one model it serves; a test peer may fake a few dozen)."""
+    max_tallies_per_model: int = 256
+    """Audit tallies (``audits:<model>``, one per client) one swarm read sums for a model (newest first)."""
 
     def __post_init__(self) -> None:
         for name in ("max_records_per_key", "max_records_per_signer", "max_keys_per_read", "max_models_per_read",
-                     "max_listed_blocks", "max_cards_per_signer"):
+                     "max_listed_blocks", "max_cards_per_signer", "max_tallies_per_model"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"record limit {name} must be > 0, got {getattr(self, name)}")
 

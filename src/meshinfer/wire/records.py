@@ -26,6 +26,7 @@ Keys::
     models                subkey <peer id>/<model_id> -> ModelCard  (directory: lets ``swarm`` list models)
     seed:<model_id>       subkey peer id -> SeedRecord    (peers serving the model's weight pieces)
     reports:<model_id>    subkey <reporter id>/<tag> -> ReportRecord  (evidence that a server lied; issue 19)
+    audits:<model_id>     subkey client peer id -> AuditTallyRecord  (a client's audit counts per server: its word)
 """
 
 from __future__ import annotations
@@ -159,7 +160,38 @@ class ReportRecord(msgspec.Struct, frozen=True, tag_field="type", tag="report"):
     v: int = RECORD_VERSION
 
 
-DhtRecord = ModelCard | ServerRecord | SeedRecord | ReportRecord
+MAX_TALLY_PEERS: Final = 64
+"""Most servers one audit tally lists (the most audited first)."""
+
+
+class PeerTally(msgspec.Struct, frozen=True, array_like=True):
+    """What one client's audits found about one server peer: windows passed and failed, positions verified."""
+
+    peer_id: IdText
+    passed: Count
+    failed: Count
+    positions: Count
+
+
+class AuditTallyRecord(msgspec.Struct, frozen=True, tag_field="type", tag="audit_tally"):
+    """A client's audit counters for one model (issue 19): per audited server (at most ``MAX_TALLY_PEERS``, the most
+    audited first) the windows its claims passed and failed and the positions verified, plus the client's totals.
+    The CLIENT'S WORD: unlike a report, nothing in it can be re-verified, so readers show it as a claim. Stored under
+    ``audits:<model_id>`` with the subkey ``client`` (the DHT validator refuses any other)."""
+
+    client: IdText
+    model_id: IdText
+    peers: Annotated[list[PeerTally], msgspec.Meta(max_length=MAX_TALLY_PEERS)]
+    passed: Count = 0
+    """Windows passed over every server this client audited (also those beyond ``peers``)."""
+    failed: Count = 0
+    detections: Count = 0
+    unresolved: Count = 0
+    created: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] = 0.0
+    v: int = RECORD_VERSION
+
+
+DhtRecord = ModelCard | ServerRecord | SeedRecord | ReportRecord | AuditTallyRecord
 
 
 
@@ -181,6 +213,10 @@ def seed_key(model_id: ModelId) -> str:
 
 def reports_key(model_id: ModelId) -> str:
     return f"reports:{model_id}"
+
+
+def audits_key(model_id: ModelId) -> str:
+    return f"audits:{model_id}"
 
 
 def is_model_id(text: str) -> bool:
@@ -211,10 +247,13 @@ def _check(record: DhtRecord, _limits: WireLimits) -> None:
             raise WireError(f"report window [{record.window_start}, {record.window_end}) is empty")
         if record.accused == record.reporter:
             raise WireError("a report accuses its own reporter")
+    if isinstance(record, AuditTallyRecord) and len({p.peer_id for p in record.peers}) != len(record.peers):
+        raise WireError("an audit tally lists a server twice")
 
 
 _codec: Codec[DhtRecord] = Codec(
-    DhtRecord, (ModelCard, ServerRecord, SeedRecord, ReportRecord), version=RECORD_VERSION, kind="DHT record",
+    DhtRecord, (ModelCard, ServerRecord, SeedRecord, ReportRecord, AuditTallyRecord),
+    version=RECORD_VERSION, kind="DHT record",
     label="DHT record", version_error=lambda v: WireError(f"DHT record version {v}, this peer reads version "
                                                           f"{RECORD_VERSION}"), length_limits=True, check=_check,
 )

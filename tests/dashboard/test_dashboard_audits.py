@@ -1,0 +1,78 @@
+"""The page's audits column in real headless Chromium (issue 19): audit windows passed / failed per server summed
+over clients' tallies, labelled as unverified claims of N clients, and inside ``meshinfer api`` the gateway's own
+audits. A fixed payload (``StaticSource``): no swarm needed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshinfer.client.audit import AuditCounters
+from meshinfer.dashboard.app import StaticSource, create_app
+from meshinfer.dashboard.doc import dashboard_payload
+from meshinfer.gateway.serving import ApiServer
+
+pytestmark = pytest.mark.slow
+
+
+def server(peer: str, audits: dict[str, int] | None) -> dict[str, Any]:
+    return {"peer_id": peer, "span": "0:2", "state": "online", "throughput": 4.0, "cache_tokens_left": 10,
+            "sessions": 0, "queued_steps": 0, "software_version": "0.1.0", "public_name": None, "addresses": [],
+            "direct_addresses": [], "reports": [], "audits": audits}
+
+
+def doc() -> dict[str, Any]:
+    servers = [server("QmHonest", {"passed": 6, "failed": 0, "positions": 96, "clients": 2}),
+               server("QmLiar", {"passed": 1, "failed": 2, "positions": 16, "clients": 1}),
+               server("QmUnseen", None)]
+    model = {"model_id": "m" * 32, "name": "tiny", "family": "llama", "num_blocks": 2, "hidden_size": 8,
+             "dtype": "float32", "manifest_hash": None, "announced_by": 3, "block_servers": [3, 3],
+             "block_throughput": [12.0, 12.0], "missing_blocks": [], "complete": True, "servers": servers,
+             "audit_clients": 2}
+    return {"models": [model], "complete": True}
+
+
+@pytest.fixture
+def page(chromium: Any) -> Iterator[Any]:
+    page = chromium.new_page()
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def cells(page: Any) -> dict[str, Any]:
+    return page.eval_on_selector_all(
+        "#servers tbody tr", """rows => Object.fromEntries(rows.map(r => [r.dataset.peerId, {
+            text: r.children[11].textContent,
+            title: (r.children[11].querySelector('.audits') || {}).title || null,
+            own: (r.children[11].querySelector('.own-audits') || {}).textContent || null}]))""")
+
+
+def test_audits_column_shows_claimed_tallies(page: Any) -> None:
+    payload = dashboard_payload(doc(), updated_at=time.time(), checked_at=time.time())
+    with ApiServer(create_app(StaticSource(payload))) as srv:
+        page.goto(srv.url)
+        page.wait_for_function("document.body.dataset.state === 'ok'", timeout=10_000)
+        assert page.inner_text("#servers thead th:nth-child(12)").startswith("audits")
+        got = cells(page)
+    assert got["QmHonest"] == {"text": "6 / 0", "title": "as reported by 2 clients; unverified claims", "own": None}
+    assert got["QmLiar"] == {"text": "1 / 2", "title": "as reported by 1 client; unverified claims", "own": None}
+    assert got["QmUnseen"] == {"text": "", "title": None, "own": None}
+
+
+def test_inside_a_gateway_its_own_audits_are_shown_too(page: Any) -> None:
+    own = AuditCounters()
+    own.peer("QmLiar").failed = 1
+    own.peer("QmUnseen").passed = 3
+    payload = dashboard_payload(doc(), updated_at=time.time(), checked_at=time.time(), gateway_audits=own.as_dict())
+    with ApiServer(create_app(StaticSource(payload))) as srv:
+        page.goto(srv.url)
+        page.wait_for_function("document.body.dataset.state === 'ok'", timeout=10_000)
+        got = cells(page)
+    assert got["QmHonest"]["own"] is None
+    assert got["QmLiar"]["own"] == "0 / 1 (this gateway)" and got["QmLiar"]["title"] is not None
+    assert got["QmUnseen"] == {"text": "3 / 0 (this gateway)", "title": None, "own": "3 / 0 (this gateway)"}
