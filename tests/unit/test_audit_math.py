@@ -181,4 +181,5 @@ def test_counters_summary() -> None:
     c.detections = 1
     d = c.as_dict()
     assert d["detections"] == 1 and list(d["peers"]) == ["a", "b"]  # type: ignore[call-overload]
-    assert d["peers"]["b"] == {"passed": 2, "failed": 0, "unaudited": 0, "positions": 0}  # type: ignore[index]
+    assert d["peers"]["b"] == {"passed": 2, "failed": 0, "unaudited": 0, "positions": 0,
+                              "uncommitted": 0}  # type: ignore[index]

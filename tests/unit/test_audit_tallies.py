@@ -165,7 +165,7 @@ def test_the_document_table_and_payload_show_tallies_as_claims() -> None:
     payload = dashboard_payload(doc, gateway_audits=own.as_dict())
     pa, pb, pc = payload["models"][0]["servers"]
     assert pa["gateway_audits"] is None and pb["gateway_audits"]["failed"] == 1 and pc["gateway_audits"]["passed"] == 4
-    assert payload["gateway_audits"] == {"detections": 1, "lying_verifiers": 0, "unresolved": 0, "passed": 4,
-                                         "failed": 1, "servers": 2}
+    assert payload["gateway_audits"] == {"detections": 1, "lying_verifiers": 0, "unresolved": 0, "reports": 0,
+                                         "unreportable": 0, "passed": 4, "failed": 1, "servers": 2}
     assert dashboard_payload(doc)["gateway_audits"] is None  # not inside a gateway
     assert doc["models"][0]["servers"][1].get("gateway_audits") is None  # the document itself is untouched
