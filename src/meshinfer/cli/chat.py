@@ -38,6 +38,7 @@ from meshinfer.cli.generate import (
     resolve_model_dir,
     text_decoder,
 )
+from meshinfer.cli.lan import lan_peers
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
 from meshinfer.models.detokenize import chat_stop_ids
@@ -163,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
     check_device(client)
     model_dir = resolve_model_dir(args.model)
     name = model_display_name(args.model, model_dir)
+    args.initial_peers = list(lan_peers(args, required=not model_dir.is_dir()))
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,
