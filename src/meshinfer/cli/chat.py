@@ -164,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
     check_device(client)
     model_dir = resolve_model_dir(args.model)
     name = model_display_name(args.model, model_dir)
-    args.initial_peers = list(lan_peers(args, required=not model_dir.is_dir()))
+    args.initial_peers = list(lan_peers(args, required=False, note=False))
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,

@@ -294,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
     sampling, dtype = validated(args)
     check_device(client_config(args))
     model_dir = resolve_model_dir(args.model)
-    args.initial_peers = list(lan_peers(args, required=not model_dir.is_dir()))
+    args.initial_peers = list(lan_peers(args, required=False, note=False))
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
                                quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),

@@ -27,8 +27,9 @@ def add_mdns_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
                         help=field_help(P2PConfig, "mdns_browse_s") + f" (default: {defaults.mdns_browse_s:g})")
 
 
-def lan_peers(args: argparse.Namespace, *, required: bool) -> tuple[str, ...]:
-    """Where to join the swarm: ``--initial-peers``, else the peers mDNS finds (see the module doc)."""
+def lan_peers(args: argparse.Namespace, *, required: bool, note: bool = True) -> tuple[str, ...]:
+    """Where to join the swarm: ``--initial-peers``, else the peers mDNS finds (see the module doc); ``note``:
+    say on stderr when nobody was found and the command runs on this machine instead."""
     given = tuple(getattr(args, "initial_peers", None) or ())
     if given:
         return given
@@ -51,7 +52,8 @@ def lan_peers(args: argparse.Namespace, *, required: bool) -> tuple[str, ...]:
     if not found:
         if required:
             raise TransportError(no_peers_message(browse_s))
-        print(f"note: {no_peers_message(browse_s)}; running on this machine", file=sys.stderr, flush=True)
+        if note:
+            print(f"note: {no_peers_message(browse_s)}; running on this machine", file=sys.stderr, flush=True)
         return ()
     print(f"found {len(found)} meshinfer peer(s) on this LAN by mDNS: {', '.join(p.peer_id[:16] for p in found)}",
           file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ def unavailable_reason() -> str | None:
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is missing: install iproute2 (scripts/dev.sh setup does, as root)"
     if os.geteuid() != 0:
-        return "creating network namespaces needs root (this test runs as uid %d)" % os.geteuid()
+        return f"creating network namespaces needs root (this test runs as uid {os.geteuid()})"
     probe = f"miprobe{os.getpid()}{secrets.token_hex(2)}"
     try:
         done = _run(["ip", "netns", "add", probe])
