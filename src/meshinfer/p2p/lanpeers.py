@@ -6,13 +6,15 @@ multicast). A peer advertises one DNS-SD service of type ``SERVICE_TYPE`` whose 
 hook: empty means the public default swarm; a peer only joins peers of its own swarm) and its libp2p multiaddrs
 (each ``.../p2p/<its peer id>``). ``decode_txt`` reads what others advertise with bounded sizes
 (``LanLimits``): anything malformed, oversized or naming another peer yields ``None``, never an exception.
-``pick_join`` chooses which found peers to join through: not ourselves, not clients (they serve no DHT),
-only our swarm, each once, in a deterministic order, at most ``max_join`` of them. ``no_peers_message``
-is the one line a client prints when the LAN has nobody.
+``lan_discovery_enabled`` says which nodes take part at all. ``pick_join`` chooses which found peers to join
+through: not ourselves, not clients (they serve no DHT), only our swarm, each once, in a deterministic order, at
+most ``max_join`` of them. ``no_peers_message`` is the one line a client prints when the LAN has nobody;
+``found_via`` how a process learnt of a peer (for ``meshinfer swarm``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -76,7 +78,7 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def decode_txt(props: Mapping[bytes | str, bytes | str | None],
+def decode_txt(props: Mapping[bytes, bytes | None] | Mapping[str, str | None],
                limits: LanLimits = DEFAULT_LAN_LIMITS) -> LanPeer | None:
     """The peer ``props`` advertise, or None when they are not a valid meshinfer advertisement."""
     texts: dict[str, str] = {}
@@ -136,6 +138,18 @@ def no_peers_message(browse_s: float) -> str:
     """What a client says when mDNS found nobody within ``browse_s`` seconds."""
     return (f"no meshinfer peers found on this LAN by mDNS within {browse_s:g} s; pass --initial-peers MULTIADDR, "
             "or check that multicast reaches this machine")
+
+
+def lan_discovery_enabled(*, mdns: bool, host: str, client_mode: bool) -> bool:
+    """Whether a started node advertises itself and browses the LAN: ``mdns`` on, not a client (clients browse once,
+    before starting, and are not advertised: they serve nothing), and bound to a non-loopback IP address (a peer
+    listening on loopback only is on no LAN)."""
+    if not mdns or client_mode:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def found_via(peer_id: str, *, mdns: Iterable[str], bootstrap: Iterable[str]) -> str:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import time
@@ -59,7 +58,7 @@ from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
-from meshinfer.p2p.lanpeers import LanPeer, join_maddrs, own_maddrs
+from meshinfer.p2p.lanpeers import LanPeer, join_maddrs, lan_discovery_enabled, own_maddrs
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
@@ -153,7 +152,7 @@ class PeerNode:
         initial_peers = tuple(config.initial_peers)
         found_at_start: set[str] = set()
         try:
-            if lan_discovery_enabled(config, settings.client_mode):
+            if lan_discovery_enabled(mdns=config.mdns, host=config.host, client_mode=settings.client_mode):
                 lan = await LanDiscovery.start()
                 if not initial_peers:
                     found = await lan.wait_for_peers(config.mdns_browse_s, own_peer_id=identity.peer_id)
@@ -391,18 +390,6 @@ def admission_limits(config: P2PConfig) -> AdmissionLimits:
                            max_buffer_bytes=config.max_buffer_mb * MIB,
                            max_buffer_bytes_per_peer=config.max_buffer_mb_per_peer * MIB,
                            max_handshakes=config.max_handshakes)
-
-
-def lan_discovery_enabled(config: P2PConfig, client_mode: bool) -> bool:
-    """Whether a node started per ``config`` advertises and browses the LAN: ``mdns`` on, not a client (clients
-    browse once, before starting: ``discovery.find_lan_peers``), and bound to a non-loopback host (a peer listening
-    on loopback only is on no LAN)."""
-    if not config.mdns or client_mode:
-        return False
-    try:
-        return not ipaddress.ip_address(config.host).is_loopback
-    except ValueError:
-        return False
 
 
 def _visible_hosts(host: str, maddrs: Sequence[str]) -> list[str]:
