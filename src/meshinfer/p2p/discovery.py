@@ -155,11 +155,14 @@ class LanDiscovery:
 
 
 def _first_ip4(maddrs: tuple[str, ...]) -> tuple[str | None, int]:
+    """The first non-loopback IPv4 address and TCP port of ``maddrs`` (else the first loopback one)."""
+    found: list[tuple[str, int]] = []
     for text in maddrs:
         parts = text.split("/")
         if len(parts) > 4 and parts[1] == "ip4" and parts[3] == "tcp" and parts[4].isdigit():
-            return parts[2], int(parts[4])
-    return None, 0
+            found.append((parts[2], int(parts[4])))
+    found.sort(key=lambda hp: ipaddress.ip_address(hp[0]).is_loopback)
+    return found[0] if found else (None, 0)
 
 
 async def find_lan_peers(seconds: float, *, swarm: str = "") -> list[LanPeer]:
