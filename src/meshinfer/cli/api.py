@@ -4,7 +4,8 @@ Contract: parses and validates the flags (``GatewayConfig``, and ``ClientConfig`
 such as ``--route-wait``; a bad value is a one-line ``ConfigError``, exit 2) before importing torch or the
 network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). ``--device`` (default
 auto) is resolved on this machine next (a device it lacks is a one-line ``ConfigError``, before anything is
-loaded or joined). Then it joins the swarm with ``DistributedModel.from_pretrained(--model, --initial-peers,
+loaded or joined). Then it joins the swarm (``--initial-peers``; without them the peers found on this LAN by mDNS,
+``cli.lan``: none found is a one-line error) with ``DistributedModel.from_pretrained(--model, --initial-peers,
 config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
 the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
 Once listening it prints, in one flushed write on stdout::

@@ -2,8 +2,9 @@
 
 Contract: parses and validates every flag (one-line ``ConfigError`` for bad values) before importing
 torch; ``--model demo`` means the built-in demo checkpoint. The model is opened by
-``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
-swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
+``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` (without them:
+the peers ``cli.lan`` finds on this LAN by mDNS within ``--mdns-browse-s``; none found, or ``--no-mdns``: as
+before, local) the swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
 is closed (leaves the swarm) at the end; both give the same greedy tokens. Both compute on ``--device``
 (``ClientConfig.device``, default auto: the first CUDA GPU, else MPS, else the CPU; resolved by ``check_device``
 right after the flags, so a device this machine lacks is one line before anything loads) in ``--dtype`` (auto:
