@@ -9,6 +9,7 @@ missing feature, where namespaces cannot be made (no ``ip``, not root, no netns/
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,21 @@ PROMPT = "The quick brown fox"
 NEW_TOKENS = 10
 
 pytestmark = pytest.mark.slow
+
+JOIN_SCRIPT = """
+import asyncio, json, sys
+from meshinfer.client.swarm import ModelRef, SwarmView
+
+async def main():
+    view = await SwarmView.join([])
+    try:
+        cov = await view.coverage(ModelRef(sys.argv[1], int(sys.argv[2])))
+        print(json.dumps(sorted(cov.servers)))
+    finally:
+        await view.close()
+
+asyncio.run(main())
+"""
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +108,11 @@ def test_client_finds_lan_servers_by_mdns_and_generates_like_local(lan_available
         assert doc["generated_token_ids"] == local.generate(doc["prompt_token_ids"], NEW_TOKENS)
         assert "found 2 meshinfer peer(s) on this LAN by mDNS" in done.stderr
 
+        # The Python API: SwarmView.join with no initial peers joins through the LAN too.
+        done = lan.run(2, [sys.executable, "-c", JOIN_SCRIPT, infos[0]["model_id"], str(blocks)], timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert set(json.loads(done.stdout.strip().splitlines()[-1])) == ids
+
         # --no-mdns: today's behaviour, a client with no address fails with one clear line.
         done = lan.run(2, meshinfer_argv("swarm", "--no-mdns"), timeout=60)
         assert done.returncode == 2 and done.stderr.startswith("error: --initial-peers is required"), done.stderr
@@ -123,3 +144,18 @@ def test_namespaces_are_removed_when_the_body_fails(lan_available: None) -> None
         raise RuntimeError("boom")
     assert lan.remaining() == []
     assert not pid_alive(proc.pid)
+
+
+def test_no_mdns_neither_advertises_nor_browses(lan_available: None) -> None:
+    with NetnsLan(2) as lan:
+        hidden = lan.popen(0, meshinfer_argv("dht", "--host", lan.addresses[0], "--no-mdns", "--stop-on-stdin-eof"))
+        hidden.read_line(timeout=120.0)  # its first multiaddr: it is up
+        done = lan.run(1, meshinfer_argv("swarm", "--mdns-browse-s", "2"), timeout=60)
+        assert done.returncode == 2 and "no meshinfer peers found on this LAN" in done.stderr, done.stderr
+        hidden.stop()
+        shown = lan.popen(0, meshinfer_argv("dht", "--host", lan.addresses[0], "--stop-on-stdin-eof"))
+        shown.read_line(timeout=120.0)
+        done = lan.run(1, meshinfer_argv("swarm", "--json", "--timeout", "5"), timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"models": [], "complete": True}
+    assert lan.remaining() == []
