@@ -89,8 +89,9 @@ class P2PConfig:
                                   "closed at once")
     mdns: bool = doc(True, "find peers on this LAN by mDNS (zero configuration): without --initial-peers, browse "
                            "for --mdns-browse-s seconds and join what answers; a server or DHT peer bound to a LAN "
-                           "address also advertises itself and joins peers found later (a peer bound to loopback "
-                           "is on no LAN: it neither advertises nor browses). --no-mdns turns both off")
+                           "address also advertises itself and joins peers found later (one bound to loopback is "
+                           "on no LAN: it neither advertises nor browses; clients browse from any address). "
+                           "--no-mdns turns both off")
     mdns_browse_s: float = doc(3.0, "seconds to browse the LAN by mDNS for peers when no --initial-peers are given")
 
     def __post_init__(self) -> None:
