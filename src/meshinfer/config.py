@@ -87,6 +87,12 @@ class P2PConfig:
                                           "(over all its streams)")
     max_handshakes: int = doc(64, "most incoming direct-plane connections in their handshake at once; more are "
                                   "closed at once")
+    mdns: bool = doc(True, "find peers on this LAN by mDNS (zero configuration): without --initial-peers, browse "
+                           "for --mdns-browse-s seconds and join what answers; a server or DHT peer bound to a LAN "
+                           "address also advertises itself and joins peers found later (one bound to loopback is "
+                           "on no LAN: it neither advertises nor browses; clients browse from any address). "
+                           "--no-mdns turns both off")
+    mdns_browse_s: float = doc(3.0, "seconds to browse the LAN by mDNS for peers when no --initial-peers are given")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -97,6 +103,8 @@ class P2PConfig:
                      "max_handshakes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.mdns_browse_s <= 60:
+            raise ConfigError(f"--mdns-browse-s must be in (0, 60], got {self.mdns_browse_s}")
         if self.max_streams_per_peer > self.max_streams:
             raise ConfigError(f"--max-streams-per-peer ({self.max_streams_per_peer}) must be <= --max-streams "
                               f"({self.max_streams})")

@@ -66,7 +66,7 @@ def test_swarm_on_an_empty_swarm(bootstrap: tuple[ManagedProcess, list[str]],
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["swarm"], "error: --initial-peers is required"),
+    (["swarm", "--no-mdns"], "error: --initial-peers is required"),
     (["swarm", "--initial-peers", "not-a-multiaddr"], "error: invalid initial peer multiaddr"),
     (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"],
      "error: cannot reach any initial peer"),

@@ -4,7 +4,8 @@ Contract: parses and validates the flags (``GatewayConfig``, and ``ClientConfig`
 such as ``--route-wait``; a bad value is a one-line ``ConfigError``, exit 2) before importing torch or the
 network; ``--api-key-file`` reads the key from a file (keeps it out of the process list). ``--device`` (default
 auto) is resolved on this machine next (a device it lacks is a one-line ``ConfigError``, before anything is
-loaded or joined). Then it joins the swarm with ``DistributedModel.from_pretrained(--model, --initial-peers,
+loaded or joined). Then it joins the swarm (``--initial-peers``; without them the peers found on this LAN by mDNS,
+``cli.lan``: none found is a one-line error) with ``DistributedModel.from_pretrained(--model, --initial-peers,
 config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
 the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
 Once listening it prints, in one flushed write on stdout::
@@ -29,6 +30,7 @@ from meshinfer.cli.announce import serve_http
 from meshinfer.cli.args import add_command, add_stop_on_stdin_eof
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.cli.generate import DTYPE_HELP, MODEL_HELP, add_client_flags, add_download_flag
+from meshinfer.cli.lan import add_mdns_flags, lan_peers
 from meshinfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,8 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, metavar="MODEL",
                         help=MODEL_HELP + "; its tokenizer and chat template are used")
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
-                        help="multiaddrs of any peers of the swarm serving the model's blocks")
+    parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                        help="multiaddrs of any peers of the swarm serving the model's blocks (default: the peers "
+                             "found on this LAN by mDNS)")
+    add_mdns_flags(parser)
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--quant", default="auto", metavar="MODE",
                         help="which servers' weights routes use: none, int8 or int4, one mode per route "
@@ -124,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.gateway.generation import SwarmGenerator
     from meshinfer.gateway.serving import ApiServer
 
+    args.initial_peers = list(lan_peers(args, required=True))
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
                                              model_name=name)
     poller: SwarmPoller | None = None

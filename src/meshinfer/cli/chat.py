@@ -1,16 +1,17 @@
 """``meshinfer chat``: a conversation in the terminal, with the model's chat template, locally or via a swarm.
 
 Contract: parses and validates flags before importing torch; opens the model through
-``cli.generate.open_generator`` (``--initial-peers``: the swarm's ``DistributedModel``; otherwise the
-local engine). Each user turn is appended to the history, the whole conversation is rendered with the
-tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=True)``, tokenised without
-extra special tokens, as transformers does), and the reply is streamed as it is generated and kept in
+``cli.generate.open_generator`` (``--initial-peers``, or without them the peers found on this LAN by mDNS
+(``cli.lan``): the swarm's ``DistributedModel``; otherwise the local engine). Each user turn is appended to
+the history, the whole conversation is rendered with the tokenizer's chat template
+(``apply_chat_template(..., add_generation_prompt=True)``, tokenised without extra special tokens, as
+transformers does), and the reply is streamed as it is generated and kept in
 the history. Generation stops at the model's eos ids, the tokenizer's eos and known end-of-turn tokens
 (``<|im_end|>``, ``<|eot_id|>``...). When the conversation no longer fits the context, the oldest turns
 are dropped (the system prompt is kept). ``/exit``, ``/quit`` or end of input (Ctrl-D) leaves;
 ``/reset`` clears the history. With a terminal on stdin it prompts interactively; otherwise it reads one
 user message per line (``--json``: one JSON object per turn: user, reply, token ids), so it is testable.
-Knows nothing of blocks or of the network beyond passing ``--initial-peers`` on.
+Knows nothing of blocks or of the network beyond passing ``--initial-peers`` (or the LAN's peers) on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from meshinfer.cli.generate import (
     resolve_model_dir,
     text_decoder,
 )
+from meshinfer.cli.lan import lan_peers
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError
 from meshinfer.models.detokenize import chat_stop_ids
@@ -163,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
     check_device(client)
     model_dir = resolve_model_dir(args.model)
     name = model_display_name(args.model, model_dir)
+    args.initial_peers = list(lan_peers(args, required=False, note=False))
     interactive = sys.stdin.isatty() and not args.json
     generator = open_generator(model_dir, dtype, initial_peers=args.initial_peers,
                                max_download=max_download_bytes(args), quant=quant, model_name=name,

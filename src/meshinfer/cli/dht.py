@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: P2PConfig, *, stop_on_stdin_eof: bool = False) -> int:
-    from meshinfer.p2p.node import PeerNode
+    from meshinfer.p2p.node import NodeSettings, PeerNode
     from meshinfer.p2p.runner import wait_for_exit_signal
 
-    node = await PeerNode.start(config)
+    node = await PeerNode.start(config, NodeSettings(lan_role="dht"))
     try:
         sys.stdout.write("".join(f"{m}\n" for m in node.maddrs))
         sys.stdout.flush()

@@ -2,8 +2,9 @@
 
 Contract: parses and validates every flag (one-line ``ConfigError`` for bad values) before importing
 torch; ``--model demo`` means the built-in demo checkpoint. The model is opened by
-``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` the
-swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
+``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` (without them:
+the peers ``cli.lan`` finds on this LAN by mDNS within ``--mdns-browse-s``; none found, or ``--no-mdns``: as
+before, local) the swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
 is closed (leaves the swarm) at the end; both give the same greedy tokens. Both compute on ``--device``
 (``ClientConfig.device``, default auto: the first CUDA GPU, else MPS, else the CPU; resolved by ``check_device``
 right after the flags, so a device this machine lacks is one line before anything loads) in ``--dtype`` (auto:
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.cli.lan import add_mdns_flags, lan_peers
 from meshinfer.client.config import CLI_SKIP, LOCAL_FIELDS, ClientConfig
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
@@ -192,7 +194,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool) ->
 def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                         help="multiaddrs of any peers of a swarm: run the model's blocks on its servers "
-                             "(default: run the whole model on this machine)")
+                             "(default: the swarm found on this LAN by mDNS, if any; else run the whole model on "
+                             "this machine)")
+    add_mdns_flags(parser)
     add_download_flag(parser)
     add_client_flags(parser)
 
@@ -291,6 +295,7 @@ def main(args: argparse.Namespace) -> int:
     sampling, dtype = validated(args)
     check_device(client_config(args))
     model_dir = resolve_model_dir(args.model)
+    args.initial_peers = list(lan_peers(args, required=False, note=False))
     t0 = time.perf_counter()
     generator = open_generator(model_dir, dtype, args.initial_peers, max_download_bytes(args),
                                quant=check_quant_flag(args), model_name=model_display_name(args.model, model_dir),

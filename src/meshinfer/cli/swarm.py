@@ -1,6 +1,7 @@
 """``meshinfer swarm``: show what a swarm serves: models, block coverage and servers.
 
-Contract: joins through ``--initial-peers`` as a client-only DHT peer (stores nothing for others),
+Contract: joins through ``--initial-peers`` (without them: the peers found on this LAN by mDNS, ``cli.lan``) as a
+client-only DHT peer (stores nothing for others),
 reads the swarm in two DHT calls bounded by ``--timeout`` (``p2p.directory.read_swarm``: a bounded number of
 keys and records whatever peers claim; a model is listed only from peers that serve it) plus the models' reports
 and audit tallies (one more call), prints rich tables
@@ -8,18 +9,22 @@ and audit tallies (one more call), prints rich tables
 unreachable initial peers are a one-line error, exit 2. Network code is imported only when the
 command runs; the JSON document is built by ``meshinfer.dashboard.doc`` (the same one the dashboard's
 ``/api/swarm`` serves; ``swarm_doc`` is re-exported here) and this module formats it (``read_doc``,
-``swarm_doc`` and ``print_tables`` are reused by ``meshinfer demo``).
+``swarm_doc`` and ``print_tables`` are reused by ``meshinfer demo``). Each server says how this process learnt of
+it (``found``: ``mdns`` when it advertised itself on the LAN and this command found it so, ``bootstrap`` when
+named by ``--initial-peers``, else ``dht``: read from the swarm's records); only what this process saw itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
-from meshinfer.cli.args import add_command, require_initial_peers
+from meshinfer.cli.args import add_command
 from meshinfer.cli.common import add_config_flags, config_from_args, require
+from meshinfer.cli.lan import lan_peers
 from meshinfer.config import P2PConfig
 from meshinfer.dashboard.doc import swarm_doc
 
@@ -39,9 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
-    require_initial_peers(config.initial_peers)
     require(args.timeout > 0, f"--timeout must be > 0, got {args.timeout}")
+    given = config.initial_peers
+    peers = lan_peers(args, required=True)
+    config = dataclasses.replace(config, initial_peers=peers)
     doc = asyncio.run(read_doc(config, args.timeout))
+    mark_found(doc, mdns=() if given else _peer_ids(peers), bootstrap=_peer_ids(given))
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -58,6 +66,20 @@ async def read_doc(config: P2PConfig, timeout: float) -> dict[str, Any]:
         return await swarm_doc(node, timeout)
     finally:
         await node.close()
+
+
+def _peer_ids(maddrs: tuple[str, ...]) -> list[str]:
+    return [m.rsplit("/p2p/", 1)[1] for m in maddrs if "/p2p/" in m]
+
+
+def mark_found(doc: dict[str, Any], *, mdns: Any, bootstrap: Any) -> None:
+    """Add ``found`` (``mdns``, ``bootstrap`` or ``dht``) to every server of ``doc``."""
+    from meshinfer.p2p.lanpeers import found_via
+
+    mdns, bootstrap = set(mdns), set(bootstrap)
+    for model in doc.get("models", []):
+        for server in model.get("servers", []):
+            server["found"] = found_via(str(server.get("peer_id")), mdns=mdns, bootstrap=bootstrap)
 
 
 def _coverage_text(counts: list[int]) -> str:
@@ -117,7 +139,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         models.add_column(col)
     servers = Table(title="servers")
     for col in ("peer id", "model", "span", "state", "weights", "device", "tokens/s", "cache left", "version",
-                "name", "reports (claimed)", "audits ✓/✗ (claimed)"):
+                "name", "reports (claimed)", "audits ✓/✗ (claimed)", "found"):
         servers.add_column(col)
     for m in doc["models"]:
         missing = f" [red]missing {len(m['missing_blocks'])}[/red]" if m["missing_blocks"] else ""
@@ -127,7 +149,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
         for s in m["servers"]:
             servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s), _device_text(s),
                             f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
-                            s["public_name"] or "", _reports_text(s), _audits_text(s))
+                            s["public_name"] or "", _reports_text(s), _audits_text(s), str(s.get("found") or ""))
     console.print(models)
     console.print(servers)
     if any(s.get("audits") for m in doc["models"] for s in m["servers"]):

@@ -23,7 +23,12 @@ Then:
   ``RecordLimits.max_keys_per_read`` keys (more is a ``UsageError``), and per key at most
   ``max_records_per_key`` records, ``max_records_per_signer`` of one signing peer (subkeys in sorted order);
   what is skipped (over a limit, undecodable, naming another peer) is counted in ``skipped_records``;
-- ``close()``: stop serving, leave the DHT, stop the daemon (idempotent).
+- LAN discovery (``meshinfer.p2p.discovery``, with ``P2PConfig.mdns`` on a non-client node bound to a
+  non-loopback host): with no initial peers it first browses by mDNS for ``mdns_browse_s`` and joins through
+  what it found (none: a new swarm, as before); once started it advertises its multiaddrs and keeps browsing,
+  dialling and DHT-pinging every peer of its swarm found later, so peers started at the same moment end up in
+  one swarm. ``mdns_peers`` holds the peer ids this node learnt of by mDNS;
+- ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
 tag twice). All methods run on the loop the node was started on (see ``meshinfer.loopthread`` for sync
@@ -51,7 +56,9 @@ from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageE
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
 from meshinfer.p2p.direct import DirectPlane
+from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
+from meshinfer.p2p.lanpeers import LanPeer, join_maddrs, lan_discovery_enabled, own_maddrs
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
@@ -73,6 +80,8 @@ class NodeSettings:
     stream: StreamSettings = DEFAULT_SETTINGS
     max_record_ttl: float = DEFAULT_MAX_TTL
     """Records expiring further ahead than this are rejected by this node."""
+    lan_role: str = "server"
+    """What this node advertises itself as on the LAN (``server`` or ``dht``; client-mode nodes do not advertise)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,9 @@ class PeerNode:
     """What one DHT read takes from the swarm (see ``get_many``)."""
     skipped_records: Counter[str] = field(default_factory=Counter[str])
     """DHT records this node's reads skipped, by reason (``invalid``, ``wrong owner``, ``over per-key limit``...)."""
+    mdns_peers: set[str] = field(default_factory=set[str])
+    """Peer ids this node found on the LAN by mDNS (and joined)."""
+    _lan: LanDiscovery | None = field(repr=False, default=None)
 
     @property
     def peer_id(self) -> str:
@@ -136,29 +148,43 @@ class PeerNode:
             lock = IdentityLock(identity.path)
             lock.acquire(identity.peer_id)
         p2p = None
+        lan: LanDiscovery | None = None
+        initial_peers = tuple(config.initial_peers)
+        found_at_start: set[str] = set()
         try:
+            if lan_discovery_enabled(mdns=config.mdns, host=config.host, client_mode=settings.client_mode):
+                lan = await LanDiscovery.start()
+                if not initial_peers:
+                    found = await lan.wait_for_peers(config.mdns_browse_s, own_peer_id=identity.peer_id)
+                    initial_peers = join_maddrs(found)
+                    found_at_start = {p.peer_id for p in found}
+                    log.info("mDNS: %s", f"joining through {len(found)} LAN peer(s)" if found
+                             else f"no peer found on this LAN within {config.mdns_browse_s:g} s: a new swarm")
             p2p = await start_p2p(
-                identity, host=config.host, port=config.port, initial_peers=config.initial_peers,
+                identity, host=config.host, port=config.port, initial_peers=initial_peers,
                 client_mode=settings.client_mode, check_identity=not identity.created,
                 startup_timeout=settings.startup_timeout,
             )
             validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
             try:
                 dht = await DHTNode.create(
-                    p2p=p2p, initial_peers=list(config.initial_peers) or None, record_validator=validator,
+                    p2p=p2p, initial_peers=list(initial_peers) or None, record_validator=validator,
                     client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
                 )
             except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
                 raise TransportError(f"cannot join the swarm: no initial peer answered ({err})") from None
             maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         except BaseException as err:
+            if lan is not None:
+                await lan.close()
             await _abort(p2p, lock)
             if isinstance(err, Exception) and not isinstance(err, MeshinferError):  # unforeseen: one line
                 raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
             raise
         refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
-                   admission=Admission(admission_limits(config), refusals), _refusals=refusals)
+                   admission=Admission(admission_limits(config), refusals), _refusals=refusals,
+                   mdns_peers=found_at_start, _lan=lan)
         if config.direct:
             node._direct = DirectPlane(identity, node.admission, node._refusals)
             if not settings.client_mode:
@@ -168,6 +194,9 @@ class PeerNode:
                     await node.close()
                     raise
                 node.direct_addresses = node._direct.addresses(_visible_hosts(config.host, maddrs))
+        if lan is not None:
+            await lan.advertise(LanPeer(node.peer_id, own_maddrs(node.peer_id, maddrs), role=settings.lan_role))
+            lan.set_on_found(node._join_lan_peer)
         log.debug("peer %s listening on %s%s", node.peer_id, ", ".join(maddrs),
                   f"; direct plane on {', '.join(node.direct_addresses)}" if node.direct_addresses else "")
         return node
@@ -248,6 +277,26 @@ class PeerNode:
         except Exception as err:
             log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
 
+    async def _join_lan_peer(self, peer: LanPeer) -> None:
+        """Join a peer found on the LAN after start: dial it and DHT-ping it (each adds the other to its routing
+        table), so two swarms started apart merge into one."""
+        if self._closed or peer.peer_id == self.peer_id or peer.role == "client":
+            return
+        if self._lan is not None and peer.swarm != self._lan.swarm:
+            return
+        try:
+            pid = PeerID.from_base58(peer.peer_id)
+        except ValueError:
+            return
+        self.mdns_peers.add(peer.peer_id)
+        await self._dial(pid, peer.maddrs)
+        async with asyncio.timeout(max(10.0, 2 * self.settings.dht_wait_timeout)):
+            answered = await self._dht.protocol.call_ping(pid)
+        if answered is None:
+            log.info("LAN peer %s found by mDNS did not answer a DHT ping", peer.peer_id[:16])
+        else:
+            log.info("joined LAN peer %s found by mDNS", peer.peer_id[:16])
+
     # --- DHT ----------------------------------------------------------------------------------
 
     async def dht_put_records(self, items: Sequence[Put], expiration_time: float,
@@ -315,6 +364,8 @@ class PeerNode:
         if self._closed:
             return
         self._closed = True
+        if self._lan is not None:
+            await self._lan.close()
         for stream in list(self._streams):
             await stream.close(timeout=0.5)
         if self._direct is not None:
