@@ -9,26 +9,51 @@ kept behind meshinfer's own interface so it can be replaced. Public API:
 - ``Identity``/``load_or_create_identity`` (``identity``);
 - ``echo_handler``/``ECHO_PROTOCOL`` (``echo``): a minimal real peer for tests and benchmarks.
 
-Submodules import hivemind at import time, so import this package only where networking is wanted. Sync code
+The package itself imports nothing heavy: its public names load their submodule on first use; submodules that
+import hivemind import ``_hivemind_logging`` first. Sync code
 drives a ``PeerNode`` through ``meshinfer.loopthread.LoopThread`` (the loop the node is started and used on).
 """
 
-from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
-from meshinfer.p2p.announce import (
-    Announcer,
-    Coverage,
-    ModelEntry,
-    SwarmSnapshot,
-    announce_server,
-    announcement,
-    list_models,
-    read_coverage,
-    read_swarm,
-)
-from meshinfer.p2p.echo import ECHO_PROTOCOL, echo_handler
-from meshinfer.p2p.identity import Identity, load_or_create_identity
-from meshinfer.p2p.node import FoundRecord, NodeSettings, PeerNode, Put
-from meshinfer.p2p.stream import MessageStream, StreamClosed, StreamHandler, StreamSettings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshinfer.p2p.announce import (
+        Announcer,
+        Coverage,
+        ModelEntry,
+        SwarmSnapshot,
+        announce_server,
+        announcement,
+        list_models,
+        read_coverage,
+        read_swarm,
+    )
+    from meshinfer.p2p.echo import ECHO_PROTOCOL, echo_handler
+    from meshinfer.p2p.identity import Identity, load_or_create_identity
+    from meshinfer.p2p.node import FoundRecord, NodeSettings, PeerNode, Put
+    from meshinfer.p2p.stream import MessageStream, StreamClosed, StreamHandler, StreamSettings
+
+_LAZY = {
+    **dict.fromkeys(("Announcer", "Coverage", "ModelEntry", "SwarmSnapshot", "announce_server", "announcement",
+                     "list_models", "read_coverage", "read_swarm"), "announce"),
+    **dict.fromkeys(("ECHO_PROTOCOL", "echo_handler"), "echo"),
+    **dict.fromkeys(("Identity", "load_or_create_identity"), "identity"),
+    **dict.fromkeys(("FoundRecord", "NodeSettings", "PeerNode", "Put"), "node"),
+    **dict.fromkeys(("MessageStream", "StreamClosed", "StreamHandler", "StreamSettings"), "stream"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names load their submodule (and hivemind) on first use, so that importing a light submodule
+    (``lanpeers``, ``discovery``, ``commit``) or ``SESSION_PROTOCOL`` does not start hivemind's import."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshinfer.p2p' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"meshinfer.p2p.{module}"), name)
+
 
 SESSION_PROTOCOL = "/meshinfer/session/1"
 """The protocol id block servers serve inference sessions on."""

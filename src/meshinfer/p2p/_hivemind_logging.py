@@ -1,6 +1,6 @@
 """Route hivemind's log records through the application's logging configuration.
 
-Contract: imported first by ``meshinfer.p2p`` (before anything imports hivemind). hivemind installs
+Contract: imported first by every ``meshinfer.p2p`` submodule that imports hivemind (before it does). hivemind installs
 its own handler on the ``hivemind`` logger at import and resets that logger's level from
 ``HIVEMIND_LOGLEVEL``, which would ignore how the CLI configured logging (``-v`` or not). This
 module remembers the level the application set, lets hivemind's records propagate to the root

@@ -27,6 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# isort: split
+from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
+
+# isort: split
 import hivemind.p2p.p2p_daemon as _hm_daemon
 from hivemind.p2p import P2P, P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr

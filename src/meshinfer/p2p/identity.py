@@ -24,6 +24,11 @@ import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+# isort: split
+from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
+
+# isort: split
 from hivemind.proto import crypto_pb2
 
 from meshinfer.errors import PeerIdentityError

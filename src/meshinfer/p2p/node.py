@@ -47,6 +47,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+# isort: split
+from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
+
+# isort: split
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr

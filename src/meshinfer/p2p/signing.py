@@ -30,6 +30,11 @@ import time
 from collections import OrderedDict
 
 import msgspec
+
+# isort: split
+from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
+
+# isort: split
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from meshinfer.errors import WireError
