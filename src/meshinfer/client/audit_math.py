@@ -6,9 +6,10 @@ sent) are compared with RECOMPUTED outputs ``r`` [P, H] (a shadow session on an 
     rel_err[p] = ||c_p - r_p||_2 / max(||r_p||_2, eps)
     scale[p]   = <c_p, r_p> / max(<r_p, r_p>, eps)
 
-A window FAILS when any ``rel_err > tol.rel_err`` or the window's mean ``|scale - 1| > tol.scale`` (a systematic
-1% scale hides in bf16 noise per position, but not in the mean of the projection ratio, whose honest noise is
-about rel_err / sqrt(H)). ``judge`` gives the verdict and the first position to distrust; ``arbitrate`` names the
+A window FAILS when any ``rel_err > tol.rel_err`` or ``|mean(scale) - 1| > tol.scale`` over the window (the
+SIGNED mean): a systematic scale hides in per-position noise but not in the mean of the projection ratio, where
+honest rounding noise averages out (in fp32 pairs a 1% scale is 100x the bound; in 16-bit pairs of a real model
+the honest window mean reaches 0.5-1%, so there only a larger scale shows). ``judge`` gives the verdict and the first position to distrust; ``arbitrate`` names the
 liar from a third opinion (design D3); ``detection_probability`` is the odds of the scheme catching a liar.
 Tolerances are calibrated from the honest-noise study (scripts/trust/honest_noise.py); ``tolerance_for`` is the
 one place that maps (dtype, dtype, quant) to them.
@@ -39,31 +40,38 @@ class Tolerance:
     window's positions, a systematic scale does not)."""
 
 
-# Calibrated on scripts/trust/honest_noise_cpu.json (36,096 positions: 6 models, fp32 with 1 and 2 threads, bf16,
-# int8/int4, single and 4 batched sessions, each against a shadow prefilling windows of 16; CPU). Honest maxima
-# (rel_err / window mean |scale - 1|, an upper bound of the signed statistic) are quoted per constant; bounds are
-# 2-250x above them. Prefill against prefill was bit-exact in every dtype: all honest noise is decode vs prefill.
+# Calibrated on two studies (scripts/trust/honest_noise.py; CPU): honest_noise_cpu.json (36,096 positions: 6
+# random-weight models, fp32 with 1 and 2 threads, bf16, int8/int4, single and 4 batched sessions, each against a
+# shadow prefilling windows of 16) and honest_noise_smollm2.json (13,824 positions of SmolLM2-135M-Instruct, a
+# REAL trained model, 29 blocks in one span, H 576). The real model's honest noise is several times the random
+# models' (outlier features: a few large residual dimensions make bf16 rounding correlated across positions), so
+# every 16-bit and quantized bound below comes from it. Honest maxima (rel_err / |signed window mean of scale-1|,
+# the larger of the two studies) are quoted per constant; bounds are 2.2-3x above them. Prefill against prefill
+# was bit-exact within one dtype: all same-dtype noise is decode vs prefill.
 FP32: Final = Tolerance(rel_err=1e-3, scale=1e-4)
-"""Both sides fp32, unquantized (honest: rel_err <= 4.1e-6, window scale <= 1e-7)."""
-HALF_SAME: Final = Tolerance(rel_err=0.1, scale=2e-3)
-"""Both sides the same 16-bit dtype, any quant mode (honest: rel_err <= 0.030, window scale <= 9.6e-4)."""
-HALF_MIXED: Final = Tolerance(rel_err=0.1, scale=4e-3)
-"""A 16-bit side against fp32, unquantized (honest: rel_err <= 0.048, window scale <= 2.0e-3)."""
-QUANT_FP32: Final = Tolerance(rel_err=0.05, scale=1e-3)
-"""int8/int4 routes, both fp32 (honest: rel_err <= 0.0154, window scale <= 2.7e-4: the low-bit GEMV of a decode
-step rounds activations to bf16, the prefill's dequantized GEMM does not)."""
-INT8_MIXED: Final = Tolerance(rel_err=0.15, scale=6e-3)
-"""int8, a bf16 side against an fp32 one (honest: rel_err <= 0.078, window scale <= 2.9e-3)."""
+"""Both sides fp32, unquantized (honest: rel_err <= 5.3e-6, window scale <= 3.8e-7)."""
+HALF_SAME: Final = Tolerance(rel_err=0.1, scale=0.012)
+"""Both sides the same 16-bit dtype, any quant mode (honest: rel_err <= 0.036, window scale <= 0.0052, SmolLM2
+int4 bf16/bf16). A 1% scale lie (window scale 0.010) is NOT detected here."""
+HALF_MIXED: Final = Tolerance(rel_err=0.45, scale=0.025)
+"""A 16-bit side against fp32, unquantized (honest: rel_err <= 0.216, window scale <= 0.0105, SmolLM2: weights
+rounded to bf16 compute a slightly different function, most at the prompt's first positions)."""
+QUANT_FP32: Final = Tolerance(rel_err=0.06, scale=0.006)
+"""int8/int4 routes, both fp32 (honest: rel_err <= 0.022, window scale <= 0.0025, SmolLM2: the low-bit GEMV of a
+decode step rounds activations to bf16, the prefill's dequantized GEMM does not)."""
+INT8_MIXED: Final = Tolerance(rel_err=0.45, scale=0.045)
+"""int8, a bf16 side against an fp32 one (honest: rel_err <= 0.186, window scale <= 0.0197, SmolLM2)."""
 INT4_MIXED: Final = Tolerance(rel_err=0.6, scale=0.06)
-"""int4, a bf16 side against an fp32 one (honest: rel_err <= 0.34, window scale <= 0.030: weights quantized from
-bf16 and from fp32 differ by ~3%, so the two compute different functions; such audits catch only gross lies, and
-shadows of the audited hop's own dtype are preferred)."""
+"""int4, a bf16 side against an fp32 one (honest: rel_err <= 0.34, window scale <= 0.030, random weights: weights
+quantized from bf16 and from fp32 differ by ~3%, so the two compute different functions; such audits catch only
+gross lies, and shadows of the audited hop's own dtype are preferred)."""
 
 HALF_SCALE_NOISE: Final = 0.08
 """With a 16-bit side, the window scale tolerance is at least HALF_SCALE_NOISE / sqrt(hidden_size): the honest
 projection-ratio noise shrinks like rel_err / sqrt(H), so narrow models need more (tiny llama, H = 64: an honest
-bf16/fp32 window's signed mean reached 0.0040 in CI; this gives 0.01 there, the table's values from H ~ 1600 up;
-a 1% scale lie is borderline only on such toy widths)."""
+bf16/fp32 window's signed mean reached 0.0040 in CI; this gives 0.01 there). On the real SmolLM2 the noise did
+not shrink with width as this assumes (outlier features), so the bounds above are the real model's and this floor
+only matters below H ~ 50."""
 
 _HALF: Final = frozenset({"bfloat16", "float16", "bf16", "fp16", "half"})
 
@@ -120,7 +128,7 @@ class Verdict:
     per-position bound; 0 when only the window's mean scale fails (every position is then suspect)."""
     max_rel_err: float
     mean_scale_dev: float
-    """Mean |scale - 1| over the window."""
+    """|mean(scale - 1)| over the window (the signed mean's absolute value)."""
     positions: int
 
 
