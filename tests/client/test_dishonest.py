@@ -178,6 +178,7 @@ def test_serve_help_has_no_trace_of_dishonesty() -> None:
     src = Path(__file__).resolve().parents[2] / "src" / "meshinfer"
     # nothing outside meshinfer.testing can reach it, bar `meshinfer bench trust`, which starts liars on purpose
     # (through meshinfer.testing) to measure how fast audits catch them
+    allowed = ("bench/trust.py", "bench/trust_runs.py")
     mentions = [p for p in src.rglob("*.py") if "dishonest" in p.read_text().lower()
-                and p.parent.name != "testing" and p.relative_to(src).as_posix() != "bench/trust.py"]
+                and p.parent.name != "testing" and p.relative_to(src).as_posix() not in allowed]
     assert mentions == [], mentions
