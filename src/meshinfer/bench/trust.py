@@ -1,34 +1,40 @@
-"""``meshinfer bench trust``: what audits cost (tokens/s, bytes) and how fast they catch dishonest servers.
+"""``meshinfer bench trust``: what audits cost (tokens/s, bytes, compute) and how fast they catch dishonest servers.
 
 Contract: starts a ``LocalSwarm`` of the demo checkpoint (``--model``) on 127.0.0.1: the blocks split into two
 spans A and B, two honest servers of A and three of B (every hop has an independent server to shadow it, and
-B has a third one to referee). Three measurements, all greedy, every prompt random (seeded by ``--seed``):
+B has a third one to referee). Measurements, all greedy unless said, every prompt random (seeded by ``--seed``):
 
 1. Overhead: two clients, one with audits at the default rate (``ClientConfig()``), one with ``audit=False``,
    generate ``--new-tokens`` tokens in turn, ``--repeats`` times (interleaved, the order alternating, so both
    see the same machine load); reported: median tokens/s of each, the median of the per-repeat ratios, and
-   the slowdown against the 5% target.
-2. Tokens to detection: for each ``--modes`` entry (``mode`` or ``mode:rate``; ``meshinfer.testing.dishonest``)
-   a lying server of span B is started (``LocalSwarm.add_server(dishonest=...)``), then ``--runs`` generations
-   of ``--max-tokens`` tokens, each from a fresh client (fresh bans) whose whole-model route is steered
-   through the liar (its plans over the whole model exclude the honest servers of B; span plans -- shadows,
-   referees, failovers -- are left alone). Per run: whether and at which generated token (the session's
-   position when the audit caught it, minus the prompt) the liar was detected, and whether the output equals
-   the honest reference (``LocalModel``, fp32 both sides, which the honest swarm gives exactly). The observed
-   detection rate is set beside ``client.audit_math.detection_probability`` (detectability 1; for ``load``
-   the rate is an upper bound: it lies only in batched turns, made here by a second, unaudited client
-   generating through the liar at the same time), and ``tokens_to_detect(0.5)`` (the formula's median for a
-   shadowed hop; the observed figure adds the latency of opening the shadow and of the check itself).
-   The liar is stopped after its runs. It serves the SECOND span on purpose: its lies are seeded by its
-   input's bytes, and a first span's decode input is the token's embedding alone, so a greedy loop over a
-   few tokens would repeat the same few decisions (rates per distinct input, not per step); the second
-   span's inputs depend on the whole context.
+   the slowdown against the 5% target. With ``--pin`` it is measured again (``pinned``) as if shadows ran on
+   other machines: both clients' routes forced through the first server of A and of B, which share CPU 0 with
+   this process, while every other server (the shadows, referees) gets CPU 1 (``os.sched_setaffinity`` on
+   every thread; skipped, saying why, without it or without CPUs 0 and 1). Also the swarm's extra compute:
+   positions the shadows recomputed / positions the audited route computed.
+2. Tokens to detection (``bench.trust_runs.detection``): for each ``--modes`` entry (``mode`` or ``mode:rate``;
+   ``meshinfer.testing.dishonest``) a lying server of span ``--liar-span`` (default B) is started, then ``--runs``
+   generations of ``--max-tokens`` tokens, each from a fresh client (fresh bans) whose whole-model route is
+   steered through the liar (span plans -- shadows, referees, failovers -- are left alone). Per run: whether and
+   at which generated token (the session's position when the audit caught it, minus the prompt) the liar was
+   detected, and whether the output equals the honest reference (``LocalModel``, fp32 both sides). The caught
+   fraction gets a 95% Wilson interval (``bench.trust_stats``), set beside the 99% target for liars lying on
+   every step and beside ``client.audit_math.detection_probability`` (detectability 1; for ``load`` an upper
+   bound: it lies only in batched turns, made here by a second, unaudited client through the liar) for all;
+   ``tokens_to_detect(0.5)`` is the formula's median for a shadowed hop (the observed figure adds the latency of
+   opening the shadow and of the check). Liars' lies are seeded per position (session, position, input), so a
+   first span's liar lies at its rate per step too.
 3. Audit bytes per generated token, on the audited client of (1): the shadow checks' tensor bytes, counted
    from the positions the audits verified (``AuditCounters``): each verified position of a hop sends its input
    and receives its output, ``2 * hidden * wire itemsize`` bytes (framing excluded).
+4. ``--honest-steps N`` (``bench.trust_runs.honest``): a bf16 server of each span joins, and audited clients
+   (``--honest-clients`` at once, then one alone; greedy and seeded sampling; all-fp32, all-bf16 and mixed
+   routes) generate until N audited decode steps: false positives, windows, and per dtype pair the largest
+   rel_err and window scale seen against the tolerance.
 
 Every process started is stopped by PID (``LocalSwarm``); bounded by ``--time-limit`` (runs after it are
-skipped). Never asserts a timing; imports torch and the network only inside ``run``.
+skipped); ``seconds`` says how long each part took. Never asserts a timing; imports torch and the network only
+inside ``run``.
 """
 
 from __future__ import annotations

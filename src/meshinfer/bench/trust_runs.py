@@ -127,6 +127,9 @@ def detection(path: Any, swarm: LocalSwarm, span: BlockRange, liar_cfg: Dishones
     at = [r["detected_at_token"] for r in detected]
     predicted = detection_probability(args.max_tokens, corrupt_fraction=liar_cfg.effective_rate, detectability=1.0,
                                       audit_fraction=cfg.audit_fraction, audit_every=cfg.audit_every)
+    judged = args.prompt_tokens + args.max_tokens - 1  # positions a generation settles (all it fed the route)
+    predicted_all = detection_probability(judged, corrupt_fraction=liar_cfg.effective_rate, detectability=1.0,
+                                          audit_fraction=cfg.audit_fraction, audit_every=1)
     always = liar_cfg.effective_rate >= 1.0 and liar_cfg.mode != "load"
     return {
         "mode": liar_cfg.mode,
@@ -139,6 +142,10 @@ def detection(path: Any, swarm: LocalSwarm, span: BlockRange, liar_cfg: Dishones
         "predicted_detection_rate": predicted,
         "caught_within_max_tokens": rate_summary(len(detected), len(runs), predicted=predicted,
                                                  target=TARGET_CAUGHT if always else None),
+        "predicted_detection_rate_all_positions": predicted_all,
+        "predicted_all_positions_in_ci95": rate_summary(len(detected), len(runs), predicted=predicted_all)
+        .get("predicted_in_ci95"),
+        "positions_judged_per_run": judged,
         "predicted_tokens_to_detection_p50": tokens_to_detect(
             0.5, corrupt_fraction=liar_cfg.effective_rate, detectability=1.0, audit_every=cfg.audit_every),
         "tokens_to_detection_median": statistics.median(at) if at else None,
