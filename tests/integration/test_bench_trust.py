@@ -1,6 +1,6 @@
 """``meshinfer bench trust`` as a real, small run on a tiny model: the JSON has every figure, the honest swarm's
 audits find nothing, a liar lying on every step is caught and the output stays the honest one; ``--modes``
-parsing (no processes)."""
+parsing and the Wilson interval (no processes)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshinfer.bench.trust import can_pin, parse_modes
+from meshinfer.bench.trust_stats import rate_summary, wilson
 from meshinfer.errors import ConfigError
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
@@ -23,6 +24,17 @@ def test_parse_modes() -> None:
     for bad in ("", "lies", "noise:x", "noise:2"):
         with pytest.raises(ConfigError, match="--modes"):
             parse_modes(bad)
+
+
+def test_wilson_interval() -> None:
+    # published values (e.g. statsmodels proportion_confint(method="wilson")): 5/10 -> (0.2366, 0.7634)
+    assert wilson(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert wilson(100, 100) == pytest.approx((0.963007, 1.0), abs=1e-6)  # 100/100 cannot show >= 99% at 95%
+    assert wilson(0, 20)[0] == 0.0 and wilson(0, 0) == (0.0, 1.0)
+    s = rate_summary(99, 100, predicted=0.99, target=0.99)
+    assert s["predicted_in_ci95"] and s["target_met_observed"] and not s["target_met_at_ci95_low"]
+    with pytest.raises(ValueError):
+        wilson(3, 2)
 
 
 @pytest.mark.slow
