@@ -142,6 +142,8 @@ def detection(path: Any, swarm: LocalSwarm, span: BlockRange, liar_cfg: Dishones
         "predicted_detection_rate": predicted,
         "caught_within_max_tokens": rate_summary(len(detected), len(runs), predicted=predicted,
                                                  target=TARGET_CAUGHT if always else None),
+        "caught_when_on_route": rate_summary(len(detected), sum(1 for r in runs if r["liar_on_route"]),
+                                             target=TARGET_CAUGHT if always else None),
         "predicted_detection_rate_all_positions": predicted_all,
         "predicted_all_positions_in_ci95": rate_summary(len(detected), len(runs), predicted=predicted_all)
         .get("predicted_in_ci95"),
