@@ -178,6 +178,44 @@ def test_serve_help_has_no_trace_of_dishonesty() -> None:
     src = Path(__file__).resolve().parents[2] / "src" / "meshinfer"
     # nothing outside meshinfer.testing can reach it, bar `meshinfer bench trust`, which starts liars on purpose
     # (through meshinfer.testing) to measure how fast audits catch them
+    allowed = ("bench/trust.py", "bench/trust_runs.py")
     mentions = [p for p in src.rglob("*.py") if "dishonest" in p.read_text().lower()
-                and p.parent.name != "testing" and p.relative_to(src).as_posix() != "bench/trust.py"]
+                and p.parent.name != "testing" and p.relative_to(src).as_posix() not in allowed]
     assert mentions == [], mentions
+
+
+def test_first_span_liar_rate_is_per_step_and_replays_lie_the_same(liars: Liars) -> None:
+    """A liar of the FIRST span fed the same input row at every step (a greedy loop repeating a token) still
+    lies on some steps only (seeded by session, position and input, not by the input alone), and a second
+    session asking the same lies the same way."""
+    from meshinfer.bench.trust_runs import steer
+    from meshinfer.client.config import ClientConfig
+
+    honest_first = liars.swarm.servers[0]
+    second = liars.swarm.add_server((2, 4))
+    liar = liars.swarm.add_server((0, 2), dishonest=DishonestConfig("noise", rate=0.5, sigma=0.05, seed=5))
+    gen = torch.Generator().manual_seed(11)
+    prompt = torch.randn(8, liars.hidden_size, generator=gen)
+    row = torch.randn(1, liars.hidden_size, generator=gen)
+    inputs = torch.cat([prompt, *[row] * 16])  # [24, H]: the same row at positions 8..23
+    claims: list[torch.Tensor] = []
+    try:
+        with DistributedModel.from_pretrained(liars.model_dir, liars.swarm.initial_peers, route_wait=1.0,
+                                              config=ClientConfig(audit=False)) as model:
+            steer(model, frozenset({honest_first.peer_id}))
+            for _ in range(2):
+                with model.open_session(64) as session:
+                    assert [h.peer_id for h in session.route] == [liar.peer_id, second.peer_id]
+                    session.step(prompt)
+                    for _ in range(16):
+                        session.step(row)
+                    claims.append(session.span_inputs(1))  # what hop 0 (the liar) claimed [24, H]
+    finally:
+        for server in (liar, second):
+            liars.swarm.stop_server(server)
+            liars.swarm.servers.remove(server)
+    err = rel_err(claims[0], local(liars.first, inputs))
+    decode = err[8:]
+    noisy, clean = int((decode > 0.01).sum()), int((decode < HONEST_TOL).sum())
+    assert noisy > 0 and clean > 0 and noisy + clean == 16, decode  # per step, not per distinct input
+    assert torch.equal(claims[0], claims[1])  # the same questions, the same lies

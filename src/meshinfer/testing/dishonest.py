@@ -8,8 +8,8 @@ exactly what ``python -m meshinfer.cli.main serve ...`` runs). The server code k
 flag, environment variable or config field of the normal CLI can enable any of this; only this module's
 entry point does. Modes (``DishonestConfig``):
 
-* ``noise``: a fraction ``rate`` (default 0.25) of span calls (one step, or one piece of a chunked
-  prefill) get ``N(0, (sigma * rms_p)^2)`` added to every element of output position p (rms over H).
+* ``noise``: a fraction ``rate`` (default 0.25) of positions (each decode step; each position of a prefill) get
+  ``N(0, (sigma * rms_p)^2)`` added to every element of output position p (rms over H).
 * ``scale``: every output is multiplied by ``1 + scale`` (default 0.01: hides in per-position noise).
 * ``skip-block``: block ``skip_block`` of the span computes the identity (its KV cache is never
   written); decode graph compilation is disabled so no compiled path bypasses the patch.
@@ -17,9 +17,14 @@ entry point does. Modes (``DishonestConfig``):
 * ``load``: like ``noise`` (``rate`` default 1.0) but only on turns that batch >= 2 sessions
   (``BlockSpan.forward_batch`` with >= 2 non-empty items): a liar under load, honest when probed alone.
 
-Randomness is deterministic: each call's draws come from a generator seeded by (``seed``, mode, the
-call's input bytes), so the same input gets the same lie whatever ran before (start-up throughput
-measurements, other sessions, thread timing) -- replays of a lying step lie the same way.
+Randomness is deterministic and per POSITION: each position's draws (whether it lies, the noise) come from a
+generator seeded by (``seed``, mode, the session's key, the position, that position's input bytes), the session's
+key being a digest of its position 0's input (``session_key``). So the same question gets the same lie whatever
+ran before (start-up throughput measurements, other sessions, thread timing, how a replay is chunked) -- replays
+of a lying step lie the same way -- while ``rate`` is per step even on a FIRST span, whose decode input is the
+token's embedding alone (a greedy loop repeating a few tokens still draws afresh at each position). ``noise``
+and ``load`` therefore lie on a fraction ``rate`` of positions (of a prefill's too), as
+``client.audit_math.detection_probability`` models.
 ``meshinfer.testing.swarm.LocalSwarm`` starts such servers (``dishonest=`` of ``add_server``).
 """
 
@@ -30,6 +35,7 @@ import hashlib
 import runpy
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +46,7 @@ from meshinfer.errors import ConfigError
 
 MODES = ("noise", "scale", "skip-block", "wrong", "load")
 DEFAULT_RATE = {"noise": 0.25, "load": 1.0}
-"""Fraction of span calls that lie, per mode that samples (the others always lie)."""
+"""Fraction of positions that lie, per mode that samples (the others always lie)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class DishonestConfig:
 
     mode: str
     rate: float | None = None
-    """Fraction of calls that get noise (``noise``: default 0.25; ``load``: default 1.0, of batched turns)."""
+    """Fraction of positions that get noise (``noise``: default 0.25; ``load``: default 1.0, of batched turns)."""
     scale: float = 0.01
     """``scale`` mode: outputs are multiplied by 1 + scale."""
     sigma: float = 0.05
@@ -83,25 +89,35 @@ class DishonestConfig:
 
     def describe(self) -> str:
         how = {
-            "noise": f"adds N(0, ({self.sigma:g} * rms)^2) noise to {self.effective_rate:.0%} of its span calls",
+            "noise": f"adds N(0, ({self.sigma:g} * rms)^2) noise to {self.effective_rate:.0%} of its positions",
             "scale": f"multiplies every output by {1 + self.scale:g}",
             "skip-block": f"block {'(first of span)' if self.skip_block is None else self.skip_block} computes "
                           "the identity",
             "wrong": "replaces every output by random noise of the right rms",
-            "load": f"adds N(0, ({self.sigma:g} * rms)^2) noise to {self.effective_rate:.0%} of the outputs of "
+            "load": f"adds N(0, ({self.sigma:g} * rms)^2) noise to {self.effective_rate:.0%} of the positions of "
                     "turns batching >= 2 sessions",
         }[self.mode]
         return f"DISHONEST server (meshinfer.testing.dishonest, mode {self.mode}, seed {self.seed}): {how}"
 
 
-# ---- the lies (pure functions of output, input and config) -----------------------------------------------
+# ---- the lies (pure functions of output, input, position and session) -------------------------------------
 
 
-def _generator(config: DishonestConfig, hidden: torch.Tensor) -> torch.Generator:
-    """A CPU generator seeded by (seed, mode, the input's bytes): the same input always gets the same draws."""
+def session_key(first_input: torch.Tensor) -> bytes:
+    """The key of a session: a digest of its first position's input [H] (what was asked at position 0), so a
+    replay of the session from position 0 (a rewind, a stateless forward) has the same key."""
+    return hashlib.blake2b(first_input.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
+                           digest_size=8).digest()
+
+
+def _generator(config: DishonestConfig, row: torch.Tensor, session: bytes, position: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, mode, session, position, the row's input bytes [H]): a pure function of
+    what was asked at that position, so replays lie the same way, yet a repeated input (a first span's token
+    embedding in a greedy loop) at another position draws afresh: the rate is per step."""
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(f"{config.seed}:{config.mode}:{tuple(hidden.shape)}:".encode())
-    digest.update(hidden.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest.update(f"{config.seed}:{config.mode}:{position}:{row.shape[-1]}:".encode())
+    digest.update(session)
+    digest.update(row.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
 
 
@@ -109,31 +125,44 @@ def _rms(x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., 1] float32
     return x.float().pow(2).mean(-1, keepdim=True).sqrt()
 
 
-def add_noise(output: torch.Tensor, hidden: torch.Tensor, config: DishonestConfig) -> torch.Tensor:
-    """``output`` [..., H] + N(0, (sigma * rms_p)^2) with probability ``rate`` (else unchanged)."""
-    gen = _generator(config, hidden)
-    if float(torch.rand((), generator=gen)) >= config.effective_rate:
-        return output
-    z = torch.randn(output.shape, generator=gen, dtype=torch.float32).to(output.device)  # [..., H]
-    return (output.float() + config.sigma * _rms(output) * z).to(output.dtype)
-
-
-def lie(output: torch.Tensor, hidden: torch.Tensor, config: DishonestConfig) -> torch.Tensor:
-    """What the dishonest span returns for one call (``noise``/``scale``/``wrong``) given the honest ``output``."""
-    if config.mode == "noise":
-        return add_noise(output, hidden, config)
+def lie(output: torch.Tensor, hidden: torch.Tensor, config: DishonestConfig, *, session: bytes = b"",
+        start: int = 0) -> torch.Tensor:
+    """What the dishonest span returns for one call (``noise``/``load``/``scale``/``wrong``) given the honest
+    ``output`` [..., T, H] of the inputs ``hidden`` [..., T, H] at positions ``start + arange(T)`` of the session
+    keyed ``session`` (``session_key``). ``noise``/``load`` decide per position (probability ``rate``), each from
+    its own generator (``_generator``): a step's decision does not depend on how the session was chunked."""
     if config.mode == "scale":
         return (output.float() * (1.0 + config.scale)).to(output.dtype)
-    if config.mode == "wrong":
-        z = torch.randn(output.shape, generator=_generator(config, hidden), dtype=torch.float32).to(output.device)
-        return (z * _rms(output)).to(output.dtype)
-    return output
+    if config.mode not in ("noise", "load", "wrong"):
+        return output
+    t, h = output.shape[-2], output.shape[-1]
+    rows = hidden.reshape(-1, h)  # [B*T, H]
+    out = output.float().reshape(-1, h).clone()  # [B*T, H]
+    rms = _rms(out)  # [B*T, 1]
+    for i in range(rows.shape[0]):
+        gen = _generator(config, rows[i], session, start + i % t)
+        if config.mode == "wrong":
+            out[i] = torch.randn(h, generator=gen, dtype=torch.float32).to(out.device) * rms[i]
+        elif float(torch.rand((), generator=gen)) < config.effective_rate:
+            z = torch.randn(h, generator=gen, dtype=torch.float32).to(out.device)  # [H]
+            out[i] = out[i] + config.sigma * rms[i] * z
+    return out.reshape(output.shape).to(output.dtype)
 
 
 # ---- patching this process's compute ----------------------------------------------------------------------
 
 _state = threading.local()
 _installed: list[DishonestConfig] = []
+_sessions: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+"""KV cache (one per server session) -> its session's key (``session_key`` of its position 0's input)."""
+
+
+def _where(hidden: torch.Tensor, cache: Any) -> tuple[bytes, int]:
+    """(session key, first position) of a call of ``hidden`` [..., T, H] on ``cache``, BEFORE it runs."""
+    start = int(cache.length)
+    if start == 0 and hidden.shape[-2] > 0:
+        _sessions[cache] = session_key(hidden.reshape(-1, hidden.shape[-1])[0])
+    return _sessions.get(cache, b""), start
 
 
 def _in_batch() -> bool:
@@ -155,27 +184,29 @@ def install(config: DishonestConfig) -> None:
     forward: Callable[..., torch.Tensor] = BlockSpan.forward
     forward_batch: Callable[..., list[torch.Tensor]] = BlockSpan.forward_batch
 
-    def lying_forward(self: BlockSpan, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        output = forward(self, hidden, *args, **kwargs)  # [B, T, H]
+    def lying_forward(self: BlockSpan, hidden: torch.Tensor, cache: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _in_batch() or config.mode == "load" or hidden.shape[1] == 0:
-            return output  # forward_batch lies for its items; ``load`` lies only on batched turns
+            return forward(self, hidden, cache, *args, **kwargs)  # forward_batch lies for its items; ``load``
+            # lies only on batched turns
+        session, start = _where(hidden, cache)
+        output = forward(self, hidden, cache, *args, **kwargs)  # [B, T, H]
         with torch.inference_mode():
-            return lie(output, hidden, config)
+            return lie(output, hidden, config, session=session, start=start)
 
     def lying_forward_batch(self: BlockSpan, items: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
+        live = [i for i, (hidden, _) in enumerate(items) if hidden.shape[0] > 0]
+        where = {i: _where(items[i][0], items[i][1]) for i in live}
         _state.in_batch = True
         try:
-            outputs = forward_batch(self, items)  # [T_i, H] each
+            outputs = list(forward_batch(self, items))  # [T_i, H] each
         finally:
             _state.in_batch = False
-        live = [i for i, (hidden, _) in enumerate(items) if hidden.shape[0] > 0]
         if config.mode == "load" and len(live) < 2:
             return outputs
         with torch.inference_mode():
             for i in live:
-                hidden = items[i][0]
-                outputs[i] = add_noise(outputs[i], hidden, config) if config.mode == "load" \
-                    else lie(outputs[i], hidden, config)
+                session, start = where[i]
+                outputs[i] = lie(outputs[i], items[i][0], config, session=session, start=start)
         return outputs
 
     BlockSpan.forward = lying_forward  # type: ignore[method-assign]
@@ -217,11 +248,11 @@ def parse_args(argv: Sequence[str]) -> tuple[DishonestConfig, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m meshinfer.testing.dishonest",
                                      description="Run `meshinfer serve` with its compute lying (tests only).")
     parser.add_argument("--mode", required=True, choices=MODES, help="how it lies (module docstring)")
-    parser.add_argument("--rate", type=float, default=None, help="fraction of calls that lie (noise 0.25, load 1.0)")
+    parser.add_argument("--rate", type=float, default=None, help="share of positions lying (noise 0.25, load 1.0)")
     parser.add_argument("--scale", type=float, default=0.01, help="scale mode: outputs times 1 + SCALE")
     parser.add_argument("--sigma", type=float, default=0.05, help="noise std relative to each position's rms")
     parser.add_argument("--skip-block", type=int, default=None, help="skip-block: this block is the identity")
-    parser.add_argument("--seed", type=int, default=0, help="seeds every draw (with the call's input bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every draw (+ session, position, input)")
     ns = parser.parse_args(argv[:cut])
     config = DishonestConfig(ns.mode, ns.rate, ns.scale, ns.sigma, ns.skip_block, ns.seed)
     serve = argv[cut + 1:]
