@@ -9,10 +9,10 @@ sent) are compared with RECOMPUTED outputs ``r`` [P, H] (a shadow session on an 
 A window FAILS when any ``rel_err > tol.rel_err`` or ``|mean(scale) - 1| > tol.scale`` over the window (the
 SIGNED mean): a systematic scale hides in per-position noise but not in the mean of the projection ratio, where
 honest rounding noise averages out (in fp32 pairs a 1% scale is 100x the bound; in 16-bit pairs of a real model
-the honest window mean reaches 0.5-1%, so there only a larger scale shows). ``judge`` gives the verdict and the first position to distrust; ``arbitrate`` names the
-liar from a third opinion (design D3); ``detection_probability`` is the odds of the scheme catching a liar.
-Tolerances are calibrated from the honest-noise study (scripts/trust/honest_noise.py); ``tolerance_for`` is the
-one place that maps (dtype, dtype, quant) to them.
+the honest window mean reaches 0.5-1%, so there only a larger scale shows). ``judge`` gives the verdict and the first
+position to distrust; ``arbitrate`` names the liar from a third opinion (design D3); ``detection_probability`` is the
+odds of the scheme catching a liar. Tolerances are calibrated from the honest-noise studies
+(scripts/trust/honest_noise.py); ``tolerance_for`` is the one place that maps (dtype, dtype, quant) to them.
 """
 
 from __future__ import annotations
