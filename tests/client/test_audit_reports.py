@@ -84,7 +84,7 @@ def test_a_caught_liar_is_reported_and_another_client_verifies_it(liar_swarm: Lo
     with contextlib.ExitStack() as stack:
         reporter, other = (stack.enter_context(DistributedModel.from_pretrained(
             model_dir, liar_swarm.initial_peers, route_wait=2.0)) for _ in range(2))
-        steer(reporter, honest)
+        steer(reporter, honest, members=[s.peer_id for s in liar_swarm.servers])
         got = reporter.generate(PROMPT, NEW, stop_token_ids=())
         counters = reporter.audits
         deadline = time.monotonic() + 60

@@ -36,7 +36,7 @@ def test_honest_servers_of_different_dtypes_pass_each_others_audits(mixed_swarm:
     for audited, other in ((bf16, fp32), (fp32, bf16)):
         with DistributedModel.from_pretrained(tiny_checkpoint("llama"), mixed_swarm.initial_peers,
                                               route_wait=2.0) as model:
-            steer(model, [other])
+            steer(model, [other], members=[fp32, bf16])
             model.generate(PROMPT, NEW, stop_token_ids=())
             assert [h.peer_id for h in model.last_route] == [audited]
             counters = model.audits

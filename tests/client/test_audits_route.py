@@ -39,7 +39,7 @@ def test_first_hop_liar_rolls_back_the_next_hop_too(route_swarm: LocalSwarm) -> 
     last = route_swarm.servers[3].peer_id
     want = LocalModel.from_pretrained(model_dir).generate(PROMPT, NEW, stop_token_ids=())
     with DistributedModel.from_pretrained(model_dir, route_swarm.initial_peers, route_wait=2.0) as model:
-        steer(model, honest)
+        steer(model, honest, members=[s.peer_id for s in route_swarm.servers])
         got = model.generate(PROMPT, NEW, stop_token_ids=())
         assert [h.peer_id for h in model.last_route] == [liar, last]
         session = model.last_session

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,10 @@ from meshinfer.errors import TransportError
 from meshinfer.p2p.lanpeers import SERVICE_TYPE, LanPeer, decode_txt, encode_txt, pick_join
 
 log = logging.getLogger(__name__)
+
+GRACE_S = 0.5
+"""After the first peer answers a browse, how long to wait for the others (mDNS responders answer within
+about 20-120 ms of a query, plus the LAN's delay)."""
 
 RESOLVE_TIMEOUT_MS = 3000
 """How long resolving one found service (its TXT and address) may take."""
@@ -108,15 +113,20 @@ class LanDiscovery:
         except Exception:
             log.warning("joining LAN peer %s failed", peer.peer_id[:16], exc_info=True)
 
-    async def wait_for_peers(self, seconds: float, *, own_peer_id: str | None = None) -> list[LanPeer]:
-        """The joinable peers of our swarm found within ``seconds`` (returns as soon as there is one)."""
+    async def wait_for_peers(self, seconds: float, *, own_peer_id: str | None = None,
+                             grace: float = GRACE_S) -> list[LanPeer]:
+        """The joinable peers of our swarm found within ``seconds``: returns ``grace`` seconds after the first one
+        answers (the others on the LAN answer the same query within that), or at ``seconds`` with none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while True:
             peers = pick_join(self.found.values(), own_peer_id=own_peer_id, swarm=self.swarm)
+            if peers:
+                deadline = min(deadline, loop.time() + grace)
+                grace = math.inf  # the grace starts once, at the first answer
             left = deadline - loop.time()
-            if peers or left <= 0:
-                return peers
+            if left <= 0:
+                return pick_join(self.found.values(), own_peer_id=own_peer_id, swarm=self.swarm)
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
