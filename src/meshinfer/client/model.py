@@ -121,15 +121,15 @@ class DistributedModel(CheckpointGenerator):
         device: str | torch.device | None = None,
         **overrides: Any,
     ) -> DistributedModel:
-        """Join the swarm through ``initial_peers`` and load the head of ``path``: a checkpoint directory, a GGUF
-        file, a catalogue name (``smollm2``), a model id (the swarm's seeders send config, tokenizer and the client
-        part, verified piece by piece, into the local cache, at most ``max_download`` bytes/s; see
-        ``meshinfer.weights``), or a hub name ``org/name``. ``config`` holds the client's tunables (default
-        ``ClientConfig()``); keyword ``overrides`` replace its fields (``route_wait=0.5``, ``push=False``, ...; an
-        unknown name is a TypeError). ``quant`` (none, int8, int4) picks the servers whose weights every route
-        uses; None: the most precise mode that covers the model, fixed per session. ``head_quant`` (none, int8,
-        int4) is how this machine holds the embeddings and LM head (none: as loaded; the head is the client's own
-        business, routes do not depend on it). ``model_name``: the name shown (default: from ``path``).
+        """Join the swarm through ``initial_peers`` (empty: the peers found on this LAN by mDNS) and load the head of
+        ``path``: a checkpoint directory, a GGUF file, a catalogue name (``smollm2``), a model id (the swarm's seeders
+        send config, tokenizer and the client part, verified piece by piece, into the local cache, at most
+        ``max_download`` bytes/s; see ``meshinfer.weights``), or a hub name ``org/name``. ``config`` holds the client's
+        tunables (default ``ClientConfig()``); keyword ``overrides`` replace its fields (``route_wait=0.5``,
+        ``push=False``, ...; an unknown name is a TypeError). ``quant`` (none, int8, int4) picks the servers whose
+        weights every route uses; None: the most precise mode that covers the model, fixed per session. ``head_quant``
+        (none, int8, int4) is how this machine holds the embeddings and LM head (none: as loaded; the head is the
+        client's own business, routes do not depend on it). ``model_name``: the name shown (default: from ``path``).
 
         ``device`` (text or a ``torch.device``; None: ``config.device``, default ``auto``) is where the head
         computes; a device this machine lacks is a ConfigError before anything is joined. ``dtype`` is the head's
@@ -148,7 +148,7 @@ class DistributedModel(CheckpointGenerator):
         check_device_dtype(where, compute)
         dt = torch_dtype(compute)
         wire = resolve_dtype(dtype, torch.device("cpu"))
-        peers = check_initial_peers(initial_peers)
+        peers = check_initial_peers(initial_peers) if initial_peers else ()  # none: find the swarm on the LAN (mDNS)
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
