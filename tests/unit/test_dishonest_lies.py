@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meshinfer.errors import ConfigError
-from meshinfer.testing.dishonest import DishonestConfig, add_noise, lie, parse_args
+from meshinfer.testing.dishonest import DishonestConfig, lie, parse_args
 
 
 def rel_err(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # [P, H] -> [P]
@@ -25,11 +25,15 @@ def test_noise_is_deterministic_per_input_and_sized_by_sigma() -> None:
     assert torch.allclose(rel_err(a, out), torch.full((16,), 0.05), rtol=0.15)
 
 
-def test_noise_rate_is_the_fraction_of_calls_that_lie() -> None:
+def test_noise_rate_is_the_fraction_of_positions_that_lie() -> None:
     config = DishonestConfig("noise", rate=0.25)
-    lied = sum(not torch.equal(add_noise(out := torch.randn(1, 8), torch.randn(1, 8), config), out)
-               for _ in range(400))
+    x = torch.randn(1, 8).expand(400, 8).contiguous()  # the SAME input at 400 positions: drawn per position
+    out = torch.randn(400, 8)
+    lied = int((lie(out, x, config, session=b"s") != out).any(-1).sum())
     assert 60 < lied < 140
+    # a replay of positions 100:200 alone lies exactly as the whole call did there
+    whole = lie(out, x, config, session=b"s")
+    assert torch.equal(lie(out[100:200], x[100:200], config, session=b"s", start=100), whole[100:200])
     assert DishonestConfig("noise").effective_rate == 0.25 and DishonestConfig("load").effective_rate == 1.0
 
 
