@@ -40,36 +40,31 @@ setup() {
   netns_setup
 }
 
-netns_setup() {
-  # The namespaced-LAN tests (tests/integration/test_lan_mdns.py) need `ip` (iproute2) and root. Install iproute2
-  # when it is missing and we can (root, apt-get); never fail the run: without it those tests skip, saying why.
-  command -v ip >/dev/null 2>&1 && return 0
+apt_optional() {
+  # apt_optional PACKAGE PRESENT_TEST WHAT: install a Debian package some tests need when it is missing and we can
+  # (root, apt-get); never fail the run: without it those tests skip, saying why.
+  local pkg="$1" present="$2" what="$3"
+  eval "$present" && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing iproute2 for the network-namespace tests"
+    echo "== installing $pkg for $what"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q iproute2 >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iproute2 >/dev/null 2>&1; } \
-      || echo "warning: could not install iproute2; the network-namespace tests will be skipped" >&2
+    apt-get install -y -q "$pkg" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$pkg" >/dev/null 2>&1; } \
+      || echo "warning: could not install $pkg; $what will be skipped" >&2
   else
-    echo "note: iproute2 (ip) is missing (installing it needs root and apt-get); the network-namespace tests will be skipped" >&2
+    echo "note: $pkg is missing (installing it needs root and apt-get); $what will be skipped" >&2
   fi
   return 0
 }
 
+netns_setup() {
+  # The namespaced-LAN tests (tests/integration/test_lan_mdns.py) need `ip` (iproute2) and root.
+  apt_optional iproute2 "command -v ip >/dev/null 2>&1" "the network-namespace tests"
+}
+
 browser_setup() {
-  # The browser tests (tests/dashboard) drive Debian's chromium through Playwright. Install it when it is
-  # missing and we can (root, apt-get); never fail the run: without it those tests skip, saying why.
-  [ -x /usr/bin/chromium ] && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing chromium for the browser tests"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q chromium >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
-      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
-  else
-    echo "note: /usr/bin/chromium is missing (installing it needs root and apt-get); the browser tests will be skipped" >&2
-  fi
-  return 0
+  # The browser tests (tests/dashboard) drive Debian's chromium through Playwright.
+  apt_optional chromium "[ -x /usr/bin/chromium ]" "the browser tests"
 }
 
 cmd="${1:-help}"

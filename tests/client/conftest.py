@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from client_helpers import stop_and_check
+from client_helpers import stop_and_check, stop_swarm
 
+from meshinfer.testing.checkpoints import tiny_checkpoint
+from meshinfer.testing.dishonest import DishonestConfig
 from meshinfer.testing.procs import start_dht
+from meshinfer.testing.swarm import LocalSwarm
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +25,14 @@ def bootstrap() -> Iterator[list[str]]:
         yield maddrs
     finally:
         stop_and_check([dht])
+
+
+@pytest.fixture(scope="module")
+def liar_trio(bootstrap: list[str]) -> Iterator[LocalSwarm]:
+    """Three servers of the tiny llama's blocks 0:4, the first one always lying (``wrong``), per test module."""
+    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
+                   dishonest={0: DishonestConfig("wrong", seed=1)}).start()
+    try:
+        yield s
+    finally:
+        stop_swarm(s)

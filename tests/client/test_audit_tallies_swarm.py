@@ -10,50 +10,27 @@ failovers are not), so the audit catches it; the second goes through honest serv
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
-import torch
+from report_helpers import accuse, on
 
-from meshinfer.client.evidence import evidence_for
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.routing import RouteHop
-from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef
 from meshinfer.testing.checkpoints import tiny_checkpoint
-from meshinfer.testing.dishonest import DishonestConfig
 from meshinfer.testing.procs import meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm
 from meshinfer.types import BlockRange
-from meshinfer.wire.evidence import EvidenceBlob
-from meshinfer.wire.records import ReportRecord
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 PROMPT = [1, 17, 42, 99, 7, 23, 5, 61]
-
-
-@pytest.fixture(scope="module")
-def swarm(bootstrap: list[str]) -> Iterator[LocalSwarm]:
-    from client_helpers import stop_swarm
-
-    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
-                   dishonest={0: DishonestConfig("wrong", seed=1)}).start()
-    try:
-        yield s
-    finally:
-        stop_swarm(s)
-
-
-def on(model: DistributedModel, coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coro, model.loop).result(timeout=180)
 
 
 def steer_to(model: DistributedModel, peer: str, others: list[str]) -> None:
@@ -70,24 +47,6 @@ def steer_to(model: DistributedModel, peer: str, others: list[str]) -> None:
     view.plan = steered  # type: ignore[method-assign]
 
 
-async def accuse(model: DistributedModel, peer: str) -> ReportRecord:
-    """Publish a report against ``peer`` (as tests/client/test_reports_swarm.py does: 14 steps on ``peer`` alone,
-    the last asking for a commit, evidence for positions 5:18)."""
-    cov = await model.view.coverage(model.ref, refresh=True)
-    route = [RouteHop(peer, BlockRange(0, 4), cov.servers[peer])]
-    session = await InferenceSession.open(model.view.node, route, model_id=model.model_id, max_length=64)
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for k, t in enumerate([5] + [1] * 13):
-            session.want_commit = k == 13
-            await session.step(torch.randn(t, 64, generator=gen))
-        blob = evidence_for(session, 0, 5, 18)
-    finally:
-        await session.close()
-    assert isinstance(blob, EvidenceBlob), blob
-    return await model.view.report(blob)
-
-
 def swarm_json(peers: list[str]) -> dict[str, Any]:
     out = subprocess.run(meshinfer_argv("swarm", "--json", "--initial-peers", *peers, "--timeout", "5"),
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
@@ -95,12 +54,12 @@ def swarm_json(peers: list[str]) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
-def test_swarm_shows_audits_and_reports_and_another_client_verifies_the_report(swarm: LocalSwarm) -> None:
-    liar, honest = swarm.servers[0].peer_id, [s.peer_id for s in swarm.servers[1:]]
+def test_swarm_shows_audits_and_reports_and_another_client_verifies_the_report(liar_trio: LocalSwarm) -> None:
+    liar, honest = liar_trio.servers[0].peer_id, [s.peer_id for s in liar_trio.servers[1:]]
     model_dir = tiny_checkpoint("llama")
     with contextlib.ExitStack() as stack:
         auditor = stack.enter_context(DistributedModel.from_pretrained(
-            model_dir, swarm.initial_peers, route_wait=5.0, report_check_s=1.0))
+            model_dir, liar_trio.initial_peers, route_wait=5.0, report_check_s=1.0))
         steer_to(auditor, liar, honest)
         auditor.generate(PROMPT, 24, stop_token_ids=())
         del auditor.view.plan  # type: ignore[misc]  # back to the view's own planner: the liar is banned
@@ -111,7 +70,7 @@ def test_swarm_shows_audits_and_reports_and_another_client_verifies_the_report(s
         report = on(auditor, accuse(auditor, liar))
 
         other = stack.enter_context(DistributedModel.from_pretrained(
-            model_dir, swarm.initial_peers, route_wait=5.0, report_check_s=1.0))
+            model_dir, liar_trio.initial_peers, route_wait=5.0, report_check_s=1.0))
         deadline = time.monotonic() + 180  # the other client's upkeep: first round after 1 s, then every second
         while other.view.report_outcomes.get(report.blob_sha256) != "verified":
             assert time.monotonic() < deadline, other.view.report_outcomes
@@ -122,7 +81,7 @@ def test_swarm_shows_audits_and_reports_and_another_client_verifies_the_report(s
         expected = {p: a for p, a in counters.peers.items() if a.passed or a.failed}
         deadline = time.monotonic() + 180
         while True:
-            doc = swarm_json(swarm.initial_peers)
+            doc = swarm_json(liar_trio.initial_peers)
             (model,) = [m for m in doc["models"] if m["model_id"] == auditor.model_id]
             servers = {s["peer_id"]: s for s in model["servers"]}
             shown = {p: s["audits"] for p, s in servers.items() if s["audits"]}

@@ -14,67 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import torch
+from report_helpers import accuse, on
 
 from meshinfer.client.evidence import evidence_for
 from meshinfer.client.model import DistributedModel
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.testing.checkpoints import tiny_checkpoint
-from meshinfer.testing.dishonest import DishonestConfig
 from meshinfer.testing.swarm import LocalSwarm
 from meshinfer.types import BlockRange
 from meshinfer.wire.evidence import EvidenceBlob
-from meshinfer.wire.records import ReportRecord
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def swarm(bootstrap: list[str]) -> Iterator[LocalSwarm]:
-    from client_helpers import stop_swarm
-
-    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
-                   dishonest={0: DishonestConfig("wrong", seed=1)}).start()
-    try:
-        yield s
-    finally:
-        stop_swarm(s)
-
-
-def on(model: DistributedModel, coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coro, model.loop).result(timeout=120)
-
-
-async def accuse(model: DistributedModel, peer: str) -> ReportRecord:
-    """Run 14 steps (positions 0:18) on ``peer`` alone, the last asking for a commit (``want_commit``: before the
-    16 steps of a regular one), and publish the evidence for positions 5:18."""
-    cov = await model.view.coverage(model.ref, refresh=True)
-    route = [RouteHop(peer, BlockRange(0, 4), cov.servers[peer])]
-    session = await InferenceSession.open(model.view.node, route, model_id=model.model_id, max_length=64)
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for k, t in enumerate([5] + [1] * 13):
-            session.want_commit = k == 13
-            await session.step(torch.randn(t, 64, generator=gen))
-        blob = evidence_for(session, 0, 5, 18)
-    finally:
-        await session.close()
-    assert isinstance(blob, EvidenceBlob), blob
-    return await model.view.report(blob)
-
-
-def test_a_verified_report_makes_other_clients_avoid_the_liar(swarm: LocalSwarm) -> None:
-    liar, honest = swarm.servers[0].peer_id, swarm.servers[1].peer_id
+def test_a_verified_report_makes_other_clients_avoid_the_liar(liar_trio: LocalSwarm) -> None:
+    liar, honest = liar_trio.servers[0].peer_id, liar_trio.servers[1].peer_id
     model_dir = tiny_checkpoint("llama")
     with contextlib.ExitStack() as stack:
         reporter, other = (stack.enter_context(DistributedModel.from_pretrained(  # checks by hand: no upkeep checks
-            model_dir, swarm.initial_peers, route_wait=5.0, report_check_s=0.0)) for _ in range(2))
+            model_dir, liar_trio.initial_peers, route_wait=5.0, report_check_s=0.0)) for _ in range(2))
         false_report = on(reporter, accuse(reporter, honest))
         true_report = on(reporter, accuse(reporter, liar))
         assert reporter.view.reputation.reported() >= {liar}
@@ -101,16 +65,16 @@ def test_a_verified_report_makes_other_clients_avoid_the_liar(swarm: LocalSwarm)
             assert len(route) == 1 and route[0].peer_id != liar
 
 
-def test_evidence_binds_a_replacement_hop_after_a_failover(swarm: LocalSwarm) -> None:
+def test_evidence_binds_a_replacement_hop_after_a_failover(liar_trio: LocalSwarm) -> None:
     """A session's server is killed mid-generation; the replacement's chain starts with the replayed history (one
     chunked step) and its evidence still checks out (recovery records what the replay sent and got back)."""
     from meshinfer.client.reports import check_evidence, local_recompute, make_report, verify_report
     from meshinfer.models.checkpoint import Checkpoint
 
-    liar = swarm.servers[0].peer_id
-    victim = swarm.add_server((0, 4))
+    liar = liar_trio.servers[0].peer_id
+    victim = liar_trio.add_server((0, 4))
     model_dir = tiny_checkpoint("llama")
-    with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, route_wait=5.0) as model:
+    with DistributedModel.from_pretrained(model_dir, liar_trio.initial_peers, route_wait=5.0) as model:
         async def run() -> tuple[EvidenceBlob, str]:
             async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
                 return await model.view.plan(model.ref, blocks=blocks, exclude=exclude | {liar, victim.peer_id})
@@ -123,7 +87,7 @@ def test_evidence_binds_a_replacement_hop_after_a_failover(swarm: LocalSwarm) ->
             try:
                 for k in range(24):
                     if k == 6:
-                        swarm.stop_server(victim, graceful=False)
+                        liar_trio.stop_server(victim, graceful=False)
                     await session.step(torch.randn(5 if k == 0 else 1, 64, generator=gen))
                 assert [f.peer_id for f in session.failovers] == [victim.peer_id]
                 blob = evidence_for(session, 0, 12, 24)  # the commit at 16 steps covers 0:25
