@@ -38,6 +38,16 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
+@pytest.fixture
+def page(chromium: Any) -> Iterator[Any]:
+    """A fresh page of the module's Chromium, closed after the test."""
+    page = chromium.new_page()
+    try:
+        yield page
+    finally:
+        page.close()
+
+
 @pytest.fixture(scope="module")
 def dash_bootstrap() -> Iterator[list[str]]:
     """Multiaddrs of a ``meshinfer dht`` bootstrap peer of one test module (each module its own swarm, so one

@@ -5,7 +5,6 @@ audits. A fixed payload (``StaticSource``): no swarm needed."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ def doc() -> dict[str, Any]:
              "block_throughput": [12.0, 12.0], "missing_blocks": [], "complete": True, "servers": servers,
              "audit_clients": 2}
     return {"models": [model], "complete": True}
-
-
-@pytest.fixture
-def page(chromium: Any) -> Iterator[Any]:
-    page = chromium.new_page()
-    try:
-        yield page
-    finally:
-        page.close()
 
 
 def cells(page: Any) -> dict[str, Any]:

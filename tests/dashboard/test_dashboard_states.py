@@ -4,7 +4,7 @@ whose swarm is scripted (a fixed payload, or a real ``SwarmPoller`` with a scrip
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -49,15 +49,6 @@ class FlakyReader:
 
     async def close(self) -> None:
         return None
-
-
-@pytest.fixture
-def page(chromium: Any) -> Iterator[Any]:
-    page = chromium.new_page()
-    try:
-        yield page
-    finally:
-        page.close()
 
 
 def test_empty_swarm(page: Any) -> None:
