@@ -18,7 +18,7 @@ from meshinfer.client.model import DistributedModel
 from meshinfer.client.routing import NoRouteError
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView
-from meshinfer.errors import ConfigError, RemoteError
+from meshinfer.errors import RemoteError, TransportError
 from meshinfer.loopthread import LoopThread
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.procs import meshinfer_argv
@@ -105,9 +105,14 @@ def test_cli_unreachable_and_invalid_bootstrap(half_swarm: LocalSwarm) -> None:
     assert "invalid initial peer 'not-a-multiaddr'" in line
 
 
-def test_python_api_argument_errors(half_swarm: LocalSwarm) -> None:
-    with pytest.raises(ConfigError, match="initial_peers is required"):
+def test_python_api_without_peers_browses_the_lan_and_says_so(half_swarm: LocalSwarm) -> None:
+    """No initial peers: the peers found on this LAN by mDNS; the test swarm binds 127.0.0.1 (never advertised),
+    so nothing is found: one clear TransportError naming the browse and the fix, not a hang."""
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="no meshinfer peers found on this LAN by mDNS within 3 s; pass "
+                                              "--initial-peers"):
         DistributedModel.from_pretrained(half_swarm.model_dir, [])
+    assert time.monotonic() - t0 < 60
 
 
 def test_swarm_view_caches_and_refreshes_in_the_background(half_swarm: LocalSwarm) -> None:

@@ -45,7 +45,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 def test_announce_and_read_coverage(swarm: Swarm, capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "320")
     a, b, c = swarm.peers
     assert a.cmd(cmd="announce", model_id=mid("m-read"), num_blocks=4, span=[0, 2], name="alpha")["ok"]
     assert b.cmd(cmd="announce", model_id=mid("m-read"), num_blocks=4, span=[1, 4])["ok"]
