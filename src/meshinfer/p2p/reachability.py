@@ -138,22 +138,28 @@ def _interfaces(facts: DoctorFacts) -> list[Verdict]:
 
 def _bind(facts: DoctorFacts) -> list[Verdict]:
     kind = classify(facts.host)
-    port = facts.port or "a free port"
-    usable = [i for i in facts.interfaces if i.up and classify(i.address) not in ("loopback", "unspecified")]
+    port = f"port {facts.port}" if facts.port else "port 0 (a free port each start)"
+    v6 = ":" in facts.host
+    usable = [i for i in facts.interfaces if i.up and (":" in i.address) == v6
+              and classify(i.address) not in ("loopback", "unspecified", "link-local")]
     publics = [i.address for i in usable if classify(i.address) == "public"]
     out: list[Verdict] = []
     if kind == "loopback":
-        out.append(Verdict("warn", "bind", f"{facts.host}:{port} is loopback: only processes on this machine can "
+        out.append(Verdict("warn", "bind", f"{facts.host} {port} is loopback: only processes on this machine can "
                                            "reach it; pass --host 0.0.0.0 (or this machine's LAN address) to serve "
                                            "others"))
     elif kind == "unspecified":
         where = ", ".join(i.address for i in usable) or "no non-loopback address"
-        out.append(Verdict("ok", "bind", f"{facts.host}:{port} (every interface): announced as {where}"))
+        said = "" if facts.announce else f": announced as {where} (and loopback)"
+        out.append(Verdict("ok", "bind", f"{facts.host} {port} (every interface){said}"))
     else:
-        out.append(Verdict("ok", "bind", f"{facts.host}:{port} ({kind})"))
+        out.append(Verdict("ok", "bind", f"{facts.host} {port} ({kind})"))
     if facts.announce:
         text = ", ".join(f"{m} ({classify(maddr_host(m) or '')})" for m in facts.announce)
         out.append(Verdict("info", "announce", f"libp2p plane announced as {text} (instead of the bound address)"))
+        if any(classify(maddr_host(m) or "") in ("loopback", "link-local") for m in facts.announce):
+            out.append(Verdict("warn", "announce", "a loopback or link-local --announce address is useless to "
+                                                   "peers on other machines"))
     elif kind != "loopback" and not publics:
         hint = "a fixed --port P, a port forward of P on your router, and --announce PUBLIC_IP:P"
         out.append(Verdict("warn", "announce", "no public address on this machine: peers on this LAN can reach it, "
@@ -167,8 +173,8 @@ def _bind(facts: DoctorFacts) -> list[Verdict]:
                                              "its bound address (clients that cannot dial it fall back to slower "
                                              "libp2p); pass --direct-announce HOST:PORT with a fixed --direct-port"))
     elif kind != "loopback":
-        dport = facts.direct_port or "a free port (fix it with --direct-port to forward it)"
-        out.append(Verdict("info", "direct", f"direct plane on {facts.host}:{dport}, announced as bound"))
+        dport = f"port {facts.direct_port}" if facts.direct_port else "port 0 (fix it with --direct-port to forward it)"
+        out.append(Verdict("info", "direct", f"direct plane on {facts.host} {dport}, announced as bound"))
     return out
 
 
@@ -203,6 +209,8 @@ def _peers(facts: DoctorFacts) -> list[Verdict]:
         out.append(Verdict("fail", "swarm", f"cannot join the swarm: {facts.join_error or 'no initial peer answered'}"))
     elif facts.joined:
         out.append(Verdict("ok", "swarm", "joined the DHT as a client through the initial peers"))
+    if facts.visible:
+        out.append(Verdict("info", "libp2p", "a temporary node with these flags announced " + ", ".join(facts.visible)))
     return out
 
 

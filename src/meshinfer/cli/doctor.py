@@ -1,0 +1,107 @@
+"""``meshinfer doctor``: one screen telling a new peer whether and how it can join a swarm and be reached.
+
+Contract: gathers facts, then prints the verdicts of ``meshinfer.p2p.reachability.verdicts`` (pure) one per line,
+or with ``--json`` one JSON object (``facts`` and ``verdicts``). Facts: this machine's interface addresses (psutil)
+and their kinds; what it would bind and announce (the ``P2PConfig`` flags serve and dht take, validated the same
+way); whether mDNS is usable (zeroconf importable, an up multicast-capable non-loopback interface); and, with
+``--initial-peers`` (or, without them and mDNS on, the peers found on the LAN), whether they answer: it starts a
+temporary client-mode node on the configured host (no mDNS advert), joins the DHT and pings each peer (round trip).
+Whether OTHERS can reach this machine is not checked (no dial-back service exists yet) and the screen says so.
+Exit 0 when nothing failed, 1 when a check failed (an unreachable initial peer), 2 for bad flags. Network code is
+imported only when the command runs; no hivemind or zeroconf import here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import sys
+
+from meshinfer.cli.args import add_command
+from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.config import P2PConfig
+from meshinfer.errors import MeshinferError
+from meshinfer.p2p.reachability import DoctorFacts, Interface, PeerCheck, exit_code, verdicts
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        sub, "doctor", run, help="check whether this machine can join a swarm and be reached, and how",
+        description="For a new peer: list this machine's addresses (loopback, private, public), what a server "
+                    "started with the same flags would bind and announce, whether mDNS works here, and whether "
+                    "the --initial-peers answer (joins the DHT as a client for a moment). Exit 1 when a check fails.",
+    )
+    add_config_flags(parser, P2PConfig, skip=("identity",))
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the screen")
+    parser.add_argument("--timeout", type=float, default=15.0, metavar="S",
+                        help="seconds to wait for each initial peer (default: 15)")
+
+
+def interfaces() -> tuple[Interface, ...]:
+    """This machine's interface addresses (IPv4 and IPv6), with up/multicast flags."""
+    import socket
+
+    import psutil
+
+    stats = psutil.net_if_stats()
+    out: list[Interface] = []
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        st = stats.get(name)
+        flags = set(getattr(st, "flags", "").split(",")) if st is not None else set()
+        for addr in addrs:
+            if addr.family in (socket.AF_INET, socket.AF_INET6):
+                out.append(Interface(name, addr.address.split("%")[0], up=bool(st and st.isup),
+                                     multicast="multicast" in flags))
+    return tuple(out)
+
+
+async def check_peers(config: P2PConfig, peers: tuple[str, ...], timeout: float
+                      ) -> tuple[bool, str, tuple[PeerCheck, ...], tuple[str, ...]]:
+    """Join through ``peers`` as a client and ping each: (joined, why not, per-peer checks, our multiaddrs)."""
+    from meshinfer.p2p.node import NodeSettings, PeerNode
+
+    probe = dataclasses.replace(config, initial_peers=peers, mdns=False, identity=None)
+    try:
+        node = await PeerNode.start(probe, NodeSettings(client_mode=True, startup_timeout=timeout))
+    except MeshinferError as err:
+        return False, str(err), tuple(PeerCheck(m, None, "did not answer the DHT join") for m in peers), ()
+    try:
+        checks: list[PeerCheck] = []
+        for maddr in peers:
+            peer_id = maddr.rsplit("/p2p/", 1)[-1]
+            rtt = await node.ping(peer_id, [maddr], timeout=timeout)
+            checks.append(PeerCheck(maddr, rtt, "" if rtt is not None else f"no DHT ping answer in {timeout:g} s"))
+        return True, "", tuple(checks), tuple(node.maddrs)
+    finally:
+        await node.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(P2PConfig, args)
+    peers = tuple(config.initial_peers)
+    zeroconf = importlib.util.find_spec("zeroconf") is not None
+    if not peers and config.mdns and zeroconf:
+        from meshinfer.cli.lan import lan_peers
+
+        peers = lan_peers(args, required=False, note=False)
+    joined: bool | None = None
+    join_error = ""
+    checks: tuple[PeerCheck, ...] = ()
+    visible: tuple[str, ...] = ()
+    if peers:
+        joined, join_error, checks, visible = asyncio.run(check_peers(config, peers, args.timeout))
+    facts = DoctorFacts(interfaces=interfaces(), host=config.host, port=config.port, announce=config.announce_maddrs,
+                        direct_announce=config.direct_announce_address, direct_port=config.direct_port,
+                        mdns=config.mdns, zeroconf=zeroconf, initial_peers=checks, joined=joined,
+                        join_error=join_error, visible=visible)
+    found = verdicts(facts)
+    if args.json:
+        print(json.dumps({"facts": dataclasses.asdict(facts), "verdicts": [dataclasses.asdict(v) for v in found],
+                          "ok": exit_code(found) == 0}, indent=2))
+    else:
+        sys.stdout.write("".join(v.line() + "\n" for v in found))
+    sys.stdout.flush()
+    return exit_code(found)
