@@ -119,3 +119,20 @@ def test_initial_peers_decide_the_exit_code() -> None:
     assert exit_code(bad) == 1
     assert any(v.line().startswith(f"[fail] initial peer: {PEER} unreachable: refused") for v in bad)
     assert exit_code(verdicts(DoctorFacts(interfaces=LAN, host="127.0.0.1", port=0))) == 0
+
+
+def test_mdns_browse_result_is_reported() -> None:
+    out = lines(DoctorFacts(interfaces=LAN, host="0.0.0.0", port=0, mdns_found=2))
+    assert "[  ok] mdns: usable on eth0; found 2 meshinfer peer(s) on this LAN" in out
+
+
+def test_which_lan_peers_found_later_are_joined() -> None:
+    from meshinfer.p2p.lanjoin import should_join
+    from meshinfer.p2p.lanpeers import LanPeer
+
+    me, other = "QmMe", "QmOther"
+    assert should_join(LanPeer(other, (), "server"), own_peer_id=me, swarm="")
+    assert should_join(LanPeer(other, (), "dht"), own_peer_id=me, swarm="")
+    assert not should_join(LanPeer(me, (), "server"), own_peer_id=me, swarm="")
+    assert not should_join(LanPeer(other, (), "client"), own_peer_id=me, swarm="")
+    assert not should_join(LanPeer(other, (), "server", swarm="private"), own_peer_id=me, swarm="")

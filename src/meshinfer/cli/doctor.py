@@ -1,7 +1,7 @@
 """``meshinfer doctor``: one screen telling a new peer whether and how it can join a swarm and be reached.
 
 Contract: gathers facts, then prints the verdicts of ``meshinfer.p2p.reachability.verdicts`` (pure) one per line,
-or with ``--json`` one JSON object (``facts`` and ``verdicts``). Facts: this machine's interface addresses (psutil)
+or with ``--json`` one JSON object (``facts`` and ``verdicts``). Facts: this machine's interface addresses (``ifaddr``)
 and their kinds; what it would bind and announce (the ``P2PConfig`` flags serve and dht take, validated the same
 way); whether mDNS is usable (zeroconf importable, an up multicast-capable non-loopback interface); and, with
 ``--initial-peers`` (or, without them and mDNS on, the peers found on the LAN), whether they answer: it starts a
@@ -19,12 +19,17 @@ import dataclasses
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from meshinfer.cli.args import add_command
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
 from meshinfer.p2p.reachability import DoctorFacts, Interface, PeerCheck, exit_code, verdicts
+
+NOT_DOCTOR_FLAGS = ("identity", "direct", "max_streams", "max_streams_per_peer", "max_buffer_mb",
+                    "max_buffer_mb_per_peer", "max_handshakes")
+"""``P2PConfig`` fields that change nothing the doctor checks (no flag for them)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,27 +39,38 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "started with the same flags would bind and announce, whether mDNS works here, and whether "
                     "the --initial-peers answer (joins the DHT as a client for a moment). Exit 1 when a check fails.",
     )
-    add_config_flags(parser, P2PConfig, skip=("identity",))
+    add_config_flags(parser, P2PConfig, skip=NOT_DOCTOR_FLAGS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the screen")
     parser.add_argument("--timeout", type=float, default=15.0, metavar="S",
                         help="seconds to wait for each initial peer (default: 15)")
 
 
+_IFF_UP = 0x1
+_IFF_MULTICAST = 0x1000
+
+
+def _flags(name: str) -> int | None:
+    """The kernel's flags of interface ``name`` (Linux ``/sys/class/net``), None where unknown."""
+    try:
+        return int(Path("/sys/class/net", name, "flags").read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
 def interfaces() -> tuple[Interface, ...]:
-    """This machine's interface addresses (IPv4 and IPv6), with up/multicast flags."""
-    import socket
+    """This machine's interface addresses (IPv4 and IPv6, by ``ifaddr``, a dependency of zeroconf), with up and
+    multicast flags (read on Linux; assumed elsewhere)."""
+    import ifaddr  # pyright: ignore[reportMissingTypeStubs]
 
-    import psutil
-
-    stats = psutil.net_if_stats()
     out: list[Interface] = []
-    for name, addrs in sorted(psutil.net_if_addrs().items()):
-        st = stats.get(name)
-        flags = set(getattr(st, "flags", "").split(",")) if st is not None else set()
-        for addr in addrs:
-            if addr.family in (socket.AF_INET, socket.AF_INET6):
-                out.append(Interface(name, addr.address.split("%")[0], up=bool(st and st.isup),
-                                     multicast="multicast" in flags))
+    for adapter in sorted(ifaddr.get_adapters(), key=lambda a: str(a.name)):
+        name = str(adapter.name)
+        flags = _flags(name)
+        up = True if flags is None else bool(flags & _IFF_UP)
+        multicast = name != "lo" if flags is None else bool(flags & _IFF_MULTICAST)
+        for ip in adapter.ips:
+            address = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            out.append(Interface(name, str(address).split("%")[0], up=up, multicast=multicast))
     return tuple(out)
 
 
@@ -83,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
     peers = tuple(config.initial_peers)
     zeroconf = importlib.util.find_spec("zeroconf") is not None
+    mdns_found: int | None = None
     if not peers and config.mdns and zeroconf:
         from meshinfer.cli.lan import lan_peers
 
         peers = lan_peers(args, required=False, note=False)
+        mdns_found = len({m.rsplit("/p2p/", 1)[-1] for m in peers})
     joined: bool | None = None
     join_error = ""
     checks: tuple[PeerCheck, ...] = ()
@@ -96,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     facts = DoctorFacts(interfaces=interfaces(), host=config.host, port=config.port, announce=config.announce_maddrs,
                         direct_announce=config.direct_announce_address, direct_port=config.direct_port,
                         mdns=config.mdns, zeroconf=zeroconf, initial_peers=checks, joined=joined,
-                        join_error=join_error, visible=visible)
+                        join_error=join_error, mdns_found=mdns_found, visible=visible)
     found = verdicts(facts)
     if args.json:
         print(json.dumps({"facts": dataclasses.asdict(facts), "verdicts": [dataclasses.asdict(v) for v in found],

@@ -113,6 +113,8 @@ class DoctorFacts:
     joined: bool | None = None
     """Whether the DHT join through the initial peers worked (None: no initial peers given)."""
     join_error: str = ""
+    mdns_found: int | None = None
+    """How many peers an mDNS browse found (None: not browsed, e.g. initial peers were given)."""
     visible: tuple[str, ...] = field(default=())
     """What the temporary node announced (its multiaddrs), when one was started."""
 
@@ -192,7 +194,8 @@ def _mdns(facts: DoctorFacts) -> Verdict:
     if classify(facts.host) == "loopback":
         return Verdict("info", "mdns", f"usable on {names}, but a server bound to loopback neither advertises nor "
                                        "browses; clients still browse")
-    return Verdict("ok", "mdns", f"usable on {names}")
+    found = "" if facts.mdns_found is None else f"; found {facts.mdns_found} meshinfer peer(s) on this LAN"
+    return Verdict("ok", "mdns", f"usable on {names}{found}")
 
 
 def _peers(facts: DoctorFacts) -> list[Verdict]:
@@ -216,8 +219,8 @@ def _peers(facts: DoctorFacts) -> list[Verdict]:
 
 def _inbound(facts: DoctorFacts) -> Verdict:
     return Verdict("info", "inbound", "not checked: no peer of the swarm offers a dial-back test yet, so whether "
-                                      "OTHERS can reach this machine is unknown; check from another machine with "
-                                      "`meshinfer doctor --initial-peers <this peer's multiaddr>`")
+                                      "OTHERS can reach this machine is unknown; start this peer, then on another "
+                                      "machine run `meshinfer doctor --initial-peers <its multiaddr>`")
 
 
 def verdicts(facts: DoctorFacts) -> list[Verdict]:
