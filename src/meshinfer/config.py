@@ -99,11 +99,11 @@ class P2PConfig:
                                         "interfaces): /ip4/H/tcp/P, /dns4/NAME/tcp/P or HOST:PORT (HOST alone uses "
                                         "--port, which must then be fixed); they replace the bound addresses in "
                                         "what this peer announces (DHT, LAN advert). Default: the bound addresses "
-                                        "(a 0.0.0.0 bind announces each interface's address)")
+                                        "(a 0.0.0.0 bind announces each interface's address)", metavar="ADDR")
     direct_announce: str | None = doc(None, "HOST:PORT others should dial for this server's direct data plane (e.g. "
                                             "a port forward to --direct-port; HOST alone uses --direct-port, which "
                                             "must then be fixed); when given it is the only direct address the "
-                                            "server announces. Default: the bound address")
+                                            "server announces. Default: the bound address", metavar="HOST:PORT")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -122,7 +122,9 @@ class P2PConfig:
         for text in self.announce:
             announce_maddr(text, self.port)
         if self.direct_announce is not None:
-            split_host_port(self.direct_announce, "--direct-announce", self.direct_port)
+            if not self.direct:
+                raise ConfigError("--direct-announce needs the direct plane: drop --no-direct")
+            split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:
             raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
                               f"--max-buffer-mb ({self.max_buffer_mb})")
@@ -137,7 +139,7 @@ class P2PConfig:
         """``direct_announce`` as (host, port), or None when not given."""
         if self.direct_announce is None:
             return None
-        return split_host_port(self.direct_announce, "--direct-announce", self.direct_port)
+        return split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
 
 
 _DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
@@ -157,7 +159,7 @@ def _check_host(host: str, flag: str, text: str) -> str:
     return str(ip)
 
 
-def split_host_port(text: str, flag: str, default_port: int = 0) -> tuple[str, int]:
+def split_host_port(text: str, flag: str, default_port: int = 0, port_flag: str = "--port") -> tuple[str, int]:
     """``HOST:PORT``, ``[IPV6]:PORT`` or ``HOST`` (then ``default_port``, which must not be 0) -> (host, port);
     ConfigError naming ``flag`` otherwise."""
     host, port_text = text, ""
@@ -176,7 +178,8 @@ def split_host_port(text: str, flag: str, default_port: int = 0) -> tuple[str, i
     else:
         port = default_port
     if not 0 < port <= 65535:
-        raise ConfigError(f"{flag} {text!r}: needs a port in 1..65535 (HOST:PORT, or HOST with a fixed port flag)")
+        raise ConfigError(f"{flag} {text!r}: needs a port in 1..65535 (HOST:PORT, or HOST with a fixed "
+                          f"{port_flag})")
     return _check_host(host, flag, text), port
 
 

@@ -68,6 +68,7 @@ def test_announce_flags_parse_to_multiaddrs() -> None:
     ({"direct_announce": "[::]:9"}, "means every interface"),
     ({"direct_announce": "h:x"}, "bad port 'x'"),
     ({"direct_announce": "10.0.0.1"}, "--direct-announce '10.0.0.1': needs a port"),
+    ({"direct_announce": "10.0.0.1:5", "direct": False}, "--direct-announce needs the direct plane"),
 ])
 def test_bad_announce_values_are_one_line_config_errors(kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as err:

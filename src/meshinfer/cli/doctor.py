@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib.util
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 from meshinfer.cli.args import add_command
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.config import P2PConfig
-from meshinfer.errors import MeshinferError
+from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.p2p.reachability import DoctorFacts, Interface, PeerCheck, exit_code, verdicts
 
 NOT_DOCTOR_FLAGS = ("identity", "direct", "max_streams", "max_streams_per_peer", "max_buffer_mb",
@@ -79,7 +80,9 @@ async def check_peers(config: P2PConfig, peers: tuple[str, ...], timeout: float
     """Join through ``peers`` as a client and ping each: (joined, why not, per-peer checks, our multiaddrs)."""
     from meshinfer.p2p.node import NodeSettings, PeerNode
 
-    probe = dataclasses.replace(config, initial_peers=peers, mdns=False, identity=None)
+    # Outbound only: a free port (a peer may already run on --port), the announce flags as given (their ports).
+    probe = dataclasses.replace(config, initial_peers=peers, mdns=False, identity=None, port=0, direct=False,
+                                announce=config.announce_maddrs)
     try:
         node = await PeerNode.start(probe, NodeSettings(client_mode=True, startup_timeout=timeout))
     except MeshinferError as err:
@@ -97,6 +100,10 @@ async def check_peers(config: P2PConfig, peers: tuple[str, ...], timeout: float
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(P2PConfig, args)
+    try:
+        ipaddress.ip_address(config.host)
+    except ValueError:
+        raise ConfigError(f"--host must be an IP address, got {config.host!r}") from None
     peers = tuple(config.initial_peers)
     zeroconf = importlib.util.find_spec("zeroconf") is not None
     mdns_found: int | None = None
