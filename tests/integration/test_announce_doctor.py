@@ -2,8 +2,9 @@
 
 A server started with ``--direct-announce 127.0.0.1:<forwarder port>`` must be reached on the direct plane through
 that forwarder (a small TCP relay this test runs, counting the bytes it carries), and the client's tokens must equal
-the local model's. ``meshinfer doctor --initial-peers <a local dht>`` prints its verdicts and exits 0; for an
-unreachable initial peer it exits 1 with one clear ``[fail]`` line.
+the local model's. ``meshinfer doctor --initial-peers <a local dht>`` prints its verdicts (the dht dials it back on
+its direct address; not on an announced address where nobody listens) and exits 0; for an unreachable initial peer
+it exits 1 with one clear ``[fail]`` line.
 """
 
 from __future__ import annotations
@@ -126,7 +127,15 @@ def test_doctor_checks_initial_peers() -> None:
         lines = ok.stdout.splitlines()
         assert any(line.startswith(f"[  ok] initial peer: {maddrs[0]} answered in ") for line in lines), lines
         assert any(line.startswith("[  ok] swarm: joined the DHT") for line in lines), lines
-        assert any(line.startswith("[info] inbound: not checked") for line in lines), lines
+        assert any(line.startswith("[  ok] inbound: peer ") and "dialled this machine back" in line
+                   for line in lines), lines
+        closed = free_port()  # announced, nobody listens there: the dial-back must fail, and say so
+        nat = subprocess.run(meshinfer_argv("doctor", "--no-mdns", "--initial-peers", maddrs[0], "--direct-port",
+                                            str(free_port()), "--direct-announce", f"127.0.0.1:{closed}"),
+                             capture_output=True, text=True, timeout=180)
+        assert nat.returncode == 0, nat.stdout + nat.stderr
+        assert f"[warn] inbound: peer {maddrs[0].rsplit('/p2p/', 1)[1][:16]}... could NOT dial this machine back at " \
+               f"/ip4/127.0.0.1/tcp/{closed}/tls" in nat.stdout, nat.stdout
         js = subprocess.run(meshinfer_argv("doctor", "--no-mdns", "--json", "--initial-peers", maddrs[0]),
                             capture_output=True, text=True, timeout=180)
         assert js.returncode == 0, js.stderr

@@ -137,3 +137,42 @@ def test_which_lan_peers_found_later_are_joined() -> None:
     assert not should_join(LanPeer(me, (), "server"), own_peer_id=me, swarm="")
     assert not should_join(LanPeer(other, (), "client"), own_peer_id=me, swarm="")
     assert not should_join(LanPeer(other, (), "server", swarm="private"), own_peer_id=me, swarm="")
+
+
+def test_inbound_verdict_says_what_the_dial_back_found() -> None:
+    base = DoctorFacts(interfaces=LAN, host="0.0.0.0", port=0, joined=True,
+                       initial_peers=(PeerCheck(PEER, 0.001),))
+    addrs = ("/ip4/192.168.1.20/tcp/4002/tls",)
+    import dataclasses
+
+    ok = lines(dataclasses.replace(base, dialback_peer="QmYyQSo1c1Ym7orWxLYv", dialback_addresses=addrs,
+                                   dialback_reached=True))
+    assert any(v.startswith("[  ok] inbound: peer QmYyQSo1c1Ym7orW... dialled this machine back on the direct plane "
+                            "at /ip4/192.168.1.20/tcp/4002/tls") for v in ok)
+    no = verdicts(dataclasses.replace(base, dialback_peer="QmYyQSo1c1Ym7orWxLYv", dialback_addresses=addrs,
+                                      dialback_reached=False))
+    assert any(v.line().startswith("[warn] inbound: peer QmYyQSo1c1Ym7orW... could NOT dial") for v in no)
+    assert exit_code(no) == 0  # clients fall back to libp2p: a warning, not a failure
+    old = lines(dataclasses.replace(base, dialback_peer="Qm", dialback_note="the peer did not answer; it may be older"))
+    assert any(v.startswith("[info] inbound: not checked: the peer did not answer; it may be older") for v in old)
+
+
+def test_dial_back_requests_are_bounded() -> None:
+    from meshinfer.p2p import dialback as db
+
+    tls = "/ip4/192.168.1.20/tcp/4002/tls"
+    assert db.decode_addresses(db.encode_addresses([tls])) == [tls]
+    for bad in ([], [tls] * (db.MAX_ADDRESSES + 1), ["/ip4/10.0.0.1/tcp/5"], ["/ip4/1.2.3.4/tcp/5/tls" + "x" * 300]):
+        with pytest.raises(ConfigError):
+            db.decode_addresses(db.encode_addresses(bad))
+    with pytest.raises(ConfigError):
+        db.decode_addresses(b"\xc1garbage")
+    now = [0.0]
+    service = db.DialBackService(plane=None, clock=lambda: now[0])  # type: ignore[arg-type] - _admit only
+    assert service._admit("QmA") is None
+    assert "one dial-back per" in (service._admit("QmA") or "")
+    for i in range(db.MAX_PER_MINUTE - 1):
+        assert service._admit(f"QmB{i}") is None
+    assert "in the last minute" in (service._admit("QmC") or "")
+    now[0] = 61.0
+    assert service._admit("QmC") is None and service._admit("QmA") is None

@@ -5,8 +5,10 @@ or with ``--json`` one JSON object (``facts`` and ``verdicts``). Facts: this mac
 and their kinds; what it would bind and announce (the ``P2PConfig`` flags serve and dht take, validated the same
 way); whether mDNS is usable (zeroconf importable, an up multicast-capable non-loopback interface); and, with
 ``--initial-peers`` (or, without them and mDNS on, the peers found on the LAN), whether they answer: it starts a
-temporary client-mode node on the configured host (no mDNS advert), joins the DHT and pings each peer (round trip).
-Whether OTHERS can reach this machine is not checked (no dial-back service exists yet) and the screen says so.
+temporary client-mode node (a free port, no mDNS advert), joins the DHT and pings each peer (round trip); then
+whether OTHERS can reach it: it listens on the direct plane as a server would (``--host``, ``--direct-port``,
+``--direct-announce``) and asks the first peer that answered to dial it back (``meshinfer.p2p.dialback``; the
+libp2p plane is not dialled back, and a peer of an older version does not offer it: the screen says so).
 Exit 0 when nothing failed, 1 when a check failed (an unreachable initial peer), 2 for bad flags. Network code is
 imported only when the command runs; no hivemind or zeroconf import here.
 """
@@ -28,7 +30,7 @@ from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.p2p.reachability import DoctorFacts, Interface, PeerCheck, exit_code, verdicts
 
-NOT_DOCTOR_FLAGS = ("identity", "direct", "max_streams", "max_streams_per_peer", "max_buffer_mb",
+NOT_DOCTOR_FLAGS = ("identity", "max_streams", "max_streams_per_peer", "max_buffer_mb",
                     "max_buffer_mb_per_peer", "max_handshakes")
 """``P2PConfig`` fields that change nothing the doctor checks (no flag for them)."""
 
@@ -75,25 +77,43 @@ def interfaces() -> tuple[Interface, ...]:
     return tuple(out)
 
 
-async def check_peers(config: P2PConfig, peers: tuple[str, ...], timeout: float
-                      ) -> tuple[bool, str, tuple[PeerCheck, ...], tuple[str, ...]]:
-    """Join through ``peers`` as a client and ping each: (joined, why not, per-peer checks, our multiaddrs)."""
+@dataclasses.dataclass
+class PeerResults:
+    joined: bool
+    join_error: str = ""
+    checks: tuple[PeerCheck, ...] = ()
+    visible: tuple[str, ...] = ()
+    dialback: tuple[str, tuple[str, ...], bool | None, str] = ("", (), None, "")
+
+
+async def check_peers(config: P2PConfig, peers: tuple[str, ...], timeout: float) -> PeerResults:
+    """Join through ``peers`` as a client, ping each, and ask the first that answered to dial this machine back."""
+    from meshinfer.p2p.dialback import ask_dialback
     from meshinfer.p2p.node import NodeSettings, PeerNode
 
     # Outbound only: a free port (a peer may already run on --port), the announce flags as given (their ports).
     probe = dataclasses.replace(config, initial_peers=peers, mdns=False, identity=None, port=0, direct=False,
-                                announce=config.announce_maddrs)
+                                direct_announce=None, announce=config.announce_maddrs)
     try:
         node = await PeerNode.start(probe, NodeSettings(client_mode=True, startup_timeout=timeout))
     except MeshinferError as err:
-        return False, str(err), tuple(PeerCheck(m, None, "did not answer the DHT join") for m in peers), ()
+        return PeerResults(False, str(err), tuple(PeerCheck(m, None, "did not answer the DHT join") for m in peers))
     try:
         checks: list[PeerCheck] = []
         for maddr in peers:
             peer_id = maddr.rsplit("/p2p/", 1)[-1]
             rtt = await node.ping(peer_id, [maddr], timeout=timeout)
             checks.append(PeerCheck(maddr, rtt, "" if rtt is not None else f"no DHT ping answer in {timeout:g} s"))
-        return True, "", tuple(checks), tuple(node.maddrs)
+        answered = [c.maddr.rsplit("/p2p/", 1)[-1] for c in checks if c.rtt_s is not None]
+        dialback: tuple[str, tuple[str, ...], bool | None, str] = ("", (), None, "")
+        if not config.direct:
+            dialback = ("", (), None, "--no-direct: no direct plane to dial back")
+        elif answered:
+            addresses, reached, note = await ask_dialback(
+                node.identity, config, answered[0], lambda pid, proto: node.open_stream(pid, proto, timeout=timeout),
+                node.maddrs, timeout=timeout)
+            dialback = (answered[0], tuple(addresses), reached, note)
+        return PeerResults(True, "", tuple(checks), tuple(node.maddrs), dialback)
     finally:
         await node.close()
 
@@ -112,16 +132,15 @@ def run(args: argparse.Namespace) -> int:
 
         peers = lan_peers(args, required=False, note=False)
         mdns_found = len({m.rsplit("/p2p/", 1)[-1] for m in peers})
-    joined: bool | None = None
-    join_error = ""
-    checks: tuple[PeerCheck, ...] = ()
-    visible: tuple[str, ...] = ()
-    if peers:
-        joined, join_error, checks, visible = asyncio.run(check_peers(config, peers, args.timeout))
+    results = asyncio.run(check_peers(config, peers, args.timeout)) if peers else None
     facts = DoctorFacts(interfaces=interfaces(), host=config.host, port=config.port, announce=config.announce_maddrs,
                         direct_announce=config.direct_announce_address, direct_port=config.direct_port,
-                        mdns=config.mdns, zeroconf=zeroconf, initial_peers=checks, joined=joined,
-                        join_error=join_error, mdns_found=mdns_found, visible=visible)
+                        mdns=config.mdns, zeroconf=zeroconf, mdns_found=mdns_found)
+    if results is not None:
+        peer, addresses, reached, note = results.dialback
+        facts = dataclasses.replace(facts, initial_peers=results.checks, joined=results.joined,
+                                    join_error=results.join_error, visible=results.visible, dialback_peer=peer,
+                                    dialback_addresses=addresses, dialback_reached=reached, dialback_note=note)
     found = verdicts(facts)
     if args.json:
         print(json.dumps({"facts": dataclasses.asdict(facts), "verdicts": [dataclasses.asdict(v) for v in found],

@@ -16,7 +16,8 @@ Then:
   direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first;
 - a node started with ``P2PConfig.direct`` and not in client mode also listens on the direct plane
   (``direct_addresses``: what it announces, ``meshinfer.p2p.reachability.announced_direct``: the
-  ``--direct-announce`` address alone when given); ``handle`` serves a protocol on both planes;
+  ``--direct-announce`` address alone when given) and serves dial-backs (``meshinfer.p2p.dialback``);
+  ``handle`` serves a protocol on both planes;
 - ``maddrs`` are what libp2p announces: the ``--announce`` addresses when given, else the bound ones (a
   wildcard bind is expanded by p2pd to each interface's address, never announced as 0.0.0.0);
 - ``dht_put_records``/``dht_put_record``: store signed records under subkey ``<peer id>`` (or
@@ -63,6 +64,7 @@ from meshinfer.p2p import lanjoin
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
 from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
+from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
@@ -187,6 +189,7 @@ class PeerNode:
                     raise
                 node.direct_addresses = announced_direct(config.direct_announce_address, config.host, maddrs,
                                                          node._direct.plain_port, node._direct.tls_port)
+                await node.handle(DIALBACK_PROTOCOL, DialBackService(node._direct).handle)
         if lan is not None:
             await lanjoin.advertise(lan, node.peer_id, maddrs, settings.lan_role, node._join_lan_peer)
         log.debug("peer %s listening on %s%s", node.peer_id, ", ".join(maddrs),

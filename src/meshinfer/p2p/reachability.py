@@ -113,6 +113,12 @@ class DoctorFacts:
     joined: bool | None = None
     """Whether the DHT join through the initial peers worked (None: no initial peers given)."""
     join_error: str = ""
+    dialback_peer: str = ""
+    """The peer asked to dial this machine back on the direct plane ("" : none asked)."""
+    dialback_addresses: tuple[str, ...] = ()
+    dialback_reached: bool | None = None
+    """Whether it reached them (None: no answer; see ``dialback_note``)."""
+    dialback_note: str = ""
     mdns_found: int | None = None
     """How many peers an mDNS browse found (None: not browsed, e.g. initial peers were given)."""
     visible: tuple[str, ...] = field(default=())
@@ -218,9 +224,17 @@ def _peers(facts: DoctorFacts) -> list[Verdict]:
 
 
 def _inbound(facts: DoctorFacts) -> Verdict:
-    return Verdict("info", "inbound", "not checked: no peer of the swarm offers a dial-back test yet, so whether "
-                                      "OTHERS can reach this machine is unknown; start this peer, then on another "
-                                      "machine run `meshinfer doctor --initial-peers <its multiaddr>`")
+    where = ", ".join(facts.dialback_addresses)
+    who = facts.dialback_peer[:16]
+    if facts.dialback_peer and facts.dialback_reached:
+        return Verdict("ok", "inbound", f"peer {who}... dialled this machine back on the direct plane at {where} "
+                                        "(the libp2p plane is not dialled back)")
+    if facts.dialback_peer and facts.dialback_reached is False:
+        return Verdict("warn", "inbound", f"peer {who}... could NOT dial this machine back at {where}: open or "
+                                          "forward that port (a fixed --direct-port) or pass --direct-announce "
+                                          "HOST:PORT; clients would fall back to slower libp2p")
+    why = facts.dialback_note or "no initial peer answered, so no peer could dial this machine back"
+    return Verdict("info", "inbound", f"not checked: {why}; whether OTHERS can reach this machine is unknown")
 
 
 def verdicts(facts: DoctorFacts) -> list[Verdict]:
