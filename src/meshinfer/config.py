@@ -9,6 +9,7 @@ one place that reads ``$MESHINFER_CACHE_DIR`` (at call time). Imports only leave
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,16 @@ class P2PConfig:
                            "on no LAN: it neither advertises nor browses; clients browse from any address). "
                            "--no-mdns turns both off")
     mdns_browse_s: float = doc(3.0, "seconds to browse the LAN by mDNS for peers when no --initial-peers are given")
+    announce: tuple[str, ...] = doc((), "addresses others should dial to reach this peer's libp2p plane, when they "
+                                        "differ from what it binds (a port forward, a public IP, one of several "
+                                        "interfaces): /ip4/H/tcp/P, /dns4/NAME/tcp/P or HOST:PORT (HOST alone uses "
+                                        "--port, which must then be fixed); they replace the bound addresses in "
+                                        "what this peer announces (DHT, LAN advert). Default: the bound addresses "
+                                        "(a 0.0.0.0 bind announces each interface's address)", metavar="ADDR")
+    direct_announce: str | None = doc(None, "HOST:PORT others should dial for this server's direct data plane (e.g. "
+                                            "a port forward to --direct-port; HOST alone uses --direct-port, which "
+                                            "must then be fixed); when given it is the only direct address the "
+                                            "server announces. Default: the bound address", metavar="HOST:PORT")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -108,6 +119,84 @@ class P2PConfig:
         if self.max_streams_per_peer > self.max_streams:
             raise ConfigError(f"--max-streams-per-peer ({self.max_streams_per_peer}) must be <= --max-streams "
                               f"({self.max_streams})")
+        for text in self.announce:
+            announce_maddr(text, self.port)
+        if self.direct_announce is not None:
+            if not self.direct:
+                raise ConfigError("--direct-announce needs the direct plane: drop --no-direct")
+            split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:
             raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
                               f"--max-buffer-mb ({self.max_buffer_mb})")
+
+    @property
+    def announce_maddrs(self) -> tuple[str, ...]:
+        """``announce`` as multiaddrs (``/ip4/H/tcp/P`` ...), in order, without duplicates."""
+        return tuple(dict.fromkeys(announce_maddr(t, self.port) for t in self.announce))
+
+    @property
+    def direct_announce_address(self) -> tuple[str, int] | None:
+        """``direct_announce`` as (host, port), or None when not given."""
+        if self.direct_announce is None:
+            return None
+        return split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
+
+
+_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def _check_host(host: str, flag: str, text: str) -> str:
+    """``host`` (an IP address or a DNS name) if others can dial it; ConfigError otherwise."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not host or len(host) > 253 or not set(host.lower()) <= _DNS_CHARS or host.startswith(("-", ".")):
+            raise ConfigError(f"{flag} {text!r}: {host!r} is neither an IP address nor a DNS name") from None
+        return host
+    if ip.is_unspecified:
+        raise ConfigError(f"{flag} {text!r}: {host} means every interface and cannot be dialled; give the address "
+                          "others should dial")
+    return str(ip)
+
+
+def split_host_port(text: str, flag: str, default_port: int = 0, port_flag: str = "--port") -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or ``HOST`` (then ``default_port``, which must not be 0) -> (host, port);
+    ConfigError naming ``flag`` otherwise."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{flag} {text!r}: expected HOST:PORT or [IPV6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if port_text:
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: bad port {port_text!r}; expected HOST:PORT") from None
+    else:
+        port = default_port
+    if not 0 < port <= 65535:
+        raise ConfigError(f"{flag} {text!r}: needs a port in 1..65535 (HOST:PORT, or HOST with a fixed "
+                          f"{port_flag})")
+    return _check_host(host, flag, text), port
+
+
+def announce_maddr(text: str, default_port: int = 0) -> str:
+    """One ``--announce`` value as a libp2p multiaddr ``/ip4|ip6|dns|dns4|dns6/H/tcp/P``; ConfigError otherwise."""
+    if text.startswith("/"):
+        parts = text.split("/")
+        if (len(parts) != 5 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp"
+                or not parts[4].isdigit() or not 0 < int(parts[4]) <= 65535):
+            raise ConfigError(f"--announce {text!r}: expected /ip4/HOST/tcp/PORT (a fixed port, no /p2p/ suffix)")
+        host = _check_host(parts[2], "--announce", text)
+        if parts[1].startswith("ip") and f"ip{ipaddress.ip_address(host).version}" != parts[1]:
+            raise ConfigError(f"--announce {text!r}: {host} is not an {parts[1]} address")
+        return f"/{parts[1]}/{host}/tcp/{int(parts[4])}"
+    host, port = split_host_port(text, "--announce", default_port)
+    try:
+        kind = f"ip{ipaddress.ip_address(host).version}"
+    except ValueError:
+        kind = "dns"
+    return f"/{kind}/{host}/tcp/{port}"

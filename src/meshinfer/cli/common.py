@@ -52,6 +52,8 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         else:
             base = args[0] if origin in (typing.Union, types.UnionType) and args else hint
             kwargs.update(type=base, metavar=f.name.removesuffix("_per_peer").split("_")[-1].upper())
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         if f.default is not dataclasses.MISSING and f.default not in (None, ()):
             kwargs["help"] += f" (default: {f.default})"
         parser.add_argument(_flag(f.name), dest=f.name, **kwargs)

@@ -1,14 +1,14 @@
 """The libp2p daemon (hivemind's ``P2P`` around the go ``p2pd``): start it so it never outlives us.
 
-Contract: ``start_p2p`` launches ``p2pd`` for one ``Identity`` listening on host:port and joins
-through ``initial_peers``; it maps hivemind's failures to meshinfer errors (``PeerIdentityError``
-when the identity is live elsewhere, ``TransportError`` when the daemon cannot start or listen,
-``ConfigError`` for bad multiaddrs). No orphans: every ``p2pd`` this process starts gets
-``PR_SET_PDEATHSIG`` (SIGTERM when its parent dies, even by SIGKILL), on top of p2pd's own exit when
-its control connection drops; it runs in its own session, so terminal signals reach only us and we
-stop it in order. That is done by giving hivemind's daemon module a view of ``asyncio``
-whose ``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is
-touched. Only ``meshinfer.p2p`` uses this module.
+Contract: ``start_p2p`` launches ``p2pd`` for one ``Identity`` listening on host:port and joins through
+``initial_peers``, announcing ``announce`` instead of what it binds when given; it maps hivemind's failures to
+meshinfer errors (``PeerIdentityError`` when the identity is live elsewhere, ``TransportError`` when the
+daemon cannot start or listen, ``ConfigError`` for bad multiaddrs). No orphans: every ``p2pd`` this process
+starts gets ``PR_SET_PDEATHSIG`` (SIGTERM when its parent dies, even by SIGKILL), on top of p2pd's own exit
+when its control connection drops; it runs in its own session, so terminal signals reach only us and we stop
+it in order. That is done by giving hivemind's daemon module a view of ``asyncio`` whose
+``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is touched. Only
+``meshinfer.p2p`` uses this module.
 """
 
 from __future__ import annotations
@@ -124,8 +124,10 @@ async def start_p2p(
     client_mode: bool = False,
     check_identity: bool = True,
     startup_timeout: float = 20.0,
+    announce: Sequence[str] = (),
 ) -> P2P:
-    """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there."""
+    """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there. ``announce``
+    (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others."""
     install_parent_death_signal()
     peers = parse_maddrs(initial_peers)
     listen = host_maddr(host, port)
@@ -144,6 +146,7 @@ async def start_p2p(
         return await P2P.create(
             initial_peers=peers or None,
             host_maddrs=[listen],
+            announce_maddrs=list(announce) or None,
             identity_path=key_path,
             check_if_identity_free=False,  # checked above, with retries
             dht_mode="client" if client_mode else "server",

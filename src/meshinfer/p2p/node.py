@@ -15,7 +15,11 @@ Then:
   next server of a route): over the direct data plane (``meshinfer.p2p.direct``) when the peer gave
   direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first;
 - a node started with ``P2PConfig.direct`` and not in client mode also listens on the direct plane
-  (``direct_addresses``); ``handle`` serves a protocol on both planes;
+  (``direct_addresses``: what it announces, ``meshinfer.p2p.reachability.announced_direct``: the
+  ``--direct-announce`` address alone when given) and serves dial-backs (``meshinfer.p2p.dialback``);
+  ``handle`` serves a protocol on both planes;
+- ``maddrs`` are what libp2p announces: the ``--announce`` addresses when given, else the bound ones (a
+  wildcard bind is expanded by p2pd to each interface's address, never announced as 0.0.0.0);
 - ``dht_put_records``/``dht_put_record``: store signed records under subkey ``<peer id>`` (or
   ``<peer id>/<tag>`` to keep several records of one peer under one key);
 - ``dht_get_records``/``get_many``: read all validated records under one or many keys in ONE bounded
@@ -23,11 +27,10 @@ Then:
   ``RecordLimits.max_keys_per_read`` keys (more is a ``UsageError``), and per key at most
   ``max_records_per_key`` records, ``max_records_per_signer`` of one signing peer (subkeys in sorted order);
   what is skipped (over a limit, undecodable, naming another peer) is counted in ``skipped_records``;
-- LAN discovery (``meshinfer.p2p.discovery``, with ``P2PConfig.mdns`` on a non-client node bound to a
-  non-loopback host): with no initial peers it first browses by mDNS for ``mdns_browse_s`` and joins through
-  what it found (none: a new swarm, as before); once started it advertises its multiaddrs and keeps browsing,
-  dialling and DHT-pinging every peer of its swarm found later, so peers started at the same moment end up in
-  one swarm. ``mdns_peers`` holds the peer ids this node learnt of by mDNS;
+- LAN discovery (``meshinfer.p2p.lanjoin``, with ``P2PConfig.mdns`` on a non-client node bound to a
+  non-loopback host): browse before start when there are no initial peers, advertise ``maddrs`` after, join
+  peers of its swarm found later. ``mdns_peers`` holds the peer ids this node learnt of by mDNS;
+- ``ping(peer_id, maddrs)``: the round trip of one DHT ping (``meshinfer doctor``);
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
@@ -56,18 +59,22 @@ from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
-from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError, WireError
+from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError
+from meshinfer.p2p import lanjoin
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
+from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
+from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
-from meshinfer.p2p.lanpeers import LanPeer, join_maddrs, lan_discovery_enabled, own_maddrs
-from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey, owner_of
+from meshinfer.p2p.lanpeers import LanPeer
+from meshinfer.p2p.reachability import announced_direct
+from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from meshinfer.wire.messages import Error, ErrorCode
-from meshinfer.wire.records import DhtRecord, SeedRecord, ServerRecord, decode_record, encode_record
+from meshinfer.wire.records import DhtRecord, encode_record
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +93,6 @@ class NodeSettings:
     """Records expiring further ahead than this are rejected by this node."""
     lan_role: str = "server"
     """What this node advertises itself as on the LAN (``server`` or ``dht``; client-mode nodes do not advertise)."""
-
-
-@dataclass(frozen=True)
-class FoundRecord:
-    """One validated DHT record: who wrote it, what it says, when it expires (unix time)."""
-
-    peer_id: str
-    record: DhtRecord
-    expiration_time: float
-    subkey: str
 
 
 @dataclass(frozen=True)
@@ -153,21 +150,14 @@ class PeerNode:
             lock.acquire(identity.peer_id)
         p2p = None
         lan: LanDiscovery | None = None
-        initial_peers = tuple(config.initial_peers)
-        found_at_start: set[str] = set()
         try:
-            if lan_discovery_enabled(mdns=config.mdns, host=config.host, client_mode=settings.client_mode):
-                lan = await LanDiscovery.start()
-                if not initial_peers:
-                    found = await lan.wait_for_peers(config.mdns_browse_s, own_peer_id=identity.peer_id)
-                    initial_peers = join_maddrs(found)
-                    found_at_start = {p.peer_id for p in found}
-                    log.info("mDNS: %s", f"joining through {len(found)} LAN peer(s)" if found
-                             else f"no peer found on this LAN within {config.mdns_browse_s:g} s: a new swarm")
+            lan_start = await lanjoin.browse_at_start(config, client_mode=settings.client_mode,
+                                                      own_peer_id=identity.peer_id)
+            lan, initial_peers = lan_start.lan, lan_start.initial_peers
             p2p = await start_p2p(
                 identity, host=config.host, port=config.port, initial_peers=initial_peers,
                 client_mode=settings.client_mode, check_identity=not identity.created,
-                startup_timeout=settings.startup_timeout,
+                startup_timeout=settings.startup_timeout, announce=config.announce_maddrs,
             )
             validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
             try:
@@ -188,7 +178,7 @@ class PeerNode:
         refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
                    admission=Admission(admission_limits(config), refusals), _refusals=refusals,
-                   mdns_peers=found_at_start, _lan=lan)
+                   mdns_peers=lan_start.found, _lan=lan)
         if config.direct:
             node._direct = DirectPlane(identity, node.admission, node._refusals)
             if not settings.client_mode:
@@ -197,10 +187,11 @@ class PeerNode:
                 except BaseException:
                     await node.close()
                     raise
-                node.direct_addresses = node._direct.addresses(_visible_hosts(config.host, maddrs))
+                node.direct_addresses = announced_direct(config.direct_announce_address, config.host, maddrs,
+                                                         node._direct.plain_port, node._direct.tls_port)
+                await node.handle(DIALBACK_PROTOCOL, DialBackService(node._direct).handle)
         if lan is not None:
-            await lan.advertise(LanPeer(node.peer_id, own_maddrs(node.peer_id, maddrs), role=settings.lan_role))
-            lan.set_on_found(node._join_lan_peer)
+            await lanjoin.advertise(lan, node.peer_id, maddrs, settings.lan_role, node._join_lan_peer)
         log.debug("peer %s listening on %s%s", node.peer_id, ", ".join(maddrs),
                   f"; direct plane on {', '.join(node.direct_addresses)}" if node.direct_addresses else "")
         return node
@@ -282,24 +273,33 @@ class PeerNode:
             log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
 
     async def _join_lan_peer(self, peer: LanPeer) -> None:
-        """Join a peer found on the LAN after start: dial it and DHT-ping it (each adds the other to its routing
-        table), so two swarms started apart merge into one."""
-        if self._closed or peer.peer_id == self.peer_id or peer.role == "client":
+        """Join a peer found on the LAN after start (see ``meshinfer.p2p.lanjoin``)."""
+        if self._closed or self._lan is None:
             return
-        if self._lan is not None and peer.swarm != self._lan.swarm:
+        if not lanjoin.should_join(peer, own_peer_id=self.peer_id, swarm=self._lan.swarm):
             return
         try:
             pid = PeerID.from_base58(peer.peer_id)
         except ValueError:
             return
         self.mdns_peers.add(peer.peer_id)
-        await self._dial(pid, peer.maddrs)
-        async with asyncio.timeout(max(10.0, 2 * self.settings.dht_wait_timeout)):
-            answered = await self._dht.protocol.call_ping(pid)
-        if answered is None:
-            log.info("LAN peer %s found by mDNS did not answer a DHT ping", peer.peer_id[:16])
-        else:
-            log.info("joined LAN peer %s found by mDNS", peer.peer_id[:16])
+        await lanjoin.join_found_peer(peer, dial=lambda: self._dial(pid, peer.maddrs),
+                                      ping=lambda: self._dht.protocol.call_ping(pid),
+                                      timeout=max(10.0, 2 * self.settings.dht_wait_timeout))
+
+    async def ping(self, peer_id: str, maddrs: Sequence[str] = (), *, timeout: float = 10.0) -> float | None:
+        """Seconds a DHT ping of ``peer_id`` took (dialling ``maddrs`` first), or None when it did not answer."""
+        try:
+            pid = PeerID.from_base58(peer_id)
+        except ValueError:
+            raise ConfigError(f"invalid peer id {peer_id!r}") from None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._dial(pid, maddrs)
+                start = time.monotonic()
+                if await self._dht.protocol.call_ping(pid) is not None:
+                    return time.monotonic() - start
+        return None
 
     # --- DHT ----------------------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class PeerNode:
         for key, fut in futures.items():
             if fut not in done or fut.cancelled() or fut.exception() is not None:
                 continue
-            out[key] = _decode_entries(fut.result(), now, limits, self.skipped_records)
+            out[key] = decode_entries(fut.result(), now, limits, self.skipped_records)
         return out
 
     async def dht_get_records(self, key: str, *, timeout: float = 5.0) -> list[FoundRecord]:
@@ -396,60 +396,8 @@ def admission_limits(config: P2PConfig) -> AdmissionLimits:
                            max_handshakes=config.max_handshakes)
 
 
-def _visible_hosts(host: str, maddrs: Sequence[str]) -> list[str]:
-    """Where a TLS listener on ``host`` can be reached: that host, or for a wildcard host the IP addresses
-    libp2p found visible (deduplicated, at most 7)."""
-    if host not in ("0.0.0.0", "::", ""):
-        return [host]
-    hosts: list[str] = []
-    for text in maddrs:
-        parts = text.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
-            hosts.append(parts[2])
-    return hosts[:7]
-
-
 async def _abort(p2p: object, lock: IdentityLock | None) -> None:
     if p2p is not None:
         await stop_p2p(p2p)  # type: ignore[arg-type]
     if lock is not None:
         lock.release()
-
-
-def _decode_entries(found: object, now: float, limits: RecordLimits, skipped: Counter[str]) -> list[FoundRecord]:
-    """Turn hivemind's ``ValueWithExpiration({subkey: ValueWithExpiration(bytes)})`` into records, decoding at
-    most ``limits.max_records_per_key`` (``max_records_per_signer`` per owner), subkeys in sorted order; what is
-    skipped is counted in ``skipped`` by reason."""
-    out: list[FoundRecord] = []
-    value = getattr(found, "value", None)
-    if not isinstance(value, dict):
-        return out
-    per_owner: Counter[str] = Counter()
-    items = sorted(((k, v) for k, v in value.items() if isinstance(k, str)), key=lambda kv: kv[0])
-    skipped["invalid"] += len(value) - len(items)
-    for subkey, item in items:
-        payload = getattr(item, "value", None)
-        expiration = getattr(item, "expiration_time", None)
-        if not isinstance(payload, bytes) or not isinstance(expiration, int | float):
-            skipped["invalid"] += 1
-            continue
-        if expiration <= now:
-            continue
-        if len(out) >= limits.max_records_per_key:
-            skipped["over per-key limit"] += 1
-            continue
-        owner = owner_of(subkey)
-        if per_owner[owner] >= limits.max_records_per_signer:
-            skipped["over per-signer limit"] += 1
-            continue
-        per_owner[owner] += 1
-        try:
-            record = decode_record(payload)
-        except WireError:
-            skipped["invalid"] += 1
-            continue
-        if isinstance(record, ServerRecord | SeedRecord) and record.peer_id != owner:
-            skipped["wrong owner"] += 1
-            continue
-        out.append(FoundRecord(owner, record, float(expiration), subkey))
-    return out
