@@ -12,7 +12,9 @@ host); batch N is N sessions, each with its own batch-1 cache, run by one ``Bloc
 the server's scheduler runs them (projections and MLP once for all N rows, attention per session). Per mode:
 ``eager``, ``graphed`` (``models.cuda_graphs``, CUDA only, batch 1 only), ``fused`` (``graphed`` of the
 torch.compiled block step, ``GraphedDecode(fuse=True)``: one block compiled, then captured; CUDA and batch 1 only;
-not in the default: the compile takes a minute or more) and ``compiled`` (``models.compiled``, batch 1 only;
+not in the default: the compile takes a minute or more), ``tuned`` (``fused`` compiled with inductor's coordinate
+descent tuning, ``GraphedDecode(tune=True)``: one-row matmuls become tuned Triton reductions) and
+``compiled`` (``models.compiled``, batch 1 only;
 never by default: minutes of compiling a whole big model). Every cache is first filled with a
 ``--context``-token prefill of random hidden states.
 
@@ -47,7 +49,7 @@ SHAPES: dict[str, dict[str, Any]] = {
              "intermediate_size": 768, "vocab_size": 1024, "rope_theta": 500000.0},
 }
 FORMATS = ("bf16", "int4")
-MODES = ("eager", "graphed", "fused", "compiled")
+MODES = ("eager", "graphed", "fused", "tuned", "compiled")
 TARGET_BATCH1_BF16_ROOFLINE = 0.70
 
 
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default="bf16,int4", help="comma-separated, of bf16,int4 (default: both)")
     parser.add_argument("--batches", default="1,32", help="comma-separated sessions per step (default: 1,32)")
     parser.add_argument("--modes", default="auto",
-                        help="comma-separated, of eager,graphed,fused,compiled (default: eager, and graphed on CUDA)")
+                        help="comma-separated, of eager,graphed,fused,tuned,compiled "
+                             "(default: eager, and graphed on CUDA)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per config (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     parser.add_argument("--context", type=int, default=256, help="tokens in each cache before timing (default: 256)")
@@ -171,10 +174,10 @@ def _measure(head: Any, span: Any, spec: Any, batch: int, mode: str, args: argpa
     device = span.device
     if mode != "eager" and batch != 1:
         return {"error": f"{mode} steps are batch-1 only (forward_batch runs eager)"}
-    if mode in ("graphed", "fused") and device.type != "cuda":
+    if mode in ("graphed", "fused", "tuned") and device.type != "cuda":
         return {"error": f"{mode} steps need a CUDA device"}
-    span.compiled = (None if mode == "eager" else GraphedDecode(span, fuse=mode == "fused")
-                     if mode in ("graphed", "fused") else CompiledDecode(span))
+    span.compiled = (None if mode == "eager" else GraphedDecode(span, fuse=mode != "graphed", tune=mode == "tuned")
+                     if mode in ("graphed", "fused", "tuned") else CompiledDecode(span))
     total = args.context + args.warmup + args.steps
     cap = capacity(total, spec.max_position_embeddings)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -208,7 +211,7 @@ def _measure(head: Any, span: Any, spec: Any, batch: int, mode: str, args: argpa
     }
     if span.compiled is not None:
         figures["fell_back_to_eager"] = bool(span.compiled.failed)
-        if mode == "fused":
+        if mode in ("fused", "tuned"):
             figures["blocks_compiled"] = bool(getattr(span.compiled, "compiled_blocks", False))
     span.compiled = None
     return figures

@@ -273,7 +273,8 @@ class TransformerBlock(nn.Module):
 
     def _decode_rest(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:  # attn [1, kvh, nh/kvh, D]
         """A decode step after attention: output projection, residual, SwiGLU MLP, residual -> [1, 1, H]."""
-        x = x + self.o.forward(attn.view(1, 1, self.nh * self.d))
+        # reshape, not view: SDPA's CUDA kernels may return [1, kvh, nh/kvh, D] in another memory order (fp32)
+        x = x + self.o.forward(attn.reshape(1, 1, self.nh * self.d))
         gate_up = self.gate_up.forward(rms_norm(x, self.post_norm, self.eps))  # [1, 1, 2I]
         return x + self.down.forward(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
 

@@ -54,7 +54,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Graph:
-    """One captured step: its graph and the static buffers it reads and writes (never a reference to the cache)."""
+    """One captured step: its graph and every buffer it reads and writes (never a reference to the cache).
+
+    Every tensor the graph reads that was allocated outside the capture must be held here: a replay reads it by
+    address, and a freed one is reused by the next eager allocation (the first replay right after the capture
+    still sees the old values, so only later steps go wrong)."""
 
     graph: torch.cuda.CUDAGraph
     capacity: int
@@ -62,6 +66,7 @@ class _Graph:
     pos: torch.Tensor  # [1] int64: the slot (and position) of the token
     cos: torch.Tensor  # [D]
     sin: torch.Tensor  # [D]
+    slots: torch.Tensor  # [M] int64 arange: the masks are computed from it in the graph, so it must outlive capture
     out: torch.Tensor  # [1, 1, H] output hidden state (overwritten by every replay)
     k0: int  # data_ptr of the cache's first K tensor at capture (a guard: caches never move their tensors)
 
@@ -69,16 +74,19 @@ class _Graph:
 class GraphedDecode:
     """CUDA-graphed one-token steps of one span, one graph per cache object (see the module doc)."""
 
-    def __init__(self, span: Any, fuse: bool = False) -> None:
+    def __init__(self, span: Any, fuse: bool = False, tune: bool = False) -> None:
         """``fuse``: capture each block's ``torch.compile``d step (inductor fuses its norms, rotation, residuals and
-        SwiGLU into a few kernels) instead of the eager one; a step inductor cannot compile is captured eager."""
+        SwiGLU into a few kernels) instead of the eager one; a step inductor cannot compile is captured eager.
+        ``tune`` (with ``fuse``): compile with inductor's ``coordinate_descent_tuning``, under which a one-row
+        matmul becomes a tuned Triton reduction instead of a cuBLAS call (gpt-fast's setting; a longer compile)."""
         self.span = span
         self.windows: list[int | None] = list(span._windows)
         self.fuse = fuse
         # one block's step; compiled once for every block of the span (dynamo lifts each block's weights as inputs,
         # so equal shapes share one graph: "regional" compilation, a 32-block model compiles one block)
         self._block: Callable[..., torch.Tensor] = (
-            torch.compile(TransformerBlock.decode_masked, dynamic=False, fullgraph=True) if fuse
+            torch.compile(TransformerBlock.decode_masked, dynamic=False, fullgraph=True,
+                          options={"coordinate_descent_tuning": True} if tune else None) if fuse
             else TransformerBlock.decode_masked)
         self._graphs: weakref.WeakKeyDictionary[KVCache, _Graph] = weakref.WeakKeyDictionary()
         self._pool: Any = None  # one memory pool and one capture stream for every graph of the span
@@ -136,7 +144,7 @@ class GraphedDecode:
         with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             out = self._step(sx, pos, scos, ssin, slots, kv)
         self.captures += 1
-        return _Graph(graph, m, sx, pos, scos, ssin, out, cache.keys(0).data_ptr())
+        return _Graph(graph, m, sx, pos, scos, ssin, slots, out, cache.keys(0).data_ptr())
 
     def __call__(self, x: torch.Tensor, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
         """Run ``x`` [1, 1, H] at slot ``cache.length`` (the cache is not advanced); None: not graphed here."""

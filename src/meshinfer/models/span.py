@@ -66,15 +66,16 @@ class BlockSpan(nn.Module):
         """Set by ``compile_decode``: one-token steps run as compiled graphs (``models.compiled``) on the CPU,
         as replayed CUDA graphs (``models.cuda_graphs``) on a CUDA device."""
 
-    def compile_decode(self, fuse: bool = False) -> None:
+    def compile_decode(self, fuse: bool = False, tune: bool = False) -> None:
         """Run one-token steps through ``models.compiled.CompiledDecode`` (CPU and other devices: compiled on first
         use per cache capacity) or, on a CUDA device, ``models.cuda_graphs.GraphedDecode`` (captured on first use
-        per cache; ``fuse``: of the torch.compiled step) from now on; allocate caches with
+        per cache; ``fuse``: of the torch.compiled step; ``tune``: compiled with coordinate descent tuning) from now
+        on; allocate caches with
         ``models.compiled.capacity``."""
         if self.device.type == "cuda":
             from meshinfer.models.cuda_graphs import GraphedDecode
 
-            self.compiled = GraphedDecode(self, fuse=fuse)
+            self.compiled = GraphedDecode(self, fuse=fuse or tune, tune=tune)
             return
         from meshinfer.models.compiled import CompiledDecode
 
