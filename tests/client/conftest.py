@@ -28,11 +28,17 @@ def bootstrap() -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def liar_trio(bootstrap: list[str]) -> Iterator[LocalSwarm]:
-    """Three servers of the tiny llama's blocks 0:4, the first one always lying (``wrong``), per test module."""
-    s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=bootstrap, startup_timeout=120,
-                   dishonest={0: DishonestConfig("wrong", seed=1)}).start()
+def liar_trio() -> Iterator[LocalSwarm]:
+    """Three servers of the tiny llama's blocks 0:4, the first one always lying (``wrong``), per test module, on a
+    DHT of their own: reports and audit tallies (kept for minutes under the model's keys) and the records of
+    stopped servers from other modules would otherwise show in these modules' swarm tables and report checks."""
+    dht, maddrs = start_dht(timeout=90)
     try:
-        yield s
+        s = LocalSwarm(tiny_checkpoint("llama"), [(0, 4), (0, 4), (0, 4)], initial_peers=maddrs, startup_timeout=120,
+                       dishonest={0: DishonestConfig("wrong", seed=1)}).start()
+        try:
+            yield s
+        finally:
+            stop_swarm(s)
     finally:
-        stop_swarm(s)
+        stop_and_check([dht])

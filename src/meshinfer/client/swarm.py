@@ -124,6 +124,7 @@ class SwarmView:
         self.reputation = Reputation()
         """Servers' age as seen by this client and the verified reports against them (``client.reputation``)."""
         self.report_outcomes: dict[bytes, str] = {}
+        self._unchecked: dict[bytes, tuple[int, float]] = {}  # blob sha -> (failed tries, monotonic next try)
         """Blob hash of each report checked -> ``verified``, ``false`` or why it could not be checked."""
         self._evidence: EvidenceStore | None = None
         self._published: list[ReportRecord] = []
@@ -275,15 +276,21 @@ class SwarmView:
 
     async def check_reports(self, model: ModelRef, *, recompute: Recompute | None = None,
                             limit: int = 8) -> list[tuple[ReportRecord, str]]:
-        """Read ``model``'s reports and verify up to ``limit`` new ones (see the module docstring); each checked
-        report and its outcome (``verified``, ``false``, or why it was rejected or could not be checked)."""
+        """Read ``model``'s reports and verify up to ``limit`` new ones (see the module docstring; one that could
+        not be checked is retried after a growing pause, behind fresh ones); each checked report and its outcome
+        (``verified``, ``false``, ``disputed``, or why it was rejected or could not be checked)."""
         from meshinfer.client.report_service import fetch_evidence, read_reports
         from meshinfer.client.reports import ReportRejected, verify_report
 
         out: list[tuple[ReportRecord, str]] = []
-        for record in await read_reports(self.node, model.model_id, timeout=self.dht_timeout):
-            if record.blob_sha256 in self.report_outcomes or record.reporter == self.peer_id or len(out) >= limit:
-                continue
+        now = time.monotonic()
+        # reports that could not be checked back off (2, 4, ... 300 s) and queue behind fresh ones: records whose
+        # reporter is gone (or never answers) must not take every round's ``limit`` and starve the new ones
+        todo = [r for r in await read_reports(self.node, model.model_id, timeout=self.dht_timeout)
+                if r.blob_sha256 not in self.report_outcomes and r.reporter != self.peer_id
+                and self._unchecked.get(r.blob_sha256, (0, 0.0))[1] <= now]
+        todo.sort(key=lambda r: self._unchecked.get(r.blob_sha256, (0, 0.0))[0])
+        for record in todo[:limit]:
             try:
                 data = await fetch_evidence(self.node, record)
                 if recompute is not None:
@@ -295,8 +302,11 @@ class SwarmView:
                 outcome = f"rejected: {err}"
             except Exception as err:  # unreachable reporter, no independent server: try again later
                 log.info("report against %s not checked: %s", record.accused[:12], err)
+                tries = self._unchecked.get(record.blob_sha256, (0, 0.0))[0] + 1
+                self._unchecked[record.blob_sha256] = (tries, time.monotonic() + min(300.0, 2.0**tries))
                 out.append((record, f"unchecked: {err}"))
                 continue
+            self._unchecked.pop(record.blob_sha256, None)
             self.report_outcomes[record.blob_sha256] = outcome
             if outcome == "verified":
                 self.reputation.add_report(record.accused, record.reporter, record.session_id)
@@ -313,17 +323,27 @@ class SwarmView:
         from meshinfer.client.reports import verify_report
 
         avoid = {record.accused, record.reporter}
-        first = await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
+        first = await self._independent_route(model, record, avoid)
         how = remote_recompute(self.node, first, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
         if not (await verify_report(record, data, how, _least_precise(first))).verified:
             return "false"
         try:
-            second = await self.plan(model, blocks=record.span, exclude=avoid | {h.peer_id for h in first},
-                                     quant=record.quant, wait=0.0)
+            second = await self._independent_route(model, record, avoid | {h.peer_id for h in first})
         except NoRouteError:
             return "verified"  # one independent server only: believed (docs: a lying recomputer is a limit)
         how = remote_recompute(self.node, second, model_id=model.model_id, dtype=record.dtype, quant=record.quant)
         return "verified" if (await verify_report(record, data, how, _least_precise(second))).verified else "disputed"
+
+    async def _independent_route(self, model: ModelRef, record: ReportRecord, avoid: set[PeerIdStr]
+                                 ) -> list[RouteHop]:
+        """A route over the report's span avoiding ``avoid``; when the cached coverage has none, once more on a
+        fresh read (a server that joined since, or a partial read, must not leave a report unchecked or, for the
+        confirming route, believed on one recomputer's word)."""
+        try:
+            return await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
+        except NoRouteError:
+            await self.coverage(model, refresh=True)
+            return await self.plan(model, blocks=record.span, exclude=avoid, quant=record.quant, wait=0.0)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
