@@ -1,0 +1,217 @@
+"""``meshinfer bench wan``: decode tokens/s and time to first token through a swarm under emulated WAN links.
+
+Contract: per model (the bench checkpoint, and SmolLM2 when it is on this machine: ``--real-model``, never
+downloaded here) starts one ``bench.wan_relay.RelayProcess`` and a ``LocalSwarm`` whose ``--servers`` servers
+(the blocks split by ``even_spans``) bind fixed ports and announce only their relay's ports (``--announce``,
+``--direct-announce``): the client and the servers pushing to each other reach a server only through its
+relay, i.e. over one emulated link (the DHT bootstrap is not relayed: control plane only). The servers do not
+know they are emulated. For each one-way delay of ``--delays-ms`` (0 always included) with the bandwidth cap
+``--bandwidth-mbit`` on every link and direction, the relays are reconfigured in place (same swarm, same
+client), one short warm-up runs, then ``--runs`` greedy generations of ``--new-tokens`` tokens, timed as in
+``bench swarm`` (time to first token; decode tokens/s = (N - 1) / (total - first), medians).
+
+Physical limit of a token (``wan_link.ring_limit_ms``): the measured ms per token at 0 ms (compute, the
+servers' and client's work, serialisation at the cap) plus one ring of one-way delays: client -> server 1 ->
+... -> server k -> client, k + 1 hops with push routes. ``ratio_to_limit`` = limit ms / measured ms (target
+>= 0.9 at 10 and 50 ms). ``ttft_delays`` = (ttft(d) - ttft(0)) / d: how many one-way delays opening the route
+and the prefill cost. ``relay`` gives how late the emulator delivered (its own error, not meshinfer's). The
+greedy tokens of every run must equal the local engine's (no network), reported per delay. Every process
+started (relay, bootstrap, servers) is stopped by PID whatever happens, Ctrl-C included. Imports torch and the
+network only inside ``run``; never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from meshinfer.bench.wan_link import ring_limit_ms
+from meshinfer.errors import ConfigError
+
+DESCRIPTION = "decode tokens/s and time to first token of a 3-server route under emulated one-way delays and a cap"
+TARGET_RATIO = 0.9
+"""Without speculation: decode tokens/s >= 90% of the physical limit at 10 and 50 ms (issue 21)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="checkpoint directory (default: the bench checkpoint, built on first use)")
+    parser.add_argument("--real-model", default="smollm2", metavar="REF",
+                        help="also run this real model when it is on this machine: a catalogue name already "
+                             "pulled (never downloaded here), a .gguf file or a checkpoint directory; 'none' "
+                             "skips it (default: smollm2)")
+    parser.add_argument("--delays-ms", default="0,10,50", metavar="LIST",
+                        help="one-way delays per hop in ms, comma-separated; 0 is always added (default: 0,10,50)")
+    parser.add_argument("--bandwidth-mbit", type=float, default=50.0,
+                        help="bandwidth cap of every link and direction in Mbit/s; 0: none (default: 50)")
+    parser.add_argument("--servers", type=int, default=3, help="server processes splitting the blocks (default: 3)")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per delay (default: 2)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per run (default: 32)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="compute threads of each server and of this process (default: 1)")
+
+
+def parse_delays(text: str) -> list[float]:
+    """``"10,50"`` -> ``[0.0, 10.0, 50.0]``: ascending, 0 added, each in 0..1000 ms; ConfigError otherwise."""
+    out = {0.0}
+    for part in text.split(","):
+        try:
+            d = float(part.strip())
+        except ValueError:
+            raise ConfigError(f"--delays-ms takes comma-separated numbers of ms, got {text!r}") from None
+        if not 0.0 <= d <= 1000.0:
+            raise ConfigError(f"each --delays-ms value must be in 0..1000, got {d:g}")
+        out.add(d)
+    return sorted(out)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.runs < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
+        raise ConfigError("need --runs >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
+    if args.servers < 1 or args.torch_threads < 1:
+        raise ConfigError("need --servers >= 1 and --torch-threads >= 1")
+    if not args.bandwidth_mbit >= 0:
+        raise ConfigError(f"--bandwidth-mbit must be >= 0 (0: no cap), got {args.bandwidth_mbit:g}")
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def real_model_dir(ref: str) -> tuple[Path | None, str]:
+    """The checkpoint directory of ``--real-model`` if it is on this machine, else None and why."""
+    if ref.strip().lower() == "none":
+        return None, "--real-model none"
+    from meshinfer.weights import catalogue
+    from meshinfer.weights.resolve import local_checkpoint
+
+    if catalogue.is_catalogue_name(ref):
+        if catalogue.pulled(ref) is None:
+            return None, (f"{ref} is not pulled on this machine (meshinfer models pull {ref}, or give "
+                          f"--real-model PATH)")
+    try:
+        return local_checkpoint(ref), ""
+    except ConfigError as e:
+        return None, str(e)
+
+
+def summarise_rows(rows: dict[float, dict[str, Any]], hops: int) -> None:
+    """Add the physical limit, the ratio to it and the first token's cost in delays to each row (in place)."""
+    base = rows[0.0]
+    for d, row in rows.items():
+        limit = ring_limit_ms(base["decode_ms_per_token"], d, hops)
+        row["limit_ms_per_token"] = limit
+        row["limit_tokens_per_s"] = 1000 / limit
+        row["ratio_to_limit"] = limit / row["decode_ms_per_token"]
+        row["extra_ms_per_token_over_limit"] = row["decode_ms_per_token"] - limit
+        row["ttft_delays"] = ((row["time_to_first_token_ms"] - base["time_to_first_token_ms"]) / d
+                              if d > 0 else None)
+
+
+def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
+    import torch
+
+    from meshinfer.bench.local import prompt_ids
+    from meshinfer.bench.swarm import Sample, even_spans, summarise, time_stream
+    from meshinfer.bench.wan_relay import RelayProcess, free_port
+    from meshinfer.client.config import ClientConfig
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.models.engine import LocalModel
+    from meshinfer.testing.swarm import LocalSwarm
+    from meshinfer.types import canonical_dtype
+
+    dtype = canonical_dtype(args.dtype)
+    torch.set_num_threads(args.torch_threads)
+    local = LocalModel.from_pretrained(path, dtype=dtype)
+    n = args.new_tokens
+    if local.spec.max_position_embeddings < args.prompt_tokens + n:
+        raise ConfigError(f"--prompt-tokens + --new-tokens exceeds {name}'s context")
+    spans = even_spans(local.spec.num_blocks, args.servers)
+    prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
+    reference = time_stream(local.stream(prompt, n, stop_token_ids=()))[2]
+    rate = args.bandwidth_mbit * 1e6 / 8
+    rows: dict[float, dict[str, Any]] = {}
+    _note(f"[{name}] starting a relay and {args.servers} servers ({', '.join(map(str, spans))}) behind it...")
+    with RelayProcess() as relay, LocalSwarm(path, [], dtype=dtype, torch_threads=args.torch_threads) as swarm:
+        for span in spans:
+            port, dport = free_port(), free_port()
+            rp, rd = relay.listen(port), relay.listen(dport)
+            swarm.add_server(span, extra_args=["--port", str(port), "--direct-port", str(dport),
+                                               "--announce", f"127.0.0.1:{rp}",
+                                               "--direct-announce", f"127.0.0.1:{rd}"])
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype,
+                                                  config=ClientConfig(push=True))
+        try:
+            for d in delays:
+                relay.configure(d, rate)
+                _note(f"[{name}] one-way delay {d:g} ms, cap {args.bandwidth_mbit:g} Mbit/s: "
+                      f"{args.runs} run(s) of {n} tokens...")
+                time_stream(remote.stream(prompt, min(n, 4), stop_token_ids=()))  # warm-up at this delay
+                relay.stats(reset=True)
+                samples: list[Sample] = [time_stream(remote.stream(prompt, n, stop_token_ids=()))
+                                         for _ in range(args.runs)]
+                row = summarise(samples, n)
+                row["greedy_tokens_identical_to_local"] = all(s[2] == reference for s in samples)
+                row["relay"] = relay.stats(reset=True)
+                rows[d] = row
+            route = [str(hop.span) for hop in remote.last_route]
+        finally:
+            remote.close()
+        addresses = [s.info.get("maddrs") for s in swarm.servers]
+    hops = len(route) + 1
+    summarise_rows(rows, hops)
+    return {"model": str(path), "params_millions": round(local.spec.param_count() / 1e6, 1),
+            "hidden_size": local.spec.hidden_size, "route": route, "ring_hops": hops,
+            "announced_maddrs": addresses, "by_delay_ms": {f"{d:g}": rows[d] for d in delays}}
+
+
+def _table(name: str, result: dict[str, Any]) -> None:
+    _note(f"\n{name}: delay/hop | decode tok/s | ms/token | limit ms | ratio | ttft ms | ttft delays | same tokens")
+    for d, row in result["by_delay_ms"].items():
+        td = row["ttft_delays"]
+        _note(f"  {d:>6} ms | {row['decode_tokens_per_s']:12.2f} | {row['decode_ms_per_token']:8.1f} | "
+              f"{row['limit_ms_per_token']:8.1f} | {row['ratio_to_limit']:5.2f} | "
+              f"{row['time_to_first_token_ms']:7.0f} | {'-' if td is None else f'{td:.1f}':>11} | "
+              f"{row['greedy_tokens_identical_to_local']}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from meshinfer.bench.common import bench_model_dir
+
+    _check(args)
+    delays = parse_delays(args.delays_ms)
+    t0 = time.perf_counter()
+    models: dict[str, Any] = {"bench": _measure(bench_model_dir(args.model), "bench", args, delays)}
+    real, why = real_model_dir(args.real_model)
+    if real is None:
+        _note(f"skipping the real model: {why}")
+        models[args.real_model] = {"skipped": why}
+    else:
+        models[args.real_model] = _measure(real, args.real_model, args, delays)
+    for name, result in models.items():
+        if "by_delay_ms" in result:
+            _table(name, result)
+    ratios = [row["ratio_to_limit"] for m in models.values() for d, row in m.get("by_delay_ms", {}).items()
+              if float(d) > 0]
+    return {
+        "delays_ms": delays,
+        "bandwidth_mbit": args.bandwidth_mbit,
+        "servers": args.servers,
+        "runs": args.runs,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "torch_threads_per_process": args.torch_threads,
+        "speculation": False,
+        "target_ratio_to_limit": TARGET_RATIO,
+        "min_ratio_to_limit": min(ratios) if ratios else None,
+        "models": models,
+        "emulator": "userspace TCP relay per server (bench.wan_relay): one-way delay + token-bucket cap per link "
+                    "and direction; no loss, jitter or reordering; TCP legs over loopback (no slow start)",
+        "wall_s": time.perf_counter() - t0,
+        "median_note": "decode and ttft figures are medians over runs" if args.runs > 1 else "one run",
+    }
