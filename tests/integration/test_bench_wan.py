@@ -17,7 +17,7 @@ from meshinfer.testing.procs import ManagedProcess, descendants_of, meshinfer_ar
 
 ROW_KEYS = {"decode_tokens_per_s", "decode_ms_per_token", "time_to_first_token_ms", "limit_ms_per_token",
             "limit_tokens_per_s", "ratio_to_limit", "extra_ms_per_token_over_limit", "ttft_delays",
-            "greedy_tokens_identical_to_local", "relay"}
+            "greedy_tokens_identical_to_local", "relay", "teardown_ms", "parts"}
 
 
 @pytest.mark.slow
@@ -41,6 +41,7 @@ def test_bench_wan_tiny_run(tmp_path: Path, meshinfer_cache_dir: Path) -> None:
         assert row["greedy_tokens_identical_to_local"] is True
         assert row["decode_tokens_per_s"] > 0 and row["relay"]["nodelay"] is True
         assert row["relay"]["bytes"] > 0  # the client's traffic went through the relays
+        assert row["parts"] is None or row["parts"]["ring_delays_ms"] in (0.0, 40.0)
     assert bench["by_delay_ms"]["10"]["limit_ms_per_token"] == pytest.approx(
         bench["by_delay_ms"]["0"]["decode_ms_per_token"] + 40.0)
     assert "bench:" in run.stderr and "ratio" in run.stderr  # the side-by-side table

@@ -85,3 +85,13 @@ def test_rows_get_the_limit_and_ratio() -> None:
     assert rows[10.0]["extra_ms_per_token_over_limit"] == pytest.approx(10.0)
     assert rows[10.0]["ttft_delays"] == pytest.approx(8.0)
     assert rows[0.0]["ratio_to_limit"] == 1.0 and rows[0.0]["ttft_delays"] is None
+
+
+def test_parts_split_a_token() -> None:
+    from meshinfer.bench.wan import parts
+
+    out = parts(ms_per_token=100.0, delay_ms=10.0, hops=4, route_ms=90.0, server_ms=[10.0, 12.0, 8.0])
+    assert out == {"client_ms": 10.0, "route_ms": 90.0, "server_steps_ms": 30.0, "between_servers_ms": 60.0,
+                   "ring_delays_ms": 40.0, "between_beyond_ring_ms": 20.0}
+    assert parts(ms_per_token=1.0, delay_ms=0.0, hops=4, route_ms=None, server_ms=[1.0]) is None
+    assert parts(ms_per_token=1.0, delay_ms=0.0, hops=4, route_ms=1.0, server_ms=[None]) is None

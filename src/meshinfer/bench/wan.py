@@ -23,8 +23,11 @@ network only inside ``run``; never asserts a timing.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,46 @@ def real_model_dir(ref: str) -> tuple[Path | None, str]:
         return None, str(e)
 
 
+@dataclass(frozen=True)
+class Timed:
+    """One generation: seconds to the first token, to the last token and to the stream's end (the session
+    closed), and the tokens."""
+
+    first_s: float
+    last_s: float
+    end_s: float
+    tokens: list[int]
+
+
+def time_tokens(tokens: Iterable[int]) -> Timed:
+    """Consume a token stream, stamping the first token, the last token and the end."""
+    out: list[int] = []
+    start = time.perf_counter()
+    first = last = start
+    for token in tokens:
+        last = time.perf_counter()
+        if not out:
+            first = last
+        out.append(int(token))
+    return Timed(first - start, last - start, time.perf_counter() - start, out)
+
+
+def summarise_timed(samples: list[Timed], n: int) -> dict[str, Any]:
+    """Medians over runs of ``n`` tokens: decode tokens/s between the first and the last token ((n - 1) / that
+    time: the tokens a reader sees stream), time to first token, and the teardown after the last token
+    (closing the session on every hop; not a decode cost, but the caller waits for it)."""
+    decode = [(n - 1) / max(s.last_s - s.first_s, 1e-9) for s in samples]
+    return {
+        "decode_tokens_per_s": statistics.median(decode),
+        "decode_tokens_per_s_runs": [round(d, 2) for d in decode],
+        "decode_ms_per_token": 1000 / statistics.median(decode),
+        "decode_ms_per_token_mean": 1000 * sum(s.last_s - s.first_s for s in samples) / ((n - 1) * len(samples)),
+        "time_to_first_token_ms": 1000 * statistics.median(s.first_s for s in samples),
+        "teardown_ms": 1000 * statistics.median(s.end_s - s.last_s for s in samples),
+        "total_ms": 1000 * statistics.median(s.end_s for s in samples),
+    }
+
+
 def summarise_rows(rows: dict[float, dict[str, Any]], hops: int) -> None:
     """Add the physical limit, the ratio to it and the first token's cost in delays to each row (in place)."""
     base = rows[0.0]
@@ -113,11 +156,27 @@ def summarise_rows(rows: dict[float, dict[str, Any]], hops: int) -> None:
                               if d > 0 else None)
 
 
+def parts(*, ms_per_token: float, delay_ms: float, hops: int, route_ms: float | None,
+          server_ms: list[float | None]) -> dict[str, Any] | None:
+    """Where a decode token's mean time goes at one delay: in the client (``ms_per_token - route_ms``: head,
+    sampling, bookkeeping), in the servers' steps (arrival to result, from their metrics), and between them
+    (``route_ms`` minus the steps: transfers and waits), of which ``hops * delay_ms`` is the emulated ring;
+    ``between_beyond_ring_ms`` is what the network part costs beyond the delays (0 on an ideal transport)."""
+    if route_ms is None or any(m is None for m in server_ms):
+        return None
+    steps = sum(m for m in server_ms if m is not None)
+    between = route_ms - steps
+    return {"client_ms": ms_per_token - route_ms, "route_ms": route_ms, "server_steps_ms": steps,
+            "between_servers_ms": between, "ring_delays_ms": hops * delay_ms,
+            "between_beyond_ring_ms": between - hops * delay_ms}
+
+
 def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
     import torch
 
     from meshinfer.bench.local import prompt_ids
-    from meshinfer.bench.swarm import Sample, even_spans, summarise, time_stream
+    from meshinfer.bench.swarm import even_spans
+    from meshinfer.bench.swarm_parts import per_step_ms, server_decode_seconds
     from meshinfer.bench.wan_relay import RelayProcess, free_port
     from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
@@ -133,11 +192,12 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
         raise ConfigError(f"--prompt-tokens + --new-tokens exceeds {name}'s context")
     spans = even_spans(local.spec.num_blocks, args.servers)
     prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
-    reference = time_stream(local.stream(prompt, n, stop_token_ids=()))[2]
+    reference = time_tokens(local.stream(prompt, n, stop_token_ids=())).tokens
     rate = args.bandwidth_mbit * 1e6 / 8
     rows: dict[float, dict[str, Any]] = {}
     _note(f"[{name}] starting a relay and {args.servers} servers ({', '.join(map(str, spans))}) behind it...")
-    with RelayProcess() as relay, LocalSwarm(path, [], dtype=dtype, torch_threads=args.torch_threads) as swarm:
+    with RelayProcess() as relay, LocalSwarm(path, [], dtype=dtype, torch_threads=args.torch_threads,
+                                               server_args=["--metrics-port", "0"]) as swarm:
         for span in spans:
             port, dport = free_port(), free_port()
             rp, rd = relay.listen(port), relay.listen(dport)
@@ -151,12 +211,18 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
                 relay.configure(d, rate)
                 _note(f"[{name}] one-way delay {d:g} ms, cap {args.bandwidth_mbit:g} Mbit/s: "
                       f"{args.runs} run(s) of {n} tokens...")
-                time_stream(remote.stream(prompt, min(n, 4), stop_token_ids=()))  # warm-up at this delay
+                time_tokens(remote.stream(prompt, min(n, 4), stop_token_ids=()))  # warm-up at this delay
                 relay.stats(reset=True)
-                samples: list[Sample] = [time_stream(remote.stream(prompt, n, stop_token_ids=()))
-                                         for _ in range(args.runs)]
-                row = summarise(samples, n)
-                row["greedy_tokens_identical_to_local"] = all(s[2] == reference for s in samples)
+                urls = [str(s.info.get("metrics_url")) for s in swarm.servers]
+                before = [server_decode_seconds(url) for url in urls]
+                route_before = (remote.decode_route_s_total, remote.decode_steps_total)
+                samples = [time_tokens(remote.stream(prompt, n, stop_token_ids=())) for _ in range(args.runs)]
+                row = summarise_timed(samples, n)
+                row["parts"] = parts(
+                    ms_per_token=row["decode_ms_per_token_mean"], delay_ms=d, hops=len(spans) + 1,
+                    route_ms=per_step_ms(route_before, (remote.decode_route_s_total, remote.decode_steps_total)),
+                    server_ms=[per_step_ms(b, server_decode_seconds(u)) for b, u in zip(before, urls, strict=True)])
+                row["greedy_tokens_identical_to_local"] = all(s.tokens == reference for s in samples)
                 row["relay"] = relay.stats(reset=True)
                 rows[d] = row
             route = [str(hop.span) for hop in remote.last_route]
@@ -171,7 +237,8 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
 
 
 def _table(name: str, result: dict[str, Any]) -> None:
-    _note(f"\n{name}: delay/hop | decode tok/s | ms/token | limit ms | ratio | ttft ms | ttft delays | same tokens")
+    _note(f"\n{name}: delay/hop | decode tok/s | ms/token | limit ms | ratio | ttft ms | ttft delays | "
+          "teardown ms | same tokens")
     for d, row in result["by_delay_ms"].items():
         td = row["ttft_delays"]
         _note(f"  {d:>6} ms | {row['decode_tokens_per_s']:12.2f} | {row['decode_ms_per_token']:8.1f} | "
@@ -192,7 +259,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _note(f"skipping the real model: {why}")
         models[args.real_model] = {"skipped": why}
     else:
-        models[args.real_model] = _measure(real, args.real_model, args, delays)
+        from meshinfer.weights.resolve import display_name
+
+        name = display_name(args.real_model, real)
+        models[name] = _measure(real, name, args, delays)
     for name, result in models.items():
         if "by_delay_ms" in result:
             _table(name, result)
