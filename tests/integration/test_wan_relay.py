@@ -12,6 +12,7 @@ import time
 import pytest
 
 from meshinfer.bench.wan_relay import Relay, RelayProcess
+from meshinfer.errors import ConfigError
 from meshinfer.testing.procs import wait_gone
 
 
@@ -57,6 +58,19 @@ def test_round_trips_take_two_delays_and_the_handshake_one_more_round_trip() -> 
     for trip in trips:
         assert 2 * delay - 0.002 <= trip < 2 * delay + 1.0
     assert nodelay
+
+
+def test_relay_forwards_to_loopback_only() -> None:
+    async def main() -> None:
+        relay = Relay()
+        try:
+            for host in ("10.0.0.1", "example.com", "0.0.0.0"):
+                with pytest.raises(ConfigError, match="loopback"):
+                    await relay.listen(host, 80)
+        finally:
+            await relay.close()
+
+    asyncio.run(main())
 
 
 def test_bandwidth_cap_holds_a_bulk_transfer_to_the_rate() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import json
 import socket
 import sys
@@ -164,7 +165,14 @@ class Relay:
             link.outbound.configure(delay_s, rate_bytes_s)
 
     async def listen(self, target_host: str, target_port: int) -> int:
-        """A new link in front of ``target``: returns the 127.0.0.1 port to dial instead."""
+        """A new link in front of ``target`` (a loopback address: the emulator never touches another machine):
+        returns the 127.0.0.1 port to dial instead."""
+        try:
+            loopback = ipaddress.ip_address(target_host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"the WAN relay forwards only to this machine's loopback, not {target_host!r}")
         link = _Link((target_host, target_port), LinkSchedule(self.delay_s, self.rate_bytes_s),
                      LinkSchedule(self.delay_s, self.rate_bytes_s))
         link.server = await asyncio.start_server(lambda r, w: self._accept(link, r, w), "127.0.0.1", 0)
