@@ -423,8 +423,9 @@ class InferenceSession:
         self._closed = True
         if self.auditor is not None:
             await self.auditor.close()
-        for hs in self.hops:
-            await hs.close(send_timeout=2.0, stream_timeout=1.0)
+        # all hops at once: one round trip to the farthest, not one per hop in turn (~2 one-way delays each on a
+        # WAN: bench wan measured 307 ms to close a 3-hop route at 50 ms per hop one after another)
+        await asyncio.gather(*(hs.close(send_timeout=2.0, stream_timeout=1.0) for hs in self.hops))
         if self._broken is None:
             for hs in self.hops:
                 self.bans.succeed(hs.hop.peer_id)
