@@ -104,6 +104,14 @@ class P2PConfig:
                                             "a port forward to --direct-port; HOST alone uses --direct-port, which "
                                             "must then be fixed); when given it is the only direct address the "
                                             "server announces. Default: the bound address", metavar="HOST:PORT")
+    relay: bool = doc(True, "use libp2p circuit relays (v2): dial peers that are reachable only through a relay, "
+                            "and, for a server or DHT peer that libp2p's AutoNAT finds unreachable, reserve a slot "
+                            "on a relay (its initial peers first) and announce the relayed address. --no-relay "
+                            "never uses relays (a peer behind NAT then cannot serve)")
+    relay_hop: bool | None = doc(None, "relay for other peers (a circuit relay v2 service, bounded by p2pd: 16 "
+                                       "circuits per peer, 30 min and 4 GiB per circuit). Default: on for servers "
+                                       "and DHT peers bound to a non-loopback address or with --announce, off on "
+                                       "loopback and for clients")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,6 +133,8 @@ class P2PConfig:
             if not self.direct:
                 raise ConfigError("--direct-announce needs the direct plane: drop --no-direct")
             split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
+        if self.relay_hop and not self.relay:
+            raise ConfigError("--relay-hop needs relays: drop --no-relay")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:
             raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
                               f"--max-buffer-mb ({self.max_buffer_mb})")

@@ -9,12 +9,20 @@ when its control connection drops; it runs in its own session, so terminal signa
 it in order. That is done by giving hivemind's daemon module a view of ``asyncio`` whose
 ``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is touched. Only
 ``meshinfer.p2p`` uses this module.
+
+NAT traversal (``relay``: ``meshinfer.p2p.natkind.RelayOptions``): hivemind's ``P2P.create`` passes ``use_relay``
+(p2pd ``-relay``), ``use_auto_relay`` (``-autoRelay``: reserve a slot on a relay, by default the bootstrap peers, when
+AutoNAT finds this peer private), ``auto_nat`` and ``nat_port_map`` (UPnP/NAT-PMP); its ``use_relay_hop`` and
+``relay_hop_limit`` have no effect since libp2p 0.17. p2pd serves as a relay hop by default (``-relayService``, not
+exposed by hivemind): the same ``asyncio`` view appends ``-relayService=0`` to the p2pd command line of a daemon that
+must not relay. This p2pd has no hole-punching (DCUtR) flag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import ipaddress
 import logging
@@ -37,6 +45,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.errors import ConfigError, PeerIdentityError, TransportError
 from meshinfer.p2p.identity import Identity, write_identity
+from meshinfer.p2p.natkind import RelayOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +81,16 @@ class _SubprocessView:
         return getattr(asyncio.subprocess, name)
 
     async def create_subprocess_exec(self, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        args = (*args, *_EXTRA_P2PD_ARGS.get())
         kwargs.setdefault("preexec_fn", _die_with_parent(os.getpid()))
         # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us,
         # and we stop the daemon in order instead of racing it.
         kwargs.setdefault("start_new_session", True)
         return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
+
+
+_EXTRA_P2PD_ARGS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("p2pd_args", default=())
+"""p2pd flags hivemind does not expose, for the daemon started in this context (see the module docstring)."""
 
 
 class _AsyncioView(types.ModuleType):
@@ -125,9 +139,12 @@ async def start_p2p(
     check_identity: bool = True,
     startup_timeout: float = 20.0,
     announce: Sequence[str] = (),
+    relay: RelayOptions | None = None,
 ) -> P2P:
     """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there. ``announce``
-    (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others."""
+    (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others. ``relay``: the NAT
+    traversal options (default: relays used, AutoRelay off, no relay hop)."""
+    relay = relay or RelayOptions(use_relay=True, auto_relay=False, relay_hop=False)
     install_parent_death_signal()
     peers = parse_maddrs(initial_peers)
     listen = host_maddr(host, port)
@@ -143,17 +160,23 @@ async def start_p2p(
     try:
         if check_identity and peers:
             await _refuse_taken_identity(identity, key_path, peers)
-        return await P2P.create(
-            initial_peers=peers or None,
-            host_maddrs=[listen],
-            announce_maddrs=list(announce) or None,
-            identity_path=key_path,
-            check_if_identity_free=False,  # checked above, with retries
-            dht_mode="client" if client_mode else "server",
-            nat_port_map=not loopback,
-            auto_nat=not loopback,
-            startup_timeout=startup_timeout,
-        )
+        token = _EXTRA_P2PD_ARGS.set(() if relay.relay_hop else ("-relayService=0",))
+        try:
+            return await P2P.create(
+                initial_peers=peers or None,
+                host_maddrs=[listen],
+                announce_maddrs=list(announce) or None,
+                identity_path=key_path,
+                check_if_identity_free=False,  # checked above, with retries
+                dht_mode="client" if client_mode else "server",
+                nat_port_map=not loopback,
+                auto_nat=not loopback,
+                use_relay=relay.use_relay,
+                use_auto_relay=relay.auto_relay,
+                startup_timeout=startup_timeout,
+            )
+        finally:
+            _EXTRA_P2PD_ARGS.reset(token)
     except P2PDaemonError as err:
         text = str(err)
         if "bootstrap" in text:
