@@ -108,6 +108,9 @@ class P2PConfig:
                             "and, for a server or DHT peer that libp2p's AutoNAT finds unreachable, reserve a slot "
                             "on a relay (its initial peers first) and announce the relayed address. --no-relay "
                             "never uses relays (a peer behind NAT then cannot serve)")
+    nat: str = doc("auto", "whether this peer is behind a NAT: 'auto' (libp2p's AutoNAT asks peers to dial it back, "
+                           "which can take minutes), 'private' (behind NAT: with relays on, reserve a slot on a relay "
+                           "at once) or 'public' (reachable: never reserve one)", metavar="auto|private|public")
     relay_hop: bool | None = doc(None, "relay for other peers (a circuit relay v2 service, bounded by p2pd: 16 "
                                        "circuits per peer, 30 min and 4 GiB per circuit). Default: on for servers "
                                        "and DHT peers bound to a non-loopback address or with --announce, off on "
@@ -133,6 +136,8 @@ class P2PConfig:
             if not self.direct:
                 raise ConfigError("--direct-announce needs the direct plane: drop --no-direct")
             split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
+        if self.nat not in ("auto", "private", "public"):
+            raise ConfigError(f"--nat must be auto, private or public, got {self.nat!r}")
         if self.relay_hop and not self.relay:
             raise ConfigError("--relay-hop needs relays: drop --no-relay")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:

@@ -12,10 +12,14 @@ it in order. That is done by giving hivemind's daemon module a view of ``asyncio
 
 NAT traversal (``relay``: ``meshinfer.p2p.natkind.RelayOptions``): hivemind's ``P2P.create`` passes ``use_relay``
 (p2pd ``-relay``), ``use_auto_relay`` (``-autoRelay``: reserve a slot on a relay, by default the bootstrap peers, when
-AutoNAT finds this peer private), ``auto_nat`` and ``nat_port_map`` (UPnP/NAT-PMP); its ``use_relay_hop`` and
+AutoNAT finds this peer private, or at once with ``force_reachability="private"``: ``--nat private``), ``auto_nat``
+and ``nat_port_map`` (UPnP/NAT-PMP); its ``use_relay_hop`` and
 ``relay_hop_limit`` have no effect since libp2p 0.17. p2pd serves as a relay hop by default (``-relayService``, not
 exposed by hivemind): the same ``asyncio`` view appends ``-relayService=0`` to the p2pd command line of a daemon that
-must not relay. This p2pd has no hole-punching (DCUtR) flag.
+must not relay (p2pd still answers circuit requests with libp2p's default, tightly limited relay: 2 min and 128 KiB
+per circuit). An AutoRelay peer with initial peers uses them as its relays (``trusted_relays`` and
+``-relayDiscovery=0``: static relays are used at once, discovered ones only after a 3-minute boot delay). p2pd's
+``-autonat`` also turns on hole punching (DCUtR): a peer reached through a relay may upgrade to a direct connection.
 """
 
 from __future__ import annotations
@@ -140,10 +144,12 @@ async def start_p2p(
     startup_timeout: float = 20.0,
     announce: Sequence[str] = (),
     relay: RelayOptions | None = None,
+    nat: str = "auto",
 ) -> P2P:
     """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there. ``announce``
     (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others. ``relay``: the NAT
-    traversal options (default: relays used, AutoRelay off, no relay hop)."""
+    traversal options (default: relays used, AutoRelay off, no relay hop); ``nat``: ``auto`` (AutoNAT decides),
+    ``private`` or ``public`` (p2pd ``-forceReachabilityPrivate``/``Public``)."""
     relay = relay or RelayOptions(use_relay=True, auto_relay=False, relay_hop=False)
     install_parent_death_signal()
     peers = parse_maddrs(initial_peers)
@@ -160,7 +166,10 @@ async def start_p2p(
     try:
         if check_identity and peers:
             await _refuse_taken_identity(identity, key_path, peers)
-        token = _EXTRA_P2PD_ARGS.set(() if relay.relay_hop else ("-relayService=0",))
+        # AutoRelay reserves on the initial peers (static relays: at once, not after discovery's 3-minute boot delay)
+        static_relays = relay.auto_relay and bool(peers)
+        extra = ("-relayService=0",) if not relay.relay_hop else ()
+        token = _EXTRA_P2PD_ARGS.set(extra + (("-relayDiscovery=0",) if static_relays else ()))
         try:
             return await P2P.create(
                 initial_peers=peers or None,
@@ -173,6 +182,8 @@ async def start_p2p(
                 auto_nat=not loopback,
                 use_relay=relay.use_relay,
                 use_auto_relay=relay.auto_relay,
+                force_reachability=None if nat == "auto" else nat,
+                trusted_relays=peers if static_relays else None,
                 startup_timeout=startup_timeout,
             )
         finally:

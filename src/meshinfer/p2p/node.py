@@ -153,7 +153,7 @@ class PeerNode:
     async def refresh_maddrs(self) -> list[str]:
         """Re-read the addresses libp2p announces (relayed addresses come and go); keep the old ones on failure."""
         try:
-            self.maddrs = [str(m) for m in await self._p2p.get_visible_maddrs()]  # type: ignore[attr-defined]
+            self.maddrs = [str(m) for m in await self._p2p.get_visible_maddrs(latest=True)]  # type: ignore[attr-defined]
         except Exception as err:
             log.debug("cannot read the daemon's addresses: %s", err)
         return self.maddrs
@@ -181,6 +181,7 @@ class PeerNode:
                 startup_timeout=settings.startup_timeout, announce=config.announce_maddrs,
                 relay=relay_options(relay=config.relay, relay_hop=config.relay_hop, client_mode=settings.client_mode,
                                     loopback=_is_loopback(config.host), announced=bool(config.announce)),
+                nat=config.nat,
             )
             validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
             try:
