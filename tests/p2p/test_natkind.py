@@ -122,3 +122,31 @@ def test_relay_flags() -> None:
     assert parse("--no-relay-hop").relay_hop is False
     with pytest.raises(ConfigError, match="--relay-hop needs relays: drop --no-relay"):
         parse("--no-relay", "--relay-hop")
+
+
+def _daemon_argv(config: P2PConfig) -> list[str]:
+    """The p2pd command line a node started with ``config`` runs."""
+    import asyncio
+    from pathlib import Path
+
+    from meshinfer.p2p.node import PeerNode
+
+    async def main() -> list[str]:
+        node = await PeerNode.start(config)
+        try:
+            assert node.daemon_pid is not None
+            return Path(f"/proc/{node.daemon_pid}/cmdline").read_bytes().decode().split("\0")
+        finally:
+            await node.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_the_daemon_gets_the_relay_flags() -> None:
+    argv = _daemon_argv(P2PConfig(mdns=False))  # 127.0.0.1: no relay hop, no AutoRelay
+    assert "-relay=1" in argv and "-autoRelay=0" in argv and "-relayService=0" in argv
+    argv = _daemon_argv(P2PConfig(mdns=False, relay_hop=True, nat="public"))
+    assert "-relayService=0" not in argv and "-forceReachabilityPublic=1" in argv
+    argv = _daemon_argv(P2PConfig(mdns=False, relay=False))
+    assert "-relay=0" in argv and "-relayService=0" in argv
