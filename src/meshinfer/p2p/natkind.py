@@ -10,8 +10,9 @@ talks to the daemon.
   non-loopback address or with announced addresses, off on loopback and for clients).
 - ``reachability``: what a server announces in ``ServerRecord.reachability``: ``relayed`` when its libp2p addresses
   contain a circuit address and no public direct one (others reach it only through a relay), ``hole-punched`` when
-  a relayed peer also confirmed a direct path (the p2pd shipped with hivemind has no hole punching (DCUtR), so today
-  the caller never confirms one), else ``public``. Records of older servers decode as ``public``.
+  a relayed peer also confirmed a direct path (p2pd hole-punches with DCUtR when ``-autonat`` is on, but its API
+  does not say which connections were upgraded, so today no caller confirms one), else ``public``. Records of older
+  servers decode as ``public``.
 - ``relayed_hop_penalty_s``: the extra seconds per token the route planner charges an unmeasured relayed hop.
 - ``DirectFailures``: after a direct-plane dial to a peer failed (refused, timed out), streams to that peer go over
   libp2p (relayed if need be) for ``retry_s`` seconds without trying the direct plane again; the first failure of a
