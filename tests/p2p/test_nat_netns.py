@@ -13,6 +13,7 @@ namespaces or NAT cannot be made. Everything (namespaces, veths, processes) is r
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,12 @@ def test_natted_server_serves_through_a_relay(nat_available: None) -> None:
         relayed = _generate(lan, 1, ckpt, bootstrap)
         assert [hop["peer_id"] for hop in relayed["route"]] == [nat_id], relayed
         assert relayed["generated_token_ids"] == local.generate(relayed["prompt_token_ids"], NEW_TOKENS)
+        # did libp2p hole-punch (DCUtR) past the relay? the router then tracked a connection from the NATed server
+        # to the client itself (informational: both are fine, the relay is what made the server reachable)
+        tracked = subprocess.run(["ip", "netns", "exec", lan.routers[0], "cat", "/proc/net/nf_conntrack"],
+                                 capture_output=True, text=True, check=False).stdout
+        punched = any(f"dst={lan.addresses[1]} " in line and "tcp" in line for line in tracked.splitlines())
+        assert any(f"dst={lan.addresses[0]} " in line for line in tracked.splitlines()), tracked  # the relay's
 
         # a public server of the same blocks: the planner prefers it over the relayed one
         public = lan.popen(2, meshinfer_argv("serve", "--model", str(ckpt), "--blocks", f"0:{blocks}", "--host",
@@ -120,7 +127,8 @@ def test_natted_server_serves_through_a_relay(nat_available: None) -> None:
 
         relayed_s, direct_s = _per_token_s(relayed), _per_token_s(direct)
         print(f"\nper token: relayed {relayed_s * 1e3:.2f} ms, direct {direct_s * 1e3:.2f} ms, "
-              f"added by the relay {(relayed_s - direct_s) * 1e3:+.2f} ms ({NEW_TOKENS} tokens, tiny llama)")
+              f"added by the relay {(relayed_s - direct_s) * 1e3:+.2f} ms ({NEW_TOKENS} tokens, tiny llama; "
+              f"direct connection NATed server -> client seen by the router: {punched})")
         pids = [relay.pid, server.pid, public.pid]
     assert lan.remaining() == []
     assert not [p for p in pids if pid_alive(p)]
