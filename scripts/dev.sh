@@ -60,6 +60,7 @@ apt_optional() {
 netns_setup() {
   # The namespaced-LAN tests (tests/integration/test_lan_mdns.py) need `ip` (iproute2) and root.
   apt_optional iproute2 "command -v ip >/dev/null 2>&1" "the network-namespace tests"
+  apt_optional iptables "command -v iptables >/dev/null 2>&1" "the NATed-namespace test (masquerading)"
 }
 
 browser_setup() {

@@ -104,6 +104,19 @@ class P2PConfig:
                                             "a port forward to --direct-port; HOST alone uses --direct-port, which "
                                             "must then be fixed); when given it is the only direct address the "
                                             "server announces. Default: the bound address", metavar="HOST:PORT")
+    relay: bool = doc(True, "use libp2p circuit relays (v2): dial peers that are reachable only through a relay, "
+                            "and, for a server or DHT peer that libp2p's AutoNAT finds unreachable (or --nat private), "
+                            "reserve a slot on a relay (its initial peers; without them, peers found in the DHT) "
+                            "and announce the relayed address; libp2p also tries hole punching (DCUtR) then. "
+                            "--no-relay never uses relays (a peer behind NAT then cannot serve)")
+    nat: str = doc("auto", "whether this peer is behind a NAT: 'auto' (libp2p's AutoNAT asks peers to dial it back, "
+                           "which can take minutes), 'private' (behind NAT: with relays on, reserve a slot on a relay "
+                           "at once) or 'public' (reachable: never reserve one)", metavar="auto|private|public")
+    relay_hop: bool | None = doc(None, "relay for other peers (a circuit relay v2 service, bounded by p2pd: 16 "
+                                       "circuits per peer, 30 min and 4 GiB per circuit). Default: on for servers "
+                                       "and DHT peers bound to a non-loopback address or with --announce, off on "
+                                       "loopback and for clients. Off, p2pd still answers with libp2p's default relay, "
+                                       "limited to 2 min and 128 KiB per circuit")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,6 +138,10 @@ class P2PConfig:
             if not self.direct:
                 raise ConfigError("--direct-announce needs the direct plane: drop --no-direct")
             split_host_port(self.direct_announce, "--direct-announce", self.direct_port, "--direct-port")
+        if self.nat not in ("auto", "private", "public"):
+            raise ConfigError(f"--nat must be auto, private or public, got {self.nat!r}")
+        if self.relay_hop and not self.relay:
+            raise ConfigError("--relay-hop needs relays: drop --no-relay")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:
             raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
                               f"--max-buffer-mb ({self.max_buffer_mb})")

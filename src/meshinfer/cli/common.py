@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if origin is tuple:
             kwargs.update(nargs="*", type=str, metavar=f.name.upper().rstrip("S"))
-        elif hint is bool:
+        elif hint is bool or (origin in (typing.Union, types.UnionType) and args == [bool]):
             kwargs.update(action=argparse.BooleanOptionalAction)
         else:
             base = args[0] if origin in (typing.Union, types.UnionType) and args else hint

@@ -138,7 +138,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                 "coverage (blocks ×servers)"):
         models.add_column(col)
     servers = Table(title="servers")
-    for col in ("peer id", "model", "span", "state", "weights", "device", "tokens/s", "cache left", "version",
+    for col in ("peer id", "model", "span", "state", "weights", "device", "reach", "tokens/s", "cache left", "version",
                 "name", "reports (claimed)", "audits ✓/✗ (claimed)", "found"):
         servers.add_column(col)
     for m in doc["models"]:
@@ -148,6 +148,7 @@ def print_tables(doc: dict[str, Any], console: Any = None) -> None:
                        _coverage_text(m["block_servers"]) + missing)
         for s in m["servers"]:
             servers.add_row(s["peer_id"], m["model_id"][:16], s["span"], s["state"], _weights_text(s), _device_text(s),
+                            str(s.get("reachability") or "public"),
                             f"{s['throughput']:.1f}", str(s["cache_tokens_left"]), s["software_version"],
                             s["public_name"] or "", _reports_text(s), _audits_text(s), str(s.get("found") or ""))
     console.print(models)

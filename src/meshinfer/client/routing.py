@@ -9,6 +9,9 @@ else ``rtt(peer) + blocks / prior_rate(peer)``: the ANNOUNCED throughput is only
 (a server's announced block-tokens per second count for at most ``prior_cap`` times the median of the
 candidates' (the lower median), so a record claiming 1e12 tokens/s looks at most ``prior_cap`` times as fast as a
 typical one).
+An unmeasured server announced as ``relayed`` (``ServerRecord.reachability``; an unknown kind counts as relayed)
+costs ``RELAYED_HOP_PENALTY_S`` more per hop (``meshinfer.p2p.natkind``): a relay adds a round trip and caps
+bandwidth; a measured one already pays it in what the client measured.
 Announced load (``sessions`` and ``queued_steps`` over the batch the server measured) multiplies a server's
 cost by ``1 + load``. With ``rng``, each server's cost is also multiplied by ``E ** (1 / SPREAD_EXPONENT)``
 (``E`` drawn from Exp(1), once per server and plan): between equivalent servers the choice is random, a server
@@ -32,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError, MeshinferError
+from meshinfer.p2p.natkind import relayed_hop_penalty_s
 from meshinfer.types import QUANT_MODES, BlockRange, PeerIdStr
 from meshinfer.wire.records import ServerRecord
 
@@ -114,6 +118,7 @@ def _costs(candidates: list[ServerRecord], rtts: Mapping[PeerIdStr, float], meas
             fixed, block = 0.0, max(seen, MIN_MEASURED_S)
         else:
             fixed, block = rtts.get(s.peer_id, DEFAULT_RTT_S), 1.0 / priors[s.peer_id]
+            fixed += relayed_hop_penalty_s(s.reachability)
         factor = load_factor(s)
         if trust is not None:  # client.reputation: a new identity costs more than an established one
             factor /= min(1.0, max(trust.get(s.peer_id, 1.0), MIN_TRUST_FACTOR))

@@ -8,9 +8,10 @@ The swarm document::
     {"models": [{"model_id", "name", "family", "num_blocks", "hidden_size", "dtype", "manifest_hash",
                  "announced_by", "block_servers": [servers per block], "block_throughput": [tokens/s of the
                  online servers per block], "missing_blocks": [...], "complete": bool,
-                 "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "device", "dtype", "throughput",
-                              "cache_tokens_left", "sessions", "queued_steps", "software_version", "public_name",
-                              "addresses", "direct_addresses", "reports": [reporter peer ids],
+                 "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "device", "dtype",
+                              "reachability", "throughput", "cache_tokens_left", "sessions", "queued_steps",
+                              "software_version", "public_name", "addresses", "direct_addresses",
+                              "reports": [reporter peer ids],
                               "audits": null | {"passed", "failed", "positions", "clients"}}],
                  "audit_clients": clients whose tally of this model was read}],
      "complete": bool}
@@ -62,6 +63,7 @@ def server_entry(rec: Any) -> dict[str, Any]:
     return {"peer_id": rec.peer_id, "span": str(rec.span), "state": rec.state,
             "quant": getattr(rec, "quant", "none"), "weight_bytes": getattr(rec, "weight_bytes", 0),
             "device": getattr(rec, "device", "cpu"), "dtype": getattr(rec, "dtype", "float32"),
+            "reachability": getattr(rec, "reachability", "public"),
             "throughput": rec.throughput,
             "cache_tokens_left": rec.cache_tokens_left, "sessions": rec.sessions, "queued_steps": rec.queued_steps,
             "software_version": rec.software_version, "public_name": rec.public_name,

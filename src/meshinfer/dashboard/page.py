@@ -101,6 +101,7 @@ PAGE_HTML = """<!doctype html>
     <div class="scroll">
     <table id="servers">
       <thead><tr><th>peer id</th><th>name</th><th>model</th><th>span</th><th>state</th><th>weights</th>
+        <th title="how others reach the server: public, hole-punched, or relayed (only through a relay)">reach</th>
         <th class="num">tokens/s</th><th class="num">cache left</th><th class="num">sessions</th>
         <th>version</th>
         <th class="num" title="peers that published a report naming this server (claims, unverified)">reports</th>
@@ -211,7 +212,7 @@ PAGE_HTML = """<!doctype html>
           '</td><td class="mono">' + esc(s.span) + '</td><td class="state">' + esc(s.state) +
           '</td><td class="quant">' + esc(s.quant || "none") +
           (s.weight_bytes ? " · " + num(s.weight_bytes / 1e6, 1) + " MB" : "") + " · " + esc(s.device || "cpu") +
-          '</td><td class="num">' +
+          '</td><td class="reach">' + esc(s.reachability || "public") + '</td><td class="num">' +
           num(s.throughput, 1) + '</td><td class="num">' + int(s.cache_tokens_left) + '</td><td class="num">' +
           int(s.sessions) + "</td><td>" + esc(s.software_version) + '</td><td class="num">' +
           ((s.reports || []).length ? '<span class="bad" title="' + esc(s.reports.join(", ")) + '">' +

@@ -5,6 +5,8 @@ Contract: built only on ``PeerNode``'s record API. ``announce_server`` publishes
 that key, under ``block:<model>:<i>`` for every block of its span, plus its ``ModelCard`` under
 ``model:<model>`` and the ``models`` directory, and keeps them alive with a background ``Announcer``
 (refresh every ``refresh`` s, expiry ``ttl`` s after each write), so a server that dies vanishes by itself.
+Before each write it re-reads the node's libp2p addresses and sets the record's ``addresses`` and
+``reachability`` from them (a relayed address appears once AutoRelay reserved a slot on a relay).
 ``read_coverage``, ``list_models`` and ``read_swarm`` (bounded fan-out) are ``p2p.directory``'s.
 Pure data in, pure data out: no printing, no hivemind.
 """
@@ -15,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+
+import msgspec
 
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.p2p.directory import (
@@ -69,6 +73,9 @@ class Announcer:
 
     async def publish(self) -> bool:
         """Write the current records now; True when every key was stored somewhere."""
+        maddrs = await self.node.refresh_maddrs()
+        self.record = msgspec.structs.replace(self.record, addresses=maddrs[:16],
+                                              reachability=self.node.reachability)
         items = announcement(self.card, self.record)
         ok = await self.node.dht_put_records(items, time.time() + self.ttl)
         self.last_ok = all(ok)

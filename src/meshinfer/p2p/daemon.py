@@ -9,12 +9,24 @@ when its control connection drops; it runs in its own session, so terminal signa
 it in order. That is done by giving hivemind's daemon module a view of ``asyncio`` whose
 ``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is touched. Only
 ``meshinfer.p2p`` uses this module.
+
+NAT traversal (``relay``: ``meshinfer.p2p.natkind.RelayOptions``): hivemind's ``P2P.create`` passes ``use_relay``
+(p2pd ``-relay``), ``use_auto_relay`` (``-autoRelay``: reserve a slot on a relay, by default the bootstrap peers, when
+AutoNAT finds this peer private, or at once with ``force_reachability="private"``: ``--nat private``), ``auto_nat``
+and ``nat_port_map`` (UPnP/NAT-PMP); its ``use_relay_hop`` and
+``relay_hop_limit`` have no effect since libp2p 0.17. p2pd serves as a relay hop by default (``-relayService``, not
+exposed by hivemind): the same ``asyncio`` view appends ``-relayService=0`` to the p2pd command line of a daemon that
+must not relay (p2pd still answers circuit requests with libp2p's default, tightly limited relay: 2 min and 128 KiB
+per circuit). An AutoRelay peer with initial peers uses them as its relays (``trusted_relays`` and
+``-relayDiscovery=0``: static relays are used at once, discovered ones only after a 3-minute boot delay). p2pd's
+``-autonat`` also turns on hole punching (DCUtR): a peer reached through a relay may upgrade to a direct connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import ipaddress
 import logging
@@ -37,6 +49,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.errors import ConfigError, PeerIdentityError, TransportError
 from meshinfer.p2p.identity import Identity, write_identity
+from meshinfer.p2p.natkind import RelayOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +85,16 @@ class _SubprocessView:
         return getattr(asyncio.subprocess, name)
 
     async def create_subprocess_exec(self, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        args = (*args, *_EXTRA_P2PD_ARGS.get())
         kwargs.setdefault("preexec_fn", _die_with_parent(os.getpid()))
         # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us,
         # and we stop the daemon in order instead of racing it.
         kwargs.setdefault("start_new_session", True)
         return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
+
+
+_EXTRA_P2PD_ARGS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("p2pd_args", default=())
+"""p2pd flags hivemind does not expose, for the daemon started in this context (see the module docstring)."""
 
 
 class _AsyncioView(types.ModuleType):
@@ -125,9 +143,14 @@ async def start_p2p(
     check_identity: bool = True,
     startup_timeout: float = 20.0,
     announce: Sequence[str] = (),
+    relay: RelayOptions | None = None,
+    nat: str = "auto",
 ) -> P2P:
     """Start p2pd for ``identity``; with ``initial_peers``, refuse an identity already live there. ``announce``
-    (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others."""
+    (multiaddrs without ``/p2p``) replaces the bound addresses in what the daemon tells others. ``relay``: the NAT
+    traversal options (default: relays used, AutoRelay off, no relay hop); ``nat``: ``auto`` (AutoNAT decides),
+    ``private`` or ``public`` (p2pd ``-forceReachabilityPrivate``/``Public``)."""
+    relay = relay or RelayOptions(use_relay=True, auto_relay=False, relay_hop=False)
     install_parent_death_signal()
     peers = parse_maddrs(initial_peers)
     listen = host_maddr(host, port)
@@ -143,17 +166,28 @@ async def start_p2p(
     try:
         if check_identity and peers:
             await _refuse_taken_identity(identity, key_path, peers)
-        return await P2P.create(
-            initial_peers=peers or None,
-            host_maddrs=[listen],
-            announce_maddrs=list(announce) or None,
-            identity_path=key_path,
-            check_if_identity_free=False,  # checked above, with retries
-            dht_mode="client" if client_mode else "server",
-            nat_port_map=not loopback,
-            auto_nat=not loopback,
-            startup_timeout=startup_timeout,
-        )
+        # AutoRelay reserves on the initial peers (static relays: at once, not after discovery's 3-minute boot delay)
+        static_relays = relay.auto_relay and bool(peers)
+        extra = ("-relayService=0",) if not relay.relay_hop else ()
+        token = _EXTRA_P2PD_ARGS.set(extra + (("-relayDiscovery=0",) if static_relays else ()))
+        try:
+            return await P2P.create(
+                initial_peers=peers or None,
+                host_maddrs=[listen],
+                announce_maddrs=list(announce) or None,
+                identity_path=key_path,
+                check_if_identity_free=False,  # checked above, with retries
+                dht_mode="client" if client_mode else "server",
+                nat_port_map=not loopback,
+                auto_nat=not loopback,
+                use_relay=relay.use_relay,
+                use_auto_relay=relay.auto_relay,
+                force_reachability=None if nat == "auto" else nat,
+                trusted_relays=peers if static_relays else None,
+                startup_timeout=startup_timeout,
+            )
+        finally:
+            _EXTRA_P2PD_ARGS.reset(token)
     except P2PDaemonError as err:
         text = str(err)
         if "bootstrap" in text:

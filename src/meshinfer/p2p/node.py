@@ -30,6 +30,11 @@ Then:
 - LAN discovery (``meshinfer.p2p.lanjoin``, with ``P2PConfig.mdns`` on a non-client node bound to a
   non-loopback host): browse before start when there are no initial peers, advertise ``maddrs`` after, join
   peers of its swarm found later. ``mdns_peers`` holds the peer ids this node learnt of by mDNS;
+- NAT traversal (``meshinfer.p2p.natkind``): the daemon runs with ``P2PConfig.relay``/``relay_hop`` resolved by
+  ``natkind.relay_options``; ``refresh_maddrs()`` re-reads what libp2p announces (relayed ``/p2p-circuit`` addresses
+  appear once AutoRelay reserved a slot) and ``reachability`` classifies it (public / hole-punched / relayed); a
+  peer whose direct plane could not be dialled is reached over libp2p (relayed if need be) for
+  ``natkind.DIRECT_RETRY_S`` without trying the direct plane again (one log line per such peer);
 - ``ping(peer_id, maddrs)``: the round trip of one DHT ping (``meshinfer doctor``);
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import time
@@ -69,6 +75,7 @@ from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.lanpeers import LanPeer
+from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability, relay_options
 from meshinfer.p2p.reachability import announced_direct
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
@@ -127,6 +134,7 @@ class PeerNode:
     mdns_peers: set[str] = field(default_factory=set[str])
     """Peer ids this node found on the LAN by mDNS (and joined)."""
     _lan: LanDiscovery | None = field(repr=False, default=None)
+    _direct_failures: DirectFailures = field(default_factory=DirectFailures, repr=False)
 
     @property
     def peer_id(self) -> str:
@@ -136,6 +144,19 @@ class PeerNode:
     def daemon_pid(self) -> int | None:
         """PID of this node's p2pd (for diagnostics and orphan tests)."""
         return daemon_pid(self._p2p)  # type: ignore[arg-type]
+
+    @property
+    def reachability(self) -> Reachability:
+        """How others reach this node's libp2p plane, from what it announces (``natkind.reachability``)."""
+        return reachability(self.maddrs)
+
+    async def refresh_maddrs(self) -> list[str]:
+        """Re-read the addresses libp2p announces (relayed addresses come and go); keep the old ones on failure."""
+        try:
+            self.maddrs = [str(m) for m in await self._p2p.get_visible_maddrs(latest=True)]  # type: ignore[attr-defined]
+        except Exception as err:
+            log.debug("cannot read the daemon's addresses: %s", err)
+        return self.maddrs
 
     @classmethod
     async def start(cls, config: P2PConfig, settings: NodeSettings | None = None, *,
@@ -158,6 +179,9 @@ class PeerNode:
                 identity, host=config.host, port=config.port, initial_peers=initial_peers,
                 client_mode=settings.client_mode, check_identity=not identity.created,
                 startup_timeout=settings.startup_timeout, announce=config.announce_maddrs,
+                relay=relay_options(relay=config.relay, relay_hop=config.relay_hop, client_mode=settings.client_mode,
+                                    loopback=_is_loopback(config.host), announced=bool(config.announce)),
+                nat=config.nat,
             )
             validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
             try:
@@ -231,12 +255,18 @@ class PeerNode:
                           settings: StreamSettings | None = None) -> MessageStream:
         """Open a stream to ``peer_id`` speaking ``protocol``: over the direct plane at ``direct`` when
         given (and enabled), else or on failure over libp2p (dialling ``maddrs`` first if given)."""
-        if direct and self._direct is not None:
+        if direct and self._direct is not None and self._direct_failures.should_try_direct(peer_id, time.monotonic()):
             try:
-                return await self._direct.dial_any(peer_id, direct, protocol, settings=settings or self.settings.stream,
-                                                   timeout=min(timeout, 5.0))
+                stream = await self._direct.dial_any(peer_id, direct, protocol,
+                                                     settings=settings or self.settings.stream,
+                                                     timeout=min(timeout, 5.0))
             except TransportError as err:
-                log.info("direct connection to %s failed (%s); falling back to libp2p", peer_id[:16], err)
+                if self._direct_failures.note_failure(peer_id, time.monotonic()):
+                    log.info("direct connection to %s failed (%s); using libp2p (relayed if need be) for it",
+                             peer_id[:16], err)
+            else:
+                self._direct_failures.note_success(peer_id)
+                return stream
         try:
             pid = PeerID.from_base58(peer_id)
         except ValueError:
@@ -386,6 +416,13 @@ class PeerNode:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def admission_limits(config: P2PConfig) -> AdmissionLimits:

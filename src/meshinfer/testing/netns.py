@@ -11,9 +11,15 @@ in ``__enter__`` or the ``with`` body) stops the processes it started, by PID, t
 veths and the bridge go with them); it never touches anything it did not make.
 
 ``unavailable_reason()`` says exactly what this machine lacks (``ip`` from iproute2, root, network namespaces,
-veth or bridge support), or None: tests skip with that reason. Later (NAT): a namespace behind a router
-namespace with iptables masquerading is meant to be added here as ``add_host``/``add_router`` on the same
-``_ip``/``_ns`` plumbing. Runs commands only; imports no network code.
+veth or bridge support), or None: tests skip with that reason.
+
+NAT: ``add_natted_host()`` (after start) adds a router namespace with one leg on the bridge (``wan``, address
+``10.77.<subnet>.<250 - k>``) and one to a new host namespace (``192.168.<100 + k>.2/24``, default route via the
+router), IPv4 forwarding on and iptables masquerading out of ``wan``: the host reaches the LAN, nobody on the LAN
+can open a connection to it (the LAN has no route to its network, and the router forwards only replies). It
+returns the host's index for ``popen``/``run``/``addresses``. ``nat_unavailable_reason()`` adds what NAT needs
+(``iptables``; the kernel's nat table, probed in a throwaway namespace). Runs commands only; imports no network
+code.
 """
 
 from __future__ import annotations
@@ -56,6 +62,34 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def nat_unavailable_reason() -> str | None:
+    """Why a NATed host cannot be made here (the exact missing feature), or None when it can."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if shutil.which("iptables") is None:
+        return "the `iptables` command is missing: install iptables (scripts/dev.sh setup does, as root)"
+    probe = f"minatprobe{os.getpid()}{secrets.token_hex(2)}"
+    try:
+        done = _run(["ip", "netns", "add", probe])
+        if done.returncode != 0:
+            return f"network namespaces are not supported here: {done.stderr.strip()[:200]}"
+        checks = [
+            (["sysctl", "-qw", "net.ipv4.ip_forward=1"], "IPv4 forwarding cannot be turned on in a namespace"),
+            (["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "MASQUERADE"],
+             "the kernel lacks NAT masquerading (iptables -t nat ... -j MASQUERADE failed)"),
+            (["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"],
+             "the kernel lacks connection tracking (iptables -m conntrack failed)"),
+        ]
+        for argv, what in checks:
+            done = _run(["ip", "netns", "exec", probe, *argv])
+            if done.returncode != 0:
+                return f"{what}: {done.stderr.strip()[:200]}"
+    finally:
+        _run(["ip", "netns", "del", probe])
+    return None
+
+
 class NetnsError(RuntimeError):
     """A namespace command failed (names the command and its stderr)."""
 
@@ -63,15 +97,21 @@ class NetnsError(RuntimeError):
 class NetnsLan:
     """``n`` hosts on one bridged LAN, each in its own network namespace."""
 
-    def __init__(self, n: int, *, subnet: int = 0) -> None:
+    def __init__(self, n: int, *, subnet: int = 0, prefix: str = SUBNET_PREFIX) -> None:
         if not 1 <= n <= 200 or not 0 <= subnet <= 255:
             raise ValueError(f"NetnsLan needs 1..200 hosts and a subnet in 0..255, got {n}, {subnet}")
         self.n = n
         self.tag = f"mi{os.getpid() % 100000}{secrets.token_hex(3)}"
         self.hub = f"{self.tag}-hub"
         self.hosts = [f"{self.tag}-h{i}" for i in range(n)]
-        self.addresses = [f"{SUBNET_PREFIX}.{subnet}.{i + 1}" for i in range(n)]
+        self.prefix = prefix
+        """The first two octets of the LAN's addresses (a public-looking prefix makes libp2p treat it as the
+        internet: it keeps only public relay addresses)."""
+        self.addresses = [f"{prefix}.{subnet}.{i + 1}" for i in range(n)]
         """The IPv4 address of each host (on its ``eth0``)."""
+        self.subnet = subnet
+        self.routers: list[str] = []
+        """Router namespaces of NATed hosts (``add_natted_host``)."""
         self._made: list[str] = []
         self._procs: list[ManagedProcess] = []
 
@@ -107,6 +147,46 @@ class NetnsLan:
             raise
         return self
 
+    def add_natted_host(self) -> int:
+        """A new host behind its own masquerading router on the LAN; returns its index (see the module doc)."""
+        k = len(self.routers)
+        if k >= 50:
+            raise ValueError("at most 50 NATed hosts per LAN")
+        router, host = f"{self.tag}-r{k}", f"{self.tag}-n{k}"
+        inner = f"192.168.{100 + k}"
+        try:
+            self._add_ns(router)
+            self.routers.append(router)
+            self._add_ns(host)
+            self.hosts.append(host)
+            self.addresses.append(f"{inner}.2")
+            port = f"w{k}"
+            self._ip("-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "wan", "netns", router)
+            self._ip("-n", self.hub, "link", "set", port, "master", "br0")
+            self._ip("-n", self.hub, "link", "set", port, "up")
+            self._ip("-n", router, "addr", "add", f"{self.prefix}.{self.subnet}.{250 - k}/24", "dev", "wan")
+            self._ip("-n", router, "link", "set", "wan", "up")
+            self._ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", host)
+            self._ip("-n", router, "addr", "add", f"{inner}.1/24", "dev", "lan")
+            self._ip("-n", router, "link", "set", "lan", "up")
+            self._ip("-n", host, "addr", "add", f"{inner}.2/24", "dev", "eth0")
+            self._ip("-n", host, "link", "set", "eth0", "up")
+            self._ip("-n", host, "route", "add", "default", "via", f"{inner}.1")
+            self._exec(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            self._exec(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+            # only replies come in: nothing on the LAN may open a connection to the NATed side
+            self._exec(router, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "!", "--ctstate",
+                       "ESTABLISHED,RELATED", "-j", "DROP")
+        except BaseException:
+            self.close()
+            raise
+        return len(self.hosts) - 1
+
+    def _exec(self, ns: str, *argv: str) -> None:
+        done = _run(["ip", "netns", "exec", ns, *argv])
+        if done.returncode != 0:
+            raise NetnsError(f"`{' '.join(argv)}` in {ns} failed: {done.stderr.strip()[:300]}")
+
     # --- processes ---------------------------------------------------------------------------
 
     def argv(self, i: int, argv: Sequence[str]) -> list[str]:
@@ -141,7 +221,7 @@ class NetnsLan:
     def remaining(self) -> list[str]:
         """This LAN's namespaces that still exist (empty after ``close``)."""
         listed = _run(["ip", "netns", "list"]).stdout.split()
-        return [n for n in [self.hub, *self.hosts] if n in listed]
+        return [n for n in [self.hub, *self.hosts, *self.routers] if n in listed]
 
     def __enter__(self) -> NetnsLan:
         return self.start()

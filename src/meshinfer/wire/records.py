@@ -104,6 +104,10 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     never this. Records of older servers lack it (decoded as ``cpu``)."""
     dtype: Annotated[str, msgspec.Meta(max_length=16)] = "float32"
     """The span's compute dtype (``float32``, ``float16``, ``bfloat16``); older records: ``float32``."""
+    reachability: Annotated[str, msgspec.Meta(max_length=16)] = "public"
+    """How others reach the server's libp2p plane (``public``, ``hole-punched``, ``relayed``: only through a circuit
+    relay; see ``meshinfer.p2p.natkind``); records of older servers lack it (decoded as ``public``). Routing charges
+    a relayed hop more; a kind this peer does not know counts as relayed."""
     v: int = RECORD_VERSION
 
 
