@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.netns import NetnsLan, unavailable_reason
-from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, pid_alive
+from meshinfer.testing.procs import meshinfer_argv, pid_alive
 
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 10
@@ -48,17 +47,6 @@ def lan_available() -> None:
         pytest.skip(f"namespaced LAN unavailable: {reason}")
 
 
-def _wait_ready(proc: ManagedProcess, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.poll_line(timeout=max(0.1, deadline - time.monotonic()))
-        if line is None:
-            continue
-        info = parse_ready_line(line)
-        if info is not None:
-            return info
-    raise AssertionError(f"{proc.name} not ready within {timeout:g}s: {proc.stderr_tail()}")
-
 
 def _server_ids(lan: NetnsLan, i: int, *flags: str) -> dict[str, str]:
     """Peer id -> how ``meshinfer swarm`` (run in host ``i``) found each server it lists."""
@@ -80,7 +68,7 @@ def test_client_finds_lan_servers_by_mdns_and_generates_like_local(lan_available
                                         "--stop-on-stdin-eof"), name=f"server{i}")
             for i, span in ((0, f"0:{half}"), (1, f"{half}:{blocks}"))
         ]
-        infos = [_wait_ready(s, 180.0) for s in servers]
+        infos = [s.wait_ready(180.0) for s in servers]
         ids = {info["peer_id"] for info in infos}
 
         # The two servers, started together with no --initial-peers, ended up in ONE swarm: a reader joining

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from meshinfer.readyline import parse_ready_line
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.netns import NetnsLan, nat_unavailable_reason
-from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, pid_alive
+from meshinfer.testing.procs import meshinfer_argv, pid_alive
 
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 24
@@ -37,17 +36,6 @@ def nat_available() -> None:
     if reason is not None:
         pytest.skip(f"NATed namespace unavailable: {reason}")
 
-
-def _wait_ready(proc: ManagedProcess, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.poll_line(timeout=max(0.1, deadline - time.monotonic()))
-        if line is None:
-            continue
-        info = parse_ready_line(line)
-        if info is not None:
-            return info
-    raise AssertionError(f"{proc.name} not ready within {timeout:g}s: {proc.stderr_tail()}")
 
 
 def _servers(lan: NetnsLan, i: int, bootstrap: str) -> dict[str, dict[str, Any]]:
@@ -99,7 +87,7 @@ def test_natted_server_serves_through_a_relay(nat_available: None) -> None:
                                                   "--host", lan.addresses[natted], "--no-mdns", "--nat", "private",
                                                   "--initial-peers", bootstrap, "--stop-on-stdin-eof"),
                            name="natted-server")
-        nat_id = _wait_ready(server, 240.0)["peer_id"]
+        nat_id = server.wait_ready(240.0)["peer_id"]
 
         # it reserved a slot on the relay and says so; its only libp2p way in is the circuit
         record = _wait_reachability(lan, 1, bootstrap, nat_id, "relayed", 240.0)
@@ -119,7 +107,7 @@ def test_natted_server_serves_through_a_relay(nat_available: None) -> None:
         public = lan.popen(2, meshinfer_argv("serve", "--model", str(ckpt), "--blocks", f"0:{blocks}", "--host",
                                              lan.addresses[2], "--no-mdns", "--initial-peers", bootstrap,
                                              "--stop-on-stdin-eof"), name="public-server")
-        public_id = _wait_ready(public, 240.0)["peer_id"]
+        public_id = public.wait_ready(240.0)["peer_id"]
         _wait_reachability(lan, 1, bootstrap, public_id, "public", 120.0)
         direct = _generate(lan, 1, ckpt, bootstrap)
         assert [hop["peer_id"] for hop in direct["route"]] == [public_id], direct

@@ -150,6 +150,18 @@ class ManagedProcess:
             self._lines.put(None)
         return line
 
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """The fields of this process's ready line (``meshinfer.readyline``), skipping other stdout lines;
+        AssertionError naming the process and its stderr tail after ``timeout`` s."""
+        from meshinfer.readyline import parse_ready_line
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.poll_line(timeout=max(0.1, deadline - time.monotonic()))
+            if line is not None and (info := parse_ready_line(line)) is not None:
+                return info
+        raise AssertionError(f"{self.name} not ready within {timeout:g}s: {self.stderr_tail()}")
+
     def read_json(self, timeout: float) -> dict[str, Any]:
         """The next stdout line that is a JSON object (other lines are skipped)."""
         deadline = time.monotonic() + timeout
