@@ -34,12 +34,19 @@ def doc() -> dict[str, Any]:
     return {"models": [model], "complete": True}
 
 
+def audits_index(page: Any) -> int:
+    """The audits column's index, found by its header (columns are added over time)."""
+    headers: list[str] = page.eval_on_selector_all("#servers thead th", "ths => ths.map(t => t.textContent)")
+    (index,) = [i for i, h in enumerate(headers) if h.startswith("audits")]
+    return index
+
+
 def cells(page: Any) -> dict[str, Any]:
     return page.eval_on_selector_all(
-        "#servers tbody tr", """rows => Object.fromEntries(rows.map(r => [r.dataset.peerId, {
-            text: r.children[11].textContent,
-            title: (r.children[11].querySelector('.audits') || {}).title || null,
-            own: (r.children[11].querySelector('.own-audits') || {}).textContent || null}]))""")
+        "#servers tbody tr", """(rows, i) => Object.fromEntries(rows.map(r => [r.dataset.peerId, {
+            text: r.children[i].textContent,
+            title: (r.children[i].querySelector('.audits') || {}).title || null,
+            own: (r.children[i].querySelector('.own-audits') || {}).textContent || null}]))""", audits_index(page))
 
 
 def test_audits_column_shows_claimed_tallies(page: Any) -> None:
@@ -47,7 +54,7 @@ def test_audits_column_shows_claimed_tallies(page: Any) -> None:
     with ApiServer(create_app(StaticSource(payload))) as srv:
         page.goto(srv.url)
         page.wait_for_function("document.body.dataset.state === 'ok'", timeout=10_000)
-        assert page.inner_text("#servers thead th:nth-child(12)").startswith("audits")
+        assert page.inner_text(f"#servers thead th:nth-child({audits_index(page) + 1})").startswith("audits ✓/✗")
         got = cells(page)
     assert got["QmHonest"] == {"text": "6 / 0", "title": "as reported by 2 clients; unverified claims", "own": None}
     assert got["QmLiar"] == {"text": "1 / 2", "title": "as reported by 1 client; unverified claims", "own": None}
