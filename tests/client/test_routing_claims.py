@@ -100,7 +100,7 @@ def _publish_fake_record(runner: LoopThread, bootstrap: list[str], model_id: str
                               addresses=[f"/ip4/127.0.0.1/tcp/9/p2p/{node.peer_id}"],
                               direct_addresses=["/ip4/127.0.0.1/tcp/9"], software_version="9.9.9", batch_size=8)
         stored = runner.run(node.dht_put_records([Put(block_key(model_id, i), record) for i in range(num_blocks)],
-                                                 time.time() + 120))
+                                                 time.time() + 300))  # outlives both clients on a loaded box
         assert all(stored)
         return node.peer_id
     finally:
