@@ -108,6 +108,10 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     """How others reach the server's libp2p plane (``public``, ``hole-punched``, ``relayed``: only through a circuit
     relay; see ``meshinfer.p2p.natkind``); records of older servers lack it (decoded as ``public``). Routing charges
     a relayed hop more; a kind this peer does not know counts as relayed."""
+    sealing_key: Annotated[bytes, msgspec.Meta(max_length=32)] = b""
+    """The X25519 public key this full node takes sealed requests under (``/meshinfer/sealed/1``; issue 22), bound
+    to the peer by the record's signature; empty: no sealed requests (not a full node, or not offered). Older
+    records lack it (decoded as empty)."""
     v: int = RECORD_VERSION
 
 
@@ -238,6 +242,8 @@ def _check(record: DhtRecord, _limits: WireLimits) -> None:
         if record.manifest_hash is not None and record.manifest_hash != record.model_id:
             raise WireError(f"model card {record.model_id} names manifest {record.manifest_hash[:40]!r}: "
                             "a model id is its manifest id")
+    if isinstance(record, ServerRecord) and len(record.sealing_key) not in (0, 32):
+        raise WireError(f"server record sealing key of {len(record.sealing_key)} bytes (an X25519 key has 32)")
     if isinstance(record, ServerRecord) and record.span.end > MAX_MODEL_BLOCKS:
         raise LimitExceededError(f"server record span {record.span} is beyond block {MAX_MODEL_BLOCKS} "
                                  f"(limit MAX_MODEL_BLOCKS {MAX_MODEL_BLOCKS})")
