@@ -153,3 +153,19 @@ def test_commands_take_the_client_flags_beside_their_own() -> None:
     assert config_from_args(GatewayConfig, args).host == "0.0.0.0"  # --host stays the gateway's
     assert client_config(args) == ClientConfig(step_timeout=9.0)
 
+
+
+def test_sealed_flags() -> None:
+    """Issue 22: ``--sealed-relay`` needs ``--sealed`` and a peer id or ``auto``; ``--sealed`` needs a swarm."""
+    from pathlib import Path
+
+    from meshinfer.cli.generate import open_generator
+
+    assert ClientConfig(sealed=True, sealed_relay=" auto ").sealed_relay == "auto"
+    assert ClientConfig(sealed=True, sealed_relay="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").sealed_relay
+    with pytest.raises(ConfigError, match="add --sealed"):
+        ClientConfig(sealed_relay="auto")
+    with pytest.raises(ConfigError, match="peer id or 'auto'"):
+        ClientConfig(sealed=True, sealed_relay="/ip4/1.2.3.4")
+    with pytest.raises(ConfigError, match="--initial-peers"):
+        open_generator(Path("unused"), "float32", (), client=ClientConfig(sealed=True))

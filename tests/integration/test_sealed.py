@@ -223,3 +223,19 @@ def test_replayed_and_stale_requests_are_refused(sealed: Sealed) -> None:
     [refusal] = _ask(sealed, stale, record)
     assert isinstance(refusal, SealedRefusal) and refusal.code == "replayed" and "timestamp" in refusal.message
 
+
+
+def test_cli_generate_sealed_through_auto_relay(sealed: Sealed) -> None:
+    """``meshinfer generate --sealed --sealed-relay auto`` as a real process: the local engine's tokens."""
+    import json
+    import subprocess
+
+    from meshinfer.testing.procs import meshinfer_argv
+
+    argv = meshinfer_argv("generate", "--model", str(sealed.model_dir), "--prompt", PROMPT, "--max-new-tokens", "10",
+                          "--json", "--no-mdns", "--sealed", "--sealed-relay", "auto", "--initial-peers",
+                          *sealed.swarm.initial_peers)  # type: ignore[attr-defined]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["generated_token_ids"] == sealed.local.generate(_ids(sealed), 10)  # type: ignore[attr-defined]
