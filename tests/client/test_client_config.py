@@ -165,7 +165,8 @@ def test_sealed_flags() -> None:
     assert ClientConfig(sealed=True, sealed_relay="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").sealed_relay
     with pytest.raises(ConfigError, match="add --sealed"):
         ClientConfig(sealed_relay="auto")
-    with pytest.raises(ConfigError, match="peer id or 'auto'"):
+    assert ClientConfig(sealed=True, sealed_relay="/ip4/127.0.0.1/tcp/5/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wX")
+    with pytest.raises(ConfigError, match="peer id, a multiaddr"):
         ClientConfig(sealed=True, sealed_relay="/ip4/1.2.3.4")
     with pytest.raises(ConfigError, match="--initial-peers"):
         open_generator(Path("unused"), "float32", (), client=ClientConfig(sealed=True))

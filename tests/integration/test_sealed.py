@@ -239,3 +239,52 @@ def test_cli_generate_sealed_through_auto_relay(sealed: Sealed) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["generated_token_ids"] == sealed.local.generate(_ids(sealed), 10)  # type: ignore[attr-defined]
+
+
+async def _tampering_relay(node: object, stream: object) -> None:
+    """A relay that flips one bit of the second frame it forwards (a hostile peer between client and full node)."""
+    from meshinfer.errors import TransportError
+    from meshinfer.wire.sealed import SEALED_PROTOCOL, RelayOpen, SealedFrame, decode_sealed, encode_sealed
+
+    msg = decode_sealed(await stream.recv_bytes())  # type: ignore[attr-defined]
+    assert isinstance(msg, RelayOpen)
+    upstream = await node.open_stream(msg.target, SEALED_PROTOCOL, maddrs=msg.maddrs, timeout=15.0)  # type: ignore[attr-defined]
+    async with upstream:
+        await upstream.send_bytes(encode_sealed(msg.open))
+        for n in range(1000):
+            try:
+                payload = await upstream.recv_bytes(timeout=60.0)
+            except TransportError:
+                return
+            frame = decode_sealed(payload)
+            if n == 1 and isinstance(frame, SealedFrame):
+                data = bytearray(frame.data)
+                data[-1] ^= 0x01
+                payload = encode_sealed(SealedFrame(data=bytes(data)))
+            await stream.send_bytes(payload)  # type: ignore[attr-defined]
+
+
+def test_a_tampered_frame_fails_the_client_with_a_typed_error(sealed: Sealed) -> None:
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.config import P2PConfig
+    from meshinfer.loopthread import LoopThread
+    from meshinfer.p2p.node import PeerNode
+    from meshinfer.wire.sealed import SEALED_RELAY_PROTOCOL
+    from meshinfer.wire.sealing import SealingError
+
+    ids = _ids(sealed)
+    with LoopThread("tampering-relay") as runner:
+        config = P2PConfig(host="127.0.0.1", initial_peers=tuple(sealed.swarm.initial_peers), mdns=False)  # type: ignore[attr-defined]
+        node = runner.run(PeerNode.start(config), timeout=60)
+        try:
+            runner.run(node.handle(SEALED_RELAY_PROTOCOL, lambda s: _tampering_relay(node, s)), timeout=10)
+            with DistributedModel.from_pretrained(sealed.model_dir, sealed.swarm.initial_peers, sealed=True,
+                                                  sealed_relay=node.maddrs[0]) as via:
+                got: list[int] = []
+                with pytest.raises(SealingError, match="frame 1 failed authentication"):
+                    for token in via.stream(ids, 8):
+                        got.append(token)
+                assert got == sealed.local.generate(ids, 1)  # type: ignore[attr-defined]  # frame 0 was genuine
+        finally:
+            runner.run(node.close(), timeout=30)
+    assert sealed.sealed.generate(ids, 8) == sealed.local.generate(ids, 8)  # type: ignore[attr-defined]

@@ -84,8 +84,9 @@ class ClientConfig:
     sealed: bool = doc(False, "send each generation sealed (end-to-end encrypted) to one full node that takes sealed "
                               "requests, which generates it whole; relays and the network see only ciphertext and "
                               "sizes, the full node sees the prompt (it computes on it)")
-    sealed_relay: str = doc("", "with --sealed: reach the full node through this relaying peer (a peer id, or 'auto': "
-                                "another online server of the model); empty: directly")
+    sealed_relay: str = doc("", "with --sealed: reach the full node through this relaying peer (a peer id, a multiaddr "
+                                "ending in /p2p/<peer id>, or 'auto': another online server of the model); empty: "
+                                "directly")
 
     def __post_init__(self) -> None:
         if not self.device.strip():
@@ -121,8 +122,10 @@ class ClientConfig:
         if self.max_download is not None and not self.max_download > 0:
             raise ConfigError(f"max_download must be > 0 bytes/s, got {self.max_download:g}")
         relay = self.sealed_relay.strip()
-        if relay and relay != "auto" and not (relay.isalnum() and 16 <= len(relay) <= 128):
-            raise ConfigError(f"--sealed-relay must be a peer id or 'auto', got {relay[:60]!r}")
+        peer = relay.rsplit("/p2p/", 1)[-1] if relay.startswith("/") else relay
+        if relay and relay != "auto" and not (peer.isalnum() and 16 <= len(peer) <= 128 and len(relay) <= 512):
+            raise ConfigError(f"--sealed-relay must be a peer id, a multiaddr ending in /p2p/<peer id> or 'auto', "
+                              f"got {relay[:60]!r}")
         if relay and not self.sealed:
             raise ConfigError("--sealed-relay applies to sealed requests: add --sealed")
         object.__setattr__(self, "sealed_relay", relay)

@@ -6,7 +6,8 @@ Contract: ``agenerate_sealed(view, model, ids, params, config)`` picks a full no
 ``wire.sealed.RequestBody`` (prompt ids, sampling settings, max tokens, stop ids, a random request id and the
 time) to that key (``wire.sealing.seal_request``: HPKE, a fresh ephemeral key per request), sends it over
 ``/meshinfer/sealed/1`` (or, with ``config.sealed_relay``, through a relaying peer over
-``/meshinfer/sealed-relay/1``: ``auto`` picks another online server of the model at random, else the peer id given)
+``/meshinfer/sealed-relay/1``: ``auto`` picks another online server of the model at random, else the peer id or
+multiaddr given)
 and yields each token as its sealed frame opens (``ResponseOpener``: frames in order, the last one flagged). A
 frame that does not open raises ``SealingError`` and drops the stream; a stream that ends before its last frame
 raises ``TransportError``. Before the first token, a refusal that another full node may not give (``not_served``,
@@ -73,8 +74,13 @@ def full_nodes(records: Iterable[ServerRecord], model_id: str, num_blocks: int,
     return sorted(found, key=lambda r: (r.peer_id in avoid, -r.throughput, r.sessions, r.peer_id))
 
 
-def _relay_for(config: ClientConfig, records: dict[str, ServerRecord], target: str) -> ServerRecord | str | None:
-    """The relay to go through: None (straight to the full node), a record (addresses known) or a bare peer id."""
+Relay = tuple[str, list[str], list[str]]
+"""A relaying peer: its peer id, libp2p multiaddrs and direct-plane addresses (either list may be empty)."""
+
+
+def _relay_for(config: ClientConfig, records: dict[str, ServerRecord], target: str) -> Relay | None:
+    """The relay to go through (None: straight to the full node): ``auto`` picks another online server of the model,
+    a peer id is looked up among them (else found by the swarm's routing), a multiaddr is dialled as given."""
     wanted = config.sealed_relay
     if not wanted:
         return None
@@ -82,8 +88,11 @@ def _relay_for(config: ClientConfig, records: dict[str, ServerRecord], target: s
         others = sorted(p for p, r in records.items() if p != target and r.state == "online")
         if not others:
             raise ConfigError("--sealed-relay auto: no other online server of the model to relay through")
-        return records[random.choice(others)]
-    return records.get(wanted, wanted)
+        wanted = random.choice(others)
+    if wanted.startswith("/"):
+        return wanted.rsplit("/p2p/", 1)[-1], [wanted], []
+    record = records.get(wanted)
+    return (wanted, [], []) if record is None else (wanted, record.addresses, record.direct_addresses)
 
 
 def request_body(ids: list[int], params: GenerationParams, model_id: str) -> RequestBody:
@@ -130,7 +139,7 @@ async def agenerate_sealed(view: SwarmView, model: ModelRef, ids: list[int], par
     raise last
 
 
-async def _one(view: SwarmView, record: ServerRecord, relay: ServerRecord | str | None, ids: list[int],
+async def _one(view: SwarmView, record: ServerRecord, relay: Relay | None, ids: list[int],
                params: GenerationParams, model_id: str, config: ClientConfig) -> AsyncGenerator[ScoredToken]:
     context = transcript(record.peer_id, model_id, record.sealing_key)
     body = request_body(ids, params, model_id)
@@ -145,8 +154,7 @@ async def _one(view: SwarmView, record: ServerRecord, relay: ServerRecord | str 
                                              settings=settings)
         first = encode_sealed(request)
     else:
-        peer, maddrs, direct = ((relay, [], []) if isinstance(relay, str)
-                                else (relay.peer_id, relay.addresses, relay.direct_addresses))
+        peer, maddrs, direct = relay
         stream = await view.node.open_stream(peer, SEALED_RELAY_PROTOCOL, maddrs=maddrs, direct=direct,
                                              timeout=config.open_timeout, settings=settings)
         first = encode_sealed(RelayOpen(target=record.peer_id, open=request, maddrs=record.addresses[:16],
