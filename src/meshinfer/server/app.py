@@ -19,8 +19,11 @@ is idempotent. A started ``BlockServer`` is complete: announcer, session service
 (``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
 ``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
 id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's seeders
-(``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
-EOF) is ``server.run``; this module logs, never prints.
+(``weights.fetch.ensure_local``); the server seeds what it holds. Since issue 22 every server relays sealed requests
+(``meshinfer/sealed-relay/1``, unless ``--no-sealed-relay``), and one started with ``--sealed`` on the whole model
+also loads the head and takes them (``meshinfer/sealed/1``, ``server.sealed``), announcing its sealing key in the
+record while online on [0, n). Running it as a process (signals, stdin EOF) is ``server.run``; this module logs,
+never prints.
 """
 
 from __future__ import annotations
