@@ -60,18 +60,18 @@ def test_round_trip(record: object) -> None:
     ({"addresses": ["x"] * 17}, "addresses"),
 ])
 def test_invalid_server_records(changes: dict[str, object], error: str) -> None:
-    fields = msgspec.to_builtins(SERVER, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(SERVER)
     fields.update(changes)
     with pytest.raises(WireError, match=error):
         decode_record(msgspec.msgpack.encode(fields))
 
 
 def test_invalid_model_card() -> None:
-    fields = msgspec.to_builtins(CARD, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(CARD)
     fields["dtype"] = "int4"
     with pytest.raises(WireError, match="dtype"):
         decode_record(msgspec.msgpack.encode(fields))
-    fields = msgspec.to_builtins(CARD, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(CARD)
     fields["num_blocks"] = 0
     with pytest.raises(WireError, match="num_blocks"):
         decode_record(msgspec.msgpack.encode(fields))
@@ -146,7 +146,7 @@ def test_load_fields_round_trip() -> None:
 
 
 def test_a_record_without_load_fields_still_decodes() -> None:
-    fields = msgspec.to_builtins(LOADED, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(LOADED)
     for name in ("sessions", "queued_steps", "batch_throughput", "batch_size"):
         del fields[name]
     back = decode_record(msgspec.msgpack.encode(fields))
@@ -169,7 +169,7 @@ def test_an_older_reader_ignores_load_fields() -> None:
     ({"sessions": "many"}, "sessions"),
 ])
 def test_invalid_load_fields(changes: dict[str, object], error: str) -> None:
-    fields = msgspec.to_builtins(LOADED, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(LOADED)
     fields.update(changes)
     with pytest.raises(WireError, match=error):
         decode_record(msgspec.msgpack.encode(fields))
@@ -188,7 +188,7 @@ LONG, ADDR = "x" * 256, "a" * 512
 
 
 def _raw(record: object, **changes: object) -> bytes:
-    fields = msgspec.to_builtins(record, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(record)
     fields.update(changes)
     return msgspec.msgpack.encode(fields)
 
@@ -269,7 +269,7 @@ _huge = st.one_of(st.integers(MAX_MODEL_BLOCKS, 2**64 - 1), st.integers(-(2**63)
 @budget(100)
 @given(st.sampled_from([CARD, SERVER, SEED]), st.data())
 def test_fuzz_out_of_bound_and_nested_fields(record: object, data: st.DataObject) -> None:
-    fields = msgspec.to_builtins(record, builtin_types=(bytes,))
+    fields = msgspec.to_builtins(record)
     for _ in range(data.draw(st.integers(1, 3))):
         name = data.draw(st.sampled_from([*fields, "extra"]))
         fields[name] = data.draw(st.one_of(_huge, _nested))

@@ -70,7 +70,7 @@ def full_nodes(records: Iterable[ServerRecord], model_id: str, num_blocks: int,
     """The online full nodes of ``model_id`` that take sealed requests: fastest first, ``avoid`` ones last."""
     whole = BlockRange(0, num_blocks)
     found = [r for r in records if r.model_id == model_id and r.state == "online" and r.span == whole
-             and len(r.sealing_key) == KEY_BYTES]
+             and len(r.sealing_key) == 2 * KEY_BYTES]
     return sorted(found, key=lambda r: (r.peer_id in avoid, -r.throughput, r.sessions, r.peer_id))
 
 
@@ -141,12 +141,13 @@ async def agenerate_sealed(view: SwarmView, model: ModelRef, ids: list[int], par
 
 async def _one(view: SwarmView, record: ServerRecord, relay: Relay | None, ids: list[int],
                params: GenerationParams, model_id: str, config: ClientConfig) -> AsyncGenerator[ScoredToken]:
-    context = transcript(record.peer_id, model_id, record.sealing_key)
+    key = bytes.fromhex(record.sealing_key)
+    context = transcript(record.peer_id, model_id, key)
     body = request_body(ids, params, model_id)
-    blob, secret = seal_request(encode_body(body), record.sealing_key, context)
+    blob, secret = seal_request(encode_body(body), key, context)
     opener = ResponseOpener(response_key(secret, blob[:ENC_BYTES], context), context)
     del secret
-    request = SealedOpen(model_id=model_id, server_key=record.sealing_key, blob=blob)
+    request = SealedOpen(model_id=model_id, server_key=key, blob=blob)
     settings = StreamSettings(idle_timeout=config.step_timeout, message_timeout=config.step_timeout)
     if relay is None:
         stream = await view.node.open_stream(record.peer_id, SEALED_PROTOCOL, maddrs=record.addresses,

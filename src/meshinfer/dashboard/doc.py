@@ -64,7 +64,7 @@ def server_entry(rec: Any) -> dict[str, Any]:
             "quant": getattr(rec, "quant", "none"), "weight_bytes": getattr(rec, "weight_bytes", 0),
             "device": getattr(rec, "device", "cpu"), "dtype": getattr(rec, "dtype", "float32"),
             "reachability": getattr(rec, "reachability", "public"),
-            "sealed": len(getattr(rec, "sealing_key", b"")) == 32,  # takes sealed requests (issue 22)
+            "sealed": bool(getattr(rec, "sealing_key", "")),  # takes sealed requests (issue 22)
             "throughput": rec.throughput,
             "cache_tokens_left": rec.cache_tokens_left, "sessions": rec.sessions, "queued_steps": rec.queued_steps,
             "software_version": rec.software_version, "public_name": rec.public_name,

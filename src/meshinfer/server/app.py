@@ -134,7 +134,7 @@ class BlockServer:
     def record(self) -> ServerRecord:
         record = self.who.record(self.span_range, self.state, self.serving, self.service)
         if self.sealed is not None and self.full_node() is not None:  # the key is signed with the record
-            record = msgspec.structs.replace(record, sealing_key=self.sealed.key.public_bytes)
+            record = msgspec.structs.replace(record, sealing_key=self.sealed.key.public_bytes.hex())
         return record
 
     def full_node(self) -> FullNode | None:
