@@ -199,3 +199,20 @@ def test_messages_round_trip_and_bounds() -> None:
         decode_sealed(encode_sealed(SealedFrame(data=b"x" * (64 * 1024 + 1))))
     with pytest.raises(WireError):
         decode_sealed(encode_sealed(msgspec.structs.replace(opened, server_key=b"short")))
+
+
+def test_full_nodes_are_online_whole_model_servers_with_a_key() -> None:
+    from meshinfer.client.sealed import full_nodes
+    from meshinfer.types import BlockRange
+    from meshinfer.wire.records import ServerRecord
+
+    def rec(peer: str, span: tuple[int, int] = (0, 4), *, state: str = "online", key: str = "ab" * 32,
+            model: str = MODEL, throughput: float = 1.0) -> ServerRecord:
+        return ServerRecord(peer_id=peer, model_id=model, span=BlockRange(*span), state=state,  # type: ignore[arg-type]
+                            throughput=throughput, cache_tokens_left=10, addresses=[], software_version="t",
+                            sealing_key=key)
+
+    records = [rec("slow", throughput=1.0), rec("fast", throughput=9.0), rec("part", (0, 2)), rec("nokey", key=""),
+               rec("draining", state="draining"), rec("other", model="f" * 32), rec("banned", throughput=99.0)]
+    assert [r.peer_id for r in full_nodes(records, MODEL, 4, avoid={"banned"})] == ["fast", "slow", "banned"]
+    assert full_nodes(records, MODEL, 5) == []

@@ -12,9 +12,10 @@ and yields each token as its sealed frame opens (``ResponseOpener``: frames in o
 frame that does not open raises ``SealingError`` and drops the stream; a stream that ends before its last frame
 raises ``TransportError``. Before the first token, a refusal that another full node may not give (``not_served``,
 ``overloaded``, ``unreachable``, a failed dial) moves on to the next full node (the peer backs off in the view's
-bans); after it, errors are raised (no failover mid-generation: the full node holds the only KV cache). The
-tokens are those of ``LocalModel`` on the node's weights: the node runs the same generation loop. Not available:
-``top_logprobs`` (a ``ConfigError``). Knows nothing of torch beyond ``ScoredToken``.
+bans), and when every one answered ``not_served`` (keys change when a server restarts) the records are read again
+and each tried once more; after it, errors are raised (no failover mid-generation: the full node holds the only KV
+cache). The tokens are those of ``LocalModel`` on the node's weights: the node runs the same generation loop. Not
+available: ``top_logprobs`` (a ``ConfigError``). Knows nothing of torch beyond ``ScoredToken``.
 """
 
 from __future__ import annotations
@@ -115,26 +116,33 @@ async def agenerate_sealed(view: SwarmView, model: ModelRef, ids: list[int], par
     while not full_nodes(cov.servers.values(), model.model_id, model.num_blocks) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         cov = await view.coverage(model, refresh=True)
-    candidates = full_nodes(cov.servers.values(), model.model_id, model.num_blocks, view.bans.avoided(time.monotonic()))
-    if not candidates:
-        raise MeshinferError(NO_FULL_NODE.format(model=model.describe(), n=model.num_blocks))
     last: MeshinferError | None = None
-    for record in candidates:
-        started = False
-        try:
-            relay = _relay_for(config, cov.servers, record.peer_id)
-            async with contextlib.aclosing(_one(view, record, relay, ids, params, model.model_id, config)) as tokens:
-                async for token in tokens:
-                    started = True
-                    yield token
-            return
-        except (RemoteError, TransportError) as err:
-            retry = isinstance(err, TransportError) or err.code in RETRY_CODES
-            if started or not retry:
-                raise
-            view.bans.fail(record.peer_id, time.monotonic())
-            log.info("sealed request to %s failed (%s); trying the next full node", record.peer_id[:16], err)
-            last = err
+    for attempt in range(2):  # a second pass over freshly read records when every node said not_served (a stale key)
+        if attempt:
+            if not (isinstance(last, RemoteError) and last.code == SealedCode.NOT_SERVED.value):
+                break
+            cov = await view.coverage(model, refresh=True)
+        now = time.monotonic()
+        candidates = full_nodes(cov.servers.values(), model.model_id, model.num_blocks, view.bans.avoided(now))
+        if not candidates:
+            raise MeshinferError(NO_FULL_NODE.format(model=model.describe(), n=model.num_blocks))
+        for record in candidates:
+            started = False
+            try:
+                relay = _relay_for(config, cov.servers, record.peer_id)
+                async with contextlib.aclosing(_one(view, record, relay, ids, params, model.model_id,
+                                                    config)) as tokens:
+                    async for token in tokens:
+                        started = True
+                        yield token
+                return
+            except (RemoteError, TransportError) as err:
+                retry = isinstance(err, TransportError) or err.code in RETRY_CODES
+                if started or not retry:
+                    raise
+                view.bans.fail(record.peer_id, time.monotonic())
+                log.info("sealed request to %s failed (%s); trying the next full node", record.peer_id[:16], err)
+                last = err
     assert last is not None
     raise last
 
