@@ -31,6 +31,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "audit_report": True,  # issue 19: a confirmed lie is published as a signed report (client.audit_reports)
     # issue 19: reports checked every minute, the audit tally published (client.upkeep)
     "report_check_s": 60.0, "publish_audits": True,
+    # issue 22: generations go through the split route unless sealed to a full node is asked for
+    "sealed": False, "sealed_relay": "",
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -151,3 +153,20 @@ def test_commands_take_the_client_flags_beside_their_own() -> None:
     assert config_from_args(GatewayConfig, args).host == "0.0.0.0"  # --host stays the gateway's
     assert client_config(args) == ClientConfig(step_timeout=9.0)
 
+
+
+def test_sealed_flags() -> None:
+    """Issue 22: ``--sealed-relay`` needs ``--sealed`` and a peer id or ``auto``; ``--sealed`` needs a swarm."""
+    from pathlib import Path
+
+    from meshinfer.cli.generate import open_generator
+
+    assert ClientConfig(sealed=True, sealed_relay=" auto ").sealed_relay == "auto"
+    assert ClientConfig(sealed=True, sealed_relay="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").sealed_relay
+    with pytest.raises(ConfigError, match="add --sealed"):
+        ClientConfig(sealed_relay="auto")
+    assert ClientConfig(sealed=True, sealed_relay="/ip4/127.0.0.1/tcp/5/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wX")
+    with pytest.raises(ConfigError, match="peer id, a multiaddr"):
+        ClientConfig(sealed=True, sealed_relay="/ip4/1.2.3.4")
+    with pytest.raises(ConfigError, match="--initial-peers"):
+        open_generator(Path("unused"), "float32", (), client=ClientConfig(sealed=True))

@@ -81,6 +81,12 @@ class ClientConfig:
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
+    sealed: bool = doc(False, "send each generation sealed (end-to-end encrypted) to one full node that takes sealed "
+                              "requests, which generates it whole; relays and the network see only ciphertext and "
+                              "sizes, the full node sees the prompt (it computes on it)")
+    sealed_relay: str = doc("", "with --sealed: reach the full node through this relaying peer (a peer id, a multiaddr "
+                                "ending in /p2p/<peer id>, or 'auto': another online server of the model); empty: "
+                                "directly")
 
     def __post_init__(self) -> None:
         if not self.device.strip():
@@ -115,6 +121,14 @@ class ClientConfig:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:
             raise ConfigError(f"max_download must be > 0 bytes/s, got {self.max_download:g}")
+        relay = self.sealed_relay.strip()
+        peer = relay.rsplit("/p2p/", 1)[-1] if relay.startswith("/") else relay
+        if relay and relay != "auto" and not (peer.isalnum() and 16 <= len(peer) <= 128 and len(relay) <= 512):
+            raise ConfigError(f"--sealed-relay must be a peer id, a multiaddr ending in /p2p/<peer id> or 'auto', "
+                              f"got {relay[:60]!r}")
+        if relay and not self.sealed:
+            raise ConfigError("--sealed-relay applies to sealed requests: add --sealed")
+        object.__setattr__(self, "sealed_relay", relay)
         if self.quant is not None:
             object.__setattr__(self, "quant", check_quant(self.quant))
         object.__setattr__(self, "head_quant", check_quant(self.head_quant))

@@ -28,7 +28,8 @@ generation rolled back, so the output is an honest swarm's; ``audits`` counts th
 (``ascore_prompt``'s single pass is not audited); ``upkeep`` (``client.upkeep``, started with the model, stopped
 by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
-``RemoteError`` with the server's code.
+``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
+one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
 from meshinfer.client.routing import RouteHop
+from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
@@ -318,6 +320,10 @@ class DistributedModel(CheckpointGenerator):
         self._check_open()
         if params.max_new_tokens == 0:
             return
+        if self.config.sealed:  # the whole generation sealed to one full node (client.sealed)
+            async for item in agenerate_sealed(self._view, self.ref, ids, params, self.config):
+                yield item
+            return
         session = await self.aopen_session(len(ids) + params.max_new_tokens)
         self._heads.active += 1
         try:
@@ -354,6 +360,8 @@ class DistributedModel(CheckpointGenerator):
         before it, as ``LocalModel.score_prompt`` does: one pass through the swarm, the LM head here."""
         ids = check_prompt(self.spec, input_ids, 0)
         self._check_open()
+        if self.config.sealed:  # it would send the prompt's embeddings through a split route
+            raise ConfigError("scoring a prompt (echo, prompt logprobs) is not available with --sealed")
         session = await self.aopen_session(len(ids))
         try:
             out = await session.forward(self._embed(ids))  # [T, H] on the CPU

@@ -19,8 +19,11 @@ is idempotent. A started ``BlockServer`` is complete: announcer, session service
 (``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
 ``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
 id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's seeders
-(``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
-EOF) is ``server.run``; this module logs, never prints.
+(``weights.fetch.ensure_local``); the server seeds what it holds. Since issue 22 every server relays sealed requests
+(``meshinfer/sealed-relay/1``, unless ``--no-sealed-relay``), and one started with ``--sealed`` on the whole model
+also loads the head and takes them (``meshinfer/sealed/1``, ``server.sealed``), announcing its sealing key in the
+record while online on [0, n). Running it as a process (signals, stdin EOF) is ``server.run``; this module logs,
+never prints.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
@@ -49,6 +54,7 @@ from meshinfer.server.metrics import ServerMetrics, ServerSample
 from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
+from meshinfer.server.sealed import FullNode, SealedRelay, SealedService
 from meshinfer.server.serving import Identity, Serving, load_serving, publish
 from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
@@ -57,6 +63,8 @@ from meshinfer.weights.rate import MB
 from meshinfer.weights.seed import Seeder, start_seeding
 from meshinfer.wire.limits import DEFAULT_LIMITS, limits_for_model
 from meshinfer.wire.records import ServerRecord, ServerState
+from meshinfer.wire.sealed import SEALED_PROTOCOL, SEALED_RELAY_PROTOCOL
+from meshinfer.wire.sealing import SealingKey
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +103,12 @@ class BlockServer:
     """Serves the pieces this server has on disk to peers fetching the model (None: seeding failed)."""
     rebalancer: Rebalancer | None = None
     """Re-checks the placement (automatically placed servers with ``--rebalance-interval`` > 0)."""
+    sealed: SealedService | None = None
+    """Takes sealed requests (``--sealed`` on a full node whose head loaded; ``server.sealed``)."""
+    relay: SealedRelay | None = None
+    """Relays other peers' sealed requests (unless ``--no-sealed-relay``)."""
+    _head: Any = field(default=None, repr=False)
+    """The embeddings and LM head (``models.head.ClientHead``), loaded for sealed requests only."""
     fatal: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     """Set when the server can no longer serve (a move failed and the old span could not be reloaded)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -114,10 +128,22 @@ class BlockServer:
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
+                "sealed": self.sealed is not None, "sealed_relay": self.relay is not None,
                 "metrics_url": self.metrics.url if self.metrics is not None else None}
 
     def record(self) -> ServerRecord:
-        return self.who.record(self.span_range, self.state, self.serving, self.service)
+        record = self.who.record(self.span_range, self.state, self.serving, self.service)
+        if self.sealed is not None and self.full_node() is not None:  # the key is signed with the record
+            record = msgspec.structs.replace(record, sealing_key=self.sealed.key.public_bytes.hex())
+        return record
+
+    def full_node(self) -> FullNode | None:
+        """What sealed generations run on now: None unless the head is loaded, the server is online and the span
+        loaded and announced is the whole model."""
+        whole = BlockRange(0, self.who.card.num_blocks)
+        if self._head is None or self.state != "online" or self.span_range != whole or self.serving.span != whole:
+            return None
+        return FullNode(self.ckpt.spec, self.serving.steps, self._head)
 
     def metrics_sample(self) -> ServerSample:
         """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
@@ -192,6 +218,7 @@ class BlockServer:
                                                          stream.limits))
         await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session, stream)
         await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push, stream)
+        await self._serve_sealed()
         await self._announce_online()
         cfg = self.config
         try:
@@ -207,6 +234,36 @@ class BlockServer:
                 balance_quality=cfg.balance_quality)
             self._tasks.insert(0, asyncio.create_task(self.rebalancer.run(), name="rebalance"))
             log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
+
+    async def _serve_sealed(self) -> None:
+        """Serve the sealed relay (unless ``--no-sealed-relay``) and, with ``--sealed`` on a full node, sealed
+        requests: load the head and make a sealing key (announced with the record once online)."""
+        cfg, node = self.config, self.who.node
+        if cfg.sealed_relay:
+            capture = Path(cfg.sealed_relay_capture) if cfg.sealed_relay_capture else None
+            self.relay = SealedRelay(node.open_stream, peer_id=node.peer_id, capture=capture)
+            await node.handle(SEALED_RELAY_PROTOCOL, self.relay.handle)
+        if not cfg.sealed:
+            return
+        whole = BlockRange(0, self.who.card.num_blocks)
+        if self.span_range != whole:
+            log.warning("--sealed: this server serves blocks %s, not the whole model %s; it takes no sealed requests",
+                        self.span_range, whole)
+            return
+        from meshinfer.models.quant import QuantConfig
+
+        try:
+            self._head = await asyncio.to_thread(self.ckpt.load_head, cfg.dtype, self.who.device.device,
+                                                 QuantConfig("none" if cfg.quant == "none" else "int8"))
+        except MeshinferError as err:
+            log.warning("--sealed: cannot load the embeddings and LM head (%s); this server takes no sealed requests",
+                        err)
+            return
+        self.sealed = SealedService(peer_id=node.peer_id, model_id=self.who.model_id, key=SealingKey.generate(),
+                                    full=self.full_node, budget=lambda: self.service.budget,
+                                    max_active=cfg.max_sealed, window_s=cfg.sealed_window)
+        await node.handle(SEALED_PROTOCOL, self.sealed.handle)
+        log.info("taking sealed requests (%s) for %s", SEALED_PROTOCOL, self.who.card.name)
 
     def _start_serving(self) -> None:
         """Start the step loop of ``serving`` and the session service over it."""

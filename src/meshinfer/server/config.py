@@ -108,6 +108,17 @@ class ServerConfig:
                                "instead of hundreds (worth it for launch-bound models; costs a capture per session)")
     metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
                                          "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
+    sealed: bool = doc(False, "also take sealed requests (end-to-end encrypted to this server's key, announced in "
+                              "its record) while serving every block (--blocks 0:N): loads the embeddings and LM "
+                              "head too and generates whole here; relays and the network see only ciphertext")
+    max_sealed: int = doc(2, "with --sealed: most sealed generations computed at once (each runs alone, between "
+                             "the step loop's turns)")
+    sealed_window: float = doc(300.0, "with --sealed: seconds a sealed request's timestamp may differ from this "
+                                      "server's clock; request ids seen within it are refused as replays")
+    sealed_relay: bool = doc(True, "forward other peers' sealed requests to the full node they name and its "
+                                   "sealed answer back (ciphertext only; --no-sealed-relay: refuse)")
+    sealed_relay_capture: str | None = doc(None, "testing and audits: append every payload this server relays "
+                                                 "(what a relay sees) to this file")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -165,6 +176,10 @@ class ServerConfig:
             raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality:g}")
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ConfigError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout:g}")
+        if not 1 <= self.max_sealed <= 1024:
+            raise ConfigError(f"--max-sealed must be in 1..1024, got {self.max_sealed}")
+        if not (math.isfinite(self.sealed_window) and 1 <= self.sealed_window <= 86400):
+            raise ConfigError(f"--sealed-window must be 1..86400 seconds, got {self.sealed_window:g}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         for name in ("public_name", "model_name"):
