@@ -13,8 +13,10 @@ re-announced (debounced) whenever a session opens or ends (with ``--metrics-port
 served at ``info()["metrics_url"]``: ``server.metrics``), and an automatically placed server re-checks its
 place every ``--rebalance-interval`` s; to move it drains (announces ``draining``, refuses new sessions, lets
 open ones finish for up to ``--drain-timeout`` s, ends the rest with an ``Error``), loads the new span,
-re-measures and announces ``online`` there. The announced record always names the span being served (or, while
-``joining``, about to be). ``stop()`` drains the same way, then stops the step loop and leaves the swarm; it
+re-measures and announces ``online`` there. An owner-aware server (``--when idle``, ``--schedule``:
+``server.owner_watch``) drains the same way when its owner needs the machine (``pause``), stays ``draining``
+with the span loaded, and announces ``online`` again when the owner is idle (``resume``). The announced record
+always names the span being served (or, while ``joining``, about to be). ``stop()`` drains the same way, then stops the step loop and leaves the swarm; it
 is idempotent. A started ``BlockServer`` is complete: announcer, session service, push pool and ``serving``
 (``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
 ``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +49,8 @@ from meshinfer.server.device import describe, open_device, size_cache
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget, PeerLimits
 from meshinfer.server.metrics import ServerMetrics, ServerSample
+from meshinfer.server.owner import OwnerGate, threads_for
+from meshinfer.server.owner_watch import OwnerWatch
 from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
@@ -101,6 +106,10 @@ class BlockServer:
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
+    owner: OwnerWatch | None = None
+    """Watches the owner's load and ``--schedule`` (``--when idle`` or ``--schedule`` given)."""
+    paused: str | None = None
+    """Why the server gave the machine back to its owner (None: it serves)."""
 
     def info(self) -> dict[str, Any]:
         """What launchers and tests need to know once the server is ready (JSON-friendly)."""
@@ -114,6 +123,7 @@ class BlockServer:
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
+                "paused": self.paused,
                 "metrics_url": self.metrics.url if self.metrics is not None else None}
 
     def record(self) -> ServerRecord:
@@ -128,10 +138,13 @@ class BlockServer:
     @classmethod
     async def start(cls, config: ServerConfig, p2p: P2PConfig, model_dir: str | Path | None = None) -> BlockServer:
         """Check, join the swarm, place, load, measure, serve and announce; see the module docstring."""
-        if config.torch_threads is not None:
+        threads = config.torch_threads
+        if config.max_load is not None:
+            threads = threads_for(config.max_load, os.cpu_count() or 1)
+        if threads is not None:
             import torch
 
-            torch.set_num_threads(config.torch_threads)  # process-wide: the step loop's worker thread uses it
+            torch.set_num_threads(threads)  # process-wide: the step loop's worker thread uses it
             log.info("torch uses %d compute threads", torch.get_num_threads())
         # A stream silent for longer than a session may idle has no live session left (the service expires
         # them); frames and messages keep StreamSettings' short timeouts.
@@ -207,6 +220,10 @@ class BlockServer:
                 balance_quality=cfg.balance_quality)
             self._tasks.insert(0, asyncio.create_task(self.rebalancer.run(), name="rebalance"))
             log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
+        if cfg.owner_aware:
+            self.owner = OwnerWatch(OwnerGate(cfg.owner_policy()), self.pause, self.resume)
+            self._tasks.append(asyncio.create_task(self.owner.run(), name="owner-watch"))
+            log.info("owner-aware: --when %s%s", cfg.when, f", --schedule {cfg.schedule!r}" if cfg.schedule else "")
 
     def _start_serving(self) -> None:
         """Start the step loop of ``serving`` and the session service over it."""
@@ -271,8 +288,28 @@ class BlockServer:
             else:
                 log.info("draining blocks %s: every session ended", self.span_range)
 
+    async def pause(self, reason: str) -> None:
+        """Give the machine back: drain (announced ``draining``, so clients fail over and another server can place
+        itself on the span), then stay announced as ``draining`` and take no sessions until ``resume``. The span
+        stays loaded (no CPU while no step runs), so coming back costs no reload."""
+        if self.paused is not None or self._stopped:
+            return
+        self.paused = reason
+        await self._drain(f"the machine's owner needs it back ({reason}); open a session elsewhere")
+
+    async def resume(self) -> None:
+        """Serve again after ``pause``: take sessions and announce ``online``."""
+        if self.paused is None or self._stopped:
+            return
+        self.paused = None
+        self.service.accepting = True
+        self.service.start()
+        await self._announce_online()
+
     async def move(self, target: BlockRange) -> None:
         """Drain, then serve ``target`` instead (back to the old span if that fails; ``fatal`` if both do)."""
+        if self.paused is not None:
+            return  # the owner has the machine: no move until it serves again
         old = self.span_range
         log.info("moving from blocks %s to %s", old, target)
         await self._drain(f"server is moving from blocks {old} to {target}; open a session elsewhere")

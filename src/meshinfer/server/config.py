@@ -8,6 +8,7 @@ the model, happen when the server opens it). Where to listen and whom to join is
 (``--num-blocks`` long, or as long as memory allows) and re-checked every ``--rebalance-interval`` s.
 Per-peer limits (``--max-sessions-per-peer``, ``--max-kv-tokens-per-peer``, ``--max-queued-steps-per-peer``)
 keep one peer from taking the whole server; ``peer_sessions``/``peer_tokens`` resolve their defaults.
+``--when idle`` / ``--schedule`` / ``--max-load`` make a lent machine owner-aware (``server.owner``).
 ``--metrics-port`` turns on the Prometheus endpoint (off by default: no extra listening port unless asked).
 ``--device`` is checked here only for its form (``devices.parse_device``, no torch); ``--dtype auto`` and
 ``--cache-tokens`` unset are resolved when the server starts (``server.device``): the dtype from the device
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 from meshinfer.config import doc
 from meshinfer.devices import DEVICE_HELP, kv_tokens_for, parse_device
 from meshinfer.errors import ConfigError, UsageError
+from meshinfer.server.owner import OwnerPolicy, parse_schedule, threads_for
 from meshinfer.types import QUANT_GROUP_SIZES, BlockRange, canonical_dtype, check_quant
 from meshinfer.weights.rate import MB
 
@@ -99,6 +101,17 @@ class ServerConfig:
                                        "what it would be after the move (0 < q <= 1)")
     drain_timeout: float = doc(30.0, "seconds open sessions may take to finish when the server leaves or moves; "
                                      "after that they are ended with an error so their clients fail over")
+    when: str = doc("always", "always: serve while running; idle: give the machine back to its owner while other "
+                              "processes use more than --busy-share of the CPU for --busy-for s (drain, stop taking "
+                              "sessions), serve again after --idle-for s below it")
+    busy_share: float = doc(0.5, "with --when idle: the share of the machine's CPU (0..1) used by other processes "
+                                 "above which the owner counts as busy")
+    busy_for: float = doc(5.0, "with --when idle: seconds the owner must stay busy before the server drains")
+    idle_for: float = doc(30.0, "with --when idle: seconds the owner must stay idle before the server serves again")
+    schedule: str | None = doc(None, "serve only in these local-time windows, e.g. 'mon-fri 18:00-08:00, sat-sun'; "
+                                     "outside them the server drains and waits (default: any time)")
+    max_load: float | None = doc(None, "the share of this machine's CPU cores (0..1] the server computes with: sets "
+                                       "its torch threads to that share (excludes --torch-threads)")
     max_upload: float | None = doc(None, "cap the weight pieces this server sends to peers that fetch them, "
                                    "in MB/s (default: no cap)")
     max_download: float | None = doc(None, "cap the weight pieces this server fetches from the swarm when --model "
@@ -165,12 +178,28 @@ class ServerConfig:
             raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality:g}")
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ConfigError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout:g}")
+        self.owner_policy()  # --when, --busy-share, --busy-for, --idle-for, --schedule: one-line errors
+        if self.max_load is not None:
+            if self.torch_threads is not None:
+                raise ConfigError("--max-load and --torch-threads exclude each other: --max-load sets the threads")
+            threads_for(self.max_load, 1)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         for name in ("public_name", "model_name"):
             value = getattr(self, name)
             if value is not None and not 0 < len(value) <= 256:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 1..256 characters")
+
+    def owner_policy(self) -> OwnerPolicy:
+        """When this server gives the machine back (``server.owner``)."""
+        schedule = parse_schedule(self.schedule) if self.schedule is not None else None
+        return OwnerPolicy(when=self.when, busy_share=self.busy_share, busy_for=self.busy_for, idle_for=self.idle_for,
+                           schedule=schedule)
+
+    @property
+    def owner_aware(self) -> bool:
+        """True when the server watches its owner's load or a schedule."""
+        return self.when == "idle" or self.schedule is not None
 
     @property
     def span(self) -> BlockRange | None:
