@@ -14,14 +14,14 @@ served at ``info()["metrics_url"]``: ``server.metrics``), and an automatically p
 place every ``--rebalance-interval`` s; to move it drains (announces ``draining``, refuses new sessions, lets
 open ones finish for up to ``--drain-timeout`` s, ends the rest with an ``Error``), loads the new span,
 re-measures and announces ``online`` there. An owner-aware server (``--when idle``, ``--schedule``:
-``server.owner_watch``) drains the same way when its owner needs the machine (``pause``), stays ``draining``
-with the span loaded, and announces ``online`` again when the owner is idle (``resume``). The announced record
-always names the span being served (or, while ``joining``, about to be). ``stop()`` drains the same way, then
-stops the step loop and leaves the swarm; it is idempotent. A started ``BlockServer`` is complete: announcer, session service, push pool and ``serving``
-(``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
-``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
-id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's seeders
-(``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
+``server.owner_watch``) drains the same way when its owner needs the machine (``pause``), stays ``draining`` with
+the span loaded, and announces ``online`` again when the owner is idle (``resume``). The announced record always
+names the span being served (or, while ``joining``, about to be). ``stop()`` drains the same way, then stops the
+step loop and leaves the swarm; it is idempotent. A started ``BlockServer`` is complete: announcer, session
+service, push pool and ``serving`` (``server.serving.Serving``: the span loaded, its step loop and measurements)
+all exist; a move swaps ``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may
+also be a model id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's
+seeders (``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
 EOF) is ``server.run``; this module logs, never prints.
 """
 
