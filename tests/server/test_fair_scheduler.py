@@ -150,3 +150,44 @@ def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
         turns += 1
         assert turns <= total + len(steps)  # progress every turn
     assert all(s.queued_for(f"peer{p}") == 0 for p in range(4))
+
+
+# ---- credits (issue 23) ----------------------------------------------------------------------------------------
+
+
+def _credit_run(turns: int, credit: dict[str, int]) -> dict[str, list[float]]:
+    """Two peers with 4 decode sessions each on a server that batches 2 sessions a turn; every finished step is
+    followed by the session's next one. Each peer's waits (turn start - arrival)."""
+    from meshinfer.ledger.priority import PriorityPolicy
+
+    sched = Scheduler(max_batch_sessions=2, credit=lambda p: credit.get(p, 0),
+                      priority=PriorityPolicy(max_advance_s=0.5))
+    waits: dict[str, list[float]] = {"rich": [], "poor": []}
+    step = 0
+    for peer in ("rich", "poor"):
+        for i in range(4):
+            step += 1
+            sched.submit(job(make_session(f"{peer}{i}", peer=peer), step, 1, 0.0))
+    now = 0.0
+    for _ in range(turns):
+        now += 0.1
+        pieces = sched.schedule(now)
+        for piece in pieces:
+            waits[piece.job.session.client].append(now - piece.job.arrived)
+        for finished in sched.update(pieces, [ok(p) for p in pieces], now):
+            step += 1
+            sched.submit(job(finished.job.session, step, 1, now))
+    return waits
+
+
+def test_with_credits_a_contributor_waits_less_and_nobody_starves():
+    waits = _credit_run(200, {"rich": 10**9, "poor": -10**6})
+    rich, poor = sorted(waits["rich"]), sorted(waits["poor"])
+    assert rich[len(rich) // 2] < poor[len(poor) // 2]
+    assert len(rich) > len(poor) > 0  # the freeloader is still served ...
+    assert max(poor) <= 0.5 + 0.8 + 1e-9  # ... and waits at most the advance plus one round of the queue
+
+
+def test_equal_credits_share_the_server_evenly():
+    waits = _credit_run(200, {})
+    assert abs(len(waits["rich"]) - len(waits["poor"])) <= 2

@@ -24,6 +24,12 @@ steps in arrival order and, each turn,
   finished steps off their session's queue, records the last step id and output on the session (for
   duplicate step ids) and returns the finished steps of live sessions as ``Finished``, in piece order.
 
+With credits (``credit``: peer id -> its credit in block-tokens, issue 23, ``ledger.priority``), decode slots
+go by each session's oldest step's *virtual* arrival (its arrival moved earlier by at most
+``PriorityPolicy.max_advance_s``, more for more credit) instead of round-robin over peers, and peers' prefills
+are taken in that order too: under contention a contributor's steps go first, and a step that has waited longer
+than ``max_advance_s`` goes before any step that arrived after it (nobody starves).
+
 ``drop(session)`` forgets an ended session's queued steps (a step being computed is discarded when its
 turn is done). ``queued_for(peer)`` counts the steps a peer's sessions have waiting (for the per-peer
 limit). Free of torch, of asyncio and of the network; no clock of its own (callers pass ``now``).
@@ -31,9 +37,11 @@ limit). Free of torch, of asyncio and of the network; no clock of its own (calle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError
+from meshinfer.ledger.priority import PriorityPolicy, virtual_arrival
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker
 from meshinfer.wire.tensor import Tensor
@@ -84,10 +92,14 @@ class Scheduler:
 
     def __init__(self, *, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
                  burst_hold_s: float = BURST_HOLD_S, shared_batch_tokens: int = SHARED_BATCH_TOKENS,
-                 active_window_s: float = ACTIVE_WINDOW_S) -> None:
+                 active_window_s: float = ACTIVE_WINDOW_S, credit: Callable[[str], int] | None = None,
+                 priority: PriorityPolicy | None = None) -> None:
         if max_batch_tokens <= 0 or max_batch_sessions <= 0 or shared_batch_tokens <= 0:
             raise ConfigError("max_batch_tokens, max_batch_sessions and shared_batch_tokens must be > 0")
         self.shared_batch_tokens = shared_batch_tokens
+        self.credit = credit
+        """Peer id -> its credit (block-tokens served minus used); None: plain round-robin fairness."""
+        self.priority = priority or PriorityPolicy()
         self.active_window_s = active_window_s
         self._active: dict[str, float] = {}  # peer -> when its latest step arrived
         self._prefilled = False  # the last turn computed prefill tokens
@@ -164,13 +176,25 @@ class Scheduler:
         peers: dict[str, list[Session]] = {}
         for session in ready:  # each peer's sessions, oldest first
             peers.setdefault(session.client, []).append(session)
-        order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
         pieces: list[Piece] = []
-        decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
-        for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
-            for peer_decodes in decodes:
-                if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
-                    pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
+        if self.credit is None:
+            order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
+            decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
+            for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
+                for peer_decodes in decodes:
+                    if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
+                        pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
+        else:  # credits: by virtual arrival, decode steps first
+            credits = {p: self.credit(p) for p in peers}
+
+            def virtual(session: Session) -> float:
+                return virtual_arrival(session.pending[0].arrived, credits[session.client], self.priority)
+
+            by_time = sorted(ready, key=virtual)
+            order = list(dict.fromkeys(session.client for session in by_time))
+            for session in by_time:
+                if session.pending[0].tokens == 1 and len(pieces) < self.max_batch_sessions:
+                    pieces.append(Piece(session.pending[0], 0, 1))
         budget = self.max_batch_tokens - len(pieces)
         if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
             budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
