@@ -24,11 +24,11 @@ steps in arrival order and, each turn,
   finished steps off their session's queue, records the last step id and output on the session (for
   duplicate step ids) and returns the finished steps of live sessions as ``Finished``, in piece order.
 
-With credits (``credit``: peer id -> its credit in block-tokens, issue 23, ``ledger.priority``), decode slots
-go by each session's oldest step's *virtual* arrival (its arrival moved earlier by at most
-``PriorityPolicy.max_advance_s``, more for more credit) instead of round-robin over peers, and peers' prefills
-are taken in that order too: under contention a contributor's steps go first, and a step that has waited longer
-than ``max_advance_s`` goes before any step that arrived after it (nobody starves).
+With credits (``credit``: peer id -> its credit in block-tokens, issue 23), decode slots are dealt by weighted
+fair queueing instead: a peer's weight is ``ledger.priority.weight(credit)`` (1 without credit, up to
+``PriorityPolicy.max_weight``), and over turns peers get slots in proportion to their weights, so under
+contention a contributor's sessions step more often and wait less, while every peer with ready steps keeps
+getting slots (nobody starves: at worst 1 of every ``max_weight`` + 1 slots two peers compete for).
 
 ``drop(session)`` forgets an ended session's queued steps (a step being computed is discarded when its
 turn is done). ``queued_for(peer)`` counts the steps a peer's sessions have waiting (for the per-peer
@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError
-from meshinfer.ledger.priority import PriorityPolicy, virtual_arrival
+from meshinfer.ledger.priority import PriorityPolicy, weight
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker
 from meshinfer.wire.tensor import Tensor
@@ -100,6 +100,7 @@ class Scheduler:
         self.credit = credit
         """Peer id -> its credit (block-tokens served minus used); None: plain round-robin fairness."""
         self.priority = priority or PriorityPolicy()
+        self._vservice: dict[str, float] = {}  # peer -> decode slots taken / its weight (weighted fair queueing)
         self.active_window_s = active_window_s
         self._active: dict[str, float] = {}  # peer -> when its latest step arrived
         self._prefilled = False  # the last turn computed prefill tokens
@@ -176,25 +177,16 @@ class Scheduler:
         peers: dict[str, list[Session]] = {}
         for session in ready:  # each peer's sessions, oldest first
             peers.setdefault(session.client, []).append(session)
+        order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
         pieces: list[Piece] = []
+        decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
         if self.credit is None:
-            order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
-            decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
             for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
                 for peer_decodes in decodes:
                     if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
                         pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
-        else:  # credits: by virtual arrival, decode steps first
-            credits = {p: self.credit(p) for p in peers}
-
-            def virtual(session: Session) -> float:
-                return virtual_arrival(session.pending[0].arrived, credits[session.client], self.priority)
-
-            by_time = sorted(ready, key=virtual)
-            order = list(dict.fromkeys(session.client for session in by_time))
-            for session in by_time:
-                if session.pending[0].tokens == 1 and len(pieces) < self.max_batch_sessions:
-                    pieces.append(Piece(session.pending[0], 0, 1))
+        else:
+            pieces = self._weighted_decodes(order, decodes, self.credit)
         budget = self.max_batch_tokens - len(pieces)
         if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
             budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
@@ -220,6 +212,33 @@ class Scheduler:
             self._served[piece.job.session.client] = self._serial
         if len(self._served) > 4 * len(peers) + 64:  # forget peers long gone (bounded memory)
             self._served = {p: t for p, t in self._served.items() if p in self._peer_steps}
+        return pieces
+
+    def _weighted_decodes(self, order: list[str], decodes: list[list[Session]],
+                          credit: Callable[[str], int]) -> list[Piece]:
+        """Decode slots by weighted fair queueing over peers: each slot goes to the peer with the least service
+        so far (slots taken / its credit weight; a peer new to the queue starts level with the least served),
+        so over turns peers get slots in proportion to their weights and every peer keeps getting some."""
+        live = {p: d for p, d in zip(order, decodes, strict=True) if d}
+        if not live:
+            return []
+        floor = min((self._vservice[p] for p in live if p in self._vservice), default=0.0)
+        for p in live:
+            self._vservice[p] = max(self._vservice.get(p, floor), floor)
+        weights = {p: weight(credit(p), self.priority) for p in live}
+        taken = dict.fromkeys(live, 0)
+        rank = {p: i for i, p in enumerate(order)}
+        pieces: list[Piece] = []
+        while len(pieces) < self.max_batch_sessions:
+            waiting = [p for p in live if taken[p] < len(live[p])]
+            if not waiting:
+                break
+            peer = min(waiting, key=lambda p: (self._vservice[p], rank[p]))
+            pieces.append(Piece(live[peer][taken[peer]].pending[0], 0, 1))
+            taken[peer] += 1
+            self._vservice[peer] += 1.0 / weights[peer]
+        if len(self._vservice) > 4 * len(live) + 64:  # forget peers long gone (bounded memory)
+            self._vservice = {p: v for p, v in self._vservice.items() if p in self._peer_steps}
         return pieces
 
     def _contended(self, now: float) -> bool:

@@ -7,7 +7,8 @@ session); ``seq`` grows by one per receipt of that session, so a newer receipt o
 older one (cumulative, never additive). A ``SignedReceipt`` carries the encoded receipt, the client's public key
 (the libp2p protobuf encoding, whose hash is the client's peer id) and its signature over
 ``SIGNING_DOMAIN + body``. Signing and verifying are ``meshinfer.ledger``'s job; this module never sees a key.
-Pure: no I/O, no torch, no network, never pickles.
+The receipts protocol's messages (``Hand``/``Taken``, ``Show``/``Shown``) are a ``wire.codec`` instance of their
+own. Pure: no I/O, no torch, no network, never pickles.
 
 The unit of work is the **block-token**: one token through one transformer block (``tokens * blocks``). It is
 what a server's compute and KV memory scale with, and it is the same for every server of a model, so receipts
@@ -22,6 +23,7 @@ from typing import Annotated, Final
 import msgspec
 
 from meshinfer.errors import WireError
+from meshinfer.wire.codec import Codec, failure_code, mismatch
 from meshinfer.wire.limits import MAX_MODEL_BLOCKS
 
 RECEIPT_VERSION: Final = 1
@@ -128,3 +130,76 @@ def decode_signed(data: bytes) -> SignedReceipt:
 def signed_bytes(body: bytes) -> bytes:
     """Exactly what the client's signature covers."""
     return SIGNING_DOMAIN + body
+
+
+# ---- the receipts protocol (``/meshinfer/receipts/1``) -------------------------------------------------------
+#
+# A client hands the receipts of its sessions to the server they name; anyone may ask a server for the receipts
+# it holds (to check a balance themselves), one stream, any number of requests in turn:
+#
+#     Hand(receipts)               -> Taken(counted, refused)   (each refusal: "<index>: <why>")
+#     Show(after, limit)           -> Shown(receipts, more)     (ordered by (client, server, session))
+#     anything wrong               -> ReceiptsError(code, message)  (the stream stays usable)
+
+RECEIPTS_PROTOCOL: Final = "/meshinfer/receipts/1"
+MAX_RECEIPTS_PER_MESSAGE: Final = 256
+
+SignedBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_SIGNED_RECEIPT_BYTES)]
+
+
+class _Msg(msgspec.Struct, frozen=True, tag_field="type"):
+    pass
+
+
+class Hand(_Msg, frozen=True, tag="hand"):
+    receipts: Annotated[list[SignedBytes], msgspec.Meta(max_length=MAX_RECEIPTS_PER_MESSAGE)]
+    v: int = RECEIPT_VERSION
+
+
+class Taken(_Msg, frozen=True, tag="taken"):
+    counted: Annotated[int, msgspec.Meta(ge=0, le=MAX_RECEIPTS_PER_MESSAGE)]
+    refused: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                       msgspec.Meta(max_length=MAX_RECEIPTS_PER_MESSAGE)]
+    v: int = RECEIPT_VERSION
+
+
+class Show(_Msg, frozen=True, tag="show"):
+    after: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]], msgspec.Meta(max_length=3)] = []
+    """The (client, server, session) of the last receipt already seen; empty: from the start."""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_RECEIPTS_PER_MESSAGE)] = MAX_RECEIPTS_PER_MESSAGE
+    v: int = RECEIPT_VERSION
+
+
+class Shown(_Msg, frozen=True, tag="shown"):
+    receipts: Annotated[list[SignedBytes], msgspec.Meta(max_length=MAX_RECEIPTS_PER_MESSAGE)]
+    more: bool
+    v: int = RECEIPT_VERSION
+
+
+class ReceiptsError(_Msg, frozen=True, tag="error"):
+    code: Annotated[str, msgspec.Meta(max_length=64)]
+    message: Annotated[str, msgspec.Meta(max_length=4096)]
+    v: int = RECEIPT_VERSION
+
+
+ReceiptsMessage = Hand | Taken | Show | Shown | ReceiptsError
+RECEIPTS_MESSAGE_TYPES: Final = (Hand, Taken, Show, Shown, ReceiptsError)
+
+_codec: Codec[ReceiptsMessage] = Codec(
+    ReceiptsMessage, RECEIPTS_MESSAGE_TYPES, version=RECEIPT_VERSION, kind="receipts-protocol message",
+    label="receipts message", version_error=mismatch("receipts ", RECEIPT_VERSION), probe_version=True,
+    length_limits=True,
+)
+
+
+def encode_receipts_message(msg: ReceiptsMessage) -> bytes:
+    return _codec.encode(msg)
+
+
+def decode_receipts_message(data: bytes | memoryview) -> ReceiptsMessage:
+    """Decode and validate one message; ``WireError`` (or a subclass) for anything malformed."""
+    return _codec.decode(data)
+
+
+def receipts_error_for(err: BaseException) -> ReceiptsError:
+    return ReceiptsError(code=failure_code(err), message=(str(err) or type(err).__name__)[:4096])
