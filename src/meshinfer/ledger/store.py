@@ -72,6 +72,12 @@ class ReceiptStore:
         with self._lock:
             return [bytes(row[0]) for row in self._db.execute(query, args)]
 
+    def used_by_client(self) -> dict[str, int]:
+        """Block-tokens each client used here (over the newest receipt of each of its sessions)."""
+        with self._lock:
+            rows = self._db.execute("SELECT client, SUM(tokens * blocks) FROM receipts GROUP BY client").fetchall()
+        return {str(client): int(work) for client, work in rows}
+
     def receipts(self) -> list[Receipt]:
         return [decode_receipt(decode_signed(blob).body) for blob in self.signed_receipts()]
 

@@ -1,0 +1,170 @@
+"""A server's receipt desk (issue 23): takes clients' receipts, shows them to anyone, knows each peer's credit.
+
+Contract: ``ReceiptDesk.handle`` serves ``/meshinfer/receipts/1`` (``wire.receipts``): a ``Hand`` of signed
+receipts is verified one by one (``ledger.receipts.verify_receipt``), and a receipt is kept only when it names
+this server as its server and the peer on the other end of the stream as its client (a peer cannot hand in
+another's receipts) and the book counts it (``ledger.book.judge``: newest per session, no replays); the answer
+says how many counted and why the others did not. A ``Show`` pages through everything held, as the clients
+signed it, so whoever asks can verify each receipt and compute balances themselves. ``credit(peer)`` is that
+peer's credit as this server sees it, for the scheduler: work the peer served (from the receipts the peer itself
+shows, fetched in the background with ``learn`` and cached for ``learn_ttl`` s; 0 until known) minus the work it
+used here (from this server's own book). It never blocks and never raises. Malformed messages get a
+``ReceiptsError`` and the stream stays usable; nothing here touches sessions or the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from meshinfer.errors import MeshinferError, TransportError, WireError
+from meshinfer.ledger.book import Book
+from meshinfer.ledger.receipts import ReceiptError, verify_receipt
+from meshinfer.ledger.store import ReceiptStore
+from meshinfer.p2p.node import PeerNode
+from meshinfer.p2p.stream import MessageStream
+from meshinfer.wire.receipts import (
+    MAX_RECEIPTS_PER_MESSAGE,
+    RECEIPTS_PROTOCOL,
+    Hand,
+    Receipt,
+    ReceiptsError,
+    Show,
+    Shown,
+    Taken,
+    decode_receipts_message,
+    decode_signed,
+    encode_receipts_message,
+    receipts_error_for,
+)
+
+log = logging.getLogger(__name__)
+
+LEARN_TTL_S = 120.0
+MAX_LEARN_PAGES = 16
+USED_REFRESH_S = 2.0
+
+
+class ReceiptDesk:
+    def __init__(self, node: PeerNode, store: ReceiptStore, *, clock: Callable[[], float] = time.time,
+                 learn_ttl: float = LEARN_TTL_S) -> None:
+        self.node = node
+        self.store = store
+        self.clock = clock
+        self.learn_ttl = learn_ttl
+        self._served: dict[str, tuple[int, float]] = {}  # peer -> (work it showed it served, when learned)
+        self._learning: dict[str, asyncio.Task[None]] = {}
+        self._used: dict[str, int] = {}
+        self._used_at = -1e18
+
+    async def start(self) -> None:
+        await self.node.handle(RECEIPTS_PROTOCOL, self.handle)
+
+    # ---- the protocol ----------------------------------------------------------------------------
+
+    async def handle(self, stream: MessageStream) -> None:
+        while True:
+            try:
+                payload = await stream.recv_bytes()
+            except (TransportError, asyncio.IncompleteReadError, ConnectionError):
+                return
+            try:
+                msg = decode_receipts_message(payload)
+                if isinstance(msg, Hand):
+                    reply: Taken | Shown | ReceiptsError = self.take(msg, stream.peer_id)
+                elif isinstance(msg, Show):
+                    reply = self.show(msg)
+                else:
+                    reply = ReceiptsError(code="bad_request", message=f"a server does not take {type(msg).__name__}")
+            except WireError as err:
+                reply = receipts_error_for(err)
+            await stream.send_bytes(encode_receipts_message(reply))
+
+    def take(self, msg: Hand, sender: str) -> Taken:
+        counted, refused = 0, []
+        now = self.clock()
+        for i, blob in enumerate(msg.receipts):
+            try:
+                signed = decode_signed(blob)
+                receipt = verify_receipt(signed, now=now)
+                if receipt.server != self.node.peer_id:
+                    raise ReceiptError(f"the receipt names server {receipt.server[:16]}…, not this one")
+                if receipt.client != sender:
+                    raise ReceiptError("a peer may hand in only the receipts it signed itself")
+                verdict = self.store.put(signed, receipt)
+            except (ReceiptError, WireError) as err:
+                refused.append(f"{i}: {err}"[:256])
+                continue
+            if verdict in ("new", "newer"):
+                counted += 1
+                self._used_at = -1e18  # refresh the used-here totals on the next credit lookup
+            else:
+                refused.append(f"{i}: {verdict}")
+        return Taken(counted=counted, refused=refused)
+
+    def show(self, msg: Show) -> Shown:
+        after = (msg.after[0], msg.after[1], msg.after[2]) if len(msg.after) == 3 else None
+        page = self.store.signed_receipts(limit=msg.limit + 1, after=after)
+        return Shown(receipts=page[:msg.limit], more=len(page) > msg.limit)
+
+    # ---- credit ----------------------------------------------------------------------------------
+
+    def credit(self, peer: str) -> int:
+        """``peer``'s credit as this server sees it (see the module docstring); starts a background ``learn``."""
+        now = self.clock()
+        if now - self._used_at > USED_REFRESH_S:
+            self._used = self.store.used_by_client()
+            self._used_at = now
+        served, when = self._served.get(peer, (0, -1e18))
+        if now - when > self.learn_ttl and peer not in self._learning and peer != self.node.peer_id:
+            try:
+                task = asyncio.get_running_loop().create_task(self.learn(peer), name=f"learn-receipts:{peer[:8]}")
+            except RuntimeError:  # no loop: nothing to learn with
+                pass
+            else:
+                self._learning[peer] = task
+                task.add_done_callback(lambda _t, p=peer: self._learning.pop(p, None))
+        return served - self._used.get(peer, 0)
+
+    async def learn(self, peer: str) -> None:
+        """Fetch and verify the receipts ``peer`` shows; remember the work they say it served."""
+        book = Book()
+        try:
+            for receipt in await fetch_receipts(self.node, peer, pages=MAX_LEARN_PAGES, now=self.clock()):
+                if receipt.server == peer:
+                    book.offer(receipt)
+        except (TimeoutError, MeshinferError, OSError) as err:
+            log.debug("cannot learn the receipts of %s: %s", peer, err)
+        self._served[peer] = (sum(r.work for r in book.receipts()), self.clock())
+
+    async def close(self) -> None:
+        for task in list(self._learning.values()):
+            task.cancel()
+
+
+async def fetch_receipts(node: PeerNode, peer: str, *, pages: int = MAX_LEARN_PAGES, now: float,
+                         maddrs: tuple[str, ...] = (), timeout: float = 10.0) -> list[Receipt]:
+    """The receipts ``peer`` shows (at most ``pages`` pages), each verified; bad ones are dropped."""
+    stream = await node.open_stream(peer, RECEIPTS_PROTOCOL, maddrs=maddrs, timeout=timeout)
+    out: list[Receipt] = []
+    try:
+        after: list[str] = []
+        for _ in range(pages):
+            await stream.send_bytes(encode_receipts_message(Show(after=after, limit=MAX_RECEIPTS_PER_MESSAGE)))
+            reply = decode_receipts_message(await stream.recv_bytes(timeout=timeout))
+            if not isinstance(reply, Shown):
+                raise WireError(f"peer answered {type(reply).__name__} to Show")
+            for blob in reply.receipts:
+                try:
+                    receipt = verify_receipt(decode_signed(blob), now=now)
+                except (ReceiptError, WireError):
+                    continue
+                out.append(receipt)
+                after = list(receipt.key)
+            if not reply.more or not reply.receipts:
+                break
+    finally:
+        await stream.close()
+    return out
