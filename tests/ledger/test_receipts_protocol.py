@@ -16,11 +16,12 @@ import pytest
 from meshinfer.client.receipts import ReceiptSender
 from meshinfer.config import P2PConfig
 from meshinfer.ledger.book import Book
+from meshinfer.ledger.fetch import fetch_receipts
 from meshinfer.ledger.receipts import issue_receipt
 from meshinfer.ledger.store import ReceiptStore
 from meshinfer.loopthread import LoopThread
 from meshinfer.p2p import NodeSettings, PeerNode
-from meshinfer.server.receipts import ReceiptDesk, fetch_receipts
+from meshinfer.server.receipts import ReceiptDesk
 from meshinfer.wire.receipts import (
     RECEIPTS_PROTOCOL,
     Hand,
@@ -118,7 +119,7 @@ def test_a_client_hands_its_receipts_and_anyone_sees_the_same_balances(peers):
 
 
 def test_forged_replayed_and_foreign_receipts_are_refused_and_the_stream_stays_usable(peers):
-    runner, (server_a, server_b, client), (desk_a, _) = peers
+    runner, (server_a, server_b, client), (_desk_a, _) = peers
     now = time.time()
     mine = Receipt(model=MODEL, client=client.peer_id, server=server_a.peer_id, session="c7" * 12, seq=1, tokens=5,
                    blocks=1, started=now, issued=now)
@@ -144,7 +145,7 @@ def test_forged_replayed_and_foreign_receipts_are_refused_and_the_stream_stays_u
 
 
 def test_a_servers_credit_is_learnt_from_the_receipts_it_shows(peers):
-    runner, (server_a, server_b, client), (desk_a, desk_b) = peers
+    runner, (_server_a, server_b, client), (desk_a, desk_b) = peers
 
     async def credit_of_b() -> int:
         desk_a.credit(server_b.peer_id)  # starts learning

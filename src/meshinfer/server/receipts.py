@@ -21,15 +21,14 @@ from collections.abc import Callable
 
 from meshinfer.errors import MeshinferError, TransportError, WireError
 from meshinfer.ledger.book import Book
+from meshinfer.ledger.fetch import fetch_receipts
 from meshinfer.ledger.receipts import ReceiptError, verify_receipt
 from meshinfer.ledger.store import ReceiptStore
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.wire.receipts import (
-    MAX_RECEIPTS_PER_MESSAGE,
     RECEIPTS_PROTOCOL,
     Hand,
-    Receipt,
     ReceiptsError,
     Show,
     Shown,
@@ -142,29 +141,3 @@ class ReceiptDesk:
     async def close(self) -> None:
         for task in list(self._learning.values()):
             task.cancel()
-
-
-async def fetch_receipts(node: PeerNode, peer: str, *, pages: int = MAX_LEARN_PAGES, now: float,
-                         maddrs: tuple[str, ...] = (), timeout: float = 10.0) -> list[Receipt]:
-    """The receipts ``peer`` shows (at most ``pages`` pages), each verified; bad ones are dropped."""
-    stream = await node.open_stream(peer, RECEIPTS_PROTOCOL, maddrs=maddrs, timeout=timeout)
-    out: list[Receipt] = []
-    try:
-        after: list[str] = []
-        for _ in range(pages):
-            await stream.send_bytes(encode_receipts_message(Show(after=after, limit=MAX_RECEIPTS_PER_MESSAGE)))
-            reply = decode_receipts_message(await stream.recv_bytes(timeout=timeout))
-            if not isinstance(reply, Shown):
-                raise WireError(f"peer answered {type(reply).__name__} to Show")
-            for blob in reply.receipts:
-                try:
-                    receipt = verify_receipt(decode_signed(blob), now=now)
-                except (ReceiptError, WireError):
-                    continue
-                out.append(receipt)
-                after = list(receipt.key)
-            if not reply.more or not reply.receipts:
-                break
-    finally:
-        await stream.close()
-    return out
