@@ -130,3 +130,18 @@ def test_a_full_store_refuses_new_sessions_but_updates_held_ones(peers, tmp_path
     assert store.put(issue_receipt(alice, newer), newer) == "newer"
     assert store.put(issue_receipt(alice, newer), newer) == "replay"
     assert [r.tokens for r in store.receipts()] == [99]
+
+
+def test_the_credits_document_counts_receipts_only_and_labels_the_rate(peers):
+    from meshinfer.ledger.report import credits_doc
+
+    a, b = peers[:2]
+    old = msgspec.structs.replace(receipt(a, b, session="1" * 32, tokens=100, blocks=2), issued=NOW - 7200)
+    new = receipt(a, b, session="2" * 32, tokens=50, blocks=2)
+    doc = credits_doc([old, new], {b.peer_id: 2, "12D3KooWdead": "timed out"}, {b.peer_id: "bob"}, NOW)
+    rows = {p["peer_id"]: p for p in doc["peers"]}
+    assert rows[b.peer_id]["served"] == 300 and rows[b.peer_id]["credit"] == 300 and rows[b.peer_id]["name"] == "bob"
+    assert rows[a.peer_id]["used"] == 300 and rows[a.peer_id]["credit"] == -300
+    assert rows[b.peer_id]["served_per_hour_measured"] == 100  # only the receipt of the last hour
+    assert doc["peers"][0]["peer_id"] == b.peer_id and doc["asked"]["12D3KooWdead"] == "timed out"
+    assert "measured" not in doc["source"] and "block-tokens" in doc["unit"]
