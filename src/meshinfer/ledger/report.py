@@ -27,7 +27,7 @@ def credits_doc(receipts: Iterable[Receipt], shown: Mapping[str, int | str], nam
     for r in held:
         if now - r.issued <= window_s:
             recent[r.server] = recent.get(r.server, 0) + r.work
-    peers = []
+    peers: list[dict[str, Any]] = []
     for peer, b in sorted(totals.items(), key=lambda kv: (-kv[1].credit, kv[0])):
         peers.append({
             "peer_id": peer, "name": names.get(peer), "served": b.served, "used": b.used, "credit": b.credit,
