@@ -54,6 +54,7 @@ from meshinfer.server.owner_watch import OwnerWatch
 from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
+from meshinfer.server.receipts import ReceiptDesk, open_desk
 from meshinfer.server.serving import Identity, Serving, load_serving, publish
 from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
@@ -109,6 +110,8 @@ class BlockServer:
     owner: OwnerWatch | None = None
     """Watches the owner's load and ``--schedule`` (``--when idle`` or ``--schedule`` given)."""
     paused: str | None = None
+    desk: ReceiptDesk | None = None
+    """Takes and shows the receipts clients sign for this server's work (``--credits``; None: off)."""
     """Why the server gave the machine back to its owner (None: it serves)."""
 
     def info(self) -> dict[str, Any]:
@@ -160,6 +163,7 @@ class BlockServer:
         server: BlockServer | None = None
         announcer: Announcer | None = None
         first: Serving | None = None
+        desk: ReceiptDesk | None = None
         try:
             if metrics is not None and config.metrics_port is not None:
                 def sample() -> ServerSample:
@@ -173,8 +177,10 @@ class BlockServer:
                                   ttl=config.announce_ttl, refresh=config.announce_refresh)
             await announcer.start()
             log.info("announced model %s (%s) blocks %s as joining", who.card.name, who.model_id, ready.span)
+            desk = await open_desk(config, who.node)
             first = await load_serving(config, ready.ckpt, ready.span,
-                                       lambda finished: service.on_results(finished), metrics, device)
+                                       lambda finished: service.on_results(finished), metrics, device,
+                                       desk.credit if desk is not None else None)
             config = size_cache(config, first.steps.span, device)  # the KV budget is known from here on
             who = replace(who, config=config)
             pool = PushPool(who.node, lambda err: service.on_push_error(err), settings=who.node.settings.stream)
@@ -188,12 +194,15 @@ class BlockServer:
             server = cls(config, who, ready.model_dir, ready.ckpt, model_ref if ready.fetched else None, announcer,
                          service, pool, first, ready.span, metrics)
             service.on_change = server._status_dirty.set
+            server.desk, desk = desk, None
             await server._serve()
         except BaseException:
             if server is not None:
                 await server.stop()
             else:
                 await _abandon(who, ready.span, announcer, first, metrics)
+            if desk is not None:
+                await desk.close()
             raise
         return server
 
@@ -325,7 +334,7 @@ class BlockServer:
                     if self.seeder is not None:
                         await self.seeder.add(self.model_dir)
                 self.serving = await load_serving(self.config, self.ckpt, span, self.service.on_results, self.metrics,
-                                                  self.who.device)
+                                                  self.who.device, self.desk.credit if self.desk else None)
                 self._start_serving()
                 await self._announce_online()
             except Exception:
@@ -353,7 +362,7 @@ class BlockServer:
         except Exception:
             log.warning("error while draining", exc_info=True)
         await _close_all((self.announcer.stop, self.seeder.close if self.seeder else None, self.serving.steps.stop,
-                          self.pool.close, self.who.node.close), self.metrics)
+                          self.pool.close, self.desk.close if self.desk else None, self.who.node.close), self.metrics)
 
 
 async def _close_all(closers: tuple[Callable[[], Awaitable[None]] | None, ...], metrics: ServerMetrics | None) -> None:

@@ -112,6 +112,13 @@ class ServerConfig:
                                      "outside them the server drains and waits (default: any time)")
     max_load: float | None = doc(None, "the share of this machine's CPU cores (0..1] the server computes with: sets "
                                        "its torch threads to that share (excludes --torch-threads)")
+    credits: bool = doc(True, "keep the usage receipts clients sign for this server's work (SQLite) and show them to "
+                              "anyone; under contention give peers with more credit (work served minus used) more "
+                              "decode slots (never all of them)")
+    receipts_db: str | None = doc(None, "SQLite file of the receipts this server holds (default: "
+                                        "<cache>/receipts/<peer id>.sqlite)")
+    max_batch_sessions: int = doc(64, "most sessions one turn of the step loop computes together; more wait "
+                                      "for the next turn")
     max_upload: float | None = doc(None, "cap the weight pieces this server sends to peers that fetch them, "
                                    "in MB/s (default: no cap)")
     max_download: float | None = doc(None, "cap the weight pieces this server fetches from the swarm when --model "
@@ -155,6 +162,8 @@ class ServerConfig:
                               f"number of tokens > 1, got {kv:g}")
         if self.max_queued_steps_per_peer <= 0:
             raise ConfigError(f"--max-queued-steps-per-peer must be > 0, got {self.max_queued_steps_per_peer}")
+        if self.max_batch_sessions <= 0:
+            raise ConfigError(f"--max-batch-sessions must be > 0, got {self.max_batch_sessions}")
         if self.max_step_tokens <= 0:
             raise ConfigError(f"--max-step-tokens must be > 0, got {self.max_step_tokens}")
         if not self.session_idle_timeout > 0:

@@ -9,23 +9,29 @@ signed it, so whoever asks can verify each receipt and compute balances themselv
 peer's credit as this server sees it, for the scheduler: work the peer served (from the receipts the peer itself
 shows, fetched in the background with ``learn`` and cached for ``learn_ttl`` s; 0 until known) minus the work it
 used here (from this server's own book). It never blocks and never raises. Malformed messages get a
-``ReceiptsError`` and the stream stays usable; nothing here touches sessions or the model.
+``ReceiptsError`` and the stream stays usable; nothing here touches sessions or the model. ``open_desk(config,
+node)`` opens the desk of ``--credits`` (``--receipts-db``, else ``<cache>/receipts/<peer id>.sqlite``) and serves
+its protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from meshinfer.errors import MeshinferError, TransportError, WireError
+from meshinfer.config import cache_root
+from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
 from meshinfer.ledger.book import Book
 from meshinfer.ledger.fetch import fetch_receipts
 from meshinfer.ledger.receipts import ReceiptError, verify_receipt
 from meshinfer.ledger.store import ReceiptStore
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
+from meshinfer.server.config import ServerConfig
 from meshinfer.wire.receipts import (
     RECEIPTS_PROTOCOL,
     Hand,
@@ -114,7 +120,10 @@ class ReceiptDesk:
         """``peer``'s credit as this server sees it (see the module docstring); starts a background ``learn``."""
         now = self.clock()
         if now - self._used_at > USED_REFRESH_S:
-            self._used = self.store.used_by_client()
+            try:
+                self._used = self.store.used_by_client()
+            except sqlite3.Error:
+                log.warning("cannot read the receipts' totals", exc_info=True)
             self._used_at = now
         served, when = self._served.get(peer, (0, -1e18))
         if now - when > self.learn_ttl and peer not in self._learning and peer != self.node.peer_id:
@@ -141,3 +150,20 @@ class ReceiptDesk:
     async def close(self) -> None:
         for task in list(self._learning.values()):
             task.cancel()
+
+
+async def open_desk(config: ServerConfig, node: PeerNode) -> ReceiptDesk | None:
+    """The receipt desk of ``--credits`` (its SQLite file opened, its protocol served), or None."""
+    if not config.credits:
+        return None
+    path = Path(config.receipts_db) if config.receipts_db else cache_root() / "receipts" / f"{node.peer_id}.sqlite"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(ReceiptStore, path)
+    except (OSError, sqlite3.Error) as err:
+        raise ConfigError(f"--receipts-db {path}: cannot open it ({err}); give a writable path or --no-credits") \
+            from None
+    desk = ReceiptDesk(node, store)
+    await desk.start()
+    log.info("keeping usage receipts in %s", path)
+    return desk
