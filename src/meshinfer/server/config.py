@@ -20,6 +20,7 @@ A started server's config holds the resolved values (``resolved``); ``kv_budget`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from meshinfer.config import doc
@@ -115,6 +116,9 @@ class ServerConfig:
     credits: bool = doc(True, "keep the usage receipts clients sign for this server's work (SQLite) and show them to "
                               "anyone; under contention give peers with more credit (work served minus used) more "
                               "decode slots (never all of them)")
+    credit_to: str | None = doc(None, "the peer id of a client (e.g. your own `meshinfer generate --identity KEY`) "
+                                      "that may spend the credit this server earns: other servers give its "
+                                      "sessions that priority (default: none)")
     receipts_db: str | None = doc(None, "SQLite file of the receipts this server holds (default: "
                                         "<cache>/receipts/<peer id>.sqlite)")
     max_batch_sessions: int = doc(64, "most sessions one turn of the step loop computes together; more wait "
@@ -162,6 +166,8 @@ class ServerConfig:
                               f"number of tokens > 1, got {kv:g}")
         if self.max_queued_steps_per_peer <= 0:
             raise ConfigError(f"--max-queued-steps-per-peer must be > 0, got {self.max_queued_steps_per_peer}")
+        if self.credit_to is not None and not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{20,128}", self.credit_to):
+            raise ConfigError(f"--credit-to must be a peer id (base58, e.g. 12D3KooW...), got {self.credit_to!r}")
         if self.max_batch_sessions <= 0:
             raise ConfigError(f"--max-batch-sessions must be > 0, got {self.max_batch_sessions}")
         if self.max_step_tokens <= 0:

@@ -1,17 +1,18 @@
 """A server's receipt desk (issue 23): takes clients' receipts, shows them to anyone, knows each peer's credit.
 
 Contract: ``ReceiptDesk.handle`` serves ``/meshinfer/receipts/1`` (``wire.receipts``): a ``Hand`` of signed
-receipts is verified one by one (``ledger.receipts.verify_receipt``), and a receipt is kept only when it names
-this server as its server and the peer on the other end of the stream as its client (a peer cannot hand in
-another's receipts) and the book counts it (``ledger.book.judge``: newest per session, no replays); the answer
-says how many counted and why the others did not. A ``Show`` pages through everything held, as the clients
-signed it, so whoever asks can verify each receipt and compute balances themselves. ``credit(peer)`` is that
-peer's credit as this server sees it, for the scheduler: work the peer served (from the receipts the peer itself
-shows, fetched in the background with ``learn`` and cached for ``learn_ttl`` s; 0 until known) minus the work it
-used here (from this server's own book). It never blocks and never raises. Malformed messages get a
-``ReceiptsError`` and the stream stays usable; nothing here touches sessions or the model. ``open_desk(config,
-node)`` opens the desk of ``--credits`` (``--receipts-db``, else ``<cache>/receipts/<peer id>.sqlite``) and serves
-its protocol.
+receipts is verified one by one (``ledger.receipts.verify_receipt``), and a receipt is kept only when it names this
+server as its server and the peer on the other end of the stream as its client (a peer cannot hand in another's
+receipts) and the book counts it (``ledger.book.judge``: newest per session, no replays); the answer says how many
+counted and why the others did not. A ``Show`` pages through everything held, as the clients signed it, so whoever
+asks can verify each receipt and compute balances themselves. ``credit(peer)`` is that peer's credit as this server
+sees it, for the scheduler: work the peer served (from the receipts the peer itself shows, fetched in the
+background with ``learn`` and cached for ``learn_ttl`` s; 0 until known) minus the work it used here (from this
+server's own book); a client also gets the credit of every server whose record names it in ``credit_to`` (read from
+the swarm every 30 s: a contributor's server and its client are two peers). It never blocks and never raises.
+Malformed messages get a ``ReceiptsError`` and the stream stays usable; nothing here touches sessions or the model.
+``open_desk(config, node)`` opens the desk of ``--credits`` (``--receipts-db``, else ``<cache>/receipts/<peer
+id>.sqlite``) and serves its protocol.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from meshinfer.ledger.book import Book
 from meshinfer.ledger.fetch import fetch_receipts
 from meshinfer.ledger.receipts import ReceiptError, verify_receipt
 from meshinfer.ledger.store import ReceiptStore
+from meshinfer.p2p.directory import read_swarm
 from meshinfer.p2p.node import PeerNode
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.server.config import ServerConfig
@@ -47,7 +49,8 @@ from meshinfer.wire.receipts import (
 
 log = logging.getLogger(__name__)
 
-LEARN_TTL_S = 120.0
+LEARN_TTL_S = 60.0
+LINKS_EVERY_S = 30.0
 MAX_LEARN_PAGES = 16
 USED_REFRESH_S = 2.0
 
@@ -63,9 +66,28 @@ class ReceiptDesk:
         self._learning: dict[str, asyncio.Task[None]] = {}
         self._used: dict[str, int] = {}
         self._used_at = -1e18
+        self.links: dict[str, set[str]] = {}
+        """Client peer -> servers that give it their credit (``ServerRecord.credit_to``), from the swarm's records."""
+        self._links_task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, links_every: float = LINKS_EVERY_S) -> None:
         await self.node.handle(RECEIPTS_PROTOCOL, self.handle)
+        self._links_task = asyncio.create_task(self._read_links(links_every), name="credit-links")
+
+    async def _read_links(self, every: float) -> None:
+        """Keep ``links`` current: which servers of the swarm name which client in ``credit_to``."""
+        while True:
+            try:
+                snapshot = await read_swarm(self.node, timeout=10.0)
+                links: dict[str, set[str]] = {}
+                for coverage in snapshot.coverage.values():
+                    for peer, record in coverage.servers.items():
+                        if record.credit_to and record.credit_to != peer:
+                            links.setdefault(record.credit_to, set()).add(peer)
+                self.links = links
+            except (MeshinferError, OSError, TimeoutError) as err:
+                log.debug("cannot read the swarm's credit links: %s", err)
+            await asyncio.sleep(every)
 
     # ---- the protocol ----------------------------------------------------------------------------
 
@@ -125,16 +147,20 @@ class ReceiptDesk:
             except sqlite3.Error:
                 log.warning("cannot read the receipts' totals", exc_info=True)
             self._used_at = now
-        served, when = self._served.get(peer, (0, -1e18))
-        if now - when > self.learn_ttl and peer not in self._learning and peer != self.node.peer_id:
-            try:
-                task = asyncio.get_running_loop().create_task(self.learn(peer), name=f"learn-receipts:{peer[:8]}")
-            except RuntimeError:  # no loop: nothing to learn with
-                pass
-            else:
-                self._learning[peer] = task
-                task.add_done_callback(lambda _t, p=peer: self._learning.pop(p, None))
+        served = sum(self._served_by(server, now) for server in {peer, *self.links.get(peer, ())})
         return served - self._used.get(peer, 0)
+
+    def _served_by(self, server: str, now: float) -> int:
+        """What ``server`` showed it served (0 until learnt); starts learning it again when stale."""
+        served, when = self._served.get(server, (0, -1e18))
+        if now - when > self.learn_ttl and server not in self._learning and server != self.node.peer_id:
+            try:
+                task = asyncio.get_running_loop().create_task(self.learn(server), name=f"learn-receipts:{server[:8]}")
+            except RuntimeError:  # no loop: nothing to learn with
+                return served
+            self._learning[server] = task
+            task.add_done_callback(lambda _t, p=server: self._learning.pop(p, None))
+        return served
 
     async def learn(self, peer: str) -> None:
         """Fetch and verify the receipts ``peer`` shows; remember the work they say it served."""
@@ -148,8 +174,9 @@ class ReceiptDesk:
         self._served[peer] = (sum(r.work for r in book.receipts()), self.clock())
 
     async def close(self) -> None:
-        for task in list(self._learning.values()):
+        for task in [*self._learning.values(), *([self._links_task] if self._links_task else [])]:
             task.cancel()
+        self.store.close()
 
 
 async def open_desk(config: ServerConfig, node: PeerNode) -> ReceiptDesk | None:

@@ -80,7 +80,7 @@ class Identity:
             batch_size=measured.batch_size if measured is not None else 0,
             software_version=__version__, public_name=cfg.public_name, protocol_version=PROTOCOL_VERSION,
             quant=cfg.quant, weight_bytes=serving.weight_bytes if serving is not None else 0,
-            device=self.device.label, dtype=cfg.dtype,
+            device=self.device.label, dtype=cfg.dtype, credit_to=cfg.credit_to,
         )
 
     def sample(self, span: BlockRange, state: ServerState, serving: Serving | None,

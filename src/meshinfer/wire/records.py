@@ -108,6 +108,9 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     """How others reach the server's libp2p plane (``public``, ``hole-punched``, ``relayed``: only through a circuit
     relay; see ``meshinfer.p2p.natkind``); records of older servers lack it (decoded as ``public``). Routing charges
     a relayed hop more; a kind this peer does not know counts as relayed."""
+    credit_to: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    """The client peer that may spend the credit this server earns (``--credit-to``, issue 23): servers give that
+    client's sessions the priority of this server's receipts. None: the server's own peer id only."""
     v: int = RECORD_VERSION
 
 
