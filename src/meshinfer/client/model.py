@@ -48,6 +48,7 @@ from meshinfer.client.audit import AuditCounters, Auditor
 from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.receipts import ReceiptSender
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
@@ -101,6 +102,8 @@ class DistributedModel(CheckpointGenerator):
         self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
                              publish_audits=config.publish_audits)
         """Report checks and audit tallies in the background (``client.upkeep``)."""
+        self.receipts = ReceiptSender(view.node, ref.model_id) if config.receipts else None
+        """Signs this client's usage receipts for the servers' work and hands them over (``client.receipts``)."""
         self._runner = runner
         self._view = view
         self._heads = HeadBatcher(head, cohorts=config.cohorts)
@@ -238,6 +241,7 @@ class DistributedModel(CheckpointGenerator):
 
             session.auditor = Auditor(session, find, self.audits,
                                       report=self._view.report if self.config.audit_report else None)
+        session.receipts = self.receipts
         self.last_session = session
         return session
 
@@ -376,6 +380,9 @@ class DistributedModel(CheckpointGenerator):
             self._closed = True
         with contextlib.suppress(Exception):
             self._runner.run(self.upkeep.aclose(), timeout=self.config.close_timeout)
+        if self.receipts is not None:
+            with contextlib.suppress(Exception):
+                self._runner.run(self.receipts.close(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

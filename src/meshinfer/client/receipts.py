@@ -3,7 +3,9 @@
 Contract: a ``ReceiptSender`` belongs to one client peer (its ``PeerNode``: the identity that signs) and one model.
 ``opened(peer, session_id, blocks)`` starts the book of one hop session; ``computed(session_id, tokens)`` adds
 the tokens that hop just computed (every token of every step it ran: replays and rejected speculative drafts are
-work too); every ``every_tokens`` tokens, and once more at ``closed(session_id)``, a new cumulative receipt
+work too); ``update(hops)``/``finish(hops)`` do the same from ``client.hops.HopSession``s (their ``work``
+counters), as an ``InferenceSession`` calls them after each step and when it closes. Every ``every_tokens``
+tokens, and once more at ``closed(session_id)``, a new cumulative receipt
 (``wire.receipts.Receipt``: seq + 1, the total so far) is signed and queued for its server; ``flush()`` hands the
 queued receipts to their servers over ``/meshinfer/receipts/1``, one stream per server kept open and reused. It
 runs in the background: a server that does not speak the protocol, or refuses, costs one log line and that
@@ -16,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from meshinfer.client.hops import HopSession
 from meshinfer.errors import MeshinferError
 from meshinfer.ledger.receipts import issue_receipt, next_receipt
 from meshinfer.p2p.node import PeerNode
@@ -69,6 +72,24 @@ class ReceiptSender:
     def opened(self, peer: str, session_id: str, blocks: int) -> None:
         if peer != self.node.peer_id:
             self._hops[session_id] = _Hop(peer, blocks, self.clock())
+
+    def update(self, hops: Iterable[HopSession]) -> None:
+        """Bring each hop's book up to its ``work`` (opening it on first sight)."""
+        for hs in hops:
+            book = self._hops.get(hs.session_id)
+            if book is None:
+                self.opened(hs.hop.peer_id, hs.session_id, len(hs.hop.span))
+                book = self._hops.get(hs.session_id)
+                if book is None:
+                    continue
+            self.computed(hs.session_id, hs.work - book.tokens)
+
+    def finish(self, hops: Iterable[HopSession]) -> None:
+        """The hops' sessions ended: their final receipts."""
+        hops = list(hops)
+        self.update(hops)
+        for hs in hops:
+            self.closed(hs.session_id)
 
     def computed(self, session_id: str, tokens: int) -> None:
         hop = self._hops.get(session_id)
