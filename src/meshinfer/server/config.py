@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from meshinfer.config import doc
 from meshinfer.devices import DEVICE_HELP, kv_tokens_for, parse_device
 from meshinfer.errors import ConfigError, UsageError
+from meshinfer.ledger.priority import PriorityPolicy
 from meshinfer.server.owner import OwnerPolicy, parse_schedule, threads_for
 from meshinfer.types import QUANT_GROUP_SIZES, BlockRange, canonical_dtype, check_quant
 from meshinfer.weights.rate import MB
@@ -119,6 +120,10 @@ class ServerConfig:
     credit_to: str | None = doc(None, "the peer id of a client (e.g. your own `meshinfer generate --identity KEY`) "
                                       "that may spend the credit this server earns: other servers give its "
                                       "sessions that priority (default: none)")
+    credit_weight: int = doc(4, "under contention, the most decode slots a peer with credit gets for each one a "
+                                "peer without credit gets (1: credit buys nothing)")
+    credit_saturation: int = doc(1_000_000, "credit, in block-tokens (tokens x blocks served minus used), at which a "
+                                            "peer gets --credit-weight (logarithmic below it)")
     receipts_db: str | None = doc(None, "SQLite file of the receipts this server holds (default: "
                                         "<cache>/receipts/<peer id>.sqlite)")
     max_batch_sessions: int = doc(64, "most sessions one turn of the step loop computes together; more wait "
@@ -168,6 +173,10 @@ class ServerConfig:
             raise ConfigError(f"--max-queued-steps-per-peer must be > 0, got {self.max_queued_steps_per_peer}")
         if self.credit_to is not None and not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{20,128}", self.credit_to):
             raise ConfigError(f"--credit-to must be a peer id (base58, e.g. 12D3KooW...), got {self.credit_to!r}")
+        if self.credit_weight < 1:
+            raise ConfigError(f"--credit-weight must be >= 1, got {self.credit_weight}")
+        if self.credit_saturation < 1:
+            raise ConfigError(f"--credit-saturation must be >= 1 block-token, got {self.credit_saturation}")
         if self.max_batch_sessions <= 0:
             raise ConfigError(f"--max-batch-sessions must be > 0, got {self.max_batch_sessions}")
         if self.max_step_tokens <= 0:
@@ -210,6 +219,11 @@ class ServerConfig:
         schedule = parse_schedule(self.schedule) if self.schedule is not None else None
         return OwnerPolicy(when=self.when, busy_share=self.busy_share, busy_for=self.busy_for, idle_for=self.idle_for,
                            schedule=schedule)
+
+    def priority_policy(self) -> PriorityPolicy:
+        """What credit buys on this server under contention (``ledger.priority``)."""
+        return PriorityPolicy(max_weight=self.credit_weight, saturation=self.credit_saturation,
+                              unit=max(1, self.credit_saturation // 1000))
 
     @property
     def owner_aware(self) -> bool:

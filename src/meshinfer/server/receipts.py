@@ -18,6 +18,7 @@ id>.sqlite``) and serves its protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LEARN_TTL_S = 60.0
 LINKS_EVERY_S = 30.0
+LINKS_AGAIN_S = 5.0
 MAX_LEARN_PAGES = 16
 USED_REFRESH_S = 2.0
 
@@ -69,6 +71,8 @@ class ReceiptDesk:
         self.links: dict[str, set[str]] = {}
         """Client peer -> servers that give it their credit (``ServerRecord.credit_to``), from the swarm's records."""
         self._links_task: asyncio.Task[None] | None = None
+        self._links_wanted = asyncio.Event()
+        self._links_at = -1e18
 
     async def start(self, *, links_every: float = LINKS_EVERY_S) -> None:
         await self.node.handle(RECEIPTS_PROTOCOL, self.handle)
@@ -87,7 +91,11 @@ class ReceiptDesk:
                 self.links = links
             except (MeshinferError, OSError, TimeoutError) as err:
                 log.debug("cannot read the swarm's credit links: %s", err)
-            await asyncio.sleep(every)
+            self._links_at = self.clock()
+            self._links_wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._links_wanted.wait()
 
     # ---- the protocol ----------------------------------------------------------------------------
 
@@ -147,6 +155,8 @@ class ReceiptDesk:
             except sqlite3.Error:
                 log.warning("cannot read the receipts' totals", exc_info=True)
             self._used_at = now
+        if peer not in self.links and now - self._links_at > LINKS_AGAIN_S:
+            self._links_wanted.set()  # a peer not seen before: read the links again now (at most every 5 s)
         served = sum(self._served_by(server, now) for server in {peer, *self.links.get(peer, ())})
         return served - self._used.get(peer, 0)
 

@@ -123,7 +123,7 @@ async def load_serving(config: ServerConfig, ckpt: Checkpoint, span_range: Block
     log.info("loaded blocks %s on %s (%s, weights %s: %.1f MB) in %.2f s", span_range, describe(device),
              config.dtype, config.quant, held / 1e6, time.perf_counter() - t0)
     steps = StepLoop(span, deliver, limits=DEFAULT_LIMITS, max_batch_sessions=config.max_batch_sessions,
-                     credit=credit)
+                     credit=credit, priority=config.priority_policy())
     steps.on_step = metrics.on_step if metrics is not None else None
     try:
         measured = await steps.call(measure_throughputs, span, TYPICAL_BATCH)
