@@ -155,7 +155,8 @@ class DistributedModel(CheckpointGenerator):
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout,
+            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
+                                             dht_timeout=config.dht_timeout,
                                              prior_cap=config.prior_cap, spread=config.spread,
                                              refuted_ban=config.refuted_ban), timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 LEARN_TTL_S = 60.0
 LINKS_EVERY_S = 30.0
 LINKS_AGAIN_S = 5.0
+MAX_ADDRESSES = 4096
 MAX_LEARN_PAGES = 16
 USED_REFRESH_S = 2.0
 
@@ -72,6 +73,7 @@ class ReceiptDesk:
         """Client peer -> servers that give it their credit (``ServerRecord.credit_to``), from the swarm's records."""
         self._links_task: asyncio.Task[None] | None = None
         self._links_wanted = asyncio.Event()
+        self._addresses: dict[str, tuple[str, ...]] = {}  # server peer -> its announced libp2p addresses
         self._links_at = -1e18
 
     async def start(self, *, links_every: float = LINKS_EVERY_S) -> None:
@@ -86,9 +88,12 @@ class ReceiptDesk:
                 links: dict[str, set[str]] = {}
                 for coverage in snapshot.coverage.values():
                     for peer, record in coverage.servers.items():
+                        self._addresses[peer] = tuple(record.addresses)
                         if record.credit_to and record.credit_to != peer:
                             links.setdefault(record.credit_to, set()).add(peer)
                 self.links = links
+                while len(self._addresses) > MAX_ADDRESSES:
+                    del self._addresses[next(iter(self._addresses))]
             except (MeshinferError, OSError, TimeoutError) as err:
                 log.debug("cannot read the swarm's credit links: %s", err)
             self._links_at = self.clock()
@@ -176,12 +181,15 @@ class ReceiptDesk:
         """Fetch and verify the receipts ``peer`` shows; remember the work they say it served."""
         book = Book()
         try:
-            for receipt in await fetch_receipts(self.node, peer, pages=MAX_LEARN_PAGES, now=self.clock()):
+            for receipt in await fetch_receipts(self.node, peer, pages=MAX_LEARN_PAGES, now=self.clock(),
+                                                maddrs=self._addresses.get(peer, ())):
                 if receipt.server == peer:
                     book.offer(receipt)
         except (TimeoutError, MeshinferError, OSError) as err:
-            log.debug("cannot learn the receipts of %s: %s", peer, err)
+            log.info("cannot learn the receipts of %s: %s", peer[:16], err)
         self._served[peer] = (sum(r.work for r in book.receipts()), self.clock())
+        if self._served[peer][0]:
+            log.info("peer %s showed receipts for %d block-tokens it served", peer[:16], self._served[peer][0])
 
     async def close(self) -> None:
         for task in [*self._learning.values(), *([self._links_task] if self._links_task else [])]:
