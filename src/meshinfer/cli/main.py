@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.api",
     "meshinfer.cli.dht",
     "meshinfer.cli.swarm",
+    "meshinfer.cli.credits",
     "meshinfer.cli.doctor",
     "meshinfer.cli.dashboard",
     "meshinfer.cli.models",

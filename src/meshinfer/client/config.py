@@ -79,6 +79,11 @@ class ClientConfig:
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
+    identity: str | None = doc(None, "path of this client's peer key file (created with mode 0600 if absent): the "
+                                     "peer id its receipts are signed with, whose credit servers weigh (default: a "
+                                     "new key each run); a server's --credit-to names it")
+    receipts: bool = doc(True, "sign usage receipts for the work servers do for this client and hand them to them "
+                               "(what credits are computed from; costs one signature per server every 64 tokens)")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
     sealed: bool = doc(False, "send each generation sealed (end-to-end encrypted) to one full node that takes sealed "

@@ -93,6 +93,9 @@ class HopSession:
     """The hop's results and signed commitments (created at ``open``)."""
     answered: int | None = None
     """The step id of the hop's latest result the session took (set by the session while a step runs)."""
+    work: int = 0
+    """Tokens this hop's server computed for the session: every step and replay, never less after a rewind (what
+    the client's usage receipts for it count, ``client.receipts``)."""
 
     def where(self) -> str:
         return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"

@@ -49,6 +49,7 @@ from meshinfer.client.audit import AuditCounters, Auditor
 from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.receipts import ReceiptSender
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
@@ -103,6 +104,8 @@ class DistributedModel(CheckpointGenerator):
         self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
                              publish_audits=config.publish_audits)
         """Report checks and audit tallies in the background (``client.upkeep``)."""
+        self.receipts = ReceiptSender(view.node, ref.model_id) if config.receipts else None
+        """Signs this client's usage receipts for the servers' work and hands them over (``client.receipts``)."""
         self._runner = runner
         self._view = view
         self._heads = HeadBatcher(head, cohorts=config.cohorts)
@@ -154,7 +157,8 @@ class DistributedModel(CheckpointGenerator):
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout,
+            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
+                                             dht_timeout=config.dht_timeout,
                                              prior_cap=config.prior_cap, spread=config.spread,
                                              refuted_ban=config.refuted_ban), timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
@@ -240,6 +244,7 @@ class DistributedModel(CheckpointGenerator):
 
             session.auditor = Auditor(session, find, self.audits,
                                       report=self._view.report if self.config.audit_report else None)
+        session.receipts = self.receipts
         self.last_session = session
         return session
 
@@ -384,6 +389,9 @@ class DistributedModel(CheckpointGenerator):
             self._closed = True
         with contextlib.suppress(Exception):
             self._runner.run(self.upkeep.aclose(), timeout=self.config.close_timeout)
+        if self.receipts is not None:
+            with contextlib.suppress(Exception):
+                self._runner.run(self.receipts.close(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import MeshinferError, TransportError, WireError
@@ -51,6 +51,7 @@ from meshinfer.types import BlockRange
 from meshinfer.wire.messages import error_code_for
 from meshinfer.wire.sealed import (
     SEALED_PROTOCOL,
+    SEALED_RELAY_PROTOCOL,
     RelayOpen,
     RequestBody,
     SealedCode,
@@ -82,9 +83,12 @@ from meshinfer.wire.sealing import (
 if TYPE_CHECKING:
     import torch
 
+    from meshinfer.models.checkpoint import Checkpoint
     from meshinfer.models.head import ClientHead
     from meshinfer.models.kv_cache import KVCache
     from meshinfer.models.spec import ModelSpec
+    from meshinfer.p2p.node import PeerNode
+    from meshinfer.server.config import ServerConfig
     from meshinfer.server.runtime import StepLoop
 
 log = logging.getLogger(__name__)
@@ -312,3 +316,36 @@ def _is_end(payload: bytes) -> bool:
     except WireError:
         return True
     return not isinstance(msg, SealedFrame) or (len(msg.data) > 0 and msg.data[0] == LAST)
+
+
+async def start_sealed(cfg: ServerConfig, node: PeerNode, *, span: BlockRange, num_blocks: int, model_name: str,
+                       model_id: str, ckpt: Checkpoint, device: Any, full: Callable[[], FullNode | None],
+                       budget: Callable[[], MemoryBudget]) -> tuple[SealedRelay | None, SealedService | None, Any]:
+    """Serve the sealed relay (unless ``--no-sealed-relay``) and, with ``--sealed`` on a full node, sealed
+    requests: load the head and make a sealing key (announced with the record once online). Returns the relay, the
+    service and the head (None where not served)."""
+    relay: SealedRelay | None = None
+    if cfg.sealed_relay:
+        capture = Path(cfg.sealed_relay_capture) if cfg.sealed_relay_capture else None
+        relay = SealedRelay(node.open_stream, peer_id=node.peer_id, capture=capture)
+        await node.handle(SEALED_RELAY_PROTOCOL, relay.handle)
+    if not cfg.sealed:
+        return relay, None, None
+    whole = BlockRange(0, num_blocks)
+    if span != whole:
+        log.warning("--sealed: this server serves blocks %s, not the whole model %s; it takes no sealed requests",
+                    span, whole)
+        return relay, None, None
+    from meshinfer.models.quant import QuantConfig
+
+    try:
+        head = await asyncio.to_thread(ckpt.load_head, cfg.dtype, device,
+                                       QuantConfig("none" if cfg.quant == "none" else "int8"))
+    except MeshinferError as err:
+        log.warning("--sealed: cannot load the embeddings and LM head (%s); this server takes no sealed requests", err)
+        return relay, None, None
+    service = SealedService(peer_id=node.peer_id, model_id=model_id, key=SealingKey.generate(), full=full,
+                            budget=budget, max_active=cfg.max_sealed, window_s=cfg.sealed_window)
+    await node.handle(SEALED_PROTOCOL, service.handle)
+    log.info("taking sealed requests (%s) for %s", SEALED_PROTOCOL, model_name)
+    return relay, service, head

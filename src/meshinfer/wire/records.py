@@ -113,6 +113,9 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     """The X25519 public key (64 lowercase hex characters) this full node takes sealed requests under
     (``/meshinfer/sealed/1``; issue 22), bound to the peer by the record's signature; empty: no sealed requests (not
     a full node, or not offered). Older records lack it (decoded as empty)."""
+    credit_to: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    """The client peer that may spend the credit this server earns (``--credit-to``, issue 23): servers give that
+    client's sessions the priority of this server's receipts. None: the server's own peer id only."""
     v: int = RECORD_VERSION
 
 
