@@ -33,6 +33,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "report_check_s": 60.0, "publish_audits": True,
     # issue 22: generations go through the split route unless sealed to a full node is asked for
     "sealed": False, "sealed_relay": "",
+    # issue 23: clients sign usage receipts for the servers' work, with a new key unless --identity is given
+    "identity": None, "receipts": True,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
