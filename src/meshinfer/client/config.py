@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from meshinfer.config import doc
+from meshinfer.config import P2PConfig, doc, field_help
 from meshinfer.devices import DEVICE_HELP, parse_device
 from meshinfer.errors import ConfigError
 from meshinfer.types import check_quant
@@ -79,6 +79,7 @@ class ClientConfig:
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
+    swarm_key: str | None = doc(None, field_help(P2PConfig, "swarm_key"), metavar="FILE")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
 

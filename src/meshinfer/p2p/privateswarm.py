@@ -1,0 +1,161 @@
+"""The libp2p side of private swarms: the join check and the membership preamble of every stream.
+
+Contract: the part of ``PeerNode`` (``meshinfer.p2p.node``) that applies ``meshinfer.p2p.membership`` to libp2p:
+
+- ``MEMBER_PROTOCOL`` (served raw by every node, public ones included, outside ``Admission``: one bounded
+  exchange): the opener writes a preamble (``SwarmKey.preamble``, or ``public_preamble`` without a key); the
+  listener answers ``[u16 length][reason]``, an empty reason meaning "same swarm". ``check_join`` runs it against
+  the initial peers before a node joins their DHT, so a peer without the key, with another key, or a member
+  pointed at a public swarm stops at once with a one-line ``ConfigError`` (never a hang: every step is bounded
+  by ``timeout``). Peers that do not answer are skipped (the DHT bootstrap then says none answered).
+- ``read_preamble``: what a private node's stream handler runs before dispatching: the first byte of an
+  outsider's stream is a frame's, so it is refused at once; a member's 57 bytes are checked against both peer ids
+  and the protocol. It returns the refusal ("" when admitted), which the caller sends as a typed ``Error``.
+
+It knows nothing of sessions, records or models; hivemind only through the daemon handle it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Sequence
+
+# isort: split
+from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
+
+# isort: split
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from meshinfer.errors import ConfigError
+from meshinfer.p2p.membership import (
+    MAC_BYTES,
+    NONCE_BYTES,
+    PREAMBLE_BYTES,
+    PREAMBLE_MAGIC,
+    PUBLIC_KEY_ID,
+    SwarmKey,
+    preamble_key_id,
+    refusal,
+)
+
+log = logging.getLogger(__name__)
+
+MEMBER_PROTOCOL = "/meshinfer/member/1"
+MAX_REASON_BYTES = 512
+JOIN_CHECK_PEERS = 3
+"""At most this many initial peers are asked (the first that answers decides)."""
+
+
+def public_preamble() -> bytes:
+    """What a peer without a swarm key sends where a preamble is expected (says "public swarm")."""
+    return bytes([PREAMBLE_MAGIC]) + PUBLIC_KEY_ID + b"\x00" * (NONCE_BYTES + MAC_BYTES)
+
+
+def verdict(key: SwarmKey | None, data: bytes, protocol: str, opener: str, listener: str) -> str:
+    """Why a node with ``key`` refuses a stream that began with ``data`` ("" when the opener is of its swarm)."""
+    if len(data) < 1 or data[0] != PREAMBLE_MAGIC:
+        return refusal(key, PUBLIC_KEY_ID)
+    claimed = preamble_key_id(data)
+    reason = refusal(key, claimed)
+    if reason or key is None:
+        return reason
+    if not key.check_preamble(data, protocol, opener, listener):
+        return "this swarm is private: bad membership proof"
+    return ""
+
+
+async def read_preamble(reader: asyncio.StreamReader, key: SwarmKey | None, protocol: str, opener: str,
+                        listener: str, timeout: float) -> str:
+    """Read a stream's preamble (its first byte alone when that cannot start one); the refusal or ""."""
+    try:
+        async with asyncio.timeout(timeout):
+            data = await reader.readexactly(1)
+            if data[0] == PREAMBLE_MAGIC:
+                data += await reader.readexactly(PREAMBLE_BYTES - 1)
+    except TimeoutError:
+        return f"no membership proof within {timeout:g} s"
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        return "the stream closed before its membership proof"
+    return verdict(key, data, protocol, opener, listener)
+
+
+def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0):
+    """The raw ``MEMBER_PROTOCOL`` handler of a node with ``key`` (None: public)."""
+
+    async def on_stream(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            opener = info.peer_id.to_base58()  # type: ignore[attr-defined]
+            reason = await read_preamble(reader, key, MEMBER_PROTOCOL, opener, own_peer_id, timeout)
+            data = reason.encode()[:MAX_REASON_BYTES]
+            writer.write(struct.pack(">H", len(data)) + data)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+        except Exception as err:  # one bad opener only loses its own stream
+            log.debug("membership check from a peer failed: %s", err)
+        finally:
+            writer.close()
+
+    return on_stream
+
+
+def _peer_of(maddr: str) -> tuple[str, Multiaddr] | None:
+    try:
+        ma = Multiaddr(maddr)
+        peer = ma["p2p"]
+        return peer, ma.decapsulate(Multiaddr(f"/p2p/{peer}"))
+    except Exception:
+        return None
+
+
+async def ask(p2p: object, key: SwarmKey | None, own_peer_id: str, maddr: str, timeout: float) -> str | None:
+    """Ask the peer at ``maddr`` (with ``/p2p/<id>``) whether we are of its swarm: its refusal, "" (yes) or None
+    (no answer)."""
+    found = _peer_of(maddr)
+    if found is None:
+        return None
+    peer, transport = found
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            pid = PeerID.from_base58(peer)
+            with contextlib.suppress(Exception):
+                await p2p._client.connect(pid, [transport])  # type: ignore[attr-defined]
+            opened: tuple[object, asyncio.StreamReader, asyncio.StreamWriter] = \
+                await p2p.call_binary_stream_handler(pid, MEMBER_PROTOCOL)  # type: ignore[attr-defined]
+            _info, reader, writer = opened
+            writer.write(public_preamble() if key is None else key.preamble(MEMBER_PROTOCOL, own_peer_id, peer))
+            await writer.drain()
+            (length,) = struct.unpack(">H", await reader.readexactly(2))
+            if length > MAX_REASON_BYTES:
+                return None
+            return (await reader.readexactly(length)).decode(errors="replace")
+    except Exception as err:  # timeouts, old peers without the protocol, unreachable peers: no answer
+        log.debug("membership check with %s: no answer (%s)", maddr[:120], str(err)[:120] or type(err).__name__)
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def check_join(p2p: object, key: SwarmKey | None, own_peer_id: str, initial_peers: Sequence[str],
+                     timeout: float) -> None:
+    """Before joining: ask up to ``JOIN_CHECK_PEERS`` initial peers, each within ``timeout``; raise a one-line
+    ``ConfigError`` when the first that answers refuses us."""
+    asked: set[str] = set()
+    for maddr in initial_peers:
+        found = _peer_of(maddr)
+        if found is None or found[0] in asked or found[0] == own_peer_id:
+            continue
+        asked.add(found[0])
+        reason = await ask(p2p, key, own_peer_id, maddr, timeout)
+        if reason is not None:
+            if reason:
+                raise ConfigError(f"cannot join the swarm through {found[0][:16]}: {reason}")
+            return
+        if len(asked) >= JOIN_CHECK_PEERS:
+            return
+
