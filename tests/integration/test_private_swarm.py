@@ -25,7 +25,7 @@ from meshinfer.testing.procs import ManagedProcess, meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm, ServerProcess
 from meshinfer.wire.messages import Error, Ping
 from meshinfer.wire.pieces import PIECES_PROTOCOL, GetManifest, ManifestData, decode_piece_message, encode_piece_message
-from meshinfer.wire.records import ServerRecord
+from meshinfer.wire.records import ServerRecord, encode_record
 
 pytestmark = pytest.mark.slow
 
@@ -135,24 +135,33 @@ async def _no_check(*_args: object, **_kwargs: object) -> None:
     return None
 
 
-def test_outsiders_read_and_write_no_records(private: Private, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outsiders_get_no_dht_answers_and_no_records(private: Private, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hivemind.dht.routing import DHTID
+    from hivemind.p2p import PeerID
+
     model_id = private.swarm.model_id
     key = load_swarm_key(private.key)
+    dht_maddr = private.peers[0]
+    dht_peer = dht_maddr.rsplit("/p2p/", 1)[1]
 
     async def main() -> None:
         member = await _member(private)
-        monkeypatch.setattr(privateswarm, "check_join", _no_check)  # a modified client: joins the DHT anyway
-        outsider = await PeerNode.start(P2PConfig(mdns=False, initial_peers=tuple(private.peers)))
+        monkeypatch.setattr(privateswarm, "check_join", _no_check)  # a modified client: skips the join check
+        with pytest.raises(TransportError, match="no initial peer answered"):  # the DHT answers it nothing
+            await PeerNode.start(P2PConfig(mdns=False, initial_peers=tuple(private.peers)))
+        outsider = await PeerNode.start(P2PConfig(mdns=False))  # its own DHT, asking the swarm's DHT node directly
         try:
             found = await member.dht_get_records(f"servers:{model_id}")
             assert [f.peer_id for f in found] == [private.server.peer_id]  # members read as before
-            # the outsider sees nothing: not under the plain name, nor under the members' (which it cannot compute)
-            assert await outsider.dht_get_records(f"servers:{model_id}") == []
-            assert await outsider.dht_get_records(key.dht_key(f"servers:{model_id}")) == []
-            assert await outsider.dht_get_records(f"model:{model_id}") == []
-            # nor can it plant a record members accept, even under the members' own key name
+            assert await member.ping(dht_peer, [dht_maddr]) is not None
+            assert await outsider.ping(dht_peer, [dht_maddr], timeout=10) is None
+            pid, names = PeerID.from_base58(dht_peer), [f"servers:{model_id}", key.dht_key(f"servers:{model_id}")]
+            protocol = outsider._dht.protocol
+            assert await protocol.call_find(pid, [DHTID.generate(source=n) for n in names]) is None
             fake = msgspec.structs.replace(found[0].record, peer_id=outsider.peer_id)
-            await outsider.dht_put_record(key.dht_key(f"servers:{model_id}"), fake, time.time() + 60)
+            stored = await protocol.call_store(pid, [DHTID.generate(source=names[1])], [encode_record(fake)],
+                                               time.time() + 60)
+            assert stored is None  # nothing stored for an outsider
             again = await member.dht_get_records(f"servers:{model_id}")
             assert [f.peer_id for f in again] == [private.server.peer_id]
         finally:

@@ -64,7 +64,7 @@ def test_bad_key_lines_are_one_line_config_errors(text: str, match: str) -> None
 
 
 def test_key_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(ConfigError, match="no such file.*swarm-key new"):
+    with pytest.raises(ConfigError, match=r"no such file.*swarm-key new"):
         load_swarm_key(tmp_path / "missing")
     with pytest.raises(ConfigError, match="not a regular file"):
         load_swarm_key(tmp_path)
@@ -194,5 +194,40 @@ def test_direct_hellos_carry_membership(listener_key: SwarmKey | None, dialer_ke
                 await stream.close()
         finally:
             await plane.close()
+
+    asyncio.run(main())
+
+
+# --- DHT RPCs ---------------------------------------------------------------------------------------
+
+def test_dht_rpcs_carry_a_membership_mac() -> None:
+    from hivemind.proto import dht_pb2
+
+    from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, SwarmAuthorizer
+
+    async def main() -> None:
+        member, other = SwarmAuthorizer(KEY), SwarmAuthorizer(OTHER)
+        request = dht_pb2.FindRequest(keys=[b"k" * 20])
+        await member.sign_request(request, None)
+        assert await SwarmAuthorizer(KEY).validate_request(request)
+        assert not await other.validate_request(request)  # another swarm
+        assert not await SwarmAuthorizer(KEY).validate_request(dht_pb2.FindRequest(keys=[b"k" * 20]))  # unsigned
+        server = SwarmAuthorizer(KEY)
+        assert await server.validate_request(request)
+        assert not await server.validate_request(request)  # replayed
+        tampered = dht_pb2.FindRequest()
+        tampered.CopyFrom(request)
+        tampered.keys.append(b"x" * 20)
+        assert not await SwarmAuthorizer(KEY).validate_request(tampered)
+        late = SwarmAuthorizer(KEY, clock=lambda: time.time() + 2 * MAX_CLOCK_SKEW_S)
+        assert not await late.validate_request(request)
+        response = dht_pb2.FindResponse()
+        await server.sign_response(response, request)
+        assert await member.validate_response(response, request)
+        assert not await other.validate_response(response, request)
+        another = dht_pb2.FindRequest()
+        await member.sign_request(another, None)
+        assert not await member.validate_response(response, another)  # answers another request
+        assert not await member.validate_response(None, request)
 
     asyncio.run(main())

@@ -18,7 +18,8 @@ Contract: everything a member needs to recognise another member, built on ``cryp
   nonce, so a proof is useless to anyone but the peer that made it, on any other stream or peer. A libp2p stream of
   a private swarm starts with a 57-byte preamble (``PREAMBLE_MAGIC`` | key_id | nonce | mac) before its frames;
   its first byte is never a frame's (``0xE7``), so a listener tells a member from an outsider by one byte. The
-  direct plane puts ``key_id`` in the first hello and a proof over both hello nonces in the next two.
+  direct plane puts ``key_id`` in the first hello and a proof over both hello nonces in the next two. DHT RPCs carry
+  ``rpc_mac`` over the whole request (with its time and nonce) and over the response (with the request's nonce).
 - **Verdicts** (``refusal``): the one-line reason each side gives when keys differ (no key, another key, or a
   member reaching a public peer), identical on both planes and at join.
 """
@@ -65,6 +66,7 @@ PRIVATE_HINT: Final = "this swarm is private"
 _SEAL_DOMAIN: Final = b"meshinfer-swarm-record/1"
 _STREAM_DOMAIN: Final = b"meshinfer-swarm-stream/1"
 _DIRECT_DOMAIN: Final = b"meshinfer-swarm-direct/1"
+_RPC_DOMAIN: Final = b"meshinfer-swarm-dht-rpc/1"
 
 
 def _derive(secret: bytes, info: bytes, length: int = 32) -> bytes:
@@ -141,6 +143,13 @@ class SwarmKey:
         nonce = data[1 + KEY_ID_BYTES:1 + KEY_ID_BYTES + NONCE_BYTES]
         mac = _mac(self._stream_key, _STREAM_DOMAIN, protocol.encode(), opener.encode(), listener.encode(), nonce)
         return hmac.compare_digest(mac, data[-MAC_BYTES:])
+
+    def rpc_mac(self, role: bytes, message: bytes) -> bytes:
+        """An HMAC over one DHT RPC (``role``: request or response; ``message``: its bytes with the MAC blank)."""
+        return _mac(self._stream_key, _RPC_DOMAIN, role, message)
+
+    def check_rpc_mac(self, mac: bytes, role: bytes, message: bytes) -> bool:
+        return hmac.compare_digest(self.rpc_mac(role, message), mac)
 
     def direct_proof(self, binding: bytes, dialer: str, listener: str) -> bytes:
         """A direct-plane proof over the hello ``binding`` (role, both nonces, certificate) and both peer ids."""

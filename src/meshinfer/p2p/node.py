@@ -38,10 +38,11 @@ Then:
 - ``ping(peer_id, maddrs)``: the round trip of one DHT ping (``meshinfer doctor``);
 - private swarms (``P2PConfig.swarm_key``; ``meshinfer.p2p.membership``, ``meshinfer.p2p.privateswarm``): before
   joining, the initial peers are asked whether this node is of their swarm (a refusal is a one-line
-  ``ConfigError``); DHT values are sealed with the swarm's key and stored under keys outsiders cannot compute
-  (``SwarmKey.dht_key``; callers still name plain keys); every stream served through ``handle`` must start with a
-  membership proof (libp2p: a preamble written by ``open_stream``; direct plane: in the hellos), else it gets an
-  ``Error`` "this swarm is private: ..." and is closed. A public node serves the same check and refuses members;
+  ``ConfigError``); every DHT RPC carries a membership MAC both ways (``meshinfer.p2p.dhtauth``); DHT values are
+  sealed with the swarm's key and stored under keys outsiders cannot compute (``SwarmKey.dht_key``; callers still
+  name plain keys); every stream served through ``handle`` must start with a membership proof (libp2p: a preamble
+  written by ``open_stream``; direct plane: in the hellos), else it gets an ``Error`` "this swarm is private: ..."
+  and is closed. A public node serves the same check and refuses members;
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
@@ -75,6 +76,7 @@ from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageE
 from meshinfer.p2p import lanjoin, privateswarm
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
+from meshinfer.p2p.dhtauth import SwarmAuthorizer
 from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
 from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
@@ -203,6 +205,7 @@ class PeerNode:
                 dht = await DHTNode.create(
                     p2p=p2p, initial_peers=list(initial_peers) or None, record_validator=validator,
                     client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
+                    authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else None,
                 )
             except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
                 raise TransportError(f"cannot join the swarm: no initial peer answered ({err})") from None
@@ -256,7 +259,9 @@ class PeerNode:
                 return
             self._streams.add(stream)
             try:
-                if self.swarm_key is not None and not await self._admit_member(stream, reader, peer_id, protocol):
+                if self.swarm_key is not None and not await privateswarm.admit(
+                        stream, reader, self.swarm_key, self.peer_id, self._refusals,
+                        self.settings.stream.first_timeout or 5.0):
                     return
                 await run_handler(stream, handler)
             finally:
@@ -266,20 +271,6 @@ class PeerNode:
         await self._p2p.add_binary_stream_handler(protocol, on_stream)  # type: ignore[attr-defined]
         if self._direct is not None:
             self._direct.handle(protocol, handler, stream_settings)
-
-    async def _admit_member(self, stream: MessageStream, reader: asyncio.StreamReader, peer_id: str,
-                            protocol: str) -> bool:
-        """Check the membership preamble of an accepted libp2p stream; refuse it (typed ``Error``) if it fails."""
-        timeout = self.settings.stream.first_timeout or 5.0
-        refused = await privateswarm.read_preamble(reader, self.swarm_key, protocol, peer_id, self.peer_id, timeout)
-        if not refused:
-            return True
-        self._refusals.refused("libp2p-members", f"a {protocol} stream from {peer_id[:16]}: {refused}")
-        with contextlib.suppress(MeshinferError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await stream.send(Error(code=ErrorCode.BAD_REQUEST, message=refused))
-        await stream.close(timeout=0.5)
-        return False
 
     async def open_stream(self, peer_id: str, protocol: str, *, maddrs: Sequence[str] = (),
                           direct: Sequence[str] = (), timeout: float = 10.0,

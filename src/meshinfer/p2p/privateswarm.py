@@ -10,7 +10,7 @@ Contract: the part of ``PeerNode`` (``meshinfer.p2p.node``) that applies ``meshi
   by ``timeout``). Peers that do not answer are skipped (the DHT bootstrap then says none answered).
 - ``read_preamble``: what a private node's stream handler runs before dispatching: the first byte of an
   outsider's stream is a frame's, so it is refused at once; a member's 57 bytes are checked against both peer ids
-  and the protocol. It returns the refusal ("" when admitted), which the caller sends as a typed ``Error``.
+  and the protocol. It returns the refusal ("" when admitted); ``admit`` sends it as a typed ``Error`` and closes.
 
 It knows nothing of sessions, records or models; hivemind only through the daemon handle it is given.
 """
@@ -30,7 +30,8 @@ from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemi
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, MeshinferError
+from meshinfer.p2p.admission import RefusalLog
 from meshinfer.p2p.membership import (
     MAC_BYTES,
     NONCE_BYTES,
@@ -41,6 +42,8 @@ from meshinfer.p2p.membership import (
     preamble_key_id,
     refusal,
 )
+from meshinfer.p2p.stream import MessageStream
+from meshinfer.wire.messages import Error, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,21 @@ async def read_preamble(reader: asyncio.StreamReader, key: SwarmKey | None, prot
     except (asyncio.IncompleteReadError, ConnectionError, OSError):
         return "the stream closed before its membership proof"
     return verdict(key, data, protocol, opener, listener)
+
+
+async def admit(stream: MessageStream, reader: asyncio.StreamReader, key: SwarmKey, own_peer_id: str,
+                refusals: RefusalLog, timeout: float) -> bool:
+    """Check the preamble of an accepted libp2p ``stream`` (``reader``: its raw bytes, nothing read yet); refuse it
+    with a typed ``Error`` naming the reason and close it when it fails."""
+    refused = await read_preamble(reader, key, stream.protocol, stream.peer_id, own_peer_id, timeout)
+    if not refused:
+        return True
+    refusals.refused("libp2p-members", f"a {stream.protocol} stream from {stream.peer_id[:16]}: {refused}")
+    with contextlib.suppress(MeshinferError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            await stream.send(Error(code=ErrorCode.BAD_REQUEST, message=refused))
+    await stream.close(timeout=0.5)
+    return False
 
 
 def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0):
