@@ -144,8 +144,9 @@ class SwarmView:
         if not initial_peers and mdns:
             from meshinfer.p2p.discovery import find_lan_peers
             from meshinfer.p2p.lanpeers import join_maddrs, no_peers_message
+            from meshinfer.p2p.membership import swarm_label
 
-            found = await find_lan_peers(mdns_browse_s)
+            found = await find_lan_peers(mdns_browse_s, swarm=swarm_label(swarm_key))
             if not found:
                 raise TransportError(no_peers_message(mdns_browse_s))
             initial_peers = join_maddrs(found)

@@ -197,7 +197,7 @@ def parse_key_line(text: str, where: str = "--swarm-key") -> SwarmKey:
     if len(parts) != 2 or parts[0] != KEY_HEADER:
         got = parts[0][:40] if parts else "an empty file"
         raise ConfigError(f"{where}: not a swarm key file (expected '{KEY_HEADER} <base64>', got {got!r}); "
-                          "make one with `meshinfer swarm-key new > FILE`")
+                          "make one with `meshinfer swarm-key new --out FILE`")
     try:
         secret = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
@@ -218,10 +218,16 @@ def load_swarm_key(path: str | os.PathLike[str]) -> SwarmKey:
             raise ConfigError(f"--swarm-key {p}: {info.st_size} bytes is not a swarm key file")
         text = p.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise ConfigError(f"--swarm-key {p}: no such file (make one with `meshinfer swarm-key new > {p}`)") from None
+        raise ConfigError(f"--swarm-key {p}: no such file (make one with `meshinfer swarm-key new --out {p}`)") \
+            from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--swarm-key {p}: cannot read it ({type(err).__name__})") from None
     if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("swarm key file %s is readable by other users (mode %o): anyone who reads it can join the "
                     "swarm; chmod 600 it", p, stat.S_IMODE(info.st_mode))
     return parse_key_line(text, f"--swarm-key {p}")
+
+
+def swarm_label(path: str | None) -> str:
+    """The swarm name LAN adverts carry for a ``--swarm-key`` file (its public id; "" without one: public)."""
+    return load_swarm_key(path).label if path else ""
