@@ -2,12 +2,13 @@
 
 Contract: the part of ``PeerNode`` (``meshinfer.p2p.node``) that applies ``meshinfer.p2p.membership`` to libp2p:
 
-- ``MEMBER_PROTOCOL`` (served raw by every node, public ones included, outside ``Admission``: one bounded
-  exchange): the opener writes a preamble (``SwarmKey.preamble``, or ``public_preamble`` without a key); the
-  listener answers ``[u16 length][reason]``, an empty reason meaning "same swarm". ``check_join`` runs it against
-  the initial peers before a node joins their DHT, so a peer without the key, with another key, or a member
-  pointed at a public swarm stops at once with a one-line ``ConfigError`` (never a hang: every step is bounded
-  by ``timeout``). Peers that do not answer are skipped (the DHT bootstrap then says none answered).
+- ``MEMBER_PROTOCOL`` (served raw by every node, public ones included, outside ``Admission``: one exchange of at
+  most 57 + 514 bytes within 5 s, ``MAX_CHECKS_AT_ONCE`` at once): the opener writes a preamble
+  (``SwarmKey.preamble``, or ``public_preamble`` without a key); the listener answers ``[u16 length][reason]``, an
+  empty reason meaning "same swarm". ``check_join`` runs it against the initial peers before a node joins their
+  DHT, so a peer without the key, with another key, or a member pointed at a public swarm stops at once with a
+  one-line ``ConfigError`` (never a hang: every step is bounded by ``timeout``). Peers that do not answer are
+  skipped (the DHT bootstrap then says none answered).
 - ``read_preamble``: what a private node's stream handler runs before dispatching: the first byte of an
   outsider's stream is a frame's, so it is refused at once; a member's 57 bytes are checked against both peer ids
   and the protocol. It returns the refusal ("" when admitted); ``admit`` sends it as a typed ``Error`` and closes.
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MEMBER_PROTOCOL = "/meshinfer/member/1"
 MAX_REASON_BYTES = 512
+MAX_CHECKS_AT_ONCE = 32
+"""Membership checks a node answers at once (each holds at most ``timeout`` seconds); more are closed unanswered."""
 JOIN_CHECK_PEERS = 3
 """At most this many initial peers are asked (the first that answers decides)."""
 
@@ -104,7 +107,14 @@ async def admit(stream: MessageStream, reader: asyncio.StreamReader, key: SwarmK
 def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0):
     """The raw ``MEMBER_PROTOCOL`` handler of a node with ``key`` (None: public)."""
 
+    running = 0
+
     async def on_stream(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal running
+        if running >= MAX_CHECKS_AT_ONCE:
+            writer.close()  # the opener sees no answer and tries its next initial peer
+            return
+        running += 1
         try:
             opener = info.peer_id.to_base58()  # type: ignore[attr-defined]
             reason = await read_preamble(reader, key, MEMBER_PROTOCOL, opener, own_peer_id, timeout)
@@ -115,6 +125,7 @@ def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0)
         except Exception as err:  # one bad opener only loses its own stream
             log.debug("membership check from a peer failed: %s", err)
         finally:
+            running -= 1
             writer.close()
 
     return on_stream
