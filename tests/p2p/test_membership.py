@@ -231,3 +231,14 @@ def test_dht_rpcs_carry_a_membership_mac() -> None:
         assert not await member.validate_response(None, request)
 
     asyncio.run(main())
+
+
+def test_hellos_of_older_peers_decode_as_public() -> None:
+    import msgspec
+
+    from meshinfer.p2p.direct import DIRECT_VERSION, Hello
+
+    old = msgspec.msgpack.encode([DIRECT_VERSION, IDS[0].public_key, b"", "/p/1", b"n" * 32, ""])  # before issue 22
+    hello = msgspec.msgpack.decode(old, type=Hello)
+    assert hello.swarm == b"" and hello.member == b"" and hello.protocol == "/p/1"
+    assert refusal(KEY, hello.swarm or PUBLIC_KEY_ID).startswith("this swarm is private")

@@ -31,7 +31,7 @@ dialer's swarm ``key_id`` (empty: public); a listener whose key differs refuses 
 reason of ``membership.refusal`` ("this swarm is private: ..."). Hellos 2 and 3 each carry an HMAC by the swarm's
 stream key over that hello's signed bytes (role, both nonces, certificate hash) and both peer ids; the dialer
 checks the listener's before answering, the listener checks the dialer's before dispatching. Public peers send
-and check neither (the hello bytes of a public swarm are unchanged).
+them empty and check neither; older peers ignore the two trailing fields, and their hellos decode with them empty.
 
 The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``). A
 refusal reaches the dialer as a ``TransportError`` naming the reason. Handshakes (TLS, then hellos) are

@@ -76,7 +76,7 @@ from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageE
 from meshinfer.p2p import lanjoin, privateswarm
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
-from meshinfer.p2p.dhtauth import SwarmAuthorizer
+from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, SwarmAuthorizer
 from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
 from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
@@ -208,7 +208,9 @@ class PeerNode:
                     authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else None,
                 )
             except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
-                raise TransportError(f"cannot join the swarm: no initial peer answered ({err})") from None
+                hint = (f"; members' DHT requests must be stamped within {MAX_CLOCK_SKEW_S:g} s of each other's "
+                        "clocks: check this machine's time") if swarm_key is not None else ""
+                raise TransportError(f"cannot join the swarm: no initial peer answered ({err}){hint}") from None
             maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         except BaseException as err:
             if lan is not None:
