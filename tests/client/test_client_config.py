@@ -32,7 +32,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     # issue 19: reports checked every minute, the audit tally published (client.upkeep)
     "report_check_s": 60.0, "publish_audits": True,
     # issue 22: a public swarm unless --swarm-key names a private swarm's key file
-    "swarm_key": None,
+    "swarm_key": None, "swarm_allow": None,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 

@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--identity", default=None, metavar="PATH",
                         help="private key file of the dashboard's peer (default: a fresh identity)")
     parser.add_argument("--swarm-key", default=None, metavar="FILE", help=field_help(P2PConfig, "swarm_key"))
+    parser.add_argument("--swarm-allow", default=None, metavar="FILE", help=field_help(P2PConfig, "swarm_allow"))
     parser.add_argument("--p2p-host", default="127.0.0.1",
                         help="address the dashboard's peer listens on for libp2p (default: 127.0.0.1)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from meshinfer.client.swarm import check_initial_peers
 
     config = P2PConfig(host=args.p2p_host, port=0, identity=args.identity,
-                       initial_peers=check_initial_peers(args.initial_peers), swarm_key=args.swarm_key)
+                       initial_peers=check_initial_peers(args.initial_peers), swarm_key=args.swarm_key,
+                       swarm_allow=args.swarm_allow)
 
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller

@@ -45,7 +45,8 @@ def lan_peers(args: argparse.Namespace, *, required: bool, note: bool = True) ->
     from meshinfer.p2p.membership import swarm_label
 
     try:
-        found = asyncio.run(find_lan_peers(browse_s, swarm=swarm_label(getattr(args, "swarm_key", None))))
+        found = asyncio.run(find_lan_peers(browse_s, swarm=swarm_label(getattr(args, "swarm_key", None),
+                                                                         getattr(args, "swarm_allow", None))))
     except TransportError:
         if required:
             raise

@@ -1,10 +1,11 @@
-"""``meshinfer swarm-key``: make the key of a private swarm, and show a key file's public id.
+"""``meshinfer swarm-key``: make the key of a private swarm, sign an allow-list, show a key file's public id.
 
 Contract: ``swarm-key new`` prints one line ``meshinfer-swarm-key/1 <base64 of 32 random bytes>`` (the format of
 ``meshinfer.p2p.membership``) on stdout, or with ``--out FILE`` writes it to a new file of mode 0600 (never
-overwriting one). ``swarm-key id FILE`` checks a key file and prints its public id (safe to share: the id every
-member's hellos and LAN adverts carry). Every command of that swarm then takes ``--swarm-key FILE``. No network,
-no torch.
+overwriting one). ``swarm-key allow --identity OWNER PEER_ID... --out FILE`` writes an allow-list signed by the
+owner's identity (``meshinfer.p2p.allowlist``; for ``--swarm-allow FILE``). ``swarm-key id FILE`` checks a key file
+and prints its public id (safe to share: the id every member's hellos and LAN adverts carry). Every command of that
+swarm then takes ``--swarm-key FILE`` (or ``--swarm-allow FILE``). No network, no torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="write the key to FILE, created with mode 0600 (refuses an existing file); default: stdout")
     show = add_command(actions, "id", run_id, help="check a key file and print its public id")
     show.add_argument("file", metavar="FILE", help="the swarm key file")
+    allow = add_command(actions, "allow", run_allow,
+                        help="sign an allow-list of peer ids with the owner's identity (for --swarm-allow FILE)")
+    allow.add_argument("peers", nargs="+", metavar="PEER_ID", help="peer ids to admit (the owner always is)")
+    allow.add_argument("--identity", required=True, metavar="PATH",
+                       help="the owner's private key file (a peer identity, e.g. of its dht or server)")
+    allow.add_argument("--out", required=True, metavar="FILE", help="where to write the allow-list")
 
 
 def run_new(args: argparse.Namespace) -> int:
@@ -54,6 +61,21 @@ def run_new(args: argparse.Namespace) -> int:
         f.write(line)
     print(f"wrote a new swarm key to {args.out} (mode 0600); give --swarm-key {args.out} to every command of "
           "the swarm", file=sys.stderr)
+    return 0
+
+
+def run_allow(args: argparse.Namespace) -> int:
+    from meshinfer.p2p.allowlist import make_allow_line
+    from meshinfer.p2p.identity import load_or_create_identity
+
+    if not os.path.exists(args.identity):
+        raise ConfigError(f"--identity {args.identity}: no such file (the owner's existing key)")
+    owner = load_or_create_identity(args.identity)
+    line = make_allow_line(owner, list(args.peers)) + "\n"
+    with open(args.out, "w", encoding="ascii") as f:  # not secret: peers check it, nobody learns a key from it
+        f.write(line)
+    print(f"wrote an allow-list of {len(set(args.peers))} peers owned by {owner.peer_id} to {args.out}; give "
+          f"--swarm-allow {args.out} to every command of the swarm", file=sys.stderr)
     return 0
 
 

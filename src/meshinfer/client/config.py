@@ -80,6 +80,7 @@ class ClientConfig:
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
     swarm_key: str | None = doc(None, field_help(P2PConfig, "swarm_key"), metavar="FILE")
+    swarm_allow: str | None = doc(None, field_help(P2PConfig, "swarm_allow"), metavar="FILE")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
 

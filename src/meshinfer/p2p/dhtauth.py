@@ -8,7 +8,10 @@ included, the signature blank); a servicer drops a request whose MAC fails, whos
 serialized response carrying the request's nonce; a member ignores a response that fails it (hivemind then counts
 that peer as not answering and drops it from its routing table). So a peer without the key gets no answer to any
 DHT request and its answers are never believed: it cannot bootstrap from members, find nodes or values, or store
-anything on them, and members never route through it. Knows nothing of records, streams or sessions.
+anything on them, and members never route through it. ``AllowListAuthorizer`` does the same for an allow-list swarm
+with each peer's own key: the request carries the sender's public key (``client_access_token.public_key``) and its
+RSA-PSS signature; the key must hash to a listed peer id; responses likewise (``service_access_token``). Knows
+nothing of records, streams or sessions.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemi
 # isort: split
 from hivemind.utils.auth import AuthorizerBase
 
+from meshinfer.p2p.allowlist import AllowList
+from meshinfer.p2p.identity import Identity, peer_id_of_public_key, verify_signature
 from meshinfer.p2p.membership import SwarmKey
 
 MAX_CLOCK_SKEW_S = 120.0
@@ -82,4 +87,70 @@ class SwarmAuthorizer(AuthorizerBase):
         auth.signature = mac
         if not ok:
             self.refused += 1
+        return ok
+
+
+class _Nonces:
+    """Request nonces seen within twice the clock window (bounded): a replayed request is dropped."""
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[bytes, float] = OrderedDict()
+
+    def fresh(self, nonce: bytes, stamped: float, now: float) -> bool:
+        if abs(stamped - now) > MAX_CLOCK_SKEW_S or len(nonce) != 16 or nonce in self._recent:
+            return False
+        while self._recent and (len(self._recent) >= MAX_RECENT_NONCES
+                                or next(iter(self._recent.values())) < now - 2 * MAX_CLOCK_SKEW_S):
+            self._recent.popitem(last=False)
+        self._recent[nonce] = now
+        return True
+
+
+class AllowListAuthorizer(AuthorizerBase):
+    """Signs DHT RPCs with this peer's key and admits only those of listed peers (see the module docstring)."""
+
+    def __init__(self, identity: Identity, allow: AllowList, clock: Any = time.time) -> None:
+        self._identity = identity
+        self._allow = allow
+        self._clock = clock
+        self._nonces = _Nonces()
+        self.refused = 0
+
+    def _signed_by_listed(self, message: Any, token: Any) -> bool:
+        signature = bytes(token.signature)
+        token.signature = b""
+        data = message.SerializeToString()
+        token.signature = signature
+        try:
+            peer = peer_id_of_public_key(bytes(token.public_key))
+        except Exception:
+            return False
+        return self._allow.admits(peer) and verify_signature(bytes(token.public_key), data, signature)
+
+    async def sign_request(self, request: Any, service_public_key: Any) -> None:
+        auth = request.auth
+        auth.time = self._clock()
+        auth.nonce = secrets.token_bytes(16)
+        auth.client_access_token.public_key = self._identity.public_key
+        auth.client_access_token.signature = b""
+        auth.client_access_token.signature = self._identity.sign(request.SerializeToString())
+
+    async def validate_request(self, request: Any) -> bool:
+        auth = request.auth
+        ok = self._signed_by_listed(request, auth.client_access_token) and \
+            self._nonces.fresh(bytes(auth.nonce), auth.time, self._clock())
+        self.refused += not ok
+        return ok
+
+    async def sign_response(self, response: Any, request: Any) -> None:
+        auth = response.auth
+        auth.nonce = request.auth.nonce
+        auth.service_access_token.public_key = self._identity.public_key
+        auth.service_access_token.signature = b""
+        auth.service_access_token.signature = self._identity.sign(response.SerializeToString())
+
+    async def validate_response(self, response: Any, request: Any) -> bool:
+        ok = response is not None and response.auth.nonce == request.auth.nonce and \
+            self._signed_by_listed(response, response.auth.service_access_token)
+        self.refused += not ok
         return ok

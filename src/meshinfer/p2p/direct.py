@@ -32,6 +32,8 @@ reason of ``membership.refusal`` ("this swarm is private: ..."). Hellos 2 and 3 
 stream key over that hello's signed bytes (role, both nonces, certificate hash) and both peer ids; the dialer
 checks the listener's before answering, the listener checks the dialer's before dispatching. Public peers send
 them empty and check neither; older peers ignore the two trailing fields, and their hellos decode with them empty.
+In an allow-list swarm (``meshinfer.p2p.allowlist``) the listener refuses, in hello 2, a dialer whose (signed) key
+is not listed, and the dialer refuses a listener that is not.
 
 The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``). A
 refusal reaches the dialer as a ``TransportError`` naming the reason. Handshakes (TLS, then hellos) are
@@ -69,6 +71,7 @@ from cryptography.x509.oid import NameOID
 
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
 from meshinfer.p2p.admission import Admission, RefusalLog
+from meshinfer.p2p.allowlist import AllowList
 from meshinfer.p2p.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of_public_key, verify_signature
 from meshinfer.p2p.listener import Listener
 from meshinfer.p2p.membership import KEY_ID_BYTES, MAC_BYTES, PUBLIC_KEY_ID, SwarmKey, refusal
@@ -232,9 +235,11 @@ class DirectPlane:
     """This peer's direct listeners (optional) and dialer."""
 
     def __init__(self, identity: Identity, admission: Admission | None = None,
-                 refusals: RefusalLog | None = None, swarm_key: SwarmKey | None = None) -> None:
+                 refusals: RefusalLog | None = None, swarm_key: SwarmKey | None = None,
+                 allow: AllowList | None = None) -> None:
         self.identity = identity
         self.swarm_key = swarm_key
+        self.allow = allow
         self.admission = admission or Admission()
         self._refusals = refusals or RefusalLog(log, time.monotonic)
         self._client_ctx = _client_context()
@@ -300,7 +305,8 @@ class DirectPlane:
                 if len(first.nonce) != NONCE_BYTES:
                     raise WireError("direct hello: bad nonce")
                 claimed = _peer_id_of(first.public_key)
-                refused = refusal(self.swarm_key, first.swarm or PUBLIC_KEY_ID)
+                refused = refusal(self.swarm_key, first.swarm or PUBLIC_KEY_ID) if self.allow is None else \
+                    self.allow.refusal(claimed)
                 if refused:
                     self._refusals.refused("direct-members", f"a direct connection from {claimed[:16]}: {refused}")
                 elif first.protocol not in self._handlers:
@@ -383,6 +389,8 @@ class DirectPlane:
                 if len(hello.nonce) != NONCE_BYTES or not verify_signature(
                         hello.public_key, listener_signed, hello.signature):
                     raise TransportError(f"{address} failed to prove it holds the key of {peer_id}")
+                if self.allow is not None and not self.allow.admits(peer_id):
+                    raise TransportError(f"{address} ({peer_id}) is not on this swarm's allow-list")
                 if self.swarm_key is not None and not self.swarm_key.check_direct_proof(
                         hello.member, listener_signed, self.identity.peer_id, peer_id):
                     raise TransportError(f"{address} ({peer_id}) is not a member of this private swarm")

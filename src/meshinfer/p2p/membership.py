@@ -52,6 +52,8 @@ SECRET_BYTES: Final = 32
 KEY_ID_BYTES: Final = 8
 PUBLIC_KEY_ID: Final = b"\x00" * KEY_ID_BYTES
 """The key id a peer without a swarm key sends where one is expected (a public swarm)."""
+ALLOW_KEY_ID: Final = b"\xff" * KEY_ID_BYTES
+"""The key id a peer of an allow-list swarm (``meshinfer.p2p.allowlist``) sends in a join check."""
 NONCE_BYTES: Final = 16
 MAC_BYTES: Final = 32
 AEAD_NONCE_BYTES: Final = 12
@@ -95,7 +97,7 @@ class SwarmKey:
         if len(secret) != SECRET_BYTES:
             raise ConfigError(f"a swarm key is {SECRET_BYTES} bytes, got {len(secret)}")
         key_id = _derive(secret, b"meshinfer swarm key id", KEY_ID_BYTES)
-        if key_id == PUBLIC_KEY_ID:  # 2^-64: never in practice, but the public id must stay unambiguous
+        if key_id in (PUBLIC_KEY_ID, ALLOW_KEY_ID):  # 2^-64: never in practice, but the public id must stay unambiguous
             raise ConfigError("unusable swarm key: make another with `meshinfer swarm-key new`")
         return cls(key_id, _derive(secret, b"meshinfer swarm records"), _derive(secret, b"meshinfer swarm dht keys"),
                    _derive(secret, b"meshinfer swarm streams"))
@@ -179,8 +181,9 @@ def refusal(own: SwarmKey | None, claimed: bytes) -> str:
     if own is None:
         if claimed == PUBLIC_KEY_ID:
             return ""
-        return "this peer is in a public swarm (no swarm key): drop --swarm-key to join it"
-    if claimed == PUBLIC_KEY_ID:
+        flag = "--swarm-allow" if claimed == ALLOW_KEY_ID else "--swarm-key"
+        return f"this peer is in a public swarm (no swarm key): drop {flag} to join it"
+    if claimed in (PUBLIC_KEY_ID, ALLOW_KEY_ID):
         return f"{PRIVATE_HINT}: join it with --swarm-key FILE (its key file)"
     return f"{PRIVATE_HINT}: your --swarm-key is not its key"
 
@@ -228,6 +231,11 @@ def load_swarm_key(path: str | os.PathLike[str]) -> SwarmKey:
     return parse_key_line(text, f"--swarm-key {p}")
 
 
-def swarm_label(path: str | None) -> str:
-    """The swarm name LAN adverts carry for a ``--swarm-key`` file (its public id; "" without one: public)."""
+def swarm_label(path: str | None, allow_path: str | None = None) -> str:
+    """The swarm name LAN adverts carry for a ``--swarm-key`` file (its public id) or a ``--swarm-allow`` file (its
+    owner's peer id); "" without either: public."""
+    if allow_path:
+        from meshinfer.p2p.allowlist import load_allow_list  # the allow-list module imports identity (RSA)
+
+        return load_allow_list(allow_path).label
     return load_swarm_key(path).label if path else ""

@@ -42,7 +42,8 @@ Then:
   sealed with the swarm's key and stored under keys outsiders cannot compute (``SwarmKey.dht_key``; callers still
   name plain keys); every stream served through ``handle`` must start with a membership proof (libp2p: a preamble
   written by ``open_stream``; direct plane: in the hellos), else it gets an ``Error`` "this swarm is private: ..."
-  and is closed. A public node serves the same check and refuses members;
+  and is closed. A public node serves the same check and refuses members. With ``P2PConfig.swarm_allow`` (an
+  owner-signed allow-list, ``meshinfer.p2p.allowlist``) the same points admit only listed peers by their own keys;
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
@@ -75,8 +76,9 @@ from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError
 from meshinfer.p2p import lanjoin, privateswarm
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
+from meshinfer.p2p.allowlist import AllowList, load_allow_list
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
-from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, SwarmAuthorizer
+from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, AllowListAuthorizer, SwarmAuthorizer
 from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
 from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
@@ -145,7 +147,9 @@ class PeerNode:
     _lan: LanDiscovery | None = field(repr=False, default=None)
     _direct_failures: DirectFailures = field(default_factory=DirectFailures, repr=False)
     swarm_key: SwarmKey | None = field(default=None, repr=False)
-    """The private swarm this node belongs to (None: a public swarm)."""
+    """The private swarm this node belongs to (None: a public swarm, or an allow-list one)."""
+    allow: AllowList | None = field(default=None, repr=False)
+    """The owner-signed allow-list of this node's swarm (``meshinfer.p2p.allowlist``; None: no allow-list)."""
 
     @property
     def peer_id(self) -> str:
@@ -175,6 +179,7 @@ class PeerNode:
         """Start a node per ``config``; with no initial peers it starts a new swarm."""
         settings = settings or NodeSettings()
         swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
+        allow = load_allow_list(config.swarm_allow) if config.swarm_allow else None
         lock: IdentityLock | None = None
         if identity is None:
             identity = load_or_create_identity(config.identity) if config.identity else Identity.generate()
@@ -186,7 +191,8 @@ class PeerNode:
         try:
             lan_start = await lanjoin.browse_at_start(config, client_mode=settings.client_mode,
                                                       own_peer_id=identity.peer_id,
-                                                      swarm=swarm_key.label if swarm_key else "")
+                                                      swarm=swarm_key.label if swarm_key else
+                                                      allow.label if allow else "")
             lan, initial_peers = lan_start.lan, lan_start.initial_peers
             p2p = await start_p2p(
                 identity, host=config.host, port=config.port, initial_peers=initial_peers,
@@ -197,19 +203,20 @@ class PeerNode:
                 nat=config.nat,
             )
             await p2p.add_binary_stream_handler(  # type: ignore[attr-defined]
-                privateswarm.MEMBER_PROTOCOL, privateswarm.member_handler(swarm_key, identity.peer_id))
+                privateswarm.MEMBER_PROTOCOL, privateswarm.member_handler(swarm_key, identity.peer_id, allow=allow))
             await privateswarm.check_join(p2p, swarm_key, identity.peer_id, initial_peers,
-                                          timeout=min(10.0, settings.startup_timeout))
+                                          timeout=min(10.0, settings.startup_timeout), allow=allow is not None)
             validator = record_validator(identity, max_ttl=settings.max_record_ttl, swarm_key=swarm_key)
             try:
                 dht = await DHTNode.create(
                     p2p=p2p, initial_peers=list(initial_peers) or None, record_validator=validator,
                     client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
-                    authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else None,
+                    authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else
+                    AllowListAuthorizer(identity, allow) if allow is not None else None,
                 )
             except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
                 hint = (f"; members' DHT requests must be stamped within {MAX_CLOCK_SKEW_S:g} s of each other's "
-                        "clocks: check this machine's time") if swarm_key is not None else ""
+                        "clocks: check this machine's time") if swarm_key or allow else ""
                 raise TransportError(f"cannot join the swarm: no initial peer answered ({err}){hint}") from None
             maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         except BaseException as err:
@@ -222,9 +229,9 @@ class PeerNode:
         refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
                    admission=Admission(admission_limits(config), refusals), _refusals=refusals,
-                   mdns_peers=lan_start.found, _lan=lan, swarm_key=swarm_key)
+                   mdns_peers=lan_start.found, _lan=lan, swarm_key=swarm_key, allow=allow)
         if config.direct:
-            node._direct = DirectPlane(identity, node.admission, node._refusals, swarm_key)
+            node._direct = DirectPlane(identity, node.admission, node._refusals, swarm_key, allow)
             if not settings.client_mode:
                 try:
                     await node._direct.listen(config.host, config.direct_port)
@@ -261,6 +268,9 @@ class PeerNode:
                 return
             self._streams.add(stream)
             try:
+                if self.allow is not None and not self.allow.admits(peer_id):
+                    await privateswarm.refuse(stream, self._refusals, self.allow.refusal(peer_id))
+                    return
                 if self.swarm_key is not None and not await privateswarm.admit(
                         stream, reader, self.swarm_key, self.peer_id, self._refusals,
                         self.settings.stream.first_timeout or 5.0):

@@ -33,7 +33,9 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.errors import ConfigError, MeshinferError
 from meshinfer.p2p.admission import RefusalLog
+from meshinfer.p2p.allowlist import AllowList
 from meshinfer.p2p.membership import (
+    ALLOW_KEY_ID,
     MAC_BYTES,
     NONCE_BYTES,
     PREAMBLE_BYTES,
@@ -56,9 +58,17 @@ JOIN_CHECK_PEERS = 3
 """At most this many initial peers are asked (the first that answers decides)."""
 
 
-def public_preamble() -> bytes:
-    """What a peer without a swarm key sends where a preamble is expected (says "public swarm")."""
-    return bytes([PREAMBLE_MAGIC]) + PUBLIC_KEY_ID + b"\x00" * (NONCE_BYTES + MAC_BYTES)
+def public_preamble(key_id: bytes = PUBLIC_KEY_ID) -> bytes:
+    """What a peer without a swarm key sends where a preamble is expected: "public swarm", or with ``ALLOW_KEY_ID``
+    "an allow-list swarm" (its peer id, authenticated by libp2p, is what counts then)."""
+    return bytes([PREAMBLE_MAGIC]) + key_id + b"\x00" * (NONCE_BYTES + MAC_BYTES)
+
+
+def allow_verdict(allow: AllowList, data: bytes, opener: str) -> str:
+    """Why a node of an allow-list swarm refuses a join check from ``opener`` ("" when admitted)."""
+    if len(data) < 1 or data[0] != PREAMBLE_MAGIC or preamble_key_id(data) != ALLOW_KEY_ID:
+        return "this swarm is private: join it with --swarm-allow FILE (its owner's allow-list)"
+    return allow.refusal(opener)
 
 
 def verdict(key: SwarmKey | None, data: bytes, protocol: str, opener: str, listener: str) -> str:
@@ -96,15 +106,20 @@ async def admit(stream: MessageStream, reader: asyncio.StreamReader, key: SwarmK
     refused = await read_preamble(reader, key, stream.protocol, stream.peer_id, own_peer_id, timeout)
     if not refused:
         return True
+    await refuse(stream, refusals, refused)
+    return False
+
+
+async def refuse(stream: MessageStream, refusals: RefusalLog, refused: str) -> None:
+    """Send ``refused`` as a typed ``Error`` on an accepted ``stream`` and close it."""
     refusals.refused("libp2p-members", f"a {stream.protocol} stream from {stream.peer_id[:16]}: {refused}")
     with contextlib.suppress(MeshinferError, TimeoutError):
         async with asyncio.timeout(2.0):
             await stream.send(Error(code=ErrorCode.BAD_REQUEST, message=refused))
     await stream.close(timeout=0.5)
-    return False
 
 
-def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0):
+def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0, allow: AllowList | None = None):
     """The raw ``MEMBER_PROTOCOL`` handler of a node with ``key`` (None: public)."""
 
     running = 0
@@ -117,7 +132,11 @@ def member_handler(key: SwarmKey | None, own_peer_id: str, timeout: float = 5.0)
         running += 1
         try:
             opener = info.peer_id.to_base58()  # type: ignore[attr-defined]
-            reason = await read_preamble(reader, key, MEMBER_PROTOCOL, opener, own_peer_id, timeout)
+            if allow is None:
+                reason = await read_preamble(reader, key, MEMBER_PROTOCOL, opener, own_peer_id, timeout)
+            else:
+                async with asyncio.timeout(timeout):
+                    reason = allow_verdict(allow, await reader.readexactly(PREAMBLE_BYTES), opener)
             data = reason.encode()[:MAX_REASON_BYTES]
             writer.write(struct.pack(">H", len(data)) + data)
             async with asyncio.timeout(timeout):
@@ -140,7 +159,8 @@ def _peer_of(maddr: str) -> tuple[str, Multiaddr] | None:
         return None
 
 
-async def ask(p2p: object, key: SwarmKey | None, own_peer_id: str, maddr: str, timeout: float) -> str | None:
+async def ask(p2p: object, key: SwarmKey | None, own_peer_id: str, maddr: str, timeout: float,
+              allow: bool = False) -> str | None:
     """Ask the peer at ``maddr`` (with ``/p2p/<id>``) whether we are of its swarm: its refusal, "" (yes) or None
     (no answer)."""
     found = _peer_of(maddr)
@@ -156,7 +176,8 @@ async def ask(p2p: object, key: SwarmKey | None, own_peer_id: str, maddr: str, t
             opened: tuple[object, asyncio.StreamReader, asyncio.StreamWriter] = \
                 await p2p.call_binary_stream_handler(pid, MEMBER_PROTOCOL)  # type: ignore[attr-defined]
             _info, reader, writer = opened
-            writer.write(public_preamble() if key is None else key.preamble(MEMBER_PROTOCOL, own_peer_id, peer))
+            writer.write(key.preamble(MEMBER_PROTOCOL, own_peer_id, peer) if key is not None
+                         else public_preamble(ALLOW_KEY_ID if allow else PUBLIC_KEY_ID))
             await writer.drain()
             (length,) = struct.unpack(">H", await reader.readexactly(2))
             if length > MAX_REASON_BYTES:
@@ -171,7 +192,7 @@ async def ask(p2p: object, key: SwarmKey | None, own_peer_id: str, maddr: str, t
 
 
 async def check_join(p2p: object, key: SwarmKey | None, own_peer_id: str, initial_peers: Sequence[str],
-                     timeout: float) -> None:
+                     timeout: float, allow: bool = False) -> None:
     """Before joining: ask up to ``JOIN_CHECK_PEERS`` initial peers, each within ``timeout``; raise a one-line
     ``ConfigError`` when the first that answers refuses us."""
     asked: set[str] = set()
@@ -180,7 +201,7 @@ async def check_join(p2p: object, key: SwarmKey | None, own_peer_id: str, initia
         if found is None or found[0] in asked or found[0] == own_peer_id:
             continue
         asked.add(found[0])
-        reason = await ask(p2p, key, own_peer_id, maddr, timeout)
+        reason = await ask(p2p, key, own_peer_id, maddr, timeout, allow)
         if reason is not None:
             if reason:
                 raise ConfigError(f"cannot join the swarm through {found[0][:16]}: {reason}")
