@@ -316,7 +316,7 @@ class PeerNode:
             ) from None
         except Exception as err:
             raise TransportError(f"cannot open a {protocol} stream to {peer_id}: {str(err)[:200]}") from None
-        if self.swarm_key is not None:  # read by the listener before its first frame (``_admit_member``)
+        if self.swarm_key is not None:  # read by the listener before its first frame (``privateswarm.admit``)
             writer.write(self.swarm_key.preamble(protocol, self.peer_id, peer_id))
         stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol,
                                settings=settings or self.settings.stream)
