@@ -35,6 +35,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "sealed": False, "sealed_relay": "",
     # issue 23: clients sign usage receipts for the servers' work, with a new key unless --identity is given
     "identity": None, "receipts": True,
+    # issue 22: a public swarm unless --swarm-key names a private swarm's key file
+    "swarm_key": None, "swarm_allow": None,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "meshinfer.cli.chat",
     "meshinfer.cli.api",
     "meshinfer.cli.dht",
+    "meshinfer.cli.swarmkey",
     "meshinfer.cli.swarm",
     "meshinfer.cli.credits",
     "meshinfer.cli.doctor",

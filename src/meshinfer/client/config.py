@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from meshinfer.config import doc
+from meshinfer.config import P2PConfig, doc, field_help
 from meshinfer.devices import DEVICE_HELP, parse_device
 from meshinfer.errors import ConfigError
 from meshinfer.types import check_quant
@@ -84,6 +84,8 @@ class ClientConfig:
                                      "new key each run); a server's --credit-to names it")
     receipts: bool = doc(True, "sign usage receipts for the work servers do for this client and hand them to them "
                                "(what credits are computed from; costs one signature per server every 64 tokens)")
+    swarm_key: str | None = doc(None, field_help(P2PConfig, "swarm_key"), metavar="FILE")
+    swarm_allow: str | None = doc(None, field_help(P2PConfig, "swarm_allow"), metavar="FILE")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
     sealed: bool = doc(False, "send each generation sealed (end-to-end encrypted) to one full node that takes sealed "

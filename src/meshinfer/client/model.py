@@ -160,7 +160,9 @@ class DistributedModel(CheckpointGenerator):
             view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
                                              dht_timeout=config.dht_timeout,
                                              prior_cap=config.prior_cap, spread=config.spread,
-                                             refuted_ban=config.refuted_ban), timeout=config.join_timeout)
+                                             refuted_ban=config.refuted_ban, swarm_key=config.swarm_key,
+                                             swarm_allow=config.swarm_allow),
+                                             timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
