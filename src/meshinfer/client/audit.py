@@ -145,6 +145,8 @@ class _Shadow:
     busy: bool = False
     uncommitted: str | None = None
     """Why the audited hop's claims cannot be bound by its signed commits (judged anyway; None: they can)."""
+    checking: int = 0
+    """The end of the window of the check in flight (while ``busy``)."""
 
 
 def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
@@ -286,6 +288,7 @@ class Auditor:
         if shadow.busy or len(self._tasks) >= self.max_in_flight or upto <= shadow.verified:
             return None
         shadow.busy = True
+        shadow.checking = upto
         return self._spawn(self._check(shadow, upto))
 
     @property
@@ -314,8 +317,9 @@ class Auditor:
             for shadow in pending:
                 if not shadow.busy:
                     shadow.busy = True
-                    self._spawn(self._check(shadow, self._window_end(shadow, self._target(shadow), final=True)
-                                            or self._target(shadow)))
+                    shadow.checking = (self._window_end(shadow, self._target(shadow), final=True)
+                                       or self._target(shadow))
+                    self._spawn(self._check(shadow, shadow.checking))
             if not self._tasks:
                 await asyncio.sleep(0.05)
         log.warning("audits of session positions up to %d did not settle within %.0fs; released unverified",
@@ -326,8 +330,12 @@ class Auditor:
         return detection
 
     def rewind(self, position: int) -> None:
-        """The session goes back to ``position``: verified marks beyond it no longer mean anything."""
-        self._epoch += 1
+        """The session goes back to ``position``: verified marks beyond it no longer mean anything, and checks in
+        flight whose window reaches beyond it are discarded (a speculative rollback behind every window in flight
+        keeps them: their inputs and claims are still the session's)."""
+        cut = any(s.busy and not s.opening and s.checking > position for s in self._shadows.values())
+        if cut:
+            self._epoch += 1
         self._asked = {hs: min(upto, position) for hs, upto in self._asked.items()}
         for shadow in self._shadows.values():
             shadow.verified = min(shadow.verified, position)
@@ -335,7 +343,8 @@ class Auditor:
                 shadow.audited.inputs = truncate_parts(shadow.audited.inputs, position)
                 shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
                 shadow.audited.steps = truncate_steps(shadow.audited.steps, position)
-            shadow.busy = False
+            if cut:
+                shadow.busy = False
 
     def _tol(self, a: HopSession, b: HopSession) -> Tolerance:
         """The tolerance between the servers of ``a`` and ``b`` (their announced dtypes, the route's quant)."""
