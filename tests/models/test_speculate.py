@@ -90,11 +90,20 @@ def test_speculative_sampling_keeps_the_warped_distribution(draft: int) -> None:
         assert 0.5 * float((second / kept - p1).abs().sum()) < 0.06, (p1, second / kept)
 
 
-def test_speculative_sampling_is_seeded() -> None:
-    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
-    config = SamplingConfig(temperature=1.0, seed=5)
-    a = [accept(Sampler(config), logits, [1], [4, 2]).tokens for _ in range(3)]
-    assert a[0] == a[1] == a[2]
+def test_seeded_speculative_sampling_draws_what_plain_sampling_draws() -> None:
+    # drafts that are the plain draws themselves are all accepted, and the draws stay those of plain decoding
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))  # [4, V]
+    config = SamplingConfig(temperature=1.0, top_p=0.9, repetition_penalty=1.1, seed=5)
+    plain = Sampler(config)
+    history = [1]
+    drawn: list[int] = []
+    for row in logits:
+        drawn.append(plain.next_token(row, history + drawn))
+    full = accept(Sampler(config), logits, history, drawn[:3])
+    assert full.tokens == drawn and full.accepted == 3
+    wrong = (drawn[1] + 1) % 10
+    cut = accept(Sampler(config), logits, history, [drawn[0], wrong, 0])
+    assert cut.tokens == drawn[:2] and cut.accepted == 1  # the correction is plain decoding's own draw
 
 
 def test_draft_switch_pauses_after_misses_and_retries_longer() -> None:

@@ -3,7 +3,7 @@ rolled back, audited or not.
 
 Contract: ``agenerate_speculative(session, forward, ids, params, eos, draft=..., stats=...)`` yields the same
 ``ScoredToken``s as ``engine.agenerate_scored`` (greedy: the very same tokens; sampled: the same distribution,
-not the same draws) with fewer trips through the route. ``forward(chunk, position, rows)`` runs ``chunk`` at
+and with a seed the same draws, see ``models.speculate.accept``) with fewer trips through the route. ``forward(chunk, position, rows)`` runs ``chunk`` at
 ``position`` through ``session`` and returns the logits of its last ``rows`` positions [rows, V].
 
 After the prefill, each step sends [last token + drafts] (``models.speculate.prompt_lookup``, at most ``draft``

@@ -8,16 +8,17 @@ Contract: pure decision code over token ids and logits (torch for the math, no n
   (the period: from the match to the tail), so every match gives a full draft: a loop of period P is drafted
   ``draft`` tokens ahead. No match: no draft (the step is a plain one-token step).
 - ``accept(sampler, logits[1 + d, V], history, drafts)`` judges one verify step: row i of ``logits`` is the
-  model's output after ``history + drafts[:i]``. Each row is processed exactly as plain decoding would process it
-  (``Sampler.processed_logits``: repetition penalty over that row's own history, then temperature / top-k / top-p),
-  so the tokens come from the same distribution. Greedy: a draft is accepted while it equals the row's argmax;
-  the first mismatching row gives its argmax instead (the correction), and a fully accepted draft gets the last
-  row's argmax (the bonus): identical tokens to plain greedy decoding. Sampled: standard speculative sampling
-  (Leviathan et al. 2023, Chen et al. 2023) with a deterministic draft, i.e. q one-hot on the draft x: x is
-  accepted with probability p(x); on rejection the token is drawn from norm(max(0, p - q)) = p with x removed;
-  the bonus after full acceptance is drawn from p. Random numbers come from the sampler's own generator.
-  ``Verdict.tokens`` are the new tokens (accepted drafts, then one more), ``accepted`` how many drafts were kept,
-  ``states`` the sampler's generator state before each token (for a rollback).
+  model's output after ``history + drafts[:i]``. Row by row, the token is chosen exactly as plain decoding chooses
+  it (``Sampler.next_token``: repetition penalty over that row's own history, temperature / top-k / top-p, one
+  draw from the sampler's generator); a draft is accepted while it equals that token, and the first token that
+  differs (the correction), or the token after a fully accepted draft (the bonus), ends the step. Greedy: argmax
+  equality, identical tokens to plain greedy decoding. Sampled: this IS standard speculative sampling (Leviathan
+  et al. 2023, Chen et al. 2023) for a deterministic draft, i.e. q one-hot on the draft x: x is accepted with
+  probability p(x), and on rejection the token is distributed as norm(max(0, p - q)) = p with x removed (the law
+  of a draw from p given that it is not x); the bonus is drawn from p. Realised with ONE draw per produced token,
+  in order, it also consumes the generator exactly as plain decoding does: a seed gives the same tokens with
+  speculation on and off (given the same logits). ``Verdict.tokens`` are the new tokens (accepted drafts, then one
+  more), ``accepted`` how many drafts were kept, ``states`` the sampler's generator state before each token.
 - ``DraftSwitch`` stops drafting where it does not pay: after ``misses`` verify steps in a row with no draft
   accepted it pauses for ``pause`` steps (doubling per failed retry, up to ``MAX_PAUSE``), then tries again.
 - ``SpecStats`` counts trips, drafts and accepted tokens (the client's and the bench's figures).
@@ -93,37 +94,14 @@ def accept(sampler: Sampler, logits: torch.Tensor, history: Sequence[int], draft
     seen = list(history)
     tokens: list[int] = []
     states: list[torch.Tensor] = []
-    greedy = sampler.config.greedy
     with torch.inference_mode():
         for i in range(len(drafts) + 1):
             states.append(sampler.generator.get_state())
-            scores = sampler.processed_logits(logits[i], seen)  # [V] float32
-            if greedy:
-                best = int(torch.argmax(scores).item())
-                if i < len(drafts) and best == drafts[i]:
-                    tokens.append(best)
-                    seen.append(best)
-                    continue
-                tokens.append(best)
-                break
-            probs = torch.softmax(scores, dim=-1)  # [V] on the CPU
-            if i == len(drafts):  # every draft accepted: the bonus token from p
-                tokens.append(int(torch.multinomial(probs, 1, generator=sampler.generator).item()))
-                break
-            x = int(drafts[i])
-            u = float(torch.rand(1, generator=sampler.generator).item())
-            if u < float(probs[x]):
-                tokens.append(x)
-                seen.append(x)
-                continue
-            residual = probs.clone()
-            residual[x] = 0.0  # max(0, p - q) with q one-hot on x
-            total = float(residual.sum())
-            if total <= 0.0:  # p(x) == 1 within rounding: nothing else can be drawn
-                tokens.append(x)
-                break
-            tokens.append(int(torch.multinomial(residual / total, 1, generator=sampler.generator).item()))
-            break
+            token = sampler.next_token(logits[i], seen)  # exactly plain decoding's choice (and draw) at this row
+            tokens.append(token)
+            if i == len(drafts) or token != drafts[i]:
+                break  # the correction (a rejected draft) or the bonus (every draft accepted)
+            seen.append(token)
     return Verdict(tokens, len(tokens) - 1, states)
 
 
