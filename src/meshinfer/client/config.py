@@ -78,7 +78,7 @@ class ClientConfig:
                                    "catches a server lying; other peers re-verify it before they believe it")
     speculate: bool = doc(True, "speculative decoding where it pays (generations of 8+ tokens): prompt-lookup drafts "
                                 "verified by the route in one trip, rejected positions rolled back; same greedy "
-                                "tokens, same sampling distribution (--no-speculate: one token per trip)")
+                                "tokens, same sampled tokens for a seed (--no-speculate: one token per trip)")
     draft_tokens: int = doc(6, "most draft tokens one speculative step verifies (1..32)")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "

@@ -3,8 +3,9 @@ rolled back, audited or not.
 
 Contract: ``agenerate_speculative(session, forward, ids, params, eos, draft=..., stats=...)`` yields the same
 ``ScoredToken``s as ``engine.agenerate_scored`` (greedy: the very same tokens; sampled: the same distribution,
-and with a seed the same draws, see ``models.speculate.accept``) with fewer trips through the route. ``forward(chunk, position, rows)`` runs ``chunk`` at
-``position`` through ``session`` and returns the logits of its last ``rows`` positions [rows, V].
+and with a seed the same draws, see ``models.speculate.accept``) with fewer trips through the route.
+``forward(chunk, position, rows)`` runs ``chunk`` at ``position`` through ``session`` and returns the logits of
+its last ``rows`` positions [rows, V].
 
 After the prefill, each step sends [last token + drafts] (``models.speculate.prompt_lookup``, at most ``draft``
 and never more than the tokens still wanted or the session holds) as ONE step of T = 1 + d positions; the head
