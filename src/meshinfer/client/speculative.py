@@ -13,8 +13,8 @@ returns T rows of logits and ``models.speculate.accept`` keeps the longest accep
 Rollback: the KV caches then hold d - accepted positions too many; ``session.rewind(accepted length)`` cuts the
 client's own per-hop history (a failover replays only accepted positions) and the next step is sent at that
 position, where every server truncates its cache. Only the session's public ``forward``/``rewind``/``position``
-(and ``auditor`` / ``want_commit`` / ``max_length``) are used. ``models.speculate.DraftSwitch`` stops drafting
-while drafts keep failing.
+(and ``auditor`` / ``want_commit``, as ``client.audited`` does) are used. ``models.speculate.DraftSwitch`` stops
+drafting while drafts keep failing.
 
 Audits (``session.auditor`` set): tokens are released once verified, a ``Detection`` rolls the generation back
 and fails the liar over, exactly as ``client.audited.agenerate_audited`` does (token k still comes from the
@@ -110,7 +110,7 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
             keep = prompt + len(produced) - 1  # positions whose inputs are accepted (the last token: not yet sent)
             if session.position > keep and not done:
                 await session.rewind(keep)  # drop the rejected drafts: servers truncate at the next step
-            request = None if done else _next(session, history(), wanted - len(produced), draft, switch)
+            request = None if done else _next(history(), wanted - len(produced), draft, switch)
         else:
             if auditor is not None:
                 await auditor.settle()
@@ -147,10 +147,9 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
             return
 
 
-def _next(session: InferenceSession, history: list[int], left: int, draft: int,
-          switch: DraftSwitch) -> tuple[list[int], int, list[int]]:
-    """The next decode step after ``history`` (its last token not yet sent), with drafts where they may pay."""
-    room = session.max_length - len(history)  # positions the session holds after the last token's
-    d = min(draft, left - 1, room)
+def _next(history: list[int], left: int, draft: int, switch: DraftSwitch) -> tuple[list[int], int, list[int]]:
+    """The next decode step after ``history`` (its last token not yet sent), with drafts where they may pay: never
+    more than the ``left`` tokens still wanted need (the session holds prompt + every wanted token)."""
+    d = min(draft, left - 1)
     drafts = prompt_lookup(history, d) if d > 0 and switch.want() else []
     return [history[-1], *drafts], len(history) - 1, drafts
