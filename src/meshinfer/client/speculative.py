@@ -87,8 +87,8 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
         settled_all = False
         if request is not None:
             chunk, position, drafts = request
-            if len(produced) + 1 + len(drafts) >= wanted:  # this step may give the last token: sign its tail
-                session.want_commit = True
+            if auditor is not None and len(produced) + 1 + len(drafts) >= wanted:  # may give the last token:
+                session.want_commit = True  # its tail gets signed (audits report from signed commits)
             logits = await forward(chunk, position, 1 + len(drafts))  # [1 + d, V]
             with torch.inference_mode():
                 verdict = accept(sampler, logits, history(), drafts)
