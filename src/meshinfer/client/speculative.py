@@ -108,8 +108,8 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
                 stats.tokens += decode
                 done = item.token in stops or len(produced) >= wanted
             keep = prompt + len(produced) - 1  # positions whose inputs are accepted (the last token: not yet sent)
-            if session.position > keep and not done:
-                await session.rewind(keep)  # drop the rejected drafts: servers truncate at the next step
+            if session.position > keep:  # drop the rejected drafts (servers truncate at the next step); also at
+                await session.rewind(keep)  # the end: audits then judge only positions the output depends on
             request = None if done else _next(history(), wanted - len(produced), draft, switch)
         else:
             if auditor is not None:
