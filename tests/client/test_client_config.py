@@ -37,6 +37,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "identity": None, "receipts": True,
     # issue 22: a public swarm unless --swarm-key names a private swarm's key file
     "swarm_key": None, "swarm_allow": None,
+    # issue 21: speculative decoding on by default (client.speculative), drafts of up to 6 tokens
+    "speculate": True, "draft_tokens": 6,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -71,6 +73,7 @@ def test_frozen() -> None:
     ({"max_failovers": -1}, "--max-failovers must be >= 0, got -1"),
     ({"max_chunk_tokens": 0}, "--max-chunk-tokens must be > 0, got 0"),
     ({"cohorts": 0}, "--cohorts must be >= 1, got 0"),
+    ({"draft_tokens": 0}, "--draft-tokens must be in 1..32, got 0"),
     ({"max_download": 0.0}, "max_download must be > 0 bytes/s"),
     ({"quant": "int3"}, "unknown quant mode 'int3'"),
     ({"head_quant": "fp8"}, "unknown quant mode 'fp8'"),

@@ -32,7 +32,8 @@ def swarm(meshinfer_cache_dir: Path, bootstrap: list[str]) -> Iterator[LocalSwar
 
 
 def test_a_generation_leaves_receipts_that_anyone_can_check(swarm: LocalSwarm) -> None:
-    with DistributedModel.from_pretrained(swarm.model_dir, swarm.initial_peers) as client:
+    # without speculation, so the work is exactly the prefill and one step per token (drafts are work too)
+    with DistributedModel.from_pretrained(swarm.model_dir, swarm.initial_peers, speculate=False) as client:
         client.generate(PROMPT, NEW_TOKENS, stop_token_ids=())
         me = client.view.node.peer_id
         sender = client.receipts

@@ -76,6 +76,10 @@ class ClientConfig:
     audit_in_flight: int = doc(4, "most audit checks of one session running at once")
     audit_report: bool = doc(True, "publish a signed report in the DHT when an audit, confirmed by a third server, "
                                    "catches a server lying; other peers re-verify it before they believe it")
+    speculate: bool = doc(True, "speculative decoding where it pays (generations of 8+ tokens): prompt-lookup drafts "
+                                "verified by the route in one trip, rejected positions rolled back; same greedy "
+                                "tokens, same sampled tokens for a seed (--no-speculate: one token per trip)")
+    draft_tokens: int = doc(6, "most draft tokens one speculative step verifies (1..32)")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
@@ -124,6 +128,8 @@ class ClientConfig:
             raise ConfigError(f"--audit-in-flight must be >= 1, got {self.audit_in_flight}")
         if not 0 <= self.report_check_s < float("inf"):
             raise ConfigError(f"--report-check-s must be >= 0 seconds (0: off), got {self.report_check_s:g}")
+        if not 1 <= self.draft_tokens <= 32:
+            raise ConfigError(f"--draft-tokens must be in 1..32, got {self.draft_tokens}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:

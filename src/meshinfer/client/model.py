@@ -25,8 +25,10 @@ the context manager) leaves the swarm. With ``config.audit`` (the default) every
 shadow sessions (``client.audit``) and the generation runs ``client.audited.agenerate_audited``: tokens are
 released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
 generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
-(``ascore_prompt``'s single pass is not audited); ``upkeep`` (``client.upkeep``, started with the model, stopped
-by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
+(``ascore_prompt``'s single pass is not audited); With ``config.speculate`` (the default) a generation of 8+ tokens runs
+``client.speculative.agenerate_speculative`` instead (prompt-lookup drafts verified in one multi-token step, audited
+the same way; ``speculation`` counts trips and accepted drafts). ``upkeep`` (``client.upkeep``, started with the
+model, stopped by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
 ``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
 one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
@@ -53,6 +55,7 @@ from meshinfer.client.receipts import ReceiptSender
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
+from meshinfer.client.speculative import agenerate_speculative, worth_speculating
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.client.upkeep import Upkeep
@@ -68,6 +71,7 @@ from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
+from meshinfer.models.speculate import SpecStats
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
@@ -99,6 +103,9 @@ class DistributedModel(CheckpointGenerator):
         the last server's output; ``InferenceSession.decode_route_s``): what the servers and the network cost."""
         self.audits = AuditCounters()
         """What audits found, per server peer (passed/failed windows, unaudited hops) and in all (detections)."""
+        self.speculation = SpecStats()
+        """Speculative decoding over every generation of this model: trips, drafts sent and accepted, tokens
+        (``client.speculative``; ``speculation.tokens_per_trip``)."""
         self.last_session: InferenceSession | None = None
         """The most recent session (its ``route`` and ``failovers`` say what happened)."""
         self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
@@ -334,15 +341,21 @@ class DistributedModel(CheckpointGenerator):
         session = await self.aopen_session(len(ids) + params.max_new_tokens)
         self._heads.active += 1
         try:
-            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+            async def forward_rows(chunk: list[int], position: int, rows: int) -> torch.Tensor:  # [T] -> [rows, V]
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
                 out = await session.forward(self._embed(chunk))  # [T, H] on the CPU
+                logits, session.burst = await self._heads.logits_rows(out[-rows:], session.last_burst,
+                                                                      session.route[0].peer_id)
+                return logits  # [rows, V] float32
 
-                logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
-                return logits  # [V] float32
+            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+                return (await forward_rows(chunk, position, 1))[0]
 
-            if session.auditor is not None:
+            if worth_speculating(params, self.config.speculate):
+                generation = agenerate_speculative(session, forward_rows, ids, params, self.spec.eos_token_ids,
+                                                   draft=self.config.draft_tokens, stats=self.speculation)
+            elif session.auditor is not None:
                 generation = agenerate_audited(session, forward, ids, params, self.spec.eos_token_ids)
             else:
                 generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
