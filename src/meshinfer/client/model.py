@@ -26,7 +26,9 @@ shadow sessions (``client.audit``) and the generation runs ``client.audited.agen
 released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
 generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
 (``ascore_prompt``'s single pass is not audited); ``upkeep`` (``client.upkeep``, started with the model, stopped
-by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
+by ``close``) checks the model's reports and publishes the audit tally periodically. A private split
+(``config.private_blocks`` K > 0, ``client.private_split``): the client also loads blocks [0, K) and [n - K, n),
+routes cover only [K, n - K) and each session is a ``PrivateSplitSession`` around the route's. Errors are
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
 ``RemoteError`` with the server's code.
 """
@@ -48,6 +50,7 @@ from meshinfer.client.audit import AuditCounters, Auditor
 from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession, ensure_private_blocks
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
@@ -75,9 +78,11 @@ class DistributedModel(CheckpointGenerator):
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
                  path: Path | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG,
-                 wire_dtype: str = "float32") -> None:
+                 wire_dtype: str = "float32", private: PrivateBlocks | None = None) -> None:
         self.spec = spec
         self.head = head
+        self.private = private
+        """This client's own first and last blocks (``config.private_blocks``; None: a plain split)."""
         self.device = head.norm.device
         """Where the head computes (``config.device`` resolved on this machine)."""
         self.wire_dtype = canonical_dtype(wire_dtype)
@@ -157,8 +162,12 @@ class DistributedModel(CheckpointGenerator):
                                              refuted_ban=config.refuted_ban), timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
+            if config.private_blocks:  # blocks [0, K) and [n - K, n) too (client.private_split)
+                local = runner.run(ensure_private_blocks(view.node, str(path), local, config.private_blocks,
+                                                         config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, where, quant=QuantConfig(config.head_quant))
+            private = PrivateBlocks.load(ckpt, config.private_blocks, dt, where) if config.private_blocks else None
             autotune_linear(layer_weights(head))  # CPU fp32 heads only: oneDNN or MKL, timed once
             ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=config.quant)
@@ -169,7 +178,8 @@ class DistributedModel(CheckpointGenerator):
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire)
+        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire,
+                    private=private)
         runner.loop.call_soon_threadsafe(model.upkeep.start)
         return model
 
@@ -216,9 +226,11 @@ class DistributedModel(CheckpointGenerator):
         self._check_open()
         return SyncInferenceSession(self._runner, self._runner.run(self.aopen_session(max_length)))
 
-    async def aopen_session(self, max_length: int) -> InferenceSession:
-        """``open_session`` as a coroutine on the client's loop (``loop``)."""
-        route = await self._view.plan(self.ref, wait=self.route_wait)
+    async def aopen_session(self, max_length: int) -> ClientSession:
+        """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route
+        covers only the middle ones and the session is a ``PrivateSplitSession`` around it."""
+        middle = self.private.middle if self.private is not None else None
+        route = await self._view.plan(self.ref, blocks=middle, wait=self.route_wait)
         self.last_route = route
         quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
@@ -239,7 +251,7 @@ class DistributedModel(CheckpointGenerator):
             session.auditor = Auditor(session, find, self.audits,
                                       report=self._view.report if self.config.audit_report else None)
         self.last_session = session
-        return session
+        return session if self.private is None else PrivateSplitSession(session, self.private)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -329,8 +341,9 @@ class DistributedModel(CheckpointGenerator):
                 logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
                 return logits  # [V] float32
 
-            if session.auditor is not None:
-                generation = agenerate_audited(session, forward, ids, params, self.spec.eos_token_ids)
+            remote = session.remote if isinstance(session, PrivateSplitSession) else session
+            if remote.auditor is not None:  # its rollbacks rewind the remote session: the wrapper follows it
+                generation = agenerate_audited(remote, forward, ids, params, self.spec.eos_token_ids)
             else:
                 generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
             async for item in generation:

@@ -1,0 +1,173 @@
+"""A private split (``--private-blocks 1``) through real ``meshinfer serve`` processes, for every tiny family.
+
+One set of servers for the whole module, started at once on the shared bootstrap: one server holding all 4 blocks
+of each tiny checkpoint (two for the tiny llama, which the failover test kills one of). Each private client keeps
+blocks 0 and 3 and routes only [1, 3) (a sub-range of what the server holds); its greedy tokens equal
+``LocalModel``'s, and a plain split of the same client's peer over [0, 4) ends on the same hidden states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from client_helpers import stop_swarm
+
+from meshinfer.client.model import DistributedModel
+from meshinfer.client.private_split import PrivateSplitSession
+from meshinfer.client.session import InferenceSession
+from meshinfer.models.checkpoint import Checkpoint
+from meshinfer.models.engine import LocalModel
+from meshinfer.testing.checkpoints import list_tiny_checkpoints
+from meshinfer.testing.swarm import LocalSwarm
+from meshinfer.types import BlockRange
+
+pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
+PROMPT = [5, 17, 42, 7, 99, 3, 17, 42]
+NEW_TOKENS = 8
+CASES = sorted({(family, "default") for family, _ in list_tiny_checkpoints()})
+"""Every family once (its default variant: the others differ in the head or the rope, which the plain split's
+tests cover; one server process each is what this module's time goes to)."""
+IDS = [f"{f}-{v}" for f, v in CASES]
+FAILOVER = ("llama", "default")
+FETCHED = ("qwen2", "default")
+"""The case whose private client names the model by its id: its blocks 0 and 3 come by the swarm's piece fetch."""
+
+
+@pytest.fixture(scope="module")
+def swarms(bootstrap: list[str],
+           tiny_checkpoints: dict[tuple[str, str], Path]) -> Iterator[dict[tuple[str, str], LocalSwarm]]:
+    made: dict[tuple[str, str], LocalSwarm] = {}
+
+    def start(case: tuple[str, str]) -> None:
+        spans = [(0, 4), (0, 4)] if case == FAILOVER else [(0, 4)]
+        made[case] = LocalSwarm(tiny_checkpoints[case], spans, initial_peers=bootstrap, startup_timeout=180,
+                                torch_threads=1, server_args=("--drain-timeout", "0.2"))
+        made[case].start()
+
+    try:
+        with ThreadPoolExecutor(len(CASES)) as pool:
+            for future in [pool.submit(start, case) for case in CASES]:
+                future.result()
+        yield made
+    finally:
+        for swarm in made.values():
+            stop_swarm(swarm)
+
+
+def _run(client: DistributedModel, coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run_coroutine_threadsafe(coro, client.loop).result(timeout=120)
+
+
+async def _plain_greedy(client: DistributedModel, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of a PLAIN split over all blocks, through the private client's own peer, and the last block's
+    outputs [len(ids) + n - 1, H]."""
+    route = await client.view.plan(client.ref, blocks=BlockRange(0, client.spec.num_blocks), wait=10.0)
+    session = await InferenceSession.open(client.view.node, route, model_id=client.model_id,
+                                          max_length=len(ids) + n, config=client.config)
+    try:
+        outs = [await session.forward(client.head.embed(torch.tensor([ids]))[0])]
+        tokens = [int(client.head.logits(outs[-1][-1]).argmax())]
+        while len(tokens) < n:
+            outs.append(await session.forward(client.head.embed(torch.tensor([[tokens[-1]]]))[0]))
+            tokens.append(int(client.head.logits(outs[-1][-1]).argmax()))
+        return tokens, torch.cat(outs)
+    finally:
+        await session.close()
+
+
+async def _private_hidden(client: DistributedModel, ids: list[int]) -> torch.Tensor:
+    session = await client.aopen_session(len(ids))
+    assert isinstance(session, PrivateSplitSession)
+    try:
+        return await session.forward(client.head.embed(torch.tensor([ids]))[0])
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_private_split_equals_local_and_plain_split(case: tuple[str, str], swarms: dict[tuple[str, str], LocalSwarm],
+                                                    tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
+    path = tiny_checkpoints[case]
+    swarm = swarms[case]
+    local = LocalModel.from_pretrained(path)
+    reference = local.generate(PROMPT, NEW_TOKENS, stop_token_ids=())
+    ref = swarm.model_id if case == FETCHED else path
+    with DistributedModel.from_pretrained(ref, swarm.initial_peers, private_blocks=1) as client:
+        assert client.private is not None and client.private.middle == BlockRange(1, 3)
+        tokens = client.generate(PROMPT, NEW_TOKENS, stop_token_ids=())
+        assert tokens == reference
+        assert [hop.span for hop in client.last_route] == [BlockRange(1, 3)]  # servers run only the middle
+        plain, plain_hidden = _run(client, _plain_greedy(client, PROMPT, NEW_TOKENS))
+        assert plain == reference
+        private_hidden = _run(client, _private_hidden(client, PROMPT + tokens[:-1]))
+        torch.testing.assert_close(private_hidden, plain_hidden.to(private_hidden.dtype), rtol=1e-4, atol=1e-4)
+        scored = _run(client, client.ascore_prompt(PROMPT, top_logprobs=2))
+        expected = local.score_prompt(PROMPT, top_logprobs=2)
+        assert [s.token for s in scored] == [s.token for s in expected]
+        assert [s.logprob for s in scored] == pytest.approx([s.logprob for s in expected], abs=1e-4)
+        if case == FETCHED:  # fetched by id: the client part and blocks 0 and 3, not the middle
+            assert client.path is not None and client.path != path
+            held = Checkpoint(client.path)
+            for block, present in ((0, True), (1, False), (2, False), (3, True)):
+                assert (not held.missing(client.spec.block_tensors(block))) == present, block
+
+
+def test_multi_token_steps_and_rewind_match_a_straight_run(swarms: dict[tuple[str, str], LocalSwarm],
+                                                           tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
+    """What speculation does through the wrapper: a multi-token step, a rewind into it, a different continuation;
+    the outputs equal a session that ran the kept tokens straight."""
+    case = ("qwen3", "default")
+    with DistributedModel.from_pretrained(tiny_checkpoints[case], swarms[case].initial_peers,
+                                          private_blocks=1) as client:
+        def embed(ids: list[int]) -> torch.Tensor:
+            return client.head.embed(torch.tensor([ids]))[0]
+
+        async def rewound() -> torch.Tensor:
+            session = await client.aopen_session(16)
+            try:
+                await session.forward(embed(PROMPT))
+                await session.forward(embed([11, 12, 13]))  # a draft of 3
+                await session.rewind(len(PROMPT) + 1)  # only the first was accepted
+                assert session.position == len(PROMPT) + 1
+                return await session.forward(embed([21, 22]))
+            finally:
+                await session.close()
+
+        async def straight() -> torch.Tensor:
+            session = await client.aopen_session(16)
+            try:
+                return (await session.forward(embed([*PROMPT, 11, 21, 22])))[-2:]
+            finally:
+                await session.close()
+
+        torch.testing.assert_close(_run(client, rewound()), _run(client, straight()), rtol=1e-4, atol=1e-4)
+
+
+def test_private_split_survives_a_killed_server(swarms: dict[tuple[str, str], LocalSwarm],
+                                                tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
+    """SIGKILL the server of the route mid-generation: the other one takes the middle over (its history replayed);
+    the tokens are still the local engine's. Runs last: it leaves the llama with one server."""
+    swarm = swarms[FAILOVER]
+    path = tiny_checkpoints[FAILOVER]
+    n = 40
+    reference = LocalModel.from_pretrained(path).generate(PROMPT, n, stop_token_ids=())
+    tokens: list[int] = []
+    with DistributedModel.from_pretrained(path, swarm.initial_peers, private_blocks=1) as client:
+        for token in client.stream(PROMPT, n, stop_token_ids=()):
+            tokens.append(token)
+            if len(tokens) == 4:
+                assert client.last_session is not None
+                victim = client.last_session.route[0].peer_id
+                next(s for s in swarm.servers if s.peer_id == victim).proc.kill(signal.SIGKILL)
+        assert tokens == reference
+        assert client.last_session is not None and client.last_session.failovers
+        assert all(hop.span == BlockRange(1, 3) and hop.peer_id != victim for hop in client.last_session.route)
