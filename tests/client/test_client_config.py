@@ -31,6 +31,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     "audit_report": True,  # issue 19: a confirmed lie is published as a signed report (client.audit_reports)
     # issue 19: reports checked every minute, the audit tally published (client.upkeep)
     "report_check_s": 60.0, "publish_audits": True,
+    "private_blocks": 0,  # issue 22: a private split is opt-in (client.private_split)
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 

@@ -81,7 +81,7 @@ class ClientConfig:
     private_blocks: int = doc(0, "a private split: run the model's first K and last K blocks on this machine too "
                                  "(with the embeddings and LM head), so servers never see token embeddings nor "
                                  "the hidden states next to the logits; routes cover only the middle blocks; "
-                                 "0: off")
+                                 "0: off", metavar="K")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
