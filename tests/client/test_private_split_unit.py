@@ -46,7 +46,7 @@ def test_the_flag_reaches_the_config_and_negative_values_are_refused() -> None:
 
 def test_too_many_private_blocks_fail_before_any_fetch(tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
     path = tiny_checkpoints[("llama", "default")]
-    with pytest.raises(ConfigError, match="^--private-blocks 2 would keep all 4 blocks"):
+    with pytest.raises(ConfigError, match=r"^--private-blocks 2 would keep all 4 blocks"):
         asyncio.run(ensure_private_blocks(None, str(path), path, 2))  # no node: a fetch would be a UsageError
     assert asyncio.run(ensure_private_blocks(None, str(path), path, 1)) == path  # a directory: as is
 
