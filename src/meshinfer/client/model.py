@@ -219,7 +219,8 @@ class DistributedModel(CheckpointGenerator):
     def plan(self, exclude: Collection[str] = ()) -> list[RouteHop]:
         """The route a session would take now (NoRouteError when the swarm does not cover the model)."""
         self._check_open()
-        return self._runner.run(self._view.plan(self.ref, exclude=exclude, wait=self.route_wait))
+        middle = self.private.middle if self.private is not None else None
+        return self._runner.run(self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait))
 
     def open_session(self, max_length: int) -> SyncInferenceSession:
         """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
