@@ -23,7 +23,7 @@ import torch
 from client_helpers import stop_swarm
 
 from meshinfer.client.model import DistributedModel
-from meshinfer.client.private_split import PrivateSplitSession
+from meshinfer.client.private_split import THREAD_MIN_TOKENS, PrivateSplitSession
 from meshinfer.client.routing import RouteHop
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.swarm import ModelRef
@@ -147,7 +147,9 @@ def test_private_split_equals_local_and_plain_split(case: tuple[str, str], swarm
 def test_multi_token_steps_and_rewind_match_a_straight_run(swarms: dict[tuple[str, str], LocalSwarm],
                                                            checkpoints: dict[tuple[str, str], Path]) -> None:
     """What speculation does through the wrapper: a multi-token step, a rewind into it, a different continuation;
-    the outputs equal a session that ran the kept tokens straight."""
+    the outputs equal a session that ran the kept tokens straight. The prompt is long enough for the local blocks
+    to run on a worker thread (``THREAD_MIN_TOKENS``)."""
+    prompt = (PROMPT * 6)[:THREAD_MIN_TOKENS + 4]
     case = ("qwen3", "default")
     with DistributedModel.from_pretrained(checkpoints[case], swarms[case].initial_peers,
                                           private_blocks=1) as client:
@@ -155,20 +157,20 @@ def test_multi_token_steps_and_rewind_match_a_straight_run(swarms: dict[tuple[st
             return client.head.embed(torch.tensor([ids]))[0]
 
         async def rewound() -> torch.Tensor:
-            session = await client.aopen_session(16)
+            session = await client.aopen_session(64)
             try:
-                await session.forward(embed(PROMPT))
+                await session.forward(embed(prompt))
                 await session.forward(embed([11, 12, 13]))  # a draft of 3
-                await session.rewind(len(PROMPT) + 1)  # only the first was accepted
-                assert session.position == len(PROMPT) + 1
+                await session.rewind(len(prompt) + 1)  # only the first was accepted
+                assert session.position == len(prompt) + 1
                 return await session.forward(embed([21, 22]))
             finally:
                 await session.close()
 
         async def straight() -> torch.Tensor:
-            session = await client.aopen_session(16)
+            session = await client.aopen_session(64)
             try:
-                return (await session.forward(embed([*PROMPT, 11, 21, 22])))[-2:]
+                return (await session.forward(embed([*prompt, 11, 21, 22])))[-2:]
             finally:
                 await session.close()
 

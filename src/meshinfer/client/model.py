@@ -102,7 +102,8 @@ class DistributedModel(CheckpointGenerator):
         self.audits = AuditCounters()
         """What audits found, per server peer (passed/failed windows, unaudited hops) and in all (detections)."""
         self.last_session: InferenceSession | None = None
-        """The most recent session (its ``route`` and ``failovers`` say what happened)."""
+        """The most recent session (its ``route`` and ``failovers`` say what happened; of a private split, the
+        session over the middle blocks that its ``PrivateSplitSession`` wraps)."""
         self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
                              publish_audits=config.publish_audits)
         """Report checks and audit tallies in the background (``client.upkeep``)."""
