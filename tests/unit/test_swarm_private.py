@@ -19,6 +19,10 @@ def test_compare_puts_the_splits_side_by_side() -> None:
     assert out["plain"]["client_ms_per_token"] == pytest.approx(10.0)
     assert out["private"]["client_ms_per_token"] == pytest.approx(45.0)
     assert out["private_over_plain"] == pytest.approx({"decode_tokens_per_s": 0.8, "time_to_first_token": 1.5})
+    paired = compare(k=1, plain=_figures(1, 1, 1), private=_figures(1, 1, 1), plain_route_ms=None,
+                     private_route_ms=None, local_blocks=0.0, identical=True, private_route=[], weight_bytes=0,
+                     cache_bytes=0, paired=[0.5, 0.9, 0.7])
+    assert paired["private_over_plain"]["decode_paired_median"] == pytest.approx(0.7)
     assert out["extra_ms_per_token"] == pytest.approx(25.0)
     assert out["extra_client_ms_per_token"] == pytest.approx(35.0)
     assert out["route_ms_saved_per_token"] == pytest.approx(10.0)

@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     local_blocks=local_blocks_ms(private), identical=all(s[2] == local_s[0][2] for s in private_s),
                     private_route=[f"{hop.span}" for hop in private.last_route],
                     weight_bytes=private.private.weight_bytes(),
-                    cache_bytes=private.private.cache_bytes(args.prompt_tokens + n))
+                    cache_bytes=private.private.cache_bytes(args.prompt_tokens + n),
+                    paired=[_decode_rate(p, n) / _decode_rate(s, n) for s, p in zip(swarm_s, private_s, strict=True)])
         finally:
             remote.close()
             if private is not None:

@@ -6,7 +6,8 @@ bench times in the same rounds as the plain split and the local engine. ``local_
 client's own blocks apart (one token through blocks [0, K) and [n - K, n) with their caches, as a decode step runs
 them; median ms). ``compare`` (pure) puts the two clients' figures side by side: decode tokens/s, time to first
 token, ms per token in the route (from sending a decode step to the last server's output) and on the client
-(the rest: embeddings, the private client's own blocks, LM head, sampling), and their ratios and differences.
+(the rest: embeddings, the private client's own blocks, LM head, sampling), and their ratios (also the median of
+each round's ratio) and differences.
 Imports torch and the network only inside ``open_private`` and ``local_blocks_ms``; never asserts a timing.
 """
 
@@ -45,9 +46,11 @@ def local_blocks_ms(model: Any, tokens: int = 32) -> float:
 
 def compare(*, k: int, plain: dict[str, Any], private: dict[str, Any], plain_route_ms: float | None,
             private_route_ms: float | None, local_blocks: float, identical: bool,
-            private_route: list[str], weight_bytes: int, cache_bytes: int) -> dict[str, Any]:
+            private_route: list[str], weight_bytes: int, cache_bytes: int,
+            paired: list[float] | None = None) -> dict[str, Any]:
     """The plain and the private split side by side (``plain``/``private``: ``bench.swarm.summarise`` results;
-    ``*_route_ms``: mean ms per decode step in the route)."""
+    ``*_route_ms``: mean ms per decode step in the route; ``paired``: each round's private over plain decode
+    tokens/s, the two runs of a round being the least apart in time)."""
     def side(figures: dict[str, Any], route_ms: float | None) -> dict[str, Any]:
         out = {"decode_tokens_per_s": figures["decode_tokens_per_s"],
                "time_to_first_token_ms": figures["time_to_first_token_ms"],
@@ -65,6 +68,7 @@ def compare(*, k: int, plain: dict[str, Any], private: dict[str, Any], plain_rou
         "private_over_plain": {
             "decode_tokens_per_s": b["decode_tokens_per_s"] / a["decode_tokens_per_s"],
             "time_to_first_token": b["time_to_first_token_ms"] / a["time_to_first_token_ms"],
+            **({"decode_paired_median": statistics.median(paired)} if paired else {}),
         },
         "extra_ms_per_token": b["decode_ms_per_token"] - a["decode_ms_per_token"],
         "local_blocks_ms_per_token": local_blocks,
