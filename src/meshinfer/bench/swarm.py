@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from meshinfer.bench.swarm_private import compare, local_blocks_ms, open_private
     from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
+    from meshinfer.client.private_split import private_middle
     from meshinfer.testing.swarm import LocalSwarm
 
     _check(args)
@@ -143,6 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path, dtype, local, load_before = setup.path, setup.dtype, setup.local, setup.load_before
     spec = local.spec
     spans = even_spans(spec.num_blocks, args.servers)
+    if args.private_blocks:
+        private_middle(args.private_blocks, spec.num_blocks)  # a ConfigError before any process starts
     prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
     n = args.new_tokens
 
