@@ -357,11 +357,13 @@ class DistributedModel(CheckpointGenerator):
             self.decode_route_s_total += session.decode_route_s
             await asyncio.shield(session.close())
 
-    def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU, in the wire dtype
+    def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU in the wire dtype (see below)
         """The embeddings of ``ids``, computed on the head's device and brought to the CPU in ONE copy (cast to
-        the wire dtype on the way) for the session to send."""
+        the wire dtype on the way) for the session to send (a private split's first blocks take them where they are)."""
         with torch.inference_mode():
             hidden = self.head.embed(torch.tensor([ids]))[0]  # [T, H] on self.device
+            if self.private is not None:
+                return hidden
             return hidden.to(device="cpu", dtype=torch_dtype(self.wire_dtype))
 
     async def ascore_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
