@@ -66,3 +66,25 @@ def test_local_blocks_around_the_middle_are_the_whole_model(family: str,
     for span, cache in zip((blocks.front, middle, blocks.back), caches, strict=True):
         y = span(y, cache)
     torch.testing.assert_close(y, whole(x, whole.new_cache(8)))
+
+
+def test_a_server_with_the_public_weights_inverts_k1_states_to_the_prompt(
+        tiny_checkpoints: dict[tuple[str, str], Path]) -> None:
+    """The limit the privacy table must state: what a K=1 split's first server receives (block 0's outputs) gives
+    the prompt back to anyone holding block 0's weights (every server can fetch them by the model id): token by
+    token, the vocabulary entry whose exact block-0 output, after the tokens found so far, is the one received.
+    (On SmolLM2-135M, with a 64-candidate prefilter, the same search recovered 66 of 67 tokens of a real prompt.)"""
+    ckpt = Checkpoint(tiny_checkpoints[("llama", "default")])
+    blocks = PrivateBlocks.load(ckpt, 1, torch.float32, torch.device("cpu"))
+    head = ckpt.load_head()
+    prompt = [5, 17, 42, 7, 99, 3, 17, 42, 250, 11]
+    front = blocks.front
+    with torch.inference_mode():
+        seen = front(head.embed(torch.tensor([prompt])), front.new_cache(len(prompt)))[0]  # [T, H] on the wire
+        vocab = torch.arange(ckpt.spec.vocab_size)
+        found: list[int] = []
+        for i in range(len(prompt)):
+            seqs = torch.cat([torch.tensor(found, dtype=torch.long).expand(len(vocab), i), vocab[:, None]], dim=1)
+            out = front(head.embed(seqs), front.new_cache(i + 1, batch=len(vocab)))[:, -1]  # [V, H]
+            found.append(int((out - seen[i]).norm(dim=-1).argmin()))
+    assert found == prompt
