@@ -19,10 +19,17 @@ step they are cut back to it when it is behind them (a ``rewind`` of the wrapper
 an audited generation's rollback, or a step that failed half way), so multi-token steps, speculation's rollbacks
 and audits' rollbacks work through the wrapper exactly as through a plain session; a remote session AHEAD of the
 local caches (stepped directly, bypassing the wrapper) is a ``UsageError``. Failover, audits and pushes are the
-remote session's business: they only ever see the middle blocks. Steps of more than ``THREAD_MIN_TOKENS`` tokens
+remote session's business: they only ever see the middle blocks. Steps of at least ``THREAD_MIN_TOKENS`` tokens
 (prefill) run the local blocks on a worker thread, so the client's event loop goes on serving other sessions;
-shorter ones run inline, as the LM head does. Greedy tokens equal a plain split's and ``LocalModel``'s (the same
-blocks, the same code, in fp32 bit for bit up to the servers' float rounding).
+shorter ones run inline, as the LM head does. Greedy tokens equal a plain split's and ``LocalModel``'s: the same
+blocks run by the same code, here instead of on a server (equal up to float rounding, as a plain split's are).
+
+What it does NOT hide (the privacy table's facts): the states servers see still carry the tokens. The model's
+weights are public to every server (any block can be fetched by the model id), so the first server can invert
+block K - 1's outputs to the prompt token by token (tests/client/test_private_split_unit.py does it exactly on a
+tiny model; a 64-candidate search recovered 66 of 67 tokens of a real prompt on SmolLM2-135M with K = 1), and the
+last server can run blocks [n - K, n) and the head itself. Sizes (tokens per step: the prompt's length, one step
+per generated token, ``max_length`` in every ``Open``) and timing are those of a plain split.
 
 Knows nothing of tokens, sampling or the network beyond the wrapped session's interface.
 """
