@@ -177,6 +177,20 @@ def test_multi_token_steps_and_rewind_match_a_straight_run(swarms: dict[tuple[st
         torch.testing.assert_close(_run(client, rewound()), _run(client, straight()), rtol=1e-4, atol=1e-4)
 
 
+def test_concurrent_private_generations_keep_their_own_caches(swarms: dict[tuple[str, str], LocalSwarm],
+                                                             checkpoints: dict[tuple[str, str], Path]) -> None:
+    """Three generations at once through one client (their LM-head rows batched): each its own local caches."""
+    case = ("mistral", "default")
+    local = LocalModel.from_pretrained(checkpoints[case])
+    prompts = [PROMPT, PROMPT[::-1], [9, *PROMPT[2:]]]
+    want = [local.generate(p, NEW_TOKENS, stop_token_ids=()) for p in prompts]
+    with DistributedModel.from_pretrained(checkpoints[case], swarms[case].initial_peers,
+                                          private_blocks=1) as client:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: client.generate(p, NEW_TOKENS, stop_token_ids=()), prompts))
+    assert got == want
+
+
 def test_a_lying_middle_server_is_caught_and_rolled_back_exactly(swarms: dict[tuple[str, str], LocalSwarm],
                                                                  checkpoints: dict[tuple[str, str], Path]) -> None:
     """The route's first plan goes through the liar: its audit catches it, the generation rolls back (the REMOTE
