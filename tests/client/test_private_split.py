@@ -11,7 +11,9 @@ blocks 0 and 3 and routes only [1, 3) (a sub-range of what the server holds); it
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
 import time
 from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.engine import LocalModel
 from meshinfer.testing.checkpoints import list_tiny_checkpoints, tiny_checkpoint
 from meshinfer.testing.dishonest import DishonestConfig
+from meshinfer.testing.procs import meshinfer_argv
 from meshinfer.testing.swarm import LocalSwarm
 from meshinfer.types import BlockRange
 
@@ -175,6 +178,20 @@ def test_multi_token_steps_and_rewind_match_a_straight_run(swarms: dict[tuple[st
                 await session.close()
 
         torch.testing.assert_close(_run(client, rewound()), _run(client, straight()), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_generate_with_private_blocks_equals_local(swarms: dict[tuple[str, str], LocalSwarm],
+                                                      checkpoints: dict[tuple[str, str], Path]) -> None:
+    case = ("qwen3", "default")
+    local = LocalModel.from_pretrained(checkpoints[case])
+    proc = subprocess.run(meshinfer_argv("generate", "--model", str(checkpoints[case]), "--prompt", "The keeper",
+                                         "--max-new-tokens", "8", "--json", "--private-blocks", "1",
+                                         "--initial-peers", *swarms[case].initial_peers),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["generated_token_ids"] == local.generate(doc["prompt_token_ids"], 8)
+    assert [hop["blocks"] for hop in doc["route"]] == ["1:3"]
 
 
 def test_concurrent_private_generations_keep_their_own_caches(swarms: dict[tuple[str, str], LocalSwarm],
