@@ -39,6 +39,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     "swarm_key": None, "swarm_allow": None,
     # issue 21: speculative decoding on by default (client.speculative), drafts of up to 6 tokens
     "speculate": True, "draft_tokens": 6,
+    "private_blocks": 0,  # issue 22: a private split is opt-in (client.private_split)
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 

@@ -8,7 +8,8 @@ form only (``devices.parse_device``); the client resolves it on the machine (``m
 from explicit arguments; nothing here reads files or the environment, and nothing imports torch or the network.
 ``DistributedModel.from_pretrained(..., config=..., **overrides)`` applies its keyword arguments with
 ``dataclasses.replace``; its ``InferenceSession``s get the same object (their own ``quant`` is their route's mode,
-given apart).
+given apart). ``private_blocks`` is checked for its sign here; against the model's block count (2K < n) where that
+is known (``client.private_split.private_middle``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class ClientConfig:
                                 "tokens, same sampled tokens for a seed (--no-speculate: one token per trip)")
     draft_tokens: int = doc(6, "most draft tokens one speculative step verifies (1..32)")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
+    private_blocks: int = doc(0, "a private split: run the model's first K and last K blocks on this machine too "
+                                 "(with the embeddings and LM head), so servers never see token embeddings nor "
+                                 "the hidden states next to the logits; routes cover only the middle blocks; "
+                                 "0: off", metavar="K")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
     identity: str | None = doc(None, "path of this client's peer key file (created with mode 0600 if absent): the "
@@ -130,6 +135,8 @@ class ClientConfig:
             raise ConfigError(f"--report-check-s must be >= 0 seconds (0: off), got {self.report_check_s:g}")
         if not 1 <= self.draft_tokens <= 32:
             raise ConfigError(f"--draft-tokens must be in 1..32, got {self.draft_tokens}")
+        if self.private_blocks < 0:
+            raise ConfigError(f"--private-blocks must be >= 0 (0: off), got {self.private_blocks}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:
