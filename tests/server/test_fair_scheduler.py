@@ -129,10 +129,11 @@ def test_while_several_peers_are_active_prefill_turns_are_short_and_alternate_wi
 
 @budget(100)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 700)), min_size=1, max_size=40),
-       st.integers(1, 600), st.integers(1, 8), st.integers(1, 128))
+       st.integers(1, 600), st.integers(1, 8), st.integers(1, 128), st.booleans())
 def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
-        steps: list[tuple[int, int, int]], max_tokens: int, max_sessions: int, shared: int) -> None:
-    s = Scheduler(max_batch_tokens=max_tokens, max_batch_sessions=max_sessions, shared_batch_tokens=shared)
+        steps: list[tuple[int, int, int]], max_tokens: int, max_sessions: int, shared: int, credits: bool) -> None:
+    s = Scheduler(max_batch_tokens=max_tokens, max_batch_sessions=max_sessions, shared_batch_tokens=shared,
+                  credit=(lambda p: 10**9 if p == "peer0" else 0) if credits else None)
     sessions: dict[tuple[int, int], Session] = {}
     for i, (peer, sid, tokens) in enumerate(steps):
         session = sessions.setdefault((peer, sid), _session(f"{peer}.{sid}", f"peer{peer}"))

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--credit-weight", type=int, default=4, help="S's --credit-weight")
     parser.add_argument("--credit-saturation", type=int, default=2000, help="S's --credit-saturation (block-tokens)")
     parser.add_argument("--torch-threads", type=int, default=1, help="compute threads of each server")
+    parser.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                        help="the clients decode speculatively (the default of every client)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -116,8 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(max(1, args.warmup_tokens // 48)):
                     warm.generate(PROMPT, 48, stop_token_ids=())
             handed = warm.receipts.handed if warm.receipts is not None else 0
-            with DistributedModel.from_pretrained(model_dir, peers, audit=False, identity=str(x_key)) as x, \
-                    DistributedModel.from_pretrained(model_dir, peers, audit=False) as f:
+            spec = {"speculate": args.speculate}
+            with DistributedModel.from_pretrained(model_dir, peers, audit=False, identity=str(x_key), **spec) as x, \
+                    DistributedModel.from_pretrained(model_dir, peers, audit=False, **spec) as f:
                 # S learns X's credit on X's first step (the links, then C's receipts, in the background)
                 x.generate(PROMPT, 2, stop_token_ids=())
                 f.generate(PROMPT, 2, stop_token_ids=())

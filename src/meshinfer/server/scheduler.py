@@ -54,6 +54,9 @@ SHARED_BATCH_TOKENS = 64
 """Prefill tokens one turn may compute while several peers are active (so no peer's decode step waits behind
 another peer's long prefill turn)."""
 ACTIVE_WINDOW_S = 1.0
+SHORT_STEP_TOKENS = 33
+"""With credits, steps of at most this many tokens (still to compute) are dealt like decode steps: a speculative
+verify step carries the last token and up to 32 drafts."""
 """A peer counts as active for this long after its last step arrived."""
 
 
@@ -179,7 +182,14 @@ class Scheduler:
             peers.setdefault(session.client, []).append(session)
         order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
         pieces: list[Piece] = []
-        decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
+        def is_short(session: Session) -> bool:  # dealt as a decode step
+            job = session.pending[0]
+            if self.credit is None:
+                return job.tokens == 1
+            # with credits, short steps (a speculative verify step: 1 + drafts) are dealt like decode steps
+            return job.tokens - job.done <= min(SHORT_STEP_TOKENS, self.max_batch_tokens)
+
+        decodes = [[s for s in peers[p] if is_short(s)] for p in order]
         if self.credit is None:
             for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
                 for peer_decodes in decodes:
@@ -187,10 +197,10 @@ class Scheduler:
                         pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
         else:
             pieces = self._weighted_decodes(order, decodes, self.credit)
-        budget = self.max_batch_tokens - len(pieces)
+        budget = self.max_batch_tokens - sum(piece.count for piece in pieces)
         if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
             budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
-        prefills = {p: [s for s in peers[p] if s.pending[0].tokens > 1] for p in order}
+        prefills = {p: [s for s in peers[p] if not is_short(s)] for p in order}
         demand = {p: sum(s.pending[0].tokens - s.pending[0].done for s in ss) for p, ss in prefills.items() if ss}
         shares = fair_shares(max(budget, 0), demand)
         for peer in order:  # then prefill (or its next chunk): each peer within its share, oldest first
@@ -218,7 +228,8 @@ class Scheduler:
                           credit: Callable[[str], int]) -> list[Piece]:
         """Decode slots by weighted fair queueing over peers: each slot goes to the peer with the least service
         so far (slots taken / its credit weight; a peer new to the queue starts level with the least served),
-        so over turns peers get slots in proportion to their weights and every peer keeps getting some."""
+        so over turns peers get slots in proportion to their weights and every peer keeps getting some. A slot takes a
+        whole short step (``SHORT_STEP_TOKENS``)."""
         live = {p: d for p, d in zip(order, decodes, strict=True) if d}
         if not live:
             return []
@@ -229,12 +240,17 @@ class Scheduler:
         taken = dict.fromkeys(live, 0)
         rank = {p: i for i, p in enumerate(order)}
         pieces: list[Piece] = []
+        tokens = 0
         while len(pieces) < self.max_batch_sessions:
             waiting = [p for p in live if taken[p] < len(live[p])]
             if not waiting:
                 break
             peer = min(waiting, key=lambda p: (self._vservice[p], rank[p]))
-            pieces.append(Piece(live[peer][taken[peer]].pending[0], 0, 1))
+            job = live[peer][taken[peer]].pending[0]
+            if tokens + job.tokens - job.done > self.max_batch_tokens:
+                break  # the turn's token budget is spent (short steps are never chunked)
+            pieces.append(Piece(job, job.done, job.tokens - job.done))
+            tokens += job.tokens - job.done
             taken[peer] += 1
             self._vservice[peer] += 1.0 / weights[peer]
         if len(self._vservice) > 4 * len(live) + 64:  # forget peers long gone (bounded memory)
