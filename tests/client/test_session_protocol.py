@@ -65,12 +65,18 @@ class FakeSwarm:
         self.tasks: set[asyncio.Task] = set()
 
     async def open_stream(self, peer_id: str, protocol: str, *, maddrs=(), direct=(),
-                          timeout: float = 10.0) -> MessageStream:
+                          timeout: float = 10.0, reuse: bool = False) -> MessageStream:
         assert self.tcp is not None
         port = self.tcp.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(peer_id.encode() + b"\n")  # tells the fake which server this stream is for
         return MessageStream(reader, writer, peer_id=peer_id, protocol=protocol)
+
+    async def release_stream(self, stream: MessageStream) -> None:
+        await stream.close()
+
+    async def drop_idle(self, peer_id: str) -> None:
+        pass
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server = self.by_peer[(await reader.readline()).decode().strip()]
@@ -96,6 +102,10 @@ class FakeSwarm:
                 server.closed.append(msg.session_id)
 
     async def compute(self, server: FakeServer, msg: Step, via: str) -> None:
+        for _ in range(200):  # a push may overtake its session's Open (the client does not wait for Opened)
+            if msg.session_id in server.sessions:
+                break
+            await asyncio.sleep(0.01)
         server.steps_seen.append((msg.session_id, msg.step_id, msg.position, via))
         stream, tail = server.sessions[msg.session_id]
         if server.silent:
@@ -155,12 +165,12 @@ def test_push_route_returns_last_output_and_keeps_every_span_input() -> None:
         async with fake_swarm(servers) as swarm:
             rtts: dict[str, float] = {}
             session = await open_session(swarm, servers, on_rtt=rtts.__setitem__)
-            assert set(rtts) == {"P0", "P1", "P2"}
             with pytest.raises(UsageError, match="not run any step"):
                 session.span_inputs(0)
             x = hidden(5)
             out = await session.step(x)  # prefill
             assert torch.equal(out, x + 111.0)
+            assert set(rtts) == {"P0", "P1", "P2"}  # each hop's Opened came with the first step (pipelined Open)
             y = hidden(1)
             assert torch.equal(await session.step(y), y + 111.0)
             assert session.position == 6
@@ -226,9 +236,15 @@ def test_open_error_closes_everything_and_names_the_server() -> None:
     async def body() -> None:
         servers = chain({}, {})
         async with fake_swarm(servers) as swarm:
+            # Open and the first step go back to back: the refusal comes with the step (no replan: raised as is)
+            session = await InferenceSession.open(swarm, route_of(servers), model_id="other", max_length=8)  # type: ignore[arg-type]
             with pytest.raises(RemoteError, match="unknown_model") as info:
-                await InferenceSession.open(swarm, route_of(servers), model_id="other", max_length=8)  # type: ignore[arg-type]
+                await session.step(hidden(2))
             assert info.value.code == ErrorCode.UNKNOWN_MODEL
+            assert "P0" in str(info.value) or "P1" in str(info.value)  # names the server
+            with pytest.raises(RemoteError):
+                await session.step(hidden(1))  # the session stays unusable
+            await session.close()
 
     run(body())
 
