@@ -24,7 +24,7 @@ from meshinfer.errors import ConfigError, ContextOverflowError, RemoteError, Tra
 from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
-from meshinfer.wire.messages import Close, Error, ErrorCode, Open, Opened, Step, StepResult
+from meshinfer.wire.messages import Close, Error, ErrorCode, Open, Opened, Retarget, Step, StepResult
 from meshinfer.wire.records import ServerRecord
 from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
@@ -45,6 +45,8 @@ class FakeServer:
     fail_push: bool = False
     error_on_step: str | None = None
     silent: bool = False
+    refuse_open: str | None = None
+    """Answer every Open (and the Steps sent after it) with this error code, as a full server would."""
     sessions: dict[str, tuple[MessageStream, list]] = field(default_factory=dict)
     steps_seen: list[tuple[str, int, int, str]] = field(default_factory=list)
     """(session id, step id, position, "client" | "push") for every step received."""
@@ -90,7 +92,12 @@ class FakeSwarm:
 
     async def _serve(self, server: FakeServer, stream: MessageStream) -> None:
         async for msg in stream:
-            if isinstance(msg, Open):
+            if isinstance(msg, Open) and server.refuse_open:
+                await stream.send(Error(code=server.refuse_open, message="scripted refusal", session_id=msg.session_id))
+            elif isinstance(msg, Step) and server.refuse_open:
+                await stream.send(Error(code=server.refuse_open, message="scripted refusal", session_id=msg.session_id,
+                                        step_id=msg.step_id))
+            elif isinstance(msg, Open):
                 if msg.model != "m":
                     await stream.send(Error(code=ErrorCode.UNKNOWN_MODEL, message=f"no model {msg.model}"))
                     return
@@ -98,6 +105,8 @@ class FakeSwarm:
                 await stream.send(Opened(session_id=msg.session_id, span=msg.span, max_length=msg.max_length))
             elif isinstance(msg, Step):
                 await self.compute(server, msg, "client")
+            elif isinstance(msg, Retarget):
+                server.sessions[msg.session_id] = (stream, list(msg.route_tail))
             elif isinstance(msg, Close):
                 server.closed.append(msg.session_id)
 
@@ -285,3 +294,24 @@ def test_route_must_be_consecutive() -> None:
     servers = [FakeServer("A", BlockRange(0, 2), 1.0), FakeServer("B", BlockRange(3, 4), 1.0)]
     with pytest.raises(ConfigError, match="not consecutive"):
         InferenceSession(FakeSwarm(servers), route_of(servers), model_id="m", max_length=4)  # type: ignore[arg-type]
+
+
+def test_a_refused_open_is_failed_over_during_the_first_step() -> None:
+    async def body() -> None:
+        servers = chain({"refuse_open": ErrorCode.OVERLOADED}, {})
+        spare = FakeServer("S0", BlockRange(0, 1), offset=1.0)
+        async with fake_swarm([*servers, spare]) as swarm:
+            async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                assert blocks == BlockRange(0, 1) and "P0" in exclude
+                return route_of([spare])
+
+            session = await open_session(swarm, servers, replan=replan)  # Open sent, not answered yet: no wait
+            x = hidden(3)
+            assert torch.equal(await session.step(x), x + 11.0)  # the refusal came with the step: replaced
+            assert [f.peer_id for f in session.failovers] == ["P0"]
+            assert [h.hop.peer_id for h in session.hops] == ["S0", "P1"]
+            y = hidden(1)
+            assert torch.equal(await session.step(y), y + 11.0)
+            await session.close()
+
+    run(body())
