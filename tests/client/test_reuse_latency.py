@@ -50,8 +50,8 @@ def setup(meshinfer_cache_dir: Path, bootstrap: list[str]) -> Iterator[Setup]:
             near = swarm.add_server((0, 4))
             port, dport = free_port(), free_port()
             far = swarm.add_server((0, 4), extra_args=[
-                "--port", str(port), "--direct-port", str(dport),
-                "--announce", f"127.0.0.1:{relay.listen(port)}", "--direct-announce", f"127.0.0.1:{relay.listen(dport)}"])
+                "--port", str(port), "--direct-port", str(dport), "--announce", f"127.0.0.1:{relay.listen(port)}",
+                "--direct-announce", f"127.0.0.1:{relay.listen(dport)}"])
             relay.configure(DELAY_MS, 0.0)
             client = DistributedModel.from_pretrained(model_dir, swarm.initial_peers,
                                                       config=ClientConfig(audit=False))
