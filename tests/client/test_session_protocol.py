@@ -45,6 +45,8 @@ class FakeServer:
     fail_push: bool = False
     error_on_step: str | None = None
     silent: bool = False
+    hung: bool = False
+    """Read everything, answer nothing (not even Open): a stopped process whose kernel still takes the bytes."""
     refuse_open: str | None = None
     """Answer every Open (and the Steps sent after it) with this error code, as a full server would."""
     sessions: dict[str, tuple[MessageStream, list]] = field(default_factory=dict)
@@ -92,6 +94,8 @@ class FakeSwarm:
 
     async def _serve(self, server: FakeServer, stream: MessageStream) -> None:
         async for msg in stream:
+            if server.hung:
+                continue
             if isinstance(msg, Open) and server.refuse_open:
                 await stream.send(Error(code=server.refuse_open, message="scripted refusal", session_id=msg.session_id))
             elif isinstance(msg, Step) and server.refuse_open:
@@ -159,7 +163,8 @@ def chain(*flags: dict) -> list[FakeServer]:
 
 
 async def open_session(swarm: FakeSwarm, servers: list[FakeServer], **kw) -> InferenceSession:
-    config = ClientConfig(step_timeout=kw.pop("step_timeout", 5.0), push=kw.pop("push", True))
+    config = ClientConfig(step_timeout=kw.pop("step_timeout", 5.0), push=kw.pop("push", True),
+                          open_timeout=kw.pop("open_timeout", 15.0))
     return await InferenceSession.open(swarm, route_of(servers), model_id="m", max_length=16,  # type: ignore[arg-type]
                                        config=config, **kw)
 
@@ -312,6 +317,24 @@ def test_a_refused_open_is_failed_over_during_the_first_step() -> None:
             assert [h.hop.peer_id for h in session.hops] == ["S0", "P1"]
             y = hidden(1)
             assert torch.equal(await session.step(y), y + 11.0)
+            await session.close()
+
+    run(body())
+
+
+def test_a_server_that_never_answers_the_pipelined_open_fails_at_the_open_timeout() -> None:
+    async def body() -> None:
+        servers = chain({}, {"hung": True})
+        spare = FakeServer("S1", BlockRange(1, 3), offset=10.0)
+        async with fake_swarm([*servers, spare]) as swarm:
+            async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                return route_of([spare])
+
+            session = await open_session(swarm, servers, replan=replan, open_timeout=1.0, step_timeout=30.0)
+            x = hidden(2)
+            assert torch.equal(await session.step(x), x + 11.0)  # not the 30 s step deadline: the open timeout
+            assert [f.peer_id for f in session.failovers] == ["P1"]
+            assert "no answer to Open" in session.failovers[0].reason
             await session.close()
 
     run(body())

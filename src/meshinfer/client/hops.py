@@ -105,6 +105,7 @@ class HopSession:
     _max_length: int = field(default=0, init=False, repr=False)
     _on_rtt: RttCallback | None = field(default=None, init=False, repr=False)
     _open_sent: float | None = field(default=None, init=False, repr=False)
+    _open_timeout: float = field(default=0.0, init=False, repr=False)
 
     def where(self) -> str:
         return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"
@@ -131,6 +132,7 @@ class HopSession:
             if on_rtt is not None and self.stream.dial_rtt_s is not None and not self.stream.reused:
                 on_rtt(self.hop.peer_id, self.stream.dial_rtt_s)  # the hellos' round trip: a figure before any Open
             self._open_sent = time.perf_counter()
+            self._open_timeout = timeout
             try:
                 await self.stream.send(msg)
                 if not wait:
@@ -148,6 +150,13 @@ class HopSession:
         if not isinstance(reply, Opened):
             raise WireError(f"{self.where()} answered Open with an unexpected {type(reply).__name__}")
         self.confirm(reply)
+
+    def open_overdue(self, now: float) -> float | None:
+        """For a hop whose ``Open`` is not answered yet: seconds left until it is overdue (<= 0: it is; the caller
+        fails the hop, as ``open`` would have after ``timeout``); None once answered."""
+        if self.confirmed or self._open_sent is None:
+            return None
+        return self._open_sent + self._open_timeout - now
 
     def confirm(self, reply: Opened) -> None:
         """Check the server's ``Opened`` (span, length) and report the ``Open`` round trip; ``WireError`` if wrong."""
@@ -252,10 +261,10 @@ class HopSession:
 
     # ---- closing -------------------------------------------------------------------------------
 
-    async def close(self, *, send_timeout: float = 2.0, stream_timeout: float = 1.0, reuse: bool = True) -> None:
+    async def close(self, *, send_timeout: float = 2.0, stream_timeout: float = 1.0, reuse: bool = False) -> None:
         """Stop reading, send ``Close`` when the server may still be there, then hand the stream back to the node
-        for the next session to this server (``reuse``, when the session opened and the stream is usable) or
-        close it (idempotent, never raises)."""
+        for the next session to this server (``reuse``: only for a hop known healthy, whose session opened and
+        whose stream is usable) or close it (idempotent, never raises)."""
         if self.closed:
             return
         self.closed = True

@@ -377,9 +377,17 @@ class InferenceSession:
         arrived: dict[int, float] = {}
         await self.hops[start].send_step(step_id, self.position, first_input, burst, self.want_commit)
         while len(outputs) < n:
+            wait = self._stall_timeout(tokens)
+            opening = [(left, h) for h in self.hops if (left := h.open_overdue(time.perf_counter())) is not None]
+            if opening:  # a pipelined Open not answered yet: the open timeout bounds it, as when Opened was awaited
+                wait = max(0.0, min(wait, *(left for left, _ in opening)))
             try:
-                hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
+                hs, msg = await asyncio.wait_for(self._events.get(), wait)
             except TimeoutError:
+                overdue = [h for h in self.hops
+                           if (left := h.open_overdue(time.perf_counter())) is not None and left <= 0]
+                if overdue:
+                    raise HopFailure(overdue[0], f"no answer to Open for {self.open_timeout:g}s (hung?)") from None
                 lag = self.hops[min(j for j in range(start, n) if j not in outputs)]
                 raise HopFailure(lag, f"no answer for {self._stall_timeout(tokens):.1f}s (hung?)") from None
             if hs not in self.hops:
