@@ -13,6 +13,7 @@ import torch
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.span import BlockSpan
 from meshinfer.p2p.stream import StreamClosed
+from meshinfer.server.early import EarlyPushes
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget
 from meshinfer.server.runtime import StepLoop
@@ -25,8 +26,8 @@ from meshinfer.wire.tensor import encode_tensor
 class ScriptStream:
     """What the service reads (``feed``; None ends the stream) and what it sends (``sent``)."""
 
-    def __init__(self) -> None:
-        self.peer_id = "client-peer-id"
+    def __init__(self, peer_id: str = "client-peer-id") -> None:
+        self.peer_id = peer_id
         self.inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self.sent: list[Message] = []
         self.closed = False
@@ -58,8 +59,8 @@ def span(meshinfer_cache_dir: Path) -> BlockSpan:
     return Checkpoint(tiny_checkpoint("llama")).load_span(BlockRange(0, 4))
 
 
-def _open(sid: str, model: str = "m") -> Open:
-    return Open(session_id=sid, model=model, span=BlockRange(0, 4), max_length=40, dtype="float32")
+def _open(sid: str, model: str = "m", prev: str | None = None) -> Open:
+    return Open(session_id=sid, model=model, span=BlockRange(0, 4), max_length=40, dtype="float32", prev_peer=prev)
 
 
 def _step(sid: str, step_id: int, position: int, tokens: int) -> Step:
@@ -111,3 +112,52 @@ def test_one_stream_carries_sessions_in_turn_and_a_refused_open_answers_its_step
             await steps.stop()
 
     asyncio.run(main())
+
+
+def test_a_push_that_overtakes_its_open_is_held_until_the_open_and_a_stray_one_refused(span: BlockSpan) -> None:
+    async def main() -> None:
+        holder: dict[str, SessionService] = {}
+        steps = StepLoop(span, lambda finished: holder["s"].on_results(finished))
+        service = SessionService(model_id="m", peer_id="me", steps=steps, budget=MemoryBudget(100, 4),
+                                 limits=DEFAULT_LIMITS, max_step_tokens=16, idle_timeout=2.0)
+        holder["s"] = service
+        service._early = EarlyPushes(max_age_s=0.3)
+        steps.start()
+        service.start()
+        client, pusher = ScriptStream(), ScriptStream("prev-peer")
+        tasks = [asyncio.create_task(service.handle_push(pusher)),  # type: ignore[arg-type]
+                 asyncio.create_task(service.handle_session(client))]  # type: ignore[arg-type]
+        try:
+            pusher.feed(_step("s", 0, 0, 3), _step("never", 0, 0, 1))  # before any Open
+            await asyncio.sleep(0.1)
+            assert pusher.sent == [] and not client.sent  # held, not refused
+            client.feed(_open("s", prev="prev-peer"))
+            await _until(lambda: any(isinstance(m, StepResult) for m in client.sent))
+            assert isinstance(client.sent[0], Opened) and client.sent[1].step_id == 0  # type: ignore[union-attr]
+            await _until(lambda: len(pusher.sent) == 1)  # the stray one, once held too long
+            refused = pusher.sent[0]
+            assert isinstance(refused, Error) and refused.code == ErrorCode.UNKNOWN_SESSION
+            assert refused.session_id == "never"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await service.shutdown()
+            await steps.stop()
+
+    asyncio.run(main())
+
+
+def test_early_pushes_are_bounded_and_expire() -> None:
+    early: EarlyPushes[str] = EarlyPushes(max_age_s=1.0, max_steps=4, max_per_session=2, max_per_peer=3,
+                                          max_bytes=100)
+    assert early.hold("a", "P", "a0", 10, now=0.0) and early.hold("a", "P", "a1", 10, now=0.5)
+    assert not early.hold("a", "Q", "a2", 10, now=0.5)  # per session
+    assert not early.hold("b", "Q", "b0", 90, now=0.5)  # bytes
+    assert early.hold("b", "P", "b0", 50, now=0.5)
+    assert not early.hold("c", "P", "c0", 1, now=0.5)  # per pusher
+    assert early.hold("c", "Q", "c0", 1, now=0.5)
+    assert not early.hold("d", "R", "d0", 1, now=0.5)  # steps in all
+    assert early.expire(now=1.2) == ["a0"]
+    assert early.take("a") == ["a1"] and early.take("a") == []
+    assert len(early) == 2 and early.hold("d", "P", "d0", 20, now=1.2)  # room again
+    assert early.expire(now=10.0) == ["b0", "c0", "d0"] and len(early) == 0
