@@ -139,6 +139,7 @@ def summarise_timed(samples: list[Timed], n: int) -> dict[str, Any]:
         "decode_ms_per_token": 1000 / statistics.median(decode),
         "decode_ms_per_token_mean": 1000 * sum(s.last_s - s.first_s for s in samples) / ((n - 1) * len(samples)),
         "time_to_first_token_ms": 1000 * statistics.median(s.first_s for s in samples),
+        "time_to_first_token_ms_runs": [round(1000 * s.first_s, 1) for s in samples],
         "teardown_ms": 1000 * statistics.median(s.end_s - s.last_s for s in samples),
         "total_ms": 1000 * statistics.median(s.end_s for s in samples),
     }
