@@ -117,6 +117,14 @@ class P2PConfig:
                                        "and DHT peers bound to a non-loopback address or with --announce, off on "
                                        "loopback and for clients. Off, p2pd still answers with libp2p's default relay, "
                                        "limited to 2 min and 128 KiB per circuit")
+    swarm_key: str | None = doc(None, "path of a private swarm's key file (`meshinfer swarm-key new --out FILE`): "
+                                      "only peers holding the same key can join, read or write its records and "
+                                      "open streams to its peers; give it to every command of that swarm. "
+                                      "Default: a public swarm", metavar="FILE")
+    swarm_allow: str | None = doc(None, "path of a private swarm's allow-list (`meshinfer swarm-key allow`: peer ids "
+                                        "signed by the swarm's owner), instead of --swarm-key: only the owner and "
+                                        "the listed peers, each proving its own key, can join, use its DHT and open "
+                                        "streams to its peers", metavar="FILE")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -142,6 +150,12 @@ class P2PConfig:
             raise ConfigError(f"--nat must be auto, private or public, got {self.nat!r}")
         if self.relay_hop and not self.relay:
             raise ConfigError("--relay-hop needs relays: drop --no-relay")
+        if self.swarm_key is not None and self.swarm_allow is not None:
+            raise ConfigError("give --swarm-key or --swarm-allow, not both (a swarm admits by one of them)")
+        if self.swarm_allow is not None and not self.swarm_allow.strip():
+            raise ConfigError("--swarm-allow needs the path of an allow-list file (`meshinfer swarm-key allow`)")
+        if self.swarm_key is not None and not self.swarm_key.strip():
+            raise ConfigError("--swarm-key needs the path of a key file (make one with `meshinfer swarm-key new`)")
         if self.max_buffer_mb_per_peer > self.max_buffer_mb:
             raise ConfigError(f"--max-buffer-mb-per-peer ({self.max_buffer_mb_per_peer}) must be <= "
                               f"--max-buffer-mb ({self.max_buffer_mb})")

@@ -31,6 +31,15 @@ OLD_DEFAULTS: dict[str, Any] = {
     "audit_report": True,  # issue 19: a confirmed lie is published as a signed report (client.audit_reports)
     # issue 19: reports checked every minute, the audit tally published (client.upkeep)
     "report_check_s": 60.0, "publish_audits": True,
+    # issue 22: generations go through the split route unless sealed to a full node is asked for
+    "sealed": False, "sealed_relay": "",
+    # issue 23: clients sign usage receipts for the servers' work, with a new key unless --identity is given
+    "identity": None, "receipts": True,
+    # issue 22: a public swarm unless --swarm-key names a private swarm's key file
+    "swarm_key": None, "swarm_allow": None,
+    # issue 21: speculative decoding on by default (client.speculative), drafts of up to 6 tokens
+    "speculate": True, "draft_tokens": 6,
+    "private_blocks": 0,  # issue 22: a private split is opt-in (client.private_split)
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -65,6 +74,7 @@ def test_frozen() -> None:
     ({"max_failovers": -1}, "--max-failovers must be >= 0, got -1"),
     ({"max_chunk_tokens": 0}, "--max-chunk-tokens must be > 0, got 0"),
     ({"cohorts": 0}, "--cohorts must be >= 1, got 0"),
+    ({"draft_tokens": 0}, "--draft-tokens must be in 1..32, got 0"),
     ({"max_download": 0.0}, "max_download must be > 0 bytes/s"),
     ({"quant": "int3"}, "unknown quant mode 'int3'"),
     ({"head_quant": "fp8"}, "unknown quant mode 'fp8'"),
@@ -151,3 +161,20 @@ def test_commands_take_the_client_flags_beside_their_own() -> None:
     assert config_from_args(GatewayConfig, args).host == "0.0.0.0"  # --host stays the gateway's
     assert client_config(args) == ClientConfig(step_timeout=9.0)
 
+
+
+def test_sealed_flags() -> None:
+    """Issue 22: ``--sealed-relay`` needs ``--sealed`` and a peer id or ``auto``; ``--sealed`` needs a swarm."""
+    from pathlib import Path
+
+    from meshinfer.cli.generate import open_generator
+
+    assert ClientConfig(sealed=True, sealed_relay=" auto ").sealed_relay == "auto"
+    assert ClientConfig(sealed=True, sealed_relay="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").sealed_relay
+    with pytest.raises(ConfigError, match="add --sealed"):
+        ClientConfig(sealed_relay="auto")
+    assert ClientConfig(sealed=True, sealed_relay="/ip4/127.0.0.1/tcp/5/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wX")
+    with pytest.raises(ConfigError, match="peer id, a multiaddr"):
+        ClientConfig(sealed=True, sealed_relay="/ip4/1.2.3.4")
+    with pytest.raises(ConfigError, match="--initial-peers"):
+        open_generator(Path("unused"), "float32", (), client=ClientConfig(sealed=True))

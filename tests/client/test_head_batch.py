@@ -90,3 +90,20 @@ def test_an_incomplete_burst_is_computed_when_its_hold_ends_and_cancelled_rows_a
 def test_cohorts_must_be_positive(head: ClientHead) -> None:
     with pytest.raises(ConfigError, match="cohorts"):
         HeadBatcher(head, cohorts=0)
+
+
+def test_several_rows_of_one_session_share_the_batch_of_other_sessions(head: ClientHead) -> None:
+    async def main() -> None:
+        heads = HeadBatcher(head, cohorts=1)
+        heads.active = 2
+        rows = _rows(4, head.spec.hidden_size)
+        verify = torch.stack(rows[:3])  # [3, H]: a speculative verify step's rows
+        (many, _), (one, _) = await asyncio.gather(heads.logits_rows(verify, None, "p"), heads.logits(rows[3]))
+        assert heads.batches == 1 and heads.rows == 2  # two sessions, one matmul
+        assert many.shape == (3, head.spec.vocab_size) and one.shape == (head.spec.vocab_size,)
+        torch.testing.assert_close(many, head.logits(verify), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(one, head.logits(rows[3][None])[0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ConfigError):
+            await heads.logits_rows(rows[0])
+
+    asyncio.run(main())

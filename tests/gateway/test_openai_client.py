@@ -70,8 +70,10 @@ def test_streaming_chat_equals_non_streaming(served: Served, client: openai.Open
 def test_greedy_completion_equals_meshinfer_generate(served: Served, client: openai.OpenAI) -> None:
     # `meshinfer generate`'s code
     want = run_generation(served.local, PROMPT, GenerationParams(16, SamplingConfig()), out=None)
+    trips = served.model.speculation.trips
     got = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0, max_tokens=16)
     assert got.choices[0].text == want.text
+    assert served.model.speculation.trips > trips  # speculative decoding is the gateway's default
     assert got.usage is not None
     assert got.usage.prompt_tokens == len(want.prompt_token_ids)
     assert got.usage.completion_tokens == len(want.generated_token_ids)

@@ -27,12 +27,12 @@ def test_bench_wan_tiny_run(tmp_path: Path, meshinfer_cache_dir: Path) -> None:
     out = tmp_path / "wan.json"
     run = subprocess.run(
         meshinfer_argv("bench", "wan", "--model", str(model), "--real-model", "none", "--delays-ms", "10",
-                       "--runs", "1", "--new-tokens", "6", "--prompt-tokens", "5", "--out", str(out)),
+                       "--runs", "1", "--new-tokens", "8", "--prompt-tokens", "5", "--out", str(out)),
         capture_output=True, text=True, timeout=420,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
-    assert res["delays_ms"] == [0.0, 10.0] and res["speculation"] is False
+    assert res["delays_ms"] == [0.0, 10.0] and res["speculation"] is True
     assert res["models"]["none"] == {"skipped": "--real-model none"}
     bench = res["models"]["bench"]
     assert bench["ring_hops"] == 4 and len(bench["route"]) == 3
@@ -43,9 +43,13 @@ def test_bench_wan_tiny_run(tmp_path: Path, meshinfer_cache_dir: Path) -> None:
         assert row["decode_tokens_per_s"] > 0 and row["relay"]["nodelay"] is True
         assert row["relay"]["bytes"] > 0  # the client's traffic went through the relays
         assert row["parts"] is None or row["parts"]["ring_delays_ms"] in (0.0, 40.0)
+        spec = row["speculation"]  # the edit prompt without and with speculation, side by side
+        assert spec["greedy_tokens_identical"] is True and spec["spec_decode_tokens_per_s"] > 0
+        assert spec["tokens_per_trip"] >= 1 and spec["spec_limit_ms_per_token"] <= row["limit_ms_per_token"]
     assert bench["by_delay_ms"]["10"]["limit_ms_per_token"] == pytest.approx(
         bench["by_delay_ms"]["0"]["decode_ms_per_token"] + 40.0)
     assert "bench:" in run.stderr and "ratio" in run.stderr  # the side-by-side table
+    assert "spec/plain" in run.stderr
 
 
 @pytest.mark.slow

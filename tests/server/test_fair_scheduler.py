@@ -150,3 +150,47 @@ def test_fuzz_every_turn_is_bounded_counts_add_up_and_everything_drains(
         turns += 1
         assert turns <= total + len(steps)  # progress every turn
     assert all(s.queued_for(f"peer{p}") == 0 for p in range(4))
+
+
+# ---- credits (issue 23) ----------------------------------------------------------------------------------------
+
+
+def _credit_run(turns: int, credit: dict[str, int]) -> dict[str, list[float]]:
+    """Two peers with 6 decode sessions each on a server that batches 4 sessions a turn; every finished step is
+    followed by the session's next one. Each peer's waits (turn start - arrival)."""
+    from meshinfer.ledger.priority import PriorityPolicy
+
+    sched = Scheduler(max_batch_sessions=4, credit=lambda p: credit.get(p, 0), priority=PriorityPolicy(max_weight=3))
+    waits: dict[str, list[float]] = {"rich": [], "poor": []}
+    step = 0
+    for peer in ("rich", "poor"):
+        for i in range(6):
+            step += 1
+            sched.submit(job(make_session(f"{peer}{i}", peer=peer), step, 1, 0.0))
+    now = 0.0
+    for _ in range(turns):
+        now += 0.1
+        pieces = sched.schedule(now)
+        for piece in pieces:
+            waits[piece.job.session.client].append(now - piece.job.arrived)
+        for finished in sched.update(pieces, [ok(p) for p in pieces], now):
+            step += 1
+            sched.submit(job(finished.job.session, step, 1, now))
+    return waits
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def test_with_credits_a_contributor_waits_less_and_nobody_starves():
+    waits = _credit_run(300, {"rich": 10**9, "poor": -10**6})
+    assert _median(waits["rich"]) < _median(waits["poor"])
+    assert len(waits["rich"]) == 3 * len(waits["poor"])  # 3 slots a round against 1 (max_weight 3) ...
+    assert max(waits["poor"]) <= 0.6 + 1e-9  # ... and the freeloader's sessions are still stepped every few turns
+
+
+def test_without_credits_or_with_equal_credits_peers_share_evenly():
+    for credit in ({}, {"rich": 10**9, "poor": 10**9}):
+        waits = _credit_run(300, credit)
+        assert len(waits["rich"]) == len(waits["poor"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meshinfer import __version__
@@ -41,7 +42,7 @@ def emit(kind: str, figures: dict[str, Any], out: str | None) -> Path:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for k, v in flat.items():
-        table.add_row(k, _fmt(v))
+        table.add_row(escape(k), escape(_fmt(v)))
     Console().print(table)
 
     path = Path(out) if out else Path("bench-results") / f"{kind}.json"

@@ -18,7 +18,10 @@ each hop adds one transfer and one server turn). ``breakdown`` says where that g
 before and after the timed runs, and so is the client's time per decode step from sending it to the last
 server's output (``DistributedModel.decode_route_s_total``), so the split uses mean ms per token over
 those runs; the local engine's blocks and head are timed apart afterwards, and so is what a pause as long
-as a stage's wait costs one server's blocks. Every process started is stopped by PID whatever happens.
+as a stage's wait costs one server's blocks. ``--private-blocks K`` also joins with a private split's client
+(``bench.swarm_private``: K first and last blocks on the client, routes over the middle) and times it in the same
+rounds (plain, local, private), reported side by side with the plain split under ``private_split``. Every process
+started is stopped by PID whatever happens.
 Imports torch and the network only inside ``run``; never asserts a timing.
 """
 
@@ -70,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute threads of each server and of the local engine (default: 1)")
     parser.add_argument("--no-push", action="store_true",
                         help="the client drives every hop itself instead of servers pushing to the next hop")
+    parser.add_argument("--private-blocks", type=int, default=0, metavar="K",
+                        help="also time a private split (the client runs the first and last K blocks) beside the "
+                             "plain one, in the same rounds (default: 0, off)")
 
 
 Sample = tuple[float, float, list[int]]
@@ -114,6 +120,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--servers must be >= 1, got {args.servers}")
     if args.torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if args.private_blocks < 0:
+        raise ConfigError(f"--private-blocks must be >= 0 (0: off), got {args.private_blocks}")
 
 
 def _note(text: str) -> None:
@@ -125,8 +133,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from meshinfer.bench.local import prompt_ids
     from meshinfer.bench.swarm_parts import breakdown, local_parts, pause_penalty, per_step_ms, server_decode_seconds
+    from meshinfer.bench.swarm_private import compare, local_blocks_ms, open_private
     from meshinfer.client.config import ClientConfig
     from meshinfer.client.model import DistributedModel
+    from meshinfer.client.private_split import private_middle
     from meshinfer.testing.swarm import LocalSwarm
 
     _check(args)
@@ -134,6 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path, dtype, local, load_before = setup.path, setup.dtype, setup.local, setup.load_before
     spec = local.spec
     spans = even_spans(spec.num_blocks, args.servers)
+    if args.private_blocks:
+        private_middle(args.private_blocks, spec.num_blocks)  # a ConfigError before any process starts
     prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
     n = args.new_tokens
 
@@ -145,11 +157,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         swarm_up_s = time.perf_counter() - t0
         remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype,
                                                   config=ClientConfig(push=not args.no_push))
+        private = None
         try:
             join_s = time.perf_counter() - t0 - swarm_up_s
             _note(f"swarm ready in {swarm_up_s:.1f} s; timing {args.runs} run(s) of {n} tokens each way...")
             time_stream(remote.stream(prompt, n, stop_token_ids=()))  # warm-up
             time_stream(local.stream(prompt, n, stop_token_ids=()))
+            private_before = (0.0, 0)
+            if args.private_blocks:
+                private = open_private(path, swarm.initial_peers, dtype, args.private_blocks, not args.no_push)
+                time_stream(private.stream(prompt, n, stop_token_ids=()))  # warm-up
+                private_before = (private.decode_route_s_total, private.decode_steps_total)
+            private_s: list[Sample] = []
             urls = [str(s.info.get("metrics_url")) for s in swarm.servers]
             before = [server_decode_seconds(url) for url in urls]
             route_before = (remote.decode_route_s_total, remote.decode_steps_total)
@@ -158,11 +177,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.runs):
                 swarm_s.append(time_stream(remote.stream(prompt, n, stop_token_ids=())))
                 local_s.append(time_stream(local.stream(prompt, n, stop_token_ids=())))
+                if private is not None:
+                    private_s.append(time_stream(private.stream(prompt, n, stop_token_ids=())))
             after = [server_decode_seconds(url) for url in urls]
             route_ms = per_step_ms(route_before, (remote.decode_route_s_total, remote.decode_steps_total))
             route = [f"{hop.span}" for hop in remote.last_route]
+            private_split = None
+            if private is not None:
+                private_split = compare(
+                    k=args.private_blocks, plain=summarise(swarm_s, n), private=summarise(private_s, n),
+                    plain_route_ms=route_ms,
+                    private_route_ms=per_step_ms(private_before,
+                                                 (private.decode_route_s_total, private.decode_steps_total)),
+                    local_blocks=local_blocks_ms(private), identical=all(s[2] == local_s[0][2] for s in private_s),
+                    private_route=[f"{hop.span}" for hop in private.last_route],
+                    weight_bytes=private.private.weight_bytes(),
+                    cache_bytes=private.private.cache_bytes(args.prompt_tokens + n),
+                    paired=[_decode_rate(p, n) / _decode_rate(s, n) for s, p in zip(swarm_s, private_s, strict=True)])
         finally:
             remote.close()
+            if private is not None:
+                private.close()
         servers = [{"blocks": str(s.span), "announced_tokens_per_s": s.info.get("throughput"),
                     "torch_threads": s.info.get("torch_threads")} for s in swarm.servers]
 
@@ -202,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_decode_ratio": TARGET_RATIO,
         "per_hop_overhead_ms_per_token": (mine["decode_ms_per_token"] - base["decode_ms_per_token"]) / hops,
         "breakdown": split,
+        **({"private_split": private_split} if private_split is not None else {}),
         "local_parts": parts,
         "stage_pause": {"blocks": str(spans[0]), **pause},
         "greedy_tokens_identical": all(s[2] == b for s in swarm_s + local_s),

@@ -10,20 +10,29 @@ know they are emulated. For each one-way delay of ``--delays-ms`` (0 always incl
 client), one short warm-up runs, then ``--runs`` greedy generations of ``--new-tokens`` tokens, timed as in
 ``bench swarm`` (time to first token; decode tokens/s = (N - 1) / (total - first), medians).
 
-Physical limit of a token (``wan_link.ring_limit_ms``): the measured ms per token at 0 ms (compute, the servers'
-and client's work, serialisation at the cap) plus one ring of one-way delays: client -> server 1 -> ... ->
-server k -> client, k + 1 hops with push routes. ``ratio_to_limit`` = limit ms / measured ms (target >= 0.9 at
-10 and 50 ms). ``ttft_delays`` = (ttft(d) - ttft(0)) / d: how many one-way delays opening the route and the
-prefill cost a warm client; ``time_to_first_token_cold_ms`` / ``ttft_cold_delays``: the same for a fresh
-client's first generation (probes, dials, Opens, prefill). ``relay`` gives how late the emulator delivered (its
-own error, not meshinfer's). The greedy tokens of every run must equal the local engine's (no network), reported
-per delay. Every process started (relay, bootstrap, servers) is stopped by PID whatever happens, Ctrl-C
-included. Imports torch and the network only inside ``run``; never asserts a timing.
+Physical limit of a token (``wan_link.ring_limit_ms``): the measured ms per token at 0 ms (compute, the servers' and
+client's work, serialisation at the cap) plus one ring of one-way delays: client -> server 1 -> ... -> server k ->
+client, k + 1 hops with push routes. ``ratio_to_limit`` = limit ms / measured ms (target >= 0.9 at 10 and 50 ms).
+``ttft_delays`` = (ttft(d) - ttft(0)) / d: how many one-way delays opening the route and the prefill cost a warm
+client; ``time_to_first_token_cold_ms`` / ``ttft_cold_delays``: the same for a fresh client's first generation
+(probes, dials, Opens, prefill). ``relay`` gives how late the emulator delivered (its own error, not meshinfer's).
+The greedy tokens of every run must equal the local engine's (no network), reported per delay.
+
+Speculation (``--speculation``, default on; ``client.speculative``), side by side in the same run and swarm: at
+each delay the same client decodes an EDIT prompt (a passage, an instruction to rewrite it, and its first words
+again: text with repetition) ``--runs`` times without and with speculation (``ClientConfig.speculate`` toggled),
+giving per delay ``speculation``: both decode rates, ``spec_over_plain`` (target >= 2 at 50 ms), the tokens per
+trip (1 + accepted drafts per verify step, over all decode trips), the speculative limit (the plain limit of a
+token divided by the tokens per trip: ``wan_link.spec_limit_ms``) and the ratio to it, and whether the greedy tokens
+with speculation equal those without and the local engine's. Every process
+started (relay, bootstrap, servers) is stopped by PID whatever happens, Ctrl-C included. Imports torch and the
+network only inside ``run``; never asserts a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -32,12 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshinfer.bench.wan_link import ring_limit_ms
+from meshinfer.bench.wan_link import ring_limit_ms, spec_limit_ms
 from meshinfer.errors import ConfigError
 
 DESCRIPTION = "decode tokens/s and time to first token of a 3-server route under emulated one-way delays and a cap"
 TARGET_RATIO = 0.9
 """Without speculation: decode tokens/s >= 90% of the physical limit at 10 and 50 ms (issue 21)."""
+TARGET_SPEC_RATIO = 2.0
+"""With speculation on text with repetition: >= 2x the decode tokens/s of no speculation at 50 ms (issue 21)."""
+EDIT_HEAD = "Edit this passage, keeping its words and their order:\n\n"
+EDIT_TAIL = "\n\nThe edited passage:\n\n"
+EDIT_PASSAGE_TOKENS = 96
+"""Tokens of the passage an edit prompt repeats."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="compute threads of each server and of this process (default: 1)")
+    parser.add_argument("--speculation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also decode an edit prompt (text with repetition) with and without speculative "
+                             "decoding, side by side (default: on)")
+    parser.add_argument("--draft-tokens", type=int, default=None, metavar="N",
+                        help="draft tokens per speculative step (default: the client's, 6)")
 
 
 def parse_delays(text: str) -> list[float]:
@@ -79,12 +99,48 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("need --runs >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
     if args.servers < 1 or args.torch_threads < 1:
         raise ConfigError("need --servers >= 1 and --torch-threads >= 1")
+    if args.draft_tokens is not None and not 1 <= args.draft_tokens <= 32:
+        raise ConfigError(f"--draft-tokens must be in 1..32, got {args.draft_tokens}")
     if not args.bandwidth_mbit >= 0:
         raise ConfigError(f"--bandwidth-mbit must be >= 0 (0: no cap), got {args.bandwidth_mbit:g}")
 
 
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def edit_prompt(tokenizer: Any) -> list[int]:
+    """A prompt with repetition: an instruction, a passage (``EDIT_PASSAGE_TOKENS`` of the shipped corpus), and
+    the start of its edited copy (its first 8 tokens), so the continuation is largely the passage again."""
+    from meshinfer.bench.local import prompt_ids
+
+    passage = prompt_ids(tokenizer, EDIT_PASSAGE_TOKENS)
+    head = [int(i) for i in tokenizer(EDIT_HEAD)["input_ids"]]
+    tail = [int(i) for i in tokenizer(EDIT_TAIL)["input_ids"]]
+    return head + passage + tail + passage[:8]
+
+
+def spec_row(plain: dict[str, Any], spec: dict[str, Any], stats: dict[str, float], limit_ms: float,
+             same: bool) -> dict[str, Any]:
+    """One delay's speculation figures: ``plain`` and ``spec`` (``summarise_timed`` of the edit prompt without and
+    with speculation), ``stats`` (``SpecStats.as_dict`` of the speculative runs), ``limit_ms`` (the plain limit of
+    a token at this delay) and whether the greedy tokens agreed."""
+    per_trip = float(stats["tokens_per_trip"]) or 1.0
+    limit = spec_limit_ms(limit_ms, per_trip)
+    return {
+        "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
+        "spec_decode_tokens_per_s": spec["decode_tokens_per_s"],
+        "spec_over_plain": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+        "plain_time_to_first_token_ms": plain["time_to_first_token_ms"],
+        "spec_time_to_first_token_ms": spec["time_to_first_token_ms"],
+        "tokens_per_trip": per_trip,
+        "accepted_per_verify_step": (stats["accepted"] / stats["verify_steps"]) if stats["verify_steps"] else 0.0,
+        "stats": stats,
+        "spec_limit_ms_per_token": limit,
+        "spec_limit_tokens_per_s": 1000 / limit,
+        "spec_ratio_to_limit": limit / spec["decode_ms_per_token"],
+        "greedy_tokens_identical": same,
+    }
 
 
 def real_model_dir(ref: str) -> tuple[Path | None, str]:
@@ -198,8 +254,13 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
     spans = even_spans(local.spec.num_blocks, args.servers)
     prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
     reference = time_tokens(local.stream(prompt, n, stop_token_ids=())).tokens
+    edit = edit_prompt(local.tokenizer) if args.speculation else []
+    edit_reference = time_tokens(local.stream(edit, n, stop_token_ids=())).tokens if edit else []
+    if edit and local.spec.max_position_embeddings < len(edit) + n:
+        raise ConfigError(f"the edit prompt ({len(edit)} tokens) + --new-tokens exceeds {name}'s context")
     rate = args.bandwidth_mbit * 1e6 / 8
     rows: dict[float, dict[str, Any]] = {}
+    spec_rows: dict[float, tuple[dict[str, Any], dict[str, Any], dict[str, float], bool]] = {}
     _note(f"[{name}] starting a relay and {args.servers} servers ({', '.join(map(str, spans))}) behind it...")
     with RelayProcess() as relay, LocalSwarm(path, [], dtype=dtype, torch_threads=args.torch_threads,
                                                server_args=["--metrics-port", "0"]) as swarm:
@@ -209,8 +270,10 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
             swarm.add_server(span, extra_args=["--port", str(port), "--direct-port", str(dport),
                                                "--announce", f"127.0.0.1:{rp}",
                                                "--direct-announce", f"127.0.0.1:{rd}"])
-        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype,
-                                                  config=ClientConfig(push=True))
+        plain_config = ClientConfig(push=True, speculate=False)
+        spec_config = dataclasses.replace(plain_config, speculate=True, **(
+            {} if args.draft_tokens is None else {"draft_tokens": args.draft_tokens}))
+        remote = DistributedModel.from_pretrained(path, swarm.initial_peers, dtype=dtype, config=plain_config)
         try:
             for d in delays:
                 relay.configure(d, rate)
@@ -231,12 +294,28 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
                 row["time_to_first_token_cold_ms"] = _cold_ttft_ms(path, swarm.initial_peers, prompt, dtype)
                 row["relay"] = relay.stats(reset=True)
                 rows[d] = row
+                if edit:
+                    _note(f"[{name}] edit prompt ({len(edit)} tokens) without and with speculation...")
+                    plain = [time_tokens(remote.stream(edit, n, stop_token_ids=())) for _ in range(args.runs)]
+                    remote.config = spec_config
+                    before_spec = dataclasses.replace(remote.speculation)
+                    try:
+                        spec = [time_tokens(remote.stream(edit, n, stop_token_ids=())) for _ in range(args.runs)]
+                    finally:
+                        remote.config = plain_config
+                    stats = dataclasses.replace(remote.speculation)
+                    for field in ("trips", "verify_steps", "drafted", "accepted", "tokens"):
+                        setattr(stats, field, getattr(stats, field) - getattr(before_spec, field))
+                    same = all(s.tokens == edit_reference for s in plain + spec)
+                    spec_rows[d] = (summarise_timed(plain, n), summarise_timed(spec, n), stats.as_dict(), same)
             route = [str(hop.span) for hop in remote.last_route]
         finally:
             remote.close()
         addresses = [s.info.get("maddrs") for s in swarm.servers]
     hops = len(route) + 1
     summarise_rows(rows, hops)
+    for d, (plain_row, spec_timed, stats, same) in spec_rows.items():
+        rows[d]["speculation"] = spec_row(plain_row, spec_timed, stats, rows[d]["limit_ms_per_token"], same)
     return {"model": str(path), "params_millions": round(local.spec.param_count() / 1e6, 1),
             "hidden_size": local.spec.hidden_size, "route": route, "ring_hops": hops,
             "announced_maddrs": addresses, "by_delay_ms": {f"{d:g}": rows[d] for d in delays}}
@@ -267,6 +346,25 @@ def _table(name: str, result: dict[str, Any]) -> None:
             cold = row["time_to_first_token_cold_ms"]
             _note(f"  {d:>6} ms | first generation of a fresh client: ttft {cold:.0f} ms"
                   + ("" if cd is None else f" ({cd:.1f} delays over the warm ttft at 0 ms)"))
+    spec = {d: row["speculation"] for d, row in result["by_delay_ms"].items() if "speculation" in row}
+    if spec:
+        _note(f"{name}, edit prompt: delay/hop | plain tok/s | spec tok/s | spec/plain | tokens/trip | "
+              "spec limit ms | ratio | same tokens")
+        for d, row in spec.items():
+            _note(f"  {d:>6} ms | {row['plain_decode_tokens_per_s']:11.2f} | {row['spec_decode_tokens_per_s']:10.2f} | "
+                  f"{row['spec_over_plain']:10.2f} | {row['tokens_per_trip']:11.2f} | "
+                  f"{row['spec_limit_ms_per_token']:13.1f} | {row['spec_ratio_to_limit']:5.2f} | "
+                  f"{row['greedy_tokens_identical']}")
+
+
+def _spec_at_max_delay(models: dict[str, Any], delays: list[float]) -> dict[str, float]:
+    """Per model: speculation's decode speed-up at the largest delay (issue 21's target: >= 2 at 50 ms)."""
+    out: dict[str, float] = {}
+    for name, result in models.items():
+        row = result.get("by_delay_ms", {}).get(f"{max(delays):g}", {})
+        if "speculation" in row:
+            out[name] = row["speculation"]["spec_over_plain"]
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,7 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "torch_threads_per_process": args.torch_threads,
-        "speculation": False,
+        "speculation": bool(args.speculation),
+        "target_spec_over_plain": TARGET_SPEC_RATIO,
+        "spec_over_plain_at_max_delay": _spec_at_max_delay(models, delays),
         "target_ratio_to_limit": TARGET_RATIO,
         "min_ratio_to_limit": min(ratios) if ratios else None,
         "models": models,

@@ -14,6 +14,9 @@ dialler can send, and its first byte then takes one more one-way delay (3 delays
 What it does not model (see ``bench.wan_relay``): loss, jitter, reordering, queue limits of routers, and TCP's
 own behaviour on a long link (slow start, window limits): the relay's TCP legs run over loopback.
 
+``ring_limit_ms`` is the physical limit of a token (compute + one ring of delays); ``spec_limit_ms`` the same
+shared by the tokens one speculative trip yields.
+
 Pure: no sockets, no clock of its own, no torch.
 """
 
@@ -90,3 +93,11 @@ def ring_limit_ms(compute_ms: float, delay_ms: float, hops: int) -> float:
     if hops < 1 or compute_ms < 0 or delay_ms < 0:
         raise ConfigError("need hops >= 1, compute_ms >= 0 and delay_ms >= 0")
     return compute_ms + hops * delay_ms
+
+
+def spec_limit_ms(limit_ms: float, tokens_per_trip: float) -> float:
+    """The physical limit of a token with speculative decoding: the limit of one trip (``ring_limit_ms``: compute
+    plus one ring of delays) shared by the ``tokens_per_trip`` tokens each trip yields on average (>= 1)."""
+    if limit_ms < 0 or not tokens_per_trip >= 1:
+        raise ConfigError("need limit_ms >= 0 and tokens_per_trip >= 1")
+    return limit_ms / tokens_per_trip

@@ -13,7 +13,7 @@ import importlib
 from meshinfer.cli.args import add_command
 
 BENCH_KINDS: tuple[str, ...] = ("local", "transport", "swarm", "load", "chaos", "api", "fetch", "quant", "soak",
-                               "gpu", "trust", "wan")
+                               "gpu", "trust", "wan", "credits")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -27,6 +27,7 @@ from meshinfer.cli.announce import serve_http
 from meshinfer.cli.api import api_key_from_file, warn_if_exposed
 from meshinfer.cli.args import add_command, add_stop_on_stdin_eof, require_initial_peers
 from meshinfer.cli.common import add_config_flags, config_from_args, require
+from meshinfer.config import P2PConfig, field_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-rtt", action="store_true", help="do not measure round trips to the servers")
     parser.add_argument("--identity", default=None, metavar="PATH",
                         help="private key file of the dashboard's peer (default: a fresh identity)")
+    parser.add_argument("--swarm-key", default=None, metavar="FILE", help=field_help(P2PConfig, "swarm_key"))
+    parser.add_argument("--swarm-allow", default=None, metavar="FILE", help=field_help(P2PConfig, "swarm_allow"))
     parser.add_argument("--p2p-host", default="127.0.0.1",
                         help="address the dashboard's peer listens on for libp2p (default: 127.0.0.1)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -77,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
     limits = config_from_args(HttpLimits, args)
     warn_if_exposed(args.host, api_key, "the dashboard")
     from meshinfer.client.swarm import check_initial_peers
-    from meshinfer.config import P2PConfig
 
     config = P2PConfig(host=args.p2p_host, port=0, identity=args.identity,
-                       initial_peers=check_initial_peers(args.initial_peers))
+                       initial_peers=check_initial_peers(args.initial_peers), swarm_key=args.swarm_key,
+                       swarm_allow=args.swarm_allow)
 
     from meshinfer.dashboard.app import create_app
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller

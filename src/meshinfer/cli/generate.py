@@ -93,6 +93,8 @@ def open_generator(model_dir: Path, dtype: str, initial_peers: Sequence[str] = (
     (``quant``: how it holds its own weights; ``auto`` means ``none`` there). Either computes on ``client.device``
     (default ``auto``) in ``dtype`` (``auto``: the device's default). The rest of this module only uses
     ``TextGenerator``."""
+    if client is not None and client.sealed and not initial_peers:
+        raise ConfigError("--sealed sends the generation to a swarm's full node: give --initial-peers")
     if initial_peers:
         from meshinfer.client.model import DistributedModel
 

@@ -42,9 +42,11 @@ def lan_peers(args: argparse.Namespace, *, required: bool, note: bool = True) ->
     P2PConfig(mdns_browse_s=browse_s)  # validates --mdns-browse-s (one-line ConfigError)
     from meshinfer.p2p.discovery import find_lan_peers
     from meshinfer.p2p.lanpeers import join_maddrs, no_peers_message
+    from meshinfer.p2p.membership import swarm_label
 
     try:
-        found = asyncio.run(find_lan_peers(browse_s))
+        found = asyncio.run(find_lan_peers(browse_s, swarm=swarm_label(getattr(args, "swarm_key", None),
+                                                                         getattr(args, "swarm_allow", None))))
     except TransportError:
         if required:
             raise

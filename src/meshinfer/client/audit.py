@@ -145,6 +145,8 @@ class _Shadow:
     busy: bool = False
     uncommitted: str | None = None
     """Why the audited hop's claims cannot be bound by its signed commits (judged anyway; None: they can)."""
+    checking: int = 0
+    """The end of the window of the check in flight (while ``busy``); a rewind into the window clips it."""
 
 
 def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
@@ -286,6 +288,7 @@ class Auditor:
         if shadow.busy or len(self._tasks) >= self.max_in_flight or upto <= shadow.verified:
             return None
         shadow.busy = True
+        shadow.checking = upto
         return self._spawn(self._check(shadow, upto))
 
     @property
@@ -314,8 +317,9 @@ class Auditor:
             for shadow in pending:
                 if not shadow.busy:
                     shadow.busy = True
-                    self._spawn(self._check(shadow, self._window_end(shadow, self._target(shadow), final=True)
-                                            or self._target(shadow)))
+                    shadow.checking = (self._window_end(shadow, self._target(shadow), final=True)
+                                       or self._target(shadow))
+                    self._spawn(self._check(shadow, shadow.checking))
             if not self._tasks:
                 await asyncio.sleep(0.05)
         log.warning("audits of session positions up to %d did not settle within %.0fs; released unverified",
@@ -326,8 +330,17 @@ class Auditor:
         return detection
 
     def rewind(self, position: int) -> None:
-        """The session goes back to ``position``: verified marks beyond it no longer mean anything."""
-        self._epoch += 1
+        """The session goes back to ``position``: verified marks beyond it no longer mean anything. A check in
+        flight whose window starts before ``position`` is clipped there (its inputs and claims before it are still
+        the session's: a speculative rollback of rejected drafts costs no audit work); one starting at or beyond it
+        is discarded (with every check in flight)."""
+        flying = [s for s in self._shadows.values() if s.busy and not s.opening]
+        cut = any(s.verified >= position and s.checking > position for s in flying)
+        if cut:
+            self._epoch += 1
+        else:
+            for shadow in flying:
+                shadow.checking = min(shadow.checking, position)
         self._asked = {hs: min(upto, position) for hs, upto in self._asked.items()}
         for shadow in self._shadows.values():
             shadow.verified = min(shadow.verified, position)
@@ -335,7 +348,8 @@ class Auditor:
                 shadow.audited.inputs = truncate_parts(shadow.audited.inputs, position)
                 shadow.audited.outputs = truncate_parts(shadow.audited.outputs, position)
                 shadow.audited.steps = truncate_steps(shadow.audited.steps, position)
-            shadow.busy = False
+            if cut:
+                shadow.busy = False
 
     def _tol(self, a: HopSession, b: HopSession) -> Tolerance:
         """The tolerance between the servers of ``a`` and ``b`` (their announced dtypes, the route's quant)."""
@@ -423,6 +437,11 @@ class Auditor:
                 return
             if epoch != self._epoch:
                 return
+            if shadow.checking < b:  # a rewind clipped the window: judge what the session kept
+                b = max(a, shadow.checking)
+                claimed, recomputed = claimed[:b - a], recomputed[:b - a]
+                if b <= a:
+                    return
             verdict = judge(claimed, recomputed, self._tol(audited, hs))
             stats = self.counters.peer(audited.hop.peer_id)
             if verdict.ok:
@@ -458,7 +477,7 @@ class Auditor:
             return
         finally:
             await referee.close(send_timeout=0.5, stream_timeout=0.5)
-        if epoch != self._epoch:
+        if epoch != self._epoch or shadow.checking < b:  # rewound meanwhile: the window is checked again later
             return
         culprit, first = arbitrate(claimed, recomputed, truth, self._tol(audited, referee),
                                    self._tol(verifier, referee))

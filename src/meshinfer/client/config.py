@@ -8,7 +8,8 @@ form only (``devices.parse_device``); the client resolves it on the machine (``m
 from explicit arguments; nothing here reads files or the environment, and nothing imports torch or the network.
 ``DistributedModel.from_pretrained(..., config=..., **overrides)`` applies its keyword arguments with
 ``dataclasses.replace``; its ``InferenceSession``s get the same object (their own ``quant`` is their route's mode,
-given apart).
+given apart). ``private_blocks`` is checked for its sign here; against the model's block count (2K < n) where that
+is known (``client.private_split.private_middle``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from meshinfer.config import doc
+from meshinfer.config import P2PConfig, doc, field_help
 from meshinfer.devices import DEVICE_HELP, parse_device
 from meshinfer.errors import ConfigError
 from meshinfer.types import check_quant
@@ -76,11 +77,32 @@ class ClientConfig:
     audit_in_flight: int = doc(4, "most audit checks of one session running at once")
     audit_report: bool = doc(True, "publish a signed report in the DHT when an audit, confirmed by a third server, "
                                    "catches a server lying; other peers re-verify it before they believe it")
+    speculate: bool = doc(True, "speculative decoding where it pays (generations of 8+ tokens): prompt-lookup drafts "
+                                "verified by the route in one trip, rejected positions rolled back; same greedy "
+                                "tokens, same sampled tokens for a seed (--no-speculate: one token per trip)")
+    draft_tokens: int = doc(6, "most draft tokens one speculative step verifies (1..32)")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
+    private_blocks: int = doc(0, "a private split: run the model's first K and last K blocks on this machine too "
+                                 "(with the embeddings and LM head), so servers never see token embeddings nor "
+                                 "the hidden states next to the logits; routes cover only the middle blocks; "
+                                 "0: off", metavar="K")
     report_check_s: float = doc(60.0, "seconds between two checks of the model's published reports (each new one "
                                       "verified; a verified one makes routes avoid the accused); 0: never check")
+    identity: str | None = doc(None, "path of this client's peer key file (created with mode 0600 if absent): the "
+                                     "peer id its receipts are signed with, whose credit servers weigh (default: a "
+                                     "new key each run); a server's --credit-to names it")
+    receipts: bool = doc(True, "sign usage receipts for the work servers do for this client and hand them to them "
+                               "(what credits are computed from; costs one signature per server every 64 tokens)")
+    swarm_key: str | None = doc(None, field_help(P2PConfig, "swarm_key"), metavar="FILE")
+    swarm_allow: str | None = doc(None, field_help(P2PConfig, "swarm_allow"), metavar="FILE")
     publish_audits: bool = doc(True, "publish this client's audit tally (passed/failed per server) in the DHT for "
                                      "`meshinfer swarm` and dashboards")
+    sealed: bool = doc(False, "send each generation sealed (end-to-end encrypted) to one full node that takes sealed "
+                              "requests, which generates it whole; relays and the network see only ciphertext and "
+                              "sizes, the full node sees the prompt (it computes on it)")
+    sealed_relay: str = doc("", "with --sealed: reach the full node through this relaying peer (a peer id, a multiaddr "
+                                "ending in /p2p/<peer id>, or 'auto': another online server of the model); empty: "
+                                "directly")
 
     def __post_init__(self) -> None:
         if not self.device.strip():
@@ -111,10 +133,22 @@ class ClientConfig:
             raise ConfigError(f"--audit-in-flight must be >= 1, got {self.audit_in_flight}")
         if not 0 <= self.report_check_s < float("inf"):
             raise ConfigError(f"--report-check-s must be >= 0 seconds (0: off), got {self.report_check_s:g}")
+        if not 1 <= self.draft_tokens <= 32:
+            raise ConfigError(f"--draft-tokens must be in 1..32, got {self.draft_tokens}")
+        if self.private_blocks < 0:
+            raise ConfigError(f"--private-blocks must be >= 0 (0: off), got {self.private_blocks}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:
             raise ConfigError(f"max_download must be > 0 bytes/s, got {self.max_download:g}")
+        relay = self.sealed_relay.strip()
+        peer = relay.rsplit("/p2p/", 1)[-1] if relay.startswith("/") else relay
+        if relay and relay != "auto" and not (peer.isalnum() and 16 <= len(peer) <= 128 and len(relay) <= 512):
+            raise ConfigError(f"--sealed-relay must be a peer id, a multiaddr ending in /p2p/<peer id> or 'auto', "
+                              f"got {relay[:60]!r}")
+        if relay and not self.sealed:
+            raise ConfigError("--sealed-relay applies to sealed requests: add --sealed")
+        object.__setattr__(self, "sealed_relay", relay)
         if self.quant is not None:
             object.__setattr__(self, "quant", check_quant(self.quant))
         object.__setattr__(self, "head_quant", check_quant(self.head_quant))

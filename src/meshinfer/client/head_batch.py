@@ -17,7 +17,9 @@ than one. Which rows go together:
   stages busy at the cost of smaller batches; 1 means one batch of everyone;
 - rows taken by one call whose next steps go to the same server get one fresh burst tag for them.
 
-Rows whose caller was cancelled are dropped. With one generation running, a row is computed at once
+``await logits_rows(hidden[R, H], burst, peer)`` is the same for several rows of ONE session (a speculative verify step:
+[R, V]); its rows go into the same matmul and count as one session's entry in a call. Rows whose caller was
+cancelled are dropped. With one generation running, a row is computed at once
 (no tag, no wait). Knows nothing of sessions or the network: everything runs on the calling loop.
 """
 
@@ -40,7 +42,7 @@ from meshinfer.wire.messages import Burst
 
 @dataclass
 class _Row:
-    hidden: torch.Tensor  # [H]
+    hidden: torch.Tensor  # [R, H]: one session's rows
     burst: Burst | None
     peer: str
     future: asyncio.Future[tuple[torch.Tensor, Burst | None]]
@@ -64,6 +66,14 @@ class HeadBatcher:
 
     async def logits(self, hidden: torch.Tensor, burst: Burst | None = None,
                      peer: str = "") -> tuple[torch.Tensor, Burst | None]:  # [H] -> ([V] float32, tag)
+        out, tag = await self.logits_rows(hidden.unsqueeze(0), burst, peer)  # [1, V]
+        return out[0], tag
+
+    async def logits_rows(self, hidden: torch.Tensor, burst: Burst | None = None,
+                   peer: str = "") -> tuple[torch.Tensor, Burst | None]:  # [R, H] -> ([R, V] float32, tag)
+        """The logits of several rows of one session (see the module docstring)."""
+        if hidden.dim() != 2 or hidden.shape[0] == 0:
+            raise ConfigError(f"expected hidden states [rows, hidden], got {tuple(hidden.shape)}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[torch.Tensor, Burst | None]] = loop.create_future()
         self._bursts.arrived(burst, time.monotonic())
@@ -93,8 +103,8 @@ class HeadBatcher:
         self._pending = [r for r in self._pending if id(r) not in taken]
         try:
             with torch.inference_mode():
-                rows = torch.stack([r.hidden for r in take])  # [B, H] where the rows are (the CPU: the wire's)
-                out = self.head.logits(rows)  # [B, V] float32 on the head's device: ONE copy of the rows there
+                rows = torch.cat([r.hidden for r in take])  # [sum R, H] where the rows are (the CPU: the wire's)
+                out = self.head.logits(rows)  # [sum R, V] float32 on the head's device: ONE copy of the rows there
         except Exception as err:
             for r in take:
                 r.future.set_exception(err)
@@ -102,7 +112,8 @@ class HeadBatcher:
             self.batches += 1
             self.rows += len(take)
             tags = {peer: new_burst(n) for peer, n in Counter(r.peer for r in take).items()}
-            for r, row in zip(take, out, strict=True):
-                r.future.set_result((row, tags[r.peer]))
+            parts = torch.split(out, [r.hidden.shape[0] for r in take])  # [R, V] each
+            for r, part in zip(take, parts, strict=True):
+                r.future.set_result((part, tags[r.peer]))
         if self._pending and self._handle is None:  # after the sessions just answered have sent their steps
             self._schedule(loop, 0.0)

@@ -99,6 +99,9 @@ class HopSession:
     """The hop's results and signed commitments (created at ``open``)."""
     answered: int | None = None
     """The step id of the hop's latest result the session took (set by the session while a step runs)."""
+    work: int = 0
+    """Tokens this hop's server computed for the session: every step and replay, never less after a rewind (what
+    the client's usage receipts for it count, ``client.receipts``)."""
     confirmed: bool = field(default=False, init=False)
     """Whether the server answered ``Opened`` (with ``open(wait=False)`` that comes through the reader)."""
     node: PeerNode | None = field(default=None, init=False, repr=False)

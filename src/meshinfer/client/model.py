@@ -25,10 +25,15 @@ the context manager) leaves the swarm. With ``config.audit`` (the default) every
 shadow sessions (``client.audit``) and the generation runs ``client.audited.agenerate_audited``: tokens are
 released once verified (in bursts of up to ``audit_every``), a caught liar is banned and failed over and the
 generation rolled back, so the output is an honest swarm's; ``audits`` counts the outcomes per server peer
-(``ascore_prompt``'s single pass is not audited); ``upkeep`` (``client.upkeep``, started with the model, stopped
-by ``close``) checks the model's reports and publishes the audit tally periodically. Errors are
+(``ascore_prompt``'s single pass is not audited). With ``config.speculate`` (the default) a generation of 8+ tokens
+runs ``client.speculative.agenerate_speculative`` instead (prompt-lookup drafts verified in one multi-token step,
+audited the same way; ``speculation`` counts trips and accepted drafts). ``upkeep`` (``client.upkeep``, started with
+the model, stopped by ``close``) checks the model's reports and publishes the audit tally periodically. A private
+split (``config.private_blocks`` K > 0, ``client.private_split``): the client also loads blocks [0, K) and
+[n - K, n), routes cover only [K, n - K) and each session is a ``PrivateSplitSession`` around the route's. Errors are
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
-``RemoteError`` with the server's code.
+``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
+one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
 """
 
 from __future__ import annotations
@@ -48,8 +53,12 @@ from meshinfer.client.audit import AuditCounters, Auditor
 from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession, ensure_private_blocks
+from meshinfer.client.receipts import ReceiptSender
 from meshinfer.client.routing import RouteHop
+from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
+from meshinfer.client.speculative import agenerate_speculative, worth_speculating
 from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.client.upkeep import Upkeep
@@ -65,6 +74,7 @@ from meshinfer.models.kv_cache import torch_dtype
 from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
+from meshinfer.models.speculate import SpecStats
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
@@ -75,9 +85,11 @@ class DistributedModel(CheckpointGenerator):
 
     def __init__(self, spec: ModelSpec, head: ClientHead, *, ref: ModelRef, runner: LoopThread, view: SwarmView,
                  path: Path | None = None, config: ClientConfig = DEFAULT_CLIENT_CONFIG,
-                 wire_dtype: str = "float32") -> None:
+                 wire_dtype: str = "float32", private: PrivateBlocks | None = None) -> None:
         self.spec = spec
         self.head = head
+        self.private = private
+        """This client's own first and last blocks (``config.private_blocks``; None: a plain split)."""
         self.device = head.norm.device
         """Where the head computes (``config.device`` resolved on this machine)."""
         self.wire_dtype = canonical_dtype(wire_dtype)
@@ -96,11 +108,17 @@ class DistributedModel(CheckpointGenerator):
         the last server's output; ``InferenceSession.decode_route_s``): what the servers and the network cost."""
         self.audits = AuditCounters()
         """What audits found, per server peer (passed/failed windows, unaudited hops) and in all (detections)."""
+        self.speculation = SpecStats()
+        """Speculative decoding over every generation of this model: trips, drafts sent and accepted, tokens
+        (``client.speculative``; ``speculation.tokens_per_trip``)."""
         self.last_session: InferenceSession | None = None
-        """The most recent session (its ``route`` and ``failovers`` say what happened)."""
+        """The most recent session (its ``route`` and ``failovers`` say what happened; of a private split, the
+        session over the middle blocks that its ``PrivateSplitSession`` wraps)."""
         self.upkeep = Upkeep(view, ref, self.audits, report_check_s=config.report_check_s,
                              publish_audits=config.publish_audits)
         """Report checks and audit tallies in the background (``client.upkeep``)."""
+        self.receipts = ReceiptSender(view.node, ref.model_id) if config.receipts else None
+        """Signs this client's usage receipts for the servers' work and hands them over (``client.receipts``)."""
         self._runner = runner
         self._view = view
         self._heads = HeadBatcher(head, cohorts=config.cohorts)
@@ -152,13 +170,20 @@ class DistributedModel(CheckpointGenerator):
         runner = LoopThread("meshinfer-client").start()
         view: SwarmView | None = None
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, dht_timeout=config.dht_timeout,
+            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
+                                             dht_timeout=config.dht_timeout,
                                              prior_cap=config.prior_cap, spread=config.spread,
-                                             refuted_ban=config.refuted_ban), timeout=config.join_timeout)
+                                             refuted_ban=config.refuted_ban, swarm_key=config.swarm_key,
+                                             swarm_allow=config.swarm_allow),
+                                             timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
+            if config.private_blocks:  # blocks [0, K) and [n - K, n) too (client.private_split)
+                local = runner.run(ensure_private_blocks(view.node, str(path), local, config.private_blocks,
+                                                         config.max_download), timeout=config.fetch_timeout)
             ckpt = Checkpoint(local)
             head = ckpt.load_head(dt, where, quant=QuantConfig(config.head_quant))
+            private = PrivateBlocks.load(ckpt, config.private_blocks, dt, where) if config.private_blocks else None
             autotune_linear(layer_weights(head))  # CPU fp32 heads only: oneDNN or MKL, timed once
             ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=config.quant)
@@ -169,7 +194,8 @@ class DistributedModel(CheckpointGenerator):
             runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire)
+        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire,
+                    private=private)
         runner.loop.call_soon_threadsafe(model.upkeep.start)
         return model
 
@@ -209,16 +235,19 @@ class DistributedModel(CheckpointGenerator):
     def plan(self, exclude: Collection[str] = ()) -> list[RouteHop]:
         """The route a session would take now (NoRouteError when the swarm does not cover the model)."""
         self._check_open()
-        return self._runner.run(self._view.plan(self.ref, exclude=exclude, wait=self.route_wait))
+        middle = self.private.middle if self.private is not None else None
+        return self._runner.run(self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait))
 
     def open_session(self, max_length: int) -> SyncInferenceSession:
         """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
         self._check_open()
         return SyncInferenceSession(self._runner, self._runner.run(self.aopen_session(max_length)))
 
-    async def aopen_session(self, max_length: int) -> InferenceSession:
-        """``open_session`` as a coroutine on the client's loop (``loop``)."""
-        route = await self._view.plan(self.ref, wait=self.route_wait)
+    async def aopen_session(self, max_length: int) -> ClientSession:
+        """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route
+        covers only the middle ones and the session is a ``PrivateSplitSession`` around it."""
+        middle = self.private.middle if self.private is not None else None
+        route = await self._view.plan(self.ref, blocks=middle, wait=self.route_wait)
         self.last_route = route
         quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
@@ -238,8 +267,9 @@ class DistributedModel(CheckpointGenerator):
 
             session.auditor = Auditor(session, find, self.audits,
                                       report=self._view.report if self.config.audit_report else None)
+        session.receipts = self.receipts
         self.last_session = session
-        return session
+        return session if self.private is None else PrivateSplitSession(session, self.private)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -318,19 +348,31 @@ class DistributedModel(CheckpointGenerator):
         self._check_open()
         if params.max_new_tokens == 0:
             return
+        if self.config.sealed:  # the whole generation sealed to one full node (client.sealed)
+            async for item in agenerate_sealed(self._view, self.ref, ids, params, self.config):
+                yield item
+            return
         session = await self.aopen_session(len(ids) + params.max_new_tokens)
         self._heads.active += 1
         try:
-            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+            async def forward_rows(chunk: list[int], position: int, rows: int) -> torch.Tensor:  # [T] -> [rows, V]
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
                 out = await session.forward(self._embed(chunk))  # [T, H] on the CPU
+                logits, session.burst = await self._heads.logits_rows(out[-rows:], session.last_burst,
+                                                                      session.route[0].peer_id)
+                return logits  # [rows, V] float32
 
-                logits, session.burst = await self._heads.logits(out[-1], session.last_burst, session.route[0].peer_id)
-                return logits  # [V] float32
+            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
+                return (await forward_rows(chunk, position, 1))[0]
 
-            if session.auditor is not None:
-                generation = agenerate_audited(session, forward, ids, params, self.spec.eos_token_ids)
+            # rollbacks (audits, rejected drafts) rewind the remote session: a private split's wrapper follows it
+            remote = session.remote if isinstance(session, PrivateSplitSession) else session
+            if worth_speculating(params, self.config.speculate):
+                generation = agenerate_speculative(remote, forward_rows, ids, params, self.spec.eos_token_ids,
+                                                   draft=self.config.draft_tokens, stats=self.speculation)
+            elif remote.auditor is not None:
+                generation = agenerate_audited(remote, forward, ids, params, self.spec.eos_token_ids)
             else:
                 generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
             async for item in generation:
@@ -342,11 +384,13 @@ class DistributedModel(CheckpointGenerator):
             self.decode_route_s_total += session.decode_route_s
             await asyncio.shield(session.close())
 
-    def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU, in the wire dtype
+    def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU in the wire dtype (see below)
         """The embeddings of ``ids``, computed on the head's device and brought to the CPU in ONE copy (cast to
-        the wire dtype on the way) for the session to send."""
+        the wire dtype on the way) for the session to send (a private split's first blocks take them where they are)."""
         with torch.inference_mode():
             hidden = self.head.embed(torch.tensor([ids]))[0]  # [T, H] on self.device
+            if self.private is not None:
+                return hidden
             return hidden.to(device="cpu", dtype=torch_dtype(self.wire_dtype))
 
     async def ascore_prompt(self, input_ids: Sequence[int], top_logprobs: int = 0) -> list[ScoredToken]:
@@ -354,6 +398,8 @@ class DistributedModel(CheckpointGenerator):
         before it, as ``LocalModel.score_prompt`` does: one pass through the swarm, the LM head here."""
         ids = check_prompt(self.spec, input_ids, 0)
         self._check_open()
+        if self.config.sealed:  # it would send the prompt's embeddings through a split route
+            raise ConfigError("scoring a prompt (echo, prompt logprobs) is not available with --sealed")
         session = await self.aopen_session(len(ids))
         try:
             out = await session.forward(self._embed(ids))  # [T, H] on the CPU
@@ -376,6 +422,9 @@ class DistributedModel(CheckpointGenerator):
             self._closed = True
         with contextlib.suppress(Exception):
             self._runner.run(self.upkeep.aclose(), timeout=self.config.close_timeout)
+        if self.receipts is not None:
+            with contextlib.suppress(Exception):
+                self._runner.run(self.receipts.close(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

@@ -139,6 +139,7 @@ class Recovery:
                     step_id, out = await self._replay_step(hs, position, chunk)
                     outputs.append(out)
                     hs.steps.append((step_id, position, chunk.shape[0]))
+                    hs.work += chunk.shape[0]
                     position += chunk.shape[0]
                 inputs = chunks  # the replacement's inputs step by step, as sent (aligned with its steps)
             hs.inputs, hs.outputs = list(inputs), list(outputs)

@@ -97,6 +97,7 @@ from meshinfer.wire.tensor import ITEMSIZE
 
 if TYPE_CHECKING:
     from meshinfer.client.audit import Auditor
+    from meshinfer.client.receipts import ReceiptSender
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,11 @@ class InferenceSession:
         """Failover (None: no ``replan``, a failed hop is final)."""
         self.auditor: Auditor | None = None
         """The audits of this session's hops (``client.audit``; None: not audited), set by its opener."""
+        self.receipts: ReceiptSender | None = None
+        """Signs this client's usage receipts for each hop's work (``client.receipts``; None: none), set by its
+        opener."""
+        self.replaced: list[HopSession] = []
+        """Hops failover replaced (their work up to then is receipted when the session closes)."""
 
     @property
     def route(self) -> list[RouteHop]:
@@ -230,9 +236,12 @@ class InferenceSession:
         fresh, record = await self.recovery.replace(failed, reason)
         index = self.hops.index(failed)
         self.hops[index:index + 1] = fresh
+        self.replaced.append(failed)
         for hs in fresh:
             hs.start_reader(self._events)
         self.failovers.append(record)
+        if self.receipts is not None:
+            self.receipts.update(fresh)  # their replays are work too
 
     async def _fix_tails(self) -> None:
         if self.push:
@@ -326,7 +335,10 @@ class InferenceSession:
             hs.inputs.append(x if i == 0 else outputs[i - 1])
             hs.outputs.append(outputs[i])
             hs.steps.append((hs.answered if hs.answered is not None else -1, self.position, tokens))
+            hs.work += tokens
         self.position += tokens
+        if self.receipts is not None:
+            self.receipts.update(self.hops)
         if self.auditor is not None:
             self.auditor.after_step()
         elapsed = time.monotonic() - started
@@ -456,6 +468,8 @@ class InferenceSession:
         # a healthy session's streams go back to the node for the next session to the same servers
         reuse = self._broken is None
         await asyncio.gather(*(hs.close(send_timeout=2.0, stream_timeout=1.0, reuse=reuse) for hs in self.hops))
+        if self.receipts is not None:
+            self.receipts.finish([*self.replaced, *self.hops])
         if self._broken is None:
             for hs in self.hops:
                 self.bans.succeed(hs.hop.peer_id)

@@ -141,21 +141,24 @@ class SwarmView:
     async def join(cls, initial_peers: Sequence[str], *, host: str = "127.0.0.1", identity: str | None = None,
                    dht_timeout: float = 5.0, max_age: float = 10.0, startup_timeout: float = 30.0,
                    prior_cap: float = PRIOR_CAP, spread: bool = True, refuted_ban: float = 60.0,
-                   mdns: bool = True, mdns_browse_s: float = 3.0) -> SwarmView:
+                   mdns: bool = True, mdns_browse_s: float = 3.0, swarm_key: str | None = None,
+                   swarm_allow: str | None = None) -> SwarmView:
         """Start a client-mode peer joined through ``initial_peers`` (TransportError if none answers); with none
         and ``mdns``, through the peers found on this LAN by mDNS within ``mdns_browse_s`` (TransportError naming
         the way out when there are none)."""
         if not initial_peers and mdns:
             from meshinfer.p2p.discovery import find_lan_peers
             from meshinfer.p2p.lanpeers import join_maddrs, no_peers_message
+            from meshinfer.p2p.membership import swarm_label
 
-            found = await find_lan_peers(mdns_browse_s)
+            found = await find_lan_peers(mdns_browse_s, swarm=swarm_label(swarm_key, swarm_allow))
             if not found:
                 raise TransportError(no_peers_message(mdns_browse_s))
             initial_peers = join_maddrs(found)
         peers = check_initial_peers(initial_peers)
         config = P2PConfig(host=host, port=0, identity=identity, initial_peers=peers, mdns=mdns,
-                           mdns_browse_s=mdns_browse_s)
+                           mdns_browse_s=mdns_browse_s, swarm_key=swarm_key,
+                           swarm_allow=swarm_allow)
         node = await PeerNode.start(config, NodeSettings(client_mode=True, startup_timeout=startup_timeout))
         try:
             return cls(node, dht_timeout=dht_timeout, max_age=max_age, prior_cap=prior_cap, spread=spread,

@@ -1,4 +1,5 @@
-"""``SyncInferenceSession``: an ``InferenceSession`` (``client.session``) for synchronous callers.
+"""``SyncInferenceSession``: an ``InferenceSession`` (``client.session``; or a private split's
+``client.private_split.PrivateSplitSession``) for synchronous callers.
 
 Contract: every call runs the async session's coroutine on the client's ``LoopThread`` and waits for it;
 ``close`` never raises. Knows nothing beyond the session's own interface.
@@ -11,15 +12,15 @@ import contextlib
 import torch
 
 from meshinfer.client.hops import Failover
+from meshinfer.client.private_split import ClientSession
 from meshinfer.client.routing import RouteHop
-from meshinfer.client.session import InferenceSession
 from meshinfer.loopthread import LoopThread
 
 
 class SyncInferenceSession:
     """An ``InferenceSession`` for synchronous callers: each call runs on the node's ``LoopThread``."""
 
-    def __init__(self, runner: LoopThread, session: InferenceSession) -> None:
+    def __init__(self, runner: LoopThread, session: ClientSession) -> None:
         self._runner = runner
         self.session = session
 

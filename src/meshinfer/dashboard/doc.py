@@ -9,7 +9,7 @@ The swarm document::
                  "announced_by", "block_servers": [servers per block], "block_throughput": [tokens/s of the
                  online servers per block], "missing_blocks": [...], "complete": bool,
                  "servers": [{"peer_id", "span", "state", "quant", "weight_bytes", "device", "dtype",
-                              "reachability", "throughput", "cache_tokens_left", "sessions", "queued_steps",
+                              "reachability", "sealed", "throughput", "cache_tokens_left", "sessions", "queued_steps",
                               "software_version", "public_name", "addresses", "direct_addresses",
                               "reports": [reporter peer ids],
                               "audits": null | {"passed", "failed", "positions", "clients"}}],
@@ -64,6 +64,7 @@ def server_entry(rec: Any) -> dict[str, Any]:
             "quant": getattr(rec, "quant", "none"), "weight_bytes": getattr(rec, "weight_bytes", 0),
             "device": getattr(rec, "device", "cpu"), "dtype": getattr(rec, "dtype", "float32"),
             "reachability": getattr(rec, "reachability", "public"),
+            "sealed": bool(getattr(rec, "sealing_key", "")),  # takes sealed requests (issue 22)
             "throughput": rec.throughput,
             "cache_tokens_left": rec.cache_tokens_left, "sessions": rec.sessions, "queued_steps": rec.queued_steps,
             "software_version": rec.software_version, "public_name": rec.public_name,

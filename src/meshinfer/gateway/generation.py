@@ -150,7 +150,8 @@ class SwarmGenerator:
             "servers_per_block": cov.counts(), "view_age_s": model.view.age(model.model_id),
         }
         try:
-            route = await model.view.plan(model.ref, wait=0.0)
+            middle = model.private.middle if model.private is not None else None  # a private split's route
+            route = await model.view.plan(model.ref, blocks=middle, wait=0.0)
         except NoRouteError as err:
             return {"ok": False, "reason": str(err), **info}
         return {"ok": True, "route": [str(hop.span) for hop in route], **info}

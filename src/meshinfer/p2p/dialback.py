@@ -27,8 +27,10 @@ import msgspec
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError
+from meshinfer.p2p.allowlist import load_allow_list
 from meshinfer.p2p.direct import DirectPlane, parse_address
 from meshinfer.p2p.identity import Identity
+from meshinfer.p2p.membership import load_swarm_key
 from meshinfer.p2p.reachability import announced_direct
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream
 from meshinfer.wire.messages import Error, ErrorCode, Ping, Pong
@@ -135,7 +137,8 @@ async def ask_dialback(identity: Identity, config: P2PConfig, peer_id: str, open
     """Listen on the direct plane as ``config`` says (a wildcard host: on the hosts of ``maddrs``), ask
     ``peer_id`` (through ``open_stream(peer_id, protocol)``) to dial back: (the addresses asked, reached or not
     (None: no answer), why no answer)."""
-    plane = DirectPlane(identity)
+    plane = DirectPlane(identity, swarm_key=load_swarm_key(config.swarm_key) if config.swarm_key else None,
+                        allow=load_allow_list(config.swarm_allow) if config.swarm_allow else None)
     try:
         try:
             await plane.listen(config.host, config.direct_port)

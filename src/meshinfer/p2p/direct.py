@@ -26,6 +26,15 @@ Handshake (``[u32 length][msgpack Hello]`` each; every read bounded in time and 
    signature single-use, and with TLS a man in the middle presents another certificate, so it can
    neither reuse nor forward signatures.
 
+Private swarms (``meshinfer.p2p.membership``, a node started with a swarm key): hello 1 also carries the
+dialer's swarm ``key_id`` (empty: public); a listener whose key differs refuses in hello 2 with the one-line
+reason of ``membership.refusal`` ("this swarm is private: ..."). Hellos 2 and 3 each carry an HMAC by the swarm's
+stream key over that hello's signed bytes (role, both nonces, certificate hash) and both peer ids; the dialer
+checks the listener's before answering, the listener checks the dialer's before dispatching. Public peers send
+them empty and check neither; older peers ignore the two trailing fields, and their hellos decode with them empty.
+In an allow-list swarm (``meshinfer.p2p.allowlist``) the listener refuses, in hello 2, a dialer whose (signed) key
+is not listed, and the dialer refuses a listener that is not.
+
 The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``), whose
 ``dial_rtt_s`` is the round trip of hellos 1-2 as the dialer timed it (a latency figure for route planning
 before any session ran). A connection is never multiplexed: the node keeps a finished one idle for the next
@@ -67,8 +76,10 @@ from cryptography.x509.oid import NameOID
 
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, WireError
 from meshinfer.p2p.admission import Admission, RefusalLog
+from meshinfer.p2p.allowlist import AllowList
 from meshinfer.p2p.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of_public_key, verify_signature
 from meshinfer.p2p.listener import Listener
+from meshinfer.p2p.membership import KEY_ID_BYTES, MAC_BYTES, PUBLIC_KEY_ID, SwarmKey, refusal
 from meshinfer.p2p.stream import MessageStream, StreamSettings, run_handler
 
 log = logging.getLogger(__name__)
@@ -95,6 +106,10 @@ class Hello(msgspec.Struct, frozen=True, array_like=True):
     nonce: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
     error: Annotated[str, msgspec.Meta(max_length=256)] = ""
     """Set by a listener that refuses the connection (and then closes it)."""
+    swarm: Annotated[bytes, msgspec.Meta(max_length=KEY_ID_BYTES)] = b""
+    """Hello 1: the dialer's swarm key id (empty: a public swarm)."""
+    member: Annotated[bytes, msgspec.Meta(max_length=MAC_BYTES)] = b""
+    """Hellos 2 and 3 in a private swarm: the sender's membership proof (``SwarmKey.direct_proof``)."""
 
 
 _hello_decoder = msgspec.msgpack.Decoder(Hello)
@@ -225,8 +240,11 @@ class DirectPlane:
     """This peer's direct listeners (optional) and dialer."""
 
     def __init__(self, identity: Identity, admission: Admission | None = None,
-                 refusals: RefusalLog | None = None) -> None:
+                 refusals: RefusalLog | None = None, swarm_key: SwarmKey | None = None,
+                 allow: AllowList | None = None) -> None:
         self.identity = identity
+        self.swarm_key = swarm_key
+        self.allow = allow
         self.admission = admission or Admission()
         self._refusals = refusals or RefusalLog(log, time.monotonic)
         self._client_ctx = _client_context()
@@ -294,25 +312,35 @@ class DirectPlane:
                 if len(first.nonce) != NONCE_BYTES:
                     raise WireError("direct hello: bad nonce")
                 claimed = _peer_id_of(first.public_key)
-                refusal = "" if first.protocol in self._handlers else \
-                    f"protocol {first.protocol[:128]!r} is not served here"
-                if not refusal:
-                    refusal = self.admission.admit(claimed) or ""
-                    if refusal:
-                        self._refusals.refused("direct-streams", refusal)
+                refused = refusal(self.swarm_key, first.swarm or PUBLIC_KEY_ID) if self.allow is None else \
+                    self.allow.refusal(claimed)
+                if refused:
+                    self._refusals.refused("direct-members", f"a direct connection from {claimed[:16]}: {refused}")
+                elif first.protocol not in self._handlers:
+                    refused = f"protocol {first.protocol[:128]!r} is not served here"
+                if not refused:
+                    refused = self.admission.admit(claimed) or ""
+                    if refused:
+                        self._refusals.refused("direct-streams", refused)
                     else:
                         admitted = claimed
                 nonce = secrets.token_bytes(NONCE_BYTES)
                 signed = binding(b"listener", first.nonce, nonce, cert)
-                signature = await asyncio.to_thread(self.identity.sign, signed) if not refusal else b""
+                signature = await asyncio.to_thread(self.identity.sign, signed) if not refused else b""
+                member = b"" if refused or self.swarm_key is None else \
+                    self.swarm_key.direct_proof(signed, claimed, self.identity.peer_id)
                 await _send_hello(writer, Hello(DIRECT_VERSION, self.identity.public_key, signature,
-                                                nonce=nonce, error=refusal))
-                if refusal:
-                    raise WireError(refusal)
+                                                nonce=nonce, error=refused, member=member))
+                if refused:
+                    raise WireError(refused)
                 proof = await _read_hello(reader)
+            dialer_signed = binding(b"dialer", first.nonce, nonce, cert)
             if proof.public_key != first.public_key or not verify_signature(
-                    first.public_key, binding(b"dialer", first.nonce, nonce, cert), proof.signature):
+                    first.public_key, dialer_signed, proof.signature):
                 raise WireError("direct hello: bad signature")
+            if self.swarm_key is not None and not self.swarm_key.check_direct_proof(
+                    proof.member, dialer_signed, claimed, self.identity.peer_id):
+                raise WireError("direct hello: bad membership proof")
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, WireError,
                 ssl.SSLError) as err:
             log.debug("direct handshake failed: %s", err)
@@ -358,19 +386,29 @@ class DirectPlane:
                     cert = b""
                 nonce = secrets.token_bytes(NONCE_BYTES)
                 sent_at = time.perf_counter()
+                swarm = b"" if self.swarm_key is None else self.swarm_key.key_id
                 await _send_hello(writer, Hello(DIRECT_VERSION, self.identity.public_key, protocol=protocol,
-                                                nonce=nonce))
+                                                nonce=nonce, swarm=swarm))
                 hello = await _read_hello(reader)
                 rtt = time.perf_counter() - sent_at  # one round trip (and the listener's signature)
                 if hello.error:
                     raise DirectRefused(f"refused: {hello.error}")
                 if peer_id_of_public_key(hello.public_key) != peer_id:
                     raise TransportError(f"{address} is not peer {peer_id} (another key answered)")
+                listener_signed = binding(b"listener", nonce, hello.nonce, cert)
                 if len(hello.nonce) != NONCE_BYTES or not verify_signature(
-                        hello.public_key, binding(b"listener", nonce, hello.nonce, cert), hello.signature):
+                        hello.public_key, listener_signed, hello.signature):
                     raise TransportError(f"{address} failed to prove it holds the key of {peer_id}")
-                signature = self.identity.sign(binding(b"dialer", nonce, hello.nonce, cert))
-                await _send_hello(writer, Hello(DIRECT_VERSION, self.identity.public_key, signature))
+                if self.allow is not None and not self.allow.admits(peer_id):
+                    raise TransportError(f"{address} ({peer_id}) is not on this swarm's allow-list")
+                if self.swarm_key is not None and not self.swarm_key.check_direct_proof(
+                        hello.member, listener_signed, self.identity.peer_id, peer_id):
+                    raise TransportError(f"{address} ({peer_id}) is not a member of this private swarm")
+                signed = binding(b"dialer", nonce, hello.nonce, cert)
+                signature = self.identity.sign(signed)
+                member = b"" if self.swarm_key is None else \
+                    self.swarm_key.direct_proof(signed, self.identity.peer_id, peer_id)
+                await _send_hello(writer, Hello(DIRECT_VERSION, self.identity.public_key, signature, member=member))
         except BaseException as err:
             if writer is not None:
                 writer.close()

@@ -9,7 +9,8 @@ waits until a joinable peer of our swarm is found or ``seconds`` pass. ``adverti
 raises). ``find_lan_peers`` is a one-shot browse for clients (they are not advertised: they serve nothing).
 What to join, and the client's "nobody found" line, are decided in ``lanpeers``; joining (dialling,
 the DHT) is ``PeerNode``'s. No hivemind import here. The private-swarm hook: ``swarm`` (a name) is advertised and
-only peers of the same name are joined; the project has no private swarms yet, so it is always "".
+only peers of the same name are joined: "" for public swarms, a private swarm's public key id
+(``membership.swarm_label``) otherwise.
 """
 
 from __future__ import annotations

@@ -36,12 +36,13 @@ class LanStart:
     """Peer ids found by mDNS before start."""
 
 
-async def browse_at_start(config: P2PConfig, *, client_mode: bool, own_peer_id: str) -> LanStart:
-    """Start LAN discovery when this node takes part; without initial peers, browse and join what answers."""
+async def browse_at_start(config: P2PConfig, *, client_mode: bool, own_peer_id: str, swarm: str = "") -> LanStart:
+    """Start LAN discovery when this node takes part; without initial peers, browse and join what answers (only
+    peers advertising ``swarm``: a private swarm's public label, "" for public swarms)."""
     initial_peers = tuple(config.initial_peers)
     if not lan_discovery_enabled(mdns=config.mdns, host=config.host, client_mode=client_mode):
         return LanStart(None, initial_peers)
-    lan = await LanDiscovery.start()
+    lan = await LanDiscovery.start(swarm)
     if initial_peers:
         return LanStart(lan, initial_peers)
     try:

@@ -40,6 +40,14 @@ Then:
   peer whose direct plane could not be dialled is reached over libp2p (relayed if need be) for
   ``natkind.DIRECT_RETRY_S`` without trying the direct plane again (one log line per such peer);
 - ``ping(peer_id, maddrs)``: the round trip of one DHT ping (``meshinfer doctor``);
+- private swarms (``P2PConfig.swarm_key``; ``meshinfer.p2p.membership``, ``meshinfer.p2p.privateswarm``): before
+  joining, the initial peers are asked whether this node is of their swarm (a refusal is a one-line
+  ``ConfigError``); every DHT RPC carries a membership MAC both ways (``meshinfer.p2p.dhtauth``); DHT values are
+  sealed with the swarm's key and stored under keys outsiders cannot compute (``SwarmKey.dht_key``; callers still
+  name plain keys); every stream served through ``handle`` must start with a membership proof (libp2p: a preamble
+  written by ``open_stream``; direct plane: in the hellos), else it gets an ``Error`` "this swarm is private: ..."
+  and is closed. A public node serves the same check and refuses members. With ``P2PConfig.swarm_allow`` (an
+  owner-signed allow-list, ``meshinfer.p2p.allowlist``) the same points admit only listed peers by their own keys;
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
@@ -70,19 +78,22 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError
-from meshinfer.p2p import lanjoin
+from meshinfer.p2p import lanjoin, privateswarm
 from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
+from meshinfer.p2p.allowlist import AllowList, load_allow_list
 from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
+from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, AllowListAuthorizer, SwarmAuthorizer
 from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
 from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.lanpeers import LanPeer
+from meshinfer.p2p.membership import SwarmKey, load_swarm_key
 from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability, relay_options
 from meshinfer.p2p.pool import IdlePool
 from meshinfer.p2p.reachability import announced_direct
-from meshinfer.p2p.signing import DEFAULT_MAX_TTL, SignedRecordValidator, make_subkey
+from meshinfer.p2p.signing import DEFAULT_MAX_TTL, make_subkey, record_validator
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from meshinfer.wire.messages import Error, ErrorCode
@@ -141,6 +152,10 @@ class PeerNode:
     _lan: LanDiscovery | None = field(repr=False, default=None)
     _direct_failures: DirectFailures = field(default_factory=DirectFailures, repr=False)
     _idle: IdlePool[MessageStream] = field(default_factory=IdlePool[MessageStream], repr=False)
+    swarm_key: SwarmKey | None = field(default=None, repr=False)
+    """The private swarm this node belongs to (None: a public swarm, or an allow-list one)."""
+    allow: AllowList | None = field(default=None, repr=False)
+    """The owner-signed allow-list of this node's swarm (``meshinfer.p2p.allowlist``; None: no allow-list)."""
 
     @property
     def peer_id(self) -> str:
@@ -169,6 +184,8 @@ class PeerNode:
                     identity: Identity | None = None) -> PeerNode:
         """Start a node per ``config``; with no initial peers it starts a new swarm."""
         settings = settings or NodeSettings()
+        swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
+        allow = load_allow_list(config.swarm_allow) if config.swarm_allow else None
         lock: IdentityLock | None = None
         if identity is None:
             identity = load_or_create_identity(config.identity) if config.identity else Identity.generate()
@@ -179,7 +196,9 @@ class PeerNode:
         lan: LanDiscovery | None = None
         try:
             lan_start = await lanjoin.browse_at_start(config, client_mode=settings.client_mode,
-                                                      own_peer_id=identity.peer_id)
+                                                      own_peer_id=identity.peer_id,
+                                                      swarm=swarm_key.label if swarm_key else
+                                                      allow.label if allow else "")
             lan, initial_peers = lan_start.lan, lan_start.initial_peers
             p2p = await start_p2p(
                 identity, host=config.host, port=config.port, initial_peers=initial_peers,
@@ -189,14 +208,22 @@ class PeerNode:
                                     loopback=_is_loopback(config.host), announced=bool(config.announce)),
                 nat=config.nat,
             )
-            validator = SignedRecordValidator(identity, max_ttl=settings.max_record_ttl)
+            await p2p.add_binary_stream_handler(  # type: ignore[attr-defined]
+                privateswarm.MEMBER_PROTOCOL, privateswarm.member_handler(swarm_key, identity.peer_id, allow=allow))
+            await privateswarm.check_join(p2p, swarm_key, identity.peer_id, initial_peers,
+                                          timeout=min(10.0, settings.startup_timeout), allow=allow is not None)
+            validator = record_validator(identity, max_ttl=settings.max_record_ttl, swarm_key=swarm_key)
             try:
                 dht = await DHTNode.create(
                     p2p=p2p, initial_peers=list(initial_peers) or None, record_validator=validator,
                     client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
+                    authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else
+                    AllowListAuthorizer(identity, allow) if allow is not None else None,
                 )
             except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
-                raise TransportError(f"cannot join the swarm: no initial peer answered ({err})") from None
+                hint = (f"; members' DHT requests must be stamped within {MAX_CLOCK_SKEW_S:g} s of each other's "
+                        "clocks: check this machine's time") if swarm_key or allow else ""
+                raise TransportError(f"cannot join the swarm: no initial peer answered ({err}){hint}") from None
             maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         except BaseException as err:
             if lan is not None:
@@ -208,9 +235,9 @@ class PeerNode:
         refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
                    admission=Admission(admission_limits(config), refusals), _refusals=refusals,
-                   mdns_peers=lan_start.found, _lan=lan)
+                   mdns_peers=lan_start.found, _lan=lan, swarm_key=swarm_key, allow=allow)
         if config.direct:
-            node._direct = DirectPlane(identity, node.admission, node._refusals)
+            node._direct = DirectPlane(identity, node.admission, node._refusals, swarm_key, allow)
             if not settings.client_mode:
                 try:
                     await node._direct.listen(config.host, config.direct_port)
@@ -247,6 +274,13 @@ class PeerNode:
                 return
             self._streams.add(stream)
             try:
+                if self.allow is not None and not self.allow.admits(peer_id):
+                    await privateswarm.refuse(stream, self._refusals, self.allow.refusal(peer_id))
+                    return
+                if self.swarm_key is not None and not await privateswarm.admit(
+                        stream, reader, self.swarm_key, self.peer_id, self._refusals,
+                        self.settings.stream.first_timeout or 5.0):
+                    return
                 await run_handler(stream, handler)
             finally:
                 self._streams.discard(stream)
@@ -295,6 +329,8 @@ class PeerNode:
             ) from None
         except Exception as err:
             raise TransportError(f"cannot open a {protocol} stream to {peer_id}: {str(err)[:200]}") from None
+        if self.swarm_key is not None:  # read by the listener before its first frame (``privateswarm.admit``)
+            writer.write(self.swarm_key.preamble(protocol, self.peer_id, peer_id))
         stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol,
                                settings=settings or self.settings.stream)
         return stream
@@ -377,7 +413,7 @@ class PeerNode:
         """
         if not items:
             return []
-        keys = [p.key for p in items]
+        keys = [self._dht_key(p.key) for p in items]
         values = [encode_record(p.record) for p in items]
         subkeys = [make_subkey(self.peer_id, p.tag) for p in items]
         if len(set(zip(keys, subkeys, strict=True))) != len(items):
@@ -408,8 +444,9 @@ class PeerNode:
         if len(keys) > limits.max_keys_per_read:
             raise UsageError(f"one DHT read of {len(keys)} keys (limit max_keys_per_read {limits.max_keys_per_read})")
         # With return_futures=True hivemind returns one asyncio.Future per key (its annotation names values).
+        stored = {self._dht_key(k): k for k in keys}
         futures = cast("dict[str, asyncio.Future[object]]", await self._dht.get_many(
-            keys, sufficient_expiration_time=math.inf if latest else None, return_futures=True,
+            list(stored), sufficient_expiration_time=math.inf if latest else None, return_futures=True,
         ))
         done, pending = await asyncio.wait(set(futures.values()), timeout=timeout)
         for fut in pending:
@@ -419,8 +456,12 @@ class PeerNode:
         for key, fut in futures.items():
             if fut not in done or fut.cancelled() or fut.exception() is not None:
                 continue
-            out[key] = decode_entries(fut.result(), now, limits, self.skipped_records)
+            out[stored.get(key, key)] = decode_entries(fut.result(), now, limits, self.skipped_records)
         return out
+
+    def _dht_key(self, key: str) -> str:
+        """Where ``key`` lives in the DHT: itself in a public swarm, a name only members compute in a private one."""
+        return key if self.swarm_key is None else self.swarm_key.dht_key(key)
 
     async def dht_get_records(self, key: str, *, timeout: float = 5.0) -> list[FoundRecord]:
         """All valid records under ``key``; empty when none or timed out."""

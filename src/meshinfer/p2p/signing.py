@@ -18,7 +18,9 @@ node's key, and accepts a record only if ALL hold:
 Plain (subkey-less) values are always rejected, so nobody can overwrite a dictionary of records with
 a single value. Every node applies the same rules when asked to store and when reading replies, so a
 forged record is refused by honest storers and ignored by honest readers. Results are memoised in a
-small bounded cache (RSA verification is the costly part). Only this module and ``node`` know about
+small bounded cache (RSA verification is the costly part). In a private swarm (``record_validator`` with a
+swarm key) a ``SealedValueValidator`` wraps the envelope in an AEAD seal of the swarm (``membership``): a value
+that does not open is refused before the envelope is looked at. Only this module and ``node`` know about
 hivemind's validator interface.
 """
 
@@ -35,10 +37,11 @@ import msgspec
 from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
 
 # isort: split
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 
 from meshinfer.errors import WireError
 from meshinfer.p2p.identity import Identity, peer_id_of_public_key, verify_signature
+from meshinfer.p2p.membership import SEAL_OVERHEAD, SwarmKey
 from meshinfer.wire.limits import KIB, MAX_RECORD_BYTES
 from meshinfer.wire.records import AuditTallyRecord, ReportRecord, SeedRecord, ServerRecord, decode_record
 
@@ -170,3 +173,38 @@ class SignedRecordValidator(RecordValidatorBase):
             log.debug("rejected audit tally under %s: it names client %s", subkey, decoded.client)
             return False
         return True
+
+
+class SealedValueValidator(RecordValidatorBase):
+    """A private swarm's outer layer (``meshinfer.p2p.membership``): values are sealed with the swarm's record key
+    after signing and must open before anything else is checked, so outsiders can neither read nor store records
+    members accept. Runs before ``SignedRecordValidator`` when validating (higher priority)."""
+
+    def __init__(self, key: SwarmKey) -> None:
+        self._key = key
+
+    def validate(self, record: DHTRecord) -> bool:
+        if len(record.value) > MAX_ENVELOPE_BYTES + SEAL_OVERHEAD:
+            return False
+        return self._key.unseal(record.value, record.key, record.subkey) is not None
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return self._key.seal(record.value, record.key, record.subkey)
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        opened = self._key.unseal(record.value, record.key, record.subkey)
+        return _NONE if opened is None else opened
+
+    @property
+    def priority(self) -> int:
+        return 20
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+def record_validator(identity: Identity | None, *, max_ttl: float = DEFAULT_MAX_TTL,
+                     swarm_key: SwarmKey | None = None) -> RecordValidatorBase:
+    """The validator a node's DHT runs: owner-signed records, sealed too in a private swarm."""
+    signed = SignedRecordValidator(identity, max_ttl=max_ttl)
+    return signed if swarm_key is None else CompositeValidator([signed, SealedValueValidator(swarm_key)])

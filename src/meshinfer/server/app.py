@@ -13,14 +13,20 @@ re-announced (debounced) whenever a session opens or ends (with ``--metrics-port
 served at ``info()["metrics_url"]``: ``server.metrics``), and an automatically placed server re-checks its
 place every ``--rebalance-interval`` s; to move it drains (announces ``draining``, refuses new sessions, lets
 open ones finish for up to ``--drain-timeout`` s, ends the rest with an ``Error``), loads the new span,
-re-measures and announces ``online`` there. The announced record always names the span being served (or, while
-``joining``, about to be). ``stop()`` drains the same way, then stops the step loop and leaves the swarm; it
-is idempotent. A started ``BlockServer`` is complete: announcer, session service, push pool and ``serving``
-(``server.serving.Serving``: the span loaded, its step loop and measurements) all exist; a move swaps
-``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may also be a model
-id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's seeders
-(``weights.fetch.ensure_local``); the server seeds what it holds. Running it as a process (signals, stdin
-EOF) is ``server.run``; this module logs, never prints.
+re-measures and announces ``online`` there. An owner-aware server (``--when idle``, ``--schedule``:
+``server.owner_watch``) drains the same way when its owner needs the machine (``pause``), stays ``draining`` with
+the span loaded, and announces ``online`` again when the owner is idle (``resume``). The announced record always
+names the span being served (or, while ``joining``, about to be). ``stop()`` drains the same way, then stops the
+step loop and leaves the swarm; it is idempotent. A started ``BlockServer`` is complete: announcer, session
+service, push pool and ``serving`` (``server.serving.Serving``: the span loaded, its step loop and measurements)
+all exist; a move swaps ``serving`` as one, the service and its protocol handlers stay. Since issue 9 the model may
+also be a model id: ``server.prepare`` fetches config, tokenizer and then its span's pieces from the swarm's
+seeders (``weights.fetch.ensure_local``); the server seeds what it holds. Since issue 22 every server relays sealed
+requests (``meshinfer/sealed-relay/1``, unless ``--no-sealed-relay``), and one started with ``--sealed`` on the
+whole model also loads the head and takes them (``meshinfer/sealed/1``, ``server.sealed``), announcing its sealing
+key in the record while online on [0, n). Since issue 23 it keeps clients' usage receipts (``--credits``:
+``server.receipts``) and weighs decode slots by credit. Running it as a process (signals, stdin EOF) is
+``server.run``; this module logs, never prints.
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError
@@ -46,9 +55,13 @@ from meshinfer.server.device import describe, open_device, size_cache
 from meshinfer.server.handler import SessionService
 from meshinfer.server.memory import MemoryBudget, PeerLimits
 from meshinfer.server.metrics import ServerMetrics, ServerSample
+from meshinfer.server.owner import OwnerGate, threads_for
+from meshinfer.server.owner_watch import OwnerWatch
 from meshinfer.server.prepare import prepare, read_snapshot
 from meshinfer.server.push import PUSH_PROTOCOL, PushPool
 from meshinfer.server.rebalance import Rebalancer
+from meshinfer.server.receipts import ReceiptDesk, open_desk
+from meshinfer.server.sealed import FullNode, SealedRelay, SealedService, start_sealed
 from meshinfer.server.serving import Identity, Serving, load_serving, publish
 from meshinfer.tasks import stop_task
 from meshinfer.types import BlockRange
@@ -95,12 +108,24 @@ class BlockServer:
     """Serves the pieces this server has on disk to peers fetching the model (None: seeding failed)."""
     rebalancer: Rebalancer | None = None
     """Re-checks the placement (automatically placed servers with ``--rebalance-interval`` > 0)."""
+    sealed: SealedService | None = None
+    """Takes sealed requests (``--sealed`` on a full node whose head loaded; ``server.sealed``)."""
+    relay: SealedRelay | None = None
+    """Relays other peers' sealed requests (unless ``--no-sealed-relay``)."""
+    _head: Any = field(default=None, repr=False)
+    """The embeddings and LM head (``models.head.ClientHead``), loaded for sealed requests only."""
     fatal: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     """Set when the server can no longer serve (a move failed and the old span could not be reloaded)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stopped: bool = False
+    owner: OwnerWatch | None = None
+    """Watches the owner's load and ``--schedule`` (``--when idle`` or ``--schedule`` given)."""
+    paused: str | None = None
+    desk: ReceiptDesk | None = None
+    """Takes and shows the receipts clients sign for this server's work (``--credits``; None: off)."""
+    """Why the server gave the machine back to its owner (None: it serves)."""
 
     def info(self) -> dict[str, Any]:
         """What launchers and tests need to know once the server is ready (JSON-friendly)."""
@@ -114,10 +139,23 @@ class BlockServer:
                 "torch_threads": _torch_threads(), "state": self.state,
                 "auto_placement": self.config.auto_placement,
                 "batch_throughput": round(measured.batch, 2), "batch_size": measured.batch_size,
+                "sealed": self.sealed is not None, "sealed_relay": self.relay is not None,
+                "paused": self.paused,
                 "metrics_url": self.metrics.url if self.metrics is not None else None}
 
     def record(self) -> ServerRecord:
-        return self.who.record(self.span_range, self.state, self.serving, self.service)
+        record = self.who.record(self.span_range, self.state, self.serving, self.service)
+        if self.sealed is not None and self.full_node() is not None:  # the key is signed with the record
+            record = msgspec.structs.replace(record, sealing_key=self.sealed.key.public_bytes.hex())
+        return record
+
+    def full_node(self) -> FullNode | None:
+        """What sealed generations run on now: None unless the head is loaded, the server is online and the span
+        loaded and announced is the whole model."""
+        whole = BlockRange(0, self.who.card.num_blocks)
+        if self._head is None or self.state != "online" or self.span_range != whole or self.serving.span != whole:
+            return None
+        return FullNode(self.ckpt.spec, self.serving.steps, self._head)
 
     def metrics_sample(self) -> ServerSample:
         """The levels ``ServerMetrics`` exports (read on the server's event loop)."""
@@ -128,10 +166,13 @@ class BlockServer:
     @classmethod
     async def start(cls, config: ServerConfig, p2p: P2PConfig, model_dir: str | Path | None = None) -> BlockServer:
         """Check, join the swarm, place, load, measure, serve and announce; see the module docstring."""
-        if config.torch_threads is not None:
+        threads = config.torch_threads
+        if config.max_load is not None:
+            threads = threads_for(config.max_load, os.cpu_count() or 1)
+        if threads is not None:
             import torch
 
-            torch.set_num_threads(config.torch_threads)  # process-wide: the step loop's worker thread uses it
+            torch.set_num_threads(threads)  # process-wide: the step loop's worker thread uses it
             log.info("torch uses %d compute threads", torch.get_num_threads())
         # A stream silent for longer than a session may idle has no live session left (the service expires
         # them); frames and messages keep StreamSettings' short timeouts.
@@ -147,6 +188,7 @@ class BlockServer:
         server: BlockServer | None = None
         announcer: Announcer | None = None
         first: Serving | None = None
+        desk: ReceiptDesk | None = None
         try:
             if metrics is not None and config.metrics_port is not None:
                 def sample() -> ServerSample:
@@ -160,8 +202,10 @@ class BlockServer:
                                   ttl=config.announce_ttl, refresh=config.announce_refresh)
             await announcer.start()
             log.info("announced model %s (%s) blocks %s as joining", who.card.name, who.model_id, ready.span)
+            desk = await open_desk(config, who.node)
             first = await load_serving(config, ready.ckpt, ready.span,
-                                       lambda finished: service.on_results(finished), metrics, device)
+                                       lambda finished: service.on_results(finished), metrics, device,
+                                       desk.credit if desk is not None else None)
             config = size_cache(config, first.steps.span, device)  # the KV budget is known from here on
             who = replace(who, config=config)
             pool = PushPool(who.node, lambda err: service.on_push_error(err), settings=who.node.settings.stream)
@@ -175,12 +219,15 @@ class BlockServer:
             server = cls(config, who, ready.model_dir, ready.ckpt, model_ref if ready.fetched else None, announcer,
                          service, pool, first, ready.span, metrics)
             service.on_change = server._status_dirty.set
+            server.desk, desk = desk, None
             await server._serve()
         except BaseException:
             if server is not None:
                 await server.stop()
             else:
                 await _abandon(who, ready.span, announcer, first, metrics)
+            if desk is not None:
+                await desk.close()
             raise
         return server
 
@@ -192,6 +239,7 @@ class BlockServer:
                                                          stream.limits))
         await self.who.node.handle(SESSION_PROTOCOL, self.service.handle_session, stream)
         await self.who.node.handle(PUSH_PROTOCOL, self.service.handle_push, stream)
+        await self._serve_sealed()
         await self._announce_online()
         cfg = self.config
         try:
@@ -207,6 +255,17 @@ class BlockServer:
                 balance_quality=cfg.balance_quality)
             self._tasks.insert(0, asyncio.create_task(self.rebalancer.run(), name="rebalance"))
             log.info("will re-check the placement every %g s (+-20%%)", cfg.rebalance_interval)
+        if cfg.owner_aware:
+            self.owner = OwnerWatch(OwnerGate(cfg.owner_policy()), self.pause, self.resume)
+            self._tasks.append(asyncio.create_task(self.owner.run(), name="owner-watch"))
+            log.info("owner-aware: --when %s%s", cfg.when, f", --schedule {cfg.schedule!r}" if cfg.schedule else "")
+
+    async def _serve_sealed(self) -> None:
+        """The sealed relay and, with ``--sealed`` on a full node, sealed requests (``server.sealed.start_sealed``)."""
+        self.relay, self.sealed, self._head = await start_sealed(
+            self.config, self.who.node, span=self.span_range, num_blocks=self.who.card.num_blocks,
+            model_name=self.who.card.name, model_id=self.who.model_id, ckpt=self.ckpt, device=self.who.device.device,
+            full=self.full_node, budget=lambda: self.service.budget)
 
     def _start_serving(self) -> None:
         """Start the step loop of ``serving`` and the session service over it."""
@@ -271,8 +330,28 @@ class BlockServer:
             else:
                 log.info("draining blocks %s: every session ended", self.span_range)
 
+    async def pause(self, reason: str) -> None:
+        """Give the machine back: drain (announced ``draining``, so clients fail over and another server can place
+        itself on the span), then stay announced as ``draining`` and take no sessions until ``resume``. The span
+        stays loaded (no CPU while no step runs), so coming back costs no reload."""
+        if self.paused is not None or self._stopped:
+            return
+        self.paused = reason
+        await self._drain(f"the machine's owner needs it back ({reason}); open a session elsewhere")
+
+    async def resume(self) -> None:
+        """Serve again after ``pause``: take sessions and announce ``online``."""
+        if self.paused is None or self._stopped:
+            return
+        self.paused = None
+        self.service.accepting = True
+        self.service.start()
+        await self._announce_online()
+
     async def move(self, target: BlockRange) -> None:
         """Drain, then serve ``target`` instead (back to the old span if that fails; ``fatal`` if both do)."""
+        if self.paused is not None:
+            return  # the owner has the machine: no move until it serves again
         old = self.span_range
         log.info("moving from blocks %s to %s", old, target)
         await self._drain(f"server is moving from blocks {old} to {target}; open a session elsewhere")
@@ -288,7 +367,7 @@ class BlockServer:
                     if self.seeder is not None:
                         await self.seeder.add(self.model_dir)
                 self.serving = await load_serving(self.config, self.ckpt, span, self.service.on_results, self.metrics,
-                                                  self.who.device)
+                                                  self.who.device, self.desk.credit if self.desk else None)
                 self._start_serving()
                 await self._announce_online()
             except Exception:
@@ -316,7 +395,7 @@ class BlockServer:
         except Exception:
             log.warning("error while draining", exc_info=True)
         await _close_all((self.announcer.stop, self.seeder.close if self.seeder else None, self.serving.steps.stop,
-                          self.pool.close, self.who.node.close), self.metrics)
+                          self.pool.close, self.desk.close if self.desk else None, self.who.node.close), self.metrics)
 
 
 async def _close_all(closers: tuple[Callable[[], Awaitable[None]] | None, ...], metrics: ServerMetrics | None) -> None:

@@ -8,6 +8,7 @@ the model, happen when the server opens it). Where to listen and whom to join is
 (``--num-blocks`` long, or as long as memory allows) and re-checked every ``--rebalance-interval`` s.
 Per-peer limits (``--max-sessions-per-peer``, ``--max-kv-tokens-per-peer``, ``--max-queued-steps-per-peer``)
 keep one peer from taking the whole server; ``peer_sessions``/``peer_tokens`` resolve their defaults.
+``--when idle`` / ``--schedule`` / ``--max-load`` make a lent machine owner-aware (``server.owner``).
 ``--metrics-port`` turns on the Prometheus endpoint (off by default: no extra listening port unless asked).
 ``--device`` is checked here only for its form (``devices.parse_device``, no torch); ``--dtype auto`` and
 ``--cache-tokens`` unset are resolved when the server starts (``server.device``): the dtype from the device
@@ -19,11 +20,14 @@ A started server's config holds the resolved values (``resolved``); ``kv_budget`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from meshinfer.config import doc
 from meshinfer.devices import DEVICE_HELP, kv_tokens_for, parse_device
 from meshinfer.errors import ConfigError, UsageError
+from meshinfer.ledger.priority import PriorityPolicy
+from meshinfer.server.owner import OwnerPolicy, parse_schedule, threads_for
 from meshinfer.types import QUANT_GROUP_SIZES, BlockRange, canonical_dtype, check_quant
 from meshinfer.weights.rate import MB
 
@@ -99,6 +103,31 @@ class ServerConfig:
                                        "what it would be after the move (0 < q <= 1)")
     drain_timeout: float = doc(30.0, "seconds open sessions may take to finish when the server leaves or moves; "
                                      "after that they are ended with an error so their clients fail over")
+    when: str = doc("always", "always: serve while running; idle: give the machine back to its owner while other "
+                              "processes use more than --busy-share of the CPU for --busy-for s (drain, stop taking "
+                              "sessions), serve again after --idle-for s below it")
+    busy_share: float = doc(0.5, "with --when idle: the share of the machine's CPU (0..1) used by other processes "
+                                 "above which the owner counts as busy")
+    busy_for: float = doc(5.0, "with --when idle: seconds the owner must stay busy before the server drains")
+    idle_for: float = doc(30.0, "with --when idle: seconds the owner must stay idle before the server serves again")
+    schedule: str | None = doc(None, "serve only in these local-time windows, e.g. 'mon-fri 18:00-08:00, sat-sun'; "
+                                     "outside them the server drains and waits (default: any time)")
+    max_load: float | None = doc(None, "the share of this machine's CPU cores (0..1] the server computes with: sets "
+                                       "its torch threads to that share (excludes --torch-threads)")
+    credits: bool = doc(True, "keep the usage receipts clients sign for this server's work (SQLite) and show them to "
+                              "anyone; under contention give peers with more credit (work served minus used) more "
+                              "decode slots (never all of them)")
+    credit_to: str | None = doc(None, "the peer id of a client (e.g. your own `meshinfer generate --identity KEY`) "
+                                      "that may spend the credit this server earns: other servers give its "
+                                      "sessions that priority (default: none)")
+    credit_weight: int = doc(4, "under contention, the most decode slots a peer with credit gets for each one a "
+                                "peer without credit gets (1: credit buys nothing)")
+    credit_saturation: int = doc(1_000_000, "credit, in block-tokens (tokens x blocks served minus used), at which a "
+                                            "peer gets --credit-weight (logarithmic below it)")
+    receipts_db: str | None = doc(None, "SQLite file of the receipts this server holds (default: "
+                                        "<cache>/receipts/<peer id>.sqlite)")
+    max_batch_sessions: int = doc(64, "most sessions one turn of the step loop computes together; more wait "
+                                      "for the next turn")
     max_upload: float | None = doc(None, "cap the weight pieces this server sends to peers that fetch them, "
                                    "in MB/s (default: no cap)")
     max_download: float | None = doc(None, "cap the weight pieces this server fetches from the swarm when --model "
@@ -108,6 +137,17 @@ class ServerConfig:
                                "instead of hundreds (worth it for launch-bound models; costs a capture per session)")
     metrics_port: int | None = doc(None, "serve Prometheus metrics over HTTP at /metrics on this port of --host "
                                          "(0 picks a free port; the ready line gives the URL); unset: no endpoint")
+    sealed: bool = doc(False, "also take sealed requests (end-to-end encrypted to this server's key, announced in "
+                              "its record) while serving every block (--blocks 0:N): loads the embeddings and LM "
+                              "head too and generates whole here; relays and the network see only ciphertext")
+    max_sealed: int = doc(2, "with --sealed: most sealed generations computed at once (each runs alone, between "
+                             "the step loop's turns)")
+    sealed_window: float = doc(300.0, "with --sealed: seconds a sealed request's timestamp may differ from this "
+                                      "server's clock; request ids seen within it are refused as replays")
+    sealed_relay: bool = doc(True, "forward other peers' sealed requests to the full node they name and its "
+                                   "sealed answer back (ciphertext only; --no-sealed-relay: refuse)")
+    sealed_relay_capture: str | None = doc(None, "testing and audits: append every payload this server relays "
+                                                 "(what a relay sees) to this file")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -142,6 +182,14 @@ class ServerConfig:
                               f"number of tokens > 1, got {kv:g}")
         if self.max_queued_steps_per_peer <= 0:
             raise ConfigError(f"--max-queued-steps-per-peer must be > 0, got {self.max_queued_steps_per_peer}")
+        if self.credit_to is not None and not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{20,128}", self.credit_to):
+            raise ConfigError(f"--credit-to must be a peer id (base58, e.g. 12D3KooW...), got {self.credit_to!r}")
+        if self.credit_weight < 1:
+            raise ConfigError(f"--credit-weight must be >= 1, got {self.credit_weight}")
+        if self.credit_saturation < 1:
+            raise ConfigError(f"--credit-saturation must be >= 1 block-token, got {self.credit_saturation}")
+        if self.max_batch_sessions <= 0:
+            raise ConfigError(f"--max-batch-sessions must be > 0, got {self.max_batch_sessions}")
         if self.max_step_tokens <= 0:
             raise ConfigError(f"--max-step-tokens must be > 0, got {self.max_step_tokens}")
         if not self.session_idle_timeout > 0:
@@ -165,12 +213,37 @@ class ServerConfig:
             raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality:g}")
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ConfigError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout:g}")
+        if not 1 <= self.max_sealed <= 1024:
+            raise ConfigError(f"--max-sealed must be in 1..1024, got {self.max_sealed}")
+        if not (math.isfinite(self.sealed_window) and 1 <= self.sealed_window <= 86400):
+            raise ConfigError(f"--sealed-window must be 1..86400 seconds, got {self.sealed_window:g}")
+        self.owner_policy()  # --when, --busy-share, --busy-for, --idle-for, --schedule: one-line errors
+        if self.max_load is not None:
+            if self.torch_threads is not None:
+                raise ConfigError("--max-load and --torch-threads exclude each other: --max-load sets the threads")
+            threads_for(self.max_load, 1)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         for name in ("public_name", "model_name"):
             value = getattr(self, name)
             if value is not None and not 0 < len(value) <= 256:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 1..256 characters")
+
+    def owner_policy(self) -> OwnerPolicy:
+        """When this server gives the machine back (``server.owner``)."""
+        schedule = parse_schedule(self.schedule) if self.schedule is not None else None
+        return OwnerPolicy(when=self.when, busy_share=self.busy_share, busy_for=self.busy_for, idle_for=self.idle_for,
+                           schedule=schedule)
+
+    def priority_policy(self) -> PriorityPolicy:
+        """What credit buys on this server under contention (``ledger.priority``)."""
+        return PriorityPolicy(max_weight=self.credit_weight, saturation=self.credit_saturation,
+                              unit=max(1, self.credit_saturation // 1000))
+
+    @property
+    def owner_aware(self) -> bool:
+        """True when the server watches its owner's load or a schedule."""
+        return self.when == "idle" or self.schedule is not None
 
     @property
     def span(self) -> BlockRange | None:

@@ -52,6 +52,7 @@ from meshinfer.errors import (
     UsageError,
     WireError,
 )
+from meshinfer.ledger.priority import PriorityPolicy
 from meshinfer.models.device import device_label, is_out_of_memory, pinned, release_cached
 from meshinfer.models.kv_cache import KVCache, torch_dtype
 from meshinfer.models.span import BlockSpan
@@ -97,9 +98,10 @@ class StepLoop:
 
     def __init__(self, span: BlockSpan, deliver: DeliverFn, *, limits: WireLimits = DEFAULT_LIMITS,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
-                 inline_budget_s: float = INLINE_BUDGET_S, burst_hold_s: float = BURST_HOLD_S) -> None:
+                 inline_budget_s: float = INLINE_BUDGET_S, burst_hold_s: float = BURST_HOLD_S,
+                 credit: Callable[[str], int] | None = None, priority: PriorityPolicy | None = None) -> None:
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, max_batch_sessions=max_batch_sessions,
-                                   burst_hold_s=burst_hold_s)
+                                   burst_hold_s=burst_hold_s, credit=credit, priority=priority)
         self.span = span
         self.device_label = device_label(span.device)
         self._deliver = deliver

@@ -24,6 +24,12 @@ steps in arrival order and, each turn,
   finished steps off their session's queue, records the last step id and output on the session (for
   duplicate step ids) and returns the finished steps of live sessions as ``Finished``, in piece order.
 
+With credits (``credit``: peer id -> its credit in block-tokens, issue 23), decode slots are dealt by weighted
+fair queueing instead: a peer's weight is ``ledger.priority.weight(credit)`` (1 without credit, up to
+``PriorityPolicy.max_weight``), and over turns peers get slots in proportion to their weights, so under
+contention a contributor's sessions step more often and wait less, while every peer with ready steps keeps
+getting slots (nobody starves: at worst 1 of every ``max_weight`` + 1 slots two peers compete for).
+
 ``drop(session)`` forgets an ended session's queued steps (a step being computed is discarded when its
 turn is done). ``queued_for(peer)`` counts the steps a peer's sessions have waiting (for the per-peer
 limit). Free of torch, of asyncio and of the network; no clock of its own (callers pass ``now``).
@@ -31,9 +37,11 @@ limit). Free of torch, of asyncio and of the network; no clock of its own (calle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError
+from meshinfer.ledger.priority import PriorityPolicy, weight
 from meshinfer.server.session import Session, SessionError, StepJob
 from meshinfer.wire.burst import BURST_HOLD_S, BurstTracker
 from meshinfer.wire.tensor import Tensor
@@ -84,10 +92,15 @@ class Scheduler:
 
     def __init__(self, *, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_sessions: int = MAX_BATCH_SESSIONS,
                  burst_hold_s: float = BURST_HOLD_S, shared_batch_tokens: int = SHARED_BATCH_TOKENS,
-                 active_window_s: float = ACTIVE_WINDOW_S) -> None:
+                 active_window_s: float = ACTIVE_WINDOW_S, credit: Callable[[str], int] | None = None,
+                 priority: PriorityPolicy | None = None) -> None:
         if max_batch_tokens <= 0 or max_batch_sessions <= 0 or shared_batch_tokens <= 0:
             raise ConfigError("max_batch_tokens, max_batch_sessions and shared_batch_tokens must be > 0")
         self.shared_batch_tokens = shared_batch_tokens
+        self.credit = credit
+        """Peer id -> its credit (block-tokens served minus used); None: plain round-robin fairness."""
+        self.priority = priority or PriorityPolicy()
+        self._vservice: dict[str, float] = {}  # peer -> decode slots taken / its weight (weighted fair queueing)
         self.active_window_s = active_window_s
         self._active: dict[str, float] = {}  # peer -> when its latest step arrived
         self._prefilled = False  # the last turn computed prefill tokens
@@ -167,10 +180,13 @@ class Scheduler:
         order = sorted(peers, key=lambda p: self._served.get(p, -1))  # least recently served first (stable)
         pieces: list[Piece] = []
         decodes = [[s for s in peers[p] if s.pending[0].tokens == 1] for p in order]
-        for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
-            for peer_decodes in decodes:
-                if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
-                    pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
+        if self.credit is None:
+            for column in range(max((len(d) for d in decodes), default=0)):  # decode steps first, round-robin
+                for peer_decodes in decodes:
+                    if column < len(peer_decodes) and len(pieces) < self.max_batch_sessions:
+                        pieces.append(Piece(peer_decodes[column].pending[0], 0, 1))
+        else:
+            pieces = self._weighted_decodes(order, decodes, self.credit)
         budget = self.max_batch_tokens - len(pieces)
         if self._contended(now):  # several peers: short prefill turns, and never two in a row before decodes
             budget = 0 if pieces and self._prefilled else min(budget, self.shared_batch_tokens)
@@ -196,6 +212,33 @@ class Scheduler:
             self._served[piece.job.session.client] = self._serial
         if len(self._served) > 4 * len(peers) + 64:  # forget peers long gone (bounded memory)
             self._served = {p: t for p, t in self._served.items() if p in self._peer_steps}
+        return pieces
+
+    def _weighted_decodes(self, order: list[str], decodes: list[list[Session]],
+                          credit: Callable[[str], int]) -> list[Piece]:
+        """Decode slots by weighted fair queueing over peers: each slot goes to the peer with the least service
+        so far (slots taken / its credit weight; a peer new to the queue starts level with the least served),
+        so over turns peers get slots in proportion to their weights and every peer keeps getting some."""
+        live = {p: d for p, d in zip(order, decodes, strict=True) if d}
+        if not live:
+            return []
+        floor = min((self._vservice[p] for p in live if p in self._vservice), default=0.0)
+        for p in live:
+            self._vservice[p] = max(self._vservice.get(p, floor), floor)
+        weights = {p: weight(credit(p), self.priority) for p in live}
+        taken = dict.fromkeys(live, 0)
+        rank = {p: i for i, p in enumerate(order)}
+        pieces: list[Piece] = []
+        while len(pieces) < self.max_batch_sessions:
+            waiting = [p for p in live if taken[p] < len(live[p])]
+            if not waiting:
+                break
+            peer = min(waiting, key=lambda p: (self._vservice[p], rank[p]))
+            pieces.append(Piece(live[peer][taken[peer]].pending[0], 0, 1))
+            taken[peer] += 1
+            self._vservice[peer] += 1.0 / weights[peer]
+        if len(self._vservice) > 4 * len(live) + 64:  # forget peers long gone (bounded memory)
+            self._vservice = {p: v for p, v in self._vservice.items() if p in self._peer_steps}
         return pieces
 
     def _contended(self, now: float) -> bool:

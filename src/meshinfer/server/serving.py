@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshinfer import __version__
@@ -79,7 +80,7 @@ class Identity:
             batch_size=measured.batch_size if measured is not None else 0,
             software_version=__version__, public_name=cfg.public_name, protocol_version=PROTOCOL_VERSION,
             quant=cfg.quant, weight_bytes=serving.weight_bytes if serving is not None else 0,
-            device=self.device.label, dtype=cfg.dtype,
+            device=self.device.label, dtype=cfg.dtype, credit_to=cfg.credit_to,
         )
 
     def sample(self, span: BlockRange, state: ServerState, serving: Serving | None,
@@ -109,7 +110,8 @@ async def publish(announcer: Announcer, record: ServerRecord) -> None:
 
 
 async def load_serving(config: ServerConfig, ckpt: Checkpoint, span_range: BlockRange, deliver: DeliverFn,
-                metrics: ServerMetrics | None, device: ServerDevice) -> Serving:
+                metrics: ServerMetrics | None, device: ServerDevice,
+                credit: Callable[[str], int] | None = None) -> Serving:
     """Load ``span_range`` on ``device`` and measure it on a new (not yet started) step loop."""
     t0 = time.perf_counter()
     span = await asyncio.to_thread(ckpt.load_span, span_range, config.dtype, device.device, quant_config(config))
@@ -120,7 +122,8 @@ async def load_serving(config: ServerConfig, ckpt: Checkpoint, span_range: Block
         span.compile_decode()
     log.info("loaded blocks %s on %s (%s, weights %s: %.1f MB) in %.2f s", span_range, describe(device),
              config.dtype, config.quant, held / 1e6, time.perf_counter() - t0)
-    steps = StepLoop(span, deliver, limits=DEFAULT_LIMITS)
+    steps = StepLoop(span, deliver, limits=DEFAULT_LIMITS, max_batch_sessions=config.max_batch_sessions,
+                     credit=credit, priority=config.priority_policy())
     steps.on_step = metrics.on_step if metrics is not None else None
     try:
         measured = await steps.call(measure_throughputs, span, TYPICAL_BATCH)

@@ -46,6 +46,7 @@ MODELS_KEY: Final = "models"
 MODEL_ID_HEX_CHARS: Final = 32
 """Length of a model id: the manifest id (``models.fingerprint.FINGERPRINT_HEX_CHARS``; wire cannot import models)."""
 _MODEL_ID = re.compile(rf"[0-9a-f]{{{MODEL_ID_HEX_CHARS}}}")
+_SEALING_KEY = re.compile(r"[0-9a-f]{64}")
 
 ServerState = Literal["joining", "online", "draining"]
 SERVER_STATES: Final = ("joining", "online", "draining")
@@ -108,6 +109,13 @@ class ServerRecord(msgspec.Struct, frozen=True, tag_field="type", tag="server"):
     """How others reach the server's libp2p plane (``public``, ``hole-punched``, ``relayed``: only through a circuit
     relay; see ``meshinfer.p2p.natkind``); records of older servers lack it (decoded as ``public``). Routing charges
     a relayed hop more; a kind this peer does not know counts as relayed."""
+    sealing_key: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The X25519 public key (64 lowercase hex characters) this full node takes sealed requests under
+    (``/meshinfer/sealed/1``; issue 22), bound to the peer by the record's signature; empty: no sealed requests (not
+    a full node, or not offered). Older records lack it (decoded as empty)."""
+    credit_to: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    """The client peer that may spend the credit this server earns (``--credit-to``, issue 23): servers give that
+    client's sessions the priority of this server's receipts. None: the server's own peer id only."""
     v: int = RECORD_VERSION
 
 
@@ -238,6 +246,8 @@ def _check(record: DhtRecord, _limits: WireLimits) -> None:
         if record.manifest_hash is not None and record.manifest_hash != record.model_id:
             raise WireError(f"model card {record.model_id} names manifest {record.manifest_hash[:40]!r}: "
                             "a model id is its manifest id")
+    if isinstance(record, ServerRecord) and record.sealing_key and _SEALING_KEY.fullmatch(record.sealing_key) is None:
+        raise WireError("a server record's sealing key must be 64 lowercase hex characters (an X25519 key)")
     if isinstance(record, ServerRecord) and record.span.end > MAX_MODEL_BLOCKS:
         raise LimitExceededError(f"server record span {record.span} is beyond block {MAX_MODEL_BLOCKS} "
                                  f"(limit MAX_MODEL_BLOCKS {MAX_MODEL_BLOCKS})")
