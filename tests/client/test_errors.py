@@ -79,13 +79,21 @@ def test_server_errors_surface_with_their_code(half_swarm: LocalSwarm) -> None:
         runner, view = model._runner, model.view
         route = runner.run(view.plan(model.ref, blocks=BlockRange(0, 2)))
         assert [h.peer_id for h in route] == [half_swarm.servers[0].peer_id]
+        async def first_step(model_id: str, max_length: int) -> None:
+            # Open and the first step go back to back: a refused Open fails that step (no replan: with its code)
+            session = await InferenceSession.open(view.node, route, model_id=model_id, max_length=max_length)
+            try:
+                await session.step(torch.zeros(3, model.spec.hidden_size))
+            finally:
+                await session.close()
+
         # more KV cache than the server's budget of 16 tokens: refused at open
         with pytest.raises(RemoteError, match=r"^overloaded: .*\(server .* \(blocks 0:2\)\)$") as info:
-            runner.run(InferenceSession.open(view.node, route, model_id=model.model_id, max_length=64))
+            runner.run(first_step(model.model_id, 64))
         assert info.value.code == ErrorCode.OVERLOADED
         # a model id the server does not serve
         with pytest.raises(RemoteError) as info:
-            runner.run(InferenceSession.open(view.node, route, model_id="0" * 32, max_length=8))
+            runner.run(first_step("0" * 32, 8))
         assert info.value.code == ErrorCode.UNKNOWN_MODEL
         # within budget it works, and the memory of the refused sessions was never taken
         session = runner.run(InferenceSession.open(view.node, route, model_id=model.model_id, max_length=16))

@@ -24,7 +24,7 @@ from meshinfer.errors import ConfigError, ContextOverflowError, RemoteError, Tra
 from meshinfer.p2p.node import NodeSettings
 from meshinfer.p2p.stream import MessageStream
 from meshinfer.types import BlockRange
-from meshinfer.wire.messages import Close, Error, ErrorCode, Open, Opened, Step, StepResult
+from meshinfer.wire.messages import Close, Error, ErrorCode, Open, Opened, Retarget, Step, StepResult
 from meshinfer.wire.records import ServerRecord
 from meshinfer.wire.tensor import decode_tensor, encode_tensor
 
@@ -45,6 +45,10 @@ class FakeServer:
     fail_push: bool = False
     error_on_step: str | None = None
     silent: bool = False
+    hung: bool = False
+    """Read everything, answer nothing (not even Open): a stopped process whose kernel still takes the bytes."""
+    refuse_open: str | None = None
+    """Answer every Open (and the Steps sent after it) with this error code, as a full server would."""
     sessions: dict[str, tuple[MessageStream, list]] = field(default_factory=dict)
     steps_seen: list[tuple[str, int, int, str]] = field(default_factory=list)
     """(session id, step id, position, "client" | "push") for every step received."""
@@ -65,12 +69,18 @@ class FakeSwarm:
         self.tasks: set[asyncio.Task] = set()
 
     async def open_stream(self, peer_id: str, protocol: str, *, maddrs=(), direct=(),
-                          timeout: float = 10.0) -> MessageStream:
+                          timeout: float = 10.0, reuse: bool = False) -> MessageStream:
         assert self.tcp is not None
         port = self.tcp.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(peer_id.encode() + b"\n")  # tells the fake which server this stream is for
         return MessageStream(reader, writer, peer_id=peer_id, protocol=protocol)
+
+    async def release_stream(self, stream: MessageStream) -> None:
+        await stream.close()
+
+    async def drop_idle(self, peer_id: str) -> None:
+        pass
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server = self.by_peer[(await reader.readline()).decode().strip()]
@@ -84,7 +94,14 @@ class FakeSwarm:
 
     async def _serve(self, server: FakeServer, stream: MessageStream) -> None:
         async for msg in stream:
-            if isinstance(msg, Open):
+            if server.hung:
+                continue
+            if isinstance(msg, Open) and server.refuse_open:
+                await stream.send(Error(code=server.refuse_open, message="scripted refusal", session_id=msg.session_id))
+            elif isinstance(msg, Step) and server.refuse_open:
+                await stream.send(Error(code=server.refuse_open, message="scripted refusal", session_id=msg.session_id,
+                                        step_id=msg.step_id))
+            elif isinstance(msg, Open):
                 if msg.model != "m":
                     await stream.send(Error(code=ErrorCode.UNKNOWN_MODEL, message=f"no model {msg.model}"))
                     return
@@ -92,10 +109,16 @@ class FakeSwarm:
                 await stream.send(Opened(session_id=msg.session_id, span=msg.span, max_length=msg.max_length))
             elif isinstance(msg, Step):
                 await self.compute(server, msg, "client")
+            elif isinstance(msg, Retarget):
+                server.sessions[msg.session_id] = (stream, list(msg.route_tail))
             elif isinstance(msg, Close):
                 server.closed.append(msg.session_id)
 
     async def compute(self, server: FakeServer, msg: Step, via: str) -> None:
+        for _ in range(200):  # a push may overtake its session's Open (the client does not wait for Opened)
+            if msg.session_id in server.sessions:
+                break
+            await asyncio.sleep(0.01)
         server.steps_seen.append((msg.session_id, msg.step_id, msg.position, via))
         stream, tail = server.sessions[msg.session_id]
         if server.silent:
@@ -140,7 +163,8 @@ def chain(*flags: dict) -> list[FakeServer]:
 
 
 async def open_session(swarm: FakeSwarm, servers: list[FakeServer], **kw) -> InferenceSession:
-    config = ClientConfig(step_timeout=kw.pop("step_timeout", 5.0), push=kw.pop("push", True))
+    config = ClientConfig(step_timeout=kw.pop("step_timeout", 5.0), push=kw.pop("push", True),
+                          open_timeout=kw.pop("open_timeout", 15.0))
     return await InferenceSession.open(swarm, route_of(servers), model_id="m", max_length=16,  # type: ignore[arg-type]
                                        config=config, **kw)
 
@@ -155,12 +179,12 @@ def test_push_route_returns_last_output_and_keeps_every_span_input() -> None:
         async with fake_swarm(servers) as swarm:
             rtts: dict[str, float] = {}
             session = await open_session(swarm, servers, on_rtt=rtts.__setitem__)
-            assert set(rtts) == {"P0", "P1", "P2"}
             with pytest.raises(UsageError, match="not run any step"):
                 session.span_inputs(0)
             x = hidden(5)
             out = await session.step(x)  # prefill
             assert torch.equal(out, x + 111.0)
+            assert set(rtts) == {"P0", "P1", "P2"}  # each hop's Opened came with the first step (pipelined Open)
             y = hidden(1)
             assert torch.equal(await session.step(y), y + 111.0)
             assert session.position == 6
@@ -226,9 +250,15 @@ def test_open_error_closes_everything_and_names_the_server() -> None:
     async def body() -> None:
         servers = chain({}, {})
         async with fake_swarm(servers) as swarm:
+            # Open and the first step go back to back: the refusal comes with the step (no replan: raised as is)
+            session = await InferenceSession.open(swarm, route_of(servers), model_id="other", max_length=8)  # type: ignore[arg-type]
             with pytest.raises(RemoteError, match="unknown_model") as info:
-                await InferenceSession.open(swarm, route_of(servers), model_id="other", max_length=8)  # type: ignore[arg-type]
+                await session.step(hidden(2))
             assert info.value.code == ErrorCode.UNKNOWN_MODEL
+            assert "P0" in str(info.value) or "P1" in str(info.value)  # names the server
+            with pytest.raises(RemoteError):
+                await session.step(hidden(1))  # the session stays unusable
+            await session.close()
 
     run(body())
 
@@ -269,3 +299,42 @@ def test_route_must_be_consecutive() -> None:
     servers = [FakeServer("A", BlockRange(0, 2), 1.0), FakeServer("B", BlockRange(3, 4), 1.0)]
     with pytest.raises(ConfigError, match="not consecutive"):
         InferenceSession(FakeSwarm(servers), route_of(servers), model_id="m", max_length=4)  # type: ignore[arg-type]
+
+
+def test_a_refused_open_is_failed_over_during_the_first_step() -> None:
+    async def body() -> None:
+        servers = chain({"refuse_open": ErrorCode.OVERLOADED}, {})
+        spare = FakeServer("S0", BlockRange(0, 1), offset=1.0)
+        async with fake_swarm([*servers, spare]) as swarm:
+            async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                assert blocks == BlockRange(0, 1) and "P0" in exclude
+                return route_of([spare])
+
+            session = await open_session(swarm, servers, replan=replan)  # Open sent, not answered yet: no wait
+            x = hidden(3)
+            assert torch.equal(await session.step(x), x + 11.0)  # the refusal came with the step: replaced
+            assert [f.peer_id for f in session.failovers] == ["P0"]
+            assert [h.hop.peer_id for h in session.hops] == ["S0", "P1"]
+            y = hidden(1)
+            assert torch.equal(await session.step(y), y + 11.0)
+            await session.close()
+
+    run(body())
+
+
+def test_a_server_that_never_answers_the_pipelined_open_fails_at_the_open_timeout() -> None:
+    async def body() -> None:
+        servers = chain({}, {"hung": True})
+        spare = FakeServer("S1", BlockRange(1, 3), offset=10.0)
+        async with fake_swarm([*servers, spare]) as swarm:
+            async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
+                return route_of([spare])
+
+            session = await open_session(swarm, servers, replan=replan, open_timeout=1.0, step_timeout=30.0)
+            x = hidden(2)
+            assert torch.equal(await session.step(x), x + 11.0)  # not the 30 s step deadline: the open timeout
+            assert [f.peer_id for f in session.failovers] == ["P1"]
+            assert "no answer to Open" in session.failovers[0].reason
+            await session.close()
+
+    run(body())

@@ -17,7 +17,8 @@ from meshinfer.testing.procs import ManagedProcess, descendants_of, meshinfer_ar
 
 ROW_KEYS = {"decode_tokens_per_s", "decode_ms_per_token", "time_to_first_token_ms", "limit_ms_per_token",
             "limit_tokens_per_s", "ratio_to_limit", "extra_ms_per_token_over_limit", "ttft_delays",
-            "greedy_tokens_identical_to_local", "relay", "teardown_ms", "parts"}
+            "greedy_tokens_identical_to_local", "relay", "teardown_ms", "parts", "time_to_first_token_cold_ms",
+            "ttft_cold_delays"}
 
 
 @pytest.mark.slow

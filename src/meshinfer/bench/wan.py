@@ -10,12 +10,13 @@ know they are emulated. For each one-way delay of ``--delays-ms`` (0 always incl
 client), one short warm-up runs, then ``--runs`` greedy generations of ``--new-tokens`` tokens, timed as in
 ``bench swarm`` (time to first token; decode tokens/s = (N - 1) / (total - first), medians).
 
-Physical limit of a token (``wan_link.ring_limit_ms``): the measured ms per token at 0 ms (compute, the
-servers' and client's work, serialisation at the cap) plus one ring of one-way delays: client -> server 1 ->
-... -> server k -> client, k + 1 hops with push routes. ``ratio_to_limit`` = limit ms / measured ms (target
->= 0.9 at 10 and 50 ms). ``ttft_delays`` = (ttft(d) - ttft(0)) / d: how many one-way delays opening the route
-and the prefill cost. ``relay`` gives how late the emulator delivered (its own error, not meshinfer's). The
-greedy tokens of every run must equal the local engine's (no network), reported per delay.
+Physical limit of a token (``wan_link.ring_limit_ms``): the measured ms per token at 0 ms (compute, the servers' and
+client's work, serialisation at the cap) plus one ring of one-way delays: client -> server 1 -> ... -> server k ->
+client, k + 1 hops with push routes. ``ratio_to_limit`` = limit ms / measured ms (target >= 0.9 at 10 and 50 ms).
+``ttft_delays`` = (ttft(d) - ttft(0)) / d: how many one-way delays opening the route and the prefill cost a warm
+client; ``time_to_first_token_cold_ms`` / ``ttft_cold_delays``: the same for a fresh client's first generation
+(probes, dials, Opens, prefill). ``relay`` gives how late the emulator delivered (its own error, not meshinfer's).
+The greedy tokens of every run must equal the local engine's (no network), reported per delay.
 
 Speculation (``--speculation``, default on; ``client.speculative``), side by side in the same run and swarm: at
 each delay the same client decodes an EDIT prompt (a passage, an instruction to rewrite it, and its first words
@@ -194,6 +195,7 @@ def summarise_timed(samples: list[Timed], n: int) -> dict[str, Any]:
         "decode_ms_per_token": 1000 / statistics.median(decode),
         "decode_ms_per_token_mean": 1000 * sum(s.last_s - s.first_s for s in samples) / ((n - 1) * len(samples)),
         "time_to_first_token_ms": 1000 * statistics.median(s.first_s for s in samples),
+        "time_to_first_token_ms_runs": [round(1000 * s.first_s, 1) for s in samples],
         "teardown_ms": 1000 * statistics.median(s.end_s - s.last_s for s in samples),
         "total_ms": 1000 * statistics.median(s.end_s for s in samples),
     }
@@ -210,6 +212,9 @@ def summarise_rows(rows: dict[float, dict[str, Any]], hops: int) -> None:
         row["extra_ms_per_token_over_limit"] = row["decode_ms_per_token"] - limit
         row["ttft_delays"] = ((row["time_to_first_token_ms"] - base["time_to_first_token_ms"]) / d
                               if d > 0 else None)
+        if "time_to_first_token_cold_ms" in row:  # a fresh client's first generation, in the same delays
+            row["ttft_cold_delays"] = ((row["time_to_first_token_cold_ms"] - base["time_to_first_token_ms"]) / d
+                                       if d > 0 else None)
 
 
 def parts(*, ms_per_token: float, delay_ms: float, hops: int, route_ms: float | None,
@@ -286,6 +291,7 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
                     route_ms=per_step_ms(route_before, (remote.decode_route_s_total, remote.decode_steps_total)),
                     server_ms=[per_step_ms(b, server_decode_seconds(u)) for b, u in zip(before, urls, strict=True)])
                 row["greedy_tokens_identical_to_local"] = all(s.tokens == reference for s in samples)
+                row["time_to_first_token_cold_ms"] = _cold_ttft_ms(path, swarm.initial_peers, prompt, dtype)
                 row["relay"] = relay.stats(reset=True)
                 rows[d] = row
                 if edit:
@@ -315,6 +321,16 @@ def _measure(path: Path, name: str, args: argparse.Namespace, delays: list[float
             "announced_maddrs": addresses, "by_delay_ms": {f"{d:g}": rows[d] for d in delays}}
 
 
+def _cold_ttft_ms(path: Path, initial_peers: list[str], prompt: list[int], dtype: str) -> float:
+    """Time to first token of a fresh client's first generation (its plan's probes, dials, Opens and the prefill;
+    the swarm is already warm between servers): what the warm rows do not count."""
+    from meshinfer.client.config import ClientConfig
+    from meshinfer.client.model import DistributedModel
+
+    with DistributedModel.from_pretrained(path, initial_peers, dtype=dtype, config=ClientConfig(push=True)) as cold:
+        return 1000 * time_tokens(cold.stream(prompt, 2, stop_token_ids=())).first_s
+
+
 def _table(name: str, result: dict[str, Any]) -> None:
     _note(f"\n{name}: delay/hop | decode tok/s | ms/token | limit ms | ratio | ttft ms | ttft delays | "
           "teardown ms | same tokens")
@@ -324,6 +340,12 @@ def _table(name: str, result: dict[str, Any]) -> None:
               f"{row['limit_ms_per_token']:8.1f} | {row['ratio_to_limit']:5.2f} | "
               f"{row['time_to_first_token_ms']:7.0f} | {'-' if td is None else f'{td:.1f}':>11} | "
               f"{row['greedy_tokens_identical_to_local']}")
+    for d, row in result["by_delay_ms"].items():
+        if "time_to_first_token_cold_ms" in row:
+            cd = row.get("ttft_cold_delays")
+            cold = row["time_to_first_token_cold_ms"]
+            _note(f"  {d:>6} ms | first generation of a fresh client: ttft {cold:.0f} ms"
+                  + ("" if cd is None else f" ({cd:.1f} delays over the warm ttft at 0 ms)"))
     spec = {d: row["speculation"] for d, row in result["by_delay_ms"].items() if "speculation" in row}
     if spec:
         _note(f"{name}, edit prompt: delay/hop | plain tok/s | spec tok/s | spec/plain | tokens/trip | "

@@ -1,12 +1,16 @@
 """The client's pieces of a route: one hop's session and its stream's lifecycle, and what a failed hop is.
 
 Contract: ``HopSession`` is the client's end of one server's session (hop, session id, stream, input
-history, where its server pushes) and owns that stream's lifecycle: ``open`` (send ``Open``, await
-``Opened``, report the round trip as the peer's RTT), ``start_reader``/``stop_reader`` (a background task
+history, where its server pushes) and owns that stream's lifecycle: ``open`` (take an idle stream to the
+server the node kept, or dial one, whose hello round trip is reported as the peer's RTT; send ``Open``; await
+``Opened`` and report its round trip too, or with ``wait=False`` leave ``Opened`` to the reader and ``confirm``:
+the first step follows ``Open`` without a round trip), ``start_reader``/``stop_reader`` (a background task
 turning every message, or the error that ended the stream, into a ``HopEvent``), ``send_step`` and
 ``request_step``, ``retarget`` (re-point its pushes, and name who may push into it: ``prev``, set for a
 push route by ``link_prev``), ``output`` (check a ``StepResult``), and ``close``
-(``Close`` + stream close; idempotent, never raises). ``route_tail`` lists the hops after one, as ``Open``
+(``Close``, then the stream goes back to the node's idle pool for the next session to that server, or is closed;
+idempotent, never raises). A reused stream may still bring late replies of the session it carried before: every
+read skips messages of another session id (``recv``). ``route_tail`` lists the hops after one, as ``Open``
 and ``Retarget`` carry them. ``HopFailure`` says a hop cannot go on (raised inside ``InferenceSession``
 to start a failover, never out of it); ``Failover`` records one replacement; ``FAILOVER_CODES`` and
 ``replaceable`` say which errors another server could get past. Every ``StepResult`` read from a hop (by the
@@ -32,17 +36,19 @@ from meshinfer.errors import MeshinferError, RemoteError, TransportError, WireEr
 from meshinfer.p2p import SESSION_PROTOCOL
 from meshinfer.p2p.commit import CommitLog
 from meshinfer.p2p.node import PeerNode
-from meshinfer.p2p.stream import MessageStream
+from meshinfer.p2p.stream import MessageStream, StreamTimeout
 from meshinfer.types import BlockRange
 from meshinfer.wire.limits import WireLimits
 from meshinfer.wire.messages import (
     Burst,
     Close,
+    Error,
     ErrorCode,
     Hop,
     Message,
     Open,
     Opened,
+    Pong,
     Retarget,
     Step,
     StepResult,
@@ -96,33 +102,89 @@ class HopSession:
     work: int = 0
     """Tokens this hop's server computed for the session: every step and replay, never less after a rewind (what
     the client's usage receipts for it count, ``client.receipts``)."""
+    confirmed: bool = field(default=False, init=False)
+    """Whether the server answered ``Opened`` (with ``open(wait=False)`` that comes through the reader)."""
+    node: PeerNode | None = field(default=None, init=False, repr=False)
+    _max_length: int = field(default=0, init=False, repr=False)
+    _on_rtt: RttCallback | None = field(default=None, init=False, repr=False)
+    _open_sent: float | None = field(default=None, init=False, repr=False)
+    _open_timeout: float = field(default=0.0, init=False, repr=False)
 
     def where(self) -> str:
         return f"server {short_peer(self.hop.peer_id)} (blocks {self.hop.span})"
 
     async def open(self, node: PeerNode, *, model_id: str, max_length: int, dtype: str, quant: str | None,
-                   route_tail: list[Hop], timeout: float, on_rtt: RttCallback | None = None) -> None:
-        """Open the stream and the server's session (pushing to ``route_tail[0]``, if any); raises on failure."""
+                   route_tail: list[Hop], timeout: float, on_rtt: RttCallback | None = None,
+                   wait: bool = True) -> None:
+        """Open the stream (an idle one to the same server when the node kept one) and the server's session
+        (pushing to ``route_tail[0]``, if any); raises on failure. ``wait=False`` returns once ``Open`` is sent:
+        its answer then comes through the reader (``Opened``: ``confirm``; an ``Error``: the session failed to
+        open), and the caller may send the first step at once (the server takes them in order)."""
         self.commits = CommitLog(model_id, self.hop.span, self.session_id, self.hop.peer_id)
-        self.stream = await node.open_stream(self.hop.peer_id, SESSION_PROTOCOL, maddrs=self.hop.record.addresses,
-                                             direct=self.hop.record.direct_addresses, timeout=timeout)
+        self.node = node
+        self._max_length = max_length
+        self._on_rtt = on_rtt
         msg = Open(session_id=self.session_id, model=model_id, span=self.hop.span, max_length=max_length,
                    dtype=dtype, route_tail=route_tail, quant=quant, prev_peer=self.prev)
-        started = time.perf_counter()
-        try:
-            reply = await self.stream.request(msg, timeout=timeout)
-        except RemoteError as err:
-            raise RemoteError(err.code, f"{err.remote_message} ({self.where()})") from None
-        except TransportError as err:
-            raise TransportError(f"cannot open a session on {self.where()}: {err}") from None
-        if on_rtt is not None:
-            on_rtt(self.hop.peer_id, time.perf_counter() - started)
-        if not isinstance(reply, Opened) or reply.session_id != self.session_id:
-            raise WireError(f"{self.where()} answered Open with an unexpected {type(reply).__name__}")
-        if reply.span != self.hop.span or reply.max_length < max_length:
-            raise WireError(f"{self.where()} opened span {reply.span} for {reply.max_length} tokens; "
-                            f"asked for {self.hop.span} and {max_length}")
         self.tail = route_tail[0].session_id if route_tail else None
+        reuse = True
+        while True:
+            self.stream = await node.open_stream(self.hop.peer_id, SESSION_PROTOCOL, timeout=timeout, reuse=reuse,
+                                                 maddrs=self.hop.record.addresses,
+                                                 direct=self.hop.record.direct_addresses)
+            if on_rtt is not None and self.stream.dial_rtt_s is not None and not self.stream.reused:
+                on_rtt(self.hop.peer_id, self.stream.dial_rtt_s)  # the hellos' round trip: a figure before any Open
+            self._open_sent = time.perf_counter()
+            self._open_timeout = timeout
+            try:
+                await self.stream.send(msg)
+                if not wait:
+                    return
+                reply = await self.recv(timeout)
+                break
+            except TransportError as err:
+                await self.stream.close(timeout=0.5)
+                if self.stream.reused and not isinstance(err, StreamTimeout):
+                    reuse = False  # the server let the kept connection go meanwhile: dial afresh, once
+                    continue
+                raise TransportError(f"cannot open a session on {self.where()}: {err}") from None
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, f"{reply.message} ({self.where()})")
+        if not isinstance(reply, Opened):
+            raise WireError(f"{self.where()} answered Open with an unexpected {type(reply).__name__}")
+        self.confirm(reply)
+
+    def open_overdue(self, now: float) -> float | None:
+        """For a hop whose ``Open`` is not answered yet: seconds left until it is overdue (<= 0: it is; the caller
+        fails the hop, as ``open`` would have after ``timeout``); None once answered."""
+        if self.confirmed or self._open_sent is None:
+            return None
+        return self._open_sent + self._open_timeout - now
+
+    def confirm(self, reply: Opened) -> None:
+        """Check the server's ``Opened`` (span, length) and report the ``Open`` round trip; ``WireError`` if wrong."""
+        if reply.span != self.hop.span or reply.max_length < self._max_length:
+            raise WireError(f"{self.where()} opened span {reply.span} for {reply.max_length} tokens; "
+                            f"asked for {self.hop.span} and {self._max_length}")
+        self.confirmed = True
+        if self._on_rtt is not None and self._open_sent is not None:
+            self._on_rtt(self.hop.peer_id, time.perf_counter() - self._open_sent)
+
+    def _foreign(self, msg: Message) -> bool:
+        """Whether ``msg`` belongs to another session than this hop's (a late reply to the session a reused
+        stream carried before) or is a ``Pong``: the reader and requests skip it."""
+        if isinstance(msg, Pong):
+            return True
+        sid = getattr(msg, "session_id", None)
+        return sid is not None and sid != self.session_id
+
+    async def recv(self, timeout: float) -> Message:
+        """The next message of this hop's session on its stream (skipping ``_foreign`` ones)."""
+        assert self.stream is not None
+        while True:
+            msg = await self.stream.recv(timeout)
+            if not self._foreign(msg):
+                return msg
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -140,6 +202,8 @@ class HopSession:
             except MeshinferError as err:
                 events.put_nowait((self, err))
                 return
+            if self._foreign(msg):
+                continue
             if isinstance(msg, StepResult) and self.commits is not None:
                 self.commits.record(msg)
             events.put_nowait((self, msg))
@@ -171,7 +235,10 @@ class HopSession:
         """Send one step and return the next message (no reader may run); raises ``MeshinferError``."""
         assert self.stream is not None
         msg = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=encode_tensor(x))
-        reply = await self.stream.request(msg, timeout=timeout)
+        await self.stream.send(msg)
+        reply = await self.recv(timeout)
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, reply.message)
         if isinstance(reply, StepResult) and self.commits is not None:
             self.commits.record(reply)
         return reply
@@ -197,19 +264,25 @@ class HopSession:
 
     # ---- closing -------------------------------------------------------------------------------
 
-    async def close(self, *, send_timeout: float = 2.0, stream_timeout: float = 1.0) -> None:
-        """Stop reading, send ``Close`` when the server may still be there, close the stream (idempotent, never
-        raises)."""
+    async def close(self, *, send_timeout: float = 2.0, stream_timeout: float = 1.0, reuse: bool = False) -> None:
+        """Stop reading, send ``Close`` when the server may still be there, then hand the stream back to the node
+        for the next session to this server (``reuse``: only for a hop known healthy, whose session opened and
+        whose stream is usable) or close it (idempotent, never raises)."""
         if self.closed:
             return
         self.closed = True
         await self.stop_reader()
         if self.stream is None:
             return
+        sent = False
         with contextlib.suppress(Exception):
             async with asyncio.timeout(send_timeout):
                 await self.stream.send(Close(session_id=self.session_id))
-        await self.stream.close(timeout=stream_timeout)
+                sent = True
+        if reuse and sent and self.confirmed and self.node is not None:
+            await self.node.release_stream(self.stream)
+        else:
+            await self.stream.close(timeout=stream_timeout)
 
 
 HopEvent = tuple[HopSession, Message | MeshinferError]

@@ -1,14 +1,18 @@
 """An inference session over a planned route: one server session per hop, steps pushed along the chain,
 failed hops replaced mid-generation with their history replayed.
 
-Contract (docs/architecture.md section 10): ``InferenceSession.open`` opens one ``meshinfer/session/1``
-stream per hop and sends ``Open(session_id_i, model, span_i, max_length, dtype, route_tail=[hops after
-i])``, all hops concurrently, each answered by ``Opened`` (the Open round trip is reported as that
-peer's RTT). ``step(hidden[T, H])`` sends ``Step(position, hidden)`` to the FIRST hop only; every hop
-returns its ``StepResult`` to the client while pushing its output to the next hop. The client keeps
-each hop's input (the previous hop's output) as that span's history (``span_inputs``) and returns the
-last hop's output. ``Error(next_hop_failed)`` from hop i makes the client drive hop i+1 itself with
-hop i's output (so does ``push=False`` for every hop).
+Contract (docs/architecture.md section 10): ``InferenceSession.open`` opens one ``meshinfer/session/1`` stream per
+hop (an idle one the node kept from an earlier session to that server when it can: no dial) and sends
+``Open(session_id_i, model, span_i, max_length, dtype, route_tail=[hops after i])``, all hops concurrently, WITHOUT
+waiting for ``Opened``: the first step follows at once, and each hop's ``Opened`` (its round trip is reported as
+that peer's RTT) or refusal comes through the readers during it. A refused ``Open`` fails that hop like a failed
+step (failover, or the error raised from the first step without ``replan``; an error no other server could get past
+is raised as ``RemoteError``). ``close`` hands each hop's stream back to the node for the next session (not after a
+failure). ``step(hidden[T, H])`` sends ``Step(position, hidden)`` to the FIRST hop only; every hop returns its
+``StepResult`` to the client while pushing its output to the next hop. The client keeps each hop's input (the
+previous hop's output) as that span's history (``span_inputs``) and returns the last hop's output.
+``Error(next_hop_failed)`` from hop i makes the client drive hop i+1 itself with hop i's output (so does
+``push=False`` for every hop).
 
 Failover (given a ``replan`` function): a hop FAILS when its stream breaks (server killed, network),
 when it answers with an error that says it cannot go on (``FAILOVER_CODES``: shutting down, unknown
@@ -88,7 +92,7 @@ from meshinfer.errors import (
 from meshinfer.p2p.node import PeerNode
 from meshinfer.types import canonical_dtype
 from meshinfer.weights.bans import PeerBans
-from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, StepResult
+from meshinfer.wire.messages import Burst, Error, ErrorCode, Hop, Opened, StepResult
 from meshinfer.wire.tensor import ITEMSIZE
 
 if TYPE_CHECKING:
@@ -184,7 +188,7 @@ class InferenceSession:
                       quant=quant, config=config, stats=stats)
         session._on_rtt = on_rtt
         try:
-            results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i))
+            results = await asyncio.gather(*(session._open_hop(hs, session._route_tail(i), wait=False)
                                              for i, hs in enumerate(session.hops)), return_exceptions=True)
             failed = [(hs, r) for hs, r in zip(session.hops, results, strict=True) if isinstance(r, BaseException)]
             for _, err in failed:
@@ -205,23 +209,30 @@ class InferenceSession:
     def _route_tail(self, i: int) -> list[Hop]:
         return route_tail(self.hops, i) if self.push else []
 
-    async def _open_hop(self, hs: HopSession, tail: list[Hop]) -> None:
-        """Open ``hs``; when the failure proves its server's record false (``refutation``), ban the server."""
-        peer = hs.hop.peer_id
+    async def _open_hop(self, hs: HopSession, tail: list[Hop], *, wait: bool = True) -> None:
+        """Open ``hs`` (``wait=False``: send ``Open`` only, its answer comes with the first step); when the failure
+        proves its server's record false (``refutation``), ban the server."""
         try:
             await hs.open(self.node, model_id=self.model_id, max_length=self.max_length, dtype=self.dtype,
-                          quant=self.quant, route_tail=tail, timeout=self.open_timeout, on_rtt=self._on_rtt)
+                          quant=self.quant, route_tail=tail, timeout=self.open_timeout, on_rtt=self._on_rtt,
+                          wait=wait)
         except Exception as err:
-            why = refutation(err, dialled=hs.stream is not None,
-                             reached_before=self.stats is not None and self.stats.reached(peer))
-            if why is not None:
-                length = self.bans.ban(peer, time.monotonic())
-                log.warning("%s: %s; its record is not believed for %.0fs", hs.where(), why, length)
+            self._refuted(hs, err)
             raise
+
+    def _refuted(self, hs: HopSession, err: BaseException) -> None:
+        """Ban ``hs``'s server when ``err``, its failure to open, proves its record false (``refutation``)."""
+        peer = hs.hop.peer_id
+        why = refutation(err, dialled=hs.stream is not None,
+                         reached_before=self.stats is not None and self.stats.reached(peer))
+        if why is not None:
+            length = self.bans.ban(peer, time.monotonic())
+            log.warning("%s: %s; its record is not believed for %.0fs", hs.where(), why, length)
 
     async def _replace(self, failed: HopSession, reason: str) -> None:
         """Have ``recovery`` replace ``failed``; splice the fresh hops into the route and start reading them."""
         assert self.recovery is not None
+        await self.node.drop_idle(failed.hop.peer_id)  # its kept connections are not handed out again
         fresh, record = await self.recovery.replace(failed, reason)
         index = self.hops.index(failed)
         self.hops[index:index + 1] = fresh
@@ -378,9 +389,17 @@ class InferenceSession:
         arrived: dict[int, float] = {}
         await self.hops[start].send_step(step_id, self.position, first_input, burst, self.want_commit)
         while len(outputs) < n:
+            wait = self._stall_timeout(tokens)
+            opening = [(left, h) for h in self.hops if (left := h.open_overdue(time.perf_counter())) is not None]
+            if opening:  # a pipelined Open not answered yet: the open timeout bounds it, as when Opened was awaited
+                wait = max(0.0, min(wait, *(left for left, _ in opening)))
             try:
-                hs, msg = await asyncio.wait_for(self._events.get(), self._stall_timeout(tokens))
+                hs, msg = await asyncio.wait_for(self._events.get(), wait)
             except TimeoutError:
+                overdue = [h for h in self.hops
+                           if (left := h.open_overdue(time.perf_counter())) is not None and left <= 0]
+                if overdue:
+                    raise HopFailure(overdue[0], f"no answer to Open for {self.open_timeout:g}s (hung?)") from None
                 lag = self.hops[min(j for j in range(start, n) if j not in outputs)]
                 raise HopFailure(lag, f"no answer for {self._stall_timeout(tokens):.1f}s (hung?)") from None
             if hs not in self.hops:
@@ -396,7 +415,16 @@ class InferenceSession:
                 arrived[i] = time.monotonic()
                 if i == n - 1:
                     self.last_burst = msg.burst
+            elif isinstance(msg, Opened):
+                if msg.session_id == hs.session_id and not hs.confirmed:
+                    hs.confirm(msg)  # the pipelined Open's answer (the first step was sent right after it)
             elif isinstance(msg, Error):
+                if not hs.confirmed and msg.step_id is None:  # the pipelined Open was refused
+                    err = RemoteError(msg.code, f"{msg.message} ({hs.where()})")
+                    self._refuted(hs, err)
+                    if msg.code in FAILOVER_CODES and self.recovery is not None:
+                        raise HopFailure(hs, f"cannot open a session: {msg.code}: {msg.message}")
+                    raise err
                 if msg.step_id is not None and msg.step_id < step_id:
                     continue  # about an earlier step that has completed (or been retried) anyway
                 if msg.code == ErrorCode.NEXT_HOP_FAILED and i + 1 < n:
@@ -437,7 +465,9 @@ class InferenceSession:
             await self.auditor.close()
         # all hops at once: one round trip to the farthest, not one per hop in turn (~2 one-way delays each on a
         # WAN: bench wan measured 307 ms to close a 3-hop route at 50 ms per hop one after another)
-        await asyncio.gather(*(hs.close(send_timeout=2.0, stream_timeout=1.0) for hs in self.hops))
+        # a healthy session's streams go back to the node for the next session to the same servers
+        reuse = self._broken is None
+        await asyncio.gather(*(hs.close(send_timeout=2.0, stream_timeout=1.0, reuse=reuse) for hs in self.hops))
         if self.receipts is not None:
             self.receipts.finish([*self.replaced, *self.hops])
         if self._broken is None:

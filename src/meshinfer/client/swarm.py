@@ -8,7 +8,8 @@ background. ``plan(model)`` turns the view into a route with the pure planner (`
 mode per route: ``quant``, else the model reference's, else the most precise mode that covers the model),
 re-reading for a short while when the swarm does not cover the model yet (records take a moment to
 appear), and raises ``NoRouteError`` naming the model and the missing blocks. What sessions measure (Open
-round trips, per-hop step times) goes into ``stats`` (``client.measured.PeerStats``) and the planner routes on
+round trips, per-hop step times) and what ``probe`` measures before a plan (``client.probe``: the dial round trip
+of candidates not measured yet) goes into ``stats`` (``client.measured.PeerStats``) and the planner routes on
 it: announced throughput is only a prior capped at ``prior_cap`` times the median, and with ``spread`` each
 plan draws its tie-breaks at random (weighted by speed and announced free capacity) so that clients spread
 over equivalent servers. ``bans`` (``PeerBans``) are shared by the view's sessions: failing peers back off
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshinfer.client.measured import PeerStats
+from meshinfer.client.probe import RttProbe
 from meshinfer.client.reputation import Reputation
 from meshinfer.client.routing import PRIOR_CAP, NoRouteError, RouteHop, plan_uniform_route
 from meshinfer.config import P2PConfig
@@ -121,6 +123,8 @@ class SwarmView:
         report them, routes avoid them until it ends."""
         self.stats = PeerStats()
         """What this client measured of the servers it used (routes are planned on it)."""
+        self.probe = RttProbe(node, self.stats)
+        """Measures the round trip of candidate servers not measured yet, before a plan (``client.probe``)."""
         self.reputation = Reputation()
         """Servers' age as seen by this client and the verified reports against them (``client.reputation``)."""
         self.report_outcomes: dict[bytes, str] = {}
@@ -234,9 +238,10 @@ class SwarmView:
             for peer in cov.servers:
                 self.reputation.set_served(peer, self.stats.steps(peer))
             excluded = set(exclude) | self.bans.avoided(now) | self.reputation.reported()  # re-read: backoffs end
+            far = await self.probe.run([r for p, r in cov.servers.items() if p not in excluded], now)
             try:
                 return plan_uniform_route(cov.servers.values(), wanted, quant=quant or model.quant,
-                                          rtt_s=self.stats.rtt(), exclude=excluded,
+                                          rtt_s={**far, **self.stats.rtt()}, exclude=excluded,
                                           measured=self.stats.block_seconds(now),
                                           prior_cap=self.prior_cap, rng=self.rng,
                                           trust=self.reputation.trust_map(cov.servers, now))

@@ -35,7 +35,12 @@ them empty and check neither; older peers ignore the two trailing fields, and th
 In an allow-list swarm (``meshinfer.p2p.allowlist``) the listener refuses, in hello 2, a dialer whose (signed) key
 is not listed, and the dialer refuses a listener that is not.
 
-The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``). A
+The connection then carries one ``MessageStream`` of that protocol (``meshinfer.wire.framing``), whose
+``dial_rtt_s`` is the round trip of hellos 1-2 as the dialer timed it (a latency figure for route planning
+before any session ran). A connection is never multiplexed: the node keeps a finished one idle for the next
+stream of the same protocol to the same peer (``meshinfer.p2p.pool``, ``PeerNode.release_stream``), which
+fits the framing as it is (one ordered message stream, no stream ids) and keeps a slow session from blocking
+another's frames. A
 refusal reaches the dialer as a ``TransportError`` naming the reason. Handshakes (TLS, then hellos) are
 bounded in number (``max_handshakes`` at once each) and time; established connections count as streams
 of their peer in the node's ``Admission`` (checked against the key of the first hello, so a peer over
@@ -250,6 +255,8 @@ class DirectPlane:
         self._handshakes = 0
         self.tls_port = 0
         self.plain_port = 0
+        self.dials = 0
+        """Connections this plane dialled successfully (tests check that sessions reuse them)."""
 
     # ---- listening ---------------------------------------------------------------------------
 
@@ -365,6 +372,7 @@ class DirectPlane:
         """A ``MessageStream`` of ``protocol`` to ``peer_id`` at ``address``; ``TransportError`` on failure."""
         addr = parse_address(address)
         writer: asyncio.StreamWriter | None = None
+        rtt: float | None = None
         try:
             async with asyncio.timeout(timeout):
                 if addr.tls:
@@ -377,10 +385,12 @@ class DirectPlane:
                     reader, writer = await asyncio.open_connection(addr.host, addr.port)
                     cert = b""
                 nonce = secrets.token_bytes(NONCE_BYTES)
+                sent_at = time.perf_counter()
                 swarm = b"" if self.swarm_key is None else self.swarm_key.key_id
                 await _send_hello(writer, Hello(DIRECT_VERSION, self.identity.public_key, protocol=protocol,
                                                 nonce=nonce, swarm=swarm))
                 hello = await _read_hello(reader)
+                rtt = time.perf_counter() - sent_at  # one round trip (and the listener's signature)
                 if hello.error:
                     raise DirectRefused(f"refused: {hello.error}")
                 if peer_id_of_public_key(hello.public_key) != peer_id:
@@ -410,7 +420,10 @@ class DirectPlane:
             if isinstance(err, Exception):
                 raise TransportError(f"direct connection to {address} failed: {str(err)[:200]}") from None
             raise
-        return MessageStream(reader, writer, peer_id=peer_id, protocol=protocol, settings=settings)
+        self.dials += 1
+        stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol, settings=settings)
+        stream.dial_rtt_s = rtt
+        return stream
 
     async def dial_any(self, peer_id: str, addresses: Sequence[str], protocol: str, *, settings: StreamSettings,
                        timeout: float) -> MessageStream:

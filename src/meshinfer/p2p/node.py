@@ -13,7 +13,11 @@ Then:
   ``Error`` naming the limit and is closed; its first message must come within ``first_timeout``;
 - ``open_stream(peer_id, protocol, maddrs=..., direct=...)``: a ``MessageStream`` to a peer (e.g. the
   next server of a route): over the direct data plane (``meshinfer.p2p.direct``) when the peer gave
-  direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first;
+  direct addresses, else (or when that fails) over libp2p, dialling the given multiaddrs first; with
+  ``reuse=True`` an idle stream of that peer and protocol kept by ``release_stream`` is taken instead when one
+  is still usable (``meshinfer.p2p.pool``: bounded per peer and in all, expiring after 15 s idle;
+  ``drop_idle(peer)`` forgets a peer that failed). Only protocols whose handler serves several sessions in turn
+  on one stream may be released (``meshinfer/session/1``); ``direct_dials`` counts direct connections dialled;
 - a node started with ``P2PConfig.direct`` and not in client mode also listens on the direct plane
   (``direct_addresses``: what it announces, ``meshinfer.p2p.reachability.announced_direct``: the
   ``--direct-announce`` address alone when given) and serves dial-backs (``meshinfer.p2p.dialback``);
@@ -87,6 +91,7 @@ from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identi
 from meshinfer.p2p.lanpeers import LanPeer
 from meshinfer.p2p.membership import SwarmKey, load_swarm_key
 from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability, relay_options
+from meshinfer.p2p.pool import IdlePool
 from meshinfer.p2p.reachability import announced_direct
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL, make_subkey, record_validator
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
@@ -146,6 +151,7 @@ class PeerNode:
     """Peer ids this node found on the LAN by mDNS (and joined)."""
     _lan: LanDiscovery | None = field(repr=False, default=None)
     _direct_failures: DirectFailures = field(default_factory=DirectFailures, repr=False)
+    _idle: IdlePool[MessageStream] = field(default_factory=IdlePool[MessageStream], repr=False)
     swarm_key: SwarmKey | None = field(default=None, repr=False)
     """The private swarm this node belongs to (None: a public swarm, or an allow-list one)."""
     allow: AllowList | None = field(default=None, repr=False)
@@ -286,9 +292,16 @@ class PeerNode:
 
     async def open_stream(self, peer_id: str, protocol: str, *, maddrs: Sequence[str] = (),
                           direct: Sequence[str] = (), timeout: float = 10.0,
-                          settings: StreamSettings | None = None) -> MessageStream:
+                          settings: StreamSettings | None = None, reuse: bool = False) -> MessageStream:
         """Open a stream to ``peer_id`` speaking ``protocol``: over the direct plane at ``direct`` when
-        given (and enabled), else or on failure over libp2p (dialling ``maddrs`` first if given)."""
+        given (and enabled), else or on failure over libp2p (dialling ``maddrs`` first if given). ``reuse``: an
+        idle stream of ``release_stream`` when one is usable (``stream.reused`` is then True)."""
+        if reuse:
+            stream, stale = self._idle.take(peer_id, protocol, time.monotonic(), MessageStream.reusable)
+            await _close_all(stale)
+            if stream is not None:
+                stream.reused = True
+                return stream
         if direct and self._direct is not None and self._direct_failures.should_try_direct(peer_id, time.monotonic()):
             try:
                 stream = await self._direct.dial_any(peer_id, direct, protocol,
@@ -321,6 +334,28 @@ class PeerNode:
         stream = MessageStream(reader, writer, peer_id=peer_id, protocol=protocol,
                                settings=settings or self.settings.stream)
         return stream
+
+    async def release_stream(self, stream: MessageStream) -> None:
+        """Keep ``stream`` idle for the next ``open_stream(reuse=True)`` of its peer and protocol when it is still
+        usable (the caller ended its use at a message boundary); else close it. Never raises."""
+        if self._closed or not stream.reusable():
+            await stream.close(timeout=0.5)
+            return
+        await _close_all(self._idle.put(stream.peer_id, stream.protocol, stream, time.monotonic()))
+
+    async def drop_idle(self, peer_id: str) -> None:
+        """Close the idle streams kept for ``peer_id`` (it failed: never hand them out)."""
+        await _close_all(self._idle.drop_peer(peer_id))
+
+    @property
+    def direct_dials(self) -> int:
+        """Direct-plane connections this node dialled (a reused stream dials none)."""
+        return self._direct.dials if self._direct is not None else 0
+
+    @property
+    def reused_streams(self) -> int:
+        """Streams ``open_stream`` handed out again from the idle pool."""
+        return self._idle.reused
 
     async def _dial(self, pid: PeerID, maddrs: Sequence[str]) -> None:
         """Connect to ``pid`` at ``maddrs`` (best effort: the daemon may still find it by routing)."""
@@ -443,6 +478,7 @@ class PeerNode:
             await self._lan.close()
         for stream in list(self._streams):
             await stream.close(timeout=0.5)
+        await _close_all(self._idle.drain())
         if self._direct is not None:
             await self._direct.close()
         with contextlib.suppress(Exception):
@@ -457,6 +493,11 @@ class PeerNode:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _close_all(streams: Iterable[MessageStream]) -> None:
+    for stream in streams:
+        await stream.close(timeout=0.5)
 
 
 def _is_loopback(host: str) -> bool:

@@ -98,6 +98,12 @@ class MessageStream:
         self._closed = False
         self._admission = admission
         self._awaiting_first = accepted and settings.first_timeout is not None
+        self._mid_send = False  # a send was interrupted inside a message (same)
+        self._mid_message = False  # a recv was interrupted inside a message: the framing is lost for reuse
+        self.dial_rtt_s: float | None = None
+        """The round trip measured while this stream's connection was dialled (direct plane hellos), if any."""
+        self.reused = False
+        """Whether this stream came from the node's idle pool (carried an earlier session before)."""
 
     def __repr__(self) -> str:
         return f"MessageStream(peer={self.peer_id[:12]}…, protocol={self.protocol})"
@@ -105,6 +111,14 @@ class MessageStream:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def reusable(self) -> bool:
+        """Whether the connection can carry another session: open, unbroken, at a message boundary, nothing in
+        the middle of being written, and the peer has not ended it."""
+        return not (self._closed or self._broken is not None or self._mid_message or self._mid_send
+                    or self._send_lock.locked()
+                    or self._writer.is_closing() or self._reader.exception() is not None
+                    or getattr(self._reader, "_eof", False))  # private: at_eof() is False while data is buffered
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -115,8 +129,10 @@ class MessageStream:
     async def send_bytes(self, payload: bytes) -> None:
         """Send an already encoded message payload as frames."""
         async with self._send_lock:
+            self._mid_send = True
             for frame in frames_of(payload, CHUNK_BYTES):
                 await self._write(frame)
+            self._mid_send = False
 
     def send_nowait(self, payload: bytes) -> bool:
         """Write an encoded message payload now, without yielding to the event loop, if that is safe:
@@ -178,6 +194,7 @@ class MessageStream:
         try:
             async with asyncio.timeout(idle):
                 first = await self._reader.readexactly(1)
+            self._mid_message = True
             waiting, header = "the rest of a frame", first
             check_magic(first[0])
             deadline = loop.time() + settings.message_timeout
@@ -194,6 +211,7 @@ class MessageStream:
                 asm.add(body)
                 if last:
                     self._awaiting_first = False
+                    self._mid_message = False
                     return asm.take()
                 header = b""
                 if loop.time() >= deadline:

@@ -1,25 +1,27 @@
 """The session service: ``meshinfer/session/1`` and ``meshinfer/push/1`` handlers over the step loop.
 
-Contract (docs/architecture.md section 10, server side): a session stream starts with ``Open``
-(checked: model id, span inside the served span, max length within the model's context, route tail
-continuing at the span's end, KV budget and the opening peer's limits via ``MemoryBudget``) answered by
-``Opened``; then ``Step``s (checked by ``session.check_step`` and the peer's queued-steps limit, queued on the
-``StepLoop``), ``Ping`` (answered ``Pong``) and ``Close``. A session belongs to the authenticated peer that
-opened it (``MessageStream.peer_id``): its stream carries only that peer's steps, and a pushed step is taken
-only from that peer or the previous hop it named (``Open.prev_peer``, updated by ``Retarget.prev_peer``);
-anyone else gets the same ``Error`` as for an unknown session and nothing changes. Session ids are logged and
-quoted only as short prefixes. Results leave on the session stream in step order, pushed on to the next hop first
-(``server.delivery``: the service's ``Delivery`` collaborator, which hands steps pushed to this very server
-back through ``take_local``). Pushed steps arrive on push streams and
-are treated exactly like the client's. Every bad
-input gets a typed ``Error`` (with the session and step id when known) and affects only its session;
-undecodable bytes inside a frame are answered and skipped, a broken frame ends the stream. The
-session's dtype (``Open.dtype``) may differ from the compute dtype: hidden states are converted on
-the way in and out, and each ``Step`` must carry the session's dtype. A session
-ends on ``Close``, when its stream breaks (client vanished), on idle timeout and at shutdown (the
+Contract (docs/architecture.md section 10, server side): a session stream carries sessions one after another (a
+client keeps the connection for its next session): each starts with ``Open`` (checked: model id, span inside the
+served span, max length within the model's context, route tail continuing at the span's end, KV budget and the
+opening peer's limits via ``MemoryBudget``) answered by ``Opened`` (a refused ``Open`` is answered with its
+``Error``, and so is every ``Step`` sent after it for that session: a client sends ``Open`` and its first ``Step``
+back to back; an accepted ``Open`` with a next hop has the push stream to it opened at once); then ``Step``s
+(checked by ``session.check_step`` and the peer's queued-steps limit, queued on the ``StepLoop``), ``Ping``
+(answered ``Pong``) and ``Close``. A session belongs to the authenticated peer that opened it
+(``MessageStream.peer_id``): its stream carries only that peer's steps, and a pushed step is taken only from that
+peer or the previous hop it named (``Open.prev_peer``, updated by ``Retarget.prev_peer``); anyone else gets the same
+``Error`` as for an unknown session and nothing changes. Session ids are logged and quoted only as short prefixes.
+Results leave on the session stream in step order, pushed on to the next hop first (``server.delivery``: the
+service's ``Delivery`` collaborator, which hands steps pushed to this very server back through ``take_local``).
+Pushed steps arrive on push streams and are treated exactly like the client's; one for a session not opened yet is
+held until its ``Open`` comes (``server.early``: bounded, at most 2 s, then refused as before). Every bad input gets
+a typed ``Error`` (with the session and step id when known) and affects only its session; undecodable bytes inside a
+frame are answered and skipped, a broken frame ends the stream. The session's dtype (``Open.dtype``) may differ from
+the compute dtype: hidden states are converted on the way in and out, and each ``Step`` must carry the session's
+dtype. A session ends on ``Close``, when its stream breaks (client vanished), on idle timeout and at shutdown (the
 client is told with an ``Error``); its memory is released each time and ``on_change`` fires. Given the server's
-``identity``, every session keeps a commitment chain over its results (``Session.chain``; signed commits go out
-with them, ``server.delivery``). Knows nothing of the DHT or of how the span was loaded.
+``identity``, every session keeps a commitment chain over its results (``Session.chain``; signed commits go out with
+them, ``server.delivery``). Knows nothing of the DHT or of how the span was loaded.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from collections.abc import Callable
 from meshinfer.errors import MeshinferError, TransportError, WireError
 from meshinfer.p2p.commit import CommitChain
 from meshinfer.p2p.identity import Identity
-from meshinfer.p2p.stream import MessageStream, StreamClosed
+from meshinfer.p2p.stream import MessageStream, StreamClosed, StreamTimeout
 from meshinfer.server.delivery import Delivery
+from meshinfer.server.early import EarlyPushes
 from meshinfer.server.memory import MemoryBudget, Overloaded, short_peer
 from meshinfer.server.push import PushPool
 from meshinfer.server.runtime import StepLoop
@@ -93,6 +96,8 @@ class SessionService:
         self.accepting = True
         self.sessions: dict[str, Session] = {}
         self._origins: dict[str, Session] = {}  # next hop's session id -> our session pushing to it
+        self._early: EarlyPushes[tuple[Step, MessageStream]] = EarlyPushes()
+        """Pushed steps that overtook their session's ``Open`` (``server.early``), with the stream they came on."""
         self._janitor: asyncio.Task[None] | None = None
 
     @property
@@ -228,6 +233,8 @@ class SessionService:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            for step, pusher in self._early.expire(now):  # their Open never came: refuse them as at once
+                await self._refuse_push(pusher, step)
             for session in list(self.sessions.values()):
                 if session.idle_for(now) > self.idle_timeout:
                     await self.terminate(session, ErrorCode.TIMEOUT,
@@ -299,8 +306,11 @@ class SessionService:
             return None
 
     async def handle_session(self, stream: MessageStream) -> None:
-        """Serve one ``meshinfer/session/1`` stream: at most one session, for as long as it lives."""
+        """Serve one ``meshinfer/session/1`` stream: one session at a time, one after another (a client reuses
+        the connection: after ``Close`` the stream waits ``OPEN_TIMEOUT`` for the next ``Open``)."""
         session: Session | None = None
+        served = 0
+        refused: Error | None = None  # the latest refused Open: its Steps get its error (pipelined Open + Step)
         reason = "client closed the stream"
         try:
             while True:
@@ -308,6 +318,11 @@ class SessionService:
                     msg = await self._next(stream, OPEN_TIMEOUT if session is None else None, session)
                 except StreamClosed:
                     return
+                except StreamTimeout:
+                    if session is None and served:
+                        return  # an idle kept connection: end it quietly
+                    reason = "stream failed: read timeout"
+                    raise
                 except MeshinferError as err:  # broken frames, a reset stream, a read timeout
                     reason = f"stream failed: {err}"
                     raise
@@ -323,11 +338,25 @@ class SessionService:
                     try:
                         session = await self.open(msg, stream)
                     except SessionError as err:
-                        await stream.send(Error(code=err.code, message=str(err), session_id=msg.session_id))
+                        refused = Error(code=err.code, message=str(err), session_id=msg.session_id)
+                        await stream.send(refused)
+                        for step, pusher in self._early.take(msg.session_id):
+                            await self._refuse_push(pusher, step)
                         continue
+                    served += 1
+                    refused = None
+                    pool, hop = self.delivery.pool, session.next_hop
+                    if pool is not None and hop is not None and hop.peer_id != self.peer_id:
+                        pool.warm(hop)  # dial the next hop now: the first push must not wait for it
                     await stream.send(Opened(session_id=msg.session_id, span=msg.span, max_length=msg.max_length))
+                    for step, pusher in self._early.take(msg.session_id):  # pushes that overtook this Open
+                        await self._take_push(session, step, pusher)
                 elif isinstance(msg, Step):
                     if session is None:
+                        if refused is not None and refused.session_id == msg.session_id:
+                            await stream.send(Error(code=refused.code, message=refused.message,
+                                                    session_id=msg.session_id, step_id=msg.step_id))
+                            continue
                         await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id,
                                                 step_id=msg.step_id, message="send Open before the first Step"))
                         continue
@@ -346,10 +375,14 @@ class SessionService:
                     except SessionError as err:
                         self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id))
                 elif isinstance(msg, Close):
-                    reason = "closed by client"
-                    if session is not None and session.delivery is not None:
+                    if session is None or msg.session_id != session.session_id:
+                        continue  # nothing open here (e.g. its Open was refused): the stream stays for another
+                    if session.delivery is not None:
                         await asyncio.wait([session.delivery], timeout=5.0)  # let queued replies leave
-                    return
+                    self.end(session, "closed by client")
+                    if session.delivery is not None:
+                        await asyncio.wait([session.delivery], timeout=5.0)
+                    session = None
                 elif isinstance(msg, Ping):
                     await stream.send(Pong(seq=msg.seq, payload=msg.payload))
                 else:
@@ -373,13 +406,28 @@ class SessionService:
                 await stream.send(Error(code=ErrorCode.BAD_REQUEST, message="push streams carry only Step messages"))
                 continue
             session = self.sessions.get(msg.session_id)
-            if session is None or not session.may_push(stream.peer_id):  # the same answer: no oracle for ids
-                await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id, step_id=msg.step_id,
-                                        message=f"no open session {short_id(msg.session_id)} here accepts steps "
-                                                f"from peer {short_peer(stream.peer_id)}"))
-                continue
-            try:
-                self.step(session, msg, pushed=True)
-            except SessionError as err:
-                self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
-                                          step_id=msg.step_id))
+            if session is not None and not session.ended and session.may_push(stream.peer_id):
+                await self._take_push(session, msg, stream)
+            elif not self._early.hold(msg.session_id, stream.peer_id, (msg, stream), len(msg.hidden.data),
+                                      time.monotonic()):
+                await self._refuse_push(stream, msg)
+            # else held: its Open may still be on its way (the client does not wait for Opened); a push no session
+            # will take is refused when it expires, whether its id is unknown or not its pusher's (no oracle for ids)
+
+    async def _take_push(self, session: Session | None, msg: Step, stream: MessageStream) -> None:
+        """Queue ``msg``, pushed on ``stream``, for ``session`` if its pusher may push into it; else refuse it."""
+        if session is None or session.ended or not session.may_push(stream.peer_id):
+            await self._refuse_push(stream, msg)
+            return
+        try:
+            self.step(session, msg, pushed=True)
+        except SessionError as err:
+            self.delivery.reply(session, Error(code=err.code, message=str(err), session_id=msg.session_id,
+                                               step_id=msg.step_id))
+
+    async def _refuse_push(self, stream: MessageStream, msg: Step) -> None:
+        """The one answer to a push no session here takes (the same for every reason: no oracle for ids)."""
+        with contextlib.suppress(MeshinferError):
+            await stream.send(Error(code=ErrorCode.UNKNOWN_SESSION, session_id=msg.session_id, step_id=msg.step_id,
+                                    message=f"no open session {short_id(msg.session_id)} here accepts steps "
+                                            f"from peer {short_peer(stream.peer_id)}"))

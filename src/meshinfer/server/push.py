@@ -6,13 +6,15 @@ going to that peer. A send that fails drops the stream and is retried once on a 
 (reconnect); if that fails too, ``push`` raises ``TransportError`` and the caller reports
 ``next_hop_failed`` to its client. Each pooled stream has a reader task: the receiving server answers
 a pushed step it cannot take (e.g. an unknown session) with an ``Error`` naming the session it was
-addressed to, and the pool hands that ``Error`` to ``on_error``. Streams close on ``close()``. Knows
-nothing of sessions or models; never pushes to itself (the caller short-cuts that case).
+addressed to, and the pool hands that ``Error`` to ``on_error``. ``warm(hop)`` opens the stream ahead of
+the first push (at a session's ``Open``). Streams close on ``close()``. Knows nothing of
+sessions or models; never pushes to itself (the caller short-cuts that case).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -62,6 +64,24 @@ class PushPool:
             task.add_done_callback(self._readers.discard)
             log.debug("opened push stream to %s", hop.peer_id)
             return stream
+
+    def warm(self, hop: Hop) -> None:
+        """Open the stream to ``hop``'s server in the background if none is open (a session pushing there was just
+        opened: its first push then finds the stream ready); a failure is left to ``push``."""
+        stream = self._streams.get(hop.peer_id)
+        if self._closed or (stream is not None and not stream.closed):
+            return
+        lock = self._locks.get(hop.peer_id)
+        if lock is not None and lock.locked():
+            return  # being opened already
+
+        async def dial() -> None:
+            with contextlib.suppress(MeshinferError):
+                await self._stream(hop)
+
+        task = asyncio.create_task(dial(), name=f"push-warm:{hop.peer_id[:12]}")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
 
     async def _drop(self, peer_id: str, stream: MessageStream) -> None:
         if self._streams.get(peer_id) is stream:
