@@ -186,7 +186,8 @@ class ReceiptDesk:
                 if receipt.server == peer:
                     book.offer(receipt)
         except (TimeoutError, MeshinferError, OSError) as err:
-            log.info("cannot learn the receipts of %s: %s", peer[:16], err)
+            linked = any(peer in servers for servers in self.links.values())
+            log.log(logging.INFO if linked else logging.DEBUG, "cannot learn the receipts of %s: %s", peer[:16], err)
         self._served[peer] = (sum(r.work for r in book.receipts()), self.clock())
         if self._served[peer][0]:
             log.info("peer %s showed receipts for %d block-tokens it served", peer[:16], self._served[peer][0])
