@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_helpers import start_swarm, stop_swarm
@@ -37,6 +39,12 @@ def test_a_generation_leaves_receipts_that_anyone_can_check(swarm: LocalSwarm) -
         client.generate(PROMPT, NEW_TOKENS, stop_token_ids=())
         me = client.view.node.peer_id
         sender = client.receipts
+        sender_done = asyncio.run_coroutine_threadsafe(sender.flush(), client.loop) if sender else None
+        if sender_done is not None:
+            sender_done.result(30)
+        # the dashboard's credits panel reads the same receipts through the swarm document
+        node = client.view.node
+        panel = asyncio.run_coroutine_threadsafe(_panel(node), client.loop).result(60)
     assert sender is not None and sender.refused == 0 and sender.handed >= 2
     out = subprocess.run(meshinfer_argv("credits", "--json", "--initial-peers", *swarm.initial_peers),
                          capture_output=True, text=True, timeout=120)
@@ -48,3 +56,13 @@ def test_a_generation_leaves_receipts_that_anyone_can_check(swarm: LocalSwarm) -
     assert rows[first.peer_id]["served"] == tokens * 1 and rows[second.peer_id]["served"] == tokens * 3
     assert rows[me]["used"] == tokens * 4 and rows[me]["credit"] == -tokens * 4
     assert all(isinstance(doc["asked"][s.peer_id], int) for s in swarm.servers)
+    # the panel read while the client was still open: the final receipts may not all be in yet, never more
+    panel_rows = {p["peer_id"]: p for p in panel["peers"]}
+    assert 0 < panel_rows[second.peer_id]["served"] <= rows[second.peer_id]["served"]
+
+
+async def _panel(node: Any) -> dict[str, Any]:
+    from meshinfer.dashboard.credits import read_credits
+    from meshinfer.dashboard.doc import swarm_doc
+
+    return await read_credits(node, await swarm_doc(node, 10.0), 10.0)

@@ -73,3 +73,26 @@ def test_inside_a_gateway_its_own_audits_are_shown_too(page: Any) -> None:
     assert got["QmHonest"]["own"] is None
     assert got["QmLiar"]["own"] == "0 / 1 (this gateway)" and got["QmLiar"]["title"] is not None
     assert got["QmUnseen"] == {"text": "3 / 0 (this gateway)", "title": None, "own": "3 / 0 (this gateway)"}
+
+
+def test_credits_panel_shows_receipts_totals_per_peer(page: Any) -> None:
+    """Issue 23: the credits panel, from a credits document (``ledger.report.credits_doc``) in the payload."""
+    from meshinfer.ledger.report import credits_doc
+    from meshinfer.wire.receipts import Receipt
+
+    now = time.time()
+    receipts = [Receipt(model="0" * 32, client="QmClientAAAAAAAAAAAAAAAA", server="QmServerBBBBBBBBBBBBBBBB",
+                        session="ab" * 12, seq=3, tokens=40, blocks=2, started=now - 60, issued=now - 5)]
+    credits = credits_doc(receipts, {"QmServerBBBBBBBBBBBBBBBB": 1, "QmGoneCCCCCCCCCCCCCCCCCC": "timed out"},
+                          {"QmServerBBBBBBBBBBBBBBBB": "lent-laptop"}, now)
+    payload = dashboard_payload({**doc(), "credits": credits}, updated_at=now, checked_at=now)
+    with ApiServer(create_app(StaticSource(payload))) as srv:
+        page.goto(srv.url)
+        page.wait_for_function("document.body.dataset.state === 'ok'", timeout=10_000)
+        page.wait_for_selector("#credits-section:not([hidden])", timeout=10_000)
+        rows = page.eval_on_selector_all("#credits tbody tr",
+                                         "rows => rows.map(r => Array.from(r.children).map(c => c.textContent))")
+        hint = page.inner_text("#credits-hint")
+    assert rows == [["QmServ…BBBBBB", "lent-laptop", "80", "0", "80", "1 / 0", "80"],
+                    ["QmClie…AAAAAA", "", "0", "80", "-80", "0 / 1", "0"]]
+    assert "1 verified receipts of 1 of 2 servers" in hint

@@ -72,6 +72,7 @@ PAGE_HTML = """<!doctype html>
   tr[data-state="draining"] td.state { color: var(--bad); }
   tr[data-state="online"] td.state { color: #1f7a3f; }
   h2.section { font-size: 15px; margin: 20px 0 8px; }
+  h2 .hint { font-weight: normal; font-size: 12px; color: #6b7280; }
   .scroll { overflow-x: auto; }
 </style>
 </head>
@@ -108,6 +109,21 @@ PAGE_HTML = """<!doctype html>
         <th class="num" title="audit windows passed / failed as reported by the clients' tallies (unverified claims);
           inside meshinfer api also this gateway's own audits">audits ✓/✗</th>
         <th class="num">round trip</th></tr></thead>
+      <tbody></tbody>
+    </table>
+    </div>
+  </section>
+  <section id="credits-section" hidden>
+    <h2 class="section">credits <span class="hint" id="credits-hint"></span></h2>
+    <div class="scroll">
+    <table id="credits">
+      <thead><tr><th>peer id</th><th>name</th>
+        <th class="num" title="block-tokens (one token through one block) this peer's receipts show it
+          served">served</th>
+        <th class="num" title="block-tokens this peer used, from the receipts it signed">used</th>
+        <th class="num">credit</th><th class="num">sessions served / used</th>
+        <th class="num" title="block-tokens served per hour, measured over the receipts of the last hour
+          (no projection)">served / h (measured)</th></tr></thead>
       <tbody></tbody>
     </table>
     </div>
@@ -235,6 +251,22 @@ PAGE_HTML = """<!doctype html>
     if (html !== totalsKey) { $("totals").innerHTML = html; totalsKey = html; }
   }
 
+  function renderCredits(c) {
+    const section = $("credits-section");
+    const peers = (c && c.peers) || [];
+    section.hidden = peers.length === 0;
+    if (!c) return;
+    const asked = Object.values(c.asked || {});
+    const answered = asked.filter((v) => typeof v === "number").length;
+    $("credits-hint").textContent = "from " + int(c.receipts) + " verified receipts of " + answered + " of " +
+      asked.length + " servers; unit: block-tokens";
+    $("credits").tBodies[0].innerHTML = peers.map((q) =>
+      "<tr><td><code>" + esc(short(q.peer_id)) + "</code></td><td>" + esc(q.name || "") + '</td><td class="num">' +
+      int(q.served) + '</td><td class="num">' + int(q.used) + '</td><td class="num">' + int(q.credit) +
+      '</td><td class="num">' + int(q.sessions_served) + " / " + int(q.sessions_used) + '</td><td class="num">' +
+      int(q.served_per_hour_measured) + "</td></tr>").join("");
+  }
+
   function age(p) {
     if (p.updated_at === null || p.updated_at === undefined) return null;
     return Math.max(0, (p.served_at || p.updated_at) - p.updated_at);
@@ -255,6 +287,7 @@ PAGE_HTML = """<!doctype html>
     renderTotals(p.totals || {});
     renderModels(models);
     renderRows(models);
+    renderCredits(p.credits);
     $("empty").hidden = !(loaded && models.length === 0 && !p.error);
     $("legend").hidden = models.length === 0;
     const st = p.error ? "error" : !loaded ? "loading" : models.length ? "ok" : "empty";

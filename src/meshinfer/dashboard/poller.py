@@ -13,7 +13,8 @@ cannot be read"; the last good models stay, marked by their older ``updated_at``
 at all (no model directory within the timeout) is an error too; an answered read listing no model is the
 empty state, not an error. ``gateway_audits`` (inside ``meshinfer api``: the gateway's client's
 ``AuditCounters.as_dict``, called on the poller's loop, the client's) adds that client's live audit counts to
-every payload (``doc.dashboard_payload``).
+every payload (``doc.dashboard_payload``). Every 30 s the reader also collects the servers' usage receipts
+(``dashboard.credits``) into the document's ``credits`` (issue 23).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 from meshinfer.config import P2PConfig
+from meshinfer.dashboard.credits import CreditsCache, read_credits
 from meshinfer.dashboard.doc import dashboard_payload, swarm_doc
 from meshinfer.dashboard.rtt import RttCache, ping_server
 from meshinfer.errors import ConfigError
@@ -67,6 +69,7 @@ class NodeSwarmReader:
     timeout: float = 5.0
     ping_timeout: float = 3.0
     owns_node: bool = False
+    credits: CreditsCache = field(default_factory=CreditsCache)
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.ping_timeout <= 0:
@@ -86,7 +89,16 @@ class NodeSwarmReader:
         return str(self.node.peer_id)
 
     async def read(self) -> dict[str, Any]:
-        return await swarm_doc(self.node, self.timeout)
+        doc = await swarm_doc(self.node, self.timeout)
+        now = time.monotonic()
+        if self.credits.due(now):  # every 30 s: asks every server for its receipts (dashboard.credits)
+            try:
+                self.credits.set(await read_credits(self.node, doc, self.timeout), now)
+            except Exception as err:  # the swarm view must not fail for the credits panel
+                log.info("cannot read the swarm's receipts: %s", err)
+                self.credits.set({"error": str(err) or type(err).__name__}, now)
+        doc["credits"] = self.credits.latest
+        return doc
 
     async def ping(self, server: Mapping[str, Any]) -> float:
         return await ping_server(self.node, server, timeout=self.ping_timeout)
