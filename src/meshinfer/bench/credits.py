@@ -6,10 +6,11 @@ want it) and ``--credit-saturation`` sized for a short run; and **C**, the contr
 second model with ``--credit-to X``, where X is the contributor's client key (made here). A warm-up client uses
 C for ``--warmup-tokens`` tokens, so C holds receipts for that work. Then, at once, client X (with that key) and
 client F (a fresh key: no contribution) each run ``--sessions`` concurrent greedy generations of ``--new-tokens``
-tokens through S. Reported per client: every token's wait (time since the session's previous token), median and
-p95 over all its sessions, tokens/s over the phase, the slowest session's tokens/s (no session starves: every
-one finishes, and the slowest one's rate is > 0), and the ratio of F's median and p95 to X's. X's credit as S
-computes it is the work C's receipts show (``meshinfer credits`` would list it). Every process is stopped by
+tokens through S, ``--rounds`` times. Reported per client: each session's time per output token after its first
+(median and p95 over sessions: the latency a user of that session sees) and time to first token, every token's
+wait (time since the session's previous token; bursty with speculation), tokens/s, the slowest session's tokens/s
+(no session starves: every one finishes, and the slowest one's rate is > 0), and the ratios of F's figures to
+X's. X's credit as S computes it is the work C's receipts show (``meshinfer credits`` would list it). Every process is stopped by
 PID; nothing is asserted about timings.
 """
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory of S (default: the bench checkpoint)")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent generations of each client")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens each generation makes")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both clients' concurrent generations")
     parser.add_argument("--warmup-tokens", type=int, default=96, help="tokens the warm-up client has C compute")
     parser.add_argument("--max-batch-sessions", type=int, default=2, help="S's --max-batch-sessions (contention)")
     parser.add_argument("--credit-weight", type=int, default=4, help="S's --credit-weight")
@@ -43,38 +45,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     from meshinfer.errors import ConfigError
 
-    for name in ("sessions", "new_tokens", "warmup_tokens", "max_batch_sessions", "credit_weight",
+    for name in ("sessions", "rounds", "new_tokens", "warmup_tokens", "max_batch_sessions", "credit_weight",
                  "credit_saturation", "torch_threads"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 async def _phase(model: Any, sessions: int, new_tokens: int) -> dict[str, Any]:
-    """``sessions`` concurrent generations on ``model``'s loop: every token's wait, per session rates."""
+    """``sessions`` concurrent generations on ``model``'s loop: every token's wait; per session its time to first
+    token, its time per output token after the first and its rate."""
     waits: list[float] = []
     rates: list[float] = []
+    ttft: list[float] = []
+    tpot: list[float] = []
 
     async def one() -> None:
         started = last = time.perf_counter()
+        first: float | None = None
         count = 0
         async for _ in model.astream(PROMPT, new_tokens, stop_token_ids=()):
             now = time.perf_counter()
             waits.append(now - last)
+            first = now if first is None else first
             last = now
             count += 1
-        rates.append(count / max(1e-9, time.perf_counter() - started))
+        ended = time.perf_counter()
+        rates.append(count / max(1e-9, ended - started))
+        if first is not None:
+            ttft.append(first - started)
+            tpot.append((ended - first) / max(1, count - 1))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(sessions)))
-    return {"waits": waits, "rates": rates, "seconds": time.perf_counter() - t0}
+    return {"waits": waits, "rates": rates, "ttft": ttft, "tpot": tpot, "seconds": time.perf_counter() - t0}
 
 
 def _summary(result: dict[str, Any], sessions: int, new_tokens: int) -> dict[str, Any]:
     from meshinfer.bench.common import percentile
 
     waits = sorted(result["waits"])
+    tpot = sorted(result["tpot"])
     return {
         "sessions_finished": len(result["rates"]),
+        "session_ms_per_token_median": round(1000 * statistics.median(tpot), 2),
+        "session_ms_per_token_p95": round(1000 * percentile(tpot, 0.95), 2),
+        "time_to_first_token_ms_median": round(1000 * statistics.median(result["ttft"]), 1),
         "tokens": len(waits),
         "token_wait_ms_median": round(1000 * statistics.median(waits), 2),
         "token_wait_ms_p95": round(1000 * percentile(waits, 0.95), 2),
@@ -126,17 +141,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f.generate(PROMPT, 2, stop_token_ids=())
                 time.sleep(3.0)
                 book, shown = _collect_sync(x, contributor)
-                futures = [asyncio.run_coroutine_threadsafe(_phase(m, args.sessions, args.new_tokens), m.loop)
-                           for m in (x, f)]
-                results = [future.result(timeout=600) for future in futures]
+                results: list[dict[str, Any]] = [{}, {}]
+                for _ in range(args.rounds):  # both clients at once, every round; sessions pooled over rounds
+                    futures = [asyncio.run_coroutine_threadsafe(_phase(m, args.sessions, args.new_tokens), m.loop)
+                               for m in (x, f)]
+                    for pooled, future in zip(results, futures, strict=True):
+                        for key, value in future.result(timeout=600).items():
+                            pooled[key] = pooled.get(key, 0 if key == "seconds" else []) + value
             learnt = [line.split(" - ")[-1].strip() for line in contended.servers[0].proc.stderr_tail(200).splitlines()
                       if "receipts" in line and ("showed" in line or "cannot learn" in line)]
         finally:
             for swarm in swarms:
                 swarm.stop()
             dht.stop(timeout=10.0)
-    contributor_row = _summary(results[0], args.sessions, args.new_tokens)
-    freeloader_row = _summary(results[1], args.sessions, args.new_tokens)
+    contributor_row = _summary(results[0], args.sessions * args.rounds, args.new_tokens)
+    freeloader_row = _summary(results[1], args.sessions * args.rounds, args.new_tokens)
     return {
         "servers": {"contended": {"max_batch_sessions": args.max_batch_sessions, "credit_weight": args.credit_weight,
                                   "credit_saturation": args.credit_saturation},
@@ -145,16 +164,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "contributor_credit_block_tokens": book,
         "receipts_shown_by_contributor_server": shown,
         "contended_server_learnt": learnt[-3:],
-        "sessions_per_client": args.sessions,
+        "sessions_per_client": args.sessions * args.rounds,
         "new_tokens": args.new_tokens,
         "contributor": contributor_row,
         "freeloader": freeloader_row,
         "freeloader_over_contributor": {
-            "median_wait": _ratio(freeloader_row, contributor_row, "token_wait_ms_median"),
-            "p95_wait": _ratio(freeloader_row, contributor_row, "token_wait_ms_p95"),
+            "session_ms_per_token_median": _ratio(freeloader_row, contributor_row, "session_ms_per_token_median"),
+            "session_ms_per_token_p95": _ratio(freeloader_row, contributor_row, "session_ms_per_token_p95"),
+            "token_wait_median": _ratio(freeloader_row, contributor_row, "token_wait_ms_median"),
+            "token_wait_p95": _ratio(freeloader_row, contributor_row, "token_wait_ms_p95"),
         },
-        "no_session_starved": all(r["sessions_finished"] == args.sessions and r["slowest_session_tokens_per_s"] > 0
-                                  for r in (contributor_row, freeloader_row)),
+        "no_session_starved": all(r["sessions_finished"] == args.sessions * args.rounds
+                                  and r["slowest_session_tokens_per_s"] > 0 for r in (contributor_row, freeloader_row)),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
