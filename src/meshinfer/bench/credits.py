@@ -10,8 +10,8 @@ tokens through S, ``--rounds`` times. Reported per client: each session's time p
 (median and p95 over sessions: the latency a user of that session sees) and time to first token, every token's
 wait (time since the session's previous token; bursty with speculation), tokens/s, the slowest session's tokens/s
 (no session starves: every one finishes, and the slowest one's rate is > 0), and the ratios of F's figures to
-X's. X's credit as S computes it is the work C's receipts show (``meshinfer credits`` would list it). Every process is stopped by
-PID; nothing is asserted about timings.
+X's. X's credit as S computes it is the work C's receipts show (``meshinfer credits`` would list it). Every
+process is stopped by PID; nothing is asserted about timings.
 """
 
 from __future__ import annotations
