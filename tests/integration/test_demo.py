@@ -140,7 +140,7 @@ def test_bench_swarm_compares_against_the_local_engine(meshinfer_cache_dir: Path
     from meshinfer.testing.checkpoints import tiny_checkpoint
 
     args = argparse.Namespace(model=str(tiny_checkpoint("llama")), servers=2, runs=1, prompt_tokens=5,
-                              new_tokens=6, dtype="fp32", torch_threads=1, no_push=False)
+                              new_tokens=6, dtype="fp32", torch_threads=1, no_push=False, private_blocks=0)
     figures = bench.run(args)
     assert figures["route"] == ["0:2", "2:4"] and figures["hops"] == 2
     assert figures["greedy_tokens_identical"] is True
