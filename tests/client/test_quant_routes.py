@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from client_helpers import start_swarm, stop_swarm
 
 from meshinfer.client.model import DistributedModel
@@ -85,7 +86,10 @@ def test_a_server_refuses_a_session_of_another_mode(swarm: LocalSwarm, model_dir
         async def open_as_int8() -> None:
             session = await InferenceSession.open(client.view.node, route, model_id=client.model_id, max_length=8,
                                                   quant="int8")
-            await session.close()
+            try:  # Open is pipelined with the first step (issue 21): its refusal surfaces there
+                await session.forward(torch.zeros(1, client.spec.hidden_size))
+            finally:
+                await session.close()
 
         with pytest.raises(RemoteError) as err:
             client._runner.run(open_as_int8(), timeout=60)

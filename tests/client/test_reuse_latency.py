@@ -54,7 +54,10 @@ def setup(meshinfer_cache_dir: Path, bootstrap: list[str]) -> Iterator[Setup]:
                 "--direct-announce", f"127.0.0.1:{relay.listen(dport)}"])
             relay.configure(DELAY_MS, 0.0)
             client = DistributedModel.from_pretrained(model_dir, swarm.initial_peers,
-                                                      config=ClientConfig(audit=False))
+                                                      # DHT reads cross the 50 ms relay to the far server:
+                                                      # generous bounds on a loaded 2-core machine
+                                                      config=ClientConfig(audit=False, dht_timeout=20.0,
+                                                                          route_wait=20.0))
             try:
                 yield Setup(swarm, client, near.peer_id, far.peer_id, reference)
             finally:

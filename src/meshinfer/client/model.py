@@ -239,9 +239,21 @@ class DistributedModel(CheckpointGenerator):
         return self._runner.run(self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait))
 
     def open_session(self, max_length: int) -> SyncInferenceSession:
-        """Plan a route and open a session holding up to ``max_length`` tokens on every hop."""
+        """Plan a route and open a session holding up to ``max_length`` tokens on every hop; returns once every
+        hop answered ``Open`` (generations pipeline it with their first step instead)."""
         self._check_open()
-        return SyncInferenceSession(self._runner, self._runner.run(self.aopen_session(max_length)))
+
+        async def opened() -> ClientSession:
+            session = await self.aopen_session(max_length)
+            remote = session.remote if isinstance(session, PrivateSplitSession) else session
+            try:
+                await remote.wait_opened()
+            except BaseException:
+                await session.close()
+                raise
+            return session
+
+        return SyncInferenceSession(self._runner, self._runner.run(opened()))
 
     async def aopen_session(self, max_length: int) -> ClientSession:
         """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route

@@ -206,6 +206,28 @@ class InferenceSession:
             hs.start_reader(session._events)
         return session
 
+    async def wait_opened(self) -> None:
+        """Wait until every hop answered its pipelined ``Open`` (for callers that open a session to hold it, not to
+        step at once): a refusal raises ``RemoteError``, a lost stream ``TransportError``, no answer within
+        ``open_timeout`` too. Only before the first step (it reads the hops' events)."""
+        deadline = time.monotonic() + self.open_timeout
+        while waiting := [hs for hs in self.hops if not hs.confirmed]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"no answer to Open for {self.open_timeout:g}s from {waiting[0].where()}")
+            try:
+                hs, msg = await asyncio.wait_for(self._events.get(), left)
+            except TimeoutError:
+                continue
+            if hs not in self.hops:
+                continue
+            if isinstance(msg, Opened) and msg.session_id == hs.session_id:
+                hs.confirm(msg)
+            elif isinstance(msg, Error) and msg.step_id is None:
+                raise RemoteError(msg.code, f"{msg.message} ({hs.where()})")
+            elif isinstance(msg, MeshinferError):
+                raise TransportError(f"cannot open a session on {hs.where()}: {msg}")
+
     def _route_tail(self, i: int) -> list[Hop]:
         return route_tail(self.hops, i) if self.push else []
 
