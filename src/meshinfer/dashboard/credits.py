@@ -5,7 +5,7 @@ for the usage receipts it holds (``ledger.fetch.collect``: every signature verif
 session) and returns ``ledger.report.credits_doc`` (per peer: served, used, credit, sessions, the served rate
 measured over the last hour, labelled so) with ``read_at``. Never raises for an unreachable server (it is listed
 under ``asked`` with why). ``CreditsCache`` keeps the latest and says when a new read is due (every
-``every`` s: receipts change slowly and a read asks every server).
+``every`` s: receipts change slowly and a read asks every server); the reader runs it in the background.
 """
 
 from __future__ import annotations
@@ -43,5 +43,6 @@ class CreditsCache:
     def due(self, now: float) -> bool:
         return now - self._at >= self.every
 
-    def set(self, credits: dict[str, Any], now: float) -> None:
-        self.latest, self._at = credits, now
+    def mark(self, now: float) -> None:
+        """A read started at ``now`` (the next one is due ``every`` s later)."""
+        self._at = now

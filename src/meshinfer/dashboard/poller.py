@@ -70,6 +70,7 @@ class NodeSwarmReader:
     ping_timeout: float = 3.0
     owns_node: bool = False
     credits: CreditsCache = field(default_factory=CreditsCache)
+    _credits_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.ping_timeout <= 0:
@@ -91,19 +92,26 @@ class NodeSwarmReader:
     async def read(self) -> dict[str, Any]:
         doc = await swarm_doc(self.node, self.timeout)
         now = time.monotonic()
-        if self.credits.due(now):  # every 30 s: asks every server for its receipts (dashboard.credits)
-            try:
-                self.credits.set(await read_credits(self.node, doc, self.timeout), now)
-            except Exception as err:  # the swarm view must not fail for the credits panel
-                log.info("cannot read the swarm's receipts: %s", err)
-                self.credits.set({"error": str(err) or type(err).__name__}, now)
+        if self.credits.due(now) and (self._credits_task is None or self._credits_task.done()):
+            # every 30 s, in the background: it asks every server for its receipts (dashboard.credits), which must
+            # not hold up the swarm view
+            self.credits.mark(now)
+            self._credits_task = asyncio.create_task(self._read_credits(doc), name="dashboard-credits")
         doc["credits"] = self.credits.latest
         return doc
+
+    async def _read_credits(self, doc: dict[str, Any]) -> None:
+        try:
+            self.credits.latest = await read_credits(self.node, doc, self.timeout)
+        except Exception as err:  # the swarm view must not fail for the credits panel
+            log.info("cannot read the swarm's receipts: %s", err)
+            self.credits.latest = {"error": str(err) or type(err).__name__}
 
     async def ping(self, server: Mapping[str, Any]) -> float:
         return await ping_server(self.node, server, timeout=self.ping_timeout)
 
     async def close(self) -> None:
+        await stop_task(self._credits_task)
         if self.owns_node:
             await self.node.close()
 
