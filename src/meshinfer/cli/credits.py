@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import time
 from typing import Any
 
 from meshinfer.cli.args import add_command
@@ -46,24 +45,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def read_credits(config: P2PConfig, timeout: float) -> dict[str, Any]:
-    from meshinfer.ledger.fetch import collect
-    from meshinfer.ledger.report import credits_doc
+    """Join, read the swarm's servers (one ``read_swarm``) and their receipts (``dashboard.credits``, which the
+    dashboard's panel uses too), leave."""
+    from meshinfer.dashboard.credits import read_credits as read_servers_credits
+    from meshinfer.dashboard.doc import snapshot_doc
     from meshinfer.p2p.directory import read_swarm
     from meshinfer.p2p.node import NodeSettings, PeerNode
 
     node = await PeerNode.start(config, NodeSettings(client_mode=True))
     try:
-        snapshot = await read_swarm(node, timeout=timeout)
-        servers: dict[str, tuple[str, ...]] = {}
-        names: dict[str, str] = {}
-        for coverage in snapshot.coverage.values():
-            for peer, record in coverage.servers.items():
-                servers[peer] = tuple(record.addresses)
-                if record.public_name:
-                    names[peer] = record.public_name
-        now = time.time()
-        book, shown = await collect(node, list(servers.items()), now=now, timeout=timeout)
-        return credits_doc(book.receipts(), shown, names, now)
+        doc = snapshot_doc(await read_swarm(node, timeout=timeout))
+        return await read_servers_credits(node, doc, timeout)
     finally:
         await node.close()
 
