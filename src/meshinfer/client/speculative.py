@@ -35,7 +35,7 @@ from meshinfer.client.audited import MAX_ROLLBACKS, keep_after_rollback, settled
 from meshinfer.client.session import InferenceSession
 from meshinfer.errors import ConfigError
 from meshinfer.models.generator import GenerationParams
-from meshinfer.models.sampling import MAX_TOP_LOGPROBS, Sampler, ScoredToken, score_token
+from meshinfer.models.sampling import MAX_TOP_LOGPROBS, ScoredToken, score_token
 from meshinfer.models.speculate import DraftSwitch, SpecStats, accept, prompt_lookup
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
     auditor = session.auditor
     stats = stats if stats is not None else SpecStats()
     switch = switch if switch is not None else DraftSwitch()
-    sampler = Sampler(params.sampling)
+    sampler = params.sampler(len(ids))
     stops = params.stops(eos_token_ids)
     wanted = params.max_new_tokens
     prompt = len(ids)

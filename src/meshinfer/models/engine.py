@@ -219,13 +219,13 @@ class _Steps:
     sampling itself (in inference mode) and when to stop (``max_new_tokens`` or a stop token)."""
 
     def __init__(self, ids: list[int], params: GenerationParams, eos_token_ids: Collection[int]) -> None:
-        from meshinfer.models.sampling import MAX_TOP_LOGPROBS, Sampler
+        from meshinfer.models.sampling import MAX_TOP_LOGPROBS
 
         top_logprobs = params.top_logprobs
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         self.top = top_logprobs
-        self.sampler = Sampler(params.sampling)
+        self.sampler = params.sampler(len(ids))
         self.history = list(ids)
         self.left = params.max_new_tokens
         self.stops = params.stops(eos_token_ids)

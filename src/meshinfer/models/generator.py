@@ -1,8 +1,9 @@
 """What "a model that generates" is, and the parameters of one generation.
 
 Contract: ``GenerationParams`` (frozen) is one generation's parameters: ``max_new_tokens``, ``sampling``,
-``stop_token_ids`` (None: the model's eos ids; empty: never stop early) and ``top_logprobs`` (None: bare
-tokens, no scores computed). The public methods (``LocalModel.stream/stream_scored/generate``,
+``stop_token_ids`` (None: the model's eos ids; empty: never stop early), ``top_logprobs`` (None: bare
+tokens, no scores computed) and ``constraint`` (a ``models.constraint.ConstraintFactory``: which tokens may come
+next; None: any). The public methods (``LocalModel.stream/stream_scored/generate``,
 ``DistributedModel.stream/astream/astream_scored``) keep their loose keyword arguments and build one
 ``GenerationParams``; everything inside (``engine.generate_scored``, the client's loop, the CLI, the gateway)
 passes that one value. Values are checked where they are used, as before: ``engine.check_prompt``
@@ -29,7 +30,8 @@ from meshinfer.config import SamplingConfig
 from meshinfer.errors import UsageError
 
 if TYPE_CHECKING:
-    from meshinfer.models.sampling import ScoredToken
+    from meshinfer.models.constraint import ConstraintFactory
+    from meshinfer.models.sampling import Sampler, ScoredToken
     from meshinfer.models.spec import ModelSpec
 
 
@@ -43,6 +45,9 @@ class GenerationParams:
     """The tokens that end the generation (yielded, then stop); None: the model's eos ids."""
     top_logprobs: int | None = None
     """Score each token with this many most likely alternatives (0..20); None: no scores computed."""
+    constraint: ConstraintFactory | None = field(default=None, compare=False)
+    """Makes this generation's ``models.constraint.TokenConstraint`` (a grammar, a tool-call format): the
+    sampler then chooses only tokens it allows. None: unconstrained."""
 
     @classmethod
     def of(cls, max_new_tokens: int, sampling: SamplingConfig | None = None,
@@ -50,6 +55,14 @@ class GenerationParams:
         """The parameters as the public methods take them (``sampling`` None: greedy defaults)."""
         return cls(max_new_tokens, sampling or SamplingConfig(),
                    None if stop_token_ids is None else frozenset(stop_token_ids), top_logprobs)
+
+    def sampler(self, prompt_len: int) -> Sampler:
+        """This generation's ``Sampler`` (its own generator and, with ``constraint``, its own constraint) for a
+        prompt of ``prompt_len`` tokens (penalties on generated tokens and the constraint see only what follows)."""
+        from meshinfer.models.sampling import Sampler
+
+        return Sampler(self.sampling, prompt_len=prompt_len,
+                       constraint=self.constraint() if self.constraint is not None else None)
 
     def stops(self, eos_token_ids: Collection[int]) -> frozenset[int]:
         """``stop_token_ids``, or ``eos_token_ids`` (the model's) when it is None."""

@@ -6,9 +6,11 @@ repetition penalty over every token of ``history`` (positive logits divided by t
 ones multiplied; ids beyond the vocabulary ignored), then, unless greedy, temperature, top-k (ties
 with the k-th logit kept), top-p (smallest set of most likely tokens whose mass reaches p; at least
 one kept), softmax and one draw from a ``torch.Generator`` seeded with ``config.seed``.
-``temperature == 0`` is greedy (argmax after the penalty). Work is done in float32 whatever the
-logits' dtype. A sampler carries its generator's state, so one sampler per generation: the same seed
-and logits give the same tokens.
+With a ``constraint`` (``models.constraint.TokenConstraint``, e.g. a JSON grammar), tokens it does not
+allow after the generated ones (``history[prompt_len:]``) are set to -inf after the penalty, before the warpers
+(so top-p works over the allowed mass). ``temperature == 0`` is greedy (argmax after the penalty and mask).
+Work is done in float32 whatever the logits' dtype. A sampler carries its generator's state, so one
+sampler per generation: the same seed and logits give the same tokens.
 
 Devices: greedy decoding stays on the logits' device (penalty and argmax there; only the chosen id comes
 back, one sync per token; argmax returns the first maximal index on every device, as on the CPU). Sampled
@@ -33,8 +35,9 @@ import torch
 
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
+from meshinfer.models.constraint import TokenConstraint
 
-__all__ = ["Sampler", "apply_repetition_penalty", "top_k_filter", "top_p_filter", "warp_logits"]
+__all__ = ["Sampler", "apply_mask", "apply_repetition_penalty", "top_k_filter", "top_p_filter", "warp_logits"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
@@ -49,6 +52,19 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
     seen = scores.gather(0, ids)  # [n]
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(0, ids, seen)
+
+
+def apply_mask(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` [vocab] with every token not ``allowed`` (bool [n], CPU; ids past n forbidden) set to -inf."""
+    if allowed is None:
+        return scores
+    vocab = scores.shape[0]
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    n = min(vocab, allowed.shape[0])
+    keep[:n] = allowed[:n]
+    if not bool(keep.any()):
+        raise ConfigError("the decoding constraint allows no token here (a grammar that cannot go on)")
+    return scores.masked_fill(~keep.to(scores.device), float("-inf"))
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,8 +97,13 @@ def warp_logits(scores: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
 class Sampler:
     """Turns one row of logits at a time into a token id, following ``SamplingConfig``."""
 
-    def __init__(self, config: SamplingConfig | None = None) -> None:
+    def __init__(self, config: SamplingConfig | None = None, *, prompt_len: int = 0,
+                 constraint: TokenConstraint | None = None) -> None:
         self.config = config if config is not None else SamplingConfig()
+        self.prompt_len = prompt_len
+        """How many leading tokens of ``history`` are the prompt (the rest: this generation's output)."""
+        self.constraint = constraint
+        """Which tokens may come next (``models.constraint``); asked before every token, after the penalties."""
         self.generator = torch.Generator(device="cpu")
         if self.config.seed is not None:
             self.generator.manual_seed(int(self.config.seed))
@@ -96,6 +117,8 @@ class Sampler:
             raise ConfigError(f"Sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
         row = logits.detach() if self.config.greedy else logits.detach().cpu()  # [vocab]
         scores = apply_repetition_penalty(row, history, self.config.repetition_penalty)
+        if self.constraint is not None:
+            scores = apply_mask(scores, self.constraint.allowed(history[self.prompt_len:]))
         if self.config.greedy:
             return scores
         return warp_logits(scores, self.config)
