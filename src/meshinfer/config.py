@@ -50,6 +50,16 @@ class SamplingConfig:
     top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with mass >= P; 1 disables")
     repetition_penalty: float = doc(1.0, "divide (multiply if negative) logits of seen tokens; 1 disables")
     seed: int | None = doc(None, "random seed for sampling (same seed, same tokens)")
+    presence_penalty: float = doc(0.0, "subtract P from the logit of every token already generated (OpenAI's "
+                                       "presence_penalty, in [-2, 2]; the prompt does not count); 0 disables")
+    frequency_penalty: float = doc(0.0, "subtract F times its count from the logit of every token already generated "
+                                        "(OpenAI's frequency_penalty, in [-2, 2]; the prompt does not count); 0 "
+                                        "disables")
+    min_p: float = doc(0.0, "drop tokens less likely than MIN_P times the most likely one (after temperature, "
+                            "top-k and top-p; in [0, 1]); 0 disables")
+    logit_bias: tuple[tuple[int, float], ...] = doc((), "add BIAS (in [-100, 100]) to token ID's logit before "
+                                                        "anything else, e.g. --logit-bias 42=5.5 7=-100 (-100 "
+                                                        "bans a token, +100 all but forces it)", metavar="ID=BIAS")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -60,10 +70,46 @@ class SamplingConfig:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0.0:
             raise ConfigError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [-2, 2], got {value}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ConfigError(f"--logit-bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        seen: set[int] = set()
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise ConfigError(f"--logit-bias: token ids must be >= 0, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise ConfigError(f"--logit-bias: the bias of token {token} must be in [-100, 100], got {bias}")
+            if token in seen:
+                raise ConfigError(f"--logit-bias: token {token} is given twice")
+            seen.add(token)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+MAX_LOGIT_BIAS: Final = 1024
+"""The most tokens ``SamplingConfig.logit_bias`` may bias (the OpenAI API's limit)."""
+
+
+def parse_logit_bias(items: tuple[str, ...] | list[str]) -> tuple[tuple[int, float], ...]:
+    """``--logit-bias ID=BIAS ...`` as (token id, bias) pairs; a ConfigError naming the flag for a malformed item."""
+    pairs: list[tuple[int, float]] = []
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise ConfigError(f"--logit-bias takes ID=BIAS pairs (a token id, '=', a number), e.g. 42=-100; "
+                              f"got {item!r}") from None
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, seeded sampling.
+"""Choosing the next token from logits: logit bias, penalties, temperature, top-k, top-p, min-p, seeded sampling.
 
 Contract: ``Sampler(config).next_token(logits[vocab], history) -> int``. Pure torch, no
 ``transformers`` and no network. Semantics follow Hugging Face ``generate()`` exactly, in its order:
-repetition penalty over every token of ``history`` (positive logits divided by the penalty, negative
-ones multiplied; ids beyond the vocabulary ignored), then, unless greedy, temperature, top-k (ties
-with the k-th logit kept), top-p (smallest set of most likely tokens whose mass reaches p; at least
-one kept), softmax and one draw from a ``torch.Generator`` seeded with ``config.seed``.
+``logit_bias`` added to the raw logits (OpenAI; HF's ``SequenceBiasLogitsProcessor``), repetition penalty
+over every token of ``history`` (positive logits divided by the penalty, negative ones multiplied; ids
+beyond the vocabulary ignored), then OpenAI's presence/frequency penalties over the generated tokens only
+(``models.penalties``), then, unless greedy, temperature, top-k (ties with the k-th logit kept), top-p
+(smallest set of most likely tokens whose mass reaches p; at least one kept), min-p (HF's
+``MinPLogitsWarper``), softmax and one draw from a ``torch.Generator`` seeded with ``config.seed``.
+Every step depends only on (logits, history, prompt_len), so speculative acceptance stays exact.
 With a ``constraint`` (``models.constraint.TokenConstraint``, e.g. a JSON grammar), tokens it does not
 allow after the generated ones (``history[prompt_len:]``) are set to -inf after the penalty, before the warpers
 (so top-p works over the allowed mass). ``temperature == 0`` is greedy (argmax after the penalty and mask).
@@ -36,6 +39,7 @@ import torch
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.constraint import TokenConstraint
+from meshinfer.models.penalties import LogitBias, apply_logit_bias, apply_presence_frequency, min_p_filter
 
 __all__ = ["Sampler", "apply_mask", "apply_repetition_penalty", "top_k_filter", "top_p_filter", "warp_logits"]
 
@@ -88,10 +92,11 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def warp_logits(scores: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as HF applies its warpers (non-greedy only)."""
+    """Temperature, then top-k, top-p and min-p, as HF applies its warpers (non-greedy only)."""
     scores = scores / config.temperature
     scores = top_k_filter(scores, config.top_k)
-    return top_p_filter(scores, config.top_p)
+    scores = top_p_filter(scores, config.top_p)
+    return min_p_filter(scores, config.min_p)
 
 
 class Sampler:
@@ -103,6 +108,7 @@ class Sampler:
         self.prompt_len = prompt_len
         """How many leading tokens of ``history`` are the prompt (the rest: this generation's output)."""
         self.constraint = constraint
+        self.bias = LogitBias(self.config.logit_bias) if self.config.logit_bias else None
         """Which tokens may come next (``models.constraint``); asked before every token, after the penalties."""
         self.generator = torch.Generator(device="cpu")
         if self.config.seed is not None:
@@ -111,12 +117,15 @@ class Sampler:
             self.generator.seed()
 
     def processed_logits(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        """The float32 scores a token is chosen from (after penalty and, unless greedy, warpers): on the logits'
-        device when greedy, on the CPU otherwise (see the module docstring)."""
+        """The float32 scores a token is chosen from (after bias, penalties and, unless greedy, warpers): on the
+        logits' device when greedy, on the CPU otherwise (see the module docstring)."""
         if logits.dim() != 1:
             raise ConfigError(f"Sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
-        row = logits.detach() if self.config.greedy else logits.detach().cpu()  # [vocab]
-        scores = apply_repetition_penalty(row, history, self.config.repetition_penalty)
+        c = self.config
+        row = logits.detach() if c.greedy else logits.detach().cpu()  # [vocab]
+        row = apply_logit_bias(row.to(torch.float32), self.bias)
+        scores = apply_repetition_penalty(row, history, c.repetition_penalty)
+        scores = apply_presence_frequency(scores, history, self.prompt_len, c.presence_penalty, c.frequency_penalty)
         if self.constraint is not None:
             scores = apply_mask(scores, self.constraint.allowed(history[self.prompt_len:]))
         if self.config.greedy:
