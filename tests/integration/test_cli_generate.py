@@ -102,6 +102,20 @@ def test_seeded_sampling_is_reproducible(llama: Path, local_llama) -> None:
     assert a != other
 
 
+def test_ignore_eos_logit_bias_and_penalties(llama: Path, local_llama) -> None:
+    from meshinfer.config import SamplingConfig
+
+    eos = min(local_llama.spec.eos_token_ids)
+    flags = ("--max-new-tokens", "8", "--ignore-eos", "--logit-bias", f"{eos}=100", "3=-100",
+             "--frequency-penalty", "0.5", "--presence-penalty", "0.25")
+    doc = generate_json(llama, *flags)
+    assert doc["generated_token_ids"] == [eos] * 8  # forced eos 8 times: --ignore-eos did not stop at it
+    assert doc["sampling"]["logit_bias"] == [[eos, 100.0], [3, -100.0]]
+    prompt_ids = local_llama.tokenizer(PROMPT)["input_ids"]
+    sampling = SamplingConfig(logit_bias=((eos, 100.0), (3, -100.0)), frequency_penalty=0.5, presence_penalty=0.25)
+    assert local_llama.generate(prompt_ids, 8, sampling) == [eos]  # the default stop set ends at once
+
+
 def test_demo_model_sharded_checkpoint_and_bf16() -> None:
     from meshinfer.models.engine import LocalModel
 
@@ -143,6 +157,11 @@ def test_bench_local_on_a_tiny_model(tmp_path: Path, llama: Path) -> None:
         (("--temperature", "-0.5"), "--temperature"),
         (("--top-k", "-3"), "--top-k"),
         (("--repetition-penalty", "0"), "--repetition-penalty"),
+        (("--presence-penalty", "2.5"), "--presence-penalty"),
+        (("--frequency-penalty", "-3"), "--frequency-penalty"),
+        (("--min-p", "1.5"), "--min-p"),
+        (("--logit-bias", "42"), "--logit-bias takes ID=BIAS"),
+        (("--logit-bias", "42=200"), "--logit-bias"),
         (("--dtype", "int8"), "dtype"),
         (("--max-download", "0"), "--max-download must be > 0 MB/s"),
         (("--max-download", "nan"), "--max-download must be > 0 MB/s"),

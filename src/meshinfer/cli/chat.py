@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from meshinfer.cli.common import add_config_flags, config_from_args
+from meshinfer.cli.common import add_config_flags
 from meshinfer.cli.generate import (
     IncrementalDetokenizer,
     add_model_flags,
@@ -37,6 +37,7 @@ from meshinfer.cli.generate import (
     model_display_name,
     open_generator,
     resolve_model_dir,
+    sampling_config,
     text_decoder,
 )
 from meshinfer.cli.lan import lan_peers
@@ -158,7 +159,7 @@ def reply(generator: TextGenerator, conversation: Conversation, user: str, param
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
-    sampling = config_from_args(SamplingConfig, args)
+    sampling = sampling_config(args)
     dtype = check_dtype_flag(args.dtype)
     quant = check_quant_flag(args)
     client = client_config(args)

@@ -5,7 +5,9 @@ torch; ``--model demo`` means the built-in demo checkpoint. The model is opened 
 ``open_generator``: ``LocalModel`` (the whole model on this machine), or with ``--initial-peers`` (without them:
 the peers ``cli.lan`` finds on this LAN by mDNS within ``--mdns-browse-s``; none found, or ``--no-mdns``: as
 before, local) the swarm's ``DistributedModel`` (only embeddings, final norm and LM head here; blocks on servers), which
-is closed (leaves the swarm) at the end; both give the same greedy tokens. Both compute on ``--device``
+is closed (leaves the swarm) at the end; both give the same greedy tokens. ``--ignore-eos`` empties the stop set
+(exactly ``--max-new-tokens`` tokens, for benchmarks); ``--logit-bias ID=BIAS ...`` is parsed by
+``sampling_config`` (shared with ``meshinfer chat``). Both compute on ``--device``
 (``ClientConfig.device``, default auto: the first CUDA GPU, else MPS, else the CPU; resolved by ``check_device``
 right after the flags, so a device this machine lacks is one line before anything loads) in ``--dtype`` (auto:
 fp32 on the CPU, bf16 on CUDA, fp16 on MPS; ``--json`` reports the dtype used). Text is streamed through
@@ -33,7 +35,7 @@ from typing import Any, TextIO
 from meshinfer.cli.common import add_config_flags, config_from_args
 from meshinfer.cli.lan import add_mdns_flags, lan_peers
 from meshinfer.client.config import CLI_SKIP, LOCAL_FIELDS, ClientConfig
-from meshinfer.config import SamplingConfig
+from meshinfer.config import SamplingConfig, parse_logit_bias
 from meshinfer.errors import ConfigError
 from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
 from meshinfer.models.generator import GenerationParams, TextGenerator
@@ -247,6 +249,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                         help="how many tokens to generate at most (default: 32)")
     add_config_flags(parser, SamplingConfig)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="do not stop at the model's eos tokens: always generate --max-new-tokens tokens "
+                             "(for benchmarks)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (token ids, text, timings) instead of streaming text")
     parser.set_defaults(func=main)
@@ -260,7 +265,16 @@ def validated(args: argparse.Namespace) -> tuple[SamplingConfig, str]:
     max_download_bytes(args)
     check_quant_flag(args)
     client_config(args)
-    return config_from_args(SamplingConfig, args), check_dtype_flag(args.dtype)
+    return sampling_config(args), check_dtype_flag(args.dtype)
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    """``SamplingConfig`` from the flags ``add_config_flags`` added (``--logit-bias ID=BIAS ...`` parsed), or a
+    one-line ConfigError naming the flag."""
+    overrides = {}
+    if hasattr(args, "logit_bias"):
+        overrides["logit_bias"] = parse_logit_bias(args.logit_bias)
+    return config_from_args(SamplingConfig, args, **overrides)
 
 
 def check_dtype_flag(text: str) -> str:
@@ -315,7 +329,7 @@ def _dtype_name(dtype: object) -> str:
 
 def _generate(args: argparse.Namespace, generator: TextGenerator, sampling: SamplingConfig, dtype: str,
               model_dir: Path, load_s: float) -> int:
-    params = GenerationParams(args.max_new_tokens, sampling)
+    params = GenerationParams(args.max_new_tokens, sampling, frozenset() if args.ignore_eos else None)
     if args.json:
         result = run_generation(generator, args.prompt, params, out=None)
         doc = asdict(result)
