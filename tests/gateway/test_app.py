@@ -75,6 +75,20 @@ def test_completion_ends_at_eos_only_and_counts_length() -> None:
     assert gen.calls[0]["ids"] == [BOS, *ids("go")] and gen.calls[0]["stop_token_ids"] == {EOS}
 
 
+def test_ignore_eos_and_stop_token_ids_set_the_stop_set() -> None:
+    gen = FakeGenerator([*ids("ab"), EOS, IM_END, *ids("cd")])
+    doc = call(gen, post("/v1/chat/completions", chat(ignore_eos=True, max_tokens=6))).json()
+    assert gen.calls[0]["stop_token_ids"] == set()  # neither eos nor end of turn: max_tokens tokens
+    assert doc["usage"]["completion_tokens"] == 6 and doc["choices"][0]["finish_reason"] == "length"
+    call(gen, post("/v1/chat/completions", chat(ignore_eos=True, stop_token_ids=[ord("c")], max_tokens=6)))
+    assert gen.calls[1]["stop_token_ids"] == {ord("c")}
+    call(gen, post("/v1/completions", {"model": "fake", "prompt": "go", "stop_token_ids": [IM_END, 7]}))
+    assert gen.calls[2]["stop_token_ids"] == {EOS, IM_END, 7}
+    gen.spec.vocab_size = 300  # type: ignore[attr-defined]
+    r = call(gen, post("/v1/chat/completions", chat(logit_bias={"300": 5})))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias" and len(gen.calls) == 3
+
+
 def test_completion_with_token_ids_and_eos() -> None:
     gen = FakeGenerator([*ids("xy"), EOS, *ids("z")])
     doc = call(gen, post("/v1/completions", {"model": "fake", "prompt": [104, 105], "max_tokens": 10})).json()
@@ -141,7 +155,7 @@ def test_a_stop_string_that_never_appears_changes_nothing() -> None:
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), [
     ({"model": "other", "messages": USER}, 404, "model_not_found", "model"),
-    (chat(presence_penalty=1.0), 400, "unsupported_parameter", "presence_penalty"),
+    (chat(presence_penalty=2.5), 400, None, "presence_penalty"),
     (chat(max_tokens=250), 400, "context_length_exceeded", "max_tokens"),
     (chat(messages=[{"role": "user", "content": "x" * 300}]), 400, "context_length_exceeded", "messages"),
     (chat(n=17), 400, None, "n"),

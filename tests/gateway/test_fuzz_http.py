@@ -35,7 +35,7 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
 FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "n", "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "logit_bias",
           "repetition_penalty", "presence_penalty", "frequency_penalty", "best_of", "suffix", "response_format",
-          "tools", "user")
+          "tools", "user", "min_p", "ignore_eos", "stop_token_ids")
 token_ids = st.lists(st.integers(min_value=-(2**70), max_value=2**70) | st.integers(0, 300), min_size=1, max_size=6)
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
                                            "content": st.text(max_size=20) | json_values}), max_size=3)

@@ -13,6 +13,7 @@ from meshinfer.gateway.requests import (
     ApiError,
     check_api_key,
     check_model,
+    check_token_ids,
     error_for,
     parse_chat_request,
     parse_completion_request,
@@ -76,6 +77,28 @@ def test_chat_fields_are_carried_over() -> None:
                             {"role": "assistant", "content": "c"})
 
 
+def test_sampling_extensions_are_carried_over() -> None:
+    req = parse_chat_request(chat(presence_penalty=0.5, frequency_penalty=-1, min_p=0.05, ignore_eos=True,
+                                  logit_bias={"7": -100, "42": 2.5, "0": 100}, stop_token_ids=[5, 3, 5]))
+    assert req.sampling == SamplingConfig(temperature=1.0, presence_penalty=0.5, frequency_penalty=-1.0, min_p=0.05,
+                                          logit_bias=((7, -100.0), (42, 2.5), (0, 100.0)))
+    assert req.ignore_eos and req.stop_token_ids == (5, 3)
+    plain = parse_chat_request(chat(logit_bias={}, stop_token_ids=[], ignore_eos=None))
+    assert plain.sampling == SamplingConfig(temperature=1.0) and not plain.ignore_eos and plain.stop_token_ids == ()
+    completion = parse_completion_request({"model": "m", "prompt": "x", "max_tokens": 3, "max_completion_tokens": 8,
+                                           "logit_bias": {"9": -5}, "ignore_eos": True})
+    assert completion.max_tokens == 8 and completion.ignore_eos and completion.sampling.logit_bias == ((9, -5.0),)
+
+
+def test_token_ids_are_checked_against_the_vocabulary() -> None:
+    check_token_ids(parse_chat_request(chat(logit_bias={"99": 1}, stop_token_ids=[99])), 100)
+    check_token_ids(parse_chat_request(chat(logit_bias={"100": 1})), None)  # vocabulary unknown: nothing checked
+    for body, param in ((chat(logit_bias={"100": 1}), "logit_bias"), (chat(stop_token_ids=[3, 100]), "stop_token_ids")):
+        with pytest.raises(ApiError) as info:
+            check_token_ids(parse_chat_request(body), 100)
+        assert (info.value.status, info.value.param) == (400, param) and "vocabulary" in info.value.message
+
+
 @pytest.mark.parametrize(("fields", "param", "needle"), [
     ({"model": None}, "model", "model"),
     ({"messages": []}, "messages", "non-empty"),
@@ -96,14 +119,31 @@ def test_chat_fields_are_carried_over() -> None:
     ({"stop": 5}, "stop", "string"),
     ({"n": 17}, "n", "n must be in 1..16"),
     ({"n": 0}, "n", ">= 1"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
-    ({"frequency_penalty": -1}, "frequency_penalty", "not supported"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+    ({"presence_penalty": "1"}, "presence_penalty", "number"),
     ({"frequency_penalty": 5}, "frequency_penalty", "[-2, 2]"),
+    ({"min_p": 1.5}, "min_p", "[0, 1]"),
+    ({"min_p": -0.1}, "min_p", "[0, 1]"),
+    ({"logit_bias": [[1, 5]]}, "logit_bias", "object"),
+    ({"logit_bias": {"a": 5}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"-1": 5}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"1.5": 5}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"99999999999": 5}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"1": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"1": "5"}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"1": True}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"1": float("nan")}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", "at most 1024"),
+    ({"ignore_eos": "yes"}, "ignore_eos", "boolean"),
+    ({"stop_token_ids": 5}, "stop_token_ids", "list"),
+    ({"stop_token_ids": [1, "2"]}, "stop_token_ids", "list"),
+    ({"stop_token_ids": [1, True]}, "stop_token_ids", "list"),
+    ({"stop_token_ids": [-3]}, "stop_token_ids", ">= 0"),
+    ({"stop_token_ids": list(range(257))}, "stop_token_ids", "at most 256"),
     ({"logprobs": 1}, "logprobs", "boolean"),
     ({"top_logprobs": 3}, "top_logprobs", "requires logprobs: true"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", ">= 0"),
-    ({"logit_bias": {"1": 5}}, "logit_bias", "logit_bias"),
     ({"tools": [{"type": "function"}]}, "tools", "tool"),
     ({"response_format": {"type": "json_object"}}, "response_format", "text"),
     ({"stream": "yes"}, "stream", "boolean"),
@@ -144,6 +184,8 @@ def test_completion_prompts(prompt: Any, want: Any) -> None:
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": "x", "echo": 1}, "echo"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
@@ -259,7 +301,7 @@ SURROGATE = "a\ud800b"  # what the JSON escape "\\ud800" decodes to: not encodab
     (parse_chat_request, chat(temperature=float("nan")), "temperature"),
     (parse_chat_request, chat(top_p=float("inf")), "top_p"),
     (parse_chat_request, chat(n=10**30), "n"),
-    (parse_chat_request, chat(logit_bias={"5": 100}), "logit_bias"),
+    (parse_chat_request, chat(logit_bias={"5": 1e308 * 10}), "logit_bias"),
 ])
 def test_inputs_that_were_500s_are_400s(parse: Any, body: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as info:

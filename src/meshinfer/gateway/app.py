@@ -18,7 +18,8 @@ model (503 with the reason) or a context error is a proper HTTP error even for `
 Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
 {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away (a failed send, or
 ``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
-replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A completion with ``echo``
+replies end at the model's eos and end-of-turn tokens; completions at the eos ids (neither with ``ignore_eos``;
+``stop_token_ids`` are added to either). A completion with ``echo``
 answers the prompt first (scored by the generator when logprobs are asked for: one more pass over the prompt,
 inside the request's slot), then the completion. Decoding the JSON, validating it, rendering and tokenising
 the prompt run on one worker thread, off the event loop, so one huge request never stalls the others (e.g.
@@ -56,6 +57,7 @@ from meshinfer.gateway.requests import (
     check_api_key,
     check_model,
     check_prompt_chars,
+    check_token_ids,
     error_for,
     parse_chat_request,
     parse_completion_request,
@@ -124,6 +126,7 @@ class Gateway:
         """The request's prompt as token ids (on the worker thread: see ``offload``)."""
         tokenizer = self.generator.tokenizer
         context = self.generator.spec.max_position_embeddings
+        check_token_ids(req, self.vocab_size)
         if req.kind == "completion":
             if isinstance(req.prompt, tuple):
                 if self.vocab_size is not None and max(req.prompt) >= self.vocab_size:
@@ -173,7 +176,8 @@ class Gateway:
         sampling = req.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
-        stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        stops = frozenset[int]() if req.ignore_eos else self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        stops = stops | frozenset(req.stop_token_ids)
         params = GenerationParams.of(max_tokens, sampling, stops, req.top_logprobs)
         pieces = generate_text(self.generator, ids, params, req.stop, outcome)
         if req.echo:

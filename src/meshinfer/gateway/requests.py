@@ -3,9 +3,13 @@
 Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP framework, no torch, no
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
-``param``) for anything malformed or unsupported by the engine: ``n`` over 16, non-zero ``presence_penalty`` /
-``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``best_of`` > 1, ``suffix``,
-several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
+``param``) for anything malformed or unsupported by the engine: ``n`` over 16, tools, non-text
+``response_format``, ``best_of`` > 1, ``suffix``, several prompts. Sampling takes OpenAI's ``presence_penalty`` /
+``frequency_penalty`` (in [-2, 2]) and ``logit_bias`` (token-id strings to numbers in [-100, 100], at most 1024;
+``check_token_ids`` checks the ids against the vocabulary once the gateway knows it), and vLLM's extensions
+``min_p``, ``ignore_eos`` (no eos / end-of-turn stop; stop strings still apply) and ``stop_token_ids`` (added to
+the stop set); ``max_completion_tokens`` is a synonym of ``max_tokens`` in both endpoints (it wins when both are
+given). ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
 completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and None
 when none were asked for. Completions take ``echo`` (the prompt comes back before the answer, with its own
 tokens' logprobs when asked: how evaluation harnesses score a text), and then ``max_tokens`` may be 0. Unknown
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshinfer.client.routing import NoRouteError
-from meshinfer.config import SamplingConfig
+from meshinfer.config import MAX_LOGIT_BIAS, SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError
 
 MAX_STOP_STRINGS = 4
@@ -37,6 +41,8 @@ MAX_CHOICES = 16
 """The most choices (``n``) one request may ask for: each is a generation of its own on the swarm."""
 SEED_RANGE = (-(2**63), 2**63 - 1)
 """Accepted ``seed`` values (int64, as the OpenAI API documents; choice i samples with ``seed + i``)."""
+MAX_STOP_TOKEN_IDS = 256
+"""The most ``stop_token_ids`` one request may give (``wire.sealed.MAX_STOP_IDS``, with the model's own)."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -96,6 +102,10 @@ class GenerationRequest:
     """Completion: answer with the prompt followed by the completion (and the prompt's logprobs)."""
     n: int = 1
     """How many choices to generate (1..16); with a ``seed``, choice i samples with ``seed + i``."""
+    ignore_eos: bool = False
+    """vLLM's extension: do not stop at the model's eos / end-of-turn tokens (stop strings still apply)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """vLLM's extension: more token ids that end the generation (added to the stop set)."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -233,14 +243,61 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings) to biases in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias must be an object mapping token ids (strings) to numbers", param="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(value)}", param="logit_bias")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key.strip()
+        if not (token.isascii() and token.isdigit()) or len(token) > 10:
+            raise bad(f"logit_bias keys must be token ids (non-negative integers as strings), got {key[:32]!r}",
+                      param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise bad(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}", param="logit_bias")
+        pairs[int(token)] = float(bias)  # "7" and "07" name one token: the last one given wins
+    return tuple(pairs.items())
+
+
+def _stop_token_ids(body: dict[str, Any]) -> tuple[int, ...]:
+    value = body.get("stop_token_ids")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad("stop_token_ids must be a list of token ids (integers)", param="stop_token_ids")
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(value)}", param="stop_token_ids")
+    if any(t < 0 for t in value):
+        raise bad(f"token ids must be >= 0, got {min(value)}", param="stop_token_ids")
+    return tuple(dict.fromkeys(value))
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"{name} must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def check_token_ids(req: GenerationRequest, vocab_size: int | None) -> None:
+    """400 when ``logit_bias`` or ``stop_token_ids`` name a token past the vocabulary (``vocab_size`` None:
+    unknown, nothing checked)."""
+    if vocab_size is None:
+        return
+    for param, ids in (("logit_bias", [t for t, _ in req.sampling.logit_bias]), ("stop_token_ids", req.stop_token_ids)):
+        if ids and max(ids) >= vocab_size:
+            raise bad(f"token id {max(ids)} is not in the model's vocabulary (ids 0..{vocab_size - 1})", param=param)
+
+
 def _unsupported(body: dict[str, Any]) -> None:
     """400 for parameters the engine cannot honour (rather than silently ignoring them)."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(f"{name} is not supported by this engine (only 0 is accepted); use repetition_penalty",
-                      param=name, code="unsupported_parameter")
-    if body.get("logit_bias"):
-        raise bad("logit_bias is not supported by this gateway", param="logit_bias", code="unsupported_parameter")
     if body.get("tools") or body.get("functions"):
         raise bad("tool and function calling are not supported by this gateway", param="tools",
                   code="unsupported_parameter")
@@ -276,6 +333,10 @@ def _common(body: Any) -> dict[str, Any]:
             top_k=max(0, top_k or 0),  # -1 (vLLM's "disabled") and 0 both disable it
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
             seed=_seed(body),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            logit_bias=_logit_bias(body),
         )
     except ConfigError as err:  # the ranges above should already exclude this
         raise bad(str(err)) from None
@@ -283,7 +344,8 @@ def _common(body: Any) -> dict[str, Any]:
     if n > MAX_CHOICES:
         raise bad(f"n must be in 1..{MAX_CHOICES}, got {n}", param="n")
     return {"model": model, "sampling": sampling, "stop": _stop(body), "stream": stream,
-            "include_usage": include_usage, "n": n}
+            "include_usage": include_usage, "n": n, "ignore_eos": _flag(body, "ignore_eos"),
+            "stop_token_ids": _stop_token_ids(body)}
 
 
 def _content(message: dict[str, Any], index: int) -> str:
@@ -336,7 +398,9 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     echo = body.get("echo", False)
     if not isinstance(echo, bool | None):
         raise bad(f"echo must be a boolean, got {echo!r}", param="echo")
-    max_tokens = _integer(body, "max_tokens", low=0)
+    max_tokens = _integer(body, "max_completion_tokens", low=0)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", low=0)
     if max_tokens == 0 and not echo:
         raise bad("max_tokens must be >= 1 (0 only with echo: true)", param="max_tokens")
     best_of = _integer(body, "best_of", low=1)
