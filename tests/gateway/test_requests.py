@@ -139,7 +139,7 @@ def test_token_ids_are_checked_against_the_vocabulary() -> None:
     ({"stop_token_ids": [1, "2"]}, "stop_token_ids", "list"),
     ({"stop_token_ids": [1, True]}, "stop_token_ids", "list"),
     ({"stop_token_ids": [-3]}, "stop_token_ids", ">= 0"),
-    ({"stop_token_ids": list(range(257))}, "stop_token_ids", "at most 256"),
+    ({"stop_token_ids": list(range(129))}, "stop_token_ids", "at most 128"),
     ({"logprobs": 1}, "logprobs", "boolean"),
     ({"top_logprobs": 3}, "top_logprobs", "requires logprobs: true"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),

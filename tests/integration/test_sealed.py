@@ -81,6 +81,12 @@ def test_sealed_tokens_equal_local(sealed: Sealed) -> None:
     sampling = SamplingConfig(temperature=0.9, top_p=0.9, seed=1234)
     want = sealed.local.generate(ids, 12, sampling)  # type: ignore[attr-defined]
     assert sealed.sealed.generate(ids, 12, sampling) == want  # type: ignore[attr-defined]
+    # issue 24's sampling settings travel sealed too; an empty stop set (ignore_eos) runs to the last token
+    sampling = SamplingConfig(temperature=0.8, min_p=0.05, presence_penalty=0.6, frequency_penalty=0.4, seed=5,
+                              logit_bias=((want[0], -100.0), (7, 3.0)))
+    want = sealed.local.generate(ids, 12, sampling, stop_token_ids=())  # type: ignore[attr-defined]
+    assert sealed.sealed.generate(ids, 12, sampling, stop_token_ids=()) == want  # type: ignore[attr-defined]
+    assert len(want) == 12
     from meshinfer.errors import ConfigError
     from meshinfer.models.generator import GenerationParams
 

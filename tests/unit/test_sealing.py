@@ -216,3 +216,22 @@ def test_full_nodes_are_online_whole_model_servers_with_a_key() -> None:
                rec("draining", state="draining"), rec("other", model="f" * 32), rec("banned", throughput=99.0)]
     assert [r.peer_id for r in full_nodes(records, MODEL, 4, avoid={"banned"})] == ["fast", "slow", "banned"]
     assert full_nodes(records, MODEL, 5) == []
+
+
+def test_every_sampling_setting_travels_sealed_and_stays_bounded() -> None:
+    from meshinfer.client.sealed import request_body
+    from meshinfer.config import SamplingConfig
+    from meshinfer.errors import ConfigError
+    from meshinfer.models.generator import GenerationParams
+
+    sampling = SamplingConfig(temperature=0.7, presence_penalty=0.5, frequency_penalty=-1.0, min_p=0.1,
+                              logit_bias=((5, -100.0), (9, 2.5)), seed=3)
+    body = decode_body(encode_body(request_body([1, 2], GenerationParams(4, sampling, frozenset()), MODEL)))
+    assert (body.presence_penalty, body.frequency_penalty, body.min_p) == (0.5, -1.0, 0.1)
+    assert body.logit_bias == [(5, -100.0), (9, 2.5)] and body.stop_ids == b""  # ignore_eos: an empty stop set
+    for bad in ({"min_p": 1.5}, {"presence_penalty": 3.0}, {"logit_bias": [(1, 101.0)]}, {"logit_bias": [(-1, 1.0)]},
+                {"logit_bias": [(i, 1.0) for i in range(1025)]}):
+        with pytest.raises(WireError):
+            decode_body(encode_body(msgspec.structs.replace(body, **bad)))
+    with pytest.raises(ConfigError, match="constrained decoding"):
+        request_body([1], GenerationParams(4, sampling, None, constraint=lambda: None), MODEL)  # type: ignore[arg-type,return-value]

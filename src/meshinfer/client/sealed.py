@@ -14,8 +14,10 @@ raises ``TransportError``. Before the first token, a refusal that another full n
 ``overloaded``, ``unreachable``, a failed dial) moves on to the next full node (the peer backs off in the view's
 bans), and when every one answered ``not_served`` (keys change when a server restarts) the records are read again
 and each tried once more; after it, errors are raised (no failover mid-generation: the full node holds the only KV
-cache). The tokens are those of ``LocalModel`` on the node's weights: the node runs the same generation loop. Not
-available: ``top_logprobs`` (a ``ConfigError``). Knows nothing of torch beyond ``ScoredToken``.
+cache). The tokens are those of ``LocalModel`` on the node's weights: the node runs the same generation loop (every
+``SamplingConfig`` field travels: penalties, ``min_p``, ``logit_bias``; an empty stop set, ``ignore_eos``, too). Not
+available: ``top_logprobs`` and constraints (grammars; each a ``ConfigError``). Knows nothing of torch beyond
+``ScoredToken``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Error, decode_message
 from meshinfer.wire.records import ServerRecord
 from meshinfer.wire.sealed import (
+    MAX_STOP_IDS,
     REQUEST_ID_BYTES,
     SEALED_PROTOCOL,
     SEALED_RELAY_PROTOCOL,
@@ -100,12 +103,19 @@ def request_body(ids: list[int], params: GenerationParams, model_id: str) -> Req
     """The generation as the full node will read it (a fresh random request id, the time now)."""
     if params.top_logprobs is not None:
         raise ConfigError("top_logprobs are not available for sealed requests (--sealed)")
+    if params.constraint is not None:
+        raise ConfigError("constrained decoding (a grammar, response_format, tools) is not available for sealed "
+                          "requests (--sealed)")
+    if params.stop_token_ids is not None and len(params.stop_token_ids) > MAX_STOP_IDS:
+        raise ConfigError(f"a sealed request takes at most {MAX_STOP_IDS} stop token ids, got "
+                          f"{len(params.stop_token_ids)}")
     s = params.sampling
     stops = None if params.stop_token_ids is None else pack_ids(sorted(params.stop_token_ids))
     return RequestBody(request_id=os.urandom(REQUEST_ID_BYTES), timestamp=time.time(), model_id=model_id,
                        prompt=pack_ids(ids), max_new_tokens=params.max_new_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
-                       stop_ids=stops)
+                       stop_ids=stops, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                       min_p=s.min_p, logit_bias=list(s.logit_bias))
 
 
 async def agenerate_sealed(view: SwarmView, model: ModelRef, ids: list[int], params: GenerationParams,

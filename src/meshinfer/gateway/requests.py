@@ -41,8 +41,8 @@ MAX_CHOICES = 16
 """The most choices (``n``) one request may ask for: each is a generation of its own on the swarm."""
 SEED_RANGE = (-(2**63), 2**63 - 1)
 """Accepted ``seed`` values (int64, as the OpenAI API documents; choice i samples with ``seed + i``)."""
-MAX_STOP_TOKEN_IDS = 256
-"""The most ``stop_token_ids`` one request may give (``wire.sealed.MAX_STOP_IDS``, with the model's own)."""
+MAX_STOP_TOKEN_IDS = 128
+"""The most ``stop_token_ids`` one request may give (with the model's own, within ``wire.sealed.MAX_STOP_IDS``)."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -195,7 +195,10 @@ class SealedService:
         try:
             ids = check_prompt(full.spec, unpack_ids(body.prompt), body.max_new_tokens)
             sampling = SamplingConfig(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                      repetition_penalty=body.repetition_penalty, seed=body.seed)
+                                      repetition_penalty=body.repetition_penalty, seed=body.seed,
+                                      presence_penalty=body.presence_penalty,
+                                      frequency_penalty=body.frequency_penalty, min_p=body.min_p,
+                                      logit_bias=tuple(body.logit_bias))
             stops = None if body.stop_ids is None else frozenset(unpack_ids(body.stop_ids))
             params = GenerationParams(body.max_new_tokens, sampling, stops)
             wanted = len(ids) + body.max_new_tokens

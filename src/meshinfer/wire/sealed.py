@@ -35,6 +35,8 @@ SEALED_VERSION: Final = 1
 MAX_PROMPT_TOKENS: Final = 131072
 MAX_NEW_TOKENS: Final = 131072
 MAX_STOP_IDS: Final = 256
+MAX_LOGIT_BIAS: Final = 1024
+"""The most (token id, bias) pairs of a request's ``logit_bias`` (``config.MAX_LOGIT_BIAS``)."""
 MAX_SEALED_BYTES: Final = 4 * MAX_PROMPT_TOKENS + 64 * 1024
 """Largest sealed request blob (the prompt's ids, the settings, padding, HPKE's enc and tag)."""
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -122,6 +124,9 @@ def decode_sealed(data: bytes | memoryview) -> SealedMessage:
 # ---- inside the seal ----------------------------------------------------------------------------
 
 PackedIds = Annotated[bytes, msgspec.Meta(max_length=4 * MAX_PROMPT_TOKENS)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 
 
 class RequestBody(msgspec.Struct, frozen=True):
@@ -142,6 +147,11 @@ class RequestBody(msgspec.Struct, frozen=True):
     stop_ids: Annotated[bytes, msgspec.Meta(max_length=4 * MAX_STOP_IDS)] | None = None
     """Packed stop token ids; None: the model's eos ids."""
     tokens_per_frame: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_PER_FRAME)] = 1
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    logit_bias: Annotated[list[tuple[TokenId, Bias]], msgspec.Meta(max_length=MAX_LOGIT_BIAS)] = []
+    """(token id, bias) pairs added to the raw logits (``SamplingConfig.logit_bias``)."""
     v: int = SEALED_VERSION
 
 
