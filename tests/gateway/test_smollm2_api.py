@@ -12,6 +12,7 @@ import openai
 import pytest
 from gateway_helpers import local_chat
 
+from meshinfer.config import SamplingConfig
 from meshinfer.models.engine import LocalModel
 from meshinfer.testing.procs import ManagedProcess, meshinfer_argv, wait_gone
 from meshinfer.testing.swarm import LocalSwarm
@@ -44,8 +45,14 @@ def api(smollm2_gguf: Path) -> Iterator[tuple[dict[str, str], LocalSwarm]]:
     assert not wait_gone(tree, timeout=10), f"processes left behind: {tree}"
 
 
+@pytest.fixture(scope="module")
+def local_int4(smollm2_gguf: Path) -> LocalModel:
+    """The local engine on the same int4 weights (the servers' answers must be its own, word for word)."""
+    return LocalModel.from_pretrained(smollm2_gguf, quant="int4", head_quant="none")
+
+
 def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict[str, str], LocalSwarm],
-                                                                  smollm2_gguf: Path) -> None:
+                                                                  local_int4: LocalModel) -> None:
     info, swarm = api
     assert info["model"] == "smollm2" and info["model_id"] == swarm.model_id
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
@@ -54,8 +61,7 @@ def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict
         streamed = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24,
                                                   stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    want, prompt, reply, finish = local_chat(LocalModel.from_pretrained(smollm2_gguf, quant="int4", head_quant="none"),
-                                             QUESTION, 24)
+    want, prompt, reply, finish = local_chat(local_int4, QUESTION, 24)
     assert got.choices[0].message.content == want and got.choices[0].finish_reason == finish
     assert got.usage is not None and (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt), len(reply))
     assert text == want
@@ -63,3 +69,53 @@ def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict
     doc = httpx.get(info["url"] + "/api/swarm", timeout=30).json()  # the dashboard's data: modes and sizes
     servers = doc["models"][0]["servers"]
     assert [s["quant"] for s in servers] == ["int4"] * 3 and all(s["weight_bytes"] > 0 for s in servers)
+
+
+# ---- issue 24: sampling settings on the real model's logits, through the official client --------------------------
+
+YES_NO = [{"role": "user", "content": "Reply with one word: yes or no?"}]
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def test_logit_bias_forces_and_bans_first_tokens(api: tuple[dict[str, str], LocalSwarm],
+                                                 local_int4: LocalModel) -> None:
+    info, _ = api
+    tok = local_int4.tokenizer
+    forced = int(tok.encode("Banana")[0])
+    _, _, plain, _ = local_chat(local_int4, YES_NO, 4)
+    banned = plain[0]  # the greedy first token ("Yes")
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        up = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=1,
+                                            logit_bias={str(forced): 100})
+        down = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=4,
+                                              logit_bias={str(banned): -100})
+    assert up.choices[0].message.content == tok.decode([forced])
+    want, _, reply, _ = local_chat(local_int4, YES_NO, 4, SamplingConfig(logit_bias=((banned, -100.0),)))
+    assert reply[0] != banned
+    assert down.choices[0].message.content == want
+
+
+def test_presence_and_frequency_penalties_answer_like_the_local_engine(api: tuple[dict[str, str], LocalSwarm],
+                                                                       local_int4: LocalModel) -> None:
+    info, _ = api
+    penalised = SamplingConfig(frequency_penalty=1.0, presence_penalty=0.5)
+    want, _, _, _ = local_chat(local_int4, POEM, 16, penalised)
+    assert want != local_chat(local_int4, POEM, 16)[0]  # the penalties do change this answer
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        got = client.chat.completions.create(model="smollm2", messages=POEM, temperature=0, max_tokens=16,
+                                             frequency_penalty=1.0, presence_penalty=0.5)
+    assert got.choices[0].message.content == want
+
+
+def test_ignore_eos_generates_exactly_max_tokens(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    info, _ = api
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        plain = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=10)
+        forced = client.completions.create(model="smollm2", prompt="Yes or no? Answer:", temperature=0, max_tokens=10,
+                                           extra_body={"ignore_eos": True, "min_p": 0.1})
+        chat = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=10,
+                                              extra_body={"ignore_eos": True})
+    assert plain.choices[0].finish_reason == "stop" and plain.usage is not None
+    assert plain.usage.completion_tokens < 10  # it would end early ("Yes." then the end of turn)
+    assert chat.usage is not None and chat.usage.completion_tokens == 10 and chat.choices[0].finish_reason == "length"
+    assert forced.usage is not None and forced.usage.completion_tokens == 10
