@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import openai
 import pytest
 from gateway_helpers import local_chat
+from openai.types.chat import ChatCompletionMessageParam
 
 from meshinfer.config import SamplingConfig
 from meshinfer.models.engine import LocalModel
@@ -20,6 +22,10 @@ from meshinfer.testing.swarm import LocalSwarm
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _api(messages: list[dict[str, str]]) -> list[ChatCompletionMessageParam]:
+    return cast(list[ChatCompletionMessageParam], messages)  # the same plain dicts, as the client types them
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,9 @@ def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict
     assert info["model"] == "smollm2" and info["model_id"] == swarm.model_id
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
         assert [m.id for m in client.models.list().data] == ["smollm2"]
-        got = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
-        streamed = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24,
-                                                  stream=True)
+        got = client.chat.completions.create(model="smollm2", messages=_api(QUESTION), temperature=0, max_tokens=24)
+        streamed = client.chat.completions.create(model="smollm2", messages=_api(QUESTION), temperature=0,
+                                                  max_tokens=24, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     want, prompt, reply, finish = local_chat(local_int4, QUESTION, 24)
     assert got.choices[0].message.content == want and got.choices[0].finish_reason == finish
@@ -77,6 +83,7 @@ YES_NO = [{"role": "user", "content": "Reply with one word: yes or no?"}]
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
+
 def test_logit_bias_forces_and_bans_first_tokens(api: tuple[dict[str, str], LocalSwarm],
                                                  local_int4: LocalModel) -> None:
     info, _ = api
@@ -85,9 +92,9 @@ def test_logit_bias_forces_and_bans_first_tokens(api: tuple[dict[str, str], Loca
     _, _, plain, _ = local_chat(local_int4, YES_NO, 4)
     banned = plain[0]  # the greedy first token ("Yes")
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
-        up = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=1,
+        up = client.chat.completions.create(model="smollm2", messages=_api(YES_NO), temperature=0, max_tokens=1,
                                             logit_bias={str(forced): 100})
-        down = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=4,
+        down = client.chat.completions.create(model="smollm2", messages=_api(YES_NO), temperature=0, max_tokens=4,
                                               logit_bias={str(banned): -100})
     assert up.choices[0].message.content == tok.decode([forced])
     want, _, reply, _ = local_chat(local_int4, YES_NO, 4, SamplingConfig(logit_bias=((banned, -100.0),)))
@@ -102,7 +109,7 @@ def test_presence_and_frequency_penalties_answer_like_the_local_engine(api: tupl
     want, _, _, _ = local_chat(local_int4, POEM, 16, penalised)
     assert want != local_chat(local_int4, POEM, 16)[0]  # the penalties do change this answer
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
-        got = client.chat.completions.create(model="smollm2", messages=POEM, temperature=0, max_tokens=16,
+        got = client.chat.completions.create(model="smollm2", messages=_api(POEM), temperature=0, max_tokens=16,
                                              frequency_penalty=1.0, presence_penalty=0.5)
     assert got.choices[0].message.content == want
 
@@ -110,10 +117,10 @@ def test_presence_and_frequency_penalties_answer_like_the_local_engine(api: tupl
 def test_ignore_eos_generates_exactly_max_tokens(api: tuple[dict[str, str], LocalSwarm]) -> None:
     info, _ = api
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
-        plain = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=10)
+        plain = client.chat.completions.create(model="smollm2", messages=_api(YES_NO), temperature=0, max_tokens=10)
         forced = client.completions.create(model="smollm2", prompt="Yes or no? Answer:", temperature=0, max_tokens=10,
                                            extra_body={"ignore_eos": True, "min_p": 0.1})
-        chat = client.chat.completions.create(model="smollm2", messages=YES_NO, temperature=0, max_tokens=10,
+        chat = client.chat.completions.create(model="smollm2", messages=_api(YES_NO), temperature=0, max_tokens=10,
                                               extra_body={"ignore_eos": True})
     assert plain.choices[0].finish_reason == "stop" and plain.usage is not None
     assert plain.usage.completion_tokens < 10  # it would end early ("Yes." then the end of turn)

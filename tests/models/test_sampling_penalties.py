@@ -4,6 +4,8 @@ rendering of OpenAI's documented penalty formula; and speculative decoding with 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,10 @@ from meshinfer.models.speculate import accept, prompt_lookup
 VOCAB = 97
 
 
+def _ids(history: list[int]) -> torch.LongTensor:
+    return cast(torch.LongTensor, torch.tensor([history], dtype=torch.long))  # [1, n]
+
+
 def _case(seed: int) -> tuple[torch.Tensor, list[int], list[tuple[int, float]]]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(VOCAB, generator=g) * 3.0  # [vocab]
@@ -39,7 +45,7 @@ def test_logit_bias_matches_hf_sequence_bias(seed: int) -> None:
     logits, history, pairs = _case(seed)
     ours = apply_logit_bias(logits.clone(), LogitBias(pairs))
     hf = SequenceBiasLogitsProcessor([[[t], b] for t, b in pairs])
-    theirs = hf(torch.tensor([history]), logits[None].clone())[0]
+    theirs = hf(_ids(history), logits[None].clone())[0]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert not torch.equal(ours, logits)
 
@@ -73,7 +79,7 @@ def test_presence_frequency_match_openais_formula_over_generated_tokens_only(pre
 def _hf_chain(logits: torch.Tensor, history: list[int], cfg: SamplingConfig) -> torch.Tensor:
     """``transformers``' processors in ``_get_logits_processor``'s order (sequence bias, repetition penalty,
     temperature, top-k, top-p, min-p)."""
-    ids = torch.tensor([history], dtype=torch.long)  # [1, n]
+    ids = _ids(history)  # [1, n]
     scores = logits[None].clone()  # [1, vocab]
     if cfg.logit_bias:
         scores = SequenceBiasLogitsProcessor([[[t], b] for t, b in cfg.logit_bias])(ids, scores)
