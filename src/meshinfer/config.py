@@ -51,11 +51,12 @@ class SamplingConfig:
     repetition_penalty: float = doc(1.0, "divide (multiply if negative) logits of seen tokens; 1 disables")
     seed: int | None = doc(None, "random seed for sampling (same seed, same tokens)")
     presence_penalty: float = doc(0.0, "subtract P from the logit of every token already generated (OpenAI's "
-                                       "presence_penalty, in [-2, 2]; the prompt does not count); 0 disables")
+                                       "presence_penalty, in [-2, 2]; the prompt does not count); 0 disables",
+                                       metavar="P")
     frequency_penalty: float = doc(0.0, "subtract F times its count from the logit of every token already generated "
                                         "(OpenAI's frequency_penalty, in [-2, 2]; the prompt does not count); 0 "
-                                        "disables")
-    min_p: float = doc(0.0, "drop tokens less likely than MIN_P times the most likely one (after temperature, "
+                                        "disables", metavar="F")
+    min_p: float = doc(0.0, "drop tokens less likely than P times the most likely one (after temperature, "
                             "top-k and top-p; in [0, 1]); 0 disables")
     logit_bias: tuple[tuple[int, float], ...] = doc((), "add BIAS (in [-100, 100]) to token ID's logit before "
                                                         "anything else, e.g. --logit-bias 42=5.5 7=-100 (-100 "
