@@ -1,7 +1,7 @@
 """Speculative decoding through real server processes (``client.speculative``): the same greedy tokens with
 speculation on and off, audited or not, with a server SIGKILLed mid-generation, concurrent sessions through one
-``DistributedModel`` (batched LM head), and a seeded sampled generation. One swarm for the module: two servers
-for every span (a failover and an audit shadow each have somewhere to go)."""
+``DistributedModel`` (batched LM head), a seeded sampled generation, and penalties / logit_bias (issue 24). One
+swarm for the module: two servers for every span (a failover and an audit shadow each have somewhere to go)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,18 @@ def test_concurrent_sessions_and_a_seeded_sampled_generation(swarm: LocalSwarm, 
         local = LocalModel.from_pretrained(model_dir).generate(PROMPT, NEW_TOKENS, sampling, stop_token_ids=())
         assert first == local  # one draw per token, in order: what plain decoding draws
         assert client.speculation.verify_steps > 0
+
+
+def test_penalties_and_logit_bias_with_speculation_give_plain_decodings_tokens(swarm: LocalSwarm,
+                                                                               model_dir: Path) -> None:
+    # issue 24: presence/frequency penalties count each row's own generated tokens, so accepting drafts changes
+    # nothing: greedy and seeded sampling through the speculating swarm equal the local engine's plain decoding
+    local = LocalModel.from_pretrained(model_dir)
+    configs = [SamplingConfig(presence_penalty=0.3, frequency_penalty=0.2, logit_bias=((PROMPT[1], 1.5),)),
+               SamplingConfig(temperature=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.2, seed=7)]
+    with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False) as client:
+        for sampling in configs:
+            before = client.speculation.accepted
+            got = client.generate(PROMPT, NEW_TOKENS, sampling=sampling, stop_token_ids=())
+            assert got == local.generate(PROMPT, NEW_TOKENS, sampling, stop_token_ids=()), sampling
+            assert client.speculation.accepted > before, sampling  # drafts were accepted under the penalties
