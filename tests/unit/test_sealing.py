@@ -229,6 +229,10 @@ def test_every_sampling_setting_travels_sealed_and_stays_bounded() -> None:
     body = decode_body(encode_body(request_body([1, 2], GenerationParams(4, sampling, frozenset()), MODEL)))
     assert (body.presence_penalty, body.frequency_penalty, body.min_p) == (0.5, -1.0, 0.1)
     assert body.logit_bias == [(5, -100.0), (9, 2.5)] and body.stop_ids == b""  # ignore_eos: an empty stop set
+    assert body.v == 2  # a full node that predates these fields refuses the body rather than ignore them
+    assert decode_body(encode_body(request_body([1], GenerationParams(4, SamplingConfig()), MODEL))).v == 1
+    with pytest.raises(WireError, match="version 3"):
+        decode_body(encode_body(msgspec.structs.replace(body, v=3)))
     for bad in ({"min_p": 1.5}, {"presence_penalty": 3.0}, {"logit_bias": [(1, 101.0)]}, {"logit_bias": [(-1, 1.0)]},
                 {"logit_bias": [(i, 1.0) for i in range(1025)]}):
         with pytest.raises(WireError):

@@ -41,10 +41,12 @@ from meshinfer.types import BlockRange
 from meshinfer.wire.messages import Error, decode_message
 from meshinfer.wire.records import ServerRecord
 from meshinfer.wire.sealed import (
+    BODY_SAMPLING_VERSION,
     MAX_STOP_IDS,
     REQUEST_ID_BYTES,
     SEALED_PROTOCOL,
     SEALED_RELAY_PROTOCOL,
+    SEALED_VERSION,
     RelayOpen,
     RequestBody,
     SealedCode,
@@ -111,11 +113,13 @@ def request_body(ids: list[int], params: GenerationParams, model_id: str) -> Req
                           f"{len(params.stop_token_ids)}")
     s = params.sampling
     stops = None if params.stop_token_ids is None else pack_ids(sorted(params.stop_token_ids))
+    extended = bool(s.presence_penalty or s.frequency_penalty or s.min_p or s.logit_bias)  # see BODY_SAMPLING_VERSION
     return RequestBody(request_id=os.urandom(REQUEST_ID_BYTES), timestamp=time.time(), model_id=model_id,
                        prompt=pack_ids(ids), max_new_tokens=params.max_new_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
                        stop_ids=stops, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                       min_p=s.min_p, logit_bias=list(s.logit_bias))
+                       min_p=s.min_p, logit_bias=list(s.logit_bias),
+                       v=BODY_SAMPLING_VERSION if extended else SEALED_VERSION)
 
 
 async def agenerate_sealed(view: SwarmView, model: ModelRef, ids: list[int], params: GenerationParams,

@@ -13,7 +13,8 @@ clear (what any relay, gateway host or network observer sees)::
 decided before it is opened, or say only that it did not open or was a replay); everything about the generation
 itself, errors included, travels sealed (``TokensOut.error``). Token ids are packed as fixed-width u32
 (``pack_ids``), so a frame's size depends on how many tokens it holds, never on which. Sizes are bounded by the
-schema (``MAX_SEALED_BYTES``, ``MAX_FRAME_BYTES``, ``MAX_PROMPT_TOKENS``...), enforced while decoding. Pure: no I/O,
+schema (``MAX_SEALED_BYTES``, ``MAX_FRAME_BYTES``, ``MAX_PROMPT_TOKENS``, ``MAX_LOGIT_BIAS``...), enforced while
+decoding; a body using issue 24's sampling fields is version ``BODY_SAMPLING_VERSION``. Pure: no I/O,
 never pickles.
 """
 
@@ -37,6 +38,10 @@ MAX_NEW_TOKENS: Final = 131072
 MAX_STOP_IDS: Final = 256
 MAX_LOGIT_BIAS: Final = 1024
 """The most (token id, bias) pairs of a request's ``logit_bias`` (``config.MAX_LOGIT_BIAS``)."""
+BODY_SAMPLING_VERSION: Final = 2
+"""``RequestBody.v`` of a body that sets any of issue 24's sampling fields (penalties, ``min_p``, ``logit_bias``):
+a full node that predates them refuses it (another version) instead of silently sampling without them. Bodies
+without them keep ``SEALED_VERSION``; this peer reads both."""
 MAX_SEALED_BYTES: Final = 4 * MAX_PROMPT_TOKENS + 64 * 1024
 """Largest sealed request blob (the prompt's ids, the settings, padding, HPKE's enc and tag)."""
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -180,8 +185,9 @@ def decode_body(data: bytes) -> RequestBody:
         body = _body_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
         raise WireError(f"malformed sealed request body: {str(err)[:200]}") from None
-    if body.v != SEALED_VERSION:
-        raise WireError(f"sealed request version {body.v}, this peer reads {SEALED_VERSION}")
+    if body.v not in (SEALED_VERSION, BODY_SAMPLING_VERSION):
+        raise WireError(f"sealed request version {body.v}, this peer reads {SEALED_VERSION} and "
+                        f"{BODY_SAMPLING_VERSION}")
     if len(body.prompt) % 4 or not body.prompt or (body.stop_ids is not None and len(body.stop_ids) % 4):
         raise WireError("sealed request ids are not whole u32 values (or the prompt is empty)")
     return body
