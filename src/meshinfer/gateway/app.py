@@ -18,12 +18,14 @@ model (503 with the reason) or a context error is a proper HTTP error even for `
 Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
 {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away (a failed send, or
 ``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
-replies end at the model's eos and end-of-turn tokens; completions at the eos ids. A completion with ``echo``
-answers the prompt first (scored by the generator when logprobs are asked for: one more pass over the prompt,
-inside the request's slot), then the completion. Decoding the JSON, validating it, rendering and tokenising
-the prompt run on one worker thread, off the event loop, so one huge request never stalls the others (e.g.
-``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected (a load balancer's
-probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
+replies end at the model's eos and end-of-turn tokens; completions at the eos ids (at both with a
+``response_format`` grammar, compiled once per request on the worker thread by the gateway's one
+``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). A
+completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for: one
+more pass over the prompt, inside the request's slot), then the completion. Decoding the JSON, validating it,
+rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge request never
+stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected
+(a load balancer's probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
 when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
 waiting, completed, failed, cancelled: abandoned because the client went away).
 """
@@ -45,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from meshinfer.errors import ConfigError
 from meshinfer.gateway.body import read_body
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
@@ -64,8 +67,10 @@ from meshinfer.gateway.requests import (
 )
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
 from meshinfer.metrics import render
+from meshinfer.models.constraint import ConstraintFactory
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 from meshinfer.models.generator import GenerationParams
+from meshinfer.models.grammar import GrammarCompiler, GrammarSpec
 from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,18 @@ class Gateway:
         self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
         self.max_token_chars = _max_token_chars(tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+        self._grammars: GrammarCompiler | None = None
+
+    def compile_grammar(self, spec: GrammarSpec) -> ConstraintFactory:
+        """The decoding constraint for ``spec`` (on the worker thread: see ``offload``); a 400 naming
+        ``spec.name`` when the grammar engine rejects it. Its eos set is every chat stop id."""
+        if self._grammars is None:
+            tokenizer = self.generator.tokenizer
+            self._grammars = GrammarCompiler(tokenizer, self.vocab_size or len(tokenizer), self.chat_stop_ids)
+        try:
+            return self._grammars.compile(spec)
+        except ConfigError as err:
+            raise bad(str(err), param=spec.name or None) from None
 
     async def offload(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the gateway's one worker thread (JSON, validation, templates, tokenising)."""
@@ -167,14 +184,19 @@ class Gateway:
                 self.stats["active"] -= 1
                 self.slots.release()
 
-    def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int) -> Answer:
-        """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``)."""
+    def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int,
+                constraint: ConstraintFactory | None = None) -> Answer:
+        """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``;
+        with ``constraint``, its own grammar state, ending at any chat stop id as the grammar's eos)."""
         outcome = Outcome(prompt_tokens=len(ids))
         sampling = req.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
         stops = self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        if constraint is not None:
+            stops = stops | self.chat_stop_ids
         params = GenerationParams.of(max_tokens, sampling, stops, req.top_logprobs)
+        params = dataclasses.replace(params, constraint=constraint)
         pieces = generate_text(self.generator, ids, params, req.stop, outcome)
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
@@ -183,12 +205,14 @@ class Gateway:
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = await self.offload(lambda: self.prompt_ids(req))
+        grammar = req.grammar
+        constraint = None if grammar is None else await self.offload(lambda: self.compile_grammar(grammar))
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
                                         self.config.default_max_tokens)
         builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
                                   logprobs=req.top_logprobs is not None)
-        choices = Choices([self._choice(req, ids, max_tokens, i) for i in range(req.n)])
+        choices = Choices([self._choice(req, ids, max_tokens, i, constraint) for i in range(req.n)])
         try:
             firsts = await _unless_gone(request, choices.firsts())
             if not req.stream:

@@ -4,8 +4,9 @@ Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP f
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
 ``param``) for anything malformed or unsupported by the engine: ``n`` over 16, non-zero ``presence_penalty`` /
-``frequency_penalty``, ``logit_bias``, tools, non-text ``response_format``, ``best_of`` > 1, ``suffix``,
-several prompts. ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
+``frequency_penalty``, ``logit_bias``, tools, ``best_of`` > 1, ``suffix``, several prompts.
+``response_format`` (text, json_object, json_schema; both endpoints) becomes ``GenerationRequest.grammar``
+(``gateway.structured``). ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
 completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and None
 when none were asked for. Completions take ``echo`` (the prompt comes back before the answer, with its own
 tokens' logprobs when asked: how evaluation harnesses score a text), and then ``max_tokens`` may be 0. Unknown
@@ -30,6 +31,8 @@ from typing import Any, Literal
 from meshinfer.client.routing import NoRouteError
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError
+from meshinfer.gateway.structured import ResponseFormatError, parse_response_format
+from meshinfer.models.grammar import GrammarSpec
 
 MAX_STOP_STRINGS = 4
 """The OpenAI API accepts up to 4 stop sequences."""
@@ -96,6 +99,8 @@ class GenerationRequest:
     """Completion: answer with the prompt followed by the completion (and the prompt's logprobs)."""
     n: int = 1
     """How many choices to generate (1..16); with a ``seed``, choice i samples with ``seed + i``."""
+    grammar: GrammarSpec | None = None
+    """What the output must match (``response_format``: ``gateway.structured``); None: free text."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -244,10 +249,6 @@ def _unsupported(body: dict[str, Any]) -> None:
     if body.get("tools") or body.get("functions"):
         raise bad("tool and function calling are not supported by this gateway", param="tools",
                   code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("only response_format {'type': 'text'} is supported", param="response_format",
-                  code="unsupported_parameter")
 
 
 def _common(body: Any) -> dict[str, Any]:
@@ -282,8 +283,12 @@ def _common(body: Any) -> dict[str, Any]:
     n = _integer(body, "n", low=1) or 1
     if n > MAX_CHOICES:
         raise bad(f"n must be in 1..{MAX_CHOICES}, got {n}", param="n")
+    try:
+        grammar = parse_response_format(body.get("response_format"))
+    except ResponseFormatError as err:
+        raise bad(str(err), param="response_format") from None
     return {"model": model, "sampling": sampling, "stop": _stop(body), "stream": stream,
-            "include_usage": include_usage, "n": n}
+            "include_usage": include_usage, "n": n, "grammar": grammar}
 
 
 def _content(message: dict[str, Any], index: int) -> str:

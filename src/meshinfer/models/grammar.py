@@ -20,7 +20,8 @@ far below a forward trip, so it is computed when asked, with no look-ahead threa
 JSON whitespace: llguidance's flexible whitespace (spaces, tabs, newlines between tokens), bounded to
 ``_WS_RUN`` characters per run so that a weak model cannot loop on newlines until ``max_tokens``.
 
-Knows llguidance, numpy and torch (the mask's type); no network, no HTTP, no gateway types.
+Knows llguidance, numpy and torch (the mask's type), imported when a grammar is compiled or used, so that
+``GrammarSpec`` is cheap to import (``gateway.structured``); no network, no HTTP, no gateway types.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from copy import copy
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshinfer.errors import ConfigError, UsageError
 from meshinfer.models.constraint import ConstraintFactory
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["JSON_OBJECT_SCHEMA", "GrammarCompiler", "GrammarConstraint", "GrammarSpec"]
 
@@ -142,6 +143,9 @@ class GrammarConstraint:
 
     def allowed(self, generated: Sequence[int]) -> torch.Tensor:
         """A bool mask [vocab_size] of the tokens the grammar allows after ``generated``."""
+        import numpy as np
+        import torch
+
         self._sync(generated)
         matcher = self._matcher
         if matcher.is_stopped():
@@ -193,6 +197,8 @@ class GrammarCompiler:
             return self._ll
 
     def _eos_mask(self, ll: Any) -> torch.Tensor:
+        import torch
+
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)  # [vocab_size]
         for tok in ll.eos_tokens:
             if 0 <= tok < self.vocab_size:
