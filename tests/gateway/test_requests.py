@@ -105,7 +105,7 @@ def test_chat_fields_are_carried_over() -> None:
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", ">= 0"),
     ({"logit_bias": {"1": 5}}, "logit_bias", "logit_bias"),
     ({"tools": [{"type": "function"}]}, "tools", "tool"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+    ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
     ({"stream": "yes"}, "stream", "boolean"),
 ])
 def test_bad_chat_requests_are_400_naming_the_param(fields: dict[str, Any], param: str, needle: str) -> None:
