@@ -17,8 +17,9 @@ does not know (padding rows past its size) are never allowed; once the grammar i
 are, so the generation ends there. The mask costs tens of microseconds for JSON (llguidance releases the GIL),
 far below a forward trip, so it is computed when asked, with no look-ahead thread.
 
-JSON whitespace: llguidance's flexible whitespace (spaces, tabs, newlines between tokens), bounded to
-``_WS_RUN`` characters per run so that a weak model cannot loop on newlines until ``max_tokens``.
+JSON whitespace, compact-ish: between tokens at most one space, or one newline and up to ``_WS_INDENT`` spaces or
+tabs of indentation (pretty-printed JSON fits; llguidance's default, any run of whitespace, lets a weak model
+pad with whitespace until ``max_tokens``: a random-weight tiny model then never closes its object).
 
 Knows llguidance, numpy and torch (the mask's type), imported when a grammar is compiled or used, so that
 ``GrammarSpec`` is cheap to import (``gateway.structured``); no network, no HTTP, no gateway types.
@@ -42,10 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["JSON_OBJECT_SCHEMA", "GrammarCompiler", "GrammarConstraint", "GrammarSpec"]
 
-_WS_RUN = 24
+_WS_INDENT = 24
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 """What ``kind="json_object"`` compiles: any JSON object."""
-_JSON_OPTIONS: dict[str, Any] = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0," + f"{_WS_RUN}" + "}"}
+_JSON_OPTIONS: dict[str, Any] = {"whitespace_pattern": r"\x20|\n[\x20\t]{0," + f"{_WS_INDENT}" + "}"}
 
 
 @dataclass(frozen=True)
