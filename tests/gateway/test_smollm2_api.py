@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -63,3 +64,59 @@ def test_chat_through_the_api_answers_like_the_local_int4_engine(api: tuple[dict
     doc = httpx.get(info["url"] + "/api/swarm", timeout=30).json()  # the dashboard's data: modes and sizes
     servers = doc["models"][0]["servers"]
     assert [s["quant"] for s in servers] == ["int4"] * 3 and all(s["weight_bytes"] > 0 for s in servers)
+
+
+# ---- structured output (response_format) on the real model ----------------------------------------------
+
+PERSON_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "city", "hobbies", "address"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"enum": ["Paris", "London", "Rome"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+        "address": {"type": "object", "additionalProperties": False, "required": ["zip", "street"],
+                    "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                                   "street": {"type": "string", "maxLength": 40}}},
+    },
+}
+PERSON_ASK = [{"role": "user", "content": "Invent a person living in Paris. Answer in JSON with name, age, city, "
+                                          "hobbies and address."}]
+
+
+def test_json_schema_answers_validate_with_jsonschema(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    import jsonschema
+
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    with openai.OpenAI(base_url=api[0]["base_url"], api_key="unused", max_retries=0, timeout=300) as client:
+        got = client.chat.completions.create(model="smollm2", messages=PERSON_ASK, temperature=0, max_tokens=200,
+                                             response_format=fmt)
+        texts = ["", ""]
+        for chunk in client.chat.completions.create(model="smollm2", messages=PERSON_ASK, temperature=0.7, seed=1,
+                                                    n=2, max_tokens=200, response_format=fmt, stream=True):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+    assert got.choices[0].finish_reason == "stop"
+    for text in [got.choices[0].message.content or "", *texts]:
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    assert json.loads(got.choices[0].message.content or "")["city"] == "Paris"  # it does read the question
+
+
+def test_the_sdks_parse_with_a_pydantic_model(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    """``client.chat.completions.parse(response_format=<pydantic model>)``: what applications call."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=30)
+        capital: str = Field(max_length=30)
+        population_millions: float = Field(ge=0, le=100)
+        continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
+
+    with openai.OpenAI(base_url=api[0]["base_url"], api_key="unused", max_retries=0, timeout=300) as client:
+        got = client.chat.completions.parse(model="smollm2", messages=QUESTION, temperature=0, max_tokens=80,
+                                            response_format=Capital)
+    parsed = got.choices[0].message.parsed
+    assert isinstance(parsed, Capital) and parsed.continent == "Europe"
+    assert parsed.capital == "Paris", parsed

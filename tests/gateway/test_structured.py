@@ -73,3 +73,13 @@ def test_malformed_formats_are_400_naming_response_format(fmt: Any, needle: str)
         err = info.value
         assert (err.status, err.param, err.type) == (400, "response_format", "invalid_request_error")
         assert needle in err.message
+
+
+def test_summarise_tokens() -> None:
+    from meshinfer.bench.api import RequestSample
+    from meshinfer.bench.api_grammar import summarise_tokens
+
+    out = summarise_tokens([RequestSample(0.5, 1.5, 11), RequestSample(0.1, 0.4, 4), RequestSample(0, 1, 0, "x")])
+    assert out["requests"] == 3 and out["failed"] == 1 and out["completion_tokens"] == 15
+    assert out["ms_per_token"]["median"] == pytest.approx(100.0)
+    assert summarise_tokens([RequestSample(0, 1, 0, "boom")])["errors"] == ["boom"]

@@ -91,3 +91,13 @@ def test_a_schema_the_engine_rejects_is_a_400_naming_response_format(client: ope
         client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, response_format=bad)  # type: ignore[arg-type]
     body: Any = info.value.body
     assert body["param"] == "response_format" and "strnig" in body["message"]
+
+
+def test_the_grammar_bench_times_both_runs(served: Served) -> None:
+    from meshinfer.bench.api_grammar import grammar_overhead
+
+    out = grammar_overhead(served.server.url, concurrency=2, requests=2, max_tokens=6, model=MODEL_NAME)
+    for run in ("plain", "json_schema"):
+        assert out[run]["failed"] == 0 and out[run]["completion_tokens"] > 2 and out[run]["ms_per_token"]["median"] > 0
+    assert out["overhead_ratio"] > 0
+
