@@ -131,8 +131,8 @@ def test_bad_grammars_are_one_line_config_errors_and_compiles_are_cached(tokeniz
             compiler.compile(spec)
         assert "\n" not in str(info.value) and str(info.value).startswith(spec.name)
     spec = GrammarSpec("lark", 'start: "yes" | "no"')
-    assert compiler.compile(spec)()._template is compiler.compile(spec)()._template  # noqa: SLF001
+    assert compiler.compile(spec)()._template is compiler.compile(spec)()._template
     small = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id], cache_size=2)
     for word in ("a", "b", "c"):
         small.compile(GrammarSpec("lark", f'start: "{word}"'))
-    assert len(small._cache) == 2  # noqa: SLF001
+    assert len(small._cache) == 2
