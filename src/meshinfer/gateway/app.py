@@ -123,10 +123,12 @@ class Gateway:
     def compile_grammar(self, spec: GrammarSpec) -> ConstraintFactory:
         """The decoding constraint for ``spec`` (on the worker thread: see ``offload``); a 400 naming
         ``spec.name`` when the grammar engine rejects it. Its eos set is every chat stop id."""
-        if self._grammars is None:
-            tokenizer = self.generator.tokenizer
-            self._grammars = GrammarCompiler(tokenizer, self.vocab_size or len(tokenizer), self.chat_stop_ids)
         try:
+            if self._grammars is None:
+                tokenizer = self.generator.tokenizer
+                if not self.vocab_size and not hasattr(tokenizer, "__len__"):
+                    raise ConfigError("structured output needs the model's vocabulary size")
+                self._grammars = GrammarCompiler(tokenizer, self.vocab_size or len(tokenizer), self.chat_stop_ids)
             return self._grammars.compile(spec)
         except ConfigError as err:
             raise bad(str(err), param=spec.name or None) from None
