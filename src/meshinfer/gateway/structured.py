@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from meshinfer.models.grammar import GrammarSpec
 
@@ -52,9 +52,9 @@ def _depth(value: Any, limit: int) -> int:
         if deepest > limit:
             return deepest
         if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())  # pyright: ignore[reportUnknownVariableType]
+            stack.extend((v, level + 1) for v in cast(dict[str, Any], item).values())
         elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)  # pyright: ignore[reportUnknownVariableType]
+            stack.extend((v, level + 1) for v in cast(list[Any], item))
     return deepest
 
 
@@ -80,24 +80,26 @@ def parse_response_format(value: Any) -> GrammarSpec | None:
         return None
     if not isinstance(value, dict):
         raise bad("response_format must be an object such as {'type': 'json_object'}")
-    kind = value.get("type")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    fmt = cast(dict[str, Any], value)
+    kind = fmt.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
         return GrammarSpec("json_object", "", PARAM)
     if kind != "json_schema":
         raise bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
-    spec: Any = value.get("json_schema")  # pyright: ignore[reportUnknownMemberType]
-    if not isinstance(spec, dict):
+    raw = fmt.get("json_schema")
+    if not isinstance(raw, dict):
         raise bad("response_format.json_schema must be an object with a name and a schema")
-    name: Any = spec.get("name")  # pyright: ignore[reportUnknownMemberType]
+    spec = cast(dict[str, Any], raw)
+    name = spec.get("name")
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
         raise bad("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-', got "
                   f"{str(name)[:80]!r}")
-    strict: Any = spec.get("strict")  # pyright: ignore[reportUnknownMemberType]
+    strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise bad(f"response_format.json_schema.strict must be a boolean, got {strict!r}")
-    description: Any = spec.get("description")  # pyright: ignore[reportUnknownMemberType]
+    description = spec.get("description")
     if description is not None and not isinstance(description, str):
         raise bad("response_format.json_schema.description must be a string")
     if "schema" not in spec:
