@@ -136,3 +136,21 @@ def test_bad_grammars_are_one_line_config_errors_and_compiles_are_cached(tokeniz
     for word in ("a", "b", "c"):
         small.compile(GrammarSpec("lark", f'start: "{word}"'))
     assert len(small._cache) == 2
+
+
+def test_lark_grammars_embed_json_schemas(tokenizer: Any) -> None:
+    """What tool calls use: a Lark grammar around a ``%json{...}`` schema; numbers may end at eos or go on."""
+    from llguidance import LLMatcher
+
+    compiler = _compiler(tokenizer)
+    lark = 'start: "CALL " %json{"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}}'
+    factory = compiler.compile(GrammarSpec("lark", lark, "tool_choice"))
+    reference = LLMatcher(compiler.ll_tokenizer(), LLMatcher.grammar_from_lark(lark))
+    for text, valid in (('CALL {"x": 5}', True), ('CALL {"y": 5}', False), ('{"x": 5}', False)):
+        tokens = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]] + [tokenizer.eos_token_id]
+        ours = _walk(factory(), tokens)
+        reference.reset()
+        assert ours == reference.validate_tokens(tokens) and (ours == len(tokens)) == valid
+    digits = compiler.compile(GrammarSpec("lark", "start: /[0-9]{1,6}/"))()
+    after = digits.allowed([int(t) for t in tokenizer("12", add_special_tokens=False)["input_ids"]])
+    assert bool(after[tokenizer.eos_token_id]) and int(after.sum()) > 1  # may end, may go on
