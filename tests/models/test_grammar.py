@@ -154,3 +154,25 @@ def test_lark_grammars_embed_json_schemas(tokenizer: Any) -> None:
     digits = compiler.compile(GrammarSpec("lark", "start: /[0-9]{1,6}/"))()
     after = digits.allowed([int(t) for t in tokenizer("12", add_special_tokens=False)["input_ids"]])
     assert bool(after[tokenizer.eos_token_id]) and int(after.sum()) > 1  # may end, may go on
+
+
+def test_a_matcher_that_cannot_roll_back_is_rebuilt_and_replayed(tokenizer: Any) -> None:
+    compiler = _compiler(tokenizer)
+    factory = compiler.compile(GrammarSpec("json_schema", json.dumps(SCORE)))
+    tokens = [int(t) for t in tokenizer('{"score": 1.5, "ok": false}', add_special_tokens=False)["input_ids"]]
+
+    class NoRollback:  # llguidance's matcher, refusing to roll back (as past its history limit)
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def rollback(self, n: int) -> bool:
+            return False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    constraint = factory()
+    constraint.allowed(tokens[:6])
+    constraint._matcher = NoRollback(constraint._matcher)
+    assert torch.equal(constraint.allowed(tokens[:3]), factory().allowed(tokens[:3]))
+    assert torch.equal(constraint.allowed(tokens), factory().allowed(tokens))
