@@ -48,8 +48,15 @@ def tokenizer(request: pytest.FixtureRequest) -> Any:
     return load_tokenizer(path)
 
 
+_COMPILERS: dict[tuple[int, int], GrammarCompiler] = {}
+
+
 def _compiler(tokenizer: Any, pad: int = 0) -> GrammarCompiler:
-    return GrammarCompiler(tokenizer, len(tokenizer) + pad, [tokenizer.eos_token_id])
+    """One compiler per tokenizer and padding (building llguidance's tokenizer takes ~0.3 s for SmolLM2's)."""
+    key = (id(tokenizer), pad)
+    if key not in _COMPILERS:
+        _COMPILERS[key] = GrammarCompiler(tokenizer, len(tokenizer) + pad, [tokenizer.eos_token_id])
+    return _COMPILERS[key]
 
 
 def _walk(constraint: Any, tokens: list[int]) -> int:
