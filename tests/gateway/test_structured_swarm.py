@@ -101,3 +101,24 @@ def test_the_grammar_bench_times_both_runs(served: Served) -> None:
         assert out[run]["failed"] == 0 and out[run]["completion_tokens"] > 2 and out[run]["ms_per_token"]["median"] > 0
     assert out["overhead_ratio"] > 0
 
+
+
+def test_langchain_with_structured_output(served: Served) -> None:
+    """LangChain's ``ChatOpenAI.with_structured_output(<pydantic model>, method="json_schema")`` (what agent
+    frameworks call) gets back a parsed object."""
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Lamp(BaseModel):
+        """A lamp."""
+
+        color: Literal["red", "green", "blue"]
+        n: int = Field(ge=0, le=99)
+        ok: bool
+
+    llm = ChatOpenAI(model=MODEL_NAME, base_url=served.base_url, api_key="unused",  # type: ignore[arg-type]
+                     temperature=0, max_tokens=200, max_retries=0, timeout=120)  # type: ignore[call-arg]
+    got = llm.with_structured_output(Lamp, method="json_schema").invoke("Describe a lamp as JSON.")
+    assert isinstance(got, Lamp)
