@@ -123,10 +123,11 @@ class GrammarConstraint:
 
     def _sync(self, generated: Sequence[int]) -> None:
         consumed = self._consumed
-        common = 0
-        limit = min(len(consumed), len(generated))
-        while common < limit and consumed[common] == generated[common]:
-            common += 1
+        common = len(consumed)
+        if len(generated) < common or list(generated[:common]) != consumed:  # the usual case compares in C
+            common, limit = 0, min(len(consumed), len(generated))
+            while common < limit and consumed[common] == generated[common]:
+                common += 1
         if common < len(consumed):
             back = len(consumed) - common
             if self._matcher.is_error() or not self._matcher.rollback(back):
