@@ -66,6 +66,8 @@ from meshinfer.gateway.requests import (
     resolve_max_tokens,
 )
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
+from meshinfer.gateway.tools import Family, parse_tool_calls, tool_family, tool_grammar
+from meshinfer.gateway.toolstream import ToolStream
 from meshinfer.metrics import render
 from meshinfer.models.constraint import ConstraintFactory
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
@@ -119,6 +121,9 @@ class Gateway:
         self.max_token_chars = _max_token_chars(tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
         self._grammars: GrammarCompiler | None = None
+        template = getattr(tokenizer, "chat_template", None)
+        self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
+        """The tool-call format of the model's chat template (``gateway.tools``); None: it takes no tools."""
 
     def compile_grammar(self, spec: GrammarSpec) -> ConstraintFactory:
         """The decoding constraint for ``spec`` (on the worker thread: see ``offload``); a 400 naming
@@ -154,12 +159,21 @@ class Gateway:
         if len(req.messages) >= context:  # every chat template marks each message with at least one token
             raise bad(f"this model's maximum context length is {context} tokens; {len(req.messages)} messages cannot "
                       "fit (each takes at least one token)", param="messages", code="context_length_exceeded")
-        check_prompt_chars(sum(len(m["content"]) for m in req.messages), context, self.max_token_chars, "messages")
+        chars = sum(len(m["content"] or "") + len(json.dumps(m.get("tool_calls", ""))) for m in req.messages)
+        check_prompt_chars(chars, context, self.max_token_chars, "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
                       param="messages")
+        extra: dict[str, Any] = {}
+        if req.tools is not None and req.tools.choice != "none":
+            if self.tool_family is None:
+                raise bad("this model's chat template does not support tools (it never uses them): call without "
+                          "tools, or with tool_choice 'none'", param="tools", code="unsupported_parameter")
+        if req.tools is not None and self.tool_family is not None:  # "none" too: rendered, never parsed (vLLM)
+            extra["tools"] = [t.template_dict() for t in req.tools.tools]
         try:
-            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False,
+                                                 **extra)
         except Exception as err:  # a template may reject a conversation (e.g. roles that do not alternate)
             raise bad(f"the chat template rejected these messages: {err}", param="messages") from None
         check_prompt_chars(len(text), context, self.max_token_chars, "messages")
@@ -207,7 +221,10 @@ class Gateway:
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = await self.offload(lambda: self.prompt_ids(req))
+        family = self.tool_family if req.tools is not None and req.tools.choice != "none" else None
         grammar = req.grammar
+        if family is not None and req.tools is not None:
+            grammar = tool_grammar(req.tools, family) or grammar
         constraint = None if grammar is None else await self.offload(lambda: self.compile_grammar(grammar))
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
@@ -222,21 +239,37 @@ class Gateway:
                 await choices.close()
                 outcomes = choices.outcomes
                 usage = Usage(len(ids), sum(o.completion_tokens for o in outcomes))
-                done = [Choice(f + r, o.finish_reason, o.logprobs) for f, r, o in zip(firsts, rests, outcomes,
-                                                                                       strict=True)]
+                done = [self._tool_choice(Choice(f + r, o.finish_reason, o.logprobs), family, req)
+                        for f, r, o in zip(firsts, rests, outcomes, strict=True)]
                 return JSONResponse(builder.full_choices(done, usage))
         except BaseException as err:
             if isinstance(err, Exception) and not isinstance(err, ClientGone):
                 choices.fail()
             await choices.close()
             raise
-        return _ClosingStream(self._events(builder, firsts, choices), on_close=choices.close)
+        return _ClosingStream(self._events(builder, firsts, choices, family), on_close=choices.close)
 
-    async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices) -> AsyncIterator[str]:
+    @staticmethod
+    def _tool_choice(choice: Choice, family: Family | None, req: GenerationRequest) -> Choice:
+        """``choice`` with the tool calls in its text parsed out (when tools are on)."""
+        if family is None:
+            return choice
+        content, calls = parse_tool_calls(choice.text, family)
+        if not calls:
+            return choice
+        if req.tools is not None and not req.tools.parallel:
+            calls = calls[:1]
+        return Choice(content or "", "tool_calls", choice.logprobs, [c.as_dict() for c in calls])
+
+    async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices,
+                      family: Family | None = None) -> AsyncIterator[str]:
         outcomes = choices.outcomes
         sent = [0] * len(outcomes)  # per choice, tokens whose logprobs went out (each with its own text delta)
+        tools = [ToolStream(family) if family is not None else None for _ in outcomes]
 
         def chunk(index: int, piece: str, scored: int) -> str | None:
+            if (stream := tools[index]) is not None:
+                piece = stream.push(piece)
             entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
             if not piece and not (builder.logprobs and entries):
                 return None
@@ -256,7 +289,15 @@ class Gateway:
                         yield event
                 else:
                     outcome = outcomes[index]
-                    yield sse(builder.finish_chunk(outcome.finish_reason, outcome.logprobs[sent[index]:], index))
+                    reason = outcome.finish_reason
+                    if (stream := tools[index]) is not None:
+                        rest, calls = stream.finish()
+                        if rest:
+                            yield sse(builder.text_chunk(rest, (), index))
+                        for event in builder.tool_calls_chunk([c.as_dict() for c in calls], index):
+                            yield sse(event)
+                        reason = "tool_calls" if calls else reason
+                    yield sse(builder.finish_chunk(reason, outcome.logprobs[sent[index]:], index))
             if builder.include_usage:
                 prompt = outcomes[0].prompt_tokens
                 yield sse(builder.usage_chunk(Usage(prompt, sum(o.completion_tokens for o in outcomes))))

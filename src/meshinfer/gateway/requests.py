@@ -4,7 +4,9 @@ Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP f
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
 ``param``) for anything malformed or unsupported by the engine: ``n`` over 16, non-zero ``presence_penalty`` /
-``frequency_penalty``, ``logit_bias``, tools, ``best_of`` > 1, ``suffix``, several prompts.
+``frequency_penalty``, ``logit_bias``, ``best_of`` > 1, ``suffix``, several prompts.
+Chat takes ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (or the legacy ``functions``), ``tool``
+messages and assistant messages with ``tool_calls`` (``gateway.tools``; completions refuse tools).
 ``response_format`` (text, json_object, json_schema; both endpoints) becomes ``GenerationRequest.grammar``
 (``gateway.structured``). ``logprobs`` are supported: chat takes ``logprobs: true`` and ``top_logprobs`` 0..20,
 completions ``logprobs`` 0..20 (the number of alternatives); ``top_logprobs`` is then that number and None
@@ -32,6 +34,7 @@ from meshinfer.client.routing import NoRouteError
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError
 from meshinfer.gateway.structured import ResponseFormatError, parse_response_format
+from meshinfer.gateway.tools import ToolError, ToolRequest, parse_tools, tool_message
 from meshinfer.models.grammar import GrammarSpec
 
 MAX_STOP_STRINGS = 4
@@ -42,7 +45,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 """Accepted ``seed`` values (int64, as the OpenAI API documents; choice i samples with ``seed + i``)."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 """Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 
 
@@ -83,8 +86,9 @@ class GenerationRequest:
 
     kind: Literal["chat", "completion"]
     model: str
-    messages: tuple[dict[str, str], ...] = ()
-    """Chat: the conversation, each ``{"role", "content"}`` with text content only."""
+    messages: tuple[dict[str, Any], ...] = ()
+    """Chat: the conversation, each ``{"role", "content"}`` with text content only (``tool`` messages add
+    ``tool_call_id``; assistant messages with calls add ``tool_calls`` and may have ``content`` None)."""
     prompt: str | tuple[int, ...] = ""
     """Completion: the prompt text, or its token ids."""
     max_tokens: int | None = None
@@ -101,6 +105,8 @@ class GenerationRequest:
     """How many choices to generate (1..16); with a ``seed``, choice i samples with ``seed + i``."""
     grammar: GrammarSpec | None = None
     """What the output must match (``response_format``: ``gateway.structured``); None: free text."""
+    tools: ToolRequest | None = None
+    """Chat: the declared tools and ``tool_choice`` (``gateway.tools``); None: no tools."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -246,9 +252,6 @@ def _unsupported(body: dict[str, Any]) -> None:
                       param=name, code="unsupported_parameter")
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported by this gateway", param="logit_bias", code="unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        raise bad("tool and function calling are not supported by this gateway", param="tools",
-                  code="unsupported_parameter")
 
 
 def _common(body: Any) -> dict[str, Any]:
@@ -321,7 +324,15 @@ def parse_chat_request(body: Any) -> GenerationRequest:
         if role not in CHAT_ROLES:
             raise bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                       param=f"messages[{i}].role")
-        out.append({"role": CHAT_ROLES[role], "content": _content(message, i)})
+        calls = role == "assistant" and message.get("tool_calls") is not None
+        content = None if calls and message.get("content") is None else _content(message, i)
+        if role == "tool" or calls:
+            try:
+                out.append(tool_message(message, i, content))
+            except ToolError as err:
+                raise bad(str(err), param=err.param) from None
+        else:
+            out.append({"role": CHAT_ROLES[role], "content": content})
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
@@ -331,8 +342,15 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     top = _logprob_count(body, "top_logprobs")
     if top and not logprobs:
         raise bad("top_logprobs requires logprobs: true", param="top_logprobs")
+    try:
+        tools = parse_tools(body)
+    except ToolError as err:
+        raise bad(str(err), param=err.param) from None
+    if tools is not None and tools.choice not in ("auto", "none") and common["grammar"] is not None:
+        raise bad("response_format cannot be combined with a forced tool call (tool_choice required or named)",
+                  param="tool_choice")
     return GenerationRequest(kind="chat", messages=tuple(out), max_tokens=max_tokens,
-                             top_logprobs=(top or 0) if logprobs else None, **common)
+                             top_logprobs=(top or 0) if logprobs else None, tools=tools, **common)
 
 
 def parse_completion_request(body: Any) -> GenerationRequest:
@@ -347,6 +365,8 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     best_of = _integer(body, "best_of", low=1)
     if best_of not in (None, 1):
         raise bad(f"best_of must be 1, got {best_of}", param="best_of", code="unsupported_parameter")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools are for /v1/chat/completions", param="tools", code="unsupported_parameter")
     if body.get("suffix"):
         raise bad("suffix is not supported by this gateway", param="suffix", code="unsupported_parameter")
     prompt = body.get("prompt")
