@@ -150,7 +150,10 @@ def _tools(value: Any, param: str, legacy: bool) -> tuple[Tool, ...]:
             raise ToolError(f"{where} is not valid JSON", param) from None
         if size > MAX_TOOL_BYTES:
             raise ToolError(f"{where} takes {size} bytes of JSON, more than {MAX_TOOL_BYTES}", param)
-        tool = _function(entry, where)
+        try:
+            tool = _function(entry, where)
+        except ToolError as err:
+            raise ToolError(str(err), param) from None
         if any(t.name == tool.name for t in out):
             raise ToolError(f"{param}: the function name {tool.name!r} is declared twice", param)
         out.append(tool)
@@ -291,8 +294,9 @@ def parse_tool_calls(text: str, family: Family) -> tuple[str | None, list[ToolCa
         calls = [_call(v, "arguments") for m in found for v in (_json_values(m.group(1)) or [None])]
         if not found or any(c is None for c in calls):
             return text, []
-        rest = text[:found[0].start()] + "".join(text[a.end():b.start()] for a, b in itertools.pairwise(found))
-        return _content(rest + text[found[-1].end():]), [c for c in calls if c is not None]
+        between = [text[a.end():b.start()] for a, b in itertools.pairwise(found)] + [text[found[-1].end():]]
+        rest = text[:found[0].start()] + "".join(piece for piece in between if piece.strip())
+        return _content(rest), [c for c in calls if c is not None]
     if family == "mistral":
         head, sep, tail = text.partition("[TOOL_CALLS]")
         values = _json_values(tail) if sep else None
