@@ -145,9 +145,9 @@ def _tools(value: Any, param: str, legacy: bool) -> tuple[Tool, ...]:
             entry = entry.get("function")
             where += ".function"
         try:
-            size = len(json.dumps(entry, ensure_ascii=False).encode("utf-8", "replace"))
-        except (ValueError, TypeError, RecursionError):
-            raise ToolError(f"{where} is not valid JSON", param) from None
+            size = len(json.dumps(entry, ensure_ascii=False).encode("utf-8"))
+        except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError (a lone surrogate) is a ValueError
+            raise ToolError(f"{where} is not valid JSON of Unicode text", param) from None
         if size > MAX_TOOL_BYTES:
             raise ToolError(f"{where} takes {size} bytes of JSON, more than {MAX_TOOL_BYTES}", param)
         try:
@@ -217,7 +217,7 @@ def tool_message(message: dict[str, Any], index: int, content: str | None) -> di
         out: dict[str, Any] = {"role": "tool", "tool_call_id": call, "content": content or ""}
         if isinstance(message.get("name"), str):
             out["name"] = message["name"]
-        return out
+        return _unicode(out, param)
     calls = message.get("tool_calls")
     if not isinstance(calls, list) or not calls:
         raise ToolError(f"{param}.tool_calls must be a non-empty list", f"{param}.tool_calls")
@@ -236,7 +236,16 @@ def tool_message(message: dict[str, Any], index: int, content: str | None) -> di
                 raise ToolError(f"{where}.function.arguments is not valid JSON", where) from None
         rendered.append({"id": str(call.get("id") or ""), "type": "function",
                          "function": {"name": function["name"], "arguments": arguments}})
-    return {"role": "assistant", "content": content, "tool_calls": rendered}
+    return _unicode({"role": "assistant", "content": content, "tool_calls": rendered}, param)
+
+
+def _unicode(message: dict[str, Any], param: str) -> dict[str, Any]:
+    """``message``, or a ToolError when some text in it is not valid Unicode (a lone surrogate)."""
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):
+        raise ToolError(f"{param} is not valid JSON of Unicode text", param) from None
+    return message
 
 
 # ---- the model's format -----------------------------------------------------------------------------

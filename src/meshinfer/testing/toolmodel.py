@@ -1,11 +1,11 @@
 """A tiny checkpoint whose chat template supports tools (Qwen2.5's, Hermes-style ``<tool_call>`` calls).
 
 Contract: ``tool_checkpoint(dest)`` copies a tiny checkpoint (``tiny_checkpoint("llama", variant="llama3")`` by
-default, whose tokenizer has ChatML's ``<|im_start|>`` / ``<|im_end|>``) to ``dest`` and writes
-``QWEN25_TEMPLATE`` into its ``tokenizer_config.json`` (and a longer context, 2048, into ``config.json``): the gateway then renders tools, parses ``<tool_call>``
-output and enforces forced calls as it would for Qwen2.5. The template is Qwen2.5-Instruct's, transcribed here
-(the Hermes tool prompt, ``<tool_call>`` per call, ``tool`` results in a ``user`` turn as ``<tool_response>``).
-Knows files only; no network.
+default, whose tokenizer has ChatML's ``<|im_start|>`` / ``<|im_end|>``) to ``dest``, writes ``QWEN25_TEMPLATE``
+into its ``tokenizer_config.json`` and a longer context (2048) into ``config.json``: the gateway then renders
+tools, parses ``<tool_call>`` output and enforces forced calls as it would for Qwen2.5. The template is
+Qwen2.5-Instruct's, transcribed here (the Hermes tool prompt, ``<tool_call>`` per call, ``tool`` results in a
+``user`` turn as ``<tool_response>``). Knows files only; no network.
 """
 
 from __future__ import annotations
