@@ -113,3 +113,19 @@ def test_a_template_without_tools_is_a_400_naming_tools(served: Served) -> None:
         ok = plain.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="none",
                                            max_tokens=4)
         assert ok.choices[0].message.tool_calls is None
+
+
+def test_langchain_invoke_stream_and_bind_tools(tool_url: str) -> None:
+    """One more real client, not written here, works unchanged: LangChain's ChatOpenAI."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=tool_url, api_key="unused", model=MODEL_NAME, max_tokens=6, seed=1,  # pyright: ignore[reportArgumentType]
+                     max_retries=0, timeout=120)
+    assert isinstance(llm.invoke("Hello").content, str)
+    assert all(isinstance(chunk.content, str) for chunk in llm.stream("Hello"))
+    forced = ChatOpenAI(base_url=tool_url, api_key="unused", model=MODEL_NAME, max_tokens=200, seed=2,  # pyright: ignore[reportArgumentType]
+                        max_retries=0, timeout=120).bind_tools(TOOLS, tool_choice="get_time")
+    message: Any = forced.invoke("What time is it in Tokyo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_time"]
+    jsonschema.validate(message.tool_calls[0]["args"], TIME)
+    assert message.tool_calls[0]["id"].startswith("call_")
