@@ -120,3 +120,14 @@ def test_the_sdks_parse_with_a_pydantic_model(api: tuple[dict[str, str], LocalSw
     parsed = got.choices[0].message.parsed
     assert isinstance(parsed, Capital) and parsed.continent == "Europe"
     assert parsed.capital == "Paris", parsed
+
+
+def test_tools_on_a_template_without_tool_support_are_a_clear_400(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    """SmolLM2's chat template is plain ChatML: it never renders tools, so asking for tools is refused."""
+    info, _ = api
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="smollm2", messages=QUESTION, tools=tools, max_tokens=4)
+    assert err.value.code == "unsupported_parameter" and err.value.param == "tools"
+    assert "does not support tools" in err.value.message
