@@ -137,3 +137,60 @@ def test_tool_error_names_its_param() -> None:
     with pytest.raises(ToolError) as err:
         parse_tools({"tool_choice": "required"})
     assert err.value.param == "tool_choice"
+
+
+# ---- "auto" through the app (a scripted generator emitting a Hermes call) --------------------------------
+
+REPLY = 'Sure. <tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Paris"}}\n</tool_call>'
+
+
+def _post(payload: dict[str, Any]) -> Any:
+    import asyncio
+
+    import httpx
+    from gateway_helpers import EOS, FakeGenerator, ids
+
+    from meshinfer.gateway.app import create_app
+
+    gen = FakeGenerator([*ids(REPLY), EOS], chat_template="{% if tools %}<tool_call>{% endif %}")
+    seen: dict[str, Any] = {}
+
+    def render(messages: Any, add_generation_prompt: bool = False, tokenize: bool = True, **kw: Any) -> str:
+        seen.update(kw)
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    gen.tokenizer.apply_chat_template = render  # type: ignore[method-assign]
+    app = create_app(gen, "m")  # pyright: ignore[reportArgumentType]
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            return await client.post("/v1/chat/completions", json=payload)
+
+    return asyncio.run(main()), seen
+
+
+def test_auto_parses_the_call_out_of_the_reply() -> None:
+    r, seen = _post(body(max_tokens=200))
+    assert seen["tools"] == [TOOL]
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure. "
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_current_weather", "arguments": '{"location": "Paris"}'}
+
+
+def test_auto_streams_content_then_tool_call_deltas() -> None:
+    r, _ = _post(body(max_tokens=200, stream=True))
+    events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure. "
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_current_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"location": "Paris"}'
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_none_renders_the_tools_but_never_parses_calls() -> None:
+    r, seen = _post(body(max_tokens=200, tool_choice="none"))
+    choice = r.json()["choices"][0]
+    assert seen["tools"] == [TOOL] and choice["message"]["content"] == REPLY and choice["finish_reason"] == "stop"
+    assert "tool_calls" not in choice["message"]
