@@ -99,6 +99,8 @@ def test_parse_llama3_and_mistral() -> None:
     assert _calls('[TOOL_CALLS][{"name": "get_current_weather", "arguments": {"location": "Paris"}}, '
                   '{"name": "f", "arguments": {}}]', "mistral") == \
         (None, [("get_current_weather", {"location": "Paris"}), ("f", {})])
+    assert _calls('[{"name": "f", "arguments": {"x": 1}}]', "mistral") == (None, [("f", {"x": 1})])  # marker skipped
+    assert _calls("[1] is a citation.", "mistral") == ("[1] is a citation.", [])
 
 
 def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> None:
@@ -107,6 +109,9 @@ def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> No
     out = "".join(s.push(text[i:i + 3]) for i in range(0, len(text), 3))
     rest, calls = s.finish()
     assert out + rest == "Hi " and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1})]
+    llama = ToolStream("llama3")
+    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {}}') == ""
+    assert [c.name for c in llama.finish()[1]] == ["f"]
     plain = ToolStream("hermes")
     assert plain.push("a <tool") == "a " and plain.push(" box") == "<tool box" and plain.finish() == ("", [])
 

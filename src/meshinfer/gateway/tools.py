@@ -47,7 +47,10 @@ Choice = Literal["auto", "none", "required"] | str
 
 MARKERS: dict[str, tuple[str, ...]] = {"hermes": ("<tool_call>",), "llama3": ("<|python_tag|>",),
                                        "mistral": ("[TOOL_CALLS]",)}
-"""Per family, the texts that open a tool call (a llama3 call may also be bare JSON at the start)."""
+"""Per family, the texts that open a tool call."""
+BARE_STARTS: dict[str, str] = {"llama3": "{", "mistral": "["}
+"""Per family, how a reply that is only a call may start when its marker is a special token the detokenizer
+skipped (Llama's ``<|python_tag|>``, Mistral's ``[TOOL_CALLS]``) or was never emitted (Llama's JSON calls)."""
 
 
 class ToolError(ValueError):
@@ -308,6 +311,8 @@ def parse_tool_calls(text: str, family: Family) -> tuple[str | None, list[ToolCa
         return _content(rest), [c for c in calls if c is not None]
     if family == "mistral":
         head, sep, tail = text.partition("[TOOL_CALLS]")
+        if not sep and text.lstrip().startswith("["):  # the marker was a special token, skipped when decoding
+            head, sep, tail = "", "[TOOL_CALLS]", text
         values = _json_values(tail) if sep else None
         if not values:
             return text, []

@@ -2,7 +2,8 @@
 
 Contract: pure (plain strings, ``gateway.tools`` types). ``ToolStream(family)``: ``push(delta)`` returns the
 content that is safe to emit now: content deltas flow until a possible tool-call start is seen; text that may be
-the start of a marker (``gateway.tools.MARKERS``; for llama3 also a reply that begins with ``{``) is held back,
+the start of a marker (``gateway.tools.MARKERS``; for llama3 / mistral also a reply that begins with ``{`` /
+``[``: ``BARE_STARTS``) is held back,
 as ``StopStringFilter`` holds back a possible stop string; from a marker on, everything is buffered. ``finish()``
 parses what was buffered (``parse_tool_calls``): (the remaining content to emit, the calls). Text that turns out
 not to be a call is emitted as content then.
@@ -11,7 +12,7 @@ not to be a call is emitted as content then.
 from __future__ import annotations
 
 from meshinfer.gateway.responses import partial_stop_length
-from meshinfer.gateway.tools import MARKERS, Family, ToolCall, parse_tool_calls
+from meshinfer.gateway.tools import BARE_STARTS, MARKERS, Family, ToolCall, parse_tool_calls
 
 
 class ToolStream:
@@ -20,6 +21,7 @@ class ToolStream:
     def __init__(self, family: Family) -> None:
         self.family: Family = family
         self.markers = MARKERS[family]
+        self.bare = BARE_STARTS.get(family)
         self._held = ""
         self._calling = False
         self._emitted_any = False
@@ -29,7 +31,7 @@ class ToolStream:
             self._held += delta
             return ""
         text = self._held + delta
-        if self.family == "llama3" and not self._emitted_any and text.lstrip().startswith("{"):
+        if self.bare and not self._emitted_any and text.lstrip().startswith(self.bare):
             self._calling, self._held = True, text
             return ""
         hits = [i for i in (text.find(m) for m in self.markers) if i >= 0]
@@ -38,7 +40,7 @@ class ToolStream:
             self._calling, self._held = True, text[start:]
             return self._emit(text[:start])
         keep = partial_stop_length(text, self.markers)
-        if self.family == "llama3" and not self._emitted_any and not text.strip():
+        if self.bare and not self._emitted_any and not text.strip():
             keep = len(text)  # leading whitespace: a bare JSON call may still follow
         self._held = text[len(text) - keep:] if keep else ""
         return self._emit(text[:len(text) - keep])
