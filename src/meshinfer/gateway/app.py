@@ -20,7 +20,12 @@ Server-Sent Events ending with ``data: [DONE]``; an error after the stream has s
 ``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
 replies end at the model's eos and end-of-turn tokens; completions at the eos ids (at both with a
 ``response_format`` grammar, compiled once per request on the worker thread by the gateway's one
-``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). A
+``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). Chat with
+``tools`` (``gateway.tools``): the tools go to the chat template (``tools=``; a template that never uses them is
+a 400 ``unsupported_parameter`` naming ``tools``, unless ``tool_choice`` is "none", then they are dropped); with
+"none" they are rendered but no call is parsed (as vLLM); "required" / a named tool is enforced by a grammar
+in the template's call format; "auto" decodes freely; the reply is then parsed into ``tool_calls`` (streams hold
+back a possible call marker: ``gateway.toolstream``; calls go out as ``tool_calls`` deltas at the end). A
 completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for: one
 more pass over the prompt, inside the request's slot), then the completion. Decoding the JSON, validating it,
 rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge request never
@@ -247,7 +252,8 @@ class Gateway:
                 choices.fail()
             await choices.close()
             raise
-        return _ClosingStream(self._events(builder, firsts, choices, family), on_close=choices.close)
+        parallel = req.tools is None or req.tools.parallel
+        return _ClosingStream(self._events(builder, firsts, choices, family, parallel), on_close=choices.close)
 
     @staticmethod
     def _tool_choice(choice: Choice, family: Family | None, req: GenerationRequest) -> Choice:
@@ -262,7 +268,7 @@ class Gateway:
         return Choice(content or "", "tool_calls", choice.logprobs, [c.as_dict() for c in calls])
 
     async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices,
-                      family: Family | None = None) -> AsyncIterator[str]:
+                      family: Family | None = None, parallel: bool = True) -> AsyncIterator[str]:
         outcomes = choices.outcomes
         sent = [0] * len(outcomes)  # per choice, tokens whose logprobs went out (each with its own text delta)
         tools = [ToolStream(family) if family is not None else None for _ in outcomes]
@@ -292,6 +298,7 @@ class Gateway:
                     reason = outcome.finish_reason
                     if (stream := tools[index]) is not None:
                         rest, calls = stream.finish()
+                        calls = calls if parallel else calls[:1]
                         if rest:
                             yield sse(builder.text_chunk(rest, (), index))
                         for event in builder.tool_calls_chunk([c.as_dict() for c in calls], index):
