@@ -199,3 +199,17 @@ def test_tool_choice_none_renders_the_tools_but_never_parses_calls() -> None:
     choice = r.json()["choices"][0]
     assert seen["tools"] == [TOOL] and choice["message"]["content"] == REPLY and choice["finish_reason"] == "stop"
     assert "tool_calls" not in choice["message"]
+
+
+def test_a_forced_call_keeps_the_references_of_nested_models() -> None:
+    from llguidance import LLMatcher
+
+    nested = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+              "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {"type": "function", "function": {"name": "go", "parameters": nested}}
+    req = parse_tools(body(tools=[tool], tool_choice={"type": "function", "function": {"name": "go"}}))
+    assert req is not None
+    spec = tool_grammar(req, "hermes")
+    assert spec is not None and '"$defs": {"Place"' in spec.source
+    grammar = LLMatcher.grammar_from_lark(spec.source)
+    assert LLMatcher.validate_grammar(grammar) == ""  # no error: the reference resolves

@@ -344,6 +344,26 @@ def _call_schema(tool: Tool, args_key: str) -> dict[str, Any]:
             "properties": {"name": {"const": tool.name}, args_key: json.loads(tool.parameters)}}
 
 
+def _hoisted_defs(schemas: list[dict[str, Any]], args_key: str) -> dict[str, Any]:
+    """The ``$defs`` / ``definitions`` of the tools' parameter schemas, moved to the root of the call schema so
+    that their ``#/$defs/...`` references (pydantic's nested models) still resolve once embedded; a name two
+    tools define differently stays where it was (and fails to resolve: a 400 naming tool_choice)."""
+    out: dict[str, dict[str, Any]] = {}
+    for schema in schemas:
+        parameters = schema["properties"][args_key]
+        if not isinstance(parameters, dict):
+            continue
+        for key in ("$defs", "definitions"):
+            defs = parameters.get(key)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            if not isinstance(defs, dict):
+                continue
+            merged = out.setdefault(key, {})
+            if all(merged.get(name, value) == value for name, value in defs.items()):  # pyright: ignore[reportUnknownVariableType]
+                merged.update(defs)  # pyright: ignore[reportUnknownArgumentType]
+                del parameters[key]
+    return out
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)
 
@@ -356,7 +376,7 @@ def tool_grammar(req: ToolRequest, family: Family) -> GrammarSpec | None:
     args_key = "parameters" if family == "llama3" else "arguments"
     schemas = [_call_schema(t, args_key) for t in tools]
     schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    schema = {**schema, "x-guidance": _COMPACT}
+    schema = {**schema, **_hoisted_defs(schemas, args_key), "x-guidance": _COMPACT}
     body = f"body: %json {json.dumps(schema, ensure_ascii=False)}\n"
     many = req.parallel and req.choice == "required"
     if family == "hermes":
