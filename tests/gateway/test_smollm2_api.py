@@ -19,7 +19,7 @@ from meshinfer.testing.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_tools_on_a_template_without_tool_support_are_a_clear_400(api: tuple[dic
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model="smollm2", messages=QUESTION, tools=tools, max_tokens=4)
+            messages: Any = QUESTION
+            client.chat.completions.create(model="smollm2", messages=messages, tools=tools, max_tokens=4)
     assert err.value.code == "unsupported_parameter" and err.value.param == "tools"
     assert "does not support tools" in err.value.message

@@ -119,12 +119,11 @@ def test_langchain_invoke_stream_and_bind_tools(tool_url: str) -> None:
     """One more real client, not written here, works unchanged: LangChain's ChatOpenAI."""
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=tool_url, api_key="unused", model=MODEL_NAME, max_tokens=6, seed=1,  # pyright: ignore[reportArgumentType]
-                     max_retries=0, timeout=120)
+    common: Any = {"base_url": tool_url, "api_key": "unused", "model": MODEL_NAME, "max_retries": 0, "timeout": 120}
+    llm = ChatOpenAI(**{**common, "max_tokens": 6, "seed": 1})
     assert isinstance(llm.invoke("Hello").content, str)
     assert all(isinstance(chunk.content, str) for chunk in llm.stream("Hello"))
-    forced = ChatOpenAI(base_url=tool_url, api_key="unused", model=MODEL_NAME, max_tokens=200, seed=2,  # pyright: ignore[reportArgumentType]
-                        max_retries=0, timeout=120).bind_tools(TOOLS, tool_choice="get_time")
+    forced = ChatOpenAI(**{**common, "max_tokens": 200, "seed": 2}).bind_tools(TOOLS, tool_choice="get_time")
     message: Any = forced.invoke("What time is it in Tokyo?")
     assert [c["name"] for c in message.tool_calls] == ["get_time"]
     jsonschema.validate(message.tool_calls[0]["args"], TIME)
