@@ -145,7 +145,7 @@ def test_token_ids_are_checked_against_the_vocabulary() -> None:
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", ">= 0"),
     ({"tools": [{"type": "function"}]}, "tools", "tool"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+    ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
     ({"stream": "yes"}, "stream", "boolean"),
 ])
 def test_bad_chat_requests_are_400_naming_the_param(fields: dict[str, Any], param: str, needle: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import openai
@@ -21,7 +21,7 @@ from meshinfer.testing.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _api(messages: list[dict[str, str]]) -> list[ChatCompletionMessageParam]:
@@ -126,3 +126,69 @@ def test_ignore_eos_generates_exactly_max_tokens(api: tuple[dict[str, str], Loca
     assert plain.usage.completion_tokens < 10  # it would end early ("Yes." then the end of turn)
     assert chat.usage is not None and chat.usage.completion_tokens == 10 and chat.choices[0].finish_reason == "length"
     assert forced.usage is not None and forced.usage.completion_tokens == 10
+# ---- structured output (response_format) on the real model ----------------------------------------------
+
+PERSON_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "city", "hobbies", "address"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"enum": ["Paris", "London", "Rome"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+        "address": {"type": "object", "additionalProperties": False, "required": ["zip", "street"],
+                    "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                                   "street": {"type": "string", "maxLength": 40}}},
+    },
+}
+PERSON_ASK = [{"role": "user", "content": "Invent a person living in Paris. Answer in JSON with name, age, city, "
+                                          "hobbies and address."}]
+
+
+def test_json_schema_answers_validate_with_jsonschema(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    import jsonschema
+
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    with openai.OpenAI(base_url=api[0]["base_url"], api_key="unused", max_retries=0, timeout=300) as client:
+        got = client.chat.completions.create(model="smollm2", messages=PERSON_ASK, temperature=0, max_tokens=200,
+                                             response_format=fmt)
+        texts = ["", ""]
+        for chunk in client.chat.completions.create(model="smollm2", messages=PERSON_ASK, temperature=0.7, seed=1,
+                                                    n=2, max_tokens=200, response_format=fmt, stream=True):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+    assert got.choices[0].finish_reason == "stop"
+    for text in [got.choices[0].message.content or "", *texts]:
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    assert json.loads(got.choices[0].message.content or "")["city"] == "Paris"  # it does read the question
+
+
+def test_the_sdks_parse_with_a_pydantic_model(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    """``client.chat.completions.parse(response_format=<pydantic model>)``: what applications call."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=30)
+        capital: str = Field(max_length=30)
+        population_millions: float = Field(ge=0, le=100)
+        continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
+
+    with openai.OpenAI(base_url=api[0]["base_url"], api_key="unused", max_retries=0, timeout=300) as client:
+        got = client.chat.completions.parse(model="smollm2", messages=QUESTION, temperature=0, max_tokens=80,
+                                            response_format=Capital)
+    parsed = got.choices[0].message.parsed
+    assert isinstance(parsed, Capital) and parsed.continent == "Europe"
+    assert parsed.capital == "Paris", parsed
+
+
+def test_tools_on_a_template_without_tool_support_are_a_clear_400(api: tuple[dict[str, str], LocalSwarm]) -> None:
+    """SmolLM2's chat template is plain ChatML: it never renders tools, so asking for tools is refused."""
+    info, _ = api
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=120) as client:
+        with pytest.raises(openai.BadRequestError) as err:
+            messages: Any = QUESTION
+            client.chat.completions.create(model="smollm2", messages=messages, tools=tools, max_tokens=4)
+    assert err.value.code == "unsupported_parameter" and err.value.param == "tools"
+    assert "does not support tools" in err.value.message

@@ -92,6 +92,9 @@ def test_sealed_tokens_equal_local(sealed: Sealed) -> None:
 
     with pytest.raises(ConfigError, match="top_logprobs"):
         list(sealed.sealed.generation(ids, GenerationParams.of(4, None, None, 2)))  # type: ignore[attr-defined]
+    grammar = GenerationParams(4, constraint=lambda: None)  # type: ignore[arg-type,return-value]  # never called
+    with pytest.raises(ConfigError, match="structured output and tool calls are not available with --sealed"):
+        list(sealed.sealed.generation(ids, grammar))  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="compute threads of each server (default: 1)")
+    parser.add_argument("--constrained", action="store_true",
+                        help="also time tokens with a response_format JSON schema (bench.api_grammar)")
 
 
 # ---- the client side --------------------------------------------------------------------------------
@@ -198,7 +200,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"the warm-up request through the gateway failed: {warm.error}")
         print(f"gateway at {server.url}; timing {args.requests} requests at concurrency "
               f"{', '.join(map(str, levels))}...", file=sys.stderr, flush=True)
-        results = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
+        results: dict[str, Any] = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
+        if getattr(args, "constrained", False):
+            from meshinfer.bench.api_grammar import grammar_overhead
+
+            results["grammar"] = grammar_overhead(server.url, concurrency=max(levels), requests=args.requests,
+                                                  max_tokens=args.max_tokens)
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),

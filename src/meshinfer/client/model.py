@@ -361,6 +361,9 @@ class DistributedModel(CheckpointGenerator):
         if params.max_new_tokens == 0:
             return
         if self.config.sealed:  # the whole generation sealed to one full node (client.sealed)
+            if params.constraint is not None:  # the full node samples: a client-side grammar cannot apply
+                raise ConfigError("structured output and tool calls are not available with --sealed (the full "
+                                  "node samples the tokens): drop response_format/tools or run without --sealed")
             async for item in agenerate_sealed(self._view, self.ref, ids, params, self.config):
                 yield item
             return

@@ -19,12 +19,19 @@ Server-Sent Events ending with ``data: [DONE]``; an error after the stream has s
 {"error": ...}`` event before ``[DONE]``. When the HTTP client goes away (a failed send, or
 ``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
 replies end at the model's eos and end-of-turn tokens; completions at the eos ids (neither with ``ignore_eos``;
-``stop_token_ids`` are added to either). A completion with ``echo``
-answers the prompt first (scored by the generator when logprobs are asked for: one more pass over the prompt,
-inside the request's slot), then the completion. Decoding the JSON, validating it, rendering and tokenising
-the prompt run on one worker thread, off the event loop, so one huge request never stalls the others (e.g.
-``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected (a load balancer's
-probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
+``stop_token_ids`` are added to either; at both with a ``response_format`` grammar, compiled once per request
+on the worker thread by the gateway's one ``models.grammar.GrammarCompiler``, a fresh grammar state per choice:
+400 for a schema it rejects). Chat with
+``tools`` (``gateway.tools``): the tools go to the chat template (``tools=``; a template that never uses them is
+a 400 ``unsupported_parameter`` naming ``tools``, unless ``tool_choice`` is "none", then they are dropped); with
+"none" they are rendered but no call is parsed (as vLLM); "required" / a named tool is enforced by a grammar
+in the template's call format; "auto" decodes freely; the reply is then parsed into ``tool_calls`` (streams hold
+back a possible call marker: ``gateway.toolstream``; calls go out as ``tool_calls`` deltas at the end). A
+completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for: one
+more pass over the prompt, inside the request's slot), then the completion. Decoding the JSON, validating it,
+rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge request never
+stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected
+(a load balancer's probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
 when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
 waiting, completed, failed, cancelled: abandoned because the client went away).
 """
@@ -46,6 +53,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from meshinfer.errors import ConfigError
 from meshinfer.gateway.body import read_body
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
@@ -65,9 +73,13 @@ from meshinfer.gateway.requests import (
     resolve_max_tokens,
 )
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
+from meshinfer.gateway.tools import Family, parse_tool_calls, tool_family, tool_grammar
+from meshinfer.gateway.toolstream import ToolStream
 from meshinfer.metrics import render
+from meshinfer.models.constraint import ConstraintFactory
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 from meshinfer.models.generator import GenerationParams
+from meshinfer.models.grammar import GrammarCompiler, GrammarSpec
 from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -115,6 +127,23 @@ class Gateway:
         self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
         self.max_token_chars = _max_token_chars(tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+        self._grammars: GrammarCompiler | None = None
+        template = getattr(tokenizer, "chat_template", None)
+        self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
+        """The tool-call format of the model's chat template (``gateway.tools``); None: it takes no tools."""
+
+    def compile_grammar(self, spec: GrammarSpec) -> ConstraintFactory:
+        """The decoding constraint for ``spec`` (on the worker thread: see ``offload``); a 400 naming
+        ``spec.name`` when the grammar engine rejects it. Its eos set is every chat stop id."""
+        try:
+            if self._grammars is None:
+                tokenizer = self.generator.tokenizer
+                if not self.vocab_size and not hasattr(tokenizer, "__len__"):
+                    raise ConfigError("structured output needs the model's vocabulary size")
+                self._grammars = GrammarCompiler(tokenizer, self.vocab_size or len(tokenizer), self.chat_stop_ids)
+            return self._grammars.compile(spec)
+        except ConfigError as err:
+            raise bad(str(err), param=spec.name or None) from None
 
     async def offload(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the gateway's one worker thread (JSON, validation, templates, tokenising)."""
@@ -138,12 +167,21 @@ class Gateway:
         if len(req.messages) >= context:  # every chat template marks each message with at least one token
             raise bad(f"this model's maximum context length is {context} tokens; {len(req.messages)} messages cannot "
                       "fit (each takes at least one token)", param="messages", code="context_length_exceeded")
-        check_prompt_chars(sum(len(m["content"]) for m in req.messages), context, self.max_token_chars, "messages")
+        chars = sum(len(m["content"] or "") + len(json.dumps(m.get("tool_calls", ""))) for m in req.messages)
+        check_prompt_chars(chars, context, self.max_token_chars, "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
                       param="messages")
+        extra: dict[str, Any] = {}
+        if req.tools is not None and req.tools.choice != "none":
+            if self.tool_family is None:
+                raise bad("this model's chat template does not support tools (it never uses them): call without "
+                          "tools, or with tool_choice 'none'", param="tools", code="unsupported_parameter")
+        if req.tools is not None and self.tool_family is not None:  # "none" too: rendered, never parsed (vLLM)
+            extra["tools"] = [t.template_dict() for t in req.tools.tools]
         try:
-            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False,
+                                                 **extra)
         except Exception as err:  # a template may reject a conversation (e.g. roles that do not alternate)
             raise bad(f"the chat template rejected these messages: {err}", param="messages") from None
         check_prompt_chars(len(text), context, self.max_token_chars, "messages")
@@ -170,15 +208,20 @@ class Gateway:
                 self.stats["active"] -= 1
                 self.slots.release()
 
-    def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int) -> Answer:
-        """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``)."""
+    def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int,
+                constraint: ConstraintFactory | None = None) -> Answer:
+        """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``;
+        with ``constraint``, its own grammar state, ending at any chat stop id as the grammar's eos)."""
         outcome = Outcome(prompt_tokens=len(ids))
         sampling = req.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
         stops = frozenset[int]() if req.ignore_eos else self.chat_stop_ids if req.kind == "chat" else self.eos_ids
+        if constraint is not None:  # a finished grammar allows only the end-of-turn / eos tokens: they must stop
+            stops = stops | self.chat_stop_ids
         stops = stops | frozenset(req.stop_token_ids)
         params = GenerationParams.of(max_tokens, sampling, stops, req.top_logprobs)
+        params = dataclasses.replace(params, constraint=constraint)
         pieces = generate_text(self.generator, ids, params, req.stop, outcome)
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
@@ -187,12 +230,17 @@ class Gateway:
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = await self.offload(lambda: self.prompt_ids(req))
+        family = self.tool_family if req.tools is not None and req.tools.choice != "none" else None
+        grammar = req.grammar
+        if family is not None and req.tools is not None:
+            grammar = tool_grammar(req.tools, family) or grammar
+        constraint = None if grammar is None else await self.offload(lambda: self.compile_grammar(grammar))
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
                                         self.config.default_max_tokens)
         builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
                                   logprobs=req.top_logprobs is not None)
-        choices = Choices([self._choice(req, ids, max_tokens, i) for i in range(req.n)])
+        choices = Choices([self._choice(req, ids, max_tokens, i, constraint) for i in range(req.n)])
         try:
             firsts = await _unless_gone(request, choices.firsts())
             if not req.stream:
@@ -200,21 +248,38 @@ class Gateway:
                 await choices.close()
                 outcomes = choices.outcomes
                 usage = Usage(len(ids), sum(o.completion_tokens for o in outcomes))
-                done = [Choice(f + r, o.finish_reason, o.logprobs) for f, r, o in zip(firsts, rests, outcomes,
-                                                                                       strict=True)]
+                done = [self._tool_choice(Choice(f + r, o.finish_reason, o.logprobs), family, req)
+                        for f, r, o in zip(firsts, rests, outcomes, strict=True)]
                 return JSONResponse(builder.full_choices(done, usage))
         except BaseException as err:
             if isinstance(err, Exception) and not isinstance(err, ClientGone):
                 choices.fail()
             await choices.close()
             raise
-        return _ClosingStream(self._events(builder, firsts, choices), on_close=choices.close)
+        parallel = req.tools is None or req.tools.parallel
+        return _ClosingStream(self._events(builder, firsts, choices, family, parallel), on_close=choices.close)
 
-    async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices) -> AsyncIterator[str]:
+    @staticmethod
+    def _tool_choice(choice: Choice, family: Family | None, req: GenerationRequest) -> Choice:
+        """``choice`` with the tool calls in its text parsed out (when tools are on)."""
+        if family is None:
+            return choice
+        content, calls = parse_tool_calls(choice.text, family)
+        if not calls:
+            return choice
+        if req.tools is not None and not req.tools.parallel:
+            calls = calls[:1]
+        return Choice(content or "", "tool_calls", choice.logprobs, [c.as_dict() for c in calls])
+
+    async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices,
+                      family: Family | None = None, parallel: bool = True) -> AsyncIterator[str]:
         outcomes = choices.outcomes
         sent = [0] * len(outcomes)  # per choice, tokens whose logprobs went out (each with its own text delta)
+        tools = [ToolStream(family) if family is not None else None for _ in outcomes]
 
         def chunk(index: int, piece: str, scored: int) -> str | None:
+            if (stream := tools[index]) is not None:
+                piece = stream.push(piece)
             entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
             if not piece and not (builder.logprobs and entries):
                 return None
@@ -234,7 +299,16 @@ class Gateway:
                         yield event
                 else:
                     outcome = outcomes[index]
-                    yield sse(builder.finish_chunk(outcome.finish_reason, outcome.logprobs[sent[index]:], index))
+                    reason = outcome.finish_reason
+                    if (stream := tools[index]) is not None:
+                        rest, calls = stream.finish()
+                        calls = calls if parallel else calls[:1]
+                        if rest:
+                            yield sse(builder.text_chunk(rest, (), index))
+                        for event in builder.tool_calls_chunk([c.as_dict() for c in calls], index):
+                            yield sse(event)
+                        reason = "tool_calls" if calls else reason
+                    yield sse(builder.finish_chunk(reason, outcome.logprobs[sent[index]:], index))
             if builder.include_usage:
                 prompt = outcomes[0].prompt_tokens
                 yield sse(builder.usage_chunk(Usage(prompt, sum(o.completion_tokens for o in outcomes))))

@@ -3,8 +3,11 @@
 Contract: pure functions over plain JSON data (dicts, lists, numbers): no HTTP framework, no torch, no
 network, so every rule here is tested in milliseconds. ``parse_chat_request`` / ``parse_completion_request``
 check a decoded body the way the OpenAI API documents it and raise ``ApiError`` (status 400, the offending
-``param``) for anything malformed or unsupported by the engine: ``n`` over 16, tools, non-text
-``response_format``, ``best_of`` > 1, ``suffix``, several prompts. Sampling takes OpenAI's ``presence_penalty`` /
+``param``) for anything malformed or unsupported by the engine: ``n`` over 16, ``best_of`` > 1, ``suffix``,
+several prompts. Chat takes ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (or the legacy ``functions``),
+``tool`` messages and assistant messages with ``tool_calls`` (``gateway.tools``; completions refuse tools).
+``response_format`` (text, json_object, json_schema; both endpoints) becomes ``GenerationRequest.grammar``
+(``gateway.structured``). Sampling takes OpenAI's ``presence_penalty`` /
 ``frequency_penalty`` (in [-2, 2]) and ``logit_bias`` (token-id strings to numbers in [-100, 100], at most 1024;
 ``check_token_ids`` checks the ids against the vocabulary once the gateway knows it), and vLLM's extensions
 ``min_p``, ``ignore_eos`` (no eos / end-of-turn stop; stop strings still apply) and ``stop_token_ids`` (added to
@@ -34,6 +37,9 @@ from typing import Any, Literal
 from meshinfer.client.routing import NoRouteError
 from meshinfer.config import MAX_LOGIT_BIAS, SamplingConfig
 from meshinfer.errors import ConfigError, ContextOverflowError, MeshinferError, RemoteError, TransportError
+from meshinfer.gateway.structured import ResponseFormatError, parse_response_format
+from meshinfer.gateway.tools import ToolError, ToolRequest, parse_tools, tool_message
+from meshinfer.models.grammar import GrammarSpec
 
 MAX_STOP_STRINGS = 4
 """The OpenAI API accepts up to 4 stop sequences."""
@@ -45,7 +51,7 @@ MAX_STOP_TOKEN_IDS = 128
 """The most ``stop_token_ids`` one request may give (with the model's own, within ``wire.sealed.MAX_STOP_IDS``)."""
 MAX_LOGPROBS = 20
 """The most alternatives per token a request may ask for (``models.sampling.MAX_TOP_LOGPROBS``)."""
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 """Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 
 
@@ -86,8 +92,9 @@ class GenerationRequest:
 
     kind: Literal["chat", "completion"]
     model: str
-    messages: tuple[dict[str, str], ...] = ()
-    """Chat: the conversation, each ``{"role", "content"}`` with text content only."""
+    messages: tuple[dict[str, Any], ...] = ()
+    """Chat: the conversation, each ``{"role", "content"}`` with text content only (``tool`` messages add
+    ``tool_call_id``; assistant messages with calls add ``tool_calls`` and may have ``content`` None)."""
     prompt: str | tuple[int, ...] = ""
     """Completion: the prompt text, or its token ids."""
     max_tokens: int | None = None
@@ -106,6 +113,10 @@ class GenerationRequest:
     """vLLM's extension: do not stop at the model's eos / end-of-turn tokens (stop strings still apply)."""
     stop_token_ids: tuple[int, ...] = ()
     """vLLM's extension: more token ids that end the generation (added to the stop set)."""
+    grammar: GrammarSpec | None = None
+    """What the output must match (``response_format``: ``gateway.structured``); None: free text."""
+    tools: ToolRequest | None = None
+    """Chat: the declared tools and ``tool_choice`` (``gateway.tools``); None: no tools."""
 
 
 # ---- checks of the whole request ----------------------------------------------------------------
@@ -296,17 +307,6 @@ def check_token_ids(req: GenerationRequest, vocab_size: int | None) -> None:
             raise bad(f"token id {max(ids)} is not in the model's vocabulary (ids 0..{vocab_size - 1})", param=param)
 
 
-def _unsupported(body: dict[str, Any]) -> None:
-    """400 for parameters the engine cannot honour (rather than silently ignoring them)."""
-    if body.get("tools") or body.get("functions"):
-        raise bad("tool and function calling are not supported by this gateway", param="tools",
-                  code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("only response_format {'type': 'text'} is supported", param="response_format",
-                  code="unsupported_parameter")
-
-
 def _common(body: Any) -> dict[str, Any]:
     """Fields both endpoints share, checked."""
     if not isinstance(body, dict):
@@ -315,7 +315,6 @@ def _common(body: Any) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise bad("you must provide a model parameter", param="model")
     _text(model, "model")
-    _unsupported(body)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -343,9 +342,13 @@ def _common(body: Any) -> dict[str, Any]:
     n = _integer(body, "n", low=1) or 1
     if n > MAX_CHOICES:
         raise bad(f"n must be in 1..{MAX_CHOICES}, got {n}", param="n")
+    try:
+        grammar = parse_response_format(body.get("response_format"))
+    except ResponseFormatError as err:
+        raise bad(str(err), param="response_format") from None
     return {"model": model, "sampling": sampling, "stop": _stop(body), "stream": stream,
             "include_usage": include_usage, "n": n, "ignore_eos": _flag(body, "ignore_eos"),
-            "stop_token_ids": _stop_token_ids(body)}
+            "stop_token_ids": _stop_token_ids(body), "grammar": grammar}
 
 
 def _content(message: dict[str, Any], index: int) -> str:
@@ -378,7 +381,15 @@ def parse_chat_request(body: Any) -> GenerationRequest:
         if role not in CHAT_ROLES:
             raise bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                       param=f"messages[{i}].role")
-        out.append({"role": CHAT_ROLES[role], "content": _content(message, i)})
+        calls = role == "assistant" and message.get("tool_calls") is not None
+        content = None if calls and message.get("content") is None else _content(message, i)
+        if role == "tool" or calls:
+            try:
+                out.append(tool_message(message, i, content))
+            except ToolError as err:
+                raise bad(str(err), param=err.param) from None
+        else:
+            out.append({"role": CHAT_ROLES[role], "content": content})
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
@@ -388,8 +399,15 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     top = _logprob_count(body, "top_logprobs")
     if top and not logprobs:
         raise bad("top_logprobs requires logprobs: true", param="top_logprobs")
+    try:
+        tools = parse_tools(body)
+    except ToolError as err:
+        raise bad(str(err), param=err.param) from None
+    if tools is not None and tools.choice not in ("auto", "none") and common["grammar"] is not None:
+        raise bad("response_format cannot be combined with a forced tool call (tool_choice required or named)",
+                  param="tool_choice")
     return GenerationRequest(kind="chat", messages=tuple(out), max_tokens=max_tokens,
-                             top_logprobs=(top or 0) if logprobs else None, **common)
+                             top_logprobs=(top or 0) if logprobs else None, tools=tools, **common)
 
 
 def parse_completion_request(body: Any) -> GenerationRequest:
@@ -406,6 +424,8 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     best_of = _integer(body, "best_of", low=1)
     if best_of not in (None, 1):
         raise bad(f"best_of must be 1, got {best_of}", param="best_of", code="unsupported_parameter")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools are for /v1/chat/completions", param="tools", code="unsupported_parameter")
     if body.get("suffix"):
         raise bad("suffix is not supported by this gateway", param="suffix", code="unsupported_parameter")
     prompt = body.get("prompt")

@@ -7,8 +7,9 @@ held back until it is known not to be one. ``sse`` frames one event as ``data: <
 ends every stream. ``ResponseBuilder`` makes the bodies of one request, chat (``chat.completion`` /
 ``chat.completion.chunk``) or completion (``text_completion``), non-streaming and streaming (a first chunk
 with the assistant role for chat, content chunks, a last chunk with ``finish_reason`` and, when asked, a
-usage chunk with no choices), and the model list of ``/v1/models``. Choices carry their ``index`` (``n`` of
-them: a stream interleaves their chunks). With ``logprobs`` asked for, each
+usage chunk with no choices; chat choices may carry ``tool_calls``: in the message, with ``content`` null
+when there is no text, and streamed as ``tool_calls`` deltas), and the model list of ``/v1/models``.
+Choices carry their ``index`` (``n`` of them: a stream interleaves their chunks). With ``logprobs`` asked for, each
 body or chunk carries the ``TokenLogprob``s of the tokens it covers: chat as ``{"content": [{"token",
 "logprob", "bytes", "top_logprobs"}]}``, completions as ``{"tokens", "token_logprobs", "top_logprobs",
 "text_offset"}`` (offsets continue across the chunks of a stream); otherwise ``"logprobs": null``.
@@ -26,7 +27,7 @@ from typing import Any, Literal
 SSE_DONE = "data: [DONE]\n\n"
 """The last event of every stream, as the OpenAI API sends it."""
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -116,6 +117,9 @@ class Choice:
     text: str
     finish_reason: FinishReason
     logprobs: Sequence[TokenLogprob] = ()
+    tool_calls: Sequence[dict[str, Any]] = ()
+    """Chat: the calls the model made (``gateway.tools.ToolCall.as_dict``); then ``content`` is null when
+    ``text`` is empty."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,10 @@ class ResponseBuilder:
         for i, c in enumerate(choices):
             lp = self._logprobs(c.logprobs, i)
             if self.kind == "chat":
-                out.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                if c.tool_calls:
+                    message = {"role": "assistant", "content": c.text or None, "tool_calls": list(c.tool_calls)}
+                out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
                 out.append({"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
         return {**self._base(False), "choices": out, "usage": usage.as_dict()}
@@ -201,6 +207,19 @@ class ResponseBuilder:
 
     def text_chunk(self, text: str, logprobs: Sequence[TokenLogprob] = (), index: int = 0) -> dict[str, Any]:
         return self._chunk({"content": text} if self.kind == "chat" else text, None, logprobs, index)
+
+    def tool_calls_chunk(self, calls: Sequence[dict[str, Any]], index: int = 0) -> list[dict[str, Any]]:
+        """Chat: the chunks streaming ``calls`` (each ``ToolCall.as_dict``): per call, one delta with its
+        ``index``, ``id``, ``type`` and ``function.name`` (arguments ""), then one with the arguments, as
+        OpenAI streams them (a client concatenates ``function.arguments`` per call index)."""
+        out = []
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            out.append(self._chunk({"tool_calls": [head]}, None, index=index))
+            args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+            out.append(self._chunk({"tool_calls": [args]}, None, index=index))
+        return out
 
     def finish_chunk(self, finish_reason: FinishReason, logprobs: Sequence[TokenLogprob] = (),
                      index: int = 0) -> dict[str, Any]:

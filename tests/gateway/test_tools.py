@@ -1,0 +1,215 @@
+"""Unit tests of gateway.tools / gateway.toolstream (pure): request validation, family detection, parsing real
+output formats of Hermes/Qwen2.5, Llama 3.1 and Mistral (strings as those models' docs show them), the stream
+splitter, the forced-call grammar (compiled with llguidance over a tiny tokenizer) and the response shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from meshinfer.gateway.requests import ApiError, parse_chat_request
+from meshinfer.gateway.responses import Choice, ResponseBuilder, Usage
+from meshinfer.gateway.tools import ToolError, parse_tool_calls, parse_tools, tool_family, tool_grammar
+from meshinfer.gateway.toolstream import ToolStream
+from meshinfer.testing.toolmodel import QWEN25_TEMPLATE
+
+PARAMS = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
+TOOL = {"type": "function", "function": {"name": "get_current_weather", "description": "w", "parameters": PARAMS}}
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": USER, "tools": [TOOL], **extra}
+
+
+def test_tools_and_tool_choice_parse() -> None:
+    req = parse_chat_request(body(tool_choice={"type": "function", "function": {"name": "get_current_weather"}}))
+    assert req.tools is not None and req.tools.choice == "get_current_weather" and req.tools.parallel
+    assert req.tools.tools[0].template_dict() == TOOL
+    assert parse_tools(body(tool_choice="required", parallel_tool_calls=False)).choice == "required"  # type: ignore[union-attr]
+    legacy = parse_tools({"functions": [TOOL["function"]], "function_call": {"name": "get_current_weather"}})
+    assert legacy is not None and legacy.choice == "get_current_weather"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [TOOL, TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [TOOL] * 129}, "tools"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"functions": [TOOL["function"]]}, "functions"),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "tool_choice"),
+])
+def test_bad_tool_requests_are_400s_naming_the_param(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_chat_request(body(**extra))
+    assert err.value.status == 400 and (err.value.param or "").startswith(param)
+
+
+def test_tool_messages_take_the_template_convention() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_current_weather",
+                                                             "arguments": '{"location": "Paris"}'}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "22C"}]
+    req = parse_chat_request(body(messages=messages))
+    assert req.messages[1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_current_weather",
+                                                          "arguments": {"location": "Paris"}}}]}
+    assert req.messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "22C"}
+    with pytest.raises(ApiError) as err:
+        parse_chat_request(body(messages=[*USER, {"role": "tool", "content": "x"}]))
+    assert err.value.param == "messages[1].tool_call_id"
+    bad_args = {**call, "function": {"name": "f", "arguments": "{not json"}}
+    with pytest.raises(ApiError):
+        parse_chat_request(body(messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [bad_args]}]))
+
+
+def test_family_detection() -> None:
+    assert tool_family(QWEN25_TEMPLATE) == "hermes"
+    assert tool_family("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}") is None  # SmolLM2-like
+    assert tool_family("{%- if tools %}[AVAILABLE_TOOLS]{{ tools }}{%- endif %}[TOOL_CALLS]") == "mistral"
+    assert tool_family("{%- if tools %}<|python_tag|>{{ tools }}{%- endif %}") == "llama3"
+
+
+def _calls(text: str, family: Any) -> tuple[str | None, list[tuple[str, Any]]]:
+    content, calls = parse_tool_calls(text, family)
+    assert all(c.id.startswith("call_") for c in calls)
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_parse_hermes_qwen() -> None:
+    text = ('Let me check.\n<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Paris"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Rome"}}\n'
+            '</tool_call>')
+    assert _calls(text, "hermes") == ("Let me check.\n", [("get_current_weather", {"location": "Paris"}),
+                                                          ("get_current_weather", {"location": "Rome"})])
+    assert _calls("Just text.", "hermes") == ("Just text.", [])
+    assert _calls("<tool_call>\n{broken\n</tool_call>", "hermes") == ("<tool_call>\n{broken\n</tool_call>", [])
+
+
+def test_parse_llama3_and_mistral() -> None:
+    assert _calls('{"name": "get_current_weather", "parameters": {"location": "Paris"}}', "llama3") == \
+        (None, [("get_current_weather", {"location": "Paris"})])
+    assert _calls('<|python_tag|>{"name": "f", "parameters": {}}', "llama3") == (None, [("f", {})])
+    assert _calls("The weather is fine.", "llama3") == ("The weather is fine.", [])
+    assert _calls('[TOOL_CALLS][{"name": "get_current_weather", "arguments": {"location": "Paris"}}, '
+                  '{"name": "f", "arguments": {}}]', "mistral") == \
+        (None, [("get_current_weather", {"location": "Paris"}), ("f", {})])
+    assert _calls('[{"name": "f", "arguments": {"x": 1}}]', "mistral") == (None, [("f", {"x": 1})])  # marker skipped
+    assert _calls("[1] is a citation.", "mistral") == ("[1] is a citation.", [])
+
+
+def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> None:
+    s = ToolStream("hermes")
+    text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    out = "".join(s.push(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, calls = s.finish()
+    assert out + rest == "Hi " and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1})]
+    llama = ToolStream("llama3")
+    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {}}') == ""
+    assert [c.name for c in llama.finish()[1]] == ["f"]
+    plain = ToolStream("hermes")
+    assert plain.push("a <tool") == "a " and plain.push(" box") == "<tool box" and plain.finish() == ("", [])
+
+
+def test_a_forced_call_grammar_admits_only_a_valid_call() -> None:
+    from llguidance import LLMatcher
+
+    req = parse_tools(body(tool_choice="required"))
+    assert req is not None
+    spec = tool_grammar(req, "hermes")
+    assert spec is not None and spec.kind == "lark"
+    assert tool_grammar(parse_tools(body()), "hermes") is None  # type: ignore[arg-type]
+    LLMatcher.grammar_from_lark(spec.source)  # compiles
+
+
+def test_responses_carry_tool_calls() -> None:
+    call = {"id": "call_x", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    b = ResponseBuilder("chat", "m")
+    doc = b.full_choices([Choice("", "tool_calls", (), [call])], Usage(1, 1))
+    assert doc["choices"][0]["message"] == {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert doc["choices"][0]["finish_reason"] == "tool_calls"
+    chunks = b.tool_calls_chunk([call])
+    assert chunks[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "call_x"
+    assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_tool_error_names_its_param() -> None:
+    with pytest.raises(ToolError) as err:
+        parse_tools({"tool_choice": "required"})
+    assert err.value.param == "tool_choice"
+
+
+# ---- "auto" through the app (a scripted generator emitting a Hermes call) --------------------------------
+
+REPLY = 'Sure. <tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Paris"}}\n</tool_call>'
+
+
+def _post(payload: dict[str, Any]) -> Any:
+    import asyncio
+
+    import httpx
+    from gateway_helpers import EOS, FakeGenerator, ids
+
+    from meshinfer.gateway.app import create_app
+
+    gen = FakeGenerator([*ids(REPLY), EOS], chat_template="{% if tools %}<tool_call>{% endif %}")
+    seen: dict[str, Any] = {}
+
+    def render(messages: Any, add_generation_prompt: bool = False, tokenize: bool = True, **kw: Any) -> str:
+        seen.update(kw)
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    gen.tokenizer.apply_chat_template = render  # type: ignore[method-assign]
+    app = create_app(gen, "m")  # pyright: ignore[reportArgumentType]
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            return await client.post("/v1/chat/completions", json=payload)
+
+    return asyncio.run(main()), seen
+
+
+def test_auto_parses_the_call_out_of_the_reply() -> None:
+    r, seen = _post(body(max_tokens=200))
+    assert seen["tools"] == [TOOL]
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure. "
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_current_weather", "arguments": '{"location": "Paris"}'}
+
+
+def test_auto_streams_content_then_tool_call_deltas() -> None:
+    r, _ = _post(body(max_tokens=200, stream=True))
+    events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure. "
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_current_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"location": "Paris"}'
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_none_renders_the_tools_but_never_parses_calls() -> None:
+    r, seen = _post(body(max_tokens=200, tool_choice="none"))
+    choice = r.json()["choices"][0]
+    assert seen["tools"] == [TOOL] and choice["message"]["content"] == REPLY and choice["finish_reason"] == "stop"
+    assert "tool_calls" not in choice["message"]
+
+
+def test_a_forced_call_keeps_the_references_of_nested_models() -> None:
+    from llguidance import LLMatcher
+
+    nested = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+              "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {"type": "function", "function": {"name": "go", "parameters": nested}}
+    req = parse_tools(body(tools=[tool], tool_choice={"type": "function", "function": {"name": "go"}}))
+    assert req is not None
+    spec = tool_grammar(req, "hermes")
+    assert spec is not None and '"$defs": {"Place"' in spec.source
+    grammar = LLMatcher.grammar_from_lark(spec.source)
+    assert LLMatcher.validate_grammar(grammar) == ""  # no error: the reference resolves

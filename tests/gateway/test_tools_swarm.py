@@ -1,0 +1,130 @@
+"""Tool calling through the gateway in front of the real 3-server swarm of a random-weight tiny model, with a
+Qwen2.5 (Hermes ``<tool_call>``) chat template (``meshinfer.testing.toolmodel``), driven by the official
+``openai`` client: a forced call (named, or required) is valid against the tool's schema even from random
+weights; the app answers with a ``tool`` message and gets a final text answer; the streamed call, assembled as a
+client does, equals the non-streamed one; a model whose template takes no tools is a 400 naming ``tools``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from gateway_helpers import MODEL_NAME, SPANS, Served
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 12},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"],
+        "additionalProperties": False}
+TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+MESSAGES: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.gateway.app import create_app
+    from meshinfer.gateway.generation import SwarmGenerator
+    from meshinfer.gateway.serving import ApiServer
+    from meshinfer.testing.swarm import LocalSwarm
+    from meshinfer.testing.toolmodel import tool_checkpoint
+
+    directory = tool_checkpoint(Path(tmp_path_factory.mktemp("tools")) / "model")
+    swarm = LocalSwarm(directory, SPANS, startup_timeout=120).start()
+    try:
+        with DistributedModel.from_pretrained(directory, swarm.initial_peers) as model, \
+                ApiServer(create_app(SwarmGenerator(model), MODEL_NAME)) as server:
+            yield f"{server.url}/v1"
+    finally:
+        swarm.stop()
+
+
+@pytest.fixture()
+def client(tool_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=tool_url, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def _check(call: Any) -> dict[str, Any]:
+    assert call.type == "function" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    return arguments
+
+
+def test_a_named_call_then_the_tool_result_then_a_text_answer(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=200, seed=3,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].type == "function" and calls[0].function.name == "get_weather"
+    _check(calls[0])
+    assert choice.message.content is None
+    messages = [*MESSAGES, choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 21}'}]
+    second = client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=TOOLS, tool_choice="none",
+                                            max_tokens=8, seed=3)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(second.choices[0].message.content, str) and not second.choices[0].message.tool_calls
+
+
+def test_required_calls_any_tool_and_the_stream_assembles_to_the_same_calls(client: openai.OpenAI) -> None:
+    kwargs: Any = {"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
+                   "max_tokens": 200, "seed": 5, "parallel_tool_calls": False}
+    full = client.chat.completions.create(**kwargs)
+    calls = full.choices[0].message.tool_calls or []
+    assert full.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    _check(calls[0])
+    assembled: dict[int, dict[str, str]] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            for d in c.delta.tool_calls or []:
+                entry = assembled.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += d.id or ""
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert reasons[-1] == "tool_calls"
+    assert [(e["name"], json.loads(e["arguments"])) for e in assembled.values()] == \
+        [(calls[0].function.name, json.loads(calls[0].function.arguments))]
+    assert assembled[0]["id"].startswith("call_")
+
+
+def test_a_template_without_tools_is_a_400_naming_tools(served: Served) -> None:
+    with openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60) as plain:
+        with pytest.raises(openai.BadRequestError) as err:
+            plain.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=4)
+        assert err.value.code == "unsupported_parameter" and err.value.param == "tools"
+        # tool_choice "none": nothing to render and nothing to call: answered as plain chat
+        ok = plain.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="none",
+                                           max_tokens=4)
+        assert ok.choices[0].message.tool_calls is None
+
+
+def test_langchain_invoke_stream_and_bind_tools(tool_url: str) -> None:
+    """One more real client, not written here, works unchanged: LangChain's ChatOpenAI."""
+    from langchain_openai import ChatOpenAI
+
+    common: Any = {"base_url": tool_url, "api_key": "unused", "model": MODEL_NAME, "max_retries": 0, "timeout": 120}
+    llm = ChatOpenAI(**{**common, "max_tokens": 6, "seed": 1})
+    assert isinstance(llm.invoke("Hello").content, str)
+    assert all(isinstance(chunk.content, str) for chunk in llm.stream("Hello"))
+    forced = ChatOpenAI(**{**common, "max_tokens": 200, "seed": 2}).bind_tools(TOOLS, tool_choice="get_time")
+    message: Any = forced.invoke("What time is it in Tokyo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_time"]
+    jsonschema.validate(message.tool_calls[0]["args"], TIME)
+    assert message.tool_calls[0]["id"].startswith("call_")
