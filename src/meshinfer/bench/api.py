@@ -10,8 +10,12 @@ on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C
 stamp each one: time to first token = from sending the request to the first SSE event carrying text (or the
 finish event, for a reply with no text), total time, completion tokens (from the usage chunk). Per level (pure
 ``summarise_level``): requests/s = requests / wall time of the level, completion tokens/s, time to first token
-and request latency median and p95 (linear interpolation, as in ``bench load``), failures. One untimed warm-up
-request comes first. The client threads run in the gateway's process, so the figures include their cost. Every
+and request latency median and p95 (linear interpolation, as in ``bench load``), failures, and ``speedup_vs_1``
+(pure ``add_speedups``): the level's completion tokens/s over the lowest level's (concurrency 1 by default;
+target ``TARGET_SPEEDUP`` at 16, as ``bench load`` asks of the client alone); the top level's is repeated at the
+top of the JSON. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
+(``ApiServer(..., loop=model.loop)``), as ``meshinfer api`` does. After the levels, each of ``EXTRAS`` (name,
+function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements. The client threads run in the gateway's process, so the figures include their cost. Every
 process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
 ``run``; never asserts a timing."""
 
@@ -23,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +56,37 @@ class RequestSample:
     total_s: float
     completion_tokens: int
     error: str | None = None
+
+
+TARGET_SPEEDUP = 5.0
+"""Completion tokens/s at 16 concurrent streams over one stream's, the target (``bench load``'s for the client)."""
+
+
+def add_speedups(levels: dict[str, dict[str, Any]]) -> float | None:
+    """Set ``speedup_vs_1`` on every level with figures: its completion tokens/s over the lowest concurrency's
+    (None when that level has none); returns the top level's."""
+    rated = {lv["concurrency"]: lv for lv in levels.values() if "completion_tokens_per_s" in lv}
+    if not rated:
+        return None
+    base = rated[min(rated)]["completion_tokens_per_s"]
+    for level in rated.values():
+        level["speedup_vs_1"] = level["completion_tokens_per_s"] / base if base > 0 else None
+    return rated[max(rated)]["speedup_vs_1"]
+
+
+@dataclass(frozen=True)
+class ApiBench:
+    """What an extra measurement gets: the gateway's base URL (no ``/v1``), its model name, the client model
+    (a ``DistributedModel``) and the parsed arguments."""
+
+    url: str
+    model_name: str
+    model: Any
+    args: argparse.Namespace
+
+
+EXTRAS: list[tuple[str, Callable[[ApiBench], dict[str, Any]]]] = []
+"""Measurements run after the levels, in order: ``(name, fn)``; ``fn``'s figures go under ``extras[name]``."""
 
 
 def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency: int) -> dict[str, Any]:
@@ -191,7 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         swarm_s = time.perf_counter() - t0
         model = stack.enter_context(DistributedModel.from_pretrained(path, peers, dtype=dtype,
                                                                      config=ClientConfig()))
-        server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0))
+        server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0,
+                                               loop=model.loop))
         bodies = _bodies(args.requests, args.max_tokens)
         warm = stream_chat(server.url, bodies[0])
         if warm.error is not None:
@@ -199,6 +235,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"gateway at {server.url}; timing {args.requests} requests at concurrency "
               f"{', '.join(map(str, levels))}...", file=sys.stderr, flush=True)
         results = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
+        speedup = add_speedups(results)
+        bench = ApiBench(server.url, MODEL_NAME, model, args)
+        extras = {name: measure(bench) for name, measure in EXTRAS}
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),
@@ -208,5 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_level": args.requests,
         "max_tokens": args.max_tokens,
         "swarm_ready_s": swarm_s,
+        "speedup_vs_1": speedup,
+        "target_speedup": TARGET_SPEEDUP,
         "levels": results,
+        **({"extras": extras} if extras else {}),
     }
