@@ -2,7 +2,8 @@
 
 The swarm (a bootstrap peer and three ``meshinfer serve`` processes on 127.0.0.1) is started once for all
 gateway tests that ask for it, with one ``DistributedModel`` joined to it and the gateway app served by
-uvicorn on the client's own loop (as `meshinfer api` does) on a free port; a ``LocalModel`` of the same checkpoint is the reference.
+uvicorn on the client's own loop (as `meshinfer api` does) on a free port; a ``LocalModel`` of the same
+checkpoint is the reference.
 Everything is stopped at teardown (processes by PID, checking none of their children survive).
 """
 

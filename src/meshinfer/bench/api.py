@@ -15,7 +15,8 @@ and request latency median and p95 (linear interpolation, as in ``bench load``),
 target ``TARGET_SPEEDUP`` at 16, as ``bench load`` asks of the client alone); the top level's is repeated at the
 top of the JSON. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
 (``ApiServer(..., loop=model.loop)``), as ``meshinfer api`` does. After the levels, each of ``EXTRAS`` (name,
-function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements. The client threads run in the gateway's process, so the figures include their cost. Every
+function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements.
+The client threads run in the gateway's process, so the figures include their cost. Every
 process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
 ``run``; never asserts a timing."""
 

@@ -7,8 +7,8 @@ auto) is resolved on this machine next (a device it lacks is a one-line ``Config
 loaded or joined). Then it joins the swarm (``--initial-peers``; without them the peers found on this LAN by mDNS,
 ``cli.lan``: none found is a one-line error) with ``DistributedModel.from_pretrained(--model, --initial-peers,
 config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
-the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn on the swarm client's own loop
-(``model.loop``: tokens reach HTTP with no thread hand-off) while this thread waits and takes the signals.
+the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn on the swarm client's
+own loop (``model.loop``: tokens reach HTTP with no thread hand-off) while this thread waits and takes the signals.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}

@@ -96,8 +96,8 @@ class SwarmGenerator:
     async def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
         loop = asyncio.get_running_loop()
         if loop is self.model.loop:
-            async with contextlib.aclosing(self._direct(input_ids, params)) as tokens:
-                async for token in tokens:
+            async with contextlib.aclosing(self._direct(input_ids, params)) as direct:
+                async for token in direct:
                     yield token
             return
         tokens: asyncio.Queue[Any] = asyncio.Queue()
@@ -168,6 +168,17 @@ class SwarmGenerator:
         if asyncio.get_running_loop() is self.model.loop:
             return await self._probe()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._probe(), self.model.loop))
+
+    async def swarm_models(self) -> list[tuple[str, int]]:
+        """``(model_id, blocks)`` of every model some live server of the swarm announces now."""
+        if asyncio.get_running_loop() is self.model.loop:
+            return await self._list_models()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._list_models(), self.model.loop))
+
+    async def _list_models(self) -> list[tuple[str, int]]:
+        from meshinfer.p2p.directory import list_models
+
+        return [(e.card.model_id, e.card.num_blocks) for e in await list_models(self.model.view.node)]
 
     async def _probe(self) -> dict[str, Any]:
         model = self.model
