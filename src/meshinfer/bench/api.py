@@ -3,7 +3,7 @@
 Contract: starts a ``LocalSwarm`` (a bootstrap peer and ``--servers`` ``meshinfer serve`` processes on
 127.0.0.1, the blocks split by ``bench.swarm.even_spans``, ``--torch-threads`` each) of one checkpoint
 (default: the bench checkpoint), or joins an existing swarm given with ``--initial-peers``; joins it with one
-``DistributedModel`` and serves the gateway app in this process (uvicorn in a background thread, a free port
+``DistributedModel`` and serves the gateway app in this process (uvicorn on the client's loop thread, a free port
 on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C client threads send
 ``--requests`` streaming chat completions in all (stdlib ``http.client``, greedy, ``max_tokens``
 ``--max-tokens``, ``stream_options.include_usage``; request i asks about line i of the shipped corpus) and
