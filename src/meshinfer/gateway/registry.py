@@ -6,12 +6,14 @@ lists the served names). ``catalog`` lists every served model as an OpenAI model
 extension: ``{"loaded": true, "model_id", "blocks", "servers", "covered", "route_ok"}`` from the generator's
 ``health()`` (bounded by ``HEALTH_TIMEOUT_S``; a failure there is ``covered: false`` with the ``reason``), then
 the other models the swarm announces now (from a generator's optional ``swarm_models()``: ``[(model_id,
-blocks)]``), marked ``loaded: false`` (not servable here). Knows nothing of HTTP, servers or sessions.
+blocks)]``, reused for ``SWARM_LISTING_TTL_S``), marked ``loaded: false`` (not servable here).
+Knows nothing of HTTP, servers or sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 HEALTH_TIMEOUT_S = 5.0
 """How long ``catalog`` waits for one model's coverage."""
+SWARM_LISTING_TTL_S = 10.0
+"""How long ``catalog`` reuses the swarm's model listing (one DHT read) before reading it again."""
 MAX_LISTED_OTHERS = 64
 """At most this many models the swarm serves but this gateway does not are listed."""
 
@@ -34,6 +38,7 @@ class ModelTable:
         if not gateways:
             raise ValueError("a gateway serves at least one model")
         self.gateways = dict(gateways)
+        self._listing: tuple[float, list[tuple[str, int]]] | None = None  # (monotonic time read, listing)
 
     @property
     def names(self) -> list[str]:
@@ -68,7 +73,9 @@ class ModelTable:
             if not health.get("ok") and "reason" in health:
                 ext["reason"] = health["reason"]
             data.append({**model_card(name, created), "meshinfer": ext})
-        others = await _swarm_models(self.gateways.values())
+        if self._listing is None or time.monotonic() - self._listing[0] > SWARM_LISTING_TTL_S:
+            self._listing = (time.monotonic(), await _swarm_models(self.gateways.values()))
+        others = self._listing[1]
         for model_id, blocks in others:
             if model_id in loaded_ids or len(data) >= len(self.gateways) + MAX_LISTED_OTHERS:
                 continue
