@@ -2,7 +2,8 @@
 
 The swarm (a bootstrap peer and three ``meshinfer serve`` processes on 127.0.0.1) is started once for all
 gateway tests that ask for it, with one ``DistributedModel`` joined to it and the gateway app served by
-uvicorn from a background thread on a free port; a ``LocalModel`` of the same checkpoint is the reference.
+uvicorn on the client's own loop (as `meshinfer api` does) on a free port; a ``LocalModel`` of the same
+checkpoint is the reference.
 Everything is stopped at teardown (processes by PID, checking none of their children survive).
 """
 
@@ -34,7 +35,7 @@ def served() -> Iterator[Served]:
         with contextlib.ExitStack() as stack:
             model = stack.enter_context(DistributedModel.from_pretrained(model_dir, swarm.initial_peers))
             app = create_app(SwarmGenerator(model), MODEL_NAME)
-            server = stack.enter_context(ApiServer(app))
+            server = stack.enter_context(ApiServer(app, loop=model.loop))  # as `meshinfer api` serves it
             yield Served(model_dir, swarm, model, LocalModel.from_pretrained(model_dir), server, app)
     finally:
         swarm.stop()

@@ -278,3 +278,24 @@ def test_a_client_that_disconnects_abandons_its_generation() -> None:
         while stats["cancelled"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (stats["cancelled"], stats["completed"], stats["active"]) == (1, 0, 0)
+
+
+def test_served_on_a_loop_of_another_thread() -> None:
+    """``ApiServer(..., loop=...)`` serves on a loop that already runs elsewhere (the swarm client's, in
+    production): requests are answered there, and ``stop()`` ends the server but not the loop."""
+    from meshinfer.loopthread import LoopThread
+
+    runner = LoopThread("test-gateway-loop").start()
+    try:
+        gen = FakeGenerator(ids("hello"))
+        with ApiServer(create_app(gen, "fake"), loop=runner.loop) as server, \
+                httpx.Client(base_url=server.url, timeout=10) as client:
+            body = {"model": "fake", "prompt": "p", "max_tokens": 5, "stream": True}
+            resp = client.post("/v1/completions", json=body)
+            events = [json.loads(e) for e in sse_events(resp.text) if e != "[DONE]"]
+            assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == "hello"
+            assert client.get("/v1/models").status_code == 200
+        assert server.server.should_exit
+        assert runner.run(asyncio.sleep(0, result="alive"), timeout=5) == "alive"  # the loop still runs
+    finally:
+        runner.stop()

@@ -57,3 +57,14 @@ def test_bench_api_smoke() -> None:
         assert level["requests_per_s"] > 0 and 0 < level["mean_completion_tokens"] <= 4
         ttft = level["time_to_first_token_ms"]
         assert 0 < ttft["median"] <= ttft["p95"] <= level["latency_ms"]["p95"]
+    assert out["speedup_vs_1"] == out["levels"]["c4"]["speedup_vs_1"] and out["levels"]["c1"]["speedup_vs_1"] == 1.0
+
+
+def test_add_speedups() -> None:
+    levels = {"c1": {"concurrency": 1, "completion_tokens_per_s": 10.0},
+              "c4": {"concurrency": 4, "completion_tokens_per_s": 35.0},
+              "c16": {"concurrency": 16, "completion_tokens_per_s": 55.0},
+              "c32": {"concurrency": 32, "failed": 3}}
+    assert api.add_speedups(levels) == pytest.approx(5.5)
+    assert [levels[k].get("speedup_vs_1") for k in ("c1", "c4", "c16", "c32")] == pytest.approx([1.0, 3.5, 5.5, None])
+    assert api.add_speedups({"c1": {"concurrency": 1, "failed": 1}}) is None

@@ -79,6 +79,7 @@ def test_meshinfer_api_serves_until_sigterm(served: Served, tmp_path: Path) -> N
     (["--api-key", "a", "--api-key-file", "/nonexistent"], "not both"),
     (["--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
     (["--max-download", "-1"], "--max-download must be > 0 MB/s"),
+    (["--model", "x=/nonexistent", "--served-model-name", "x"], "each served name may be given once"),
 ])
 def test_bad_flags_are_one_line_errors(flags: list[str], needle: str) -> None:
     argv = meshinfer_argv("api", "--model", "/nonexistent", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", *flags)
@@ -86,3 +87,13 @@ def test_bad_flags_are_one_line_errors(flags: list[str], needle: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_parse_model_flags() -> None:
+    from meshinfer.cli.api import parse_model_flags
+
+    assert parse_model_flags(["org/m"], None) == [(None, "org/m")]
+    assert parse_model_flags(["org/m", "b=./dir", "org/x"], "first") == [("first", "org/m"), ("b", "./dir"),
+                                                                          (None, "org/x")]
+    assert parse_model_flags(["a=org/m"], "ignored") == [("a", "org/m")]
+    assert parse_model_flags(["./dir/a=b"], None) == [(None, "./dir/a=b")]  # a path with '=' is no name

@@ -3,15 +3,20 @@
 Contract: starts a ``LocalSwarm`` (a bootstrap peer and ``--servers`` ``meshinfer serve`` processes on
 127.0.0.1, the blocks split by ``bench.swarm.even_spans``, ``--torch-threads`` each) of one checkpoint
 (default: the bench checkpoint), or joins an existing swarm given with ``--initial-peers``; joins it with one
-``DistributedModel`` and serves the gateway app in this process (uvicorn in a background thread, a free port
+``DistributedModel`` and serves the gateway app in this process (uvicorn on the client's loop thread, a free port
 on 127.0.0.1). Then, for each level C of ``--concurrency`` (default 1 and 16), C client threads send
 ``--requests`` streaming chat completions in all (stdlib ``http.client``, greedy, ``max_tokens``
 ``--max-tokens``, ``stream_options.include_usage``; request i asks about line i of the shipped corpus) and
 stamp each one: time to first token = from sending the request to the first SSE event carrying text (or the
 finish event, for a reply with no text), total time, completion tokens (from the usage chunk). Per level (pure
 ``summarise_level``): requests/s = requests / wall time of the level, completion tokens/s, time to first token
-and request latency median and p95 (linear interpolation, as in ``bench load``), failures. One untimed warm-up
-request comes first. The client threads run in the gateway's process, so the figures include their cost. Every
+and request latency median and p95 (linear interpolation, as in ``bench load``), failures, and ``speedup_vs_1``
+(pure ``add_speedups``): the level's completion tokens/s over the lowest level's (concurrency 1 by default;
+target ``TARGET_SPEEDUP`` at 16, as ``bench load`` asks of the client alone); the top level's is repeated at the
+top of the JSON. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
+(``ApiServer(..., loop=model.loop)``), as ``meshinfer api`` does. After the levels, each of ``EXTRAS`` (name,
+function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements.
+The client threads run in the gateway's process, so the figures include their cost. Every
 process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
 ``run``; never asserts a timing."""
 
@@ -23,7 +28,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +57,37 @@ class RequestSample:
     total_s: float
     completion_tokens: int
     error: str | None = None
+
+
+TARGET_SPEEDUP = 5.0
+"""Completion tokens/s at 16 concurrent streams over one stream's, the target (``bench load``'s for the client)."""
+
+
+def add_speedups(levels: dict[str, dict[str, Any]]) -> float | None:
+    """Set ``speedup_vs_1`` on every level with figures: its completion tokens/s over the lowest concurrency's
+    (None when that level has none); returns the top level's."""
+    rated = {lv["concurrency"]: lv for lv in levels.values() if "completion_tokens_per_s" in lv}
+    if not rated:
+        return None
+    base = rated[min(rated)]["completion_tokens_per_s"]
+    for level in rated.values():
+        level["speedup_vs_1"] = level["completion_tokens_per_s"] / base if base > 0 else None
+    return rated[max(rated)]["speedup_vs_1"]
+
+
+@dataclass(frozen=True)
+class ApiBench:
+    """What an extra measurement gets: the gateway's base URL (no ``/v1``), its model name, the client model
+    (a ``DistributedModel``) and the parsed arguments."""
+
+    url: str
+    model_name: str
+    model: Any
+    args: argparse.Namespace
+
+
+EXTRAS: list[tuple[str, Callable[[ApiBench], dict[str, Any]]]] = []
+"""Measurements run after the levels, in order: ``(name, fn)``; ``fn``'s figures go under ``extras[name]``."""
 
 
 def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency: int) -> dict[str, Any]:
@@ -193,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         swarm_s = time.perf_counter() - t0
         model = stack.enter_context(DistributedModel.from_pretrained(path, peers, dtype=dtype,
                                                                      config=ClientConfig()))
-        server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0))
+        server = stack.enter_context(ApiServer(create_app(SwarmGenerator(model), MODEL_NAME), "127.0.0.1", 0,
+                                               loop=model.loop))
         bodies = _bodies(args.requests, args.max_tokens)
         warm = stream_chat(server.url, bodies[0])
         if warm.error is not None:
@@ -201,11 +238,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"gateway at {server.url}; timing {args.requests} requests at concurrency "
               f"{', '.join(map(str, levels))}...", file=sys.stderr, flush=True)
         results: dict[str, Any] = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
+        speedup = add_speedups(results)
+        bench = ApiBench(server.url, MODEL_NAME, model, args)
+        extras = {name: measure(bench) for name, measure in EXTRAS}
         if getattr(args, "constrained", False):
             from meshinfer.bench.api_grammar import grammar_overhead
 
-            results["grammar"] = grammar_overhead(server.url, concurrency=max(levels), requests=args.requests,
-                                                  max_tokens=args.max_tokens)
+            extras["grammar"] = grammar_overhead(server.url, concurrency=max(levels), requests=args.requests,
+                                                 max_tokens=args.max_tokens)
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),
@@ -215,5 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_level": args.requests,
         "max_tokens": args.max_tokens,
         "swarm_ready_s": swarm_s,
+        "speedup_vs_1": speedup,
+        "target_speedup": TARGET_SPEEDUP,
         "levels": results,
+        **({"extras": extras} if extras else {}),
     }

@@ -7,7 +7,8 @@ auto) is resolved on this machine next (a device it lacks is a one-line ``Config
 loaded or joined). Then it joins the swarm (``--initial-peers``; without them the peers found on this LAN by mDNS,
 ``cli.lan``: none found is a one-line error) with ``DistributedModel.from_pretrained(--model, --initial-peers,
 config=...)`` (the config carries ``--device``: the embeddings and LM head compute there, in ``--dtype``, auto:
-the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn in this thread.
+the device's default), builds the app (``gateway.app.create_app``) and serves it with uvicorn on the swarm client's
+own loop (``model.loop``: tokens reach HTTP with no thread hand-off) while this thread waits and takes the signals.
 Once listening it prints, in one flushed write on stdout::
 
     ready {"url": "http://127.0.0.1:8000", "base_url": "http://127.0.0.1:8000/v1", "model": NAME, ...}
@@ -46,8 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "model in --model, its blocks run by the swarm joined through --initial-peers. Any OpenAI "
                     "client works: point its base URL at http://HOST:PORT/v1. GET /health reports the swarm.",
     )
-    parser.add_argument("--model", required=True, metavar="MODEL",
-                        help=MODEL_HELP + "; its tokenizer and chat template are used")
+    parser.add_argument("--model", required=True, action="append", metavar="[NAME=]MODEL",
+                        help=MODEL_HELP + "; its tokenizer and chat template are used. Repeat it to serve several "
+                             "models of the swarm behind one gateway (requests pick one by 'model'); NAME= sets the "
+                             "name clients use for that one (default: --served-model-name for the first, else the "
+                             "model directory's name)")
     parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                         help="multiaddrs of any peers of the swarm serving the model's blocks (default: the peers "
                              "found on this LAN by mDNS)")
@@ -91,6 +95,21 @@ def warn_if_exposed(host: str, api_key: str | None, what: str) -> None:
         print(warning, file=sys.stderr, flush=True)
 
 
+def parse_model_flags(values: list[str], served_model_name: str | None) -> list[tuple[str | None, str]]:
+    """``--model`` values as ``(name or None, model)``: ``NAME=MODEL`` names one (a left part with no ``/``);
+    ``--served-model-name`` names the first when it has no ``NAME=``. ConfigError on a name used twice."""
+    out: list[tuple[str | None, str]] = []
+    for i, value in enumerate(values):
+        name, sep, model = value.partition("=")
+        if not sep or not name.strip() or "/" in name or not model.strip():
+            name, model = "", value
+        out.append((name.strip() or (served_model_name if i == 0 else None), model))
+    names = [n for n, _ in out if n is not None]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--model: each served name may be given once, got {names}")
+    return out
+
+
 def _config(args: argparse.Namespace) -> GatewayConfig:
     from meshinfer.gateway.config import GatewayConfig
 
@@ -118,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
     client = dataclasses.replace(client_config(args), max_download=max_download, head_quant=args.head_quant,
                                  quant=None if quant == "auto" else quant)
     check_device(client)
-    model_dir = resolve_model_dir(args.model)
-    name = config.served_model_name or model_display_name(args.model, model_dir)
+    wanted = parse_model_flags(args.model, config.served_model_name)
+    dirs = [(name, model, resolve_model_dir(model)) for name, model in wanted]
+    named = [(name or model_display_name(model, model_dir), model_dir) for name, model, model_dir in dirs]
+    if len({n for n, _ in named}) < len(named):
+        raise ConfigError(f"--model: two models have the same name ({[n for n, _ in named]}); name them: NAME=MODEL")
+    name, model_dir = named[0]
 
     from meshinfer.client.model import DistributedModel
     from meshinfer.dashboard.app import dashboard_router
@@ -131,10 +154,16 @@ def run(args: argparse.Namespace) -> int:
     args.initial_peers = list(lan_peers(args, required=True))
     model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
                                              model_name=name)
+    others: dict[str, DistributedModel] = {}
     poller: SwarmPoller | None = None
     try:
-        model.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request
-        app = create_app(SwarmGenerator(model), name, config)
+        for other_name, other_dir in named[1:]:  # each its own client (peer and loop); served from the first's loop
+            others[other_name] = DistributedModel.from_pretrained(other_dir, args.initial_peers, dtype=dtype,
+                                                                  config=client, model_name=other_name)
+        for each in (model, *others.values()):
+            each.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request
+        app = create_app(SwarmGenerator(model), name, config,
+                         more={n: SwarmGenerator(m) for n, m in others.items()})
 
         async def connect() -> NodeSwarmReader:
             return NodeSwarmReader(model.view.node)  # shares the gateway's peer; never closes it
@@ -143,16 +172,18 @@ def run(args: argparse.Namespace) -> int:
         app.include_router(dashboard_router(poller, include_health=False, include_metrics=False,  # the page at /
                                             api_key=config.api_key))
         server = ApiServer(app, config.host, config.port, log_level="info" if args.verbose else "warning",
-                           limits=config.limits)
+                           limits=config.limits, loop=model.loop)
 
         def describe(url: str) -> tuple[dict[str, Any], str]:
             info = {"url": url, "base_url": f"{url}/v1", "model": name, "model_id": model.model_id,
-                    "api_key_required": config.api_key is not None}
+                    "models": [name, *others], "api_key_required": config.api_key is not None}
             return info, f"serving {name} at {url}/v1 (OpenAI-compatible); Ctrl-C to stop"
 
         serve_http(server, describe, stop_on_stdin_eof=args.stop_on_stdin_eof)
     finally:
         if poller is not None:
             poller.stop()
+        for other in others.values():
+            other.close()
         model.close()
     return 0

@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/health``.
 
-Contract: ``create_app(generator, model_name, config)`` builds the ASGI app around a ``Generator`` (the
-swarm's ``SwarmGenerator`` in production, a fake in unit tests); it knows nothing of servers, routes or
-sessions. Each request: check the key (401), read the body under ``HttpLimits`` (``gateway.body``: 413 past
-``max_body_bytes`` before reading it, 408 past ``body_timeout``), parse and validate the JSON body
+Contract: ``create_app(generator, model_name, config, more=...)`` builds the ASGI app around a ``Generator``
+(the swarm's ``SwarmGenerator`` in production, a fake in unit tests), and any more generators by served name
+(``gateway.registry.ModelTable``: a request's ``model`` picks one, an unknown name is a 404 listing the served
+ones; all share the slots, the worker thread and the counters; ``/v1/models`` lists them with their coverage
+and the swarm's other models; ``/health`` and ``/metrics`` are the first model's); it knows nothing of
+servers, routes or sessions. Each request: check the key (401), read the body under ``HttpLimits``
+(``gateway.body``: 413 past ``max_body_bytes`` before reading it, 408 past ``body_timeout``), parse and validate
+the JSON body
 (``gateway.requests``; bad input is a 400 in the OpenAI error format, never FastAPI's own, and no input is a
 500), check the model name (404), render the prompt
 (chat: the tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special
@@ -44,7 +48,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -58,12 +62,12 @@ from meshinfer.gateway.body import read_body
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
+from meshinfer.gateway.registry import ModelTable
 from meshinfer.gateway.requests import (
     ApiError,
     GenerationRequest,
     bad,
     check_api_key,
-    check_model,
     check_prompt_chars,
     check_token_ids,
     error_for,
@@ -72,7 +76,7 @@ from meshinfer.gateway.requests import (
     parse_json_body,
     resolve_max_tokens,
 )
-from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, model_card, model_list, sse
+from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, sse
 from meshinfer.gateway.tools import Family, parse_tool_calls, tool_family, tool_grammar
 from meshinfer.gateway.toolstream import ToolStream
 from meshinfer.metrics import render
@@ -362,12 +366,19 @@ def _error_response(err: ApiError) -> Response:
     return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
-def create_app(generator: Generator, model_name: str, config: GatewayConfig | None = None) -> FastAPI:
-    """The ASGI app serving ``generator`` under ``model_name`` (see the module docstring)."""
+def create_app(generator: Generator, model_name: str, config: GatewayConfig | None = None, *,
+               more: Mapping[str, Generator] | None = None) -> FastAPI:
+    """The ASGI app serving ``generator`` under ``model_name``, and each of ``more`` under its name (see the
+    module docstring)."""
     config = config or GatewayConfig()
     gateway = Gateway(generator, model_name, config)
+    table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config) for name, gen in (more or {}).items()
+                                                if name != model_name}})
+    for other in table.gateways.values():  # one pool of slots, one worker and one set of counters for all
+        other.slots, other.stats, other._worker = gateway.slots, gateway.stats, gateway._worker
     app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
+    app.state.models = table
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -399,8 +410,7 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
             try:
                 raw = await read_body(request, config)
                 req = await gateway.offload(lambda: parse(parse_json_body(raw)))
-                check_model(req.model, model_name)
-                return await gateway.answer(request, req)
+                return await table.get(req.model).answer(request, req)
             except ClientGone:
                 raise
             except Exception:
@@ -420,15 +430,16 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         async def work() -> Response:
-            return JSONResponse(model_list([model_name], gateway.created))
+            return JSONResponse(await table.catalog(gateway.created))
 
         return await guarded(request, work)
 
     @app.get("/v1/models/{name:path}")
     async def model(request: Request, name: str) -> Response:
         async def work() -> Response:
-            check_model(name, model_name)
-            return JSONResponse(model_card(model_name, gateway.created))
+            table.get(name)
+            listing = await table.catalog(gateway.created)
+            return JSONResponse(next(card for card in listing["data"] if card["id"] == name))
 
         return await guarded(request, work)
 

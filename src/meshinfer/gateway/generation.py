@@ -6,10 +6,12 @@ Contract: the HTTP layer (``gateway.app``) sees only ``Generator`` (a ``models.g
 ``stream(ids, params)`` (one ``GenerationParams``; an async iterator of ``ScoredToken``s that runs on the
 caller's event loop; scored when ``params.top_logprobs`` is set), ``score`` and ``health()``; unit tests use a
 fake. ``SwarmGenerator`` adapts the client's API (``DistributedModel.agenerate``, which must run on
-``model.loop``, the client's own loop thread): each generation is started there with
-``asyncio.run_coroutine_threadsafe`` and hands its tokens to the gateway's loop through an ``asyncio.Queue``
-fed with ``loop.call_soon_threadsafe``; closing the stream early (a stop string, a client that went away)
-cancels that generation, whose session then closes itself on every server and frees its memory.
+``model.loop``, the client's own loop thread). When the gateway itself runs on ``model.loop`` (``ApiServer(...,
+loop=model.loop)``, as ``meshinfer api`` and ``bench api`` do) a generation is iterated directly: no thread
+hand-off per token. Otherwise each generation is started there with ``asyncio.run_coroutine_threadsafe`` and
+hands its tokens to the gateway's loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``.
+Either way closing the stream early (a stop string, a client that went away) cancels that generation, whose
+session then closes itself on every server and frees its memory.
 
 ``generate_text`` turns the token stream into text deltas: ``IncrementalDetokenizer`` (never half a
 character), then ``StopStringFilter`` (stop strings never emitted). Counting rules (``Outcome``):
@@ -93,6 +95,11 @@ class SwarmGenerator:
 
     async def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
         loop = asyncio.get_running_loop()
+        if loop is self.model.loop:
+            async with contextlib.aclosing(self._direct(input_ids, params)) as direct:
+                async for token in direct:
+                    yield token
+            return
         tokens: asyncio.Queue[Any] = asyncio.Queue()
 
         def put(item: Any) -> None:
@@ -131,7 +138,25 @@ class SwarmGenerator:
             metrics.sessions_open.dec()
             future.cancel()  # thread-safe; a no-op once the generation has finished
 
+    async def _direct(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
+        """``stream`` when the caller runs on the client's loop: the client's generation, iterated in place."""
+        metrics = self.metrics
+        metrics.sessions_open.inc()
+        last = time.perf_counter()
+        try:
+            async with contextlib.aclosing(self.model.agenerate(list(input_ids), params)) as generation:
+                async for token in generation:
+                    now = time.perf_counter()
+                    metrics.step_seconds.observe(now - last)
+                    metrics.tokens_served.inc()
+                    last = now
+                    yield token
+        finally:
+            metrics.sessions_open.dec()
+
     async def score(self, input_ids: Sequence[int], top_logprobs: int) -> list[ScoredToken]:
+        if asyncio.get_running_loop() is self.model.loop:
+            return await self.model.ascore_prompt(list(input_ids), top_logprobs)
         future = asyncio.run_coroutine_threadsafe(self.model.ascore_prompt(list(input_ids), top_logprobs),
                                                   self.model.loop)
         try:
@@ -140,7 +165,20 @@ class SwarmGenerator:
             future.cancel()  # a no-op once it finished; else (the client went away) its session closes
 
     async def health(self) -> dict[str, Any]:
+        if asyncio.get_running_loop() is self.model.loop:
+            return await self._probe()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._probe(), self.model.loop))
+
+    async def swarm_models(self) -> list[tuple[str, int]]:
+        """``(model_id, blocks)`` of every model some live server of the swarm announces now."""
+        if asyncio.get_running_loop() is self.model.loop:
+            return await self._list_models()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._list_models(), self.model.loop))
+
+    async def _list_models(self) -> list[tuple[str, int]]:
+        from meshinfer.p2p.directory import list_models
+
+        return [(e.card.model_id, e.card.num_blocks) for e in await list_models(self.model.view.node)]
 
     async def _probe(self) -> dict[str, Any]:
         model = self.model

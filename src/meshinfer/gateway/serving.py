@@ -1,8 +1,10 @@
 """``ApiServer``: run the gateway's ASGI app with uvicorn, in this thread (the CLI) or in a background thread
-(tests, benchmarks).
+(tests, benchmarks), or on an event loop that already runs in another thread (the swarm client's loop).
 
 Contract: binds its listening socket itself before uvicorn starts (so ``port=0`` gets a free port and ``url``
-is known at once), runs uvicorn on its own asyncio loop (``loop="asyncio"``, access log off) with the HTTP/1.1
+is known at once), runs uvicorn on its own asyncio loop, or on ``loop`` when one is given (a loop running in
+another thread, e.g. ``DistributedModel.loop``: the gateway then iterates the client's generations directly,
+with no thread hand-off per token; ``run`` and ``start`` only wait for it there) (access log off) with the HTTP/1.1
 protocol of ``gateway.httpguard`` under ``HttpLimits`` (request heads of at most ``max_header_bytes``, completed within
 ``header_timeout``; idle keep-alive connections closed after ``keepalive_timeout``), and reports readiness
 only once uvicorn has started. ``start()`` serves from a daemon thread until ``stop()``;
@@ -13,6 +15,7 @@ it returns normally). Shutdown gives open streams ``graceful_timeout`` seconds. 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
 import signal
@@ -30,7 +33,8 @@ class ApiServer:
     """One uvicorn server for one ASGI app on ``host:port``."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
-                 graceful_timeout: float = 5.0, limits: HttpLimits | None = None) -> None:
+                 graceful_timeout: float = 5.0, limits: HttpLimits | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         import uvicorn
 
         from meshinfer.gateway.httpguard import guarded_protocol
@@ -51,6 +55,10 @@ class ApiServer:
                                 http=guarded_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes,
                                 timeout_keep_alive=limits.keepalive_timeout)
         self.server = uvicorn.Server(config)
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # ours: see run()
+        self.loop = loop
+        """The running loop uvicorn is served on (None: its own loop, in ``run``'s thread)."""
+        self._future: concurrent.futures.Future[None] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -72,11 +80,19 @@ class ApiServer:
         """Serve in this thread until stopped; ``on_ready`` is called once the server accepts connections.
         In the main thread SIGINT/SIGTERM stop it (a second SIGINT ends open streams at once) and it then
         returns normally (uvicorn's own handlers would re-raise the signal after shutting down)."""
-        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
-            asyncio.run(self._serve(on_ready))
+            if self.loop is None:
+                asyncio.run(self._serve(on_ready))
+            else:  # served on that loop's thread; this one waits (and takes the signals, in the main thread)
+                future = self._future = asyncio.run_coroutine_threadsafe(self._serve(on_ready), self.loop)
+                while True:
+                    try:
+                        future.result(timeout=0.25)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        continue
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -88,7 +104,20 @@ class ApiServer:
         self.server.should_exit = True
 
     def start(self, timeout: float = 30.0) -> ApiServer:
-        """Serve from a background thread; return once the server accepts connections."""
+        """Serve from a background thread (or on ``loop``); return once the server accepts connections."""
+        if self.loop is not None:
+            future = self._future = asyncio.run_coroutine_threadsafe(self._serve(None), self.loop)
+            future.add_done_callback(lambda f: self._sock.close())
+            deadline = time.monotonic() + timeout
+            while not self.server.started:
+                if future.done():
+                    raise ConfigError(f"the API server on {self.url} failed to start: {future.exception()}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ConfigError(f"the API server on {self.url} did not start within {timeout:g} s")
+                time.sleep(0.02)
+            return self
+
         def target() -> None:
             try:
                 self.run()
@@ -112,9 +141,20 @@ class ApiServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+        elif self._future is not None and not _on_loop(self.loop):  # waiting on the loop's own thread would hang
+            with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                self._future.exception(timeout)
 
     def __enter__(self) -> ApiServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether this thread is running ``loop`` now."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
