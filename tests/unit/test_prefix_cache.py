@@ -20,19 +20,19 @@ def test_common_prefix_and_min_match() -> None:
 def test_take_picks_the_longest_match_with_room_and_removes_it() -> None:
     cache: PrefixCache[str] = PrefixCache(capacity=4, ttl=60.0)
     assert cache.put("short", BASE[:20], 100, now=0.0) == []
-    assert cache.put("long", BASE[:35] + [1, 2], 100, now=1.0) == []
+    assert cache.put("long", [*BASE[:35], 1, 2], 100, now=1.0) == []
     assert cache.put("tiny", BASE[:38], 50, now=2.0) == []  # the best match, but too short a session
-    reuse = cache.take(BASE + [7, 8], length=90, now=3.0)
+    reuse = cache.take([*BASE, 7, 8], length=90, now=3.0)
     assert reuse is not None and reuse.session == "long" and reuse.keep == 35
     assert len(cache) == 2 and cache.stats.hits == 1 and cache.stats.tokens_reused == 35
-    assert cache.take(BASE + [7, 8], length=90, now=3.0) is not None  # "short" now (20 >= 16)
-    assert cache.take(BASE + [7, 8], length=90, now=3.0) is None  # "tiny" has no room
+    assert cache.take([*BASE, 7, 8], length=90, now=3.0) is not None  # "short" now (20 >= 16)
+    assert cache.take([*BASE, 7, 8], length=90, now=3.0) is None  # "tiny" has no room
     assert cache.stats.misses == 1
 
 
 def test_a_whole_prompt_match_keeps_its_last_position_to_run() -> None:
     cache: PrefixCache[str] = PrefixCache(capacity=2, ttl=60.0)
-    cache.put("s", BASE + [1, 2, 3], 100, now=0.0)
+    cache.put("s", [*BASE, 1, 2, 3], 100, now=0.0)
     reuse = cache.take(BASE, length=60, now=0.0)
     assert reuse is not None and reuse.keep == len(BASE) - 1
 

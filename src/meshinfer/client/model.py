@@ -58,7 +58,7 @@ from meshinfer.client.head_batch import HeadBatcher
 from meshinfer.client.prefix_cache import PrefixCache
 from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession, ensure_private_blocks
 from meshinfer.client.receipts import ReceiptSender
-from meshinfer.client.routing import RouteHop
+from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.speculative import agenerate_speculative, worth_speculating
@@ -265,11 +265,12 @@ class DistributedModel(CheckpointGenerator):
 
         return SyncInferenceSession(self._runner, self._runner.run(opened()))
 
-    async def aopen_session(self, max_length: int) -> ClientSession:
+    async def aopen_session(self, max_length: int, exclude: Collection[str] = ()) -> ClientSession:
         """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route
-        covers only the middle ones and the session is a ``PrivateSplitSession`` around it."""
+        covers only the middle ones and the session is a ``PrivateSplitSession`` around it. ``exclude``: peers
+        the route avoids."""
         middle = self.private.middle if self.private is not None else None
-        route = await self._view.plan(self.ref, blocks=middle, wait=self.route_wait)
+        route = await self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait)
         self.last_route = route
         quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
@@ -379,6 +380,7 @@ class DistributedModel(CheckpointGenerator):
         length = len(ids) + params.max_new_tokens
         cache = self.prompt_cache
         reuse = cache.take(ids, length, time.monotonic()) if cache.enabled else None
+        avoid: frozenset[str] = frozenset()
         if reuse is not None:
             yielded = False
             try:
@@ -392,8 +394,15 @@ class DistributedModel(CheckpointGenerator):
                     raise
                 cache.stats.fallbacks += 1
                 log.info("a held session failed before its first token (%s); opening a fresh one", err)
+                avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
         headroom = self.config.prompt_cache_headroom if cache.enabled else 0
-        session = await self.aopen_session(min(length + headroom, max(length, self.spec.max_position_embeddings)))
+        size = min(length + headroom, max(length, self.spec.max_position_embeddings))
+        try:
+            session = await self.aopen_session(size, exclude=avoid)
+        except NoRouteError:
+            if not avoid:
+                raise
+            session = await self.aopen_session(size)
         async with contextlib.aclosing(self._agenerate_on(session, ids, params, 0)) as gen:
             async for item in gen:
                 yield item
