@@ -87,7 +87,7 @@ def test_turn_two_continues_the_held_session_same_tokens(swarm: LocalSwarm, mode
     out1, prompt2, ref2 = turns
     for speculate in (False, True):
         with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
-                                              speculate=speculate) as client:
+                                              speculate=speculate, prompt_cache_sessions=8) as client:
             assert client.generate(TURN1, NEW, stop_token_ids=()) == out1
             first = client.last_session
             assert first is not None and len(client.prompt_cache) == 1
@@ -115,7 +115,7 @@ def test_eviction_ttl_and_off(swarm: LocalSwarm, model_dir: Path) -> None:
         assert client.prompt_cache.stats.evictions == 2 and len(client.prompt_cache) == 1
         assert wait_sessions(PORTS[0], 1)["meshinfer_sessions_open"] == 1  # the evicted ones closed there
     with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
-                                          prompt_cache_ttl=1.0) as client:
+                                          prompt_cache_sessions=8, prompt_cache_ttl=1.0) as client:
         client.generate(TURN1, 4, stop_token_ids=())
         g = wait_sessions(PORTS[0], 0)
         assert g["meshinfer_sessions_open"] == 0 and g["meshinfer_kv_tokens_used"] == 0
@@ -133,7 +133,7 @@ def test_a_held_session_whose_server_died_is_replaced_silently(
     out1, prompt2, ref2 = turns
     for failover in (False, True):
         with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
-                                              failover=failover) as client:
+                                              failover=failover, prompt_cache_sessions=8) as client:
             assert client.generate(TURN1, NEW, stop_token_ids=()) == out1
             held = client.last_session
             assert held is not None

@@ -411,8 +411,8 @@ class DistributedModel(CheckpointGenerator):
                             keep: int) -> AsyncGenerator[ScoredToken]:
         """The generation of ``ids`` on ``session``, whose servers already hold the first ``keep`` positions of
         ``ids`` (a held session, rewound here; 0: a fresh one): the generation loop's prompt step sends only
-        ``ids[keep:]``. Ending normally (or abandoned between tokens, no step in flight), the session is held
-        (``prompt_cache``) with the ids its servers hold; otherwise closed."""
+        ``ids[keep:]``. Ending normally, the session is held (``prompt_cache``) with the ids its servers hold;
+        otherwise (an error, or abandoned: a client that went away should free the servers' memory) closed."""
         remote = session.remote if isinstance(session, PrivateSplitSession) else session
         history: list[int] = list(ids[:keep])  # the ids the servers hold KV for, positions [0, len)
         skip = keep
@@ -453,9 +453,6 @@ class DistributedModel(CheckpointGenerator):
             async for item in generation:
                 yield item
             normal = True
-        except GeneratorExit:  # abandoned at a token: no step in flight, the servers hold ``history``
-            normal = True
-            raise
         finally:
             self._heads.active -= 1
             self.failovers_total += len(remote.failovers) - failovers
