@@ -148,3 +148,17 @@ def test_a_held_session_whose_server_died_is_replaced_silently(
             else:  # the session failed at its first step: a fresh one took over
                 assert stats.fallbacks == 1 and client.last_session is not held
             assert client.last_session is not None and client.last_session.route[0].peer_id == twin.peer_id
+
+
+def test_audited_turns_reuse_the_session_same_tokens(
+        swarm: LocalSwarm, model_dir: Path, turns: tuple[list[int], list[int], list[int]]) -> None:
+    out1, prompt2, ref2 = turns
+    swarm.add_server((0, 4), extra_args=("--metrics-port", str(free_port())))  # an auditor for the other one
+    for speculate in (False, True):
+        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=True, speculate=speculate,
+                                              prompt_cache_sessions=8) as client:
+            assert client.generate(TURN1, NEW, stop_token_ids=()) == out1
+            assert client.generate(prompt2, NEW, stop_token_ids=()) == ref2
+            assert client.prompt_cache.stats.hits == 1
+            audits = client.audits
+            assert audits.detections == 0 and sum(p.passed for p in audits.peers.values()) > 0
