@@ -90,7 +90,9 @@ def run(path: Path, peers: Sequence[str], *, turns: int = 5, system_tokens: int 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, metavar="DIR", help="checkpoint (default: the bench checkpoint)")
+    parser.add_argument("--model", default=None, metavar="REF",
+                        help="checkpoint directory, .gguf file or catalogue name (default: the bench checkpoint)")
+    parser.add_argument("--quant", default=None, help="servers' and client's weight mode: none, int8, int4")
     parser.add_argument("--servers", type=int, default=3, help="server processes splitting the blocks (default: 3)")
     parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                         help="an existing swarm serving --model (default: start one)")
@@ -112,16 +114,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshinfer.bench.swarm import even_spans
     from meshinfer.models.checkpoint import Checkpoint
     from meshinfer.testing.swarm import LocalSwarm
+    from meshinfer.weights.resolve import local_checkpoint
 
-    path = bench_model_dir(args.model)
+    path = local_checkpoint(args.model) if args.model else None
+    path = path if path is not None else bench_model_dir(args.model)
+    overrides: dict[str, Any] = {"audit": False} if args.no_audit else {}
+    server_args: list[str] = []
+    if args.quant:
+        overrides["quant"] = args.quant
+        server_args = ["--quant", args.quant]
     with contextlib.ExitStack() as stack:
         peers = list(args.initial_peers)
         if not peers:
             ranges = even_spans(Checkpoint(path).spec.num_blocks, args.servers)
             print(f"starting a swarm of {args.servers} servers...", file=sys.stderr, flush=True)
-            peers = stack.enter_context(LocalSwarm(path, ranges, torch_threads=args.torch_threads)).initial_peers
+            peers = stack.enter_context(LocalSwarm(path, ranges, torch_threads=args.torch_threads,
+                                                   server_args=server_args, startup_timeout=180)).initial_peers
         result = run(path, peers, turns=args.turns, system_tokens=args.system_tokens, user_tokens=args.user_tokens,
-                     answer_tokens=args.answer_tokens, overrides={"audit": False} if args.no_audit else None)
+                     answer_tokens=args.answer_tokens, overrides=overrides)
     result["model"] = str(path)
     print(json.dumps(result, indent=2))
     return 0

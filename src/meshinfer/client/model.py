@@ -34,6 +34,13 @@ split (``config.private_blocks`` K > 0, ``client.private_split``): the client al
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
 ``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
 one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
+With ``config.prompt_cache_sessions`` N > 0 (not with a private split nor sealed), a generation that ends normally
+keeps its session open, idle, in ``prompt_cache`` (``client.prefix_cache``: at most N, least recently used closed
+first, each closed after ``prompt_cache_ttl`` s idle, all closed by ``close``), and sessions are opened with
+``prompt_cache_headroom`` more tokens (servers reserve ``max_length`` at open); a later prompt sharing a long
+enough prefix with a held session's tokens (a chat's next turn) continues it: rewound to the common prefix, only
+the rest of the prompt is sent. A held session that fails before its first token is replaced by a fresh one
+(avoiding its peers) without any error reaching the caller; speculation, audits and failover work as on a fresh one.
 """
 
 from __future__ import annotations
