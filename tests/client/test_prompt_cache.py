@@ -128,6 +128,38 @@ def test_eviction_ttl_and_off(swarm: LocalSwarm, model_dir: Path) -> None:
         assert wait_sessions(PORTS[0], 0)["meshinfer_sessions_open"] == 0
 
 
+def test_held_sessions_give_way_when_the_servers_are_full(swarm: LocalSwarm, model_dir: Path) -> None:
+    # held sessions soon fill what the server lets one peer hold (sessions; each also reserves the whole context)
+    with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False, prompt_cache_sessions=64,
+                                          failover=False,  # the refusal comes at once, not after replacements
+                                          prompt_cache_headroom=10**6) as client:
+        local = LocalModel.from_pretrained(model_dir)
+        full = 16 * sum(s.proc.alive() for s in swarm.servers)  # each server: 16 per peer (--max-sessions-per-peer)
+        for i in range(full + 2):
+            prompt = [i + 1] * 3 + TURN1
+            assert client.generate(prompt, 2, stop_token_ids=()) == local.generate(prompt, 2, stop_token_ids=())
+        assert len(client.prompt_cache) <= full  # refused opens closed the held sessions, unseen by the caller
+
+
+def test_audited_turns_reuse_the_session_same_tokens(
+        swarm: LocalSwarm, model_dir: Path, turns: tuple[list[int], list[int], list[int]]) -> None:
+    out1, prompt2, ref2 = turns
+    swarm.add_server((0, 4), extra_args=("--metrics-port", str(free_port())))  # an auditor for the other one
+    for speculate in (False, True):
+        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=True, speculate=speculate,
+                                              prompt_cache_sessions=8) as client:
+            deadline = time.monotonic() + 60  # both servers known: the session's hop gets an audit shadow
+            alive = {s.peer_id for s in swarm.servers if s.alive()}
+            while not alive <= set(client._runner.run(client.view.coverage(client.ref, refresh=True)).servers):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            assert client.generate(TURN1, NEW, stop_token_ids=()) == out1
+            assert client.generate(prompt2, NEW, stop_token_ids=()) == ref2
+            assert client.prompt_cache.stats.hits == 1
+            audits = client.audits
+            assert audits.detections == 0 and sum(p.passed for p in audits.peers.values()) > 0
+
+
 def test_a_held_session_whose_server_died_is_replaced_silently(
         swarm: LocalSwarm, model_dir: Path, turns: tuple[list[int], list[int], list[int]]) -> None:
     out1, prompt2, ref2 = turns
@@ -138,7 +170,7 @@ def test_a_held_session_whose_server_died_is_replaced_silently(
             held = client.last_session
             assert held is not None
             victim = next(s for s in swarm.servers if s.peer_id == held.route[0].peer_id)
-            twin = swarm.add_server((0, 4), extra_args=("--metrics-port", str(free_port())))
+            swarm.add_server((0, 4), extra_args=("--metrics-port", str(free_port())))  # somewhere to go
             victim.proc.kill(signal.SIGKILL)
             assert client.generate(prompt2, NEW, stop_token_ids=()) == ref2
             stats = client.prompt_cache.stats
@@ -147,18 +179,4 @@ def test_a_held_session_whose_server_died_is_replaced_silently(
                 assert client.last_session is held and held.failovers
             else:  # the session failed at its first step: a fresh one took over
                 assert stats.fallbacks == 1 and client.last_session is not held
-            assert client.last_session is not None and client.last_session.route[0].peer_id == twin.peer_id
-
-
-def test_audited_turns_reuse_the_session_same_tokens(
-        swarm: LocalSwarm, model_dir: Path, turns: tuple[list[int], list[int], list[int]]) -> None:
-    out1, prompt2, ref2 = turns
-    swarm.add_server((0, 4), extra_args=("--metrics-port", str(free_port())))  # an auditor for the other one
-    for speculate in (False, True):
-        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=True, speculate=speculate,
-                                              prompt_cache_sessions=8) as client:
-            assert client.generate(TURN1, NEW, stop_token_ids=()) == out1
-            assert client.generate(prompt2, NEW, stop_token_ids=()) == ref2
-            assert client.prompt_cache.stats.hits == 1
-            audits = client.audits
-            assert audits.detections == 0 and sum(p.passed for p in audits.peers.values()) > 0
+            assert client.last_session is not None and client.last_session.route[0].peer_id != victim.peer_id

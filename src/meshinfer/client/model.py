@@ -73,7 +73,7 @@ from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.client.upkeep import Upkeep
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError, UsageError
+from meshinfer.errors import ConfigError, RemoteError, TransportError, UsageError
 from meshinfer.loopthread import LoopThread
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.engine import agenerate_scored, check_prompt, score_hidden
@@ -404,15 +404,25 @@ class DistributedModel(CheckpointGenerator):
                 avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
         headroom = self.config.prompt_cache_headroom if cache.enabled else 0
         size = min(length + headroom, max(length, self.spec.max_position_embeddings))
-        try:
-            session = await self.aopen_session(size, exclude=avoid)
-        except NoRouteError:
-            if not avoid:
-                raise
-            session = await self.aopen_session(size)
-        async with contextlib.aclosing(self._agenerate_on(session, ids, params, 0)) as gen:
-            async for item in gen:
-                yield item
+        for attempt in (0, 1):
+            try:
+                session = await self.aopen_session(size, exclude=avoid)
+            except NoRouteError:
+                if not avoid:
+                    raise
+                session = await self.aopen_session(size)
+            yielded = False
+            try:
+                async with contextlib.aclosing(self._agenerate_on(session, ids, params, 0)) as gen:
+                    async for item in gen:
+                        yielded = True
+                        yield item
+                return
+            except (RemoteError, NoRouteError, TransportError) as err:  # servers full? held sessions may fill them
+                if yielded or attempt or not len(cache):
+                    raise
+                log.info("servers refused a session (%s) while %d are held; closing those, retrying", err, len(cache))
+                await self.adrop_prompt_cache()
 
     async def _agenerate_on(self, session: ClientSession, ids: list[int], params: GenerationParams,
                             keep: int) -> AsyncGenerator[ScoredToken]:
