@@ -40,6 +40,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     # issue 21: speculative decoding on by default (client.speculative), drafts of up to 6 tokens
     "speculate": True, "draft_tokens": 6,
     "private_blocks": 0,  # issue 22: a private split is opt-in (client.private_split)
+    # issue 24: prompt-cache reuse across turns is opt-in (client.prefix_cache)
+    "prompt_cache_sessions": 0, "prompt_cache_ttl": 60.0, "prompt_cache_headroom": 512,
 }
 # issue 18: the device became "auto" (the first GPU, else the CPU: "cpu" on a machine without one, as before)
 
@@ -88,6 +90,9 @@ def test_frozen() -> None:
     ({"audit_fraction": 1.5}, "--audit-fraction must be between 0 and 1, got 1.5"),
     ({"audit_fraction": float("nan")}, "--audit-fraction must be between 0 and 1, got nan"),
     ({"audit_in_flight": 0}, "--audit-in-flight must be >= 1, got 0"),
+    ({"prompt_cache_sessions": -1}, "--prompt-cache-sessions must be >= 0 (0: off), got -1"),
+    ({"prompt_cache_ttl": 0.0}, "--prompt-cache-ttl must be > 0 seconds and finite, got 0"),
+    ({"prompt_cache_headroom": -1}, "--prompt-cache-headroom must be >= 0 tokens, got -1"),
 ])
 def test_bad_values_are_one_line_config_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as err:

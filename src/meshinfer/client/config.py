@@ -103,6 +103,15 @@ class ClientConfig:
     sealed_relay: str = doc("", "with --sealed: reach the full node through this relaying peer (a peer id, a multiaddr "
                                 "ending in /p2p/<peer id>, or 'auto': another online server of the model); empty: "
                                 "directly")
+    prompt_cache_sessions: int = doc(0, "finished sessions kept open (idle) so that a later prompt sharing their "
+                                        "tokens' prefix (the next turn of a chat) continues them and sends only "
+                                        "the rest; the least recently used is closed beyond this many; 0: off "
+                                        "(not with --private-blocks or --sealed; e.g. 8 for a chat gateway)")
+    prompt_cache_ttl: float = doc(60.0, "seconds a kept session may idle before it is closed (servers close idle "
+                                        "sessions after their --session-idle-timeout, default 300)")
+    prompt_cache_headroom: int = doc(512, "with --prompt-cache-sessions: tokens beyond prompt + new tokens each "
+                                          "session reserves on its servers (up to the model's context), room for "
+                                          "a next turn")
 
     def __post_init__(self) -> None:
         if not self.device.strip():
@@ -137,6 +146,12 @@ class ClientConfig:
             raise ConfigError(f"--draft-tokens must be in 1..32, got {self.draft_tokens}")
         if self.private_blocks < 0:
             raise ConfigError(f"--private-blocks must be >= 0 (0: off), got {self.private_blocks}")
+        if self.prompt_cache_sessions < 0:
+            raise ConfigError(f"--prompt-cache-sessions must be >= 0 (0: off), got {self.prompt_cache_sessions}")
+        if not 0 < self.prompt_cache_ttl < float("inf"):
+            raise ConfigError(f"--prompt-cache-ttl must be > 0 seconds and finite, got {self.prompt_cache_ttl:g}")
+        if self.prompt_cache_headroom < 0:
+            raise ConfigError(f"--prompt-cache-headroom must be >= 0 tokens, got {self.prompt_cache_headroom}")
         if self.cohorts < 1:
             raise ConfigError(f"--cohorts must be >= 1, got {self.cohorts}")
         if self.max_download is not None and not self.max_download > 0:

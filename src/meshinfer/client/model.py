@@ -34,6 +34,13 @@ split (``config.private_blocks`` K > 0, ``client.private_split``): the client al
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
 ``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
 one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
+With ``config.prompt_cache_sessions`` N > 0 (not with a private split nor sealed), a generation that ends normally
+keeps its session open, idle, in ``prompt_cache`` (``client.prefix_cache``: at most N, least recently used closed
+first, each closed after ``prompt_cache_ttl`` s idle, all closed by ``close``), and sessions are opened with
+``prompt_cache_headroom`` more tokens (servers reserve ``max_length`` at open); a later prompt sharing a long
+enough prefix with a held session's tokens (a chat's next turn) continues it: rewound to the common prefix, only
+the rest of the prompt is sent. A held session that fails before its first token is replaced by a fresh one
+(avoiding its peers) without any error reaching the caller; speculation, audits and failover work as on a fresh one.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +62,10 @@ from meshinfer.client.audit import AuditCounters, Auditor
 from meshinfer.client.audited import agenerate_audited
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.prefix_cache import PrefixCache
 from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession, ensure_private_blocks
 from meshinfer.client.receipts import ReceiptSender
-from meshinfer.client.routing import RouteHop
+from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
 from meshinfer.client.speculative import agenerate_speculative, worth_speculating
@@ -63,7 +73,7 @@ from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.client.upkeep import Upkeep
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError, UsageError
+from meshinfer.errors import ConfigError, RemoteError, TransportError, UsageError
 from meshinfer.loopthread import LoopThread
 from meshinfer.models.checkpoint import Checkpoint
 from meshinfer.models.engine import agenerate_scored, check_prompt, score_hidden
@@ -78,6 +88,8 @@ from meshinfer.models.speculate import SpecStats
 from meshinfer.types import BlockRange, canonical_dtype
 from meshinfer.weights.fetch import ensure_local
 from meshinfer.weights.resolve import display_name
+
+log = logging.getLogger(__name__)
 
 
 class DistributedModel(CheckpointGenerator):
@@ -126,6 +138,11 @@ class DistributedModel(CheckpointGenerator):
         self._closed = False
         self.last_route: list[RouteHop] = []
         """The route the most recent session used (for display)."""
+        reusable = config.prompt_cache_sessions if private is None and not config.sealed else 0
+        self.prompt_cache: PrefixCache[ClientSession] = PrefixCache(reusable, config.prompt_cache_ttl)
+        """Finished sessions held for a later prompt sharing their prefix (``client.prefix_cache``; its ``stats``:
+        hits, misses, tokens reused...); off with a private split (``config.private_blocks``) or ``sealed``."""
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def from_pretrained(
@@ -255,11 +272,12 @@ class DistributedModel(CheckpointGenerator):
 
         return SyncInferenceSession(self._runner, self._runner.run(opened()))
 
-    async def aopen_session(self, max_length: int) -> ClientSession:
+    async def aopen_session(self, max_length: int, exclude: Collection[str] = ()) -> ClientSession:
         """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route
-        covers only the middle ones and the session is a ``PrivateSplitSession`` around it."""
+        covers only the middle ones and the session is a ``PrivateSplitSession`` around it. ``exclude``: peers
+        the route avoids."""
         middle = self.private.middle if self.private is not None else None
-        route = await self._view.plan(self.ref, blocks=middle, wait=self.route_wait)
+        route = await self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait)
         self.last_route = route
         quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
 
@@ -355,7 +373,9 @@ class DistributedModel(CheckpointGenerator):
 
     async def agenerate(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
         """One generation on the client's loop (``loop``): a session sized for prompt + ``max_new_tokens``,
-        ``engine.agenerate_scored`` over it, the session closed however the generation ends."""
+        ``engine.agenerate_scored`` over it, the session closed however the generation ends; with the prompt cache
+        on (``prompt_cache``), a held session sharing the prompt's prefix is continued instead, and a session that
+        ends normally is held for the next one (see ``_agenerate_on``)."""
         ids = check_prompt(self.spec, input_ids, params.max_new_tokens)
         self._check_open()
         if params.max_new_tokens == 0:
@@ -367,12 +387,73 @@ class DistributedModel(CheckpointGenerator):
             async for item in agenerate_sealed(self._view, self.ref, ids, params, self.config):
                 yield item
             return
-        session = await self.aopen_session(len(ids) + params.max_new_tokens)
+        length = len(ids) + params.max_new_tokens
+        cache = self.prompt_cache
+        reuse = cache.take(ids, length, time.monotonic()) if cache.enabled else None
+        avoid: frozenset[str] = frozenset()
+        if reuse is not None:
+            yielded = False
+            try:
+                async with contextlib.aclosing(self._agenerate_on(reuse.session, ids, params, reuse.keep)) as gen:
+                    async for item in gen:
+                        yielded = True
+                        yield item
+                return
+            except Exception as err:  # a held session whose servers went away: a fresh one, unseen by the caller
+                if yielded:
+                    raise
+                cache.stats.fallbacks += 1
+                log.info("a held session failed before its first token (%s); opening a fresh one", err)
+                avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
+        headroom = self.config.prompt_cache_headroom if cache.enabled else 0
+        size = min(length + headroom, max(length, self.spec.max_position_embeddings))
+        for attempt in (0, 1):
+            try:
+                session = await self.aopen_session(size, exclude=avoid)
+            except NoRouteError:
+                if not avoid:
+                    raise
+                session = await self.aopen_session(size)
+            yielded = False
+            try:
+                async with contextlib.aclosing(self._agenerate_on(session, ids, params, 0)) as gen:
+                    async for item in gen:
+                        yielded = True
+                        yield item
+                return
+            except (RemoteError, NoRouteError, TransportError) as err:  # servers full? held sessions may fill them
+                if yielded or attempt or not len(cache):
+                    raise
+                log.info("servers refused a session (%s) while %d are held; closing those, retrying", err, len(cache))
+                await self.adrop_prompt_cache()
+
+    async def _agenerate_on(self, session: ClientSession, ids: list[int], params: GenerationParams,
+                            keep: int) -> AsyncGenerator[ScoredToken]:
+        """The generation of ``ids`` on ``session``, whose servers already hold the first ``keep`` positions of
+        ``ids`` (a held session, rewound here; 0: a fresh one): the generation loop's prompt step sends only
+        ``ids[keep:]``. Ending normally, the session is held (``prompt_cache``) with the ids its servers hold;
+        otherwise (an error, or abandoned: a client that went away should free the servers' memory) closed."""
+        remote = session.remote if isinstance(session, PrivateSplitSession) else session
+        history: list[int] = list(ids[:keep])  # the ids the servers hold KV for, positions [0, len)
+        skip = keep
+        failovers, steps, route_s = len(remote.failovers), remote.decode_steps, remote.decode_route_s
         self._heads.active += 1
+        normal = False
         try:
+            if keep:
+                self.last_session = remote
+                self.last_route = remote.route
+                await session.rewind(keep)
+
             async def forward_rows(chunk: list[int], position: int, rows: int) -> torch.Tensor:  # [T] -> [rows, V]
+                nonlocal skip
+                if skip and position == 0 and len(chunk) > skip:  # the prompt: its first positions are held
+                    chunk, position = chunk[skip:], skip
+                skip = 0
                 if position != session.position:
                     raise ConfigError(f"generation at position {position}, the session is at {session.position}")
+                del history[position:]
+                history.extend(chunk)
                 out = await session.forward(self._embed(chunk))  # [T, H] on the CPU
                 logits, session.burst = await self._heads.logits_rows(out[-rows:], session.last_burst,
                                                                       session.route[0].peer_id)
@@ -382,7 +463,6 @@ class DistributedModel(CheckpointGenerator):
                 return (await forward_rows(chunk, position, 1))[0]
 
             # rollbacks (audits, rejected drafts) rewind the remote session: a private split's wrapper follows it
-            remote = session.remote if isinstance(session, PrivateSplitSession) else session
             if worth_speculating(params, self.config.speculate):
                 generation = agenerate_speculative(remote, forward_rows, ids, params, self.spec.eos_token_ids,
                                                    draft=self.config.draft_tokens, stats=self.speculation)
@@ -392,12 +472,38 @@ class DistributedModel(CheckpointGenerator):
                 generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
             async for item in generation:
                 yield item
+            normal = True
         finally:
             self._heads.active -= 1
-            self.failovers_total += len(session.failovers)
-            self.decode_steps_total += session.decode_steps
-            self.decode_route_s_total += session.decode_route_s
-            await asyncio.shield(session.close())
+            self.failovers_total += len(remote.failovers) - failovers
+            self.decode_steps_total += remote.decode_steps - steps
+            self.decode_route_s_total += remote.decode_route_s - route_s
+            if normal and self.prompt_cache.enabled and not self._closed:
+                await asyncio.shield(self._hold(session, history[:session.position]))
+            else:
+                await asyncio.shield(session.close())
+
+    async def _hold(self, session: ClientSession, history: list[int]) -> None:
+        """Keep ``session`` idle in the prompt cache; close what that pushes out."""
+        for old in self.prompt_cache.put(session, history, session.max_length, time.monotonic()):
+            await old.close()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="prompt-cache-sweeper")
+
+    async def _sweep(self) -> None:
+        """Close held sessions as they pass the TTL, while any is held."""
+        while (due := self.prompt_cache.next_expiry()) is not None:
+            await asyncio.sleep(max(0.05, due - time.monotonic() + 0.01))
+            for old in self.prompt_cache.expire(time.monotonic()):
+                await old.close()
+
+    async def adrop_prompt_cache(self) -> None:
+        """Close every held session (on the client's loop)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for old in self.prompt_cache.drain():
+            await old.close()
 
     def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU in the wire dtype (see below)
         """The embeddings of ``ids``, computed on the head's device and brought to the CPU in ONE copy (cast to
@@ -435,6 +541,8 @@ class DistributedModel(CheckpointGenerator):
             if self._closed:
                 return
             self._closed = True
+        with contextlib.suppress(Exception):
+            self._runner.run(self.adrop_prompt_cache(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
             self._runner.run(self.upkeep.aclose(), timeout=self.config.close_timeout)
         if self.receipts is not None:
