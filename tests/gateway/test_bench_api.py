@@ -46,7 +46,7 @@ def test_bench_api_smoke() -> None:
     parser = argparse.ArgumentParser()
     api.add_arguments(parser)
     args = parser.parse_args(["--model", str(tiny_checkpoint("llama")), "--concurrency", "1,4", "--requests", "4",
-                              "--max-tokens", "4"])
+                              "--max-tokens", "4", "--extras", "none"])
     with pytest.raises(ConfigError, match="--requests"):
         api.run(parser.parse_args(["--concurrency", "1,16", "--requests", "4"]))
     out = api.run(args)

@@ -15,7 +15,10 @@ and request latency median and p95 (linear interpolation, as in ``bench load``),
 target ``TARGET_SPEEDUP`` at 16, as ``bench load`` asks of the client alone); the top level's is repeated at the
 top of the JSON. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
 (``ApiServer(..., loop=model.loop)``), as ``meshinfer api`` does. After the levels, each of ``EXTRAS`` (name,
-function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements.
+function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements; and
+``--extras`` (default ``grammar,turns``) adds ``grammar`` (``bench.api_grammar``: ms per token with and without a
+response_format JSON schema at the top concurrency, and their ratio) and ``turns`` (``bench.api_turns``: time to
+first token of turn 5 of a chat with and without prompt-cache reuse, two fresh clients of the same swarm).
 The client threads run in the gateway's process, so the figures include their cost. Every
 process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
 ``run``; never asserts a timing."""
@@ -113,6 +116,22 @@ def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency
     return out
 
 
+EXTRA_NAMES = ("grammar", "turns")
+
+
+def _extras(args: argparse.Namespace) -> frozenset[str]:
+    """The extra measurements ``--extras`` asks for (ConfigError naming the flag for an unknown one)."""
+    text = str(getattr(args, "extras", "none") or "none").strip()
+    if text == "none":
+        return frozenset()
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    known = set(EXTRA_NAMES) | {name for name, _ in EXTRAS}
+    if unknown := sorted(names - known):
+        raise ConfigError(f"--extras: unknown measurement {', '.join(unknown)}; choose from {', '.join(sorted(known))} "
+                          "or none")
+    return frozenset(names)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="checkpoint directory (default: the bench checkpoint, built on first use)")
@@ -127,8 +146,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="compute threads of each server (default: 1)")
-    parser.add_argument("--constrained", action="store_true",
-                        help="also time tokens with a response_format JSON schema (bench.api_grammar)")
+    parser.add_argument("--extras", default="grammar,turns", metavar="LIST",
+                        help="measurements after the levels, comma-separated: grammar (ms per token with and without "
+                             "a response_format JSON schema at the top concurrency, bench.api_grammar), turns (time to "
+                             "first token of turn 5 of a chat with and without prompt-cache reuse, bench.api_turns); "
+                             "none: skip them (default: grammar,turns)")
 
 
 # ---- the client side --------------------------------------------------------------------------------
@@ -190,6 +212,7 @@ def run_level(url: str, concurrency: int, bodies: Sequence[dict[str, Any]]) -> d
 
 def _check(args: argparse.Namespace) -> list[int]:
     levels = parse_levels(args.concurrency)
+    _extras(args)
     if args.servers < 1 or args.torch_threads < 1 or args.max_tokens < 1:
         raise ConfigError("need --servers >= 1, --torch-threads >= 1 and --max-tokens >= 1")
     if args.requests < max(levels):
@@ -240,12 +263,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {f"c{c}": run_level(server.url, c, bodies) for c in levels}
         speedup = add_speedups(results)
         bench = ApiBench(server.url, MODEL_NAME, model, args)
-        extras = {name: measure(bench) for name, measure in EXTRAS}
-        if getattr(args, "constrained", False):
+        wanted = _extras(args)
+        extras = {name: measure(bench) for name, measure in EXTRAS if name in wanted}
+        if "grammar" in wanted:
             from meshinfer.bench.api_grammar import grammar_overhead
 
+            print("timing tokens with and without a JSON schema...", file=sys.stderr, flush=True)
             extras["grammar"] = grammar_overhead(server.url, concurrency=max(levels), requests=args.requests,
                                                  max_tokens=args.max_tokens)
+        if "turns" in wanted:
+            from meshinfer.bench.api_turns import run as run_turns
+
+            print("timing a 5-turn chat with and without prompt-cache reuse...", file=sys.stderr, flush=True)
+            extras["turns"] = run_turns(path, peers, dtype=dtype)
     return {
         "model": str(path),
         "params_millions": round(spec.param_count() / 1e6, 1),

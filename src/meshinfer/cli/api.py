@@ -37,6 +37,9 @@ from meshinfer.errors import ConfigError
 if TYPE_CHECKING:
     from meshinfer.gateway.config import GatewayConfig
 
+GATEWAY_PROMPT_CACHE_SESSIONS = 8
+"""``--prompt-cache-sessions`` of ``meshinfer api`` when the flag is not given (the client's default is 0)."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meshinfer.gateway.config import GatewayConfig
@@ -136,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     quant = check_quant_flag(args)
     client = dataclasses.replace(client_config(args), max_download=max_download, head_quant=args.head_quant,
                                  quant=None if quant == "auto" else quant)
+    if not hasattr(args, "prompt_cache_sessions"):  # a chat gateway: the next turn continues the last one's session
+        client = dataclasses.replace(client, prompt_cache_sessions=GATEWAY_PROMPT_CACHE_SESSIONS)
     check_device(client)
     wanted = parse_model_flags(args.model, config.served_model_name)
     dirs = [(name, model, resolve_model_dir(model)) for name, model in wanted]

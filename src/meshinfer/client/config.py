@@ -106,7 +106,8 @@ class ClientConfig:
     prompt_cache_sessions: int = doc(0, "finished sessions kept open (idle) so that a later prompt sharing their "
                                         "tokens' prefix (the next turn of a chat) continues them and sends only "
                                         "the rest; the least recently used is closed beyond this many; 0: off "
-                                        "(not with --private-blocks or --sealed; e.g. 8 for a chat gateway)")
+                                        "(not with --private-blocks or --sealed; meshinfer api keeps 8 unless this "
+                                        "flag says otherwise)")
     prompt_cache_ttl: float = doc(60.0, "seconds a kept session may idle before it is closed (servers close idle "
                                         "sessions after their --session-idle-timeout, default 300)")
     prompt_cache_headroom: int = doc(512, "with --prompt-cache-sessions: tokens beyond prompt + new tokens each "
