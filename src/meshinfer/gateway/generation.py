@@ -94,12 +94,26 @@ class SwarmGenerator:
         return self.model.spec
 
     async def stream(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
-        loop = asyncio.get_running_loop()
-        if loop is self.model.loop:
-            async with contextlib.aclosing(self._direct(input_ids, params)) as direct:
-                async for token in direct:
+        on_client_loop = asyncio.get_running_loop() is self.model.loop  # then iterate the generation in place
+        source = (self.model.agenerate(list(input_ids), params) if on_client_loop
+                  else self._handed_off(input_ids, params))
+        metrics = self.metrics
+        metrics.sessions_open.inc()
+        last = time.perf_counter()
+        try:
+            async with contextlib.aclosing(source) as tokens:
+                async for token in tokens:
+                    now = time.perf_counter()
+                    metrics.step_seconds.observe(now - last)
+                    metrics.tokens_served.inc()
+                    last = now
                     yield token
-            return
+        finally:
+            metrics.sessions_open.dec()
+
+    async def _handed_off(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
+        """The generation run on the client's loop, its tokens handed to the caller's loop through a queue."""
+        loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[Any] = asyncio.Queue()
 
         def put(item: Any) -> None:
@@ -119,9 +133,6 @@ class SwarmGenerator:
                 put(err)
 
         future = asyncio.run_coroutine_threadsafe(produce(), self.model.loop)
-        metrics = self.metrics
-        metrics.sessions_open.inc()
-        last = time.perf_counter()
         try:
             while True:
                 item = await tokens.get()
@@ -129,30 +140,9 @@ class SwarmGenerator:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                now = time.perf_counter()
-                metrics.step_seconds.observe(now - last)
-                metrics.tokens_served.inc()
-                last = now
                 yield item
         finally:
-            metrics.sessions_open.dec()
             future.cancel()  # thread-safe; a no-op once the generation has finished
-
-    async def _direct(self, input_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ScoredToken]:
-        """``stream`` when the caller runs on the client's loop: the client's generation, iterated in place."""
-        metrics = self.metrics
-        metrics.sessions_open.inc()
-        last = time.perf_counter()
-        try:
-            async with contextlib.aclosing(self.model.agenerate(list(input_ids), params)) as generation:
-                async for token in generation:
-                    now = time.perf_counter()
-                    metrics.step_seconds.observe(now - last)
-                    metrics.tokens_served.inc()
-                    last = now
-                    yield token
-        finally:
-            metrics.sessions_open.dec()
 
     async def score(self, input_ids: Sequence[int], top_logprobs: int) -> list[ScoredToken]:
         if asyncio.get_running_loop() is self.model.loop:
