@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from client_helpers import start_swarm, stop_swarm
 
+from meshinfer.client.config import ClientConfig
 from meshinfer.client.model import DistributedModel
 from meshinfer.config import SamplingConfig
+from meshinfer.errors import ConfigError
 from meshinfer.models.engine import LocalModel
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.swarm import LocalSwarm
@@ -98,6 +100,30 @@ def test_concurrent_sessions_and_a_seeded_sampled_generation(swarm: LocalSwarm, 
         local = LocalModel.from_pretrained(model_dir).generate(PROMPT, NEW_TOKENS, sampling, stop_token_ids=())
         assert first == local  # one draw per token, in order: what plain decoding draws
         assert client.speculation.verify_steps > 0
+
+
+def test_busy_client_stops_drafting_same_tokens(swarm: LocalSwarm, model_dir: Path, reference: list[int]) -> None:
+    """More generations at once than ``speculate_max_sessions``: steps carry one token (the servers' batch is
+    compute-bound), the tokens are unchanged; without a limit the same load drafts."""
+    drafted: dict[int, int] = {}
+    for limit in (0, 1):
+        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
+                                              speculate_max_sessions=limit) as client:
+            async def one(c: DistributedModel = client) -> list[int]:
+                return [t async for t in c.astream(PROMPT, NEW_TOKENS, stop_token_ids=())]
+
+            async def many() -> list[list[int]]:
+                return list(await asyncio.gather(*(one() for _ in range(3))))
+
+            assert asyncio.run_coroutine_threadsafe(many(), client.loop).result(timeout=300) == [reference] * 3
+            drafted[limit] = client.speculation.drafted
+    # limit 1: a generation drafts only once the two others have ended (lockstep: at most their last steps)
+    assert drafted[0] > 3 * NEW_TOKENS // 4 and drafted[1] < drafted[0] // 4, drafted
+
+
+def test_speculate_max_sessions_is_checked() -> None:
+    with pytest.raises(ConfigError, match="--speculate-max-sessions"):
+        ClientConfig(speculate_max_sessions=-1)
 
 
 def test_penalties_and_logit_bias_with_speculation_give_plain_decodings_tokens(swarm: LocalSwarm,

@@ -465,7 +465,8 @@ class DistributedModel(CheckpointGenerator):
             # rollbacks (audits, rejected drafts) rewind the remote session: a private split's wrapper follows it
             if worth_speculating(params, self.config.speculate):
                 generation = agenerate_speculative(remote, forward_rows, ids, params, self.spec.eos_token_ids,
-                                                   draft=self.config.draft_tokens, stats=self.speculation)
+                                                   draft=self.config.draft_tokens, stats=self.speculation,
+                                                   may_draft=self._may_draft)
             elif remote.auditor is not None:
                 generation = agenerate_audited(remote, forward, ids, params, self.spec.eos_token_ids)
             else:
@@ -482,6 +483,11 @@ class DistributedModel(CheckpointGenerator):
                 await asyncio.shield(self._hold(session, history[:session.position]))
             else:
                 await asyncio.shield(session.close())
+
+    def _may_draft(self) -> bool:
+        """Speculate on the next step? Not while more than ``speculate_max_sessions`` generations decode at once."""
+        limit = self.config.speculate_max_sessions
+        return limit == 0 or self._heads.active <= limit
 
     async def _hold(self, session: ClientSession, history: list[int]) -> None:
         """Keep ``session`` idle in the prompt cache; close what that pushes out."""

@@ -14,7 +14,10 @@ Rollback: the KV caches then hold d - accepted positions too many; ``session.rew
 client's own per-hop history (a failover replays only accepted positions) and the next step is sent at that
 position, where every server truncates its cache. Only the session's public ``forward``/``rewind``/``position``
 (and ``auditor`` / ``want_commit``, as ``client.audited`` does) are used. ``models.speculate.DraftSwitch`` stops
-drafting while drafts keep failing.
+drafting while drafts keep failing, and the caller's ``may_draft`` gate while the client is busy (``DistributedModel``:
+more than ``speculate_max_sessions`` generations decoding at once: the servers' batch is then compute-bound, a draft
+costs a token's compute and a verify step of 1 + d tokens travels alone through the scheduler's prefill path, so
+speculation lost 30-40% of the aggregate tokens/s at 8-16 sessions, measured with ``bench load``).
 
 Audits (``session.auditor`` set): tokens are released once verified, a ``Detection`` rolls the generation back
 and fails the liar over, exactly as ``client.audited.agenerate_audited`` does (token k still comes from the
@@ -54,9 +57,10 @@ def worth_speculating(params: GenerationParams, enabled: bool) -> bool:
 
 async def agenerate_speculative(session: InferenceSession, forward: RowsForward, ids: list[int],
                                 params: GenerationParams, eos_token_ids: Collection[int], *, draft: int,
-                                stats: SpecStats | None = None,
-                                switch: DraftSwitch | None = None) -> AsyncIterator[ScoredToken]:
-    """See the module docstring. ``ids`` are checked (``engine.check_prompt``)."""
+                                stats: SpecStats | None = None, switch: DraftSwitch | None = None,
+                                may_draft: Callable[[], bool] | None = None) -> AsyncIterator[ScoredToken]:
+    """See the module docstring. ``ids`` are checked (``engine.check_prompt``). ``may_draft()`` is asked before
+    each decode step (None: always yes): no, and the step carries one token (the caller's load gate)."""
     top = params.top_logprobs
     if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
         raise ConfigError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top}")
@@ -110,7 +114,7 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
             keep = prompt + len(produced) - 1  # positions whose inputs are accepted (the last token: not yet sent)
             if session.position > keep:  # drop the rejected drafts (servers truncate at the next step); also at
                 await session.rewind(keep)  # the end: audits then judge only positions the output depends on
-            request = None if done else _next(history(), wanted - len(produced), draft, switch)
+            request = None if done else _next(history(), wanted - len(produced), draft, switch, may_draft)
         else:
             if auditor is not None:
                 await auditor.settle()
@@ -147,9 +151,12 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
             return
 
 
-def _next(history: list[int], left: int, draft: int, switch: DraftSwitch) -> tuple[list[int], int, list[int]]:
+def _next(history: list[int], left: int, draft: int, switch: DraftSwitch,
+          may_draft: Callable[[], bool] | None) -> tuple[list[int], int, list[int]]:
     """The next decode step after ``history`` (its last token not yet sent), with drafts where they may pay: never
-    more than the ``left`` tokens still wanted need (the session holds prompt + every wanted token)."""
+    more than the ``left`` tokens still wanted need (the session holds prompt + every wanted token), none while
+    ``may_draft`` says no (the switch's pause is then not counted down)."""
     d = min(draft, left - 1)
-    drafts = prompt_lookup(history, d) if d > 0 and switch.want() else []
+    busy = may_draft is not None and not may_draft()
+    drafts = prompt_lookup(history, d) if d > 0 and not busy and switch.want() else []
     return [history[-1], *drafts], len(history) - 1, drafts
