@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 from client_helpers import start_swarm, stop_swarm
 
-from meshinfer.client.config import ClientConfig
 from meshinfer.client.model import DistributedModel
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError
 from meshinfer.models.engine import LocalModel
 from meshinfer.testing.checkpoints import tiny_checkpoint
 from meshinfer.testing.swarm import LocalSwarm
@@ -119,11 +117,6 @@ def test_busy_client_stops_drafting_same_tokens(swarm: LocalSwarm, model_dir: Pa
             drafted[limit] = client.speculation.drafted
     # limit 1: a generation drafts only once the two others have ended (lockstep: at most their last steps)
     assert drafted[0] > 3 * NEW_TOKENS // 4 and drafted[1] < drafted[0] // 4, drafted
-
-
-def test_speculate_max_sessions_is_checked() -> None:
-    with pytest.raises(ConfigError, match="--speculate-max-sessions"):
-        ClientConfig(speculate_max_sessions=-1)
 
 
 def test_penalties_and_logit_bias_with_speculation_give_plain_decodings_tokens(swarm: LocalSwarm,
