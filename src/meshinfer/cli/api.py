@@ -162,9 +162,8 @@ def run(args: argparse.Namespace) -> int:
     others: dict[str, DistributedModel] = {}
     poller: SwarmPoller | None = None
     try:
-        for other_name, other_dir in named[1:]:  # each its own client (peer and loop); served from the first's loop
-            others[other_name] = DistributedModel.from_pretrained(other_dir, args.initial_peers, dtype=dtype,
-                                                                  config=client, model_name=other_name)
+        for other_name, other_dir in named[1:]:  # siblings: the first's peer and loop, where the HTTP server runs
+            others[other_name] = model.sibling(other_dir, dtype, model_name=other_name)
         for each in (model, *others.values()):
             each.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request
         app = create_app(SwarmGenerator(model), name, config,

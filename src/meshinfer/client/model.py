@@ -41,6 +41,10 @@ first, each closed after ``prompt_cache_ttl`` s idle, all closed by ``close``), 
 enough prefix with a held session's tokens (a chat's next turn) continues it: rewound to the common prefix, only
 the rest of the prompt is sent. A held session that fails before its first token is replaced by a fresh one
 (avoiding its peers) without any error reaching the caller; speculation, audits and failover work as on a fresh one.
+Several models of one swarm share one loop and one peer: ``first.sibling(path)`` (``from_pretrained(...,
+share=first)``) loads another model's head on ``first``'s loop and ``SwarmView``; a sibling's ``close`` closes only
+its own parts (held sessions, upkeep, receipts, its coverage refresher), the owner's closes its siblings first, then
+the peer and the loop.
 """
 
 from __future__ import annotations
@@ -143,6 +147,8 @@ class DistributedModel(CheckpointGenerator):
         """Finished sessions held for a later prompt sharing their prefix (``client.prefix_cache``; its ``stats``:
         hits, misses, tokens reused...); off with a private split (``config.private_blocks``) or ``sealed``."""
         self._sweeper: asyncio.Task[None] | None = None
+        self._owner: DistributedModel | None = None  # a sibling's: the model whose loop and peer it shares
+        self._siblings: list[DistributedModel] = []  # the owner's: closed before the shared peer and loop
 
     @classmethod
     def from_pretrained(
@@ -154,6 +160,8 @@ class DistributedModel(CheckpointGenerator):
         config: ClientConfig | None = None,
         model_name: str | None = None,
         device: str | torch.device | None = None,
+        share: DistributedModel | None = None,
+        adopt: tuple[LoopThread, SwarmView] | None = None,
         **overrides: Any,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` (empty: the peers found on this LAN by mDNS) and load the head of
@@ -171,7 +179,11 @@ class DistributedModel(CheckpointGenerator):
         compute dtype (``auto``: the device's default, bf16 on CUDA). The hidden states on the wire stay in
         ``dtype`` with ``auto`` read as float32 (what servers got from a default client so far): a bf16 head on a
         GPU does not round the swarm's inter-hop activations, which servers convert to their own compute dtype
-        anyway; an explicit fp16/bf16 ``dtype`` puts that dtype on the wire, as before."""
+        anyway; an explicit fp16/bf16 ``dtype`` puts that dtype on the wire, as before.
+
+        ``share``: an open ``DistributedModel`` whose loop and swarm peer this one uses (``initial_peers`` and the
+        join settings are then ignored): a sibling, see ``sibling``. ``adopt``: a loop and peer from ``join_swarm``
+        that this model takes over (closes) once loaded; if loading fails they stay the caller's."""
         from meshinfer.models.device import check_device_dtype, resolve_device, resolve_dtype
         from meshinfer.models.quant import QuantConfig
 
@@ -183,16 +195,13 @@ class DistributedModel(CheckpointGenerator):
         check_device_dtype(where, compute)
         dt = torch_dtype(compute)
         wire = resolve_dtype(dtype, torch.device("cpu"))
-        peers = check_initial_peers(initial_peers) if initial_peers else ()  # none: find the swarm on the LAN (mDNS)
-        runner = LoopThread("meshinfer-client").start()
-        view: SwarmView | None = None
+        if share is not None:
+            share._check_open()
+            adopt = (share._runner, share._view)  # a sibling's are its owner's
+            share = share._owner or share
+        joined = adopt is None  # else the loop and peer come from the caller (adopted) or the owner (shared)
+        runner, view = cls.join_swarm(initial_peers, config) if adopt is None else adopt
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
-                                             dht_timeout=config.dht_timeout,
-                                             prior_cap=config.prior_cap, spread=config.spread,
-                                             refuted_ban=config.refuted_ban, swarm_key=config.swarm_key,
-                                             swarm_allow=config.swarm_allow),
-                                             timeout=config.join_timeout)
             local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
                                             max_download=config.max_download), timeout=config.fetch_timeout)
             if config.private_blocks:  # blocks [0, K) and [n - K, n) too (client.private_split)
@@ -205,16 +214,46 @@ class DistributedModel(CheckpointGenerator):
             ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
                              model_name or display_name(str(path), local), quant=config.quant)
         except BaseException:
-            if view is not None:
+            if joined:
                 with contextlib.suppress(Exception):
                     runner.run(view.close(), timeout=config.close_timeout)
-            runner.stop()
+                runner.stop()
             raise
         runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
         model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire,
                     private=private)
+        if share is not None:
+            model._owner = share
+            with share._lock:
+                share._siblings.append(model)
         runner.loop.call_soon_threadsafe(model.upkeep.start)
         return model
+
+    @staticmethod
+    def join_swarm(initial_peers: Sequence[str], config: ClientConfig) -> tuple[LoopThread, SwarmView]:
+        """A started client loop and a client-mode peer on it joined through ``initial_peers`` (empty: the peers
+        found on this LAN by mDNS), as ``from_pretrained`` joins; for ``adopt``."""
+        peers = check_initial_peers(initial_peers) if initial_peers else ()
+        runner = LoopThread("meshinfer-client").start()
+        try:
+            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
+                                             dht_timeout=config.dht_timeout, prior_cap=config.prior_cap,
+                                             spread=config.spread, refuted_ban=config.refuted_ban,
+                                             swarm_key=config.swarm_key, swarm_allow=config.swarm_allow),
+                              timeout=config.join_timeout)
+        except BaseException:
+            runner.stop()
+            raise
+        return runner, view
+
+    def sibling(self, path: str | Path, dtype: str | torch.dtype = "float32", *, config: ClientConfig | None = None,
+                model_name: str | None = None, **overrides: Any) -> DistributedModel:
+        """Another model of the same swarm on this client's loop and peer (``from_pretrained(..., share=self)``;
+        ``config`` defaults to this one's): its own head, tokenizer, upkeep and prompt cache. Its ``close`` closes
+        only those (and stops its coverage refresher); this model's ``close`` closes its siblings first, then the
+        shared peer and loop."""
+        return DistributedModel.from_pretrained(path, (), dtype, config=config or self.config, model_name=model_name,
+                                                share=self, **overrides)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -536,11 +575,15 @@ class DistributedModel(CheckpointGenerator):
             raise UsageError("this DistributedModel is closed")
 
     def close(self) -> None:
-        """Leave the swarm and stop the client's event loop (idempotent)."""
+        """Leave the swarm and stop the client's event loop (idempotent); a sibling (``sibling``) closes only its
+        own parts, the owner its siblings first."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            siblings, self._siblings = self._siblings, []
+        for sibling in siblings:
+            sibling.close()
         with contextlib.suppress(Exception):
             self._runner.run(self.adrop_prompt_cache(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
@@ -548,6 +591,14 @@ class DistributedModel(CheckpointGenerator):
         if self.receipts is not None:
             with contextlib.suppress(Exception):
                 self._runner.run(self.receipts.close(), timeout=self.config.close_timeout)
+        if self._owner is not None:  # the peer and loop are the owner's
+            owner = self._owner
+            with owner._lock, contextlib.suppress(ValueError):
+                owner._siblings.remove(self)
+            if self.ref.model_id not in {m.ref.model_id for m in (owner, *owner._siblings)}:
+                with contextlib.suppress(Exception):
+                    self._runner.run(self._view.stop_refresh(self.ref.model_id), timeout=self.config.close_timeout)
+            return
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

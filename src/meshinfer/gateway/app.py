@@ -118,19 +118,24 @@ class _ClosingStream(StreamingResponse):
 class Gateway:
     """The state behind the routes: the generator, the served name, the limits and counters."""
 
-    def __init__(self, generator: Generator, model_name: str, config: GatewayConfig) -> None:
+    def __init__(self, generator: Generator, model_name: str, config: GatewayConfig, *,
+                 share: Gateway | None = None) -> None:
+        """``share``: the gateway whose slots, worker thread and counters this one uses (one pool for every
+        model of an app; None: its own)."""
         self.generator = generator
         self.model_name = model_name
         self.config = config
-        self.created = int(time.time())
-        self.slots = asyncio.Semaphore(config.max_concurrency)
-        self.stats = {"requests": 0, "active": 0, "waiting": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.created = int(time.time()) if share is None else share.created
+        self.slots = asyncio.Semaphore(config.max_concurrency) if share is None else share.slots
+        self.stats = ({"requests": 0, "active": 0, "waiting": 0, "completed": 0, "failed": 0, "cancelled": 0}
+                      if share is None else share.stats)
         tokenizer = generator.tokenizer
         self.chat_stop_ids = chat_stop_ids(tokenizer, generator.spec.eos_token_ids)
         self.eos_ids = frozenset(generator.spec.eos_token_ids)
         self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
         self.max_token_chars = _max_token_chars(tokenizer)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+                        if share is None else share._worker)
         self._grammars: GrammarCompiler | None = None
         template = getattr(tokenizer, "chat_template", None)
         self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
@@ -372,10 +377,8 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     module docstring)."""
     config = config or GatewayConfig()
     gateway = Gateway(generator, model_name, config)
-    table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config) for name, gen in (more or {}).items()
-                                                if name != model_name}})
-    for other in table.gateways.values():  # one pool of slots, one worker and one set of counters for all
-        other.slots, other.stats, other._worker = gateway.slots, gateway.stats, gateway._worker
+    table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config, share=gateway)
+                                                for name, gen in (more or {}).items() if name != model_name}})
     app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.models = table
