@@ -105,6 +105,21 @@ def test_meshinfer_api_model_auto_serves_every_announced_model(swarms: TwoSwarms
                 got = client.chat.completions.create(model=names[ids[key]], messages=MESSAGES,  # type: ignore[arg-type]
                                                      max_tokens=8, temperature=0)
                 assert got.choices[0].message.content == want, key
+            # the next turn of the first chat continues its held session: the prompt cache's counters in /metrics
+            first = names[ids["llama"]]
+            reply = client.chat.completions.create(model=first, messages=MESSAGES, max_tokens=8,  # type: ignore[arg-type]
+                                                   temperature=0).choices[0].message.content
+            turn2 = [*MESSAGES, {"role": "assistant", "content": reply}, {"role": "user", "content": "And the sky?"}]
+            client.chat.completions.create(model=first, messages=turn2, max_tokens=4)  # type: ignore[arg-type]
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {(s.name, s.labels.get("model")): s.value
+                   for f in text_string_to_metric_families(httpx.get(info["url"] + "/metrics", timeout=30).text)
+                   for s in f.samples}
+        assert samples[("meshinfer_prompt_cache_hits_total", first)] >= 1, samples
+        assert samples[("meshinfer_prompt_cache_tokens_reused_total", first)] > 0
+        assert ("meshinfer_prompt_cache_held", names[ids["qwen"]]) in samples  # one sample per served model
         tree = proc.descendants()
     finally:
         code = proc.stop(timeout=30)

@@ -59,6 +59,7 @@ from starlette.types import Receive, Scope, Send
 
 from meshinfer.errors import ConfigError
 from meshinfer.gateway.body import read_body
+from meshinfer.gateway.cachemetrics import PromptCacheCollector
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
@@ -379,6 +380,8 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     gateway = Gateway(generator, model_name, config)
     table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config, share=gateway)
                                                 for name, gen in (more or {}).items() if name != model_name}})
+    if (session_metrics := getattr(generator, "metrics", None)) is not None:  # what /metrics renders
+        session_metrics.registry.register(PromptCacheCollector(table))
     app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.models = table
