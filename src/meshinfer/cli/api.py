@@ -17,6 +17,13 @@ Once listening it prints, in one flushed write on stdout::
 stderr first (``gateway.config.exposure_warning``). With a key, the dashboard at ``/`` and ``/metrics`` need it
 too (a browser signs in once). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it:
 open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP or of the swarm itself.
+
+Several models share the first one's peer and loop (``DistributedModel.sibling``). ``--model auto`` (alone or after
+explicit ``--model``s, which keep their names and come first) serves every model the swarm announces: alone, it
+joins and waits up to ``--route-wait`` for the directory to list one (none: a one-line ``ConfigError`` naming the
+peers asked, exit 2) and opens the first that opens; then ``gateway.autoload.AutoLoader`` opens the others (at most
+``--auto-max-models`` auto-opened models, named by ``gateway.auto.served_name``) and re-reads the directory every
+``--auto-refresh-s`` on the loop. The ready line's ``models`` lists the names served at that moment.
 """
 
 from __future__ import annotations
