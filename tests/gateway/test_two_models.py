@@ -167,6 +167,21 @@ def test_two_sibling_models_behind_one_gateway(swarms: TwoSwarms) -> None:
     assert not _wait_threads(before), "threads left behind"
 
 
+def test_meshinfer_api_explicit_model_and_auto(swarms: TwoSwarms) -> None:
+    from meshinfer.testing.procs import ManagedProcess, meshinfer_argv
+
+    both = swarms.both()
+    argv = meshinfer_argv("api", "--model", f"mine={both.dirs['llama']}", "--model", "auto", "--initial-peers",
+                          *both.first.initial_peers, "--port", "0", "--stop-on-stdin-eof")
+    proc = ManagedProcess(argv, name="meshinfer api --model X --model auto")
+    try:
+        info = proc.wait_ready(180)
+        assert info["model"] == "mine" and len(info["models"]) == 2 and info["models"][0] == "mine", info
+    finally:
+        code = proc.stop(timeout=30)
+    assert code == 0, proc.stderr_tail()
+
+
 def test_meshinfer_api_model_auto_with_no_model_in_the_swarm_is_a_one_line_error() -> None:
     import subprocess
 
