@@ -80,6 +80,8 @@ def test_meshinfer_api_serves_until_sigterm(served: Served, tmp_path: Path) -> N
     (["--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
     (["--max-download", "-1"], "--max-download must be > 0 MB/s"),
     (["--model", "x=/nonexistent", "--served-model-name", "x"], "each served name may be given once"),
+    (["--model", "auto", "--auto-max-models", "0"], "--auto-max-models must be >= 1"),
+    (["--model", "auto", "--auto-refresh-s", "0"], "--auto-refresh-s must be > 0"),
 ])
 def test_bad_flags_are_one_line_errors(flags: list[str], needle: str) -> None:
     argv = meshinfer_argv("api", "--model", "/nonexistent", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", *flags)

@@ -17,11 +17,19 @@ Once listening it prints, in one flushed write on stdout::
 stderr first (``gateway.config.exposure_warning``). With a key, the dashboard at ``/`` and ``/metrics`` need it
 too (a browser signs in once). SIGINT/SIGTERM, or the end of stdin with ``--stop-on-stdin-eof``, stop it:
 open streams get a few seconds, then it leaves the swarm. Knows nothing of HTTP or of the swarm itself.
+
+Several models share the first one's peer and loop (``DistributedModel.sibling``). ``--model auto`` (alone or after
+explicit ``--model``s, which keep their names and come first) serves every model the swarm announces: alone, it
+joins and waits up to ``--route-wait`` for the directory to list one (none: a one-line ``ConfigError`` naming the
+peers asked, exit 2) and opens the first that opens; then ``gateway.autoload.AutoLoader`` opens the others (at most
+``--auto-max-models`` auto-opened models, named by ``gateway.auto.served_name``) and re-reads the directory every
+``--auto-refresh-s`` on the loop. The ready line's ``models`` lists the names served at that moment.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -35,6 +43,8 @@ from meshinfer.cli.lan import add_mdns_flags, lan_peers
 from meshinfer.errors import ConfigError
 
 if TYPE_CHECKING:
+    from meshinfer.client.config import ClientConfig
+    from meshinfer.client.model import DistributedModel
     from meshinfer.gateway.config import GatewayConfig
 
 GATEWAY_PROMPT_CACHE_SESSIONS = 8
@@ -42,6 +52,7 @@ GATEWAY_PROMPT_CACHE_SESSIONS = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from meshinfer.gateway.auto import DEFAULT_AUTO_MAX_MODELS, DEFAULT_AUTO_REFRESH_S
     from meshinfer.gateway.config import GatewayConfig
 
     parser = add_command(
@@ -54,7 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help=MODEL_HELP + "; its tokenizer and chat template are used. Repeat it to serve several "
                              "models of the swarm behind one gateway (requests pick one by 'model'); NAME= sets the "
                              "name clients use for that one (default: --served-model-name for the first, else the "
-                             "model directory's name)")
+                             "model directory's name). 'auto': every model the swarm announces (fetched from its "
+                             "seeders, named by its card or its id's first 12 hex characters), checked again every "
+                             "--auto-refresh-s; explicit models come first")
+    parser.add_argument("--auto-max-models", type=int, default=DEFAULT_AUTO_MAX_MODELS, metavar="N",
+                        help="with --model auto: open at most this many of the swarm's models (the rest are listed "
+                             f"as not loaded in /v1/models; default {DEFAULT_AUTO_MAX_MODELS})")
+    parser.add_argument("--auto-refresh-s", type=float, default=DEFAULT_AUTO_REFRESH_S, metavar="S",
+                        help="with --model auto: seconds between readings of the swarm's model directory, opening "
+                             f"the models that appeared (default {DEFAULT_AUTO_REFRESH_S:g})")
     parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                         help="multiaddrs of any peers of the swarm serving the model's blocks (default: the peers "
                              "found on this LAN by mDNS)")
@@ -142,33 +161,60 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(args, "prompt_cache_sessions"):  # a chat gateway: the next turn continues the last one's session
         client = dataclasses.replace(client, prompt_cache_sessions=GATEWAY_PROMPT_CACHE_SESSIONS)
     check_device(client)
-    wanted = parse_model_flags(args.model, config.served_model_name)
+    from meshinfer.gateway.auto import AUTO, check_auto_flags
+
+    check_auto_flags(args.auto_max_models, args.auto_refresh_s)
+    values = [v for v in args.model if v.strip().lower() != AUTO]
+    auto = len(values) < len(args.model)
+    wanted = parse_model_flags(values, config.served_model_name)
     dirs = [(name, model, resolve_model_dir(model)) for name, model in wanted]
     named = [(name or model_display_name(model, model_dir), model_dir) for name, model, model_dir in dirs]
     if len({n for n, _ in named}) < len(named):
         raise ConfigError(f"--model: two models have the same name ({[n for n, _ in named]}); name them: NAME=MODEL")
-    name, model_dir = named[0]
 
     from meshinfer.client.model import DistributedModel
     from meshinfer.dashboard.app import dashboard_router
     from meshinfer.dashboard.poller import NodeSwarmReader, SwarmPoller
-    from meshinfer.gateway.app import create_app
+    from meshinfer.gateway.app import Gateway, create_app
+    from meshinfer.gateway.autoload import AutoLoader, announced
     from meshinfer.gateway.generation import SwarmGenerator
     from meshinfer.gateway.serving import ApiServer
+    from meshinfer.loopthread import run_on
 
     args.initial_peers = list(lan_peers(args, required=True))
-    model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
-                                             model_name=name)
+    if named:
+        name, model_dir = named[0]
+        model = DistributedModel.from_pretrained(model_dir, args.initial_peers, dtype=dtype, config=client,
+                                                 model_name=name)
+    else:
+        model, name = open_first_auto(args.initial_peers, dtype, client, args.auto_max_models)
     others: dict[str, DistributedModel] = {}
     poller: SwarmPoller | None = None
+    loader: AutoLoader | None = None
     try:
-        for other_name, other_dir in named[1:]:  # each its own client (peer and loop); served from the first's loop
-            others[other_name] = DistributedModel.from_pretrained(other_dir, args.initial_peers, dtype=dtype,
-                                                                  config=client, model_name=other_name)
+        for other_name, other_dir in named[1:]:  # siblings: the first's peer and loop, where the HTTP server runs
+            others[other_name] = model.sibling(other_dir, dtype, model_name=other_name)
         for each in (model, *others.values()):
             each.tokenizer  # noqa: B018 - load it now: a broken tokenizer fails here, not on the first request
         app = create_app(SwarmGenerator(model), name, config,
                          more={n: SwarmGenerator(m) for n, m in others.items()})
+        if auto:
+            first: Gateway = app.state.gateway
+
+            def open_model(model_id: str, served: str) -> Gateway:  # in a worker thread
+                sibling = model.sibling(model_id, dtype, model_name=served)
+                try:
+                    sibling.tokenizer  # noqa: B018 - as above
+                    return Gateway(SwarmGenerator(sibling), served, config, share=first)
+                except BaseException:
+                    sibling.close()
+                    raise
+
+            loader = AutoLoader(app.state.models, open_model, lambda: announced(model.view.node, client.dht_timeout),
+                                loaded=[m.model_id for m in (model, *others.values())], opened=[] if named else [name],
+                                max_models=args.auto_max_models, refresh_s=args.auto_refresh_s)
+            run_on(model.loop, loader.refresh())  # the swarm's models now; then every --auto-refresh-s
+            model.loop.call_soon_threadsafe(loader.start)
 
         async def connect() -> NodeSwarmReader:
             return NodeSwarmReader(model.view.node)  # shares the gateway's peer; never closes it
@@ -181,14 +227,51 @@ def run(args: argparse.Namespace) -> int:
 
         def describe(url: str) -> tuple[dict[str, Any], str]:
             info = {"url": url, "base_url": f"{url}/v1", "model": name, "model_id": model.model_id,
-                    "models": [name, *others], "api_key_required": config.api_key is not None}
+                    "models": app.state.models.names, "api_key_required": config.api_key is not None}
             return info, f"serving {name} at {url}/v1 (OpenAI-compatible); Ctrl-C to stop"
 
         serve_http(server, describe, stop_on_stdin_eof=args.stop_on_stdin_eof)
     finally:
+        if loader is not None:
+            with contextlib.suppress(Exception):
+                run_on(model.loop, loader.aclose(), timeout=10.0)
         if poller is not None:
             poller.stop()
-        for other in others.values():
-            other.close()
-        model.close()
+        model.close()  # its siblings first, then the peer and the loop
     return 0
+
+
+def open_first_auto(initial_peers: list[str], dtype: str, client: ClientConfig,
+                    max_models: int) -> tuple[DistributedModel, str]:
+    """``--model auto`` alone: join, wait up to ``--route-wait`` for the swarm to announce a model, and open the
+    first one that opens (it then owns the peer and loop); a one-line ConfigError naming the peers asked when the
+    swarm announces none, or when none opens."""
+    from meshinfer.client.model import DistributedModel
+    from meshinfer.errors import MeshinferError
+    from meshinfer.gateway.auto import plan_auto, served_name
+    from meshinfer.gateway.autoload import wait_announced
+
+    runner, view = DistributedModel.join_swarm(initial_peers, client)
+    try:
+        listing = runner.run(wait_announced(view.node, client.route_wait, client.dht_timeout))
+        asked = ", ".join(initial_peers) or "the peers found on this LAN"
+        if not listing:
+            raise ConfigError(f"--model auto: the swarm announces no model (asked {asked} for {client.route_wait:g} "
+                              "s, --route-wait); start a server, wait longer or name the model: --model MODEL")
+        failed: list[str] = []
+        for candidate in plan_auto(listing, (), 0, max_models).open:
+            name = served_name(candidate, ())
+            try:
+                model = DistributedModel.from_pretrained(candidate.model_id, (), dtype, config=client,
+                                                         model_name=name, adopt=(runner, view))
+                return model, name
+            except MeshinferError as err:
+                print(f"warning: --model auto: cannot open {candidate.model_id}: {err}", file=sys.stderr, flush=True)
+                failed.append(candidate.model_id[:12])
+        raise ConfigError(f"--model auto: none of the models the swarm announces could be opened ({', '.join(failed)}"
+                          f"; asked {asked}); see the warnings above")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            runner.run(view.close(), timeout=client.close_timeout)
+        runner.stop()
+        raise

@@ -34,13 +34,12 @@ split (``config.private_blocks`` K > 0, ``client.private_split``): the client al
 ``MeshinferError``s: no route ("no online servers cover blocks ... of model ..."), unreachable bootstrap peers,
 ``RemoteError`` with the server's code. With ``config.sealed`` each generation goes instead, end-to-end encrypted, to
 one full node (``client.sealed.agenerate_sealed``: no route, no audit, no top logprobs; prompt scoring refused).
-With ``config.prompt_cache_sessions`` N > 0 (not with a private split nor sealed), a generation that ends normally
-keeps its session open, idle, in ``prompt_cache`` (``client.prefix_cache``: at most N, least recently used closed
-first, each closed after ``prompt_cache_ttl`` s idle, all closed by ``close``), and sessions are opened with
-``prompt_cache_headroom`` more tokens (servers reserve ``max_length`` at open); a later prompt sharing a long
-enough prefix with a held session's tokens (a chat's next turn) continues it: rewound to the common prefix, only
-the rest of the prompt is sent. A held session that fails before its first token is replaced by a fresh one
-(avoiding its peers) without any error reaching the caller; speculation, audits and failover work as on a fresh one.
+With ``config.prompt_cache_sessions`` N > 0 (not with a private split nor sealed) a generation that ends normally
+keeps its session idle in ``prompt_cache`` (at most N, LRU, ``prompt_cache_ttl``), and a later prompt sharing a long
+enough prefix with it (a chat's next turn) continues it (``client.held_sessions``; the generation on a session:
+``client.session_run``). Several models of one swarm share one loop and one peer: ``first.sibling(path)`` loads
+another model on ``first``'s loop and ``SwarmView`` (its ``close`` closes only its own parts; the owner's closes its
+siblings first, then the peer and loop). Joining and loading: ``client.loading``; the sync bridge: ``client.bridge``.
 """
 
 from __future__ import annotations
@@ -49,45 +48,40 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import queue
 import threading
-import time
 from collections.abc import AsyncGenerator, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from meshinfer.client.audit import AuditCounters, Auditor
-from meshinfer.client.audited import agenerate_audited
+from meshinfer.client.audit import AuditCounters
+from meshinfer.client.bridge import iterate_on
 from meshinfer.client.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from meshinfer.client.head_batch import HeadBatcher
+from meshinfer.client.held_sessions import HeldSessions, agenerate_reusing
+from meshinfer.client.loading import check_device, join_swarm, load_client_part
 from meshinfer.client.prefix_cache import PrefixCache
-from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession, ensure_private_blocks
+from meshinfer.client.private_split import ClientSession, PrivateBlocks, PrivateSplitSession
 from meshinfer.client.receipts import ReceiptSender
-from meshinfer.client.routing import NoRouteError, RouteHop
+from meshinfer.client.routing import RouteHop
 from meshinfer.client.sealed import agenerate_sealed
 from meshinfer.client.session import InferenceSession
-from meshinfer.client.speculative import agenerate_speculative, worth_speculating
-from meshinfer.client.swarm import ModelRef, SwarmView, check_initial_peers
+from meshinfer.client.session_run import agenerate_on, aopen_route_session
+from meshinfer.client.swarm import ModelRef, SwarmView
 from meshinfer.client.sync_session import SyncInferenceSession
 from meshinfer.client.upkeep import Upkeep
 from meshinfer.config import SamplingConfig
-from meshinfer.errors import ConfigError, RemoteError, TransportError, UsageError
+from meshinfer.errors import ConfigError, UsageError
 from meshinfer.loopthread import LoopThread
-from meshinfer.models.checkpoint import Checkpoint
-from meshinfer.models.engine import agenerate_scored, check_prompt, score_hidden
-from meshinfer.models.fingerprint import checkpoint_fingerprint
+from meshinfer.models.engine import check_prompt, score_hidden
 from meshinfer.models.generator import CheckpointGenerator, GenerationParams
 from meshinfer.models.head import ClientHead
 from meshinfer.models.kv_cache import torch_dtype
-from meshinfer.models.ops import autotune_linear, layer_weights
 from meshinfer.models.sampling import ScoredToken
 from meshinfer.models.spec import ModelSpec
 from meshinfer.models.speculate import SpecStats
-from meshinfer.types import BlockRange, canonical_dtype
-from meshinfer.weights.fetch import ensure_local
-from meshinfer.weights.resolve import display_name
+from meshinfer.types import canonical_dtype
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +136,9 @@ class DistributedModel(CheckpointGenerator):
         self.prompt_cache: PrefixCache[ClientSession] = PrefixCache(reusable, config.prompt_cache_ttl)
         """Finished sessions held for a later prompt sharing their prefix (``client.prefix_cache``; its ``stats``:
         hits, misses, tokens reused...); off with a private split (``config.private_blocks``) or ``sealed``."""
-        self._sweeper: asyncio.Task[None] | None = None
+        self._held = HeldSessions(self.prompt_cache)
+        self._owner: DistributedModel | None = None  # a sibling's: the model whose loop and peer it shares
+        self._siblings: list[DistributedModel] = []  # the owner's: closed before the shared peer and loop
 
     @classmethod
     def from_pretrained(
@@ -154,6 +150,8 @@ class DistributedModel(CheckpointGenerator):
         config: ClientConfig | None = None,
         model_name: str | None = None,
         device: str | torch.device | None = None,
+        share: DistributedModel | None = None,
+        adopt: tuple[LoopThread, SwarmView] | None = None,
         **overrides: Any,
     ) -> DistributedModel:
         """Join the swarm through ``initial_peers`` (empty: the peers found on this LAN by mDNS) and load the head of
@@ -171,50 +169,50 @@ class DistributedModel(CheckpointGenerator):
         compute dtype (``auto``: the device's default, bf16 on CUDA). The hidden states on the wire stay in
         ``dtype`` with ``auto`` read as float32 (what servers got from a default client so far): a bf16 head on a
         GPU does not round the swarm's inter-hop activations, which servers convert to their own compute dtype
-        anyway; an explicit fp16/bf16 ``dtype`` puts that dtype on the wire, as before."""
-        from meshinfer.models.device import check_device_dtype, resolve_device, resolve_dtype
-        from meshinfer.models.quant import QuantConfig
+        anyway; an explicit fp16/bf16 ``dtype`` puts that dtype on the wire, as before.
 
+        ``share``: an open ``DistributedModel`` whose loop and swarm peer this one uses (``initial_peers`` and the
+        join settings are then ignored): a sibling, see ``sibling``. ``adopt``: a loop and peer from ``join_swarm``
+        that this model takes over (closes) once loaded; if loading fails they stay the caller's."""
         if device is not None:
             overrides["device"] = str(device)
         config = dataclasses.replace(config or DEFAULT_CLIENT_CONFIG, **overrides)
-        where = resolve_device(config.device)
-        compute = resolve_dtype(dtype, where)
-        check_device_dtype(where, compute)
-        dt = torch_dtype(compute)
-        wire = resolve_dtype(dtype, torch.device("cpu"))
-        peers = check_initial_peers(initial_peers) if initial_peers else ()  # none: find the swarm on the LAN (mDNS)
-        runner = LoopThread("meshinfer-client").start()
-        view: SwarmView | None = None
+        check_device(config, dtype)  # before anything is joined
+        if share is not None:
+            share._check_open()
+            adopt = (share._runner, share._view)  # a sibling's are its owner's
+            share = share._owner or share
+        joined = adopt is None  # else the loop and peer come from the caller (adopted) or the owner (shared)
+        runner, view = join_swarm(initial_peers, config) if adopt is None else adopt
         try:
-            view = runner.run(SwarmView.join(peers, host=config.host, identity=config.identity,
-                                             dht_timeout=config.dht_timeout,
-                                             prior_cap=config.prior_cap, spread=config.spread,
-                                             refuted_ban=config.refuted_ban, swarm_key=config.swarm_key,
-                                             swarm_allow=config.swarm_allow),
-                                             timeout=config.join_timeout)
-            local = runner.run(ensure_local(view.node, str(path), blocks=None, client_part=True,
-                                            max_download=config.max_download), timeout=config.fetch_timeout)
-            if config.private_blocks:  # blocks [0, K) and [n - K, n) too (client.private_split)
-                local = runner.run(ensure_private_blocks(view.node, str(path), local, config.private_blocks,
-                                                         config.max_download), timeout=config.fetch_timeout)
-            ckpt = Checkpoint(local)
-            head = ckpt.load_head(dt, where, quant=QuantConfig(config.head_quant))
-            private = PrivateBlocks.load(ckpt, config.private_blocks, dt, where) if config.private_blocks else None
-            autotune_linear(layer_weights(head))  # CPU fp32 heads only: oneDNN or MKL, timed once
-            ref = ModelRef(checkpoint_fingerprint(local), ckpt.spec.num_blocks,
-                             model_name or display_name(str(path), local), quant=config.quant)
+            part = load_client_part(path, dtype, config, runner, view, model_name)
         except BaseException:
-            if view is not None:
+            if joined:
                 with contextlib.suppress(Exception):
                     runner.run(view.close(), timeout=config.close_timeout)
-            runner.stop()
+                runner.stop()
             raise
-        runner.loop.call_soon_threadsafe(view.start_refresh, ref, view.max_age)
-        model = cls(ckpt.spec, head, ref=ref, runner=runner, view=view, path=local, config=config, wire_dtype=wire,
-                    private=private)
+        runner.loop.call_soon_threadsafe(view.start_refresh, part.ref, view.max_age)
+        model = cls(part.spec, part.head, ref=part.ref, runner=runner, view=view, path=part.path, config=config,
+                    wire_dtype=part.wire_dtype, private=part.private)
+        if share is not None:
+            model._owner = share
+            with share._lock:
+                share._siblings.append(model)
         runner.loop.call_soon_threadsafe(model.upkeep.start)
         return model
+
+    join_swarm = staticmethod(join_swarm)
+    """``client.loading.join_swarm``: a loop and a joined peer, for ``from_pretrained(..., adopt=)``."""
+
+    def sibling(self, path: str | Path, dtype: str | torch.dtype = "float32", *, config: ClientConfig | None = None,
+                model_name: str | None = None, **overrides: Any) -> DistributedModel:
+        """Another model of the same swarm on this client's loop and peer (``from_pretrained(..., share=self)``;
+        ``config`` defaults to this one's): its own head, tokenizer, upkeep and prompt cache. Its ``close`` closes
+        only those (and stops its coverage refresher); this model's ``close`` closes its siblings first, then the
+        shared peer and loop."""
+        return DistributedModel.from_pretrained(path, (), dtype, config=config or self.config, model_name=model_name,
+                                                share=self, **overrides)
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -276,30 +274,7 @@ class DistributedModel(CheckpointGenerator):
         """``open_session`` as a coroutine on the client's loop (``loop``); with ``private`` blocks, the route
         covers only the middle ones and the session is a ``PrivateSplitSession`` around it. ``exclude``: peers
         the route avoids."""
-        middle = self.private.middle if self.private is not None else None
-        route = await self._view.plan(self.ref, blocks=middle, exclude=exclude, wait=self.route_wait)
-        self.last_route = route
-        quant = route[0].record.quant  # every hop's (plan_uniform_route); replacements keep it: same outputs
-
-        async def replan(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
-            return await self._view.plan(self.ref, blocks=blocks, exclude=exclude, wait=self.route_wait,
-                                         quant=quant)
-
-        session = await InferenceSession.open(
-            self._view.node, route, model_id=self.ref.model_id, max_length=max_length,
-            dtype=self.wire_dtype, on_rtt=self._view.record_rtt,
-            replan=replan if self.config.failover else None, bans=self._view.bans, quant=quant, config=self.config,
-            stats=self._view.stats,
-        )
-        if self.config.audit:
-            async def find(blocks: BlockRange, exclude: frozenset[str]) -> list[RouteHop]:
-                return await self._view.plan(self.ref, blocks=blocks, exclude=exclude, wait=0.0, quant=quant)
-
-            session.auditor = Auditor(session, find, self.audits,
-                                      report=self._view.report if self.config.audit_report else None)
-        session.receipts = self.receipts
-        self.last_session = session
-        return session if self.private is None else PrivateSplitSession(session, self.private)
+        return await aopen_route_session(self, self._view, max_length, exclude)  # client.session_run
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -317,33 +292,7 @@ class DistributedModel(CheckpointGenerator):
         self._check_open()
         if params.max_new_tokens == 0:
             return
-        tokens: queue.SimpleQueue[ScoredToken | BaseException | None] = queue.SimpleQueue()
-
-        async def produce() -> None:
-            try:
-                async with contextlib.aclosing(self.agenerate(ids, params)) as generation:
-                    async for token in generation:
-                        tokens.put(token)
-                tokens.put(None)
-            except BaseException as err:  # handed to the consuming thread
-                tokens.put(err)
-                if isinstance(err, asyncio.CancelledError):
-                    raise
-
-        future = self._runner.submit(produce())
-        try:
-            while True:
-                item = tokens.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not future.done():
-                self._runner.loop.call_soon_threadsafe(future.cancel)
-            with contextlib.suppress(BaseException):
-                future.result(timeout=10.0)  # the session is closed before we return
+        yield from iterate_on(self._runner, lambda: self.agenerate(ids, params))  # client.bridge
 
     async def astream(
         self,
@@ -387,129 +336,20 @@ class DistributedModel(CheckpointGenerator):
             async for item in agenerate_sealed(self._view, self.ref, ids, params, self.config):
                 yield item
             return
-        length = len(ids) + params.max_new_tokens
-        cache = self.prompt_cache
-        reuse = cache.take(ids, length, time.monotonic()) if cache.enabled else None
-        avoid: frozenset[str] = frozenset()
-        if reuse is not None:
-            yielded = False
-            try:
-                async with contextlib.aclosing(self._agenerate_on(reuse.session, ids, params, reuse.keep)) as gen:
-                    async for item in gen:
-                        yielded = True
-                        yield item
-                return
-            except Exception as err:  # a held session whose servers went away: a fresh one, unseen by the caller
-                if yielded:
-                    raise
-                cache.stats.fallbacks += 1
-                log.info("a held session failed before its first token (%s); opening a fresh one", err)
-                avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
-        headroom = self.config.prompt_cache_headroom if cache.enabled else 0
-        size = min(length + headroom, max(length, self.spec.max_position_embeddings))
-        for attempt in (0, 1):
-            try:
-                session = await self.aopen_session(size, exclude=avoid)
-            except NoRouteError:
-                if not avoid:
-                    raise
-                session = await self.aopen_session(size)
-            yielded = False
-            try:
-                async with contextlib.aclosing(self._agenerate_on(session, ids, params, 0)) as gen:
-                    async for item in gen:
-                        yielded = True
-                        yield item
-                return
-            except (RemoteError, NoRouteError, TransportError) as err:  # servers full? held sessions may fill them
-                if yielded or attempt or not len(cache):
-                    raise
-                log.info("servers refused a session (%s) while %d are held; closing those, retrying", err, len(cache))
-                await self.adrop_prompt_cache()
+        async for item in agenerate_reusing(self._held, ids, params, context=self.spec.max_position_embeddings,
+                                            headroom=self.config.prompt_cache_headroom, open_session=self.aopen_session,
+                                            run=self._agenerate_on):
+            yield item
 
-    async def _agenerate_on(self, session: ClientSession, ids: list[int], params: GenerationParams,
-                            keep: int) -> AsyncGenerator[ScoredToken]:
-        """The generation of ``ids`` on ``session``, whose servers already hold the first ``keep`` positions of
-        ``ids`` (a held session, rewound here; 0: a fresh one): the generation loop's prompt step sends only
-        ``ids[keep:]``. Ending normally, the session is held (``prompt_cache``) with the ids its servers hold;
-        otherwise (an error, or abandoned: a client that went away should free the servers' memory) closed."""
-        remote = session.remote if isinstance(session, PrivateSplitSession) else session
-        history: list[int] = list(ids[:keep])  # the ids the servers hold KV for, positions [0, len)
-        skip = keep
-        failovers, steps, route_s = len(remote.failovers), remote.decode_steps, remote.decode_route_s
-        self._heads.active += 1
-        normal = False
-        try:
-            if keep:
-                self.last_session = remote
-                self.last_route = remote.route
-                await session.rewind(keep)
-
-            async def forward_rows(chunk: list[int], position: int, rows: int) -> torch.Tensor:  # [T] -> [rows, V]
-                nonlocal skip
-                if skip and position == 0 and len(chunk) > skip:  # the prompt: its first positions are held
-                    chunk, position = chunk[skip:], skip
-                skip = 0
-                if position != session.position:
-                    raise ConfigError(f"generation at position {position}, the session is at {session.position}")
-                del history[position:]
-                history.extend(chunk)
-                out = await session.forward(self._embed(chunk))  # [T, H] on the CPU
-                logits, session.burst = await self._heads.logits_rows(out[-rows:], session.last_burst,
-                                                                      session.route[0].peer_id)
-                return logits  # [rows, V] float32
-
-            async def forward(chunk: list[int], position: int) -> torch.Tensor:  # ids [T] -> logits [V]
-                return (await forward_rows(chunk, position, 1))[0]
-
-            # rollbacks (audits, rejected drafts) rewind the remote session: a private split's wrapper follows it
-            if worth_speculating(params, self.config.speculate):
-                generation = agenerate_speculative(remote, forward_rows, ids, params, self.spec.eos_token_ids,
-                                                   draft=self.config.draft_tokens, stats=self.speculation,
-                                                   may_draft=self._may_draft)
-            elif remote.auditor is not None:
-                generation = agenerate_audited(remote, forward, ids, params, self.spec.eos_token_ids)
-            else:
-                generation = agenerate_scored(forward, ids, params, self.spec.eos_token_ids)
-            async for item in generation:
-                yield item
-            normal = True
-        finally:
-            self._heads.active -= 1
-            self.failovers_total += len(remote.failovers) - failovers
-            self.decode_steps_total += remote.decode_steps - steps
-            self.decode_route_s_total += remote.decode_route_s - route_s
-            if normal and self.prompt_cache.enabled and not self._closed:
-                await asyncio.shield(self._hold(session, history[:session.position]))
-            else:
-                await asyncio.shield(session.close())
-
-    def _may_draft(self) -> bool:
-        """Speculate on the next step? Not while more than ``speculate_max_sessions`` generations decode at once."""
-        limit = self.config.speculate_max_sessions
-        return limit == 0 or self._heads.active <= limit
-
-    async def _hold(self, session: ClientSession, history: list[int]) -> None:
-        """Keep ``session`` idle in the prompt cache; close what that pushes out."""
-        for old in self.prompt_cache.put(session, history, session.max_length, time.monotonic()):
-            await old.close()
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="prompt-cache-sweeper")
-
-    async def _sweep(self) -> None:
-        """Close held sessions as they pass the TTL, while any is held."""
-        while (due := self.prompt_cache.next_expiry()) is not None:
-            await asyncio.sleep(max(0.05, due - time.monotonic() + 0.01))
-            for old in self.prompt_cache.expire(time.monotonic()):
-                await old.close()
+    def _agenerate_on(self, session: ClientSession, ids: list[int], params: GenerationParams,
+                      keep: int) -> AsyncGenerator[ScoredToken]:
+        """The generation on ``session`` (``client.session_run``), held afterwards when the prompt cache is on."""
+        hold = self._held.hold if self.prompt_cache.enabled else None
+        return agenerate_on(self, session, ids, params, keep, heads=self._heads, embed=self._embed, hold=hold)
 
     async def adrop_prompt_cache(self) -> None:
         """Close every held session (on the client's loop)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for old in self.prompt_cache.drain():
-            await old.close()
+        await self._held.drop()
 
     def _embed(self, ids: list[int]) -> torch.Tensor:  # [T] -> [T, H] on the CPU in the wire dtype (see below)
         """The embeddings of ``ids``, computed on the head's device and brought to the CPU in ONE copy (cast to
@@ -537,16 +377,24 @@ class DistributedModel(CheckpointGenerator):
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError("this DistributedModel is closed")
 
     def close(self) -> None:
-        """Leave the swarm and stop the client's event loop (idempotent)."""
+        """Leave the swarm and stop the client's event loop (idempotent); a sibling (``sibling``) closes only its
+        own parts, the owner its siblings first."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            siblings, self._siblings = self._siblings, []
+        for sibling in siblings:
+            sibling.close()
         with contextlib.suppress(Exception):
             self._runner.run(self.adrop_prompt_cache(), timeout=self.config.close_timeout)
         with contextlib.suppress(Exception):
@@ -554,6 +402,14 @@ class DistributedModel(CheckpointGenerator):
         if self.receipts is not None:
             with contextlib.suppress(Exception):
                 self._runner.run(self.receipts.close(), timeout=self.config.close_timeout)
+        if self._owner is not None:  # the peer and loop are the owner's
+            owner = self._owner
+            with owner._lock, contextlib.suppress(ValueError):
+                owner._siblings.remove(self)
+            if self.ref.model_id not in {m.ref.model_id for m in (owner, *owner._siblings)}:
+                with contextlib.suppress(Exception):
+                    self._runner.run(self._view.stop_refresh(self.ref.model_id), timeout=self.config.close_timeout)
+            return
         with contextlib.suppress(Exception):
             self._runner.run(self._view.close(), timeout=self.config.close_timeout)
         self._runner.stop()

@@ -22,7 +22,8 @@ verifies each new one (``client.reports``: fetch the blob from its reporter, che
 servers that are neither accused nor reporter, a report found true confirmed through a second disjoint route when
 the swarm has one, or with the ``recompute`` given) before believing it. All methods run
 on the event loop the view was started on. Outside reports, knows nothing of tensors or models beyond ids and block
-counts (the report machinery is imported when first used).
+counts (the report machinery is imported when first used). ``stop_refresh(model_id)`` ends one model's
+background refresh (a model closed while others share the view).
 """
 
 from __future__ import annotations
@@ -210,6 +211,14 @@ class SwarmView:
                     log.debug("background refresh of %s failed: %s", model.describe(), err)
 
         self._refreshers[model.model_id] = asyncio.create_task(loop(), name=f"refresh:{model.model_id[:12]}")
+
+    async def stop_refresh(self, model_id: str) -> None:
+        """Stop the background refresh of ``model_id`` (started by ``start_refresh``; none: a no-op)."""
+        task = self._refreshers.pop(model_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     # ---- round trips ---------------------------------------------------------------------------
 

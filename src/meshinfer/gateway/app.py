@@ -1,42 +1,36 @@
-"""The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
-``/health``.
+"""The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``.
 
-Contract: ``create_app(generator, model_name, config, more=...)`` builds the ASGI app around a ``Generator``
-(the swarm's ``SwarmGenerator`` in production, a fake in unit tests), and any more generators by served name
-(``gateway.registry.ModelTable``: a request's ``model`` picks one, an unknown name is a 404 listing the served
-ones; all share the slots, the worker thread and the counters; ``/v1/models`` lists them with their coverage
-and the swarm's other models; ``/health`` and ``/metrics`` are the first model's); it knows nothing of
-servers, routes or sessions. Each request: check the key (401), read the body under ``HttpLimits``
-(``gateway.body``: 413 past ``max_body_bytes`` before reading it, 408 past ``body_timeout``), parse and validate
-the JSON body
-(``gateway.requests``; bad input is a 400 in the OpenAI error format, never FastAPI's own, and no input is a
-500), check the model name (404), render the prompt
-(chat: the tokenizer's chat template with ``add_generation_prompt=True``, tokenised without extra special
-tokens, as ``meshinfer chat`` does; completion: the text tokenised as ``meshinfer generate`` does, or the
-given token ids, each below the vocabulary size), apply the context limit (a prompt of more characters than
-the context could hold, or of more messages than it has tokens, is refused before rendering and tokenising),
-wait for one of ``max_concurrency`` generation slots (429 when ``max_waiting`` requests already wait; each of
-``n`` choices is a generation of its own, ``gateway.choices``),
-and wait for the first generated token of every choice before answering, so that a swarm that cannot serve the
-model (503 with the reason) or a context error is a proper HTTP error even for ``stream: true``. Streams are
-Server-Sent Events ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data:
-{"error": ...}`` event before ``[DONE]``. When the HTTP client goes away (a failed send, or
-``is_disconnected`` while waiting), the generation is abandoned: its session closes on every server. Chat
-replies end at the model's eos and end-of-turn tokens; completions at the eos ids (neither with ``ignore_eos``;
-``stop_token_ids`` are added to either; at both with a ``response_format`` grammar, compiled once per request
-on the worker thread by the gateway's one ``models.grammar.GrammarCompiler``, a fresh grammar state per choice:
-400 for a schema it rejects). Chat with
-``tools`` (``gateway.tools``): the tools go to the chat template (``tools=``; a template that never uses them is
-a 400 ``unsupported_parameter`` naming ``tools``, unless ``tool_choice`` is "none", then they are dropped); with
-"none" they are rendered but no call is parsed (as vLLM); "required" / a named tool is enforced by a grammar
-in the template's call format; "auto" decodes freely; the reply is then parsed into ``tool_calls`` (streams hold
-back a possible call marker: ``gateway.toolstream``; calls go out as ``tool_calls`` deltas at the end). A
-completion with ``echo`` answers the prompt first (scored by the generator when logprobs are asked for: one
-more pass over the prompt, inside the request's slot), then the completion. Decoding the JSON, validating it,
-rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge request never
-stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not key-protected
-(a load balancer's probe; it shows only the swarm's coverage and the counters): 200 with the swarm's status
-when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
+Contract: ``create_app(generator, model_name, config, more=...)`` builds the ASGI app around a ``Generator`` (the
+swarm's ``SwarmGenerator`` in production, a fake in unit tests), and any more generators by served name
+(``gateway.registry.ModelTable``: a request's ``model`` picks one, an unknown name is a 404 listing the served ones;
+``ModelTable.add`` serves one more later; all share the first ``Gateway``'s slots, worker thread and counters;
+``/v1/models`` lists them with their coverage and the swarm's other models; ``/health`` is the first model's,
+``/metrics`` its session metrics plus every model's prompt-cache counters, ``gateway.cachemetrics``); it knows
+nothing of servers, routes or sessions. Each request: check the key (401), read the body under ``HttpLimits``
+(``gateway.body``: 413 past ``max_body_bytes`` before reading it, 408 past ``body_timeout``), parse and validate the
+JSON body (``gateway.requests``; bad input is a 400 in the OpenAI error format, never FastAPI's own, and no input is
+a 500), check the model name (404), render the prompt (chat: the tokenizer's chat template with
+``add_generation_prompt=True``, tokenised without extra special tokens, as ``meshinfer chat`` does; completion: the
+text tokenised as ``meshinfer generate`` does, or the given token ids, each below the vocabulary size), apply the
+context limit (a prompt of more characters than the context could hold, or of more messages than it has tokens, is
+refused before rendering and tokenising), wait for one of ``max_concurrency`` generation slots (429 when
+``max_waiting`` requests already wait; each of ``n`` choices is a generation of its own, ``gateway.choices``), and
+wait for the first generated token of every choice before answering, so that a swarm that cannot serve the model (503
+with the reason) or a context error is a proper HTTP error even for ``stream: true``. Streams are Server-Sent Events
+ending with ``data: [DONE]``; an error after the stream has started is sent as one ``data: {"error": ...}`` event
+before ``[DONE]``. When the HTTP client goes away (a failed send, or ``is_disconnected`` while waiting), the
+generation is abandoned: its session closes on every server. Chat replies end at the model's eos and end-of-turn
+tokens; completions at the eos ids (neither with ``ignore_eos``; ``stop_token_ids`` are added to either; at both with
+a ``response_format`` grammar, compiled once per request on the worker thread by the gateway's one
+``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). Chat with
+``tools``: ``gateway.toolflow`` (the template's ``tools=``, the grammar of "required" / a named tool, the reply
+parsed into ``tool_calls``; streams hold back a possible call marker, ``gateway.toolstream``, and send the calls as
+``tool_calls`` deltas at the end). A completion with ``echo`` answers the prompt first (scored by the generator when
+logprobs are asked for: one more pass over the prompt, inside the request's slot), then the completion. Decoding the
+JSON, validating it, rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge
+request never stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not
+key-protected (a load balancer's probe; it shows only the swarm's coverage and the counters): 200 with the swarm's
+status when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
 waiting, completed, failed, cancelled: abandoned because the client went away).
 """
 
@@ -53,15 +47,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from meshinfer.errors import ConfigError
 from meshinfer.gateway.body import read_body
+from meshinfer.gateway.cachemetrics import PromptCacheCollector
 from meshinfer.gateway.choices import Answer, Choices
 from meshinfer.gateway.config import GatewayConfig
 from meshinfer.gateway.generation import Generator, Outcome, echo_prompt, generate_text
+from meshinfer.gateway.httpflow import ClientGone, ClosingStream, after, unless_gone
 from meshinfer.gateway.registry import ModelTable
 from meshinfer.gateway.requests import (
     ApiError,
@@ -77,60 +72,42 @@ from meshinfer.gateway.requests import (
     resolve_max_tokens,
 )
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, sse
-from meshinfer.gateway.tools import Family, parse_tool_calls, tool_family, tool_grammar
-from meshinfer.gateway.toolstream import ToolStream
+from meshinfer.gateway.toolflow import ToolFlow
+from meshinfer.gateway.tools import Family, tool_family
 from meshinfer.metrics import render
 from meshinfer.models.constraint import ConstraintFactory
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
 from meshinfer.models.generator import GenerationParams
 from meshinfer.models.grammar import GrammarCompiler, GrammarSpec
-from meshinfer.tasks import stop_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DISCONNECT_POLL_S = 0.25
-"""How often a request waiting for its first token (or a whole non-streaming answer) checks its client."""
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DEFAULT_MAX_TOKEN_CHARS = 64
 """Characters one token may cover when the tokenizer cannot list its vocabulary (for the prompt's size check)."""
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
-
-
-class _ClosingStream(StreamingResponse):
-    """A streaming response that always runs ``on_close`` when it ends, however it ends (a send that failed
-    because the client went away, a body never started): that abandons the generation at once."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.on_close()
 
 
 class Gateway:
     """The state behind the routes: the generator, the served name, the limits and counters."""
 
-    def __init__(self, generator: Generator, model_name: str, config: GatewayConfig) -> None:
+    def __init__(self, generator: Generator, model_name: str, config: GatewayConfig, *,
+                 share: Gateway | None = None) -> None:
+        """``share``: the gateway whose slots, worker thread and counters this one uses (one pool for every
+        model of an app; None: its own)."""
         self.generator = generator
         self.model_name = model_name
         self.config = config
-        self.created = int(time.time())
-        self.slots = asyncio.Semaphore(config.max_concurrency)
-        self.stats = {"requests": 0, "active": 0, "waiting": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.created = int(time.time()) if share is None else share.created
+        self.slots = asyncio.Semaphore(config.max_concurrency) if share is None else share.slots
+        self.stats = ({"requests": 0, "active": 0, "waiting": 0, "completed": 0, "failed": 0, "cancelled": 0}
+                      if share is None else share.stats)
         tokenizer = generator.tokenizer
         self.chat_stop_ids = chat_stop_ids(tokenizer, generator.spec.eos_token_ids)
         self.eos_ids = frozenset(generator.spec.eos_token_ids)
         self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
         self.max_token_chars = _max_token_chars(tokenizer)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+                        if share is None else share._worker)
         self._grammars: GrammarCompiler | None = None
         template = getattr(tokenizer, "chat_template", None)
         self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
@@ -176,13 +153,7 @@ class Gateway:
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
                       param="messages")
-        extra: dict[str, Any] = {}
-        if req.tools is not None and req.tools.choice != "none":
-            if self.tool_family is None:
-                raise bad("this model's chat template does not support tools (it never uses them): call without "
-                          "tools, or with tool_choice 'none'", param="tools", code="unsupported_parameter")
-        if req.tools is not None and self.tool_family is not None:  # "none" too: rendered, never parsed (vLLM)
-            extra["tools"] = [t.template_dict() for t in req.tools.tools]
+        extra = ToolFlow(req, self.tool_family).template_kwargs()  # tools= (gateway.toolflow)
         try:
             text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False,
                                                  **extra)
@@ -229,15 +200,13 @@ class Gateway:
         pieces = generate_text(self.generator, ids, params, req.stop, outcome)
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
-            pieces = _after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
+            pieces = after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
         return Answer(self._in_slot(pieces), outcome, self.stats)
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = await self.offload(lambda: self.prompt_ids(req))
-        family = self.tool_family if req.tools is not None and req.tools.choice != "none" else None
-        grammar = req.grammar
-        if family is not None and req.tools is not None:
-            grammar = tool_grammar(req.tools, family) or grammar
+        tools = ToolFlow(req, self.tool_family)
+        grammar = tools.grammar(req.grammar)
         constraint = None if grammar is None else await self.offload(lambda: self.compile_grammar(grammar))
         spec = self.generator.spec
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, spec.max_position_embeddings,
@@ -246,13 +215,13 @@ class Gateway:
                                   logprobs=req.top_logprobs is not None)
         choices = Choices([self._choice(req, ids, max_tokens, i, constraint) for i in range(req.n)])
         try:
-            firsts = await _unless_gone(request, choices.firsts())
+            firsts = await unless_gone(request, choices.firsts())
             if not req.stream:
-                rests = await _unless_gone(request, choices.rests())
+                rests = await unless_gone(request, choices.rests())
                 await choices.close()
                 outcomes = choices.outcomes
                 usage = Usage(len(ids), sum(o.completion_tokens for o in outcomes))
-                done = [self._tool_choice(Choice(f + r, o.finish_reason, o.logprobs), family, req)
+                done = [tools.finish_choice(Choice(f + r, o.finish_reason, o.logprobs))
                         for f, r, o in zip(firsts, rests, outcomes, strict=True)]
                 return JSONResponse(builder.full_choices(done, usage))
         except BaseException as err:
@@ -260,29 +229,16 @@ class Gateway:
                 choices.fail()
             await choices.close()
             raise
-        parallel = req.tools is None or req.tools.parallel
-        return _ClosingStream(self._events(builder, firsts, choices, family, parallel), on_close=choices.close)
-
-    @staticmethod
-    def _tool_choice(choice: Choice, family: Family | None, req: GenerationRequest) -> Choice:
-        """``choice`` with the tool calls in its text parsed out (when tools are on)."""
-        if family is None:
-            return choice
-        content, calls = parse_tool_calls(choice.text, family)
-        if not calls:
-            return choice
-        if req.tools is not None and not req.tools.parallel:
-            calls = calls[:1]
-        return Choice(content or "", "tool_calls", choice.logprobs, [c.as_dict() for c in calls])
+        return ClosingStream(self._events(builder, firsts, choices, tools), on_close=choices.close)
 
     async def _events(self, builder: ResponseBuilder, firsts: list[str], choices: Choices,
-                      family: Family | None = None, parallel: bool = True) -> AsyncIterator[str]:
+                      tools: ToolFlow) -> AsyncIterator[str]:
         outcomes = choices.outcomes
         sent = [0] * len(outcomes)  # per choice, tokens whose logprobs went out (each with its own text delta)
-        tools = [ToolStream(family) if family is not None else None for _ in outcomes]
+        streams = tools.streams(len(outcomes))
 
         def chunk(index: int, piece: str, scored: int) -> str | None:
-            if (stream := tools[index]) is not None:
+            if (stream := streams[index]) is not None:
                 piece = stream.push(piece)
             entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
             if not piece and not (builder.logprobs and entries):
@@ -304,14 +260,10 @@ class Gateway:
                 else:
                     outcome = outcomes[index]
                     reason = outcome.finish_reason
-                    if (stream := tools[index]) is not None:
-                        rest, calls = stream.finish()
-                        calls = calls if parallel else calls[:1]
-                        if rest:
-                            yield sse(builder.text_chunk(rest, (), index))
-                        for event in builder.tool_calls_chunk([c.as_dict() for c in calls], index):
+                    if (stream := streams[index]) is not None:
+                        events, reason = tools.stream_end(stream, builder, index, reason)
+                        for event in events:
                             yield sse(event)
-                        reason = "tool_calls" if calls else reason
                     yield sse(builder.finish_chunk(reason, outcome.logprobs[sent[index]:], index))
             if builder.include_usage:
                 prompt = outcomes[0].prompt_tokens
@@ -325,29 +277,6 @@ class Gateway:
         finally:
             await choices.close()
         yield SSE_DONE
-
-
-async def _after(first: Callable[[], Awaitable[str]], pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-    """``first()``'s text, then ``pieces`` (closed whatever happens)."""
-    async with contextlib.aclosing(pieces):  # type: ignore[type-var]
-        yield await first()
-        async for piece in pieces:
-            yield piece
-
-
-async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
-    """``awaitable``'s result, checking the client every ``DISCONNECT_POLL_S``; ``ClientGone`` if it left."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone()
-    finally:
-        if not task.done():
-            await stop_task(task, errors=(BaseException,))
 
 
 def _max_token_chars(tokenizer: Any) -> int:
@@ -372,10 +301,10 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     module docstring)."""
     config = config or GatewayConfig()
     gateway = Gateway(generator, model_name, config)
-    table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config) for name, gen in (more or {}).items()
-                                                if name != model_name}})
-    for other in table.gateways.values():  # one pool of slots, one worker and one set of counters for all
-        other.slots, other.stats, other._worker = gateway.slots, gateway.stats, gateway._worker
+    table = ModelTable({model_name: gateway, **{name: Gateway(gen, name, config, share=gateway)
+                                                for name, gen in (more or {}).items() if name != model_name}})
+    if (session_metrics := getattr(generator, "metrics", None)) is not None:  # what /metrics renders
+        session_metrics.registry.register(PromptCacheCollector(table))
     app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.models = table

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class SwarmGenerator:
         if total > self._failovers_seen:
             self.metrics.failovers.inc(total - self._failovers_seen)
             self._failovers_seen = total
+
+    def prompt_cache_stats(self) -> dict[str, int]:
+        """The client's prompt-cache counters (``client.prefix_cache.PromptCacheStats``) and ``held``: the
+        sessions held now (for ``gateway.cachemetrics``; read on the client's loop)."""
+        cache = self.model.prompt_cache
+        return {**dataclasses.asdict(cache.stats), "held": len(cache)}
 
     @property
     def tokenizer(self) -> Any:

@@ -6,7 +6,8 @@ lists the served names). ``catalog`` lists every served model as an OpenAI model
 extension: ``{"loaded": true, "model_id", "blocks", "servers", "covered", "route_ok"}`` from the generator's
 ``health()`` (bounded by ``HEALTH_TIMEOUT_S``; a failure there is ``covered: false`` with the ``reason``), then
 the other models the swarm announces now (from a generator's optional ``swarm_models()``: ``[(model_id,
-blocks)]``, reused for ``SWARM_LISTING_TTL_S``), marked ``loaded: false`` (not servable here).
+blocks)]``, reused for ``SWARM_LISTING_TTL_S``), marked ``loaded: false`` (not servable here). ``add`` serves one
+more model (``meshinfer api --model auto`` opening a model the swarm announced since; on the app's loop).
 Knows nothing of HTTP, servers or sessions.
 """
 
@@ -48,6 +49,12 @@ class ModelTable:
     def primary(self) -> Gateway:
         return next(iter(self.gateways.values()))
 
+    def add(self, name: str, gateway: Gateway) -> None:
+        """Serve ``gateway`` under ``name`` from now on (call it on the app's loop; ValueError for a name taken)."""
+        if name in self.gateways:
+            raise ValueError(f"the model name {name!r} is served already")
+        self.gateways[name] = gateway
+
     def get(self, name: str) -> Gateway:
         """The entry serving ``name``; 404 ``model_not_found`` naming the served models otherwise."""
         gateway = self.gateways.get(name)
@@ -59,10 +66,11 @@ class ModelTable:
 
     async def catalog(self, created: int) -> dict[str, Any]:
         """The body of ``GET /v1/models`` (see the module docstring)."""
-        healths = await asyncio.gather(*(_health(g) for g in self.gateways.values()))
+        served = list(self.gateways.items())  # models added meanwhile (``add``) show in the next listing
+        healths = await asyncio.gather(*(_health(g) for _, g in served))
         data: list[dict[str, Any]] = []
         loaded_ids: set[str] = set()
-        for (name, gateway), health in zip(self.gateways.items(), healths, strict=True):
+        for (name, gateway), health in zip(served, healths, strict=True):
             model_id = health.get("model_id") or name
             loaded_ids.add(str(model_id))
             ext: dict[str, Any] = {
@@ -77,7 +85,7 @@ class ModelTable:
             self._listing = (time.monotonic(), await _swarm_models(self.gateways.values()))
         others = self._listing[1]
         for model_id, blocks in others:
-            if model_id in loaded_ids or len(data) >= len(self.gateways) + MAX_LISTED_OTHERS:
+            if model_id in loaded_ids or len(data) >= len(served) + MAX_LISTED_OTHERS:
                 continue
             loaded_ids.add(model_id)
             data.append({**model_card(model_id, created),

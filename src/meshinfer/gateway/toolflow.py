@@ -1,0 +1,92 @@
+"""A chat request's tools through the gateway: what the template gets, which grammar constrains the reply, and
+how the reply's text becomes ``tool_calls`` (whole answers and streams).
+
+Contract: ``ToolFlow(req, family)`` (``family``: the tool-call format of the model's chat template,
+``gateway.tools.tool_family``; None: the template never uses tools) holds one request's tool handling:
+``template_kwargs()`` is what ``apply_chat_template`` gets (``tools=`` when the request has tools and the template
+uses them, "none" included: rendered, never parsed, as vLLM); a template that never uses tools is a 400
+``unsupported_parameter`` naming ``tools`` unless ``tool_choice`` is "none" (then they are dropped). ``parsing``
+is the family whose calls are parsed out of the reply (None without tools, with "none" or with no family);
+``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tools.tool_grammar``), else
+``default`` (the request's ``response_format``). ``finish_choice`` parses a whole answer (``finish_reason``
+"tool_calls" when it has calls; only the first without ``parallel_tool_calls``); ``streams(n)`` gives one
+``ToolStream`` per choice (or None each), and ``stream_end`` turns a finished stream's buffer into the rest of the
+content, the calls' delta chunks and the finish reason. Knows nothing of HTTP or generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meshinfer.gateway.requests import GenerationRequest, bad
+from meshinfer.gateway.responses import Choice, FinishReason, ResponseBuilder
+from meshinfer.gateway.tools import Family, parse_tool_calls, tool_grammar
+from meshinfer.gateway.toolstream import ToolStream
+from meshinfer.models.grammar import GrammarSpec
+
+
+@dataclass(frozen=True)
+class ToolFlow:
+    """One request's tools (see the module docstring)."""
+
+    req: GenerationRequest
+    family: Family | None
+    """The template's tool-call format (None: it takes no tools)."""
+
+    @property
+    def parsing(self) -> Family | None:
+        """The format calls are parsed in (None: no call is parsed)."""
+        tools = self.req.tools
+        return self.family if tools is not None and tools.choice != "none" else None
+
+    @property
+    def parallel(self) -> bool:
+        return self.req.tools is None or self.req.tools.parallel
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's extra arguments (400 when the template cannot take the request's tools)."""
+        tools = self.req.tools
+        if tools is None:
+            return {}
+        if self.family is None:
+            if tools.choice != "none":
+                raise bad("this model's chat template does not support tools (it never uses them): call without "
+                          "tools, or with tool_choice 'none'", param="tools", code="unsupported_parameter")
+            return {}
+        return {"tools": [t.template_dict() for t in tools.tools]}
+
+    def grammar(self, default: GrammarSpec | None) -> GrammarSpec | None:
+        """The reply's grammar: the tool call's for "required" / a named tool, else ``default``."""
+        family = self.parsing
+        if family is not None and self.req.tools is not None:
+            return tool_grammar(self.req.tools, family) or default
+        return default
+
+    def finish_choice(self, choice: Choice) -> Choice:
+        """``choice`` with the tool calls in its text parsed out (when tools are on)."""
+        family = self.parsing
+        if family is None:
+            return choice
+        content, calls = parse_tool_calls(choice.text, family)
+        if not calls:
+            return choice
+        if not self.parallel:
+            calls = calls[:1]
+        return Choice(content or "", "tool_calls", choice.logprobs, [c.as_dict() for c in calls])
+
+    def streams(self, n: int) -> list[ToolStream | None]:
+        """One ``ToolStream`` per choice of a stream (None each when no call is parsed)."""
+        family = self.parsing
+        return [ToolStream(family) if family is not None else None for _ in range(n)]
+
+    def stream_end(self, stream: ToolStream, builder: ResponseBuilder, index: int,
+                   reason: FinishReason) -> tuple[list[dict[str, Any]], FinishReason]:
+        """The chunks that end choice ``index``'s tool handling (rest of the content, then the calls) and its
+        finish reason."""
+        rest, calls = stream.finish()
+        calls = calls if self.parallel else calls[:1]
+        chunks = [builder.text_chunk(rest, (), index)] if rest else []
+        chunks += builder.tool_calls_chunk([c.as_dict() for c in calls], index)
+        return chunks, "tool_calls" if calls else reason
+
