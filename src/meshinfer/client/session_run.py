@@ -9,7 +9,7 @@ recorded as the model's ``last_route`` / ``last_session``; a private split's is 
 ``agenerate_on(model, session, ids, params, keep, heads=, embed=, hold=)`` runs the generation of ``ids`` on
 ``session``, whose servers already hold the first ``keep`` positions of ``ids`` (a held session, rewound here; 0: a
 fresh one): the prompt step sends only ``ids[keep:]``. It picks the loop as ``DistributedModel`` always did:
-``client.speculative.agenerate_speculative`` when speculation is worth it, else ``client.audited .agenerate_audited``
+``client.speculative.agenerate_speculative`` when speculation is worth it, else ``client.audited.agenerate_audited``
 with an auditor, else ``models.engine.agenerate_scored``; speculation drafts only while at most
 ``config.speculate_max_sessions`` generations decode at once (``heads.active``; 0: no limit); rollbacks (audits,
 rejected drafts) rewind the remote session (a private split's wrapper follows it). The model's counters (failovers,
