@@ -39,7 +39,7 @@ OLD_DEFAULTS: dict[str, Any] = {
     "swarm_key": None, "swarm_allow": None,
     # issue 21: speculative decoding on by default (client.speculative), drafts of up to 6 tokens
     "speculate": True, "draft_tokens": 6,
-    "speculate_max_sessions": 4,  # session 25: no drafts while more generations than this decode at once
+    "speculate_busy_sessions": 4,  # session 25: busier, drafts only from 3-token repeats
     "private_blocks": 0,  # issue 22: a private split is opt-in (client.private_split)
     # issue 24: prompt-cache reuse across turns is opt-in (client.prefix_cache)
     "prompt_cache_sessions": 0, "prompt_cache_ttl": 60.0, "prompt_cache_headroom": 512,
@@ -78,7 +78,7 @@ def test_frozen() -> None:
     ({"max_chunk_tokens": 0}, "--max-chunk-tokens must be > 0, got 0"),
     ({"cohorts": 0}, "--cohorts must be >= 1, got 0"),
     ({"draft_tokens": 0}, "--draft-tokens must be in 1..32, got 0"),
-    ({"speculate_max_sessions": -1}, "--speculate-max-sessions must be >= 0"),
+    ({"speculate_busy_sessions": -1}, "--speculate-busy-sessions must be >= 0"),
     ({"max_download": 0.0}, "max_download must be > 0 bytes/s"),
     ({"quant": "int3"}, "unknown quant mode 'int3'"),
     ({"head_quant": "fp8"}, "unknown quant mode 'fp8'"),

@@ -100,23 +100,21 @@ def test_concurrent_sessions_and_a_seeded_sampled_generation(swarm: LocalSwarm, 
         assert client.speculation.verify_steps > 0
 
 
-def test_busy_client_stops_drafting_same_tokens(swarm: LocalSwarm, model_dir: Path, reference: list[int]) -> None:
-    """More generations at once than ``speculate_max_sessions``: steps carry one token (the servers' batch is
-    compute-bound), the tokens are unchanged; without a limit the same load drafts."""
-    drafted: dict[int, int] = {}
-    for limit in (0, 1):
-        with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
-                                              speculate_max_sessions=limit) as client:
-            async def one(c: DistributedModel = client) -> list[int]:
-                return [t async for t in c.astream(PROMPT, NEW_TOKENS, stop_token_ids=())]
+def test_busy_client_drafts_only_from_long_repeats_same_tokens(swarm: LocalSwarm, model_dir: Path,
+                                                               reference: list[int]) -> None:
+    """More generations at once than ``speculate_busy_sessions``: drafts only from 3-token repeats. This model's
+    greedy output repeats one token, so busy generations still draft (and the tokens are unchanged)."""
+    with DistributedModel.from_pretrained(model_dir, swarm.initial_peers, audit=False,
+                                          speculate_busy_sessions=1) as client:
+        async def one() -> list[int]:
+            return [t async for t in client.astream(PROMPT, NEW_TOKENS, stop_token_ids=())]
 
-            async def many() -> list[list[int]]:
-                return list(await asyncio.gather(*(one() for _ in range(3))))
+        async def many() -> list[list[int]]:
+            return list(await asyncio.gather(*(one() for _ in range(3))))
 
-            assert asyncio.run_coroutine_threadsafe(many(), client.loop).result(timeout=300) == [reference] * 3
-            drafted[limit] = client.speculation.drafted
-    # limit 1: a generation drafts only once the two others have ended (lockstep: at most their last steps)
-    assert drafted[0] > 3 * NEW_TOKENS // 4 and drafted[1] < drafted[0] // 4, drafted
+        assert asyncio.run_coroutine_threadsafe(many(), client.loop).result(timeout=300) == [reference] * 3
+        assert client.speculation.accepted > 0, client.speculation
+
 
 
 def test_penalties_and_logit_bias_with_speculation_give_plain_decodings_tokens(swarm: LocalSwarm,

@@ -9,7 +9,7 @@ import torch
 from meshinfer.config import SamplingConfig
 from meshinfer.errors import ConfigError
 from meshinfer.models.sampling import Sampler, apply_repetition_penalty, warp_logits
-from meshinfer.models.speculate import DraftSwitch, SpecStats, accept, prompt_lookup
+from meshinfer.models.speculate import BUSY_MIN_NGRAM, DraftSwitch, SpecStats, accept, prompt_lookup
 
 
 def test_prompt_lookup_longest_ngram_first_most_recent_full_continuation() -> None:
@@ -25,6 +25,22 @@ def test_prompt_lookup_longest_ngram_first_most_recent_full_continuation() -> No
     assert prompt_lookup([1, 2, 3, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1]
     # a continuation reaching the end repeats with the period from the match to the tail: (5, 6) at 2, period 3
     assert prompt_lookup([9, 0, 5, 6, 1, 5, 6], 4) == [1, 5, 6, 1]
+
+
+def test_prompt_lookup_min_ngram_ignores_short_matches() -> None:
+    # only a 1-gram match (6): drafted by default, not with min_ngram 2 or 3
+    assert prompt_lookup([4, 5, 6, 9, 6], 3) == [9, 6, 9]
+    assert prompt_lookup([4, 5, 6, 9, 6], 3, min_ngram=2) == []
+    # a 3-gram repeat (1, 2, 3) drafts whatever min_ngram up to 3
+    assert prompt_lookup([1, 2, 3, 4, 5, 9, 1, 2, 3], 2, min_ngram=3) == [4, 5]
+    # a 2-gram repeat only: min_ngram 3 (a busy client, BUSY_MIN_NGRAM) drafts nothing
+    assert BUSY_MIN_NGRAM == 3
+    assert prompt_lookup([7, 8, 1, 0, 7, 8], 2, min_ngram=BUSY_MIN_NGRAM) == []
+    assert prompt_lookup([7, 8, 1, 0, 7, 8], 2, min_ngram=2) == [1, 0]
+    with pytest.raises(ConfigError):
+        prompt_lookup([1, 2], 2, min_ngram=0)
+    with pytest.raises(ConfigError):
+        prompt_lookup([1, 2], 2, max_ngram=2, min_ngram=3)
 
 
 def test_prompt_lookup_without_match_or_room_drafts_nothing() -> None:

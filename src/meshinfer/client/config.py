@@ -81,10 +81,10 @@ class ClientConfig:
                                 "verified by the route in one trip, rejected positions rolled back; same greedy "
                                 "tokens, same sampled tokens for a seed (--no-speculate: one token per trip)")
     draft_tokens: int = doc(6, "most draft tokens one speculative step verifies (1..32)")
-    speculate_max_sessions: int = doc(4, "speculative steps only while at most this many generations decode at once "
-                                         "on this client; busier, each step carries one token (in a full batch a "
-                                         "draft costs the servers a token's compute instead of saving a trip); "
-                                         "0: no limit", metavar="N")
+    speculate_busy_sessions: int = doc(4, "with more generations than this decoding at once on this client, "
+                                          "speculative steps draft only where the last 3 tokens repeat earlier "
+                                          "text (a copy in progress); in a full batch a draft costs the servers a "
+                                          "token's compute instead of saving a trip; 0: no limit", metavar="N")
     head_quant: str = doc("none", "how this machine holds the embeddings and LM head: none, int8 or int4")
     private_blocks: int = doc(0, "a private split: run the model's first K and last K blocks on this machine too "
                                  "(with the embeddings and LM head), so servers never see token embeddings nor "
@@ -149,8 +149,9 @@ class ClientConfig:
             raise ConfigError(f"--report-check-s must be >= 0 seconds (0: off), got {self.report_check_s:g}")
         if not 1 <= self.draft_tokens <= 32:
             raise ConfigError(f"--draft-tokens must be in 1..32, got {self.draft_tokens}")
-        if self.speculate_max_sessions < 0:
-            raise ConfigError(f"--speculate-max-sessions must be >= 0 (0: no limit), got {self.speculate_max_sessions}")
+        if self.speculate_busy_sessions < 0:
+            raise ConfigError(f"--speculate-busy-sessions must be >= 0 (0: no limit), got "
+                              f"{self.speculate_busy_sessions}")
         if self.private_blocks < 0:
             raise ConfigError(f"--private-blocks must be >= 0 (0: off), got {self.private_blocks}")
         if self.prompt_cache_sessions < 0:

@@ -10,13 +10,14 @@ recorded as the model's ``last_route`` / ``last_session``; a private split's is 
 ``session``, whose servers already hold the first ``keep`` positions of ``ids`` (a held session, rewound here; 0: a
 fresh one): the prompt step sends only ``ids[keep:]``. It picks the loop as ``DistributedModel`` always did:
 ``client.speculative.agenerate_speculative`` when speculation is worth it, else ``client.audited.agenerate_audited``
-with an auditor, else ``models.engine.agenerate_scored``; speculation drafts only while at most
-``config.speculate_max_sessions`` generations decode at once (``heads.active``; 0: no limit); rollbacks (audits,
-rejected drafts) rewind the remote session (a private split's wrapper follows it). The model's counters (failovers,
-decode steps and route seconds) take the session's increments however it ends. Ending normally, with ``hold`` given
-and the model open, the session is handed to ``hold`` with the ids its servers hold (``client.held_sessions``);
-otherwise (an error, or abandoned: a client that went away should free the servers' memory) it is closed. Runs on the
-client's loop; the tensors: ``embed`` ids [T] -> [T, H] for the wire, the head's logits [rows, V] float32.
+with an auditor, else ``models.engine.agenerate_scored``; with more than ``config.speculate_busy_sessions``
+generations decoding at once (``heads.active``; 0: no limit) speculation drafts only from 3-token repeats; rollbacks
+(audits, rejected drafts) rewind the remote session (a private split's wrapper follows it). The model's counters
+(failovers, decode steps and route seconds) take the session's increments however it ends. Ending normally, with
+``hold`` given and the model open, the session is handed to ``hold`` with the ids its servers hold
+(``client.held_sessions``); otherwise (an error, or abandoned: a client that went away should free the servers'
+memory) it is closed. Runs on the client's loop; the tensors: ``embed`` ids [T] -> [T, H] for the wire, the head's
+logits [rows, V] float32.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ async def agenerate_on(model: DistributedModel, session: ClientSession, ids: lis
         if worth_speculating(params, model.config.speculate):
             generation = agenerate_speculative(remote, forward_rows, ids, params, eos,
                                                draft=model.config.draft_tokens, stats=model.speculation,
-                                               may_draft=lambda: _may_draft(model.config, heads))
+                                               busy=lambda: _busy(model.config, heads))
         elif remote.auditor is not None:
             generation = agenerate_audited(remote, forward, ids, params, eos)
         else:
@@ -131,7 +132,7 @@ async def agenerate_on(model: DistributedModel, session: ClientSession, ids: lis
             await asyncio.shield(session.close())
 
 
-def _may_draft(config: ClientConfig, heads: HeadBatcher) -> bool:
-    """Speculate on the next step? Not while more than ``speculate_max_sessions`` generations decode at once."""
-    limit = config.speculate_max_sessions
-    return limit == 0 or heads.active <= limit
+def _busy(config: ClientConfig, heads: HeadBatcher) -> bool:
+    """More than ``speculate_busy_sessions`` generations decoding at once (0: never busy)?"""
+    limit = config.speculate_busy_sessions
+    return limit > 0 and heads.active > limit

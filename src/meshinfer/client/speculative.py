@@ -14,10 +14,13 @@ Rollback: the KV caches then hold d - accepted positions too many; ``session.rew
 client's own per-hop history (a failover replays only accepted positions) and the next step is sent at that
 position, where every server truncates its cache. Only the session's public ``forward``/``rewind``/``position``
 (and ``auditor`` / ``want_commit``, as ``client.audited`` does) are used. ``models.speculate.DraftSwitch`` stops
-drafting while drafts keep failing, and the caller's ``may_draft`` gate while the client is busy (``DistributedModel``:
-more than ``speculate_max_sessions`` generations decoding at once: the servers' batch is then compute-bound, a draft
-costs a token's compute and a verify step of 1 + d tokens travels alone through the scheduler's prefill path, so
-speculation lost 30-40% of the aggregate tokens/s at 8-16 sessions, measured with ``bench load``).
+drafting while drafts keep failing. ``busy()`` (the caller's load gate; ``DistributedModel``: more than
+``speculate_busy_sessions`` generations decoding at once) makes a step draft only from a tail of at least
+``BUSY_MIN_NGRAM`` (3) tokens that repeats earlier text. Why: in a busy batch the servers are compute-bound, so a
+draft costs a token's compute instead of saving a trip; drafts from 1- and 2-token matches in text that does not
+repeat (the random-weight bench model: 8 of 751 accepted) cost 30-40% of the aggregate tokens/s at 16 sessions,
+while a copy in progress (SmolLM2 rewriting a passage: 81% accepted) still gains 2x at 8 sessions (``bench load`` and
+a side-by-side run, session 25).
 
 Audits (``session.auditor`` set): tokens are released once verified, a ``Detection`` rolls the generation back
 and fails the liar over, exactly as ``client.audited.agenerate_audited`` does (token k still comes from the
@@ -39,7 +42,7 @@ from meshinfer.client.session import InferenceSession
 from meshinfer.errors import ConfigError
 from meshinfer.models.generator import GenerationParams
 from meshinfer.models.sampling import MAX_TOP_LOGPROBS, ScoredToken, score_token
-from meshinfer.models.speculate import DraftSwitch, SpecStats, accept, prompt_lookup
+from meshinfer.models.speculate import BUSY_MIN_NGRAM, DraftSwitch, SpecStats, accept, prompt_lookup
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,9 @@ def worth_speculating(params: GenerationParams, enabled: bool) -> bool:
 async def agenerate_speculative(session: InferenceSession, forward: RowsForward, ids: list[int],
                                 params: GenerationParams, eos_token_ids: Collection[int], *, draft: int,
                                 stats: SpecStats | None = None, switch: DraftSwitch | None = None,
-                                may_draft: Callable[[], bool] | None = None) -> AsyncIterator[ScoredToken]:
-    """See the module docstring. ``ids`` are checked (``engine.check_prompt``). ``may_draft()`` is asked before
-    each decode step (None: always yes): no, and the step carries one token (the caller's load gate)."""
+                                busy: Callable[[], bool] | None = None) -> AsyncIterator[ScoredToken]:
+    """See the module docstring. ``ids`` are checked (``engine.check_prompt``). ``busy()`` is asked before each
+    decode step (None: never busy)."""
     top = params.top_logprobs
     if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
         raise ConfigError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top}")
@@ -114,7 +117,7 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
             keep = prompt + len(produced) - 1  # positions whose inputs are accepted (the last token: not yet sent)
             if session.position > keep:  # drop the rejected drafts (servers truncate at the next step); also at
                 await session.rewind(keep)  # the end: audits then judge only positions the output depends on
-            request = None if done else _next(history(), wanted - len(produced), draft, switch, may_draft)
+            request = None if done else _next(history(), wanted - len(produced), draft, switch, busy)
         else:
             if auditor is not None:
                 await auditor.settle()
@@ -152,11 +155,13 @@ async def agenerate_speculative(session: InferenceSession, forward: RowsForward,
 
 
 def _next(history: list[int], left: int, draft: int, switch: DraftSwitch,
-          may_draft: Callable[[], bool] | None) -> tuple[list[int], int, list[int]]:
+          busy: Callable[[], bool] | None) -> tuple[list[int], int, list[int]]:
     """The next decode step after ``history`` (its last token not yet sent), with drafts where they may pay: never
-    more than the ``left`` tokens still wanted need (the session holds prompt + every wanted token), none while
-    ``may_draft`` says no (the switch's pause is then not counted down)."""
+    more than the ``left`` tokens still wanted need (the session holds prompt + every wanted token), and while
+    ``busy()`` only from a match of at least ``BUSY_MIN_NGRAM`` tokens."""
     d = min(draft, left - 1)
-    busy = may_draft is not None and not may_draft()
-    drafts = prompt_lookup(history, d) if d > 0 and not busy and switch.want() else []
+    drafts: list[int] = []
+    if d > 0 and switch.want():
+        min_ngram = BUSY_MIN_NGRAM if busy is not None and busy() else 1
+        drafts = prompt_lookup(history, d, min_ngram=min_ngram)
     return [history[-1], *drafts], len(history) - 1, drafts

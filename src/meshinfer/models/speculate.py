@@ -6,7 +6,8 @@ Contract: pure decision code over token ids and logits (torch for the math, no n
   of n = ``MAX_NGRAM``..1 tokens (longest first) is looked up earlier in ``history``; the tokens that followed
   the most recent match are the draft, continued past the history's end as the sequence would if it repeats
   (the period: from the match to the tail), so every match gives a full draft: a loop of period P is drafted
-  ``draft`` tokens ahead. No match: no draft (the step is a plain one-token step).
+  ``draft`` tokens ahead. No match: no draft (the step is a plain one-token step). ``min_ngram`` (default 1)
+  ignores shorter tails: ``BUSY_MIN_NGRAM`` (3) is what a busy client asks for (see ``client.speculative``).
 - ``accept(sampler, logits[1 + d, V], history, drafts)`` judges one verify step: row i of ``logits`` is the
   model's output after ``history + drafts[:i]``. Row by row, the token is chosen exactly as plain decoding chooses
   it (``Sampler.next_token``: repetition penalty over that row's own history, temperature / top-k / top-p, one
@@ -45,6 +46,9 @@ MAX_DRAFT = 32
 """The longest draft a client may ask for (a verify step carries 1 + draft rows)."""
 MAX_NGRAM = 3
 """The longest tail looked up (then shorter ones, down to one token)."""
+BUSY_MIN_NGRAM = 3
+"""The shortest matching tail a busy client drafts from: a 3-token repeat is a copy in progress (an edit, code, a
+quote), where drafts are mostly accepted; a 1- or 2-token match in text that does not repeat mostly fails."""
 MAX_LOOKBACK = 4096
 """How far back in the history a match is searched (bounds the Python scan per step)."""
 MISSES_BEFORE_PAUSE = 3
@@ -54,15 +58,17 @@ MAX_PAUSE = 64
 """Plain steps of the first pause, and the longest pause (each failed retry doubles it)."""
 
 
-def prompt_lookup(history: Sequence[int], draft: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to ``draft`` tokens that followed an earlier occurrence of ``history``'s tail (see the module doc)."""
-    if draft < 0 or max_ngram < 1:
-        raise ConfigError(f"need draft >= 0 and max_ngram >= 1, got {draft} and {max_ngram}")
+def prompt_lookup(history: Sequence[int], draft: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+    """Up to ``draft`` tokens that followed an earlier occurrence of ``history``'s tail (see the module doc); only
+    tails of at least ``min_ngram`` tokens count as a match."""
+    if draft < 0 or not 1 <= min_ngram <= max_ngram:
+        raise ConfigError(f"need draft >= 0 and 1 <= min_ngram <= max_ngram, got {draft}, {min_ngram} and "
+                          f"{max_ngram}")
     hist = list(history[-MAX_LOOKBACK:])
     size = len(hist)
     if draft == 0:
         return []
-    for n in range(min(max_ngram, size - 1), 0, -1):
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         tail = hist[size - n:]
         for start in range(size - n - 1, -1, -1):  # the most recent match; the tail itself excluded
             if hist[start:start + n] == tail:
