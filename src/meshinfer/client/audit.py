@@ -82,12 +82,6 @@ def check_due(position: int, verified: int, every: int) -> bool:
     return position > verified and (position - verified >= every or verified == 0)
 
 
-UNAUDITED_LOG_S = 600
-"""How long "no independent server to audit" stays quiet (DEBUG) for one server and span after it was said."""
-UNAUDITED_LOG_KEYS = 1024
-"""(server, span) pairs remembered for that."""
-
-
 @dataclass
 class PeerAudits:
     """What audits found about one server peer."""
@@ -120,24 +114,8 @@ class AuditCounters:
     unreportable: int = 0
     """Detections without evidence (the window was not covered by the liar's signed commit; the reason is logged)."""
 
-    _quiet: dict[tuple[str, str], float] = field(default_factory=dict[tuple[str, str], float], repr=False)
-    """(server peer, span) -> when "no independent server" was last logged at INFO (``say_unaudited``)."""
-
     def peer(self, peer_id: str) -> PeerAudits:
         return self.peers.setdefault(peer_id, PeerAudits())
-
-    def say_unaudited(self, peer_id: str, span: str, now: float) -> bool:
-        """Log "no independent server to audit ``peer_id`` on ``span``" at INFO now? The first time, and again
-        ``UNAUDITED_LOG_S`` after the last time (every session would say it otherwise); at most
-        ``UNAUDITED_LOG_KEYS`` pairs are remembered (the stalest forgotten)."""
-        key = (peer_id, span)
-        last = self._quiet.get(key)
-        if last is not None and now - last < UNAUDITED_LOG_S:
-            return False
-        self._quiet[key] = now
-        if len(self._quiet) > UNAUDITED_LOG_KEYS:
-            del self._quiet[min(self._quiet, key=self._quiet.__getitem__)]
-        return True
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-able summary (for the swarm table, the dashboard and bench trust)."""
@@ -421,11 +399,8 @@ class Auditor:
             shadow.busy = shadow.opening = False
         if hs is None:
             self.counters.peer(shadow.audited.hop.peer_id).unaudited += 1
-            hop = shadow.audited.hop
-            level = logging.INFO if self.counters.say_unaudited(hop.peer_id, str(hop.span), time.monotonic()) \
-                else logging.DEBUG
-            log.log(level, "no independent server of blocks %s to audit %s (said once per server and span every "
-                           "%d min)", hop.span, shadow.audited.where(), UNAUDITED_LOG_S // 60)
+            log.info("no independent server of blocks %s to audit %s", shadow.audited.hop.span,
+                     shadow.audited.where())
             return
         shadow.hs = hs
         shadow.verified = 0
