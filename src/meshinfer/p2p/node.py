@@ -74,7 +74,6 @@ from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemi
 # isort: split
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import ConfigError, MeshinferError, TransportError
@@ -91,7 +90,7 @@ from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identi
 from meshinfer.p2p.lanpeers import LanPeer
 from meshinfer.p2p.membership import SwarmKey, load_swarm_key
 from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability
-from meshinfer.p2p.nodejoin import admission_limits, join_swarm
+from meshinfer.p2p.nodejoin import admission_limits, dial, join_swarm
 from meshinfer.p2p.pool import IdlePool
 from meshinfer.p2p.reachability import announced_direct
 from meshinfer.p2p.signing import DEFAULT_MAX_TTL
@@ -317,19 +316,7 @@ class PeerNode:
 
     async def _dial(self, pid: PeerID, maddrs: Sequence[str]) -> None:
         """Connect to ``pid`` at ``maddrs`` (best effort: the daemon may still find it by routing)."""
-        addrs = []
-        for text in maddrs:
-            with contextlib.suppress(Exception):
-                ma = Multiaddr(text)
-                if "p2p" in [p.name for p in ma.protocols()]:  # the daemon wants transport addresses
-                    ma = ma.decapsulate(Multiaddr(f"/p2p/{ma['p2p']}"))
-                addrs.append(ma)
-        if not addrs:
-            return
-        try:
-            await self._p2p._client.connect(pid, addrs)  # type: ignore[attr-defined]
-        except Exception as err:
-            log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
+        await dial(self._p2p, pid, maddrs)
 
     async def _join_lan_peer(self, peer: LanPeer) -> None:
         """Join a peer found on the LAN after start (see ``meshinfer.p2p.lanjoin``)."""

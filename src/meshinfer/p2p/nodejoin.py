@@ -7,13 +7,17 @@ handler and join check (``p2p.privateswarm``), and the in-process ``DHTNode`` wi
 validator and the swarm's authorizer (``p2p.dhtauth``); it returns them as ``Joined`` with the visible multiaddrs.
 On any failure everything started so far is stopped and the identity lock released (``abort``); an unforeseen error
 becomes a one-line ``TransportError``; a DHT bootstrap nobody answered is a ``TransportError`` naming the clock skew
-check for private swarms. ``admission_limits`` maps ``P2PConfig`` to the incoming-stream caps. Knows nothing of
-streams, the direct plane or records.
+check for private swarms. ``dial(p2p, pid, maddrs)`` has the daemon connect to a peer at given multiaddrs (best
+effort: joining a peer found later, opening a stream, a ping). ``admission_limits`` maps ``P2PConfig`` to the
+incoming-stream caps. Knows nothing of streams, the direct plane or records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # isort: split
@@ -21,6 +25,8 @@ from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemi
 
 # isort: split
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
 from meshinfer.errors import MeshinferError, TransportError
@@ -34,6 +40,8 @@ from meshinfer.p2p.lanjoin import LanStart
 from meshinfer.p2p.membership import SwarmKey
 from meshinfer.p2p.natkind import relay_options
 from meshinfer.p2p.signing import record_validator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +98,24 @@ async def join_swarm(config: P2PConfig, *, client_mode: bool, startup_timeout: f
             raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
         raise
     return Joined(p2p, dht, maddrs, lan_start)
+
+
+async def dial(p2p: object, pid: PeerID, maddrs: Sequence[str]) -> None:
+    """Have the daemon ``p2p`` connect to ``pid`` at ``maddrs`` (best effort: the daemon may still find it by
+    routing; ``/p2p/<id>`` suffixes are dropped, unparsable addresses skipped, a failure logged at DEBUG)."""
+    addrs: list[Multiaddr] = []
+    for text in maddrs:
+        with contextlib.suppress(Exception):
+            ma = Multiaddr(text)
+            if "p2p" in [p.name for p in ma.protocols()]:  # the daemon wants transport addresses
+                ma = ma.decapsulate(Multiaddr(f"/p2p/{ma['p2p']}"))
+            addrs.append(ma)
+    if not addrs:
+        return
+    try:
+        await p2p._client.connect(pid, addrs)  # type: ignore[attr-defined]
+    except Exception as err:
+        log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
 
 
 def is_loopback(host: str) -> bool:
