@@ -27,7 +27,8 @@ shadowed hop's claims were verified (tokens whose logits come from earlier posit
 (``client.audit_tally``: per server peer passed/failed windows, unaudited hops) accumulate on the
 ``DistributedModel``; "no independent server" is logged at INFO once per (server peer, span) per client
 (``AuditCounters.notices``), at DEBUG for the other sessions. Finding, opening and replaying on shadows and referees,
-and cutting a hop's history, are ``client.audit_servers``'s (names re-exported here).
+and cutting a hop's history, are ``client.audit_servers``'s (names re-exported here); the shadow record and where
+a check's window ends, ``client.audit_window``'s.
 
 Only committed positions are judged (design D4), so that every lie found can be shown to others: before each step
 (``before_step``) the auditor asks the session for a signed commit (``InferenceSession.want_commit``) when a check
@@ -67,7 +68,7 @@ from meshinfer.client.audit_servers import (
     truncate_steps,
 )
 from meshinfer.client.audit_tally import AuditCounters, PeerAudits, check_due
-from meshinfer.client.evidence import committed_upto
+from meshinfer.client.audit_window import Shadow, window_end
 from meshinfer.client.hops import HopSession
 from meshinfer.errors import MeshinferError
 
@@ -91,22 +92,6 @@ class Detection:
     position: int
 
 
-@dataclass(eq=False)
-class _Shadow:
-    audited: HopSession
-    hs: HopSession | None = None
-    """The shadow's session (None: none found; the hop is unaudited)."""
-    opening: bool = False
-    """A shadow is being found and opened (the hop's claims count as unverified meanwhile)."""
-    verified: int = 0
-    """Positions [0, verified) of the audited hop's claims agree with the shadow's."""
-    busy: bool = False
-    uncommitted: str | None = None
-    """Why the audited hop's claims cannot be bound by its signed commits (judged anyway; None: they can)."""
-    checking: int = 0
-    """The end of the window of the check in flight (while ``busy``); a rewind into the window clips it."""
-
-
 class Auditor:
     """The audits of one session's hops (see the module docstring)."""
 
@@ -121,7 +106,7 @@ class Auditor:
         self.max_in_flight = config.audit_in_flight
         self.rng = rng or random.Random()
         self.quant = session.quant or "none"
-        self._shadows: dict[HopSession, _Shadow] = {}
+        self._shadows: dict[HopSession, Shadow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._epoch = 0
         self.detection: Detection | None = None
@@ -149,33 +134,9 @@ class Auditor:
             for hs in self.session.hops:
                 self._asked[hs] = after
 
-    def _window_end(self, shadow: _Shadow, upto: int, final: bool) -> int | None:
-        """Where a check of ``shadow``'s hop wanting positions up to ``upto`` ends: the end of the hop's latest
-        signed commit; ``upto`` itself when no commit will cover more (``final``: the generation's end or a
-        replaced hop; or the hop does not commit properly); None: wait for the commit."""
-        audited = shadow.audited
-        committed, stuck = committed_upto(audited)
-        if committed >= upto or shadow.uncommitted is not None:
-            return upto
-        its_fault = audited.commits is None or audited.commits.broken is not None  # else: a rollback cut a step
-        asked = self._asked.get(audited, 0)
-        if stuck is None and committed < asked <= sum(out.shape[0] for out in audited.outputs):
-            stuck, its_fault = f"no signed commit up to position {asked} when asked (it covers {committed})", True
-        if stuck is not None:
-            shadow.uncommitted = stuck
-            if its_fault:
-                self.counters.peer(audited.hop.peer_id).uncommitted += 1
-                log.warning("%s: %s; its claims are judged, but a lie there cannot be reported (suspect)",
-                            audited.where(), stuck)
-            else:
-                log.info("%s: %s; its claims from %d on are judged, but a lie there cannot be reported",
-                         audited.where(), stuck, committed)
-            return upto
-        if final:
-            log.info("positions [%d, %d) of %s are not covered by its signed commit: judged, but a lie there cannot "
-                     "be reported", max(committed, shadow.verified), upto, audited.where())
-            return upto
-        return committed if committed > shadow.verified else None
+    def _window_end(self, shadow: Shadow, upto: int, final: bool) -> int | None:
+        """``client.audit_window.window_end`` of ``shadow`` with what this session asked of its hop."""
+        return window_end(shadow, upto, final, self._asked.get(shadow.audited, 0), self.counters)
 
     def after_step(self) -> None:
         """Start the audits that are due (never waits)."""
@@ -183,10 +144,10 @@ class Auditor:
             shadow = self._shadows.get(hs)
             if shadow is None:
                 if self.rng.random() >= self.fraction:
-                    self._shadows[hs] = _Shadow(hs)
+                    self._shadows[hs] = Shadow(hs)
                     self.counters.peer(hs.hop.peer_id).unaudited += 1
                     continue
-                shadow = self._shadows[hs] = _Shadow(hs, opening=True)
+                shadow = self._shadows[hs] = Shadow(hs, opening=True)
                 self._spawn(self._open_shadow(shadow))
                 continue
             if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
@@ -202,7 +163,7 @@ class Auditor:
                 if end is not None:
                     self._start_check(shadow, end)
 
-    def _target(self, shadow: _Shadow) -> int:
+    def _target(self, shadow: Shadow) -> int:
         """The positions of ``shadow``'s hop to verify: all the session's, or for a hop replaced since (a
         failover), the claims it made (downstream hops and tokens still hold them)."""
         if shadow.audited in self.session.hops:
@@ -218,7 +179,7 @@ class Auditor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_check(self, shadow: _Shadow, upto: int) -> asyncio.Task[None] | None:
+    def _start_check(self, shadow: Shadow, upto: int) -> asyncio.Task[None] | None:
         if shadow.busy or len(self._tasks) >= self.max_in_flight or upto <= shadow.verified:
             return None
         shadow.busy = True
@@ -292,7 +253,7 @@ class Auditor:
 
     # ---- shadows -------------------------------------------------------------------------------
 
-    async def _open_shadow(self, shadow: _Shadow, avoid: frozenset[str] = frozenset()) -> None:
+    async def _open_shadow(self, shadow: Shadow, avoid: frozenset[str] = frozenset()) -> None:
         peer_id, span = shadow.audited.hop.peer_id, shadow.audited.hop.span
         shadow.busy = shadow.opening = True
         try:
@@ -309,7 +270,7 @@ class Auditor:
         shadow.hs = hs
         shadow.verified = 0
 
-    async def _check(self, shadow: _Shadow, upto: int) -> None:
+    async def _check(self, shadow: Shadow, upto: int) -> None:
         epoch = self._epoch
         audited, hs = shadow.audited, shadow.hs
         assert hs is not None
@@ -348,7 +309,7 @@ class Auditor:
         finally:
             shadow.busy = False
 
-    async def _referee(self, shadow: _Shadow, inputs: list[torch.Tensor], claimed: torch.Tensor,
+    async def _referee(self, shadow: Shadow, inputs: list[torch.Tensor], claimed: torch.Tensor,
                        recomputed: torch.Tensor, a: int, b: int, epoch: int) -> None:
         audited, verifier = shadow.audited, shadow.hs
         assert verifier is not None
@@ -401,7 +362,7 @@ class Auditor:
                         "both sides" if culprit == "neither" else "neither side", audited.where())
             await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
 
-    async def _drop_shadow(self, shadow: _Shadow, avoid: frozenset[str]) -> None:
+    async def _drop_shadow(self, shadow: Shadow, avoid: frozenset[str]) -> None:
         old, shadow.hs = shadow.hs, None
         shadow.opening = True
         if old is not None:
