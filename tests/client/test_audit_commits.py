@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from meshinfer.client.audit import AuditCounters, Auditor, _Shadow, truncate_parts, truncate_steps
+from meshinfer.client.audit import AuditCounters, Auditor, truncate_parts, truncate_steps
 from meshinfer.client.audit_reports import Reporter
+from meshinfer.client.audit_window import Shadow
 from meshinfer.client.config import ClientConfig
 from meshinfer.client.evidence import EvidenceUnavailable, build_evidence, committed_upto
 from meshinfer.p2p.commit import CommitChain, CommitLog, sign_commit
@@ -147,7 +148,7 @@ def test_checks_end_at_the_signed_commit_except_at_the_end(ident: Identity) -> N
     for _ in range(3):
         hop.step(1)
     session.position = hop.position  # 8: [0, 5) signed
-    shadow = _Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
+    shadow = Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
     auditor._shadows[hop.hs] = shadow
     assert auditor._window_end(shadow, 8, final=False) == 5  # never beyond the commit
     assert auditor._window_end(shadow, 8, final=True) == 8  # the generation's end: judged anyway
@@ -168,7 +169,7 @@ def test_a_hop_that_does_not_commit_when_asked_is_judged_and_counted(ident: Iden
     assert session.want_commit
     hop.step(5)  # asked, but no commit came
     session.position = hop.position
-    shadow = _Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
+    shadow = Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
     auditor._shadows[hop.hs] = shadow
     assert auditor._window_end(shadow, 5, final=False) == 5  # judged anyway (a lie there: not reportable)
     assert auditor.counters.peer(ident.peer_id).uncommitted == 1
@@ -183,7 +184,7 @@ def test_a_rollback_cut_step_is_not_the_hops_fault(ident: Identity) -> None:
     auditor.rewind(3)
     hop.step(2)
     session.position = hop.position
-    shadow = _Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
+    shadow = Shadow(hop.hs, hs=SimpleNamespace())  # type: ignore[arg-type]
     auditor._shadows[hop.hs] = shadow
     assert auditor._window_end(shadow, 5, final=False) == 5
     assert auditor.counters.peer(ident.peer_id).uncommitted == 0

@@ -21,7 +21,8 @@ import pytest
 from client_helpers import stop_swarm
 from test_audits import PROMPT, steer
 
-from meshinfer.client.audit import Auditor, _Shadow
+from meshinfer.client.audit import Auditor
+from meshinfer.client.audit_window import Shadow
 from meshinfer.client.evidence import committed_upto
 from meshinfer.client.model import DistributedModel
 from meshinfer.models.engine import LocalModel
@@ -55,7 +56,7 @@ def windows(monkeypatch: pytest.MonkeyPatch) -> list[Window]:
     check, settle = Auditor._check, Auditor.settle
     settling: set[int] = set()
 
-    async def recorded_check(self: Auditor, shadow: _Shadow, upto: int) -> None:
+    async def recorded_check(self: Auditor, shadow: Shadow, upto: int) -> None:
         seen.append((upto, committed_upto(shadow.audited)[0], id(self) in settling,
                      shadow.audited in self.session.hops, shadow.uncommitted))
         await check(self, shadow, upto)

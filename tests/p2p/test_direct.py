@@ -10,12 +10,12 @@ import msgspec
 import pytest
 
 from meshinfer.errors import ConfigError, TransportError
-from meshinfer.p2p.direct import (
+from meshinfer.p2p.direct import DirectPlane
+from meshinfer.p2p.directhello import (
     DIRECT_VERSION,
     HELLO_MAX_BYTES,
     NONCE_BYTES,
     DirectAddress,
-    DirectPlane,
     Hello,
     binding,
     parse_address,

@@ -236,7 +236,7 @@ def test_dht_rpcs_carry_a_membership_mac() -> None:
 def test_hellos_of_older_peers_decode_as_public() -> None:
     import msgspec
 
-    from meshinfer.p2p.direct import DIRECT_VERSION, Hello
+    from meshinfer.p2p.directhello import DIRECT_VERSION, Hello
 
     old = msgspec.msgpack.encode([DIRECT_VERSION, IDS[0].public_key, b"", "/p/1", b"n" * 32, ""])  # before issue 22
     hello = msgspec.msgpack.decode(old, type=Hello)

@@ -24,8 +24,11 @@ A hop replaced by a failover keeps its shadow until the claims it made are verif
 hold them); a lie found there rolls back the same way. ``verified_upto`` is the position up to which every
 shadowed hop's claims were verified (tokens whose logits come from earlier positions are settled);
 ``rewind(position)`` forgets what lies beyond (a window in flight across a rewind is discarded). ``AuditCounters``
-(per server peer: passed/failed windows, unaudited hops) accumulate on
-the ``DistributedModel``.
+(``client.audit_tally``: per server peer passed/failed windows, unaudited hops) accumulate on the
+``DistributedModel``; "no independent server" is logged at INFO once per (server peer, span) per client
+(``AuditCounters.notices``), at DEBUG for the other sessions. Finding, opening and replaying on shadows and referees,
+and cutting a hop's history, are ``client.audit_servers``'s (names re-exported here); the shadow record and where
+a check's window ends, ``client.audit_window``'s.
 
 Only committed positions are judged (design D4), so that every lie found can be shown to others: before each step
 (``before_step``) the auditor asks the session for a signed commit (``InferenceSession.want_commit``) when a check
@@ -44,84 +47,40 @@ detections without evidence (the reason is logged).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
-import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from meshinfer.client.audit_math import Tolerance, arbitrate, judge, tolerance_for
 from meshinfer.client.audit_reports import ReportCallback, Reporter
-from meshinfer.client.evidence import committed_upto
+from meshinfer.client.audit_servers import (
+    DTYPE_TRIES,
+    ServerFinder,
+    cat_rows,
+    open_one,
+    replay,
+    truncate_parts,
+    truncate_steps,
+)
+from meshinfer.client.audit_tally import AuditCounters, PeerAudits, check_due
+from meshinfer.client.audit_window import Shadow, window_end
 from meshinfer.client.hops import HopSession
-from meshinfer.client.routing import NoRouteError, RouteHop
 from meshinfer.errors import MeshinferError
-from meshinfer.types import BlockRange
-from meshinfer.wire.messages import StepResult
 
 if TYPE_CHECKING:
     from meshinfer.client.session import InferenceSession
 
 log = logging.getLogger(__name__)
 
-DTYPE_TRIES = 3
-"""Plans tried for a shadow or referee of the audited server's dtype before one of another dtype is taken."""
-
-ServerFinder = Callable[[BlockRange, frozenset[str]], Awaitable[list[RouteHop]]]
-"""``find(span, exclude)``: a route over ``span`` avoiding ``exclude`` (the session's replanner)."""
-
-
-def check_due(position: int, verified: int, every: int) -> bool:
-    """Whether a shadowed hop at ``position`` with claims verified on [0, ``verified``) gets a check now: once
-    ``every`` positions are unverified, and at once for the first (the prompt's positions)."""
-    return position > verified and (position - verified >= every or verified == 0)
-
-
-@dataclass
-class PeerAudits:
-    """What audits found about one server peer."""
-
-    passed: int = 0
-    """Windows its claims passed."""
-    failed: int = 0
-    """Windows in which it was found lying (by a referee)."""
-    unaudited: int = 0
-    """Hops it served that no shadow checked (not sampled, or no independent server of the span)."""
-    positions: int = 0
-    """Positions of its claims verified."""
-    uncommitted: int = 0
-    """Audited hops of it whose signed commits were absent, broken or not given when asked (judged anyway, a lie
-    there cannot be reported; a server refusing to commit is suspect)."""
-
-
-@dataclass
-class AuditCounters:
-    """Audit outcomes per server peer, and the detections, over a client's sessions."""
-
-    peers: dict[str, PeerAudits] = field(default_factory=dict[str, PeerAudits])
-    detections: int = 0
-    """Audited hops found lying (each: banned, failed over, the generation rolled back)."""
-    lying_verifiers: int = 0
-    unresolved: int = 0
-    """Failed windows no referee could settle."""
-    reports: int = 0
-    """Detections published as signed reports (evidence others re-verify)."""
-    unreportable: int = 0
-    """Detections without evidence (the window was not covered by the liar's signed commit; the reason is logged)."""
-
-    def peer(self, peer_id: str) -> PeerAudits:
-        return self.peers.setdefault(peer_id, PeerAudits())
-
-    def as_dict(self) -> dict[str, object]:
-        """A JSON-able summary (for the swarm table, the dashboard and bench trust)."""
-        return {"detections": self.detections, "lying_verifiers": self.lying_verifiers,
-                "unresolved": self.unresolved, "reports": self.reports, "unreportable": self.unreportable,
-                "peers": {peer: dataclasses.asdict(audits) for peer, audits in sorted(self.peers.items())}}
+__all__ = [
+    "DTYPE_TRIES", "AuditCounters", "Auditor", "Detection", "PeerAudits", "ServerFinder", "check_due",
+    "truncate_parts", "truncate_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -131,46 +90,6 @@ class Detection:
     hop: HopSession
     peer_id: str
     position: int
-
-
-@dataclass(eq=False)
-class _Shadow:
-    audited: HopSession
-    hs: HopSession | None = None
-    """The shadow's session (None: none found; the hop is unaudited)."""
-    opening: bool = False
-    """A shadow is being found and opened (the hop's claims count as unverified meanwhile)."""
-    verified: int = 0
-    """Positions [0, verified) of the audited hop's claims agree with the shadow's."""
-    busy: bool = False
-    uncommitted: str | None = None
-    """Why the audited hop's claims cannot be bound by its signed commits (judged anyway; None: they can)."""
-    checking: int = 0
-    """The end of the window of the check in flight (while ``busy``); a rewind into the window clips it."""
-
-
-def truncate_parts(parts: list[torch.Tensor], position: int) -> list[torch.Tensor]:
-    """The first ``position`` rows of the concatenation of ``parts`` ([T_k, H] each), still as parts."""
-    out: list[torch.Tensor] = []
-    left = position
-    for part in parts:
-        if left <= 0:
-            break
-        out.append(part if part.shape[0] <= left else part[:left])
-        left -= part.shape[0]
-    return out
-
-
-def truncate_steps(steps: Sequence[tuple[int, int, int]], position: int) -> list[tuple[int, int, int]]:
-    """The (step id, position, tokens) entries of ``steps`` before ``position``, a step straddling it cut to the
-    tokens kept: aligned with the inputs and outputs a rewind keeps (``truncate_parts``). The hop's chain entry for a
-    cut step still says the tokens it signed; ``client.evidence`` sees the difference (no evidence through it)."""
-    return [(sid, at, min(tokens, position - at)) for sid, at, tokens in steps if at < position]
-
-
-def _cat(parts: list[torch.Tensor], a: int, b: int) -> torch.Tensor:
-    """Positions [a, b) of the concatenation of ``parts`` ([T_k, H] each): [b - a, H]."""
-    return torch.cat(parts, dim=0)[a:b]
 
 
 class Auditor:
@@ -187,7 +106,7 @@ class Auditor:
         self.max_in_flight = config.audit_in_flight
         self.rng = rng or random.Random()
         self.quant = session.quant or "none"
-        self._shadows: dict[HopSession, _Shadow] = {}
+        self._shadows: dict[HopSession, Shadow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._epoch = 0
         self.detection: Detection | None = None
@@ -215,33 +134,9 @@ class Auditor:
             for hs in self.session.hops:
                 self._asked[hs] = after
 
-    def _window_end(self, shadow: _Shadow, upto: int, final: bool) -> int | None:
-        """Where a check of ``shadow``'s hop wanting positions up to ``upto`` ends: the end of the hop's latest
-        signed commit; ``upto`` itself when no commit will cover more (``final``: the generation's end or a
-        replaced hop; or the hop does not commit properly); None: wait for the commit."""
-        audited = shadow.audited
-        committed, stuck = committed_upto(audited)
-        if committed >= upto or shadow.uncommitted is not None:
-            return upto
-        its_fault = audited.commits is None or audited.commits.broken is not None  # else: a rollback cut a step
-        asked = self._asked.get(audited, 0)
-        if stuck is None and committed < asked <= sum(out.shape[0] for out in audited.outputs):
-            stuck, its_fault = f"no signed commit up to position {asked} when asked (it covers {committed})", True
-        if stuck is not None:
-            shadow.uncommitted = stuck
-            if its_fault:
-                self.counters.peer(audited.hop.peer_id).uncommitted += 1
-                log.warning("%s: %s; its claims are judged, but a lie there cannot be reported (suspect)",
-                            audited.where(), stuck)
-            else:
-                log.info("%s: %s; its claims from %d on are judged, but a lie there cannot be reported",
-                         audited.where(), stuck, committed)
-            return upto
-        if final:
-            log.info("positions [%d, %d) of %s are not covered by its signed commit: judged, but a lie there cannot "
-                     "be reported", max(committed, shadow.verified), upto, audited.where())
-            return upto
-        return committed if committed > shadow.verified else None
+    def _window_end(self, shadow: Shadow, upto: int, final: bool) -> int | None:
+        """``client.audit_window.window_end`` of ``shadow`` with what this session asked of its hop."""
+        return window_end(shadow, upto, final, self._asked.get(shadow.audited, 0), self.counters)
 
     def after_step(self) -> None:
         """Start the audits that are due (never waits)."""
@@ -249,10 +144,10 @@ class Auditor:
             shadow = self._shadows.get(hs)
             if shadow is None:
                 if self.rng.random() >= self.fraction:
-                    self._shadows[hs] = _Shadow(hs)
+                    self._shadows[hs] = Shadow(hs)
                     self.counters.peer(hs.hop.peer_id).unaudited += 1
                     continue
-                shadow = self._shadows[hs] = _Shadow(hs, opening=True)
+                shadow = self._shadows[hs] = Shadow(hs, opening=True)
                 self._spawn(self._open_shadow(shadow))
                 continue
             if shadow.hs is not None and not shadow.busy and check_due(self.session.position, shadow.verified,
@@ -268,7 +163,7 @@ class Auditor:
                 if end is not None:
                     self._start_check(shadow, end)
 
-    def _target(self, shadow: _Shadow) -> int:
+    def _target(self, shadow: Shadow) -> int:
         """The positions of ``shadow``'s hop to verify: all the session's, or for a hop replaced since (a
         failover), the claims it made (downstream hops and tokens still hold them)."""
         if shadow.audited in self.session.hops:
@@ -284,7 +179,7 @@ class Auditor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_check(self, shadow: _Shadow, upto: int) -> asyncio.Task[None] | None:
+    def _start_check(self, shadow: Shadow, upto: int) -> asyncio.Task[None] | None:
         if shadow.busy or len(self._tasks) >= self.max_in_flight or upto <= shadow.verified:
             return None
         shadow.busy = True
@@ -358,79 +253,37 @@ class Auditor:
 
     # ---- shadows -------------------------------------------------------------------------------
 
-    async def _find_one(self, span: BlockRange, exclude: set[str], dtype: str) -> RouteHop | None:
-        """One server serving exactly ``span`` (not in ``exclude``, not banned), preferably computing in ``dtype``
-        (the tightest tolerance: up to ``DTYPE_TRIES`` plans skip servers of another dtype); or None."""
-        fallback: RouteHop | None = None
-        skip = set(exclude)
-        for _ in range(DTYPE_TRIES):
-            try:
-                route = await self.find(span, frozenset(skip))
-            except (NoRouteError, MeshinferError):
-                break
-            if len(route) != 1 or route[0].span != span:
-                break
-            if route[0].record.dtype == dtype:
-                return route[0]
-            fallback = fallback or route[0]
-            skip.add(route[0].peer_id)
-        return fallback
-
-    async def _open_one(self, span: BlockRange, exclude: set[str], dtype: str) -> HopSession | None:
-        """A session on one server serving exactly ``span`` (see ``_find_one``), opened; or None."""
-        hop = await self._find_one(span, exclude, dtype)
-        if hop is None:
-            return None
-        hs = HopSession(hop, secrets.token_hex(12))
-        try:
-            await self.session.open_side(hs)
-        except (MeshinferError, TimeoutError) as err:
-            log.info("cannot open an audit session on %s: %s", hs.where(), err)
-            await hs.close(send_timeout=0.5, stream_timeout=0.5)
-            return None
-        return hs
-
-    async def _open_shadow(self, shadow: _Shadow, avoid: frozenset[str] = frozenset()) -> None:
+    async def _open_shadow(self, shadow: Shadow, avoid: frozenset[str] = frozenset()) -> None:
+        peer_id, span = shadow.audited.hop.peer_id, shadow.audited.hop.span
         shadow.busy = shadow.opening = True
         try:
-            hs = await self._open_one(shadow.audited.hop.span, {shadow.audited.hop.peer_id, *avoid},
-                                      shadow.audited.hop.record.dtype)
+            hs = await open_one(self.session, self.find, span, {peer_id, *avoid}, shadow.audited.hop.record.dtype)
         finally:
             shadow.busy = shadow.opening = False
         if hs is None:
-            self.counters.peer(shadow.audited.hop.peer_id).unaudited += 1
-            log.info("no independent server of blocks %s to audit %s", shadow.audited.hop.span,
-                     shadow.audited.where())
+            self.counters.peer(peer_id).unaudited += 1
+            news = self.counters.notices.first(peer_id, span, time.monotonic())
+            log.log(logging.INFO if news else logging.DEBUG, "no independent server of blocks %s to audit %s%s",
+                    span, shadow.audited.where(), "" if news else " (again)")
             return
+        self.counters.notices.forget(peer_id, span)
         shadow.hs = hs
         shadow.verified = 0
 
-    async def _replay(self, hs: HopSession, x: torch.Tensor, position: int) -> torch.Tensor:  # [P, H] -> [P, H]
-        """Run ``x`` through ``hs`` from ``position`` in chunks; its outputs."""
-        outs: list[torch.Tensor] = []
-        for chunk in torch.split(x, self.session.chunk_tokens(x.shape[1]), dim=0):
-            step_id = next(self.session.step_ids)
-            reply = await hs.request_step(step_id, position, chunk, timeout=self.session.step_timeout)
-            if not isinstance(reply, StepResult) or reply.step_id != step_id:
-                raise MeshinferError(f"{hs.where()} answered an audit step with {type(reply).__name__}")
-            outs.append(hs.output(reply, chunk, self.session.node.settings.stream.limits, self.session.dtype))
-            position += chunk.shape[0]
-        return torch.cat(outs, dim=0)
-
-    async def _check(self, shadow: _Shadow, upto: int) -> None:
+    async def _check(self, shadow: Shadow, upto: int) -> None:
         epoch = self._epoch
         audited, hs = shadow.audited, shadow.hs
         assert hs is not None
         a = shadow.verified
         inputs, claims = list(audited.inputs), list(audited.outputs)
         try:
-            x = _cat(inputs, a, upto)  # [b - a, H]
-            claimed = _cat(claims, a, upto)
+            x = cat_rows(inputs, a, upto)  # [b - a, H]
+            claimed = cat_rows(claims, a, upto)
             b = a + x.shape[0]
             if claimed.shape != x.shape or b <= a:
                 return
             try:
-                recomputed = await self._replay(hs, x, a)
+                recomputed = await replay(self.session, hs, x, a)
             except (MeshinferError, TimeoutError) as err:
                 log.info("audit shadow %s failed (%s); %s gets another", hs.where(), err, audited.where())
                 await self._drop_shadow(shadow, frozenset({hs.hop.peer_id}))
@@ -456,12 +309,12 @@ class Auditor:
         finally:
             shadow.busy = False
 
-    async def _referee(self, shadow: _Shadow, inputs: list[torch.Tensor], claimed: torch.Tensor,
+    async def _referee(self, shadow: Shadow, inputs: list[torch.Tensor], claimed: torch.Tensor,
                        recomputed: torch.Tensor, a: int, b: int, epoch: int) -> None:
         audited, verifier = shadow.audited, shadow.hs
         assert verifier is not None
-        referee = await self._open_one(audited.hop.span, {audited.hop.peer_id, verifier.hop.peer_id},
-                                       audited.hop.record.dtype)
+        referee = await open_one(self.session, self.find, audited.hop.span,
+                                 {audited.hop.peer_id, verifier.hop.peer_id}, audited.hop.record.dtype)
         if referee is None:
             self.counters.unresolved += 1
             log.warning("no third server of blocks %s to settle the audit of %s; unresolved", audited.hop.span,
@@ -469,7 +322,7 @@ class Auditor:
             await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
             return
         try:
-            truth = (await self._replay(referee, _cat(inputs, 0, b), 0))[a:b]  # [b - a, H]
+            truth = (await replay(self.session, referee, cat_rows(inputs, 0, b), 0))[a:b]  # [b - a, H]
         except (MeshinferError, TimeoutError) as err:
             self.counters.unresolved += 1
             log.warning("the third server %s failed (%s); the audit is unresolved", referee.where(), err)
@@ -509,7 +362,7 @@ class Auditor:
                         "both sides" if culprit == "neither" else "neither side", audited.where())
             await self._drop_shadow(shadow, frozenset({verifier.hop.peer_id}))
 
-    async def _drop_shadow(self, shadow: _Shadow, avoid: frozenset[str]) -> None:
+    async def _drop_shadow(self, shadow: Shadow, avoid: frozenset[str]) -> None:
         old, shadow.hs = shadow.hs, None
         shadow.opening = True
         if old is not None:

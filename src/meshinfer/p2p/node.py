@@ -50,6 +50,9 @@ Then:
   owner-signed allow-list, ``meshinfer.p2p.allowlist``) the same points admit only listed peers by their own keys;
 - ``close()``: stop serving, stop advertising, leave the DHT, stop the daemon (idempotent).
 
+Joining (LAN browse, daemon, membership check, DHT node) is ``meshinfer.p2p.nodejoin``'s; the bodies of the DHT
+reads and writes are ``meshinfer.p2p.dhtio``'s (``Put`` and ``admission_limits`` are re-exported here).
+
 Errors: ``PeerIdentityError``, ``TransportError``, ``ConfigError``, ``UsageError`` (one write naming a key and
 tag twice). All methods run on the loop the node was started on (see ``meshinfer.loopthread`` for sync
 callers).
@@ -59,14 +62,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 # isort: split
 from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemind is imported
@@ -74,32 +74,34 @@ from meshinfer.p2p import _hivemind_logging  # noqa: F401 - first: before hivemi
 # isort: split
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
 from meshinfer.config import P2PConfig
-from meshinfer.errors import ConfigError, MeshinferError, TransportError, UsageError
+from meshinfer.errors import ConfigError, MeshinferError, TransportError
 from meshinfer.p2p import lanjoin, privateswarm
-from meshinfer.p2p.admission import MIB, Admission, AdmissionLimits, RefusalLog
+from meshinfer.p2p.admission import Admission, RefusalLog
 from meshinfer.p2p.allowlist import AllowList, load_allow_list
-from meshinfer.p2p.daemon import daemon_pid, start_p2p, stop_p2p
-from meshinfer.p2p.dhtauth import MAX_CLOCK_SKEW_S, AllowListAuthorizer, SwarmAuthorizer
-from meshinfer.p2p.dhtentries import FoundRecord, decode_entries
+from meshinfer.p2p.daemon import daemon_pid, stop_p2p
+from meshinfer.p2p.dhtentries import FoundRecord
+from meshinfer.p2p.dhtio import Put, get_records, put_records
 from meshinfer.p2p.dialback import DIALBACK_PROTOCOL, DialBackService
 from meshinfer.p2p.direct import DirectPlane
 from meshinfer.p2p.discovery import LanDiscovery
 from meshinfer.p2p.identity import Identity, IdentityLock, load_or_create_identity
 from meshinfer.p2p.lanpeers import LanPeer
 from meshinfer.p2p.membership import SwarmKey, load_swarm_key
-from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability, relay_options
+from meshinfer.p2p.natkind import DirectFailures, Reachability, reachability
+from meshinfer.p2p.nodejoin import admission_limits, dial, join_swarm
 from meshinfer.p2p.pool import IdlePool
 from meshinfer.p2p.reachability import announced_direct
-from meshinfer.p2p.signing import DEFAULT_MAX_TTL, make_subkey, record_validator
+from meshinfer.p2p.signing import DEFAULT_MAX_TTL
 from meshinfer.p2p.stream import DEFAULT_SETTINGS, MessageStream, StreamHandler, StreamSettings, run_handler
 from meshinfer.wire.limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from meshinfer.wire.messages import Error, ErrorCode
-from meshinfer.wire.records import DhtRecord, encode_record
+from meshinfer.wire.records import DhtRecord
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FoundRecord", "NodeSettings", "PeerNode", "Put", "admission_limits"]
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,6 @@ class NodeSettings:
     """Records expiring further ahead than this are rejected by this node."""
     lan_role: str = "server"
     """What this node advertises itself as on the LAN (``server`` or ``dht``; client-mode nodes do not advertise)."""
-
-
-@dataclass(frozen=True)
-class Put:
-    """One record to store under ``key``; ``tag`` makes the subkey ``<peer id>/<tag>``."""
-
-    key: str
-    record: DhtRecord
-    tag: str | None = None
 
 
 @dataclass
@@ -192,46 +185,10 @@ class PeerNode:
         if identity.path is not None:
             lock = IdentityLock(identity.path)
             lock.acquire(identity.peer_id)
-        p2p = None
-        lan: LanDiscovery | None = None
-        try:
-            lan_start = await lanjoin.browse_at_start(config, client_mode=settings.client_mode,
-                                                      own_peer_id=identity.peer_id,
-                                                      swarm=swarm_key.label if swarm_key else
-                                                      allow.label if allow else "")
-            lan, initial_peers = lan_start.lan, lan_start.initial_peers
-            p2p = await start_p2p(
-                identity, host=config.host, port=config.port, initial_peers=initial_peers,
-                client_mode=settings.client_mode, check_identity=not identity.created,
-                startup_timeout=settings.startup_timeout, announce=config.announce_maddrs,
-                relay=relay_options(relay=config.relay, relay_hop=config.relay_hop, client_mode=settings.client_mode,
-                                    loopback=_is_loopback(config.host), announced=bool(config.announce)),
-                nat=config.nat,
-            )
-            await p2p.add_binary_stream_handler(  # type: ignore[attr-defined]
-                privateswarm.MEMBER_PROTOCOL, privateswarm.member_handler(swarm_key, identity.peer_id, allow=allow))
-            await privateswarm.check_join(p2p, swarm_key, identity.peer_id, initial_peers,
-                                          timeout=min(10.0, settings.startup_timeout), allow=allow is not None)
-            validator = record_validator(identity, max_ttl=settings.max_record_ttl, swarm_key=swarm_key)
-            try:
-                dht = await DHTNode.create(
-                    p2p=p2p, initial_peers=list(initial_peers) or None, record_validator=validator,
-                    client_mode=settings.client_mode, wait_timeout=settings.dht_wait_timeout,
-                    authorizer=SwarmAuthorizer(swarm_key) if swarm_key is not None else
-                    AllowListAuthorizer(identity, allow) if allow is not None else None,
-                )
-            except RuntimeError as err:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers..."
-                hint = (f"; members' DHT requests must be stamped within {MAX_CLOCK_SKEW_S:g} s of each other's "
-                        "clocks: check this machine's time") if swarm_key or allow else ""
-                raise TransportError(f"cannot join the swarm: no initial peer answered ({err}){hint}") from None
-            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-        except BaseException as err:
-            if lan is not None:
-                await lan.close()
-            await _abort(p2p, lock)
-            if isinstance(err, Exception) and not isinstance(err, MeshinferError):  # unforeseen: one line
-                raise TransportError(f"cannot start the peer: {type(err).__name__}: {str(err)[:200]}") from err
-            raise
+        joined = await join_swarm(config, client_mode=settings.client_mode, startup_timeout=settings.startup_timeout,
+                                  dht_wait_timeout=settings.dht_wait_timeout, max_record_ttl=settings.max_record_ttl,
+                                  identity=identity, lock=lock, swarm_key=swarm_key, allow=allow)
+        p2p, dht, maddrs, lan_start, lan = joined.p2p, joined.dht, joined.maddrs, joined.lan_start, joined.lan_start.lan
         refusals = RefusalLog(log, time.monotonic)
         node = cls(identity=identity, maddrs=maddrs, settings=settings, _p2p=p2p, _dht=dht, _lock=lock,
                    admission=Admission(admission_limits(config), refusals), _refusals=refusals,
@@ -359,19 +316,7 @@ class PeerNode:
 
     async def _dial(self, pid: PeerID, maddrs: Sequence[str]) -> None:
         """Connect to ``pid`` at ``maddrs`` (best effort: the daemon may still find it by routing)."""
-        addrs = []
-        for text in maddrs:
-            with contextlib.suppress(Exception):
-                ma = Multiaddr(text)
-                if "p2p" in [p.name for p in ma.protocols()]:  # the daemon wants transport addresses
-                    ma = ma.decapsulate(Multiaddr(f"/p2p/{ma['p2p']}"))
-                addrs.append(ma)
-        if not addrs:
-            return
-        try:
-            await self._p2p._client.connect(pid, addrs)  # type: ignore[attr-defined]
-        except Exception as err:
-            log.debug("dialling %s at %s failed: %s", pid, maddrs, err)
+        await dial(self._p2p, pid, maddrs)
 
     async def _join_lan_peer(self, peer: LanPeer) -> None:
         """Join a peer found on the LAN after start (see ``meshinfer.p2p.lanjoin``)."""
@@ -411,20 +356,8 @@ class PeerNode:
         A write with an earlier expiration than the one already stored under the same key and
         subkey is refused (the DHT keeps the newest), so refresh with a later expiration.
         """
-        if not items:
-            return []
-        keys = [self._dht_key(p.key) for p in items]
-        values = [encode_record(p.record) for p in items]
-        subkeys = [make_subkey(self.peer_id, p.tag) for p in items]
-        if len(set(zip(keys, subkeys, strict=True))) != len(items):
-            raise UsageError("two records for the same key and tag in one write")
-        try:
-            async with asyncio.timeout(timeout):
-                ok = await self._dht.store_many(keys, values, expiration_time, subkeys=subkeys)
-        except TimeoutError:
-            log.warning("DHT store of %d records timed out after %gs", len(items), timeout)
-            return [False] * len(items)
-        return [bool(ok.get((k, s), False)) for k, s in zip(keys, subkeys, strict=True)]
+        return await put_records(self._dht, items, expiration_time, peer_id=self.peer_id, dht_key=self._dht_key,
+                                 timeout=timeout)
 
     async def dht_put_record(self, key: str, record: DhtRecord, expiration_time: float,
                              tag: str | None = None) -> bool:
@@ -437,27 +370,8 @@ class PeerNode:
         ``latest`` asks every replica the search meets (complete); otherwise the first non-expired
         answer per key wins (faster). A key whose search did not finish in time is absent.
         """
-        keys = list(dict.fromkeys(keys))
-        if not keys:
-            return {}
-        limits = self.record_limits
-        if len(keys) > limits.max_keys_per_read:
-            raise UsageError(f"one DHT read of {len(keys)} keys (limit max_keys_per_read {limits.max_keys_per_read})")
-        # With return_futures=True hivemind returns one asyncio.Future per key (its annotation names values).
-        stored = {self._dht_key(k): k for k in keys}
-        futures = cast("dict[str, asyncio.Future[object]]", await self._dht.get_many(
-            list(stored), sufficient_expiration_time=math.inf if latest else None, return_futures=True,
-        ))
-        done, pending = await asyncio.wait(set(futures.values()), timeout=timeout)
-        for fut in pending:
-            fut.cancel()
-        now = time.time()
-        out: dict[str, list[FoundRecord]] = {}
-        for key, fut in futures.items():
-            if fut not in done or fut.cancelled() or fut.exception() is not None:
-                continue
-            out[stored.get(key, key)] = decode_entries(fut.result(), now, limits, self.skipped_records)
-        return out
+        return await get_records(self._dht, keys, dht_key=self._dht_key, limits=self.record_limits,
+                                 skipped=self.skipped_records, timeout=timeout, latest=latest)
 
     def _dht_key(self, key: str) -> str:
         """Where ``key`` lives in the DHT: itself in a public swarm, a name only members compute in a private one."""
@@ -498,25 +412,3 @@ class PeerNode:
 async def _close_all(streams: Iterable[MessageStream]) -> None:
     for stream in streams:
         await stream.close(timeout=0.5)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def admission_limits(config: P2PConfig) -> AdmissionLimits:
-    """The caps on incoming streams that ``config`` asks for."""
-    return AdmissionLimits(max_streams=config.max_streams, max_streams_per_peer=config.max_streams_per_peer,
-                           max_buffer_bytes=config.max_buffer_mb * MIB,
-                           max_buffer_bytes_per_peer=config.max_buffer_mb_per_peer * MIB,
-                           max_handshakes=config.max_handshakes)
-
-
-async def _abort(p2p: object, lock: IdentityLock | None) -> None:
-    if p2p is not None:
-        await stop_p2p(p2p)  # type: ignore[arg-type]
-    if lock is not None:
-        lock.release()
