@@ -13,7 +13,7 @@ from meshinfer.gateway.requests import ApiError, parse_chat_request
 from meshinfer.gateway.responses import Choice, ResponseBuilder, Usage
 from meshinfer.gateway.tools import ToolError, parse_tool_calls, parse_tools, tool_family, tool_grammar
 from meshinfer.gateway.toolstream import ToolStream
-from meshinfer.testing.toolmodel import QWEN25_TEMPLATE
+from meshinfer.testing.toolmodel import LLAMA31_TEMPLATE, MISTRAL_ARGS_TEMPLATE, QWEN25_TEMPLATE
 
 PARAMS = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
 TOOL = {"type": "function", "function": {"name": "get_current_weather", "description": "w", "parameters": PARAMS}}
@@ -101,6 +101,36 @@ def test_parse_llama3_and_mistral() -> None:
         (None, [("get_current_weather", {"location": "Paris"}), ("f", {})])
     assert _calls('[{"name": "f", "arguments": {"x": 1}}]', "mistral") == (None, [("f", {"x": 1})])  # marker skipped
     assert _calls("[1] is a citation.", "mistral") == ("[1] is a citation.", [])
+
+
+def test_parse_mistral_name_args_calls_back_to_back() -> None:
+    """Mistral's recent tokenizers: ``[TOOL_CALLS]name[ARGS]{json}`` per call (``[CALL_ID]id`` optional); either
+    Mistral family parses either format."""
+    text = ('Checking.[TOOL_CALLS]get_current_weather[ARGS]{"location": "Paris"}'
+            '[TOOL_CALLS]f[CALL_ID]a1B2c3D4e[ARGS]{}\n')
+    want = ("Checking.", [("get_current_weather", {"location": "Paris"}), ("f", {})])
+    assert _calls(text, "mistral_args") == want and _calls(text, "mistral") == want
+    assert _calls('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', "mistral_args") == (None, [("f", {"x": 1})])
+    for bad in ('[TOOL_CALLS]f[ARGS]{"a": 1} and more', '[TOOL_CALLS]f[ARGS][1]', '[TOOL_CALLS]f[ARGS]{"a": '):
+        assert _calls(bad, "mistral_args") == (bad, [])  # not a call: content, as vLLM does
+    assert tool_family(MISTRAL_ARGS_TEMPLATE) == "mistral_args" and tool_family(LLAMA31_TEMPLATE) == "llama3"
+    stream = ToolStream("mistral_args")
+    out = "".join(stream.push(text[i:i + 4]) for i in range(0, len(text), 4))
+    rest, calls = stream.finish()
+    assert out + rest == "Checking." and [c.name for c in calls] == ["get_current_weather", "f"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_current_weather"}}])
+def test_a_forced_mistral_args_grammar_admits_only_named_calls(choice: Any) -> None:
+    from llguidance import LLMatcher
+
+    tools = [TOOL, {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    req = parse_tools({**body(tool_choice=choice), "tools": tools})
+    assert req is not None
+    spec = tool_grammar(req, "mistral_args")
+    assert spec is not None and spec.kind == "lark" and "[TOOL_CALLS]get_current_weather[ARGS]" in spec.source
+    assert ("[TOOL_CALLS]f[ARGS]" in spec.source) == (choice == "required")
+    LLMatcher.grammar_from_lark(spec.source)  # compiles
 
 
 def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> None:
