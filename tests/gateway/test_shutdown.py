@@ -8,6 +8,7 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 from gateway_helpers import FakeGenerator, ids
 
 from meshinfer.gateway.app import create_app
@@ -15,9 +16,19 @@ from meshinfer.gateway.autoload import AutoLoader
 from meshinfer.gateway.serving import ApiServer, shutdown_app
 from meshinfer.loopthread import LoopThread
 
+_BEFORE: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _only_new_threads() -> None:
+    """Threads other tests left (apps driven through httpx's ASGI transport are never shut down) do not count."""
+    _BEFORE.clear()
+    _BEFORE.update(threading.enumerate())
+
 
 def _threads(prefix: str) -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(prefix) and t.is_alive() and t not in _BEFORE]
 
 
 def _exercise(server: ApiServer) -> None:

@@ -199,8 +199,9 @@ def test_real_templates_named_and_required_calls_whole_and_streamed(family_clien
         arguments = _check(calls[0])
         if choice == named:
             assert calls[0].function.name == "get_time"
-        streamed, reason, _ = _streamed_calls(family_client, **kwargs)
+        streamed, reason, pieces = _streamed_calls(family_client, **kwargs)
         assert reason == "tool_calls" and streamed == [(calls[0].function.name, arguments)]
+        assert pieces == 1  # these formats send each call whole at the end
     messages = [*MESSAGES, choice0.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": calls[0].id, "content": "21 degrees"}]
     again = family_client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=named,
@@ -216,3 +217,15 @@ def test_mistral_parallel_required_calls_back_to_back(family_client: openai.Open
     assert full.choices[0].finish_reason == "tool_calls" and len(calls) >= 1
     for call in calls:
         _check(call)
+
+
+def test_hermes_arguments_stream_in_pieces_as_generated(client: openai.OpenAI) -> None:
+    """Qwen2.5's (Hermes) calls stream their arguments in several deltas, assembling to the whole answer's."""
+    kwargs: Any = {"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 200, "seed": 3,
+                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    full = client.chat.completions.create(**kwargs)
+    calls = full.choices[0].message.tool_calls or []
+    assert len(calls) == 1
+    streamed, reason, pieces = _streamed_calls(client, **kwargs)
+    assert reason == "tool_calls" and streamed == [("get_weather", _check(calls[0]))]
+    assert pieces > 3  # '{"city": "...", "unit": "..."}' goes out as it is generated, token by token

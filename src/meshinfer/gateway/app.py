@@ -25,7 +25,8 @@ a ``response_format`` grammar, compiled once per request on the worker thread by
 ``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). Chat with
 ``tools``: ``gateway.toolflow`` (the template's ``tools=``, the grammar of "required" / a named tool, the reply
 parsed into ``tool_calls``; streams hold back a possible call marker, ``gateway.toolstream``, and send the calls as
-``tool_calls`` deltas at the end). A completion with ``echo`` answers the prompt first (scored by the generator when
+``tool_calls`` deltas: Hermes calls as they are generated, the name first and then the arguments in fragments; other
+formats each call whole at the end). A completion with ``echo`` answers the prompt first (scored by the generator when
 logprobs are asked for: one more pass over the prompt, inside the request's slot), then the completion. Decoding the
 JSON, validating it, rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge
 request never stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not
@@ -251,13 +252,15 @@ class Gateway:
         streams = tools.streams(len(outcomes))
 
         def chunk(index: int, piece: str, scored: int) -> str | None:
+            calls = ""  # tool-call deltas streamed as they are generated (gateway.toolstream), after the content
             if (stream := streams[index]) is not None:
                 piece = stream.push(piece)
+                calls = "".join(sse(c) for c in tools.stream_deltas(stream, builder, index))
             entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
             if not piece and not (builder.logprobs and entries):
-                return None
+                return calls or None
             sent[index] = scored
-            return sse(builder.text_chunk(piece, entries, index))
+            return sse(builder.text_chunk(piece, entries, index)) + calls
 
         try:
             for index in range(len(outcomes)):
