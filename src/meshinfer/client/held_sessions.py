@@ -101,9 +101,9 @@ async def agenerate_reusing(held: HeldSessions, ids: list[int], params: Generati
             avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
     size = min(length + (headroom if cache.enabled else 0), max(length, context))
     for attempt in (0, 1):
-        session = await open_making_room(held, size, avoid, open_session)
         yielded = False
         try:
+            session = await open_making_room(held, size, avoid, open_session)
             async with contextlib.aclosing(run(session, ids, params, 0)) as gen:
                 async for item in gen:
                     yielded = True
