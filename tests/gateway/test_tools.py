@@ -117,8 +117,12 @@ def test_parse_mistral_name_args_calls_back_to_back() -> None:
     stream = ToolStream("mistral_args")
     out = "".join(stream.push(text[i:i + 4]) for i in range(0, len(text), 4))
     rest, calls, streamed = stream.finish()
-    assert streamed == 0 and stream.deltas() == []  # sent whole at the end
-    assert out + rest == "Checking." and [c.name for c in calls] == ["get_current_weather", "f"]
+    assert out + rest == "Checking." and calls == [] and streamed == 2  # both streamed as generated
+    assert {k: (e["name"], json.loads(e["arguments"])) for k, e in _assemble(stream.deltas()).items()} == \
+        {0: ("get_current_weather", {"location": "Paris"}), 1: ("f", {})}
+    old = ToolStream("mistral")  # the list format: whole at the end
+    old.push('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]')
+    assert old.deltas() == [] and [c.name for c in old.finish()[1]] == ["f"]
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_current_weather"}}])
@@ -142,8 +146,12 @@ def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> No
     assert out + rest == "Hi " and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1})]
     assert streamed == 0 and s.deltas() == []
     llama = ToolStream("llama3")
-    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {}}') == ""
-    assert [c.name for c in llama.finish()[1]] == ["f"]
+    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {"a"') == ""
+    head, piece = llama.deltas()
+    assert head["function"] == {"name": "f", "arguments": ""} and head["id"].startswith("call_")
+    assert piece == {"index": 0, "function": {"arguments": '{"a"'}}
+    assert llama.push(": 1}}") == "" and llama.finish() == ("", [], 1)
+    assert llama.deltas() == [{"index": 0, "function": {"arguments": ": 1}"}}]
     plain = ToolStream("hermes")
     assert plain.push("a <tool") == "a " and plain.push(" box") == "<tool box" and plain.finish() == ("", [], 0)
 

@@ -5,8 +5,10 @@ Contract: pure (plain strings, ``gateway.tools`` types). ``ToolStream(family, ma
 the content that is safe to emit now: content deltas flow until a possible tool-call start is seen; text that may be
 the start of a marker (``gateway.tools.MARKERS``; for llama3 / mistral also a reply that begins with ``{`` / ``[``:
 ``BARE_STARTS``) is held back, as ``StopStringFilter`` holds back a possible stop string; from a marker on,
-everything is buffered. For the Hermes format (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, name
-first, as Qwen2.5 and the forced-call grammar write it) the calls are also streamed as they are generated:
+everything is buffered. For the formats that name the call before its arguments object (``HEADS``: Hermes
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, Llama 3.1's ``{"name": ..., "parameters": {...}}``,
+Mistral's ``[TOOL_CALLS]name[ARGS]{...}``; name first, as the models and the forced-call grammar write them) the calls
+are also streamed as they are generated:
 ``deltas()`` returns, once a call's name is known, its first OpenAI delta (``index``, ``id``, ``type``,
 ``function.name``, ``arguments`` "") and then, as its arguments object grows, fragments of its text (never past the
 object's closing brace); a client concatenating ``function.arguments`` per index gets the model's JSON text. A call
@@ -14,8 +16,8 @@ not in that shape (arguments first, or not an object) stops the streaming: it an
 ``finish()`` parses what was buffered (``parse_tool_calls``): (the remaining content to emit, the calls not streamed
 yet, how many calls were streamed). Text that turns out not to be a call is emitted as content then, unless a
 call was streamed already from it (the deltas are out: the stream ends as a tool-call answer). At most
-``max_calls`` calls are streamed or returned (None: no bound; ``parallel_tool_calls: false`` is 1). Other formats
-send each call whole at the end (Llama's and Mistral's JSON lists carry no per-call delimiter worth streaming on).
+``max_calls`` calls are streamed or returned (None: no bound; ``parallel_tool_calls: false`` is 1). Mistral's older
+``[TOOL_CALLS][{...}, ...]`` list sends each call whole at the end.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ from typing import Any
 from meshinfer.gateway.responses import partial_stop_length
 from meshinfer.gateway.tools import BARE_STARTS, MARKERS, Family, ToolCall, call_id, parse_tool_calls
 
-_HERMES_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_.\-]{1,64})"\s*,\s*"arguments"\s*:\s*\{')
-"""A Hermes call whose name is known and whose arguments object has begun (its ``{`` is the match's last char)."""
+_NAME = r'"([A-Za-z0-9_.\-]{1,64})"'
+HEADS: dict[str, tuple[str, re.Pattern[str]]] = {
+    "hermes": ("<tool_call>", re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*' + _NAME + r'\s*,\s*"arguments"\s*:\s*\{')),
+    "llama3": ("{", re.compile(r'\{\s*"name"\s*:\s*' + _NAME + r'\s*,\s*"parameters"\s*:\s*\{')),
+    "mistral_args": ("[TOOL_CALLS]", re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]{1,64})\s*"
+                                                r"(?:\[CALL_ID\]\s*[A-Za-z0-9]{1,64}\s*)?\[ARGS\]\s*\{")),
+}
+"""Per family whose calls stream as generated: where a call starts, and its head: the name known and the arguments
+object begun (its ``{`` is the match's last char)."""
 HEAD_WINDOW = 160
 """Characters after ``<tool_call>`` within which a streamable head must have appeared."""
 
@@ -59,7 +68,7 @@ class ToolStream:
         self._emitted_any = False
         self._streamed: list[_Streamed] = []
         self._deltas: list[dict[str, Any]] = []
-        self._search = 0  # where the next Hermes call may start in the buffer
+        self._search = 0  # where the next call may start in the buffer
         self._gave_up = False  # a call not in the streamable shape: no more streaming
 
     def push(self, delta: str) -> str:
@@ -94,9 +103,11 @@ class ToolStream:
         return out
 
     def _advance(self) -> None:
-        """Stream what the buffer now shows of Hermes calls (see the module docstring)."""
-        if self.family != "hermes":
+        """Stream what the buffer now shows of the calls (see the module docstring)."""
+        head = HEADS.get(self.family)
+        if head is None:
             return
+        opener, pattern = head
         while True:
             if self._streamed and not self._streamed[-1].done:
                 current = self._streamed[-1]
@@ -108,13 +119,13 @@ class ToolStream:
                 return
             if self._gave_up:
                 return
-            start = self._held.find("<tool_call>", self._search)
+            start = self._held.find(opener, self._search)
             if start < 0:
                 return
-            match = _HERMES_HEAD.match(self._held, start)
+            match = pattern.match(self._held, start)
             if match is None:  # not yet, or not name-first: then the rest goes whole at the end (indices stay in order)
                 tail = self._held[start:]
-                self._gave_up = "</tool_call>" in tail or len(tail) > HEAD_WINDOW
+                self._gave_up = len(tail) > HEAD_WINDOW or (opener == "<tool_call>" and "</tool_call>" in tail)
                 return
             index = len(self._streamed)
             self._deltas.append({"index": index, "id": call_id(), "type": "function",
