@@ -10,8 +10,11 @@ is the family whose calls are parsed out of the reply (None without tools, with 
 ``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tools.tool_grammar``), else
 ``default`` (the request's ``response_format``). ``finish_choice`` parses a whole answer (``finish_reason``
 "tool_calls" when it has calls; only the first without ``parallel_tool_calls``); ``streams(n)`` gives one
-``ToolStream`` per choice (or None each), and ``stream_end`` turns a finished stream's buffer into the rest of the
-content, the calls' delta chunks and the finish reason. Knows nothing of HTTP or generation.
+``ToolStream`` per choice (or None each; at most one call without ``parallel_tool_calls``), ``stream_deltas`` the
+chunks of the calls streamed as they are generated (name first, then argument fragments), and ``stream_end`` turns a
+finished stream's buffer into the last fragments, the rest of the content, the calls not streamed (indices after the
+streamed ones) and the finish reason ("tool_calls" when any call was made, unless cut by max_tokens). Knows nothing
+of HTTP or generation.
 """
 
 from __future__ import annotations
