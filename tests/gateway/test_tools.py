@@ -13,7 +13,7 @@ from meshinfer.gateway.requests import ApiError, parse_chat_request
 from meshinfer.gateway.responses import Choice, ResponseBuilder, Usage
 from meshinfer.gateway.tools import ToolError, parse_tool_calls, parse_tools, tool_family, tool_grammar
 from meshinfer.gateway.toolstream import ToolStream
-from meshinfer.testing.toolmodel import QWEN25_TEMPLATE
+from meshinfer.testing.toolmodel import LLAMA31_TEMPLATE, MISTRAL_ARGS_TEMPLATE, QWEN25_TEMPLATE
 
 PARAMS = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
 TOOL = {"type": "function", "function": {"name": "get_current_weather", "description": "w", "parameters": PARAMS}}
@@ -103,17 +103,98 @@ def test_parse_llama3_and_mistral() -> None:
     assert _calls("[1] is a citation.", "mistral") == ("[1] is a citation.", [])
 
 
+def test_parse_mistral_name_args_calls_back_to_back() -> None:
+    """Mistral's recent tokenizers: ``[TOOL_CALLS]name[ARGS]{json}`` per call (``[CALL_ID]id`` optional); either
+    Mistral family parses either format."""
+    text = ('Checking.[TOOL_CALLS]get_current_weather[ARGS]{"location": "Paris"}'
+            '[TOOL_CALLS]f[CALL_ID]a1B2c3D4e[ARGS]{}\n')
+    want = ("Checking.", [("get_current_weather", {"location": "Paris"}), ("f", {})])
+    assert _calls(text, "mistral_args") == want and _calls(text, "mistral") == want
+    assert _calls('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', "mistral_args") == (None, [("f", {"x": 1})])
+    for bad in ('[TOOL_CALLS]f[ARGS]{"a": 1} and more', '[TOOL_CALLS]f[ARGS][1]', '[TOOL_CALLS]f[ARGS]{"a": '):
+        assert _calls(bad, "mistral_args") == (bad, [])  # not a call: content, as vLLM does
+    assert tool_family(MISTRAL_ARGS_TEMPLATE) == "mistral_args" and tool_family(LLAMA31_TEMPLATE) == "llama3"
+    stream = ToolStream("mistral_args")
+    out = "".join(stream.push(text[i:i + 4]) for i in range(0, len(text), 4))
+    rest, calls, streamed = stream.finish()
+    assert out + rest == "Checking." and calls == [] and streamed == 2  # both streamed as generated
+    assert {k: (e["name"], json.loads(e["arguments"])) for k, e in _assemble(stream.deltas()).items()} == \
+        {0: ("get_current_weather", {"location": "Paris"}), 1: ("f", {})}
+    old = ToolStream("mistral")  # the list format: whole at the end
+    old.push('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]')
+    assert old.deltas() == [] and [c.name for c in old.finish()[1]] == ["f"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_current_weather"}}])
+def test_a_forced_mistral_args_grammar_admits_only_named_calls(choice: Any) -> None:
+    from llguidance import LLMatcher
+
+    tools = [TOOL, {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    req = parse_tools({**body(tool_choice=choice), "tools": tools})
+    assert req is not None
+    spec = tool_grammar(req, "mistral_args")
+    assert spec is not None and spec.kind == "lark" and "[TOOL_CALLS]get_current_weather[ARGS]" in spec.source
+    assert ("[TOOL_CALLS]f[ARGS]" in spec.source) == (choice == "required")
+    LLMatcher.grammar_from_lark(spec.source)  # compiles
+
+
 def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> None:
     s = ToolStream("hermes")
-    text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    text = 'Hi <tool_call>\n{"arguments": {"a": 1}, "name": "f"}\n</tool_call>'  # arguments first: not streamed
     out = "".join(s.push(text[i:i + 3]) for i in range(0, len(text), 3))
-    rest, calls = s.finish()
+    rest, calls, streamed = s.finish()
     assert out + rest == "Hi " and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1})]
+    assert streamed == 0 and s.deltas() == []
     llama = ToolStream("llama3")
-    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {}}') == ""
-    assert [c.name for c in llama.finish()[1]] == ["f"]
+    assert llama.push(" ") == "" and llama.push('{"name": "f", ') == "" and llama.push('"parameters": {"a"') == ""
+    head, piece = llama.deltas()
+    assert head["function"] == {"name": "f", "arguments": ""} and head["id"].startswith("call_")
+    assert piece == {"index": 0, "function": {"arguments": '{"a"'}}
+    assert llama.push(": 1}}") == "" and llama.finish() == ("", [], 1)
+    assert llama.deltas() == [{"index": 0, "function": {"arguments": ": 1}"}}]
     plain = ToolStream("hermes")
-    assert plain.push("a <tool") == "a " and plain.push(" box") == "<tool box" and plain.finish() == ("", [])
+    assert plain.push("a <tool") == "a " and plain.push(" box") == "<tool box" and plain.finish() == ("", [], 0)
+
+
+def _assemble(deltas: list[dict[str, Any]]) -> dict[int, dict[str, str]]:
+    out: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        entry = out.setdefault(d["index"], {"id": "", "name": "", "arguments": ""})
+        entry["id"] += d.get("id", "")
+        entry["name"] += d.get("function", {}).get("name", "")
+        entry["arguments"] += d.get("function", {}).get("arguments", "")
+    return out
+
+
+def test_hermes_arguments_stream_in_fragments_as_they_are_generated() -> None:
+    """OpenAI's shape: per call a head delta (id, type, name, arguments "") once the name is known, then the
+    arguments' text in pieces as it grows, never past the object's closing brace (braces in strings ignored)."""
+    args = '{"city": "Pa}ris \\"x\\"", "opts": {"unit": [1, {"a": 2}]}}'
+    text = (f'Sure. <tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    s = ToolStream("hermes")
+    content, per_push = "", []
+    for i in range(0, len(text), 4):
+        content += s.push(text[i:i + 4])
+        per_push.append(s.deltas())
+    rest, calls, streamed = s.finish()
+    deltas = [d for batch in per_push for d in batch] + s.deltas()
+    assert content + rest == "Sure. " and calls == [] and streamed == 2
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""} and deltas[0]["id"].startswith("call_")
+    fragments = [d for d in deltas if d["index"] == 0 and "id" not in d]
+    assert len(fragments) > 5  # the arguments went out in many pieces, while being generated
+    first_fragment = next(i for i, batch in enumerate(per_push) if any("id" not in d for d in batch))
+    assert first_fragment < len(per_push) // 2  # long before the end of the text
+    assembled = _assemble(deltas)
+    assert assembled[0]["arguments"] == args and json.loads(assembled[0]["arguments"])["city"] == 'Pa}ris "x"'
+    assert (assembled[1]["name"], assembled[1]["arguments"]) == ("f", "{}")
+    one = ToolStream("hermes", max_calls=1)  # parallel_tool_calls: false
+    for i in range(0, len(text), 7):
+        one.push(text[i:i + 7])
+    assert one.finish() == ("", [], 1) and list(_assemble(one.deltas())) == [0]
+    cut = ToolStream("hermes")  # cut by max_tokens inside the arguments: what went out stays, no more calls
+    cut.push('<tool_call>\n{"name": "g", "arguments": {"x": [1, 2')
+    assert cut.finish() == ("", [], 1) and _assemble(cut.deltas())[0]["arguments"] == '{"x": [1, 2'
 
 
 def test_a_forced_call_grammar_admits_only_a_valid_call() -> None:

@@ -74,3 +74,15 @@ def test_off_or_empty_history_hands_the_session_back() -> None:
     assert on.put("s", [], 100, now=0.0) == ["s"]
     with pytest.raises(UsageError):
         on.put("s", BASE, 10, now=0.0)
+
+
+def test_held_on_lists_sessions_on_given_servers_lru_first_and_remove_takes_one_out() -> None:
+    routes = {"a": {"p1", "p2"}, "b": {"p2", "p3"}, "c": {"p4"}}
+    cache: PrefixCache[str] = PrefixCache(capacity=4, ttl=60.0)
+    for t, name in enumerate(("b", "a", "c")):
+        cache.put(name, BASE, 100 + t, now=float(t))
+    assert cache.held_on({"p2"}, routes.__getitem__) == [("b", 100), ("a", 101)]
+    assert cache.held_on({"p4", "p1"}, routes.__getitem__) == [("a", 101), ("c", 102)]
+    assert cache.held_on({"p9"}, routes.__getitem__) == []
+    assert cache.remove("b") and not cache.remove("b")
+    assert cache.held_on({"p2"}, routes.__getitem__) == [("a", 101)] and len(cache) == 2

@@ -2,15 +2,20 @@
 held for the next prompt (``client.prefix_cache`` decides, this module opens, rewinds and closes).
 
 Contract: ``HeldSessions`` wraps a model's ``PrefixCache`` of idle ``ClientSession``s: ``hold(session, history)``
-keeps a session whose generation ended normally (closing what that pushes out, least recently used first) and
-starts a sweeper task that closes sessions idle past the TTL while any is held; ``drop()`` closes them all (before
-``close``, or when servers refuse new sessions). ``agenerate_reusing`` is one generation with the cache: a held
-session sharing a long enough prefix with the prompt is continued (``run(session, ids, params, keep)``: rewound to
-``keep`` positions, only the rest of the prompt sent); one that fails before its first token is replaced by a fresh
-session avoiding its peers, unseen by the caller (``stats.fallbacks``); a fresh session is opened with ``headroom``
-more tokens (bounded by the context) so a later turn fits; a fresh session refused (``RemoteError``,
-``NoRouteError``, ``TransportError``) while sessions are held drops them and tries once more. With the cache off it
-is a plain fresh session. Runs on the client's loop; knows nothing of tensors or of how a generation runs.
+keeps a session whose generation ended normally (closing what that pushes out, least recently used first) and starts a
+sweeper task that closes sessions idle past the TTL while any is held; ``drop()`` closes them all (before ``close``,
+or when servers refuse new sessions). ``agenerate_reusing`` is one generation with the cache: a held session sharing a
+long enough prefix with the prompt is continued (``run(session, ids, params, keep)``: rewound to ``keep`` positions,
+only the rest of the prompt sent); one that fails before its first token is replaced by a fresh session avoiding its
+peers, unseen by the caller (``stats.fallbacks``); a fresh session is opened with ``headroom`` more tokens (bounded by
+the context) so a later turn fits; a fresh session refused (``RemoteError``, ``NoRouteError``, ``TransportError``)
+while sessions are held drops them and tries once more. Before that, a fresh session is opened by
+``open_making_room``: when sessions are held on a server of its route (they may fill it: its KV budget, or its limit
+per peer), its pipelined ``Open`` is awaited before the first step (one round trip more, only while sessions are held
+on its servers), and a refusal for room (``OVERLOADED``) closes the least recently used held session on those servers
+and opens again at once (``stats.room_closes``, ``stats.open_retries``, ``stats.confirmed_opens``): no failover to a
+server that is not there, no route wait (measured: ~30 s before, on a full one-server-per-span swarm). With the cache
+off it is a plain fresh session. Runs on the client's loop; knows nothing of tensors or of how a generation runs.
 """
 
 from __future__ import annotations
@@ -22,13 +27,19 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from meshinfer.client.prefix_cache import PrefixCache
-from meshinfer.client.private_split import ClientSession
+from meshinfer.client.private_split import ClientSession, PrivateSplitSession
 from meshinfer.client.routing import NoRouteError
+from meshinfer.client.session import InferenceSession
 from meshinfer.errors import RemoteError, TransportError
 from meshinfer.models.generator import GenerationParams
 from meshinfer.models.sampling import ScoredToken
+from meshinfer.wire.messages import ErrorCode
 
 log = logging.getLogger(__name__)
+
+ROOM_PAUSES = 2
+"""Short pauses before reopening when a server refused for room and no held session is left on it to close."""
+ROOM_PAUSE_S = 0.1
 
 OpenSession = Callable[[int, frozenset[str]], Awaitable[ClientSession]]
 """``(max_length, peers to avoid) -> a fresh session`` (``DistributedModel.aopen_session``)."""
@@ -90,14 +101,9 @@ async def agenerate_reusing(held: HeldSessions, ids: list[int], params: Generati
             avoid = frozenset(hop.peer_id for hop in reuse.session.route)  # one of them is gone
     size = min(length + (headroom if cache.enabled else 0), max(length, context))
     for attempt in (0, 1):
-        try:
-            session = await open_session(size, avoid)
-        except NoRouteError:
-            if not avoid:
-                raise
-            session = await open_session(size, frozenset())
         yielded = False
         try:
+            session = await open_making_room(held, size, avoid, open_session)
             async with contextlib.aclosing(run(session, ids, params, 0)) as gen:
                 async for item in gen:
                     yielded = True
@@ -108,3 +114,66 @@ async def agenerate_reusing(held: HeldSessions, ids: list[int], params: Generati
                 raise
             log.info("servers refused a session (%s) while %d are held; closing those, retrying", err, len(cache))
             await held.drop()
+
+
+def _remote(session: ClientSession) -> InferenceSession:
+    return session.remote if isinstance(session, PrivateSplitSession) else session
+
+
+def _peers(session: ClientSession) -> frozenset[str]:
+    return frozenset(hop.peer_id for hop in session.route)
+
+
+def crowded(held: HeldSessions, session: ClientSession) -> frozenset[str]:
+    """The servers of ``session``'s route (a fresh one) on which sessions are held: those may refuse it for room.
+    (Announced ``cache_tokens_left`` cannot rule it out: it may predate the held sessions, and a server's limit per
+    peer, ``--max-kv-tokens-per-peer``, is not announced.) Empty: its pipelined ``Open`` is not worth awaiting."""
+    route = _peers(session)
+    return frozenset(p for s, _ in held.cache.held_on(route, _peers) for p in _peers(s) & route)
+
+
+async def open_making_room(held: HeldSessions, size: int, avoid: frozenset[str],
+                           open_session: OpenSession) -> ClientSession:
+    """A fresh session of ``size`` tokens avoiding ``avoid`` (or anything, when no route avoids them); where held
+    sessions may fill a server of its route (``crowded``), its ``Open`` is awaited before the first step, and a
+    refusal for room (``OVERLOADED``) closes the least recently used held session on those servers and opens again
+    at once, up to one retry per held session there (plus ``ROOM_PAUSES`` short pauses when none is left, for a
+    ``Close`` still on its way). Any other refusal, or one with nothing left to close, is raised (``RemoteError``)."""
+    cache = held.cache
+    pauses = 0
+    suspect: frozenset[str] = frozenset()  # servers that refused for room: confirm their Opens from now on
+    while True:
+        try:
+            session = await open_session(size, avoid)
+        except NoRouteError:
+            if not avoid:
+                raise
+            session = await open_session(size, frozenset())
+        peers = crowded(held, session) | (suspect & _peers(session))
+        if not peers:
+            return session
+        cache.stats.confirmed_opens += 1
+        try:
+            await _remote(session).wait_opened()
+            return session
+        except RemoteError as err:
+            await session.close()
+            if err.code != ErrorCode.OVERLOADED:
+                raise
+            suspect |= peers
+            there = cache.held_on(peers, _peers)
+            if there:
+                victim = there[0][0]
+                cache.remove(victim)
+                cache.stats.room_closes += 1
+                log.info("a server refused a session for room (%s); closing a held session there, retrying", err)
+                await victim.close()
+            elif pauses < ROOM_PAUSES:
+                pauses += 1
+                await asyncio.sleep(ROOM_PAUSE_S * pauses)  # a Close sent just now may not have landed yet
+            else:
+                raise
+            cache.stats.open_retries += 1
+        except BaseException:
+            await session.close()
+            raise

@@ -9,14 +9,16 @@ so that the prompt's last position is run and gives logits), provided the match 
 tokens and the session holds at least ``length`` tokens; a taken session is the caller's alone. ``put`` adds an
 idle session and returns the sessions it pushed out (least recently used first, beyond ``capacity``) for the
 caller to close; ``expire(now)`` removes and returns those idle for more than ``ttl`` seconds; ``drain`` all of
-them. ``stats`` counts hits, misses, tokens reused, evictions and expirations (``PromptCacheStats``).
+them; ``held_on(peers, peers_of)`` lists those on given servers (least recently used first) and ``remove`` takes one
+out (to make room on a full server). ``stats`` counts hits, misses, tokens reused, evictions, expirations and room
+made on full servers (``PromptCacheStats``).
 ``DistributedModel`` (``client.model``) does the I/O: rewinding a taken session to ``keep``, closing what comes
 back from ``put`` / ``expire`` / ``drain``, and falling back to a fresh session when a taken one fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
@@ -59,6 +61,13 @@ class PromptCacheStats:
     """Held sessions closed after idling longer than the TTL."""
     fallbacks: int = 0
     """Hits whose session failed before its first token: a fresh session took over."""
+    room_closes: int = 0
+    """Held sessions closed because a server refused a fresh session for want of room (``OVERLOADED``)."""
+    open_retries: int = 0
+    """Fresh sessions opened again at once after such a refusal (no route wait, no failover)."""
+    confirmed_opens: int = 0
+    """Fresh sessions whose ``Open`` was awaited before their first step because held sessions might fill a server
+    on their route (see ``client.held_sessions``)."""
 
 
 @dataclass
@@ -146,6 +155,19 @@ class PrefixCache(Generic[S]):
     def next_expiry(self) -> float | None:
         """When the oldest held session expires (None: none held)."""
         return min(h.since for h in self._held) + self.ttl if self._held else None
+
+    def held_on(self, peers: Collection[str], peers_of: Callable[[S], Collection[str]]) -> list[tuple[S, int]]:
+        """The held sessions whose servers (``peers_of(session)``) include one of ``peers``, least recently used
+        first, each with its ``max_length``."""
+        return [(h.session, h.max_length) for h in self._held if not set(peers).isdisjoint(peers_of(h.session))]
+
+    def remove(self, session: S) -> bool:
+        """Remove ``session`` (to close it: see ``stats.room_closes``); False when it is not held."""
+        for i, h in enumerate(self._held):
+            if h.session is session:
+                del self._held[i]
+                return True
+        return False
 
     def drain(self) -> list[S]:
         """Remove and return every held session."""

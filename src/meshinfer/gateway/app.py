@@ -25,13 +25,16 @@ a ``response_format`` grammar, compiled once per request on the worker thread by
 ``models.grammar.GrammarCompiler``, a fresh grammar state per choice: 400 for a schema it rejects). Chat with
 ``tools``: ``gateway.toolflow`` (the template's ``tools=``, the grammar of "required" / a named tool, the reply
 parsed into ``tool_calls``; streams hold back a possible call marker, ``gateway.toolstream``, and send the calls as
-``tool_calls`` deltas at the end). A completion with ``echo`` answers the prompt first (scored by the generator when
+``tool_calls`` deltas: Hermes calls as they are generated, the name first and then the arguments in fragments; other
+formats each call whole at the end). A completion with ``echo`` answers the prompt first (scored by the generator when
 logprobs are asked for: one more pass over the prompt, inside the request's slot), then the completion. Decoding the
 JSON, validating it, rendering and tokenising the prompt run on one worker thread, off the event loop, so one huge
 request never stalls the others (e.g. ``GET /v1/models``). ``/metrics`` needs the key too. ``/health`` is not
 key-protected (a load balancer's probe; it shows only the swarm's coverage and the counters): 200 with the swarm's
 status when a route exists, else 503 with the reason; both carry the gateway's counters (generation requests, active,
-waiting, completed, failed, cancelled: abandoned because the client went away).
+waiting, completed, failed, cancelled: abandoned because the client went away). ``app.state.shutdown_hooks``: what
+stops the app's threads and tasks (the worker thread; a caller appends more, e.g. an ``AutoLoader``'s ``aclose``),
+run once by ``gateway.serving.shutdown_app`` (``ApiServer`` does when it stops serving).
 """
 
 from __future__ import annotations
@@ -106,8 +109,8 @@ class Gateway:
         self.eos_ids = frozenset(generator.spec.eos_token_ids)
         self.vocab_size: int | None = getattr(generator.spec, "vocab_size", None)
         self.max_token_chars = _max_token_chars(tokenizer)
-        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
-                        if share is None else share._worker)
+        self._owner: Gateway = self if share is None else share
+        self._worker: ThreadPoolExecutor | None = None  # the owner's; started on first use, stopped by close()
         self._grammars: GrammarCompiler | None = None
         template = getattr(tokenizer, "chat_template", None)
         self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
@@ -126,9 +129,20 @@ class Gateway:
         except ConfigError as err:
             raise bad(str(err), param=spec.name or None) from None
 
+    def close(self) -> None:
+        """Stop the worker thread (the owner's, which every sharing gateway uses; a later ``offload`` starts a
+        fresh one); idempotent."""
+        owner = self._owner
+        worker, owner._worker = owner._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
+
     async def offload(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the gateway's one worker thread (JSON, validation, templates, tokenising)."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        owner = self._owner
+        if owner._worker is None:
+            owner._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshinfer-gateway-parse")
+        return await asyncio.get_running_loop().run_in_executor(owner._worker, fn)
 
     # ---- prompts -------------------------------------------------------------------------------
 
@@ -238,13 +252,15 @@ class Gateway:
         streams = tools.streams(len(outcomes))
 
         def chunk(index: int, piece: str, scored: int) -> str | None:
+            calls = ""  # tool-call deltas streamed as they are generated (gateway.toolstream), after the content
             if (stream := streams[index]) is not None:
                 piece = stream.push(piece)
+                calls = "".join(sse(c) for c in tools.stream_deltas(stream, builder, index))
             entries = outcomes[index].logprobs[sent[index]:scored]  # those of the tokens up to this piece
             if not piece and not (builder.logprobs and entries):
-                return None
+                return calls or None
             sent[index] = scored
-            return sse(builder.text_chunk(piece, entries, index))
+            return sse(builder.text_chunk(piece, entries, index)) + calls
 
         try:
             for index in range(len(outcomes)):
@@ -308,6 +324,7 @@ def create_app(generator: Generator, model_name: str, config: GatewayConfig | No
     app = FastAPI(title="meshinfer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.models = table
+    app.state.shutdown_hooks = [gateway.close]  # run by ``gateway.serving.shutdown_app`` (uvicorn's lifespan is off)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -29,6 +29,8 @@ COUNTERS: dict[str, str] = {
     "evictions": "Held sessions closed to make room (least recently used)",
     "expirations": "Held sessions closed after idling past the TTL",
     "fallbacks": "Hits whose session failed before its first token (a fresh one took over)",
+    "room_closes": "Held sessions closed because a server refused a fresh session for room",
+    "open_retries": "Fresh sessions opened again at once after a refusal for room",
 }
 HELD = "held"
 """The gauge's key in ``prompt_cache_stats()``: sessions held now."""

@@ -208,6 +208,10 @@ class ResponseBuilder:
     def text_chunk(self, text: str, logprobs: Sequence[TokenLogprob] = (), index: int = 0) -> dict[str, Any]:
         return self._chunk({"content": text} if self.kind == "chat" else text, None, logprobs, index)
 
+    def tool_delta_chunk(self, delta: dict[str, Any], index: int = 0) -> dict[str, Any]:
+        """Chat: the chunk carrying one ``delta.tool_calls`` entry (a call's head or a fragment of its arguments)."""
+        return self._chunk({"tool_calls": [delta]}, None, index=index)
+
     def tool_calls_chunk(self, calls: Sequence[dict[str, Any]], index: int = 0) -> list[dict[str, Any]]:
         """Chat: the chunks streaming ``calls`` (each ``ToolCall.as_dict``): per call, one delta with its
         ``index``, ``id``, ``type`` and ``function.name`` (arguments ""), then one with the arguments, as

@@ -9,7 +9,10 @@ protocol of ``gateway.httpguard`` under ``HttpLimits`` (request heads of at most
 ``header_timeout``; idle keep-alive connections closed after ``keepalive_timeout``), and reports readiness
 only once uvicorn has started. ``start()`` serves from a daemon thread until ``stop()``;
 ``run(on_ready)`` serves in the calling thread until ``stop()`` or, in the main thread, SIGINT/SIGTERM (then
-it returns normally). Shutdown gives open streams ``graceful_timeout`` seconds. Knows nothing of models.
+it returns normally). Shutdown gives open streams ``graceful_timeout`` seconds, then runs the app's
+``state.shutdown_hooks`` once (``shutdown_app``: uvicorn runs with ``lifespan="off"``, so the app's worker thread and
+background tasks stop here; each hook is a callable, sync or returning an awaitable, run on the serving loop; one that
+fails is logged and the others still run). Knows nothing of models.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
+import logging
 import math
 import signal
 import socket
@@ -27,6 +32,23 @@ from typing import Any
 
 from meshinfer.errors import ConfigError
 from meshinfer.gateway.config import HttpLimits
+
+log = logging.getLogger(__name__)
+
+
+async def shutdown_app(app: Any) -> None:
+    """Run and clear ``app.state.shutdown_hooks`` (none: nothing to do); idempotent."""
+    state = getattr(app, "state", None)
+    hooks: list[Callable[[], object]] = list(getattr(state, "shutdown_hooks", None) or ())
+    if hooks:
+        state.shutdown_hooks = []  # type: ignore[union-attr]
+    for hook in reversed(hooks):  # the last added first: they may use what the first ones stop
+        try:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.warning("a gateway shutdown hook failed", exc_info=True)
 
 
 class ApiServer:
@@ -54,6 +76,7 @@ class ApiServer:
                                 timeout_graceful_shutdown=math.ceil(graceful_timeout),
                                 http=guarded_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes,
                                 timeout_keep_alive=limits.keepalive_timeout)
+        self.app = app
         self.server = uvicorn.Server(config)
         self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # ours: see run()
         self.loop = loop
@@ -74,7 +97,10 @@ class ApiServer:
             await asyncio.sleep(0.02)
         if self.server.started and on_ready is not None:
             on_ready()
-        await task
+        try:
+            await task
+        finally:
+            await shutdown_app(self.app)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve in this thread until stopped; ``on_ready`` is called once the server accepts connections.

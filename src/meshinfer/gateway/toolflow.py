@@ -10,8 +10,11 @@ is the family whose calls are parsed out of the reply (None without tools, with 
 ``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tools.tool_grammar``), else
 ``default`` (the request's ``response_format``). ``finish_choice`` parses a whole answer (``finish_reason``
 "tool_calls" when it has calls; only the first without ``parallel_tool_calls``); ``streams(n)`` gives one
-``ToolStream`` per choice (or None each), and ``stream_end`` turns a finished stream's buffer into the rest of the
-content, the calls' delta chunks and the finish reason. Knows nothing of HTTP or generation.
+``ToolStream`` per choice (or None each; at most one call without ``parallel_tool_calls``), ``stream_deltas`` the
+chunks of the calls streamed as they are generated (name first, then argument fragments), and ``stream_end`` turns a
+finished stream's buffer into the last fragments, the rest of the content, the calls not streamed (indices after the
+streamed ones) and the finish reason ("tool_calls" when any call was made, unless cut by max_tokens). Knows nothing
+of HTTP or generation.
 """
 
 from __future__ import annotations
@@ -78,15 +81,26 @@ class ToolFlow:
     def streams(self, n: int) -> list[ToolStream | None]:
         """One ``ToolStream`` per choice of a stream (None each when no call is parsed)."""
         family = self.parsing
-        return [ToolStream(family) if family is not None else None for _ in range(n)]
+        limit = None if self.parallel else 1
+        return [ToolStream(family, limit) if family is not None else None for _ in range(n)]
+
+    @staticmethod
+    def stream_deltas(stream: ToolStream, builder: ResponseBuilder, index: int) -> list[dict[str, Any]]:
+        """The chunks of the tool-call deltas ``stream`` has ready for choice ``index`` (calls streamed as they are
+        generated: Hermes)."""
+        return [builder.tool_delta_chunk(delta, index) for delta in stream.deltas()]
 
     def stream_end(self, stream: ToolStream, builder: ResponseBuilder, index: int,
                    reason: FinishReason) -> tuple[list[dict[str, Any]], FinishReason]:
-        """The chunks that end choice ``index``'s tool handling (rest of the content, then the calls) and its
-        finish reason."""
-        rest, calls = stream.finish()
-        calls = calls if self.parallel else calls[:1]
-        chunks = [builder.text_chunk(rest, (), index)] if rest else []
-        chunks += builder.tool_calls_chunk([c.as_dict() for c in calls], index)
-        return chunks, "tool_calls" if calls else reason
-
+        """The chunks that end choice ``index``'s tool handling (streamed calls' last fragments, rest of the
+        content, then the calls not streamed) and its finish reason ("tool_calls" when it made any, unless cut
+        by max_tokens: "length")."""
+        rest, calls, streamed = stream.finish()
+        chunks = self.stream_deltas(stream, builder, index)
+        chunks += [builder.text_chunk(rest, (), index)] if rest else []
+        for k, call in enumerate(calls, start=streamed):  # after the streamed ones: their indices go on
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            chunks.append(builder.tool_delta_chunk(head, index))
+            chunks.append(builder.tool_delta_chunk({"index": k, "function": {"arguments": call.arguments}}, index))
+        made = bool(calls) or streamed > 0
+        return chunks, "tool_calls" if made and reason != "length" else reason

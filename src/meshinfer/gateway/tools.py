@@ -15,9 +15,11 @@ makes them 400s naming ``param``).
 - ``tool_family(template)``: which output format the model's chat template teaches: ``hermes``
   (Hermes / Qwen2.5: ``<tool_call>\\n{"name", "arguments"}\\n</tool_call>``, several allowed), ``llama3``
   (Llama 3.1+: ``{"name", "parameters"}``, optionally after ``<|python_tag|>``), ``mistral``
-  (``[TOOL_CALLS][{"name", "arguments"}, ...]``); None when the template does not use ``tools`` at all.
+  (``[TOOL_CALLS][{"name", "arguments"}, ...]``), ``mistral_args`` (Mistral's tokenizers v11+, e.g. Mistral Small
+  3.1 / Devstral, whose template has ``[ARGS]``: ``[TOOL_CALLS]name[ARGS]{...}`` per call, back to back, optionally
+  ``[CALL_ID]id`` before ``[ARGS]``); None when the template does not use ``tools`` at all.
 - ``parse_tool_calls(text, family)``: (content outside the calls or None, the calls); text that does not
-  parse as calls stays content, as vLLM's parsers do.
+  parse as calls stays content, as vLLM's parsers do. Both Mistral families parse both Mistral formats.
 - ``tool_grammar(tools, choice, family, parallel)``: a Lark grammar (llguidance, ``%json`` of each tool's
   call schema) for tool_choice "required" (any tool) or named (that tool), so that even a random-weight model
   emits a valid call.
@@ -41,12 +43,12 @@ MAX_TOOL_BYTES = 32_768
 MAX_NAME_CHARS = 64
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
-Family = Literal["hermes", "llama3", "mistral"]
+Family = Literal["hermes", "llama3", "mistral", "mistral_args"]
 Choice = Literal["auto", "none", "required"] | str
 """``auto``, ``none``, ``required``, or (anything else) the name of the tool that must be called."""
 
 MARKERS: dict[str, tuple[str, ...]] = {"hermes": ("<tool_call>",), "llama3": ("<|python_tag|>",),
-                                       "mistral": ("[TOOL_CALLS]",)}
+                                       "mistral": ("[TOOL_CALLS]",), "mistral_args": ("[TOOL_CALLS]",)}
 """Per family, the texts that open a tool call."""
 BARE_STARTS: dict[str, str] = {"llama3": "{", "mistral": "["}
 """Per family, how a reply that is only a call may start when its marker is a special token the detokenizer
@@ -261,7 +263,7 @@ def tool_family(template: str) -> Family | None:
     if "<tool_call>" in template:
         return "hermes"
     if "[TOOL_CALLS]" in template:
-        return "mistral"
+        return "mistral_args" if "[ARGS]" in template else "mistral"
     if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
         return "llama3"
     return "hermes"  # a template that takes tools without naming a format: Hermes is the common default
@@ -299,6 +301,37 @@ def _content(text: str) -> str | None:
     return text if text.strip() else None
 
 
+_NAMED_CALL = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]{1,64})\s*(?:\[CALL_ID\]\s*([A-Za-z0-9]{1,64})\s*)?"
+                         r"\[ARGS\]")
+
+
+def _mistral_named(text: str) -> tuple[str | None, list[ToolCall]] | None:
+    """``[TOOL_CALLS]name[ARGS]{json}`` calls, back to back (whitespace between them), after any content; None when
+    ``text`` has none, or anything after the first one is not such a call."""
+    first = _NAMED_CALL.search(text)
+    if first is None:
+        return None
+    decoder = json.JSONDecoder()
+    calls: list[ToolCall] = []
+    pos = first.start()
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            break
+        match = _NAMED_CALL.match(text, pos)
+        if match is None:
+            return None
+        try:
+            arguments, pos = decoder.raw_decode(text, match.end())
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(ToolCall(match.group(1), json.dumps(arguments, ensure_ascii=False), call_id()))
+    return _content(text[:first.start()]), calls
+
+
 def parse_tool_calls(text: str, family: Family) -> tuple[str | None, list[ToolCall]]:
     """``text`` (a finished reply) split into its content and its tool calls (see the module docstring)."""
     if family == "hermes":
@@ -309,7 +342,10 @@ def parse_tool_calls(text: str, family: Family) -> tuple[str | None, list[ToolCa
         between = [text[a.end():b.start()] for a, b in itertools.pairwise(found)] + [text[found[-1].end():]]
         rest = text[:found[0].start()] + "".join(piece for piece in between if piece.strip())
         return _content(rest), [c for c in calls if c is not None]
-    if family == "mistral":
+    if family in ("mistral", "mistral_args"):
+        named = _mistral_named(text)
+        if named is not None:
+            return named
         head, sep, tail = text.partition("[TOOL_CALLS]")
         if not sep and text.lstrip().startswith("["):  # the marker was a special token, skipped when decoding
             head, sep, tail = "", "[TOOL_CALLS]", text
@@ -364,6 +400,11 @@ def _hoisted_defs(schemas: list[dict[str, Any]], args_key: str) -> dict[str, Any
     return out
 
 
+def _args_schema(tool: Tool) -> str:
+    """``tool``'s parameters schema as JSON text, compact output asked for (its own ``$defs`` stay in it)."""
+    return json.dumps({**json.loads(tool.parameters), "x-guidance": _COMPACT}, ensure_ascii=False)
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)
 
@@ -383,6 +424,12 @@ def tool_grammar(req: ToolRequest, family: Family) -> GrammarSpec | None:
         call = f"call: {_lark_string('<tool_call>' + chr(10))} body {_lark_string(chr(10) + '</tool_call>')}\n"
         start = f"start: call ({_lark_string(chr(10))} call)*\n" if many else "start: call\n"
         return GrammarSpec("lark", start + call + body, "tool_choice")
+    if family == "mistral_args":  # [TOOL_CALLS]name[ARGS]{...} per call: one rule per tool, its own schema
+        alts = [f"c{i}" for i in range(len(tools))]
+        rules = "".join(f"c{i}: {_lark_string('[TOOL_CALLS]' + t.name + '[ARGS]')} a{i}\n"
+                        f"a{i}: %json {_args_schema(t)}\n" for i, t in enumerate(tools))
+        return GrammarSpec("lark", f"start: call{'+' if many else ''}\ncall: {' | '.join(alts)}\n" + rules,
+                           "tool_choice")
     if family == "mistral":
         start = 'start: "[TOOL_CALLS][" body (", " body)* "]"\n' if many else 'start: "[TOOL_CALLS][" body "]"\n'
         return GrammarSpec("lark", start + body, "tool_choice")

@@ -1,9 +1,11 @@
-"""A tiny checkpoint whose chat template supports tools (Qwen2.5's, Hermes-style ``<tool_call>`` calls).
+"""A tiny checkpoint whose chat template supports tools (Qwen2.5's, Hermes-style ``<tool_call>`` calls, by default),
+and the real tool-calling templates of Llama 3.1 (``LLAMA31_TEMPLATE``) and Mistral's recent tokenizers
+(``MISTRAL_ARGS_TEMPLATE``), transcribed (shortened where noted) for tests that need no network.
 
 Contract: ``tool_checkpoint(dest)`` copies a tiny checkpoint (``tiny_checkpoint("llama", variant="llama3")`` by
 default, whose tokenizer has ChatML's ``<|im_start|>`` / ``<|im_end|>``) to ``dest``, writes ``QWEN25_TEMPLATE``
-into its ``tokenizer_config.json`` and a longer context (2048) into ``config.json``: the gateway then renders
-tools, parses ``<tool_call>`` output and enforces forced calls as it would for Qwen2.5. The template is
+(or ``template``) into its ``tokenizer_config.json`` and a longer context (2048) into ``config.json``: the gateway
+then renders tools, parses ``<tool_call>`` output and enforces forced calls as it would for Qwen2.5. The template is
 Qwen2.5-Instruct's, transcribed here (the Hermes tool prompt, ``<tool_call>`` per call, ``tool`` results in a
 ``user`` turn as ``<tool_response>``). Knows files only; no network.
 """
@@ -79,16 +81,156 @@ QWEN25_TEMPLATE = (
 )
 """Qwen2.5-Instruct's chat template (tools as Hermes-style ``<tool_call>`` JSON)."""
 
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function "
+        "call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim
+            + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+"""Llama 3.1-Instruct's chat template (JSON tool calls ``{"name", "parameters"}``, tools in the first user message,
+results as ``ipython`` turns), without its built-in tools (brave_search, wolfram_alpha: ``<|python_tag|>`` calls)."""
 
-def tool_checkpoint(dest: str | Path, source: str | Path | None = None, *, context: int = 2048) -> Path:
-    """``source`` (default: the llama3-variant tiny checkpoint) copied to ``dest`` with ``QWEN25_TEMPLATE`` and
+MISTRAL_ARGS_TEMPLATE = """{%- set default_system_message = '' %}
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = default_system_message %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if system_message != '' %}
+    {{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}
+{%- endif %}
+{%- set ns = namespace(last_user_index=-1) %}
+{%- for m in loop_messages %}
+    {%- if m['role'] == 'user' %}
+        {%- set ns.last_user_index = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if tools is defined and tools is not none and tools|length > 0 and loop.index0 == ns.last_user_index %}
+            {{- '[AVAILABLE_TOOLS]' + tools|tojson + '[/AVAILABLE_TOOLS]' }}
+        {%- endif %}
+        {{- '[INST]' + message['content'] + '[/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- if message['content'] is defined and message['content'] is not none %}
+            {{- message['content'] }}
+        {%- endif %}
+        {%- if message['tool_calls'] is defined and message['tool_calls'] is not none
+               and message['tool_calls']|length > 0 %}
+            {%- for tool in message['tool_calls'] %}
+                {%- set arguments = tool['function']['arguments'] %}
+                {%- if arguments is not string %}
+                    {%- set arguments = arguments|tojson|safe %}
+                {%- elif arguments == '' %}
+                    {%- set arguments = '{}' %}
+                {%- endif %}
+                {{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}
+            {%- endfor %}
+        {%- endif %}
+        {{- eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '[TOOL_RESULTS]' + message['content']|string + '[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception('Only user, assistant and tool roles are supported, got ' + message['role']) }}
+    {%- endif %}
+{%- endfor %}
+"""
+"""The chat template of Mistral's recent tokenizers (Ministral 3, Devstral Small 2: ``[TOOL_CALLS]name[ARGS]{...}``
+per call, ``[AVAILABLE_TOOLS]`` before the last user turn, ``[TOOL_RESULTS]``), without its image and thinking
+parts and its default system prompt."""
+
+
+def tool_checkpoint(dest: str | Path, source: str | Path | None = None, *, context: int = 2048,
+                    template: str = QWEN25_TEMPLATE) -> Path:
+    """``source`` (default: the llama3-variant tiny checkpoint) copied to ``dest`` with ``template`` and
     ``context`` positions (the template's tool prompt alone is ~300 tokens of the tiny 512-token vocabulary)."""
     src = Path(source) if source is not None else tiny_checkpoint("llama", variant="llama3")
     out = Path(dest)
     shutil.copytree(src, out, dirs_exist_ok=True)
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = QWEN25_TEMPLATE
+    config["chat_template"] = template
     config_path.write_text(json.dumps(config, indent=2))
     model_config = json.loads((out / "config.json").read_text())
     model_config["max_position_embeddings"] = context
