@@ -32,6 +32,8 @@ def test_summarise_level() -> None:
     assert out["time_to_first_token_ms"] == pytest.approx({"median": 200.0, "p95": 290.0})
     assert out["latency_ms"] == pytest.approx({"median": 1500.0, "p95": 1950.0})
     assert out["errors"] == ["HTTP 503: busy"]
+    # decode rates (tokens after the first over first -> end): 9/0.9 = 10, 19/1.7 = 11.2, 29/1.3 = 22.3; C x median
+    assert out["decode_tokens_per_s"] == pytest.approx(2 * 19 / 1.7)
 
 
 def test_summarise_level_all_failed() -> None:
@@ -58,6 +60,7 @@ def test_bench_api_smoke() -> None:
         ttft = level["time_to_first_token_ms"]
         assert 0 < ttft["median"] <= ttft["p95"] <= level["latency_ms"]["p95"]
     assert out["speedup_vs_1"] == out["levels"]["c4"]["speedup_vs_1"] and out["levels"]["c1"]["speedup_vs_1"] == 1.0
+    assert out["decode_speedup_vs_1"] == out["levels"]["c4"]["decode_speedup_vs_1"]
 
 
 def test_add_speedups() -> None:
@@ -68,3 +71,7 @@ def test_add_speedups() -> None:
     assert api.add_speedups(levels) == pytest.approx(5.5)
     assert [levels[k].get("speedup_vs_1") for k in ("c1", "c4", "c16", "c32")] == pytest.approx([1.0, 3.5, 5.5, None])
     assert api.add_speedups({"c1": {"concurrency": 1, "failed": 1}}) is None
+    decoding = {"c1": {"concurrency": 1, "completion_tokens_per_s": 10.0, "decode_tokens_per_s": 20.0},
+                "c16": {"concurrency": 16, "completion_tokens_per_s": 40.0, "decode_tokens_per_s": 110.0}}
+    assert api.add_speedups(decoding) == pytest.approx(4.0)
+    assert decoding["c16"]["decode_speedup_vs_1"] == pytest.approx(5.5)

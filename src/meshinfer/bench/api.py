@@ -13,7 +13,10 @@ finish event, for a reply with no text), total time, completion tokens (from the
 and request latency median and p95 (linear interpolation, as in ``bench load``), failures, and ``speedup_vs_1``
 (pure ``add_speedups``): the level's completion tokens/s over the lowest level's (concurrency 1 by default;
 target ``TARGET_SPEEDUP`` at 16, as ``bench load`` asks of the client alone); the top level's is repeated at the
-top of the JSON. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
+top of the JSON. Completion tokens/s includes every prompt's prefill (compute-bound at 16 prompts on CPU servers),
+so each level also gives ``decode_tokens_per_s``: C x the median request's decode rate (tokens after the first over
+the time from the first to the end), the figure ``bench load``'s aggregate decode tokens/s compares with, and its
+``decode_speedup_vs_1``. One untimed warm-up request comes first. The gateway runs on the swarm client's own loop
 (``ApiServer(..., loop=model.loop)``), as ``meshinfer api`` does. After the levels, each of ``EXTRAS`` (name,
 function of an ``ApiBench``) adds its figures under ``extras[name]``: the place for further measurements; and
 ``--extras`` (default ``grammar,turns``) adds ``grammar`` (``bench.api_grammar``: ms per token with and without a
@@ -73,8 +76,11 @@ def add_speedups(levels: dict[str, dict[str, Any]]) -> float | None:
     if not rated:
         return None
     base = rated[min(rated)]["completion_tokens_per_s"]
+    decode_base = rated[min(rated)].get("decode_tokens_per_s")
     for level in rated.values():
         level["speedup_vs_1"] = level["completion_tokens_per_s"] / base if base > 0 else None
+        decode = level.get("decode_tokens_per_s")
+        level["decode_speedup_vs_1"] = decode / decode_base if decode and decode_base else None
     return rated[max(rated)]["speedup_vs_1"]
 
 
@@ -104,9 +110,12 @@ def summarise_level(samples: Sequence[RequestSample], wall_s: float, concurrency
     ttft = [s.ttft_s * 1000 for s in ok]
     total = [s.total_s * 1000 for s in ok]
     tokens = sum(s.completion_tokens for s in ok)
+    rates = [(s.completion_tokens - 1) / (s.total_s - s.ttft_s) for s in ok
+             if s.completion_tokens > 1 and s.total_s > s.ttft_s]
     out.update({
         "requests_per_s": len(ok) / max(wall_s, 1e-9),
         "completion_tokens_per_s": tokens / max(wall_s, 1e-9),
+        "decode_tokens_per_s": concurrency * statistics.median(rates) if rates else None,
         "mean_completion_tokens": tokens / len(ok),
         "time_to_first_token_ms": {"median": statistics.median(ttft), "p95": percentile(ttft, 0.95)},
         "latency_ms": {"median": statistics.median(total), "p95": percentile(total, 0.95)},
@@ -286,6 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "swarm_ready_s": swarm_s,
         "speedup_vs_1": speedup,
+        "decode_speedup_vs_1": results[f"c{max(levels)}"].get("decode_speedup_vs_1"),
         "target_speedup": TARGET_SPEEDUP,
         "levels": results,
         **({"extras": extras} if extras else {}),
