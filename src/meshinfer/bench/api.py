@@ -22,8 +22,9 @@ function of an ``ApiBench``) adds its figures under ``extras[name]``: the place 
 ``--extras`` (default ``grammar,turns``) adds ``grammar`` (``bench.api_grammar``: ms per token with and without a
 response_format JSON schema at the top concurrency, and their ratio) and ``turns`` (``bench.api_turns``: time to
 first token of turn 5 of a chat with and without prompt-cache reuse, two fresh clients of the same swarm).
-The client threads run in the gateway's process, so the figures include their cost. Every
-process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
+The levels' client threads run in a separate process (``bench.api_clients``), as real clients do (in the gateway's
+process their per-token SSE parsing competed with its event loop for the interpreter); the extras' run in this one.
+Every process started is stopped by PID (``LocalSwarm``) whatever happens. Imports torch and the network only inside
 ``run``; never asserts a timing."""
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -209,11 +209,12 @@ def _bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
 
 
 def run_level(url: str, concurrency: int, bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Send ``bodies`` through ``concurrency`` client threads; the level's figures."""
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"bench-api-{concurrency}") as pool:
-        samples = list(pool.map(lambda body: stream_chat(url, body), bodies))
-    return summarise_level(samples, time.perf_counter() - start, concurrency)
+    """Send ``bodies`` through ``concurrency`` client threads of a separate process (``bench.api_clients``: real
+    clients do not share the gateway's interpreter); the level's figures."""
+    from meshinfer.bench.api_clients import run_clients
+
+    wall_s, samples = run_clients(url, concurrency, bodies)
+    return summarise_level(samples, wall_s, concurrency)
 
 
 # ---- the whole benchmark ----------------------------------------------------------------------------
