@@ -19,8 +19,8 @@ drafting while drafts keep failing. ``busy()`` (the caller's load gate; ``Distri
 ``BUSY_MIN_NGRAM`` (3) tokens that repeats earlier text. Why: in a busy batch the servers are compute-bound, so a
 draft costs a token's compute instead of saving a trip; drafts from 1- and 2-token matches in text that does not
 repeat (the random-weight bench model: 8 of 751 accepted) cost 30-40% of the aggregate tokens/s at 16 sessions,
-while a copy in progress (SmolLM2 rewriting a passage: 81% accepted) still gains 2x at 8 sessions (``bench load`` and
-a side-by-side run, session 25).
+while a copy in progress (SmolLM2 rewriting a passage: 81% accepted) still gains 1.72x at 8 sessions with this rule
+(1.75x drafting always; ``bench load`` and a side-by-side run, session 25).
 
 Audits (``session.auditor`` set): tokens are released once verified, a ``Detection`` rolls the generation back
 and fails the liar over, exactly as ``client.audited.agenerate_audited`` does (token k still comes from the
