@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_helpers import start_swarm, stop_swarm
+from client_helpers import start_swarm, stop_and_check, stop_swarm
 
 from meshinfer.client.model import DistributedModel
 from meshinfer.config import P2PConfig
@@ -29,6 +29,7 @@ from meshinfer.models.engine import LocalModel
 from meshinfer.p2p.node import NodeSettings, PeerNode, Put
 from meshinfer.testing import swarm as swarm_module
 from meshinfer.testing.checkpoints import tiny_checkpoint
+from meshinfer.testing.procs import start_dht
 from meshinfer.testing.swarm import LocalSwarm
 from meshinfer.types import BlockRange
 from meshinfer.wire.records import ServerRecord, block_key
@@ -90,6 +91,18 @@ def test_a_lying_fast_server_gets_at_most_its_fair_share_once_measured(
     assert liar in measured and measured[liar] > 2 * min(measured.values())  # measured as slow as it is
 
 
+@pytest.fixture
+def own_bootstrap() -> Iterator[list[str]]:
+    """A bootstrap peer of this test alone. The session's shared one has, by now, the records and routing-table
+    entries of every stopped server of earlier tests: a write lands on the 20 nearest peers the search meets, and
+    when those are dead ones the fake record reaches no live node (seen in CI: the liar was never listed)."""
+    dht, maddrs = start_dht(timeout=90)
+    try:
+        yield maddrs
+    finally:
+        stop_and_check([dht])
+
+
 def _publish_fake_record(runner: LoopThread, bootstrap: list[str], model_id: str, num_blocks: int) -> str:
     """Store, signed by a fresh peer's own key, a record of that peer serving every block at 1e12 tokens/s at
     addresses where nothing listens; then the peer leaves (nothing answers for it)."""
@@ -101,20 +114,20 @@ def _publish_fake_record(runner: LoopThread, bootstrap: list[str], model_id: str
                               direct_addresses=["/ip4/127.0.0.1/tcp/9"], software_version="9.9.9", batch_size=8)
         stored = runner.run(node.dht_put_records([Put(block_key(model_id, i), record) for i in range(num_blocks)],
                                                  time.time() + 300))  # outlives both clients on a loaded box
-        assert all(stored)
+        assert all(stored), "the fake record reached no other live peer"
         return node.peer_id
     finally:
         runner.run(node.close())
 
 
 def test_an_unreachable_liar_costs_a_client_at_most_one_failed_dial(
-        model_dir: Path, bootstrap: list[str], stopped_safely: list[LocalSwarm]) -> None:
+        model_dir: Path, own_bootstrap: list[str], stopped_safely: list[LocalSwarm]) -> None:
     reference = _reference(model_dir, 4)
-    swarm = start_swarm(model_dir, [(0, 4)], bootstrap)
+    swarm = start_swarm(model_dir, [(0, 4)], own_bootstrap)
     stopped_safely.append(swarm)
     runner = LoopThread("fake-record").start()
     try:
-        fake = _publish_fake_record(runner, bootstrap, swarm.model_id, 4)
+        fake = _publish_fake_record(runner, own_bootstrap, swarm.model_id, 4)
     finally:
         runner.stop()
     tried: list[int] = []

@@ -3,8 +3,10 @@
 Contract: ``put_records(dht, items, ...)`` stores each ``Put`` (a ``DhtRecord`` under a key, subkey
 ``<peer id>`` or ``<peer id>/<tag>``: ``p2p.signing.make_subkey``; the DHT's validator signs it) until an
 expiration time, in ONE bounded call, and says per item whether some node stored it (two items with one key and
-tag: ``UsageError``; timed out: all False). ``get_records(dht, keys, ...)`` reads every key in ONE call bounded by
-a timeout, at most ``RecordLimits.max_keys_per_read`` keys (more: ``UsageError``), each key's answer decoded by
+tag: ``UsageError``; timed out: all False). A client-mode node (``exclude_self``) never counts itself as a replica:
+no other peer can read its storage, so a write that reached only itself is a failed write, not a stored record.
+``get_records(dht, keys, ...)`` reads every key in ONE call bounded by a timeout, at most
+``RecordLimits.max_keys_per_read`` keys (more: ``UsageError``), each key's answer decoded by
 ``p2p.dhtentries.decode_entries`` within the limits (skips counted in the caller's counter); keys not answered in
 time are absent. Keys are mapped through ``dht_key`` (a private swarm's sealed names) on the way in and back on the
 way out: callers name plain keys. Knows nothing of streams, identities beyond a peer id, or what the records mean.
@@ -43,8 +45,9 @@ class Put:
 
 
 async def put_records(dht: DHTNode, items: Sequence[Put], expiration_time: float, *, peer_id: str,
-                      dht_key: Callable[[str], str], timeout: float) -> list[bool]:
-    """Store each record until ``expiration_time``; per item: stored by some node (see the module docstring)."""
+                      dht_key: Callable[[str], str], timeout: float, exclude_self: bool = False) -> list[bool]:
+    """Store each record until ``expiration_time``; per item: stored by some node (``exclude_self``: some OTHER
+    node; see the module docstring)."""
     if not items:
         return []
     keys = [dht_key(p.key) for p in items]
@@ -54,7 +57,7 @@ async def put_records(dht: DHTNode, items: Sequence[Put], expiration_time: float
         raise UsageError("two records for the same key and tag in one write")
     try:
         async with asyncio.timeout(timeout):
-            ok = await dht.store_many(keys, values, expiration_time, subkeys=subkeys)
+            ok = await dht.store_many(keys, values, expiration_time, subkeys=subkeys, exclude_self=exclude_self)
     except TimeoutError:
         log.warning("DHT store of %d records timed out after %gs", len(items), timeout)
         return [False] * len(items)

@@ -354,10 +354,11 @@ class PeerNode:
         """Store each record, signed, until ``expiration_time``; per item: stored by some node.
 
         A write with an earlier expiration than the one already stored under the same key and
-        subkey is refused (the DHT keeps the newest), so refresh with a later expiration.
+        subkey is refused (the DHT keeps the newest), so refresh with a later expiration. A client-mode
+        node's own storage is not a replica (nobody reads it): its writes count only other nodes.
         """
         return await put_records(self._dht, items, expiration_time, peer_id=self.peer_id, dht_key=self._dht_key,
-                                 timeout=timeout)
+                                 timeout=timeout, exclude_self=self.settings.client_mode)
 
     async def dht_put_record(self, key: str, record: DhtRecord, expiration_time: float,
                              tag: str | None = None) -> bool:
