@@ -11,7 +11,9 @@ import pytest
 
 from meshinfer.gateway.requests import ApiError, parse_chat_request
 from meshinfer.gateway.responses import Choice, ResponseBuilder, Usage
-from meshinfer.gateway.tools import ToolError, parse_tool_calls, parse_tools, tool_family, tool_grammar
+from meshinfer.gateway.tool_grammar import tool_grammar
+from meshinfer.gateway.tool_output import parse_tool_calls, tool_family
+from meshinfer.gateway.tools import ToolError, parse_tools
 from meshinfer.gateway.toolstream import ToolStream
 from meshinfer.testing.toolmodel import LLAMA31_TEMPLATE, MISTRAL_ARGS_TEMPLATE, QWEN25_TEMPLATE
 
@@ -133,9 +135,15 @@ def test_a_forced_mistral_args_grammar_admits_only_named_calls(choice: Any) -> N
     req = parse_tools({**body(tool_choice=choice), "tools": tools})
     assert req is not None
     spec = tool_grammar(req, "mistral_args")
-    assert spec is not None and spec.kind == "lark" and "[TOOL_CALLS]get_current_weather[ARGS]" in spec.source
-    assert ("[TOOL_CALLS]f[ARGS]" in spec.source) == (choice == "required")
+    assert spec is not None and spec.kind == "lark"
+    assert '"[TOOL_CALLS]" "get_current_weather" "[ARGS]"' in spec.source
+    assert ('"[TOOL_CALLS]" "f" "[ARGS]"' in spec.source) == (choice == "required")
     LLMatcher.grammar_from_lark(spec.source)  # compiles
+    # where the tokenizer has the markers as special tokens, the grammar names those tokens, not their text
+    special = tool_grammar(req, "mistral_args", {"[TOOL_CALLS]": 5, "[ARGS]": 32})
+    assert special is not None and '<[5]> "get_current_weather" <[32]>' in special.source
+    assert '"[TOOL_CALLS]"' not in special.source and '"[ARGS]"' not in special.source
+    LLMatcher.grammar_from_lark(special.source)
 
 
 def test_the_stream_holds_back_a_possible_marker_and_ends_with_the_calls() -> None:

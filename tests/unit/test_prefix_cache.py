@@ -81,8 +81,8 @@ def test_held_on_lists_sessions_on_given_servers_lru_first_and_remove_takes_one_
     cache: PrefixCache[str] = PrefixCache(capacity=4, ttl=60.0)
     for t, name in enumerate(("b", "a", "c")):
         cache.put(name, BASE, 100 + t, now=float(t))
-    assert cache.held_on({"p2"}, routes.__getitem__) == [("b", 100), ("a", 101)]
-    assert cache.held_on({"p4", "p1"}, routes.__getitem__) == [("a", 101), ("c", 102)]
+    assert cache.held_on({"p2"}, routes.__getitem__) == ["b", "a"]
+    assert cache.held_on({"p4", "p1"}, routes.__getitem__) == ["a", "c"]
     assert cache.held_on({"p9"}, routes.__getitem__) == []
     assert cache.remove("b") and not cache.remove("b")
-    assert cache.held_on({"p2"}, routes.__getitem__) == [("a", 101)] and len(cache) == 2
+    assert cache.held_on({"p2"}, routes.__getitem__) == ["a"] and len(cache) == 2

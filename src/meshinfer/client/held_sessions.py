@@ -129,7 +129,7 @@ def crowded(held: HeldSessions, session: ClientSession) -> frozenset[str]:
     (Announced ``cache_tokens_left`` cannot rule it out: it may predate the held sessions, and a server's limit per
     peer, ``--max-kv-tokens-per-peer``, is not announced.) Empty: its pipelined ``Open`` is not worth awaiting."""
     route = _peers(session)
-    return frozenset(p for s, _ in held.cache.held_on(route, _peers) for p in _peers(s) & route)
+    return frozenset(p for s in held.cache.held_on(route, _peers) for p in _peers(s) & route)
 
 
 async def open_making_room(held: HeldSessions, size: int, avoid: frozenset[str],
@@ -163,7 +163,7 @@ async def open_making_room(held: HeldSessions, size: int, avoid: frozenset[str],
             suspect |= peers
             there = cache.held_on(peers, _peers)
             if there:
-                victim = there[0][0]
+                victim = there[0]
                 cache.remove(victim)
                 cache.stats.room_closes += 1
                 log.info("a server refused a session for room (%s); closing a held session there, retrying", err)

@@ -156,10 +156,10 @@ class PrefixCache(Generic[S]):
         """When the oldest held session expires (None: none held)."""
         return min(h.since for h in self._held) + self.ttl if self._held else None
 
-    def held_on(self, peers: Collection[str], peers_of: Callable[[S], Collection[str]]) -> list[tuple[S, int]]:
+    def held_on(self, peers: Collection[str], peers_of: Callable[[S], Collection[str]]) -> list[S]:
         """The held sessions whose servers (``peers_of(session)``) include one of ``peers``, least recently used
-        first, each with its ``max_length``."""
-        return [(h.session, h.max_length) for h in self._held if not set(peers).isdisjoint(peers_of(h.session))]
+        first."""
+        return [h.session for h in self._held if not set(peers).isdisjoint(peers_of(h.session))]
 
     def remove(self, session: S) -> bool:
         """Remove ``session`` (to close it: see ``stats.room_closes``); False when it is not held."""

@@ -75,8 +75,9 @@ from meshinfer.gateway.requests import (
     resolve_max_tokens,
 )
 from meshinfer.gateway.responses import SSE_DONE, Choice, ResponseBuilder, Usage, sse
-from meshinfer.gateway.toolflow import ToolFlow
-from meshinfer.gateway.tools import Family, tool_family
+from meshinfer.gateway.tool_output import tool_family
+from meshinfer.gateway.toolflow import ToolFlow, special_markers
+from meshinfer.gateway.tools import Family
 from meshinfer.metrics import render
 from meshinfer.models.constraint import ConstraintFactory
 from meshinfer.models.detokenize import chat_stop_ids, text_decoder
@@ -114,7 +115,8 @@ class Gateway:
         self._grammars: GrammarCompiler | None = None
         template = getattr(tokenizer, "chat_template", None)
         self.tool_family: Family | None = tool_family(template) if isinstance(template, str) else None
-        """The tool-call format of the model's chat template (``gateway.tools``); None: it takes no tools."""
+        """The tool-call format of the model's chat template (``gateway.tool_output``); None: it takes no tools."""
+        self.tool_specials = special_markers(tokenizer, self.tool_family)
 
     def compile_grammar(self, spec: GrammarSpec) -> ConstraintFactory:
         """The decoding constraint for ``spec`` (on the worker thread: see ``offload``); a 400 naming
@@ -167,7 +169,7 @@ class Gateway:
         if not getattr(tokenizer, "chat_template", None):
             raise bad("this model's tokenizer has no chat template (a base model?): use /v1/completions",
                       param="messages")
-        extra = ToolFlow(req, self.tool_family).template_kwargs()  # tools= (gateway.toolflow)
+        extra = ToolFlow(req, self.tool_family, self.tool_specials).template_kwargs()  # tools= (gateway.toolflow)
         try:
             text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False,
                                                  **extra)
@@ -198,7 +200,7 @@ class Gateway:
                 self.slots.release()
 
     def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int,
-                constraint: ConstraintFactory | None = None) -> Answer:
+                constraint: ConstraintFactory | None = None, keep: tuple[str, ...] = ()) -> Answer:
         """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``;
         with ``constraint``, its own grammar state, ending at any chat stop id as the grammar's eos)."""
         outcome = Outcome(prompt_tokens=len(ids))
@@ -211,7 +213,7 @@ class Gateway:
         stops = stops | frozenset(req.stop_token_ids)
         params = GenerationParams.of(max_tokens, sampling, stops, req.top_logprobs)
         params = dataclasses.replace(params, constraint=constraint)
-        pieces = generate_text(self.generator, ids, params, req.stop, outcome)
+        pieces = generate_text(self.generator, ids, params, req.stop, outcome, keep)
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else text_decoder(self.generator.tokenizer)(ids)
             pieces = after(lambda: echo_prompt(self.generator, ids, text, req.top_logprobs, outcome), pieces)
@@ -219,7 +221,7 @@ class Gateway:
 
     async def answer(self, request: Request, req: GenerationRequest) -> Response:
         ids = await self.offload(lambda: self.prompt_ids(req))
-        tools = ToolFlow(req, self.tool_family)
+        tools = ToolFlow(req, self.tool_family, self.tool_specials)
         grammar = tools.grammar(req.grammar)
         constraint = None if grammar is None else await self.offload(lambda: self.compile_grammar(grammar))
         spec = self.generator.spec
@@ -227,7 +229,8 @@ class Gateway:
                                         self.config.default_max_tokens)
         builder = ResponseBuilder(req.kind, self.model_name, include_usage=req.include_usage,
                                   logprobs=req.top_logprobs is not None)
-        choices = Choices([self._choice(req, ids, max_tokens, i, constraint) for i in range(req.n)])
+        choices = Choices([self._choice(req, ids, max_tokens, i, constraint, tools.kept_tokens)
+                           for i in range(req.n)])
         try:
             firsts = await unless_gone(request, choices.firsts())
             if not req.stream:

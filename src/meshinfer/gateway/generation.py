@@ -240,11 +240,12 @@ async def echo_prompt(generator: Generator, prompt_ids: Sequence[int], text: str
 
 
 async def generate_text(generator: Generator, prompt_ids: Sequence[int], params: GenerationParams,
-                        stop: Sequence[str], outcome: Outcome) -> AsyncIterator[str]:
+                        stop: Sequence[str], outcome: Outcome, keep: Sequence[str] = ()) -> AsyncIterator[str]:
     """Text deltas of the answer: one item per generated token (possibly ``""``: the first item marks the
     first token), then the held-back tail. ``outcome`` says how it ended once the iterator is exhausted (and,
-    with ``params.top_logprobs`` set, holds each token's ``TokenLogprob``)."""
-    decode = text_decoder(generator.tokenizer)
+    with ``params.top_logprobs`` set, holds each token's ``TokenLogprob``). Special tokens are skipped but those
+    named in ``keep`` (``models.detokenize.text_decoder``)."""
+    decode = text_decoder(generator.tokenizer, keep)
     detok = IncrementalDetokenizer(decode)
     stops = StopStringFilter(stop)
     stop_ids = params.stops(generator.spec.eos_token_ids)

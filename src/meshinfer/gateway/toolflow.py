@@ -1,32 +1,46 @@
 """A chat request's tools through the gateway: what the template gets, which grammar constrains the reply, and
 how the reply's text becomes ``tool_calls`` (whole answers and streams).
 
-Contract: ``ToolFlow(req, family)`` (``family``: the tool-call format of the model's chat template,
-``gateway.tools.tool_family``; None: the template never uses tools) holds one request's tool handling:
+Contract: ``ToolFlow(req, family, specials)`` (``family``: the tool-call format of the model's chat template,
+``gateway.tool_output.tool_family``; None: the template never uses tools; ``specials``: which of its markers the
+tokenizer has as special tokens, by id: ``special_markers(tokenizer, family)``) holds one request's tool handling:
 ``template_kwargs()`` is what ``apply_chat_template`` gets (``tools=`` when the request has tools and the template
 uses them, "none" included: rendered, never parsed, as vLLM); a template that never uses tools is a 400
 ``unsupported_parameter`` naming ``tools`` unless ``tool_choice`` is "none" (then they are dropped). ``parsing``
 is the family whose calls are parsed out of the reply (None without tools, with "none" or with no family);
-``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tools.tool_grammar``), else
+``kept_tokens`` are the special tokens the reply's text must keep for that parsing (the family's markers);
+``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tool_grammar.tool_grammar``), else
 ``default`` (the request's ``response_format``). ``finish_choice`` parses a whole answer (``finish_reason``
 "tool_calls" when it has calls; only the first without ``parallel_tool_calls``); ``streams(n)`` gives one
 ``ToolStream`` per choice (or None each; at most one call without ``parallel_tool_calls``), ``stream_deltas`` the
 chunks of the calls streamed as they are generated (name first, then argument fragments), and ``stream_end`` turns a
 finished stream's buffer into the last fragments, the rest of the content, the calls not streamed (indices after the
 streamed ones) and the finish reason ("tool_calls" when any call was made, unless cut by max_tokens). Knows nothing
-of HTTP or generation.
+of HTTP or generation (the tokenizer only through ``models.detokenize``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshinfer.gateway.requests import GenerationRequest, bad
 from meshinfer.gateway.responses import Choice, FinishReason, ResponseBuilder
-from meshinfer.gateway.tools import Family, parse_tool_calls, tool_grammar
+from meshinfer.gateway.tool_grammar import tool_grammar
+from meshinfer.gateway.tool_output import parse_tool_calls
+from meshinfer.gateway.tools import KEPT_TOKENS, Family
 from meshinfer.gateway.toolstream import ToolStream
+from meshinfer.models.detokenize import special_token_ids
 from meshinfer.models.grammar import GrammarSpec
+
+
+def special_markers(tokenizer: Any, family: Family | None) -> dict[str, int]:
+    """The markers of ``family`` (``gateway.tools.KEPT_TOKENS``) that ``tokenizer`` has as special tokens, with their
+    ids (Mistral's ``[TOOL_CALLS]`` / ``[ARGS]``): the forced grammar names those tokens."""
+    if family is None:
+        return {}
+    return {text: i for i, text in special_token_ids(tokenizer, KEPT_TOKENS[family]).items()}
 
 
 @dataclass(frozen=True)
@@ -36,12 +50,21 @@ class ToolFlow:
     req: GenerationRequest
     family: Family | None
     """The template's tool-call format (None: it takes no tools)."""
+    specials: Mapping[str, int] = field(default_factory=dict[str, int])
+    """The family's markers that the tokenizer has as special tokens, with their ids (for the forced grammar)."""
 
     @property
     def parsing(self) -> Family | None:
         """The format calls are parsed in (None: no call is parsed)."""
         tools = self.req.tools
         return self.family if tools is not None and tools.choice != "none" else None
+
+    @property
+    def kept_tokens(self) -> tuple[str, ...]:
+        """The special tokens the reply's text keeps for the parser (``gateway.tools.KEPT_TOKENS``; none when no
+        call is parsed)."""
+        family = self.parsing
+        return KEPT_TOKENS[family] if family is not None else ()
 
     @property
     def parallel(self) -> bool:
@@ -63,7 +86,7 @@ class ToolFlow:
         """The reply's grammar: the tool call's for "required" / a named tool, else ``default``."""
         family = self.parsing
         if family is not None and self.req.tools is not None:
-            return tool_grammar(self.req.tools, family) or default
+            return tool_grammar(self.req.tools, family, self.specials) or default
         return default
 
     def finish_choice(self, choice: Choice) -> Choice:

@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshinfer.gateway.responses import partial_stop_length
-from meshinfer.gateway.tools import BARE_STARTS, MARKERS, Family, ToolCall, call_id, parse_tool_calls
+from meshinfer.gateway.tool_output import parse_tool_calls
+from meshinfer.gateway.tools import BARE_STARTS, MARKERS, Family, ToolCall, call_id
 
 _NAME = r'"([A-Za-z0-9_.\-]{1,64})"'
 HEADS: dict[str, tuple[str, re.Pattern[str]]] = {
     "hermes": ("<tool_call>", re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*' + _NAME + r'\s*,\s*"arguments"\s*:\s*\{')),
     "llama3": ("{", re.compile(r'\{\s*"name"\s*:\s*' + _NAME + r'\s*,\s*"parameters"\s*:\s*\{')),
     "mistral_args": ("[TOOL_CALLS]", re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]{1,64})\s*"
-                                                r"(?:\[CALL_ID\]\s*[A-Za-z0-9]{1,64}\s*)?\[ARGS\]\s*\{")),
+                                                r"(?:\[CALL_ID\]\s*[A-Za-z0-9]{1,64}\s*)?(?:\[ARGS\])?\s*\{")),
 }
 """Per family whose calls stream as generated: where a call starts, and its head: the name known and the arguments
 object begun (its ``{`` is the match's last char)."""

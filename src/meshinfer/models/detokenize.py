@@ -5,7 +5,8 @@ Contract: pure functions and classes over a tokenizer object (anything with ``de
 neither torch nor any network code, so the CLI (``generate``, ``chat``) and the OpenAI-compatible gateway
 stream text the same way and their tests run in milliseconds. ``IncrementalDetokenizer`` never emits half
 a character and its deltas concatenate to ``decode(all ids)``; ``text_decoder`` decodes with special tokens
-skipped and no space clean-up; ``chat_stop_ids`` is what ends a chat reply.
+skipped (but those named in ``keep``: a tool-call parser's markers) and no space clean-up; ``special_token_ids``
+says which of some token texts are special tokens; ``chat_stop_ids`` is what ends a chat reply.
 """
 
 from __future__ import annotations
@@ -52,10 +53,42 @@ class IncrementalDetokenizer:
         return text[len(prefix):]
 
 
-def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
-    """``ids -> text`` with special tokens skipped and no space clean-up (exact concatenation)."""
-    def decode(ids: list[int]) -> str:
+def special_token_ids(tokenizer: Any, tokens: Iterable[str]) -> dict[int, str]:
+    """Id -> text of those of ``tokens`` that ``tokenizer`` has as special tokens (skipped when decoding)."""
+    vocab = tokenizer.get_vocab()
+    out: dict[int, str] = {}
+    for token in tokens:
+        tid = vocab.get(token)
+        if tid is not None and str(tokenizer.decode([tid], skip_special_tokens=True)) == "":
+            out[int(tid)] = token
+    return out
+
+
+def text_decoder(tokenizer: Any, keep: Iterable[str] = ()) -> Callable[[list[int]], str]:
+    """``ids -> text`` with special tokens skipped and no space clean-up (exact concatenation); the special tokens
+    named in ``keep`` are spelled out (Mistral's ``[TOOL_CALLS]`` / ``[ARGS]``, Llama's ``<|python_tag|>``: the
+    tool-call parser needs them, as vLLM's parsers have ``skip_special_tokens`` off). Text between them is decoded
+    on its own, so a kept token never merges with its neighbours."""
+    kept = special_token_ids(tokenizer, keep)
+
+    def plain(ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    if not kept:
+        return plain
+
+    def decode(ids: list[int]) -> str:
+        if kept.keys().isdisjoint(ids):
+            return plain(ids)
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in kept:
+                parts += [plain(run), kept[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*parts, plain(run)])
 
     return decode
 

@@ -7,7 +7,8 @@ default, whose tokenizer has ChatML's ``<|im_start|>`` / ``<|im_end|>``) to ``de
 (or ``template``) into its ``tokenizer_config.json`` and a longer context (2048) into ``config.json``: the gateway
 then renders tools, parses ``<tool_call>`` output and enforces forced calls as it would for Qwen2.5. The template is
 Qwen2.5-Instruct's, transcribed here (the Hermes tool prompt, ``<tool_call>`` per call, ``tool`` results in a
-``user`` turn as ``<tool_response>``). Knows files only; no network.
+``user`` turn as ``<tool_response>``). ``special_markers`` makes given tokens special tokens of its tokenizer (as
+real Mistral tokenizers have ``[TOOL_CALLS]`` / ``[ARGS]``, which decoding skips). Knows files only; no network.
 """
 
 from __future__ import annotations
@@ -235,4 +236,42 @@ def tool_checkpoint(dest: str | Path, source: str | Path | None = None, *, conte
     model_config = json.loads((out / "config.json").read_text())
     model_config["max_position_embeddings"] = context
     (out / "config.json").write_text(json.dumps(model_config, indent=2))
+    return out
+
+
+MISTRAL_MARKERS = {2: "[TOOL_CALLS]", 3: "[ARGS]"}
+"""The special tokens ``special_markers`` gives by default: ids 2 and 3 (the tiny tokenizer's ``<|pad|>`` and
+``<|im_start|>``, which the Mistral template never uses; the pad token becomes the eos token)."""
+
+
+def special_markers(directory: str | Path, markers: dict[int, str] | None = None) -> Path:
+    """Rename the special tokens of ``directory``'s tokenizer at the ids of ``markers`` to its texts (in
+    ``tokenizer.json`` and ``tokenizer_config.json``): a tokenizer that, like Mistral's real ones, encodes
+    ``[TOOL_CALLS]`` as one special token the model can emit and ``decode(skip_special_tokens=True)`` drops."""
+    out = Path(directory)
+    names = MISTRAL_MARKERS if markers is None else markers
+    tok_path, config_path = out / "tokenizer.json", out / "tokenizer_config.json"
+    tok, config = json.loads(tok_path.read_text()), json.loads(config_path.read_text())
+    renamed: dict[str, str] = {}
+    for entry in tok["added_tokens"]:
+        if entry["id"] in names:
+            renamed[entry["content"]] = names[entry["id"]]
+            entry["content"] = names[entry["id"]]
+    vocab = tok["model"]["vocab"]  # the BPE vocabulary spells the special tokens too (trained first)
+    tok["model"]["vocab"] = {renamed.get(piece, piece): i for piece, i in vocab.items()}
+    for key, entry in config.get("added_tokens_decoder", {}).items():
+        if int(key) in names:
+            entry["content"] = names[int(key)]
+    if set(names) - {e["id"] for e in tok["added_tokens"] if e["special"]}:
+        raise ValueError(f"ids {sorted(names)} are not all special tokens of {out}")
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if config.get(key) in renamed:
+            config[key] = config["eos_token"] if key == "pad_token" else renamed[config[key]]
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False))
+    config_path.write_text(json.dumps(config, indent=2))
+    special_map = out / "special_tokens_map.json"
+    if special_map.exists():
+        mapping = json.loads(special_map.read_text())
+        mapping = {k: (config.get(k, v) if v in renamed else v) for k, v in mapping.items()}
+        special_map.write_text(json.dumps(mapping, indent=2))
     return out
