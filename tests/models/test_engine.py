@@ -151,14 +151,27 @@ def test_fast_linear_matches_plain_linear(model: LocalModel) -> None:
     torch.testing.assert_close(fast_logits, plain_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_autotune_picks_a_kernel_once_per_process(model: LocalModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_autotune_picks_a_kernel_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ops._state, "tuned", False)
     monkeypatch.setitem(ops._state, "fast", False)
-    weights = [layer.qkv.weight for layer in model.span.layers]
+    weights = [torch.randn(1024, 2048) for _ in range(2)]  # 16 MiB: large enough to be timed
     chosen = ops.autotune_linear(weights, rounds=1)
     assert ops._state["tuned"] and ops.fast_linear_enabled() == chosen
     monkeypatch.setitem(ops._state, "fast", not chosen)  # a second call keeps the first decision
     assert ops.autotune_linear(weights) == (not chosen)
+
+
+def test_autotune_leaves_a_small_model_on_plain_linear(model: LocalModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test-sized model is not timed (cache-resident weights: noise), so every process computes it alike;
+    a larger model loaded later in the same process is still timed."""
+    monkeypatch.setitem(ops._state, "tuned", False)
+    monkeypatch.setitem(ops._state, "fast", False)
+    small = ops.layer_weights(model.span)
+    assert sum(w.numel() * 4 for w in small) < ops.AUTOTUNE_MIN_BYTES
+    assert ops.autotune_linear(small) is False
+    assert not ops._state["tuned"]
+    ops.autotune_linear([torch.randn(1024, 2048) for _ in range(2)], rounds=1)
+    assert ops._state["tuned"]
 
 
 # ---- cache operations -------------------------------------------------------------------------

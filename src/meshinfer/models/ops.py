@@ -10,10 +10,14 @@ weights faster depends on the processor: oneDNN's was twice MKL's on one machine
 slower on another. So ``autotune_linear(weights)`` times both, once per process, on the model's own weights
 as a decode step reads them (every weight once, out of cache), interleaved, and takes oneDNN only when it is
 clearly faster (``ONEDNN_MARGIN``): the two round differently, and processes of one machine (a local engine and
-the servers it is compared with) should not choose differently because of timing noise. Until then, and where no
-oneDNN kernel exists, ``F.linear`` is used. Only float32 takes the oneDNN path (bf16
-``F.linear`` already reaches oneDNN, fp16 has no oneDNN CPU kernel); large row counts (prefill) and other
-devices use ``F.linear``. ``set_fast_linear`` forces a choice (for comparisons; it also ends autotuning).
+the servers it is compared with) should not choose differently because of timing noise. A model whose weights
+are fewer than ``AUTOTUNE_MIN_BYTES`` is not timed at all and keeps ``F.linear``: its weights sit in cache, the
+timing measures call overhead and noise (on a 2-core machine a 4-block test model chose oneDNN in one server
+process out of three, so its outputs differed from every other process's in the last bits), and a model that
+small is fast either way. Until then, and where no oneDNN kernel exists, ``F.linear`` is used. Only float32
+takes the oneDNN path (bf16 ``F.linear`` already reaches oneDNN, fp16 has no oneDNN CPU kernel); large row
+counts (prefill) and other devices use ``F.linear``. ``set_fast_linear`` forces a choice (for comparisons; it
+also ends autotuning).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ ONEDNN_MARGIN = 1.3
 """oneDNN is chosen only when MKL takes at least this many times as long (a clear, repeatable difference)."""
 AUTOTUNE_BYTES = 96 * 1024 * 1024
 """Weights timed per kernel and round by ``autotune_linear`` (about twice a server CPU's last-level cache)."""
+AUTOTUNE_MIN_BYTES = 16 * 1024 * 1024
+"""Below this many bytes of fp32 weights ``autotune_linear`` keeps ``F.linear`` untimed (cache-resident weights:
+the timing would be noise, and processes of one machine must choose alike)."""
 
 
 def set_fast_linear(enabled: bool) -> bool:
@@ -57,7 +64,7 @@ def autotune_linear(weights: list[torch.Tensor], rounds: int = 3) -> bool:
         total += w.numel() * 4
         if total >= AUTOTUNE_BYTES:
             break
-    if not sample:
+    if total < AUTOTUNE_MIN_BYTES:  # too small to time meaningfully; a larger model later may still be timed
         return _state["fast"]
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in sample}
     kernels = {
