@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from meshinfer.gateway.tool_output import parse_tool_calls
 from meshinfer.gateway.tools import KEPT_TOKENS
 from meshinfer.gateway.toolstream import ToolStream
-from meshinfer.models.detokenize import IncrementalDetokenizer, text_decoder
+from meshinfer.models.detokenize import IncrementalDetokenizer, special_token_ids, text_decoder
 from meshinfer.testing.toolmodel import MISTRAL_ARGS_TEMPLATE, special_markers, tool_checkpoint
 
 TEXT = 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
@@ -40,7 +40,7 @@ def test_kept_markers_decode_as_transformers_does_without_skipping_and_parse_int
     skipped = text_decoder(tok)(ids)
     assert skipped == tok.decode(ids, skip_special_tokens=True) == 'Sure.get_weather{"city": "Paris"}'
     assert parse_tool_calls(skipped, "mistral_args") == (skipped, [])  # no marker: no call
-    decode = text_decoder(tok, KEPT_TOKENS["mistral_args"])
+    decode = text_decoder(tok, special_token_ids(tok, KEPT_TOKENS["mistral_args"]))
     assert decode(ids) == tok.decode(ids, skip_special_tokens=False) == TEXT
     content, calls = parse_tool_calls(decode(ids), "mistral_args")
     assert content == "Sure." and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather",
@@ -52,7 +52,8 @@ def test_kept_markers_decode_as_transformers_does_without_skipping_and_parse_int
     shown = "".join(stream.push(d) for d in deltas)
     rest, whole, streamed = stream.finish()
     assert shown + rest == "Sure." and whole == [] and streamed == 1
-    assert text_decoder(tok, ("<|im_end|>", "[NOT_A_TOKEN]"))(ids) == skipped  # only named special tokens
+    assert special_token_ids(tok, ("[NOT_A_TOKEN]", "Sure")) == {}  # only special tokens the tokenizer has
+    assert text_decoder(tok, special_token_ids(tok, ("<|im_end|>",)))(ids) == skipped  # only the kept ones
 
 
 @pytest.mark.slow

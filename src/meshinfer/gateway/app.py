@@ -200,7 +200,7 @@ class Gateway:
                 self.slots.release()
 
     def _choice(self, req: GenerationRequest, ids: list[int], max_tokens: int, index: int,
-                constraint: ConstraintFactory | None = None, keep: tuple[str, ...] = ()) -> Answer:
+                constraint: ConstraintFactory | None = None, keep: Mapping[int, str] | None = None) -> Answer:
         """Choice ``index`` of ``req``: its own generation (with a ``seed``, sampling with ``seed + index``;
         with ``constraint``, its own grammar state, ending at any chat stop id as the grammar's eos)."""
         outcome = Outcome(prompt_tokens=len(ids))

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -240,11 +240,12 @@ async def echo_prompt(generator: Generator, prompt_ids: Sequence[int], text: str
 
 
 async def generate_text(generator: Generator, prompt_ids: Sequence[int], params: GenerationParams,
-                        stop: Sequence[str], outcome: Outcome, keep: Sequence[str] = ()) -> AsyncIterator[str]:
+                        stop: Sequence[str], outcome: Outcome, keep: Mapping[int, str] | None = None
+                        ) -> AsyncIterator[str]:
     """Text deltas of the answer: one item per generated token (possibly ``""``: the first item marks the
     first token), then the held-back tail. ``outcome`` says how it ended once the iterator is exhausted (and,
     with ``params.top_logprobs`` set, holds each token's ``TokenLogprob``). Special tokens are skipped but those
-    named in ``keep`` (``models.detokenize.text_decoder``)."""
+    in ``keep`` (id -> text: ``models.detokenize.text_decoder``)."""
     decode = text_decoder(generator.tokenizer, keep)
     detok = IncrementalDetokenizer(decode)
     stops = StopStringFilter(stop)

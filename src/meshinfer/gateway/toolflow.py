@@ -8,7 +8,7 @@ tokenizer has as special tokens, by id: ``special_markers(tokenizer, family)``) 
 uses them, "none" included: rendered, never parsed, as vLLM); a template that never uses tools is a 400
 ``unsupported_parameter`` naming ``tools`` unless ``tool_choice`` is "none" (then they are dropped). ``parsing``
 is the family whose calls are parsed out of the reply (None without tools, with "none" or with no family);
-``kept_tokens`` are the special tokens the reply's text must keep for that parsing (the family's markers);
+``kept_tokens`` are the special tokens (id -> text) the reply's text must keep for that parsing (``specials``);
 ``grammar(default)`` is the grammar for "required" / a named tool (``gateway.tool_grammar.tool_grammar``), else
 ``default`` (the request's ``response_format``). ``finish_choice`` parses a whole answer (``finish_reason``
 "tool_calls" when it has calls; only the first without ``parallel_tool_calls``); ``streams(n)`` gives one
@@ -60,11 +60,10 @@ class ToolFlow:
         return self.family if tools is not None and tools.choice != "none" else None
 
     @property
-    def kept_tokens(self) -> tuple[str, ...]:
-        """The special tokens the reply's text keeps for the parser (``gateway.tools.KEPT_TOKENS``; none when no
-        call is parsed)."""
-        family = self.parsing
-        return KEPT_TOKENS[family] if family is not None else ()
+    def kept_tokens(self) -> dict[int, str]:
+        """The special tokens (id -> text) the reply's text keeps for the parser: the family's markers that are
+        special tokens (``specials``); none when no call is parsed."""
+        return {i: text for text, i in self.specials.items()} if self.parsing is not None else {}
 
     @property
     def parallel(self) -> bool:

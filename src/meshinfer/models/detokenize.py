@@ -5,13 +5,14 @@ Contract: pure functions and classes over a tokenizer object (anything with ``de
 neither torch nor any network code, so the CLI (``generate``, ``chat``) and the OpenAI-compatible gateway
 stream text the same way and their tests run in milliseconds. ``IncrementalDetokenizer`` never emits half
 a character and its deltas concatenate to ``decode(all ids)``; ``text_decoder`` decodes with special tokens
-skipped (but those named in ``keep``: a tool-call parser's markers) and no space clean-up; ``special_token_ids``
-says which of some token texts are special tokens; ``chat_stop_ids`` is what ends a chat reply.
+skipped (but those in ``keep``: a tool-call parser's markers, by id) and no space clean-up; ``special_token_ids``
+says which of some token texts are special tokens (it reads the whole vocabulary: once per model, not per
+request); ``chat_stop_ids`` is what ends a chat reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 END_OF_TURN_TOKENS: tuple[str, ...] = (
@@ -64,12 +65,12 @@ def special_token_ids(tokenizer: Any, tokens: Iterable[str]) -> dict[int, str]:
     return out
 
 
-def text_decoder(tokenizer: Any, keep: Iterable[str] = ()) -> Callable[[list[int]], str]:
+def text_decoder(tokenizer: Any, keep: Mapping[int, str] | None = None) -> Callable[[list[int]], str]:
     """``ids -> text`` with special tokens skipped and no space clean-up (exact concatenation); the special tokens
-    named in ``keep`` are spelled out (Mistral's ``[TOOL_CALLS]`` / ``[ARGS]``, Llama's ``<|python_tag|>``: the
-    tool-call parser needs them, as vLLM's parsers have ``skip_special_tokens`` off). Text between them is decoded
-    on its own, so a kept token never merges with its neighbours."""
-    kept = special_token_ids(tokenizer, keep)
+    in ``keep`` (id -> text, from ``special_token_ids``) are spelled out (Mistral's ``[TOOL_CALLS]`` / ``[ARGS]``,
+    Llama's ``<|python_tag|>``: the tool-call parser needs them, as vLLM's parsers have ``skip_special_tokens``
+    off). Text between them is decoded on its own, so a kept token never merges with its neighbours."""
+    kept = dict(keep or {})
 
     def plain(ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
