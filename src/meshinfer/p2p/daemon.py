@@ -196,6 +196,10 @@ async def start_p2p(
             raise PeerIdentityError(
                 f"identity {identity.peer_id} is already in use by a live peer of this swarm"
             ) from None
+        # p2pd exits when no bootstrap peer answers, but hivemind reports only its LAST output line, and a log line
+        # of another goroutine can land after the fatal one: ask the initial peers ourselves
+        if peers and text.startswith(_DAEMON_EXITED) and not await any_tcp_answers(peers):
+            raise TransportError(f"cannot reach any initial peer ({', '.join(peers)})") from None
         raise TransportError(f"cannot start the p2p daemon on {listen}: {text[:300]}") from None
     finally:
         if tmpdir is not None:
@@ -203,6 +207,30 @@ async def start_p2p(
                 os.remove(key_path)
             with contextlib.suppress(OSError):
                 os.rmdir(tmpdir)
+
+
+_DAEMON_EXITED = "Daemon failed to start:"
+"""How hivemind words a p2pd that exited before it was ready (followed by its last output line)."""
+
+
+async def any_tcp_answers(maddrs: Sequence[str], timeout: float = 3.0) -> bool:
+    """Whether any of ``maddrs`` (``/ip4|ip6|dns*/<host>/tcp/<port>/...``) accepts a TCP connection within
+    ``timeout`` seconds (addresses without a TCP host and port count as not answering)."""
+
+    async def answers(text: str) -> bool:
+        try:
+            ma = Multiaddr(text)
+            names = [p.name for p in ma.protocols()]
+            host = next(ma[n] for n in ("ip4", "ip6", "dns", "dns4", "dns6") if n in names)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(ma["tcp"])), timeout)
+        except Exception:
+            return False
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
+
+    return any(await asyncio.gather(*(answers(m) for m in maddrs)))
 
 
 IDENTITY_CHECK_ATTEMPTS = 3
