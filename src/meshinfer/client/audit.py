@@ -50,9 +50,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -170,11 +170,10 @@ class Auditor:
             return self.session.position
         return sum(out.shape[0] for out in shadow.audited.outputs)
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.get_running_loop().create_task(run())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # the coroutine itself is the task (not a wrapper awaiting it): cancelled before its first step, a task
+        # throws CancelledError into it, where a wrapper would leave it never awaited (a RuntimeWarning)
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
