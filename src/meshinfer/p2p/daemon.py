@@ -3,10 +3,10 @@
 Contract: ``start_p2p`` launches ``p2pd`` for one ``Identity`` listening on host:port and joins through
 ``initial_peers``, announcing ``announce`` instead of what it binds when given; it maps hivemind's failures to
 meshinfer errors (``PeerIdentityError`` when the identity is live elsewhere, ``TransportError`` when the
-daemon cannot start or listen, ``ConfigError`` for bad multiaddrs). No orphans: every ``p2pd`` this process
-starts gets ``PR_SET_PDEATHSIG`` (SIGTERM when its parent dies, even by SIGKILL), on top of p2pd's own exit
-when its control connection drops; it runs in its own session, so terminal signals reach only us and we stop
-it in order. That is done by giving hivemind's daemon module a view of ``asyncio`` whose
+daemon cannot start or listen or no initial peer answers, ``ConfigError`` for bad multiaddrs). No orphans:
+every ``p2pd`` this process starts gets ``PR_SET_PDEATHSIG`` (SIGTERM when its parent dies, even by SIGKILL), on
+top of p2pd's own exit when its control connection drops; it runs in its own session, so terminal signals reach
+only us and we stop it in order. That is done by giving hivemind's daemon module a view of ``asyncio`` whose
 ``subprocess.create_subprocess_exec`` adds a ``preexec_fn``; nothing else in the process is touched. Only
 ``meshinfer.p2p`` uses this module.
 
@@ -50,6 +50,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from meshinfer.errors import ConfigError, PeerIdentityError, TransportError
 from meshinfer.p2p.identity import Identity, write_identity
 from meshinfer.p2p.natkind import RelayOptions
+from meshinfer.p2p.reachability import maddr_host
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,11 @@ async def any_tcp_answers(maddrs: Sequence[str], timeout: float = 3.0) -> bool:
     ``timeout`` seconds (addresses without a TCP host and port count as not answering)."""
 
     async def answers(text: str) -> bool:
+        host = maddr_host(text)
         try:
-            ma = Multiaddr(text)
-            names = [p.name for p in ma.protocols()]
-            host = next(ma[n] for n in ("ip4", "ip6", "dns", "dns4", "dns6") if n in names)
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(ma["tcp"])), timeout)
+            if host is None:
+                return False
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(Multiaddr(text)["tcp"])), timeout)
         except Exception:
             return False
         writer.close()
